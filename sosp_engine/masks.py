@@ -1,0 +1,159 @@
+"""Masks (sets of structure keys): per-layer tables, zeroing, physical pruning, comparison, JSON files."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .errors import MaskError
+from .structures import StructureSet, build_graph
+
+MASK_FORMAT = "sosp-mask/1"
+
+
+def layer_table(structures: StructureSet, mask: Iterable[str] = ()) -> pd.DataFrame:
+    """One row per prunable layer: channels total / kept / pruned, ratio, params and MACs before / after, depth, stage, block."""
+    pruned = structures.pruned_vector(set(mask))
+    params0, macs0 = structures.module_costs()
+    params1, macs1 = structures.module_costs(pruned)
+    owner = torch.tensor([m.layer for m in structures.modules])
+    n = len(structures.layers)
+    pruned_per_layer = torch.zeros(n, dtype=torch.long).index_add_(0, structures.layer_of, pruned.long())
+
+    def per_layer(values: torch.Tensor) -> list[int]:
+        return [int(round(values[owner == g].sum().item())) for g in range(n)]
+
+    rows = {
+        "layer": [l.name for l in structures.layers],
+        "depth": [l.depth for l in structures.layers],
+        "stage": [l.stage for l in structures.layers],
+        "block": [l.block for l in structures.layers],
+        "kernel": [l.kernel for l in structures.layers],
+        "channels": [l.size for l in structures.layers],
+        "kept": [l.size - int(p) for l, p in zip(structures.layers, pruned_per_layer)],
+        "pruned": pruned_per_layer.tolist(),
+        "params_before": per_layer(params0),
+        "params_after": per_layer(params1),
+        "macs_before": per_layer(macs0),
+        "macs_after": per_layer(macs1),
+    }
+    table = pd.DataFrame(rows)
+    table["pruning_ratio"] = table["pruned"] / table["channels"]
+    return table
+
+
+def mask_summary(structures: StructureSet, mask: Iterable[str] = ()) -> dict[str, float]:
+    """Whole-model counts before and after applying a mask, and the pruned fractions."""
+    pruned = structures.pruned_vector(set(mask))
+    p0, m0 = structures.counts()
+    p1, m1 = structures.counts(pruned)
+    return {
+        "structures": structures.num_structures, "structures_pruned": int(pruned.sum()),
+        "params_before": p0, "params_after": p1, "macs_before": m0, "macs_after": m1,
+        "structure_ratio": float(pruned.float().mean()), "param_ratio": 1 - p1 / p0 if p0 else 0.0,
+        "mac_ratio": 1 - m1 / m0 if m0 else 0.0,
+    }
+
+
+def zeroed_copy(model: nn.Module, structures: StructureSet, mask: Iterable[str]) -> nn.Module:
+    """A copy of `model` with every in-weight of the masked structures set to zero (the original is untouched)."""
+    pruned = structures.pruned_vector(set(mask))
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for piece in structures.producers:
+            hit = pruned[piece.structure]
+            if not bool(hit.any()):
+                continue
+            module = zeroed.get_submodule(piece.module)
+            for pname in ("weight", "bias"):
+                param = getattr(module, pname, None)
+                if isinstance(param, torch.Tensor):
+                    param[piece.channels[hit]] = 0
+    return zeroed
+
+
+def pruned_copy(model: nn.Module, structures: StructureSet, mask: Iterable[str], example_input: torch.Tensor) -> nn.Module:
+    """A new, physically smaller model without the masked structures, built with torch-pruning (the original is untouched)."""
+    pruned = structures.pruned_vector(set(mask))
+    if structures.signature and structures.signature != _signature(model):
+        raise MaskError("the structures were found on another architecture than this model")
+    per_layer = torch.zeros(len(structures.layers), dtype=torch.long).index_add_(0, structures.layer_of, pruned.long())
+    full = [l.name for l, n in zip(structures.layers, per_layer.tolist()) if n >= l.size]
+    if full:
+        raise MaskError(f"the mask removes every channel of {full[:3]}; keep at least one channel per layer")
+    smaller = copy.deepcopy(model)
+    graph = build_graph(smaller, example_input)
+    starts = torch.cumsum(torch.tensor([0] + [l.size for l in structures.layers]), 0)
+    for g, layer in enumerate(structures.layers):
+        idxs = (pruned[starts[g]:starts[g + 1]].nonzero().flatten()).tolist()
+        if not idxs:
+            continue
+        root = smaller.get_submodule(layer.name)
+        pruner = graph.get_pruner_of_module(root)
+        # get_pruning_group + prune() without arguments: Group.prune(idxs=...) records a wrong pruning history.
+        group = graph.get_pruning_group(root, pruner.prune_out_channels, idxs)
+        group.prune()
+    return smaller
+
+
+def _signature(model: nn.Module) -> str:
+    from .structures import architecture_signature
+
+    return architecture_signature(model)
+
+
+def compare_masks(structures: StructureSet, mask_a: Iterable[str], mask_b: Iterable[str]) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Per-layer Jaccard overlap and ratio difference of two masks of one architecture, and the overall overlap."""
+    a, b = structures.pruned_vector(set(mask_a)), structures.pruned_vector(set(mask_b))
+    n = len(structures.layers)
+    inter = torch.zeros(n).index_add_(0, structures.layer_of, (a & b).float())
+    union = torch.zeros(n).index_add_(0, structures.layer_of, (a | b).float())
+    sizes = structures.layer_sizes().float()
+    ratio_a = torch.zeros(n).index_add_(0, structures.layer_of, a.float()) / sizes
+    ratio_b = torch.zeros(n).index_add_(0, structures.layer_of, b.float()) / sizes
+    jaccard = torch.where(union > 0, inter / union.clamp(min=1), torch.ones(n))
+    table = pd.DataFrame({
+        "layer": [l.name for l in structures.layers], "depth": [l.depth for l in structures.layers],
+        "stage": [l.stage for l in structures.layers], "ratio_a": ratio_a.tolist(), "ratio_b": ratio_b.tolist(),
+        "ratio_difference": (ratio_b - ratio_a).tolist(), "jaccard": jaccard.tolist(),
+    })
+    total_union = int((a | b).sum())
+    overall = {"jaccard": float((a & b).sum()) / total_union if total_union else 1.0,
+               "pruned_a": int(a.sum()), "pruned_b": int(b.sum()), "shared": int((a & b).sum())}
+    return table, overall
+
+
+def save_mask(path: str | Path, structures: StructureSet, mask: Iterable[str], **meta: object) -> Path:
+    """Write a mask as JSON keyed by structure keys, with the architecture signature it belongs to."""
+    keys = sorted(set(mask), key=structures.key_index().__getitem__)
+    structures.pruned_vector(keys)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": MASK_FORMAT, "architecture": structures.signature, "meta": meta, "pruned": keys}
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+def load_mask(path: str | Path, structures: StructureSet | None = None) -> set[str]:
+    """Read a mask JSON; with `structures`, check that it belongs to that architecture."""
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MaskError(f"mask file '{path}' does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MaskError(f"mask file '{path}' is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != MASK_FORMAT or not isinstance(payload.get("pruned"), list):
+        raise MaskError(f"'{path}' is not a SOSP Lab mask file (expected format '{MASK_FORMAT}')")
+    mask = set(payload["pruned"])
+    if structures is not None:
+        if payload.get("architecture") != structures.signature:
+            raise MaskError(f"mask '{path}' was made for another architecture (signature {payload.get('architecture')}, "
+                            f"this model has {structures.signature}); masks transfer only between weights of one architecture")
+        structures.pruned_vector(mask)
+    return mask

@@ -1,0 +1,76 @@
+"""Load untrusted checkpoints safely (weights_only=True), unwrapping the usual containers."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
+
+
+def _unwrap(obj: object) -> dict[str, torch.Tensor]:
+    while isinstance(obj, dict):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        inner = next((obj[k] for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError("the checkpoint holds no state_dict: save it with torch.save(model.state_dict(), path)")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"the checkpoint dict has no tensors (keys: {sorted(obj)[:10]})")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict from a checkpoint file with `weights_only=True`."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"'{path}' is not a loadable weights file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+            "Only plain state_dicts are accepted; save with torch.save(model.state_dict(), path)"
+        ) from None
+    return _unwrap(obj)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a checkpoint into `model` in place; any key mismatch is a CheckpointError naming the keys."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:8])}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}")
+        if misshaped:
+            parts.append(f"mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped[:8])}")
+        raise CheckpointError(f"checkpoint '{path}' does not fit the model: " + " | ".join(parts)
+                              + ". Check the model spec (architecture, widths, num_classes, in_channels).")
+    model.load_state_dict(state)
+    return model
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's parameters and buffers, identifying the weights an analysis ran on."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,167 @@
+"""One registry of models, looked up by a spec string; every model takes `num_classes` and `in_channels`."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from ..errors import ModelSpecError
+from .densenet_cifar import CifarDenseNet
+from .resnet_cifar import STAGE_WIDTHS, CifarResNet
+from .vgg_cifar import VGG19_WIDTHS, CifarVGG
+
+ZOO_PATTERN = re.compile(r"^(resnet(?:20|32|44|56|110)|vgg19|densenet40)(?:x([0-9]*\.?[0-9]+))?(?::(.*))?$")
+ZOO_NAMES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg19", "densenet40")
+USER_CODE_WARNING = "This model spec imports and runs Python code from your files; load only code you trust."
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ModelSpecError(f"{what} must be a comma-separated list of integers, got '{text}'") from None
+    if any(v <= 0 for v in values):
+        raise ModelSpecError(f"{what} must be positive, got '{text}'")
+    return values
+
+
+def _parse_options(text: str | None, allowed: set[str]) -> dict[str, list[int]]:
+    options: dict[str, list[int]] = {}
+    if not text:
+        return options
+    for part in text.split(";"):
+        if "=" not in part:
+            raise ModelSpecError(f"model option '{part}' must look like key=1,2,3 (allowed keys: {sorted(allowed)})")
+        key, value = part.split("=", 1)
+        if key.strip() not in allowed:
+            raise ModelSpecError(f"unknown model option '{key}'; allowed: {sorted(allowed)}")
+        options[key.strip()] = _int_list(value, key.strip())
+    return options
+
+
+def scaled(widths, factor: float) -> list[int]:
+    """Widths multiplied by `factor`, rounded, at least one channel each."""
+    return [max(1, int(round(w * factor))) for w in widths]
+
+
+def _build_zoo(match: re.Match, num_classes: int, in_channels: int) -> nn.Module:
+    name, mult, opts = match.group(1), match.group(2), match.group(3)
+    factor = float(mult) if mult else 1.0
+    if name.startswith("resnet"):
+        options = _parse_options(opts, {"widths", "inner"})
+        stage = options.get("widths", scaled(STAGE_WIDTHS, factor))
+        inner = options.get("inner")
+        try:
+            return CifarResNet(int(name[6:]), num_classes, in_channels, tuple(stage), inner)
+        except ValueError as exc:
+            raise ModelSpecError(str(exc)) from None
+    if name == "vgg19":
+        options = _parse_options(opts, {"widths"})
+        base = [w for w in VGG19_WIDTHS if w != "M"]
+        widths = options.get("widths", scaled(base, factor))
+        try:
+            return CifarVGG(num_classes, in_channels, widths)
+        except ValueError as exc:
+            raise ModelSpecError(str(exc)) from None
+    options = _parse_options(opts, {"growth"})
+    growth = options.get("growth", scaled((12, 12, 12), factor))
+    try:
+        return CifarDenseNet(40, num_classes, in_channels, tuple(growth))
+    except ValueError as exc:
+        raise ModelSpecError(str(exc)) from None
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                if child.in_channels == in_channels:
+                    return
+                setattr(parent, child_name, nn.Conv2d(
+                    in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                    child.dilation, 1 if child.groups == 1 else in_channels, child.bias is not None))
+                return
+
+
+def _build_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    import torchvision
+
+    try:
+        factory = torchvision.models.get_model_builder(name)
+    except ValueError:
+        available = ", ".join(sorted(torchvision.models.list_models(module=torchvision.models))[:40])
+        raise ModelSpecError(f"torchvision has no model '{name}'. Some it has: {available}, ...") from None
+    model = factory(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels)
+    return model
+
+
+def _load_factory(spec: str) -> Callable[..., nn.Module]:
+    target, _, attr = spec.rpartition(":")
+    if not attr or not target:
+        raise ModelSpecError(f"user model spec must be 'path/to/file.py:factory' or 'package.module:factory', got '{spec}'")
+    if target.endswith(".py"):
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise ModelSpecError(f"model file '{path}' does not exist")
+        module_name = f"sosp_user_model_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise ModelSpecError(f"running '{path}' failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise ModelSpecError(f"cannot import module '{target}': {exc}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelSpecError(f"'{target}' has no callable named '{attr}'")
+    return factory
+
+
+def _call_factory(factory: Callable[..., nn.Module], spec: str, num_classes: int, in_channels: int) -> nn.Module:
+    params = inspect.signature(factory).parameters
+    kwargs = {}
+    if "num_classes" in params:
+        kwargs["num_classes"] = num_classes
+    if "in_channels" in params:
+        kwargs["in_channels"] = in_channels
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise ModelSpecError(f"calling the factory of '{spec}' failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"the factory of '{spec}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def is_user_code(spec: str) -> bool:
+    """True when building this spec imports and runs the user's own Python code."""
+    return not (ZOO_PATTERN.match(spec.strip()) or spec.strip().startswith("torchvision:"))
+
+
+def build_model(spec: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """Build a randomly initialised model from a spec: zoo name, `torchvision:NAME` or `file.py:factory`."""
+    spec = spec.strip()
+    match = ZOO_PATTERN.match(spec)
+    if match:
+        return _build_zoo(match, num_classes, in_channels)
+    if spec.startswith("torchvision:"):
+        return _build_torchvision(spec.split(":", 1)[1], num_classes, in_channels)
+    if ":" in spec:
+        return _call_factory(_load_factory(spec), spec, num_classes, in_channels)
+    raise ModelSpecError(
+        f"unknown model '{spec}'. Use a zoo model ({', '.join(ZOO_NAMES)}, e.g. resnet56, resnet32x4, "
+        "resnet56:widths=16,32,128), torchvision:NAME, or path/to/file.py:factory"
+    )

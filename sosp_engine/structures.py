@@ -1,0 +1,312 @@
+"""Prunable structures: every coupled channel group (torch-pruning's DependencyGraph) is a layer, each channel a structure."""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .errors import MaskError
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+PRESETS = {
+    "cifar-resnet": ("*shortcut*",),
+    "torchvision-resnet": ("*downsample*",),
+}
+
+
+@contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every module's train/eval flag afterwards (torch-pruning's tracing leaves the model in eval mode)."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def architecture_signature(model: nn.Module) -> str:
+    """A hash of parameter names and shapes: equal for two models of the same architecture, whatever their weights."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(f"{name}:{tuple(p.shape)};".encode())
+    return digest.hexdigest()[:16]
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of `model`, leaving its train/eval modes as they were."""
+    with preserved_modes(model), torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+
+
+@dataclass
+class ModuleInfo:
+    """What the counting needs of one parameterised module: its type, channel sizes and output positions."""
+
+    name: str
+    kind: str  # conv | depthwise | linear | norm | other
+    in_channels: int
+    out_channels: int
+    groups: int
+    kernel_elems: int
+    positions: int  # output positions (spatial size, or tokens for linear)
+    has_bias: bool
+    fixed_params: int  # parameters of an 'other' module, or extra ones the formula does not cover
+    layer: int = -1  # index of the layer this module produces, -1 if none
+
+    def params(self, in_kept: float, out_kept: float) -> float:
+        """Parameters of this module with the given kept input / output channels."""
+        if self.kind == "conv":
+            return out_kept * (in_kept / self.groups) * self.kernel_elems + (out_kept if self.has_bias else 0) + self.fixed_params
+        if self.kind == "depthwise":
+            return out_kept * self.kernel_elems + (out_kept if self.has_bias else 0) + self.fixed_params
+        if self.kind == "linear":
+            return out_kept * in_kept + (out_kept if self.has_bias else 0) + self.fixed_params
+        if self.kind == "norm":
+            return out_kept * (2 if self.has_bias else 1) + self.fixed_params
+        return self.fixed_params
+
+    def macs(self, in_kept: float, out_kept: float) -> float:
+        """Multiply-accumulates of one forward pass of one sample (convs and linears only)."""
+        if self.kind == "conv":
+            return out_kept * (in_kept / self.groups) * self.kernel_elems * self.positions
+        if self.kind == "depthwise":
+            return out_kept * self.kernel_elems * self.positions
+        if self.kind == "linear":
+            return out_kept * in_kept * self.positions
+        return 0.0
+
+
+@dataclass
+class Layer:
+    """One coupled channel group: the unit of the per-layer tables."""
+
+    name: str
+    size: int
+    kernel: int
+    depth: int
+    stage: str
+    block: str
+    producers: list[str]
+    consumers: list[str]
+
+
+@dataclass
+class ProducerSlice:
+    """Output-channel slices of one producer module: `channels[i]` of it belongs to structure `structure[i]`."""
+
+    module: str
+    channels: torch.Tensor
+    structure: torch.Tensor
+
+
+@dataclass
+class StructureSet:
+    """All prunable structures of a model with the data to count, zero and physically prune them."""
+
+    signature: str
+    layers: list[Layer]
+    keys: list[str]
+    layer_of: torch.Tensor
+    producers: list[ProducerSlice]
+    modules: list[ModuleInfo]
+    # removal[s, j]: channels of module dimension j (2*module index + 0 for in, + 1 for out) removed with structure s
+    removal: torch.Tensor
+    excluded: list[str] = field(default_factory=list)
+
+    @property
+    def num_structures(self) -> int:
+        return len(self.keys)
+
+    def key_index(self) -> dict[str, int]:
+        """Structure key -> position."""
+        return {k: i for i, k in enumerate(self.keys)}
+
+    def layer_sizes(self) -> torch.Tensor:
+        return torch.tensor([layer.size for layer in self.layers])
+
+    def kernel_sizes(self) -> torch.Tensor:
+        """Kernel side length of each structure's root module (1 for linear layers)."""
+        return torch.tensor([self.layers[g].kernel for g in self.layer_of.tolist()], dtype=torch.float64)
+
+    def module_costs(self, pruned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-module parameters and MACs after removing the structures flagged in `pruned` (bool, S)."""
+        removed = torch.zeros(self.removal.shape[1], dtype=torch.float64)
+        if pruned is not None and bool(pruned.any()):
+            removed = pruned.to(torch.float64) @ self.removal
+        params, macs = [], []
+        for i, m in enumerate(self.modules):
+            in_kept = m.in_channels - removed[2 * i].item()
+            out_kept = m.out_channels - removed[2 * i + 1].item()
+            if m.kind == "depthwise":
+                in_kept = out_kept
+            params.append(m.params(in_kept, out_kept))
+            macs.append(m.macs(in_kept, out_kept))
+        return torch.tensor(params, dtype=torch.float64), torch.tensor(macs, dtype=torch.float64)
+
+    def counts(self, pruned: torch.Tensor | None = None) -> tuple[int, int]:
+        """Exact total parameters and MACs of the model after removing the flagged structures."""
+        params, macs = self.module_costs(pruned)
+        return int(round(params.sum().item())), int(round(macs.sum().item()))
+
+    def structure_macs(self) -> torch.Tensor:
+        """MACs removed by pruning each structure alone (the costs are linear in each channel count)."""
+        _, macs = self.module_costs()
+        marginal = torch.zeros(self.removal.shape[1], dtype=torch.float64)
+        for i, m in enumerate(self.modules):
+            if m.kind == "depthwise":
+                marginal[2 * i + 1] = macs[i] / max(m.out_channels, 1)
+            else:
+                marginal[2 * i] = macs[i] / max(m.in_channels, 1)
+                marginal[2 * i + 1] = macs[i] / max(m.out_channels, 1)
+        return self.removal @ marginal
+
+    def pruned_vector(self, mask: Sequence[str] | set[str]) -> torch.Tensor:
+        """Bool vector over structures from a set of structure keys; unknown keys are a MaskError."""
+        index = self.key_index()
+        unknown = [k for k in mask if k not in index]
+        if unknown:
+            raise MaskError(f"{len(unknown)} mask keys are not structures of this model (e.g. {unknown[:3]}); "
+                            "the mask was made for another architecture or exclusion setting")
+        vec = torch.zeros(self.num_structures, dtype=torch.bool)
+        if mask:
+            vec[[index[k] for k in mask]] = True
+        return vec
+
+
+def _forward_records(model: nn.Module, example_input: torch.Tensor) -> tuple[list[str], dict[str, tuple]]:
+    """Forward order of parameterised leaf modules and each one's output shape."""
+    order: list[str] = []
+    shapes: dict[str, tuple] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if next(m.children(), None) is None and (isinstance(m, PRODUCER_TYPES + NORM_TYPES) or any(True for _ in m.parameters(False))):
+            def hook(mod, inp, out, name=name):
+                if name not in shapes:
+                    order.append(name)
+                    shapes[name] = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with preserved_modes(model), torch.no_grad():
+            model.eval()
+            model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order, shapes
+
+
+def _module_info(name: str, m: nn.Module, out_shape: tuple) -> ModuleInfo:
+    own = sum(p.numel() for p in m.parameters(recurse=False))
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        kernel = int(torch.tensor(m.kernel_size).prod())
+        positions = int(torch.tensor(out_shape[2:]).prod()) if len(out_shape) > 2 else 1
+        kind = "depthwise" if _is_depthwise(m) else "conv"
+        return ModuleInfo(name, kind, m.in_channels, m.out_channels, m.groups, kernel, positions, m.bias is not None, 0)
+    if isinstance(m, nn.Linear):
+        positions = int(torch.tensor(out_shape[1:-1]).prod()) if len(out_shape) > 2 else 1
+        return ModuleInfo(name, "linear", m.in_features, m.out_features, 1, 1, positions, m.bias is not None, 0)
+    if isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None:
+        channels = m.weight.shape[0]
+        return ModuleInfo(name, "norm", channels, channels, 1, 1, 1, getattr(m, "bias", None) is not None,
+                          own - m.weight.numel() - (m.bias.numel() if m.bias is not None else 0))
+    return ModuleInfo(name, "other", 0, 0, 1, 1, 1, False, own)
+
+
+def _stage_labels(layers_out: list[tuple]) -> list[str]:
+    resolutions: list[tuple] = []
+    for shape in layers_out:
+        res = tuple(shape[2:]) if len(shape) > 2 else ()
+        if res not in resolutions:
+            resolutions.append(res)
+    labels = []
+    for shape in layers_out:
+        res = tuple(shape[2:]) if len(shape) > 2 else ()
+        size = "x".join(str(v) for v in res) if res else "flat"
+        labels.append(f"stage {resolutions.index(res) + 1} ({size})")
+    return labels
+
+
+def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequence[str] = (),
+                    preset: str | None = None) -> StructureSet:
+    """All prunable structures of `model`; the final classifier and layers matching `exclude` patterns are left out."""
+    if preset is not None and preset not in PRESETS:
+        raise MaskError(f"unknown exclusion preset '{preset}'; known: {sorted(PRESETS)}")
+    patterns = list(exclude) + list(PRESETS.get(preset, ()))
+    names = {m: n for n, m in model.named_modules()}
+    order, shapes = _forward_records(model, example_input)
+    producer_order = [n for n in order if isinstance(model.get_submodule(n), PRODUCER_TYPES)]
+    if not producer_order:
+        raise MaskError("the model has no convolution or linear layer to prune")
+    classifier = producer_order[-1]
+    ignored = [m for m, n in names.items() if n == classifier or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    graph = build_graph(model, example_input)
+
+    module_names = [n for n in order]
+    module_names += [n for n, m in model.named_modules() if n not in shapes and next(m.children(), None) is None
+                     and any(True for _ in m.parameters(False))]
+    infos = [_module_info(n, model.get_submodule(n), shapes.get(n, ())) for n in module_names]
+    module_pos = {n: i for i, n in enumerate(module_names)}
+    position = {n: i for i, n in enumerate(order)}
+
+    raw_layers = []
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=PRODUCER_TYPES):
+        root = group[0].dep.target.module
+        size = len(group[0].idxs)
+        producers: dict[str, tuple[list[int], list[int]]] = {}
+        effects: list[tuple[str, int, list[int], list[int]]] = []  # module, dim, module idxs, root idxs
+        consumers = []
+        for item in group:
+            module, handler = item.dep.target.module, item.dep.handler
+            name = names.get(module)
+            if name is None or name not in module_pos:
+                continue
+            idxs, root_idxs = list(item.idxs), list(item.root_idxs)
+            is_out = graph.is_out_channel_pruning_fn(handler)
+            if isinstance(module, NORM_TYPES) or (isinstance(module, PRODUCER_TYPES) and is_out):
+                if name not in producers:
+                    producers[name] = (idxs, root_idxs)
+                    effects.append((name, 1, idxs, root_idxs))
+            elif isinstance(module, PRODUCER_TYPES):
+                consumers.append(name)
+                effects.append((name, 0, idxs, root_idxs))
+        if not producers:
+            continue
+        raw_layers.append((names[root], size, root, producers, effects, consumers))
+    raw_layers.sort(key=lambda r: position.get(r[0], len(position)))
+
+    stages = _stage_labels([shapes.get(r[0], ()) for r in raw_layers])
+    layers, keys, layer_of, slices = [], [], [], []
+    removal_rows = []
+    offset = 0
+    for depth, (root_name, size, root, producers, effects, consumers) in enumerate(raw_layers):
+        kernel = int(root.kernel_size[0]) if hasattr(root, "kernel_size") else 1
+        block = root_name.rpartition(".")[0] or root_name
+        layers.append(Layer(root_name, size, kernel, depth, stages[depth], block, list(producers), sorted(set(consumers))))
+        keys += [f"{root_name}:{c}" for c in range(size)]
+        layer_of += [depth] * size
+        for name, (idxs, root_idxs) in producers.items():
+            slices.append(ProducerSlice(name, torch.tensor(idxs), torch.tensor(root_idxs) + offset))
+            infos[module_pos[name]].layer = depth if infos[module_pos[name]].layer < 0 or name == root_name else infos[module_pos[name]].layer
+        block_removal = torch.zeros(size, 2 * len(infos), dtype=torch.float64)
+        for name, dim, idxs, root_idxs in effects:
+            col = 2 * module_pos[name] + dim
+            block_removal[:, col].index_add_(0, torch.tensor(root_idxs), torch.ones(len(root_idxs), dtype=torch.float64))
+        removal_rows.append(block_removal)
+        offset += size
+    if not layers:
+        raise MaskError("no prunable channel group found (every group contains the classifier or an excluded layer)")
+    return StructureSet(
+        architecture_signature(model), layers, keys, torch.tensor(layer_of), slices, infos,
+        torch.cat(removal_rows), [n for m, n in names.items() if m in ignored])
