@@ -77,27 +77,31 @@ def zeroed_copy(model: nn.Module, structures: StructureSet, mask: Iterable[str])
     return zeroed
 
 
-def pruned_copy(model: nn.Module, structures: StructureSet, mask: Iterable[str], example_input: torch.Tensor) -> nn.Module:
-    """A new, physically smaller model without the masked structures, built with torch-pruning (the original is untouched)."""
+def prune_in_place(model: nn.Module, structures: StructureSet, mask: Iterable[str], example_input: torch.Tensor):
+    """Physically remove the masked structures from `model` with torch-pruning; returns the dependency graph used."""
     pruned = structures.pruned_vector(set(mask))
-    if structures.signature and structures.signature != _signature(model):
+    if structures.signature != _signature(model):
         raise MaskError("the structures were found on another architecture than this model")
-    per_layer = torch.zeros(len(structures.layers), dtype=torch.long).index_add_(0, structures.layer_of, pruned.long())
-    full = [l.name for l, n in zip(structures.layers, per_layer.tolist()) if n >= l.size]
-    if full:
-        raise MaskError(f"the mask removes every channel of {full[:3]}; keep at least one channel per layer")
-    smaller = copy.deepcopy(model)
-    graph = build_graph(smaller, example_input)
+    emptied = structures.emptied_producers(pruned)
+    if emptied:
+        raise MaskError(f"the mask removes every output channel of {emptied[:3]}; keep at least one channel per layer")
+    graph = build_graph(model, example_input)
     starts = torch.cumsum(torch.tensor([0] + [l.size for l in structures.layers]), 0)
     for g, layer in enumerate(structures.layers):
-        idxs = (pruned[starts[g]:starts[g + 1]].nonzero().flatten()).tolist()
+        idxs = pruned[starts[g]:starts[g + 1]].nonzero().flatten().tolist()
         if not idxs:
             continue
-        root = smaller.get_submodule(layer.name)
+        root = model.get_submodule(layer.name)
         pruner = graph.get_pruner_of_module(root)
         # get_pruning_group + prune() without arguments: Group.prune(idxs=...) records a wrong pruning history.
-        group = graph.get_pruning_group(root, pruner.prune_out_channels, idxs)
-        group.prune()
+        graph.get_pruning_group(root, pruner.prune_out_channels, idxs).prune()
+    return graph
+
+
+def pruned_copy(model: nn.Module, structures: StructureSet, mask: Iterable[str], example_input: torch.Tensor) -> nn.Module:
+    """A new, physically smaller model without the masked structures (the original is untouched)."""
+    smaller = copy.deepcopy(model)
+    prune_in_place(smaller, structures, mask, example_input)
     return smaller
 
 
@@ -111,12 +115,12 @@ def compare_masks(structures: StructureSet, mask_a: Iterable[str], mask_b: Itera
     """Per-layer Jaccard overlap and ratio difference of two masks of one architecture, and the overall overlap."""
     a, b = structures.pruned_vector(set(mask_a)), structures.pruned_vector(set(mask_b))
     n = len(structures.layers)
-    inter = torch.zeros(n).index_add_(0, structures.layer_of, (a & b).float())
-    union = torch.zeros(n).index_add_(0, structures.layer_of, (a | b).float())
-    sizes = structures.layer_sizes().float()
-    ratio_a = torch.zeros(n).index_add_(0, structures.layer_of, a.float()) / sizes
-    ratio_b = torch.zeros(n).index_add_(0, structures.layer_of, b.float()) / sizes
-    jaccard = torch.where(union > 0, inter / union.clamp(min=1), torch.ones(n))
+    inter = torch.zeros(n, dtype=torch.float64).index_add_(0, structures.layer_of, (a & b).double())
+    union = torch.zeros(n, dtype=torch.float64).index_add_(0, structures.layer_of, (a | b).double())
+    sizes = structures.layer_sizes().double()
+    ratio_a = torch.zeros(n, dtype=torch.float64).index_add_(0, structures.layer_of, a.double()) / sizes
+    ratio_b = torch.zeros(n, dtype=torch.float64).index_add_(0, structures.layer_of, b.double()) / sizes
+    jaccard = torch.where(union > 0, inter / union.clamp(min=1), torch.ones(n, dtype=torch.float64))
     table = pd.DataFrame({
         "layer": [l.name for l in structures.layers], "depth": [l.depth for l in structures.layers],
         "stage": [l.stage for l in structures.layers], "ratio_a": ratio_a.tolist(), "ratio_b": ratio_b.tolist(),

@@ -172,6 +172,15 @@ class StructureSet:
                 marginal[2 * i + 1] = macs[i] / max(m.out_channels, 1)
         return self.removal @ marginal
 
+    def segments(self) -> list[ProducerSlice]:
+        """Slices of conv / linear producers: each must keep at least one channel or the module would be empty."""
+        kinds = {m.name: m.kind for m in self.modules}
+        return [p for p in self.producers if kinds.get(p.module) in ("conv", "depthwise", "linear")]
+
+    def emptied_producers(self, pruned: torch.Tensor) -> list[str]:
+        """Conv / linear modules that would lose every output channel under `pruned`."""
+        return [p.module for p in self.segments() if bool(pruned[p.structure].all())]
+
     def pruned_vector(self, mask: Sequence[str] | set[str]) -> torch.Tensor:
         """Bool vector over structures from a set of structure keys; unknown keys are a MaskError."""
         index = self.key_index()

@@ -1,0 +1,1 @@
+"""SOSP Lab dashboard: the Streamlit app on top of sosp_engine."""

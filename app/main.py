@@ -1,0 +1,21 @@
+"""SOSP Lab entry point: `streamlit run app/main.py`."""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from app.sidebar import render_sidebar  # noqa: E402
+
+st.set_page_config(page_title="SOSP Lab", page_icon=str(ROOT / "assets" / "logo.svg"), layout="wide")
+
+PAGES = [
+    st.Page(ROOT / "pages" / "model.py", title="Model", icon=":material/memory:", default=True),
+]
+
+navigation = st.navigation(PAGES)
+render_sidebar()
+navigation.run()

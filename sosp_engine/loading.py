@@ -1,0 +1,53 @@
+"""Model + data + weights in one call, and the structures found on them: what the CLI, jobs and UI all start from."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .data import DataBundle, check_model_fits_data, load_data
+from .models import build_model, load_weights
+from .structures import StructureSet, find_structures
+
+
+def default_preset(model_spec: str) -> str | None:
+    """The paper's exclusions: the downsampling path of ResNets; nothing for other models."""
+    spec = model_spec.strip()
+    if spec.startswith("resnet"):
+        return "cifar-resnet"
+    if spec.startswith("torchvision:resnet") or spec.startswith("torchvision:resnext") or spec.startswith("torchvision:wide_resnet"):
+        return "torchvision-resnet"
+    return None
+
+
+def example_input(data: DataBundle, batch: int = 1) -> torch.Tensor:
+    """A random input batch of the data set's shape (for tracing and counting)."""
+    return torch.randn(batch, *data.input_shape, generator=torch.Generator().manual_seed(0))
+
+
+@dataclass
+class Workbench:
+    """A model on a data set with its prunable structures."""
+
+    model_spec: str
+    data: DataBundle
+    model: nn.Module
+    structures: StructureSet
+    weights: str | None
+    example: torch.Tensor
+
+
+def open_workbench(model_spec: str, data: DataBundle | str, weights: str | None = None,
+                   exclude: Sequence[str] = (), preset: str | None = "auto") -> Workbench:
+    """Build the model for the data set, load weights if given, check shapes and find the prunable structures."""
+    bundle = load_data(data) if isinstance(data, str) else data
+    model = build_model(model_spec, bundle.num_classes, bundle.input_shape[0])
+    if weights:
+        load_weights(model, weights)
+    check_model_fits_data(model, bundle)
+    chosen = default_preset(model_spec) if preset == "auto" else (None if preset in (None, "none") else preset)
+    x = example_input(bundle)
+    structures = find_structures(model, x, exclude=exclude, preset=chosen)
+    return Workbench(model_spec, bundle, model, structures, weights, x)

@@ -1,0 +1,181 @@
+"""SGD training and fine-tuning with the paper's defaults, per-epoch checkpoints, exact resume and cancellation."""
+from __future__ import annotations
+
+import math
+import random
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DataBundle
+from .devices import resolve_device
+
+CHECKPOINT_NAME = "last.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Paper defaults: lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, step decay x0.1 at 60 % and 80 %."""
+
+    epochs: int = 200
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    schedule: str = "step"  # step | cosine
+    milestones: tuple[float, ...] = (0.6, 0.8)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+
+
+@dataclass
+class EpochRecord:
+    """Metrics after one epoch."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float
+
+
+@dataclass
+class TrainResult:
+    """History of a finished (or cancelled) run and its final test metrics."""
+
+    history: list[EpochRecord] = field(default_factory=list)
+    test_loss: float = float("nan")
+    test_acc: float = float("nan")
+    cancelled: bool = False
+
+    def to_dict(self) -> dict:
+        return {"history": [asdict(h) for h in self.history], "test_loss": self.test_loss,
+                "test_acc": self.test_acc, "cancelled": self.cancelled}
+
+
+class Cancelled(Exception):
+    """Raised inside the training loop when the caller asked to stop."""
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD over the model's current parameters; rebuild it after physical pruning (old parameters are gone)."""
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay, nesterov=False)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Step decay by 10x at the milestone fractions of the epochs, or cosine decay, stepped once per epoch."""
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
+    if config.schedule != "step":
+        raise ValueError(f"unknown schedule '{config.schedule}'; use step or cosine")
+    milestones = sorted({max(1, int(math.floor(f * config.epochs))) for f in config.milestones})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp: bool = True) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy of `model` over a loader, in eval mode."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    total, loss_sum, correct = 0, 0.0, 0
+    with torch.no_grad(), _autocast(device, amp):
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            out = model(x).float()
+            loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+            total += len(y)
+    model.train(was_training)
+    return loss_sum / max(total, 1), correct / max(total, 1)
+
+
+def _seed_epoch(seed: int, epoch: int) -> None:
+    """Each epoch's randomness (shuffle, augmentation, dropout) depends only on (seed, epoch), so a resumed run repeats it."""
+    value = seed * 100003 + epoch
+    torch.manual_seed(value)
+    np.random.seed(value % (2**32))
+    random.seed(value)
+
+
+def train(
+    model: nn.Module,
+    data: DataBundle,
+    config: TrainConfig,
+    checkpoint_dir: str | Path | None = None,
+    progress: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train `model` in place; with `checkpoint_dir`, save every epoch and resume from the last checkpoint found there."""
+    device = resolve_device(config.device)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config)
+    result = TrainResult()
+    start_epoch = 0
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
+    if ckpt_path is not None and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"]
+        result.history = [EpochRecord(**h) for h in state["history"]]
+    torch.manual_seed(config.seed)
+    for epoch in range(start_epoch, config.epochs):
+        _seed_epoch(config.seed, epoch)
+        loader = data.loader("train", config.batch_size, shuffle=True, seed=config.seed * 100003 + epoch)
+        model.train()
+        seen, loss_sum, correct = 0, 0.0, 0
+        n_batches = len(loader)
+        for b, (x, y) in enumerate(loader):
+            if should_stop is not None and should_stop():
+                result.cancelled = True
+                return result
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, config.amp):
+                out = model(x)
+                loss = F.cross_entropy(out.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += (out.argmax(1) == y).sum().item()
+            if progress is not None:
+                progress({"phase": "train", "epoch": epoch + 1, "epochs": config.epochs,
+                          "fraction": (b + 1) / n_batches, "loss": loss_sum / seen})
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        val_loss, val_acc = evaluate(model, data.loader("val", 512), device, config.amp)
+        record = EpochRecord(epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1), val_loss, val_acc, lr)
+        result.history.append(record)
+        if ckpt_path is not None:
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                        "history": [asdict(h) for h in result.history], "config": asdict(config)}, tmp)
+            tmp.replace(ckpt_path)
+        if progress is not None:
+            progress({"phase": "epoch", **asdict(record), "epochs": config.epochs})
+    result.test_loss, result.test_acc = evaluate(model, data.loader("test", 512), device, config.amp)
+    return result
