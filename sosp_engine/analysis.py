@@ -1,0 +1,250 @@
+"""One analysis: a method's saliencies on N' samples, a single pruning order, timings; saved as JSON + a tensor file."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import AnalysisError
+from .loading import Workbench
+from .models import build_model, weights_fingerprint
+from .progress import ProgressFn, StopFn, check_cancel, report
+from .saliency.common import LOSSES, AnalysisInputs
+from .saliency.first_order import first_order_terms
+from .saliency.sosp_h import sosp_h_saliency, sosp_h_terms
+from .saliency.sosp_i import gauss_newton_terms, sosp_i_matrix
+from .selection import NORMALIZATIONS, greedy_order, order_by_saliency, prefix_for_target
+from .structures import StructureSet
+
+METHODS = ("sosp-h", "sosp-i", "first-order", "diagonal", "magnitude", "random")
+METHOD_LABELS = {
+    "sosp-h": "SOSP-H (exact Hessian-vector product)",
+    "sosp-i": "SOSP-I (Gauss-Newton, greedy with correlations)",
+    "first-order": "First order (H = 0, SNIP-like)",
+    "diagonal": "Diagonal (SOSP-I without cross-structure terms)",
+    "magnitude": "Magnitude (L1 norm of in-weights)",
+    "random": "Random (seeded)",
+}
+RESULT_FORMAT = "sosp-analysis/1"
+MC_AUTO_OUTPUTS = 100
+MC_AUTO_LABELS = 16
+
+
+@dataclass
+class AnalysisConfig:
+    """Everything that determines an analysis, stored with its result."""
+
+    method: str = "sosp-h"
+    model_spec: str = "resnet20"
+    data_spec: str = "digits"
+    weights: str | None = None
+    at_init: bool = False
+    samples: int = 1000
+    seed: int = 0
+    batch_size: int = 100
+    cap: float = 0.95
+    normalize: str = "none"
+    loss: str = "cross-entropy"
+    device: str = "auto"
+    mc_labels: int = -1  # SOSP-I: 0 = all D outputs exactly, k > 0 = k sampled labels, -1 = sampled only when D > 100
+    exclude: list[str] = field(default_factory=list)
+    preset: str | None = "auto"
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise AnalysisError(f"unknown method '{self.method}'; use one of {', '.join(METHODS)}")
+        if self.normalize not in NORMALIZATIONS:
+            raise AnalysisError(f"unknown normalisation '{self.normalize}'; use one of {NORMALIZATIONS}")
+        if self.loss not in LOSSES:
+            raise AnalysisError(f"unknown loss '{self.loss}'; use one of {LOSSES}")
+        if self.samples < 1 or self.batch_size < 1:
+            raise AnalysisError("samples and batch size must be positive")
+        if not 0 < self.cap <= 1:
+            raise AnalysisError(f"the per-layer cap must be in (0, 1], got {self.cap}")
+
+
+@dataclass
+class AnalysisResult:
+    """Per-structure saliencies and the pruning order of one analysis, with its config and timings."""
+
+    config: AnalysisConfig
+    keys: list[str]
+    layers: list[dict]
+    saliency: torch.Tensor
+    pruning_order: torch.Tensor
+    n_prunable: int
+    timings: dict[str, float]
+    weights_fingerprint: str
+    architecture: str
+    first_order: torch.Tensor | None = None
+    second_order: torch.Tensor | None = None
+    estimate: str = "exact"
+    created: float = field(default_factory=time.time)
+
+    @property
+    def max_ratio(self) -> float:
+        """The largest fraction of structures the cap allows to prune."""
+        return self.n_prunable / len(self.keys)
+
+    def pruned_vector(self, count: int) -> torch.Tensor:
+        """Bool vector of the first `count` structures of the order."""
+        pruned = torch.zeros(len(self.keys), dtype=torch.bool)
+        pruned[self.pruning_order[:min(count, self.n_prunable)]] = True
+        return pruned
+
+    def mask(self, structures: StructureSet, ratio: float, unit: str = "structures") -> set[str]:
+        """The mask at a target ratio: a prefix of the order, so no saliency is recomputed."""
+        self.check_structures(structures)
+        k = prefix_for_target(self.pruning_order, self.n_prunable, structures, ratio, unit)
+        return {self.keys[i] for i in self.pruning_order[:k].tolist()}
+
+    def check_structures(self, structures: StructureSet) -> None:
+        if structures.keys != self.keys:
+            raise AnalysisError("this analysis was made on another architecture or exclusion setting than the given model")
+
+    def save(self, folder: str | Path) -> Path:
+        """Write `analysis.json` and `tensors.pt` into `folder` (written to temporary names, then renamed)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": RESULT_FORMAT, "config": asdict(self.config), "keys": self.keys, "layers": self.layers,
+            "n_prunable": self.n_prunable, "timings": self.timings, "weights_fingerprint": self.weights_fingerprint,
+            "architecture": self.architecture, "estimate": self.estimate, "created": self.created,
+        }
+        tensors = {"saliency": self.saliency, "pruning_order": self.pruning_order}
+        if self.first_order is not None:
+            tensors["first_order"] = self.first_order
+        if self.second_order is not None:
+            tensors["second_order"] = self.second_order
+        torch.save(tensors, folder / "tensors.pt.tmp")
+        (folder / "analysis.json.tmp").write_text(json.dumps(meta, indent=1))
+        (folder / "tensors.pt.tmp").replace(folder / "tensors.pt")
+        (folder / "analysis.json.tmp").replace(folder / "analysis.json")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "AnalysisResult":
+        """Read a result written by `save`."""
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "analysis.json").read_text())
+            tensors = torch.load(folder / "tensors.pt", map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise AnalysisError(f"'{folder}' holds no saved analysis (analysis.json and tensors.pt)") from None
+        except (json.JSONDecodeError, RuntimeError, EOFError) as exc:
+            raise AnalysisError(f"the analysis in '{folder}' is damaged: {exc}") from None
+        if meta.get("format") != RESULT_FORMAT:
+            raise AnalysisError(f"'{folder}' is not a SOSP Lab analysis (format {meta.get('format')})")
+        return cls(AnalysisConfig(**meta["config"]), meta["keys"], meta["layers"], tensors["saliency"],
+                   tensors["pruning_order"], meta["n_prunable"], meta["timings"], meta["weights_fingerprint"],
+                   meta["architecture"], tensors.get("first_order"), tensors.get("second_order"),
+                   meta.get("estimate", "exact"), meta.get("created", 0.0))
+
+
+def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
+    """Replace BatchNorm running statistics by cumulative averages over `x` (train-mode forwards, no gradients)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            model(x[start:start + batch_size].to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
+def compute_saliency(method: str, inputs: AnalysisInputs, cap: float, normalize: str, seed: int = 0,
+                     mc_labels: int = 0) -> dict:
+    """The method's per-structure saliency and pruning order (plus its first- and second-order parts where it has them)."""
+    structures = inputs.structures
+    out: dict = {"first_order": None, "second_order": None, "estimate": "exact"}
+    start = time.perf_counter()
+    if method == "sosp-h":
+        first, second = sosp_h_terms(inputs)
+        saliency = sosp_h_saliency(first, second)
+        out.update(first_order=first, second_order=second)
+    elif method in ("sosp-i", "diagonal"):
+        first, gram = gauss_newton_terms(inputs, diagonal_only=method == "diagonal", mc_labels=mc_labels, seed=seed)
+        if mc_labels > 0:
+            out["estimate"] = f"monte-carlo ({mc_labels} sampled labels per sample)"
+        diag = gram if method == "diagonal" else gram.diagonal()
+        saliency = first.abs() + 0.5 * diag.abs()
+        out.update(first_order=first, second_order=diag.clone())
+        out["gram"] = gram if method == "sosp-i" else None
+    elif method == "first-order":
+        first = first_order_terms(inputs)
+        saliency = first.abs()
+        out.update(first_order=first)
+    elif method == "magnitude":
+        saliency = inputs.per_structure([p.detach().sign() for p in inputs.params()])
+    elif method == "random":
+        saliency = torch.rand(structures.num_structures, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    else:
+        raise AnalysisError(f"unknown method '{method}'")
+    out["saliency_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    if method == "sosp-i":
+        order, n_prunable = greedy_order(sosp_i_matrix(first, out.pop("gram")), structures, cap, normalize)
+    else:
+        out.pop("gram", None)
+        order, n_prunable = order_by_saliency(saliency, structures, cap, normalize)
+    out["selection_seconds"] = time.perf_counter() - start
+    out.update(saliency=saliency.detach().double().cpu(), pruning_order=order.cpu(), n_prunable=n_prunable)
+    for key in ("first_order", "second_order"):
+        if out[key] is not None:
+            out[key] = out[key].detach().double().cpu()
+    return out
+
+
+def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: ProgressFn = None,
+                 should_stop: StopFn = None) -> AnalysisResult:
+    """Run one analysis on the workbench's model (or a fresh seeded init when `config.at_init`)."""
+    config.validate()
+    from .devices import resolve_device
+
+    timings: dict[str, float] = {}
+    device = resolve_device(config.device)
+    start = time.perf_counter()
+    x, y = workbench.data.analysis_samples(config.samples, config.seed)
+    timings["samples"] = time.perf_counter() - start
+    if config.at_init:
+        torch.manual_seed(config.seed)
+        model = build_model(config.model_spec, workbench.data.num_classes, workbench.data.input_shape[0])
+    else:
+        model = copy.deepcopy(workbench.model)
+    model.to(device)
+    dtype = next(model.parameters()).dtype
+    x = x.to(dtype)
+    if config.at_init:
+        start = time.perf_counter()
+        reestimate_batchnorm(model, x, config.batch_size)
+        timings["batchnorm_statistics"] = time.perf_counter() - start
+    model.eval()
+    check_cancel(should_stop)
+    mc = config.mc_labels
+    if mc < 0:
+        mc = MC_AUTO_LABELS if workbench.data.num_classes > MC_AUTO_OUTPUTS else 0
+    inputs = AnalysisInputs(model, workbench.structures, x, y, config.loss, config.batch_size,
+                            lambda f, m: report(progress, f * 0.95, m), should_stop)
+    parts = compute_saliency(config.method, inputs, config.cap, config.normalize, config.seed,
+                             mc if config.method in ("sosp-i", "diagonal") else 0)
+    timings["saliency"] = parts["saliency_seconds"]
+    timings["selection"] = parts["selection_seconds"]
+    report(progress, 1.0, "done")
+    layers = [{"name": l.name, "size": l.size, "depth": l.depth, "stage": l.stage, "block": l.block, "kernel": l.kernel}
+              for l in workbench.structures.layers]
+    return AnalysisResult(config, list(workbench.structures.keys), layers, parts["saliency"], parts["pruning_order"],
+                          parts["n_prunable"], timings, weights_fingerprint(model), workbench.structures.signature,
+                          parts["first_order"], parts["second_order"], parts["estimate"])

@@ -1,0 +1,118 @@
+"""What every saliency needs: the analysis samples, the loss, theta_s slices and per-structure reductions."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import AnalysisError
+from ..progress import ProgressFn, StopFn
+from ..structures import NORM_TYPES, StructureSet
+
+LOSSES = ("cross-entropy", "squared")
+
+
+@dataclass
+class ParamSlice:
+    """Output-channel rows `channels` of one parameter tensor that go into structures `structure`."""
+
+    name: str
+    param: nn.Parameter
+    channels: torch.Tensor
+    structure: torch.Tensor
+
+
+@dataclass
+class AnalysisInputs:
+    """A model in eval mode, its structures, the N' samples and the loss: the inputs of every saliency."""
+
+    model: nn.Module
+    structures: StructureSet
+    x: torch.Tensor
+    y: torch.Tensor
+    loss: str = "cross-entropy"
+    batch_size: int = 100
+    progress: ProgressFn = None
+    should_stop: StopFn = None
+    slices: list[ParamSlice] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise AnalysisError(f"unknown loss '{self.loss}'; use one of {LOSSES}")
+        if self.model.training:
+            raise AnalysisError("saliencies are computed in eval mode (samples must be independent): call model.eval()")
+        if not self.slices:
+            self.slices = structure_slices(self.model, self.structures)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.y)
+
+    def batches(self):
+        """(x, y) batches on the model's device, in order."""
+        for start in range(0, self.num_samples, self.batch_size):
+            yield (self.x[start:start + self.batch_size].to(self.device),
+                   self.y[start:start + self.batch_size].to(self.device))
+
+    def params(self) -> list[nn.Parameter]:
+        """The distinct parameters holding structure weights, in a fixed order."""
+        seen, out = set(), []
+        for s in self.slices:
+            if id(s.param) not in seen:
+                seen.add(id(s.param))
+                out.append(s.param)
+        return out
+
+    def theta_struc(self) -> list[torch.Tensor]:
+        """theta_struc = sum of all theta_s, as one tensor per entry of `params()` (zero outside structures)."""
+        index = {id(p): i for i, p in enumerate(self.params())}
+        out = [torch.zeros_like(p) for p in self.params()]
+        for s in self.slices:
+            out[index[id(s.param)]][s.channels] = s.param.detach()[s.channels]
+        return out
+
+    def per_structure(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        """theta_s . v for every structure s, for v given per entry of `params()`."""
+        index = {id(p): i for i, p in enumerate(self.params())}
+        out = torch.zeros(self.structures.num_structures, dtype=torch.float64, device=self.device)
+        for s in self.slices:
+            rows = (s.param.detach()[s.channels] * vectors[index[id(s.param)]][s.channels]).reshape(len(s.channels), -1)
+            out.index_add_(0, s.structure.to(self.device), rows.sum(1).to(torch.float64))
+        return out
+
+
+def structure_slices(model: nn.Module, structures: StructureSet) -> list[ParamSlice]:
+    """Every (parameter, channel rows, structures) triple of theta_s: producers' weights and biases."""
+    slices = []
+    for piece in structures.producers:
+        module = model.get_submodule(piece.module)
+        for pname in ("weight", "bias"):
+            param = getattr(module, pname, None)
+            if isinstance(param, nn.Parameter):
+                slices.append(ParamSlice(f"{piece.module}.{pname}", param, piece.channels, piece.structure))
+    return slices
+
+
+def sample_losses(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-sample loss: softmax cross-entropy, or 1/2 ||f - onehot(y)||^2 for the squared loss."""
+    if loss == "cross-entropy":
+        return F.cross_entropy(logits, y, reduction="none")
+    target = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+    return 0.5 * ((logits - target) ** 2).sum(1)
+
+
+def channel_dim(module: nn.Module) -> int:
+    """The axis of a module's output that indexes its channels."""
+    if isinstance(module, (nn.Linear, nn.LayerNorm)):
+        return -1
+    return 1
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, NORM_TYPES)

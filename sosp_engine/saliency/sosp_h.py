@@ -1,0 +1,38 @@
+"""SOSP-H: lamH(s) = |theta_s . g| + 1/2 |theta_s . (H theta_struc)| with the exact Hessian (one HVP over N' samples)."""
+from __future__ import annotations
+
+import torch
+
+from ..progress import check_cancel, report
+from .common import AnalysisInputs, sample_losses
+
+
+def gradient_and_hvp(inputs: AnalysisInputs, vector: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The mean-loss gradient and the Hessian-vector product H @ vector, by double backward, batch by batch."""
+    params = inputs.params()
+    grads = [torch.zeros_like(p) for p in params]
+    hvp = [torch.zeros_like(p) for p in params]
+    n = inputs.num_samples
+    for i, (x, y) in enumerate(inputs.batches()):
+        check_cancel(inputs.should_stop)
+        loss = sample_losses(inputs.model(x), y, inputs.loss).sum() / n
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        dot = sum((gi * vi).sum() for gi, vi in zip(g, vector))
+        hv = torch.autograd.grad(dot, params)
+        for acc, gi in zip(grads, g):
+            acc += gi.detach()
+        for acc, hi in zip(hvp, hv):
+            acc += hi
+        report(inputs.progress, min(1.0, (i + 1) * inputs.batch_size / n), "Hessian-vector product")
+    return grads, hvp
+
+
+def sosp_h_terms(inputs: AnalysisInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lam1(s), theta_s . H theta_struc) for every structure, both signed."""
+    grads, hvp = gradient_and_hvp(inputs, inputs.theta_struc())
+    return inputs.per_structure(grads), inputs.per_structure(hvp)
+
+
+def sosp_h_saliency(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """lamH(s) = |lam1(s)| + 1/2 |theta_s . H theta_struc| (paper eq. 7)."""
+    return first.abs() + 0.5 * second.abs()

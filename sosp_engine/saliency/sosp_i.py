@@ -1,0 +1,151 @@
+"""SOSP-I: the Gauss-Newton matrix Q of eq. (3) from gradient x activation (Euler's theorem) and one Gram product."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from ..errors import AnalysisError
+from ..progress import check_cancel, report
+from .common import AnalysisInputs, channel_dim, sample_losses
+
+
+@contextmanager
+def _captured_outputs(inputs: AnalysisInputs) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record every producer module's output; the module returns a clone so later in-place ops cannot alter the record."""
+    store: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for name in {p.module for p in inputs.structures.producers}:
+        def hook(module, args, out, name=name):
+            store.setdefault(name, []).append(out)
+            return out.clone()
+        hooks.append(inputs.model.get_submodule(name).register_forward_hook(hook))
+    params = list(inputs.model.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield store
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def _structure_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tensor]],
+                        grads: tuple[torch.Tensor, ...], n: int) -> torch.Tensor:
+    """sum over positions of gradient x output per channel, mapped to structures: (n, S) = phi_n theta_s for one output direction."""
+    out = torch.zeros(n, inputs.structures.num_structures, dtype=grads[0].dtype, device=grads[0].device)
+    flat = [(name, t) for name, ts in store.items() for t in ts]
+    per_module: dict[str, torch.Tensor] = {}
+    for (name, tensor), g in zip(flat, grads):
+        dim = channel_dim(inputs.model.get_submodule(name)) % tensor.ndim
+        reduce = [d for d in range(1, tensor.ndim) if d != dim]
+        contrib = (g * tensor).sum(dim=reduce) if reduce else g * tensor
+        per_module[name] = per_module[name] + contrib if name in per_module else contrib
+    for piece in inputs.structures.producers:
+        out.index_add_(1, piece.structure.to(out.device), per_module[piece.module][:, piece.channels.to(out.device)])
+    return out
+
+
+def jacobian_structure_products(inputs: AnalysisInputs, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (n, D), A (n, D, S)) with A[n, d, s] = (phi(x_n) theta_s)_d, from one forward and D activation-only backwards."""
+    with _captured_outputs(inputs) as store:
+        x = x.detach().requires_grad_(True)
+        logits = inputs.model(x)
+        tensors = [t for ts in store.values() for t in ts]
+        n, d_out = logits.shape
+        columns = []
+        for d in range(d_out):
+            check_cancel(inputs.should_stop)
+            grads = torch.autograd.grad(logits[:, d].sum(), tensors, retain_graph=d < d_out - 1)
+            columns.append(_structure_products(inputs, store, grads, n))
+    return logits.detach(), torch.stack(columns, dim=1)
+
+
+def sampled_label_products(inputs: AnalysisInputs, x: torch.Tensor, labels_per_sample: int,
+                           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, V (n, k, S)) with V = A^T (p - e_y) for k labels y ~ softmax: an unbiased Fisher = GN estimate for large D."""
+    with _captured_outputs(inputs) as store:
+        x = x.detach().requires_grad_(True)
+        logits = inputs.model(x)
+        tensors = [t for ts in store.values() for t in ts]
+        probs = torch.softmax(logits.detach().double(), 1)
+        n = len(logits)
+        columns = []
+        for j in range(labels_per_sample):
+            check_cancel(inputs.should_stop)
+            sampled = torch.multinomial(probs.cpu(), 1, generator=generator).flatten().to(logits.device)
+            loss = torch.nn.functional.cross_entropy(logits, sampled, reduction="sum")
+            grads = torch.autograd.grad(loss, tensors, retain_graph=j < labels_per_sample - 1)
+            columns.append(_structure_products(inputs, store, grads, n))
+    return logits.detach(), torch.stack(columns, dim=1)
+
+
+def output_hessian_sqrt_products(logits: torch.Tensor, a: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, C) with A_n^T R_n A_n = B_n^T B_n - C_n^T C_n: R = diag(p) - p p^T for cross-entropy, identity for squared loss."""
+    if loss == "squared":
+        return a, None
+    p = torch.softmax(logits.to(a.dtype), dim=1)
+    b = p.sqrt().unsqueeze(2) * a
+    c = torch.einsum("nd,nds->ns", p, a)
+    return b, c
+
+
+def loss_output_gradient(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """d loss_n / d f_n per sample: p - onehot(y) for cross-entropy, f - onehot(y) for squared loss."""
+    target = torch.nn.functional.one_hot(y, logits.shape[1]).to(logits.dtype)
+    if loss == "squared":
+        return logits - target
+    return torch.softmax(logits, 1) - target
+
+
+def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_labels: int = 0,
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lam1 (S,), G) with G = theta_s^T H_GN theta_s' over the N' samples: (S, S), or its diagonal (S,) if asked."""
+    s_count = inputs.structures.num_structures
+    device, n_total = inputs.device, inputs.num_samples
+    gram = torch.zeros(s_count if diagonal_only else (s_count, s_count), dtype=torch.float64, device=device)
+    first = torch.zeros(s_count, dtype=torch.float64, device=device)
+    generator = torch.Generator().manual_seed(seed)
+    if mc_labels > 0 and inputs.loss != "cross-entropy":
+        raise AnalysisError("sampled labels estimate the cross-entropy Gauss-Newton matrix only; use --mc-labels 0")
+    for i, (x, y) in enumerate(inputs.batches()):
+        check_cancel(inputs.should_stop)
+        if mc_labels > 0:
+            _, v = sampled_label_products(inputs, x, mc_labels, generator)
+            rows, minus = v.to(torch.float64) / mc_labels ** 0.5, None
+            first += _first_order_from_sampled(inputs, x, y)
+        else:
+            logits, a = jacobian_structure_products(inputs, x)
+            a = a.to(torch.float64)
+            first += torch.einsum("nd,nds->s", loss_output_gradient(logits.double(), y, inputs.loss), a)
+            rows, minus = output_hessian_sqrt_products(logits, a, inputs.loss)
+        flat = rows.reshape(-1, s_count)
+        if diagonal_only:
+            gram += (flat ** 2).sum(0) - ((minus ** 2).sum(0) if minus is not None else 0)
+        else:
+            gram += flat.T @ flat
+            if minus is not None:
+                gram -= minus.T @ minus
+        report(inputs.progress, min(1.0, (i + 1) * inputs.batch_size / n_total), "Gauss-Newton products")
+    return first / n_total, gram / n_total
+
+
+def _first_order_from_sampled(inputs: AnalysisInputs, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """lam1 summed over one batch, from one backward of the true-label loss through the captured outputs."""
+    with _captured_outputs(inputs) as store:
+        x = x.detach().requires_grad_(True)
+        logits = inputs.model(x)
+        tensors = [t for ts in store.values() for t in ts]
+        grads = torch.autograd.grad(sample_losses(logits, y, inputs.loss).sum(), tensors)
+        return _structure_products(inputs, store, grads, len(x)).sum(0).to(torch.float64)
+
+
+def sosp_i_matrix(first: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Q[s, s'] = 1/2 |theta_s^T H theta_s'| + |lam1(s)| [s == s'] (paper eq. 3)."""
+    q = 0.5 * gram.abs()
+    q.diagonal().add_(first.abs())
+    return q

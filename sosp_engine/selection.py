@@ -1,0 +1,159 @@
+"""From saliencies to a single pruning order over all structures, honouring per-layer caps and floors, and targets."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import AnalysisError
+from .structures import StructureSet
+
+NORMALIZATIONS = ("none", "kernel", "macs")
+UNITS = ("structures", "params", "macs")
+
+
+class Budget:
+    """Which structures may still be pruned: at most `cap` of each layer, at least one channel of every producer kept."""
+
+    def __init__(self, structures: StructureSet, cap: float) -> None:
+        if not 0 < cap <= 1:
+            raise AnalysisError(f"the per-layer cap must be in (0, 1], got {cap}")
+        sizes = structures.layer_sizes().tolist()
+        self.layer_of = structures.layer_of.tolist()
+        self.layer_left = [min(math.floor(cap * n + 1e-9), n - 1) for n in sizes]
+        self.members = [[] for _ in sizes]
+        for s, g in enumerate(self.layer_of):
+            self.members[g].append(s)
+        self.segments = [p.structure.tolist() for p in structures.segments()]
+        self.segment_left = [len(seg) - 1 for seg in self.segments]
+        self.segments_of: list[list[int]] = [[] for _ in self.layer_of]
+        for k, seg in enumerate(self.segments):
+            for s in seg:
+                self.segments_of[s].append(k)
+        self.blocked = [self.layer_left[g] <= 0 for g in self.layer_of]
+        for k, seg in enumerate(self.segments):
+            if self.segment_left[k] <= 0:
+                for s in seg:
+                    self.blocked[s] = True
+
+    def take(self, s: int) -> list[int]:
+        """Prune `s`; returns the structures that this makes unprunable (their layer or producer hit its limit)."""
+        newly = []
+        self.blocked[s] = True
+        g = self.layer_of[s]
+        self.layer_left[g] -= 1
+        if self.layer_left[g] == 0:
+            newly += [t for t in self.members[g] if not self.blocked[t]]
+        for k in self.segments_of[s]:
+            self.segment_left[k] -= 1
+            if self.segment_left[k] == 0:
+                newly += [t for t in self.segments[k] if not self.blocked[t]]
+        for t in newly:
+            self.blocked[t] = True
+        return newly
+
+
+def normalizer(structures: StructureSet, normalize: str) -> torch.Tensor:
+    """Per-structure divisor of the saliency: 1, the kernel size (the paper's SOSP*), or the structure's MACs."""
+    if normalize == "none":
+        return torch.ones(structures.num_structures, dtype=torch.float64)
+    if normalize == "kernel":
+        return structures.kernel_sizes()
+    if normalize == "macs":
+        return structures.structure_macs().clamp(min=1.0)
+    raise AnalysisError(f"unknown normalisation '{normalize}'; use one of {NORMALIZATIONS}")
+
+
+def order_by_saliency(saliency: torch.Tensor, structures: StructureSet, cap: float = 0.95,
+                      normalize: str = "none") -> tuple[torch.Tensor, int]:
+    """(pruning_order, n_prunable): smallest normalised saliency first, skipping structures the budget forbids."""
+    scores = saliency.double().cpu() / normalizer(structures, normalize)
+    budget = Budget(structures, cap)
+    taken, skipped = [], []
+    for s in torch.argsort(scores, stable=True).tolist():
+        if budget.blocked[s]:
+            skipped.append(s)
+        else:
+            budget.take(s)
+            taken.append(s)
+    return torch.tensor(taken + skipped, dtype=torch.long), len(taken)
+
+
+def greedy_order(q: torch.Tensor, structures: StructureSet, cap: float = 0.95,
+                 normalize: str = "none") -> tuple[torch.Tensor, int]:
+    """SOSP-I's eq. (4) in O(S^2): keep c = diag(Q) + 2 sum_{s' in M} Q[:, s'] and add 2 Q[:, s] after each choice."""
+    weight = normalizer(structures, normalize).to(q.device, q.dtype)
+    c = q.diagonal().clone()
+    inf = torch.tensor(float("inf"), dtype=q.dtype, device=q.device)
+    budget = Budget(structures, cap)
+    blocked = torch.tensor(budget.blocked, device=q.device)
+    c = torch.where(blocked, inf, c)
+    taken = []
+    for _ in range(structures.num_structures):
+        s = int(torch.argmin(c / weight))
+        if torch.isinf(c[s]):
+            break
+        taken.append(s)
+        newly = budget.take(s) + [s]
+        c += 2 * q[:, s]
+        c[newly] = inf
+    return _with_rest(taken, q.diagonal().cpu() / weight.cpu()), len(taken)
+
+
+def literal_greedy_order(q: torch.Tensor, structures: StructureSet, cap: float = 0.95,
+                         normalize: str = "none") -> tuple[torch.Tensor, int]:
+    """Eq. (4) as written: at every step recompute Q[s,s] + 2 sum_{s' in M} Q[s,s'] for every candidate (O(S^3) overall)."""
+    weight = normalizer(structures, normalize).to(q.dtype)
+    budget = Budget(structures, cap)
+    chosen: list[int] = []
+    while True:
+        candidates = [s for s in range(structures.num_structures) if not budget.blocked[s]]
+        if not candidates:
+            break
+        cand = torch.tensor(candidates)
+        increments = q[cand, cand] + 2 * (q[cand][:, chosen].sum(1) if chosen else 0)
+        s = candidates[int(torch.argmin(increments / weight[cand]))]
+        chosen.append(s)
+        budget.take(s)
+    return _with_rest(chosen, q.diagonal() / weight), len(chosen)
+
+
+def _with_rest(taken: list[int], scores: torch.Tensor) -> torch.Tensor:
+    """The chosen structures, then the never-prunable rest by ascending score: a permutation of all structures."""
+    chosen = set(taken)
+    rest = [s for s in torch.argsort(scores, stable=True).tolist() if s not in chosen]
+    return torch.tensor(taken + rest, dtype=torch.long)
+
+
+def prefix_for_target(order: torch.Tensor, n_prunable: int, structures: StructureSet, ratio: float,
+                      unit: str = "structures") -> int:
+    """How many structures of the order to prune so the pruned fraction of `unit` first reaches `ratio`."""
+    if unit not in UNITS:
+        raise AnalysisError(f"unknown target unit '{unit}'; use one of {UNITS}")
+    if not 0 <= ratio < 1:
+        raise AnalysisError(f"the pruning ratio must be in [0, 1), got {ratio}")
+    if unit == "structures":
+        k = math.ceil(ratio * structures.num_structures - 1e-9)
+        if k > n_prunable:
+            raise AnalysisError(f"a ratio of {ratio:.3f} of the structures is impossible with this cap: at most "
+                                f"{n_prunable / structures.num_structures:.3f} can be pruned")
+        return k
+    column = 0 if unit == "params" else 1
+    total = structures.counts()[column]
+
+    def reduction(k: int) -> float:
+        pruned = torch.zeros(structures.num_structures, dtype=torch.bool)
+        pruned[order[:k]] = True
+        return 1 - structures.counts(pruned)[column] / total
+
+    if reduction(n_prunable) < ratio - 1e-12:
+        raise AnalysisError(f"a {unit} reduction of {ratio:.3f} is impossible with this cap: at most "
+                            f"{reduction(n_prunable):.3f} can be removed")
+    lo, hi = 0, n_prunable
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if reduction(mid) >= ratio - 1e-12:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from sosp_engine.analysis import METHODS, AnalysisConfig, AnalysisResult, reestimate_batchnorm, run_analysis
+from sosp_engine.cli import main
+from sosp_engine.errors import AnalysisError
+from sosp_engine.loading import open_workbench
+from sosp_engine.masks import load_mask, mask_summary
+from sosp_engine.models import build_model
+from sosp_engine.progress import Cancelled
+
+
+@pytest.fixture(scope="module")
+def workbench():
+    torch.manual_seed(0)
+    return open_workbench("resnet20", "digits")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_gives_an_order_over_all_structures(workbench, method):
+    result = run_analysis(workbench, AnalysisConfig(method=method, samples=40, batch_size=20))
+    assert sorted(result.pruning_order.tolist()) == list(range(workbench.structures.num_structures))
+    assert result.saliency.shape == (workbench.structures.num_structures,) and torch.isfinite(result.saliency).all()
+    assert {"saliency", "selection"} <= set(result.timings)
+
+
+def test_masks_at_growing_ratios_are_nested_prefixes(workbench):
+    result = run_analysis(workbench, AnalysisConfig(method="sosp-h", samples=40))
+    small, large = result.mask(workbench.structures, 0.2), result.mask(workbench.structures, 0.6)
+    assert small < large and len(large) == round(0.6 * workbench.structures.num_structures)
+
+
+def test_result_round_trips_through_files(tmp_path, workbench):
+    result = run_analysis(workbench, AnalysisConfig(method="sosp-i", samples=40))
+    loaded = AnalysisResult.load(result.save(tmp_path / "a"))
+    assert loaded.config == result.config and loaded.keys == result.keys and loaded.n_prunable == result.n_prunable
+    assert torch.equal(loaded.pruning_order, result.pruning_order) and torch.equal(loaded.saliency, result.saliency)
+    assert loaded.weights_fingerprint == result.weights_fingerprint
+
+
+def test_loading_a_folder_without_a_result_is_a_clear_error(tmp_path):
+    with pytest.raises(AnalysisError, match="no saved analysis"):
+        AnalysisResult.load(tmp_path)
+
+
+def test_analysis_at_init_is_seeded_and_ignores_the_given_weights(workbench):
+    a = run_analysis(workbench, AnalysisConfig(method="sosp-h", samples=40, at_init=True, seed=1))
+    b = run_analysis(workbench, AnalysisConfig(method="sosp-h", samples=40, at_init=True, seed=1))
+    trained = run_analysis(workbench, AnalysisConfig(method="sosp-h", samples=40))
+    assert a.weights_fingerprint == b.weights_fingerprint != trained.weights_fingerprint
+    assert torch.equal(a.pruning_order, b.pruning_order)
+
+
+def test_batchnorm_statistics_are_reestimated_on_the_samples():
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 1)
+    x = torch.randn(64, 1, 16, 16) * 3 + 2
+    reestimate_batchnorm(model, x, 16)
+    with torch.no_grad():
+        expected = model.conv1(x)
+    torch.testing.assert_close(model.bn1.running_mean, expected.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert not model.training and model.bn1.momentum == 0.1
+
+
+def test_analysis_can_be_cancelled(workbench):
+    with pytest.raises(Cancelled):
+        run_analysis(workbench, AnalysisConfig(method="sosp-i", samples=40), should_stop=lambda: True)
+
+
+def test_progress_reaches_one(workbench):
+    seen = []
+    run_analysis(workbench, AnalysisConfig(method="sosp-h", samples=40, batch_size=10), progress=lambda f, m: seen.append(f))
+    assert seen[-1] == 1.0 and seen == sorted(seen)
+
+
+def test_bad_method_is_a_clear_error(workbench):
+    with pytest.raises(AnalysisError, match="unknown method"):
+        run_analysis(workbench, AnalysisConfig(method="obd"))
+
+
+def test_cli_analyze_writes_result_mask_and_table(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["analyze", "--model", "resnet20", "--data", "digits", "--method", "sosp-h", "--samples", "50",
+                 "--ratio", "0.3", "--unit", "params", "--out", str(out)])
+    assert code == 0
+    assert {"analysis.json", "tensors.pt", "mask.json", "layers.csv"} <= {p.name for p in out.iterdir()}
+    wb = open_workbench("resnet20", "digits")
+    summary = mask_summary(wb.structures, load_mask(out / "mask.json", wb.structures))
+    assert summary["param_ratio"] >= 0.3
+    assert "pruned" in capsys.readouterr().out
