@@ -18,6 +18,8 @@ def _captured_outputs(inputs: AnalysisInputs) -> Iterator[dict[str, list[torch.T
     hooks = []
     for name in {p.module for p in inputs.structures.producers}:
         def hook(module, args, out, name=name):
+            if not out.requires_grad:  # the first producer: start the graph here, the input needs no gradient
+                out.requires_grad_(True)
             store.setdefault(name, []).append(out)
             return out.clone()
         hooks.append(inputs.model.get_submodule(name).register_forward_hook(hook))
@@ -42,35 +44,62 @@ def _structure_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tens
     per_module: dict[str, torch.Tensor] = {}
     for (name, tensor), g in zip(flat, grads):
         dim = channel_dim(inputs.model.get_submodule(name)) % tensor.ndim
-        reduce = [d for d in range(1, tensor.ndim) if d != dim]
-        contrib = (g * tensor).sum(dim=reduce) if reduce else g * tensor
+        if dim != 1:
+            g, tensor = g.movedim(dim, 1), tensor.movedim(dim, 1)
+        contrib = torch.linalg.vecdot(g.reshape(n, g.shape[1], -1), tensor.reshape(n, tensor.shape[1], -1))
         per_module[name] = per_module[name] + contrib if name in per_module else contrib
     for piece in inputs.structures.producers:
         out.index_add_(1, piece.structure.to(out.device), per_module[piece.module][:, piece.channels.to(out.device)])
     return out
 
 
-def jacobian_structure_products(inputs: AnalysisInputs, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (n, D), A (n, D, S)) with A[n, d, s] = (phi(x_n) theta_s)_d, from one forward and D activation-only backwards."""
+def output_direction_products(inputs: AnalysisInputs, x: torch.Tensor, directions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (n, D), P (n, K, S)) with P[n, k, s] = u_nk^T phi(x_n) theta_s for K per-sample output directions u_nk.
+
+    `directions(logits)` returns the (n, K, D) directions; each costs one activation-only backward pass.
+    """
     with _captured_outputs(inputs) as store:
-        x = x.detach().requires_grad_(True)
-        logits = inputs.model(x)
+        logits = inputs.model(x.detach())
         tensors = [t for ts in store.values() for t in ts]
-        n, d_out = logits.shape
+        u = directions(logits.detach()).to(logits.dtype)
+        n, k_count = u.shape[0], u.shape[1]
         columns = []
-        for d in range(d_out):
+        for k in range(k_count):
             check_cancel(inputs.should_stop)
-            grads = torch.autograd.grad(logits[:, d].sum(), tensors, retain_graph=d < d_out - 1)
+            grads = torch.autograd.grad(logits, tensors, grad_outputs=u[:, k], retain_graph=k < k_count - 1)
             columns.append(_structure_products(inputs, store, grads, n))
     return logits.detach(), torch.stack(columns, dim=1)
+
+
+def jacobian_structure_products(inputs: AnalysisInputs, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (n, D), A (n, D, S)) with A[n, d, s] = (phi(x_n) theta_s)_d, from one forward and D activation-only backwards."""
+    def unit_vectors(logits: torch.Tensor) -> torch.Tensor:
+        n, d = logits.shape
+        return torch.eye(d, dtype=logits.dtype, device=logits.device).expand(n, d, d)
+
+    return output_direction_products(inputs, x, unit_vectors)
+
+
+def label_difference_directions(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(n, D-1, D): e_d - e_y for every d != y_n. They span the range of R_n = diag(p) - p p^T (R_n 1 = 0)."""
+    n, d = logits.shape
+    eye = torch.eye(d, dtype=logits.dtype, device=logits.device)
+    others = torch.arange(d, device=logits.device).expand(n, d)[torch.arange(d, device=logits.device).expand(n, d) != y.unsqueeze(1)].view(n, d - 1)
+    return eye[others] - eye[y].unsqueeze(1)
+
+
+def drop_label_column(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """p without the entry of each sample's label: (n, D-1), in the order of `label_difference_directions`."""
+    n, d = p.shape
+    keep = torch.arange(d, device=p.device).expand(n, d) != y.unsqueeze(1)
+    return p[keep].view(n, d - 1)
 
 
 def sampled_label_products(inputs: AnalysisInputs, x: torch.Tensor, labels_per_sample: int,
                            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, V (n, k, S)) with V = A^T (p - e_y) for k labels y ~ softmax: an unbiased Fisher = GN estimate for large D."""
     with _captured_outputs(inputs) as store:
-        x = x.detach().requires_grad_(True)
-        logits = inputs.model(x)
+        logits = inputs.model(x.detach())
         tensors = [t for ts in store.values() for t in ts]
         probs = torch.softmax(logits.detach().double(), 1)
         n = len(logits)
@@ -82,16 +111,6 @@ def sampled_label_products(inputs: AnalysisInputs, x: torch.Tensor, labels_per_s
             grads = torch.autograd.grad(loss, tensors, retain_graph=j < labels_per_sample - 1)
             columns.append(_structure_products(inputs, store, grads, n))
     return logits.detach(), torch.stack(columns, dim=1)
-
-
-def output_hessian_sqrt_products(logits: torch.Tensor, a: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, C) with A_n^T R_n A_n = B_n^T B_n - C_n^T C_n: R = diag(p) - p p^T for cross-entropy, identity for squared loss."""
-    if loss == "squared":
-        return a, None
-    p = torch.softmax(logits.to(a.dtype), dim=1)
-    b = p.sqrt().unsqueeze(2) * a
-    c = torch.einsum("nd,nds->ns", p, a)
-    return b, c
 
 
 def loss_output_gradient(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
@@ -118,11 +137,20 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
             _, v = sampled_label_products(inputs, x, mc_labels, generator)
             rows, minus = v.to(torch.float64) / mc_labels ** 0.5, None
             first += _first_order_from_sampled(inputs, x, y)
+        elif inputs.loss == "cross-entropy":
+            # With G_n = rows a_d - a_y (d != y) of A_n: A^T R A = G^T (diag(q) - q q^T) G and A^T (p - e_y) = G^T q,
+            # q = p without its label entry. D - 1 backward passes, no division by small probabilities.
+            logits, g = output_direction_products(inputs, x, lambda out: label_difference_directions(out, y))
+            g = g.to(torch.float64)
+            q = drop_label_column(torch.softmax(logits.double(), 1), y)
+            rows = q.sqrt().unsqueeze(2) * g
+            minus = torch.einsum("nk,nks->ns", q, g)
+            first += minus.sum(0)
         else:
             logits, a = jacobian_structure_products(inputs, x)
             a = a.to(torch.float64)
             first += torch.einsum("nd,nds->s", loss_output_gradient(logits.double(), y, inputs.loss), a)
-            rows, minus = output_hessian_sqrt_products(logits, a, inputs.loss)
+            rows, minus = a, None
         flat = rows.reshape(-1, s_count)
         if diagonal_only:
             gram += (flat ** 2).sum(0) - ((minus ** 2).sum(0) if minus is not None else 0)
@@ -137,8 +165,7 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
 def _first_order_from_sampled(inputs: AnalysisInputs, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """lam1 summed over one batch, from one backward of the true-label loss through the captured outputs."""
     with _captured_outputs(inputs) as store:
-        x = x.detach().requires_grad_(True)
-        logits = inputs.model(x)
+        logits = inputs.model(x.detach())
         tensors = [t for ts in store.values() for t in ts]
         grads = torch.autograd.grad(sample_losses(logits, y, inputs.loss).sum(), tensors)
         return _structure_products(inputs, store, grads, len(x)).sum(0).to(torch.float64)

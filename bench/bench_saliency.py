@@ -1,0 +1,138 @@
+"""Time and peak memory of each saliency as a ratio to one forward+backward pass over the same N' samples.
+
+Usage: python bench/bench_saliency.py [--models resnet56,resnet56x2,...] [--samples 1000] [--out results.jsonl]
+Each measurement runs in a fresh process (so peak memory is its own); the baseline runs in the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _setup(model_spec: str, samples: int, device: str):
+    import torch
+
+    from sosp_engine.devices import resolve_device
+    from sosp_engine.loading import default_preset
+    from sosp_engine.models import build_model
+    from sosp_engine.saliency.common import AnalysisInputs
+    from sosp_engine.structures import find_structures
+
+    torch.manual_seed(0)
+    dev = resolve_device(device)
+    model = build_model(model_spec, 10, 3).eval()
+    x = torch.randn(samples, 3, 32, 32)
+    y = torch.randint(0, 10, (samples,))
+    structures = find_structures(model, x[:1], preset=default_preset(model_spec))
+    model.to(dev)
+    return AnalysisInputs(model, structures, x, y, batch_size=100)
+
+
+def _measure(task: str, model_spec: str, samples: int, device: str, queue) -> None:
+    import torch
+
+    from sosp_engine.saliency.common import sample_losses
+    from sosp_engine.saliency.sosp_h import sosp_h_terms
+    from sosp_engine.saliency.sosp_i import gauss_newton_terms, sosp_i_matrix
+    from sosp_engine.selection import greedy_order, literal_greedy_order
+
+    torch.set_num_threads(torch.get_num_threads())
+    inputs = _setup(model_spec, samples, device)
+    cuda = inputs.device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def forward_backward():
+        for x, y in inputs.batches():
+            inputs.model.zero_grad(set_to_none=True)
+            sample_losses(inputs.model(x), y, inputs.loss).mean().backward()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():  # warm-up of kernels and allocator, not timed
+        inputs.model(next(inputs.batches())[0])
+    extra = {}
+    sync()
+    start = time.perf_counter()
+    if task == "forward+backward":
+        forward_backward()
+    elif task == "sosp-h":
+        sosp_h_terms(inputs)
+    elif task == "sosp-i":
+        first, gram = gauss_newton_terms(inputs)
+        sync()
+        extra["gram_and_products_s"] = time.perf_counter() - start
+        t0 = time.perf_counter()
+        greedy_order(sosp_i_matrix(first, gram).cpu(), inputs.structures)
+        extra["selection_s"] = time.perf_counter() - t0
+    elif task == "sosp-i-mc3":
+        gauss_newton_terms(inputs, mc_labels=3)
+    elif task == "greedy":
+        s = inputs.structures.num_structures
+        q = torch.rand(s, s, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        q = (q + q.T) / 2
+        t0 = time.perf_counter()
+        greedy_order(q, inputs.structures)
+        extra["fast_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        literal_greedy_order(q, inputs.structures)
+        extra["literal_s"] = time.perf_counter() - t0
+    sync()
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    queue.put({"seconds": seconds, "peak_rss_mb": peak_mb, "peak_gpu_mb": gpu_mb,
+               "structures": inputs.structures.num_structures, **extra})
+
+
+def measure(task: str, model_spec: str, samples: int, device: str) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_measure, args=(task, model_spec, samples, device, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", default="resnet56,resnet56x2,resnet56x4,vgg19,densenet40")
+    parser.add_argument("--tasks", default="forward+backward,sosp-h,sosp-i,sosp-i-mc3")
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--greedy-model", default="resnet56x2", help="model whose S is used for fast vs literal greedy")
+    parser.add_argument("--out", default="bench/results.jsonl")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for model_spec in args.models.split(","):
+        base = None
+        for task in args.tasks.split(","):
+            result = measure(task, model_spec, args.samples, args.device)
+            if task == "forward+backward":
+                base = result["seconds"]
+            row = {"model": model_spec, "task": task, "samples": args.samples, **result,
+                   "ratio_to_forward_backward": result["seconds"] / base if base else None}
+            print(json.dumps(row), flush=True)
+            with out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+    if args.greedy_model:
+        result = measure("greedy", args.greedy_model, 100, args.device)
+        row = {"model": args.greedy_model, "task": "greedy", **result, "speedup": result["literal_s"] / result["fast_s"]}
+        print(json.dumps(row), flush=True)
+        with out.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
