@@ -8,7 +8,12 @@ from pathlib import Path
 
 import torch
 
-from .analysis import METHODS, AnalysisConfig, run_analysis
+from .analysis import METHODS, AnalysisConfig, AnalysisResult, run_analysis
+from .bottlenecks import LEVELS, RULES, explain, find_bottlenecks
+from .experiments import PROCEDURES, Experiment, ExperimentConfig
+from .jobs import cancel, mark_stale_jobs, read_log, resume, run_job, submit
+from .store import Store
+from .training import TrainConfig, train
 from .counting import count_macs, count_params
 from .data import load_data
 from .errors import SospError
@@ -104,7 +109,216 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download CIFAR into the data path first")
     p.add_argument("--out", dest="out_dir", required=True, help="folder for analysis.json, tensors.pt, mask.json, layers.csv")
     p.set_defaults(func=cmd_analyze)
+    p = sub.add_parser("train", help="train a model in the foreground and save its weights")
+    add_model_args(p, json_out=False)
+    add_training_args(p)
+    p.add_argument("--save", required=True, help="where to write the trained state_dict")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("finetune", help="prune a trained model with a mask and fine-tune the smaller model")
+    add_model_args(p, json_out=False)
+    add_training_args(p)
+    p.add_argument("--mask", required=True)
+    p.add_argument("--save", required=True, help="where to write the fine-tuned pruned state_dict")
+    p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser("expand", help="expand-pruning in the foreground: widen bottlenecks, train, prune, fine-tune")
+    add_model_args(p, json_out=False)
+    add_experiment_args(p)
+    p.add_argument("--out", required=True, help="folder for the run's checkpoints, masks and summary.json")
+    p.set_defaults(func=cmd_expand, procedure="expand-prune")
+    p = sub.add_parser("bottlenecks", help="flag bottleneck layers / stages of a saved analysis at a ratio")
+    p.add_argument("analysis", help="folder written by analyze")
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--unit", default="structures", choices=UNITS)
+    p.add_argument("--level", default="layer", choices=LEVELS)
+    p.add_argument("--rule", default="mean-std", choices=RULES)
+    p.add_argument("-k", type=float, default=1.0, help="mean-std rule: flag ratios below mean - k * std")
+    p.add_argument("-n", type=int, default=3, help="least rule: flag the n least pruned")
+    p.set_defaults(func=cmd_bottlenecks)
+    p = sub.add_parser("run-job", help="(internal) run a queued job in this process")
+    p.add_argument("job_id")
+    add_workspace_arg(p)
+    p.set_defaults(func=cmd_run_job)
+    jobs = sub.add_parser("jobs", help="background jobs: submit, list, show, cancel, resume, logs, delete")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
+    p = jsub.add_parser("submit", help="queue a procedure as a background job")
+    add_model_args(p, json_out=False)
+    add_experiment_args(p)
+    p.add_argument("--procedure", default="train-prune", choices=PROCEDURES)
+    p.add_argument("--name", default="")
+    add_workspace_arg(p)
+    p.set_defaults(func=cmd_jobs_submit)
+    for verb, func, helptext in (("show", cmd_jobs_show, "a job's record and metrics"), ("cancel", cmd_jobs_cancel, "cancel a job"),
+                                 ("resume", cmd_jobs_resume, "resume a failed or cancelled job"), ("logs", cmd_jobs_logs, "a job's log")):
+        p = jsub.add_parser(verb, help=helptext)
+        p.add_argument("job_id")
+        add_workspace_arg(p)
+        p.set_defaults(func=func)
+    p = jsub.add_parser("list", help="all jobs of the workspace")
+    add_workspace_arg(p)
+    p.set_defaults(func=cmd_jobs_list)
+    p = jsub.add_parser("delete", help="delete a job and its artifacts")
+    p.add_argument("job_id")
+    p.add_argument("--yes", action="store_true", help="confirm: the job's files are removed for good")
+    add_workspace_arg(p)
+    p.set_defaults(func=cmd_jobs_delete)
     return parser
+
+
+def add_workspace_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workspace", default=None, help="workspace folder (default $SOSP_WORKSPACE or ./workspace)")
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--schedule", default="step", choices=["step", "cosine"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def add_experiment_args(p: argparse.ArgumentParser) -> None:
+    add_training_args(p)
+    p.add_argument("--finetune-epochs", type=int, default=None, help="default: repeat the training schedule")
+    p.add_argument("--method", default="sosp-h", choices=METHODS)
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--unit", default="structures", choices=UNITS)
+    p.add_argument("--target-params", type=int, default=None, help="prune to this many parameters instead of --ratio")
+    p.add_argument("--cap", type=float, default=0.95)
+    p.add_argument("--normalize", default="none", choices=NORMALIZATIONS)
+    p.add_argument("--widen", nargs="*", default=[], help="expand-prune: LAYER_OR_STAGE=FACTOR ... (default: the flagged bottlenecks x2)")
+    p.add_argument("--widen-factor", type=float, default=None, help="widen-prune: one factor for every layer")
+    p.add_argument("--label", default="")
+
+
+def parse_widen(items: list[str]) -> dict[str, float]:
+    factors = {}
+    for item in items:
+        key, sep, value = item.rpartition("=")
+        try:
+            factors[key] = float(value)
+        except ValueError:
+            raise SospError(f"--widen takes NAME=FACTOR, got '{item}'") from None
+        if not sep or not key:
+            raise SospError(f"--widen takes NAME=FACTOR, got '{item}'")
+    return factors
+
+
+def experiment_config(args: argparse.Namespace, procedure: str) -> ExperimentConfig:
+    return ExperimentConfig(
+        procedure=procedure, model_spec=args.model, data_spec=args.data, weights=args.weights, epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs, method=args.method, samples=args.samples, ratio=args.ratio, unit=args.unit,
+        target_params=args.target_params, cap=args.cap, normalize=args.normalize, widen=parse_widen(args.widen),
+        widen_factor=args.widen_factor, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule, seed=args.seed,
+        device=args.device, exclude=list(args.exclude), preset=args.preset, label=args.label)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    wb = workbench_from(args)
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
+                         seed=args.seed, device=args.device)
+    result = train(wb.model, wb.data, config, progress=epoch_printer)
+    torch.save(wb.model.cpu().state_dict(), args.save)
+    print(json.dumps({"test_acc": result.test_acc, "test_loss": result.test_loss, "saved": args.save}))
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    wb = workbench_from(args)
+    smaller = pruned_copy(wb.model, wb.structures, load_mask(args.mask, wb.structures), wb.example)
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
+                         seed=args.seed, device=args.device)
+    result = train(smaller, wb.data, config, progress=epoch_printer)
+    torch.save(smaller.cpu().state_dict(), args.save)
+    print(json.dumps({"test_acc": result.test_acc, "params": count_params(smaller), "saved": args.save}))
+
+
+def epoch_printer(event: dict) -> None:
+    if event.get("phase") == "epoch":
+        progress_line(f"epoch {event['epoch']}/{event['epochs']}: train loss {event['train_loss']:.4f} "
+                      f"acc {event['train_acc']:.3f}, val acc {event['val_acc']:.3f}")
+
+
+def auto_widen(args: argparse.Namespace, wb) -> dict[str, float]:
+    """The paper's choice: the least pruned stage of a ResNet, else the five least pruned layers, widened x2."""
+    config = AnalysisConfig(method=args.method, model_spec=args.model, data_spec=args.data, weights=args.weights,
+                            at_init=not args.weights, samples=args.samples, seed=args.seed, cap=args.cap,
+                            normalize=args.normalize, device=args.device, exclude=list(args.exclude), preset=args.preset)
+    result = run_analysis(wb, config)
+    table = layer_table(wb.structures, result.mask(wb.structures, args.ratio, args.unit))
+    level, n = ("stage", 1) if args.model.startswith("resnet") else ("layer", 5)
+    units, _ = find_bottlenecks(table, level=level, rule="least", n=n)
+    return {u: 2.0 for u in units[units.flagged].unit}
+
+
+def cmd_expand(args: argparse.Namespace) -> None:
+    wb = workbench_from(args)
+    config = experiment_config(args, "expand-prune")
+    if not config.widen:
+        config.widen = auto_widen(args, wb)
+        progress_line(f"bottlenecks widened x2: {', '.join(config.widen)}")
+    bar = ProgressLine("expand-prune")
+    summary = Experiment(config, args.out, lambda f, m, d=None: bar(f, m), data=wb.data).run()
+    bar.close()
+    Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(json.dumps({k: summary[k] for k in ("procedure", "test_acc", "params", "macs")}))
+
+
+def cmd_bottlenecks(args: argparse.Namespace) -> None:
+    result = AnalysisResult.load(args.analysis)
+    wb = open_workbench(result.config.model_spec, result.config.data_spec, None, result.config.exclude, result.config.preset)
+    table = layer_table(wb.structures, result.mask(wb.structures, args.ratio, args.unit))
+    units, info = find_bottlenecks(table, args.level, args.rule, args.k, args.n)
+    print(units[["rank", "unit", "pruning_ratio", "score", "flagged", "why"]].to_string(index=False))
+    print("\n" + explain(units, info))
+
+
+def open_store(args: argparse.Namespace) -> Store:
+    return Store(args.workspace)
+
+
+def cmd_run_job(args: argparse.Namespace) -> None:
+    raise SystemExit(run_job(open_store(args), args.job_id))
+
+
+def cmd_jobs_submit(args: argparse.Namespace) -> dict:
+    if is_user_code(args.model):
+        progress_line(f"warning: {USER_CODE_WARNING}")
+    store = open_store(args)
+    job_id = submit(store, experiment_config(args, args.procedure), args.name)
+    return {"job": job_id, "status": store.job(job_id)["status"]}
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> None:
+    store = open_store(args)
+    mark_stale_jobs(store)
+    for job in store.jobs():
+        print(f"{job['id']}  {job['status']:<10} {job['progress']:6.1%}  {job['kind']:<13} {job['name']}  {job['message']}")
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> dict:
+    store = open_store(args)
+    mark_stale_jobs(store)
+    return {**store.job(args.job_id), "metrics": store.metrics(args.job_id)}
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> dict:
+    return {"job": args.job_id, "status": cancel(open_store(args), args.job_id)}
+
+
+def cmd_jobs_resume(args: argparse.Namespace) -> dict:
+    store = open_store(args)
+    resume(store, args.job_id)
+    return {"job": args.job_id, "status": store.job(args.job_id)["status"]}
+
+
+def cmd_jobs_logs(args: argparse.Namespace) -> None:
+    print(read_log(open_store(args), args.job_id))
+
+
+def cmd_jobs_delete(args: argparse.Namespace) -> dict:
+    open_store(args).delete("job", args.job_id, confirm=args.yes)
+    return {"job": args.job_id, "deleted": True}
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:

@@ -1,0 +1,67 @@
+"""Architectural bottlenecks (paper sec. 3.4): layers or stages pruned markedly less than the rest of the network.
+
+Rules (documented for the UI):
+- `mean-std` (default): flag a unit whose pruning ratio is below mean - k * std of all units' ratios (k = 1 by default).
+- `least`: flag the n least pruned units.
+The score of a unit is (mean - ratio) / std: how many standard deviations it is pruned less than the network.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+RULES = ("mean-std", "least")
+LEVELS = ("layer", "stage")
+
+
+def unit_ratios(table: pd.DataFrame, level: str = "layer") -> pd.DataFrame:
+    """Pruning ratio per layer, or per stage (pruned channels / channels of all its layers), in network order."""
+    if level not in LEVELS:
+        raise ValueError(f"unknown level '{level}'; use one of {LEVELS}")
+    if level == "layer":
+        out = table[["layer", "stage", "depth", "channels", "pruned", "pruning_ratio"]].rename(columns={"layer": "unit"})
+        return out.reset_index(drop=True)
+    grouped = table.groupby("stage", sort=False).agg(depth=("depth", "min"), channels=("channels", "sum"),
+                                                     pruned=("pruned", "sum"), layers=("layer", "count"))
+    grouped = grouped.sort_values("depth").reset_index()
+    grouped["pruning_ratio"] = grouped["pruned"] / grouped["channels"]
+    grouped["unit"] = grouped["stage"]
+    return grouped[["unit", "stage", "depth", "channels", "pruned", "pruning_ratio", "layers"]]
+
+
+def find_bottlenecks(table: pd.DataFrame, level: str = "layer", rule: str = "mean-std", k: float = 1.0,
+                     n: int = 3) -> tuple[pd.DataFrame, dict]:
+    """Rank units by how much less they are pruned than the rest; flag them by `rule`. Returns (ranked table, rule info)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown rule '{rule}'; use one of {RULES}")
+    units = unit_ratios(table, level)
+    mean, std = float(units.pruning_ratio.mean()), float(units.pruning_ratio.std(ddof=0))
+    units["network_mean"] = mean
+    units["score"] = (mean - units.pruning_ratio) / std if std > 0 else 0.0
+    threshold = mean - k * std
+    if rule == "mean-std":
+        units["flagged"] = units.pruning_ratio < threshold - 1e-12
+    else:
+        order = units.sort_values(["pruning_ratio", "depth"]).index[:n]
+        units["flagged"] = units.index.isin(order)
+        threshold = float(units.loc[order, "pruning_ratio"].max()) if len(order) else 0.0
+    units = units.sort_values(["score", "depth"], ascending=[False, True]).reset_index(drop=True)
+    units.insert(0, "rank", range(1, len(units) + 1))
+    units["why"] = [
+        f"pruned {r:.0%} vs network mean {mean:.0%} ({s:+.2f} std)" + (" -> bottleneck" if f else "")
+        for r, s, f in zip(units.pruning_ratio, units.score, units.flagged)
+    ]
+    info = {"rule": rule, "level": level, "k": k, "n": n, "mean": mean, "std": std, "threshold": threshold}
+    return units, info
+
+
+def explain(units: pd.DataFrame, info: dict) -> str:
+    """A short plain-language explanation of the flags for the dashboard."""
+    flagged = units[units.flagged]
+    if flagged.empty:
+        return (f"No {info['level']} is pruned markedly less than the rest (mean ratio {info['mean']:.0%}, "
+                f"std {info['std']:.0%}); SOSP sees no architectural bottleneck at this ratio.")
+    names = ", ".join(f"`{u}`" for u in flagged.unit)
+    rule = (f"pruning ratio below mean - {info['k']:g} x std = {info['threshold']:.0%}" if info["rule"] == "mean-std"
+            else f"the {info['n']} least pruned {info['level']}s")
+    return (f"{len(flagged)} bottleneck {info['level']}(s): {names}. Flag rule: {rule}. SOSP keeps their channels "
+            "because removing them would raise the loss most: widening them (expand-pruning, x2) is the paper's remedy.")

@@ -1,0 +1,261 @@
+"""The paper's procedures (sec. 3.3, 3.4) as resumable stage sequences: train, prune, fine-tune, at init, expanded, widened."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .analysis import AnalysisConfig, AnalysisResult, run_analysis
+from .data import DataBundle, load_data
+from .errors import AnalysisError
+from .loading import Workbench, default_preset, example_input
+from .masks import load_mask, mask_summary, pruned_copy, save_mask
+from .models import build_model, load_weights
+from .progress import Cancelled, StopFn
+from .structures import find_structures
+from .surgery import build_widened, every_layer, params_of, uniform_factor
+from .training import TrainConfig, evaluate, train
+
+PROCEDURES = ("train", "train-prune", "init-prune", "expand-prune", "widen-prune")
+Reporter = Callable[[float, str, dict | None], None]
+
+
+@dataclass
+class ExperimentConfig:
+    """One procedure with everything it needs; stored with the job so a resume rebuilds the same run."""
+
+    procedure: str = "train-prune"
+    model_spec: str = "resnet20"
+    data_spec: str = "digits"
+    weights: str | None = None
+    epochs: int = 10
+    finetune_epochs: int | None = None  # None: fine-tuning exactly repeats the training schedule
+    method: str = "sosp-h"
+    samples: int = 1000
+    ratio: float = 0.5
+    unit: str = "structures"
+    target_params: int | None = None  # prune to this many parameters instead of `ratio`
+    cap: float = 0.95
+    normalize: str = "none"
+    widen: dict[str, float] = field(default_factory=dict)  # expand-prune: layer or stage -> factor
+    widen_factor: float | None = None  # widen-prune: one factor for all; solved from `match_widen` when None
+    match_widen: dict[str, float] = field(default_factory=dict)  # widen-prune: match the params of this expansion
+    lr: float = 0.1
+    batch_size: int = 128
+    schedule: str = "step"
+    seed: int = 0
+    device: str = "auto"
+    exclude: list[str] = field(default_factory=list)
+    preset: str | None = "auto"
+    label: str = ""
+
+    def validate(self) -> None:
+        if self.procedure not in PROCEDURES:
+            raise AnalysisError(f"unknown procedure '{self.procedure}'; use one of {PROCEDURES}")
+        if self.epochs < 0 or (self.finetune_epochs is not None and self.finetune_epochs < 0):
+            raise AnalysisError("epochs must be zero or positive")
+
+    def train_config(self, epochs: int, offset: int = 0) -> TrainConfig:
+        return TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, schedule=self.schedule,
+                           seed=self.seed + offset, device=self.device)
+
+    @property
+    def preset_name(self) -> str | None:
+        return default_preset(self.model_spec) if self.preset == "auto" else (None if self.preset in (None, "none") else self.preset)
+
+
+class Experiment:
+    """Runs one procedure in `folder`; every finished stage is recorded in state.json so a rerun resumes after it."""
+
+    def __init__(self, config: ExperimentConfig, folder: str | Path, report: Reporter | None = None,
+                 should_stop: StopFn = None, data: DataBundle | None = None) -> None:
+        config.validate()
+        self.config, self.folder = config, Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.report = report or (lambda f, m, d=None: None)
+        self.should_stop = should_stop
+        self.data = data or load_data(config.data_spec)
+        self.state_path = self.folder / "state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"done": {}}
+        self.stages = self._stages()
+
+    # helpers ------------------------------------------------------------------------------------------------------
+    def _save_state(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        tmp.replace(self.state_path)
+
+    def _stages(self) -> list[str]:
+        p = self.config.procedure
+        if p == "train":
+            return ["train"]
+        if p == "init-prune":
+            return ["analyze-at-init", "train-pruned"]
+        return ["widen", "train", "analyze", "finetune"] if p in ("expand-prune", "widen-prune") else ["train", "analyze", "finetune"]
+
+    @property
+    def finetune_epochs(self) -> int:
+        return self.config.epochs if self.config.finetune_epochs is None else self.config.finetune_epochs
+
+    def _example(self) -> torch.Tensor:
+        return example_input(self.data)
+
+    def _base_structures(self, spec: str, model: nn.Module | None = None):
+        model = model if model is not None else build_model(spec, self.data.num_classes, self.data.input_shape[0])
+        return find_structures(model, self._example(), self.config.exclude, self.config.preset_name)
+
+    def _architecture(self) -> tuple[nn.Module, str | None]:
+        """The (possibly widened) architecture, freshly initialised with the run's seed."""
+        torch.manual_seed(self.config.seed)
+        widen = self.state["done"].get("widen", {})
+        factors = widen.get("factors", {})
+        spec = widen.get("spec") or self.config.model_spec
+        if not factors or widen.get("spec"):
+            return build_model(spec, self.data.num_classes, self.data.input_shape[0]), spec
+        base = self._base_structures(self.config.model_spec)
+        model, _ = build_widened(self.config.model_spec, self.data.num_classes, self.data.input_shape[0], base,
+                                 factors, self._example())
+        return model, None
+
+    def _train_stage(self, name: str, model: nn.Module, epochs: int, index: int, seed_offset: int = 0) -> dict:
+        def progress(event: dict) -> None:
+            if event.get("phase") == "train":
+                fraction = (event["epoch"] - 1 + event["fraction"]) / max(event["epochs"], 1)
+                self.report((index + fraction) / len(self.stages), f"{name}: epoch {event['epoch']}/{event['epochs']}", None)
+            else:
+                self.report((index + event["epoch"] / max(event["epochs"], 1)) / len(self.stages),
+                            f"{name}: epoch {event['epoch']}/{event['epochs']} val acc {event['val_acc']:.3f}",
+                            {"stage": name, **event})
+
+        result = train(model, self.data, self.config.train_config(epochs, seed_offset), self.folder / name, progress,
+                       self.should_stop)
+        if result.cancelled:
+            raise Cancelled(f"cancelled during {name}; its last epoch checkpoint is kept for resume")
+        return {"test_acc": result.test_acc, "test_loss": result.test_loss, "epochs": epochs}
+
+    def _pruned_model(self) -> tuple[nn.Module, set[str]]:
+        """Rebuild the trained architecture, load the trained weights and prune it physically with the stored mask."""
+        model, spec = self._architecture()
+        trained = self.folder / "trained.pt"
+        if trained.exists():
+            load_weights(model, trained)
+        structures = find_structures(model, self._example(), self.config.exclude, self.config.preset_name)
+        mask = load_mask(self.folder / "mask.json", structures)
+        return pruned_copy(model, structures, mask, self._example()), mask
+
+    # stages ---------------------------------------------------------------------------------------------------------
+    def _stage_widen(self, index: int) -> dict:
+        c = self.config
+        base_model = build_model(c.model_spec, self.data.num_classes, self.data.input_shape[0])
+        base = self._base_structures(c.model_spec, base_model)
+        if c.procedure == "expand-prune":
+            factors = dict(c.widen)
+            if not factors:
+                raise AnalysisError("expand-prune needs the layers or stages to widen (e.g. from the bottleneck analysis)")
+        else:
+            factor = c.widen_factor
+            if factor is None:
+                if not c.match_widen:
+                    raise AnalysisError("widen-prune needs a widen_factor or the expansion (match_widen) whose size it matches")
+                expanded, _ = build_widened(c.model_spec, self.data.num_classes, self.data.input_shape[0], base,
+                                            c.match_widen, self._example())
+                factor, _ = uniform_factor(c.model_spec, self.data.num_classes, self.data.input_shape[0], base,
+                                           params_of(expanded), self._example())
+            factors = every_layer(c.model_spec, base, factor)
+        model, spec = build_widened(c.model_spec, self.data.num_classes, self.data.input_shape[0], base, factors, self._example())
+        return {"factors": factors, "spec": spec, "params_before_widening": params_of(base_model), "params": params_of(model)}
+
+    def _stage_train(self, index: int) -> dict:
+        model, _ = self._architecture()
+        if self.config.weights and self.config.procedure == "train-prune":
+            load_weights(model, self.config.weights)
+        out = self._train_stage("train", model, self.config.epochs, index)
+        torch.save(model.cpu().state_dict(), self.folder / "trained.pt")
+        out["weights"] = str(self.folder / "trained.pt")
+        out["params"] = params_of(model)
+        return out
+
+    def _analysis_config(self, spec: str, at_init: bool) -> AnalysisConfig:
+        c = self.config
+        return AnalysisConfig(method=c.method, model_spec=spec, data_spec=c.data_spec, at_init=at_init, samples=c.samples,
+                              seed=c.seed, cap=c.cap, normalize=c.normalize, device=c.device, exclude=list(c.exclude),
+                              preset=c.preset)
+
+    def _analyze(self, model: nn.Module, spec: str | None, at_init: bool, index: int) -> dict:
+        structures = find_structures(model, self._example(), self.config.exclude, self.config.preset_name)
+        workbench = Workbench(spec or self.config.model_spec, self.data, model, structures, None, self._example())
+        config = self._analysis_config(spec or self.config.model_spec, at_init=False)
+        config.at_init = at_init
+        result = run_analysis(workbench, config, lambda f, m: self.report((index + f) / len(self.stages), f"analyse: {m}", None),
+                              self.should_stop)
+        result.save(self.folder / "analysis")
+        ratio, unit = self.config.ratio, self.config.unit
+        if self.config.target_params is not None:
+            total = structures.counts()[0]
+            ratio, unit = max(0.0, 1 - self.config.target_params / total), "params"
+        mask = result.mask(structures, ratio, unit)
+        save_mask(self.folder / "mask.json", structures, mask, method=self.config.method, ratio=ratio, unit=unit)
+        return {**mask_summary(structures, mask), "ratio": ratio, "unit": unit, "timings": result.timings}
+
+    def _stage_analyze(self, index: int) -> dict:
+        model, spec = self._architecture()
+        load_weights(model, self.folder / "trained.pt")
+        return self._analyze(model, spec, at_init=False, index=index)
+
+    def _stage_analyze_at_init(self, index: int) -> dict:
+        model, spec = self._architecture()
+        return self._analyze(model, spec, at_init=True, index=index)
+
+    def _stage_finetune(self, index: int) -> dict:
+        model, mask = self._pruned_model()
+        before = evaluate(model.to("cpu"), self.data.loader("test", 512), "cpu")
+        out = self._train_stage("finetune", model, self.finetune_epochs, index, seed_offset=1)
+        torch.save(model.cpu().state_dict(), self.folder / "final.pt")
+        macs = find_structures(model, self._example(), preset=None).counts()[1]
+        return {**out, "test_acc_after_pruning": before[1], "params": params_of(model), "macs": macs}
+
+    def _stage_train_pruned(self, index: int) -> dict:
+        model, mask = self._pruned_model()
+        out = self._train_stage("train-pruned", model, self.config.epochs + self.finetune_epochs, index)
+        torch.save(model.cpu().state_dict(), self.folder / "final.pt")
+        macs = find_structures(model, self._example(), preset=None).counts()[1]
+        return {**out, "params": params_of(model), "macs": macs}
+
+    def run(self) -> dict:
+        """Run the remaining stages; returns the summary (final test accuracy, parameters, MACs, per-stage results)."""
+        for index, stage in enumerate(self.stages):
+            if stage in self.state["done"]:
+                continue
+            if self.should_stop is not None and self.should_stop():
+                raise Cancelled(f"cancelled before {stage}")
+            self.report(index / len(self.stages), f"{stage} ...", None)
+            handler = getattr(self, "_stage_" + stage.replace("-", "_"))
+            self.state["done"][stage] = handler(index)
+            self._save_state()
+        self.report(1.0, "done", None)
+        return self.summary()
+
+    def summary(self) -> dict:
+        done = self.state["done"]
+        last = done.get("finetune") or done.get("train-pruned") or done.get("train") or {}
+        return {"procedure": self.config.procedure, "label": self.config.label or self.config.procedure,
+                "test_acc": last.get("test_acc"), "params": last.get("params"), "macs": last.get("macs"),
+                "stages": done, "config": asdict(self.config)}
+
+
+def compare_runs(summaries: list[dict]) -> pd.DataFrame:
+    """Accuracy vs parameters and MACs per procedure label: mean and std over trials (paper Fig. 4b/e)."""
+    rows = pd.DataFrame([{"label": s.get("label") or s["procedure"], "procedure": s["procedure"], "test_acc": s["test_acc"],
+                          "params": s["params"], "macs": s["macs"]} for s in summaries if s.get("test_acc") is not None])
+    if rows.empty:
+        return pd.DataFrame(columns=["label", "procedure", "trials", "test_acc_mean", "test_acc_std", "params_mean",
+                                     "params_std", "macs_mean"])
+    grouped = rows.groupby(["label", "procedure"]).agg(
+        trials=("test_acc", "size"), test_acc_mean=("test_acc", "mean"), test_acc_std=("test_acc", "std"),
+        params_mean=("params", "mean"), params_std=("params", "std"), macs_mean=("macs", "mean"))
+    return grouped.reset_index().fillna({"test_acc_std": 0.0, "params_std": 0.0})

@@ -1,0 +1,231 @@
+"""The run store: a workspace folder with a SQLite database (WAL) and an artifacts folder, nothing ever half-written."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import SospError
+
+SCHEMA_VERSION = 2
+DB_NAME = "sosp.db"
+WORKSPACE_ENV = "SOSP_WORKSPACE"
+APPLICATION_ID = 0x534F5350  # "SOSP", marks the file as ours
+
+SCHEMA_V1 = """
+CREATE TABLE analyses (id TEXT PRIMARY KEY, name TEXT NOT NULL, created REAL NOT NULL, model_spec TEXT NOT NULL,
+    data_spec TEXT NOT NULL, method TEXT NOT NULL, config TEXT NOT NULL, path TEXT NOT NULL, summary TEXT NOT NULL);
+CREATE TABLE jobs (id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL, config TEXT NOT NULL,
+    status TEXT NOT NULL, created REAL NOT NULL, started REAL, finished REAL, pid INTEGER, heartbeat REAL,
+    progress REAL NOT NULL DEFAULT 0, message TEXT NOT NULL DEFAULT '', error TEXT, result TEXT, path TEXT NOT NULL);
+CREATE TABLE metrics (job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE, time REAL NOT NULL,
+    stage TEXT NOT NULL, epoch INTEGER NOT NULL, data TEXT NOT NULL);
+CREATE INDEX metrics_job ON metrics(job_id, time);
+"""
+SCHEMA_V2 = """
+CREATE TABLE models (id TEXT PRIMARY KEY, name TEXT NOT NULL, created REAL NOT NULL, model_spec TEXT NOT NULL,
+    data_spec TEXT NOT NULL, weights TEXT NOT NULL, job_id TEXT, metrics TEXT NOT NULL);
+ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+"""
+MIGRATIONS = {0: SCHEMA_V1, 1: SCHEMA_V2}
+JOB_STATES = ("queued", "starting", "running", "done", "failed", "cancelled")
+
+
+class StoreError(SospError):
+    """The workspace cannot be opened or a record is missing."""
+
+
+def default_workspace() -> Path:
+    """`$SOSP_WORKSPACE` or ./workspace."""
+    return Path(os.environ.get(WORKSPACE_ENV, "workspace")).expanduser()
+
+
+def _rows(cursor: sqlite3.Cursor) -> list[dict]:
+    names = [c[0] for c in cursor.description]
+    out = []
+    for row in cursor.fetchall():
+        record = dict(zip(names, row))
+        for key in ("config", "summary", "result", "metrics", "data"):
+            if isinstance(record.get(key), str):
+                record[key] = json.loads(record[key])
+        out.append(record)
+    return out
+
+
+class Store:
+    """Records of analyses, jobs, their metrics and trained models, plus their artifact folders."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_workspace()
+        self.artifacts = self.root / "artifacts"
+        self.db_path = self.root / DB_NAME
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.artifacts.mkdir(exist_ok=True)
+        self._migrate()
+
+    @contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            yield conn
+        finally:
+            conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write: all of it lands, or none of it (readers see the previous state meanwhile)."""
+        with self.connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        existed = self.db_path.exists() and self.db_path.stat().st_size > 0
+        try:
+            with self.connection() as conn:
+                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"'{self.db_path}' is not a readable SOSP Lab workspace database ({exc}). "
+                             "Move it away or choose another workspace folder; nothing was changed.") from None
+        if existed and (app_id != APPLICATION_ID or (tables and version == 0)):
+            raise StoreError(f"'{self.db_path}' is a SQLite database of another program; choose another workspace folder")
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"the workspace '{self.root}' was written by a newer SOSP Lab (schema {version} > "
+                             f"{SCHEMA_VERSION}); upgrade SOSP Lab to open it")
+        if version == SCHEMA_VERSION:
+            return
+        with self.transaction() as conn:
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            for step in range(current, SCHEMA_VERSION):
+                for statement in MIGRATIONS[step].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        with self.connection() as conn:
+            conn.execute("PRAGMA journal_mode = WAL")
+
+    @property
+    def schema_version(self) -> int:
+        with self.connection() as conn:
+            return conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def new_artifact_dir(self, kind: str) -> tuple[str, Path]:
+        """A fresh id and its artifact folder under artifacts/KIND/ID."""
+        record_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        path = self.artifacts / kind / record_id
+        path.mkdir(parents=True)
+        return record_id, path
+
+    # analyses -----------------------------------------------------------------------------------------------
+    def add_analysis(self, record_id: str, name: str, config: dict, path: Path, summary: dict) -> None:
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO analyses VALUES (?,?,?,?,?,?,?,?,?)",
+                         (record_id, name, time.time(), config["model_spec"], config["data_spec"], config["method"],
+                          json.dumps(config), str(path), json.dumps(summary)))
+
+    def analyses(self) -> list[dict]:
+        with self.connection() as conn:
+            return _rows(conn.execute("SELECT * FROM analyses ORDER BY created DESC"))
+
+    def analysis(self, record_id: str) -> dict:
+        with self.connection() as conn:
+            rows = _rows(conn.execute("SELECT * FROM analyses WHERE id = ?", (record_id,)))
+        if not rows:
+            raise StoreError(f"no analysis with id '{record_id}' in {self.root}")
+        return rows[0]
+
+    def rename_analysis(self, record_id: str, name: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE analyses SET name = ? WHERE id = ?", (name, record_id))
+
+    # models -------------------------------------------------------------------------------------------------
+    def add_model(self, name: str, model_spec: str, data_spec: str, weights: Path, job_id: str | None,
+                  metrics: dict) -> str:
+        record_id = f"m-{uuid.uuid4().hex[:10]}"
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO models VALUES (?,?,?,?,?,?,?,?)", (record_id, name, time.time(), model_spec,
+                                                                        data_spec, str(weights), job_id, json.dumps(metrics)))
+        return record_id
+
+    def models(self) -> list[dict]:
+        with self.connection() as conn:
+            return _rows(conn.execute("SELECT * FROM models ORDER BY created DESC"))
+
+    # jobs ---------------------------------------------------------------------------------------------------
+    def add_job(self, kind: str, name: str, config: dict) -> str:
+        record_id, path = self.new_artifact_dir("jobs")
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO jobs (id, kind, name, config, status, created, path) VALUES (?,?,?,?,?,?,?)",
+                         (record_id, kind, name, json.dumps(config), "queued", time.time(), str(path)))
+        return record_id
+
+    def job(self, record_id: str) -> dict:
+        with self.connection() as conn:
+            rows = _rows(conn.execute("SELECT * FROM jobs WHERE id = ?", (record_id,)))
+        if not rows:
+            raise StoreError(f"no job with id '{record_id}' in {self.root}")
+        return rows[0]
+
+    def jobs(self, status: str | None = None) -> list[dict]:
+        with self.connection() as conn:
+            if status:
+                return _rows(conn.execute("SELECT * FROM jobs WHERE status = ? ORDER BY created", (status,)))
+            return _rows(conn.execute("SELECT * FROM jobs ORDER BY created DESC"))
+
+    def update_job(self, record_id: str, **fields: Any) -> None:
+        if not fields:
+            return
+        for key in ("config", "result"):
+            if key in fields and not isinstance(fields[key], str) and fields[key] is not None:
+                fields[key] = json.dumps(fields[key])
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        with self.transaction() as conn:
+            conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), record_id))
+
+    def claim_queued_jobs(self, limit: int) -> list[dict]:
+        """Atomically move up to `limit - running` oldest queued jobs to 'starting' (FIFO), so two launchers never start one twice."""
+        with self.transaction() as conn:
+            running = conn.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('starting', 'running')").fetchone()[0]
+            free = max(0, limit - running)
+            rows = _rows(conn.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created LIMIT ?", (free,)))
+            for row in rows:
+                conn.execute("UPDATE jobs SET status = 'starting' WHERE id = ?", (row["id"],))
+                row["status"] = "starting"
+        return rows
+
+    def add_metrics(self, job_id: str, stage: str, epoch: int, data: dict) -> None:
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO metrics VALUES (?,?,?,?,?)", (job_id, time.time(), stage, epoch, json.dumps(data)))
+
+    def metrics(self, job_id: str) -> list[dict]:
+        with self.connection() as conn:
+            return _rows(conn.execute("SELECT * FROM metrics WHERE job_id = ? ORDER BY time", (job_id,)))
+
+    # deletion ---------------------------------------------------------------------------------------------------
+    def delete(self, kind: str, record_id: str, confirm: bool = False) -> None:
+        """Delete an analysis or job record and its artifacts; refuses unless `confirm` is True."""
+        if not confirm:
+            raise StoreError(f"deleting {kind} '{record_id}' removes its artifacts for good: pass confirm=True (CLI: --yes)")
+        table = {"analysis": "analyses", "job": "jobs"}[kind]
+        record = self.analysis(record_id) if kind == "analysis" else self.job(record_id)
+        if kind == "job" and record["status"] in ("running", "starting"):
+            raise StoreError(f"job '{record_id}' is still running: cancel it first")
+        with self.transaction() as conn:
+            conn.execute(f"DELETE FROM {table} WHERE id = ?", (record_id,))
+        path = Path(record["path"])
+        if path.is_dir() and self.artifacts in path.resolve().parents:
+            shutil.rmtree(path)
