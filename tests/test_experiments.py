@@ -1,0 +1,103 @@
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import USER_MODEL
+from sosp_engine.bottlenecks import explain, find_bottlenecks
+from sosp_engine.cli import main
+from sosp_engine.experiments import compare_runs
+from sosp_engine.models import build_model
+from sosp_engine.structures import find_structures
+from sosp_engine.surgery import build_widened, every_layer, params_of, uniform_factor
+
+X32 = torch.randn(1, 3, 32, 32)
+
+
+def structures_of(spec, preset=None, x=X32):
+    return find_structures(build_model(spec), x, preset=preset)
+
+
+def test_widening_a_resnet_stage_doubles_its_widths():
+    s = structures_of("resnet56", "cifar-resnet")
+    model, spec = build_widened("resnet56", 10, 3, s, {s.layers[-1].stage: 2.0}, X32)
+    assert spec.startswith("resnet56:widths=16,32,128;inner=") and model.layer3[0].conv1.out_channels == 128
+    def stage3(w):  # block 0 (conv1 from 32 channels, projection shortcut), 8 more blocks, the classifier
+        return 32 * w * 9 + 2 * w + w * w * 9 + 2 * w + 32 * w + 2 * w + 8 * (w * w * 9 * 2 + 4 * w) + w * 10 + 10
+
+    assert params_of(model) - params_of(build_model("resnet56")) == stage3(128) - stage3(64)
+
+
+def test_widening_one_vgg_layer_changes_its_and_its_consumers_weights():
+    s = structures_of("vgg19")
+    model, spec = build_widened("vgg19", 10, 3, s, {"features.3": 2.0}, X32)
+    base = build_model("vgg19")
+    assert params_of(model) - params_of(base) == 64 * (64 * 9 + 2) + 64 * 128 * 9
+
+
+def test_widening_a_user_model_through_its_dependency_groups():
+    x = torch.randn(1, 3, 8, 8)
+    s = structures_of(USER_MODEL, x=x)
+    model, spec = build_widened(USER_MODEL, 10, 3, s, {"depthwise.0": 2.0}, x)
+    assert spec is None and model.depthwise[0].groups == 40 and model.branch_a[0].out_channels == 16
+    widened = find_structures(model, x)
+    assert widened.counts()[0] == params_of(model) and model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_widen_pruning_factor_matches_the_expanded_net_within_one_channel():
+    s = structures_of("resnet20", "cifar-resnet")
+    expanded, _ = build_widened("resnet20", 10, 3, s, {s.layers[-1].stage: 2.0}, X32)
+    factor, params = uniform_factor("resnet20", 10, 3, s, params_of(expanded), X32)
+    one_channel = 2 * (128 * 9 * 2 + 4)  # one channel of the widest layer, in and out weights
+    assert factor > 1 and abs(params - params_of(expanded)) <= one_channel
+    uniform, _ = build_widened("resnet20", 10, 3, s, every_layer("resnet20", s, factor), X32)
+    assert params_of(uniform) == params
+
+
+def crafted_table(ratios):
+    return pd.DataFrame({"layer": [f"l{i}" for i in range(len(ratios))], "stage": ["a", "a", "b", "b", "c", "c"][:len(ratios)],
+                         "depth": range(len(ratios)), "channels": [10] * len(ratios),
+                         "pruned": [int(r * 10) for r in ratios], "pruning_ratio": ratios})
+
+
+def test_mean_std_rule_flags_the_clearly_less_pruned_layer():
+    units, info = find_bottlenecks(crafted_table([0.5, 0.6, 0.5, 0.0, 0.6, 0.5]), rule="mean-std", k=1.0)
+    assert list(units[units.flagged].unit) == ["l3"] and units.iloc[0].unit == "l3" and units.iloc[0]["rank"] == 1
+    assert info["threshold"] == pytest.approx(info["mean"] - info["std"])
+    assert "l3" in explain(units, info)
+
+
+def test_least_rule_flags_the_n_least_pruned():
+    units, _ = find_bottlenecks(crafted_table([0.5, 0.1, 0.5, 0.2, 0.6, 0.5]), rule="least", n=2)
+    assert set(units[units.flagged].unit) == {"l1", "l3"}
+
+
+def test_stage_level_aggregates_channels():
+    units, _ = find_bottlenecks(crafted_table([0.5, 0.5, 0.1, 0.1, 0.6, 0.6]), level="stage", k=1.0)
+    assert list(units[units.flagged].unit) == ["b"] and units.set_index("unit").loc["b", "pruning_ratio"] == pytest.approx(0.1)
+
+
+def test_uniform_network_has_no_bottleneck():
+    units, info = find_bottlenecks(crafted_table([0.5] * 6))
+    assert not units.flagged.any() and "no architectural bottleneck" in explain(units, info)
+
+
+def test_compare_runs_gives_mean_and_std_over_trials():
+    runs = [{"procedure": "expand-prune", "label": "", "test_acc": a, "params": 100, "macs": 10} for a in (0.9, 0.8)]
+    runs.append({"procedure": "train-prune", "label": "", "test_acc": 0.7, "params": 80, "macs": 8})
+    table = compare_runs(runs).set_index("procedure")
+    assert table.loc["expand-prune", "trials"] == 2 and table.loc["expand-prune", "test_acc_mean"] == pytest.approx(0.85)
+    assert table.loc["expand-prune", "test_acc_std"] == pytest.approx(0.0707, abs=1e-3) and table.loc["train-prune", "test_acc_std"] == 0
+
+
+def test_expand_pruning_end_to_end_through_the_cli(tmp_path, capsys):
+    code = main(["expand", "--model", "resnet20", "--data", "digits", "--epochs", "1", "--finetune-epochs", "1",
+                 "--samples", "60", "--ratio", "0.4", "--out", str(tmp_path / "run")])
+    assert code == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    stages = summary["stages"]
+    assert list(stages) == ["widen", "train", "analyze", "finetune"]
+    assert list(stages["widen"]["factors"].values()) == [2.0]
+    assert stages["finetune"]["params"] < stages["widen"]["params"] and 0 <= summary["test_acc"] <= 1
+    assert (tmp_path / "run" / "final.pt").exists() and (tmp_path / "run" / "mask.json").exists()

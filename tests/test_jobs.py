@@ -1,0 +1,80 @@
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sosp_engine.experiments import ExperimentConfig
+from sosp_engine.jobs import cancel, launch_pending, mark_stale_jobs, read_log, resume, submit
+from sosp_engine.store import Store, StoreError
+
+
+def wait_for(store, job_id, predicate, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = store.job(job_id)
+        if predicate(job):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} stuck: {store.job(job_id)}\n{read_log(store, job_id)}")
+
+
+def tiny(procedure="train-prune", epochs=1, **kw):
+    return ExperimentConfig(procedure=procedure, model_spec="resnet20", epochs=epochs, finetune_epochs=1, samples=50, **kw)
+
+
+def test_a_job_runs_in_its_own_process_and_reports_progress(tmp_path):
+    store = Store(tmp_path)
+    job_id = submit(store, tiny())
+    job = wait_for(store, job_id, lambda j: j["status"] in ("done", "failed"))
+    assert job["status"] == "done", read_log(store, job_id)
+    assert job["progress"] == 1.0 and job["result"]["test_acc"] is not None
+    assert {m["stage"] for m in store.metrics(job_id)} == {"train", "finetune"}
+    assert "done" in read_log(store, job_id)
+
+
+def test_cancel_stops_a_running_job_and_resume_continues_from_its_checkpoint(tmp_path):
+    store = Store(tmp_path)
+    job_id = submit(store, tiny("train", epochs=8))
+    wait_for(store, job_id, lambda j: len(store.metrics(j["id"])) >= 1)
+    assert cancel(store, job_id) == "cancel requested"
+    job = wait_for(store, job_id, lambda j: j["status"] in ("cancelled", "done", "failed"))
+    assert job["status"] == "cancelled"
+    epochs_before = max(m["epoch"] for m in store.metrics(job_id))
+    assert epochs_before < 8
+    resume(store, job_id)
+    job = wait_for(store, job_id, lambda j: j["status"] in ("done", "failed"))
+    assert job["status"] == "done", read_log(store, job_id)
+    epochs = [m["epoch"] for m in store.metrics(job_id)]
+    assert epochs == list(range(1, 9))  # no epoch ran twice: the resumed run started after its checkpoint
+    assert store.models() and store.models()[0]["job_id"] == job_id
+
+
+def test_queued_jobs_wait_for_the_slot_in_order(tmp_path):
+    store = Store(tmp_path)
+    first = submit(store, tiny("train", epochs=3))
+    second = submit(store, tiny("train", epochs=1))
+    assert store.job(second)["status"] == "queued"
+    assert cancel(store, second) == "cancelled"
+    wait_for(store, first, lambda j: j["status"] == "done")
+
+
+def test_a_job_whose_process_died_is_detected_and_resumable(tmp_path):
+    store = Store(tmp_path)
+    job_id = store.add_job("train", "dead", tiny("train", epochs=1).__dict__)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.update_job(job_id, status="running", pid=dead.pid, heartbeat=time.time() - 3600, started=time.time() - 3600)
+    assert mark_stale_jobs(store) == [job_id]
+    assert "process died" in store.job(job_id)["error"]
+    resume(store, job_id)
+    assert wait_for(store, job_id, lambda j: j["status"] in ("done", "failed"))["status"] == "done"
+
+
+def test_finished_jobs_cannot_be_cancelled(tmp_path):
+    store = Store(tmp_path)
+    job_id = store.add_job("train", "t", {})
+    store.update_job(job_id, status="done")
+    with pytest.raises(StoreError, match="only queued or running"):
+        cancel(store, job_id)
+    assert launch_pending(store) == []

@@ -1,0 +1,98 @@
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from conftest import ROOT, random_mask
+from sosp_engine.data import load_data
+from sosp_engine.loading import open_workbench
+from sosp_engine.masks import pruned_copy
+from sosp_engine.models import build_model
+from sosp_engine.training import TrainConfig, make_optimizer, make_scheduler, train
+
+DIGITS = load_data("digits")
+
+
+def test_resnet20_reaches_95_percent_on_digits():
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 1)
+    result = train(model, DIGITS, TrainConfig(epochs=15, seed=0))
+    assert result.test_acc >= 0.95
+    assert len(result.history) == 15 and result.history[-1].lr < 0.1
+
+
+def test_step_schedule_decays_at_60_and_80_percent():
+    model = torch.nn.Linear(2, 2)
+    config = TrainConfig(epochs=10)
+    opt = make_optimizer(model, config)
+    sched = make_scheduler(opt, config)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[5] == 0.1 and abs(lrs[6] - 0.01) < 1e-12 and abs(lrs[8] - 0.001) < 1e-12
+
+
+RUNNER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+torch.set_num_threads(2)
+from sosp_engine.data import load_data
+from sosp_engine.models import build_model
+from sosp_engine.training import TrainConfig, train
+torch.manual_seed(0)
+model = build_model("resnet20", 10, 1)
+train(model, load_data("digits"), TrainConfig(epochs=4, seed=3), checkpoint_dir={ckpt!r})
+"""
+
+
+def _train_to_end(ckpt: Path | None) -> dict:
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 1)
+    train(model, DIGITS, TrainConfig(epochs=4, seed=3), checkpoint_dir=ckpt)
+    return model.state_dict()
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER.format(root=str(ROOT), ckpt=str(ckpt))])
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (ckpt / "last.pt").exists() and torch.load(ckpt / "last.pt", weights_only=True)["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # well inside the third epoch
+    proc.kill()
+    proc.wait()
+    assert torch.load(ckpt / "last.pt", weights_only=True)["epoch"] < 4, "the run finished before it was killed"
+    resumed = _train_to_end(ckpt)
+    uninterrupted = _train_to_end(None)
+    for key, value in uninterrupted.items():
+        assert torch.equal(value, resumed[key]), key
+
+
+def test_cancellation_stops_at_the_next_batch_and_keeps_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 1)
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return len(calls) > 15  # 10 batches per epoch: stop inside the second epoch
+
+    result = train(model, DIGITS, TrainConfig(epochs=3), checkpoint_dir=tmp_path, should_stop=should_stop)
+    assert result.cancelled and len(calls) == 16
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_physically_pruned_model_trains_with_a_fresh_optimizer():
+    wb = open_workbench("resnet20", "digits")
+    smaller = pruned_copy(wb.model, wb.structures, random_mask(wb.structures, 0.5), wb.example)
+    before = {k: v.clone() for k, v in smaller.state_dict().items()}
+    optimizer = make_optimizer(smaller, TrainConfig())
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in smaller.parameters()}
+    train(smaller, DIGITS, TrainConfig(epochs=1))
+    assert not torch.equal(before["conv1.weight"], smaller.state_dict()["conv1.weight"])
