@@ -14,6 +14,12 @@ st.set_page_config(page_title="SOSP Lab", page_icon=str(ROOT / "assets" / "logo.
 
 PAGES = [
     st.Page(ROOT / "pages" / "model.py", title="Model", icon=":material/memory:", default=True),
+    st.Page(ROOT / "pages" / "analyse.py", title="Analyse", icon=":material/science:"),
+    st.Page(ROOT / "pages" / "ratios.py", title="Pruning ratios", icon=":material/bar_chart:"),
+    st.Page(ROOT / "pages" / "compare.py", title="Train vs init", icon=":material/compare_arrows:"),
+    st.Page(ROOT / "pages" / "bottlenecks.py", title="Bottlenecks", icon=":material/filter_alt:"),
+    st.Page(ROOT / "pages" / "expand.py", title="Expand-pruning", icon=":material/open_in_full:"),
+    st.Page(ROOT / "pages" / "runs.py", title="Runs", icon=":material/history:"),
 ]
 
 navigation = st.navigation(PAGES)

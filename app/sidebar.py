@@ -1,8 +1,10 @@
-"""The sidebar every page shows: the active model, data set and compute device."""
+"""The sidebar every page shows: workspace, active model, data set and compute device; starts queued jobs."""
 import streamlit as st
 
-from app.state import current_choice
+from app.guard import user_errors
+from app.state import current_choice, workspace
 from sosp_engine.devices import device_name
+from sosp_engine.jobs import launch_pending
 
 
 @st.cache_data
@@ -13,7 +15,14 @@ def _device_label() -> str:
 def render_sidebar() -> None:
     choice = current_choice()
     with st.sidebar:
+        st.image(str(__import__("pathlib").Path(__file__).resolve().parent.parent / "assets" / "logo.svg"), width=48)
         st.markdown("### SOSP Lab")
         st.caption("Second-order structured pruning and bottleneck analysis")
-        st.markdown(f"**Model** `{choice.model_spec}`  \n**Weights** {choice.weights or 'random init'}  \n"
-                    f"**Data** `{choice.data_spec}`  \n**Device** {_device_label()}")
+        with user_errors("Opening the workspace"):
+            store = workspace()
+            launch_pending(store)
+            running = len(store.jobs("running")) + len(store.jobs("starting"))
+            queued = len(store.jobs("queued"))
+        st.markdown(f"**Workspace** `{store.root}`  \n**Model** `{choice.model_spec}`  \n"
+                    f"**Weights** {choice.weights or 'random init'}  \n**Data** `{choice.data_spec}`  \n"
+                    f"**Device** {_device_label()}  \n**Jobs** {running} running, {queued} queued")

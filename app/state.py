@@ -1,11 +1,14 @@
-"""Session state shared by the pages: the chosen model, weights and data spec, and cached engine objects."""
+"""Session state and cached engine objects shared by the pages: the chosen model, the workspace, stored analyses."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import streamlit as st
 
+from sosp_engine.analysis import AnalysisResult
 from sosp_engine.loading import Workbench, open_workbench
+from sosp_engine.records import load_stored_analysis
+from sosp_engine.store import Store, default_workspace
 
 DEFAULT_MODEL = "resnet20"
 DEFAULT_DATA = "digits"
@@ -30,6 +33,33 @@ def set_choice(choice: ModelChoice) -> None:
 
 
 @st.cache_resource(show_spinner="Building the model and finding its prunable structures ...", max_entries=8)
-def cached_workbench(model_spec: str, data_spec: str, weights: str | None) -> Workbench:
-    """The engine's workbench for a choice, built once per (model, data, weights)."""
-    return open_workbench(model_spec, data_spec, weights)
+def cached_workbench(model_spec: str, data_spec: str, weights: str | None, exclude: tuple[str, ...] = (),
+                     preset: str | None = "auto") -> Workbench:
+    """The engine's workbench for a choice, built once per (model, data, weights, exclusions)."""
+    return open_workbench(model_spec, data_spec, weights, exclude, preset)
+
+
+def workbench_for(result: AnalysisResult) -> Workbench:
+    """The workbench an analysis was made on (its model spec, data, weights and exclusions)."""
+    c = result.config
+    return cached_workbench(c.model_spec, c.data_spec, None if c.at_init else c.weights, tuple(c.exclude), c.preset)
+
+
+@st.cache_resource
+def _store(root: str) -> Store:
+    return Store(root)
+
+
+def workspace() -> Store:
+    """The run store of the active workspace ($SOSP_WORKSPACE or ./workspace)."""
+    return _store(str(default_workspace().resolve()))
+
+
+@st.cache_resource(max_entries=32)
+def cached_analysis(root: str, record_id: str) -> AnalysisResult:
+    """A stored analysis, read from disk once."""
+    return load_stored_analysis(Store(root), record_id)
+
+
+def analysis(record_id: str) -> AnalysisResult:
+    return cached_analysis(str(workspace().root.resolve()), record_id)

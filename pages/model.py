@@ -1,31 +1,50 @@
-"""Model page: choose a model, weights and data set; see its prunable groups, structures, parameters and MACs."""
+"""Model page: choose a model, weights and data set; see its prunable groups, structures, parameters, MACs, accuracy."""
+from pathlib import Path
+
 import streamlit as st
 
-from app.state import ModelChoice, cached_workbench, current_choice, set_choice
-from sosp_engine.errors import SospError
+from app.guard import user_errors
+from app.state import ModelChoice, cached_workbench, current_choice, set_choice, workspace
+from sosp_engine.experiments import ExperimentConfig
+from sosp_engine.jobs import submit
 from sosp_engine.masks import layer_table, mask_summary
 from sosp_engine.models import USER_CODE_WARNING, is_user_code
+from sosp_engine.training import evaluate
 
 st.title("Model")
+store = workspace()
 choice = current_choice()
+trained = store.models()
+
 with st.form("model_form"):
-    cols = st.columns([2, 2, 2])
+    cols = st.columns(3)
     model_spec = cols[0].text_input("Model spec", choice.model_spec,
-                                    help="resnet20/32/56/110 (x2, :widths=16,32,128), vgg19, densenet40, torchvision:NAME, or path/file.py:factory")
+                                    help="resnet20/32/56/110 (x2, :widths=16,32,128), vgg19, densenet40, torchvision:NAME, path/file.py:factory")
     data_spec = cols[1].text_input("Data spec", choice.data_spec, help="digits, cifar10:PATH, cifar100:PATH, imagefolder:PATH, synthetic:C,H,W:K")
-    weights = cols[2].text_input("Weights (checkpoint path, empty = random init)", choice.weights or "")
+    stored = {m["weights"]: f"{m['name']} ({m['model_spec']}, test acc {m['metrics'].get('test_acc', 0):.1%})" for m in trained}
+    options = ["random init", "checkpoint path"] + list(stored)
+    current = choice.weights if choice.weights in stored else ("checkpoint path" if choice.weights else "random init")
+    source = cols[2].selectbox("Weights", options, index=options.index(current), format_func=lambda o: stored.get(o, o))
+    path = st.text_input("Checkpoint path (for 'checkpoint path')", choice.weights if current == "checkpoint path" else "")
+    upload = st.file_uploader("... or upload a checkpoint (.pt / .pth, a state_dict; loaded with weights_only=True)", type=["pt", "pth"])
     if is_user_code(model_spec):
         st.warning(USER_CODE_WARNING)
     if st.form_submit_button("Load model", type="primary"):
-        choice = ModelChoice(model_spec.strip(), data_spec.strip(), weights.strip() or None)
+        weights = None
+        if upload is not None:
+            target = store.root / "uploads" / Path(upload.name).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(upload.getvalue())
+            weights = str(target)
+        elif source == "checkpoint path":
+            weights = path.strip() or None
+        elif source != "random init":
+            weights = source
+        choice = ModelChoice(model_spec.strip(), data_spec.strip(), weights)
         set_choice(choice)
 
-try:
+with user_errors("Loading the model"):
     workbench = cached_workbench(choice.model_spec, choice.data_spec, choice.weights)
-except SospError as exc:
-    st.error(f"{exc}")
-    st.info("Fix the spec above and press 'Load model'. The demo is model `resnet20` on data `digits`.")
-    st.stop()
 
 summary = mask_summary(workbench.structures)
 metrics = st.columns(5)
@@ -35,7 +54,28 @@ metrics[2].metric("Parameters", f"{summary['params_before']:,}")
 metrics[3].metric("MACs / sample", f"{summary['macs_before']:,}")
 metrics[4].metric("Classes", workbench.data.num_classes)
 st.caption(f"Input shape {workbench.data.input_shape}; never pruned: the classifier"
-           + (f" and {len(workbench.structures.excluded) - 1} excluded modules" if len(workbench.structures.excluded) > 1 else ""))
+           + (f" and {len(workbench.structures.excluded) - 1} excluded modules (e.g. the ResNet downsampling path)"
+              if len(workbench.structures.excluded) > 1 else ""))
+
+cols = st.columns([1, 1, 2])
+if cols[0].button("Test accuracy", icon=":material/speed:", help="evaluate the weights on the test split"):
+    with st.spinner("Evaluating ..."), user_errors("Evaluating", stop=False):
+        loss, acc = evaluate(workbench.model, workbench.data.loader("test", 256))
+        st.session_state[("accuracy", choice)] = (loss, acc)
+if ("accuracy", choice) in st.session_state:
+    loss, acc = st.session_state[("accuracy", choice)]
+    cols[1].metric("Test accuracy", f"{acc:.2%}", help=f"test loss {loss:.4f}")
+
+with cols[2].popover("Train this model in the background", icon=":material/model_training:"):
+    epochs = st.number_input("Epochs", 1, 1000, 15)
+    if st.button("Start training job", type="primary"):
+        with user_errors("Starting the training job", stop=False):
+            job = submit(store, ExperimentConfig(procedure="train", model_spec=choice.model_spec, data_spec=choice.data_spec,
+                                                 epochs=int(epochs), label=f"train {choice.model_spec}"),
+                         name=f"train {choice.model_spec} ({epochs} epochs)")
+            st.success(f"Job {job} started. It keeps running if you close the tab; follow it on the Runs page. "
+                       "When it is done, its weights appear in the Weights list above.")
+
 st.subheader("Prunable layers (coupled channel groups)")
 st.dataframe(layer_table(workbench.structures).drop(columns=["kept", "pruned", "params_after", "macs_after", "pruning_ratio"]),
-             hide_index=True, width="stretch")
+             hide_index=True)

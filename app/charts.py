@@ -1,0 +1,99 @@
+"""Plotly figures of the dashboard, built from the engine's tables (no computation here beyond layout)."""
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+PALETTE = px.colors.qualitative.Safe
+LAYOUT = dict(template="plotly_white", margin=dict(l=40, r=20, t=60, b=40), legend=dict(orientation="h", y=1.02, x=0, yanchor="bottom"))
+
+
+def ratio_histogram(table: pd.DataFrame, title: str, threshold: float | None = None,
+                    flagged: list[str] | None = None) -> go.Figure:
+    """One bar per layer in network order, coloured by stage (paper Fig. 3d-h); optional bottleneck threshold."""
+    data = table.assign(label=[f"{d}: {n}" for d, n in zip(table.depth, table.layer)])
+    fig = px.bar(data, x="label", y="pruning_ratio", color="stage", color_discrete_sequence=PALETTE,
+                 hover_data={"label": False, "layer": True, "kept": True, "channels": True, "params_after": ":,",
+                             "params_before": ":,", "macs_after": ":,", "macs_before": ":,", "pruning_ratio": ":.1%"},
+                 labels={"pruning_ratio": "pruning ratio", "label": "layer (network order)"}, title=title)
+    fig.update_layout(**LAYOUT, yaxis_tickformat=".0%", yaxis_range=[0, 1], xaxis_tickangle=-60)
+    if threshold is not None:
+        fig.add_hline(y=threshold, line_dash="dash", line_color="#c0392b", annotation_text=f"bottleneck threshold {threshold:.0%}")
+    if flagged:
+        marked = data[data.layer.isin(flagged)]
+        fig.add_trace(go.Scatter(x=marked.label, y=marked.pruning_ratio + 0.04, mode="markers", name="bottleneck",
+                                 marker=dict(symbol="triangle-down", size=12, color="#c0392b")))
+    return fig
+
+
+def width_profile(table: pd.DataFrame, title: str) -> go.Figure:
+    """Channels per layer before and after pruning (the kept-width profile)."""
+    labels = [f"{d}: {n}" for d, n in zip(table.depth, table.layer)]
+    fig = go.Figure([go.Bar(x=labels, y=table.channels, name="before", marker_color="#b0c4de"),
+                     go.Bar(x=labels, y=table.kept, name="kept", marker_color="#2f6fb0")])
+    fig.update_layout(**LAYOUT, barmode="overlay", title=title, yaxis_title="channels", xaxis_tickangle=-60)
+    return fig
+
+
+def compare_overlay(table: pd.DataFrame, name_a: str, name_b: str) -> go.Figure:
+    """Both analyses' layer-wise ratios as grouped bars."""
+    labels = [f"{d}: {n}" for d, n in zip(table.depth, table.layer)]
+    fig = go.Figure([go.Bar(x=labels, y=table.ratio_a, name=name_a, marker_color="#2f6fb0"),
+                     go.Bar(x=labels, y=table.ratio_b, name=name_b, marker_color="#e67e22")])
+    fig.update_layout(**LAYOUT, barmode="group", title="Layer-wise pruning ratios", yaxis_tickformat=".0%", xaxis_tickangle=-60)
+    return fig
+
+
+def difference_bars(table: pd.DataFrame, name_a: str, name_b: str) -> go.Figure:
+    """Per-layer ratio difference (b - a), with the masks' Jaccard overlap on hover."""
+    labels = [f"{d}: {n}" for d, n in zip(table.depth, table.layer)]
+    fig = go.Figure(go.Bar(x=labels, y=table.ratio_difference, customdata=table[["jaccard"]].to_numpy(),
+                           marker_color=["#e67e22" if v > 0 else "#2f6fb0" for v in table.ratio_difference],
+                           hovertemplate="%{x}<br>difference %{y:.1%}<br>Jaccard %{customdata[0]:.2f}<extra></extra>"))
+    fig.update_layout(**LAYOUT, title=f"Ratio difference: {name_b} minus {name_a}", yaxis_tickformat=".0%", xaxis_tickangle=-60)
+    return fig
+
+
+def side_by_side(table: pd.DataFrame, name_a: str, name_b: str) -> go.Figure:
+    """The two profiles in two panels."""
+    from plotly.subplots import make_subplots
+
+    labels = [f"{d}: {n}" for d, n in zip(table.depth, table.layer)]
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=(name_a, name_b))
+    fig.add_trace(go.Bar(x=labels, y=table.ratio_a, marker_color="#2f6fb0", showlegend=False), 1, 1)
+    fig.add_trace(go.Bar(x=labels, y=table.ratio_b, marker_color="#e67e22", showlegend=False), 1, 2)
+    fig.update_layout(**LAYOUT, title="Profiles side by side", yaxis_tickformat=".0%")
+    fig.update_xaxes(showticklabels=False)
+    return fig
+
+
+def saliency_scatter(frame: pd.DataFrame, layer: str) -> go.Figure:
+    """One layer's channels: SOSP saliency against captum's first-order attribution."""
+    fig = px.scatter(frame, x="first_order_attribution", y="sosp_saliency", color="pruned", hover_data=["channel"],
+                     color_discrete_map={True: "#c0392b", False: "#2f6fb0"},
+                     title=f"{layer}: second-order saliency vs first-order attribution per channel",
+                     labels={"first_order_attribution": "|gradient x activation| (captum)", "sosp_saliency": "SOSP saliency"})
+    fig.update_layout(**LAYOUT)
+    return fig
+
+
+def accuracy_vs_params(table: pd.DataFrame) -> go.Figure:
+    """Mean test accuracy over trials against parameters, with std error bars (paper Fig. 4b/e)."""
+    fig = go.Figure()
+    for i, row in table.reset_index(drop=True).iterrows():
+        fig.add_trace(go.Scatter(x=[row.params_mean], y=[row.test_acc_mean], name=f"{row.label} ({int(row.trials)} trials)",
+                                 mode="markers", marker=dict(size=12, color=PALETTE[i % len(PALETTE)]),
+                                 error_y=dict(type="data", array=[row.test_acc_std], visible=True),
+                                 error_x=dict(type="data", array=[row.params_std], visible=True)))
+    fig.update_layout(**LAYOUT, title="Test accuracy vs parameters", xaxis_title="parameters", yaxis_title="test accuracy",
+                      yaxis_tickformat=".1%")
+    return fig
+
+
+def training_curves(metrics: pd.DataFrame, title: str) -> go.Figure:
+    """Validation accuracy per epoch and stage of a job."""
+    fig = px.line(metrics, x="epoch", y="val_acc", color="stage", markers=True, title=title,
+                  labels={"val_acc": "validation accuracy"})
+    fig.update_layout(**LAYOUT, yaxis_tickformat=".0%")
+    return fig

@@ -1,0 +1,32 @@
+"""Pickers shared by pages: a stored analysis, a ratio with its unit."""
+from __future__ import annotations
+
+import streamlit as st
+
+from app.state import workspace
+
+
+def analysis_picker(label: str = "Analysis", key: str = "analysis", default_index: int = 0) -> dict | None:
+    """Select one stored analysis; None (with a hint) when the workspace has none yet."""
+    records = workspace().analyses()
+    if not records:
+        st.info("No analysis in this workspace yet: run one on the **Analyse** page.")
+        return None
+    names = {r["id"]: f"{r['name']}  ·  {r['model_spec']}  ·  {r['id']}" for r in records}
+    chosen = st.session_state.get("last_analysis") if key == "analysis" else None
+    ids = list(names)
+    index = ids.index(chosen) if chosen in ids else min(default_index, len(ids) - 1)
+    record_id = st.selectbox(label, ids, index=index, format_func=names.get, key=key)
+    if key == "analysis":
+        st.session_state["last_analysis"] = record_id
+    return next(r for r in records if r["id"] == record_id)
+
+
+def ratio_picker(max_ratio: float, key: str = "ratio", default: float = 0.5) -> tuple[float, str]:
+    """A global pruning-ratio slider with its unit (structures / params / MACs)."""
+    cols = st.columns([3, 1])
+    unit = cols[1].radio("Unit", ["structures", "params", "macs"], key=f"{key}-unit", horizontal=False)
+    top = round(max_ratio if unit == "structures" else 0.99, 2)
+    ratio = cols[0].slider(f"Global pruning ratio ({unit})", 0.0, max(top, 0.01), min(default, top), 0.01, key=f"{key}-value",
+                           help="A mask at any ratio is a prefix of the stored pruning order: moving this recomputes nothing.")
+    return ratio, unit

@@ -1,0 +1,60 @@
+"""Bottlenecks page: layers or stages SOSP prunes markedly less than the rest, with the evidence for each flag."""
+import pandas as pd
+import streamlit as st
+
+from app.charts import ratio_histogram, saliency_scatter
+from app.export import export_buttons
+from app.guard import user_errors
+from app.pickers import analysis_picker, ratio_picker
+from app.state import analysis, workbench_for
+from sosp_engine.attribution import channel_attribution
+from sosp_engine.bottlenecks import explain, find_bottlenecks, unit_ratios
+from sosp_engine.masks import layer_table
+
+st.title("Bottlenecks")
+record = analysis_picker()
+if record is None:
+    st.stop()
+with user_errors("Loading the analysis"):
+    result = analysis(record["id"])
+    workbench = workbench_for(result)
+ratio, unit = ratio_picker(result.max_ratio, key="bn_ratio")
+cols = st.columns(3)
+level = cols[0].radio("Level", ["layer", "stage"], horizontal=True, help="stages are the resolutions (for ResNets: the three stages)")
+rule = cols[1].radio("Rule", ["mean-std", "least"], horizontal=True,
+                     format_func={"mean-std": "ratio < mean - k x std", "least": "n least pruned"}.get)
+k = cols[2].slider("k", 0.0, 3.0, 1.0, 0.1) if rule == "mean-std" else 1.0
+n = cols[2].number_input("n", 1, 50, 3) if rule == "least" else 3
+with user_errors("Finding bottlenecks"):
+    mask = result.mask(workbench.structures, ratio, unit)
+    table = layer_table(workbench.structures, mask)
+    units, info = find_bottlenecks(table, level, rule, k, int(n))
+st.markdown(explain(units, info))
+flagged = list(units[units.flagged].unit)
+if level == "layer":
+    fig = ratio_histogram(table, "Pruning ratios with the bottleneck threshold", info["threshold"], flagged)
+else:
+    stage_table = unit_ratios(table, "stage").rename(columns={"unit": "layer"})
+    stage_table = stage_table.assign(kept=stage_table.channels - stage_table.pruned, params_after=0, params_before=0,
+                                     macs_after=0, macs_before=0)
+    fig = ratio_histogram(stage_table, "Stage pruning ratios with the bottleneck threshold", info["threshold"], flagged)
+st.plotly_chart(fig, key="bn_hist")
+export_buttons(fig, units, f"bottlenecks-{record['id']}")
+st.subheader("Ranked by score (std below the network mean)")
+st.dataframe(units, hide_index=True)
+
+st.subheader("What second order changes, channel by channel")
+layer = st.selectbox("Layer", [l.name for l in workbench.structures.layers], index=[l.name for l in workbench.structures.layers].index(flagged[0]) if level == "layer" and flagged else 0)
+if st.button("Compare with a first-order attribution (captum)", icon=":material/insights:"):
+    with st.spinner("Computing gradient x activation ..."), user_errors("The attribution", stop=False):
+        x, y = workbench.data.analysis_samples(min(result.config.samples, 500), result.config.seed)
+        attribution = channel_attribution(workbench.model, workbench.structures, layer, x, y)
+        index = [i for i, key in enumerate(result.keys) if key.rsplit(":", 1)[0] == layer]
+        frame = pd.DataFrame({"channel": [result.keys[i].rsplit(":", 1)[1] for i in index],
+                              "sosp_saliency": result.saliency[index].tolist(),
+                              "first_order_attribution": attribution.tolist(),
+                              "pruned": [result.keys[i] in mask for i in index]})
+        scatter = saliency_scatter(frame, layer)
+        st.plotly_chart(scatter, key="scatter")
+        export_buttons(scatter, frame, f"saliency-vs-attribution-{layer}")
+        st.caption("Channels off the diagonal trend are those whose second-order (correlation) terms change their rank.")

@@ -1,0 +1,43 @@
+"""Train vs init (or any two analyses): profiles side by side and overlaid, per-layer difference, overlap, rank correlation."""
+import streamlit as st
+
+from app.charts import compare_overlay, difference_bars, side_by_side
+from app.export import export_buttons
+from app.guard import user_errors
+from app.pickers import analysis_picker, ratio_picker
+from app.report import analysis_report
+from app.state import analysis, workbench_for
+from sosp_engine.compare import compare_analyses
+
+st.title("Train vs init")
+st.caption("Compare the masks of two analyses of one architecture, e.g. SOSP after training and SOSP at initialisation (paper Fig. 3).")
+cols = st.columns(2)
+with cols[0]:
+    first = analysis_picker("First analysis (a)", key="compare_a", default_index=1)
+with cols[1]:
+    second = analysis_picker("Second analysis (b)", key="compare_b", default_index=0)
+if first is None or second is None:
+    st.stop()
+with user_errors("Loading the analyses"):
+    result_a, result_b = analysis(first["id"]), analysis(second["id"])
+    workbench = workbench_for(result_a)
+ratio, unit = ratio_picker(min(result_a.max_ratio, result_b.max_ratio), key="compare_ratio")
+with user_errors("Comparing"):
+    table, overall = compare_analyses(workbench.structures, result_a, result_b, ratio, unit)
+
+metric_cols = st.columns(4)
+metric_cols[0].metric("Mask overlap (Jaccard)", f"{overall['jaccard']:.2f}")
+metric_cols[1].metric("Shared pruned structures", f"{overall['shared']:,}")
+metric_cols[2].metric("Rank correlation of saliencies", f"{overall['rank_correlation']:.2f}", help="Spearman, over all structures")
+metric_cols[3].metric("Largest layer difference", f"{table.ratio_difference.abs().max():.0%}")
+name_a, name_b = f"a: {first['name']}", f"b: {second['name']}"
+figures = [side_by_side(table, name_a, name_b), compare_overlay(table, name_a, name_b), difference_bars(table, name_a, name_b)]
+for i, fig in enumerate(figures):
+    st.plotly_chart(fig, key=f"cmp{i}")
+    export_buttons(fig, table, f"compare-{i}-{first['id']}-{second['id']}")
+st.subheader("Per-layer comparison")
+st.dataframe(table, hide_index=True)
+report = analysis_report(f"SOSP Lab comparison: {first['name']} vs {second['name']}",
+                         {"a": first["name"], "b": second["name"], "ratio": ratio, "unit": unit, **overall}, figures,
+                         {"Per-layer comparison": table})
+st.download_button("Comparison report (HTML)", report, "comparison-report.html", "text/html", icon=":material/description:")

@@ -1,0 +1,98 @@
+"""Expand-pruning page: widen the bottlenecks, match a widen-pruning baseline, launch the runs, watch them, compare."""
+import pandas as pd
+import streamlit as st
+
+from app.charts import accuracy_vs_params
+from app.export import export_buttons
+from app.guard import user_errors
+from app.pickers import analysis_picker, ratio_picker
+from app.state import analysis, workbench_for, workspace
+from sosp_engine.bottlenecks import find_bottlenecks
+from sosp_engine.experiments import ExperimentConfig, compare_runs
+from sosp_engine.jobs import submit
+from sosp_engine.masks import layer_table
+from sosp_engine.surgery import build_widened, params_of, uniform_factor
+
+st.title("Expand-pruning")
+st.caption("Paper sec. 3.4: widen the bottlenecks (x2), train, prune, fine-tune; compare with widening every layer by one "
+           "factor of equal size (widen-pruning) and with pruning the plain network (train-pruning).")
+record = analysis_picker()
+if record is None:
+    st.stop()
+with user_errors("Loading the analysis"):
+    result = analysis(record["id"])
+    workbench = workbench_for(result)
+ratio, unit = ratio_picker(result.max_ratio, key="ex_ratio")
+level = "stage" if result.config.model_spec.startswith("resnet") else "layer"
+with user_errors("Finding bottlenecks"):
+    units, info = find_bottlenecks(layer_table(workbench.structures, result.mask(workbench.structures, ratio, unit)),
+                                   level, "least", n=1 if level == "stage" else 5)
+defaults = pd.DataFrame({"unit": units.unit, "pruning_ratio": units.pruning_ratio, "factor": [2.0 if f else 1.0 for f in units.flagged]})
+st.markdown(f"Pre-filled: the {'least pruned stage' if level == 'stage' else 'five least pruned layers'} x2 (edit any factor).")
+edited = st.data_editor(defaults, hide_index=True, disabled=["unit", "pruning_ratio"], key=f"factors-{record['id']}-{level}",
+                        column_config={"factor": st.column_config.NumberColumn("width factor", min_value=0.25, max_value=8.0, step=0.25),
+                                       "pruning_ratio": st.column_config.NumberColumn("pruning ratio", format="percent")})
+factors = {u: float(f) for u, f in zip(edited.unit, edited.factor) if abs(f - 1.0) > 1e-9}
+spec = result.config.model_spec
+data = workbench.data
+
+
+@st.cache_data(show_spinner="Sizing the widened networks ...")
+def sizes(spec: str, data_spec: str, factors_items: tuple, key: str) -> tuple[int, int, float, int]:
+    wide, _ = build_widened(spec, data.num_classes, data.input_shape[0], workbench.structures, dict(factors_items), workbench.example)
+    expanded = params_of(wide)
+    factor, matched = uniform_factor(spec, data.num_classes, data.input_shape[0], workbench.structures, expanded, workbench.example)
+    return params_of(workbench.model), expanded, factor, matched
+
+
+with user_errors("Widening"):
+    base_params, expanded_params, factor, matched = sizes(spec, result.config.data_spec, tuple(sorted(factors.items())), record["id"])
+cols = st.columns(4)
+cols[0].metric("Plain network", f"{base_params:,} params")
+cols[1].metric("Expanded network", f"{expanded_params:,} params", f"+{expanded_params / base_params - 1:.0%}")
+cols[2].metric("Widen-pruning factor", f"x{factor:.3f}", help="one factor for every layer giving the expanded size")
+cols[3].metric("Widened network", f"{matched:,} params", f"{matched - expanded_params:+,} vs expanded", delta_color="off")
+
+with st.form("launch"):
+    c = st.columns(4)
+    procedures = c[0].multiselect("Runs", ["expand-prune", "widen-prune", "train-prune"], ["expand-prune", "widen-prune", "train-prune"])
+    trials = c[1].number_input("Trials", 1, 10, 1)
+    epochs = c[2].number_input("Epochs (train)", 1, 1000, 10)
+    finetune = c[3].number_input("Epochs (fine-tune)", 1, 1000, 10)
+    launch = st.form_submit_button("Launch as background jobs", type="primary", icon=":material/rocket_launch:")
+if launch:
+    with user_errors("Launching"):
+        group = f"expand-{record['id']}"
+        target = None
+        for trial in range(int(trials)):
+            for procedure in procedures:
+                config = ExperimentConfig(
+                    procedure=procedure, model_spec=spec, data_spec=result.config.data_spec, epochs=int(epochs),
+                    finetune_epochs=int(finetune), method=result.config.method, samples=result.config.samples, ratio=ratio,
+                    unit=unit, cap=result.config.cap, normalize=result.config.normalize, widen=factors if procedure == "expand-prune" else {},
+                    widen_factor=factor if procedure == "widen-prune" else None, seed=trial, label=procedure,
+                    target_params=None if procedure == "train-prune" else target, exclude=list(result.config.exclude),
+                    preset=result.config.preset)
+                submit(workspace(), config, name=f"{group} {procedure} trial {trial}")
+        st.success(f"Queued {int(trials) * len(procedures)} jobs; they run one at a time per device and survive closing the tab.")
+
+
+@st.fragment(run_every=3)
+def live_results(group: str) -> None:
+    jobs = [j for j in workspace().jobs() if j["name"].startswith(group)]
+    if not jobs:
+        st.info("No runs launched for this analysis yet.")
+        return
+    for job in jobs:
+        st.progress(min(job["progress"], 1.0), text=f"{job['name']}: {job['status']} — {job['message']}")
+    summaries = [j["result"] for j in jobs if j["status"] == "done" and j["result"]]
+    table = compare_runs(summaries)
+    if not table.empty:
+        fig = accuracy_vs_params(table)
+        st.plotly_chart(fig, key=f"acc-{len(summaries)}")
+        export_buttons(fig, table, f"{group}-results")
+        st.dataframe(table, hide_index=True)
+
+
+st.subheader("Runs and results")
+live_results(f"expand-{record['id']}")

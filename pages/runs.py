@@ -1,0 +1,90 @@
+"""Runs page: every analysis and job in the workspace, with status, progress, logs, metrics, cancel, resume, delete, compare."""
+import pandas as pd
+import streamlit as st
+
+from app.charts import accuracy_vs_params, training_curves
+from app.export import export_buttons
+from app.guard import user_errors
+from app.state import workspace
+from sosp_engine.experiments import compare_runs
+from sosp_engine.jobs import cancel, mark_stale_jobs, read_log, resume
+
+st.title("Runs")
+store = workspace()
+mark_stale_jobs(store)
+
+st.subheader("Analyses")
+analyses = store.analyses()
+if analyses:
+    st.dataframe(pd.DataFrame([{"name": r["name"], "method": r["method"], "model": r["model_spec"], "data": r["data_spec"],
+                                "at init": r["config"]["at_init"], "N'": r["config"]["samples"],
+                                "seconds": round(sum(r["summary"]["timings"].values()), 2), "id": r["id"]} for r in analyses]),
+                 hide_index=True)
+    with st.expander("Rename or delete an analysis"):
+        target = st.selectbox("Analysis", [r["id"] for r in analyses], format_func=lambda i: next(r["name"] for r in analyses if r["id"] == i))
+        new_name = st.text_input("New name")
+        if st.button("Rename") and new_name.strip():
+            store.rename_analysis(target, new_name.strip())
+            st.rerun()
+        sure = st.checkbox("Yes, delete this analysis and its files for good", key="confirm_analysis")
+        if st.button("Delete analysis", type="primary", disabled=not sure):
+            with user_errors("Deleting", stop=False):
+                store.delete("analysis", target, confirm=True)
+                st.rerun()
+else:
+    st.info("No analyses yet.")
+
+
+@st.fragment(run_every=3)
+def jobs_table() -> None:
+    jobs = store.jobs()
+    if not jobs:
+        st.info("No jobs yet. Start one from the Model or Expand-pruning page, or with `python -m sosp_engine jobs submit`.")
+        return
+    st.dataframe(pd.DataFrame([{"name": j["name"], "status": j["status"], "progress": j["progress"], "message": j["message"],
+                                "test acc": (j["result"] or {}).get("test_acc"), "params": (j["result"] or {}).get("params"),
+                                "id": j["id"]} for j in jobs]), hide_index=True,
+                 column_config={"progress": st.column_config.ProgressColumn("progress", format="percent", min_value=0, max_value=1)})
+
+
+st.subheader("Jobs")
+jobs_table()
+jobs = store.jobs()
+if jobs:
+    job_id = st.selectbox("Job", [j["id"] for j in jobs], format_func=lambda i: next(f"{j['name']} ({j['status']})" for j in jobs if j["id"] == i))
+    job = store.job(job_id)
+    cols = st.columns(4)
+    if cols[0].button("Cancel", disabled=job["status"] not in ("queued", "running", "starting"), icon=":material/stop:"):
+        with user_errors("Cancelling", stop=False):
+            st.toast(cancel(store, job_id))
+            st.rerun()
+    if cols[1].button("Resume", disabled=job["status"] not in ("failed", "cancelled"), icon=":material/replay:"):
+        with user_errors("Resuming", stop=False):
+            resume(store, job_id)
+            st.rerun()
+    sure = cols[2].checkbox("confirm delete", key="confirm_job")
+    if cols[3].button("Delete job", disabled=not sure or job["status"] in ("running", "starting"), icon=":material/delete:"):
+        with user_errors("Deleting", stop=False):
+            store.delete("job", job_id, confirm=True)
+            st.rerun()
+    if job["error"]:
+        st.error(f"{job['error']}")
+    metrics = pd.DataFrame([{"stage": m["stage"], **m["data"]} for m in store.metrics(job_id)])
+    if not metrics.empty and "val_acc" in metrics:
+        fig = training_curves(metrics, f"{job['name']}: validation accuracy")
+        st.plotly_chart(fig, key="curves")
+        export_buttons(fig, metrics, f"metrics-{job_id}")
+    with st.expander("Log"):
+        st.code(read_log(store, job_id) or "(empty)", language="text")
+    with st.expander("Config and result"):
+        st.json({"config": job["config"], "result": job["result"]})
+
+    st.subheader("Compare runs")
+    done = [j for j in jobs if j["status"] == "done" and j["result"] and j["result"].get("test_acc") is not None]
+    chosen = st.multiselect("Finished runs", [j["id"] for j in done], format_func=lambda i: next(j["name"] for j in done if j["id"] == i))
+    if chosen:
+        table = compare_runs([j["result"] for j in done if j["id"] in chosen])
+        fig = accuracy_vs_params(table)
+        st.plotly_chart(fig, key="runs-compare")
+        export_buttons(fig, table, "runs-comparison")
+        st.dataframe(table, hide_index=True)

@@ -1,0 +1,25 @@
+"""First-order channel attributions with captum, to set beside SOSP's second-order saliencies."""
+from __future__ import annotations
+
+import torch
+from captum.attr import LayerGradientXActivation
+from torch import nn
+
+from .structures import StructureSet
+
+
+def channel_attribution(model: nn.Module, structures: StructureSet, layer_name: str, x: torch.Tensor,
+                        y: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+    """|mean over samples of gradient x activation| of the true-class logit, per channel of one layer's root module."""
+    module = model.get_submodule(layer_name)
+    was_training = model.training
+    model.eval()
+    attribution = LayerGradientXActivation(model, module)
+    total = None
+    for start in range(0, len(x), batch_size):
+        attr = attribution.attribute(x[start:start + batch_size], target=y[start:start + batch_size].tolist())
+        dim = -1 if isinstance(module, nn.Linear) else 1
+        per_channel = attr.movedim(dim, 1).reshape(attr.shape[0], attr.shape[dim], -1).sum(2).sum(0).detach()
+        total = per_channel if total is None else total + per_channel
+    model.train(was_training)
+    return (total / len(x)).abs().double()

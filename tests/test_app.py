@@ -1,0 +1,147 @@
+"""Every page through streamlit.testing.v1.AppTest: renders, reacts to the key interactions, shows st.error on bad input."""
+import time
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from conftest import ROOT
+from sosp_engine.analysis import AnalysisConfig, run_analysis
+from sosp_engine.loading import open_workbench
+from sosp_engine.records import store_analysis
+from sosp_engine.store import Store
+
+PAGES = ["model", "analyse", "ratios", "compare", "bottlenecks", "expand", "runs"]
+
+
+def open_page(page: str) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
+    at.run()
+    if page != "model":
+        at.switch_page(f"../pages/{page}.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def widget(elements, label):
+    return next(w for w in elements if w.label == label)
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOSP_WORKSPACE", str(tmp_path / "ws"))
+    return Store(tmp_path / "ws")
+
+
+@pytest.fixture(scope="module")
+def stored_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stored") / "ws"
+    store = Store(root)
+    torch.manual_seed(0)
+    wb = open_workbench("resnet20", "digits")
+    store_analysis(store, run_analysis(wb, AnalysisConfig(method="sosp-h", samples=60)), "after training")
+    store_analysis(store, run_analysis(wb, AnalysisConfig(method="sosp-h", samples=60, at_init=True)), "at init")
+    return root
+
+
+@pytest.fixture
+def stored(stored_root, monkeypatch):
+    monkeypatch.setenv("SOSP_WORKSPACE", str(stored_root))
+    return Store(stored_root)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_on_a_fresh_workspace(fresh, page):
+    at = open_page(page)
+    assert not at.error
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_with_stored_analyses(stored, page):
+    at = open_page(page)
+    assert not at.error, [e.value for e in at.error]
+
+
+def test_model_page_shows_the_demo_summary(fresh):
+    at = open_page("model")
+    values = {m.label: m.value for m in at.metric}
+    assert values["Parameters"] == "272,186" and values["Prunable layers"] == "10"
+
+
+def test_model_page_computes_test_accuracy_on_demand(fresh):
+    at = open_page("model")
+    widget(at.button, "Test accuracy").click().run()
+    assert any(m.label == "Test accuracy" for m in at.metric)
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("Model spec", "resnet57", "unknown model"),
+    ("Data spec", "cifar10:/no/such/folder", "does not exist"),
+])
+def test_bad_model_inputs_show_an_error(fresh, field, value, fragment):
+    at = open_page("model")
+    widget(at.text_input, field).set_value(value)
+    widget(at.button, "Load model").click().run()
+    assert at.error and fragment in at.error[0].value and not at.exception
+
+
+def test_a_mismatched_checkpoint_shows_an_error(fresh, tmp_path):
+    torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "bad.pt")
+    at = open_page("model")
+    widget(at.selectbox, "Weights").set_value("checkpoint path")
+    widget(at.text_input, "Checkpoint path (for 'checkpoint path')").set_value(str(tmp_path / "bad.pt"))
+    widget(at.button, "Load model").click().run()
+    assert at.error and "does not fit the model" in at.error[0].value
+
+
+def test_running_an_analysis_on_digits_stores_it(fresh):
+    at = open_page("analyse")
+    widget(at.number_input, "Samples N'").set_value(50)
+    widget(at.text_input, "Name (optional)").set_value("my first")
+    widget(at.button, "Run analysis").click().run()
+    assert not at.error and any("Stored as **my first**" in s.value for s in at.success)
+    assert [r["name"] for r in fresh.analyses()] == ["my first"]
+
+
+def test_the_ratio_slider_changes_what_the_page_shows(stored):
+    at = open_page("ratios")
+    before = widget(at.metric, "Structures pruned").value
+    widget(at.slider, "Global pruning ratio (structures)").set_value(0.8).run()
+    after = widget(at.metric, "Structures pruned").value
+    assert before != after and after.startswith(str(int(0.8 * 352 + 0.999)))
+
+
+def test_an_impossible_ratio_shows_an_error(stored):
+    at = open_page("ratios")
+    widget(at.radio, "Unit").set_value("params").run()
+    widget(at.slider, "Global pruning ratio (params)").set_value(0.99).run()
+    assert at.error and "impossible" in at.error[0].value
+
+
+def test_comparing_two_analyses_shows_overlap_and_correlation(stored):
+    at = open_page("compare")
+    jaccard = float(widget(at.metric, "Mask overlap (Jaccard)").value)
+    assert 0 < jaccard < 1
+    assert -1 <= float(widget(at.metric, "Rank correlation of saliencies").value) <= 1
+
+
+def test_bottleneck_rule_changes_the_flags(stored):
+    at = open_page("bottlenecks")
+    first = at.markdown[0].value if at.markdown else ""
+    widget(at.radio, "Rule").set_value("least").run()
+    widget(at.number_input, "n").set_value(4).run()
+    assert any("4 bottleneck layer(s)" in m.value for m in at.markdown) and not at.error
+
+
+def test_launching_and_cancelling_a_tiny_job(fresh):
+    at = open_page("model")
+    widget(at.number_input, "Epochs").set_value(50)
+    widget(at.button, "Start training job").click().run()
+    assert any("started" in s.value for s in at.success)
+    [job] = fresh.jobs()
+    runs = open_page("runs")
+    widget(runs.button, "Cancel").click().run()
+    deadline = time.time() + 120
+    while fresh.job(job["id"])["status"] not in ("cancelled", "failed", "done") and time.time() < deadline:
+        time.sleep(0.5)
+    assert fresh.job(job["id"])["status"] == "cancelled"
