@@ -99,7 +99,14 @@ def measure(task: str, model_spec: str, samples: int, device: str) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_measure, args=(task, model_spec, samples, device, queue))
     proc.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Exception:
+            if not proc.is_alive():
+                return {"seconds": float("nan"), "peak_rss_mb": float("nan"), "peak_gpu_mb": None, "structures": None,
+                        "error": f"the measuring process died (exit code {proc.exitcode}; out of memory?)"}
     proc.join()
     return result
 

@@ -43,6 +43,7 @@ def _structure_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tens
     flat = [(name, t) for name, ts in store.items() for t in ts]
     per_module: dict[str, torch.Tensor] = {}
     for (name, tensor), g in zip(flat, grads):
+        tensor = tensor.detach()  # the products must not keep the forward graph alive
         dim = channel_dim(inputs.model.get_submodule(name)) % tensor.ndim
         if dim != 1:
             g, tensor = g.movedim(dim, 1), tensor.movedim(dim, 1)
