@@ -10,7 +10,7 @@ from app.state import analysis, workbench_for, workspace
 from sosp_engine.bottlenecks import find_bottlenecks
 from sosp_engine.experiments import ExperimentConfig, compare_runs
 from sosp_engine.jobs import submit
-from sosp_engine.masks import layer_table
+from sosp_engine.masks import layer_table, mask_summary
 from sosp_engine.surgery import build_widened, params_of, uniform_factor
 
 st.title("Expand-pruning")
@@ -47,11 +47,13 @@ def sizes(spec: str, data_spec: str, factors_items: tuple, key: str) -> tuple[in
 
 with user_errors("Widening"):
     base_params, expanded_params, factor, matched = sizes(spec, result.config.data_spec, tuple(sorted(factors.items())), record["id"])
-cols = st.columns(4)
-cols[0].metric("Plain network", f"{base_params:,} params")
-cols[1].metric("Expanded network", f"{expanded_params:,} params", f"+{expanded_params / base_params - 1:.0%}")
+target = mask_summary(workbench.structures, result.mask(workbench.structures, ratio, unit))["params_after"]
+cols = st.columns(5)
+cols[0].metric("Plain net (params)", f"{base_params:,}")
+cols[1].metric("Expanded net (params)", f"{expanded_params:,}", f"+{expanded_params / base_params - 1:.0%}")
 cols[2].metric("Widen-pruning factor", f"x{factor:.3f}", help="one factor for every layer giving the expanded size")
-cols[3].metric("Widened network", f"{matched:,} params", f"{matched - expanded_params:+,} vs expanded", delta_color="off")
+cols[3].metric("Widened net (params)", f"{matched:,}", f"{matched - expanded_params:+,} vs expanded", delta_color="off")
+cols[4].metric("Pruning target (params)", f"{target:,}", help="every run is pruned to the size of the train-pruned plain net")
 
 with st.form("launch"):
     c = st.columns(4)
@@ -63,7 +65,6 @@ with st.form("launch"):
 if launch:
     with user_errors("Launching"):
         group = f"expand-{record['id']}"
-        target = None
         for trial in range(int(trials)):
             for procedure in procedures:
                 config = ExperimentConfig(

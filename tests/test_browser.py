@@ -1,0 +1,84 @@
+"""One real-browser test: Debian's chromium (headless, via Playwright) against `streamlit run app/main.py` on localhost."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt install chromium)")
+READY = {"compare": "Mask overlap (Jaccard)", "bottlenecks": "Ranked by score", "expand": "Widen-pruning factor",
+         "runs": "Rename or delete an analysis"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    port = free_port()
+    env = dict(os.environ, SOSP_WORKSPACE=str(tmp_path / "ws"))
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.port", str(port),
+                             "--server.headless", "true", "--server.address", "127.0.0.1"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("the streamlit server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_the_demo_runs_an_analysis_shows_the_histogram_and_exports(server, tmp_path):
+    shots = ROOT / "docs" / "screenshots" if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path
+    shots.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        page.goto(server)
+        page.get_by_text("272,186").wait_for(timeout=60_000)
+        page.screenshot(path=str(shots / "model.png"), full_page=True)
+
+        page.goto(f"{server}/analyse")
+        samples = page.get_by_role("spinbutton", name="Samples N'")
+        samples.fill("80")
+        samples.press("Enter")
+        page.get_by_role("button", name="Run analysis").click()
+        page.get_by_text("Stored as").wait_for(timeout=120_000)
+        page.screenshot(path=str(shots / "analyse.png"), full_page=True)
+
+        page.goto(f"{server}/ratios")
+        page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+        page.get_by_text("layer-wise pruning ratios at").first.wait_for(timeout=30_000)
+        page.screenshot(path=str(shots / "ratios.png"), full_page=True)
+        with page.expect_download(timeout=30_000) as download:
+            page.get_by_role("button", name="CSV").first.click()
+        exported = Path(download.value.path())
+        assert exported.stat().st_size > 100 and b"pruning_ratio" in exported.read_bytes()
+
+        for name, ready in READY.items():
+            page.goto(f"{server}/{name}")
+            page.get_by_text(ready).first.wait_for(timeout=90_000)
+            page.wait_for_timeout(1500)
+            assert page.locator("[data-testid='stException']").count() == 0
+            page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+        browser.close()
