@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.state import workspace
+from app.guard import user_errors
+from app.state import analysis, workbench_for, workspace
 
 
 def analysis_picker(label: str = "Analysis", key: str = "analysis", default_index: int = 0) -> dict | None:
@@ -30,3 +31,18 @@ def ratio_picker(max_ratio: float, key: str = "ratio", default: float = 0.5) -> 
     ratio = cols[0].slider(f"Global pruning ratio ({unit})", 0.0, max(top, 0.01), min(default, top), 0.01, key=f"{key}-value",
                            help="A mask at any ratio is a prefix of the stored pruning order: moving this recomputes nothing.")
     return ratio, unit
+
+
+def chosen_analysis(ratio_key: str):
+    """Pick a stored analysis, load it and its workbench, and pick a ratio: (record, result, workbench, ratio, unit).
+
+    Stops the page (with a hint or an st.error) when there is nothing to show.
+    """
+    record = analysis_picker()
+    if record is None:
+        st.stop()
+    with user_errors("Loading the analysis"):
+        result = analysis(record["id"])
+        workbench = workbench_for(result)
+    ratio, unit = ratio_picker(result.max_ratio, key=ratio_key)
+    return record, result, workbench, ratio, unit

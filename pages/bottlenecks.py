@@ -5,20 +5,13 @@ import streamlit as st
 from app.charts import ratio_histogram, saliency_scatter
 from app.export import export_buttons
 from app.guard import user_errors
-from app.pickers import analysis_picker, ratio_picker
-from app.state import analysis, workbench_for
+from app.pickers import chosen_analysis
 from sosp_engine.attribution import channel_attribution
 from sosp_engine.bottlenecks import explain, find_bottlenecks, unit_ratios
 from sosp_engine.masks import layer_table
 
 st.title("Bottlenecks")
-record = analysis_picker()
-if record is None:
-    st.stop()
-with user_errors("Loading the analysis"):
-    result = analysis(record["id"])
-    workbench = workbench_for(result)
-ratio, unit = ratio_picker(result.max_ratio, key="bn_ratio")
+record, result, workbench, ratio, unit = chosen_analysis("bn_ratio")
 cols = st.columns(3)
 level = cols[0].radio("Level", ["layer", "stage"], horizontal=True, help="stages are the resolutions (for ResNets: the three stages)")
 rule = cols[1].radio("Rule", ["mean-std", "least"], horizontal=True,

@@ -5,8 +5,8 @@ import streamlit as st
 from app.charts import accuracy_vs_params
 from app.export import export_buttons
 from app.guard import user_errors
-from app.pickers import analysis_picker, ratio_picker
-from app.state import analysis, workbench_for, workspace
+from app.pickers import chosen_analysis
+from app.state import workspace
 from sosp_engine.bottlenecks import find_bottlenecks
 from sosp_engine.experiments import ExperimentConfig, compare_runs
 from sosp_engine.jobs import submit
@@ -16,13 +16,7 @@ from sosp_engine.surgery import build_widened, params_of, uniform_factor
 st.title("Expand-pruning")
 st.caption("Paper sec. 3.4: widen the bottlenecks (x2), train, prune, fine-tune; compare with widening every layer by one "
            "factor of equal size (widen-pruning) and with pruning the plain network (train-pruning).")
-record = analysis_picker()
-if record is None:
-    st.stop()
-with user_errors("Loading the analysis"):
-    result = analysis(record["id"])
-    workbench = workbench_for(result)
-ratio, unit = ratio_picker(result.max_ratio, key="ex_ratio")
+record, result, workbench, ratio, unit = chosen_analysis("ex_ratio")
 level = "stage" if result.config.model_spec.startswith("resnet") else "layer"
 with user_errors("Finding bottlenecks"):
     units, info = find_bottlenecks(layer_table(workbench.structures, result.mask(workbench.structures, ratio, unit)),

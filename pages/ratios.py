@@ -4,19 +4,12 @@ import streamlit as st
 from app.charts import ratio_histogram, width_profile
 from app.export import export_buttons
 from app.guard import user_errors
-from app.pickers import analysis_picker, ratio_picker
+from app.pickers import chosen_analysis
 from app.report import analysis_report
-from app.state import analysis, workbench_for
 from sosp_engine.masks import layer_table, mask_summary
 
 st.title("Pruning ratios")
-record = analysis_picker()
-if record is None:
-    st.stop()
-with user_errors("Loading the analysis"):
-    result = analysis(record["id"])
-    workbench = workbench_for(result)
-ratio, unit = ratio_picker(result.max_ratio)
+record, result, workbench, ratio, unit = chosen_analysis("ratio")
 with user_errors("Slicing the pruning order"):
     mask = result.mask(workbench.structures, ratio, unit)
 table = layer_table(workbench.structures, mask)
