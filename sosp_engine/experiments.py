@@ -189,8 +189,7 @@ class Experiment:
     def _analyze(self, model: nn.Module, spec: str | None, at_init: bool, index: int) -> dict:
         structures = find_structures(model, self._example(), self.config.exclude, self.config.preset_name)
         workbench = Workbench(spec or self.config.model_spec, self.data, model, structures, None, self._example())
-        config = self._analysis_config(spec or self.config.model_spec, at_init=False)
-        config.at_init = at_init
+        config = self._analysis_config(spec or self.config.model_spec, at_init)
         result = run_analysis(workbench, config, lambda f, m: self.report((index + f) / len(self.stages), f"analyse: {m}", None),
                               self.should_stop)
         result.save(self.folder / "analysis")
