@@ -12,6 +12,7 @@ from .analysis import METHODS, AnalysisConfig, AnalysisResult, run_analysis
 from .bottlenecks import LEVELS, RULES, explain, find_bottlenecks
 from .experiments import PROCEDURES, Experiment, ExperimentConfig
 from .jobs import cancel, mark_stale_jobs, read_log, resume, run_job, submit
+from .records import store_analysis
 from .store import Store
 from .training import TrainConfig, train
 from .counting import count_macs, count_params
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mc-labels", type=int, default=-1, help="SOSP-I: sampled labels per sample (0 = exact, -1 = only when D > 100)")
     p.add_argument("--download", action="store_true", help="download CIFAR into the data path first")
     p.add_argument("--out", dest="out_dir", required=True, help="folder for analysis.json, tensors.pt, mask.json, layers.csv")
+    p.add_argument("--name", default=None, help="also record the analysis in the workspace under this name (for the dashboard)")
+    add_workspace_arg(p)
     p.set_defaults(func=cmd_analyze)
     p = sub.add_parser("train", help="train a model in the foreground and save its weights")
     add_model_args(p, json_out=False)
@@ -345,6 +348,10 @@ def cmd_analyze(args: argparse.Namespace) -> None:
           f"MACs {summary['macs_before']:,} -> {summary['macs_after']:,} ({summary['mac_ratio']:.1%} removed)")
     progress_line(f"timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
     progress_line(f"wrote {out}/analysis.json, tensors.pt, mask.json, layers.csv")
+    if args.name:
+        store = open_store(args)
+        record_id = store_analysis(store, result, args.name)
+        progress_line(f"recorded as '{args.name}' ({record_id}) in the workspace {store.root}")
 
 
 class ProgressLine:

@@ -90,3 +90,11 @@ def test_cli_analyze_writes_result_mask_and_table(tmp_path, capsys):
     summary = mask_summary(wb.structures, load_mask(out / "mask.json", wb.structures))
     assert summary["param_ratio"] >= 0.3
     assert "pruned" in capsys.readouterr().out
+
+
+def test_cli_analyze_can_record_the_result_in_the_workspace(tmp_path):
+    from sosp_engine.store import Store
+
+    code = main(["analyze", "--model", "resnet20", "--method", "magnitude", "--samples", "20", "--out", str(tmp_path / "a"),
+                 "--name", "from the CLI", "--workspace", str(tmp_path / "ws")])
+    assert code == 0 and [r["name"] for r in Store(tmp_path / "ws").analyses()] == ["from the CLI"]

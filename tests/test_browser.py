@@ -64,6 +64,10 @@ def test_the_demo_runs_an_analysis_shows_the_histogram_and_exports(server, tmp_p
         samples.press("Enter")
         page.get_by_role("button", name="Run analysis").click()
         page.get_by_text("Stored as").wait_for(timeout=120_000)
+        page.get_by_text("At initialisation").click()
+        page.get_by_role("textbox", name="Name (optional)").fill("SOSP-H at init")
+        page.get_by_role("button", name="Run analysis").click()
+        page.get_by_text("Stored as **SOSP-H at init**".replace("**", "")).wait_for(timeout=120_000)
         page.screenshot(path=str(shots / "analyse.png"), full_page=True)
 
         page.goto(f"{server}/ratios")
