@@ -346,7 +346,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     print(f"\npruned {summary['structures_pruned']}/{summary['structures']} structures; "
           f"params {summary['params_before']:,} -> {summary['params_after']:,} ({summary['param_ratio']:.1%} removed); "
           f"MACs {summary['macs_before']:,} -> {summary['macs_after']:,} ({summary['mac_ratio']:.1%} removed)")
-    progress_line(f"timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
+    progress_line("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
     progress_line(f"wrote {out}/analysis.json, tensors.pt, mask.json, layers.csv")
     if args.name:
         store = open_store(args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .structures import _forward_records, _module_info
+from .structures import forward_records, module_info
 
 
 def count_params(model: nn.Module) -> int:
@@ -14,9 +14,9 @@ def count_params(model: nn.Module) -> int:
 
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     """Multiply-accumulates of convolutions and linear layers for one sample of `example_input`'s shape."""
-    order, shapes = _forward_records(model, example_input[:1])
+    order, shapes = forward_records(model, example_input[:1])
     total = 0.0
     for name in order:
-        info = _module_info(name, model.get_submodule(name), shapes[name])
+        info = module_info(name, model.get_submodule(name), shapes[name])
         total += info.macs(info.in_channels, info.out_channels)
     return int(round(total))

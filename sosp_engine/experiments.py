@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .analysis import AnalysisConfig, AnalysisResult, run_analysis
+from .analysis import AnalysisConfig, run_analysis
 from .data import DataBundle, load_data
 from .errors import AnalysisError
 from .loading import Workbench, default_preset, example_input

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .errors import MaskError
-from .structures import StructureSet, build_graph
+from .structures import StructureSet, architecture_signature, build_graph
 
 MASK_FORMAT = "sosp-mask/1"
 
@@ -80,7 +80,7 @@ def zeroed_copy(model: nn.Module, structures: StructureSet, mask: Iterable[str])
 def prune_in_place(model: nn.Module, structures: StructureSet, mask: Iterable[str], example_input: torch.Tensor):
     """Physically remove the masked structures from `model` with torch-pruning; returns the dependency graph used."""
     pruned = structures.pruned_vector(set(mask))
-    if structures.signature != _signature(model):
+    if structures.signature != architecture_signature(model):
         raise MaskError("the structures were found on another architecture than this model")
     emptied = structures.emptied_producers(pruned)
     if emptied:
@@ -103,12 +103,6 @@ def pruned_copy(model: nn.Module, structures: StructureSet, mask: Iterable[str],
     smaller = copy.deepcopy(model)
     prune_in_place(smaller, structures, mask, example_input)
     return smaller
-
-
-def _signature(model: nn.Module) -> str:
-    from .structures import architecture_signature
-
-    return architecture_signature(model)
 
 
 def compare_masks(structures: StructureSet, mask_a: Iterable[str], mask_b: Iterable[str]) -> tuple[pd.DataFrame, dict[str, float]]:

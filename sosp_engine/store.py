@@ -141,12 +141,15 @@ class Store:
         with self.connection() as conn:
             return _rows(conn.execute("SELECT * FROM analyses ORDER BY created DESC"))
 
-    def analysis(self, record_id: str) -> dict:
+    def _one(self, table: str, what: str, record_id: str) -> dict:
         with self.connection() as conn:
-            rows = _rows(conn.execute("SELECT * FROM analyses WHERE id = ?", (record_id,)))
+            rows = _rows(conn.execute(f"SELECT * FROM {table} WHERE id = ?", (record_id,)))
         if not rows:
-            raise StoreError(f"no analysis with id '{record_id}' in {self.root}")
+            raise StoreError(f"no {what} with id '{record_id}' in {self.root}")
         return rows[0]
+
+    def analysis(self, record_id: str) -> dict:
+        return self._one("analyses", "analysis", record_id)
 
     def rename_analysis(self, record_id: str, name: str) -> None:
         with self.transaction() as conn:
@@ -174,11 +177,7 @@ class Store:
         return record_id
 
     def job(self, record_id: str) -> dict:
-        with self.connection() as conn:
-            rows = _rows(conn.execute("SELECT * FROM jobs WHERE id = ?", (record_id,)))
-        if not rows:
-            raise StoreError(f"no job with id '{record_id}' in {self.root}")
-        return rows[0]
+        return self._one("jobs", "job", record_id)
 
     def jobs(self, status: str | None = None) -> list[dict]:
         with self.connection() as conn:

@@ -194,7 +194,7 @@ class StructureSet:
         return vec
 
 
-def _forward_records(model: nn.Module, example_input: torch.Tensor) -> tuple[list[str], dict[str, tuple]]:
+def forward_records(model: nn.Module, example_input: torch.Tensor) -> tuple[list[str], dict[str, tuple]]:
     """Forward order of parameterised leaf modules and each one's output shape."""
     order: list[str] = []
     shapes: dict[str, tuple] = {}
@@ -216,7 +216,7 @@ def _forward_records(model: nn.Module, example_input: torch.Tensor) -> tuple[lis
     return order, shapes
 
 
-def _module_info(name: str, m: nn.Module, out_shape: tuple) -> ModuleInfo:
+def module_info(name: str, m: nn.Module, out_shape: tuple) -> ModuleInfo:
     own = sum(p.numel() for p in m.parameters(recurse=False))
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         kernel = int(torch.tensor(m.kernel_size).prod())
@@ -254,7 +254,7 @@ def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequ
         raise MaskError(f"unknown exclusion preset '{preset}'; known: {sorted(PRESETS)}")
     patterns = list(exclude) + list(PRESETS.get(preset, ()))
     names = {m: n for n, m in model.named_modules()}
-    order, shapes = _forward_records(model, example_input)
+    order, shapes = forward_records(model, example_input)
     producer_order = [n for n in order if isinstance(model.get_submodule(n), PRODUCER_TYPES)]
     if not producer_order:
         raise MaskError("the model has no convolution or linear layer to prune")
@@ -262,10 +262,10 @@ def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequ
     ignored = [m for m, n in names.items() if n == classifier or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     graph = build_graph(model, example_input)
 
-    module_names = [n for n in order]
+    module_names = list(order)
     module_names += [n for n, m in model.named_modules() if n not in shapes and next(m.children(), None) is None
                      and any(True for _ in m.parameters(False))]
-    infos = [_module_info(n, model.get_submodule(n), shapes.get(n, ())) for n in module_names]
+    infos = [module_info(n, model.get_submodule(n), shapes.get(n, ())) for n in module_names]
     module_pos = {n: i for i, n in enumerate(module_names)}
     position = {n: i for i, n in enumerate(order)}
 
@@ -307,7 +307,9 @@ def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequ
         layer_of += [depth] * size
         for name, (idxs, root_idxs) in producers.items():
             slices.append(ProducerSlice(name, torch.tensor(idxs), torch.tensor(root_idxs) + offset))
-            infos[module_pos[name]].layer = depth if infos[module_pos[name]].layer < 0 or name == root_name else infos[module_pos[name]].layer
+            info = infos[module_pos[name]]
+            if info.layer < 0 or name == root_name:  # a module belongs to the layer it is the root of, else its first
+                info.layer = depth
         block_removal = torch.zeros(size, 2 * len(infos), dtype=torch.float64)
         for name, dim, idxs, root_idxs in effects:
             col = 2 * module_pos[name] + dim

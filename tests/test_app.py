@@ -127,7 +127,6 @@ def test_comparing_two_analyses_shows_overlap_and_correlation(stored):
 
 def test_bottleneck_rule_changes_the_flags(stored):
     at = open_page("bottlenecks")
-    first = at.markdown[0].value if at.markdown else ""
     widget(at.radio, "Rule").set_value("least").run()
     widget(at.number_input, "n").set_value(4).run()
     assert any("4 bottleneck layer(s)" in m.value for m in at.markdown) and not at.error

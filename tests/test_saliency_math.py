@@ -1,7 +1,6 @@
 """Each saliency against a brute-force reference (explicit Hessian / Jacobians) on a tiny float64 network."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, jvp
 

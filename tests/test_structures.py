@@ -7,7 +7,7 @@ from sosp_engine.counting import count_macs, count_params
 from sosp_engine.errors import MaskError
 from sosp_engine.masks import mask_summary, prune_in_place, pruned_copy, zeroed_copy
 from sosp_engine.models import build_model
-from sosp_engine.structures import build_graph, find_structures
+from sosp_engine.structures import find_structures
 
 MODELS = [
     ("resnet20", "cifar-resnet", (1, 3, 32, 32)),
