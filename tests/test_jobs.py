@@ -78,3 +78,23 @@ def test_finished_jobs_cannot_be_cancelled(tmp_path):
     with pytest.raises(StoreError, match="only queued or running"):
         cancel(store, job_id)
     assert launch_pending(store) == []
+
+
+def test_jobs_cli_submits_lists_shows_and_logs(tmp_path, capsys):
+    import json
+
+    from sosp_engine.cli import main
+
+    ws = str(tmp_path / "ws")
+    assert main(["jobs", "submit", "--procedure", "train", "--model", "resnet20", "--epochs", "1", "--name", "cli job",
+                 "--workspace", ws]) == 0
+    job_id = json.loads(capsys.readouterr().out)["job"]
+    job = wait_for(Store(ws), job_id, lambda j: j["status"] in ("done", "failed"))
+    assert job["status"] == "done"
+    assert main(["jobs", "list", "--workspace", ws]) == 0
+    assert f"{job_id}  done" in capsys.readouterr().out
+    assert main(["jobs", "show", job_id, "--workspace", ws]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"][0]["epoch"] == 1
+    assert main(["jobs", "logs", job_id, "--workspace", ws]) == 0 and "done" in capsys.readouterr().out
+    assert main(["jobs", "delete", job_id, "--workspace", ws]) == 2  # needs --yes
+    assert main(["jobs", "delete", job_id, "--yes", "--workspace", ws]) == 0 and Store(ws).jobs() == []
