@@ -38,13 +38,16 @@ if run:
                             at_init=at_init, samples=int(samples), seed=int(seed), batch_size=int(batch), cap=cap,
                             normalize=normalize, loss=loss, device=device)
     bar = st.progress(0.0, text="starting ...")
-    st.button("Cancel", icon=":material/stop:", on_click=lambda: st.session_state.update(analysis_cancelled=True))
+    cancel_slot = st.empty()  # clicking Cancel reruns the page, which stops this run at its next progress update
+    cancel_slot.button("Cancel", icon=":material/stop:", on_click=lambda: st.session_state.update(analysis_cancelled=True))
     with user_errors("The analysis"):
         try:
             result = run_analysis(workbench, config, progress=lambda f, m: bar.progress(f, text=f"{METHOD_LABELS[method]}: {m}"))
         except Cancelled:
             st.warning("Cancelled.")
             st.stop()
+        finally:
+            cancel_slot.empty()
         record_id = store_analysis(workspace(), result, name)
     st.session_state["last_analysis"] = record_id
     st.session_state.pop("analysis_cancelled", None)

@@ -43,12 +43,13 @@ def server(tmp_path):
     else:
         proc.kill()
         pytest.fail("the streamlit server did not start")
-    yield url
+    yield url, tmp_path / "ws"
     proc.terminate()
     proc.wait(timeout=20)
 
 
 def test_the_demo_runs_an_analysis_shows_the_histogram_and_exports(server, tmp_path):
+    server, workspace = server
     shots = ROOT / "docs" / "screenshots" if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path
     shots.mkdir(parents=True, exist_ok=True)
     with playwright.sync_playwright() as p:
@@ -69,6 +70,19 @@ def test_the_demo_runs_an_analysis_shows_the_histogram_and_exports(server, tmp_p
         page.get_by_role("button", name="Run analysis").click()
         page.get_by_text("Stored as **SOSP-H at init**".replace("**", "")).wait_for(timeout=120_000)
         page.screenshot(path=str(shots / "analyse.png"), full_page=True)
+
+        # a long analysis (SOSP-I on every training sample) is cancelled from its Cancel button: nothing is stored
+        page.get_by_role("combobox").first.click()
+        page.get_by_role("option", name="SOSP-I (Gauss-Newton, greedy with correlations)").click()
+        page.get_by_role("textbox", name="Name (optional)").fill("to be cancelled")
+        samples.fill("1257")
+        samples.press("Enter")
+        page.get_by_role("button", name="Run analysis").click()
+        page.get_by_role("button", name="Cancel").click(timeout=30_000)
+        page.get_by_text("The analysis was cancelled; nothing was stored.").wait_for(timeout=60_000)
+        from sosp_engine.store import Store
+
+        assert [r["name"] for r in Store(workspace).analyses()] == ["SOSP-H at init", "sosp-h on resnet20"]
 
         page.goto(f"{server}/ratios")
         page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
