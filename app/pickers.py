@@ -1,6 +1,7 @@
 """Pickers shared by pages: a stored analysis, a ratio with its unit."""
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
 from app.guard import user_errors
@@ -46,3 +47,10 @@ def chosen_analysis(ratio_key: str):
         workbench = workbench_for(result)
     ratio, unit = ratio_picker(result.max_ratio, key=ratio_key)
     return record, result, workbench, ratio, unit
+
+
+def analyses_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per stored analysis: name, method, model, data, at init, N', compute seconds, id."""
+    return pd.DataFrame([{"name": r["name"], "method": r["method"], "model": r["model_spec"], "data": r["data_spec"],
+                          "at init": r["config"]["at_init"], "N'": r["config"]["samples"],
+                          "seconds": round(sum(r["summary"]["timings"].values()), 2), "id": r["id"]} for r in records])

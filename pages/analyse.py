@@ -2,6 +2,7 @@
 import streamlit as st
 
 from app.guard import user_errors
+from app.pickers import analyses_frame
 from app.state import cached_workbench, current_choice, workspace
 from sosp_engine.analysis import METHOD_LABELS, METHODS, AnalysisConfig, run_analysis
 from sosp_engine.progress import Cancelled
@@ -59,8 +60,6 @@ if run:
 st.subheader("Stored analyses")
 records = workspace().analyses()
 if records:
-    st.dataframe([{"name": r["name"], "method": r["method"], "model": r["model_spec"], "data": r["data_spec"],
-                   "at init": r["config"]["at_init"], "N'": r["config"]["samples"], "id": r["id"]} for r in records],
-                 hide_index=True)
+    st.dataframe(analyses_frame(records), hide_index=True)
 else:
     st.info("None yet.")

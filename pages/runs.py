@@ -5,6 +5,7 @@ import streamlit as st
 from app.charts import accuracy_vs_params, training_curves
 from app.export import export_buttons
 from app.guard import user_errors
+from app.pickers import analyses_frame
 from app.state import workspace
 from sosp_engine.experiments import compare_runs
 from sosp_engine.jobs import cancel, mark_stale_jobs, read_log, resume
@@ -16,10 +17,7 @@ mark_stale_jobs(store)
 st.subheader("Analyses")
 analyses = store.analyses()
 if analyses:
-    st.dataframe(pd.DataFrame([{"name": r["name"], "method": r["method"], "model": r["model_spec"], "data": r["data_spec"],
-                                "at init": r["config"]["at_init"], "N'": r["config"]["samples"],
-                                "seconds": round(sum(r["summary"]["timings"].values()), 2), "id": r["id"]} for r in analyses]),
-                 hide_index=True)
+    st.dataframe(analyses_frame(analyses), hide_index=True)
     with st.expander("Rename or delete an analysis"):
         target = st.selectbox("Analysis", [r["id"] for r in analyses], format_func=lambda i: next(r["name"] for r in analyses if r["id"] == i))
         new_name = st.text_input("New name")

@@ -180,6 +180,12 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
 
 
+def train_config_from(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig given by the flags of `add_training_args`."""
+    return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
+                       seed=args.seed, device=args.device)
+
+
 def add_experiment_args(p: argparse.ArgumentParser) -> None:
     add_training_args(p)
     p.add_argument("--finetune-epochs", type=int, default=None, help="default: repeat the training schedule")
@@ -219,8 +225,7 @@ def experiment_config(args: argparse.Namespace, procedure: str) -> ExperimentCon
 
 def cmd_train(args: argparse.Namespace) -> None:
     wb = workbench_from(args)
-    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
-                         seed=args.seed, device=args.device)
+    config = train_config_from(args)
     result = train(wb.model, wb.data, config, progress=epoch_printer)
     torch.save(wb.model.cpu().state_dict(), args.save)
     print(json.dumps({"test_acc": result.test_acc, "test_loss": result.test_loss, "saved": args.save}))
@@ -229,8 +234,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     wb = workbench_from(args)
     smaller = pruned_copy(wb.model, wb.structures, load_mask(args.mask, wb.structures), wb.example)
-    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
-                         seed=args.seed, device=args.device)
+    config = train_config_from(args)
     result = train(smaller, wb.data, config, progress=epoch_printer)
     torch.save(smaller.cpu().state_dict(), args.save)
     print(json.dumps({"test_acc": result.test_acc, "params": count_params(smaller), "saved": args.save}))

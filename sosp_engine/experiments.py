@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from .analysis import AnalysisConfig, run_analysis
+from .counting import count_macs
 from .data import DataBundle, load_data
 from .errors import AnalysisError
-from .loading import Workbench, default_preset, example_input
+from .loading import Workbench, example_input, resolve_preset
 from .masks import load_mask, mask_summary, pruned_copy, save_mask
 from .models import build_model, load_weights
 from .progress import Cancelled, StopFn
@@ -66,7 +67,7 @@ class ExperimentConfig:
 
     @property
     def preset_name(self) -> str | None:
-        return default_preset(self.model_spec) if self.preset == "auto" else (None if self.preset in (None, "none") else self.preset)
+        return resolve_preset(self.model_spec, self.preset)
 
 
 class Experiment:
@@ -105,8 +106,11 @@ class Experiment:
     def _example(self) -> torch.Tensor:
         return example_input(self.data)
 
-    def _base_structures(self, spec: str, model: nn.Module | None = None):
-        model = model if model is not None else build_model(spec, self.data.num_classes, self.data.input_shape[0])
+    def _build(self, spec: str) -> nn.Module:
+        return build_model(spec, self.data.num_classes, self.data.input_shape[0])
+
+    def _structures(self, model: nn.Module):
+        """The model's prunable structures under the run's exclusions."""
         return find_structures(model, self._example(), self.config.exclude, self.config.preset_name)
 
     def _architecture(self) -> tuple[nn.Module, str | None]:
@@ -116,8 +120,8 @@ class Experiment:
         factors = widen.get("factors", {})
         spec = widen.get("spec") or self.config.model_spec
         if not factors or widen.get("spec"):
-            return build_model(spec, self.data.num_classes, self.data.input_shape[0]), spec
-        base = self._base_structures(self.config.model_spec)
+            return self._build(spec), spec
+        base = self._structures(self._build(self.config.model_spec))
         model, _ = build_widened(self.config.model_spec, self.data.num_classes, self.data.input_shape[0], base,
                                  factors, self._example())
         return model, None
@@ -144,15 +148,15 @@ class Experiment:
         trained = self.folder / "trained.pt"
         if trained.exists():
             load_weights(model, trained)
-        structures = find_structures(model, self._example(), self.config.exclude, self.config.preset_name)
+        structures = self._structures(model)
         mask = load_mask(self.folder / "mask.json", structures)
         return pruned_copy(model, structures, mask, self._example()), mask
 
     # stages ---------------------------------------------------------------------------------------------------------
     def _stage_widen(self, index: int) -> dict:
         c = self.config
-        base_model = build_model(c.model_spec, self.data.num_classes, self.data.input_shape[0])
-        base = self._base_structures(c.model_spec, base_model)
+        base_model = self._build(c.model_spec)
+        base = self._structures(base_model)
         if c.procedure == "expand-prune":
             factors = dict(c.widen)
             if not factors:
@@ -187,7 +191,7 @@ class Experiment:
                               preset=c.preset)
 
     def _analyze(self, model: nn.Module, spec: str | None, at_init: bool, index: int) -> dict:
-        structures = find_structures(model, self._example(), self.config.exclude, self.config.preset_name)
+        structures = self._structures(model)
         workbench = Workbench(spec or self.config.model_spec, self.data, model, structures, None, self._example())
         config = self._analysis_config(spec or self.config.model_spec, at_init)
         result = run_analysis(workbench, config, lambda f, m: self.report((index + f) / len(self.stages), f"analyse: {m}", None),
@@ -215,14 +219,14 @@ class Experiment:
         before = evaluate(model.to("cpu"), self.data.loader("test", 512), "cpu")
         out = self._train_stage("finetune", model, self.finetune_epochs, index, seed_offset=1)
         torch.save(model.cpu().state_dict(), self.folder / "final.pt")
-        macs = find_structures(model, self._example(), preset=None).counts()[1]
+        macs = count_macs(model, self._example())
         return {**out, "test_acc_after_pruning": before[1], "params": params_of(model), "macs": macs}
 
     def _stage_train_pruned(self, index: int) -> dict:
         model, mask = self._pruned_model()
         out = self._train_stage("train-pruned", model, self.config.epochs + self.finetune_epochs, index)
         torch.save(model.cpu().state_dict(), self.folder / "final.pt")
-        macs = find_structures(model, self._example(), preset=None).counts()[1]
+        macs = count_macs(model, self._example())
         return {**out, "params": params_of(model), "macs": macs}
 
     def run(self) -> dict:

@@ -22,6 +22,13 @@ def default_preset(model_spec: str) -> str | None:
     return None
 
 
+def resolve_preset(model_spec: str, preset: str | None) -> str | None:
+    """'auto' -> the paper's default for the model, 'none' / None -> no preset, else the preset named."""
+    if preset == "auto":
+        return default_preset(model_spec)
+    return None if preset in (None, "none") else preset
+
+
 def example_input(data: DataBundle, batch: int = 1) -> torch.Tensor:
     """A random input batch of the data set's shape (for tracing and counting)."""
     return torch.randn(batch, *data.input_shape, generator=torch.Generator().manual_seed(0))
@@ -47,7 +54,6 @@ def open_workbench(model_spec: str, data: DataBundle | str, weights: str | None 
     if weights:
         load_weights(model, weights)
     check_model_fits_data(model, bundle)
-    chosen = default_preset(model_spec) if preset == "auto" else (None if preset in (None, "none") else preset)
     x = example_input(bundle)
-    structures = find_structures(model, x, exclude=exclude, preset=chosen)
+    structures = find_structures(model, x, exclude=exclude, preset=resolve_preset(model_spec, preset))
     return Workbench(model_spec, bundle, model, structures, weights, x)

@@ -61,10 +61,6 @@ class TrainResult:
                 "test_acc": self.test_acc, "cancelled": self.cancelled}
 
 
-class Cancelled(Exception):
-    """Raised inside the training loop when the caller asked to stop."""
-
-
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """SGD over the model's current parameters; rebuild it after physical pruning (old parameters are gone)."""
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import AnalysisError
 from ..progress import check_cancel, report
-from .common import AnalysisInputs, channel_dim, sample_losses
+from .common import AnalysisInputs, channel_dim
 
 
 @contextmanager
@@ -96,22 +96,13 @@ def drop_label_column(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return p[keep].view(n, d - 1)
 
 
-def sampled_label_products(inputs: AnalysisInputs, x: torch.Tensor, labels_per_sample: int,
-                           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, V (n, k, S)) with V = A^T (p - e_y) for k labels y ~ softmax: an unbiased Fisher = GN estimate for large D."""
-    with _captured_outputs(inputs) as store:
-        logits = inputs.model(x.detach())
-        tensors = [t for ts in store.values() for t in ts]
-        probs = torch.softmax(logits.detach().double(), 1)
-        n = len(logits)
-        columns = []
-        for j in range(labels_per_sample):
-            check_cancel(inputs.should_stop)
-            sampled = torch.multinomial(probs.cpu(), 1, generator=generator).flatten().to(logits.device)
-            loss = torch.nn.functional.cross_entropy(logits, sampled, reduction="sum")
-            grads = torch.autograd.grad(loss, tensors, retain_graph=j < labels_per_sample - 1)
-            columns.append(_structure_products(inputs, store, grads, n))
-    return logits.detach(), torch.stack(columns, dim=1)
+def sampled_label_directions(logits: torch.Tensor, y: torch.Tensor, labels_per_sample: int,
+                             generator: torch.Generator) -> torch.Tensor:
+    """(n, k+1, D): p - e_y' for k labels y' ~ softmax (an unbiased Fisher = GN estimate), then p - e_y for lam1."""
+    p = torch.softmax(logits.double(), 1)
+    eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+    sampled = torch.multinomial(p.cpu(), labels_per_sample, replacement=True, generator=generator).to(p.device)
+    return torch.cat([p.unsqueeze(1) - eye[sampled], (p - eye[y]).unsqueeze(1)], dim=1)
 
 
 def loss_output_gradient(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
@@ -135,9 +126,10 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
     for i, (x, y) in enumerate(inputs.batches()):
         check_cancel(inputs.should_stop)
         if mc_labels > 0:
-            _, v = sampled_label_products(inputs, x, mc_labels, generator)
-            rows, minus = v.to(torch.float64) / mc_labels ** 0.5, None
-            first += _first_order_from_sampled(inputs, x, y)
+            _, v = output_direction_products(inputs, x, lambda out: sampled_label_directions(out, y, mc_labels, generator))
+            v = v.to(torch.float64)
+            rows, minus = v[:, :mc_labels] / mc_labels ** 0.5, None
+            first += v[:, mc_labels].sum(0)
         elif inputs.loss == "cross-entropy":
             # With G_n = rows a_d - a_y (d != y) of A_n: A^T R A = G^T (diag(q) - q q^T) G and A^T (p - e_y) = G^T q,
             # q = p without its label entry. D - 1 backward passes, no division by small probabilities.
@@ -161,15 +153,6 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
                 gram -= minus.T @ minus
         report(inputs.progress, min(1.0, (i + 1) * inputs.batch_size / n_total), "Gauss-Newton products")
     return first / n_total, gram / n_total
-
-
-def _first_order_from_sampled(inputs: AnalysisInputs, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """lam1 summed over one batch, from one backward of the true-label loss through the captured outputs."""
-    with _captured_outputs(inputs) as store:
-        logits = inputs.model(x.detach())
-        tensors = [t for ts in store.values() for t in ts]
-        grads = torch.autograd.grad(sample_losses(logits, y, inputs.loss).sum(), tensors)
-        return _structure_products(inputs, store, grads, len(x)).sum(0).to(torch.float64)
 
 
 def sosp_i_matrix(first: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
