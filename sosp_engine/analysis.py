@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from .errors import AnalysisError
+from .exactness import exactness_report
 from .loading import Workbench
-from .models import build_model, weights_fingerprint
+from .models import weights_fingerprint
 from .progress import ProgressFn, StopFn, check_cancel, report
 from .saliency.common import LOSSES, AnalysisInputs
 from .saliency.first_order import first_order_terms
@@ -33,6 +34,7 @@ METHOD_LABELS = {
 RESULT_FORMAT = "sosp-analysis/1"
 MC_AUTO_OUTPUTS = 100
 MC_AUTO_LABELS = 16
+EXACTNESS_SAMPLES = 32
 
 
 @dataclass
@@ -85,6 +87,7 @@ class AnalysisResult:
     second_order: torch.Tensor | None = None
     estimate: str = "exact"
     created: float = field(default_factory=time.time)
+    exactness: dict | None = None  # approximate layers and the measured pruned-vs-zeroed deviation (exactness.py)
 
     @property
     def max_ratio(self) -> float:
@@ -115,6 +118,7 @@ class AnalysisResult:
             "format": RESULT_FORMAT, "config": asdict(self.config), "keys": self.keys, "layers": self.layers,
             "n_prunable": self.n_prunable, "timings": self.timings, "weights_fingerprint": self.weights_fingerprint,
             "architecture": self.architecture, "estimate": self.estimate, "created": self.created,
+            "exactness": self.exactness,
         }
         tensors = {"saliency": self.saliency, "pruning_order": self.pruning_order}
         if self.first_order is not None:
@@ -143,7 +147,16 @@ class AnalysisResult:
         return cls(AnalysisConfig(**meta["config"]), meta["keys"], meta["layers"], tensors["saliency"],
                    tensors["pruning_order"], meta["n_prunable"], meta["timings"], meta["weights_fingerprint"],
                    meta["architecture"], tensors.get("first_order"), tensors.get("second_order"),
-                   meta.get("estimate", "exact"), meta.get("created", 0.0))
+                   meta.get("estimate", "exact"), meta.get("created", 0.0), meta.get("exactness"))
+
+
+def train_mode_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of batches over n samples; a last batch of one sample joins the previous one (train-mode
+    BatchNorm cannot normalise a single sample)."""
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
 
 
 def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
@@ -158,8 +171,8 @@ def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> 
     model.train()
     device = next(model.parameters()).device
     with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            model(x[start:start + batch_size].to(device))
+        for start, stop in train_mode_batches(len(x), batch_size):
+            model(x[start:stop].to(device))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.eval()
@@ -220,8 +233,7 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
     x, y = workbench.data.analysis_samples(config.samples, config.seed)
     timings["samples"] = time.perf_counter() - start
     if config.at_init:
-        torch.manual_seed(config.seed)
-        model = build_model(config.model_spec, workbench.data.num_classes, workbench.data.input_shape[0])
+        model = workbench.fresh_model(config.seed)
     else:
         model = copy.deepcopy(workbench.model)
     model.to(device)
@@ -242,9 +254,15 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
                              mc if config.method in ("sosp-i", "diagonal") else 0)
     timings["saliency"] = parts["saliency_seconds"]
     timings["selection"] = parts["selection_seconds"]
+    start = time.perf_counter()
+    half = {workbench.structures.keys[i] for i in parts["pruning_order"][:parts["n_prunable"] // 2].tolist()}
+    exactness = exactness_report(model, workbench.structures, half, workbench.example.to(device, dtype),
+                                 x[:EXACTNESS_SAMPLES].to(device))
+    exactness["ratio"] = len(half) / max(len(workbench.structures.keys), 1)
+    timings["exactness"] = time.perf_counter() - start
     report(progress, 1.0, "done")
     layers = [{"name": l.name, "size": l.size, "depth": l.depth, "stage": l.stage, "block": l.block, "kernel": l.kernel}
               for l in workbench.structures.layers]
     return AnalysisResult(config, list(workbench.structures.keys), layers, parts["saliency"], parts["pruning_order"],
                           parts["n_prunable"], timings, weights_fingerprint(model), workbench.structures.signature,
-                          parts["first_order"], parts["second_order"], parts["estimate"])
+                          parts["first_order"], parts["second_order"], parts["estimate"], exactness=exactness)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .analysis import METHODS, AnalysisConfig, AnalysisResult, run_analysis
+from .analysis import EXACTNESS_SAMPLES, METHODS, AnalysisConfig, AnalysisResult, run_analysis
 from .bottlenecks import LEVELS, RULES, explain, find_bottlenecks
 from .experiments import PROCEDURES, Experiment, ExperimentConfig
 from .jobs import cancel, mark_stale_jobs, read_log, resume, run_job, submit
@@ -18,7 +18,9 @@ from .training import TrainConfig, train
 from .counting import count_macs, count_params
 from .data import load_data
 from .errors import SospError
-from .loading import open_workbench
+from .exactness import exactness_line, exactness_report
+from .loading import open_workbench, resolve_preset
+from .pruned_models import pruning_recipe, save_pruned
 from .masks import layer_table, load_mask, mask_summary, pruned_copy, save_mask
 from .saliency.common import LOSSES
 from .selection import NORMALIZATIONS, UNITS
@@ -66,6 +68,8 @@ def cmd_info(args: argparse.Namespace) -> dict:
         "input_shape": list(wb.data.input_shape), "layers": len(wb.structures.layers),
         "structures": summary["structures"], "params": summary["params_before"], "macs": summary["macs_before"],
         "excluded_modules": wb.structures.excluded,
+        "unprunable_layers": wb.structures.unprunable,
+        "pruned_checkpoint": wb.recipe is not None,
         "layer_table": layer_table(wb.structures).to_dict(orient="records"),
     }
 
@@ -75,11 +79,16 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     mask = load_mask(args.mask, wb.structures)
     progress_line(f"pruning {len(mask)} structures physically ...")
     smaller = pruned_copy(wb.model, wb.structures, mask, wb.example)
-    Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(smaller.state_dict(), args.save)
+    recipe = pruning_recipe(args.model, wb.structures, mask, resolve_preset(args.model, args.preset), args.exclude,
+                            wb.recipe)
+    save_pruned(args.save, smaller, recipe)
     summary = mask_summary(wb.structures, mask)
+    x, _ = wb.data.analysis_samples(EXACTNESS_SAMPLES)
+    exactness = exactness_report(wb.model, wb.structures, mask, wb.example, x)
+    progress_line(exactness_line(exactness))
+    progress_line(f"reopen it with: --model {args.model} --weights {args.save}")
     return {**summary, "params_counted": count_params(smaller), "macs_counted": count_macs(smaller, wb.example),
-            "saved": args.save}
+            "exactness": exactness, "saved": args.save}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="model summary: prunable layers, structures, parameters, MACs")
     add_model_args(p)
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("prune", help="apply a mask JSON physically and save the smaller model's state_dict")
+    p = sub.add_parser("prune", help="apply a mask JSON physically and save the smaller model (reopens with --weights)")
     add_model_args(p)
     p.add_argument("--mask", required=True, help="mask JSON (from analyze or the dashboard)")
     p.add_argument("--save", required=True, help="where to write the pruned model's state_dict")
@@ -346,10 +355,13 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     table = layer_table(wb.structures, mask)
     table.to_csv(out / "layers.csv", index=False)
     summary = mask_summary(wb.structures, mask)
+    x, _ = wb.data.analysis_samples(EXACTNESS_SAMPLES, args.seed)
+    exactness = exactness_report(wb.model, wb.structures, mask, wb.example, x)
     print(table[["layer", "stage", "channels", "kept", "pruning_ratio", "params_after", "macs_after"]].to_string(index=False))
     print(f"\npruned {summary['structures_pruned']}/{summary['structures']} structures; "
           f"params {summary['params_before']:,} -> {summary['params_after']:,} ({summary['param_ratio']:.1%} removed); "
           f"MACs {summary['macs_before']:,} -> {summary['macs_after']:,} ({summary['mac_ratio']:.1%} removed)")
+    print(exactness_line(exactness))
     progress_line("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
     progress_line(f"wrote {out}/analysis.json, tensors.pt, mask.json, layers.csv")
     if args.name:

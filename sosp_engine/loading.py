@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from .data import DataBundle, check_model_fits_data, load_data
-from .models import build_model, load_weights
+from .errors import CheckpointError
+from .models import build_model, load_weights, read_checkpoint
+from .pruned_models import reapply, recipe_of
 from .structures import StructureSet, find_structures
 
 
@@ -44,16 +46,38 @@ class Workbench:
     structures: StructureSet
     weights: str | None
     example: torch.Tensor
+    recipe: dict | None = None  # set when the weights are a pruned checkpoint: how to rebuild its shape
+
+    def fresh_model(self, seed: int) -> nn.Module:
+        """A new seeded initialisation of this workbench's architecture (pruned to the same shape if it is pruned)."""
+        torch.manual_seed(seed)
+        model = build_model(self.model_spec, self.data.num_classes, self.data.input_shape[0])
+        if self.recipe is not None:
+            reapply(model, self.recipe, self.example)
+        return model
+
+
+def load_model(model_spec: str, data: DataBundle, weights: str | None) -> tuple[nn.Module, dict | None]:
+    """Build the spec's model and load weights: a plain state_dict, or a pruned checkpoint (re-pruned, then loaded)."""
+    model = build_model(model_spec, data.num_classes, data.input_shape[0])
+    if weights is not None and not str(weights).strip():
+        raise CheckpointError("the weights path is empty: give a checkpoint file, or leave the option out for random init")
+    if not weights:
+        return model, None
+    checkpoint = read_checkpoint(weights)
+    recipe = recipe_of(checkpoint)
+    if recipe is not None:
+        reapply(model, recipe, example_input(data))
+    load_weights(model, weights, checkpoint)
+    return model, recipe
 
 
 def open_workbench(model_spec: str, data: DataBundle | str, weights: str | None = None,
                    exclude: Sequence[str] = (), preset: str | None = "auto") -> Workbench:
     """Build the model for the data set, load weights if given, check shapes and find the prunable structures."""
     bundle = load_data(data) if isinstance(data, str) else data
-    model = build_model(model_spec, bundle.num_classes, bundle.input_shape[0])
-    if weights:
-        load_weights(model, weights)
+    model, recipe = load_model(model_spec, bundle, weights)
     check_model_fits_data(model, bundle)
     x = example_input(bundle)
     structures = find_structures(model, x, exclude=exclude, preset=resolve_preset(model_spec, preset))
-    return Workbench(model_spec, bundle, model, structures, weights, x)
+    return Workbench(model_spec, bundle, model, structures, weights, x, recipe)

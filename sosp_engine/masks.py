@@ -28,15 +28,18 @@ def layer_table(structures: StructureSet, mask: Iterable[str] = ()) -> pd.DataFr
     def per_layer(values: torch.Tensor) -> list[int]:
         return [int(round(values[owner == g].sum().item())) for g in range(n)]
 
+    unit = torch.tensor([l.structure_size for l in structures.layers])
+    pruned_channels = pruned_per_layer * unit
     rows = {
         "layer": [l.name for l in structures.layers],
         "depth": [l.depth for l in structures.layers],
         "stage": [l.stage for l in structures.layers],
         "block": [l.block for l in structures.layers],
-        "kernel": [l.kernel for l in structures.layers],
-        "channels": [l.size for l in structures.layers],
-        "kept": [l.size - int(p) for l, p in zip(structures.layers, pruned_per_layer)],
-        "pruned": pruned_per_layer.tolist(),
+        "kernel": [round(l.kernel, 3) for l in structures.layers],
+        "channels": [l.channels for l in structures.layers],
+        "structure_size": unit.tolist(),
+        "kept": [l.channels - int(p) for l, p in zip(structures.layers, pruned_channels)],
+        "pruned": pruned_channels.tolist(),
         "params_before": per_layer(params0),
         "params_after": per_layer(params1),
         "macs_before": per_layer(macs0),
@@ -86,11 +89,12 @@ def prune_in_place(model: nn.Module, structures: StructureSet, mask: Iterable[st
     if emptied:
         raise MaskError(f"the mask removes every output channel of {emptied[:3]}; keep at least one channel per layer")
     graph = build_graph(model, example_input)
-    starts = torch.cumsum(torch.tensor([0] + [l.size for l in structures.layers]), 0)
+    starts = structures.layer_starts()
     for g, layer in enumerate(structures.layers):
-        idxs = pruned[starts[g]:starts[g + 1]].nonzero().flatten().tolist()
-        if not idxs:
+        local = pruned[starts[g]:starts[g + 1]].nonzero().flatten().tolist()
+        if not local:
             continue
+        idxs = layer.root_channels(local)
         root = model.get_submodule(layer.name)
         pruner = graph.get_pruner_of_module(root)
         # get_pruning_group + prune() without arguments: Group.prune(idxs=...) records a wrong pruning history.

@@ -24,7 +24,7 @@ class Budget:
         self.members = [[] for _ in sizes]
         for s, g in enumerate(self.layer_of):
             self.members[g].append(s)
-        self.segments = [p.structure.tolist() for p in structures.segments()]
+        self.segments = [sorted(set(p.structure.tolist())) for p in structures.segments()]
         self.segment_left = [len(seg) - 1 for seg in self.segments]
         self.segments_of: list[list[int]] = [[] for _ in self.layer_of]
         for k, seg in enumerate(self.segments):

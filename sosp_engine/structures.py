@@ -44,6 +44,57 @@ def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
+def _channel_groups(module: nn.Module, is_out: bool) -> tuple[int, int]:
+    """(channels, groups) of the dimension a coupled group touches, where equal channels per group must be kept."""
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels, module.num_groups
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups > 1 and not _is_depthwise(module):
+        return (module.out_channels if is_out else module.in_channels), module.groups
+    return 0, 1
+
+
+def _partition(size: int, grouped: list[tuple[str, int, int, list[int], list[int]]]) -> tuple[list[list[int]], str]:
+    """Structures of one coupled group: root channels that must go together so every grouped module keeps equal groups.
+
+    `grouped` holds (module, channels, groups, module idxs, root idxs) of each grouped conv / GroupNorm dimension in the
+    group. A structure takes the channel at one local position of every group (torch-pruning's own rule for grouped
+    layers). Returns the structures and '' or, when no such partition exists, ([], the reason).
+    """
+    parent = list(range(size))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for name, channels, groups, idxs, root_idxs in grouped:
+        if sorted(idxs) != list(range(channels)):
+            return [], f"feeds only part of the grouped layer {name} (groups={groups})"
+        per_group = channels // groups
+        first: dict[int, int] = {}
+        for idx, root in zip(idxs, root_idxs):
+            local = idx % per_group
+            if local in first:
+                parent[find(root)] = find(first[local])
+            else:
+                first[local] = root
+    members: dict[int, list[int]] = {}
+    for c in range(size):
+        members.setdefault(find(c), []).append(c)
+    structures = sorted(members.values())
+    for name, channels, groups, idxs, root_idxs in grouped:
+        per_group = channels // groups
+        position = dict(zip(root_idxs, idxs))
+        for channel_set in structures:
+            locals_by_group: dict[int, set[int]] = {g: set() for g in range(groups)}
+            for c in channel_set:
+                locals_by_group[position[c] // per_group].add(position[c] % per_group)
+            if len({frozenset(v) for v in locals_by_group.values()}) != 1:
+                return [], f"its channels sit at different local positions of the groups of {name}"
+    return structures, ""
+
+
 def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of `model`, leaving its train/eval modes as they were."""
     with preserved_modes(model), torch.enable_grad():
@@ -90,16 +141,33 @@ class ModuleInfo:
 
 @dataclass
 class Layer:
-    """One coupled channel group: the unit of the per-layer tables."""
+    """One coupled channel group: the unit of the per-layer tables; `size` structures of `channels // size` channels each."""
 
     name: str
     size: int
-    kernel: int
+    kernel: float
     depth: int
     stage: str
     block: str
     producers: list[str]
     consumers: list[str]
+    channels: int = 0
+    structure_channels: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.channels:
+            self.channels = self.size
+        if not self.structure_channels:
+            self.structure_channels = [[c] for c in range(self.size)]
+
+    @property
+    def structure_size(self) -> int:
+        """Channels removed together with one structure (1 except around grouped convolutions and GroupNorm)."""
+        return self.channels // max(self.size, 1)
+
+    def root_channels(self, structures: Sequence[int]) -> list[int]:
+        """The root module's channel indices of the given local structure indices."""
+        return sorted(c for s in structures for c in self.structure_channels[s])
 
 
 @dataclass
@@ -124,6 +192,8 @@ class StructureSet:
     # removal[s, j]: channels of module dimension j (2*module index + 0 for in, + 1 for out) removed with structure s
     removal: torch.Tensor
     excluded: list[str] = field(default_factory=list)
+    unprunable: dict[str, str] = field(default_factory=dict)  # root module -> why its group cannot be pruned
+    consumed: list[ProducerSlice] = field(default_factory=list)  # consumers' input-channel slices of each structure
 
     @property
     def num_structures(self) -> int:
@@ -137,7 +207,7 @@ class StructureSet:
         return torch.tensor([layer.size for layer in self.layers])
 
     def kernel_sizes(self) -> torch.Tensor:
-        """Kernel side length of each structure's root module (1 for linear layers)."""
+        """Kernel side length of each structure's layer: the in-weight-weighted mean over its conv / linear producers."""
         return torch.tensor([self.layers[g].kernel for g in self.layer_of.tolist()], dtype=torch.float64)
 
     def module_costs(self, pruned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,6 +250,10 @@ class StructureSet:
     def emptied_producers(self, pruned: torch.Tensor) -> list[str]:
         """Conv / linear modules that would lose every output channel under `pruned`."""
         return [p.module for p in self.segments() if bool(pruned[p.structure].all())]
+
+    def layer_starts(self) -> list[int]:
+        """Index of each layer's first structure (structures are numbered layer by layer)."""
+        return torch.cumsum(torch.tensor([0] + [l.size for l in self.layers]), 0).tolist()
 
     def pruned_vector(self, mask: Sequence[str] | set[str]) -> torch.Tensor:
         """Bool vector over structures from a set of structure keys; unknown keys are a MaskError."""
@@ -247,6 +321,23 @@ def _stage_labels(layers_out: list[tuple]) -> list[str]:
     return labels
 
 
+def _mean_kernel(producers: list[nn.Module]) -> float:
+    """Kernel side length of a layer: its conv / linear producers' sides weighted by their in-weights per channel."""
+    weight, total = 0.0, 0.0
+    for m in producers:
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            elems = int(torch.tensor(m.kernel_size).prod())
+            per_channel = m.in_channels // m.groups * elems
+            side = elems ** (1.0 / len(m.kernel_size))
+        elif isinstance(m, nn.Linear):
+            per_channel, side = m.in_features, 1.0
+        else:
+            continue
+        weight += per_channel * side
+        total += per_channel
+    return weight / total if total else 1.0
+
+
 def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequence[str] = (),
                     preset: str | None = None) -> StructureSet:
     """All prunable structures of `model`; the final classifier and layers matching `exclude` patterns are left out."""
@@ -270,11 +361,13 @@ def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequ
     position = {n: i for i, n in enumerate(order)}
 
     raw_layers = []
+    unprunable: dict[str, str] = {}
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=PRODUCER_TYPES):
         root = group[0].dep.target.module
         size = len(group[0].idxs)
         producers: dict[str, tuple[list[int], list[int]]] = {}
         effects: list[tuple[str, int, list[int], list[int]]] = []  # module, dim, module idxs, root idxs
+        grouped: list[tuple[str, int, int, list[int], list[int]]] = []
         consumers = []
         for item in group:
             module, handler = item.dep.target.module, item.dep.handler
@@ -283,6 +376,9 @@ def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequ
                 continue
             idxs, root_idxs = list(item.idxs), list(item.root_idxs)
             is_out = graph.is_out_channel_pruning_fn(handler)
+            channels, groups = _channel_groups(module, is_out or isinstance(module, NORM_TYPES))
+            if groups > 1 and all(g[0] != name or g[1] != channels for g in grouped):
+                grouped.append((name, channels, groups, idxs, root_idxs))
             if isinstance(module, NORM_TYPES) or (isinstance(module, PRODUCER_TYPES) and is_out):
                 if name not in producers:
                     producers[name] = (idxs, root_idxs)
@@ -292,32 +388,42 @@ def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequ
                 effects.append((name, 0, idxs, root_idxs))
         if not producers:
             continue
-        raw_layers.append((names[root], size, root, producers, effects, consumers))
+        members, reason = _partition(size, grouped)
+        if reason:
+            unprunable[names[root]] = reason
+            continue
+        raw_layers.append((names[root], size, members, producers, effects, consumers))
     raw_layers.sort(key=lambda r: position.get(r[0], len(position)))
 
     stages = _stage_labels([shapes.get(r[0], ()) for r in raw_layers])
-    layers, keys, layer_of, slices = [], [], [], []
+    layers, keys, layer_of, slices, consumed = [], [], [], [], []
     removal_rows = []
     offset = 0
-    for depth, (root_name, size, root, producers, effects, consumers) in enumerate(raw_layers):
-        kernel = int(root.kernel_size[0]) if hasattr(root, "kernel_size") else 1
+    for depth, (root_name, channels, members, producers, effects, consumers) in enumerate(raw_layers):
+        structure_of = torch.empty(channels, dtype=torch.long)
+        for s, channel_set in enumerate(members):
+            structure_of[channel_set] = s
+        kernel = _mean_kernel([model.get_submodule(n) for n in producers])
         block = root_name.rpartition(".")[0] or root_name
-        layers.append(Layer(root_name, size, kernel, depth, stages[depth], block, list(producers), sorted(set(consumers))))
-        keys += [f"{root_name}:{c}" for c in range(size)]
-        layer_of += [depth] * size
+        layers.append(Layer(root_name, len(members), kernel, depth, stages[depth], block, list(producers),
+                            sorted(set(consumers)), channels, members))
+        keys += [f"{root_name}:{s}" for s in range(len(members))]
+        layer_of += [depth] * len(members)
         for name, (idxs, root_idxs) in producers.items():
-            slices.append(ProducerSlice(name, torch.tensor(idxs), torch.tensor(root_idxs) + offset))
+            slices.append(ProducerSlice(name, torch.tensor(idxs), structure_of[root_idxs] + offset))
             info = infos[module_pos[name]]
             if info.layer < 0 or name == root_name:  # a module belongs to the layer it is the root of, else its first
                 info.layer = depth
-        block_removal = torch.zeros(size, 2 * len(infos), dtype=torch.float64)
+        block_removal = torch.zeros(len(members), 2 * len(infos), dtype=torch.float64)
         for name, dim, idxs, root_idxs in effects:
+            if dim == 0:
+                consumed.append(ProducerSlice(name, torch.tensor(idxs), structure_of[root_idxs] + offset))
             col = 2 * module_pos[name] + dim
-            block_removal[:, col].index_add_(0, torch.tensor(root_idxs), torch.ones(len(root_idxs), dtype=torch.float64))
+            block_removal[:, col].index_add_(0, structure_of[root_idxs], torch.ones(len(root_idxs), dtype=torch.float64))
         removal_rows.append(block_removal)
-        offset += size
+        offset += len(members)
     if not layers:
         raise MaskError("no prunable channel group found (every group contains the classifier or an excluded layer)")
     return StructureSet(
         architecture_signature(model), layers, keys, torch.tensor(layer_of), slices, infos,
-        torch.cat(removal_rows), [n for m, n in names.items() if m in ignored])
+        torch.cat(removal_rows), [n for m, n in names.items() if m in ignored], unprunable, consumed)

@@ -5,7 +5,7 @@ import torch
 from conftest import random_mask
 from sosp_engine.cli import main
 from sosp_engine.loading import open_workbench
-from sosp_engine.masks import save_mask
+from sosp_engine.masks import pruned_copy, save_mask
 
 
 def test_info_prints_a_model_summary(capsys):
@@ -28,7 +28,7 @@ def test_prune_saves_a_smaller_model_with_matching_counts(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["params_after"] == result["params_counted"] < result["params_before"]
     assert result["macs_after"] == result["macs_counted"]
-    state = torch.load(tmp_path / "small.pt", weights_only=True)
+    state = torch.load(tmp_path / "small.pt", weights_only=True)["state_dict"]
     assert sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k) == result["params_after"]
 
 
@@ -36,3 +36,29 @@ def test_bad_input_is_an_error_line_not_a_traceback(capsys):
     assert main(["info", "--model", "resnet20", "--data", "cifar10:/no/such/folder"]) == 2
     err = capsys.readouterr().err
     assert "error: data path '/no/such/folder' does not exist" in err and "Traceback" not in err
+
+
+def test_a_pruned_checkpoint_reopens_with_the_usual_model_and_weights_flags(tmp_path, capsys):
+    wb = open_workbench("resnet20", "digits")
+    torch.save(wb.model.state_dict(), tmp_path / "w.pt")
+    mask = random_mask(wb.structures, 0.5, seed=3)
+    save_mask(tmp_path / "m.json", wb.structures, mask)
+    assert main(["prune", "--model", "resnet20", "--weights", str(tmp_path / "w.pt"), "--mask", str(tmp_path / "m.json"),
+                 "--save", str(tmp_path / "small.pt"), "--out", str(tmp_path / "p.json")]) == 0
+    assert main(["info", "--model", "resnet20", "--weights", str(tmp_path / "small.pt"), "--out", str(tmp_path / "i.json")]) == 0
+    info = json.loads((tmp_path / "i.json").read_text())
+    assert info["pruned_checkpoint"] and info["params"] == json.loads((tmp_path / "p.json").read_text())["params_after"]
+    reopened = open_workbench("resnet20", "digits", str(tmp_path / "small.pt"))
+    expected = pruned_copy(wb.model, wb.structures, mask, wb.example).eval()
+    x = wb.data.analysis_samples(8)[0]
+    with torch.no_grad():
+        assert torch.allclose(reopened.model.eval()(x), expected(x), atol=1e-6)
+
+
+def test_a_pruned_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, capsys):
+    wb = open_workbench("resnet20", "digits")
+    save_mask(tmp_path / "m.json", wb.structures, random_mask(wb.structures, 0.3))
+    main(["prune", "--model", "resnet20", "--mask", str(tmp_path / "m.json"), "--save", str(tmp_path / "small.pt")])
+    capsys.readouterr()
+    assert main(["info", "--model", "resnet32", "--weights", str(tmp_path / "small.pt")]) == 2
+    assert "made from 'resnet20'" in capsys.readouterr().err

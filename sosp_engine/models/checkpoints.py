@@ -30,8 +30,8 @@ def _unwrap(obj: object) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state_dict from a checkpoint file with `weights_only=True`."""
+def read_checkpoint(path: str | Path) -> object:
+    """The object stored in a checkpoint file, read with `weights_only=True` (no code runs)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
@@ -42,12 +42,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"'{path}' is not a loadable weights file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
             "Only plain state_dicts are accepted; save with torch.save(model.state_dict(), path)"
         ) from None
-    return _unwrap(obj)
+    return obj
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a checkpoint into `model` in place; any key mismatch is a CheckpointError naming the keys."""
-    state = read_state_dict(path)
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict from a checkpoint file with `weights_only=True`."""
+    return _unwrap(read_checkpoint(path))
+
+
+def load_weights(model: nn.Module, path: str | Path, checkpoint: object = None) -> nn.Module:
+    """Load a checkpoint (or its already-read object) into `model` in place; a key mismatch is a CheckpointError."""
+    state = _unwrap(checkpoint) if checkpoint is not None else read_state_dict(path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

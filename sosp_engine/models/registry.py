@@ -103,6 +103,25 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Modu
     return model
 
 
+def _build_timm(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:20]
+        raise ModelSpecError(f"timm has no model '{name}'" + (f"; similar: {', '.join(close)}" if close else ""))
+    try:  # never a download: random init, as for torchvision
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+    except Exception as exc:
+        raise ModelSpecError(f"timm could not build '{name}': {type(exc).__name__}: {exc}") from None
+
+
+# spec scheme -> builder of NAME; the zoo names and user code (file.py:factory, package.module:factory) are matched apart
+LIBRARY_SCHEMES: dict[str, Callable[[str, int, int], nn.Module]] = {
+    "torchvision": _build_torchvision,
+    "timm": _build_timm,
+}
+
+
 def _load_factory(spec: str) -> Callable[..., nn.Module]:
     target, _, attr = spec.rpartition(":")
     if not attr or not target:
@@ -148,20 +167,22 @@ def _call_factory(factory: Callable[..., nn.Module], spec: str, num_classes: int
 
 def is_user_code(spec: str) -> bool:
     """True when building this spec imports and runs the user's own Python code."""
-    return not (ZOO_PATTERN.match(spec.strip()) or spec.strip().startswith("torchvision:"))
+    spec = spec.strip()
+    return ":" in spec and not ZOO_PATTERN.match(spec) and spec.split(":", 1)[0] not in LIBRARY_SCHEMES
 
 
 def build_model(spec: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """Build a randomly initialised model from a spec: zoo name, `torchvision:NAME` or `file.py:factory`."""
+    """Build a randomly initialised model from a spec: zoo name, `torchvision:NAME`, `timm:NAME` or `file.py:factory`."""
     spec = spec.strip()
     match = ZOO_PATTERN.match(spec)
     if match:
         return _build_zoo(match, num_classes, in_channels)
-    if spec.startswith("torchvision:"):
-        return _build_torchvision(spec.split(":", 1)[1], num_classes, in_channels)
+    scheme, _, name = spec.partition(":")
+    if scheme in LIBRARY_SCHEMES:
+        return LIBRARY_SCHEMES[scheme](name, num_classes, in_channels)
     if ":" in spec:
         return _call_factory(_load_factory(spec), spec, num_classes, in_channels)
     raise ModelSpecError(
         f"unknown model '{spec}'. Use a zoo model ({', '.join(ZOO_NAMES)}, e.g. resnet56, resnet32x4, "
-        "resnet56:widths=16,32,128), torchvision:NAME, or path/to/file.py:factory"
+        "resnet56:widths=16,32,128), torchvision:NAME, timm:NAME, or path/to/file.py:factory"
     )

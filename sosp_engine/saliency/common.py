@@ -1,7 +1,9 @@
 """What every saliency needs: the analysis samples, the loss, theta_s slices and per-structure reductions."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -116,3 +118,21 @@ def channel_dim(module: nn.Module) -> int:
 
 def is_norm(module: nn.Module) -> bool:
     return isinstance(module, NORM_TYPES)
+
+
+def _hardsigmoid(x: torch.Tensor) -> torch.Tensor:
+    """hardsigmoid from clamp, whose double backward exists (torch has none for aten::hardsigmoid_backward)."""
+    return torch.clamp(x / 6 + 0.5, 0.0, 1.0)
+
+
+@contextmanager
+def twice_differentiable(model: nn.Module) -> Iterator[nn.Module]:
+    """Swap activations without a double backward (nn.Hardsigmoid) for equal clamp forms while an HVP runs."""
+    patched = [m for m in model.modules() if isinstance(m, nn.Hardsigmoid)]
+    for m in patched:
+        m.forward = _hardsigmoid
+    try:
+        yield model
+    finally:
+        for m in patched:
+            del m.forward

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..progress import check_cancel, report
-from .common import AnalysisInputs, sample_losses
+from .common import AnalysisInputs, sample_losses, twice_differentiable
 
 
 def gradient_and_hvp(inputs: AnalysisInputs, vector: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -15,7 +15,8 @@ def gradient_and_hvp(inputs: AnalysisInputs, vector: list[torch.Tensor]) -> tupl
     n = inputs.num_samples
     for i, (x, y) in enumerate(inputs.batches()):
         check_cancel(inputs.should_stop)
-        loss = sample_losses(inputs.model(x), y, inputs.loss).sum() / n
+        with twice_differentiable(inputs.model) as model:
+            loss = sample_losses(model(x), y, inputs.loss).sum() / n
         g = torch.autograd.grad(loss, params, create_graph=True)
         dot = sum((gi * vi).sum() for gi, vi in zip(g, vector))
         hv = torch.autograd.grad(dot, params)

@@ -1,0 +1,106 @@
+"""Where removing a structure is the same network as zeroing its in-weights, and how far apart they are elsewhere.
+
+The saliencies describe the zero-masked network. Removal equals zeroing when a zeroed channel stays zero until every
+consumer reads it (conv -> affine norm -> ReLU-like, linear, residual add, concat, gates that multiply) and no norm
+mixes it with the kept channels. It differs after a BatchNorm without affine parameters or an activation with
+f(0) != 0 (the zeroed channel arrives as a constant), and under GroupNorm / LayerNorm (statistics change).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .masks import pruned_copy, zeroed_copy
+from .structures import StructureSet
+
+RELATIVE_TOLERANCE = 1e-5
+
+
+def _channel_mixing_norm(module: nn.Module) -> bool:
+    if isinstance(module, nn.GroupNorm):
+        return module.num_groups < module.num_channels
+    return isinstance(module, nn.LayerNorm)
+
+
+def _consumer_inputs(model: nn.Module, names: set[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input tensor of each named module on `x` (first call only)."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name in names:
+        def hook(module, args, name=name):
+            if name not in seen and args and isinstance(args[0], torch.Tensor):
+                seen[name] = args[0].detach()
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def approximate_layers(model: nn.Module, structures: StructureSet, x: torch.Tensor) -> dict[str, str]:
+    """Layers whose removal is not the zero-masked network, each with the reason (one forward pass on `x`)."""
+    reasons: dict[str, str] = {}
+    for layer in structures.layers:
+        mixing = [p for p in layer.producers if _channel_mixing_norm(model.get_submodule(p))]
+        if mixing:
+            reasons[layer.name] = f"{mixing[0]} normalises over several channels: removing some changes the others"
+    was_training = model.training
+    model.eval()
+    zeroed = zeroed_copy(model, structures, structures.keys).eval()
+    names = {piece.module for piece in structures.consumed}
+    try:
+        plain, masked = _consumer_inputs(model, names, x), _consumer_inputs(zeroed, names, x)
+    finally:
+        model.train(was_training)
+    for piece in structures.consumed:
+        if piece.module not in masked:
+            continue
+        dim = -1 if isinstance(model.get_submodule(piece.module), nn.Linear) else 1
+        values = masked[piece.module].index_select(dim % masked[piece.module].ndim, piece.channels)
+        scale = plain[piece.module].abs().max().item() or 1.0
+        leaking = values.abs().flatten(1).amax(1) if values.ndim > 1 else values.abs()
+        if leaking.max().item() > RELATIVE_TOLERANCE * scale:
+            layer = structures.layers[int(structures.layer_of[piece.structure[0]])].name
+            reasons.setdefault(layer, f"a zeroed channel reaches {piece.module} as a nonzero value (an activation with "
+                                      "f(0) != 0 or a BatchNorm without affine parameters on the way)")
+    return {layer.name: reasons[layer.name] for layer in structures.layers if layer.name in reasons}
+
+
+def output_deviation(model: nn.Module, structures: StructureSet, mask: Iterable[str], example_input: torch.Tensor,
+                     x: torch.Tensor) -> float:
+    """max |pruned(x) - zero-masked(x)| / max |zero-masked(x)|: 0 up to float error where removal equals zeroing."""
+    mask = set(mask)
+    was_training = model.training
+    model.eval()
+    try:
+        smaller = pruned_copy(model, structures, mask, example_input).eval()
+        zeroed = zeroed_copy(model, structures, mask).eval()
+        with torch.no_grad():
+            a, b = smaller(x), zeroed(x)
+    finally:
+        model.train(was_training)
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+def exactness_report(model: nn.Module, structures: StructureSet, mask: Iterable[str], example_input: torch.Tensor,
+                     x: torch.Tensor) -> dict:
+    """The layers where removal is approximate and the measured output deviation of the pruned model for `mask`."""
+    approximate = approximate_layers(model, structures, x)
+    return {"exact": not approximate, "approximate_layers": approximate,
+            "deviation": output_deviation(model, structures, mask, example_input, x), "samples": len(x)}
+
+
+def exactness_line(report: dict) -> str:
+    """One line for the CLI and the UI: 'exact' or 'approximate in N layers: ...' with the measured deviation."""
+    if report["exact"]:
+        return (f"exact: the pruned model equals the zero-masked one (measured relative deviation "
+                f"{report['deviation']:.1e} on {report['samples']} samples)")
+    names = list(report["approximate_layers"])
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    return (f"approximate in {len(names)} layers: {shown}; the pruned model deviates from the zero-masked one the "
+            f"saliencies describe by {report['deviation']:.2%} of its output on {report['samples']} samples")
