@@ -106,7 +106,7 @@ class ModuleInfo:
     """What the counting needs of one parameterised module: its type, channel sizes and output positions."""
 
     name: str
-    kind: str  # conv | depthwise | linear | norm | other
+    kind: str  # conv | depthwise | linear | norm | vector (a bare per-channel parameter, e.g. layer scale) | other
     in_channels: int
     out_channels: int
     groups: int
@@ -126,6 +126,8 @@ class ModuleInfo:
             return out_kept * in_kept + (out_kept if self.has_bias else 0) + self.fixed_params
         if self.kind == "norm":
             return out_kept * (2 if self.has_bias else 1) + self.fixed_params
+        if self.kind == "vector":
+            return out_kept * self.kernel_elems
         return self.fixed_params
 
     def macs(self, in_kept: float, out_kept: float) -> float:
@@ -268,13 +270,25 @@ class StructureSet:
         return vec
 
 
+def _counted_module(m: nn.Module) -> bool:
+    """Convs, linears and norms (also wrappers such as timm's BatchNormAct2d) and parameterised leaves."""
+    own = any(True for _ in m.parameters(False))
+    return isinstance(m, PRODUCER_TYPES + NORM_TYPES) or (own and next(m.children(), None) is None)
+
+
+def _bare_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Parameters held by a module that is not counted as a whole (layer scales, class tokens, ...)."""
+    return [(f"{n}.{pn}" if n else pn, p) for n, m in model.named_modules() if not _counted_module(m)
+            for pn, p in m.named_parameters(recurse=False)]
+
+
 def forward_records(model: nn.Module, example_input: torch.Tensor) -> tuple[list[str], dict[str, tuple]]:
     """Forward order of parameterised leaf modules and each one's output shape."""
     order: list[str] = []
     shapes: dict[str, tuple] = {}
     hooks = []
     for name, m in model.named_modules():
-        if next(m.children(), None) is None and (isinstance(m, PRODUCER_TYPES + NORM_TYPES) or any(True for _ in m.parameters(False))):
+        if _counted_module(m):
             def hook(mod, inp, out, name=name):
                 if name not in shapes:
                     order.append(name)
@@ -354,9 +368,16 @@ def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequ
     graph = build_graph(model, example_input)
 
     module_names = list(order)
-    module_names += [n for n, m in model.named_modules() if n not in shapes and next(m.children(), None) is None
-                     and any(True for _ in m.parameters(False))]
+    module_names += [n for n, m in model.named_modules() if n not in shapes and _counted_module(m)]
     infos = [module_info(n, model.get_submodule(n), shapes.get(n, ())) for n in module_names]
+    bare = _bare_parameters(model)
+    param_names: dict[int, str] = {}
+    pruning_dims = {id(p): dim for p, dim in graph.unwrapped_parameters}
+    for pname, p in bare:
+        channels = p.shape[pruning_dims.get(id(p), -1)] if p.ndim else 1
+        infos.append(ModuleInfo(pname, "vector", channels, channels, 1, p.numel() // max(channels, 1), 1, False, 0))
+        param_names[id(p)] = pname
+        module_names.append(pname)
     module_pos = {n: i for i, n in enumerate(module_names)}
     position = {n: i for i, n in enumerate(order)}
 
@@ -371,8 +392,11 @@ def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequ
         consumers = []
         for item in group:
             module, handler = item.dep.target.module, item.dep.handler
-            name = names.get(module)
+            name = param_names.get(id(module)) if isinstance(module, nn.Parameter) else names.get(module)
             if name is None or name not in module_pos:
+                continue
+            if isinstance(module, nn.Parameter):  # a bare per-channel parameter goes with the channel
+                effects.append((name, 1, list(item.idxs), list(item.root_idxs)))
                 continue
             idxs, root_idxs = list(item.idxs), list(item.root_idxs)
             is_out = graph.is_out_channel_pruning_fn(handler)

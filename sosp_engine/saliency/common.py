@@ -109,10 +109,14 @@ def sample_losses(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Ten
     return 0.5 * ((logits - target) ** 2).sum(1)
 
 
-def channel_dim(module: nn.Module) -> int:
-    """The axis of a module's output that indexes its channels."""
-    if isinstance(module, (nn.Linear, nn.LayerNorm)):
-        return -1
+def channel_dim(module: nn.Module, output: torch.Tensor) -> int:
+    """The axis of a module's output that indexes its channels (last for linear layers and channels-last norms)."""
+    if isinstance(module, nn.Linear) or output.ndim <= 2:
+        return output.ndim - 1
+    if type(module) is nn.LayerNorm:
+        return output.ndim - 1
+    if isinstance(module, nn.LayerNorm):  # subclasses such as timm's LayerNorm2d normalise NCHW over dim 1
+        return 1 if output.shape[1] == module.normalized_shape[0] else output.ndim - 1
     return 1
 
 

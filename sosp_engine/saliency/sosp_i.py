@@ -44,7 +44,7 @@ def _structure_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tens
     per_module: dict[str, torch.Tensor] = {}
     for (name, tensor), g in zip(flat, grads):
         tensor = tensor.detach()  # the products must not keep the forward graph alive
-        dim = channel_dim(inputs.model.get_submodule(name)) % tensor.ndim
+        dim = channel_dim(inputs.model.get_submodule(name), tensor)
         if dim != 1:
             g, tensor = g.movedim(dim, 1), tensor.movedim(dim, 1)
         contrib = torch.linalg.vecdot(g.reshape(n, g.shape[1], -1), tensor.reshape(n, tensor.shape[1], -1))

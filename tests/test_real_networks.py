@@ -1,0 +1,167 @@
+"""Grouped convolutions, GroupNorm, gates and pruned checkpoints: structures that always prune physically, exact counts,
+and an honest statement where removal is not zeroing."""
+import pytest
+import torch
+
+from conftest import ROOT, random_mask
+from sosp_engine.analysis import AnalysisConfig, run_analysis, train_mode_batches
+from sosp_engine.counting import count_macs, count_params
+from sosp_engine.errors import ModelSpecError
+from sosp_engine.exactness import approximate_layers, output_deviation
+from sosp_engine.loading import open_workbench
+from sosp_engine.masks import mask_summary, pruned_copy, zeroed_copy
+from sosp_engine.models import build_model, is_user_code
+from sosp_engine.saliency.common import twice_differentiable
+from sosp_engine.structures import find_structures
+
+FIXTURE = ROOT / "tests" / "fixtures" / "grouped_model.py"
+GROUPED, GATED, NORM_MLP = f"{FIXTURE}:build", f"{FIXTURE}:build_gated", f"{FIXTURE}:build_norm_mlp"
+X = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def trained_like(spec: str) -> torch.nn.Module:
+    """A seeded model in eval mode whose BatchNorm statistics are not the init ones (as after training)."""
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    gen = torch.Generator().manual_seed(2)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.uniform_(-1, 1, generator=gen)
+            m.running_var.uniform_(0.5, 2, generator=gen)
+    return model
+
+
+@pytest.fixture(scope="module")
+def grouped():
+    model = trained_like(GROUPED)
+    return model, find_structures(model, X[:1])
+
+
+def test_a_grouped_conv_structure_is_one_local_position_in_every_group(grouped):
+    _, structures = grouped
+    layers = {layer.name: layer for layer in structures.layers}
+    assert [(n, l.size, l.channels) for n, l in layers.items()] == [
+        ("stem.0", 4, 8), ("g2", 4, 16), ("g4", 2, 8), ("side", 4, 4)]
+    assert layers["stem.0"].structure_channels[1] == [1, 5]  # g2 reads it with groups=2
+    assert layers["g2"].structure_channels[0] == [0, 4, 8, 12]  # GroupNorm(4, 16) and g4's groups=4
+
+
+def test_hand_counted_params_and_macs_of_a_grouped_net(grouped):
+    _, structures = grouped
+    assert structures.counts() == (1358, 73336)
+    pruned = structures.pruned_vector({"stem.0:0", "g2:0", "g4:0"})
+    assert structures.counts(pruned) == (792, 41168)
+
+
+@pytest.mark.parametrize("spec", [GROUPED, GATED], ids=["grouped", "gated"])
+@pytest.mark.parametrize("ratio", [0.3, 0.7])
+def test_random_masks_prune_physically_with_exact_counts(spec, ratio):
+    model = trained_like(spec)
+    structures = find_structures(model, X[:1])
+    for seed in range(6):
+        mask = random_mask(structures, ratio, seed)
+        smaller = pruned_copy(model, structures, mask, X[:1])
+        summary = mask_summary(structures, mask)
+        assert (summary["params_after"], summary["macs_after"]) == (count_params(smaller), count_macs(smaller, X[:1]))
+
+
+@pytest.mark.parametrize("spec", [GROUPED, GATED], ids=["grouped", "gated"])
+def test_pruning_equals_zeroing_outside_the_approximate_layers(spec):
+    model = trained_like(spec)
+    structures = find_structures(model, X[:1])
+    approximate = approximate_layers(model, structures, X)
+    for seed in range(6):
+        mask = {k for k in random_mask(structures, 0.5, seed) if k.rpartition(":")[0] not in approximate}
+        smaller, zeroed = pruned_copy(model, structures, mask, X[:1]).eval(), zeroed_copy(model, structures, mask)
+        with torch.no_grad():
+            assert torch.allclose(smaller(X), zeroed(X), atol=1e-5)
+
+
+def test_groupnorm_and_an_affine_free_batchnorm_are_listed_as_approximate():
+    grouped_model, gated_model = trained_like(GROUPED), trained_like(GATED)
+    grouped = approximate_layers(grouped_model, find_structures(grouped_model, X[:1]), X)
+    gated = approximate_layers(gated_model, find_structures(gated_model, X[:1]), X)
+    assert list(grouped) == ["g2"] and "gn normalises over several channels" in grouped["g2"]
+    assert list(gated) == ["conv2"] and "nonzero value" in gated["conv2"]
+
+
+def test_the_deviation_of_an_approximate_layer_is_measured():
+    model = trained_like(GATED)
+    structures = find_structures(model, X[:1])
+    assert output_deviation(model, structures, {f"conv2:{c}" for c in range(5)}, X[:1], X) > 1e-3
+    assert output_deviation(model, structures, {"se_reduce:1"}, X[:1], X) < 1e-6
+
+
+def test_zoo_and_user_nets_with_residuals_concat_and_depthwise_are_exact(user_model_spec):
+    for spec, shape in (("resnet20", (4, 3, 16, 16)), (user_model_spec, (4, 3, 8, 8)), ("densenet40", (2, 3, 16, 16))):
+        model = trained_like(spec)
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        assert approximate_layers(model, find_structures(model, x[:1]), x) == {}, spec
+
+
+def test_a_layer_feeding_only_part_of_a_grouped_conv_is_unprunable_with_the_reason(tmp_path):
+    source = tmp_path / "halves.py"
+    source.write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Halves(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)\n"
+        "        self.g, self.head = nn.Conv2d(8, 6, 3, groups=2), nn.Linear(6, 10)\n"
+        "    def forward(self, x):\n"
+        "        return self.head(self.g(torch.cat([self.a(x), self.b(x)], 1)).mean((2, 3)))\n"
+        "def build():\n    return Halves()\n")
+    model = build_model(f"{source}:build")
+    structures = find_structures(model, X[:1])
+    assert set(structures.unprunable) == {"a", "b"} and "part of the grouped layer g" in structures.unprunable["a"]
+    assert [layer.name for layer in structures.layers] == ["g"]
+
+
+def test_kernel_normalisation_weighs_a_residual_stream_by_its_3x3_producers():
+    model = build_model("resnet20")
+    structures = find_structures(model, torch.randn(1, 3, 16, 16), preset=None)
+    stream = next(layer for layer in structures.layers if "shortcut" in layer.name)
+    assert 2.5 < stream.kernel < 3.0  # a 1x1 shortcut root, mostly 3x3 in-weights
+
+
+def test_a_last_batch_of_one_sample_joins_the_previous_batch():
+    assert train_mode_batches(21, 10) == [(0, 10), (10, 21)]
+    assert train_mode_batches(20, 10) == [(0, 10), (10, 20)]
+    assert train_mode_batches(1, 10) == [(0, 1)]
+
+
+def test_an_at_init_analysis_with_batchnorm1d_and_a_last_batch_of_one_runs():
+    wb = open_workbench(NORM_MLP, "synthetic:3,8,8:10")
+    result = run_analysis(wb, AnalysisConfig(method="sosp-h", model_spec=NORM_MLP, data_spec="synthetic:3,8,8:10",
+                                             at_init=True, samples=21, batch_size=10))
+    assert result.saliency.isfinite().all() and result.n_prunable > 0
+
+
+def test_hardsigmoid_gets_a_double_backward_during_the_hvp():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Hardsigmoid())
+    x = torch.randn(5, 3) * 4
+    with twice_differentiable(model):
+        (g,) = torch.autograd.grad(model(x).pow(2).sum(), model[0].weight, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), model[0].weight)
+    assert h.abs().sum() > 0 and "forward" not in vars(model[1])  # the swap is undone afterwards
+
+
+def test_analyses_record_their_exactness():
+    wb = open_workbench(GATED, "synthetic:3,8,8:10")
+    result = run_analysis(wb, AnalysisConfig(method="sosp-h", model_spec=GATED, data_spec="synthetic:3,8,8:10", samples=16,
+                                             at_init=True))  # BatchNorm statistics re-estimated: not the init ones
+    assert result.exactness["exact"] is False and list(result.exactness["approximate_layers"]) == ["conv2"]
+
+
+def test_timm_models_build_from_their_spec_without_a_download():
+    model = build_model("timm:resnet10t", num_classes=7, in_channels=1).eval()
+    assert model(torch.randn(1, 1, 32, 32)).shape == (1, 7) and not is_user_code("timm:resnet10t")
+
+
+def test_an_unknown_timm_name_is_a_clear_error():
+    with pytest.raises(ModelSpecError, match="timm has no model 'resnet_nope'"):
+        build_model("timm:resnet_nope")
+
+
+def test_a_typo_in_a_zoo_name_is_not_user_code():
+    assert not is_user_code("resnet21") and is_user_code("my_model.py:build")
