@@ -19,7 +19,8 @@ trained = store.models()
 with st.form("model_form"):
     cols = st.columns(3)
     model_spec = cols[0].text_input("Model spec", choice.model_spec,
-                                    help="resnet20/32/56/110 (x2, :widths=16,32,128), vgg19, densenet40, torchvision:NAME, path/file.py:factory")
+                                    help="resnet20/32/56/110 (x2, :widths=16,32,128), vgg19, densenet40, torchvision:NAME, timm:NAME, "
+                                         "path/file.py:factory")
     data_spec = cols[1].text_input("Data spec", choice.data_spec, help="digits, cifar10:PATH, cifar100:PATH, imagefolder:PATH, synthetic:C,H,W:K")
     stored = {m["weights"]: f"{m['name']} ({m['model_spec']}, test acc {m['metrics'].get('test_acc', 0):.1%})" for m in trained}
     options = ["random init", "checkpoint path"] + list(stored)
@@ -76,6 +77,16 @@ with cols[2].popover("Train this model in the background", icon=":material/model
             st.success(f"Job {job} started. It keeps running if you close the tab; follow it on the Runs page. "
                        "When it is done, its weights appear in the Weights list above.")
 
+grouped = [l for l in workbench.structures.layers if l.structure_size > 1]
+if grouped:
+    st.caption(f"{len(grouped)} layers sit at grouped convolutions or GroupNorm: one structure there is one channel per "
+               f"group ({', '.join(f'{l.name}: {l.structure_size} channels' for l in grouped[:4])}"
+               f"{', ...' if len(grouped) > 4 else ''}), so every mask stays physically prunable.")
+if workbench.structures.unprunable:
+    st.caption("Not prunable: " + "; ".join(f"{name} ({why})" for name, why in workbench.structures.unprunable.items()))
+if workbench.recipe is not None:
+    st.caption(f"These weights are a pruned checkpoint of {workbench.recipe['model_spec']}: the model was rebuilt at "
+               "its pruned widths.")
 st.subheader("Prunable layers (coupled channel groups)")
 st.dataframe(layer_table(workbench.structures).drop(columns=["kept", "pruned", "params_after", "macs_after", "pruning_ratio"]),
              hide_index=True)

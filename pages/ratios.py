@@ -6,7 +6,10 @@ from app.export import export_buttons
 from app.guard import user_errors
 from app.pickers import chosen_analysis
 from app.report import analysis_report
-from sosp_engine.masks import layer_table, mask_summary
+from sosp_engine.exactness import exactness_line
+from sosp_engine.loading import resolve_preset
+from sosp_engine.masks import layer_table, mask_json, mask_summary, pruned_copy
+from sosp_engine.pruned_models import pruned_checkpoint_bytes, pruning_recipe
 
 st.title("Pruning ratios")
 record, result, workbench, ratio, unit = chosen_analysis("ratio")
@@ -21,6 +24,14 @@ cols[1].metric("Parameters", f"{summary['params_after']:,}", f"-{summary['param_
 cols[2].metric("MACs / sample", f"{summary['macs_after']:,}", f"-{summary['mac_ratio']:.1%}", delta_color="inverse")
 cols[3].metric("Method", result.config.method, "at init" if result.config.at_init else "trained weights", delta_color="off")
 
+if result.exactness:
+    line = exactness_line(result.exactness) + f" (measured at {result.exactness.get('ratio', 0):.0%} of the structures)"
+    (st.caption if result.exactness["exact"] else st.warning)(line)
+    if not result.exactness["exact"]:
+        st.dataframe({"layer": list(result.exactness["approximate_layers"]),
+                      "why removal differs from zeroing": list(result.exactness["approximate_layers"].values())},
+                     hide_index=True)
+
 hist = ratio_histogram(table, f"{record['name']}: layer-wise pruning ratios at {ratio:.0%} of {unit}")
 st.plotly_chart(hist, key="hist")
 export_buttons(hist, table, f"pruning-ratios-{record['id']}")
@@ -32,3 +43,20 @@ st.dataframe(table, hide_index=True, column_config={"pruning_ratio": st.column_c
 report = analysis_report(f"SOSP Lab analysis: {record['name']}", {**record["config"], "ratio": ratio, "unit": unit,
                          **{k: v for k, v in summary.items()}}, [hist, profile], {"Per-layer table": table})
 st.download_button("Analysis report (HTML)", report, f"report-{record['id']}.html", "text/html", icon=":material/description:")
+
+name = f"{record['name']}-{ratio:.0%}-{unit}".replace(" ", "_").replace("%", "pct")
+cols = st.columns(2)
+cols[0].download_button("Mask (JSON)", mask_json(workbench.structures, mask, method=result.config.method, ratio=ratio,
+                                                 unit=unit), f"mask-{name}.json", "application/json",
+                        icon=":material/download:")
+if cols[1].button("Prepare the pruned model", icon=":material/content_cut:",
+                  help="prune physically; the checkpoint reopens on the Model page with the same model spec"):
+    with user_errors("Pruning the model", stop=False):
+        c = result.config
+        smaller = pruned_copy(workbench.model, workbench.structures, mask, workbench.example)
+        recipe = pruning_recipe(c.model_spec, workbench.structures, mask, resolve_preset(c.model_spec, c.preset),
+                                c.exclude, workbench.recipe)
+        st.session_state[("pruned-model", name)] = pruned_checkpoint_bytes(smaller, recipe)
+if ("pruned-model", name) in st.session_state:
+    cols[1].download_button("Pruned model (.pt)", st.session_state[("pruned-model", name)], f"pruned-{name}.pt",
+                            "application/octet-stream", icon=":material/download:")

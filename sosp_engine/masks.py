@@ -130,14 +130,21 @@ def compare_masks(structures: StructureSet, mask_a: Iterable[str], mask_b: Itera
     return table, overall
 
 
-def save_mask(path: str | Path, structures: StructureSet, mask: Iterable[str], **meta: object) -> Path:
-    """Write a mask as JSON keyed by structure keys, with the architecture signature it belongs to."""
+def mask_json(structures: StructureSet, mask: Iterable[str], **meta: object) -> str:
+    """A mask as JSON text keyed by structure keys, with the architecture signature it belongs to."""
     keys = sorted(set(mask), key=structures.key_index().__getitem__)
     structures.pruned_vector(keys)
+    return json.dumps({"format": MASK_FORMAT, "architecture": structures.signature, "meta": meta, "pruned": keys}, indent=1)
+
+
+def save_mask(path: str | Path, structures: StructureSet, mask: Iterable[str], **meta: object) -> Path:
+    """Write a mask JSON file (written to a temporary name, then renamed)."""
+    text = mask_json(structures, mask, **meta)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": MASK_FORMAT, "architecture": structures.signature, "meta": meta, "pruned": keys}
-    path.write_text(json.dumps(payload, indent=1))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
     return path
 
 

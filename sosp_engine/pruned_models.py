@@ -1,6 +1,7 @@
 """Pruned checkpoints that reopen: the weights of a physically pruned model with the recipe that rebuilds its shape."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -26,12 +27,19 @@ def pruning_recipe(model_spec: str, structures: StructureSet, mask: Iterable[str
     return {"format": PRUNED_FORMAT, "model_spec": model_spec, "steps": [*(earlier or {}).get("steps", []), step]}
 
 
+def pruned_checkpoint_bytes(smaller: nn.Module, recipe: dict) -> bytes:
+    """The pruned checkpoint as bytes (for a download)."""
+    buffer = io.BytesIO()
+    torch.save({**recipe, "state_dict": {k: v.detach().cpu() for k, v in smaller.state_dict().items()}}, buffer)
+    return buffer.getvalue()
+
+
 def save_pruned(path: str | Path, smaller: nn.Module, recipe: dict) -> Path:
     """Write the pruned model's state_dict with its recipe (plain containers: loadable with weights_only=True)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({**recipe, "state_dict": {k: v.detach().cpu() for k, v in smaller.state_dict().items()}}, tmp)
+    tmp.write_bytes(pruned_checkpoint_bytes(smaller, recipe))
     tmp.replace(path)
     return path
 

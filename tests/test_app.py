@@ -144,3 +144,27 @@ def test_launching_and_cancelling_a_tiny_job(fresh):
     while fresh.job(job["id"])["status"] not in ("cancelled", "failed", "done") and time.time() < deadline:
         time.sleep(0.5)
     assert fresh.job(job["id"])["status"] == "cancelled"
+
+
+def test_the_ratios_page_states_exactness_and_offers_the_mask_and_pruned_model(stored):
+    at = open_page("ratios")
+    assert any("exact" in c.value for c in at.caption)
+    widget(at.button, "Prepare the pruned model").click().run()
+    assert not at.exception and not at.error
+
+
+def test_a_pruned_checkpoint_reopens_on_the_model_page(fresh, tmp_path):
+    from sosp_engine.masks import pruned_copy
+    from sosp_engine.pruned_models import pruning_recipe, save_pruned
+    from conftest import random_mask
+
+    wb = open_workbench("resnet20", "digits")
+    mask = random_mask(wb.structures, 0.5)
+    path = save_pruned(tmp_path / "small.pt", pruned_copy(wb.model, wb.structures, mask, wb.example),
+                       pruning_recipe("resnet20", wb.structures, mask, "cifar-resnet", []))
+    at = open_page("model")
+    widget(at.selectbox, "Weights").set_value("checkpoint path")
+    widget(at.text_input, "Checkpoint path (for 'checkpoint path')").set_value(str(path))
+    widget(at.button, "Load model").click().run()
+    assert not at.exception and not at.error
+    assert any("pruned checkpoint of resnet20" in c.value for c in at.caption)
