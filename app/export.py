@@ -15,6 +15,16 @@ def _static_image(fig_json: str, fmt: str) -> bytes:
     return pio.from_json(fig_json).to_image(format=fmt, width=1200, height=600, scale=2 if fmt == "png" else 1)
 
 
+def safe_csv(data: pd.DataFrame) -> str:
+    """CSV text with cells that a spreadsheet would run as a formula (= + - @ tab CR first) prefixed by a quote."""
+    def neutral(value: object) -> object:
+        if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+            return "'" + value
+        return value
+
+    return data.map(neutral).to_csv(index=False)
+
+
 def chart_html(fig: go.Figure) -> str:
     """A standalone interactive HTML page of the figure (plotly.js inlined, works offline)."""
     return fig.to_html(include_plotlyjs=True, full_html=True)
@@ -25,7 +35,7 @@ def export_buttons(fig: go.Figure, data: pd.DataFrame, name: str) -> None:
     key = hashlib.md5(f"{name}{fig.to_json()[:2000]}".encode()).hexdigest()[:10]
     cols = st.columns(4)
     cols[2].download_button("HTML", chart_html(fig), f"{name}.html", "text/html", key=f"html-{key}", icon=":material/code:")
-    cols[3].download_button("CSV", data.to_csv(index=False), f"{name}.csv", "text/csv", key=f"csv-{key}", icon=":material/table:")
+    cols[3].download_button("CSV", safe_csv(data), f"{name}.csv", "text/csv", key=f"csv-{key}", icon=":material/table:")
     if not st.session_state.get(f"static-{key}"):
         if cols[0].button("PNG / SVG", key=f"prep-{key}", icon=":material/image:", help="render static images (needs a Chromium)"):
             st.session_state[f"static-{key}"] = True

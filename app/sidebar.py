@@ -1,6 +1,8 @@
 """The sidebar every page shows: workspace, active model, data set and compute device; starts queued jobs."""
 import streamlit as st
 
+from app.text import plain
+
 from app.guard import user_errors
 from app.state import current_choice, workspace
 from sosp_engine.devices import device_name
@@ -23,6 +25,6 @@ def render_sidebar() -> None:
             launch_pending(store)
             running = len(store.jobs("running")) + len(store.jobs("starting"))
             queued = len(store.jobs("queued"))
-        st.markdown(f"**Workspace** `{store.root}`  \n**Model** `{choice.model_spec}`  \n"
-                    f"**Weights** {choice.weights or 'random init'}  \n**Data** `{choice.data_spec}`  \n"
+        st.markdown(f"**Workspace** {plain(store.root)}  \n**Model** {plain(choice.model_spec)}  \n"
+                    f"**Weights** {plain(choice.weights or 'random init')}  \n**Data** {plain(choice.data_spec)}  \n"
                     f"**Device** {_device_label()}  \n**Jobs** {running} running, {queued} queued")

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 import streamlit as st
 
 from sosp_engine.analysis import AnalysisResult
+from app.text import plain
 from sosp_engine.loading import Workbench, open_workbench
+from sosp_engine.models import is_user_code
 from sosp_engine.records import load_stored_analysis
 from sosp_engine.store import Store, default_workspace
 
@@ -40,8 +42,19 @@ def cached_workbench(model_spec: str, data_spec: str, weights: str | None, exclu
 
 
 def workbench_for(result: AnalysisResult) -> Workbench:
-    """The workbench an analysis was made on (its model spec, data, weights and exclusions)."""
+    """The workbench an analysis was made on (its model spec, data, weights and exclusions).
+
+    A stored spec that names user code runs only after this session confirms that very spec.
+    """
     c = result.config
+    trusted = st.session_state.setdefault("trusted_specs", set())
+    if is_user_code(c.model_spec) and c.model_spec not in trusted:
+        st.warning(plain(f"This analysis names user code: {c.model_spec}. Opening it imports and runs that file. "
+                         "Run it only if you trust it."))
+        if st.button("Run this code", key=f"trust-{c.model_spec}"):
+            trusted.add(c.model_spec)
+            st.rerun()
+        st.stop()
     return cached_workbench(c.model_spec, c.data_spec, None if c.at_init else c.weights, tuple(c.exclude), c.preset)
 
 

@@ -1,6 +1,8 @@
 """Analyse page: run SOSP-H, SOSP-I or a baseline on the chosen model, with progress and cancel; the result is stored."""
 import streamlit as st
 
+from app.text import plain
+
 from app.guard import user_errors
 from app.pickers import analyses_frame
 from app.state import cached_workbench, current_choice, workspace
@@ -53,7 +55,7 @@ if run:
     st.session_state["last_analysis"] = record_id
     st.session_state.pop("analysis_cancelled", None)
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
-    st.success(f"Stored as **{workspace().analysis(record_id)['name']}** ({record_id}). Timings: {timing}. "
+    st.success(f"Stored as **{plain(workspace().analysis(record_id)['name'])}** ({record_id}). Timings: {timing}. "
                f"At most {result.max_ratio:.0%} of the structures can be pruned with the cap.")
     st.info("Open **Pruning ratios** in the sidebar to study its layer-wise profile.")
 

@@ -22,7 +22,7 @@ with user_errors("Finding bottlenecks"):
     mask = result.mask(workbench.structures, ratio, unit)
     table = layer_table(workbench.structures, mask)
     units, info = find_bottlenecks(table, level, rule, k, int(n))
-st.markdown(explain(units, info))
+st.text(explain(units, info))
 flagged = list(units[units.flagged].unit)
 if level == "layer":
     fig = ratio_histogram(table, "Pruning ratios with the bottleneck threshold", info["threshold"], flagged)

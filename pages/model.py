@@ -3,6 +3,8 @@ from pathlib import Path
 
 import streamlit as st
 
+from app.text import plain
+
 from app.guard import user_errors
 from app.state import ModelChoice, cached_workbench, current_choice, set_choice, workspace
 from sosp_engine.experiments import ExperimentConfig
@@ -79,14 +81,14 @@ with cols[2].popover("Train this model in the background", icon=":material/model
 
 grouped = [l for l in workbench.structures.layers if l.structure_size > 1]
 if grouped:
-    st.caption(f"{len(grouped)} layers sit at grouped convolutions or GroupNorm: one structure there is one channel per "
-               f"group ({', '.join(f'{l.name}: {l.structure_size} channels' for l in grouped[:4])}"
-               f"{', ...' if len(grouped) > 4 else ''}), so every mask stays physically prunable.")
+    st.caption(plain(f"{len(grouped)} layers sit at grouped convolutions or GroupNorm: one structure there is one "
+                     f"channel per group ({', '.join(f'{l.name}: {l.structure_size} channels' for l in grouped[:4])}"
+                     f"{', ...' if len(grouped) > 4 else ''}), so every mask stays physically prunable."))
 if workbench.structures.unprunable:
-    st.caption("Not prunable: " + "; ".join(f"{name} ({why})" for name, why in workbench.structures.unprunable.items()))
+    st.caption(plain("Not prunable: " + "; ".join(f"{n} ({why})" for n, why in workbench.structures.unprunable.items())))
 if workbench.recipe is not None:
-    st.caption(f"These weights are a pruned checkpoint of {workbench.recipe['model_spec']}: the model was rebuilt at "
-               "its pruned widths.")
+    st.caption(plain(f"These weights are a pruned checkpoint of {workbench.recipe['model_spec']}: the model was "
+                     "rebuilt at its pruned widths."))
 st.subheader("Prunable layers (coupled channel groups)")
 st.dataframe(layer_table(workbench.structures).drop(columns=["kept", "pruned", "params_after", "macs_after", "pruning_ratio"]),
              hide_index=True)

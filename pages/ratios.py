@@ -1,6 +1,8 @@
 """Pruning ratios page: the layer-wise pruning-ratio histogram of an analysis, re-sliced instantly by a global ratio."""
 import streamlit as st
 
+from app.text import plain
+
 from app.charts import ratio_histogram, width_profile
 from app.export import export_buttons
 from app.guard import user_errors
@@ -26,7 +28,7 @@ cols[3].metric("Method", result.config.method, "at init" if result.config.at_ini
 
 if result.exactness:
     line = exactness_line(result.exactness) + f" (measured at {result.exactness.get('ratio', 0):.0%} of the structures)"
-    (st.caption if result.exactness["exact"] else st.warning)(line)
+    (st.caption if result.exactness["exact"] else st.warning)(plain(line))
     if not result.exactness["exact"]:
         st.dataframe({"layer": list(result.exactness["approximate_layers"]),
                       "why removal differs from zeroing": list(result.exactness["approximate_layers"].values())},

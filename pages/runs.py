@@ -2,6 +2,8 @@
 import pandas as pd
 import streamlit as st
 
+from app.text import plain
+
 from app.charts import accuracy_vs_params, training_curves
 from app.export import export_buttons
 from app.guard import user_errors
@@ -66,7 +68,7 @@ if jobs:
             store.delete("job", job_id, confirm=True)
             st.rerun()
     if job["error"]:
-        st.error(f"{job['error']}")
+        st.error(plain(job["error"]))
     metrics = pd.DataFrame([{"stage": m["stage"], **m["data"]} for m in store.metrics(job_id)])
     if not metrics.empty and "val_acc" in metrics:
         fig = training_curves(metrics, f"{job['name']}: validation accuracy")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import save_atomically
 from .errors import AnalysisError
 from .exactness import exactness_report
 from .loading import Workbench
@@ -68,6 +69,8 @@ class AnalysisConfig:
             raise AnalysisError("samples and batch size must be positive")
         if not 0 < self.cap <= 1:
             raise AnalysisError(f"the per-layer cap must be in (0, 1], got {self.cap}")
+        if not 0 <= self.seed < 2**63:
+            raise AnalysisError(f"the seed must be in 0 .. 2**63 - 1, got {self.seed}")
 
 
 @dataclass
@@ -125,9 +128,8 @@ class AnalysisResult:
             tensors["first_order"] = self.first_order
         if self.second_order is not None:
             tensors["second_order"] = self.second_order
-        torch.save(tensors, folder / "tensors.pt.tmp")
+        save_atomically(tensors, folder / "tensors.pt")
         (folder / "analysis.json.tmp").write_text(json.dumps(meta, indent=1))
-        (folder / "tensors.pt.tmp").replace(folder / "tensors.pt")
         (folder / "analysis.json.tmp").replace(folder / "analysis.json")
         return folder
 
@@ -140,11 +142,20 @@ class AnalysisResult:
             tensors = torch.load(folder / "tensors.pt", map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise AnalysisError(f"'{folder}' holds no saved analysis (analysis.json and tensors.pt)") from None
-        except (json.JSONDecodeError, RuntimeError, EOFError) as exc:
+        except (json.JSONDecodeError, RuntimeError, EOFError, OSError, UnicodeDecodeError) as exc:
             raise AnalysisError(f"the analysis in '{folder}' is damaged: {exc}") from None
         if meta.get("format") != RESULT_FORMAT:
             raise AnalysisError(f"'{folder}' is not a SOSP Lab analysis (format {meta.get('format')})")
-        return cls(AnalysisConfig(**meta["config"]), meta["keys"], meta["layers"], tensors["saliency"],
+        try:
+            config = AnalysisConfig(**meta["config"])
+            config.validate()
+            order, n_prunable, count = tensors["pruning_order"], int(meta["n_prunable"]), len(meta["keys"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AnalysisError(f"the analysis in '{folder}' is damaged: {exc}") from None
+        if sorted(order.tolist()) != list(range(count)) or not 0 <= n_prunable <= count:
+            raise AnalysisError(f"the analysis in '{folder}' is damaged: its pruning order is not a permutation of "
+                                f"its {count} structures, or n_prunable {n_prunable} is out of range")
+        return cls(config, meta["keys"], meta["layers"], tensors["saliency"],
                    tensors["pruning_order"], meta["n_prunable"], meta["timings"], meta["weights_fingerprint"],
                    meta["architecture"], tensors.get("first_order"), tensors.get("second_order"),
                    meta.get("estimate", "exact"), meta.get("created", 0.0), meta.get("exactness"))
@@ -206,6 +217,9 @@ def compute_saliency(method: str, inputs: AnalysisInputs, cap: float, normalize:
         saliency = torch.rand(structures.num_structures, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     else:
         raise AnalysisError(f"unknown method '{method}'")
+    if not bool(torch.isfinite(saliency).all()):
+        raise AnalysisError(f"{method} gave NaN or infinite saliencies: the weights or the loss on the analysis samples "
+                            "are not finite (check the checkpoint, or the data's scale)")
     out["saliency_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
     if method == "sosp-i":
@@ -231,6 +245,7 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
     device = resolve_device(config.device)
     start = time.perf_counter()
     x, y = workbench.data.analysis_samples(config.samples, config.seed)
+    config.samples = len(y)  # what was used: N' beyond the training split is clamped
     timings["samples"] = time.perf_counter() - start
     if config.at_init:
         model = workbench.fresh_model(config.seed)

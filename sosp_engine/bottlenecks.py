@@ -60,7 +60,7 @@ def explain(units: pd.DataFrame, info: dict) -> str:
     if flagged.empty:
         return (f"No {info['level']} is pruned markedly less than the rest (mean ratio {info['mean']:.0%}, "
                 f"std {info['std']:.0%}); SOSP sees no architectural bottleneck at this ratio.")
-    names = ", ".join(f"`{u}`" for u in flagged.unit)
+    names = ", ".join(f"'{u}'" for u in flagged.unit)
     rule = (f"pruning ratio below mean - {info['k']:g} x std = {info['threshold']:.0%}" if info["rule"] == "mean-std"
             else f"the {info['n']} least pruned {info['level']}s")
     return (f"{len(flagged)} bottleneck {info['level']}(s): {names}. Flag rule: {rule}. SOSP keeps their channels "

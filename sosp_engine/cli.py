@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -12,8 +15,9 @@ from .analysis import EXACTNESS_SAMPLES, METHODS, AnalysisConfig, AnalysisResult
 from .bottlenecks import LEVELS, RULES, explain, find_bottlenecks
 from .experiments import PROCEDURES, Experiment, ExperimentConfig
 from .jobs import cancel, mark_stale_jobs, read_log, resume, run_job, submit
-from .records import store_analysis
+from .records import require_trust, store_analysis
 from .store import Store
+from .atomic import save_atomically
 from .training import TrainConfig, train
 from .counting import count_macs, count_params
 from .data import load_data
@@ -145,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", default="mean-std", choices=RULES)
     p.add_argument("-k", type=float, default=1.0, help="mean-std rule: flag ratios below mean - k * std")
     p.add_argument("-n", type=int, default=3, help="least rule: flag the n least pruned")
+    p.add_argument("--trust-code", action="store_true", help="allow the analysis's model spec to run user code")
     p.set_defaults(func=cmd_bottlenecks)
     p = sub.add_parser("run-job", help="(internal) run a queued job in this process")
     p.add_argument("job_id")
@@ -164,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = jsub.add_parser(verb, help=helptext)
         p.add_argument("job_id")
         add_workspace_arg(p)
+        if verb == "resume":
+            p.add_argument("--trust-code", action="store_true", help="allow the job's model spec to run user code")
         p.set_defaults(func=func)
     p = jsub.add_parser("list", help="all jobs of the workspace")
     add_workspace_arg(p)
@@ -236,16 +243,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     wb = workbench_from(args)
     config = train_config_from(args)
     result = train(wb.model, wb.data, config, progress=epoch_printer)
-    torch.save(wb.model.cpu().state_dict(), args.save)
+    save_atomically(wb.model.cpu().state_dict(), Path(args.save))
     print(json.dumps({"test_acc": result.test_acc, "test_loss": result.test_loss, "saved": args.save}))
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     wb = workbench_from(args)
-    smaller = pruned_copy(wb.model, wb.structures, load_mask(args.mask, wb.structures), wb.example)
+    mask = load_mask(args.mask, wb.structures)
+    smaller = pruned_copy(wb.model, wb.structures, mask, wb.example)
     config = train_config_from(args)
     result = train(smaller, wb.data, config, progress=epoch_printer)
-    torch.save(smaller.cpu().state_dict(), args.save)
+    save_pruned(args.save, smaller.cpu(), pruning_recipe(args.model, wb.structures, mask,
+                                                         resolve_preset(args.model, args.preset), args.exclude, wb.recipe))
     print(json.dumps({"test_acc": result.test_acc, "params": count_params(smaller), "saved": args.save}))
 
 
@@ -282,6 +291,9 @@ def cmd_expand(args: argparse.Namespace) -> None:
 
 def cmd_bottlenecks(args: argparse.Namespace) -> None:
     result = AnalysisResult.load(args.analysis)
+    require_trust(result.config.model_spec, args.trust_code, f"the analysis in '{args.analysis}'")
+    if not (math.isfinite(args.k) and args.k >= 0) or args.n < 1:
+        raise SospError(f"-k must be a number >= 0 and -n at least 1 (got k={args.k}, n={args.n})")
     wb = open_workbench(result.config.model_spec, result.config.data_spec, None, result.config.exclude, result.config.preset)
     table = layer_table(wb.structures, result.mask(wb.structures, args.ratio, args.unit))
     units, info = find_bottlenecks(table, args.level, args.rule, args.k, args.n)
@@ -324,6 +336,7 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> dict:
 
 def cmd_jobs_resume(args: argparse.Namespace) -> dict:
     store = open_store(args)
+    require_trust(store.job(args.job_id)["config"]["model_spec"], args.trust_code, f"job '{args.job_id}'")
     resume(store, args.job_id)
     return {"job": args.job_id, "status": store.job(args.job_id)["status"]}
 
@@ -386,6 +399,18 @@ class ProgressLine:
         print(file=sys.stderr, flush=True)
 
 
+def one_line_error(exc: BaseException) -> str:
+    """An exception as one readable line: a full disk, a missing file and memory are said in plain words."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"disk full (ENOSPC): {exc.filename or ''} - free space and try again"
+    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
+        return "not enough memory for this input or model size: use fewer samples, a smaller batch or a smaller model"
+    if isinstance(exc, (IsADirectoryError, NotADirectoryError, FileNotFoundError, PermissionError, FileExistsError)):
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    text = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -397,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)
         return 130
+    except Exception as exc:  # anything unforeseen is still one line; SOSP_DEBUG=1 shows where it came from
+        if os.environ.get("SOSP_DEBUG"):
+            raise
+        print(f"error: {one_line_error(exc)} (set SOSP_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 2
     if result is not None:
         emit(result, getattr(args, "out", None))
     return 0

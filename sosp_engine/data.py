@@ -1,6 +1,7 @@
 """Data specs -> train / validation / test datasets, with the number of classes and the input shape."""
 from __future__ import annotations
 
+import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,12 +90,29 @@ def _digits() -> DataBundle:
         10, (1, DIGITS_SIZE, DIGITS_SIZE))
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """Reads CIFAR python batches without running code: only numpy arrays and plain containers may be rebuilt."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load '{module}.{name}': a CIFAR batch holds only arrays, "
+                                         "lists, bytes, strings and numbers")
+        return super().find_class(module, name)
+
+
 def _read_pickle(path: Path) -> dict:
     try:
-        with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="latin1")
+        batch = CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
     except Exception as exc:
-        raise DataSpecError(f"cannot read CIFAR batch '{path}': {exc}") from None
+        raise DataSpecError(f"cannot read CIFAR batch '{path}': {str(exc)[:200]}") from None
+    if not isinstance(batch, dict) or "data" not in batch:
+        raise DataSpecError(f"'{path}' is not a CIFAR python batch (no 'data' entry)")
+    return batch
 
 
 def _find_cifar_dir(root: Path, name: str) -> Path:
@@ -117,7 +135,11 @@ def _cifar(name: str, path: str, download: bool) -> DataBundle:
         import torchvision
 
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        cls(str(root), train=True, download=True)
+        try:
+            cls(str(root), train=True, download=True)
+        except OSError as exc:  # URLError is an OSError: no network, a proxy, a full disk
+            raise DataSpecError(f"downloading {name.upper()} into '{root}' failed ({exc}); download the python "
+                                "batches by hand and point the spec at their folder") from None
     if not root.exists():
         raise DataSpecError(f"data path '{root}' does not exist")
     folder = _find_cifar_dir(root, name)
@@ -129,8 +151,15 @@ def _cifar(name: str, path: str, download: bool) -> DataBundle:
         batches = [_read_pickle(folder / f) for f in files if (folder / f).is_file()]
         if len(batches) != len(files):
             raise DataSpecError(f"'{folder}' lacks some of the {name.upper()} batches: {files}")
-        data = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
-        labels = np.concatenate([np.asarray(b[label_key]) for b in batches])
+        try:
+            data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
+            labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise DataSpecError(f"the {name.upper()} batches in '{folder}' have an unexpected layout: {exc}") from None
+        classes = 10 if name == "cifar10" else 100
+        if len(labels) != len(data) or (len(labels) and (labels.min() < 0 or labels.max() >= classes)):
+            raise DataSpecError(f"the {name.upper()} batches in '{folder}' have {len(data)} images but {len(labels)} "
+                                f"labels, or labels outside 0..{classes - 1}")
         return torch.as_tensor(data, dtype=torch.uint8), torch.as_tensor(labels, dtype=torch.long)
 
     x_train, y_train = read(train_files)

@@ -1,16 +1,46 @@
 """Device choice: CUDA when available, else CPU; a readable name for the UI."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from .errors import SospError
+
+
+class DeviceError(SospError):
+    """A device that does not exist here, or not enough memory on it."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> the first CUDA device when there is one, else the CPU; anything else as given."""
+    """'auto' -> the first CUDA device when there is one, else the CPU; 'cpu', 'cuda' or 'cuda:N' as given."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("CUDA was asked for but no GPU is visible to PyTorch; use --device cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device '{device}' is not supported; use auto, cpu, cuda or cuda:N")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("CUDA was asked for but no GPU is visible to PyTorch; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise DeviceError(f"there is no {device}: {torch.cuda.device_count()} GPU(s) visible")
+    return resolved
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on `device` (GPU: free device memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
 
 
 def device_name(device: torch.device | str = "auto") -> str:

@@ -1,6 +1,8 @@
 """The paper's procedures (sec. 3.3, 3.4) as resumable stage sequences: train, prune, fine-tune, at init, expanded, widened."""
 from __future__ import annotations
 
+import math
+
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 from .analysis import AnalysisConfig, run_analysis
+from .selection import UNITS
 from .counting import count_macs
 from .data import DataBundle, load_data
 from .errors import AnalysisError
@@ -20,6 +23,7 @@ from .models import build_model, load_weights
 from .progress import Cancelled, StopFn
 from .structures import find_structures
 from .surgery import build_widened, every_layer, params_of, uniform_factor
+from .atomic import save_atomically
 from .training import TrainConfig, evaluate, train
 
 PROCEDURES = ("train", "train-prune", "init-prune", "expand-prune", "widen-prune")
@@ -60,6 +64,19 @@ class ExperimentConfig:
             raise AnalysisError(f"unknown procedure '{self.procedure}'; use one of {PROCEDURES}")
         if self.epochs < 0 or (self.finetune_epochs is not None and self.finetune_epochs < 0):
             raise AnalysisError("epochs must be zero or positive")
+        self.train_config(self.epochs).validate()
+        AnalysisConfig(method=self.method, samples=self.samples, cap=self.cap, normalize=self.normalize).validate()
+        if not (math.isfinite(self.ratio) and 0 <= self.ratio < 1):
+            raise AnalysisError(f"the pruning ratio must be in [0, 1), got {self.ratio}")
+        if self.unit not in UNITS:
+            raise AnalysisError(f"unknown unit '{self.unit}'; use one of {UNITS}")
+        if self.target_params is not None and self.target_params <= 0:
+            raise AnalysisError(f"the target parameter count must be positive, got {self.target_params}")
+        factors = list(self.widen.values()) + list(self.match_widen.values())
+        if self.widen_factor is not None:
+            factors.append(self.widen_factor)
+        if any(not (math.isfinite(f) and f > 0) for f in factors):
+            raise AnalysisError(f"widening factors must be positive numbers, got {factors}")
 
     def train_config(self, epochs: int, offset: int = 0) -> TrainConfig:
         return TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, schedule=self.schedule,
@@ -179,7 +196,7 @@ class Experiment:
         if self.config.weights and self.config.procedure == "train-prune":
             load_weights(model, self.config.weights)
         out = self._train_stage("train", model, self.config.epochs, index)
-        torch.save(model.cpu().state_dict(), self.folder / "trained.pt")
+        save_atomically(model.cpu().state_dict(), self.folder / "trained.pt")
         out["weights"] = str(self.folder / "trained.pt")
         out["params"] = params_of(model)
         return out
@@ -218,14 +235,14 @@ class Experiment:
         model, mask = self._pruned_model()
         before = evaluate(model.to("cpu"), self.data.loader("test", 512), "cpu")
         out = self._train_stage("finetune", model, self.finetune_epochs, index, seed_offset=1)
-        torch.save(model.cpu().state_dict(), self.folder / "final.pt")
+        save_atomically(model.cpu().state_dict(), self.folder / "final.pt")
         macs = count_macs(model, self._example())
         return {**out, "test_acc_after_pruning": before[1], "params": params_of(model), "macs": macs}
 
     def _stage_train_pruned(self, index: int) -> dict:
         model, mask = self._pruned_model()
         out = self._train_stage("train-pruned", model, self.config.epochs + self.finetune_epochs, index)
-        torch.save(model.cpu().state_dict(), self.folder / "final.pt")
+        save_atomically(model.cpu().state_dict(), self.folder / "final.pt")
         macs = count_macs(model, self._example())
         return {**out, "params": params_of(model), "macs": macs}
 

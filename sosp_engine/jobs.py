@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -50,6 +51,14 @@ def _pid_alive(pid: int | None) -> bool:
     try:  # a finished child that nobody reaped is a zombie, not alive
         with open(f"/proc/{pid}/stat") as fh:
             return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _is_runner_of(pid: int, job_id: str) -> bool:
+    """True when `pid` is a `run-job` process for this job (a recycled pid of another program is not)."""
+    try:
+        return job_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True
 
@@ -111,6 +120,9 @@ def resume(store: Store, job_id: str, start: bool = True) -> None:
     job = store.job(job_id)
     if job["status"] not in ("failed", "cancelled"):
         raise StoreError(f"job '{job_id}' is {job['status']}; only failed or cancelled jobs can be resumed")
+    if _pid_alive(job.get("pid")) and _is_runner_of(job["pid"], job_id):
+        raise StoreError(f"job '{job_id}' still has a live process (pid {job['pid']}, stopped or slow): wait for it "
+                         "to end or kill it, then resume")
     store.update_job(job_id, status="queued", error=None, cancel_requested=0, pid=None, finished=None)
     if start:
         launch_pending(store)
@@ -140,6 +152,11 @@ def run_job(store: Store, job_id: str) -> int:
 
     thread = threading.Thread(target=beat, daemon=True)
     thread.start()
+
+    def terminate(signum, frame) -> None:  # kill / shutdown: stop like a cancel, resumable from the last epoch
+        raise Cancelled("stopped by SIGTERM; resume it to continue from its last epoch checkpoint")
+
+    signal.signal(signal.SIGTERM, terminate)
     last_write = [0.0]
 
     def report(fraction: float, message: str, metrics: dict | None) -> None:

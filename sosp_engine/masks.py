@@ -157,8 +157,12 @@ def load_mask(path: str | Path, structures: StructureSet | None = None) -> set[s
         raise MaskError(f"mask file '{path}' does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MaskError(f"mask file '{path}' is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise MaskError(f"mask file '{path}' cannot be read: {exc.strerror}") from None
     if not isinstance(payload, dict) or payload.get("format") != MASK_FORMAT or not isinstance(payload.get("pruned"), list):
         raise MaskError(f"'{path}' is not a SOSP Lab mask file (expected format '{MASK_FORMAT}')")
+    if not all(isinstance(k, str) for k in payload["pruned"]):
+        raise MaskError(f"'{path}' has mask entries that are not structure keys (strings like 'layer1.0.conv1:3')")
     mask = set(payload["pruned"])
     if structures is not None:
         if payload.get("architecture") != structures.signature:

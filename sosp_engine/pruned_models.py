@@ -8,6 +8,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from .atomic import save_atomically
 from .errors import CheckpointError
 from .masks import prune_in_place
 from .structures import StructureSet, architecture_signature, find_structures
@@ -27,21 +28,20 @@ def pruning_recipe(model_spec: str, structures: StructureSet, mask: Iterable[str
     return {"format": PRUNED_FORMAT, "model_spec": model_spec, "steps": [*(earlier or {}).get("steps", []), step]}
 
 
+def _checkpoint(smaller: nn.Module, recipe: dict) -> dict:
+    return {**recipe, "state_dict": {k: v.detach().cpu() for k, v in smaller.state_dict().items()}}
+
+
 def pruned_checkpoint_bytes(smaller: nn.Module, recipe: dict) -> bytes:
     """The pruned checkpoint as bytes (for a download)."""
     buffer = io.BytesIO()
-    torch.save({**recipe, "state_dict": {k: v.detach().cpu() for k, v in smaller.state_dict().items()}}, buffer)
+    torch.save(_checkpoint(smaller, recipe), buffer)
     return buffer.getvalue()
 
 
 def save_pruned(path: str | Path, smaller: nn.Module, recipe: dict) -> Path:
     """Write the pruned model's state_dict with its recipe (plain containers: loadable with weights_only=True)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(pruned_checkpoint_bytes(smaller, recipe))
-    tmp.replace(path)
-    return path
+    return save_atomically(_checkpoint(smaller, recipe), path)
 
 
 def recipe_of(checkpoint: object) -> dict | None:

@@ -4,6 +4,15 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from .analysis import AnalysisResult
+from .errors import AnalysisError, ModelSpecError
+from .models import is_user_code
+
+
+def require_trust(model_spec: str, trusted: bool, where: str) -> None:
+    """Stored specs that name user code run only with the user's explicit consent (CLI: --trust-code)."""
+    if is_user_code(model_spec) and not trusted:
+        raise ModelSpecError(f"{where} names user code '{model_spec}', which would be imported and run. "
+                             "If you trust it, confirm with --trust-code (in the dashboard: 'Run this code').")
 from .store import Store
 
 
@@ -20,5 +29,11 @@ def store_analysis(store: Store, result: AnalysisResult, name: str = "") -> str:
 
 
 def load_stored_analysis(store: Store, record_id: str) -> AnalysisResult:
-    """The AnalysisResult of a stored record."""
-    return AnalysisResult.load(store.analysis(record_id)["path"])
+    """The AnalysisResult of a stored record; its files must still name the model and data the record lists."""
+    record = store.analysis(record_id)
+    result = AnalysisResult.load(record["path"])
+    if (result.config.model_spec, result.config.data_spec) != (record["model_spec"], record["data_spec"]):
+        raise AnalysisError(f"the files of analysis '{record['name']}' were changed after it was stored: they name "
+                            f"model '{result.config.model_spec}' and data '{result.config.data_spec}', the record "
+                            f"'{record['model_spec']}' and '{record['data_spec']}'. Nothing was run; delete or re-run it.")
+    return result

@@ -207,7 +207,9 @@ class Store:
         return rows
 
     def add_metrics(self, job_id: str, stage: str, epoch: int, data: dict) -> None:
+        """Record one epoch's metrics; a redone epoch (after a kill) replaces its earlier record, so each is kept once."""
         with self.transaction() as conn:
+            conn.execute("DELETE FROM metrics WHERE job_id = ? AND stage = ? AND epoch = ?", (job_id, stage, epoch))
             conn.execute("INSERT INTO metrics VALUES (?,?,?,?,?)", (job_id, time.time(), stage, epoch, json.dumps(data)))
 
     def metrics(self, job_id: str) -> list[dict]:

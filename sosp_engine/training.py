@@ -14,9 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DataBundle
+from .atomic import save_atomically
 from .devices import resolve_device
+from .errors import SospError
 
 CHECKPOINT_NAME = "last.pt"
+
+
+class TrainingError(SospError):
+    """Training cannot start or cannot go on (bad settings, a loss that is not finite)."""
 
 
 @dataclass
@@ -33,6 +39,17 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+
+    def validate(self) -> None:
+        """Every value in range before any work starts."""
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise TrainingError(f"the learning rate must be a positive number, got {self.lr}")
+        if self.batch_size < 1 or self.epochs < 0:
+            raise TrainingError("the batch size must be positive and the epochs zero or more")
+        if self.schedule not in ("step", "cosine"):
+            raise TrainingError(f"unknown schedule '{self.schedule}'; use step or cosine")
+        if not 0 <= self.seed < 2**63:
+            raise TrainingError(f"the seed must be in 0 .. 2**63 - 1, got {self.seed}")
 
 
 @dataclass
@@ -117,6 +134,7 @@ def train(
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train `model` in place; with `checkpoint_dir`, save every epoch and resume from the last checkpoint found there."""
+    config.validate()
     device = resolve_device(config.device)
     model.to(device)
     if device.type == "cuda":
@@ -150,11 +168,15 @@ def train(
             with _autocast(device, config.amp):
                 out = model(x)
                 loss = F.cross_entropy(out.float(), y)
+            batch_loss = loss.item()
+            if not math.isfinite(batch_loss):
+                raise TrainingError(f"the training loss became {batch_loss} in epoch {epoch + 1}, batch {b + 1}: "
+                                    "lower the learning rate or check the weights and data")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             seen += len(y)
-            loss_sum += loss.item() * len(y)
+            loss_sum += batch_loss * len(y)
             correct += (out.argmax(1) == y).sum().item()
             if progress is not None:
                 progress({"phase": "train", "epoch": epoch + 1, "epochs": config.epochs,
@@ -164,14 +186,11 @@ def train(
         val_loss, val_acc = evaluate(model, data.loader("val", 512), device, config.amp)
         record = EpochRecord(epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1), val_loss, val_acc, lr)
         result.history.append(record)
-        if ckpt_path is not None:
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                        "history": [asdict(h) for h in result.history], "config": asdict(config)}, tmp)
-            tmp.replace(ckpt_path)
-        if progress is not None:
+        if progress is not None:  # metrics first: a kill before the checkpoint lands redoes (and re-records) the epoch
             progress({"phase": "epoch", **asdict(record), "epochs": config.epochs})
+        if ckpt_path is not None:
+            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                             "history": [asdict(h) for h in result.history], "config": asdict(config)}, ckpt_path)
     result.test_loss, result.test_acc = evaluate(model, data.loader("test", 512), device, config.amp)
     return result

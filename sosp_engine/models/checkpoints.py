@@ -68,6 +68,14 @@ def load_weights(model: nn.Module, path: str | Path, checkpoint: object = None) 
             parts.append(f"mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped[:8])}")
         raise CheckpointError(f"checkpoint '{path}' does not fit the model: " + " | ".join(parts)
                               + ". Check the model spec (architecture, widths, num_classes, in_channels).")
+    mistyped = [f"{k} ({state[k].dtype})" for k in own if own[k].is_floating_point() and not state[k].is_floating_point()]
+    if mistyped:
+        raise CheckpointError(f"checkpoint '{path}' holds integer tensors where the model has float weights: "
+                              f"{', '.join(mistyped[:5])}; it is not a weights file of this model")
+    nonfinite = [k for k in own if state[k].is_floating_point() and not bool(state[k].isfinite().all())]
+    if nonfinite:
+        raise CheckpointError(f"checkpoint '{path}' holds NaN or infinite values in {', '.join(nonfinite[:5])}"
+                              f"{' ...' if len(nonfinite) > 5 else ''}: the training that wrote it diverged")
     model.load_state_dict(state)
     return model
 

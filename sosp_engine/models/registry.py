@@ -6,6 +6,7 @@ import importlib.util
 import inspect
 import re
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Callable
 
@@ -53,6 +54,8 @@ def scaled(widths, factor: float) -> list[int]:
 def _build_zoo(match: re.Match, num_classes: int, in_channels: int) -> nn.Module:
     name, mult, opts = match.group(1), match.group(2), match.group(3)
     factor = float(mult) if mult else 1.0
+    if factor <= 0:
+        raise ModelSpecError(f"the width multiplier of '{match.group(0)}' must be positive")
     if name.startswith("resnet"):
         options = _parse_options(opts, {"widths", "inner"})
         stage = options.get("widths", scaled(STAGE_WIDTHS, factor))
@@ -136,8 +139,8 @@ def _load_factory(spec: str) -> Callable[..., nn.Module]:
         sys.modules[module_name] = module
         try:
             module_spec.loader.exec_module(module)
-        except Exception as exc:
-            raise ModelSpecError(f"running '{path}' failed: {type(exc).__name__}: {exc}") from exc
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            raise ModelSpecError(f"running '{path}' failed: {type(exc).__name__}: {exc}") from None
     else:
         try:
             module = importlib.import_module(target)
@@ -146,7 +149,22 @@ def _load_factory(spec: str) -> Callable[..., nn.Module]:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ModelSpecError(f"'{target}' has no callable named '{attr}'")
+    is_module_class = inspect.isclass(factory) and issubclass(factory, nn.Module)
+    if not (inspect.isfunction(factory) or is_module_class) or _is_standard_library(factory):
+        raise ModelSpecError(f"'{spec}' is not a model factory: give a function or nn.Module class of your own code "
+                             "that returns a torch.nn.Module")
     return factory
+
+
+def _is_standard_library(obj: object) -> bool:
+    """True for callables of Python's standard library or builtins (never model factories; os:abort, ...)."""
+    module = sys.modules.get(getattr(obj, "__module__", "") or "")
+    source = getattr(module, "__file__", None)
+    if module is None or source is None:
+        return True
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    path = Path(source).resolve()
+    return stdlib in path.parents and "site-packages" not in path.parts
 
 
 def _call_factory(factory: Callable[..., nn.Module], spec: str, num_classes: int, in_channels: int) -> nn.Module:
@@ -158,8 +176,8 @@ def _call_factory(factory: Callable[..., nn.Module], spec: str, num_classes: int
         kwargs["in_channels"] = in_channels
     try:
         model = factory(**kwargs)
-    except Exception as exc:
-        raise ModelSpecError(f"calling the factory of '{spec}' failed: {type(exc).__name__}: {exc}") from exc
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a user factory must not end the server or CLI
+        raise ModelSpecError(f"calling the factory of '{spec}' failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"the factory of '{spec}' returned {type(model).__name__}, not a torch.nn.Module")
     return model

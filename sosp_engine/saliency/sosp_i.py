@@ -6,6 +6,7 @@ from typing import Iterator
 
 import torch
 
+from ..devices import available_memory
 from ..errors import AnalysisError
 from ..progress import check_cancel, report
 from .common import AnalysisInputs, channel_dim
@@ -118,6 +119,8 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
     """(lam1 (S,), G) with G = theta_s^T H_GN theta_s' over the N' samples: (S, S), or its diagonal (S,) if asked."""
     s_count = inputs.structures.num_structures
     device, n_total = inputs.device, inputs.num_samples
+    if not diagonal_only:
+        check_matrix_fits(s_count, device)
     gram = torch.zeros(s_count if diagonal_only else (s_count, s_count), dtype=torch.float64, device=device)
     first = torch.zeros(s_count, dtype=torch.float64, device=device)
     generator = torch.Generator().manual_seed(seed)
@@ -155,8 +158,23 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
     return first / n_total, gram / n_total
 
 
+def matrix_bytes(s_count: int) -> int:
+    """Memory of SOSP-I's S x S matrix (float64; Q is formed in place of it)."""
+    return s_count * s_count * 8
+
+
+def check_matrix_fits(s_count: int, device: torch.device) -> None:
+    """Fail before any work when the S x S matrix cannot fit, saying what it needs and what to do."""
+    need, free = matrix_bytes(s_count), available_memory(device)
+    if need > 0.8 * free:
+        raise AnalysisError(
+            f"SOSP-I needs an S x S matrix over S = {s_count:,} structures: {need / 2**30:.1f} GiB, but only "
+            f"{free / 2**30:.1f} GiB is free on {device}. Use SOSP-H (no S x S matrix), exclude layers "
+            "(--exclude), or run on a machine with more memory.")
+
+
 def sosp_i_matrix(first: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """Q[s, s'] = 1/2 |theta_s^T H theta_s'| + |lam1(s)| [s == s'] (paper eq. 3)."""
-    q = 0.5 * gram.abs()
+    """Q[s, s'] = 1/2 |theta_s^T H theta_s'| + |lam1(s)| [s == s'] (paper eq. 3), formed in place of `gram`."""
+    q = gram.abs_().mul_(0.5)
     q.diagonal().add_(first.abs())
     return q
