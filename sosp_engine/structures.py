@@ -98,7 +98,12 @@ def _partition(size: int, grouped: list[tuple[str, int, int, list[int], list[int
 def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of `model`, leaving its train/eval modes as they were."""
     with preserved_modes(model), torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+        try:
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+        except (ZeroDivisionError, IndexError, KeyError, AttributeError) as exc:
+            raise MaskError(f"torch-pruning cannot trace this model's channel couplings ({type(exc).__name__}: "
+                            f"{str(exc)[:120]} in its dependency graph, e.g. a channel shuffle by reshape); "
+                            "exclude the affected layers or use another model") from None
 
 
 @dataclass
