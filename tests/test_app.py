@@ -129,7 +129,7 @@ def test_bottleneck_rule_changes_the_flags(stored):
     at = open_page("bottlenecks")
     widget(at.radio, "Rule").set_value("least").run()
     widget(at.number_input, "n").set_value(4).run()
-    assert any("4 bottleneck layer(s)" in m.value for m in at.markdown) and not at.error
+    assert any("4 bottleneck layer(s)" in t.value for t in at.text) and not at.error
 
 
 def test_launching_and_cancelling_a_tiny_job(fresh):
