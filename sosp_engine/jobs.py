@@ -17,6 +17,7 @@ from .store import Store, StoreError
 
 HEARTBEAT_SECONDS = 2.0
 STALE_AFTER_SECONDS = 20.0
+EXIT_GRACE_SECONDS = 10.0
 LOG_NAME = "job.log"
 
 
@@ -61,6 +62,16 @@ def _is_runner_of(pid: int, job_id: str) -> bool:
         return job_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True
+
+
+def _runner_exited(pid: int | None, job_id: str, grace: float) -> bool:
+    """Wait up to `grace` seconds for the job's runner to exit (it records its final status just before it does)."""
+    deadline = time.time() + grace
+    while _pid_alive(pid) and _is_runner_of(pid, job_id):
+        if time.time() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def is_stale(job: dict, now: float | None = None) -> bool:
@@ -120,7 +131,7 @@ def resume(store: Store, job_id: str, start: bool = True) -> None:
     job = store.job(job_id)
     if job["status"] not in ("failed", "cancelled"):
         raise StoreError(f"job '{job_id}' is {job['status']}; only failed or cancelled jobs can be resumed")
-    if _pid_alive(job.get("pid")) and _is_runner_of(job["pid"], job_id):
+    if not _runner_exited(job.get("pid"), job_id, EXIT_GRACE_SECONDS):
         raise StoreError(f"job '{job_id}' still has a live process (pid {job['pid']}, stopped or slow): wait for it "
                          "to end or kill it, then resume")
     store.update_job(job_id, status="queued", error=None, cancel_requested=0, pid=None, finished=None)

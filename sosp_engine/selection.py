@@ -82,9 +82,9 @@ def order_by_saliency(saliency: torch.Tensor, structures: StructureSet, cap: flo
 def greedy_order(q: torch.Tensor, structures: StructureSet, cap: float = 0.95,
                  normalize: str = "none") -> tuple[torch.Tensor, int]:
     """SOSP-I's eq. (4) in O(S^2): keep c = diag(Q) + 2 sum_{s' in M} Q[:, s'] and add 2 Q[:, s] after each choice."""
-    weight = normalizer(structures, normalize).to(q.device, q.dtype)
-    c = q.diagonal().clone()
-    inf = torch.tensor(float("inf"), dtype=q.dtype, device=q.device)
+    weight = normalizer(structures, normalize).to(q.device, torch.float64)
+    c = q.diagonal().to(torch.float64)  # sums in float64 even when a huge Q is stored in float32
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=q.device)
     budget = Budget(structures, cap)
     blocked = torch.tensor(budget.blocked, device=q.device)
     c = torch.where(blocked, inf, c)
@@ -95,9 +95,9 @@ def greedy_order(q: torch.Tensor, structures: StructureSet, cap: float = 0.95,
             break
         taken.append(s)
         newly = budget.take(s) + [s]
-        c += 2 * q[:, s]
+        c += 2 * q[s]  # Q is symmetric: its row is its column, read contiguously
         c[newly] = inf
-    return _with_rest(taken, q.diagonal().cpu() / weight.cpu()), len(taken)
+    return _with_rest(taken, q.diagonal().double().cpu() / weight.cpu()), len(taken)
 
 
 def literal_greedy_order(q: torch.Tensor, structures: StructureSet, cap: float = 0.95,

@@ -174,3 +174,29 @@ def test_batch_size_does_not_change_the_result(tiny):
     _, a = gauss_newton_terms(make_inputs(tiny, batch_size=1))
     _, b = gauss_newton_terms(make_inputs(tiny, batch_size=N))
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_gram_is_summed_in_column_blocks_without_changing_it(tiny, monkeypatch):
+    from sosp_engine.saliency import sosp_i
+
+    _, whole = gauss_newton_terms(make_inputs(tiny))
+    monkeypatch.setattr(sosp_i, "GRAM_BLOCK_BYTES", 8 * 3 * whole.shape[0])  # three columns per block
+    _, blocked = gauss_newton_terms(make_inputs(tiny))
+    torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-15)
+
+
+def test_a_matrix_too_large_for_float64_is_kept_in_float32_with_the_same_greedy_order(tiny, monkeypatch):
+    from sosp_engine.saliency import sosp_i
+    from sosp_engine.selection import greedy_order
+
+    inputs = make_inputs(tiny)
+    first, exact = gauss_newton_terms(inputs)
+    s = exact.shape[0]
+    monkeypatch.setattr(sosp_i, "GRAM_BLOCK_BYTES", 8 * s)
+    monkeypatch.setattr(sosp_i, "available_memory", lambda device: (6 * s * s + 8 * s) / 0.8)
+    _, single = gauss_newton_terms(inputs)
+    assert single.dtype == torch.float32
+    torch.testing.assert_close(single.double(), exact, rtol=1e-6, atol=1e-9)
+    order64, n64 = greedy_order(sosp_i_matrix(first, exact.clone()), inputs.structures)
+    order32, n32 = greedy_order(sosp_i_matrix(first, single), inputs.structures)
+    assert n32 == n64 and torch.equal(order32[:n32], order64[:n64])

@@ -39,7 +39,7 @@ def test_step_schedule_decays_at_60_and_80_percent():
 RUNNER = """
 import sys, torch
 sys.path.insert(0, {root!r})
-torch.set_num_threads(2)
+torch.set_num_threads({threads})  # the same as this process: float sums depend on it
 from sosp_engine.data import load_data
 from sosp_engine.models import build_model
 from sosp_engine.training import TrainConfig, train
@@ -58,7 +58,7 @@ def _train_to_end(ckpt: Path | None) -> dict:
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     ckpt = tmp_path / "ckpt"
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER.format(root=str(ROOT), ckpt=str(ckpt))])
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER.format(root=str(ROOT), ckpt=str(ckpt), threads=torch.get_num_threads())])
     deadline = time.time() + 120
     while time.time() < deadline:
         if (ckpt / "last.pt").exists() and torch.load(ckpt / "last.pt", weights_only=True)["epoch"] >= 2:

@@ -11,6 +11,8 @@ from ..errors import AnalysisError
 from ..progress import check_cancel, report
 from .common import AnalysisInputs, channel_dim
 
+GRAM_BLOCK_BYTES = 256 * 2**20  # the float64 block of columns added to the S x S matrix at a time
+
 
 @contextmanager
 def _captured_outputs(inputs: AnalysisInputs) -> Iterator[dict[str, list[torch.Tensor]]]:
@@ -119,9 +121,8 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
     """(lam1 (S,), G) with G = theta_s^T H_GN theta_s' over the N' samples: (S, S), or its diagonal (S,) if asked."""
     s_count = inputs.structures.num_structures
     device, n_total = inputs.device, inputs.num_samples
-    if not diagonal_only:
-        check_matrix_fits(s_count, device)
-    gram = torch.zeros(s_count if diagonal_only else (s_count, s_count), dtype=torch.float64, device=device)
+    dtype = torch.float64 if diagonal_only else matrix_dtype(s_count, device)
+    gram = torch.zeros(s_count if diagonal_only else (s_count, s_count), dtype=dtype, device=device)
     first = torch.zeros(s_count, dtype=torch.float64, device=device)
     generator = torch.Generator().manual_seed(seed)
     if mc_labels > 0 and inputs.loss != "cross-entropy":
@@ -151,26 +152,41 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
         if diagonal_only:
             gram += (flat ** 2).sum(0) - ((minus ** 2).sum(0) if minus is not None else 0)
         else:
-            gram += flat.T @ flat
+            add_gram(gram, flat)
             if minus is not None:
-                gram -= minus.T @ minus
+                add_gram(gram, minus, sign=-1.0)
         report(inputs.progress, min(1.0, (i + 1) * inputs.batch_size / n_total), "Gauss-Newton products")
-    return first / n_total, gram / n_total
+    return first / n_total, gram.div_(n_total)
 
 
-def matrix_bytes(s_count: int) -> int:
-    """Memory of SOSP-I's S x S matrix (float64; Q is formed in place of it)."""
-    return s_count * s_count * 8
+def add_gram(gram: torch.Tensor, rows: torch.Tensor, sign: float = 1.0) -> None:
+    """gram += sign * rows^T rows, formed in float64 one block of columns at a time (the S x S matrix may be float32)."""
+    s_count = rows.shape[1]
+    block = max(1, min(s_count, GRAM_BLOCK_BYTES // max(8 * s_count, 1)))
+    for start in range(0, s_count, block):
+        part = rows.T @ rows[:, start:start + block]
+        gram[:, start:start + block] += part.mul_(sign).to(gram.dtype)
 
 
-def check_matrix_fits(s_count: int, device: torch.device) -> None:
-    """Fail before any work when the S x S matrix cannot fit, saying what it needs and what to do."""
-    need, free = matrix_bytes(s_count), available_memory(device)
-    if need > 0.8 * free:
-        raise AnalysisError(
-            f"SOSP-I needs an S x S matrix over S = {s_count:,} structures: {need / 2**30:.1f} GiB, but only "
-            f"{free / 2**30:.1f} GiB is free on {device}. Use SOSP-H (no S x S matrix), exclude layers "
-            "(--exclude), or run on a machine with more memory.")
+def matrix_bytes(s_count: int, dtype: torch.dtype = torch.float64) -> int:
+    """Memory of SOSP-I's S x S matrix (Q is formed in place of it)."""
+    return s_count * s_count * torch.tensor([], dtype=dtype).element_size()
+
+
+def matrix_dtype(s_count: int, device: torch.device) -> torch.dtype:
+    """float64 where the S x S matrix fits, float32 where only that fits (sums still formed in float64), else fail.
+
+    Fails before any work, saying what the matrix needs and what to do.
+    """
+    free = 0.8 * available_memory(device) - GRAM_BLOCK_BYTES
+    for dtype in (torch.float64, torch.float32):
+        if matrix_bytes(s_count, dtype) <= free:
+            return dtype
+    need = matrix_bytes(s_count, torch.float32)
+    raise AnalysisError(
+        f"SOSP-I needs an S x S matrix over S = {s_count:,} structures: {need / 2**30:.1f} GiB in float32, but only "
+        f"{available_memory(device) / 2**30:.1f} GiB is free on {device}. Use SOSP-H (no S x S matrix), exclude "
+        "layers (--exclude), or run on a machine with more memory.")
 
 
 def sosp_i_matrix(first: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
