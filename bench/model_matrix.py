@@ -118,7 +118,7 @@ def run_isolated(spec: str, timeout: float) -> dict:
         row["wall_s"] = round(time.time() - start, 1)
         if row["status"] == "ok" or "input" in row or side == 224:
             return row
-        if "shape" not in row.get("error", "").lower() and "size" not in row.get("error", "").lower():
+        if not any(word in row.get("error", "").lower() for word in ("shape", "size", "height", "width")):
             return row
     return row
 

@@ -61,7 +61,8 @@ def approximate_layers(model: nn.Module, structures: StructureSet, x: torch.Tens
         if piece.module not in masked:
             continue
         dim = -1 if isinstance(model.get_submodule(piece.module), nn.Linear) else 1
-        values = masked[piece.module].index_select(dim % masked[piece.module].ndim, piece.channels)
+        inputs = masked[piece.module]
+        values = inputs.index_select(dim % inputs.ndim, piece.channels.to(inputs.device))
         scale = plain[piece.module].abs().max().item() or 1.0
         leaking = values.abs().flatten(1).amax(1) if values.ndim > 1 else values.abs()
         if leaking.max().item() > RELATIVE_TOLERANCE * scale:

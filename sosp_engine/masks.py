@@ -98,8 +98,37 @@ def prune_in_place(model: nn.Module, structures: StructureSet, mask: Iterable[st
         root = model.get_submodule(layer.name)
         pruner = graph.get_pruner_of_module(root)
         # get_pruning_group + prune() without arguments: Group.prune(idxs=...) records a wrong pruning history.
-        graph.get_pruning_group(root, pruner.prune_out_channels, idxs).prune()
+        try:
+            graph.get_pruning_group(root, pruner.prune_out_channels, idxs).prune()
+        except Exception as exc:
+            raise MaskError(f"torch-pruning could not remove channels of {layer.name} ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160]}); exclude it (--exclude {layer.name})") from None
+    _check_widths(model, structures, pruned)
     return graph
+
+
+def _widths(module: nn.Module) -> tuple[int, int] | None:
+    if isinstance(module, nn.Linear):
+        return module.weight.shape[1], module.weight.shape[0]
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module.weight.shape[1] * module.groups, module.weight.shape[0]
+    weight = getattr(module, "weight", None)
+    return (weight.shape[0], weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.ndim == 1 else None
+
+
+def _check_widths(model: nn.Module, structures: StructureSet, pruned: torch.Tensor) -> None:
+    """Every conv, linear and norm has the widths the structures predict, else the pruned model would be wrong."""
+    removed = (pruned.to(torch.float64) @ structures.removal).round().long().tolist()
+    for i, info in enumerate(structures.modules):
+        if info.kind not in ("conv", "depthwise", "linear", "norm"):
+            continue
+        actual = _widths(model.get_submodule(info.name))
+        expected_out = info.out_channels - removed[2 * i + 1]
+        expected_in = expected_out if info.kind in ("depthwise", "norm") else info.in_channels - removed[2 * i]
+        if actual is not None and actual != (expected_in, expected_out):
+            raise MaskError(f"torch-pruning pruned {info.name} to {actual[0]} -> {actual[1]} channels, but the structures "
+                            f"predict {expected_in} -> {expected_out}: this architecture couples channels in a way the "
+                            "engine does not follow there; exclude that layer (--exclude) or its block")
 
 
 def pruned_copy(model: nn.Module, structures: StructureSet, mask: Iterable[str], example_input: torch.Tensor) -> nn.Module:

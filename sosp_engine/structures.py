@@ -95,6 +95,24 @@ def _partition(size: int, grouped: list[tuple[str, int, int, list[int], list[int
     return structures, ""
 
 
+CHANNEL_SPLITTING_OPS = (tp.ops._SplitOp, tp.ops._SliceOp, tp.ops._UnbindOp)
+
+
+def _unsupported(group, graph: tp.DependencyGraph, names: dict[nn.Module, str]) -> str:
+    """Why torch-pruning cannot remove this group's channels consistently, or '' when it can."""
+    for item in group:
+        module = item.dep.target.module
+        if isinstance(module, CHANNEL_SPLITTING_OPS):
+            return ("its channels pass through a split / slice of the channel axis, which torch-pruning does not "
+                    "prune consistently")
+        if isinstance(module, PRODUCER_TYPES) and graph.is_out_channel_pruning_fn(item.dep.handler):
+            extra = [n for n, _ in module.named_parameters(recurse=False) if n not in ("weight", "bias")]
+            if extra:
+                return (f"{names.get(module, '?')} has parameters besides weight and bias ({', '.join(extra)}) "
+                        "that torch-pruning does not prune")
+    return ""
+
+
 def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of `model`, leaving its train/eval modes as they were."""
     with preserved_modes(model), torch.enable_grad():
@@ -309,16 +327,22 @@ def forward_records(model: nn.Module, example_input: torch.Tensor) -> tuple[list
     return order, shapes
 
 
+def _weight_and_bias(m: nn.Module) -> int:
+    return sum(p.numel() for p in (m.weight, getattr(m, "bias", None)) if isinstance(p, torch.Tensor))
+
+
 def module_info(name: str, m: nn.Module, out_shape: tuple) -> ModuleInfo:
     own = sum(p.numel() for p in m.parameters(recurse=False))
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         kernel = int(torch.tensor(m.kernel_size).prod())
         positions = int(torch.tensor(out_shape[2:]).prod()) if len(out_shape) > 2 else 1
         kind = "depthwise" if _is_depthwise(m) else "conv"
-        return ModuleInfo(name, kind, m.in_channels, m.out_channels, m.groups, kernel, positions, m.bias is not None, 0)
+        return ModuleInfo(name, kind, m.in_channels, m.out_channels, m.groups, kernel, positions, m.bias is not None,
+                          own - _weight_and_bias(m))
     if isinstance(m, nn.Linear):
         positions = int(torch.tensor(out_shape[1:-1]).prod()) if len(out_shape) > 2 else 1
-        return ModuleInfo(name, "linear", m.in_features, m.out_features, 1, 1, positions, m.bias is not None, 0)
+        return ModuleInfo(name, "linear", m.in_features, m.out_features, 1, 1, positions, m.bias is not None,
+                          own - _weight_and_bias(m))
     if isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None:
         channels = m.weight.shape[0]
         return ModuleInfo(name, "norm", channels, channels, 1, 1, 1, getattr(m, "bias", None) is not None,
@@ -375,6 +399,9 @@ def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequ
     module_names = list(order)
     module_names += [n for n, m in model.named_modules() if n not in shapes and _counted_module(m)]
     infos = [module_info(n, model.get_submodule(n), shapes.get(n, ())) for n in module_names]
+    for info in infos:
+        if info.name not in shapes:  # not run at inference (e.g. auxiliary heads): parameters, but no MACs
+            info.positions = 0
     bare = _bare_parameters(model)
     param_names: dict[int, str] = {}
     pruning_dims = {id(p): dim for p, dim in graph.unwrapped_parameters}
@@ -418,6 +445,7 @@ def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequ
         if not producers:
             continue
         members, reason = _partition(size, grouped)
+        reason = _unsupported(group, graph, names) or reason
         if reason:
             unprunable[names[root]] = reason
             continue

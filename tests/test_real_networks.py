@@ -1,5 +1,7 @@
 """Grouped convolutions, GroupNorm, gates and pruned checkpoints: structures that always prune physically, exact counts,
 and an honest statement where removal is not zeroing."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -165,3 +167,48 @@ def test_an_unknown_timm_name_is_a_clear_error():
 
 def test_a_typo_in_a_zoo_name_is_not_user_code():
     assert not is_user_code("resnet21") and is_user_code("my_model.py:build")
+
+
+ODD = f"{FIXTURE}:build_odd"
+
+
+def test_a_head_that_runs_only_in_training_has_parameters_but_no_macs():
+    model = build_model(ODD).eval()
+    structures = find_structures(model, X[:1])
+    aux = next(m for m in structures.modules if m.name == "aux")
+    assert structures.counts()[0] == count_params(model)
+    assert structures.counts()[1] == count_macs(model, X[:1]) and aux.positions == 0
+
+
+def test_a_conv_with_a_parameter_torch_pruning_does_not_know_is_unprunable_and_counted():
+    model = build_model(ODD).eval()
+    structures = find_structures(model, X[:1])
+    assert "gain" in structures.unprunable["gained"]
+    mask = random_mask(structures, 0.5)
+    smaller = pruned_copy(model, structures, mask, X[:1])
+    assert structures.counts(structures.pruned_vector(mask))[0] == count_params(smaller)
+
+
+def test_channels_split_along_the_channel_axis_are_unprunable_with_the_reason():
+    structures = find_structures(build_model(ODD).eval(), X[:1])
+    assert "split" in structures.unprunable["split_source"]
+    assert "split_source" not in [layer.name for layer in structures.layers]
+
+
+def test_a_pruned_width_the_structures_do_not_predict_is_an_error_not_a_wrong_model(grouped):
+    from sosp_engine.errors import MaskError
+
+    model, structures = grouped
+    tampered = dataclasses.replace(structures, removal=structures.removal * 0)
+    with pytest.raises(MaskError, match="structures predict"):
+        pruned_copy(model, tampered, set(structures.keys[:1]), X[:1])
+
+
+def test_a_state_dict_without_module_versions_loads_into_a_versioned_module(tmp_path):
+    import torchvision
+
+    from sosp_engine.models import load_weights
+
+    model = torchvision.models.mnasnet0_5(num_classes=10)
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "plain.pt")  # drops _metadata
+    load_weights(torchvision.models.mnasnet0_5(num_classes=10), tmp_path / "plain.pt")

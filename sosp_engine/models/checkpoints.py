@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -76,6 +77,9 @@ def load_weights(model: nn.Module, path: str | Path, checkpoint: object = None) 
     if nonfinite:
         raise CheckpointError(f"checkpoint '{path}' holds NaN or infinite values in {', '.join(nonfinite[:5])}"
                               f"{' ...' if len(nonfinite) > 5 else ''}: the training that wrote it diverged")
+    if getattr(state, "_metadata", None) is None:  # a re-packed state_dict: assume this model's module versions
+        state = OrderedDict(state)
+        state._metadata = getattr(own, "_metadata", None)
     model.load_state_dict(state)
     return model
 
