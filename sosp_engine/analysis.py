@@ -91,6 +91,14 @@ class AnalysisResult:
     estimate: str = "exact"
     created: float = field(default_factory=time.time)
     exactness: dict | None = None  # approximate layers and the measured pruned-vs-zeroed deviation (exactness.py)
+    # predicted_prefix[k]: the loss increase the method predicts for pruning the first k structures of the order
+    predicted_prefix: torch.Tensor | None = None
+
+    def predicted_increase(self, count: int) -> float | None:
+        """The method's predicted loss increase for the first `count` structures of the order (None if not stored)."""
+        if self.predicted_prefix is None:
+            return None
+        return float(self.predicted_prefix[min(count, len(self.predicted_prefix) - 1)])
 
     @property
     def max_ratio(self) -> float:
@@ -128,6 +136,8 @@ class AnalysisResult:
             tensors["first_order"] = self.first_order
         if self.second_order is not None:
             tensors["second_order"] = self.second_order
+        if self.predicted_prefix is not None:
+            tensors["predicted_prefix"] = self.predicted_prefix
         save_atomically(tensors, folder / "tensors.pt")
         (folder / "analysis.json.tmp").write_text(json.dumps(meta, indent=1))
         (folder / "analysis.json.tmp").replace(folder / "analysis.json")
@@ -155,10 +165,19 @@ class AnalysisResult:
         if sorted(order.tolist()) != list(range(count)) or not 0 <= n_prunable <= count:
             raise AnalysisError(f"the analysis in '{folder}' is damaged: its pruning order is not a permutation of "
                                 f"its {count} structures, or n_prunable {n_prunable} is out of range")
+        prefix = tensors.get("predicted_prefix")
+        if prefix is None and config.method != "sosp-i":  # written before prefixes were stored: a sum of saliencies
+            prefix = saliency_prefix(tensors["saliency"], order, n_prunable)
         return cls(config, meta["keys"], meta["layers"], tensors["saliency"],
                    tensors["pruning_order"], meta["n_prunable"], meta["timings"], meta["weights_fingerprint"],
                    meta["architecture"], tensors.get("first_order"), tensors.get("second_order"),
-                   meta.get("estimate", "exact"), meta.get("created", 0.0), meta.get("exactness"))
+                   meta.get("estimate", "exact"), meta.get("created", 0.0), meta.get("exactness"), prefix)
+
+
+def saliency_prefix(saliency: torch.Tensor, order: torch.Tensor, n_prunable: int) -> torch.Tensor:
+    """Predicted loss increase of each prefix of the order as the sum of its saliencies (the paper's approximation)."""
+    taken = saliency.double().cpu()[order[:n_prunable]]
+    return torch.cat([torch.zeros(1, dtype=torch.float64), taken.cumsum(0)])
 
 
 def train_mode_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -223,10 +242,15 @@ def compute_saliency(method: str, inputs: AnalysisInputs, cap: float, normalize:
     out["saliency_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
     if method == "sosp-i":
-        order, n_prunable = greedy_order(sosp_i_matrix(first, out.pop("gram")), structures, cap, normalize)
+        increments: list[float] = []
+        order, n_prunable = greedy_order(sosp_i_matrix(first, out.pop("gram")), structures, cap, normalize, increments)
+        # eq. (2) of each prefix M: sum over s, s' in M of Q[s, s'], the sum of the greedy increments
+        out["predicted_prefix"] = torch.cat([torch.zeros(1, dtype=torch.float64),
+                                             torch.tensor(increments, dtype=torch.float64).cumsum(0)])
     else:
         out.pop("gram", None)
         order, n_prunable = order_by_saliency(saliency, structures, cap, normalize)
+        out["predicted_prefix"] = saliency_prefix(saliency, order, n_prunable)
     out["selection_seconds"] = time.perf_counter() - start
     out.update(saliency=saliency.detach().double().cpu(), pruning_order=order.cpu(), n_prunable=n_prunable)
     for key in ("first_order", "second_order"):
@@ -247,18 +271,12 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
     x, y = workbench.data.analysis_samples(config.samples, config.seed)
     config.samples = len(y)  # what was used: N' beyond the training split is clamped
     timings["samples"] = time.perf_counter() - start
-    if config.at_init:
-        model = workbench.fresh_model(config.seed)
-    else:
-        model = copy.deepcopy(workbench.model)
-    model.to(device)
+    start = time.perf_counter()
+    model = analysed_model(workbench, config, x, device)
     dtype = next(model.parameters()).dtype
     x = x.to(dtype)
     if config.at_init:
-        start = time.perf_counter()
-        reestimate_batchnorm(model, x, config.batch_size)
         timings["batchnorm_statistics"] = time.perf_counter() - start
-    model.eval()
     check_cancel(should_stop)
     mc = config.mc_labels
     if mc < 0:
@@ -280,4 +298,15 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
               for l in workbench.structures.layers]
     return AnalysisResult(config, list(workbench.structures.keys), layers, parts["saliency"], parts["pruning_order"],
                           parts["n_prunable"], timings, weights_fingerprint(model), workbench.structures.signature,
-                          parts["first_order"], parts["second_order"], parts["estimate"], exactness=exactness)
+                          parts["first_order"], parts["second_order"], parts["estimate"], exactness=exactness,
+                          predicted_prefix=parts["predicted_prefix"])
+
+
+def analysed_model(workbench: Workbench, config: AnalysisConfig, x: torch.Tensor, device: torch.device) -> nn.Module:
+    """The model an analysis runs on, in eval mode on `device`: a copy of the workbench's, or the seeded init with
+    BatchNorm statistics re-estimated on the analysis samples `x`."""
+    model = workbench.fresh_model(config.seed) if config.at_init else copy.deepcopy(workbench.model)
+    model.to(device)
+    if config.at_init:
+        reestimate_batchnorm(model, x.to(next(model.parameters()).dtype), config.batch_size)
+    return model.eval()

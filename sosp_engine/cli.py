@@ -29,22 +29,8 @@ from .masks import layer_table, load_mask, mask_summary, pruned_copy, save_mask
 from .saliency.common import LOSSES
 from .selection import NORMALIZATIONS, UNITS
 from .models import USER_CODE_WARNING, is_user_code
-
-
-def progress_line(message: str) -> None:
-    """One progress line on stderr (stdout is kept for results)."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def emit(result: dict, out: str | None) -> None:
-    """Print the result as JSON on stdout, or write it to `out`."""
-    text = json.dumps(result, indent=1, default=str)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
-        progress_line(f"wrote {out}")
-    else:
-        print(text)
+from .cli_output import ProgressLine, emit, progress_line
+from .cli_sensitivity import add_sensitivity_parser
 
 
 def add_model_args(p: argparse.ArgumentParser, json_out: bool = True) -> None:
@@ -151,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=3, help="least rule: flag the n least pruned")
     p.add_argument("--trust-code", action="store_true", help="allow the analysis's model spec to run user code")
     p.set_defaults(func=cmd_bottlenecks)
+    add_sensitivity_parser(sub)
     p = sub.add_parser("run-job", help="(internal) run a queued job in this process")
     p.add_argument("job_id")
     add_workspace_arg(p)
@@ -381,22 +368,6 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         store = open_store(args)
         record_id = store_analysis(store, result, args.name)
         progress_line(f"recorded as '{args.name}' ({record_id}) in the workspace {store.root}")
-
-
-class ProgressLine:
-    """A single updating progress line on stderr."""
-
-    def __init__(self, label: str) -> None:
-        self.label, self.last = label, -1
-
-    def __call__(self, fraction: float, message: str) -> None:
-        percent = int(fraction * 100)
-        if percent != self.last:
-            self.last = percent
-            print(f"\r{self.label}: {percent:3d}% {message:<40}", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        print(file=sys.stderr, flush=True)
 
 
 def one_line_error(exc: BaseException) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .errors import DataSpecError
 
@@ -47,9 +47,11 @@ class DataBundle:
     input_shape: tuple[int, int, int]
 
     def loader(self, split: str, batch_size: int = 128, shuffle: bool = False, seed: int = 0,
-               num_workers: int = 0) -> DataLoader:
-        """A DataLoader over one split; shuffling is seeded so runs are reproducible."""
+               num_workers: int = 0, limit: int | None = None) -> DataLoader:
+        """A DataLoader over one split (its first `limit` samples if given); shuffling is seeded so runs repeat."""
         dataset = {"train": self.train, "train_eval": self.train_eval, "val": self.val, "test": self.test}[split]
+        if limit is not None and limit < len(dataset):
+            dataset = Subset(dataset, range(max(limit, 1)))
         generator = torch.Generator().manual_seed(seed) if shuffle else None
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                           num_workers=num_workers, drop_last=False)

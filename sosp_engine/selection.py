@@ -79,9 +79,12 @@ def order_by_saliency(saliency: torch.Tensor, structures: StructureSet, cap: flo
     return torch.tensor(taken + skipped, dtype=torch.long), len(taken)
 
 
-def greedy_order(q: torch.Tensor, structures: StructureSet, cap: float = 0.95,
-                 normalize: str = "none") -> tuple[torch.Tensor, int]:
-    """SOSP-I's eq. (4) in O(S^2): keep c = diag(Q) + 2 sum_{s' in M} Q[:, s'] and add 2 Q[:, s] after each choice."""
+def greedy_order(q: torch.Tensor, structures: StructureSet, cap: float = 0.95, normalize: str = "none",
+                 increments: list[float] | None = None) -> tuple[torch.Tensor, int]:
+    """SOSP-I's eq. (4) in O(S^2): keep c = diag(Q) + 2 sum_{s' in M} Q[:, s'] and add 2 Q[:, s] after each choice.
+
+    `increments`, if given, receives each choice's c[s]: how much it adds to eq. (2) of the mask so far.
+    """
     weight = normalizer(structures, normalize).to(q.device, torch.float64)
     c = q.diagonal().to(torch.float64)  # sums in float64 even when a huge Q is stored in float32
     inf = torch.tensor(float("inf"), dtype=torch.float64, device=q.device)
@@ -94,6 +97,8 @@ def greedy_order(q: torch.Tensor, structures: StructureSet, cap: float = 0.95,
         if torch.isinf(c[s]):
             break
         taken.append(s)
+        if increments is not None:
+            increments.append(float(c[s]))
         newly = budget.take(s) + [s]
         c += 2 * q[s]  # Q is symmetric: its row is its column, read contiguously
         c[newly] = inf

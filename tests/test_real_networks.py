@@ -212,3 +212,23 @@ def test_a_state_dict_without_module_versions_loads_into_a_versioned_module(tmp_
     model = torchvision.models.mnasnet0_5(num_classes=10)
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "plain.pt")  # drops _metadata
     load_weights(torchvision.models.mnasnet0_5(num_classes=10), tmp_path / "plain.pt")
+
+
+def test_attention_gets_a_double_backward_during_the_hvp():
+    from sosp_engine.saliency.common import AnalysisInputs
+    from sosp_engine.saliency.sosp_h import sosp_h_terms
+
+    class Attend(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.qkv, self.head = torch.nn.Linear(8, 16), torch.nn.Linear(16, 24), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            q, k, v = self.qkv(torch.relu(self.embed(x.flatten(2).transpose(1, 2)))).chunk(3, dim=-1)
+            return self.head(torch.nn.functional.scaled_dot_product_attention(q, k, v).mean(1))
+
+    model = Attend().eval()
+    x = torch.randn(4, 8, 4, 4)
+    structures = find_structures(model, x[:1])
+    first, second = sosp_h_terms(AnalysisInputs(model, structures, x, torch.tensor([0, 1, 2, 0]), "cross-entropy", 4))
+    assert torch.isfinite(second).all()

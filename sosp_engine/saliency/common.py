@@ -131,12 +131,16 @@ def _hardsigmoid(x: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def twice_differentiable(model: nn.Module) -> Iterator[nn.Module]:
-    """Swap activations without a double backward (nn.Hardsigmoid) for equal clamp forms while an HVP runs."""
+    """Swap ops without a double backward for equal forms while an HVP runs: nn.Hardsigmoid for a clamp, and the
+    fused attention kernels for the math one (flash / memory-efficient attention have no double backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     patched = [m for m in model.modules() if isinstance(m, nn.Hardsigmoid)]
     for m in patched:
         m.forward = _hardsigmoid
     try:
-        yield model
+        with sdpa_kernel(SDPBackend.MATH):
+            yield model
     finally:
         for m in patched:
             del m.forward

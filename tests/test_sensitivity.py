@@ -1,0 +1,88 @@
+import json
+
+import pytest
+import torch
+
+from sosp_engine.analysis import AnalysisConfig, AnalysisResult, run_analysis
+from sosp_engine.cli import main
+from sosp_engine.errors import AnalysisError
+from sosp_engine.loading import open_workbench
+from sosp_engine.masks import zeroed_copy
+from sosp_engine.sensitivity import even_grid, max_reduction, parse_grid, sensitivity_curve, spearman
+from sosp_engine.training import evaluate
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("analysis")
+    torch.save(open_workbench("resnet20", "digits").model.state_dict(), folder / "w.pt")
+    wb = open_workbench("resnet20", "digits", str(folder / "w.pt"))
+    result = run_analysis(wb, AnalysisConfig(method="sosp-i", weights=str(folder / "w.pt"), samples=64, batch_size=64,
+                                             device="cpu"))
+    result.save(folder)
+    return wb, result, folder
+
+
+def test_the_measured_curve_equals_evaluating_zero_masked_models_by_hand(analysed):
+    wb, result, _ = analysed
+    curve = sensitivity_curve(result, wb, [0.0, 0.3], "params", samples=60, device="cpu")
+    loader = wb.data.loader("val", 256, limit=60)
+    by_hand = evaluate(zeroed_copy(wb.model, wb.structures, result.mask(wb.structures, 0.3, "params")), loader,
+                       "cpu", amp=False)
+    row = curve.table.iloc[1]
+    assert (row["zeroed_loss"], row["zeroed_acc"]) == pytest.approx(by_hand)
+    assert curve.table.iloc[0]["measured_increase"] == pytest.approx(0.0, abs=1e-12)
+    assert curve.samples == 60 and row["params"] <= 0.7 * curve.table.iloc[0]["params"]
+
+
+def test_the_physically_pruned_net_scores_like_the_zero_masked_one_where_pruning_is_exact(analysed):
+    wb, result, _ = analysed
+    table = sensitivity_curve(result, wb, [0.5], samples=60, device="cpu").table
+    assert table["pruned_loss"].iloc[0] == pytest.approx(table["zeroed_loss"].iloc[0], rel=1e-4)
+
+
+def test_predicted_increases_grow_along_the_order_and_survive_saving(analysed):
+    wb, result, folder = analysed
+    table = sensitivity_curve(AnalysisResult.load(folder), wb, [0.1, 0.3, 0.5], samples=60, device="cpu").table
+    assert table["predicted_increase"].is_monotonic_increasing and table["predicted_increase"].iloc[0] > 0
+
+
+def test_other_weights_than_the_analysed_ones_are_refused(analysed):
+    wb, result, _ = analysed
+    torch.manual_seed(5)
+    other = open_workbench("resnet20", wb.data)
+    with pytest.raises(AnalysisError, match="not the ones the analysis ran on"):
+        sensitivity_curve(result, other, [0.1], device="cpu")
+
+
+def test_grids_are_parsed_sorted_and_checked():
+    assert parse_grid("0.5, 0,0.25") == [0.0, 0.25, 0.5]
+    with pytest.raises(AnalysisError, match=r"\[0, 1\)"):
+        parse_grid("0.2,1.5")
+    with pytest.raises(AnalysisError, match="comma-separated"):
+        parse_grid("a,b")
+    assert even_grid(3, 0.8) == [0.0, pytest.approx(0.4), pytest.approx(0.8, abs=1e-5)]
+
+
+def test_the_even_grid_stops_at_the_largest_reduction_the_cap_allows(analysed):
+    wb, result, _ = analysed
+    top = max_reduction(result, wb.structures, "macs")
+    assert 0 < top < 1
+    sensitivity_curve(result, wb, [even_grid(2, top)[-1]], "macs", samples=20, device="cpu")
+
+
+def test_rank_correlation_is_spearmans_rho():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2], [1, 2]) != spearman([1, 2], [1, 2])  # nan: too few points
+
+
+def test_the_cli_writes_the_curve_as_csv_and_json(analysed, tmp_path, capsys):
+    _, _, folder = analysed
+    assert main(["sensitivity", str(folder), "--grid", "0,0.2", "--samples", "40", "--out", str(tmp_path / "c.csv")]) == 0
+    assert (tmp_path / "c.csv").read_text().splitlines()[0].startswith("ratio,unit,pruned_structures")
+    assert main(["sensitivity", str(folder), "--points", "3", "--unit", "params", "--samples", "40",
+                 "--out", str(tmp_path / "c.json")]) == 0
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert len(data["points"]) == 3 and data["samples"] == 40 and data["method"] == "sosp-i"
