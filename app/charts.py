@@ -97,3 +97,36 @@ def training_curves(metrics: pd.DataFrame, title: str) -> go.Figure:
                   labels={"val_acc": "validation accuracy"})
     fig.update_layout(**LAYOUT, yaxis_tickformat=".0%")
     return fig
+
+
+def sensitivity_lines(tables: dict[str, pd.DataFrame], metric: str, unit: str, marker: float | None = None) -> go.Figure:
+    """Measured accuracy or loss of the physically pruned net against the global ratio, one line per analysis."""
+    label = {"pruned_acc": "validation accuracy (pruned net)", "pruned_loss": "validation loss (pruned net)"}[metric]
+    fig = go.Figure()
+    for i, (name, table) in enumerate(tables.items()):
+        fig.add_trace(go.Scatter(x=table.ratio, y=table[metric], name=name, mode="lines+markers",
+                                 line=dict(color=PALETTE[i % len(PALETTE)]),
+                                 customdata=table[["pruned_structures", "params", "macs"]],
+                                 hovertemplate="ratio %{x:.1%}<br>%{y:.4g}<br>%{customdata[0]} structures pruned"
+                                               "<br>%{customdata[1]:,} params, %{customdata[2]:,} MACs<extra></extra>"))
+    if marker is not None:
+        fig.add_vline(x=marker, line_dash="dash", line_color="#555", annotation_text="slider")
+    fig.update_layout(**LAYOUT, title=f"{label.split(' (')[0].capitalize()} against the pruning ratio",
+                      xaxis_title=f"global pruning ratio ({unit})", yaxis_title=label, xaxis_tickformat=".0%",
+                      yaxis_tickformat=".0%" if metric == "pruned_acc" else None)
+    return fig
+
+
+def predicted_vs_measured(tables: dict[str, pd.DataFrame], correlations: dict[str, float]) -> go.Figure:
+    """Predicted against measured loss increase per grid point; the legend gives each analysis's rank correlation."""
+    fig = go.Figure()
+    for i, (name, table) in enumerate(tables.items()):
+        rho = correlations.get(name, float("nan"))
+        fig.add_trace(go.Scatter(x=table.predicted_increase, y=table.measured_increase, mode="markers+lines",
+                                 name=f"{name} (Spearman {rho:.2f})", line=dict(color=PALETTE[i % len(PALETTE)]),
+                                 customdata=table[["ratio"]],
+                                 hovertemplate="ratio %{customdata[0]:.1%}<br>predicted %{x:.4g}<br>measured %{y:.4g}"
+                                               "<extra></extra>"))
+    fig.update_layout(**LAYOUT, title="Predicted vs measured loss increase", xaxis_title="predicted loss increase",
+                      yaxis_title="measured loss increase (zero-masked net)")
+    return fig

@@ -7,6 +7,7 @@ from app.charts import ratio_histogram, width_profile
 from app.export import export_buttons
 from app.guard import user_errors
 from app.pickers import chosen_analysis
+from app.sensitivity_view import sensitivity_section
 from app.report import analysis_report
 from sosp_engine.exactness import exactness_line
 from sosp_engine.loading import resolve_preset
@@ -62,3 +63,5 @@ if cols[1].button("Prepare the pruned model", icon=":material/content_cut:",
 if ("pruned-model", name) in st.session_state:
     cols[1].download_button("Pruned model (.pt)", st.session_state[("pruned-model", name)], f"pruned-{name}.pt",
                             "application/octet-stream", icon=":material/download:")
+
+sensitivity_section(record, ratio, unit)

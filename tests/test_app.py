@@ -168,3 +168,25 @@ def test_a_pruned_checkpoint_reopens_on_the_model_page(fresh, tmp_path):
     widget(at.button, "Load model").click().run()
     assert not at.exception and not at.error
     assert any("pruned checkpoint of resnet20" in c.value for c in at.caption)
+
+
+def test_the_sensitivity_curves_of_an_analysis_are_computed_and_charted(stored):
+    at = open_page("ratios")
+    at_init = next(r["id"] for r in stored.analyses() if r["name"] == "at init")
+    widget(at.selectbox, "Analysis").set_value(at_init).run()
+    widget(at.number_input, "Points").set_value(3)
+    widget(at.number_input, "Samples").set_value(40)
+    widget(at.button, "Compute the curves").click().run()
+    assert not at.exception and not at.error
+    charts = at.get("plotly_chart")
+    assert len(charts) >= 5  # histogram, width profile, accuracy, loss, predicted vs measured
+    assert any("Unpruned\\: accuracy" in c.value for c in at.caption)
+
+
+def test_a_sensitivity_curve_on_other_weights_shows_an_error(stored):
+    at = open_page("ratios")
+    trained = next(r["id"] for r in stored.analyses() if r["name"] == "after training")
+    widget(at.selectbox, "Analysis").set_value(trained).run()
+    widget(at.number_input, "Points").set_value(3)
+    widget(at.button, "Compute the curves").click().run()
+    assert not at.exception and at.error and "not the ones the analysis ran on" in at.error[0].value

@@ -1,0 +1,62 @@
+"""The sensitivity section of the Pruning ratios page: curves of several analyses of one model, computed on demand."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app.charts import predicted_vs_measured, sensitivity_lines
+from app.export import export_buttons
+from app.guard import user_errors
+from app.state import analysis, workbench_for, workspace
+from app.text import plain
+from sosp_engine.sensitivity import even_grid, max_reduction, sensitivity_curve
+
+
+def sensitivity_section(record: dict, ratio: float, unit: str) -> None:
+    """Pick analyses of the same model and data, compute their curves with a progress bar, show and export them."""
+    st.subheader("How far can it be pruned?")
+    st.caption("Validation loss and accuracy of the physically pruned net along each analysis's pruning order, next to "
+               "the loss increase the method predicts. Nothing is retrained; each point is one evaluation.")
+    same = [r for r in workspace().analyses()
+            if (r["model_spec"], r["data_spec"]) == (record["model_spec"], record["data_spec"])]
+    names = {r["id"]: r["name"] for r in same}
+    cols = st.columns([3, 1, 1])
+    chosen = cols[0].multiselect("Analyses (same model and data)", list(names), default=[record["id"]],
+                                 format_func=names.get, key=f"sens-analyses-{record['id']}")
+    points = cols[1].number_input("Points", 3, 41, 11, key="sens-points")
+    samples = cols[2].number_input("Samples", 10, 100_000, 1000, step=100, key="sens-samples",
+                                   help="evaluated on the first N samples of the validation split")
+    key = ("sensitivity", tuple(chosen), int(points), int(samples), unit)
+    if st.button("Compute the curves", icon=":material/show_chart:", disabled=not chosen, key="sens-run"):
+        curves = {}
+        bar = st.progress(0.0, text="starting ...")
+        with user_errors("The sensitivity curve", stop=False):
+            for i, record_id in enumerate(chosen):
+                result = analysis(record_id)
+                workbench = workbench_for(result)
+                grid = even_grid(int(points), max_reduction(result, workbench.structures, unit))
+
+                def progress(fraction: float, message: str, i: int = i) -> None:
+                    bar.progress((i + fraction) / len(chosen), text=plain(f"{names[record_id]}: {message}"))
+
+                curves[names[record_id]] = sensitivity_curve(result, workbench, grid, unit, samples=int(samples),
+                                                             progress=progress)
+            st.session_state[key] = curves
+        bar.empty()
+    curves = st.session_state.get(key)
+    if not curves:
+        return
+    tables = {name: curve.table for name, curve in curves.items()}
+    data = pd.concat([t.assign(analysis=name) for name, t in tables.items()], ignore_index=True)
+    first = next(iter(curves.values()))
+    st.caption(plain(f"Unpruned: accuracy {first.baseline_acc:.1%}, loss {first.baseline_loss:.4f} on {first.samples} "
+                     f"{first.split} samples."))
+    for metric in ("pruned_acc", "pruned_loss"):
+        fig = sensitivity_lines(tables, metric, unit, ratio)
+        st.plotly_chart(fig, key=f"sens-{metric}")
+        export_buttons(fig, data, f"sensitivity-{metric}-{record['id']}")
+    fig = predicted_vs_measured(tables, {name: curve.rank_correlation for name, curve in curves.items()})
+    st.plotly_chart(fig, key="sens-predicted")
+    export_buttons(fig, data, f"predicted-vs-measured-{record['id']}")
+    st.caption("Spearman's rank correlation near 1: the analysis orders masks by their real cost, so its ranking can "
+               "be trusted; near 0 or negative: do not rely on its predictions on this net.")
