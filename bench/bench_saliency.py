@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import resource
 import sys
 import time
@@ -16,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def _setup(model_spec: str, samples: int, device: str):
+def _setup(model_spec: str, samples: int, device: str, shape: tuple[int, ...] = (3, 32, 32), classes: int = 10,
+           batch_size: int = 100):
     import torch
 
     from sosp_engine.devices import resolve_device
@@ -27,15 +29,16 @@ def _setup(model_spec: str, samples: int, device: str):
 
     torch.manual_seed(0)
     dev = resolve_device(device)
-    model = build_model(model_spec, 10, 3).eval()
-    x = torch.randn(samples, 3, 32, 32)
-    y = torch.randint(0, 10, (samples,))
+    model = build_model(model_spec, classes, shape[0]).eval()
+    x = torch.randn(samples, *shape)
+    y = torch.randint(0, classes, (samples,))
     structures = find_structures(model, x[:1], preset=default_preset(model_spec))
     model.to(dev)
-    return AnalysisInputs(model, structures, x, y, batch_size=100)
+    return AnalysisInputs(model, structures, x, y, batch_size=batch_size)
 
 
-def _measure(task: str, model_spec: str, samples: int, device: str, queue) -> None:
+def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape: tuple[int, ...] = (3, 32, 32),
+             classes: int = 10, batch_size: int = 100) -> None:
     import torch
 
     from sosp_engine.saliency.common import sample_losses
@@ -44,7 +47,7 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue) -> No
     from sosp_engine.selection import greedy_order, literal_greedy_order
 
     torch.set_num_threads(torch.get_num_threads())
-    inputs = _setup(model_spec, samples, device)
+    inputs = _setup(model_spec, samples, device, shape, classes, batch_size)
     cuda = inputs.device.type == "cuda"
 
     def sync():
@@ -74,8 +77,11 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue) -> No
         t0 = time.perf_counter()
         greedy_order(sosp_i_matrix(first, gram).cpu(), inputs.structures)
         extra["selection_s"] = time.perf_counter() - t0
-    elif task == "sosp-i-mc3":
-        gauss_newton_terms(inputs, mc_labels=3)
+    elif task.startswith("sosp-i-mc"):  # sosp-i-mcK: K sampled labels per sample, with the greedy selection
+        first, gram = gauss_newton_terms(inputs, mc_labels=int(task[len("sosp-i-mc"):]))
+        t0 = time.perf_counter()
+        greedy_order(sosp_i_matrix(first, gram).cpu(), inputs.structures)
+        extra["selection_s"] = time.perf_counter() - t0
     elif task == "greedy":
         s = inputs.structures.num_structures
         q = torch.rand(s, s, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -94,10 +100,11 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue) -> No
                "structures": inputs.structures.num_structures, **extra})
 
 
-def measure(task: str, model_spec: str, samples: int, device: str) -> dict:
+def measure(task: str, model_spec: str, samples: int, device: str, shape: tuple[int, ...] = (3, 32, 32),
+            classes: int = 10, batch_size: int = 100) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(task, model_spec, samples, device, queue))
+    proc = ctx.Process(target=_measure, args=(task, model_spec, samples, device, queue, shape, classes, batch_size))
     proc.start()
     while True:
         try:
@@ -118,17 +125,25 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--greedy-model", default="resnet56x2", help="model whose S is used for fast vs literal greedy")
+    parser.add_argument("--input", default="3,32,32", help="input shape C,H,W")
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--out", default="bench/results.jsonl")
     args = parser.parse_args()
+    shape = tuple(int(v) for v in args.input.split(","))
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the spawned measuring processes read it at start
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for model_spec in args.models.split(","):
         base = None
         for task in args.tasks.split(","):
-            result = measure(task, model_spec, args.samples, args.device)
+            result = measure(task, model_spec, args.samples, args.device, shape, args.classes, args.batch_size)
             if task == "forward+backward":
                 base = result["seconds"]
-            row = {"model": model_spec, "task": task, "samples": args.samples, **result,
+            row = {"model": model_spec, "task": task, "samples": args.samples, "input": args.input,
+                   "classes": args.classes, "batch_size": args.batch_size, "threads": args.threads, **result,
                    "ratio_to_forward_backward": result["seconds"] / base if base else None}
             print(json.dumps(row), flush=True)
             with out.open("a") as fh:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA paths end to end on a GPU machine (train with AMP, SOSP-H / SOSP-I, prune, reopen), then the model
 # conformance matrix with one CPU thread per model in parallel. Results go to $OUT (default: bench/results/gpu).
-#   bash bench/gpu_check.sh [WORKERS] [MATRIX_SECONDS]
+#   [MATRIX_ONLY='spec ...'] bash bench/gpu_check.sh [WORKERS] [MATRIX_SECONDS]
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu}
 WORKERS=${1:-14}
@@ -21,10 +21,11 @@ for method in sosp-h sosp-i; do
 done
 run "$PY" -m sosp_engine prune --model resnet20 --data digits --weights "$W/w.pt" --mask "$W/sosp-i/mask.json" \
     --save "$W/pruned.pt"
-run "$PY" -m sosp_engine info --model resnet20 --data digits --weights "$W/pruned.pt"
+run "$PY" -m sosp_engine info --model resnet20 --data digits --weights "$W/pruned.pt" --out "$W/info.json"
+run "$PY" -m sosp_engine sensitivity "$W/sosp-i" --points 5 --device "$DEVICE" --out "$OUT/sensitivity.csv"
 
 [ "$MATRIX_SECONDS" -gt 0 ] || exit 0
 grep -v '"status": "failed"' bench/results/model_matrix.jsonl > "$OUT/model_matrix.jsonl"
 timeout "$MATRIX_SECONDS" "$PY" bench/model_matrix.py --workers "$WORKERS" --timeout 200 \
-    --results "$OUT/model_matrix.jsonl" --doc "$OUT/models.md"
+    --results "$OUT/model_matrix.jsonl" --doc "$OUT/models.md" ${MATRIX_ONLY:+--only $MATRIX_ONLY}
 echo "matrix exit $?"

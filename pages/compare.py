@@ -30,6 +30,11 @@ metric_cols[0].metric("Mask overlap (Jaccard)", f"{overall['jaccard']:.2f}")
 metric_cols[1].metric("Shared pruned structures", f"{overall['shared']:,}")
 metric_cols[2].metric("Rank correlation of saliencies", f"{overall['rank_correlation']:.2f}", help="Spearman, over all structures")
 metric_cols[3].metric("Largest layer difference", f"{table.ratio_difference.abs().max():.0%}")
+units = st.columns(2)
+for col, side in zip(units, "ab"):
+    col.caption(f"Mask {side} removes {overall[f'param_ratio_{side}']:.1%} of the parameters and "
+                f"{overall[f'mac_ratio_{side}']:.1%} of the MACs: compare methods at equal parameters or MACs, "
+                "not equal structure counts.")
 name_a, name_b = f"a: {first['name']}", f"b: {second['name']}"
 figures = [side_by_side(table, name_a, name_b), compare_overlay(table, name_a, name_b), difference_bars(table, name_a, name_b)]
 for i, fig in enumerate(figures):

@@ -156,6 +156,11 @@ def compare_masks(structures: StructureSet, mask_a: Iterable[str], mask_b: Itera
     total_union = int((a | b).sum())
     overall = {"jaccard": float((a & b).sum()) / total_union if total_union else 1.0,
                "pruned_a": int(a.sum()), "pruned_b": int(b.sum()), "shared": int((a & b).sum())}
+    params, macs = structures.counts()
+    for name, pruned in (("a", a), ("b", b)):  # the fair units across methods: what each mask really removes
+        params_after, macs_after = structures.counts(pruned)
+        overall[f"param_ratio_{name}"] = 1 - params_after / params
+        overall[f"mac_ratio_{name}"] = 1 - macs_after / macs
     return table, overall
 
 

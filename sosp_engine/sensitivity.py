@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from .analysis import AnalysisResult, analysed_model
+from .compare import rank_correlation
 from .devices import resolve_device
 from .errors import AnalysisError
 from .loading import Workbench
@@ -30,7 +31,7 @@ class SensitivityCurve:
     table: pd.DataFrame
     baseline_loss: float
     baseline_acc: float
-    rank_correlation: float  # Spearman's rho of predicted vs measured loss increase over the grid (nan if undefined)
+    rank_correlation: float  # Spearman's rho of predicted vs measured loss increase over the grid (nan: < 3 points)
     method: str
     split: str
     samples: int
@@ -70,14 +71,6 @@ def parse_grid(text: str) -> list[float]:
     return ratios
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    """Rank correlation of two sequences (nan when either is constant or has fewer than 3 values)."""
-    if len(a) < 3:
-        return float("nan")
-    value = pd.Series(a).rank().corr(pd.Series(b).rank())
-    return float(value) if value == value else float("nan")
-
-
 def sensitivity_curve(result: AnalysisResult, workbench: Workbench, ratios: list[float], unit: str = "structures",
                       split: str = "val", samples: int | None = None, batch_size: int = 256, device: str = "auto",
                       progress: ProgressFn = None, should_stop: StopFn = None) -> SensitivityCurve:
@@ -110,5 +103,6 @@ def sensitivity_curve(result: AnalysisResult, workbench: Workbench, ratios: list
         report(progress, (i + 1) / len(ratios), f"ratio {ratio:.3f}: accuracy {pruned_acc:.1%}")
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     known = table.dropna(subset=["predicted_increase"])
-    rho = spearman(known["predicted_increase"].tolist(), known["measured_increase"].tolist())
+    rho = (rank_correlation(torch.tensor(known["predicted_increase"].values), torch.tensor(known["measured_increase"].values))
+           if len(known) >= 3 else float("nan"))
     return SensitivityCurve(table, base_loss, base_acc, rho, result.config.method, split, count)

@@ -59,6 +59,15 @@ def test_compare_disjoint_masks_per_layer(resnet):
     assert overall["jaccard"] == pytest.approx(1 / 5) and overall["shared"] == 1
 
 
+def test_compare_reports_the_params_and_macs_each_mask_removes(resnet):
+    _, structures = resnet
+    a, b = random_mask(structures, 0.2, seed=1), random_mask(structures, 0.6, seed=2)
+    _, overall = compare_masks(structures, a, b)
+    summary_a, summary_b = mask_summary(structures, a), mask_summary(structures, b)
+    assert overall["param_ratio_a"] == pytest.approx(summary_a["param_ratio"])
+    assert overall["mac_ratio_b"] == pytest.approx(summary_b["mac_ratio"]) and overall["mac_ratio_b"] > overall["mac_ratio_a"]
+
+
 def test_mask_json_round_trip(tmp_path, resnet):
     _, structures = resnet
     mask = random_mask(structures, 0.5)

@@ -8,7 +8,7 @@ from sosp_engine.cli import main
 from sosp_engine.errors import AnalysisError
 from sosp_engine.loading import open_workbench
 from sosp_engine.masks import zeroed_copy
-from sosp_engine.sensitivity import even_grid, max_reduction, parse_grid, sensitivity_curve, spearman
+from sosp_engine.sensitivity import even_grid, max_reduction, parse_grid, sensitivity_curve
 from sosp_engine.training import evaluate
 
 
@@ -72,10 +72,13 @@ def test_the_even_grid_stops_at_the_largest_reduction_the_cap_allows(analysed):
     sensitivity_curve(result, wb, [even_grid(2, top)[-1]], "macs", samples=20, device="cpu")
 
 
-def test_rank_correlation_is_spearmans_rho():
-    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert spearman([1, 2], [1, 2]) != spearman([1, 2], [1, 2])  # nan: too few points
+def test_the_rank_correlation_is_spearmans_rho_over_at_least_three_points(analysed):
+    wb, result, _ = analysed
+    assert sensitivity_curve(result, wb, [0.0, 0.3], samples=30, device="cpu").rank_correlation != \
+        sensitivity_curve(result, wb, [0.0, 0.3], samples=30, device="cpu").rank_correlation  # nan
+    curve = sensitivity_curve(result, wb, [0.0, 0.2, 0.4, 0.6], samples=60, device="cpu")
+    ranks = curve.table[["predicted_increase", "measured_increase"]].rank()
+    assert curve.rank_correlation == pytest.approx(ranks.corr().iloc[0, 1])
 
 
 def test_the_cli_writes_the_curve_as_csv_and_json(analysed, tmp_path, capsys):
