@@ -25,7 +25,7 @@ cols = st.columns(4)
 cols[0].metric("Structures pruned", f"{summary['structures_pruned']:,} / {summary['structures']:,}", f"{summary['structure_ratio']:.1%}", delta_color="off")
 cols[1].metric("Parameters", f"{summary['params_after']:,}", f"-{summary['param_ratio']:.1%}", delta_color="inverse")
 cols[2].metric("MACs / sample", f"{summary['macs_after']:,}", f"-{summary['mac_ratio']:.1%}", delta_color="inverse")
-cols[3].metric("Method", result.config.method, "at init" if result.config.at_init else "trained weights", delta_color="off")
+cols[3].metric("Method", result.config.method, result.config.weights_label(), delta_color="off")
 
 if result.exactness:
     line = exactness_line(result.exactness) + f" (measured at {result.exactness.get('ratio', 0):.0%} of the structures)"
@@ -43,7 +43,8 @@ st.plotly_chart(profile, key="profile")
 export_buttons(profile, table[["layer", "depth", "stage", "channels", "kept"]], f"width-profile-{record['id']}")
 st.subheader("Per-layer table")
 st.dataframe(table, hide_index=True, column_config={"pruning_ratio": st.column_config.ProgressColumn("pruning ratio", format="percent", min_value=0, max_value=1)})
-report = analysis_report(f"SOSP Lab analysis: {record['name']}", {**record["config"], "ratio": ratio, "unit": unit,
+report = analysis_report(f"SOSP Lab analysis: {record['name']}", {**record["config"],
+                         "weights used": result.config.weights_label(), "ratio": ratio, "unit": unit,
                          **{k: v for k, v in summary.items()}}, [hist, profile], {"Per-layer table": table})
 st.download_button("Analysis report (HTML)", report, f"report-{record['id']}.html", "text/html", icon=":material/description:")
 

@@ -58,6 +58,14 @@ class AnalysisConfig:
     exclude: list[str] = field(default_factory=list)
     preset: str | None = "auto"
 
+    def weights_label(self) -> str:
+        """Which weights the saliencies describe, in words (an at-init analysis never used the checkpoint's values)."""
+        if self.at_init:
+            return f"at initialisation (seed {self.seed})"
+        if self.weights:
+            return f"weights {Path(self.weights).name}"
+        return "random weights (no checkpoint)"
+
     def validate(self) -> None:
         if self.method not in METHODS:
             raise AnalysisError(f"unknown method '{self.method}'; use one of {', '.join(METHODS)}")

@@ -2,14 +2,16 @@
 
 Rules (documented for the UI):
 - `mean-std` (default): flag a unit whose pruning ratio is below mean - k * std of all units' ratios (k = 1 by default).
-- `least`: flag the n least pruned units.
-The score of a unit is (mean - ratio) / std: how many standard deviations it is pruned less than the network.
+- `least`: flag the n least pruned units among those pruned less than the mean.
+The score of a unit is (mean - ratio) / std: how many standard deviations it is pruned less than the mean over units.
 """
 from __future__ import annotations
 
 import pandas as pd
 
 RULES = ("mean-std", "least")
+MEAN_NOTE = ("The mean is unweighted over the units, so it differs from the global ratio, which weighs them by their "
+             "channels.")
 LEVELS = ("layer", "stage")
 
 
@@ -40,14 +42,16 @@ def find_bottlenecks(table: pd.DataFrame, level: str = "layer", rule: str = "mea
     threshold = mean - k * std
     if rule == "mean-std":
         units["flagged"] = units.pruning_ratio < threshold - 1e-12
-    else:
-        order = units.sort_values(["pruning_ratio", "depth"]).index[:n]
+    else:  # at most n, and never a unit pruned as much as the mean or more: that is no bottleneck
+        below = units[units.pruning_ratio < mean - 1e-12]
+        order = below.sort_values(["pruning_ratio", "depth"]).index[:n]
         units["flagged"] = units.index.isin(order)
         threshold = float(units.loc[order, "pruning_ratio"].max()) if len(order) else 0.0
     units = units.sort_values(["score", "depth"], ascending=[False, True]).reset_index(drop=True)
     units.insert(0, "rank", range(1, len(units) + 1))
     units["why"] = [
-        f"pruned {r:.0%} vs network mean {mean:.0%} ({s:+.2f} std)" + (" -> bottleneck" if f else "")
+        f"pruned {r:.0%} vs {level} mean {mean:.0%}: {abs(s):.2f} std {'below' if s > 0 else 'above'} it"
+        + (" -> bottleneck" if f else "")
         for r, s, f in zip(units.pruning_ratio, units.score, units.flagged)
     ]
     info = {"rule": rule, "level": level, "k": k, "n": n, "mean": mean, "std": std, "threshold": threshold}
@@ -58,10 +62,13 @@ def explain(units: pd.DataFrame, info: dict) -> str:
     """A short plain-language explanation of the flags for the dashboard."""
     flagged = units[units.flagged]
     if flagged.empty:
-        return (f"No {info['level']} is pruned markedly less than the rest (mean ratio {info['mean']:.0%}, "
-                f"std {info['std']:.0%}); SOSP sees no architectural bottleneck at this ratio.")
+        return (f"No {info['level']} is pruned markedly less than the rest (mean ratio over {info['level']}s "
+                f"{info['mean']:.0%}, std {info['std']:.0%}); SOSP sees no architectural bottleneck at this ratio. "
+                + MEAN_NOTE)
     names = ", ".join(f"'{u}'" for u in flagged.unit)
     rule = (f"pruning ratio below mean - {info['k']:g} x std = {info['threshold']:.0%}" if info["rule"] == "mean-std"
-            else f"the {info['n']} least pruned {info['level']}s")
+            else f"the {info['n']} least pruned {info['level']}s among those pruned less than the mean "
+                 f"{info['mean']:.0%}")
     return (f"{len(flagged)} bottleneck {info['level']}(s): {names}. Flag rule: {rule}. SOSP keeps their channels "
-            "because removing them would raise the loss most: widening them (expand-pruning, x2) is the paper's remedy.")
+            "because removing them would raise the loss most: widening them (expand-pruning, x2) is the paper's remedy. "
+            + MEAN_NOTE)

@@ -25,7 +25,7 @@ from .errors import SospError
 from .exactness import exactness_line, exactness_report
 from .loading import open_workbench, resolve_preset
 from .pruned_models import pruning_recipe, save_pruned
-from .masks import layer_table, load_mask, mask_summary, pruned_copy, save_mask
+from .masks import layer_table, load_mask, mask_meta, mask_summary, pruned_copy, save_mask
 from .saliency.common import LOSSES
 from .selection import NORMALIZATIONS, UNITS
 from .models import USER_CODE_WARNING, is_user_code
@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_expand, procedure="expand-prune")
     p = sub.add_parser("bottlenecks", help="flag bottleneck layers / stages of a saved analysis at a ratio")
     p.add_argument("analysis", help="folder written by analyze")
-    p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--unit", default="structures", choices=UNITS)
+    p.add_argument("--ratio", type=float, default=None, help="default: the ratio of the mask analyze wrote (else 0.5)")
+    p.add_argument("--unit", default=None, choices=UNITS, help="default: the unit of the mask analyze wrote")
     p.add_argument("--level", default="layer", choices=LEVELS)
     p.add_argument("--rule", default="mean-std", choices=RULES)
     p.add_argument("-k", type=float, default=1.0, help="mean-std rule: flag ratios below mean - k * std")
@@ -281,8 +281,12 @@ def cmd_bottlenecks(args: argparse.Namespace) -> None:
     require_trust(result.config.model_spec, args.trust_code, f"the analysis in '{args.analysis}'")
     if not (math.isfinite(args.k) and args.k >= 0) or args.n < 1:
         raise SospError(f"-k must be a number >= 0 and -n at least 1 (got k={args.k}, n={args.n})")
+    written = mask_meta(Path(args.analysis) / "mask.json")  # by default, the ratio and unit analyze wrote its mask at
+    ratio = args.ratio if args.ratio is not None else float(written.get("ratio", 0.5))
+    unit = args.unit or str(written.get("unit", "structures"))
+    progress_line(f"bottlenecks of the mask at {ratio:g} of {unit}")
     wb = open_workbench(result.config.model_spec, result.config.data_spec, None, result.config.exclude, result.config.preset)
-    table = layer_table(wb.structures, result.mask(wb.structures, args.ratio, args.unit))
+    table = layer_table(wb.structures, result.mask(wb.structures, ratio, unit))
     units, info = find_bottlenecks(table, args.level, args.rule, args.k, args.n)
     print(units[["rank", "unit", "pruning_ratio", "score", "flagged", "why"]].to_string(index=False))
     print("\n" + explain(units, info))

@@ -108,6 +108,7 @@ def launch_pending(store: Store) -> list[str]:
         proc = subprocess.Popen([sys.executable, "-m", "sosp_engine", "run-job", job["id"], "--workspace", str(store.root)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                 env=env, cwd=root)
+        threading.Thread(target=proc.wait, daemon=True).start()  # reap it when it ends: no zombie under the UI
         store.update_job(job["id"], pid=proc.pid, heartbeat=time.time())
         started.append(job["id"])
     return started

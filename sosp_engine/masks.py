@@ -182,6 +182,16 @@ def save_mask(path: str | Path, structures: StructureSet, mask: Iterable[str], *
     return path
 
 
+def mask_meta(path: str | Path) -> dict:
+    """The metadata (method, ratio, unit, ...) stored with a mask file; {} when there is none or it is unreadable."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    meta = payload.get("meta") if isinstance(payload, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
 def load_mask(path: str | Path, structures: StructureSet | None = None) -> set[str]:
     """Read a mask JSON; with `structures`, check that it belongs to that architecture."""
     path = Path(path)

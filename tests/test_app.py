@@ -190,3 +190,13 @@ def test_a_sensitivity_curve_on_other_weights_shows_an_error(stored):
     widget(at.number_input, "Points").set_value(3)
     widget(at.button, "Compute the curves").click().run()
     assert not at.exception and at.error and "not the ones the analysis ran on" in at.error[0].value
+
+
+def test_an_analysis_of_random_weights_is_not_labelled_trained(stored):
+    at = open_page("ratios")
+    trained = next(r["id"] for r in stored.analyses() if r["name"] == "after training")
+    widget(at.selectbox, "Analysis").set_value(trained).run()
+    assert widget(at.metric, "Method").delta == "random weights (no checkpoint)"
+    at_init = next(r["id"] for r in stored.analyses() if r["name"] == "at init")
+    widget(at.selectbox, "Analysis").set_value(at_init).run()
+    assert widget(at.metric, "Method").delta.startswith("at initialisation")

@@ -62,3 +62,12 @@ def test_a_pruned_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, 
     capsys.readouterr()
     assert main(["info", "--model", "resnet32", "--weights", str(tmp_path / "small.pt")]) == 2
     assert "made from 'resnet20'" in capsys.readouterr().err
+
+
+def test_bottlenecks_read_the_mask_at_the_ratio_and_unit_analyze_wrote(tmp_path, capsys):
+    out = tmp_path / "a"
+    assert main(["analyze", "--model", "resnet20", "--method", "magnitude", "--samples", "20", "--ratio", "0.3",
+                 "--unit", "params", "--out", str(out)]) == 0
+    assert main(["bottlenecks", str(out), "--level", "stage"]) == 0
+    captured = capsys.readouterr()
+    assert "bottlenecks of the mask at 0.3 of params" in captured.err and "`" not in captured.out

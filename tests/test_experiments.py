@@ -73,6 +73,17 @@ def test_least_rule_flags_the_n_least_pruned():
     assert set(units[units.flagged].unit) == {"l1", "l3"}
 
 
+def test_least_rule_never_flags_a_unit_pruned_more_than_the_mean():
+    units, info = find_bottlenecks(crafted_table([0.2, 0.2, 0.4, 0.4, 0.6, 0.6]), level="stage", rule="least", n=3)
+    assert list(units[units.flagged].unit) == ["a"] and "among those pruned less than the mean" in explain(units, info)
+
+
+def test_the_evidence_says_below_or_above_the_mean_in_words():
+    units, _ = find_bottlenecks(crafted_table([0.5, 0.6, 0.5, 0.0, 0.6, 0.5]))
+    why = units.set_index("unit")["why"]
+    assert "std below it -> bottleneck" in why["l3"] and "std above it" in why["l1"] and "+" not in why["l1"]
+
+
 def test_stage_level_aggregates_channels():
     units, _ = find_bottlenecks(crafted_table([0.5, 0.5, 0.1, 0.1, 0.6, 0.6]), level="stage", k=1.0)
     assert list(units[units.flagged].unit) == ["b"] and units.set_index("unit").loc["b", "pruning_ratio"] == pytest.approx(0.1)

@@ -98,3 +98,20 @@ def test_jobs_cli_submits_lists_shows_and_logs(tmp_path, capsys):
     assert main(["jobs", "logs", job_id, "--workspace", ws]) == 0 and "done" in capsys.readouterr().out
     assert main(["jobs", "delete", job_id, "--workspace", ws]) == 2  # needs --yes
     assert main(["jobs", "delete", job_id, "--yes", "--workspace", ws]) == 0 and Store(ws).jobs() == []
+
+
+def test_a_finished_job_process_is_reaped_not_left_as_a_zombie(tmp_path):
+    store = Store(tmp_path)
+    job_id = submit(store, tiny("train", epochs=1))
+    wait_for(store, job_id, lambda j: j["status"] == "done")
+    pid = store.job(job_id)["pid"]
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            state = open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0]
+        except OSError:
+            return  # gone: reaped
+        if state != "Z":
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"job process {pid} is still a zombie (state {state})")
