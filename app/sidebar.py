@@ -5,7 +5,7 @@ from app.text import plain
 
 from app.guard import user_errors
 from app.state import current_choice, workspace
-from sosp_engine.devices import device_name
+from sosp_engine.devices import device_name, set_threads
 from sosp_engine.jobs import launch_pending
 
 
@@ -20,6 +20,8 @@ def render_sidebar() -> None:
         st.image(str(__import__("pathlib").Path(__file__).resolve().parent.parent / "assets" / "logo.svg"), width=48)
         st.markdown("### SOSP Lab")
         st.caption("Second-order structured pruning and bottleneck analysis")
+        with user_errors("Setting the CPU threads ($SOSP_THREADS)"):
+            threads = set_threads()
         with user_errors("Opening the workspace"):
             store = workspace()
             launch_pending(store)
@@ -27,4 +29,4 @@ def render_sidebar() -> None:
             queued = len(store.jobs("queued"))
         st.markdown(f"**Workspace** {plain(store.root)}  \n**Model** {plain(choice.model_spec)}  \n"
                     f"**Weights** {plain(choice.weights or 'random init')}  \n**Data** {plain(choice.data_spec)}  \n"
-                    f"**Device** {_device_label()}  \n**Jobs** {running} running, {queued} queued")
+                    f"**Device** {_device_label()}, {threads} CPU threads  \n**Jobs** {running} running, {queued} queued")

@@ -20,6 +20,7 @@ from .store import Store
 from .atomic import save_atomically
 from .training import TrainConfig, train
 from .counting import count_macs, count_params
+from .devices import set_threads
 from .data import load_data
 from .errors import SospError
 from .exactness import exactness_line, exactness_report
@@ -83,6 +84,8 @@ def cmd_prune(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sosp_engine", description="SOSP Lab engine")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: $SOSP_THREADS, else torch's default); jobs inherit it")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="model summary: prunable layers, structures, parameters, MACs")
     add_model_args(p)
@@ -390,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.threads is not None:
+            os.environ["SOSP_THREADS"] = str(args.threads)  # background jobs started from here use the same
+        set_threads(args.threads)
         result = args.func(args)
     except SospError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -71,3 +71,16 @@ def test_bottlenecks_read_the_mask_at_the_ratio_and_unit_analyze_wrote(tmp_path,
     assert main(["bottlenecks", str(out), "--level", "stage"]) == 0
     captured = capsys.readouterr()
     assert "bottlenecks of the mask at 0.3 of params" in captured.err and "`" not in captured.out
+
+
+def test_threads_are_set_from_the_option_and_checked(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("SOSP_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        assert main(["--threads", "1", "info", "--model", "resnet20"]) == 0 and torch.get_num_threads() == 1
+        assert main(["--threads", "0", "info", "--model", "resnet20"]) == 2
+        assert "at least 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
