@@ -132,7 +132,7 @@ def _machine() -> str:
             f"timm {timm.__version__}")
 
 
-def write_doc(rows: list[dict], doc: Path = DOC) -> None:
+def write_doc(rows: list[dict], doc: Path = DOC, note: str = "") -> None:
     ok = sum(r["status"] == "ok" for r in rows)
     ran = sum(r["status"] != "not run yet" for r in rows)
     lines = [
@@ -142,7 +142,7 @@ def write_doc(rows: list[dict], doc: Path = DOC) -> None:
         "structures found, SOSP-H and SOSP-I run, physical pruning at 30 % and 70 % of the structures (SOSP-H order), "
         "predicted parameters / MACs equal to counting the pruned model, pruned output equal to the zero-masked one "
         "(relative deviation < 1e-4) unless the analysis lists approximate layers, and the pruned checkpoint reopens "
-        "with the same function.", "",
+        "with the same function.", "", *([note, ""] if note else []),
         f"**{ok} of the {ran} models checked so far pass every check** ({len(rows) - ran} of the matrix not run yet: "
         "the script resumes where it stopped).", "",
         "| model | params | layers | structures | grouped layers | unprunable | SOSP-H s | SOSP-I s | approximate layers "
@@ -167,6 +167,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="models checked at once, one thread each")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON-lines file of the rows (resumed from)")
     parser.add_argument("--doc", type=Path, default=DOC, help="the markdown table written at the end")
+    parser.add_argument("--note", default="", help="a paragraph for the document (e.g. where the rows were measured)")
     args = parser.parse_args()
     matrix = torchvision_specs() + [f"timm:{n}" for n in TIMM_MODELS]
     specs = args.only or matrix
@@ -185,9 +186,9 @@ def main() -> None:
                 fh.write(json.dumps(row) + "\n")
 
     with ThreadPoolExecutor(max(1, args.workers)) as pool:
-        list(pool.map(check, [s for s in specs if s not in done]))
+        list(pool.map(check, [s for s in specs if done.get(s, {}).get("status", "not run yet") == "not run yet"]))
     write_doc([done.get(s, {"model": s, "status": "not run yet", "error": "left for a longer run of this script"})
-               for s in matrix + [s for s in done if s not in matrix]], args.doc)
+               for s in matrix + [s for s in done if s not in matrix]], args.doc, args.note)
 
 
 if __name__ == "__main__":
