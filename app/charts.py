@@ -6,7 +6,10 @@ import plotly.express as px
 import plotly.graph_objects as go
 
 PALETTE = px.colors.qualitative.Safe
-LAYOUT = dict(template="plotly_white", margin=dict(l=40, r=20, t=60, b=40), legend=dict(orientation="h", y=1.02, x=0, yanchor="bottom"))
+# The legend sits right of the plot: above it, a legend title collided with the chart title.
+LAYOUT = dict(template="plotly_white", margin=dict(l=50, r=20, t=60, b=40),
+              legend=dict(orientation="v", x=1.01, y=1, xanchor="left", yanchor="top"))
+VALUE_LABELS_UP_TO = 40  # layers; beyond that per-bar labels would overlap
 
 
 def ratio_histogram(table: pd.DataFrame, title: str, threshold: float | None = None,
@@ -16,8 +19,11 @@ def ratio_histogram(table: pd.DataFrame, title: str, threshold: float | None = N
     fig = px.bar(data, x="label", y="pruning_ratio", color="stage", color_discrete_sequence=PALETTE,
                  hover_data={"label": False, "layer": True, "kept": True, "channels": True, "params_after": ":,",
                              "params_before": ":,", "macs_after": ":,", "macs_before": ":,", "pruning_ratio": ":.1%"},
-                 labels={"pruning_ratio": "pruning ratio", "label": "layer (network order)"}, title=title)
-    fig.update_layout(**LAYOUT, yaxis_tickformat=".0%", yaxis_range=[0, 1], xaxis_tickangle=-60)
+                 labels={"pruning_ratio": "pruned channels (share of the layer's structures)",
+                         "label": "layer (network order)"}, title=title)
+    fig.update_layout(**LAYOUT, yaxis_tickformat=".0%", yaxis_range=[0, 1.1], xaxis_tickangle=-60)
+    if len(data) <= VALUE_LABELS_UP_TO:  # also makes 0 % layers visible: their label sits on the axis
+        fig.update_traces(texttemplate="%{y:.0%}", textposition="outside", cliponaxis=False)
     if threshold is not None:
         fig.add_hline(y=threshold, line_dash="dash", line_color="#c0392b", annotation_text=f"bottleneck threshold {threshold:.0%}")
     if flagged:
@@ -36,35 +42,54 @@ def width_profile(table: pd.DataFrame, title: str) -> go.Figure:
     return fig
 
 
+def _stage_colours(table: pd.DataFrame) -> list[str]:
+    stages = list(dict.fromkeys(table.stage))
+    return [PALETTE[stages.index(st) % len(PALETTE)] for st in table.stage]
+
+
 def compare_overlay(table: pd.DataFrame, name_a: str, name_b: str) -> go.Figure:
     """Both analyses' layer-wise ratios as grouped bars."""
     labels = [f"{d}: {n}" for d, n in zip(table.depth, table.layer)]
     fig = go.Figure([go.Bar(x=labels, y=table.ratio_a, name=name_a, marker_color="#2f6fb0"),
                      go.Bar(x=labels, y=table.ratio_b, name=name_b, marker_color="#e67e22")])
-    fig.update_layout(**LAYOUT, barmode="group", title="Layer-wise pruning ratios", yaxis_tickformat=".0%", xaxis_tickangle=-60)
+    fig.update_layout(**LAYOUT, barmode="group", title="Layer-wise pruning ratios", yaxis_tickformat=".0%",
+                      xaxis_tickangle=-60, xaxis_title="layer (network order)",
+                      yaxis_title="pruned channels (share of the layer)")
     return fig
 
 
 def difference_bars(table: pd.DataFrame, name_a: str, name_b: str) -> go.Figure:
-    """Per-layer ratio difference (b - a), with the masks' Jaccard overlap on hover."""
+    """Per-layer ratio difference (b - a) in percentage points, with the masks' Jaccard overlap on hover."""
     labels = [f"{d}: {n}" for d, n in zip(table.depth, table.layer)]
-    fig = go.Figure(go.Bar(x=labels, y=table.ratio_difference, customdata=table[["jaccard"]].to_numpy(),
-                           marker_color=["#e67e22" if v > 0 else "#2f6fb0" for v in table.ratio_difference],
-                           hovertemplate="%{x}<br>difference %{y:.1%}<br>Jaccard %{customdata[0]:.2f}<extra></extra>"))
-    fig.update_layout(**LAYOUT, title=f"Ratio difference: {name_b} minus {name_a}", yaxis_tickformat=".0%", xaxis_tickangle=-60)
+    points = table.ratio_difference * 100
+    fig = go.Figure()
+    for sign, name, colour in ((1, f"{name_b} prunes more", "#e67e22"), (-1, f"{name_a} prunes more", "#2f6fb0")):
+        rows = (points > 0) if sign > 0 else (points <= 0)
+        fig.add_trace(go.Bar(x=[l for l, r in zip(labels, rows) if r], y=points[rows], name=name, marker_color=colour,
+                             customdata=table.loc[rows, ["jaccard"]].to_numpy(),
+                             hovertemplate="%{x}<br>difference %{y:.1f} pp<br>Jaccard %{customdata[0]:.2f}"
+                                           "<extra></extra>"))
+    fig.update_layout(**LAYOUT, title=f"Ratio difference: {name_b} minus {name_a}", xaxis_tickangle=-60,
+                      xaxis_title="layer (network order)", yaxis_title="difference (percentage points)",
+                      xaxis_categoryorder="array", xaxis_categoryarray=labels)
     return fig
 
 
 def side_by_side(table: pd.DataFrame, name_a: str, name_b: str) -> go.Figure:
-    """The two profiles in two panels."""
+    """The two profiles in two panels, bars coloured by stage, layers labelled."""
     from plotly.subplots import make_subplots
 
     labels = [f"{d}: {n}" for d, n in zip(table.depth, table.layer)]
+    colours = _stage_colours(table)
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=(name_a, name_b))
-    fig.add_trace(go.Bar(x=labels, y=table.ratio_a, marker_color="#2f6fb0", showlegend=False), 1, 1)
-    fig.add_trace(go.Bar(x=labels, y=table.ratio_b, marker_color="#e67e22", showlegend=False), 1, 2)
-    fig.update_layout(**LAYOUT, title="Profiles side by side", yaxis_tickformat=".0%")
-    fig.update_xaxes(showticklabels=False)
+    fig.add_trace(go.Bar(x=labels, y=table.ratio_a, marker_color=colours, showlegend=False), 1, 1)
+    fig.add_trace(go.Bar(x=labels, y=table.ratio_b, marker_color=colours, showlegend=False), 1, 2)
+    for stage in dict.fromkeys(table.stage):  # a legend entry per stage colour
+        fig.add_trace(go.Bar(x=[None], y=[None], name=stage, marker_color=colours[list(table.stage).index(stage)]),
+                      1, 1)
+    fig.update_layout(**LAYOUT, title="Profiles side by side (colour: stage)", yaxis_tickformat=".0%",
+                      yaxis_title="pruned channels (share of the layer)")
+    fig.update_xaxes(tickangle=-60)
     return fig
 
 
@@ -78,16 +103,31 @@ def saliency_scatter(frame: pd.DataFrame, layer: str) -> go.Figure:
     return fig
 
 
+def _padded(low: float, high: float, pad: float, floor: float | None = None) -> list[float]:
+    """An axis range around [low, high] that never collapses to a sliver and keeps the end markers inside."""
+    span = max(high - low, pad)
+    lo, hi = low - 0.15 * span, high + 0.15 * span
+    return [max(lo, floor) if floor is not None else lo, hi]
+
+
 def accuracy_vs_params(table: pd.DataFrame) -> go.Figure:
     """Mean test accuracy over trials against parameters, with std error bars (paper Fig. 4b/e)."""
     fig = go.Figure()
     for i, row in table.reset_index(drop=True).iterrows():
-        fig.add_trace(go.Scatter(x=[row.params_mean], y=[row.test_acc_mean], name=f"{row.label} ({int(row.trials)} trials)",
+        trials = int(row.trials)
+        fig.add_trace(go.Scatter(x=[row.params_mean], y=[row.test_acc_mean],
+                                 name=f"{row.label} ({trials} trial{'s' if trials != 1 else ''})",
                                  mode="markers", marker=dict(size=12, color=PALETTE[i % len(PALETTE)]),
                                  error_y=dict(type="data", array=[row.test_acc_std], visible=True),
                                  error_x=dict(type="data", array=[row.params_std], visible=True)))
+    acc_low = float((table.test_acc_mean - table.test_acc_std).min())
+    acc_high = float((table.test_acc_mean + table.test_acc_std).max())
+    params_low = float((table.params_mean - table.params_std).min())
+    params_high = float((table.params_mean + table.params_std).max())
     fig.update_layout(**LAYOUT, title="Test accuracy vs parameters", xaxis_title="parameters", yaxis_title="test accuracy",
-                      yaxis_tickformat=".1%")
+                      yaxis_tickformat=".1%", xaxis_tickformat=",.0f",
+                      yaxis_range=_padded(acc_low, min(acc_high, 1.0), 0.02, floor=0.0),
+                      xaxis_range=_padded(params_low, params_high, 0.02 * max(params_high, 1), floor=0.0))
     return fig
 
 
@@ -129,4 +169,23 @@ def predicted_vs_measured(tables: dict[str, pd.DataFrame], correlations: dict[st
                                                "<extra></extra>"))
     fig.update_layout(**LAYOUT, title="Predicted vs measured loss increase", xaxis_title="predicted loss increase",
                       yaxis_title="measured loss increase (zero-masked net)")
+    return fig
+
+
+def study_accuracy(table: pd.DataFrame, size: str, accuracy: str, unit: str) -> go.Figure:
+    """Mean accuracy against the remaining params or MACs per method, with std error bars over seeds (paper Tab. 1)."""
+    size_label = {"params": "remaining parameters", "macs": "remaining MACs per sample"}[size]
+    acc_label = {"acc_finetuned": "test accuracy after fine-tuning", "acc_pruned": "test accuracy right after pruning"}
+    fig = go.Figure()
+    for i, (method, rows) in enumerate(table.groupby("method", sort=False)):
+        rows = rows.sort_values(f"{size}_mean")
+        fig.add_trace(go.Scatter(
+            x=rows[f"{size}_mean"], y=rows[f"{accuracy}_mean"], mode="lines+markers", name=method,
+            line=dict(color=PALETTE[i % len(PALETTE)]),
+            error_y=dict(type="data", array=rows[f"{accuracy}_std"], visible=True),
+            customdata=rows[["target", "seeds"]],
+            hovertemplate=f"target %{{customdata[0]:.0%}} of {unit}<br>%{{y:.1%}}<br>%{{x:,.0f}}<br>"
+                          "%{customdata[1]} seeds<extra></extra>"))
+    fig.update_layout(**LAYOUT, title=f"{acc_label[accuracy].capitalize()} against {size_label}",
+                      xaxis_title=size_label, yaxis_title=acc_label[accuracy], yaxis_tickformat=".0%")
     return fig

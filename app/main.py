@@ -19,6 +19,7 @@ PAGES = [
     st.Page(ROOT / "pages" / "compare.py", title="Train vs init", icon=":material/compare_arrows:"),
     st.Page(ROOT / "pages" / "bottlenecks.py", title="Bottlenecks", icon=":material/filter_alt:"),
     st.Page(ROOT / "pages" / "expand.py", title="Expand-pruning", icon=":material/open_in_full:"),
+    st.Page(ROOT / "pages" / "studies.py", title="Studies", icon=":material/leaderboard:"),
     st.Page(ROOT / "pages" / "runs.py", title="Runs", icon=":material/history:"),
 ]
 

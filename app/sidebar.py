@@ -1,4 +1,6 @@
 """The sidebar every page shows: workspace, active model, data set and compute device; starts queued jobs."""
+from pathlib import Path
+
 import streamlit as st
 
 from app.text import plain
@@ -17,7 +19,7 @@ def _device_label() -> str:
 def render_sidebar() -> None:
     choice = current_choice()
     with st.sidebar:
-        st.image(str(__import__("pathlib").Path(__file__).resolve().parent.parent / "assets" / "logo.svg"), width=48)
+        st.image(str(Path(__file__).resolve().parent.parent / "assets" / "logo.svg"), width=48)
         st.markdown("### SOSP Lab")
         st.caption("Second-order structured pruning and bottleneck analysis")
         with user_errors("Setting the CPU threads ($SOSP_THREADS)"):
@@ -28,5 +30,5 @@ def render_sidebar() -> None:
             running = len(store.jobs("running")) + len(store.jobs("starting"))
             queued = len(store.jobs("queued"))
         st.markdown(f"**Workspace** {plain(store.root)}  \n**Model** {plain(choice.model_spec)}  \n"
-                    f"**Weights** {plain(choice.weights or 'random init')}  \n**Data** {plain(choice.data_spec)}  \n"
+                    f"**Weights** {plain(Path(choice.weights).name if choice.weights else 'random init')}  \n**Data** {plain(choice.data_spec)}  \n"
                     f"**Device** {_device_label()}, {threads} CPU threads  \n**Jobs** {running} running, {queued} queued")

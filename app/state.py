@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import streamlit as st
 
@@ -14,6 +15,7 @@ from sosp_engine.store import Store, default_workspace
 
 DEFAULT_MODEL = "resnet20"
 DEFAULT_DATA = "digits"
+DEMO_WEIGHTS = str(Path(__file__).resolve().parent.parent / "assets" / "demo" / "resnet20-digits.pt")
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class ModelChoice:
 
     model_spec: str = DEFAULT_MODEL
     data_spec: str = DEFAULT_DATA
-    weights: str | None = None
+    weights: str | None = DEMO_WEIGHTS  # the trained demo: "after training" views work from the first start
 
 
 def current_choice() -> ModelChoice:

@@ -1,21 +1,21 @@
 """Analyse page: run SOSP-H, SOSP-I or a baseline on the chosen model, with progress and cancel; the result is stored."""
+import uuid
+from pathlib import Path
+
 import streamlit as st
 
 from app.text import plain
 
+from app.background import CANCELLED, running_analysis, start_analysis
 from app.guard import user_errors
 from app.pickers import analyses_frame
 from app.state import cached_workbench, current_choice, workspace
-from sosp_engine.analysis import METHOD_LABELS, METHODS, AnalysisConfig, run_analysis
-from sosp_engine.progress import Cancelled
-from sosp_engine.records import store_analysis
+from sosp_engine.analysis import METHOD_LABELS, METHODS, AnalysisConfig
 
 st.title("Analyse")
 choice = current_choice()
-st.caption(f"Model `{choice.model_spec}` on `{choice.data_spec}` with {choice.weights or 'random-init'} weights (change it on the Model page).")
-
-if st.session_state.pop("analysis_cancelled", False):
-    st.warning("The analysis was cancelled; nothing was stored.")
+st.caption(plain(f"Model {choice.model_spec} on {choice.data_spec} with "
+                 f"{Path(choice.weights).name if choice.weights else 'random-init'} weights (change it on the Model page)."))
 
 with st.form("analysis_form"):
     cols = st.columns(3)
@@ -34,30 +34,50 @@ with st.form("analysis_form"):
     name = st.text_input("Name (optional)", placeholder="e.g. SOSP-H after training")
     run = st.form_submit_button("Run analysis", type="primary", icon=":material/play_arrow:")
 
+key = st.session_state.setdefault("analysis_key", uuid.uuid4().hex)  # this browser session's analysis thread
 if run:
-    with user_errors("Loading the model"):
-        workbench = cached_workbench(choice.model_spec, choice.data_spec, choice.weights)
-    config = AnalysisConfig(method=method, model_spec=choice.model_spec, data_spec=choice.data_spec, weights=choice.weights,
-                            at_init=at_init, samples=int(samples), seed=int(seed), batch_size=int(batch), cap=cap,
-                            normalize=normalize, loss=loss, device=device)
-    bar = st.progress(0.0, text="starting ...")
-    cancel_slot = st.empty()  # clicking Cancel reruns the page, which stops this run at its next progress update
-    cancel_slot.button("Cancel", icon=":material/stop:", on_click=lambda: st.session_state.update(analysis_cancelled=True))
-    with user_errors("The analysis"):
-        try:
-            result = run_analysis(workbench, config, progress=lambda f, m: bar.progress(f, text=f"{METHOD_LABELS[method]}: {m}"))
-        except Cancelled:
-            st.warning("Cancelled.")
-            st.stop()
-        finally:
-            cancel_slot.empty()
-        record_id = store_analysis(workspace(), result, name)
-    st.session_state["last_analysis"] = record_id
-    st.session_state.pop("analysis_cancelled", None)
-    timing = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
-    st.success(f"Stored as **{plain(workspace().analysis(record_id)['name'])}** ({record_id}). Timings: {timing}. "
-               f"At most {result.max_ratio:.0%} of the structures can be pruned with the cap.")
+    current = running_analysis(key)
+    if current is not None and not current.finished:
+        st.warning("An analysis is still running: wait for it or cancel it first.")
+    else:
+        with user_errors("Loading the model"):
+            workbench = cached_workbench(choice.model_spec, choice.data_spec, choice.weights)
+        config = AnalysisConfig(method=method, model_spec=choice.model_spec, data_spec=choice.data_spec,
+                                weights=choice.weights, at_init=at_init, samples=int(samples), seed=int(seed),
+                                batch_size=int(batch), cap=cap, normalize=normalize, loss=loss, device=device)
+        with user_errors("Starting the analysis"):
+            config.validate()
+            start_analysis(key, workbench, config, name, workspace())
+
+
+@st.fragment(run_every=1)
+def analysis_progress() -> None:
+    """The running analysis's progress and Cancel, then its outcome; it survives visits to other pages."""
+    current = running_analysis(key)
+    if current is None:
+        return
+    label = METHOD_LABELS[current.config.method]
+    if not current.finished:
+        st.progress(current.fraction, text=plain(f"{label}: {current.message}"))
+        if st.button("Cancel", icon=":material/stop:", key="cancel-analysis"):
+            current.cancel = True
+        st.caption("It keeps running if you open another page; its result is stored when it finishes.")
+        return
+    if current.error == CANCELLED:
+        st.warning("The analysis was cancelled; nothing was stored.")
+        return
+    if current.error:
+        st.error(plain(f"The analysis failed: {current.error}"))
+        return
+    record = workspace().analysis(current.record_id)
+    st.session_state["last_analysis"] = current.record_id
+    st.success(f"Stored as **{plain(record['name'])}** ({current.record_id}). Timings: "
+               + ", ".join(f"{k} {v:.2f} s" for k, v in record["summary"]["timings"].items())
+               + f". At most {record['summary']['max_ratio']:.0%} of the structures can be pruned with the cap.")
     st.info("Open **Pruning ratios** in the sidebar to study its layer-wise profile.")
+
+
+analysis_progress()
 
 st.subheader("Stored analyses")
 records = workspace().analyses()

@@ -6,7 +6,7 @@ import streamlit as st
 from app.text import plain
 
 from app.guard import user_errors
-from app.state import ModelChoice, cached_workbench, current_choice, set_choice, workspace
+from app.state import DEMO_WEIGHTS, ModelChoice, cached_workbench, current_choice, set_choice, workspace
 from sosp_engine.experiments import ExperimentConfig
 from sosp_engine.jobs import submit
 from sosp_engine.masks import layer_table, mask_summary
@@ -25,6 +25,7 @@ with st.form("model_form"):
                                          "path/file.py:factory")
     data_spec = cols[1].text_input("Data spec", choice.data_spec, help="digits, cifar10:PATH, cifar100:PATH, imagefolder:PATH, synthetic:C,H,W:K")
     stored = {m["weights"]: f"{m['name']} ({m['model_spec']}, test acc {m['metrics'].get('test_acc', 0):.1%})" for m in trained}
+    stored[DEMO_WEIGHTS] = "trained demo (ResNet-20 on digits, assets/demo)"
     options = ["random init", "checkpoint path"] + list(stored)
     current = choice.weights if choice.weights in stored else ("checkpoint path" if choice.weights else "random init")
     source = cols[2].selectbox("Weights", options, index=options.index(current), format_func=lambda o: stored.get(o, o))

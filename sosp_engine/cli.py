@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import math
 import os
@@ -22,7 +21,7 @@ from .training import TrainConfig, train
 from .counting import count_macs, count_params
 from .devices import set_threads
 from .data import load_data
-from .errors import SospError
+from .errors import SospError, one_line_error
 from .exactness import exactness_line, exactness_report
 from .loading import open_workbench, resolve_preset
 from .pruned_models import pruning_recipe, save_pruned
@@ -32,6 +31,7 @@ from .selection import NORMALIZATIONS, UNITS
 from .models import USER_CODE_WARNING, is_user_code
 from .cli_output import ProgressLine, emit, progress_line
 from .cli_sensitivity import add_sensitivity_parser
+from .cli_studies import add_study_parser
 
 
 def add_model_args(p: argparse.ArgumentParser, json_out: bool = True) -> None:
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-code", action="store_true", help="allow the analysis's model spec to run user code")
     p.set_defaults(func=cmd_bottlenecks)
     add_sensitivity_parser(sub)
+    add_study_parser(sub)
     p = sub.add_parser("run-job", help="(internal) run a queued job in this process")
     p.add_argument("job_id")
     add_workspace_arg(p)
@@ -377,25 +378,13 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         progress_line(f"recorded as '{args.name}' ({record_id}) in the workspace {store.root}")
 
 
-def one_line_error(exc: BaseException) -> str:
-    """An exception as one readable line: a full disk, a missing file and memory are said in plain words."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return f"disk full (ENOSPC): {exc.filename or ''} - free space and try again"
-    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
-        return "not enough memory for this input or model size: use fewer samples, a smaller batch or a smaller model"
-    if isinstance(exc, (IsADirectoryError, NotADirectoryError, FileNotFoundError, PermissionError, FileExistsError)):
-        return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
-    text = (str(exc).strip().splitlines() or [""])[0][:300]
-    return f"{type(exc).__name__}: {text}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        set_threads(args.threads)
         if args.threads is not None:
             os.environ["SOSP_THREADS"] = str(args.threads)  # background jobs started from here use the same
-        set_threads(args.threads)
         result = args.func(args)
     except SospError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,4 +1,7 @@
 """Exceptions with messages meant for the user: what went wrong and what to do."""
+from __future__ import annotations
+
+import errno
 
 
 class SospError(Exception):
@@ -23,3 +26,15 @@ class MaskError(SospError):
 
 class AnalysisError(SospError):
     """An analysis cannot be run or loaded as asked."""
+
+
+def one_line_error(exc: BaseException) -> str:
+    """An exception as one readable line: a full disk, a missing file and memory are said in plain words."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"disk full (ENOSPC): {exc.filename or ''} - free space and try again"
+    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
+        return "not enough memory for this input or model size: use fewer samples, a smaller batch or a smaller model"
+    if isinstance(exc, (IsADirectoryError, NotADirectoryError, FileNotFoundError, PermissionError, FileExistsError)):
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    text = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {text}"

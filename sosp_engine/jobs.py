@@ -14,6 +14,7 @@ from pathlib import Path
 from .experiments import Experiment, ExperimentConfig
 from .progress import Cancelled
 from .store import Store, StoreError
+from .studies import STUDY_KIND, Study, StudyConfig
 
 HEARTBEAT_SECONDS = 2.0
 STALE_AFTER_SECONDS = 20.0
@@ -35,6 +36,15 @@ def submit(store: Store, config: ExperimentConfig, name: str = "", start: bool =
     """Queue a job for `config` (FIFO) and start it if a slot is free."""
     config.validate()
     job_id = store.add_job(config.procedure, name or config.label or config.procedure, asdict(config))
+    if start:
+        launch_pending(store)
+    return job_id
+
+
+def submit_study(store: Store, config: StudyConfig, name: str = "", start: bool = True) -> str:
+    """Queue a study (one job running every cell of its grid) and start it if a slot is free."""
+    config.validate()
+    job_id = store.add_job(STUDY_KIND, name or f"study of {config.model_spec}", asdict(config))
     if start:
         launch_pending(store)
     return job_id
@@ -190,9 +200,13 @@ def run_job(store: Store, job_id: str) -> int:
         return cancel_state["value"]
 
     try:
-        config = ExperimentConfig(**job["config"])
-        result = Experiment(config, Path(job["path"]) / "run", report, should_stop).run()
-        if result.get("stages", {}).get("train", {}).get("weights") and config.procedure == "train":
+        if job["kind"] == STUDY_KIND:
+            result = Study(StudyConfig(**job["config"]), Path(job["path"]) / "run", report, should_stop).run()
+            config = None
+        else:
+            config = ExperimentConfig(**job["config"])
+            result = Experiment(config, Path(job["path"]) / "run", report, should_stop).run()
+        if config is not None and result.get("stages", {}).get("train", {}).get("weights") and config.procedure == "train":
             store.add_model(job["name"], config.model_spec, config.data_spec, Path(result["stages"]["train"]["weights"]),
                             job_id, {"test_acc": result["test_acc"]})
         store.update_job(job_id, status="done", finished=time.time(), progress=1.0, message="done", result=result)

@@ -11,7 +11,7 @@ from sosp_engine.loading import open_workbench
 from sosp_engine.records import store_analysis
 from sosp_engine.store import Store
 
-PAGES = ["model", "analyse", "ratios", "compare", "bottlenecks", "expand", "runs"]
+PAGES = ["model", "analyse", "ratios", "compare", "bottlenecks", "expand", "studies", "runs"]
 
 
 def open_page(page: str) -> AppTest:
@@ -99,8 +99,31 @@ def test_running_an_analysis_on_digits_stores_it(fresh):
     widget(at.number_input, "Samples N'").set_value(50)
     widget(at.text_input, "Name (optional)").set_value("my first")
     widget(at.button, "Run analysis").click().run()
+    until_stored(at, fresh)
     assert not at.error and any("Stored as **my first**" in s.value for s in at.success)
     assert [r["name"] for r in fresh.analyses()] == ["my first"]
+
+
+def until_stored(at: AppTest, store: Store, timeout: float = 120) -> None:
+    """Rerun the page until the analysis thread has stored its result."""
+    deadline = time.time() + timeout
+    while not store.analyses() and time.time() < deadline:
+        time.sleep(0.3)
+    time.sleep(0.3)
+    at.run()
+
+
+def test_an_analysis_survives_a_visit_to_another_page(fresh):
+    at = open_page("analyse")
+    widget(at.number_input, "Samples N'").set_value(200)
+    widget(at.text_input, "Name (optional)").set_value("kept")
+    widget(at.button, "Run analysis").click().run()
+    at.switch_page("../pages/ratios.py").run()
+    assert not at.exception
+    at.switch_page("../pages/analyse.py")
+    until_stored(at, fresh)
+    assert [r["name"] for r in fresh.analyses()] == ["kept"]
+    assert any("Stored as **kept**" in s.value for s in at.success)
 
 
 def test_the_ratio_slider_changes_what_the_page_shows(stored):
@@ -200,3 +223,35 @@ def test_an_analysis_of_random_weights_is_not_labelled_trained(stored):
     at_init = next(r["id"] for r in stored.analyses() if r["name"] == "at init")
     widget(at.selectbox, "Analysis").set_value(at_init).run()
     assert widget(at.metric, "Method").delta.startswith("at initialisation")
+
+
+def test_a_tiny_study_launches_and_its_aggregate_is_charted(fresh):
+    at = open_page("studies")
+    widget(at.multiselect, "Methods").set_value(["magnitude"])
+    widget(at.text_input, "Targets (ratios)").set_value("0.5")
+    widget(at.text_input, "Seeds").set_value("0")
+    widget(at.number_input, "Training epochs").set_value(1)
+    widget(at.number_input, "Fine-tuning epochs").set_value(0)
+    widget(at.number_input, "N' samples").set_value(20)
+    widget(at.button, "Launch study").click().run()
+    assert not at.error and any("Study queued (1 cells)" in s.value for s in at.success)
+    [job] = fresh.jobs()
+    deadline = time.time() + 300
+    while fresh.job(job["id"])["status"] not in ("done", "failed") and time.time() < deadline:
+        time.sleep(0.5)
+    assert fresh.job(job["id"])["status"] == "done"
+    at = open_page("studies")
+    assert not at.exception and len(at.get("plotly_chart")) == 4
+
+
+def test_a_study_with_unreadable_targets_shows_an_error(fresh):
+    at = open_page("studies")
+    widget(at.text_input, "Targets (ratios)").set_value("half")
+    widget(at.button, "Launch study").click().run()
+    assert at.error and "comma-separated numbers" in at.error[0].value and not fresh.jobs()
+
+
+def test_the_demo_starts_on_the_trained_checkpoint(fresh):
+    at = open_page("model")
+    widget(at.button, "Test accuracy").click().run()
+    assert float(widget(at.metric, "Test accuracy").value.rstrip("%")) > 95

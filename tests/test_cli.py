@@ -76,7 +76,7 @@ def test_bottlenecks_read_the_mask_at_the_ratio_and_unit_analyze_wrote(tmp_path,
 def test_threads_are_set_from_the_option_and_checked(capsys, monkeypatch):
     import torch
 
-    monkeypatch.delenv("SOSP_THREADS", raising=False)
+    monkeypatch.setenv("SOSP_THREADS", "")  # restored (removed) after the test: main() exports its --threads
     before = torch.get_num_threads()
     try:
         assert main(["--threads", "1", "info", "--model", "resnet20"]) == 0 and torch.get_num_threads() == 1

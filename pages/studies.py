@@ -1,0 +1,89 @@
+"""Studies page: launch a methods x targets x seeds grid as one background job, follow it, read the aggregate."""
+import pandas as pd
+import streamlit as st
+
+from app.charts import study_accuracy
+from app.export import export_buttons, safe_csv
+from app.guard import user_errors
+from app.report import analysis_report
+from app.state import current_choice, workspace
+from app.text import plain
+from sosp_engine.analysis import METHODS
+from sosp_engine.jobs import submit_study
+from sosp_engine.studies import STUDY_KIND, StudyConfig, aggregate, parse_numbers, study_cells
+
+st.title("Studies")
+st.caption("Which method wins on this net, at which size? Each seed trains the net once (or uses the given weights), "
+           "analyses it once per method and slices that order at every target; each cell is pruned, tested, "
+           "fine-tuned and tested again. Compare at equal parameters or MACs.")
+
+choice = current_choice()
+with st.expander("Launch a study", expanded=not any(j["kind"] == STUDY_KIND for j in workspace().jobs())):
+    cols = st.columns(3)
+    model_spec = cols[0].text_input("Model", choice.model_spec, key="study-model")
+    data_spec = cols[1].text_input("Data", choice.data_spec, key="study-data")
+    weights = cols[2].text_input("Trained weights (empty: train one net per seed)", choice.weights or "",
+                                 key="study-weights")
+    methods = st.multiselect("Methods", list(METHODS), default=["sosp-h", "sosp-i", "magnitude", "random"],
+                             key="study-methods")
+    cols = st.columns(3)
+    targets_text = cols[0].text_input("Targets (ratios)", "0.3,0.5,0.7", key="study-targets")
+    unit = cols[1].radio("Unit", ["params", "macs", "structures"], horizontal=True, key="study-unit")
+    seeds_text = cols[2].text_input("Seeds", "0,1,2", key="study-seeds")
+    cols = st.columns(4)
+    epochs = cols[0].number_input("Training epochs", 0, 1000, 10, key="study-epochs")
+    finetune = cols[1].number_input("Fine-tuning epochs", 0, 1000, 5, key="study-finetune")
+    samples = cols[2].number_input("N' samples", 1, 100_000, 500, key="study-samples")
+    name = cols[3].text_input("Name", "", key="study-name")
+    if st.button("Launch study", icon=":material/play_arrow:", key="study-launch"):
+        with user_errors("Launching the study", stop=False):
+            config = StudyConfig(model_spec=model_spec, data_spec=data_spec, weights=weights.strip() or None,
+                                 methods=methods, targets=parse_numbers(float, targets_text, "Targets"), unit=unit,
+                                 seeds=parse_numbers(int, seeds_text, "Seeds"), epochs=int(epochs),
+                                 finetune_epochs=int(finetune), samples=int(samples))
+            job_id = submit_study(workspace(), config, name.strip())
+            st.success(f"Study queued ({len(config.cells)} cells); it runs in the background and survives closing "
+                       "the tab.")
+            st.session_state["study-chosen"] = job_id
+
+studies = [j for j in workspace().jobs() if j["kind"] == STUDY_KIND]
+if not studies:
+    st.info("No study in this workspace yet.")
+    st.stop()
+names = {j["id"]: f"{j['name']}  ·  {j['id']}" for j in reversed(studies)}
+ids = list(names)
+chosen = st.session_state.get("study-chosen")
+job_id = st.selectbox("Study", ids, index=ids.index(chosen) if chosen in ids else 0, format_func=names.get)
+
+
+@st.fragment(run_every=3)
+def study_view(job_id: str) -> None:
+    job = workspace().job(job_id)
+    config = StudyConfig(**job["config"])
+    with user_errors("Reading the study"):
+        cells = study_cells(job)
+    st.progress(min(job["progress"] or 0.0, 1.0),
+                text=plain(f"{job['status']}: {len(cells)} of {len(config.cells)} cells — {job['message'] or ''}"))
+    if job["status"] == "failed":
+        st.error(plain(f"The study failed: {job['error']}. Resume it on the Runs page; finished cells are kept."))
+    table = aggregate(cells)
+    if table.empty:
+        return
+    figures = []
+    for accuracy in ("acc_finetuned", "acc_pruned"):
+        for size in ("params", "macs"):
+            fig = study_accuracy(table, size, accuracy, config.unit)
+            st.plotly_chart(fig, key=f"study-{accuracy}-{size}-{len(cells)}")
+            export_buttons(fig, table, f"study-{plain(job['name'])}-{accuracy}-{size}".replace("\\", ""))
+            figures.append(fig)
+    st.subheader("Mean and std over seeds")
+    st.dataframe(table, hide_index=True)
+    st.download_button("All cells (CSV)", safe_csv(pd.DataFrame(cells)),
+                       f"study-{job['id']}-cells.csv", "text/csv", key=f"cells-{len(cells)}")
+    report = analysis_report(f"SOSP Lab study: {job['name']}", {**job["config"], "cells done": len(cells)}, figures,
+                             {"Mean and std over seeds": table})
+    st.download_button("Study report (HTML)", report, f"study-{job['id']}.html", "text/html",
+                       icon=":material/description:", key=f"report-{len(cells)}")
+
+
+study_view(job_id)

@@ -1,0 +1,248 @@
+"""Studies: a grid of methods x targets x seeds on one model and data, resumable cell by cell, aggregated with error bars.
+
+Per seed one trained checkpoint (trained here, or the one given); per seed and method one analysis, whose stored order
+is sliced at every target (nothing recomputed); per cell the pruned net's accuracy right after pruning and after
+fine-tuning, its parameters, MACs and CPU latency.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .analysis import METHODS, AnalysisConfig, AnalysisResult, run_analysis
+from .atomic import save_atomically
+from .counting import count_macs, count_params
+from .data import DataBundle, load_data
+from .devices import resolve_device
+from .errors import AnalysisError
+from .experiments import Reporter
+from .latency import measure_latency
+from .loading import Workbench, example_input, resolve_preset
+from .masks import pruned_copy
+from .models import build_model, load_weights
+from .progress import Cancelled, StopFn
+from .selection import UNITS
+from .structures import find_structures
+from .training import TrainConfig, evaluate, train
+
+STUDY_KIND = "study"
+
+
+@dataclass
+class StudyConfig:
+    """Everything a study needs; stored with its job so a resume rebuilds the same grid."""
+
+    model_spec: str = "resnet20"
+    data_spec: str = "digits"
+    methods: list[str] = field(default_factory=lambda: ["sosp-h", "sosp-i", "magnitude", "random"])
+    targets: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    unit: str = "params"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    weights: str | None = None  # a trained checkpoint shared by every seed; None: train one per seed
+    epochs: int = 10
+    finetune_epochs: int = 5
+    samples: int = 500
+    cap: float = 0.95
+    normalize: str = "none"
+    lr: float = 0.1
+    batch_size: int = 128
+    device: str = "auto"
+    exclude: list[str] = field(default_factory=list)
+    preset: str | None = "auto"
+
+    def validate(self) -> None:
+        """Every value in range before any work starts."""
+        unknown = [m for m in self.methods if m not in METHODS]
+        if not self.methods or unknown:
+            raise AnalysisError(f"a study needs methods from {', '.join(METHODS)}; got {self.methods}")
+        if not self.targets or not all(isinstance(t, (int, float)) and math.isfinite(t) and 0 <= t < 1
+                                       for t in self.targets):
+            raise AnalysisError(f"study targets must be ratios in [0, 1), got {self.targets}")
+        if self.unit not in UNITS:
+            raise AnalysisError(f"unknown unit '{self.unit}'; use one of {UNITS}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
+            raise AnalysisError(f"a study needs distinct seeds >= 0, got {self.seeds}")
+        if self.epochs < 0 or self.finetune_epochs < 0:
+            raise AnalysisError("epochs must be zero or positive")
+        if self.weights is None and self.epochs == 0:
+            raise AnalysisError("give trained weights or at least one training epoch: pruning an untrained net "
+                                "compares nothing")
+        self.train_config(1, 0).validate()
+        AnalysisConfig(samples=self.samples, cap=self.cap, normalize=self.normalize).validate()
+
+    def train_config(self, epochs: int, seed: int) -> TrainConfig:
+        return TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, seed=seed, device=self.device)
+
+    @property
+    def cells(self) -> list[tuple[int, str, float]]:
+        return [(seed, method, float(target)) for seed in self.seeds for method in self.methods
+                for target in self.targets]
+
+
+def parse_numbers(kind: type, text: str, what: str) -> list:
+    """'0.3, 0.5' -> [0.3, 0.5] (or ints); anything else is a clear error naming the field."""
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise AnalysisError(f"{what} must be comma-separated numbers, got '{text}'") from None
+
+
+def cell_key(seed: int, method: str, target: float) -> str:
+    return f"seed{seed}/{method}/{target:g}"
+
+
+class Study:
+    """Runs a study in `folder`; finished trainings, analyses and cells are kept in state.json and never redone."""
+
+    def __init__(self, config: StudyConfig, folder: str | Path, report: Reporter | None = None,
+                 should_stop: StopFn = None, data: DataBundle | None = None) -> None:
+        config.validate()
+        self.config, self.folder = config, Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.report = report or (lambda f, m, d=None: None)
+        self.should_stop = should_stop
+        self.data = data or load_data(config.data_spec)
+        self.example = example_input(self.data)
+        self.state_path = self.folder / "state.json"
+        self.state = (json.loads(self.state_path.read_text()) if self.state_path.exists()
+                      else {"trained": {}, "cells": {}})
+        steps = len(config.seeds) * (1 + len(config.methods)) + len(config.cells)
+        self._step, self._steps = 0, steps
+
+    def _save_state(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        tmp.replace(self.state_path)
+
+    def _progress(self, fraction: float, message: str, metrics: dict | None = None) -> None:
+        self.report(min(1.0, (self._step + fraction) / self._steps), message, metrics)
+
+    def _model(self, weights: str) -> torch.nn.Module:
+        model = build_model(self.config.model_spec, self.data.num_classes, self.data.input_shape[0])
+        return load_weights(model, weights)
+
+    def _structures(self, model: torch.nn.Module):
+        return find_structures(model, self.example, self.config.exclude,
+                               resolve_preset(self.config.model_spec, self.config.preset))
+
+    def _trained(self, seed: int) -> str:
+        """The seed's trained checkpoint: the given weights, or a training run (resumable from its epoch checkpoint)."""
+        if self.config.weights:
+            return self.config.weights
+        key = f"seed{seed}"
+        if key not in self.state["trained"]:
+            torch.manual_seed(seed)
+            model = build_model(self.config.model_spec, self.data.num_classes, self.data.input_shape[0])
+            folder = self.folder / key
+
+            def progress(event: dict) -> None:
+                if event.get("phase") == "epoch":
+                    self._progress(event["epoch"] / event["epochs"], f"train seed {seed}: epoch {event['epoch']}",
+                                   {"stage": f"train-{key}", **event})
+
+            result = train(model, self.data, self.config.train_config(self.config.epochs, seed), folder / "train",
+                           progress, self.should_stop)
+            if result.cancelled:
+                raise Cancelled(f"cancelled while training seed {seed}; its last epoch checkpoint is kept for resume")
+            save_atomically(model.cpu().state_dict(), folder / "trained.pt")
+            self.state["trained"][key] = {"weights": str(folder / "trained.pt"), "test_acc": result.test_acc}
+            self._save_state()
+        return self.state["trained"][key]["weights"]
+
+    def _analysis(self, seed: int, method: str, weights: str) -> AnalysisResult:
+        """The seed's analysis by `method` (stored once; every target is a prefix of its order)."""
+        folder = self.folder / f"seed{seed}" / method
+        if (folder / "analysis.json").exists():
+            return AnalysisResult.load(folder)
+        model = self._model(weights)
+        workbench = Workbench(self.config.model_spec, self.data, model, self._structures(model), weights, self.example)
+        config = AnalysisConfig(method=method, model_spec=self.config.model_spec, data_spec=self.config.data_spec,
+                                weights=weights, samples=self.config.samples, seed=seed, cap=self.config.cap,
+                                normalize=self.config.normalize, device=self.config.device,
+                                exclude=list(self.config.exclude), preset=self.config.preset)
+        result = run_analysis(workbench, config, lambda f, m: self._progress(f, f"{method} seed {seed}: {m}"),
+                              self.should_stop)
+        result.save(folder)
+        return result
+
+    def _cell(self, seed: int, method: str, target: float, weights: str, result: AnalysisResult) -> dict:
+        """Prune to the target, test, fine-tune, test again; the pruned net's size and CPU latency."""
+        model = self._model(weights).eval()
+        structures = self._structures(model)
+        mask = result.mask(structures, target, self.config.unit)
+        smaller = pruned_copy(model, structures, mask, self.example)
+        device = resolve_device(self.config.device)
+        test = self.data.loader("test", 512)
+        _, acc_pruned = evaluate(smaller.to(device), test, device, amp=False)
+        acc_finetuned = acc_pruned
+        if self.config.finetune_epochs > 0:
+            outcome = train(smaller, self.data, self.config.train_config(self.config.finetune_epochs, seed + 1),
+                            self.folder / f"seed{seed}" / method / f"finetune-{target:g}", None, self.should_stop)
+            if outcome.cancelled:
+                raise Cancelled(f"cancelled while fine-tuning {cell_key(seed, method, target)}")
+            acc_finetuned = outcome.test_acc
+        smaller = smaller.cpu()
+        return {"seed": seed, "method": method, "target": target, "unit": self.config.unit,
+                "structures_pruned": len(mask), "params": count_params(smaller),
+                "macs": count_macs(smaller, self.example), "acc_pruned": acc_pruned, "acc_finetuned": acc_finetuned,
+                "latency_cpu_ms": 1000 * measure_latency(smaller, self.example, "cpu")}
+
+    def run(self) -> dict:
+        """Run every unfinished training, analysis and cell; returns the summary with all cell records."""
+        c = self.config
+        for seed in c.seeds:
+            weights = self._trained(seed)
+            self._step += 1
+            for method in c.methods:
+                result = self._analysis(seed, method, weights)
+                self._step += 1
+                for target in c.targets:
+                    key = cell_key(seed, method, float(target))
+                    if key not in self.state["cells"]:
+                        if self.should_stop is not None and self.should_stop():
+                            raise Cancelled(f"cancelled before {key}")
+                        self._progress(0.0, f"{key} ...")
+                        record = self._cell(seed, method, float(target), weights, result)
+                        self.state["cells"][key] = record
+                        self._save_state()
+                        self._progress(1.0, f"{key}: {record['acc_finetuned']:.1%} after fine-tuning",
+                                       {"stage": "cell", "epoch": len(self.state["cells"]), **record})
+                    self._step += 1
+        self.report(1.0, "done", None)
+        return self.summary()
+
+    def summary(self) -> dict:
+        cells = list(self.state["cells"].values())
+        return {"procedure": STUDY_KIND, "cells": cells, "trained": self.state["trained"], "config": asdict(self.config),
+                "test_acc": None}
+
+
+def aggregate(cells: list[dict]) -> pd.DataFrame:
+    """Mean and std over seeds per method and target (std 0 for a single seed)."""
+    columns = ["method", "target", "seeds", "acc_pruned_mean", "acc_pruned_std", "acc_finetuned_mean",
+               "acc_finetuned_std", "params_mean", "params_std", "macs_mean", "macs_std", "latency_cpu_ms_mean"]
+    if not cells:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(cells)
+    grouped = frame.groupby(["method", "target"], sort=False).agg(
+        seeds=("seed", "size"), acc_pruned_mean=("acc_pruned", "mean"), acc_pruned_std=("acc_pruned", "std"),
+        acc_finetuned_mean=("acc_finetuned", "mean"), acc_finetuned_std=("acc_finetuned", "std"),
+        params_mean=("params", "mean"), params_std=("params", "std"), macs_mean=("macs", "mean"),
+        macs_std=("macs", "std"), latency_cpu_ms_mean=("latency_cpu_ms", "mean"))
+    return grouped.reset_index().fillna(0.0)[columns]
+
+
+def study_cells(job: dict) -> list[dict]:
+    """The finished cells of a study job so far (read from its state, also while it runs)."""
+    state = Path(job["path"]) / "run" / "state.json"
+    try:
+        return list(json.loads(state.read_text())["cells"].values())
+    except FileNotFoundError:
+        return []
+    except (json.JSONDecodeError, KeyError, OSError) as exc:
+        raise AnalysisError(f"the state of study {job['id']} is unreadable: {exc}") from None
