@@ -24,6 +24,10 @@ with user_errors("Finding bottlenecks"):
     units, info = find_bottlenecks(table, level, rule, k, int(n))
 st.text(explain(units, info))
 flagged = list(units[units.flagged].unit)
+st.session_state["bottleneck_choice"] = {"analysis": record["id"], "level": level, "units": flagged}
+if flagged:
+    st.page_link("../pages/expand.py", label=f"Widen these {len(flagged)} {level}(s) x2 on the Expand-pruning page",
+                 icon=":material/open_in_full:")
 if level == "layer":
     fig = ratio_histogram(table, "Pruning ratios with the bottleneck threshold", info["threshold"], flagged)
 else:
@@ -33,7 +37,7 @@ else:
     fig = ratio_histogram(stage_table, "Stage pruning ratios with the bottleneck threshold", info["threshold"], flagged)
 st.plotly_chart(fig, key="bn_hist")
 export_buttons(fig, units, f"bottlenecks-{record['id']}")
-st.subheader("Ranked by score (std below the network mean)")
+st.subheader("Ranked by score (std below the mean over units)")
 st.dataframe(units, hide_index=True)
 
 st.subheader("What second order changes, channel by channel")

@@ -17,13 +17,22 @@ st.title("Expand-pruning")
 st.caption("Paper sec. 3.4: widen the bottlenecks (x2), train, prune, fine-tune; compare with widening every layer by one "
            "factor of equal size (widen-pruning) and with pruning the plain network (train-pruning).")
 record, result, workbench, ratio, unit = chosen_analysis("ex_ratio")
-level = "stage" if result.config.model_spec.startswith("resnet") else "layer"
+chosen = st.session_state.get("bottleneck_choice")
+if chosen and chosen["analysis"] == record["id"]:  # what the Bottlenecks page flagged for this analysis
+    level, picked = chosen["level"], set(chosen["units"])
+    source = f"the {len(picked)} {level}(s) flagged on the Bottlenecks page"
+else:
+    level = "stage" if result.config.model_spec.startswith("resnet") else "layer"
+    picked = None
+    source = f"the {'least pruned stage' if level == 'stage' else 'five least pruned layers'} (no choice made on the Bottlenecks page)"
 with user_errors("Finding bottlenecks"):
     units, info = find_bottlenecks(layer_table(workbench.structures, result.mask(workbench.structures, ratio, unit)),
                                    level, "least", n=1 if level == "stage" else 5)
-defaults = pd.DataFrame({"unit": units.unit, "pruning_ratio": units.pruning_ratio, "factor": [2.0 if f else 1.0 for f in units.flagged]})
-st.markdown(f"Pre-filled: the {'least pruned stage' if level == 'stage' else 'five least pruned layers'} x2 (edit any factor).")
-edited = st.data_editor(defaults, hide_index=True, disabled=["unit", "pruning_ratio"], key=f"factors-{record['id']}-{level}",
+flags = units.unit.isin(picked) if picked is not None else units.flagged
+defaults = pd.DataFrame({"unit": units.unit, "pruning_ratio": units.pruning_ratio, "factor": [2.0 if f else 1.0 for f in flags]})
+st.markdown(f"Pre-filled: {source}, x2 (edit any factor).")
+edited = st.data_editor(defaults, hide_index=True, disabled=["unit", "pruning_ratio"],
+                        key=f"factors-{record['id']}-{level}-{sorted(picked) if picked is not None else 'auto'}",
                         column_config={"factor": st.column_config.NumberColumn("width factor", min_value=0.25, max_value=8.0, step=0.25),
                                        "pruning_ratio": st.column_config.NumberColumn("pruning ratio", format="percent")})
 factors = {u: float(f) for u, f in zip(edited.unit, edited.factor) if abs(f - 1.0) > 1e-9}

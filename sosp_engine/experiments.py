@@ -87,6 +87,19 @@ class ExperimentConfig:
         return resolve_preset(self.model_spec, self.preset)
 
 
+def check_widening(config: ExperimentConfig) -> None:
+    """Build the widened nets a job would build, so an unknown layer or stage name fails at submit, listing the names."""
+    factor_sets = [f for f in (config.widen, config.match_widen) if f]
+    if not factor_sets:
+        return
+    data = load_data(config.data_spec)
+    x = example_input(data)
+    structures = find_structures(build_model(config.model_spec, data.num_classes, data.input_shape[0]), x,
+                                 config.exclude, config.preset_name)
+    for factors in factor_sets:
+        build_widened(config.model_spec, data.num_classes, data.input_shape[0], structures, factors, x)
+
+
 class Experiment:
     """Runs one procedure in `folder`; every finished stage is recorded in state.json so a rerun resumes after it."""
 

@@ -11,7 +11,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from .experiments import Experiment, ExperimentConfig
+from .experiments import Experiment, ExperimentConfig, check_widening
 from .progress import Cancelled
 from .store import Store, StoreError
 from .studies import STUDY_KIND, Study, StudyConfig
@@ -35,6 +35,7 @@ def concurrency_limit() -> int:
 def submit(store: Store, config: ExperimentConfig, name: str = "", start: bool = True) -> str:
     """Queue a job for `config` (FIFO) and start it if a slot is free."""
     config.validate()
+    check_widening(config)
     job_id = store.add_job(config.procedure, name or config.label or config.procedure, asdict(config))
     if start:
         launch_pending(store)

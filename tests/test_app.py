@@ -255,3 +255,14 @@ def test_the_demo_starts_on_the_trained_checkpoint(fresh):
     at = open_page("model")
     widget(at.button, "Test accuracy").click().run()
     assert float(widget(at.metric, "Test accuracy").value.rstrip("%")) > 95
+
+
+def test_the_expand_page_widens_what_the_bottlenecks_page_flagged(stored):
+    at = open_page("bottlenecks")
+    widget(at.radio, "Rule").set_value("least").run()
+    widget(at.number_input, "n").set_value(2).run()
+    flagged = at.session_state["bottleneck_choice"]["units"]
+    assert len(flagged) == 2
+    at.switch_page("../pages/expand.py").run()
+    assert not at.exception and not at.error
+    assert any("2 layer(s) flagged on the Bottlenecks page" in m.value for m in at.markdown)

@@ -113,3 +113,12 @@ def test_a_finished_job_process_is_reaped_not_left_as_a_zombie(tmp_path):
             return  # gone: reaped
         time.sleep(0.2)
     raise AssertionError(f"job process {pid} is still a zombie (state {state})")
+
+
+def test_an_unknown_stage_to_widen_is_refused_at_submit_with_the_valid_names(tmp_path):
+    from sosp_engine.errors import ModelSpecError
+
+    store = Store(tmp_path)
+    with pytest.raises(ModelSpecError, match=r"stages: \['stage 1 \(16x16\)'"):
+        submit(store, tiny("expand-prune", widen={"stage 2 (16x16)": 2.0}))
+    assert store.jobs() == []
