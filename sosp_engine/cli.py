@@ -205,6 +205,9 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", default="none", choices=NORMALIZATIONS)
     p.add_argument("--widen", nargs="*", default=[], help="expand-prune: LAYER_OR_STAGE=FACTOR ... (default: the flagged bottlenecks x2)")
     p.add_argument("--widen-factor", type=float, default=None, help="widen-prune: one factor for every layer")
+    p.add_argument("--match-widen", nargs="*", default=[],
+                   help="widen-prune: LAYER_OR_STAGE=FACTOR ... of the expansion whose parameter count the one factor "
+                        "matches (with widen-prune, --widen means the same)")
     p.add_argument("--label", default="")
 
 
@@ -222,10 +225,13 @@ def parse_widen(items: list[str]) -> dict[str, float]:
 
 
 def experiment_config(args: argparse.Namespace, procedure: str) -> ExperimentConfig:
+    widen, match = parse_widen(args.widen), parse_widen(args.match_widen)
+    if procedure == "widen-prune" and args.widen_factor is None and widen and not match:
+        widen, match = {}, widen  # widen-prune sizes itself to the expansion it is compared with
     return ExperimentConfig(
         procedure=procedure, model_spec=args.model, data_spec=args.data, weights=args.weights, epochs=args.epochs,
         finetune_epochs=args.finetune_epochs, method=args.method, samples=args.samples, ratio=args.ratio, unit=args.unit,
-        target_params=args.target_params, cap=args.cap, normalize=args.normalize, widen=parse_widen(args.widen),
+        target_params=args.target_params, cap=args.cap, normalize=args.normalize, widen=widen, match_widen=match,
         widen_factor=args.widen_factor, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule, seed=args.seed,
         device=args.device, exclude=list(args.exclude), preset=args.preset, label=args.label)
 

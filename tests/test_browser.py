@@ -100,3 +100,29 @@ def test_the_demo_runs_an_analysis_shows_the_histogram_and_exports(server, tmp_p
             assert page.locator("[data-testid='stException']").count() == 0
             page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
         browser.close()
+
+
+def test_a_tiny_study_launches_from_the_studies_page_and_charts_its_cells(server, tmp_path):
+    server, workspace = server
+    shots = ROOT / "docs" / "screenshots" if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path
+    shots.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{server}/studies")
+        for label, value in (("Targets (ratios)", "0.5"), ("Seeds", "0")):
+            box = page.get_by_role("textbox", name=label)
+            box.fill(value)
+            box.press("Enter")
+        for label, value in (("Training epochs", "1"), ("Fine-tuning epochs", "0"), ("N' samples", "20")):
+            box = page.get_by_role("spinbutton", name=label)
+            box.fill(value)
+            box.press("Enter")
+        page.wait_for_timeout(500)
+        page.get_by_role("button", name="Launch study").click()
+        page.get_by_text("Study queued (4 cells)").wait_for(timeout=60_000)
+        page.get_by_text("Mean and std over seeds").wait_for(timeout=240_000)
+        page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+        assert page.locator("[data-testid='stException']").count() == 0
+        page.screenshot(path=str(shots / "studies.png"), full_page=True)
+        browser.close()

@@ -84,3 +84,12 @@ def test_threads_are_set_from_the_option_and_checked(capsys, monkeypatch):
         assert "at least 1" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+def test_widen_prune_from_the_cli_matches_the_expansion_it_names(tmp_path, capsys):
+    from sosp_engine.cli import build_parser, experiment_config
+
+    args = build_parser().parse_args(["jobs", "submit", "--procedure", "widen-prune", "--model", "resnet20",
+                                      "--widen", "stage 3 (4x4)=2"])
+    config = experiment_config(args, "widen-prune")
+    assert config.match_widen == {"stage 3 (4x4)": 2.0} and config.widen == {} and config.widen_factor is None
