@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -262,10 +264,22 @@ def epoch_printer(event: dict) -> None:
 
 
 def auto_widen(args: argparse.Namespace, wb) -> dict[str, float]:
-    """The paper's choice: the least pruned stage of a ResNet, else the five least pruned layers, widened x2."""
-    config = AnalysisConfig(method=args.method, model_spec=args.model, data_spec=args.data, weights=args.weights,
-                            at_init=not args.weights, samples=args.samples, seed=args.seed, cap=args.cap,
-                            normalize=args.normalize, device=args.device, exclude=list(args.exclude), preset=args.preset)
+    """The paper's choice on the trained plain net: the least pruned stage of a ResNet, else the five least pruned
+    layers, widened x2. Without --weights the plain net is trained first (the bottlenecks of an init are others)."""
+    weights = args.weights
+    if not weights:
+        progress_line(f"no --weights: training the plain net first ({args.epochs} epochs) to find the bottlenecks of "
+                      "the trained net, as the paper does")
+        bar = ProgressLine("train plain")
+        model = copy.deepcopy(wb.model)
+        train(model, wb.data, train_config_from(args), Path(args.out) / "plain",
+              lambda e: bar((e["epoch"] - 1 + e.get("fraction", 1.0)) / e["epochs"], f"epoch {e['epoch']}"))
+        bar.close()
+        weights = str(save_atomically(model.cpu().state_dict(), Path(args.out) / "plain" / "trained.pt"))
+        wb = dataclasses.replace(wb, model=model, weights=weights)
+    config = AnalysisConfig(method=args.method, model_spec=args.model, data_spec=args.data, weights=weights,
+                            samples=args.samples, seed=args.seed, cap=args.cap, normalize=args.normalize,
+                            device=args.device, exclude=list(args.exclude), preset=args.preset)
     result = run_analysis(wb, config)
     table = layer_table(wb.structures, result.mask(wb.structures, args.ratio, args.unit))
     level, n = ("stage", 1) if args.model.startswith("resnet") else ("layer", 5)

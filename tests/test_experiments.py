@@ -112,3 +112,5 @@ def test_expand_pruning_end_to_end_through_the_cli(tmp_path, capsys):
     assert list(stages["widen"]["factors"].values()) == [2.0]
     assert stages["finetune"]["params"] < stages["widen"]["params"] and 0 <= summary["test_acc"] <= 1
     assert (tmp_path / "run" / "final.pt").exists() and (tmp_path / "run" / "mask.json").exists()
+    assert (tmp_path / "run" / "plain" / "trained.pt").exists()  # bottlenecks of the trained plain net, not an init
+    assert "training the plain net first" in capsys.readouterr().err
