@@ -110,24 +110,29 @@ def _padded(low: float, high: float, pad: float, floor: float | None = None) -> 
     return [max(lo, floor) if floor is not None else lo, hi]
 
 
-def accuracy_vs_params(table: pd.DataFrame) -> go.Figure:
-    """Mean test accuracy over trials against parameters, with std error bars (paper Fig. 4b/e)."""
+def accuracy_vs_size(table: pd.DataFrame, size: str = "params", reference: tuple[float, float] | None = None) -> go.Figure:
+    """Mean test accuracy over trials against parameters or MACs, with std error bars (paper Fig. 4b/e); `reference`
+    is the unpruned plain net (size, accuracy)."""
+    label = {"params": "parameters", "macs": "MACs per sample"}[size]
     fig = go.Figure()
     for i, row in table.reset_index(drop=True).iterrows():
         trials = int(row.trials)
-        fig.add_trace(go.Scatter(x=[row.params_mean], y=[row.test_acc_mean],
+        fig.add_trace(go.Scatter(x=[row[f"{size}_mean"]], y=[row.test_acc_mean],
                                  name=f"{row.label} ({trials} trial{'s' if trials != 1 else ''})",
                                  mode="markers", marker=dict(size=12, color=PALETTE[i % len(PALETTE)]),
                                  error_y=dict(type="data", array=[row.test_acc_std], visible=True),
-                                 error_x=dict(type="data", array=[row.params_std], visible=True)))
-    acc_low = float((table.test_acc_mean - table.test_acc_std).min())
-    acc_high = float((table.test_acc_mean + table.test_acc_std).max())
-    params_low = float((table.params_mean - table.params_std).min())
-    params_high = float((table.params_mean + table.params_std).max())
-    fig.update_layout(**LAYOUT, title="Test accuracy vs parameters", xaxis_title="parameters", yaxis_title="test accuracy",
+                                 error_x=dict(type="data", array=[row.get(f"{size}_std", 0.0)], visible=True)))
+    xs = list(table[f"{size}_mean"])
+    accs = list(table.test_acc_mean - table.test_acc_std) + list(table.test_acc_mean + table.test_acc_std)
+    if reference is not None:
+        fig.add_trace(go.Scatter(x=[reference[0]], y=[reference[1]], name="unpruned plain net", mode="markers",
+                                 marker=dict(size=14, symbol="star", color="#555")))
+        xs.append(reference[0])
+        accs.append(reference[1])
+    fig.update_layout(**LAYOUT, title=f"Test accuracy vs {label}", xaxis_title=label, yaxis_title="test accuracy",
                       yaxis_tickformat=".1%", xaxis_tickformat=",.0f",
-                      yaxis_range=_padded(acc_low, min(acc_high, 1.0), 0.02, floor=0.0),
-                      xaxis_range=_padded(params_low, params_high, 0.02 * max(params_high, 1), floor=0.0))
+                      yaxis_range=_padded(min(accs), min(max(accs), 1.0), 0.02, floor=0.0),
+                      xaxis_range=_padded(min(xs), max(xs), 0.02 * max(max(xs), 1), floor=0.0))
     return fig
 
 

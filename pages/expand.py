@@ -2,7 +2,7 @@
 import pandas as pd
 import streamlit as st
 
-from app.charts import accuracy_vs_params
+from app.charts import accuracy_vs_size
 from app.export import export_buttons
 from app.guard import user_errors
 from app.pickers import chosen_analysis
@@ -51,6 +51,7 @@ def sizes(spec: str, data_spec: str, factors_items: tuple, key: str) -> tuple[in
 with user_errors("Widening"):
     base_params, expanded_params, factor, matched = sizes(spec, result.config.data_spec, tuple(sorted(factors.items())), record["id"])
 target = mask_summary(workbench.structures, result.mask(workbench.structures, ratio, unit))["params_after"]
+base_macs = workbench.structures.counts()[1]
 cols = st.columns(5)
 cols[0].metric("Plain net (params)", f"{base_params:,}")
 cols[1].metric("Expanded net (params)", f"{expanded_params:,}", f"+{expanded_params / base_params - 1:.0%}")
@@ -92,9 +93,14 @@ def live_results(group: str) -> None:
     summaries = [j["result"] for j in jobs if j["status"] == "done" and j["result"]]
     table = compare_runs(summaries)
     if not table.empty:
-        fig = accuracy_vs_params(table)
-        st.plotly_chart(fig, key=f"acc-{len(summaries)}")
-        export_buttons(fig, table, f"{group}-results")
+        plain = [s["stages"]["train"] for s in summaries if s["procedure"] == "train-prune" and "train" in s["stages"]]
+        for size, base in (("params", base_params), ("macs", base_macs)):
+            reference = (base, sum(p["test_acc"] for p in plain) / len(plain)) if plain else None
+            fig = accuracy_vs_size(table, size, reference)
+            st.plotly_chart(fig, key=f"acc-{size}-{len(summaries)}")
+            export_buttons(fig, table, f"{group}-results-{size}")
+        st.caption("Matched in parameters; the MACs chart shows what each procedure costs at inference. The star is the "
+                   "unpruned plain net (its accuracy from the train-prune runs' training stage).")
         st.dataframe(table, hide_index=True)
 
 

@@ -4,7 +4,7 @@ import streamlit as st
 
 from app.text import plain
 
-from app.charts import accuracy_vs_params, training_curves
+from app.charts import accuracy_vs_size, training_curves
 from app.export import export_buttons
 from app.guard import user_errors
 from app.pickers import analyses_frame
@@ -84,7 +84,7 @@ if jobs:
     chosen = st.multiselect("Finished runs", [j["id"] for j in done], format_func=lambda i: next(j["name"] for j in done if j["id"] == i))
     if chosen:
         table = compare_runs([j["result"] for j in done if j["id"] in chosen])
-        fig = accuracy_vs_params(table)
+        fig = accuracy_vs_size(table)
         st.plotly_chart(fig, key="runs-compare")
         export_buttons(fig, table, "runs-comparison")
         st.dataframe(table, hide_index=True)

@@ -287,8 +287,9 @@ def compare_runs(summaries: list[dict]) -> pd.DataFrame:
                           "params": s["params"], "macs": s["macs"]} for s in summaries if s.get("test_acc") is not None])
     if rows.empty:
         return pd.DataFrame(columns=["label", "procedure", "trials", "test_acc_mean", "test_acc_std", "params_mean",
-                                     "params_std", "macs_mean"])
+                                     "params_std", "macs_mean", "macs_std"])
     grouped = rows.groupby(["label", "procedure"]).agg(
         trials=("test_acc", "size"), test_acc_mean=("test_acc", "mean"), test_acc_std=("test_acc", "std"),
-        params_mean=("params", "mean"), params_std=("params", "std"), macs_mean=("macs", "mean"))
-    return grouped.reset_index().fillna({"test_acc_std": 0.0, "params_std": 0.0})
+        params_mean=("params", "mean"), params_std=("params", "std"), macs_mean=("macs", "mean"),
+        macs_std=("macs", "std"))
+    return grouped.reset_index().fillna({"test_acc_std": 0.0, "params_std": 0.0, "macs_std": 0.0})
