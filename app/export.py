@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -13,6 +14,12 @@ def _static_image(fig_json: str, fmt: str) -> bytes:
     import plotly.io as pio
 
     return pio.from_json(fig_json).to_image(format=fmt, width=1200, height=600, scale=2 if fmt == "png" else 1)
+
+
+def file_slug(name: str) -> str:
+    """A file name from a human title: letters, digits, '.', '_' and '-' only (an analysis name, a ratio, a unit)."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name.replace("%", "pct")).strip("-.")
+    return slug[:120] or "export"
 
 
 def safe_csv(data: pd.DataFrame) -> str:
@@ -33,6 +40,7 @@ def chart_html(fig: go.Figure) -> str:
 def export_buttons(fig: go.Figure, data: pd.DataFrame, name: str) -> None:
     """Download buttons under a chart: PNG, SVG, HTML, CSV. Static formats need a Chromium; HTML always works."""
     key = hashlib.md5(f"{name}{fig.to_json()[:2000]}".encode()).hexdigest()[:10]
+    name = file_slug(name)
     cols = st.columns(4)
     cols[2].download_button("HTML", chart_html(fig), f"{name}.html", "text/html", key=f"html-{key}", icon=":material/code:")
     cols[3].download_button("CSV", safe_csv(data), f"{name}.csv", "text/csv", key=f"csv-{key}", icon=":material/table:")

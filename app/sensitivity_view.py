@@ -54,9 +54,9 @@ def sensitivity_section(record: dict, ratio: float, unit: str) -> None:
     for metric in ("pruned_acc", "pruned_loss"):
         fig = sensitivity_lines(tables, metric, unit, ratio)
         st.plotly_chart(fig, key=f"sens-{metric}")
-        export_buttons(fig, data, f"sensitivity-{metric}-{record['id']}")
+        export_buttons(fig, data, f"sensitivity {record['name']} {metric} {unit}")
     fig = predicted_vs_measured(tables, {name: curve.rank_correlation for name, curve in curves.items()})
     st.plotly_chart(fig, key="sens-predicted")
-    export_buttons(fig, data, f"predicted-vs-measured-{record['id']}")
+    export_buttons(fig, data, f"predicted-vs-measured {record['name']} {unit}")
     st.caption("Spearman's rank correlation near 1: the analysis orders masks by their real cost, so its ranking can "
                "be trusted; near 0 or negative: do not rely on its predictions on this net.")

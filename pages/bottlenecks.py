@@ -36,7 +36,7 @@ else:
                                      macs_after=0, macs_before=0)
     fig = ratio_histogram(stage_table, "Stage pruning ratios with the bottleneck threshold", info["threshold"], flagged)
 st.plotly_chart(fig, key="bn_hist")
-export_buttons(fig, units, f"bottlenecks-{record['id']}")
+export_buttons(fig, units, f"bottlenecks {record['name']} {ratio:.0%} of {unit} {level}")
 st.subheader("Ranked by score (std below the mean over units)")
 st.dataframe(units, hide_index=True)
 
@@ -53,5 +53,5 @@ if st.button("Compare with a first-order attribution (captum)", icon=":material/
                               "pruned": [result.keys[i] in mask for i in index]})
         scatter = saliency_scatter(frame, layer)
         st.plotly_chart(scatter, key="scatter")
-        export_buttons(scatter, frame, f"saliency-vs-attribution-{layer}")
+        export_buttons(scatter, frame, f"saliency-vs-attribution {record['name']} {layer}")
         st.caption("Channels off the diagonal trend are those whose second-order (correlation) terms change their rank.")

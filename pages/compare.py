@@ -2,7 +2,7 @@
 import streamlit as st
 
 from app.charts import compare_overlay, difference_bars, side_by_side
-from app.export import export_buttons
+from app.export import export_buttons, file_slug
 from app.guard import user_errors
 from app.pickers import analysis_picker, ratio_picker
 from app.report import analysis_report
@@ -39,10 +39,10 @@ name_a, name_b = f"a: {first['name']}", f"b: {second['name']}"
 figures = [side_by_side(table, name_a, name_b), compare_overlay(table, name_a, name_b), difference_bars(table, name_a, name_b)]
 for i, fig in enumerate(figures):
     st.plotly_chart(fig, key=f"cmp{i}")
-    export_buttons(fig, table, f"compare-{i}-{first['id']}-{second['id']}")
+    export_buttons(fig, table, f"compare-{i} {first['name']} vs {second['name']} {ratio:.0%} of {unit}")
 st.subheader("Per-layer comparison")
 st.dataframe(table, hide_index=True)
 report = analysis_report(f"SOSP Lab comparison: {first['name']} vs {second['name']}",
                          {"a": first["name"], "b": second["name"], "ratio": ratio, "unit": unit, **overall}, figures,
                          {"Per-layer comparison": table})
-st.download_button("Comparison report (HTML)", report, "comparison-report.html", "text/html", icon=":material/description:")
+st.download_button("Comparison report (HTML)", report, file_slug(f"comparison {first['name']} vs {second['name']}") + ".html", "text/html", icon=":material/description:")

@@ -4,11 +4,12 @@ import streamlit as st
 from app.text import plain
 
 from app.charts import ratio_histogram, width_profile
-from app.export import export_buttons
+from app.export import export_buttons, file_slug
 from app.guard import user_errors
 from app.pickers import chosen_analysis
 from app.sensitivity_view import sensitivity_section
 from app.report import analysis_report
+from sosp_engine.bottlenecks import explain, find_bottlenecks
 from sosp_engine.exactness import exactness_line
 from sosp_engine.loading import resolve_preset
 from sosp_engine.masks import layer_table, mask_json, mask_summary, pruned_copy
@@ -37,16 +38,21 @@ if result.exactness:
 
 hist = ratio_histogram(table, f"{record['name']}: layer-wise pruning ratios at {ratio:.0%} of {unit}")
 st.plotly_chart(hist, key="hist")
-export_buttons(hist, table, f"pruning-ratios-{record['id']}")
+export_buttons(hist, table, f"pruning-ratios {record['name']} {ratio:.0%} of {unit}")
 profile = width_profile(table, "Kept width per layer")
 st.plotly_chart(profile, key="profile")
-export_buttons(profile, table[["layer", "depth", "stage", "channels", "kept"]], f"width-profile-{record['id']}")
+export_buttons(profile, table[["layer", "depth", "stage", "channels", "kept"]], f"width-profile {record['name']} {ratio:.0%} of {unit}")
 st.subheader("Per-layer table")
 st.dataframe(table, hide_index=True, column_config={"pruning_ratio": st.column_config.ProgressColumn("pruning ratio", format="percent", min_value=0, max_value=1)})
+bottlenecks, rule = find_bottlenecks(table)
 report = analysis_report(f"SOSP Lab analysis: {record['name']}", {**record["config"],
                          "weights used": result.config.weights_label(), "ratio": ratio, "unit": unit,
-                         **{k: v for k, v in summary.items()}}, [hist, profile], {"Per-layer table": table})
-st.download_button("Analysis report (HTML)", report, f"report-{record['id']}.html", "text/html", icon=":material/description:")
+                         **{k: v for k, v in summary.items()}}, [hist, profile],
+                         {"Bottleneck layers (pruning ratio below mean - 1 std)": bottlenecks[bottlenecks.flagged][
+                             ["rank", "unit", "stage", "pruning_ratio", "why"]],
+                          "Per-layer table": table},
+                         notes=explain(bottlenecks, rule))
+st.download_button("Analysis report (HTML)", report, file_slug(f"report {record['name']} {ratio:.0%} of {unit}") + ".html", "text/html", icon=":material/description:")
 
 name = f"{record['name']}-{ratio:.0%}-{unit}".replace(" ", "_").replace("%", "pct")
 cols = st.columns(2)

@@ -73,7 +73,7 @@ if jobs:
     if not metrics.empty and "val_acc" in metrics:
         fig = training_curves(metrics, f"{job['name']}: validation accuracy")
         st.plotly_chart(fig, key="curves")
-        export_buttons(fig, metrics, f"metrics-{job_id}")
+        export_buttons(fig, metrics, f"metrics {workspace().job(job_id)['name']}")
     with st.expander("Log"):
         st.code(read_log(store, job_id) or "(empty)", language="text")
     with st.expander("Config and result"):

@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from app.charts import study_accuracy
-from app.export import export_buttons, safe_csv
+from app.export import export_buttons, file_slug, safe_csv
 from app.guard import user_errors
 from app.report import analysis_report
 from app.state import current_choice, workspace
@@ -74,15 +74,15 @@ def study_view(job_id: str) -> None:
         for size in ("params", "macs"):
             fig = study_accuracy(table, size, accuracy, config.unit)
             st.plotly_chart(fig, key=f"study-{accuracy}-{size}-{len(cells)}")
-            export_buttons(fig, table, f"study-{plain(job['name'])}-{accuracy}-{size}".replace("\\", ""))
+            export_buttons(fig, table, f"study {job['name']} {accuracy} vs {size}")
             figures.append(fig)
     st.subheader("Mean and std over seeds")
     st.dataframe(table, hide_index=True)
     st.download_button("All cells (CSV)", safe_csv(pd.DataFrame(cells)),
-                       f"study-{job['id']}-cells.csv", "text/csv", key=f"cells-{len(cells)}")
+                       file_slug(f"study {job['name']} cells") + ".csv", "text/csv", key=f"cells-{len(cells)}")
     report = analysis_report(f"SOSP Lab study: {job['name']}", {**job["config"], "cells done": len(cells)}, figures,
                              {"Mean and std over seeds": table})
-    st.download_button("Study report (HTML)", report, f"study-{job['id']}.html", "text/html",
+    st.download_button("Study report (HTML)", report, file_slug(f"study {job['name']}") + ".html", "text/html",
                        icon=":material/description:", key=f"report-{len(cells)}")
 
 

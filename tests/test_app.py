@@ -266,3 +266,19 @@ def test_the_expand_page_widens_what_the_bottlenecks_page_flagged(stored):
     at.switch_page("../pages/expand.py").run()
     assert not at.exception and not at.error
     assert any("2 layer(s) flagged on the Bottlenecks page" in m.value for m in at.markdown)
+
+
+def test_reports_read_as_words_and_formatted_numbers():
+    from app.report import analysis_report
+
+    page = analysis_report("t", {"param_ratio": 0.6164772510528564, "params_after": 106666, "at_init": False}, [], {})
+    assert "param ratio" in page and "61.6%" in page and "106,666" in page and ">no<" in page
+    assert "0.6164772510528564" not in page
+
+
+def test_exported_files_are_named_after_the_analysis_not_its_id():
+    from app.export import file_slug
+
+    assert file_slug("pruning-ratios SOSP-H after training 50% of params") == \
+        "pruning-ratios-SOSP-H-after-training-50pct-of-params"
+    assert file_slug("../../etc/passwd") == "etc-passwd" and file_slug("***") == "export"
