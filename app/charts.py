@@ -94,11 +94,17 @@ def side_by_side(table: pd.DataFrame, name_a: str, name_b: str) -> go.Figure:
 
 
 def saliency_scatter(frame: pd.DataFrame, layer: str) -> go.Figure:
-    """One layer's channels: SOSP saliency against captum's first-order attribution."""
-    fig = px.scatter(frame, x="first_order_attribution", y="sosp_saliency", color="pruned", hover_data=["channel"],
-                     color_discrete_map={True: "#c0392b", False: "#2f6fb0"},
-                     title=f"{layer}: second-order saliency vs first-order attribution per channel",
-                     labels={"first_order_attribution": "|gradient x activation| (captum)", "sosp_saliency": "SOSP saliency"})
+    """One layer's structures: rank by SOSP saliency against rank by captum's first-order attribution; on the
+    diagonal both agree, off it the second-order terms moved a channel."""
+    fig = px.scatter(frame, x="attribution_rank", y="sosp_rank", color="status", hover_data=["structure",
+                     "sosp_saliency", "first_order_attribution"],
+                     color_discrete_map={"pruned": "#c0392b", "kept": "#2f6fb0"},
+                     title=f"{layer}: rank by second-order saliency vs rank by first-order attribution",
+                     labels={"attribution_rank": "rank by |gradient x activation| (captum), 1 = least",
+                             "sosp_rank": "rank by SOSP saliency, 1 = least", "status": "at this ratio"})
+    top = float(len(frame)) + 0.5
+    fig.add_trace(go.Scatter(x=[0.5, top], y=[0.5, top], mode="lines", name="same rank",
+                             line=dict(color="#999", dash="dash")))
     fig.update_layout(**LAYOUT)
     return fig
 

@@ -1,12 +1,11 @@
 """Bottlenecks page: layers or stages SOSP prunes markedly less than the rest, with the evidence for each flag."""
-import pandas as pd
 import streamlit as st
 
 from app.charts import ratio_histogram, saliency_scatter
 from app.export import export_buttons
 from app.guard import user_errors
 from app.pickers import chosen_analysis
-from sosp_engine.attribution import channel_attribution
+from sosp_engine.attribution import channel_attribution, saliency_vs_attribution
 from sosp_engine.bottlenecks import explain, find_bottlenecks, unit_ratios
 from sosp_engine.masks import layer_table
 
@@ -42,16 +41,17 @@ st.dataframe(units, hide_index=True)
 
 st.subheader("What second order changes, channel by channel")
 layer = st.selectbox("Layer", [l.name for l in workbench.structures.layers], index=[l.name for l in workbench.structures.layers].index(flagged[0]) if level == "layer" and flagged else 0)
+key = ("attribution", record["id"], layer, ratio, unit)
 if st.button("Compare with a first-order attribution (captum)", icon=":material/insights:"):
     with st.spinner("Computing gradient x activation ..."), user_errors("The attribution", stop=False):
         x, y = workbench.data.analysis_samples(min(result.config.samples, 500), result.config.seed)
         attribution = channel_attribution(workbench.model, workbench.structures, layer, x, y)
-        index = [i for i, key in enumerate(result.keys) if key.rsplit(":", 1)[0] == layer]
-        frame = pd.DataFrame({"channel": [result.keys[i].rsplit(":", 1)[1] for i in index],
-                              "sosp_saliency": result.saliency[index].tolist(),
-                              "first_order_attribution": attribution.tolist(),
-                              "pruned": [result.keys[i] in mask for i in index]})
-        scatter = saliency_scatter(frame, layer)
-        st.plotly_chart(scatter, key="scatter")
-        export_buttons(scatter, frame, f"saliency-vs-attribution {record['name']} {layer}")
-        st.caption("Channels off the diagonal trend are those whose second-order (correlation) terms change their rank.")
+        st.session_state[key] = saliency_vs_attribution(result.keys, result.saliency, workbench.structures, layer,
+                                                        attribution, mask)
+if key in st.session_state:  # kept across reruns: a download click must not make the chart disappear
+    frame = st.session_state[key]
+    scatter = saliency_scatter(frame, layer)
+    st.plotly_chart(scatter, key="scatter")
+    export_buttons(scatter, frame, f"saliency-vs-attribution {record['name']} {layer}")
+    st.caption("On the dashed diagonal both orders agree; structures far from it are the ones whose second-order "
+               "(correlation) terms change their rank.")

@@ -1,6 +1,7 @@
 """First-order channel attributions with captum, to set beside SOSP's second-order saliencies."""
 from __future__ import annotations
 
+import pandas as pd
 import torch
 from captum.attr import LayerGradientXActivation
 from torch import nn
@@ -23,3 +24,20 @@ def channel_attribution(model: nn.Module, structures: StructureSet, layer_name: 
         total = per_channel if total is None else total + per_channel
     model.train(was_training)
     return (total / len(x)).abs().double()
+
+
+def saliency_vs_attribution(keys: list[str], saliency: torch.Tensor, structures: StructureSet, layer_name: str,
+                            attribution: torch.Tensor, mask: set[str]) -> pd.DataFrame:
+    """Per structure of one layer: SOSP saliency, first-order attribution (summed over the structure's channels),
+    both ranks (1 = least salient) and whether the mask prunes it."""
+    layer = next(l for l in structures.layers if l.name == layer_name)
+    index = [i for i, key in enumerate(keys) if key.rsplit(":", 1)[0] == layer_name]
+    frame = pd.DataFrame({
+        "structure": [keys[i].rsplit(":", 1)[1] for i in index],
+        "sosp_saliency": saliency[index].tolist(),
+        "first_order_attribution": [float(attribution[channels].sum()) for channels in layer.structure_channels],
+        "status": ["pruned" if keys[i] in mask else "kept" for i in index],
+    })
+    frame["sosp_rank"] = frame.sosp_saliency.rank(method="average")
+    frame["attribution_rank"] = frame.first_order_attribution.rank(method="average")
+    return frame

@@ -282,3 +282,11 @@ def test_exported_files_are_named_after_the_analysis_not_its_id():
     assert file_slug("pruning-ratios SOSP-H after training 50% of params") == \
         "pruning-ratios-SOSP-H-after-training-50pct-of-params"
     assert file_slug("../../etc/passwd") == "etc-passwd" and file_slug("***") == "export"
+
+
+def test_the_attribution_scatter_stays_when_its_downloads_rerun_the_page(stored):
+    at = open_page("bottlenecks")
+    widget(at.button, "Compare with a first-order attribution (captum)").click().run()
+    charts_before = len(at.get("plotly_chart"))
+    at.run()  # a download click reruns the script like this
+    assert not at.exception and not at.error and len(at.get("plotly_chart")) == charts_before == 2

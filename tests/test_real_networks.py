@@ -232,3 +232,16 @@ def test_attention_gets_a_double_backward_during_the_hvp():
     structures = find_structures(model, x[:1])
     first, second = sosp_h_terms(AnalysisInputs(model, structures, x, torch.tensor([0, 1, 2, 0]), "cross-entropy", 4))
     assert torch.isfinite(second).all()
+
+
+def test_attribution_is_summed_per_structure_of_a_grouped_layer(grouped):
+    from sosp_engine.attribution import channel_attribution, saliency_vs_attribution
+
+    model, structures = grouped
+    layer = next(l for l in structures.layers if l.structure_size > 1)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    attribution = channel_attribution(model, structures, layer.name, x, y)
+    keys = structures.keys
+    frame = saliency_vs_attribution(keys, torch.rand(len(keys)), structures, layer.name, attribution, set())
+    assert len(frame) == layer.size and frame.first_order_attribution.sum() == pytest.approx(float(attribution.sum()))
+    assert sorted(frame.sosp_rank) == list(range(1, layer.size + 1))
