@@ -8,6 +8,7 @@ if str(ROOT) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
+from app.guard import unexpected  # noqa: E402
 from app.sidebar import render_sidebar  # noqa: E402
 
 st.set_page_config(page_title="SOSP Lab", page_icon=str(ROOT / "assets" / "logo.svg"), layout="wide")
@@ -25,4 +26,7 @@ PAGES = [
 
 navigation = st.navigation(PAGES)
 render_sidebar()
-navigation.run()
+try:
+    navigation.run()
+except Exception as exc:  # a page's unforeseen error: one line and a log entry, never a traceback
+    unexpected(f"The {navigation.title} page", exc)

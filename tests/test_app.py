@@ -290,3 +290,17 @@ def test_the_attribution_scatter_stays_when_its_downloads_rerun_the_page(stored)
     charts_before = len(at.get("plotly_chart"))
     at.run()  # a download click reruns the script like this
     assert not at.exception and not at.error and len(at.get("plotly_chart")) == charts_before == 2
+
+
+def test_an_unforeseen_error_is_one_line_and_logged_not_a_traceback(fresh, monkeypatch):
+    import sosp_engine.masks
+
+    def broken(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(sosp_engine.masks, "mask_summary", broken)
+    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
+    at.run()
+    assert not at.exception
+    assert at.error and "failed unexpectedly: KeyError" in at.error[0].value
+    assert "boom" in (fresh.root / "logs" / "ui-errors.log").read_text()
