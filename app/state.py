@@ -28,12 +28,22 @@ class ModelChoice:
 
 
 def current_choice() -> ModelChoice:
-    """The model choice of this browser session (the demo model until the user picks another)."""
-    return st.session_state.setdefault("model_choice", ModelChoice())
+    """The model choice of this browser session (the demo model until the user picks another).
+
+    It is mirrored in the page's URL (?model=&data=&weights=), so a browser reload keeps it.
+    """
+    if "model_choice" not in st.session_state:
+        params = st.query_params
+        default = ModelChoice()
+        st.session_state["model_choice"] = ModelChoice(
+            params.get("model", default.model_spec), params.get("data", default.data_spec),
+            params.get("weights", default.weights or "") or (None if "weights" in params else default.weights))
+    return st.session_state["model_choice"]
 
 
 def set_choice(choice: ModelChoice) -> None:
     st.session_state["model_choice"] = choice
+    st.query_params.update(model=choice.model_spec, data=choice.data_spec, weights=choice.weights or "")
 
 
 @st.cache_resource(show_spinner="Building the model and finding its prunable structures ...", max_entries=8)

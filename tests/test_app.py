@@ -304,3 +304,14 @@ def test_an_unforeseen_error_is_one_line_and_logged_not_a_traceback(fresh, monke
     assert not at.exception
     assert at.error and "failed unexpectedly: KeyError" in at.error[0].value
     assert "boom" in (fresh.root / "logs" / "ui-errors.log").read_text()
+
+
+def test_a_reload_keeps_the_chosen_model(fresh):
+    at = open_page("model")
+    widget(at.selectbox, "Weights").set_value("random init")
+    widget(at.button, "Load model").click().run()
+    assert at.query_params["weights"] == "" and at.query_params["model"] == "resnet20"
+    reloaded = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
+    reloaded.query_params.update(dict(at.query_params))
+    reloaded.run()
+    assert not reloaded.exception and "random init" in reloaded.sidebar.markdown[-1].value
