@@ -144,9 +144,12 @@ def accuracy_vs_size(table: pd.DataFrame, size: str = "params", reference: tuple
 
 def training_curves(metrics: pd.DataFrame, title: str) -> go.Figure:
     """Validation accuracy per epoch and stage of a job."""
-    fig = px.line(metrics, x="epoch", y="val_acc", color="stage", markers=True, title=title,
-                  labels={"val_acc": "validation accuracy"})
+    fig = px.line(metrics, x="epoch", y="val_acc", color="stage", facet_col="stage", markers=True, title=title,
+                  labels={"val_acc": "validation accuracy"})  # one panel per stage: each counts its own epochs
     fig.update_layout(**LAYOUT, yaxis_tickformat=".0%")
+    fig.update_xaxes(tickformat="d", matches=None, rangemode="tozero")
+    if metrics.epoch.max() <= 20:
+        fig.update_xaxes(dtick=1)
     return fig
 
 

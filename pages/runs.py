@@ -41,10 +41,13 @@ def jobs_table() -> None:
     if not jobs:
         st.info("No jobs yet. Start one from the Model or Expand-pruning page, or with `python -m sosp_engine jobs submit`.")
         return
-    st.dataframe(pd.DataFrame([{"name": j["name"], "status": j["status"], "progress": j["progress"], "message": j["message"],
-                                "test acc": (j["result"] or {}).get("test_acc"), "params": (j["result"] or {}).get("params"),
-                                "id": j["id"]} for j in jobs]), hide_index=True,
-                 column_config={"progress": st.column_config.ProgressColumn("progress", format="percent", min_value=0, max_value=1)})
+    st.dataframe(pd.DataFrame([{"name": j["name"], "kind": j["kind"], "status": j["status"], "progress": j["progress"] or 0.0,
+                                "message": j["message"] or "", "test acc": (j["result"] or {}).get("test_acc"),
+                                "params": (j["result"] or {}).get("params"), "id": j["id"]} for j in jobs]),
+                 hide_index=True,
+                 column_config={"progress": st.column_config.ProgressColumn("progress", format="percent", min_value=0, max_value=1),
+                                "test acc": st.column_config.NumberColumn("test acc", format="percent"),
+                                "params": st.column_config.NumberColumn("params", format="localized")})
 
 
 st.subheader("Jobs")

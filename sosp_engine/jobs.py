@@ -19,6 +19,7 @@ from .studies import STUDY_KIND, Study, StudyConfig
 HEARTBEAT_SECONDS = 2.0
 STALE_AFTER_SECONDS = 20.0
 EXIT_GRACE_SECONDS = 10.0
+LOG_EVERY_SECONDS = 10.0  # progress lines in a job's log between epoch lines
 LOG_NAME = "job.log"
 
 
@@ -180,7 +181,7 @@ def run_job(store: Store, job_id: str) -> int:
         raise Cancelled("stopped by SIGTERM; resume it to continue from its last epoch checkpoint")
 
     signal.signal(signal.SIGTERM, terminate)
-    last_write = [0.0]
+    last_write, last_print = [0.0], [0.0]
 
     def report(fraction: float, message: str, metrics: dict | None) -> None:
         now = time.time()
@@ -189,7 +190,9 @@ def run_job(store: Store, job_id: str) -> int:
         if metrics is not None or now - last_write[0] > 0.5 or fraction >= 1.0:
             store.update_job(job_id, progress=fraction, message=message, heartbeat=now)
             last_write[0] = now
-        print(f"[{time.strftime('%H:%M:%S')}] {fraction:6.1%} {message}", flush=True)
+        if metrics is not None or now - last_print[0] > LOG_EVERY_SECONDS or fraction >= 1.0:  # not every batch
+            print(f"[{time.strftime('%H:%M:%S')}] {fraction:6.1%} {message}", flush=True)
+            last_print[0] = now
 
     cancel_state = {"checked": 0.0, "value": False}
 
