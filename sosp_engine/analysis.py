@@ -20,7 +20,8 @@ from .saliency.common import LOSSES, AnalysisInputs
 from .saliency.first_order import first_order_terms
 from .saliency.sosp_h import sosp_h_saliency, sosp_h_terms
 from .saliency.sosp_i import gauss_newton_terms, sosp_i_matrix
-from .selection import NORMALIZATIONS, greedy_order, order_by_saliency, prefix_for_target
+from .selection import (NORMALIZATIONS, greedy_order, objective_prefix, order_by_saliency, prefix_for_target,
+                        rounded_order, rounded_stops)
 from .structures import StructureSet
 
 METHODS = ("sosp-h", "sosp-i", "first-order", "diagonal", "magnitude", "random")
@@ -55,6 +56,7 @@ class AnalysisConfig:
     loss: str = "cross-entropy"
     device: str = "auto"
     mc_labels: int = -1  # SOSP-I: 0 = all D outputs exactly, k > 0 = k sampled labels, -1 = sampled only when D > 100
+    round_to: int = 1  # kept widths in multiples of this (8 or 16 run as fast as their MACs)
     exclude: list[str] = field(default_factory=list)
     preset: str | None = "auto"
 
@@ -79,6 +81,8 @@ class AnalysisConfig:
             raise AnalysisError(f"the per-layer cap must be in (0, 1], got {self.cap}")
         if not 0 <= self.seed < 2**63:
             raise AnalysisError(f"the seed must be in 0 .. 2**63 - 1, got {self.seed}")
+        if self.round_to < 1:
+            raise AnalysisError(f"round_to must be at least 1, got {self.round_to}")
 
 
 @dataclass
@@ -121,9 +125,14 @@ class AnalysisResult:
 
     def mask(self, structures: StructureSet, ratio: float, unit: str = "structures") -> set[str]:
         """The mask at a target ratio: a prefix of the order, so no saliency is recomputed."""
+        return {self.keys[i] for i in self.pruning_order[:self.prefix(structures, ratio, unit)].tolist()}
+
+    def prefix(self, structures: StructureSet, ratio: float, unit: str = "structures") -> int:
+        """How many structures of the order the mask at `ratio` of `unit` prunes (a rounding stop if rounded)."""
         self.check_structures(structures)
-        k = prefix_for_target(self.pruning_order, self.n_prunable, structures, ratio, unit)
-        return {self.keys[i] for i in self.pruning_order[:k].tolist()}
+        stops = (rounded_stops(self.pruning_order, self.n_prunable, structures, self.config.round_to)
+                 if self.config.round_to > 1 else None)
+        return prefix_for_target(self.pruning_order, self.n_prunable, structures, ratio, unit, stops)
 
     def check_structures(self, structures: StructureSet) -> None:
         if structures.keys != self.keys:
@@ -217,7 +226,7 @@ def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> 
 
 
 def compute_saliency(method: str, inputs: AnalysisInputs, cap: float, normalize: str, seed: int = 0,
-                     mc_labels: int = 0) -> dict:
+                     mc_labels: int = 0, round_to: int = 1) -> dict:
     """The method's per-structure saliency and pruning order (plus its first- and second-order parts where it has them)."""
     structures = inputs.structures
     out: dict = {"first_order": None, "second_order": None, "estimate": "exact"}
@@ -251,13 +260,19 @@ def compute_saliency(method: str, inputs: AnalysisInputs, cap: float, normalize:
     start = time.perf_counter()
     if method == "sosp-i":
         increments: list[float] = []
-        order, n_prunable = greedy_order(sosp_i_matrix(first, out.pop("gram")), structures, cap, normalize, increments)
-        # eq. (2) of each prefix M: sum over s, s' in M of Q[s, s'], the sum of the greedy increments
-        out["predicted_prefix"] = torch.cat([torch.zeros(1, dtype=torch.float64),
-                                             torch.tensor(increments, dtype=torch.float64).cumsum(0)])
+        q = sosp_i_matrix(first, out.pop("gram"))
+        order, n_prunable = greedy_order(q, structures, cap, normalize, increments)
+        if round_to > 1:
+            order, n_prunable = rounded_order(order, n_prunable, structures, round_to, cap)
+            out["predicted_prefix"] = objective_prefix(q, order, n_prunable)
+        else:  # eq. (2) of each prefix M: sum over s, s' in M of Q[s, s'], the sum of the greedy increments
+            out["predicted_prefix"] = torch.cat([torch.zeros(1, dtype=torch.float64),
+                                                 torch.tensor(increments, dtype=torch.float64).cumsum(0)])
+        del q
     else:
         out.pop("gram", None)
         order, n_prunable = order_by_saliency(saliency, structures, cap, normalize)
+        order, n_prunable = rounded_order(order, n_prunable, structures, round_to, cap)
         out["predicted_prefix"] = saliency_prefix(saliency, order, n_prunable)
     out["selection_seconds"] = time.perf_counter() - start
     out.update(saliency=saliency.detach().double().cpu(), pruning_order=order.cpu(), n_prunable=n_prunable)
@@ -292,7 +307,7 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
     inputs = AnalysisInputs(model, workbench.structures, x, y, config.loss, config.batch_size,
                             lambda f, m: report(progress, f * 0.95, m), should_stop)
     parts = compute_saliency(config.method, inputs, config.cap, config.normalize, config.seed,
-                             mc if config.method in ("sosp-i", "diagonal") else 0)
+                             mc if config.method in ("sosp-i", "diagonal") else 0, config.round_to)
     timings["saliency"] = parts["saliency_seconds"]
     timings["selection"] = parts["selection_seconds"]
     start = time.perf_counter()

@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.5, help="target pruning ratio of the written mask")
     p.add_argument("--unit", default="structures", choices=UNITS)
     p.add_argument("--cap", type=float, default=0.95, help="at most this fraction of a layer is pruned")
+    p.add_argument("--round-to", type=int, default=1,
+                   help="keep widths in multiples of this (8 or 16: pruned nets then run as fast as their MACs)")
     p.add_argument("--normalize", default="none", choices=NORMALIZATIONS)
     p.add_argument("--loss", default="cross-entropy", choices=LOSSES)
     p.add_argument("--device", default="auto")
@@ -371,7 +373,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     wb = workbench_from(args)
     config = AnalysisConfig(
         method=args.method, model_spec=args.model, data_spec=args.data, weights=args.weights, at_init=args.at_init,
-        samples=args.samples, seed=args.seed, batch_size=args.batch_size, cap=args.cap, normalize=args.normalize,
+        samples=args.samples, seed=args.seed, batch_size=args.batch_size, cap=args.cap, round_to=args.round_to,
+        normalize=args.normalize,
         loss=args.loss, device=args.device, mc_labels=args.mc_labels, exclude=list(args.exclude), preset=args.preset)
     bar = ProgressLine(f"{args.method}")
     result = run_analysis(wb, config, progress=bar)

@@ -16,7 +16,7 @@ from .loading import Workbench
 from .masks import pruned_copy, zeroed_copy
 from .models import weights_fingerprint
 from .progress import ProgressFn, StopFn, check_cancel, report
-from .selection import UNITS, prefix_for_target
+from .selection import UNITS
 from .structures import StructureSet
 from .training import evaluate
 
@@ -92,7 +92,7 @@ def sensitivity_curve(result: AnalysisResult, workbench: Workbench, ratios: list
     rows = []
     for i, ratio in enumerate(ratios):
         check_cancel(should_stop)
-        k = prefix_for_target(result.pruning_order, result.n_prunable, structures, ratio, unit)
+        k = result.prefix(structures, ratio, unit)
         mask = {result.keys[s] for s in result.pruning_order[:k].tolist()}
         zeroed_loss, zeroed_acc = evaluate(zeroed_copy(model, structures, mask), loader, target, amp=False)
         pruned_loss, pruned_acc = evaluate(pruned_copy(model, structures, mask, example), loader, target, amp=False)

@@ -97,3 +97,46 @@ def test_impossible_ratio_is_a_clear_error(resnet):
         prefix_for_target(order, n, resnet, 0.7)
     with pytest.raises(AnalysisError, match="impossible with this cap"):
         prefix_for_target(order, n, resnet, 0.9, "params")
+
+
+def kept_widths(structures, order, count):
+    pruned = torch.zeros(structures.num_structures, dtype=torch.bool)
+    pruned[order[:count]] = True
+    return [l.size - int(pruned[structures.layer_of == g].sum()) for g, l in enumerate(structures.layers)]
+
+
+@pytest.mark.parametrize("round_to", [4, 8])
+def test_every_stop_of_a_rounded_order_keeps_widths_in_multiples(resnet, round_to):
+    from sosp_engine.selection import rounded_order, rounded_stops
+
+    order, n = order_by_saliency(torch.rand(resnet.num_structures, dtype=torch.float64,
+                                            generator=torch.Generator().manual_seed(1)), resnet, 0.95)
+    rounded, n_rounded = rounded_order(order, n, resnet, round_to)
+    stops = rounded_stops(rounded, n_rounded, resnet, round_to)
+    assert sorted(rounded.tolist()) == list(range(resnet.num_structures)) and stops[-1] == n_rounded
+    for stop in stops:
+        assert all(w % round_to == 0 and w >= round_to for w in kept_widths(resnet, rounded, stop))
+
+
+def test_a_rounded_target_is_met_at_the_next_stop(resnet):
+    from sosp_engine.selection import rounded_order, rounded_stops
+
+    order, n = order_by_saliency(torch.rand(resnet.num_structures, dtype=torch.float64,
+                                            generator=torch.Generator().manual_seed(2)), resnet, 0.95)
+    rounded, n_rounded = rounded_order(order, n, resnet, 8)
+    stops = rounded_stops(rounded, n_rounded, resnet, 8)
+    for unit in ("structures", "params", "macs"):
+        k = prefix_for_target(rounded, n_rounded, resnet, 0.4, unit, stops)
+        assert k in stops and k >= prefix_for_target(rounded, n_rounded, resnet, 0.4, unit)
+
+
+def test_objective_prefix_of_the_greedy_order_is_the_sum_of_its_increments(resnet):
+    from sosp_engine.selection import objective_prefix
+
+    q = random_q(resnet.num_structures, seed=3)
+    increments: list[float] = []
+    order, n = greedy_order(q, resnet, 0.95, "none", increments)
+    prefix = objective_prefix(q, order, n)
+    torch.testing.assert_close(prefix[1:], torch.tensor(increments, dtype=torch.float64).cumsum(0))
+    mask = order[:10]
+    assert prefix[10].item() == pytest.approx(q[mask][:, mask].sum().item())

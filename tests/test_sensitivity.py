@@ -89,3 +89,19 @@ def test_the_cli_writes_the_curve_as_csv_and_json(analysed, tmp_path, capsys):
                  "--out", str(tmp_path / "c.json")]) == 0
     data = json.loads((tmp_path / "c.json").read_text())
     assert len(data["points"]) == 3 and data["samples"] == 40 and data["method"] == "sosp-i"
+
+
+def test_an_analysis_rounded_to_8_gives_masks_with_widths_in_multiples_of_8(tmp_path):
+    from sosp_engine.masks import layer_table, pruned_copy
+
+    torch.manual_seed(0)
+    wb = open_workbench("resnet20", "digits")
+    result = run_analysis(wb, AnalysisConfig(method="sosp-i", samples=40, batch_size=40, device="cpu", round_to=8))
+    result.save(tmp_path)
+    loaded = AnalysisResult.load(tmp_path)
+    for ratio, unit in ((0.3, "structures"), (0.5, "params"), (0.6, "macs")):
+        mask = loaded.mask(wb.structures, ratio, unit)
+        assert all(k % 8 == 0 for k in layer_table(wb.structures, mask).kept)
+        pruned_copy(wb.model, wb.structures, mask, wb.example)
+    k = loaded.prefix(wb.structures, 0.5, "params")
+    assert loaded.predicted_increase(k) > 0 and loaded.config.round_to == 8
