@@ -203,3 +203,13 @@ def study_accuracy(table: pd.DataFrame, size: str, accuracy: str, unit: str) -> 
     fig.update_layout(**LAYOUT, title=f"{acc_label[accuracy].capitalize()} against {size_label}",
                       xaxis_title=size_label, yaxis_title=acc_label[accuracy], yaxis_tickformat=".0%")
     return fig
+
+
+def ratio_profiles_chart(table: pd.DataFrame, names: list[str], title: str) -> go.Figure:
+    """Several analyses' layer-wise pruning ratios as grouped bars in network order."""
+    labels = [f"{d}: {n}" for d, n in zip(table.depth, table.layer)]
+    fig = go.Figure([go.Bar(x=labels, y=table[name], name=name, marker_color=PALETTE[i % len(PALETTE)])
+                     for i, name in enumerate(names)])
+    fig.update_layout(**LAYOUT, barmode="group", title=title, yaxis_tickformat=".0%", xaxis_tickangle=-60,
+                      xaxis_title="layer (network order)", yaxis_title="pruned channels (share of the layer)")
+    return fig

@@ -77,6 +77,10 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape
         t0 = time.perf_counter()
         greedy_order(sosp_i_matrix(first, gram).cpu(), inputs.structures)
         extra["selection_s"] = time.perf_counter() - t0
+    elif task.startswith("diagonal-mc"):  # diagonal-mcK: the diagonal baseline from K sampled labels per sample
+        gauss_newton_terms(inputs, diagonal_only=True, mc_labels=int(task[len("diagonal-mc"):]))
+    elif task == "diagonal":
+        gauss_newton_terms(inputs, diagonal_only=True)
     elif task.startswith("sosp-i-mc"):  # sosp-i-mcK: K sampled labels per sample, with the greedy selection
         first, gram = gauss_newton_terms(inputs, mc_labels=int(task[len("sosp-i-mc"):]))
         t0 = time.perf_counter()

@@ -1,13 +1,14 @@
 """Train vs init (or any two analyses): profiles side by side and overlaid, per-layer difference, overlap, rank correlation."""
 import streamlit as st
 
-from app.charts import compare_overlay, difference_bars, side_by_side
+from app.charts import compare_overlay, difference_bars, ratio_profiles_chart, side_by_side
 from app.export import export_buttons, file_slug
 from app.guard import user_errors
 from app.pickers import analysis_picker, ratio_picker
 from app.report import analysis_report
-from app.state import analysis, workbench_for
+from app.state import analysis, workbench_for, workspace
 from sosp_engine.compare import compare_analyses
+from sosp_engine.masks import ratio_profiles
 
 st.title("Train vs init")
 st.caption("Compare the masks of two analyses of one architecture, e.g. SOSP after training and SOSP at initialisation (paper Fig. 3).")
@@ -46,3 +47,17 @@ report = analysis_report(f"SOSP Lab comparison: {first['name']} vs {second['name
                          {"a": first["name"], "b": second["name"], "ratio": ratio, "unit": unit, **overall}, figures,
                          {"Per-layer comparison": table})
 st.download_button("Comparison report (HTML)", report, file_slug(f"comparison {first['name']} vs {second['name']}") + ".html", "text/html", icon=":material/description:")
+
+st.subheader("Several analyses at once")
+same = [r for r in workspace().analyses()
+        if r["model_spec"] == first["model_spec"] and r["data_spec"] == first["data_spec"]]
+names = {r["id"]: f"{r['name']} ({r['method']})" for r in same}
+picked = st.multiselect("Analyses of this model (any number)", list(names), default=list(names)[:4],
+                        format_func=names.get, key=f"profiles-{first['id']}")
+if picked:
+    with user_errors("Comparing the analyses"):
+        masks = {names[i]: analysis(i).mask(workbench.structures, ratio, unit) for i in picked}
+        profiles = ratio_profiles(workbench.structures, masks)
+    fig = ratio_profiles_chart(profiles, list(masks), f"Layer-wise pruning ratios at {ratio:.0%} of {unit}")
+    st.plotly_chart(fig, key="profiles")
+    export_buttons(fig, profiles, f"profiles {len(masks)} analyses {ratio:.0%} of {unit}")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .atomic import save_atomically
-from .errors import AnalysisError
+from .errors import AnalysisError, is_out_of_memory
 from .exactness import exactness_report
 from .loading import Workbench
 from .models import weights_fingerprint
@@ -304,10 +304,25 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
     mc = config.mc_labels
     if mc < 0:
         mc = MC_AUTO_LABELS if workbench.data.num_classes > MC_AUTO_OUTPUTS else 0
-    inputs = AnalysisInputs(model, workbench.structures, x, y, config.loss, config.batch_size,
-                            lambda f, m: report(progress, f * 0.95, m), should_stop)
-    parts = compute_saliency(config.method, inputs, config.cap, config.normalize, config.seed,
-                             mc if config.method in ("sosp-i", "diagonal") else 0, config.round_to)
+    batch = config.batch_size
+    while True:  # out of memory: halve the batch and go again (the result does not depend on the batch size)
+        inputs = AnalysisInputs(model, workbench.structures, x, y, config.loss, batch,
+                                lambda f, m: report(progress, f * 0.95, m), should_stop)
+        try:
+            parts = compute_saliency(config.method, inputs, config.cap, config.normalize, config.seed,
+                                     mc if config.method in ("sosp-i", "diagonal") else 0, config.round_to)
+            break
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if batch == 1:
+                raise AnalysisError(f"{config.method} runs out of memory on {device} even with a batch of one sample: "
+                                    "use a smaller model or input, exclude layers, or another device") from None
+            batch = max(1, batch // 2)
+            report(progress, 0.0, f"out of memory: retrying with batch size {batch}")
+    config.batch_size = batch  # what was used
     timings["saliency"] = parts["saliency_seconds"]
     timings["selection"] = parts["selection_seconds"]
     start = time.perf_counter()

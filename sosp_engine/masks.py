@@ -214,3 +214,11 @@ def load_mask(path: str | Path, structures: StructureSet | None = None) -> set[s
                             f"this model has {structures.signature}); masks transfer only between weights of one architecture")
         structures.pruned_vector(mask)
     return mask
+
+
+def ratio_profiles(structures: StructureSet, masks: dict[str, Iterable[str]]) -> pd.DataFrame:
+    """Layer-wise pruning ratios of several masks of one architecture: one column per mask name (paper Fig. 3)."""
+    base = layer_table(structures)[["layer", "depth", "stage", "channels"]]
+    for name, mask in masks.items():
+        base[name] = layer_table(structures, mask)["pruning_ratio"].values
+    return base

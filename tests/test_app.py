@@ -315,3 +315,10 @@ def test_a_reload_keeps_the_chosen_model(fresh):
     reloaded.query_params.update(dict(at.query_params))
     reloaded.run()
     assert not reloaded.exception and "random init" in reloaded.sidebar.markdown[-1].value
+
+
+def test_several_analyses_share_one_profile_chart(stored):
+    at = open_page("compare")
+    assert not at.exception and not at.error
+    assert len(widget(at.multiselect, "Analyses of this model (any number)").value) == 2
+    assert len(at.get("plotly_chart")) == 4  # side by side, overlay, difference, all analyses

@@ -172,3 +172,26 @@ def test_resume_refuses_while_the_old_runner_is_alive(tmp_path):
         sleeper.wait()
     resume(store, job, start=False)
     assert store.job(job)["status"] == "queued"
+
+
+def test_an_analysis_out_of_memory_halves_its_batch_and_gives_the_same_result(monkeypatch):
+    import torch
+
+    from sosp_engine import analysis
+    from sosp_engine.analysis import AnalysisConfig, run_analysis
+    from sosp_engine.loading import open_workbench
+
+    torch.manual_seed(0)
+    wb = open_workbench("resnet20", "digits")
+    reference = run_analysis(wb, AnalysisConfig(method="sosp-h", samples=32, batch_size=8, device="cpu"))
+    real = analysis.compute_saliency
+
+    def tight(method, inputs, *args, **kwargs):
+        if inputs.batch_size > 8:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+        return real(method, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(analysis, "compute_saliency", tight)
+    result = run_analysis(wb, AnalysisConfig(method="sosp-h", samples=32, batch_size=32, device="cpu"))
+    assert result.config.batch_size == 8
+    torch.testing.assert_close(result.saliency, reference.saliency, rtol=1e-6, atol=1e-9)

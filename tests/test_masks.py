@@ -98,3 +98,13 @@ def test_bad_mask_files_are_refused(tmp_path, content, fragment):
     (tmp_path / "m.json").write_text(content)
     with pytest.raises(MaskError, match=fragment):
         load_mask(tmp_path / "m.json")
+
+
+def test_ratio_profiles_give_each_mask_its_layer_ratios(resnet):
+    from sosp_engine.masks import ratio_profiles
+
+    _, structures = resnet
+    a, b, c = (random_mask(structures, r, seed=s) for r, s in ((0.2, 1), (0.5, 2), (0.7, 3)))
+    table = ratio_profiles(structures, {"a": a, "b": b, "c": c})
+    assert list(table.columns[-3:]) == ["a", "b", "c"]
+    assert table["b"].tolist() == layer_table(structures, b)["pruning_ratio"].tolist()
