@@ -195,3 +195,26 @@ def test_an_analysis_out_of_memory_halves_its_batch_and_gives_the_same_result(mo
     result = run_analysis(wb, AnalysisConfig(method="sosp-h", samples=32, batch_size=32, device="cpu"))
     assert result.config.batch_size == 8
     torch.testing.assert_close(result.saliency, reference.saliency, rtol=1e-6, atol=1e-9)
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from sosp_engine import atomic
+    from sosp_engine.atomic import DiskFullError, save_atomically
+
+    path = save_atomically({"epoch": 1, "w": torch.ones(3)}, tmp_path / "last.pt")
+    real = torch.save
+
+    def half_written(obj, target):  # writes part of the file, then the disk is full
+        with open(target, "wb") as fh:
+            fh.write(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.torch, "save", half_written)
+    with pytest.raises(DiskFullError, match="disk full"):
+        save_atomically({"epoch": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.setattr(atomic.torch, "save", real)
+    assert torch.load(path, weights_only=True)["epoch"] == 1 and not list(tmp_path.glob("*.tmp"))
