@@ -44,11 +44,11 @@ def available_memory(device: torch.device) -> int:
 
 
 def device_name(device: torch.device | str = "auto") -> str:
-    """'NVIDIA H100 ...' for a GPU, 'CPU (N threads)' otherwise."""
+    """'NVIDIA H100 ...' for a GPU, 'CPU' otherwise (the thread count is shown beside it, it can change)."""
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({torch.get_num_threads()} threads)"
+    return "CPU"
 
 
 def set_threads(threads: int | None = None) -> int:
