@@ -99,8 +99,9 @@ def mark_stale_jobs(store: Store) -> list[str]:
     """Turn dead running jobs into failed ones that say so (they stay resumable from their checkpoints)."""
     marked = []
     for job in store.jobs("running") + store.jobs("starting"):
-        if job["status"] == "starting" and time.time() - job["created"] < STALE_AFTER_SECONDS and not job.get("pid"):
-            continue
+        claimed = job.get("heartbeat") or job["created"]
+        if job["status"] == "starting" and time.time() - claimed < STALE_AFTER_SECONDS and not job.get("pid"):
+            continue  # being launched right now
         if is_stale(job):
             store.update_job(job["id"], status="failed", finished=time.time(),
                              error="the job's process died (no heartbeat); resume it to continue from its last checkpoint")

@@ -201,9 +201,11 @@ class Store:
             running = conn.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('starting', 'running')").fetchone()[0]
             free = max(0, limit - running)
             rows = _rows(conn.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created LIMIT ?", (free,)))
-            for row in rows:
-                conn.execute("UPDATE jobs SET status = 'starting' WHERE id = ?", (row["id"],))
-                row["status"] = "starting"
+            now = time.time()
+            for row in rows:  # the claim is a heartbeat: a watcher must not take a job being launched for a dead one
+                conn.execute("UPDATE jobs SET status = 'starting', heartbeat = ?, pid = NULL WHERE id = ?",
+                             (now, row["id"]))
+                row.update(status="starting", heartbeat=now, pid=None)
         return rows
 
     def add_metrics(self, job_id: str, stage: str, epoch: int, data: dict) -> None:

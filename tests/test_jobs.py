@@ -122,3 +122,12 @@ def test_an_unknown_stage_to_widen_is_refused_at_submit_with_the_valid_names(tmp
     with pytest.raises(ModelSpecError, match=r"stages: \['stage 1 \(16x16\)'"):
         submit(store, tiny("expand-prune", widen={"stage 2 (16x16)": 2.0}))
     assert store.jobs() == []
+
+
+def test_a_long_queued_job_being_launched_is_not_taken_for_a_dead_one(tmp_path):
+    store = Store(tmp_path)
+    job_id = store.add_job("train", "old", tiny("train", epochs=1).__dict__)
+    store.update_job(job_id, created=time.time() - 3600, heartbeat=time.time() - 3600)
+    [claimed] = store.claim_queued_jobs(1)  # a launcher has claimed it and not yet started its process
+    assert claimed["id"] == job_id and mark_stale_jobs(store) == []
+    assert store.job(job_id)["status"] == "starting"
