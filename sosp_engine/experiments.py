@@ -216,7 +216,10 @@ class Experiment:
 
     def _analysis_config(self, spec: str, at_init: bool) -> AnalysisConfig:
         c = self.config
-        return AnalysisConfig(method=c.method, model_spec=spec, data_spec=c.data_spec, at_init=at_init, samples=c.samples,
+        trained = self.folder / "trained.pt"
+        weights = str(trained) if not at_init and trained.exists() else None
+        return AnalysisConfig(method=c.method, model_spec=spec, data_spec=c.data_spec, weights=weights, at_init=at_init,
+                              samples=c.samples,
                               seed=c.seed, cap=c.cap, normalize=c.normalize, device=c.device, exclude=list(c.exclude),
                               preset=c.preset)
 

@@ -11,8 +11,11 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
+from .analysis import AnalysisResult
 from .experiments import Experiment, ExperimentConfig, check_widening
+from .errors import SospError
 from .progress import Cancelled
+from .records import store_analysis
 from .store import Store, StoreError
 from .studies import STUDY_KIND, Study, StudyConfig
 
@@ -211,6 +214,12 @@ def run_job(store: Store, job_id: str) -> int:
         else:
             config = ExperimentConfig(**job["config"])
             result = Experiment(config, Path(job["path"]) / "run", report, should_stop).run()
+        analysis_folder = Path(job["path"]) / "run" / "analysis"
+        if config is not None and (analysis_folder / "analysis.json").exists():  # open it on the analysis pages
+            try:
+                store_analysis(store, AnalysisResult.load(analysis_folder), f"{job['name']} (analysis)")
+            except (SospError, OSError) as exc:  # the run itself succeeded; only its listing is missing
+                print(f"warning: the job's analysis could not be listed in the workspace: {exc}", flush=True)
         if config is not None and result.get("stages", {}).get("train", {}).get("weights") and config.procedure == "train":
             store.add_model(job["name"], config.model_spec, config.data_spec, Path(result["stages"]["train"]["weights"]),
                             job_id, {"test_acc": result["test_acc"]})

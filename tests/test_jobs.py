@@ -31,6 +31,8 @@ def test_a_job_runs_in_its_own_process_and_reports_progress(tmp_path):
     assert job["progress"] == 1.0 and job["result"]["test_acc"] is not None
     assert {m["stage"] for m in store.metrics(job_id)} == {"train", "finetune"}
     assert "done" in read_log(store, job_id)
+    [analysis] = store.analyses()  # the job's analysis opens on the analysis pages, on the job's trained weights
+    assert analysis["name"].endswith("(analysis)") and analysis["config"]["weights"].endswith("trained.pt")
 
 
 def test_cancel_stops_a_running_job_and_resume_continues_from_its_checkpoint(tmp_path):
