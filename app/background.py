@@ -32,6 +32,7 @@ class RunningAnalysis:
     record_id: str | None = None
     error: str | None = None
     started: float = field(default_factory=time.time)
+    shown: bool = False  # the page has rerun once since it finished (so the stored-analyses table lists it)
 
 
 @st.cache_resource

@@ -63,6 +63,9 @@ def analysis_progress() -> None:
             current.cancel = True
         st.caption("It keeps running if you open another page; its result is stored when it finishes.")
         return
+    if not current.shown:  # once: rerun the whole page so everything on it (the table below) sees the outcome
+        current.shown = True
+        st.rerun()
     if current.error == CANCELLED:
         st.warning("The analysis was cancelled; nothing was stored.")
         return

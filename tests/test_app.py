@@ -102,6 +102,7 @@ def test_running_an_analysis_on_digits_stores_it(fresh):
     until_stored(at, fresh)
     assert not at.error and any("Stored as **my first**" in s.value for s in at.success)
     assert [r["name"] for r in fresh.analyses()] == ["my first"]
+    assert "my first" in at.dataframe[-1].value["name"].tolist()  # the table on the page lists it too
 
 
 def until_stored(at: AppTest, store: Store, timeout: float = 120) -> None:
