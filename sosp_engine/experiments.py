@@ -100,26 +100,36 @@ def check_widening(config: ExperimentConfig) -> None:
         build_widened(config.model_spec, data.num_classes, data.input_shape[0], structures, factors, x)
 
 
-class Experiment:
+class ResumableRun:
+    """A run in `folder` whose finished steps are kept in state.json, so a rerun resumes after them."""
+
+    def __init__(self, folder: str | Path, report: Reporter | None, should_stop: StopFn, data: DataBundle | None,
+                 data_spec: str, empty_state: dict) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.report = report or (lambda f, m, d=None: None)
+        self.should_stop = should_stop
+        self.data = data or load_data(data_spec)
+        self.state_path = self.folder / "state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else empty_state
+
+    def _save_state(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        tmp.replace(self.state_path)
+
+
+class Experiment(ResumableRun):
     """Runs one procedure in `folder`; every finished stage is recorded in state.json so a rerun resumes after it."""
 
     def __init__(self, config: ExperimentConfig, folder: str | Path, report: Reporter | None = None,
                  should_stop: StopFn = None, data: DataBundle | None = None) -> None:
         config.validate()
-        self.config, self.folder = config, Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.report = report or (lambda f, m, d=None: None)
-        self.should_stop = should_stop
-        self.data = data or load_data(config.data_spec)
-        self.state_path = self.folder / "state.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"done": {}}
+        self.config = config
+        super().__init__(folder, report, should_stop, data, config.data_spec, {"done": {}})
         self.stages = self._stages()
 
     # helpers ------------------------------------------------------------------------------------------------------
-    def _save_state(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1))
-        tmp.replace(self.state_path)
 
     def _stages(self) -> list[str]:
         p = self.config.procedure

@@ -17,10 +17,10 @@ import torch
 from .analysis import METHODS, AnalysisConfig, AnalysisResult, run_analysis
 from .atomic import save_atomically
 from .counting import count_macs, count_params
-from .data import DataBundle, load_data
+from .data import DataBundle
 from .devices import resolve_device
 from .errors import AnalysisError
-from .experiments import Reporter
+from .experiments import Reporter, ResumableRun
 from .latency import measure_latency
 from .loading import Workbench, example_input, resolve_preset
 from .masks import pruned_copy
@@ -96,28 +96,17 @@ def cell_key(seed: int, method: str, target: float) -> str:
     return f"seed{seed}/{method}/{target:g}"
 
 
-class Study:
+class Study(ResumableRun):
     """Runs a study in `folder`; finished trainings, analyses and cells are kept in state.json and never redone."""
 
     def __init__(self, config: StudyConfig, folder: str | Path, report: Reporter | None = None,
                  should_stop: StopFn = None, data: DataBundle | None = None) -> None:
         config.validate()
-        self.config, self.folder = config, Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.report = report or (lambda f, m, d=None: None)
-        self.should_stop = should_stop
-        self.data = data or load_data(config.data_spec)
+        self.config = config
+        super().__init__(folder, report, should_stop, data, config.data_spec, {"trained": {}, "cells": {}})
         self.example = example_input(self.data)
-        self.state_path = self.folder / "state.json"
-        self.state = (json.loads(self.state_path.read_text()) if self.state_path.exists()
-                      else {"trained": {}, "cells": {}})
         steps = len(config.seeds) * (1 + len(config.methods)) + len(config.cells)
         self._step, self._steps = 0, steps
-
-    def _save_state(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1))
-        tmp.replace(self.state_path)
 
     def _progress(self, fraction: float, message: str, metrics: dict | None = None) -> None:
         self.report(min(1.0, (self._step + fraction) / self._steps), message, metrics)
