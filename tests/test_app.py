@@ -194,13 +194,19 @@ def test_a_pruned_checkpoint_reopens_on_the_model_page(fresh, tmp_path):
     assert any("pruned checkpoint of resnet20" in c.value for c in at.caption)
 
 
-def test_the_sensitivity_curves_of_an_analysis_are_computed_and_charted(stored):
+def sensitivity_of(store: Store, name: str, **numbers: int) -> AppTest:
+    """The Pruning ratios page after computing the sensitivity curve of the stored analysis `name`."""
     at = open_page("ratios")
-    at_init = next(r["id"] for r in stored.analyses() if r["name"] == "at init")
-    widget(at.selectbox, "Analysis").set_value(at_init).run()
-    widget(at.number_input, "Points").set_value(3)
-    widget(at.number_input, "Samples").set_value(40)
+    record_id = next(r["id"] for r in store.analyses() if r["name"] == name)
+    widget(at.selectbox, "Analysis").set_value(record_id).run()
+    for label, value in numbers.items():
+        widget(at.number_input, label).set_value(value)
     widget(at.button, "Compute the curves").click().run()
+    return at
+
+
+def test_the_sensitivity_curves_of_an_analysis_are_computed_and_charted(stored):
+    at = sensitivity_of(stored, "at init", Points=3, Samples=40)
     assert not at.exception and not at.error
     charts = at.get("plotly_chart")
     assert len(charts) >= 5  # histogram, width profile, accuracy, loss, predicted vs measured
@@ -208,11 +214,7 @@ def test_the_sensitivity_curves_of_an_analysis_are_computed_and_charted(stored):
 
 
 def test_a_sensitivity_curve_on_other_weights_shows_an_error(stored):
-    at = open_page("ratios")
-    trained = next(r["id"] for r in stored.analyses() if r["name"] == "after training")
-    widget(at.selectbox, "Analysis").set_value(trained).run()
-    widget(at.number_input, "Points").set_value(3)
-    widget(at.button, "Compute the curves").click().run()
+    at = sensitivity_of(stored, "after training", Points=3)
     assert not at.exception and at.error and "not the ones the analysis ran on" in at.error[0].value
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -48,12 +49,28 @@ def server(tmp_path):
     proc.wait(timeout=20)
 
 
-def test_the_demo_runs_an_analysis_shows_the_histogram_and_exports(server, tmp_path):
-    server, workspace = server
+def screenshot_folder(tmp_path: Path) -> Path:
+    """docs/screenshots when UPDATE_SCREENSHOTS is set (to refresh the README's pictures), else a temporary folder."""
     shots = ROOT / "docs" / "screenshots" if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path
     shots.mkdir(parents=True, exist_ok=True)
+    return shots
+
+
+@contextmanager
+def chromium():
+    """Debian's headless chromium through Playwright, closed afterwards."""
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def test_the_demo_runs_an_analysis_shows_the_histogram_and_exports(server, tmp_path):
+    server, workspace = server
+    shots = screenshot_folder(tmp_path)
+    with chromium() as browser:
         page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
         page.goto(server)
         page.get_by_text("272,186").wait_for(timeout=60_000)
@@ -105,15 +122,12 @@ def test_the_demo_runs_an_analysis_shows_the_histogram_and_exports(server, tmp_p
             page.wait_for_timeout(1500)
             assert page.locator("[data-testid='stException']").count() == 0
             page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
-        browser.close()
 
 
 def test_a_tiny_study_launches_from_the_studies_page_and_charts_its_cells(server, tmp_path):
     server, workspace = server
-    shots = ROOT / "docs" / "screenshots" if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path
-    shots.mkdir(parents=True, exist_ok=True)
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+    shots = screenshot_folder(tmp_path)
+    with chromium() as browser:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"{server}/studies")
         for label, value in (("Targets (ratios)", "0.5"), ("Seeds", "0")):
@@ -131,4 +145,3 @@ def test_a_tiny_study_launches_from_the_studies_page_and_charts_its_cells(server
         page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
         assert page.locator("[data-testid='stException']").count() == 0
         page.screenshot(path=str(shots / "studies.png"), full_page=True)
-        browser.close()
