@@ -31,6 +31,7 @@ from .masks import layer_table, load_mask, mask_meta, mask_summary, pruned_copy,
 from .saliency.common import LOSSES
 from .selection import NORMALIZATIONS, UNITS
 from .models import USER_CODE_WARNING, is_user_code
+from .cli_args import add_distributed_args
 from .cli_output import ProgressLine, emit, progress_line
 from .cli_sensitivity import add_sensitivity_parser
 from .cli_studies import add_study_parser
@@ -189,12 +190,13 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default="step", choices=["step", "cosine"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    add_distributed_args(p)
 
 
 def train_config_from(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig given by the flags of `add_training_args`."""
     return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
-                       seed=args.seed, device=args.device)
+                       seed=args.seed, device=args.device, nproc=args.nproc, sync_bn=args.sync_bn)
 
 
 def add_experiment_args(p: argparse.ArgumentParser) -> None:
@@ -237,7 +239,8 @@ def experiment_config(args: argparse.Namespace, procedure: str) -> ExperimentCon
         finetune_epochs=args.finetune_epochs, method=args.method, samples=args.samples, ratio=args.ratio, unit=args.unit,
         target_params=args.target_params, cap=args.cap, normalize=args.normalize, widen=widen, match_widen=match,
         widen_factor=args.widen_factor, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule, seed=args.seed,
-        device=args.device, exclude=list(args.exclude), preset=args.preset, label=args.label)
+        device=args.device, exclude=list(args.exclude), preset=args.preset, label=args.label, nproc=args.nproc,
+        sync_bn=args.sync_bn)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .analysis import METHODS
+from .cli_args import add_distributed_args
 from .cli_output import progress_line
 from .errors import SospError
 from .jobs import mark_stale_jobs, submit_study
@@ -34,6 +35,7 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto")
+    add_distributed_args(p)
     p.add_argument("--exclude", nargs="*", default=[])
     p.add_argument("--preset", default="auto")
     p.add_argument("--name", default="")
@@ -59,7 +61,7 @@ def cmd_study_submit(args: argparse.Namespace) -> dict:
                          seeds=parse_numbers(int, args.seeds, "--seeds"), epochs=args.epochs,
                          finetune_epochs=args.finetune_epochs, samples=args.samples, cap=args.cap,
                          normalize=args.normalize, lr=args.lr, batch_size=args.batch_size, device=args.device,
-                         exclude=args.exclude, preset=args.preset)
+                         exclude=args.exclude, preset=args.preset, nproc=args.nproc, sync_bn=args.sync_bn)
     store = Store(args.workspace)
     job_id = submit_study(store, config, args.name)
     progress_line(f"{len(config.cells)} cells; follow with: study show {job_id}")

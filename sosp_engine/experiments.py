@@ -58,6 +58,8 @@ class ExperimentConfig:
     exclude: list[str] = field(default_factory=list)
     preset: str | None = "auto"
     label: str = ""
+    nproc: int = 1  # training stages across this many processes (DistributedDataParallel)
+    sync_bn: bool = False
 
     def validate(self) -> None:
         if self.procedure not in PROCEDURES:
@@ -80,7 +82,7 @@ class ExperimentConfig:
 
     def train_config(self, epochs: int, offset: int = 0) -> TrainConfig:
         return TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, schedule=self.schedule,
-                           seed=self.seed + offset, device=self.device)
+                           seed=self.seed + offset, device=self.device, nproc=self.nproc, sync_bn=self.sync_bn)
 
     @property
     def preset_name(self) -> str | None:

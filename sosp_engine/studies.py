@@ -54,6 +54,8 @@ class StudyConfig:
     device: str = "auto"
     exclude: list[str] = field(default_factory=list)
     preset: str | None = "auto"
+    nproc: int = 1  # each training and fine-tuning across this many processes
+    sync_bn: bool = False
 
     def validate(self) -> None:
         """Every value in range before any work starts."""
@@ -76,7 +78,8 @@ class StudyConfig:
         AnalysisConfig(samples=self.samples, cap=self.cap, normalize=self.normalize).validate()
 
     def train_config(self, epochs: int, seed: int) -> TrainConfig:
-        return TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, seed=seed, device=self.device)
+        return TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, seed=seed, device=self.device,
+                           nproc=self.nproc, sync_bn=self.sync_bn)
 
     @property
     def cells(self) -> list[tuple[int, str, float]]:

@@ -6,7 +6,7 @@ import random
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    nproc: int = 1  # > 1: one training across this many processes (DistributedDataParallel, same global batch)
+    sync_bn: bool = False  # with nproc > 1: BatchNorm statistics over the global batch (CUDA only)
 
     def validate(self) -> None:
         """Every value in range before any work starts."""
@@ -50,6 +52,10 @@ class TrainConfig:
             raise TrainingError(f"unknown schedule '{self.schedule}'; use step or cosine")
         if not 0 <= self.seed < 2**63:
             raise TrainingError(f"the seed must be in 0 .. 2**63 - 1, got {self.seed}")
+        if not 1 <= self.nproc <= 64:
+            raise TrainingError(f"the number of training processes must be in 1 .. 64, got {self.nproc}")
+        if self.sync_bn and self.nproc == 1:
+            raise TrainingError("--sync-bn only applies to a training across processes: give --nproc 2 or more")
 
 
 @dataclass
@@ -125,6 +131,29 @@ def _seed_epoch(seed: int, epoch: int) -> None:
     random.seed(value)
 
 
+class SingleProcess:
+    """The training loop's view of its peers when it runs alone: the whole batch here, nothing to agree on."""
+
+    rank, world = 0, 1
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def batches(self, data: DataBundle, config: TrainConfig, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(inputs, labels, size of the global batch) of one epoch, in the order fixed by (seed, epoch)."""
+        for x, y in data.loader("train", config.batch_size, shuffle=True, seed=config.seed * 100003 + epoch):
+            yield x, y, len(y)
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def sum(self, values: list[float]) -> list[float]:
+        return values
+
+
 def train(
     model: nn.Module,
     data: DataBundle,
@@ -133,12 +162,34 @@ def train(
     progress: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train `model` in place; with `checkpoint_dir`, save every epoch and resume from the last checkpoint found there."""
+    """Train `model` in place; with `checkpoint_dir`, save every epoch and resume from the last checkpoint found there.
+
+    With `config.nproc > 1` the training runs across that many processes (see `distributed`), with the same result
+    files, progress events and cancellation.
+    """
     config.validate()
-    device = resolve_device(config.device)
+    if config.nproc > 1:
+        from .distributed import train_distributed
+
+        return train_distributed(model, data, config, checkpoint_dir, progress, should_stop)
+    return run_training(model, data, config, SingleProcess(resolve_device(config.device)), checkpoint_dir, progress,
+                        should_stop)
+
+
+def run_training(model: nn.Module, data: DataBundle, config: TrainConfig, team, checkpoint_dir: str | Path | None,
+                 progress: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None) -> TrainResult:
+    """The epoch loop of one training process; `team` (SingleProcess or a distributed rank) says how it shares work.
+
+    The loss of a process's share is scaled so that the gradients averaged over processes equal the gradient of the
+    global batch's mean loss, also for an uneven last batch. Only rank 0 reports and writes the checkpoint.
+    """
+    device = team.device
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    net = team.wrap(model)
+    model = getattr(net, "module", net)
+    writer = team.rank == 0
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config)
     result = TrainResult()
@@ -152,23 +203,23 @@ def train(
         start_epoch = state["epoch"]
         result.history = [EpochRecord(**h) for h in state["history"]]
     torch.manual_seed(config.seed)
+    n_batches = math.ceil(len(data.train) / config.batch_size)
     for epoch in range(start_epoch, config.epochs):
         _seed_epoch(config.seed, epoch)
-        loader = data.loader("train", config.batch_size, shuffle=True, seed=config.seed * 100003 + epoch)
-        model.train()
+        net.train()
         seen, loss_sum, correct = 0, 0.0, 0
-        n_batches = len(loader)
-        for b, (x, y) in enumerate(loader):
-            if should_stop is not None and should_stop():
+        for b, (x, y, global_size) in enumerate(team.batches(data, config, epoch)):
+            if team.any(should_stop is not None and should_stop()):
                 result.cancelled = True
                 return result
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, config.amp):
-                out = model(x)
-                loss = F.cross_entropy(out.float(), y)
-            batch_loss = loss.item()
+                out = net(x)
+                share_sum = F.cross_entropy(out.float(), y, reduction="sum")
+                loss = share_sum * (team.world / global_size)
+            batch_loss = share_sum.item() / max(len(y), 1)
             if not math.isfinite(batch_loss):
                 raise TrainingError(f"the training loss became {batch_loss} in epoch {epoch + 1}, batch {b + 1}: "
                                     "lower the learning rate or check the weights and data")
@@ -176,13 +227,16 @@ def train(
             loss.backward()
             optimizer.step()
             seen += len(y)
-            loss_sum += batch_loss * len(y)
+            loss_sum += share_sum.item()
             correct += (out.argmax(1) == y).sum().item()
-            if progress is not None:
+            if progress is not None and writer:
                 progress({"phase": "train", "epoch": epoch + 1, "epochs": config.epochs,
-                          "fraction": (b + 1) / n_batches, "loss": loss_sum / seen})
+                          "fraction": (b + 1) / n_batches, "loss": loss_sum / max(seen, 1)})
+        seen, loss_sum, correct = team.sum([seen, loss_sum, correct])
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
+        if not writer:
+            continue
         val_loss, val_acc = evaluate(model, data.loader("val", 512), device, config.amp)
         record = EpochRecord(epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1), val_loss, val_acc, lr)
         result.history.append(record)
@@ -192,5 +246,6 @@ def train(
             save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
                              "history": [asdict(h) for h in result.history], "config": asdict(config)}, ckpt_path)
-    result.test_loss, result.test_acc = evaluate(model, data.loader("test", 512), device, config.amp)
+    if writer:
+        result.test_loss, result.test_acc = evaluate(model, data.loader("test", 512), device, config.amp)
     return result
