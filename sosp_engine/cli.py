@@ -31,7 +31,7 @@ from .masks import layer_table, load_mask, mask_meta, mask_summary, pruned_copy,
 from .saliency.common import LOSSES
 from .selection import NORMALIZATIONS, UNITS
 from .models import USER_CODE_WARNING, is_user_code
-from .cli_args import add_distributed_args
+from .cli_args import add_backend_args, add_distributed_args, placement_from
 from .cli_output import ProgressLine, emit, progress_line
 from .cli_sensitivity import add_sensitivity_parser
 from .cli_studies import add_study_parser
@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_experiment_args(p)
     p.add_argument("--procedure", default="train-prune", choices=PROCEDURES)
     p.add_argument("--name", default="")
+    add_backend_args(p)
     add_workspace_arg(p)
     p.set_defaults(func=cmd_jobs_submit)
     for verb, func, helptext in (("show", cmd_jobs_show, "a job's record and metrics"), ("cancel", cmd_jobs_cancel, "cancel a job"),
@@ -333,7 +334,7 @@ def cmd_jobs_submit(args: argparse.Namespace) -> dict:
     if is_user_code(args.model):
         progress_line(f"warning: {USER_CODE_WARNING}")
     store = open_store(args)
-    job_id = submit(store, experiment_config(args, args.procedure), args.name)
+    job_id = submit(store, experiment_config(args, args.procedure), args.name, placement=placement_from(args))
     return {"job": job_id, "status": store.job(job_id)["status"]}
 
 
@@ -341,7 +342,9 @@ def cmd_jobs_list(args: argparse.Namespace) -> None:
     store = open_store(args)
     mark_stale_jobs(store)
     for job in store.jobs():
-        print(f"{job['id']}  {job['status']:<10} {job['progress']:6.1%}  {job['kind']:<13} {job['name']}  {job['message']}")
+        where = job["backend"] + (f" on {job['node']}" if job["node"] else "")
+        print(f"{job['id']}  {job['status']:<10} {job['progress']:6.1%}  {job['kind']:<13} {where:<24} {job['name']}  "
+              f"{job['message']}")
 
 
 def cmd_jobs_show(args: argparse.Namespace) -> dict:

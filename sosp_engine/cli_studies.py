@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .analysis import METHODS
-from .cli_args import add_distributed_args
+from .cli_args import add_backend_args, add_distributed_args, placement_from
 from .cli_output import progress_line
 from .errors import SospError
 from .jobs import mark_stale_jobs, submit_study
@@ -39,6 +39,7 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", nargs="*", default=[])
     p.add_argument("--preset", default="auto")
     p.add_argument("--name", default="")
+    add_backend_args(p)
     for verb, helptext in (("list", "every study of the workspace"), ("show", "the aggregated table of a study"),
                            ("export", "write a study's cells and aggregate (CSV or JSON)")):
         q = ssub.add_parser(verb, help=helptext)
@@ -63,7 +64,7 @@ def cmd_study_submit(args: argparse.Namespace) -> dict:
                          normalize=args.normalize, lr=args.lr, batch_size=args.batch_size, device=args.device,
                          exclude=args.exclude, preset=args.preset, nproc=args.nproc, sync_bn=args.sync_bn)
     store = Store(args.workspace)
-    job_id = submit_study(store, config, args.name)
+    job_id = submit_study(store, config, args.name, placement=placement_from(args))
     progress_line(f"{len(config.cells)} cells; follow with: study show {job_id}")
     return {"study": job_id, "cells": len(config.cells), "status": store.job(job_id)["status"]}
 

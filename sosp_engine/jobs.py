@@ -1,4 +1,5 @@
-"""Background jobs: each runs as its own OS process (`python -m sosp_engine run-job ID`), so closing the UI never stops it."""
+"""Background jobs: each runs as its own OS process (`python -m sosp_engine run-job ID`), so closing the UI never stops it,
+or on a Ray cluster (`ray_backend`); the workspace's store is the one record of both."""
 from __future__ import annotations
 
 import os
@@ -8,22 +9,48 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from .analysis import AnalysisResult
 from .experiments import Experiment, ExperimentConfig, check_widening
 from .errors import SospError
 from .progress import Cancelled
 from .records import store_analysis
-from .store import Store, StoreError
+from .store import Store, StoreError, run_folder
 from .studies import STUDY_KIND, Study, StudyConfig
 
 HEARTBEAT_SECONDS = 2.0
 STALE_AFTER_SECONDS = 20.0
 EXIT_GRACE_SECONDS = 10.0
+RAY_QUEUE_LIMIT = 1000  # the cluster queues jobs by their resources itself
 LOG_EVERY_SECONDS = 10.0  # progress lines in a job's log between epoch lines
 LOG_NAME = "job.log"
+BACKENDS = ("local", "ray")
+RAY_ADDRESS_ENV = "SOSP_RAY_ADDRESS"
+Reporter = Callable[[float, str, dict | None], None]
+
+
+@dataclass
+class Placement:
+    """Where a job runs: this machine, or a Ray cluster at `address` with its run folder under `artifacts`."""
+
+    backend: str = "local"
+    address: str | None = None  # ray: HOST:PORT, 'auto' for a cluster started on this machine; default $SOSP_RAY_ADDRESS
+    artifacts: str | None = None  # a folder every node reaches; default: the workspace's job folder
+
+    def resolved(self) -> "Placement":
+        """The placement with the address from the environment filled in, checked (a Ray cluster is reached now)."""
+        if self.backend not in BACKENDS:
+            raise SospError(f"unknown job backend '{self.backend}'; use one of {', '.join(BACKENDS)}")
+        if self.backend == "local":
+            return Placement("local", None, self.artifacts)
+        from .ray_backend import connect
+
+        address = self.address or os.environ.get(RAY_ADDRESS_ENV) or ""
+        connect(address)
+        return Placement("ray", address, self.artifacts)
 
 
 def concurrency_limit() -> int:
@@ -36,20 +63,24 @@ def concurrency_limit() -> int:
         return 1
 
 
-def submit(store: Store, config: ExperimentConfig, name: str = "", start: bool = True) -> str:
+def submit(store: Store, config: ExperimentConfig, name: str = "", start: bool = True,
+           placement: Placement | None = None) -> str:
     """Queue a job for `config` (FIFO) and start it if a slot is free."""
     config.validate()
     check_widening(config)
-    job_id = store.add_job(config.procedure, name or config.label or config.procedure, asdict(config))
-    if start:
-        launch_pending(store)
-    return job_id
+    return _add(store, config.procedure, name or config.label or config.procedure, asdict(config), start, placement)
 
 
-def submit_study(store: Store, config: StudyConfig, name: str = "", start: bool = True) -> str:
-    """Queue a study (one job running every cell of its grid) and start it if a slot is free."""
+def submit_study(store: Store, config: StudyConfig, name: str = "", start: bool = True,
+                 placement: Placement | None = None) -> str:
+    """Queue a study (one job running every cell of its grid; on Ray the cells run in parallel) and start it."""
     config.validate()
-    job_id = store.add_job(STUDY_KIND, name or f"study of {config.model_spec}", asdict(config))
+    return _add(store, STUDY_KIND, name or f"study of {config.model_spec}", asdict(config), start, placement)
+
+
+def _add(store: Store, kind: str, name: str, config: dict, start: bool, placement: Placement | None) -> str:
+    where = (placement or Placement()).resolved()
+    job_id = store.add_job(kind, name, config, where.backend, where.address, where.artifacts)
     if start:
         launch_pending(store)
     return job_id
@@ -90,8 +121,8 @@ def _runner_exited(pid: int | None, job_id: str, grace: float) -> bool:
 
 
 def is_stale(job: dict, now: float | None = None) -> bool:
-    """A running job whose process is gone or whose heartbeat stopped: it died and can be resumed."""
-    if job["status"] not in ("running", "starting"):
+    """A running local job whose process is gone or whose heartbeat stopped: it died and can be resumed."""
+    if job["status"] not in ("running", "starting") or job.get("backend", "local") != "local":
         return False
     now = now or time.time()
     beat = job.get("heartbeat") or job.get("started") or job["created"]
@@ -99,9 +130,17 @@ def is_stale(job: dict, now: float | None = None) -> bool:
 
 
 def mark_stale_jobs(store: Store) -> list[str]:
-    """Turn dead running jobs into failed ones that say so (they stay resumable from their checkpoints)."""
+    """Turn dead running jobs into failed ones that say so (they stay resumable from their checkpoints); remote jobs'
+    events are drained into the store first."""
     marked = []
-    for job in store.jobs("running") + store.jobs("starting"):
+    active = store.jobs("running") + store.jobs("starting")
+    if any(job["backend"] == "ray" for job in active):
+        from .ray_backend import sync
+
+        marked += sync(store)
+    for job in active:
+        if job["backend"] != "local":
+            continue
         claimed = job.get("heartbeat") or job["created"]
         if job["status"] == "starting" and time.time() - claimed < STALE_AFTER_SECONDS and not job.get("pid"):
             continue  # being launched right now
@@ -116,6 +155,16 @@ def launch_pending(store: Store) -> list[str]:
     """Start queued jobs up to the concurrency limit, oldest first; returns the ids started."""
     mark_stale_jobs(store)
     started = []
+    remote = store.claim_queued_jobs(RAY_QUEUE_LIMIT, "ray")
+    if remote:
+        from .ray_backend import start_job
+
+        for job in remote:
+            try:
+                start_job(store, job)
+                started.append(job["id"])
+            except SospError as exc:
+                store.update_job(job["id"], status="failed", finished=time.time(), error=str(exc))
     for job in store.claim_queued_jobs(concurrency_limit()):
         log = open(Path(job["path"]) / LOG_NAME, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -138,6 +187,8 @@ def cancel(store: Store, job_id: str) -> str:
         return "cancelled"
     if job["status"] in ("running", "starting"):
         store.update_job(job_id, cancel_requested=1)
+        if job["backend"] == "ray":
+            mark_stale_jobs(store)  # passes the request on to the cluster now
         return "cancel requested"
     raise StoreError(f"job '{job_id}' is {job['status']}; only queued or running jobs can be cancelled")
 
@@ -148,10 +199,14 @@ def resume(store: Store, job_id: str, start: bool = True) -> None:
     job = store.job(job_id)
     if job["status"] not in ("failed", "cancelled"):
         raise StoreError(f"job '{job_id}' is {job['status']}; only failed or cancelled jobs can be resumed")
-    if not _runner_exited(job.get("pid"), job_id, EXIT_GRACE_SECONDS):
+    if job["backend"] == "ray":
+        from .ray_backend import release
+
+        release(job)
+    elif not _runner_exited(job.get("pid"), job_id, EXIT_GRACE_SECONDS):
         raise StoreError(f"job '{job_id}' still has a live process (pid {job['pid']}, stopped or slow): wait for it "
                          "to end or kill it, then resume")
-    store.update_job(job_id, status="queued", error=None, cancel_requested=0, pid=None, finished=None)
+    store.update_job(job_id, status="queued", error=None, cancel_requested=0, pid=None, finished=None, remote_seq=0)
     if start:
         launch_pending(store)
 
@@ -162,6 +217,56 @@ def read_log(store: Store, job_id: str, tail: int = 200) -> str:
     if not path.exists():
         return ""
     return "\n".join(path.read_text(errors="replace").splitlines()[-tail:])
+
+
+class LogLines:
+    """A job's log: a line per epoch and otherwise one every LOG_EVERY_SECONDS (not every batch)."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self.write, self.last = write, 0.0
+
+    def __call__(self, fraction: float, message: str, force: bool = False) -> None:
+        now = time.time()
+        if force or now - self.last > LOG_EVERY_SECONDS or fraction >= 1.0:
+            self.write(f"[{time.strftime('%H:%M:%S')}] {fraction:6.1%} {message}")
+            self.last = now
+
+
+def throttled(ask: Callable[[], bool], seconds: float = 0.25) -> Callable[[], bool]:
+    """`ask` (a cancel flag in the store or on the cluster) read at most every `seconds`: called once per batch."""
+    state = {"checked": 0.0, "value": False}
+
+    def should_stop() -> bool:
+        now = time.time()
+        if now - state["checked"] > seconds:
+            state["checked"] = now
+            state["value"] = ask()
+        return state["value"]
+
+    return should_stop
+
+
+def execute(job: dict, report: Reporter, should_stop: Callable[[], bool], fan_out=None) -> dict:
+    """The work of a job wherever it runs: its study or procedure in its run folder; returns the run's summary."""
+    if job["kind"] == STUDY_KIND:
+        return Study(StudyConfig(**job["config"]), run_folder(job), report, should_stop, fan_out=fan_out).run()
+    return Experiment(ExperimentConfig(**job["config"]), run_folder(job), report, should_stop).run()
+
+
+def record_outputs(store: Store, job: dict, result: dict) -> None:
+    """List a finished job's analysis (for the analysis pages) and its trained model in the workspace."""
+    if job["kind"] == STUDY_KIND:
+        return
+    analysis_folder = run_folder(job) / "analysis"
+    if (analysis_folder / "analysis.json").exists():
+        try:
+            store_analysis(store, AnalysisResult.load(analysis_folder), f"{job['name']} (analysis)")
+        except (SospError, OSError) as exc:  # the run itself succeeded; only its listing is missing
+            print(f"warning: the job's analysis could not be listed in the workspace: {exc}", flush=True)
+    weights = result.get("stages", {}).get("train", {}).get("weights")
+    if weights and job["config"]["procedure"] == "train":
+        store.add_model(job["name"], job["config"]["model_spec"], job["config"]["data_spec"], Path(weights), job["id"],
+                        {"test_acc": result["test_acc"]})
 
 
 def run_job(store: Store, job_id: str) -> int:
@@ -185,7 +290,8 @@ def run_job(store: Store, job_id: str) -> int:
         raise Cancelled("stopped by SIGTERM; resume it to continue from its last epoch checkpoint")
 
     signal.signal(signal.SIGTERM, terminate)
-    last_write, last_print = [0.0], [0.0]
+    last_write = [0.0]
+    log = LogLines(lambda line: print(line, flush=True))
 
     def report(fraction: float, message: str, metrics: dict | None) -> None:
         now = time.time()
@@ -194,35 +300,13 @@ def run_job(store: Store, job_id: str) -> int:
         if metrics is not None or now - last_write[0] > 0.5 or fraction >= 1.0:
             store.update_job(job_id, progress=fraction, message=message, heartbeat=now)
             last_write[0] = now
-        if metrics is not None or now - last_print[0] > LOG_EVERY_SECONDS or fraction >= 1.0:  # not every batch
-            print(f"[{time.strftime('%H:%M:%S')}] {fraction:6.1%} {message}", flush=True)
-            last_print[0] = now
+        log(fraction, message, metrics is not None)
 
-    cancel_state = {"checked": 0.0, "value": False}
-
-    def should_stop() -> bool:
-        now = time.time()
-        if now - cancel_state["checked"] > 0.25:
-            cancel_state["checked"] = now
-            cancel_state["value"] = bool(store.job(job_id)["cancel_requested"])
-        return cancel_state["value"]
+    should_stop = throttled(lambda: bool(store.job(job_id)["cancel_requested"]))
 
     try:
-        if job["kind"] == STUDY_KIND:
-            result = Study(StudyConfig(**job["config"]), Path(job["path"]) / "run", report, should_stop).run()
-            config = None
-        else:
-            config = ExperimentConfig(**job["config"])
-            result = Experiment(config, Path(job["path"]) / "run", report, should_stop).run()
-        analysis_folder = Path(job["path"]) / "run" / "analysis"
-        if config is not None and (analysis_folder / "analysis.json").exists():  # open it on the analysis pages
-            try:
-                store_analysis(store, AnalysisResult.load(analysis_folder), f"{job['name']} (analysis)")
-            except (SospError, OSError) as exc:  # the run itself succeeded; only its listing is missing
-                print(f"warning: the job's analysis could not be listed in the workspace: {exc}", flush=True)
-        if config is not None and result.get("stages", {}).get("train", {}).get("weights") and config.procedure == "train":
-            store.add_model(job["name"], config.model_spec, config.data_spec, Path(result["stages"]["train"]["weights"]),
-                            job_id, {"test_acc": result["test_acc"]})
+        result = execute(job, report, should_stop)
+        record_outputs(store, job, result)
         store.update_job(job_id, status="done", finished=time.time(), progress=1.0, message="done", result=result)
         code = 0
     except Cancelled as exc:

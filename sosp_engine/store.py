@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from .errors import SospError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "sosp.db"
 WORKSPACE_ENV = "SOSP_WORKSPACE"
 APPLICATION_ID = 0x534F5350  # "SOSP", marks the file as ours
@@ -33,7 +33,14 @@ CREATE TABLE models (id TEXT PRIMARY KEY, name TEXT NOT NULL, created REAL NOT N
     data_spec TEXT NOT NULL, weights TEXT NOT NULL, job_id TEXT, metrics TEXT NOT NULL);
 ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
 """
-MIGRATIONS = {0: SCHEMA_V1, 1: SCHEMA_V2}
+SCHEMA_V3 = """
+ALTER TABLE jobs ADD COLUMN backend TEXT NOT NULL DEFAULT 'local';
+ALTER TABLE jobs ADD COLUMN address TEXT;
+ALTER TABLE jobs ADD COLUMN run_dir TEXT;
+ALTER TABLE jobs ADD COLUMN node TEXT;
+ALTER TABLE jobs ADD COLUMN remote_seq INTEGER NOT NULL DEFAULT 0;
+"""
+MIGRATIONS = {0: SCHEMA_V1, 1: SCHEMA_V2, 2: SCHEMA_V3}
 JOB_STATES = ("queued", "starting", "running", "done", "failed", "cancelled")
 
 
@@ -44,6 +51,11 @@ class StoreError(SospError):
 def default_workspace() -> Path:
     """`$SOSP_WORKSPACE` or ./workspace."""
     return Path(os.environ.get(WORKSPACE_ENV, "workspace")).expanduser()
+
+
+def run_folder(job: dict) -> Path:
+    """The folder a job's run writes its checkpoints, masks and state to (under --artifacts for cluster jobs)."""
+    return Path(job["run_dir"]) if job.get("run_dir") else Path(job["path"]) / "run"
 
 
 def _rows(cursor: sqlite3.Cursor) -> list[dict]:
@@ -169,11 +181,15 @@ class Store:
             return _rows(conn.execute("SELECT * FROM models ORDER BY created DESC"))
 
     # jobs ---------------------------------------------------------------------------------------------------
-    def add_job(self, kind: str, name: str, config: dict) -> str:
+    def add_job(self, kind: str, name: str, config: dict, backend: str = "local", address: str | None = None,
+                artifacts: str | Path | None = None) -> str:
+        """Queue a job; its log stays here, its run folder is under `artifacts` (a folder every node reaches) if given."""
         record_id, path = self.new_artifact_dir("jobs")
+        run_dir = str(Path(artifacts).expanduser().resolve() / record_id / "run") if artifacts else None
         with self.transaction() as conn:
-            conn.execute("INSERT INTO jobs (id, kind, name, config, status, created, path) VALUES (?,?,?,?,?,?,?)",
-                         (record_id, kind, name, json.dumps(config), "queued", time.time(), str(path)))
+            conn.execute("INSERT INTO jobs (id, kind, name, config, status, created, path, backend, address, run_dir) "
+                         "VALUES (?,?,?,?,?,?,?,?,?,?)", (record_id, kind, name, json.dumps(config), "queued",
+                                                          time.time(), str(path), backend, address, run_dir))
         return record_id
 
     def job(self, record_id: str) -> dict:
@@ -195,12 +211,15 @@ class Store:
         with self.transaction() as conn:
             conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), record_id))
 
-    def claim_queued_jobs(self, limit: int) -> list[dict]:
-        """Atomically move up to `limit - running` oldest queued jobs to 'starting' (FIFO), so two launchers never start one twice."""
+    def claim_queued_jobs(self, limit: int, backend: str = "local") -> list[dict]:
+        """Atomically move up to `limit - running` oldest queued jobs of a backend to 'starting' (FIFO), so two
+        launchers never start one twice."""
         with self.transaction() as conn:
-            running = conn.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('starting', 'running')").fetchone()[0]
+            running = conn.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('starting', 'running') AND backend = ?",
+                                   (backend,)).fetchone()[0]
             free = max(0, limit - running)
-            rows = _rows(conn.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created LIMIT ?", (free,)))
+            rows = _rows(conn.execute("SELECT * FROM jobs WHERE status = 'queued' AND backend = ? ORDER BY created "
+                                      "LIMIT ?", (backend, free)))
             now = time.time()
             for row in rows:  # the claim is a heartbeat: a watcher must not take a job being launched for a dead one
                 conn.execute("UPDATE jobs SET status = 'starting', heartbeat = ?, pid = NULL WHERE id = ?",
@@ -213,6 +232,22 @@ class Store:
         with self.transaction() as conn:
             conn.execute("DELETE FROM metrics WHERE job_id = ? AND stage = ? AND epoch = ?", (job_id, stage, epoch))
             conn.execute("INSERT INTO metrics VALUES (?,?,?,?,?)", (job_id, time.time(), stage, epoch, json.dumps(data)))
+
+    def apply_remote_events(self, job_id: str, seq: int, metrics: list[tuple[str, int, dict]], fields: dict) -> bool:
+        """Events of a remote job up to `seq`, in one transaction: applied once even if delivered twice."""
+        for key in ("result",):
+            if key in fields and fields[key] is not None and not isinstance(fields[key], str):
+                fields[key] = json.dumps(fields[key])
+        with self.transaction() as conn:
+            done = conn.execute("SELECT remote_seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if done is None or done[0] >= seq:
+                return False
+            for stage, epoch, data in metrics:
+                conn.execute("DELETE FROM metrics WHERE job_id = ? AND stage = ? AND epoch = ?", (job_id, stage, epoch))
+                conn.execute("INSERT INTO metrics VALUES (?,?,?,?,?)", (job_id, time.time(), stage, epoch, json.dumps(data)))
+            fields = {**fields, "remote_seq": seq}
+            conn.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", (*fields.values(), job_id))
+        return True
 
     def metrics(self, job_id: str) -> list[dict]:
         with self.connection() as conn:

@@ -2,14 +2,18 @@
 
 Per seed one trained checkpoint (trained here, or the one given); per seed and method one analysis, whose stored order
 is sliced at every target (nothing recomputed); per cell the pruned net's accuracy right after pruning and after
-fine-tuning, its parameters, MACs and CPU latency.
+fine-tuning, its parameters, MACs and CPU latency. The work is three phases of independent units (trainings, analyses,
+cells); a `fan_out` (the Ray backend's) runs each phase's units in parallel, the study records each as it finishes.
 """
 from __future__ import annotations
 
 import json
 import math
+import socket
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pandas as pd
 import torch
@@ -27,6 +31,7 @@ from .masks import pruned_copy
 from .models import build_model, load_weights
 from .progress import Cancelled, StopFn
 from .selection import UNITS
+from .store import run_folder
 from .structures import find_structures
 from .training import TrainConfig, evaluate, train
 
@@ -99,13 +104,23 @@ def cell_key(seed: int, method: str, target: float) -> str:
     return f"seed{seed}/{method}/{target:g}"
 
 
+Unit = tuple  # ("train", seed) | ("analyse", seed, method) | ("cell", seed, method, target)
+FanOut = Callable[[dict, str, list, StopFn], Iterator[tuple[Unit, dict]]]
+
+
+def run_unit(config: dict, folder: str, unit: Unit) -> dict:
+    """One unit of a study in a process of its own (a cluster worker): it writes its files, the study records it."""
+    return Study(StudyConfig(**config), folder).unit(unit)
+
+
 class Study(ResumableRun):
     """Runs a study in `folder`; finished trainings, analyses and cells are kept in state.json and never redone."""
 
     def __init__(self, config: StudyConfig, folder: str | Path, report: Reporter | None = None,
-                 should_stop: StopFn = None, data: DataBundle | None = None) -> None:
+                 should_stop: StopFn = None, data: DataBundle | None = None, fan_out: FanOut | None = None) -> None:
         config.validate()
         self.config = config
+        self.fan_out = fan_out
         super().__init__(folder, report, should_stop, data, config.data_spec, {"trained": {}, "cells": {}})
         self.example = example_input(self.data)
         steps = len(config.seeds) * (1 + len(config.methods)) + len(config.cells)
@@ -122,29 +137,26 @@ class Study(ResumableRun):
         return find_structures(model, self.example, self.config.exclude,
                                resolve_preset(self.config.model_spec, self.config.preset))
 
-    def _trained(self, seed: int) -> str:
-        """The seed's trained checkpoint: the given weights, or a training run (resumable from its epoch checkpoint)."""
-        if self.config.weights:
-            return self.config.weights
-        key = f"seed{seed}"
-        if key not in self.state["trained"]:
-            torch.manual_seed(seed)
-            model = build_model(self.config.model_spec, self.data.num_classes, self.data.input_shape[0])
-            folder = self.folder / key
+    def _weights(self, seed: int) -> str:
+        return self.config.weights or self.state["trained"][f"seed{seed}"]["weights"]
 
-            def progress(event: dict) -> None:
-                if event.get("phase") == "epoch":
-                    self._progress(event["epoch"] / event["epochs"], f"train seed {seed}: epoch {event['epoch']}",
-                                   {"stage": f"train-{key}", **event})
+    def _train(self, seed: int) -> dict:
+        """Train the seed's net (resumable from its epoch checkpoint); returns where its weights are."""
+        torch.manual_seed(seed)
+        model = build_model(self.config.model_spec, self.data.num_classes, self.data.input_shape[0])
+        folder = self.folder / f"seed{seed}"
 
-            result = train(model, self.data, self.config.train_config(self.config.epochs, seed), folder / "train",
-                           progress, self.should_stop)
-            if result.cancelled:
-                raise Cancelled(f"cancelled while training seed {seed}; its last epoch checkpoint is kept for resume")
-            save_atomically(model.cpu().state_dict(), folder / "trained.pt")
-            self.state["trained"][key] = {"weights": str(folder / "trained.pt"), "test_acc": result.test_acc}
-            self._save_state()
-        return self.state["trained"][key]["weights"]
+        def progress(event: dict) -> None:
+            if event.get("phase") == "epoch":
+                self._progress(event["epoch"] / event["epochs"], f"train seed {seed}: epoch {event['epoch']}",
+                               {"stage": f"train-seed{seed}", **event})
+
+        result = train(model, self.data, self.config.train_config(self.config.epochs, seed), folder / "train",
+                       progress, self.should_stop)
+        if result.cancelled:
+            raise Cancelled(f"cancelled while training seed {seed}; its last epoch checkpoint is kept for resume")
+        save_atomically(model.cpu().state_dict(), folder / "trained.pt")
+        return {"weights": str(folder / "trained.pt"), "test_acc": result.test_acc}
 
     def _analysis(self, seed: int, method: str, weights: str) -> AnalysisResult:
         """The seed's analysis by `method` (stored once; every target is a prefix of its order)."""
@@ -163,7 +175,8 @@ class Study(ResumableRun):
         return result
 
     def _cell(self, seed: int, method: str, target: float, weights: str, result: AnalysisResult) -> dict:
-        """Prune to the target, test, fine-tune, test again; the pruned net's size and CPU latency."""
+        """Prune to the target, test, fine-tune, test again; the pruned net's size and CPU latency, where and when."""
+        started = time.time()
         model = self._model(weights).eval()
         structures = self._structures(model)
         mask = result.mask(structures, target, self.config.unit)
@@ -182,29 +195,54 @@ class Study(ResumableRun):
         return {"seed": seed, "method": method, "target": target, "unit": self.config.unit,
                 "structures_pruned": len(mask), "params": count_params(smaller),
                 "macs": count_macs(smaller, self.example), "acc_pruned": acc_pruned, "acc_finetuned": acc_finetuned,
-                "latency_cpu_ms": 1000 * measure_latency(smaller, self.example, "cpu")}
+                "latency_cpu_ms": 1000 * measure_latency(smaller, self.example, "cpu"), "node": socket.gethostname(),
+                "started": started, "finished": time.time()}
+
+    def unit(self, unit: Unit) -> dict:
+        """Do one unit: train a seed, analyse a seed with a method, or prune, test and fine-tune one cell."""
+        kind, seed = unit[0], unit[1]
+        if kind == "train":
+            return self._train(seed)
+        if kind == "analyse":
+            self._analysis(seed, unit[2], self._weights(seed))
+            return {}
+        return self._cell(seed, unit[2], unit[3], self._weights(seed), self._analysis(seed, unit[2], self._weights(seed)))
+
+    def _in_process(self, units: list[Unit]) -> Iterator[tuple[Unit, dict]]:
+        for unit in units:
+            if self.should_stop is not None and self.should_stop():
+                raise Cancelled(f"cancelled before {unit}")
+            yield unit, self.unit(unit)
+
+    def _run(self, units: list[Unit]) -> Iterator[tuple[Unit, dict]]:
+        if self.fan_out is None or not units:
+            return self._in_process(units)
+        return self.fan_out(asdict(self.config), str(self.folder), units, self.should_stop)
 
     def run(self) -> dict:
-        """Run every unfinished training, analysis and cell; returns the summary with all cell records."""
+        """Run every unfinished training, analysis and cell, phase by phase; returns the summary with all cell records."""
         c = self.config
-        for seed in c.seeds:
-            weights = self._trained(seed)
+        trainings = [("train", seed) for seed in c.seeds if not c.weights and f"seed{seed}" not in self.state["trained"]]
+        self._step += len(c.seeds) - len(trainings)
+        for (_, seed), trained in self._run(trainings):
+            self.state["trained"][f"seed{seed}"] = trained
+            self._save_state()
             self._step += 1
-            for method in c.methods:
-                result = self._analysis(seed, method, weights)
-                self._step += 1
-                for target in c.targets:
-                    key = cell_key(seed, method, float(target))
-                    if key not in self.state["cells"]:
-                        if self.should_stop is not None and self.should_stop():
-                            raise Cancelled(f"cancelled before {key}")
-                        self._progress(0.0, f"{key} ...")
-                        record = self._cell(seed, method, float(target), weights, result)
-                        self.state["cells"][key] = record
-                        self._save_state()
-                        self._progress(1.0, f"{key}: {record['acc_finetuned']:.1%} after fine-tuning",
-                                       {"stage": "cell", "epoch": len(self.state["cells"]), **record})
-                    self._step += 1
+        analyses = [("analyse", seed, method) for seed in c.seeds for method in c.methods
+                    if not (self.folder / f"seed{seed}" / method / "analysis.json").exists()]
+        self._step += len(c.seeds) * len(c.methods) - len(analyses)
+        for (_, seed, method), _ in self._run(analyses):
+            self._step += 1
+            self._progress(0.0, f"analysis {method} seed {seed} done")
+        cells = [("cell", *cell) for cell in c.cells if cell_key(*cell) not in self.state["cells"]]
+        self._step += len(c.cells) - len(cells)
+        for (_, seed, method, target), record in self._run(cells):
+            key = cell_key(seed, method, target)
+            self.state["cells"][key] = record
+            self._save_state()
+            self._step += 1
+            self._progress(0.0, f"{key}: {record['acc_finetuned']:.1%} after fine-tuning",
+                           {"stage": "cell", "epoch": len(self.state["cells"]), **record})
         self.report(1.0, "done", None)
         return self.summary()
 
@@ -231,7 +269,7 @@ def aggregate(cells: list[dict]) -> pd.DataFrame:
 
 def study_cells(job: dict) -> list[dict]:
     """The finished cells of a study job so far (read from its state, also while it runs)."""
-    state = Path(job["path"]) / "run" / "state.json"
+    state = run_folder(job) / "state.json"
     try:
         return list(json.loads(state.read_text())["cells"].values())
     except FileNotFoundError:

@@ -10,7 +10,7 @@ from sosp_engine.store import SCHEMA_V1, Store, StoreError
 
 def test_fresh_workspace_has_the_current_schema(tmp_path):
     store = Store(tmp_path / "ws")
-    assert store.schema_version == 2 and (tmp_path / "ws" / "artifacts").is_dir()
+    assert store.schema_version == 3 and (tmp_path / "ws" / "artifacts").is_dir()
     with sqlite3.connect(store.db_path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -32,7 +32,7 @@ def test_an_older_workspace_is_migrated_keeping_its_records(tmp_path):
     conn.commit()
     conn.close()
     store = Store(tmp_path)
-    assert store.schema_version == 2 and store.job("j1")["cancel_requested"] == 0 and store.models() == []
+    assert store.schema_version == 3 and store.job("j1")["cancel_requested"] == 0 and store.job("j1")["backend"] == "local" and store.models() == []
 
 
 def test_a_newer_workspace_is_refused_clearly(tmp_path):
