@@ -5,6 +5,7 @@ import streamlit as st
 from app.charts import accuracy_vs_size
 from app.export import export_buttons
 from app.guard import user_errors
+from app.placement import current_placement, placement_caption
 from app.pickers import chosen_analysis
 from app.state import workspace
 from sosp_engine.bottlenecks import find_bottlenecks
@@ -78,8 +79,9 @@ if launch:
                     widen_factor=factor if procedure == "widen-prune" else None, seed=trial, label=procedure,
                     target_params=None if procedure == "train-prune" else target, exclude=list(result.config.exclude),
                     preset=result.config.preset)
-                submit(workspace(), config, name=f"{group} {procedure} trial {trial}")
-        st.success(f"Queued {int(trials) * len(procedures)} jobs; they run one at a time per device and survive closing the tab.")
+                submit(workspace(), config, name=f"{group} {procedure} trial {trial}", placement=current_placement())
+        st.success(f"Queued {int(trials) * len(procedures)} jobs on {placement_caption()}; they run as its devices "
+                   "allow and survive closing the tab.")
 
 
 @st.fragment(run_every=3)

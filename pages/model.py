@@ -6,6 +6,7 @@ import streamlit as st
 from app.text import plain
 
 from app.guard import user_errors
+from app.placement import current_placement, placement_caption
 from app.state import DEMO_WEIGHTS, ModelChoice, cached_workbench, current_choice, set_choice, workspace
 from sosp_engine.experiments import ExperimentConfig
 from sosp_engine.jobs import submit
@@ -76,8 +77,9 @@ with cols[2].popover("Train this model in the background", icon=":material/model
         with user_errors("Starting the training job", stop=False):
             job = submit(store, ExperimentConfig(procedure="train", model_spec=choice.model_spec, data_spec=choice.data_spec,
                                                  epochs=int(epochs), label=f"train {choice.model_spec}"),
-                         name=f"train {choice.model_spec} ({epochs} epochs)")
-            st.success(f"Job {job} started. It keeps running if you close the tab; follow it on the Runs page. "
+                         name=f"train {choice.model_spec} ({epochs} epochs)", placement=current_placement())
+            st.success(f"Job {job} started on {placement_caption()}. It keeps running if you close the tab; follow it "
+                       "on the Runs page (where you can also choose a Ray cluster). "
                        "When it is done, its weights appear in the Weights list above.")
 
 grouped = [l for l in workbench.structures.layers if l.structure_size > 1]

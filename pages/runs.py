@@ -8,6 +8,7 @@ from app.charts import accuracy_vs_size, training_curves
 from app.export import export_buttons
 from app.guard import user_errors
 from app.pickers import analyses_frame
+from app.placement import placement_settings
 from app.state import workspace
 from sosp_engine.experiments import compare_runs
 from sosp_engine.jobs import cancel, mark_stale_jobs, read_log, resume
@@ -37,12 +38,16 @@ else:
 
 @st.fragment(run_every=3)
 def jobs_table() -> None:
+    with user_errors("Reading the cluster's jobs", stop=False):
+        mark_stale_jobs(store)  # also drains the events of jobs on a Ray cluster into the workspace
     jobs = store.jobs()
     if not jobs:
         st.info("No jobs yet. Start one from the Model or Expand-pruning page, or with `python -m sosp_engine jobs submit`.")
         return
     st.dataframe(pd.DataFrame([{"name": j["name"], "kind": j["kind"], "status": j["status"], "progress": j["progress"] or 0.0,
-                                "message": j["message"] or "", "test acc": (j["result"] or {}).get("test_acc"),
+                                "message": j["message"] or "",
+                                "runs on": "this machine" if j["backend"] == "local" else f"ray: {j['node'] or 'waiting'}",
+                                "test acc": (j["result"] or {}).get("test_acc"),
                                 "params": (j["result"] or {}).get("params"), "id": j["id"]} for j in jobs]),
                  hide_index=True,
                  column_config={"progress": st.column_config.ProgressColumn("progress", format="percent", min_value=0, max_value=1),
@@ -51,6 +56,7 @@ def jobs_table() -> None:
 
 
 st.subheader("Jobs")
+placement_settings()
 jobs_table()
 jobs = store.jobs()
 if jobs:

@@ -5,6 +5,7 @@ import streamlit as st
 from app.charts import study_accuracy
 from app.export import export_buttons, file_slug, safe_csv
 from app.guard import user_errors
+from app.placement import current_placement, placement_caption
 from app.report import analysis_report
 from app.state import current_choice, workspace
 from app.text import plain
@@ -41,9 +42,9 @@ with st.expander("Launch a study", expanded=not any(j["kind"] == STUDY_KIND for 
                                  methods=methods, targets=parse_numbers(float, targets_text, "Targets"), unit=unit,
                                  seeds=parse_numbers(int, seeds_text, "Seeds"), epochs=int(epochs),
                                  finetune_epochs=int(finetune), samples=int(samples))
-            job_id = submit_study(workspace(), config, name.strip())
-            st.success(f"Study queued ({len(config.cells)} cells); it runs in the background and survives closing "
-                       "the tab.")
+            job_id = submit_study(workspace(), config, name.strip(), placement=current_placement())
+            st.success(f"Study queued ({len(config.cells)} cells) on {placement_caption()}; it runs in the background "
+                       "and survives closing the tab.")
             st.session_state["study-chosen"] = job_id
 
 studies = [j for j in workspace().jobs() if j["kind"] == STUDY_KIND]
@@ -78,6 +79,11 @@ def study_view(job_id: str) -> None:
             figures.append(fig)
     st.subheader("Mean and std over seeds")
     st.dataframe(table, hide_index=True)
+    with st.expander(f"All {len(cells)} cells, and where each ran"):
+        frame = pd.DataFrame(cells)
+        shown = [c for c in ("seed", "method", "target", "acc_pruned", "acc_finetuned", "params", "macs", "node")
+                 if c in frame]
+        st.dataframe(frame[shown], hide_index=True)
     st.download_button("All cells (CSV)", safe_csv(pd.DataFrame(cells)),
                        file_slug(f"study {job['name']} cells") + ".csv", "text/csv", key=f"cells-{len(cells)}")
     report = analysis_report(f"SOSP Lab study: {job['name']}", {**job["config"], "cells done": len(cells)}, figures,

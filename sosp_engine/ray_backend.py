@@ -312,3 +312,12 @@ def _final_fields(outcome: dict) -> dict:
     if outcome["status"] == "cancelled":
         return {"status": "cancelled", "finished": now, "message": outcome["message"]}
     return {"status": "failed", "finished": now, "error": outcome["error"]}
+
+
+def cluster_summary(address: str) -> dict:
+    """Nodes, CPUs and GPUs of the cluster at `address` (what the Runs page shows before jobs go there)."""
+    ray = connect(address)
+    total = ray.cluster_resources()
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return {"nodes": len(alive), "cpus": int(total.get("CPU", 0)), "gpus": int(total.get("GPU", 0)),
+            "addresses": sorted({n.get("NodeManagerAddress", "") for n in alive})}

@@ -325,3 +325,14 @@ def test_several_analyses_share_one_profile_chart(stored):
     assert not at.exception and not at.error
     assert len(widget(at.multiselect, "Analyses of this model (any number)").value) == 2
     assert len(at.get("plotly_chart")) == 4  # side by side, overlay, difference, all analyses
+
+
+def test_runs_page_names_an_unreachable_ray_cluster_and_keeps_jobs_local(fresh):
+    at = open_page("runs")
+    assert "this machine" in at.expander[0].label
+    widget(at.radio, "Backend").set_value("ray").run()
+    widget(at.text_input, "Cluster address (HOST:PORT, or auto for a cluster started here)").set_value("127.0.0.1:9").run()
+    widget(at.button, "Connect").click().run()
+    assert not at.exception
+    assert any("cannot reach the Ray cluster at '127.0.0.1:9'" in e.value for e in at.error)
+    assert at.session_state["placement"].backend == "local"  # nothing goes to a cluster that was never reached
