@@ -137,7 +137,12 @@ def mark_stale_jobs(store: Store) -> list[str]:
     if any(job["backend"] == "ray" for job in active):
         from .ray_backend import sync
 
-        marked += sync(store)
+        try:
+            marked += sync(store)
+        except SospError as exc:  # the cluster is out of reach now: say so on its jobs, they keep their state
+            for job in active:
+                if job["backend"] == "ray":
+                    store.update_job(job["id"], message=f"no news from the cluster: {exc}")
     for job in active:
         if job["backend"] != "local":
             continue

@@ -117,3 +117,12 @@ def test_an_unreachable_cluster_is_a_clear_error_at_submit(tmp_path):
     with pytest.raises(BackendError, match="cannot reach the Ray cluster"):
         submit(Store(tmp_path), job_config(), placement=Placement("ray", f"127.0.0.1:{free_port()}"))
     assert Store(tmp_path).jobs() == []
+
+
+def test_jobs_of_an_unreachable_cluster_keep_their_state_and_say_why(tmp_path):
+    store = Store(tmp_path)
+    job_id = store.add_job("train", "remote", job_config().__dict__, "ray", f"127.0.0.1:{free_port()}")
+    store.update_job(job_id, status="running")
+    assert mark_stale_jobs(store) == []
+    job = store.job(job_id)
+    assert job["status"] == "running" and "no news from the cluster" in job["message"]
