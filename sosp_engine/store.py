@@ -267,3 +267,6 @@ class Store:
         path = Path(record["path"])
         if path.is_dir() and self.artifacts in path.resolve().parents:
             shutil.rmtree(path)
+        outside = Path(record["run_dir"]).parent if kind == "job" and record.get("run_dir") else None
+        if outside is not None and outside.name == record_id and outside.is_dir():  # the job's folder under --artifacts
+            shutil.rmtree(outside)

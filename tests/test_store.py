@@ -1,4 +1,5 @@
 import sqlite3
+from pathlib import Path
 import subprocess
 import sys
 
@@ -32,7 +33,8 @@ def test_an_older_workspace_is_migrated_keeping_its_records(tmp_path):
     conn.commit()
     conn.close()
     store = Store(tmp_path)
-    assert store.schema_version == 3 and store.job("j1")["cancel_requested"] == 0 and store.job("j1")["backend"] == "local" and store.models() == []
+    assert store.schema_version == 3 and store.job("j1")["cancel_requested"] == 0 and store.models() == []
+    assert store.job("j1")["backend"] == "local" and store.job("j1")["run_dir"] is None
 
 
 def test_a_newer_workspace_is_refused_clearly(tmp_path):
@@ -102,3 +104,14 @@ def test_a_concurrent_reader_never_sees_a_torn_record(tmp_path):
         assert steps == list(range(len(steps)))
         reads += 1
     assert writer.returncode == 0 and store.job(job)["config"]["step"] == 299
+
+
+def test_deleting_a_job_removes_its_run_folder_under_the_shared_artifacts_folder(tmp_path):
+    store = Store(tmp_path / "ws")
+    job = store.add_job("train", "t", {}, "ray", "auto", tmp_path / "shared")
+    run_dir = Path(store.job(job)["run_dir"])
+    assert run_dir == (tmp_path / "shared" / job / "run").resolve()
+    run_dir.mkdir(parents=True)
+    (tmp_path / "shared" / "other").mkdir()
+    store.delete("job", job, confirm=True)
+    assert not run_dir.parent.exists() and (tmp_path / "shared" / "other").exists()
