@@ -17,7 +17,7 @@ from .selection import UNITS
 from .counting import count_macs
 from .data import DataBundle, load_data
 from .errors import AnalysisError
-from .loading import Workbench, example_input, resolve_preset
+from .loading import Workbench, example_input, open_workbench, resolve_preset
 from .masks import load_mask, mask_summary, pruned_copy, save_mask
 from .models import build_model, load_weights
 from .progress import Cancelled, StopFn
@@ -89,17 +89,13 @@ class ExperimentConfig:
         return resolve_preset(self.model_spec, self.preset)
 
 
-def check_widening(config: ExperimentConfig) -> None:
-    """Build the widened nets a job would build, so an unknown layer or stage name fails at submit, listing the names."""
-    factor_sets = [f for f in (config.widen, config.match_widen) if f]
-    if not factor_sets:
-        return
-    data = load_data(config.data_spec)
-    x = example_input(data)
-    structures = find_structures(build_model(config.model_spec, data.num_classes, data.input_shape[0]), x,
-                                 config.exclude, config.preset_name)
-    for factors in factor_sets:
-        build_widened(config.model_spec, data.num_classes, data.input_shape[0], structures, factors, x)
+def check_runnable(config: ExperimentConfig) -> None:
+    """Open the model on the data with the weights, and build the widened nets the job would build, so a bad spec,
+    path, checkpoint or layer name fails at submit (naming what is wrong), not seconds or a training stage later."""
+    workbench = open_workbench(config.model_spec, config.data_spec, config.weights, config.exclude, config.preset)
+    for factors in (f for f in (config.widen, config.match_widen) if f):
+        build_widened(config.model_spec, workbench.data.num_classes, workbench.data.input_shape[0],
+                      workbench.structures, factors, workbench.example)
 
 
 class ResumableRun:

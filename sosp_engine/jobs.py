@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Callable
 
 from .analysis import AnalysisResult
-from .experiments import Experiment, ExperimentConfig, check_widening
+from .experiments import Experiment, ExperimentConfig, check_runnable
 from .errors import SospError
+from .loading import open_workbench
 from .progress import Cancelled
 from .records import store_analysis
 from .store import Store, StoreError, run_folder
@@ -65,9 +66,10 @@ def concurrency_limit() -> int:
 
 def submit(store: Store, config: ExperimentConfig, name: str = "", start: bool = True,
            placement: Placement | None = None) -> str:
-    """Queue a job for `config` (FIFO) and start it if a slot is free."""
+    """Queue a job for `config` (FIFO) and start it if a slot is free; a job for a cluster is checked there."""
     config.validate()
-    check_widening(config)
+    if (placement or Placement()).backend == "local":
+        check_runnable(config)
     return _add(store, config.procedure, name or config.label or config.procedure, asdict(config), start, placement)
 
 
@@ -75,6 +77,8 @@ def submit_study(store: Store, config: StudyConfig, name: str = "", start: bool 
                  placement: Placement | None = None) -> str:
     """Queue a study (one job running every cell of its grid; on Ray the cells run in parallel) and start it."""
     config.validate()
+    if (placement or Placement()).backend == "local":
+        open_workbench(config.model_spec, config.data_spec, config.weights, config.exclude, config.preset)
     return _add(store, STUDY_KIND, name or f"study of {config.model_spec}", asdict(config), start, placement)
 
 

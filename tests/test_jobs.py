@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 import time
@@ -6,6 +7,7 @@ import pytest
 
 from sosp_engine.experiments import ExperimentConfig
 from sosp_engine.jobs import cancel, launch_pending, mark_stale_jobs, read_log, resume, submit
+from sosp_engine.errors import SospError
 from sosp_engine.store import Store, StoreError
 
 
@@ -133,3 +135,13 @@ def test_a_long_queued_job_being_launched_is_not_taken_for_a_dead_one(tmp_path):
     [claimed] = store.claim_queued_jobs(1)  # a launcher has claimed it and not yet started its process
     assert claimed["id"] == job_id and mark_stale_jobs(store) == []
     assert store.job(job_id)["status"] == "starting"
+
+
+@pytest.mark.parametrize("change, message", [({"model_spec": "nosuchnet"}, "nosuchnet"),
+                                             ({"data_spec": "cifar10:/nonexistent"}, "/nonexistent"),
+                                             ({"weights": "/nonexistent.pt"}, "/nonexistent.pt")])
+def test_a_job_with_a_bad_model_data_or_weights_is_refused_at_submit(tmp_path, change, message):
+    store = Store(tmp_path)
+    with pytest.raises(SospError, match=message):
+        submit(store, dataclasses.replace(tiny("train-prune"), **change))
+    assert store.jobs() == []
