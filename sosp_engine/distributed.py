@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, default_collate
 from .atomic import save_atomically
 from .data import DataBundle
 from .devices import DeviceError, resolve_device
+from .models.registry import USER_MODULE_PREFIX, load_user_module
 from .training import EpochRecord, TrainConfig, TrainingError, TrainResult, run_training
 
-USER_MODULE_PREFIX = "sosp_user_model_"
 POLL_SECONDS = 0.2
 
 
@@ -112,22 +112,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def _load_user_module(name: str, path: str) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-
-
 def _worker(rank: int, world: int, folder: str, data: DataBundle, config: TrainConfig, devices: list[torch.device],
             user_modules: dict[str, str], checkpoint_dir: str | None, threads: int, events, stop) -> None:
     _die_with_parent()
     torch.set_num_threads(threads)
     try:
         for name, path in user_modules.items():  # code the user already chose to run in the controller
-            _load_user_module(name, path)
+            load_user_module(name, path)
         # our own pickle, written by the controller moments ago into its private temporary folder
         model = torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=False)
         device = devices[rank]

@@ -8,6 +8,7 @@ import re
 import sys
 import sysconfig
 from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 from torch import nn
@@ -19,6 +20,7 @@ from .vgg_cifar import VGG19_WIDTHS, CifarVGG
 
 ZOO_PATTERN = re.compile(r"^(resnet(?:20|32|44|56|110)|vgg19|densenet40)(?:x([0-9]*\.?[0-9]+))?(?::(.*))?$")
 ZOO_NAMES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "vgg19", "densenet40")
+USER_MODULE_PREFIX = "sosp_user_model_"
 USER_CODE_WARNING = "This model spec imports and runs Python code from your files; load only code you trust."
 
 
@@ -125,6 +127,18 @@ LIBRARY_SCHEMES: dict[str, Callable[[str, int, int], nn.Module]] = {
 }
 
 
+def load_user_module(module_name: str, path: str | Path) -> ModuleType:
+    """Run a user's model file as module `module_name` (registered, so its classes pickle by reference)."""
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:
+        raise ModelSpecError(f"running '{path}' failed: {type(exc).__name__}: {exc}") from None
+    return module
+
+
 def _load_factory(spec: str) -> Callable[..., nn.Module]:
     target, _, attr = spec.rpartition(":")
     if not attr or not target:
@@ -133,14 +147,7 @@ def _load_factory(spec: str) -> Callable[..., nn.Module]:
         path = Path(target).expanduser()
         if not path.is_file():
             raise ModelSpecError(f"model file '{path}' does not exist")
-        module_name = f"sosp_user_model_{abs(hash(str(path.resolve())))}"
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except (Exception, SystemExit, KeyboardInterrupt) as exc:
-            raise ModelSpecError(f"running '{path}' failed: {type(exc).__name__}: {exc}") from None
+        module = load_user_module(f"{USER_MODULE_PREFIX}{abs(hash(str(path.resolve())))}", path)
     else:
         try:
             module = importlib.import_module(target)
