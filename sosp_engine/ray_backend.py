@@ -167,7 +167,7 @@ def run_remote_job(job: dict, host, unit_needs: dict) -> dict:
 
     should_stop = throttled(lambda: ray.get(host.stop_requested.remote()))
     try:
-        outcome = {"status": "done", "result": execute(job, report, should_stop, fan_out=ray_fan_out(unit_needs))}
+        outcome = {"status": "done", "result": execute(job, report, should_stop, fan_out=ray_fan_out(unit_needs, host))}
     except Cancelled as exc:
         outcome = {"status": "cancelled", "message": str(exc)}
     except Exception as exc:
@@ -177,15 +177,26 @@ def run_remote_job(job: dict, host, unit_needs: dict) -> dict:
     return outcome
 
 
-def ray_fan_out(needs: dict):
-    """A study's units as parallel tasks (each with the job's resources), yielded as they finish; stop cancels the rest."""
+def run_unit_reporting(config: dict, folder: str, unit: tuple, host) -> dict:
+    """A study's unit on a cluster worker; its epoch metrics (a seed's training) go to the job's host."""
     import ray
 
     from .studies import run_unit
 
+    def report(fraction: float, message: str, metrics: dict | None) -> None:
+        if metrics is not None:
+            ray.get(host.push.remote("metrics", metrics))
+
+    return run_unit(config, folder, unit, report)
+
+
+def ray_fan_out(needs: dict, host):
+    """A study's units as parallel tasks (each with the job's resources), yielded as they finish; stop cancels the rest."""
+    import ray
+
     def fan_out(config: dict, folder: str, units: list, should_stop) -> Iterator[tuple[tuple, dict]]:
-        task = ray.remote(run_unit).options(**needs, max_retries=0)
-        pending = {task.remote(config, folder, unit): unit for unit in units}
+        task = ray.remote(run_unit_reporting).options(**needs, max_retries=0)
+        pending = {task.remote(config, folder, unit, host): unit for unit in units}
         try:
             while pending:
                 if should_stop is not None and should_stop():

@@ -108,9 +108,10 @@ Unit = tuple  # ("train", seed) | ("analyse", seed, method) | ("cell", seed, met
 FanOut = Callable[[dict, str, list, StopFn], Iterator[tuple[Unit, dict]]]
 
 
-def run_unit(config: dict, folder: str, unit: Unit) -> dict:
-    """One unit of a study in a process of its own (a cluster worker): it writes its files, the study records it."""
-    return Study(StudyConfig(**config), folder).unit(unit)
+def run_unit(config: dict, folder: str, unit: Unit, report: Reporter | None = None) -> dict:
+    """One unit of a study in a process of its own (a cluster worker): it writes its files, the study records it;
+    `report` gets the unit's epoch metrics."""
+    return Study(StudyConfig(**config), folder, report).unit(unit)
 
 
 class Study(ResumableRun):

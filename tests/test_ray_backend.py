@@ -113,6 +113,31 @@ def test_a_study_of_four_cells_runs_two_at_a_time_on_two_cpus(tmp_path, cluster)
     assert most == 2
 
 
+def test_a_study_trains_its_seeds_in_parallel_and_their_epochs_reach_the_store(tmp_path, cluster):
+    store = Store(tmp_path)
+    config = StudyConfig(model_spec="resnet20", data_spec="synthetic:3,8,8:10", methods=["magnitude"], targets=[0.5],
+                         seeds=[0, 1], epochs=2, finetune_epochs=0, samples=20, batch_size=64, device="cpu")
+    job_id = submit_study(store, config, placement=cluster)
+    job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"), timeout=400)
+    assert job["status"] == "done", (job["error"], read_log(store, job_id))
+    stages = sorted((m["stage"], m["epoch"]) for m in store.metrics(job_id) if m["stage"].startswith("train"))
+    assert stages == [("train-seed0", 1), ("train-seed0", 2), ("train-seed1", 1), ("train-seed1", 2)]
+    assert set(job["result"]["trained"]) == {"seed0", "seed1"}
+
+
+def test_a_lost_job_host_fails_the_job_with_the_reason_and_resume_runs_it_again(tmp_path, cluster):
+    store = Store(tmp_path)
+    job_id = submit(store, job_config(epochs=3, data_spec="synthetic:3,8,8:10"), placement=cluster)
+    drained_until(store, job_id, lambda j: j["status"] == "running")
+    ray.kill(ray.get_actor(f"job-{job_id}", namespace="sosp-lab"))  # as when the node holding it goes away
+    job = drained_until(store, job_id, lambda j: j["status"] != "running")
+    assert job["status"] == "failed" and "lost" in job["error"] and "resume" in job["error"]
+    resume(store, job_id)
+    job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"))
+    assert job["status"] == "done", job["error"]
+    assert sorted(m["epoch"] for m in store.metrics(job_id)) == [1, 2, 3]
+
+
 def test_an_unreachable_cluster_is_a_clear_error_at_submit(tmp_path):
     with pytest.raises(BackendError, match="cannot reach the Ray cluster"):
         submit(Store(tmp_path), job_config(), placement=Placement("ray", f"127.0.0.1:{free_port()}"))
