@@ -13,6 +13,7 @@ from torch import nn
 from .atomic import save_atomically
 from .errors import AnalysisError, is_out_of_memory
 from .exactness import exactness_report
+from .latency import LATENCY_UNIT, LatencyProfile
 from .loading import Workbench
 from .models import weights_fingerprint
 from .progress import ProgressFn, StopFn, check_cancel, report
@@ -123,16 +124,32 @@ class AnalysisResult:
         pruned[self.pruning_order[:min(count, self.n_prunable)]] = True
         return pruned
 
-    def mask(self, structures: StructureSet, ratio: float, unit: str = "structures") -> set[str]:
+    def mask(self, structures: StructureSet, ratio: float, unit: str = "structures",
+             latency: LatencyProfile | None = None) -> set[str]:
         """The mask at a target ratio: a prefix of the order, so no saliency is recomputed."""
-        return {self.keys[i] for i in self.pruning_order[:self.prefix(structures, ratio, unit)].tolist()}
+        return {self.keys[i] for i in self.pruning_order[:self.prefix(structures, ratio, unit, latency)].tolist()}
 
-    def prefix(self, structures: StructureSet, ratio: float, unit: str = "structures") -> int:
-        """How many structures of the order the mask at `ratio` of `unit` prunes (a rounding stop if rounded)."""
+    def prefix(self, structures: StructureSet, ratio: float, unit: str = "structures",
+               latency: LatencyProfile | None = None) -> int:
+        """How many structures of the order the mask at `ratio` of `unit` prunes (a rounding stop if rounded); the
+        latency unit needs the order's measured `latency` profile."""
         self.check_structures(structures)
-        stops = (rounded_stops(self.pruning_order, self.n_prunable, structures, self.config.round_to)
-                 if self.config.round_to > 1 else None)
+        stops = self.stops(structures)
+        if unit == LATENCY_UNIT:
+            if latency is None:
+                raise AnalysisError("a latency target needs the latency profile of this analysis (analyze --unit latency)")
+            return latency.prefix_for(ratio, self.n_prunable, stops)
         return prefix_for_target(self.pruning_order, self.n_prunable, structures, ratio, unit, stops)
+
+    def stops(self, structures: StructureSet) -> list[int] | None:
+        """The prefix lengths a rounded order may stop at (None: any)."""
+        if self.config.round_to <= 1:
+            return None
+        return rounded_stops(self.pruning_order, self.n_prunable, structures, self.config.round_to)
+
+    def ordered_keys(self) -> list[str]:
+        """Structure keys in pruning order (first pruned first)."""
+        return [self.keys[i] for i in self.pruning_order.tolist()]
 
     def check_structures(self, structures: StructureSet) -> None:
         if structures.keys != self.keys:

@@ -21,7 +21,8 @@ from .store import Store
 from .atomic import save_atomically
 from .training import TrainConfig, train
 from .counting import count_macs, count_params
-from .devices import set_threads
+from .devices import resolve_device, set_threads
+from .latency import LATENCY_UNIT, PROFILE_NAME, LatencyProfile, measure_profile, relative_latency
 from .data import load_data
 from .errors import SospError, one_line_error
 from .exactness import exactness_line, exactness_report
@@ -106,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ratio", type=float, default=0.5, help="target pruning ratio of the written mask")
-    p.add_argument("--unit", default="structures", choices=UNITS)
+    p.add_argument("--unit", default="structures", choices=UNITS + (LATENCY_UNIT,),
+                   help="what --ratio is a fraction of; latency: measured along the order on --latency-device")
+    p.add_argument("--latency-device", default=None, help="with --unit latency: where to time (default: --device)")
+    p.add_argument("--latency-batch", type=int, default=1, help="with --unit latency: the batch size to time")
+    p.add_argument("--latency-points", type=int, default=12,
+                   help="with --unit latency: pruned nets timed along the order (interpolated between)")
     p.add_argument("--cap", type=float, default=0.95, help="at most this fraction of a layer is pruned")
     p.add_argument("--round-to", type=int, default=1,
                    help="keep widths in multiples of this (8 or 16: pruned nets then run as fast as their MACs)")
@@ -138,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bottlenecks", help="flag bottleneck layers / stages of a saved analysis at a ratio")
     p.add_argument("analysis", help="folder written by analyze")
     p.add_argument("--ratio", type=float, default=None, help="default: the ratio of the mask analyze wrote (else 0.5)")
-    p.add_argument("--unit", default=None, choices=UNITS, help="default: the unit of the mask analyze wrote")
+    p.add_argument("--unit", default=None, choices=UNITS + (LATENCY_UNIT,), help="default: the unit of the mask analyze wrote")
     p.add_argument("--level", default="layer", choices=LEVELS)
     p.add_argument("--rule", default="mean-std", choices=RULES)
     p.add_argument("-k", type=float, default=1.0, help="mean-std rule: flag ratios below mean - k * std")
@@ -316,7 +322,8 @@ def cmd_bottlenecks(args: argparse.Namespace) -> None:
     unit = args.unit or str(written.get("unit", "structures"))
     progress_line(f"bottlenecks of the mask at {ratio:g} of {unit}")
     wb = open_workbench(result.config.model_spec, result.config.data_spec, None, result.config.exclude, result.config.preset)
-    table = layer_table(wb.structures, result.mask(wb.structures, ratio, unit))
+    latency = LatencyProfile.load(Path(args.analysis) / PROFILE_NAME) if unit == LATENCY_UNIT else None
+    table = layer_table(wb.structures, result.mask(wb.structures, ratio, unit, latency))
     units, info = find_bottlenecks(table, args.level, args.rule, args.k, args.n)
     print(units[["rank", "unit", "pruning_ratio", "score", "flagged", "why"]].to_string(index=False))
     print("\n" + explain(units, info))
@@ -385,9 +392,10 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     bar = ProgressLine(f"{args.method}")
     result = run_analysis(wb, config, progress=bar)
     bar.close()
-    mask = result.mask(wb.structures, args.ratio, args.unit)
     out = Path(args.out_dir)
     result.save(out)
+    latency = latency_profile(args, wb, result, out) if args.unit == LATENCY_UNIT else None
+    mask = result.mask(wb.structures, args.ratio, args.unit, latency)
     save_mask(out / "mask.json", wb.structures, mask, method=args.method, ratio=args.ratio, unit=args.unit)
     table = layer_table(wb.structures, mask)
     table.to_csv(out / "layers.csv", index=False)
@@ -399,12 +407,31 @@ def cmd_analyze(args: argparse.Namespace) -> None:
           f"params {summary['params_before']:,} -> {summary['params_after']:,} ({summary['param_ratio']:.1%} removed); "
           f"MACs {summary['macs_before']:,} -> {summary['macs_after']:,} ({summary['mac_ratio']:.1%} removed)")
     print(exactness_line(exactness))
+    if latency is not None:
+        seconds, relative = relative_latency(pruned_copy(wb.model, wb.structures, mask, wb.example), wb.model,
+                                             wb.example, latency.device, latency.batch)
+        print(f"latency on {latency.device} at batch {latency.batch} ({latency.threads} threads): "
+              f"{1000 * seconds / relative:.3f} ms -> {1000 * seconds:.3f} ms, {1 - relative:.1%} less measured "
+              f"(target {args.ratio:.1%}, predicted {1 - float(latency.predict(len(mask))):.1%})")
     progress_line("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
     progress_line(f"wrote {out}/analysis.json, tensors.pt, mask.json, layers.csv")
     if args.name:
         store = open_store(args)
         record_id = store_analysis(store, result, args.name)
         progress_line(f"recorded as '{args.name}' ({record_id}) in the workspace {store.root}")
+
+
+def latency_profile(args: argparse.Namespace, wb, result: AnalysisResult, out: Path) -> LatencyProfile:
+    """Time the net pruned along the analysis's order on the latency device (written to OUT/latency.json)."""
+    if args.latency_batch < 1:
+        raise SospError(f"--latency-batch must be at least 1, got {args.latency_batch}")
+    bar = ProgressLine("latency profile")
+    profile = measure_profile(wb.model, wb.structures, result.ordered_keys(), result.n_prunable, wb.example,
+                              resolve_device(args.latency_device or args.device), args.latency_batch,
+                              args.latency_points, stops=result.stops(wb.structures), progress=bar)
+    bar.close()
+    profile.save(out / PROFILE_NAME)
+    return profile
 
 
 def main(argv: list[str] | None = None) -> int:

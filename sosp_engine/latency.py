@@ -1,30 +1,134 @@
-"""Measured inference latency of a model on a device: the median of timed forwards after warm-up."""
+"""Measured inference latency of a model on a device (the median of timed forwards after warm-up), and the latency
+profile along a pruning order that a latency target is met with."""
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+
+from .errors import AnalysisError
+from .progress import ProgressFn, StopFn, check_cancel, report
+
+
+def _batch_of(example: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    return example[:1].expand(batch, *example.shape[1:]).contiguous().to(device)
+
+
+def _forward_seconds(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
+    """Seconds of one forward (synchronised on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    model(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def measure_latency(model: nn.Module, example: torch.Tensor, device: str | torch.device = "cpu", batch: int = 1,
                     repeats: int = 20, warmup: int = 3) -> float:
     """Median seconds of one eval-mode forward of a `batch` of `example`'s shape on `device` (synchronised on CUDA)."""
+    return relative_latency(model, None, example, device, batch, repeats, warmup)[0]
+
+
+def relative_latency(model: nn.Module, reference: nn.Module | None, example: torch.Tensor,
+                     device: str | torch.device = "cpu", batch: int = 1, repeats: int = 20, warmup: int = 3
+                     ) -> tuple[float, float]:
+    """Median seconds of `model` and its ratio to `reference`'s, timed alternately forward by forward so that a change
+    of the machine's load hits both alike (ratio nan without a reference)."""
     device = torch.device(device)
-    x = example[:1].expand(batch, *example.shape[1:]).contiguous().to(device)
-    was_training = model.training
-    model.eval().to(device)
-    times = []
+    x = _batch_of(example, batch, device)
+    nets = [model] + ([reference] if reference is not None else [])
+    modes = [net.training for net in nets]
+    times: list[list[float]] = [[] for _ in nets]
     with torch.no_grad():
+        for net in nets:
+            net.eval().to(device)
         for i in range(warmup + repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    model.train(was_training)
-    return statistics.median(times)
+            for net, record in zip(nets, times):
+                seconds = _forward_seconds(net, x, device)
+                if i >= warmup:
+                    record.append(seconds)
+    for net, mode in zip(nets, modes):
+        net.train(mode)
+    own = statistics.median(times[0])
+    return own, (own / statistics.median(times[1]) if reference is not None else float("nan"))
+
+
+LATENCY_UNIT = "latency"
+PROFILE_NAME = "latency.json"
+
+
+@dataclass
+class LatencyProfile:
+    """Measured latency of the physically pruned net along one pruning order: prefix length -> latency relative to the
+    unpruned net (each point timed alternately with the unpruned net, so the machine's load cancels out).
+
+    A mask of the order is a prefix of it, so this curve is all a latency target needs; it is measured on the user's
+    device and batch size, where real kernels make latency far from proportional to MACs (odd widths, small layers).
+    """
+
+    device: str
+    batch: int
+    threads: int
+    reference_seconds: float
+    prefixes: list[int]
+    relative: list[float]
+
+    def predict(self, prefix: int | np.ndarray) -> np.ndarray:
+        """Latency relative to the unpruned net at a prefix length, interpolated between the measured prefixes."""
+        return np.interp(prefix, self.prefixes, self.relative)
+
+    def prefix_for(self, ratio: float, n_prunable: int, stops: list[int] | None = None) -> int:
+        """The shortest prefix (a rounding stop if given) whose predicted latency is at most 1 - ratio of the unpruned net's."""
+        if not 0 <= ratio < 1:
+            raise AnalysisError(f"the latency reduction must be in [0, 1), got {ratio}")
+        candidates = np.array(stops if stops is not None else range(n_prunable + 1))
+        reached = np.nonzero(self.predict(candidates) <= 1 - ratio + 1e-12)[0]
+        if not len(reached):
+            raise AnalysisError(f"a latency reduction of {ratio:.3f} is not reached on {self.device} at batch "
+                                f"{self.batch}: at most {1 - min(self.relative):.3f} was measured along this order "
+                                "(with this cap)")
+        return int(candidates[reached[0]])
+
+    def save(self, path: str | Path) -> Path:
+        Path(path).write_text(json.dumps(asdict(self), indent=1))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyProfile":
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise AnalysisError(f"no latency profile at '{path}': run analyze with --unit latency first") from None
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise AnalysisError(f"the latency profile '{path}' is unreadable ({exc})") from None
+
+
+def measure_profile(model: nn.Module, structures, order: list[str], n_prunable: int, example: torch.Tensor,
+                    device: str | torch.device = "cpu", batch: int = 1, points: int = 12, repeats: int = 10,
+                    stops: list[int] | None = None, progress: ProgressFn = None, should_stop: StopFn = None
+                    ) -> LatencyProfile:
+    """Prune `model` physically at `points` prefixes of `order` (structure keys, first pruned first) and time each
+    against the unpruned net on `device`."""
+    from .masks import pruned_copy
+
+    if points < 2:
+        raise AnalysisError(f"a latency profile needs at least 2 points, got {points}")
+    grid = sorted({round(i * n_prunable / (points - 1)) for i in range(1, points)})
+    if stops is not None:
+        grid = sorted({next(s for s in stops if s >= k) for k in grid})
+    reference, relative = measure_latency(model, example, device, batch, repeats), [1.0]
+    for i, k in enumerate(grid):
+        check_cancel(should_stop)
+        report(progress, i / len(grid), f"latency of the net pruned at {k}/{n_prunable} structures")
+        smaller = pruned_copy(model, structures, set(order[:k]), example)
+        relative.append(relative_latency(smaller, model, example, device, batch, repeats)[1])
+    report(progress, 1.0, "latency profile measured")
+    return LatencyProfile(str(torch.device(device)), batch, torch.get_num_threads(), reference, [0] + grid, relative)
