@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp
 
-from sosp_engine.saliency.common import AnalysisInputs, sample_losses
+from sosp_engine.saliency.common import AnalysisInputs, affine_batch_norms, sample_losses
 from sosp_engine.saliency.first_order import first_order_terms
 from sosp_engine.saliency.sosp_h import sosp_h_terms
 from sosp_engine.saliency.sosp_i import gauss_newton_terms, jacobian_structure_products, sosp_i_matrix
@@ -224,3 +224,39 @@ def test_the_predicted_increase_of_other_methods_is_the_sum_of_their_saliencies(
     parts = compute_saliency("sosp-h", make_inputs(tiny), cap=1.0, normalize="none")
     order, k = parts["pruning_order"], parts["n_prunable"]
     torch.testing.assert_close(parts["predicted_prefix"][k], parts["saliency"][order[:k]].sum())
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_batchnorm_as_an_affine_map_has_the_same_output_gradients_and_hessian_products(affine):
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm2d(3, affine=affine).double()
+    norm.running_mean.normal_()
+    norm.running_var.uniform_(0.5, 2.0)
+    if affine:
+        norm.weight.data.normal_()
+        norm.bias.data.normal_()
+    norm.eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    leaves = [x] + list(norm.parameters())
+
+    def first_and_second(module):
+        loss = (module(x) ** 3).sum()
+        grads = torch.autograd.grad(loss, leaves, create_graph=True)
+        hvp = torch.autograd.grad(sum((g * g.detach()).sum() for g in grads), leaves)
+        return [g.detach() for g in grads], hvp
+
+    native = first_and_second(norm)
+    with affine_batch_norms(norm):
+        assert "forward" in vars(norm)
+        patched = first_and_second(norm)
+    assert "forward" not in vars(norm)
+    for a, b in zip(native[0] + list(native[1]), patched[0] + list(patched[1])):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_batchnorm_subclass_with_its_own_forward_keeps_it_during_an_analysis():
+    from timm.layers import BatchNormAct2d
+
+    norm = BatchNormAct2d(3).eval()  # BatchNorm followed by its activation, in its own forward
+    with affine_batch_norms(norm):
+        assert "forward" not in vars(norm)

@@ -129,17 +129,49 @@ def _hardsigmoid(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(x / 6 + 0.5, 0.0, 1.0)
 
 
+def _affine_batch_norm(m: nn.modules.batchnorm._BatchNorm):
+    """Eval-mode BatchNorm as the per-channel affine map it is: x * scale + shift, with scale and shift formed from
+    the module's weight and bias, so their gradients are the same; its backward and double backward are a multiply."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        scale = torch.rsqrt(m.running_var + m.eps)
+        shift = -m.running_mean * scale
+        if m.weight is not None:
+            scale = scale * m.weight
+            shift = shift * m.weight
+        if m.bias is not None:
+            shift = shift + m.bias
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.view(shape), x, scale.view(shape))
+    return forward
+
+
+@contextmanager
+def affine_batch_norms(model: nn.Module) -> Iterator[nn.Module]:
+    """While an analysis runs, every eval-mode BatchNorm with running statistics computes as an affine map."""
+    plain = nn.modules.batchnorm._BatchNorm.forward  # subclasses with their own forward (timm's BatchNormAct) stay
+    patched = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training
+               and type(m).forward is plain and m.running_mean is not None and "forward" not in vars(m)]
+    for m in patched:
+        m.forward = _affine_batch_norm(m)
+    try:
+        yield model
+    finally:
+        for m in patched:
+            del m.forward
+
+
 @contextmanager
 def twice_differentiable(model: nn.Module) -> Iterator[nn.Module]:
-    """Swap ops without a double backward for equal forms while an HVP runs: nn.Hardsigmoid for a clamp, and the
-    fused attention kernels for the math one (flash / memory-efficient attention have no double backward)."""
+    """Swap ops for equal forms with a cheap (or any) double backward while an HVP runs: eval-mode BatchNorm for its
+    affine map, nn.Hardsigmoid for a clamp, and the fused attention kernels for the math one (flash /
+    memory-efficient attention have no double backward)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     patched = [m for m in model.modules() if isinstance(m, nn.Hardsigmoid)]
     for m in patched:
         m.forward = _hardsigmoid
     try:
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), affine_batch_norms(model):
             yield model
     finally:
         for m in patched:

@@ -9,7 +9,7 @@ import torch
 from ..devices import available_memory
 from ..errors import AnalysisError
 from ..progress import check_cancel, report
-from .common import AnalysisInputs, channel_dim
+from .common import AnalysisInputs, affine_batch_norms, channel_dim
 
 GRAM_BLOCK_BYTES = 256 * 2**20  # the float64 block of columns added to the S x S matrix at a time
 
@@ -62,7 +62,7 @@ def output_direction_products(inputs: AnalysisInputs, x: torch.Tensor, direction
 
     `directions(logits)` returns the (n, K, D) directions; each costs one activation-only backward pass.
     """
-    with _captured_outputs(inputs) as store:
+    with _captured_outputs(inputs) as store, affine_batch_norms(inputs.model):
         logits = inputs.model(x.detach())
         tensors = [t for ts in store.values() for t in ts]
         u = directions(logits.detach()).to(logits.dtype)
