@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from .errors import AnalysisError, is_out_of_memory
 from .exactness import exactness_report
 from .latency import LATENCY_UNIT, LatencyProfile
 from .loading import Workbench
+from .memory import SMALLEST_PROBED_BATCH, probe
 from .models import weights_fingerprint
 from .progress import ProgressFn, StopFn, check_cancel, report
 from .saliency.common import LOSSES, AnalysisInputs
@@ -58,6 +60,7 @@ class AnalysisConfig:
     device: str = "auto"
     mc_labels: int = -1  # SOSP-I: 0 = all D outputs exactly, k > 0 = k sampled labels, -1 = sampled only when D > 100
     round_to: int = 1  # kept widths in multiples of this (8 or 16 run as fast as their MACs)
+    memory_budget_gb: float | None = None  # set: the batch is the largest (up to batch_size) whose estimate fits
     exclude: list[str] = field(default_factory=list)
     preset: str | None = "auto"
 
@@ -84,6 +87,8 @@ class AnalysisConfig:
             raise AnalysisError(f"the seed must be in 0 .. 2**63 - 1, got {self.seed}")
         if self.round_to < 1:
             raise AnalysisError(f"round_to must be at least 1, got {self.round_to}")
+        if self.memory_budget_gb is not None and not (math.isfinite(self.memory_budget_gb) and self.memory_budget_gb > 0):
+            raise AnalysisError(f"the memory budget must be a positive number of GB, got {self.memory_budget_gb}")
 
 
 @dataclass
@@ -106,6 +111,7 @@ class AnalysisResult:
     exactness: dict | None = None  # approximate layers and the measured pruned-vs-zeroed deviation (exactness.py)
     # predicted_prefix[k]: the loss increase the method predicts for pruning the first k structures of the order
     predicted_prefix: torch.Tensor | None = None
+    memory: dict | None = None  # the probe's estimate and the budget that chose the batch size (memory.py)
 
     def predicted_increase(self, count: int) -> float | None:
         """The method's predicted loss increase for the first `count` structures of the order (None if not stored)."""
@@ -163,7 +169,7 @@ class AnalysisResult:
             "format": RESULT_FORMAT, "config": asdict(self.config), "keys": self.keys, "layers": self.layers,
             "n_prunable": self.n_prunable, "timings": self.timings, "weights_fingerprint": self.weights_fingerprint,
             "architecture": self.architecture, "estimate": self.estimate, "created": self.created,
-            "exactness": self.exactness,
+            "exactness": self.exactness, "memory": self.memory,
         }
         tensors = {"saliency": self.saliency, "pruning_order": self.pruning_order}
         if self.first_order is not None:
@@ -205,7 +211,8 @@ class AnalysisResult:
         return cls(config, meta["keys"], meta["layers"], tensors["saliency"],
                    tensors["pruning_order"], meta["n_prunable"], meta["timings"], meta["weights_fingerprint"],
                    meta["architecture"], tensors.get("first_order"), tensors.get("second_order"),
-                   meta.get("estimate", "exact"), meta.get("created", 0.0), meta.get("exactness"), prefix)
+                   meta.get("estimate", "exact"), meta.get("created", 0.0), meta.get("exactness"), prefix,
+                   meta.get("memory"))
 
 
 def saliency_prefix(saliency: torch.Tensor, order: torch.Tensor, n_prunable: int) -> torch.Tensor:
@@ -321,13 +328,27 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
     mc = config.mc_labels
     if mc < 0:
         mc = MC_AUTO_LABELS if workbench.data.num_classes > MC_AUTO_OUTPUTS else 0
-    batch = config.batch_size
+    mc = mc if config.method in ("sosp-i", "diagonal") else 0
+
+    def saliency_of(inputs: AnalysisInputs) -> dict:
+        return compute_saliency(config.method, inputs, config.cap, config.normalize, config.seed, mc, config.round_to)
+
+    batch, memory = config.batch_size, None
+    if config.memory_budget_gb is not None and min(batch, len(y)) > SMALLEST_PROBED_BATCH:
+        start = time.perf_counter()
+        budget = config.memory_budget_gb * 2**30
+        estimate = probe(lambda n: saliency_of(AnalysisInputs(model, workbench.structures, x[:n], y[:n], config.loss, n)),
+                         device, min(batch, len(y)))
+        batch = estimate.batch_within(budget, min(batch, len(y)))
+        memory = {"fixed_bytes": estimate.fixed, "per_sample_bytes": estimate.per_sample, "budget_bytes": budget,
+                  "estimated_peak_bytes": estimate.peak(batch), "batch": batch, "line": estimate.describe(batch, budget)}
+        timings["memory_probe"] = time.perf_counter() - start
+        report(progress, 0.0, memory["line"])
     while True:  # out of memory: halve the batch and go again (the result does not depend on the batch size)
         inputs = AnalysisInputs(model, workbench.structures, x, y, config.loss, batch,
                                 lambda f, m: report(progress, f * 0.95, m), should_stop)
         try:
-            parts = compute_saliency(config.method, inputs, config.cap, config.normalize, config.seed,
-                                     mc if config.method in ("sosp-i", "diagonal") else 0, config.round_to)
+            parts = saliency_of(inputs)
             break
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
@@ -354,7 +375,7 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
     return AnalysisResult(config, list(workbench.structures.keys), layers, parts["saliency"], parts["pruning_order"],
                           parts["n_prunable"], timings, weights_fingerprint(model), workbench.structures.signature,
                           parts["first_order"], parts["second_order"], parts["estimate"], exactness=exactness,
-                          predicted_prefix=parts["predicted_prefix"])
+                          predicted_prefix=parts["predicted_prefix"], memory=memory)
 
 
 def analysed_model(workbench: Workbench, config: AnalysisConfig, x: torch.Tensor, device: torch.device) -> nn.Module:

@@ -22,6 +22,7 @@ from .atomic import save_atomically
 from .training import TrainConfig, train
 from .counting import count_macs, count_params
 from .devices import resolve_device, set_threads
+from .memory import default_budget
 from .latency import LATENCY_UNIT, PROFILE_NAME, LatencyProfile, measure_profile, relative_latency
 from .data import load_data
 from .errors import SospError, one_line_error
@@ -104,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at-init", action="store_true", help="analyse a fresh seeded initialisation (BatchNorm statistics re-estimated)")
     p.add_argument("--method", default="sosp-h", choices=METHODS)
     p.add_argument("--samples", type=int, default=1000, help="N': analysis samples drawn from the training split")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=100, help="the largest analysis batch (the budget may lower it)")
+    p.add_argument("--memory-budget", default="auto",
+                   help="GB the analysis may use: the batch is the largest whose measured estimate fits (auto: 80%% of "
+                        "the memory free on the device; none: no estimate, the batch as given)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ratio", type=float, default=0.5, help="target pruning ratio of the written mask")
     p.add_argument("--unit", default="structures", choices=UNITS + (LATENCY_UNIT,),
@@ -387,6 +391,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     config = AnalysisConfig(
         method=args.method, model_spec=args.model, data_spec=args.data, weights=args.weights, at_init=args.at_init,
         samples=args.samples, seed=args.seed, batch_size=args.batch_size, cap=args.cap, round_to=args.round_to,
+        memory_budget_gb=memory_budget(args.memory_budget, args.device),
         normalize=args.normalize,
         loss=args.loss, device=args.device, mc_labels=args.mc_labels, exclude=list(args.exclude), preset=args.preset)
     bar = ProgressLine(f"{args.method}")
@@ -413,12 +418,26 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         print(f"latency on {latency.device} at batch {latency.batch} ({latency.threads} threads): "
               f"{1000 * seconds / relative:.3f} ms -> {1000 * seconds:.3f} ms, {1 - relative:.1%} less measured "
               f"(target {args.ratio:.1%}, predicted {1 - float(latency.predict(len(mask))):.1%})")
+    if result.memory is not None:
+        progress_line(result.memory["line"])
     progress_line("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
     progress_line(f"wrote {out}/analysis.json, tensors.pt, mask.json, layers.csv")
     if args.name:
         store = open_store(args)
         record_id = store_analysis(store, result, args.name)
         progress_line(f"recorded as '{args.name}' ({record_id}) in the workspace {store.root}")
+
+
+def memory_budget(text: str, device: str) -> float | None:
+    """--memory-budget: 'auto' -> a share of the free memory of the device, 'none' -> None, else GB."""
+    if text == "none":
+        return None
+    if text == "auto":
+        return default_budget(resolve_device(device)) / 2**30
+    try:
+        return float(text)
+    except ValueError:
+        raise SospError(f"--memory-budget takes a number of GB, auto or none; got '{text}'") from None
 
 
 def latency_profile(args: argparse.Namespace, wb, result: AnalysisResult, out: Path) -> LatencyProfile:

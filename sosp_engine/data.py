@@ -15,6 +15,8 @@ from .errors import DataSpecError
 DIGITS_SIZE = 16
 CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
 CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
+SYNTHETIC_TRAIN = 256
+SYNTHETIC_MAX = 100_000
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -202,22 +204,28 @@ def _imagefolder(path: str, image_size: int = 224) -> DataBundle:
 
 
 def _synthetic(shape_text: str, classes_text: str) -> DataBundle:
+    """Seeded random images: C,H,W and K classes, optionally :N training samples (default 256)."""
+    classes_text, _, count_text = classes_text.partition(":")
     try:
         shape = tuple(int(v) for v in shape_text.split(","))
         classes = int(classes_text)
+        count = int(count_text) if count_text else SYNTHETIC_TRAIN
     except ValueError:
-        raise DataSpecError(f"synthetic spec must be 'synthetic:C,H,W:K' with integers, got '{shape_text}:{classes_text}'") from None
-    if len(shape) != 3 or min(shape) <= 0 or classes < 2:
-        raise DataSpecError("synthetic spec needs three positive sizes C,H,W and at least 2 classes")
+        raise DataSpecError(f"synthetic spec must be 'synthetic:C,H,W:K[:N]' with integers, got "
+                            f"'{shape_text}:{classes_text}{':' + count_text if count_text else ''}'") from None
+    if len(shape) != 3 or min(shape) <= 0 or classes < 2 or not 1 <= count <= SYNTHETIC_MAX:
+        raise DataSpecError(f"synthetic spec needs three positive sizes C,H,W, at least 2 classes and 1 .. "
+                            f"{SYNTHETIC_MAX} training samples")
     gen = torch.Generator().manual_seed(0)
     sets = []
-    for n in (256, 64, 64):
+    for n in (count, 64, 64):
         sets.append(TensorDataset(torch.randn(n, *shape, generator=gen), torch.randint(0, classes, (n,), generator=gen)))
-    return DataBundle(f"synthetic:{shape_text}:{classes}", sets[0], sets[0], sets[1], sets[2], classes, shape)
+    suffix = f":{count}" if count_text else ""
+    return DataBundle(f"synthetic:{shape_text}:{classes}{suffix}", sets[0], sets[0], sets[1], sets[2], classes, shape)
 
 
 def load_data(spec: str, download: bool = False) -> DataBundle:
-    """Turn a data spec (`digits`, `cifar10:PATH`, `cifar100:PATH`, `imagefolder:PATH`, `synthetic:C,H,W:K`) into splits."""
+    """Turn a data spec (`digits`, `cifar10:PATH`, `cifar100:PATH`, `imagefolder:PATH`, `synthetic:C,H,W:K[:N]`) into splits."""
     spec = spec.strip()
     kind, _, rest = spec.partition(":")
     if kind == "digits" and not rest:

@@ -81,7 +81,13 @@ def test_synthetic_spec():
     assert data.num_classes == 5 and data.train[0][0].shape == (3, 8, 8)
 
 
-@pytest.mark.parametrize("spec", ["mnist", "synthetic:3,8:5", "cifar10", "synthetic:a,b,c:2"])
+def test_synthetic_spec_takes_an_optional_training_set_size():
+    data = load_data("synthetic:3,8,8:5:1200")
+    assert len(data.train) == 1200 and len(data.val) == 64 and data.spec == "synthetic:3,8,8:5:1200"
+
+
+@pytest.mark.parametrize("spec", ["mnist", "synthetic:3,8:5", "cifar10", "synthetic:a,b,c:2", "synthetic:3,8,8:5:0",
+                                  "synthetic:3,8,8:5:x"])
 def test_bad_data_specs_fail_clearly(spec):
     with pytest.raises(DataSpecError):
         load_data(spec)

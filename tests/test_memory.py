@@ -1,0 +1,67 @@
+"""The memory budget: peak tensor bytes followed exactly, a per-sample fit that predicts a real analysis, the batch it allows."""
+import pytest
+import torch
+
+from sosp_engine.analysis import AnalysisConfig, compute_saliency, run_analysis
+from sosp_engine.cli import main
+from sosp_engine.loading import open_workbench
+from sosp_engine.memory import MemoryBudgetError, MemoryEstimate, PeakTensorBytes, probe
+from sosp_engine.saliency.common import AnalysisInputs
+
+CPU = torch.device("cpu")
+
+
+def test_the_peak_counts_tensors_alive_together_not_those_freed_before():
+    with PeakTensorBytes() as tracker:
+        first = torch.zeros(1000)
+        del first
+        second, third = torch.zeros(2000), torch.zeros(500)
+    assert tracker.peak["cpu"] == 4 * 2500 and second.numel() + third.numel() == 2500
+
+
+def test_the_probe_fits_fixed_and_per_sample_bytes_of_a_known_workload():
+    def workload(n: int) -> None:
+        kept = torch.zeros(250_000)  # 1 MB whatever the batch
+        per_sample = torch.zeros(n, 25_000)  # 100 kB a sample, alive at the same time
+        assert kept.numel() and per_sample.numel()
+
+    estimate = probe(workload, CPU, largest=100)
+    assert estimate.fixed == 1_000_000 and estimate.per_sample == 100_000
+
+
+def test_the_batch_is_the_largest_whose_estimate_fits_the_budget():
+    estimate = MemoryEstimate(fixed=100, per_sample=10)
+    assert estimate.batch_within(205, largest=50) == 10
+    assert estimate.batch_within(10_000, largest=50) == 50
+
+
+def test_a_budget_below_one_sample_is_a_clear_error():
+    with pytest.raises(MemoryBudgetError, match="even with one sample"):
+        MemoryEstimate(fixed=100, per_sample=10).batch_within(105, largest=50)
+
+
+@pytest.mark.parametrize("method", ["sosp-h", "sosp-i"])
+def test_the_estimate_predicts_the_peak_of_the_analysis_at_a_larger_batch(method):
+    wb = open_workbench("resnet20", "synthetic:3,16,16:10")
+    model = wb.model.eval()
+    x, y = torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.arange(48) % 10
+
+    def run(n: int) -> None:
+        compute_saliency(method, AnalysisInputs(model, wb.structures, x[:n], y[:n], "cross-entropy", n), 0.95, "none")
+
+    estimate = probe(run, CPU, largest=48)
+    with PeakTensorBytes() as tracker:
+        run(48)
+    assert estimate.peak(48) == pytest.approx(tracker.peak["cpu"], rel=0.1)
+
+
+def test_an_analysis_under_a_small_budget_takes_a_smaller_batch_and_says_so():
+    wb = open_workbench("resnet20", "digits")
+    result = run_analysis(wb, AnalysisConfig(method="sosp-h", samples=64, batch_size=64, memory_budget_gb=0.02))
+    assert result.config.batch_size == result.memory["batch"] < 64
+    assert result.memory["estimated_peak_bytes"] <= 0.02 * 2**30 and "MiB per sample" in result.memory["line"]
+
+
+def test_the_cli_refuses_a_memory_budget_that_is_not_a_number(tmp_path, capsys):
+    assert main(["analyze", "--model", "resnet20", "--memory-budget", "lots", "--out", str(tmp_path)]) == 2
+    assert "--memory-budget takes a number of GB, auto or none" in capsys.readouterr().err
