@@ -11,6 +11,8 @@ from app.guard import user_errors
 from app.pickers import analyses_frame
 from app.state import cached_workbench, current_choice, workspace
 from sosp_engine.analysis import METHOD_LABELS, METHODS, AnalysisConfig
+from sosp_engine.devices import resolve_device
+from sosp_engine.memory import default_budget
 
 st.title("Analyse")
 choice = current_choice()
@@ -22,6 +24,9 @@ with st.form("analysis_form"):
     method = cols[0].selectbox("Method", METHODS, format_func=METHOD_LABELS.get)
     samples = cols[1].number_input("Samples N'", 1, 100_000, 1000, help="drawn with the seed from the training split")
     batch = cols[2].number_input("Batch size", 1, 4096, 100)
+    fit_memory = cols[2].toggle("Fit the batch to the free memory", True,
+                                help="measure what the method takes per sample on a few samples first, and lower the "
+                                     "batch so the analysis stays within 80 % of the memory free on the device")
     cols = st.columns(3)
     cap = cols[0].slider("Per-layer cap", 0.05, 1.0, 0.95, 0.05, help="at most this fraction of a layer is pruned; one channel always stays")
     normalize = cols[1].selectbox("Normalisation", ["none", "kernel", "macs"],
@@ -46,6 +51,8 @@ if run:
                                 weights=choice.weights, at_init=at_init, samples=int(samples), seed=int(seed),
                                 batch_size=int(batch), cap=cap, normalize=normalize, loss=loss, device=device)
         with user_errors("Starting the analysis"):
+            if fit_memory:
+                config.memory_budget_gb = default_budget(resolve_device(device)) / 2**30
             config.validate()
             start_analysis(key, workbench, config, name, workspace())
 
@@ -76,7 +83,8 @@ def analysis_progress() -> None:
     st.session_state["last_analysis"] = current.record_id
     st.success(f"Stored as **{plain(record['name'])}** ({current.record_id}). Timings: "
                + ", ".join(f"{k} {v:.2f} s" for k, v in record["summary"]["timings"].items())
-               + f". At most {record['summary']['max_ratio']:.0%} of the structures can be pruned with the cap.")
+               + f". At most {record['summary']['max_ratio']:.0%} of the structures can be pruned with the cap."
+               + (f" The {record['summary']['memory']}." if record["summary"].get("memory") else ""))
     st.info("Open **Pruning ratios** in the sidebar to study its layer-wise profile.")
 
 

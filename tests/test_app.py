@@ -101,6 +101,7 @@ def test_running_an_analysis_on_digits_stores_it(fresh):
     widget(at.button, "Run analysis").click().run()
     until_stored(at, fresh)
     assert not at.error and any("Stored as **my first**" in s.value for s in at.success)
+    assert any("MiB per sample" in s.value for s in at.success)  # the batch was fitted to the free memory
     assert [r["name"] for r in fresh.analyses()] == ["my first"]
     assert "my first" in at.dataframe[-1].value["name"].tolist()  # the table on the page lists it too
 
