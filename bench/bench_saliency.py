@@ -59,6 +59,12 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape
             inputs.model.zero_grad(set_to_none=True)
             sample_losses(inputs.model(x), y, inputs.loss).mean().backward()
 
+    if task.startswith("tp-"):  # peers: torch-pruning's importances over every coupled group (graph built untimed)
+        import torch_pruning as tp
+
+        from sosp_engine.structures import PRODUCER_TYPES, build_graph
+
+        groups = list(build_graph(inputs.model, inputs.x[:1]).get_all_groups(root_module_types=PRODUCER_TYPES))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():  # warm-up of kernels and allocator, not timed
@@ -86,6 +92,21 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape
         t0 = time.perf_counter()
         greedy_order(sosp_i_matrix(first, gram).cpu(), inputs.structures)
         extra["selection_s"] = time.perf_counter() - t0
+    elif task == "tp-taylor":  # first-order Taylor: one forward+backward, then |w * g| per group
+        forward_backward()
+        importance = tp.importance.GroupTaylorImportance()
+        for group in groups:
+            importance(group)
+    elif task == "tp-hessian":  # grouped OBD: a backward per sample for the squared-gradient (Fisher) diagonal
+        importance = tp.importance.GroupHessianImportance()
+        importance.zero_grad()
+        for x, y in inputs.batches():
+            for loss in sample_losses(inputs.model(x), y, inputs.loss):
+                inputs.model.zero_grad(set_to_none=True)
+                loss.backward(retain_graph=True)
+                importance.accumulate_grad(inputs.model)
+        for group in groups:
+            importance(group)
     elif task == "greedy":
         s = inputs.structures.num_structures
         q = torch.rand(s, s, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
