@@ -1,4 +1,10 @@
-"""Render bench/results.jsonl as the markdown tables of docs/benchmarks.md (printed to stdout)."""
+"""Render bench/results.jsonl as the markdown tables of docs/benchmarks.md (printed to stdout).
+
+    python bench/report.py [RESULTS.jsonl] [--chart docs/runtime-vs-width.png]
+
+With --chart, also draw the paper's Fig. 2 analogue: seconds per analysis sample of SOSP-H, SOSP-I and one
+forward+backward over the width multiplier of ResNet-56 (x1, x2, x4), from the rows of that file.
+"""
 from __future__ import annotations
 
 import json
@@ -24,5 +30,34 @@ def main(path: str = "bench/results.jsonl") -> None:
                   f"{r['fast_s']:.3f} s, literal O(S^3) {r['literal_s']:.1f} s: **{r['speedup']:.0f}x** faster.")
 
 
+def width_chart(path: str, out: str) -> None:
+    """Seconds per sample against the width multiplier of resnet56 (resnet56, resnet56x2, resnet56x4), one line a task."""
+    import plotly.graph_objects as go
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    widths = {"resnet56": 1, "resnet56x2": 2, "resnet56x4": 4}
+    fig = go.Figure()
+    for task, label in (("forward+backward", "one forward+backward"), ("sosp-h", "SOSP-H"), ("sosp-i", "SOSP-I")):
+        points = sorted((widths[r["model"]], 1000 * r["seconds"] / r["samples"]) for r in rows
+                        if r["task"] == task and r["model"] in widths and r["seconds"] == r["seconds"])
+        if points:
+            fig.add_scatter(x=[w for w, _ in points], y=[t for _, t in points], mode="lines+markers+text", name=label,
+                            text=[f"{t:.1f}" for _, t in points], textposition="top left")
+    threads = sorted({r.get("threads") for r in rows if r["model"] in widths})
+    fig.update_layout(title=f"Runtime over network width (ResNet-56, CPU, {threads} thread(s))", width=760, height=480,
+                      xaxis=dict(title="width multiplier", type="log", tickvals=[1, 2, 4], ticktext=["x1", "x2", "x4"]),
+                      yaxis=dict(title="milliseconds per analysis sample", type="log"), legend=dict(x=1.02, y=1))
+    fig.write_image(out)
+    print(f"\nwrote {out}")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    args = sys.argv[1:]
+    chart = None
+    if "--chart" in args:
+        i = args.index("--chart")
+        chart = args[i + 1]
+        del args[i:i + 2]
+    main(*args)
+    if chart:
+        width_chart(args[0] if args else "bench/results.jsonl", chart)
