@@ -43,8 +43,8 @@ def width_chart(path: str, out: str) -> None:
         if points:
             fig.add_scatter(x=[w for w, _ in points], y=[t for _, t in points], mode="lines+markers+text", name=label,
                             text=[f"{t:.1f}" for _, t in points], textposition="top left")
-    threads = sorted({r.get("threads") for r in rows if r["model"] in widths})
-    fig.update_layout(title=f"Runtime over network width (ResNet-56, CPU, {threads} thread(s))", width=760, height=480,
+    threads = ", ".join(str(t) for t in sorted({r.get("threads") or 0 for r in rows if r["model"] in widths}))
+    fig.update_layout(title=f"Runtime over network width (ResNet-56, CPU, threads: {threads})", width=760, height=480,
                       xaxis=dict(title="width multiplier", type="log", tickvals=[1, 2, 4], ticktext=["x1", "x2", "x4"]),
                       yaxis=dict(title="milliseconds per analysis sample", type="log"), legend=dict(x=1.02, y=1))
     fig.write_image(out)
