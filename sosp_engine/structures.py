@@ -118,10 +118,11 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     with preserved_modes(model), torch.enable_grad():
         try:
             return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
-        except (ZeroDivisionError, IndexError, KeyError, AttributeError) as exc:
+        except (ZeroDivisionError, IndexError, KeyError, AttributeError, TypeError) as exc:
             raise MaskError(f"torch-pruning cannot trace this model's channel couplings ({type(exc).__name__}: "
-                            f"{str(exc)[:120]} in its dependency graph, e.g. a channel shuffle by reshape); "
-                            "exclude the affected layers or use another model") from None
+                            f"{str(exc)[:120]} in its dependency graph, e.g. a channel shuffle by reshape, or "
+                            "channel counts it cannot infer through a concatenation, as in Swin-S/B); exclude the "
+                            "affected layers or use another model") from None
 
 
 @dataclass
