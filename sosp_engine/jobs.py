@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -182,10 +183,26 @@ def launch_pending(store: Store) -> list[str]:
         proc = subprocess.Popen([sys.executable, "-m", "sosp_engine", "run-job", job["id"], "--workspace", str(store.root)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                 env=env, cwd=root)
-        threading.Thread(target=proc.wait, daemon=True).start()  # reap it when it ends: no zombie under the UI
+        threading.Thread(target=_reap, args=(store, job["id"], proc), daemon=True).start()
         store.update_job(job["id"], pid=proc.pid, heartbeat=time.time())
         started.append(job["id"])
     return started
+
+
+def _reap(store: Store, job_id: str, proc: subprocess.Popen) -> None:
+    """Wait for a job's process (no zombie under the UI); one that ended without recording an outcome (killed,
+    crashed on start) fails its job now, with the exit code and the log's last line, not after the stale timeout."""
+    code = proc.wait()
+    try:
+        job = store.job(job_id)
+        if job["status"] in ("starting", "running") and job.get("pid") == proc.pid:
+            last = (read_log(store, job_id, tail=1) or "no output").strip()
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            store.update_job(job_id, status="failed", finished=time.time(),
+                             error=f"the job's process {how} before it recorded an outcome (last log line: {last}); "
+                                   "resume it to continue from its last checkpoint")
+    except (StoreError, OSError, sqlite3.Error):  # the workspace went away meanwhile: the stale check covers it
+        pass
 
 
 def cancel(store: Store, job_id: str) -> str:

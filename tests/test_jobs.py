@@ -1,4 +1,6 @@
 import dataclasses
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -145,3 +147,14 @@ def test_a_job_with_a_bad_model_data_or_weights_is_refused_at_submit(tmp_path, c
     with pytest.raises(SospError, match=message):
         submit(store, dataclasses.replace(tiny("train-prune"), **change))
     assert store.jobs() == []
+
+
+def test_a_killed_job_process_fails_its_job_at_once_with_the_reason(tmp_path):
+    store = Store(tmp_path)
+    job_id = submit(store, tiny("train", epochs=6))
+    job = wait_for(store, job_id, lambda j: j["status"] == "running" and j["pid"])
+    os.kill(job["pid"], signal.SIGKILL)
+    job = wait_for(store, job_id, lambda j: j["status"] == "failed", timeout=10)  # well before the 20 s stale check
+    assert "killed by signal 9" in job["error"] and "resume" in job["error"]
+    resume(store, job_id)
+    assert wait_for(store, job_id, lambda j: j["status"] in ("done", "failed"))["status"] == "done"
