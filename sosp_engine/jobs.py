@@ -183,8 +183,8 @@ def launch_pending(store: Store) -> list[str]:
         proc = subprocess.Popen([sys.executable, "-m", "sosp_engine", "run-job", job["id"], "--workspace", str(store.root)],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                 env=env, cwd=root)
-        threading.Thread(target=_reap, args=(store, job["id"], proc), daemon=True).start()
         store.update_job(job["id"], pid=proc.pid, heartbeat=time.time())
+        threading.Thread(target=_reap, args=(store, job["id"], proc), daemon=True).start()
         started.append(job["id"])
     return started
 
