@@ -92,6 +92,19 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape
         t0 = time.perf_counter()
         greedy_order(sosp_i_matrix(first, gram).cpu(), inputs.structures)
         extra["selection_s"] = time.perf_counter() - t0
+    elif task == "sosp-i-floor":  # SOSP-I's floor: per batch one forward and D - 1 activation-only backward passes
+        from sosp_engine.saliency.common import affine_batch_norms
+
+        for p in inputs.model.parameters():
+            p.requires_grad_(False)
+        with affine_batch_norms(inputs.model):
+            for x, _ in inputs.batches():
+                x = x.detach().requires_grad_(True)
+                logits = inputs.model(x)
+                for d in range(1, logits.shape[1]):
+                    u = torch.zeros_like(logits)
+                    u[:, d] = 1.0
+                    torch.autograd.grad(logits, x, grad_outputs=u, retain_graph=d < logits.shape[1] - 1)
     elif task == "tp-taylor":  # first-order Taylor: one forward+backward, then |w * g| per group
         forward_backward()
         importance = tp.importance.GroupTaylorImportance()
