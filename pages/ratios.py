@@ -7,6 +7,7 @@ from app.charts import ratio_histogram, width_profile
 from app.export import export_buttons, file_slug
 from app.guard import user_errors
 from app.pickers import chosen_analysis
+from app.latency_view import latency_section
 from app.sensitivity_view import sensitivity_section
 from app.report import analysis_report
 from sosp_engine.bottlenecks import explain, find_bottlenecks
@@ -72,3 +73,4 @@ if ("pruned-model", name) in st.session_state:
                             "application/octet-stream", icon=":material/download:")
 
 sensitivity_section(record, ratio, unit)
+latency_section(record, result, workbench)

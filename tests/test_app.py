@@ -337,3 +337,15 @@ def test_runs_page_names_an_unreachable_ray_cluster_and_keeps_jobs_local(fresh):
     assert not at.exception
     assert any("cannot reach the Ray cluster at '127.0.0.1:9'" in e.value for e in at.error)
     assert at.session_state["placement"].backend == "local"  # nothing goes to a cluster that was never reached
+
+
+def test_a_latency_target_is_measured_on_this_machine_and_sliced_into_a_mask(stored):
+    at = open_page("ratios")
+    record_id = next(r["id"] for r in stored.analyses() if r["name"] == "after training")
+    widget(at.selectbox, "Analysis").set_value(record_id).run()
+    widget(at.number_input, "Timed points").set_value(3)
+    widget(at.slider, "Latency drop").set_value(0.05)  # reached on any machine: the test is not a timing
+    widget(at.button, "Measure the latency profile").click().run()
+    assert not at.exception and not at.error
+    assert any("is predicted to take" in s.value and "less" in s.value for s in at.success)
+    assert any(b.label == "Mask at this latency (JSON)" for b in at.get("download_button"))
