@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .analysis import AnalysisResult
-from .experiments import Experiment, ExperimentConfig, check_runnable
+from .experiments import Experiment, ExperimentConfig, Reporter, check_runnable
 from .errors import SospError
 from .loading import open_workbench
 from .progress import Cancelled
@@ -31,7 +31,6 @@ LOG_EVERY_SECONDS = 10.0  # progress lines in a job's log between epoch lines
 LOG_NAME = "job.log"
 BACKENDS = ("local", "ray")
 RAY_ADDRESS_ENV = "SOSP_RAY_ADDRESS"
-Reporter = Callable[[float, str, dict | None], None]
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Iterator
 
 from .errors import SospError
 from .progress import Cancelled
-from .store import Store, StoreError, run_folder
+from .store import Store, StoreError
 
 NAMESPACE = "sosp-lab"
 DRAIN_TIMEOUT_SECONDS = 30.0
@@ -223,7 +223,7 @@ def start_job(store: Store, job: dict) -> None:
 
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
     _host_class().options(name=name, namespace=NAMESPACE, lifetime="detached", scheduling_strategy=here).remote(
-        {**job, "run_dir": str(run_folder(job))}, needs, unit_needs)
+        job, needs, unit_needs)
     store.update_job(job["id"], heartbeat=time.time(), message=f"waiting for the cluster ({_describe(unit_needs)})")
 
 
@@ -311,7 +311,7 @@ def _sync_job(store: Store, job: dict) -> bool:
         if outcome["status"] == "done":
             from .jobs import record_outputs
 
-            record_outputs(store, {**job, "run_dir": str(run_folder(job))}, outcome["result"])
+            record_outputs(store, job, outcome["result"])
         ray.kill(host)
     return outcome is not None and outcome["status"] == "failed" and "was lost" in outcome["error"]
 
