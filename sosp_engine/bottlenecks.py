@@ -58,6 +58,19 @@ def find_bottlenecks(table: pd.DataFrame, level: str = "layer", rule: str = "mea
     return units, info
 
 
+def paper_level(model_spec: str) -> tuple[str, int]:
+    """The paper's bottleneck choice for expand-pruning (sec. 3.4): the least pruned stage of a ResNet, else the five
+    least pruned layers."""
+    return ("stage", 1) if model_spec.split(":")[0].startswith("resnet") else ("layer", 5)
+
+
+def paper_widening(model_spec: str, table: pd.DataFrame, factor: float = 2.0) -> dict[str, float]:
+    """The units expand-pruning widens by the paper's choice on a layer table of the trained net, each by `factor`."""
+    level, n = paper_level(model_spec)
+    units, _ = find_bottlenecks(table, level, "least", n=n)
+    return {unit: factor for unit in units[units.flagged].unit}
+
+
 def explain(units: pd.DataFrame, info: dict) -> str:
     """A short plain-language explanation of the flags for the dashboard."""
     flagged = units[units.flagged]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .analysis import EXACTNESS_SAMPLES, METHODS, AnalysisConfig, AnalysisResult, run_analysis
-from .bottlenecks import LEVELS, RULES, explain, find_bottlenecks
+from .bottlenecks import LEVELS, RULES, explain, find_bottlenecks, paper_widening
 from .experiments import PROCEDURES, Experiment, ExperimentConfig
 from .jobs import cancel, mark_stale_jobs, read_log, resume, run_job, submit
 from .records import require_trust, store_analysis
@@ -33,7 +33,7 @@ from .masks import layer_table, load_mask, mask_meta, mask_summary, pruned_copy,
 from .saliency.common import LOSSES
 from .selection import NORMALIZATIONS, UNITS
 from .models import USER_CODE_WARNING, is_user_code
-from .cli_args import add_backend_args, add_distributed_args, placement_from
+from .cli_args import add_backend_args, add_distributed_args, parse_widen, placement_from
 from .cli_output import ProgressLine, emit, progress_line
 from .cli_sensitivity import add_sensitivity_parser
 from .cli_studies import add_study_parser
@@ -228,19 +228,6 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", default="")
 
 
-def parse_widen(items: list[str]) -> dict[str, float]:
-    factors = {}
-    for item in items:
-        key, sep, value = item.rpartition("=")
-        try:
-            factors[key] = float(value)
-        except ValueError:
-            raise SospError(f"--widen takes NAME=FACTOR, got '{item}'") from None
-        if not sep or not key:
-            raise SospError(f"--widen takes NAME=FACTOR, got '{item}'")
-    return factors
-
-
 def experiment_config(args: argparse.Namespace, procedure: str) -> ExperimentConfig:
     widen, match = parse_widen(args.widen), parse_widen(args.match_widen)
     if procedure == "widen-prune" and args.widen_factor is None and widen and not match:
@@ -297,10 +284,7 @@ def auto_widen(args: argparse.Namespace, wb) -> dict[str, float]:
                             samples=args.samples, seed=args.seed, cap=args.cap, normalize=args.normalize,
                             device=args.device, exclude=list(args.exclude), preset=args.preset)
     result = run_analysis(wb, config)
-    table = layer_table(wb.structures, result.mask(wb.structures, args.ratio, args.unit))
-    level, n = ("stage", 1) if args.model.startswith("resnet") else ("layer", 5)
-    units, _ = find_bottlenecks(table, level=level, rule="least", n=n)
-    return {u: 2.0 for u in units[units.flagged].unit}
+    return paper_widening(args.model, layer_table(wb.structures, result.mask(wb.structures, args.ratio, args.unit)))
 
 
 def cmd_expand(args: argparse.Namespace) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from .errors import SospError
 from .jobs import BACKENDS, RAY_ADDRESS_ENV, Placement
 
 
@@ -29,3 +30,17 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
 def placement_from(args: argparse.Namespace) -> Placement:
     """The Placement the flags of `add_backend_args` give."""
     return Placement(args.backend, args.ray_address, args.artifacts)
+
+
+def parse_widen(items: list[str]) -> dict[str, float]:
+    """['stage 1 (32x32)=2'] -> {'stage 1 (32x32)': 2.0}; anything else is a clear error."""
+    factors = {}
+    for item in items:
+        key, sep, value = item.rpartition("=")
+        try:
+            factors[key] = float(value)
+        except ValueError:
+            raise SospError(f"--widen takes NAME=FACTOR, got '{item}'") from None
+        if not sep or not key:
+            raise SospError(f"--widen takes NAME=FACTOR, got '{item}'")
+    return factors

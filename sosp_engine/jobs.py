@@ -21,6 +21,7 @@ from .loading import open_workbench
 from .progress import Cancelled
 from .records import store_analysis
 from .store import Store, StoreError, run_folder
+from .expand_study import EXPAND_STUDY_KIND, PLAIN, ExpandStudy, ExpandStudyConfig
 from .studies import STUDY_KIND, Study, StudyConfig
 
 HEARTBEAT_SECONDS = 2.0
@@ -31,6 +32,7 @@ LOG_EVERY_SECONDS = 10.0  # progress lines in a job's log between epoch lines
 LOG_NAME = "job.log"
 BACKENDS = ("local", "ray")
 RAY_ADDRESS_ENV = "SOSP_RAY_ADDRESS"
+STUDY_KINDS = (STUDY_KIND, EXPAND_STUDY_KIND)  # jobs that run a grid of units, not one procedure
 
 
 @dataclass
@@ -80,6 +82,17 @@ def submit_study(store: Store, config: StudyConfig, name: str = "", start: bool 
     if (placement or Placement()).backend == "local":
         open_workbench(config.model_spec, config.data_spec, config.weights, config.exclude, config.preset)
     return _add(store, STUDY_KIND, name or f"study of {config.model_spec}", asdict(config), start, placement)
+
+
+def submit_expand_study(store: Store, config: ExpandStudyConfig, name: str = "", start: bool = True,
+                        placement: Placement | None = None) -> str:
+    """Queue an expand study (every procedure's trials as one job; on Ray the runs of a phase run in parallel)."""
+    config.validate()
+    if (placement or Placement()).backend == "local":
+        check_runnable(config.experiment("expand-prune", 0, config.widen, None) if config.widen
+                       else config.experiment(PLAIN, 0, {}, None))
+    return _add(store, EXPAND_STUDY_KIND, name or f"expand study of {config.model_spec}", asdict(config), start,
+                placement)
 
 
 def _add(store: Store, kind: str, name: str, config: dict, start: bool, placement: Placement | None) -> str:
@@ -275,12 +288,15 @@ def execute(job: dict, report: Reporter, should_stop: Callable[[], bool], fan_ou
     """The work of a job wherever it runs: its study or procedure in its run folder; returns the run's summary."""
     if job["kind"] == STUDY_KIND:
         return Study(StudyConfig(**job["config"]), run_folder(job), report, should_stop, fan_out=fan_out).run()
+    if job["kind"] == EXPAND_STUDY_KIND:
+        return ExpandStudy(ExpandStudyConfig(**job["config"]), run_folder(job), report, should_stop,
+                           fan_out=fan_out).run()
     return Experiment(ExperimentConfig(**job["config"]), run_folder(job), report, should_stop).run()
 
 
 def record_outputs(store: Store, job: dict, result: dict) -> None:
     """List a finished job's analysis (for the analysis pages) and its trained model in the workspace."""
-    if job["kind"] == STUDY_KIND:
+    if job["kind"] in STUDY_KINDS:
         return
     analysis_folder = run_folder(job) / "analysis"
     if (analysis_folder / "analysis.json").exists():

@@ -177,26 +177,25 @@ def run_remote_job(job: dict, host, unit_needs: dict) -> dict:
     return outcome
 
 
-def run_unit_reporting(config: dict, folder: str, unit: tuple, host) -> dict:
-    """A study's unit on a cluster worker; its epoch metrics (a seed's training) go to the job's host."""
+def run_unit_reporting(runner, config: dict, folder: str, unit: tuple, host) -> dict:
+    """A study's unit on a cluster worker (`runner`: the study kind's `run_unit`); its epoch metrics go to the job's
+    host."""
     import ray
-
-    from .studies import run_unit
 
     def report(fraction: float, message: str, metrics: dict | None) -> None:
         if metrics is not None:
             ray.get(host.push.remote("metrics", metrics))
 
-    return run_unit(config, folder, unit, report)
+    return runner(config, folder, unit, report)
 
 
 def ray_fan_out(needs: dict, host):
     """A study's units as parallel tasks (each with the job's resources), yielded as they finish; stop cancels the rest."""
     import ray
 
-    def fan_out(config: dict, folder: str, units: list, should_stop) -> Iterator[tuple[tuple, dict]]:
+    def fan_out(runner, config: dict, folder: str, units: list, should_stop) -> Iterator[tuple[tuple, dict]]:
         task = ray.remote(run_unit_reporting).options(**needs, max_retries=0)
-        pending = {task.remote(config, folder, unit, host): unit for unit in units}
+        pending = {task.remote(runner, config, folder, unit, host): unit for unit in units}
         try:
             while pending:
                 if should_stop is not None and should_stop():
@@ -214,9 +213,11 @@ def ray_fan_out(needs: dict, host):
 
 def start_job(store: Store, job: dict) -> None:
     """Hand a claimed job to the cluster: a fresh host actor named after the job starts its task."""
+    from .jobs import STUDY_KINDS
+
     ray = connect(job["address"])
     unit_needs = resources(ray, job["config"])
-    needs = {"num_cpus": 0, "num_gpus": 0} if job["kind"] == "study" else unit_needs  # a study only hands out units
+    needs = {"num_cpus": 0, "num_gpus": 0} if job["kind"] in STUDY_KINDS else unit_needs  # a study hands out units
     name = host_name(job["id"])
     _kill_host(ray, name)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

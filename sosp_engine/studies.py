@@ -105,7 +105,7 @@ def cell_key(seed: int, method: str, target: float) -> str:
 
 
 Unit = tuple  # ("train", seed) | ("analyse", seed, method) | ("cell", seed, method, target)
-FanOut = Callable[[dict, str, list, StopFn], Iterator[tuple[Unit, dict]]]
+FanOut = Callable[[Callable, dict, str, list, StopFn], Iterator[tuple[Unit, dict]]]  # (runner, config, folder, ...)
 
 
 def run_unit(config: dict, folder: str, unit: Unit, report: Reporter | None = None) -> dict:
@@ -116,6 +116,8 @@ def run_unit(config: dict, folder: str, unit: Unit, report: Reporter | None = No
 
 class Study(ResumableRun):
     """Runs a study in `folder`; finished trainings, analyses and cells are kept in state.json and never redone."""
+
+    runner = staticmethod(run_unit)
 
     def __init__(self, config: StudyConfig, folder: str | Path, report: Reporter | None = None,
                  should_stop: StopFn = None, data: DataBundle | None = None, fan_out: FanOut | None = None) -> None:
@@ -218,7 +220,7 @@ class Study(ResumableRun):
     def _run(self, units: list[Unit]) -> Iterator[tuple[Unit, dict]]:
         if self.fan_out is None or not units:
             return self._in_process(units)
-        return self.fan_out(asdict(self.config), str(self.folder), units, self.should_stop)
+        return self.fan_out(self.runner, asdict(self.config), str(self.folder), units, self.should_stop)
 
     def run(self) -> dict:
         """Run every unfinished training, analysis and cell, phase by phase; returns the summary with all cell records."""
