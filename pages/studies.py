@@ -1,8 +1,10 @@
-"""Studies page: launch a methods x targets x seeds grid as one background job, follow it, read the aggregate."""
+"""Studies page: launch a methods x targets x seeds grid as one background job, follow it and the expand studies
+launched from the Expand page, read the aggregates."""
 import pandas as pd
 import streamlit as st
 
 from app.charts import study_accuracy
+from app.expand_study_view import expand_study_view
 from app.export import export_buttons, file_slug, safe_csv
 from app.guard import user_errors
 from app.placement import current_placement, placement_caption
@@ -10,7 +12,8 @@ from app.report import analysis_report
 from app.state import current_choice, workspace
 from app.text import plain
 from sosp_engine.analysis import METHODS
-from sosp_engine.jobs import submit_study
+from sosp_engine.expand_study import EXPAND_STUDY_KIND
+from sosp_engine.jobs import STUDY_KINDS, submit_study
 from sosp_engine.studies import STUDY_KIND, StudyConfig, aggregate, parse_numbers, study_cells
 
 st.title("Studies")
@@ -47,11 +50,14 @@ with st.expander("Launch a study", expanded=not any(j["kind"] == STUDY_KIND for 
                        "and survives closing the tab.")
             st.session_state["study-chosen"] = job_id
 
-studies = [j for j in workspace().jobs() if j["kind"] == STUDY_KIND]
+studies = [j for j in workspace().jobs() if j["kind"] in STUDY_KINDS]
 if not studies:
-    st.info("No study in this workspace yet.")
+    st.info("No study in this workspace yet. Expand studies (expand- vs widen- vs train-pruning) are launched on the "
+            "Expand page.")
     st.stop()
-names = {j["id"]: f"{j['name']}  ·  {j['id']}" for j in reversed(studies)}
+kinds = {j["id"]: j["kind"] for j in studies}
+names = {j["id"]: f"{'expand study' if j['kind'] == EXPAND_STUDY_KIND else 'method study'}: {j['name']}  ·  {j['id']}"
+         for j in reversed(studies)}
 ids = list(names)
 chosen = st.session_state.get("study-chosen")
 job_id = st.selectbox("Study", ids, index=ids.index(chosen) if chosen in ids else 0, format_func=names.get)
@@ -92,4 +98,7 @@ def study_view(job_id: str) -> None:
                        icon=":material/description:", key=f"report-{len(cells)}")
 
 
-study_view(job_id)
+if kinds[job_id] == EXPAND_STUDY_KIND:
+    st.fragment(run_every=3)(expand_study_view)(job_id)
+else:
+    study_view(job_id)

@@ -149,19 +149,23 @@ class ExpandStudy(ResumableRun):
         return {"procedure": procedure, "label": procedure, "trial": trial, "test_acc": summary["test_acc"],
                 "test_acc_after_pruning": finetuned.get("test_acc_after_pruning"), "params": summary["params"],
                 "macs": summary["macs"], "unpruned_acc": stages.get("train", {}).get("test_acc"),
+                "bottlenecks": sorted(self._bottlenecks(trial)) if procedure == PLAIN else None,
                 "node": socket.gethostname(), "started": started, "finished": time.time()}
+
+    def _bottlenecks(self, trial: int) -> dict[str, float]:
+        """The units the paper's rule flags on a trained plain net's mask, each with the study's factor."""
+        model = build_model(self.config.model_spec, self.data.num_classes, self.data.input_shape[0])
+        structures = find_structures(model, example_input(self.data), self.config.exclude,
+                                     resolve_preset(self.config.model_spec, self.config.preset))
+        table = layer_table(structures, load_mask(self._run_folder(PLAIN, trial) / "mask.json", structures))
+        return paper_widening(self.config.model_spec, table, self.config.widen_by)
 
     def _plan(self) -> dict:
         """The size target and the widening, from trial 0 of the trained plain net."""
-        plain = self._run_folder(PLAIN, 0)
-        analyzed = json.loads((plain / "state.json").read_text())["done"]["analyze"]
+        analyzed = json.loads((self._run_folder(PLAIN, 0) / "state.json").read_text())["done"]["analyze"]
         widen = dict(self.config.widen)
         if not widen:
-            model = build_model(self.config.model_spec, self.data.num_classes, self.data.input_shape[0])
-            structures = find_structures(model, example_input(self.data), self.config.exclude,
-                                         resolve_preset(self.config.model_spec, self.config.preset))
-            table = layer_table(structures, load_mask(plain / "mask.json", structures))
-            widen = paper_widening(self.config.model_spec, table, self.config.widen_by)
+            widen = self._bottlenecks(0)
             if not widen:
                 raise AnalysisError("the trained plain net shows no bottleneck at this ratio (no unit is pruned less "
                                     "than the mean); give the units to widen")

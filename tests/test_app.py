@@ -272,6 +272,45 @@ def test_the_expand_page_widens_what_the_bottlenecks_page_flagged(stored):
     assert any("2 layer(s) flagged on the Bottlenecks page" in m.value for m in at.markdown)
 
 
+def test_the_expand_page_launches_one_expand_study_of_the_flagged_bottlenecks(stored_root, tmp_path, monkeypatch):
+    import shutil
+
+    import sosp_engine.jobs
+
+    shutil.copytree(stored_root, tmp_path / "ws")
+    monkeypatch.setenv("SOSP_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setattr(sosp_engine.jobs, "launch_pending", lambda store: None)  # queued, not run: the config is checked
+    at = open_page("bottlenecks")
+    widget(at.radio, "Rule").set_value("least").run()
+    widget(at.number_input, "n").set_value(2).run()
+    flagged = at.session_state["bottleneck_choice"]["units"]
+    at.switch_page("../pages/expand.py").run()
+    widget(at.toggle, "Find the bottlenecks on the study's own trained plain net (as the paper does)").set_value(False)
+    widget(at.button, "Launch the expand study").click().run()
+    assert not at.exception and not at.error and any("Queued an expand study of 9 runs" in s.value for s in at.success)
+    [job] = Store(tmp_path / "ws").jobs()
+    target = int(widget(at.metric, "Pruning target (params)").value.replace(",", ""))
+    assert job["kind"] == "expand-study" and job["config"]["trials"] == 3
+    assert job["config"]["widen"] == {unit: 2.0 for unit in flagged} and job["config"]["target_params"] == target
+
+
+def test_the_studies_page_charts_a_finished_expand_study_against_the_unpruned_net(fresh):
+    from sosp_engine.expand_study import ExpandStudy, ExpandStudyConfig
+    from sosp_engine.jobs import submit_expand_study
+    from sosp_engine.store import run_folder
+
+    config = ExpandStudyConfig(model_spec="resnet20:widths=4,8,16", procedures=["train-prune", "widen-prune"], trials=1,
+                               epochs=1, finetune_epochs=1, samples=40, batch_size=256, device="cpu")
+    job_id = submit_expand_study(fresh, config, "tiny expand", start=False)
+    ExpandStudy(config, run_folder(fresh.job(job_id))).run()
+    fresh.update_job(job_id, status="done", progress=1.0)
+    at = open_page("studies")
+    assert not at.exception and not at.error
+    assert widget(at.selectbox, "Study").options[0].startswith("expand study: tiny expand")
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2 and any("unpruned plain net" in c.proto.spec for c in charts)
+
+
 def test_reports_read_as_words_and_formatted_numbers():
     from app.report import analysis_report
 

@@ -32,6 +32,7 @@ def test_the_plain_trial_sets_the_size_and_the_bottlenecks_every_other_run_uses(
     wb = open_workbench(NARROW, DIGITS)
     plain_mask = load_mask(tmp_path / "train-prune" / "trial0" / "mask.json", wb.structures)
     assert plan["widen"] == paper_widening(NARROW, layer_table(wb.structures, plain_mask))
+    assert runs["train-prune"]["bottlenecks"] == sorted(plan["widen"]) and runs["widen-prune"]["bottlenecks"] is None
     assert plan["target_params"] == runs["train-prune"]["params"]
     for procedure in ("expand-prune", "widen-prune", "init-prune"):
         assert abs(runs[procedure]["params"] - plan["target_params"]) <= 0.05 * plan["target_params"], procedure
