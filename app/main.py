@@ -9,7 +9,7 @@ if str(ROOT) not in sys.path:
 import streamlit as st  # noqa: E402
 
 from app.guard import unexpected  # noqa: E402
-from app.sidebar import render_sidebar  # noqa: E402
+from app.sidebar import render_sidebar, sidebar_threads  # noqa: E402
 
 st.set_page_config(page_title="SOSP Lab", page_icon=str(ROOT / "assets" / "logo.svg"), layout="wide")
 
@@ -25,8 +25,11 @@ PAGES = [
 ]
 
 navigation = st.navigation(PAGES)
-render_sidebar()
+threads = sidebar_threads()
+sidebar = st.sidebar.container()
 try:
     navigation.run()
 except Exception as exc:  # a page's unforeseen error: one line and a log entry, never a traceback
     unexpected(f"The {navigation.title} page", exc)
+finally:  # filled after the page ran (also after st.stop), so a model loaded or a job queued shows at once
+    render_sidebar(sidebar, threads)

@@ -16,14 +16,19 @@ def _device_label() -> str:
     return device_name("auto")
 
 
-def render_sidebar() -> None:
+def sidebar_threads() -> int:
+    """Apply $SOSP_THREADS before any page computes; the sidebar shows the result."""
+    with st.sidebar, user_errors("Setting the CPU threads ($SOSP_THREADS)"):
+        return set_threads()
+
+
+def render_sidebar(slot, threads: int) -> None:
+    """Workspace, model, weights, data, device and job counts in `slot`, read after the page ran so they are current."""
     choice = current_choice()
-    with st.sidebar:
+    with slot:
         st.image(str(Path(__file__).resolve().parent.parent / "assets" / "logo.svg"), width=48)
         st.markdown("### SOSP Lab")
         st.caption("Second-order structured pruning and bottleneck analysis")
-        with user_errors("Setting the CPU threads ($SOSP_THREADS)"):
-            threads = set_threads()
         with user_errors("Opening the workspace"):
             store = workspace()
             launch_pending(store)

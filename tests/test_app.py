@@ -349,6 +349,14 @@ def test_an_unforeseen_error_is_one_line_and_logged_not_a_traceback(fresh, monke
     assert "boom" in (fresh.root / "logs" / "ui-errors.log").read_text()
 
 
+def test_the_sidebar_shows_a_newly_loaded_model_in_the_same_run(fresh):
+    at = open_page("model")
+    assert "random init" not in at.sidebar.markdown[-1].value  # the demo starts on its trained checkpoint
+    widget(at.selectbox, "Weights").set_value("random init")
+    widget(at.button, "Load model").click().run()
+    assert "random init" in at.sidebar.markdown[-1].value
+
+
 def test_a_reload_keeps_the_chosen_model(fresh):
     at = open_page("model")
     widget(at.selectbox, "Weights").set_value("random init")
