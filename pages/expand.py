@@ -61,13 +61,13 @@ cols[4].metric("Pruning target (params)", f"{target:,}", help="every run is prun
 
 trained = bool(result.config.weights) and not result.config.at_init
 with st.form("launch"):
-    c = st.columns(4)
-    procedures = c[0].multiselect("Runs", list(EXPAND_PROCEDURES), ["expand-prune", "widen-prune", "train-prune"],
-                                  help="train-prune is always needed: its trained plain net sets the size. init-prune "
-                                       "prunes at initialisation and trains for the same total epochs.")
-    trials = c[1].number_input("Trials", 1, 10, 3, help="the paper runs 3 trials; the charts show mean and std")
-    epochs = c[2].number_input("Epochs (train)", 1, 1000, 10)
-    finetune = c[3].number_input("Epochs (fine-tune)", 1, 1000, 10)
+    procedures = st.multiselect("Runs", list(EXPAND_PROCEDURES), ["expand-prune", "widen-prune", "train-prune"],
+                                help="train-prune is always needed: its trained plain net sets the size. init-prune "
+                                     "prunes at initialisation and trains for the same total epochs.")
+    c = st.columns(3)
+    trials = c[0].number_input("Trials", 1, 10, 3, help="the paper runs 3 trials; the charts show mean and std")
+    epochs = c[1].number_input("Epochs (train)", 1, 1000, 10)
+    finetune = c[2].number_input("Epochs (fine-tune)", 1, 1000, 10)
     own = st.toggle("Find the bottlenecks on the study's own trained plain net (as the paper does)", value=not trained,
                     help="off: widen the factors above, from this analysis" + ("" if trained else
                          "; this analysis is not of trained weights, so its bottlenecks are those of an untrained net"))

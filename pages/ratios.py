@@ -30,7 +30,7 @@ cols[2].metric("MACs / sample", f"{summary['macs_after']:,}", f"-{summary['mac_r
 cols[3].metric("Method", result.config.method, result.config.weights_label(), delta_color="off")
 
 if result.exactness:
-    line = exactness_line(result.exactness) + f" (measured at {result.exactness.get('ratio', 0):.0%} of the structures)"
+    line = exactness_line(result.exactness)
     (st.caption if result.exactness["exact"] else st.warning)(plain(line))
     if not result.exactness["exact"]:
         st.dataframe({"layer": list(result.exactness["approximate_layers"]),

@@ -99,8 +99,9 @@ def exactness_report(model: nn.Module, structures: StructureSet, mask: Iterable[
 def exactness_line(report: dict) -> str:
     """One line for the CLI and the UI: 'exact' or 'approximate in N layers: ...' with the measured deviation."""
     if report["exact"]:
-        return (f"exact: the pruned model equals the zero-masked one (measured relative deviation "
-                f"{report['deviation']:.1e} on {report['samples']} samples)")
+        where = f" pruned at {report['ratio']:.0%} of the structures" if "ratio" in report else ""
+        return (f"exact: the pruned model equals the zero-masked one (relative deviation {report['deviation']:.1e} "
+                f"measured on {report['samples']} samples{where})")
     names = list(report["approximate_layers"])
     shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
     return (f"approximate in {len(names)} layers: {shown}; the pruned model deviates from the zero-masked one the "

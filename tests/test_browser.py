@@ -71,7 +71,7 @@ def test_the_demo_runs_an_analysis_shows_the_histogram_and_exports(server, tmp_p
     server, workspace = server
     shots = screenshot_folder(tmp_path)
     with chromium() as browser:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        page = browser.new_page(viewport={"width": 1440, "height": 900}, accept_downloads=True)
         page.goto(server)
         page.get_by_text("272,186").wait_for(timeout=60_000)
         page.screenshot(path=str(shots / "model.png"), full_page=True)
@@ -128,7 +128,7 @@ def test_a_tiny_study_launches_from_the_studies_page_and_charts_its_cells(server
     server, workspace = server
     shots = screenshot_folder(tmp_path)
     with chromium() as browser:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
         page.goto(f"{server}/studies")
         for label, value in (("Targets (ratios)", "0.5"), ("Seeds", "0")):
             box = page.get_by_role("textbox", name=label)
