@@ -98,11 +98,11 @@ def exactness_report(model: nn.Module, structures: StructureSet, mask: Iterable[
 
 def exactness_line(report: dict) -> str:
     """One line for the CLI and the UI: 'exact' or 'approximate in N layers: ...' with the measured deviation."""
+    where = f" pruned at {report['ratio']:.0%} of the structures" if "ratio" in report else ""
     if report["exact"]:
-        where = f" pruned at {report['ratio']:.0%} of the structures" if "ratio" in report else ""
         return (f"exact: the pruned model equals the zero-masked one (relative deviation {report['deviation']:.1e} "
                 f"measured on {report['samples']} samples{where})")
     names = list(report["approximate_layers"])
     shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
     return (f"approximate in {len(names)} layers: {shown}; the pruned model deviates from the zero-masked one the "
-            f"saliencies describe by {report['deviation']:.2%} of its output on {report['samples']} samples")
+            f"saliencies describe by {report['deviation']:.2%} of its output on {report['samples']} samples{where}")
