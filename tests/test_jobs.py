@@ -158,3 +158,46 @@ def test_a_killed_job_process_fails_its_job_at_once_with_the_reason(tmp_path):
     assert "killed by signal 9" in job["error"] and "resume" in job["error"]
     resume(store, job_id)
     assert wait_for(store, job_id, lambda j: j["status"] in ("done", "failed"))["status"] == "done"
+
+
+KILL_AFTER_CHECKPOINT = '''
+import os, signal
+from pathlib import Path
+
+import sosp_engine.training as training
+
+_save = training.save_atomically
+
+
+def _save_then_die(obj, path):
+    """Publish the epoch's checkpoint, then die before anything else runs: once per epoch listed in the mark."""
+    out = _save(obj, path)
+    mark = Path(os.environ["SOSP_TEST_KILL_MARK"])
+    if Path(path).name == "last.pt" and str(obj["epoch"]) in os.environ["SOSP_TEST_KILL_EPOCHS"].split(","):
+        done = mark.with_name(f"{mark.name}.{obj['epoch']}")
+        if not done.exists():
+            done.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+
+training.save_atomically = _save_then_die
+'''
+
+
+def test_kills_right_after_an_epochs_checkpoint_lands_lose_no_epoch_and_record_none_twice(tmp_path, monkeypatch):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_AFTER_CHECKPOINT)  # runs in the job's process, before its work
+    monkeypatch.setenv("PYTHONPATH", f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("SOSP_TEST_KILL_MARK", str(tmp_path / "killed"))
+    monkeypatch.setenv("SOSP_TEST_KILL_EPOCHS", "1,3")
+    store = Store(tmp_path / "ws")
+    job_id = submit(store, dataclasses.replace(tiny("train", epochs=4), model_spec="resnet20:widths=4,8,16"))
+    for epoch in (1, 3):
+        job = wait_for(store, job_id, lambda j: j["status"] in ("failed", "done"))
+        assert job["status"] == "failed" and "killed by signal 9" in job["error"], job
+        assert (tmp_path / f"killed.{epoch}").exists()
+        resume(store, job_id)
+    assert wait_for(store, job_id, lambda j: j["status"] in ("failed", "done"))["status"] == "done"
+    assert sorted(m["epoch"] for m in store.metrics(job_id) if m["stage"] == "train") == [1, 2, 3, 4]
