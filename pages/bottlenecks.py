@@ -5,7 +5,7 @@ from app.charts import ratio_histogram, saliency_scatter
 from app.export import export_buttons
 from app.guard import user_errors
 from app.pickers import chosen_analysis
-from sosp_engine.attribution import channel_attribution, saliency_vs_attribution
+from sosp_engine.attribution import channel_attribution, layer_channels, saliency_vs_attribution
 from sosp_engine.bottlenecks import explain, find_bottlenecks, unit_ratios
 from sosp_engine.masks import layer_table
 
@@ -41,6 +41,11 @@ st.dataframe(units, hide_index=True)
 
 st.subheader("What second order changes, channel by channel")
 layer = st.selectbox("Layer", [l.name for l in workbench.structures.layers], index=[l.name for l in workbench.structures.layers].index(flagged[0]) if level == "layer" and flagged else 0)
+channels = layer_channels(result.keys, result.saliency, layer, mask, result.first_order, result.second_order)
+st.dataframe(channels, hide_index=True, height=min(400, 38 + 35 * len(channels)))
+st.caption("Each structure of the layer: pruned or kept at this ratio, its saliency and the method's first- and "
+           "second-order parts (SOSP-H: theta_s . g and theta_s . H theta_struc; SOSP-I: theta_s . g and Q's "
+           "diagonal); rank 1 is pruned first.")
 key = ("attribution", record["id"], layer, ratio, unit)
 if st.button("Compare with a first-order attribution (captum)", icon=":material/insights:"):
     with st.spinner("Computing gradient x activation ..."), user_errors("The attribution", stop=False):

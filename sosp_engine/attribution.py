@@ -26,18 +26,28 @@ def channel_attribution(model: nn.Module, structures: StructureSet, layer_name: 
     return (total / len(x)).abs().double()
 
 
+def layer_channels(keys: list[str], saliency: torch.Tensor, layer_name: str, mask: set[str],
+                   first_order: torch.Tensor | None = None, second_order: torch.Tensor | None = None) -> pd.DataFrame:
+    """Per structure of one layer: pruned or kept by `mask`, the saliency, its first- and second-order parts where the
+    method has them (SOSP-H: theta_s . g and theta_s . H theta_struc; SOSP-I: theta_s . g and Q's diagonal), and its
+    rank in the layer (1 = least salient, pruned first)."""
+    index = [i for i, key in enumerate(keys) if key.rsplit(":", 1)[0] == layer_name]
+    frame = pd.DataFrame({"structure": [keys[i].rsplit(":", 1)[1] for i in index],
+                          "status": ["pruned" if keys[i] in mask else "kept" for i in index],
+                          "sosp_saliency": saliency[index].tolist()})
+    for name, part in (("first_order_part", first_order), ("second_order_part", second_order)):
+        if part is not None:
+            frame[name] = part[index].tolist()
+    frame["sosp_rank"] = frame.sosp_saliency.rank(method="average")
+    return frame
+
+
 def saliency_vs_attribution(keys: list[str], saliency: torch.Tensor, structures: StructureSet, layer_name: str,
                             attribution: torch.Tensor, mask: set[str]) -> pd.DataFrame:
     """Per structure of one layer: SOSP saliency, first-order attribution (summed over the structure's channels),
     both ranks (1 = least salient) and whether the mask prunes it."""
     layer = next(l for l in structures.layers if l.name == layer_name)
-    index = [i for i, key in enumerate(keys) if key.rsplit(":", 1)[0] == layer_name]
-    frame = pd.DataFrame({
-        "structure": [keys[i].rsplit(":", 1)[1] for i in index],
-        "sosp_saliency": saliency[index].tolist(),
-        "first_order_attribution": [float(attribution[channels].sum()) for channels in layer.structure_channels],
-        "status": ["pruned" if keys[i] in mask else "kept" for i in index],
-    })
-    frame["sosp_rank"] = frame.sosp_saliency.rank(method="average")
+    frame = layer_channels(keys, saliency, layer_name, mask)
+    frame["first_order_attribution"] = [float(attribution[channels].sum()) for channels in layer.structure_channels]
     frame["attribution_rank"] = frame.first_order_attribution.rank(method="average")
     return frame

@@ -396,3 +396,10 @@ def test_a_latency_target_is_measured_on_this_machine_and_sliced_into_a_mask(sto
     assert not at.exception and not at.error
     assert any("is predicted to take" in s.value and "less" in s.value for s in at.success)
     assert any(b.label == "Mask at this latency (JSON)" for b in at.get("download_button"))
+
+
+def test_the_bottlenecks_page_lists_the_chosen_layers_channels_with_their_saliency_parts(stored):
+    at = open_page("bottlenecks")
+    frame = at.dataframe[-1].value
+    assert {"status", "sosp_saliency", "first_order_part", "second_order_part", "sosp_rank"} <= set(frame.columns)
+    assert set(frame.status) <= {"pruned", "kept"} and len(frame) > 1
