@@ -78,6 +78,7 @@ def expand_section(path: str) -> list[str]:
         init = [row.replace("| reproduced |", "| train-pruning ahead |").replace(
             "| not distinguishable |", "| reproduced (as good) |").replace("| contradicted |", "| init-pruning ahead |")
             for row in init]
+    after = table.acc_after_pruning_mean.dropna()
     header = "| comparison | first | second | params | MACs | verdict |\n| --- | ---: | ---: | ---: | ---: | --- |"
     return [
         f"Study {study['study']} (`python bench/claims.py ... --expand {path}`): model `{config['model_spec']}` on "
@@ -95,7 +96,10 @@ def expand_section(path: str) -> list[str]:
         "Reproduced when expand-pruning's mean is above by more than both standard deviations added. The MACs column "
         "shows what each costs at inference: equal parameters are not equal MACs.", "",
         header, *expand_rows(table, "expand-prune", "widen-prune"), *expand_rows(table, "expand-prune", "train-prune"),
-        "", "```", table.to_string(index=False, float_format=lambda v: f"{v:.4g}"), "```", ""]
+        "", f"Right after pruning (before fine-tuning) the pruned runs score {after.min():.1%}-{after.max():.1%}: the "
+        f"final accuracies measure how far each net recovers in {config['finetune_epochs']} fine-tuning epochs "
+        f"(init-pruning: {config['epochs'] + config['finetune_epochs']} epochs of training in its pruned shape).", "",
+        "```", table.to_string(index=False, float_format=lambda v: f"{v:.4g}"), "```", ""]
 
 
 def stability_section(path: str) -> list[str]:
@@ -103,10 +107,15 @@ def stability_section(path: str) -> list[str]:
     data = json.loads(Path(path).read_text())
     trials = Counter(", ".join(r["bottlenecks"]) for r in data["across_trials"])
     draws = data["across_samples"]
+    stages = list(draws[0]["stage_ratios"])
     rows = []
     for samples in sorted({d["samples"] for d in draws}):
-        picked = Counter(", ".join(d["bottlenecks"]) for d in draws if d["samples"] == samples)
-        rows.append(f"| {samples} | " + "; ".join(f"{name} ({n}x)" for name, n in picked.most_common()) + " |")
+        same = [d for d in draws if d["samples"] == samples]
+        picked = Counter(", ".join(d["bottlenecks"]) for d in same)
+        ranges = [f"{min(d['stage_ratios'][u] for d in same):.0%}-{max(d['stage_ratios'][u] for d in same):.0%}"
+                  for u in stages]
+        rows.append(f"| {samples} | " + "; ".join(f"{name} ({n}x)" for name, n in picked.most_common()) + " | "
+                    + " | ".join(ranges) + " |")
     majority, count = Counter(", ".join(d["bottlenecks"]) for d in draws).most_common(1)[0]
     return [
         "## Claim 5: the bottlenecks SOSP flags are a property of the net, not of the seed or of N'", "",
@@ -114,7 +123,8 @@ def stability_section(path: str) -> list[str]:
         f"stage of a ResNet). Across the {len(data['across_trials'])} independently trained plain nets: "
         + "; ".join(f"{name} ({n}x)" for name, n in trials.most_common())
         + f". On trial 0's trained net, per N' over {len({d['seed'] for d in draws})} draws of the samples:", "",
-        "| N' | flagged (times) |", "| ---: | --- |", *rows, "",
+        "| N' | flagged (times) | " + " | ".join(f"{u} pruned" for u in stages) + " |",
+        "| ---: | --- |" + " ---: |" * len(stages), *rows, "",
         f"Verdict: {count} of {len(draws)} analyses flag {majority}; "
         + ("stable across N' and draws." if count == len(draws) else "not fully stable: see the rows above.")
         + (" Stable across trained seeds." if len(trials) == 1 else " Different trained seeds flag different units."),

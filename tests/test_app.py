@@ -275,11 +275,13 @@ def test_the_expand_page_widens_what_the_bottlenecks_page_flagged(stored):
 def test_the_expand_page_launches_one_expand_study_of_the_flagged_bottlenecks(stored_root, tmp_path, monkeypatch):
     import shutil
 
+    import app.sidebar
     import sosp_engine.jobs
 
     shutil.copytree(stored_root, tmp_path / "ws")
     monkeypatch.setenv("SOSP_WORKSPACE", str(tmp_path / "ws"))
-    monkeypatch.setattr(sosp_engine.jobs, "launch_pending", lambda store: None)  # queued, not run: the config is checked
+    for module in (sosp_engine.jobs, app.sidebar):  # queued, never run: the test checks what was queued
+        monkeypatch.setattr(module, "launch_pending", lambda store: [])
     at = open_page("bottlenecks")
     widget(at.radio, "Rule").set_value("least").run()
     widget(at.number_input, "n").set_value(2).run()
@@ -289,6 +291,7 @@ def test_the_expand_page_launches_one_expand_study_of_the_flagged_bottlenecks(st
     widget(at.button, "Launch the expand study").click().run()
     assert not at.exception and not at.error and any("Queued an expand study of 9 runs" in s.value for s in at.success)
     [job] = Store(tmp_path / "ws").jobs()
+    assert job["status"] == "queued"
     target = int(widget(at.metric, "Pruning target (params)").value.replace(",", ""))
     assert job["kind"] == "expand-study" and job["config"]["trials"] == 3
     assert job["config"]["widen"] == {unit: 2.0 for unit in flagged} and job["config"]["target_params"] == target

@@ -10,7 +10,7 @@ from conftest import ROOT
 from sosp_engine.store import Store
 
 TINY = {"--epochs": "1", "--samples": "40", "--points": "3", "--finetune-epochs": "0", "--seeds": "0",
-        "--targets": "0.5"}
+        "--targets": "0.5", "--trials": "1"}
 
 
 def readme_commands() -> list[list[str]]:
