@@ -34,18 +34,7 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (one trained net and analysis each)")
     p.add_argument("--epochs", type=int, default=10, help="training epochs per seed (ignored with --weights)")
     p.add_argument("--finetune-epochs", type=int, default=5)
-    p.add_argument("--samples", type=int, default=500, help="N' of each analysis")
-    p.add_argument("--cap", type=float, default=0.95)
-    p.add_argument("--normalize", default="none", choices=NORMALIZATIONS)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="auto")
-    add_distributed_args(p)
-    p.add_argument("--exclude", nargs="*", default=[])
-    p.add_argument("--preset", default="auto")
-    p.add_argument("--name", default="")
-    add_backend_args(p)
-    p.add_argument("--workspace", default=None, help="workspace folder (default $SOSP_WORKSPACE or ./workspace)")
+    add_run_args(p)
     p.set_defaults(func=cmd_study_submit)
     add_expand_parser(ssub)
     for verb, helptext in (("list", "every study of the workspace"), ("show", "the aggregated table of a study"),
@@ -75,8 +64,15 @@ def add_expand_parser(ssub: argparse._SubParsersAction) -> None:
     p.add_argument("--unit", default="params", choices=UNITS)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--finetune-epochs", type=int, default=10)
+    add_run_args(p)
+    p.set_defaults(func=cmd_study_expand)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The analysis, training and placement flags both kinds of study take."""
     p.add_argument("--samples", type=int, default=500, help="N' of each analysis")
     p.add_argument("--cap", type=float, default=0.95)
+    p.add_argument("--normalize", default="none", choices=NORMALIZATIONS)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto")
@@ -86,7 +82,6 @@ def add_expand_parser(ssub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="")
     add_backend_args(p)
     p.add_argument("--workspace", default=None, help="workspace folder (default $SOSP_WORKSPACE or ./workspace)")
-    p.set_defaults(func=cmd_study_expand)
 
 
 def cmd_study_submit(args: argparse.Namespace) -> dict:
@@ -112,6 +107,7 @@ def cmd_study_expand(args: argparse.Namespace) -> dict:
                                procedures=[p.strip() for p in args.procedures.split(",") if p.strip()],
                                trials=args.trials, widen=parse_widen(args.widen), widen_by=args.widen_by,
                                method=args.method, samples=args.samples, ratio=args.ratio, unit=args.unit, cap=args.cap,
+                               normalize=args.normalize,
                                epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
                                batch_size=args.batch_size, device=args.device, exclude=args.exclude,
                                preset=args.preset, nproc=args.nproc, sync_bn=args.sync_bn)
