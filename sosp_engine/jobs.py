@@ -310,6 +310,19 @@ def record_outputs(store: Store, job: dict, result: dict) -> None:
                         {"test_acc": result["test_acc"]})
 
 
+def _record_failure(store: Store, job_id: str, error: str, tries: int = 5) -> int:
+    """Store a failed job's error, retrying while the store cannot be written (a disk that was full a moment ago);
+    if it never can, the error is the log's last line, which the reaper stores with the exit code."""
+    for attempt in range(tries):
+        try:
+            store.update_job(job_id, status="failed", finished=time.time(), error=error)
+            return 1
+        except SospError:
+            time.sleep(0.5 * (attempt + 1))
+    print(f"failed: {error}", flush=True)
+    return 1
+
+
 def run_job(store: Store, job_id: str) -> int:
     """The body of a job process: heartbeat, progress and metrics into the store, then done / failed / cancelled."""
     job = store.job(job_id)
@@ -356,8 +369,7 @@ def run_job(store: Store, job_id: str) -> int:
         code = 0
     except Exception as exc:  # the job failed: keep the error and the traceback in the store and the log
         print(traceback.format_exc(), flush=True)
-        store.update_job(job_id, status="failed", finished=time.time(), error=f"{type(exc).__name__}: {exc}")
-        code = 1
+        code = _record_failure(store, job_id, f"{type(exc).__name__}: {exc}")
     finally:
         stop.set()
     launch_pending(store)

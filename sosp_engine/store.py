@@ -70,6 +70,12 @@ def _rows(cursor: sqlite3.Cursor) -> list[dict]:
     return out
 
 
+def _disk_trouble(exc: sqlite3.OperationalError) -> bool:
+    """SQLite's words for a full or failing disk, as opposed to a damaged database."""
+    text = str(exc).lower()
+    return "disk i/o error" in text or "database or disk is full" in text
+
+
 class Store:
     """Records of analyses, jobs, their metrics and trained models, plus their artifact folders."""
 
@@ -87,8 +93,16 @@ class Store:
         try:
             conn.execute("PRAGMA foreign_keys = ON")
             yield conn
+        except sqlite3.OperationalError as exc:
+            if _disk_trouble(exc):
+                raise StoreError(self._disk_message(exc)) from None
+            raise
         finally:
             conn.close()
+
+    def _disk_message(self, exc: Exception) -> str:
+        return (f"the disk holding the workspace '{self.root}' is full or failing ({exc}); free space there and retry "
+                "(the database itself is not damaged)")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -109,6 +123,8 @@ class Store:
                 app_id = conn.execute("PRAGMA application_id").fetchone()[0]
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except StoreError:
+            raise
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"'{self.db_path}' is not a readable SOSP Lab workspace database ({exc}). "
                              "Move it away or choose another workspace folder; nothing was changed.") from None

@@ -209,8 +209,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path
     real = torch.save
 
     def half_written(obj, target):  # writes part of the file, then the disk is full
-        with open(target, "wb") as fh:
-            fh.write(b"PK\x03\x04 partial")
+        target.write(b"PK\x03\x04 partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(atomic.torch, "save", half_written)

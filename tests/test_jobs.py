@@ -201,3 +201,33 @@ def test_kills_right_after_an_epochs_checkpoint_lands_lose_no_epoch_and_record_n
         resume(store, job_id)
     assert wait_for(store, job_id, lambda j: j["status"] in ("failed", "done"))["status"] == "done"
     assert sorted(m["epoch"] for m in store.metrics(job_id) if m["stage"] == "train") == [1, 2, 3, 4]
+
+
+def test_a_full_disk_fails_the_job_naming_it_and_the_workspace_stays_readable(tmp_path, capsys):
+    from sosp_engine.cli import main
+
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
+                                                   capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("filling a real disk needs root and a mountable tmpfs")
+    try:
+        store = Store(small / "ws")  # 1 MB: the database and the log fit, a ResNet-20 checkpoint (2 MB) does not
+        job_id = submit(store, tiny("train", epochs=2))
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                job = store.job(job_id)
+            except StoreError as exc:  # read while the disk is full: said as such, not as a broken database
+                assert "is full or failing" in str(exc) and "not damaged" in str(exc)
+                continue
+            if job["status"] in ("failed", "done"):
+                break
+            time.sleep(0.2)
+        assert job["status"] == "failed" and "disk full (ENOSPC)" in job["error"], job
+        assert main(["jobs", "list", "--workspace", str(small / "ws")]) == 0
+        assert job_id in capsys.readouterr().out
+        assert not list((small / "ws").rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
