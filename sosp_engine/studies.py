@@ -2,7 +2,7 @@
 
 Per seed one trained checkpoint (trained here, or the one given); per seed and method one analysis, whose stored order
 is sliced at every target (nothing recomputed); per cell the pruned net's accuracy right after pruning and after
-fine-tuning, its parameters, MACs and CPU latency. The work is three phases of independent units (trainings, analyses,
+fine-tuning, its parameters, MACs and CPU latency (and GPU latency where it ran on a GPU). The work is three phases of independent units (trainings, analyses,
 cells); a `fan_out` (the Ray backend's) runs each phase's units in parallel, the study records each as it finishes.
 """
 from __future__ import annotations
@@ -178,7 +178,8 @@ class Study(ResumableRun):
         return result
 
     def _cell(self, seed: int, method: str, target: float, weights: str, result: AnalysisResult) -> dict:
-        """Prune to the target, test, fine-tune, test again; the pruned net's size and CPU latency, where and when."""
+        """Prune to the target, test, fine-tune, test again; the pruned net's size, CPU latency (GPU latency too on a
+        GPU), where and when."""
         started = time.time()
         model = self._model(weights).eval()
         structures = self._structures(model)
@@ -194,12 +195,13 @@ class Study(ResumableRun):
             if outcome.cancelled:
                 raise Cancelled(f"cancelled while fine-tuning {cell_key(seed, method, target)}")
             acc_finetuned = outcome.test_acc
+        latency_gpu_ms = (1000 * measure_latency(smaller, self.example, device)) if device.type == "cuda" else None
         smaller = smaller.cpu()
         return {"seed": seed, "method": method, "target": target, "unit": self.config.unit,
                 "structures_pruned": len(mask), "params": count_params(smaller),
                 "macs": count_macs(smaller, self.example), "acc_pruned": acc_pruned, "acc_finetuned": acc_finetuned,
-                "latency_cpu_ms": 1000 * measure_latency(smaller, self.example, "cpu"), "node": socket.gethostname(),
-                "started": started, "finished": time.time()}
+                "latency_cpu_ms": 1000 * measure_latency(smaller, self.example, "cpu"), "latency_gpu_ms": latency_gpu_ms,
+                "node": socket.gethostname(), "started": started, "finished": time.time()}
 
     def unit(self, unit: Unit) -> dict:
         """Do one unit: train a seed, analyse a seed with a method, or prune, test and fine-tune one cell."""
@@ -267,7 +269,10 @@ def aggregate(cells: list[dict]) -> pd.DataFrame:
         acc_finetuned_mean=("acc_finetuned", "mean"), acc_finetuned_std=("acc_finetuned", "std"),
         params_mean=("params", "mean"), params_std=("params", "std"), macs_mean=("macs", "mean"),
         macs_std=("macs", "std"), latency_cpu_ms_mean=("latency_cpu_ms", "mean"))
-    return grouped.reset_index().fillna(0.0)[columns]
+    table = grouped.reset_index().fillna(0.0)[columns]
+    if "latency_gpu_ms" in frame and frame.latency_gpu_ms.notna().any():  # cells that ran on a GPU
+        table["latency_gpu_ms_mean"] = frame.groupby(["method", "target"], sort=False).latency_gpu_ms.mean().values
+    return table
 
 
 def study_cells(job: dict) -> list[dict]:

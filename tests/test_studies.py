@@ -40,6 +40,14 @@ def test_aggregation_is_the_mean_and_std_over_seeds_of_known_records():
     assert aggregate(cells[:1]).iloc[0].acc_pruned_std == 0.0
 
 
+def test_gpu_latency_is_aggregated_only_where_cells_ran_on_a_gpu():
+    cells = [{"seed": s, "method": "m", "target": 0.5, "acc_pruned": 0.5, "acc_finetuned": 0.9, "params": 100,
+              "macs": 10, "latency_cpu_ms": 1.0, "latency_gpu_ms": g} for s, g in ((0, 0.2), (1, 0.4))]
+    assert aggregate(cells).iloc[0].latency_gpu_ms_mean == pytest.approx(0.3)
+    on_cpu = [{**c, "latency_gpu_ms": None} for c in cells]
+    assert "latency_gpu_ms_mean" not in aggregate(on_cpu)
+
+
 def test_a_study_runs_every_cell_with_sizes_that_shrink_with_the_target(tmp_path, weights):
     summary = Study(tiny(weights=weights, finetune_epochs=0), tmp_path, data=DIGITS).run()
     cells = pd.DataFrame(summary["cells"])
