@@ -16,7 +16,7 @@ from .errors import AnalysisError, is_out_of_memory
 from .exactness import exactness_report
 from .latency import LATENCY_UNIT, LatencyProfile
 from .loading import Workbench
-from .memory import SMALLEST_PROBED_BATCH, probe
+from .memory import SELECTION, SMALLEST_PROBED_BATCH, memory_phase, probe
 from .models import weights_fingerprint
 from .progress import ProgressFn, StopFn, check_cancel, report
 from .saliency.common import LOSSES, AnalysisInputs
@@ -282,27 +282,28 @@ def compute_saliency(method: str, inputs: AnalysisInputs, cap: float, normalize:
                             "are not finite (check the checkpoint, or the data's scale)")
     out["saliency_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
-    if method == "sosp-i":
-        increments: list[float] = []
-        q = sosp_i_matrix(first, out.pop("gram"))
-        order, n_prunable = greedy_order(q, structures, cap, normalize, increments)
-        if round_to > 1:
+    with memory_phase(SELECTION):  # once per analysis, whatever the batch: the memory probe counts it apart
+        if method == "sosp-i":
+            increments: list[float] = []
+            q = sosp_i_matrix(first, out.pop("gram"))
+            order, n_prunable = greedy_order(q, structures, cap, normalize, increments)
+            if round_to > 1:
+                order, n_prunable = rounded_order(order, n_prunable, structures, round_to, cap)
+                out["predicted_prefix"] = objective_prefix(q, order, n_prunable)
+            else:  # eq. (2) of each prefix M: sum over s, s' in M of Q[s, s'], the sum of the greedy increments
+                out["predicted_prefix"] = torch.cat([torch.zeros(1, dtype=torch.float64),
+                                                     torch.tensor(increments, dtype=torch.float64).cumsum(0)])
+            del q
+        else:
+            out.pop("gram", None)
+            order, n_prunable = order_by_saliency(saliency, structures, cap, normalize)
             order, n_prunable = rounded_order(order, n_prunable, structures, round_to, cap)
-            out["predicted_prefix"] = objective_prefix(q, order, n_prunable)
-        else:  # eq. (2) of each prefix M: sum over s, s' in M of Q[s, s'], the sum of the greedy increments
-            out["predicted_prefix"] = torch.cat([torch.zeros(1, dtype=torch.float64),
-                                                 torch.tensor(increments, dtype=torch.float64).cumsum(0)])
-        del q
-    else:
-        out.pop("gram", None)
-        order, n_prunable = order_by_saliency(saliency, structures, cap, normalize)
-        order, n_prunable = rounded_order(order, n_prunable, structures, round_to, cap)
-        out["predicted_prefix"] = saliency_prefix(saliency, order, n_prunable)
-    out["selection_seconds"] = time.perf_counter() - start
-    out.update(saliency=saliency.detach().double().cpu(), pruning_order=order.cpu(), n_prunable=n_prunable)
-    for key in ("first_order", "second_order"):
-        if out[key] is not None:
-            out[key] = out[key].detach().double().cpu()
+            out["predicted_prefix"] = saliency_prefix(saliency, order, n_prunable)
+        out["selection_seconds"] = time.perf_counter() - start
+        out.update(saliency=saliency.detach().double().cpu(), pruning_order=order.cpu(), n_prunable=n_prunable)
+        for key in ("first_order", "second_order"):
+            if out[key] is not None:
+                out[key] = out[key].detach().double().cpu()
     return out
 
 
@@ -340,7 +341,8 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
         estimate = probe(lambda n: saliency_of(AnalysisInputs(model, workbench.structures, x[:n], y[:n], config.loss, n)),
                          device, min(batch, len(y)))
         batch = estimate.batch_within(budget, min(batch, len(y)))
-        memory = {"fixed_bytes": estimate.fixed, "per_sample_bytes": estimate.per_sample, "budget_bytes": budget,
+        memory = {"fixed_bytes": estimate.fixed, "per_sample_bytes": estimate.per_sample,
+                  "selection_bytes": estimate.floor, "budget_bytes": budget,
                   "estimated_peak_bytes": estimate.peak(batch), "batch": batch, "line": estimate.describe(batch, budget)}
         timings["memory_probe"] = time.perf_counter() - start
         report(progress, 0.0, memory["line"])

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.utils._pytree as pytree
@@ -34,13 +35,15 @@ class MemoryBudgetError(AnalysisError):
 
 @dataclass
 class MemoryEstimate:
-    """Peak tensor bytes of an analysis as fixed + per_sample * batch."""
+    """Peak tensor bytes of an analysis: fixed + per_sample * batch over the batched work, or the once-only
+    selection's peak (`floor`, e.g. SOSP-I's S x S matrices) where that is higher."""
 
     fixed: float
     per_sample: float
+    floor: float = 0.0
 
     def peak(self, batch: int) -> float:
-        return self.fixed + self.per_sample * batch
+        return max(self.floor, self.fixed + self.per_sample * batch)
 
     def batch_within(self, budget: float, largest: int) -> int:
         """The largest batch (at most `largest`) whose estimated peak stays within `budget` bytes."""
@@ -53,8 +56,10 @@ class MemoryEstimate:
         return max(1, min(largest, math.floor((budget - self.fixed) / self.per_sample)))
 
     def describe(self, batch: int, budget: float) -> str:
+        selection = (f"; the once-only selection {self.floor / 2**20:,.0f} MiB"
+                     if self.floor > self.fixed + self.per_sample * batch else "")
         return (f"memory: about {self.peak(batch) / 2**20:,.0f} MiB at batch {batch} "
-                f"({self.per_sample / 2**20:,.1f} MiB per sample + {self.fixed / 2**20:,.0f} MiB; "
+                f"({self.per_sample / 2**20:,.1f} MiB per sample + {self.fixed / 2**20:,.0f} MiB{selection}; "
                 f"budget {budget / 2**20:,.0f} MiB)")
 
 
@@ -63,14 +68,29 @@ def default_budget(device: torch.device) -> float:
     return DEFAULT_SHARE * available_memory(device)
 
 
+_TRACKERS: list["PeakTensorBytes"] = []  # the modes on now, innermost last
+BATCHED, SELECTION = "batched", "selection"
+
+
 class PeakTensorBytes(TorchDispatchMode):
-    """The peak, per device type, of the bytes of tensor storages allocated while the mode is on and not yet freed."""
+    """The peak, per device type, of the bytes of tensor storages allocated while the mode is on and not yet freed;
+    also per phase (`memory_phase`), so a once-only phase does not hide how the batched work grows."""
 
     def __init__(self) -> None:
         super().__init__()
         self.live: dict[str, int] = {}
         self.peak: dict[str, int] = {}
+        self.phase = BATCHED
+        self.phase_peak: dict[tuple[str, str], int] = {}
         self.seen = WeakIdKeyDictionary()
+
+    def __enter__(self):
+        _TRACKERS.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _TRACKERS.remove(self)
+        return super().__exit__(*exc)
 
     def _release(self, kind: str, size: int) -> None:
         self.live[kind] -= size
@@ -88,25 +108,43 @@ class PeakTensorBytes(TorchDispatchMode):
             weakref.finalize(storage, self._release, kind, size)
             self.live[kind] = self.live.get(kind, 0) + size
             self.peak[kind] = max(self.peak.get(kind, 0), self.live[kind])
+            key = (self.phase, kind)
+            self.phase_peak[key] = max(self.phase_peak.get(key, 0), self.live[kind])
         return out
+
+
+@contextmanager
+def memory_phase(name: str) -> Iterator[None]:
+    """Count the tensors allocated in this block towards phase `name` of the tracker that is on (if any)."""
+    tracker = _TRACKERS[-1] if _TRACKERS else None
+    if tracker is None:
+        yield
+        return
+    previous, tracker.phase = tracker.phase, name
+    try:
+        yield
+    finally:
+        tracker.phase = previous
 
 
 def probe(run: Callable[[int], object], device: torch.device, largest: int) -> MemoryEstimate:
     """Fit fixed + per-sample bytes from the peak tensor memory of `run(n)` (the method on n samples).
 
-    n doubles from 2 until the peak grows with it (a once-only phase, such as SOSP-I's selection on a large S x S
-    matrix, can hide the per-sample growth at tiny n), at most to PROBE_LIMIT or `largest`; the last two sizes fit.
+    The batched work's peak and the selection phase's peak (`memory_phase(SELECTION)`, such as SOSP-I's greedy order on
+    S x S matrices) are followed apart. n doubles from 2 until the batched peak grows with it, at most to PROBE_LIMIT
+    or `largest`; the last two sizes fit the line, and the selection's peak is the floor.
     """
-    sizes, peaks = [], []
+    sizes, peaks, floor = [], [], 0
     n = SMALLEST_PROBE
     while True:
         with PeakTensorBytes() as tracker:
             run(n)
         sizes.append(n)
-        peaks.append(tracker.peak.get(device.type, 0))
+        peaks.append(tracker.phase_peak.get((BATCHED, device.type), 0))
+        floor = tracker.phase_peak.get((SELECTION, device.type), 0)
         grew = len(peaks) > 1 and peaks[-1] - peaks[-2] >= GROWTH * peaks[-2]
         if len(peaks) > 1 and (grew or 2 * n > min(PROBE_LIMIT, largest)):
             break
         n *= 2
     per_sample = max(0.0, (peaks[-1] - peaks[-2]) / (sizes[-1] - sizes[-2]))
-    return MemoryEstimate(max(0.0, peaks[-1] - per_sample * sizes[-1]), per_sample)
+    return MemoryEstimate(max(0.0, peaks[-1] - per_sample * sizes[-1]), per_sample, float(floor))

@@ -5,7 +5,7 @@ import torch
 from sosp_engine.analysis import AnalysisConfig, compute_saliency, run_analysis
 from sosp_engine.cli import main
 from sosp_engine.loading import open_workbench
-from sosp_engine.memory import MemoryBudgetError, MemoryEstimate, PeakTensorBytes, probe
+from sosp_engine.memory import SELECTION, MemoryBudgetError, MemoryEstimate, PeakTensorBytes, memory_phase, probe
 from sosp_engine.saliency.common import AnalysisInputs
 
 CPU = torch.device("cpu")
@@ -27,6 +27,18 @@ def test_the_probe_fits_fixed_and_per_sample_bytes_of_a_known_workload():
 
     estimate = probe(workload, CPU, largest=100)
     assert estimate.fixed == 1_000_000 and estimate.per_sample == 100_000
+
+
+def test_a_larger_once_only_selection_phase_does_not_hide_the_per_sample_growth():
+    def workload(n: int) -> None:
+        per_sample = torch.zeros(n, 25_000)  # 100 kB a sample
+        with memory_phase(SELECTION):
+            matrix = torch.zeros(1_000_000)  # 4 MB once, more than 16 samples' batched work
+        assert per_sample.numel() and matrix.numel()
+
+    estimate = probe(workload, CPU, largest=100)
+    assert estimate.per_sample == 100_000 and estimate.floor >= 4_000_000
+    assert estimate.peak(100) == pytest.approx(10_000_000, rel=0.01) and estimate.peak(2) == estimate.floor
 
 
 def test_the_batch_is_the_largest_whose_estimate_fits_the_budget():
