@@ -16,7 +16,7 @@ from .errors import AnalysisError, is_out_of_memory
 from .exactness import exactness_report
 from .latency import LATENCY_UNIT, LatencyProfile
 from .loading import Workbench
-from .memory import SELECTION, SMALLEST_PROBED_BATCH, memory_phase, probe
+from .memory import MATRIX, SMALLEST_PROBED_BATCH, memory_phase, probe
 from .models import weights_fingerprint
 from .progress import ProgressFn, StopFn, check_cancel, report
 from .saliency.common import LOSSES, AnalysisInputs
@@ -282,7 +282,7 @@ def compute_saliency(method: str, inputs: AnalysisInputs, cap: float, normalize:
                             "are not finite (check the checkpoint, or the data's scale)")
     out["saliency_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
-    with memory_phase(SELECTION):  # once per analysis, whatever the batch: the memory probe counts it apart
+    with memory_phase(MATRIX):  # the same size at any batch: the memory probe counts it apart
         if method == "sosp-i":
             increments: list[float] = []
             q = sosp_i_matrix(first, out.pop("gram"))
@@ -342,7 +342,7 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
                          device, min(batch, len(y)))
         batch = estimate.batch_within(budget, min(batch, len(y)))
         memory = {"fixed_bytes": estimate.fixed, "per_sample_bytes": estimate.per_sample,
-                  "selection_bytes": estimate.floor, "budget_bytes": budget,
+                  "matrix_bytes": estimate.floor, "budget_bytes": budget,
                   "estimated_peak_bytes": estimate.peak(batch), "batch": batch, "line": estimate.describe(batch, budget)}
         timings["memory_probe"] = time.perf_counter() - start
         report(progress, 0.0, memory["line"])

@@ -35,8 +35,8 @@ class MemoryBudgetError(AnalysisError):
 
 @dataclass
 class MemoryEstimate:
-    """Peak tensor bytes of an analysis: fixed + per_sample * batch over the batched work, or the once-only
-    selection's peak (`floor`, e.g. SOSP-I's S x S matrices) where that is higher."""
+    """Peak tensor bytes of an analysis: fixed + per_sample * batch over the batched work, or the peak of its work on
+    S x S matrices (`floor`: SOSP-I's Gram accumulation and selection, the same size at any batch) where higher."""
 
     fixed: float
     per_sample: float
@@ -56,10 +56,10 @@ class MemoryEstimate:
         return max(1, min(largest, math.floor((budget - self.fixed) / self.per_sample)))
 
     def describe(self, batch: int, budget: float) -> str:
-        selection = (f"; the once-only selection {self.floor / 2**20:,.0f} MiB"
-                     if self.floor > self.fixed + self.per_sample * batch else "")
+        matrix = (f"; its S x S work {self.floor / 2**20:,.0f} MiB"
+                  if self.floor > self.fixed + self.per_sample * batch else "")
         return (f"memory: about {self.peak(batch) / 2**20:,.0f} MiB at batch {batch} "
-                f"({self.per_sample / 2**20:,.1f} MiB per sample + {self.fixed / 2**20:,.0f} MiB{selection}; "
+                f"({self.per_sample / 2**20:,.1f} MiB per sample + {self.fixed / 2**20:,.0f} MiB{matrix}; "
                 f"budget {budget / 2**20:,.0f} MiB)")
 
 
@@ -69,7 +69,7 @@ def default_budget(device: torch.device) -> float:
 
 
 _TRACKERS: list["PeakTensorBytes"] = []  # the modes on now, innermost last
-BATCHED, SELECTION = "batched", "selection"
+BATCHED, MATRIX = "batched", "matrix"  # the batched work; the once-sized S x S work (Gram, selection)
 
 
 class PeakTensorBytes(TorchDispatchMode):
@@ -130,9 +130,10 @@ def memory_phase(name: str) -> Iterator[None]:
 def probe(run: Callable[[int], object], device: torch.device, largest: int) -> MemoryEstimate:
     """Fit fixed + per-sample bytes from the peak tensor memory of `run(n)` (the method on n samples).
 
-    The batched work's peak and the selection phase's peak (`memory_phase(SELECTION)`, such as SOSP-I's greedy order on
-    S x S matrices) are followed apart. n doubles from 2 until the batched peak grows with it, at most to PROBE_LIMIT
-    or `largest`; the last two sizes fit the line, and the selection's peak is the floor.
+    The batched work's peak and the peak of the work on S x S matrices (`memory_phase(MATRIX)`: SOSP-I's Gram
+    accumulation and greedy order) are followed apart, so the large once-sized matrices cannot hide how the batched
+    work grows. n doubles from 2 until the batched peak grows with it, at most to PROBE_LIMIT or `largest`; the last
+    two sizes fit the line, and the S x S work's peak is the floor.
     """
     sizes, peaks, floor = [], [], 0
     n = SMALLEST_PROBE
@@ -141,7 +142,7 @@ def probe(run: Callable[[int], object], device: torch.device, largest: int) -> M
             run(n)
         sizes.append(n)
         peaks.append(tracker.phase_peak.get((BATCHED, device.type), 0))
-        floor = tracker.phase_peak.get((SELECTION, device.type), 0)
+        floor = tracker.phase_peak.get((MATRIX, device.type), 0)
         grew = len(peaks) > 1 and peaks[-1] - peaks[-2] >= GROWTH * peaks[-2]
         if len(peaks) > 1 and (grew or 2 * n > min(PROBE_LIMIT, largest)):
             break

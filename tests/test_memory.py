@@ -5,7 +5,7 @@ import torch
 from sosp_engine.analysis import AnalysisConfig, compute_saliency, run_analysis
 from sosp_engine.cli import main
 from sosp_engine.loading import open_workbench
-from sosp_engine.memory import SELECTION, MemoryBudgetError, MemoryEstimate, PeakTensorBytes, memory_phase, probe
+from sosp_engine.memory import MATRIX, MemoryBudgetError, MemoryEstimate, PeakTensorBytes, memory_phase, probe
 from sosp_engine.saliency.common import AnalysisInputs
 
 CPU = torch.device("cpu")
@@ -32,7 +32,7 @@ def test_the_probe_fits_fixed_and_per_sample_bytes_of_a_known_workload():
 def test_a_larger_once_only_selection_phase_does_not_hide_the_per_sample_growth():
     def workload(n: int) -> None:
         per_sample = torch.zeros(n, 25_000)  # 100 kB a sample
-        with memory_phase(SELECTION):
+        with memory_phase(MATRIX):
             matrix = torch.zeros(1_000_000)  # 4 MB once, more than 16 samples' batched work
         assert per_sample.numel() and matrix.numel()
 

@@ -8,6 +8,7 @@ import torch
 
 from ..devices import available_memory
 from ..errors import AnalysisError
+from ..memory import MATRIX, memory_phase
 from ..progress import check_cancel, report
 from .common import AnalysisInputs, affine_batch_norms, channel_dim
 
@@ -152,9 +153,10 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
         if diagonal_only:
             gram += (flat ** 2).sum(0) - ((minus ** 2).sum(0) if minus is not None else 0)
         else:
-            add_gram(gram, flat)
-            if minus is not None:
-                add_gram(gram, minus, sign=-1.0)
+            with memory_phase(MATRIX):
+                add_gram(gram, flat)
+                if minus is not None:
+                    add_gram(gram, minus, sign=-1.0)
         report(inputs.progress, min(1.0, (i + 1) * inputs.batch_size / n_total), "Gauss-Newton products")
     return first / n_total, gram.div_(n_total)
 
