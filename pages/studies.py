@@ -32,7 +32,8 @@ with st.expander("Launch a study", expanded=not any(j["kind"] == STUDY_KIND for 
                              key="study-methods")
     cols = st.columns(3)
     targets_text = cols[0].text_input("Targets (ratios)", "0.3,0.5,0.7", key="study-targets")
-    unit = cols[1].radio("Unit", ["params", "macs", "structures"], horizontal=True, key="study-unit")
+    unit = cols[1].radio("Unit", ["params", "macs", "structures", "latency"], horizontal=True, key="study-unit",
+                         help="latency: the CPU latency at batch 1, timed along each analysis's order")
     seeds_text = cols[2].text_input("Seeds", "0,1,2", key="study-seeds")
     cols = st.columns(4)
     epochs = cols[0].number_input("Training epochs", 0, 1000, 10, key="study-epochs")

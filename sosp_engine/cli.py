@@ -216,7 +216,8 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="sosp-h", choices=METHODS)
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--unit", default="structures", choices=UNITS)
+    p.add_argument("--unit", default="structures", choices=UNITS + (LATENCY_UNIT,),
+                   help="what --ratio is a fraction of; latency: the CPU latency at batch 1, timed along the order")
     p.add_argument("--target-params", type=int, default=None, help="prune to this many parameters instead of --ratio")
     p.add_argument("--cap", type=float, default=0.95)
     p.add_argument("--normalize", default="none", choices=NORMALIZATIONS)

@@ -14,6 +14,7 @@ from .cli_output import progress_line
 from .errors import SospError
 from .expand_study import (EXPAND_PROCEDURES, EXPAND_STUDY_KIND, ExpandStudyConfig, expand_state, expand_table,
                            unpruned_reference)
+from .latency import LATENCY_UNIT
 from .jobs import STUDY_KINDS, mark_stale_jobs, submit_expand_study, submit_study
 from .models import USER_CODE_WARNING, is_user_code
 from .selection import NORMALIZATIONS, UNITS
@@ -30,7 +31,9 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, help="a trained checkpoint for every seed (default: train one per seed)")
     p.add_argument("--methods", default="sosp-h,sosp-i,magnitude,random", help=f"comma-separated, from {METHODS}")
     p.add_argument("--targets", default="0.3,0.5,0.7", help="comma-separated pruning ratios")
-    p.add_argument("--unit", default="params", choices=UNITS, help="params or macs compare methods fairly")
+    p.add_argument("--unit", default="params", choices=UNITS + (LATENCY_UNIT,),
+                   help="params or macs compare methods fairly; latency: the CPU latency at batch 1, timed along each "
+                        "analysis's order")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (one trained net and analysis each)")
     p.add_argument("--epochs", type=int, default=10, help="training epochs per seed (ignored with --weights)")
     p.add_argument("--finetune-epochs", type=int, default=5)

@@ -15,6 +15,7 @@ from torch import nn
 from .analysis import AnalysisConfig, run_analysis
 from .selection import UNITS
 from .counting import count_macs
+from .latency import LATENCY_UNIT, stored_profile
 from .data import DataBundle, load_data
 from .errors import AnalysisError
 from .loading import Workbench, example_input, open_workbench, resolve_preset
@@ -70,8 +71,8 @@ class ExperimentConfig:
         AnalysisConfig(method=self.method, samples=self.samples, cap=self.cap, normalize=self.normalize).validate()
         if not (math.isfinite(self.ratio) and 0 <= self.ratio < 1):
             raise AnalysisError(f"the pruning ratio must be in [0, 1), got {self.ratio}")
-        if self.unit not in UNITS:
-            raise AnalysisError(f"unknown unit '{self.unit}'; use one of {UNITS}")
+        if self.unit not in UNITS + (LATENCY_UNIT,):
+            raise AnalysisError(f"unknown unit '{self.unit}'; use one of {UNITS + (LATENCY_UNIT,)}")
         if self.target_params is not None and self.target_params <= 0:
             raise AnalysisError(f"the target parameter count must be positive, got {self.target_params}")
         factors = list(self.widen.values()) + list(self.match_widen.values())
@@ -242,7 +243,9 @@ class Experiment(ResumableRun):
         if self.config.target_params is not None:
             total = structures.counts()[0]
             ratio, unit = max(0.0, 1 - self.config.target_params / total), "params"
-        mask = result.mask(structures, ratio, unit)
+        latency = (stored_profile(result, model, structures, self._example(), self.folder / "analysis",
+                                  should_stop=self.should_stop) if unit == LATENCY_UNIT else None)
+        mask = result.mask(structures, ratio, unit, latency)
         save_mask(self.folder / "mask.json", structures, mask, method=self.config.method, ratio=ratio, unit=unit)
         return {**mask_summary(structures, mask), "ratio": ratio, "unit": unit, "timings": result.timings}
 

@@ -3,6 +3,7 @@ profile along a pruning order that a latency target is met with."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -98,8 +99,12 @@ class LatencyProfile:
         return int(candidates[reached[0]])
 
     def save(self, path: str | Path) -> Path:
-        Path(path).write_text(json.dumps(asdict(self), indent=1))
-        return Path(path)
+        """Written whole or not at all (a study's cells may save the same profile at once)."""
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(path)
+        return path
 
     @classmethod
     def load(cls, path: str | Path) -> "LatencyProfile":
@@ -132,3 +137,17 @@ def measure_profile(model: nn.Module, structures, order: list[str], n_prunable: 
         relative.append(relative_latency(smaller, model, example, device, batch, repeats)[1])
     report(progress, 1.0, "latency profile measured")
     return LatencyProfile(str(torch.device(device)), batch, torch.get_num_threads(), reference, [0] + grid, relative)
+
+
+def stored_profile(result, model: nn.Module, structures, example: torch.Tensor, folder: str | Path,
+                   device: str | torch.device = "cpu", batch: int = 1, points: int = 12,
+                   should_stop: StopFn = None) -> LatencyProfile:
+    """The latency profile of an analysis (`result`) stored in `folder`: read if there, else measured along its order
+    on `device` at `batch` and saved there, so jobs and studies measure it once and resume without re-timing."""
+    path = Path(folder) / PROFILE_NAME
+    if path.exists():
+        return LatencyProfile.load(path)
+    profile = measure_profile(model, structures, result.ordered_keys(), result.n_prunable, example, device, batch,
+                              points, stops=result.stops(structures), should_stop=should_stop)
+    profile.save(path)
+    return profile

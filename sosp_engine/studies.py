@@ -25,7 +25,7 @@ from .data import DataBundle
 from .devices import resolve_device
 from .errors import AnalysisError
 from .experiments import Reporter, ResumableRun
-from .latency import measure_latency
+from .latency import LATENCY_UNIT, measure_latency, stored_profile
 from .loading import Workbench, example_input, resolve_preset
 from .masks import pruned_copy
 from .models import build_model, load_weights
@@ -70,8 +70,8 @@ class StudyConfig:
         if not self.targets or not all(isinstance(t, (int, float)) and math.isfinite(t) and 0 <= t < 1
                                        for t in self.targets):
             raise AnalysisError(f"study targets must be ratios in [0, 1), got {self.targets}")
-        if self.unit not in UNITS:
-            raise AnalysisError(f"unknown unit '{self.unit}'; use one of {UNITS}")
+        if self.unit not in UNITS + (LATENCY_UNIT,):
+            raise AnalysisError(f"unknown unit '{self.unit}'; use one of {UNITS + (LATENCY_UNIT,)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             raise AnalysisError(f"a study needs distinct seeds >= 0, got {self.seeds}")
         if self.epochs < 0 or self.finetune_epochs < 0:
@@ -183,7 +183,9 @@ class Study(ResumableRun):
         started = time.time()
         model = self._model(weights).eval()
         structures = self._structures(model)
-        mask = result.mask(structures, target, self.config.unit)
+        latency = (stored_profile(result, model, structures, self.example, self.folder / f"seed{seed}" / method,
+                                  should_stop=self.should_stop) if self.config.unit == LATENCY_UNIT else None)
+        mask = result.mask(structures, target, self.config.unit, latency)
         smaller = pruned_copy(model, structures, mask, self.example)
         device = resolve_device(self.config.device)
         test = self.data.loader("test", 512)

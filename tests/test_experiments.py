@@ -114,3 +114,17 @@ def test_expand_pruning_end_to_end_through_the_cli(tmp_path, capsys):
     assert (tmp_path / "run" / "final.pt").exists() and (tmp_path / "run" / "mask.json").exists()
     assert (tmp_path / "run" / "plain" / "trained.pt").exists()  # bottlenecks of the trained plain net, not an init
     assert "training the plain net first" in capsys.readouterr().err
+
+
+def test_a_train_prune_run_to_a_latency_target_prunes_where_its_stored_profile_says(tmp_path):
+    from sosp_engine.analysis import AnalysisResult
+    from sosp_engine.experiments import Experiment, ExperimentConfig
+    from sosp_engine.latency import LatencyProfile
+    from sosp_engine.masks import load_mask
+
+    config = ExperimentConfig(procedure="train-prune", model_spec="resnet20:widths=4,8,16", epochs=1, finetune_epochs=0,
+                              method="magnitude", samples=20, unit="latency", ratio=0.03, device="cpu")
+    Experiment(config, tmp_path).run()
+    profile = LatencyProfile.load(tmp_path / "analysis" / "latency.json")
+    n_prunable = AnalysisResult.load(tmp_path / "analysis").n_prunable
+    assert len(load_mask(tmp_path / "mask.json")) == profile.prefix_for(0.03, n_prunable)

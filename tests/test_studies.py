@@ -12,6 +12,7 @@ from sosp_engine.jobs import read_log, submit_study
 from sosp_engine.loading import open_workbench
 from sosp_engine.progress import Cancelled
 from sosp_engine.store import Store
+from sosp_engine.analysis import AnalysisResult
 from sosp_engine.studies import Study, StudyConfig, aggregate, cell_key
 
 DIGITS = load_data("digits")
@@ -103,3 +104,15 @@ def test_a_study_runs_as_a_job_and_the_cli_shows_and_exports_it(tmp_path, weight
     assert main(["study", "export", job_id, "--out", str(tmp_path / "s.csv"), *ws]) == 0
     assert pd.read_csv(tmp_path / "s.csv").shape[0] == 2
     assert cell_key(0, "sosp-h", 0.5) == "seed0/sosp-h/0.5"
+
+
+def test_a_latency_study_measures_each_analysis_profile_once_and_slices_it(tmp_path, weights):
+    from sosp_engine.latency import LatencyProfile
+
+    config = tiny(weights=weights, finetune_epochs=0, seeds=[0], methods=["magnitude"], targets=[0.02, 0.04],
+                  unit="latency")
+    summary = Study(config, tmp_path, data=DIGITS).run()
+    profile = LatencyProfile.load(tmp_path / "seed0" / "magnitude" / "latency.json")
+    result = AnalysisResult.load(tmp_path / "seed0" / "magnitude")
+    for cell in summary["cells"]:
+        assert cell["structures_pruned"] == profile.prefix_for(cell["target"], result.n_prunable)
