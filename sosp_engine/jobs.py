@@ -361,7 +361,8 @@ def run_job(store: Store, job_id: str) -> int:
     try:
         result = execute(job, report, should_stop)
         record_outputs(store, job, result)
-        store.update_job(job_id, status="done", finished=time.time(), progress=1.0, message="done", result=result)
+        store.update_job(job_id, status="done", finished=time.time(), progress=1.0, message="done", result=result,
+                         error=None)  # a stale mark made while this runner was stopped is no longer true
         code = 0
     except Cancelled as exc:
         store.update_job(job_id, status="cancelled", finished=time.time(), message=str(exc))

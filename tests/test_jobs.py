@@ -231,3 +231,53 @@ def test_a_full_disk_fails_the_job_naming_it_and_the_workspace_stays_readable(tm
         assert not list((small / "ws").rglob("*.tmp"))
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+NARROW_TRAIN = dataclasses.replace(tiny("train", epochs=1), model_spec="resnet20:widths=4,8,16")
+
+
+def test_a_stopped_runner_is_not_resumed_beside_itself_and_records_each_epoch_once(tmp_path, monkeypatch):
+    import sosp_engine.jobs as jobs
+
+    monkeypatch.setattr(jobs, "STALE_AFTER_SECONDS", 3.0)  # the watcher's side: the runner keeps its own beat
+    monkeypatch.setattr(jobs, "EXIT_GRACE_SECONDS", 1.0)
+    store = Store(tmp_path)
+    job_id = submit(store, dataclasses.replace(NARROW_TRAIN, epochs=3))
+    pid = wait_for(store, job_id, lambda j: j["status"] == "running" and j["pid"])["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(store, job_id, lambda j: bool(mark_stale_jobs(store)) or j["status"] == "failed", timeout=60)
+        assert "no heartbeat" in store.job(job_id)["error"]
+        with pytest.raises(StoreError, match="still has a live process"):
+            resume(store, job_id)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    job = wait_for(store, job_id, lambda j: j["status"] == "done")
+    assert job["error"] is None and job["pid"] == pid  # the one runner finished it
+    assert sorted(m["epoch"] for m in store.metrics(job_id) if m["stage"] == "train") == [1, 2, 3]
+
+
+def test_aggressive_watchers_neither_fail_starting_jobs_nor_exceed_the_limit(tmp_path):
+    import threading
+
+    store = Store(tmp_path)
+    ids = [submit(store, NARROW_TRAIN, name=f"j{i}", start=False) for i in range(4)]
+    stop, most = threading.Event(), [0]
+
+    def watch() -> None:
+        while not stop.is_set():
+            launch_pending(store)  # marks stale jobs first, as every page and CLI call does
+            most[0] = max(most[0], len(store.jobs("running")) + len(store.jobs("starting")))
+            time.sleep(0.01)
+
+    watchers = [threading.Thread(target=watch) for _ in range(3)]
+    for w in watchers:
+        w.start()
+    try:
+        for job_id in ids:
+            assert wait_for(store, job_id, lambda j: j["status"] in ("done", "failed"))["status"] == "done"
+    finally:
+        stop.set()
+        for w in watchers:
+            w.join()
+    assert most[0] == 1 and all(store.job(i)["error"] is None for i in ids)
