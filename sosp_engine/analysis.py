@@ -193,7 +193,8 @@ class AnalysisResult:
         except FileNotFoundError:
             raise AnalysisError(f"'{folder}' holds no saved analysis (analysis.json and tensors.pt)") from None
         except (json.JSONDecodeError, RuntimeError, EOFError, OSError, UnicodeDecodeError) as exc:
-            raise AnalysisError(f"the analysis in '{folder}' is damaged: {exc}") from None
+            first = str(exc).split(". ")[0].strip()  # torch's zip reader appends paragraphs of advice
+            raise AnalysisError(f"the analysis in '{folder}' is damaged ({first}): run the analysis again") from None
         if meta.get("format") != RESULT_FORMAT:
             raise AnalysisError(f"'{folder}' is not a SOSP Lab analysis (format {meta.get('format')})")
         try:

@@ -370,6 +370,8 @@ def cmd_jobs_delete(args: argparse.Namespace) -> dict:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():  # checked before the work it would lose
+        raise SospError(f"--out '{args.out_dir}' is a file; give a folder for the analysis")
     if args.download:
         load_data(args.data, download=True)
     wb = workbench_from(args)

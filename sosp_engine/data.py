@@ -180,6 +180,18 @@ def _cifar(name: str, path: str, download: bool) -> DataBundle:
         TransformedTensors(x_test, y_test, plain), 10 if name == "cifar10" else 100, (3, 32, 32))
 
 
+def _image(path: str):
+    """One RGB image of an image folder; a file that is no readable image is named, so the user can remove it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as fh:
+            return Image.open(fh).convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataSpecError(f"'{path}' in the image folder is not a readable image ({type(exc).__name__}): "
+                            "remove or replace it") from None
+
+
 def _imagefolder(path: str, image_size: int = 224) -> DataBundle:
     import torchvision
     from torchvision.transforms import v2
@@ -193,9 +205,9 @@ def _imagefolder(path: str, image_size: int = 224) -> DataBundle:
     augment = v2.Compose([v2.RandomResizedCrop(image_size), v2.RandomHorizontalFlip(), *normalize])
     plain = v2.Compose([v2.Resize(int(image_size * 8 / 7)), v2.CenterCrop(image_size), *normalize])
     try:
-        train = torchvision.datasets.ImageFolder(str(root / "train"), augment)
-        train_eval = torchvision.datasets.ImageFolder(str(root / "train"), plain)
-        val = torchvision.datasets.ImageFolder(str(root / "val"), plain)
+        train = torchvision.datasets.ImageFolder(str(root / "train"), augment, loader=_image)
+        train_eval = torchvision.datasets.ImageFolder(str(root / "train"), plain, loader=_image)
+        val = torchvision.datasets.ImageFolder(str(root / "val"), plain, loader=_image)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataSpecError(f"image folder '{root}' is unusable: {exc}") from None
     if train.classes != val.classes:

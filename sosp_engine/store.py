@@ -83,8 +83,14 @@ class Store:
         self.root = Path(root).expanduser() if root is not None else default_workspace()
         self.artifacts = self.root / "artifacts"
         self.db_path = self.root / DB_NAME
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.artifacts.mkdir(exist_ok=True)
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"the workspace '{self.root}' is a file, not a folder: give a folder (--workspace or "
+                             "$SOSP_WORKSPACE)")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.artifacts.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the workspace '{self.root}': {exc.strerror or exc}") from None
         self._migrate()
 
     @contextmanager
@@ -97,6 +103,10 @@ class Store:
             if _disk_trouble(exc):
                 raise StoreError(self._disk_message(exc)) from None
             raise
+        except sqlite3.DatabaseError as exc:  # malformed pages: the file is damaged, not merely busy
+            raise StoreError(f"'{self.db_path}' is not a readable SOSP Lab workspace database ({exc}): restore it from "
+                             "a backup, or move it away or choose another workspace folder (the run folders under "
+                             "artifacts/ stay); nothing was changed") from None
         finally:
             conn.close()
 

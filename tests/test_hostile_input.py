@@ -118,6 +118,49 @@ def empty_file(path):
     return path
 
 
+def json_file(path, payload):
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def cifar_folder(path, data, labels):
+    path.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (path / name).write_bytes(pickle.dumps({"data": data, "labels": labels}, protocol=2))
+    return path
+
+
+def broken_image_folder(path):
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (path / split / label).mkdir(parents=True)
+            (path / split / label / "x.png").write_bytes(b"not an image")
+    return path
+
+
+def page_corrupted_workspace(path):
+    store = Store(path)
+    for i in range(50):  # enough rows for several database pages
+        store.add_job("train", f"job {i} " + "x" * 200, {})
+    with store.connection() as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the rows into the database file itself
+    size = store.db_path.stat().st_size
+    with open(store.db_path, "r+b") as fh:  # every page but the first (the schema) overwritten
+        fh.seek(4096)
+        fh.write(os.urandom(size - 4096))
+    return path
+
+
+def truncated_analysis(path):
+    from sosp_engine.analysis import AnalysisConfig, run_analysis
+    from sosp_engine.loading import open_workbench
+
+    run_analysis(open_workbench("resnet20", "digits"), AnalysisConfig(method="magnitude", samples=8)).save(path)
+    tensors = path / "tensors.pt"
+    tensors.write_bytes(tensors.read_bytes()[:200])
+    return path
+
+
 BAD_INPUTS = {
     "empty weights file": lambda t: ["info", "--model", "resnet20", "--weights", str(empty_file(t / "e.pt"))],
     "empty weights path": lambda t: ["info", "--model", "resnet20", "--weights", ""],
@@ -132,6 +175,22 @@ BAD_INPUTS = {
     "bottlenecks k nan": lambda t: ["bottlenecks", str(t / "none"), "-k", "nan"],
     "malformed analysis": lambda t: ["bottlenecks", str(t)],
     "os abort factory": lambda t: ["info", "--model", "os:abort"],
+    "huge widths": lambda t: ["info", "--model", "resnet20:widths=100000,100000,100000"],
+    "huge input shape": lambda t: ["info", "--model", "resnet20", "--data", "synthetic:3,100000,100000:10"],
+    "cifar arrays of the wrong shape": lambda t: [
+        "info", "--model", "resnet20", "--data", f"cifar10:{cifar_folder(t / 'c', np.zeros((10, 100), np.uint8), list(range(10)))}"],
+    "cifar labels out of range": lambda t: [
+        "info", "--model", "resnet20", "--data", f"cifar10:{cifar_folder(t / 'c', np.zeros((10, 3072), np.uint8), [50] * 10)}"],
+    "corrupt images in an image folder": lambda t: [
+        "analyze", "--model", "resnet20", "--data", f"imagefolder:{broken_image_folder(t / 'imgs')}", "--samples", "2",
+        "--out", str(t / "o")],
+    "out is a file": lambda t: ["analyze", "--model", "resnet20", "--samples", "8", "--out", str(empty_file(t / "f"))],
+    "mask keys of the wrong type": lambda t: [
+        "prune", "--model", "resnet20", "--mask", str(json_file(t / "m.json", {"format": "sosp-mask/1", "pruned": [1, 2]})),
+        "--save", str(t / "s.pt")],
+    "truncated tensors": lambda t: ["bottlenecks", str(truncated_analysis(t / "a"))],
+    "workspace is a file": lambda t: ["jobs", "list", "--workspace", str(empty_file(t / "ws"))],
+    "page-corrupted database": lambda t: ["jobs", "list", "--workspace", str(page_corrupted_workspace(t / "ws"))],
 }
 
 
