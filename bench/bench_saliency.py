@@ -65,6 +65,11 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape
         from sosp_engine.structures import PRODUCER_TYPES, build_graph
 
         groups = list(build_graph(inputs.model, inputs.x[:1]).get_all_groups(root_module_types=PRODUCER_TYPES))
+        if task == "tp-obdc":  # its hooks follow the groups of torch-pruning's own pruner (the graph built untimed)
+            obdc = tp.importance.OBDCImportance(num_classes=classes)
+            pruner = tp.pruner.MetaPruner(inputs.model, inputs.x[:1].to(inputs.device), importance=obdc)
+            groups = list(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                                   root_module_types=pruner.root_module_types))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():  # warm-up of kernels and allocator, not timed
@@ -120,6 +125,24 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape
                 importance.accumulate_grad(inputs.model)
         for group in groups:
             importance(group)
+    elif task == "tp-obdc":  # EigenDamage's Fisher (OBD in the KFE): one sampled label per sample, per-sample grads
+        out_channels = (tp.pruner.function.prune_conv_out_channels, tp.pruner.function.prune_linear_out_channels)
+        for group in groups:  # what OBDCImportance._prepare_model does (its attention re-rooting fails in 1.6.0)
+            for dep, _ in group:
+                layer = dep.target.module
+                if isinstance(layer, tuple(obdc.target_types)) and dep.handler in out_channels \
+                        and layer not in obdc.modules:
+                    obdc.modules.append(layer)
+                    layer.register_forward_pre_hook(obdc._save_input)
+                    layer.register_full_backward_hook(obdc._save_grad_output)
+        for x, _ in inputs.batches():
+            inputs.model.zero_grad(set_to_none=True)
+            logits = inputs.model(x)
+            sampled = torch.multinomial(torch.softmax(logits.detach(), 1), 1).squeeze(1)
+            torch.nn.functional.cross_entropy(logits, sampled).backward()
+            obdc.step()
+        for group in groups:
+            obdc(group)
     elif task == "greedy":
         s = inputs.structures.num_structures
         q = torch.rand(s, s, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
