@@ -296,14 +296,19 @@ def execute(job: dict, report: Reporter, should_stop: Callable[[], bool], fan_ou
 
 def record_outputs(store: Store, job: dict, result: dict) -> None:
     """List a finished job's analysis (for the analysis pages) and its trained model in the workspace."""
-    if job["kind"] in STUDY_KINDS:
+    if job["kind"] == STUDY_KIND:
         return
-    analysis_folder = run_folder(job) / "analysis"
+    if job["kind"] == EXPAND_STUDY_KIND:  # the trained plain net's analysis, whose bottlenecks were widened
+        analysis_folder, name = run_folder(job) / PLAIN / "trial0" / "analysis", f"{job['name']} (plain net, trial 0)"
+    else:
+        analysis_folder, name = run_folder(job) / "analysis", f"{job['name']} (analysis)"
     if (analysis_folder / "analysis.json").exists():
         try:
-            store_analysis(store, AnalysisResult.load(analysis_folder), f"{job['name']} (analysis)")
+            store_analysis(store, AnalysisResult.load(analysis_folder), name)
         except (SospError, OSError) as exc:  # the run itself succeeded; only its listing is missing
             print(f"warning: the job's analysis could not be listed in the workspace: {exc}", flush=True)
+    if job["kind"] == EXPAND_STUDY_KIND:
+        return
     weights = result.get("stages", {}).get("train", {}).get("weights")
     if weights and job["config"]["procedure"] == "train":
         store.add_model(job["name"], job["config"]["model_spec"], job["config"]["data_spec"], Path(weights), job["id"],

@@ -112,6 +112,7 @@ def test_an_expand_study_runs_as_a_job_and_the_cli_shows_and_exports_it(tmp_path
     shown = json.loads(capsys.readouterr().out)
     assert {r["procedure"] for r in shown["aggregate"]} == {"train-prune", "widen-prune"}
     assert shown["unpruned"]["params"] > shown["plan"]["target_params"]
+    assert [a["name"] for a in store.analyses()] == [f"{store.job(job_id)['name']} (plain net, trial 0)"]
     assert main(["study", "export", job_id, "--out", str(tmp_path / "e.json"), *ws]) == 0
     exported = json.loads((tmp_path / "e.json").read_text())
     assert [run_key(r["procedure"], r["trial"]) for r in exported["runs"]] == ["train-prune/trial0", "widen-prune/trial0"]
