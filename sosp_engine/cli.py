@@ -10,7 +10,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 
 from .analysis import EXACTNESS_SAMPLES, METHODS, AnalysisConfig, AnalysisResult, run_analysis
 from .bottlenecks import LEVELS, RULES, explain, find_bottlenecks, paper_widening

@@ -13,7 +13,6 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 
@@ -21,14 +20,15 @@ from .analysis import METHODS
 from .bottlenecks import paper_widening
 from .data import DataBundle
 from .errors import AnalysisError
-from .experiments import Experiment, ExperimentConfig, Reporter, ResumableRun, compare_runs
+from .experiments import Experiment, ExperimentConfig, Reporter, compare_runs
 from .loading import example_input, resolve_preset
 from .masks import layer_table, load_mask
 from .models import build_model
-from .progress import Cancelled, StopFn
+from .progress import StopFn
 from .selection import UNITS
 from .store import run_folder
 from .structures import find_structures
+from .studies import FanOut, UnitRun
 
 EXPAND_STUDY_KIND = "expand-study"
 EXPAND_PROCEDURES = ("expand-prune", "widen-prune", "train-prune", "init-prune")
@@ -112,17 +112,14 @@ def run_unit(config: dict, folder: str, unit: tuple, report: Reporter | None = N
     return ExpandStudy(ExpandStudyConfig(**config), folder, report).unit(unit)
 
 
-class ExpandStudy(ResumableRun):
+class ExpandStudy(UnitRun):
     """Runs an expand study in `folder`: the plain net's trials, the plan they give, then the other runs."""
 
     runner = staticmethod(run_unit)
 
     def __init__(self, config: ExpandStudyConfig, folder: str | Path, report: Reporter | None = None,
-                 should_stop: StopFn = None, data: DataBundle | None = None, fan_out=None) -> None:
-        config.validate()
-        self.config = config
-        self.fan_out = fan_out
-        super().__init__(folder, report, should_stop, data, config.data_spec, {"plan": None, "runs": {}})
+                 should_stop: StopFn = None, data: DataBundle | None = None, fan_out: FanOut | None = None) -> None:
+        super().__init__(config, folder, report, should_stop, data, fan_out, {"plan": None, "runs": {}})
         self._done = 0
 
     def _run_folder(self, procedure: str, trial: int) -> Path:
@@ -171,17 +168,6 @@ class ExpandStudy(ResumableRun):
                                     "than the mean); give the units to widen")
         return {"widen": widen, "target_params": self.config.target_params or int(analyzed["params_after"]),
                 "plain_params": int(analyzed["params_before"]), "plain_macs": int(analyzed["macs_before"])}
-
-    def _in_process(self, units: list[tuple]) -> Iterator[tuple[tuple, dict]]:
-        for unit in units:
-            if self.should_stop is not None and self.should_stop():
-                raise Cancelled(f"cancelled before {run_key(*unit[1:])}")
-            yield unit, self.unit(unit)
-
-    def _execute(self, units: list[tuple]) -> Iterator[tuple[tuple, dict]]:
-        if self.fan_out is None or not units:
-            return self._in_process(units)
-        return self.fan_out(self.runner, asdict(self.config), str(self.folder), units, self.should_stop)
 
     def _phase(self, procedures: list[str]) -> None:
         units = [("run", p, t) for p, t in self.config.runs if p in procedures and run_key(p, t) not in self.state["runs"]]

@@ -108,23 +108,50 @@ Unit = tuple  # ("train", seed) | ("analyse", seed, method) | ("cell", seed, met
 FanOut = Callable[[Callable, dict, str, list, StopFn], Iterator[tuple[Unit, dict]]]  # (runner, config, folder, ...)
 
 
+class UnitRun(ResumableRun):
+    """A run made of independent units (a study's trainings, analyses and cells; an expand study's runs): in this
+    process one after the other, or through a `fan_out` (the Ray backend's) in parallel, each handed to the kind's
+    module-level `runner`, which a cluster worker calls."""
+
+    runner: Callable[..., dict]
+
+    def __init__(self, config, folder: str | Path, report: Reporter | None, should_stop: StopFn,
+                 data: DataBundle | None, fan_out: FanOut | None, empty_state: dict) -> None:
+        config.validate()
+        self.config = config
+        self.fan_out = fan_out
+        super().__init__(folder, report, should_stop, data, config.data_spec, empty_state)
+
+    def unit(self, unit: Unit) -> dict:
+        raise NotImplementedError
+
+    def _in_process(self, units: list[Unit]) -> Iterator[tuple[Unit, dict]]:
+        for unit in units:
+            if self.should_stop is not None and self.should_stop():
+                raise Cancelled(f"cancelled before {unit}")
+            yield unit, self.unit(unit)
+
+    def _execute(self, units: list[Unit]) -> Iterator[tuple[Unit, dict]]:
+        """Each unit with its record, as it finishes."""
+        if self.fan_out is None or not units:
+            return self._in_process(units)
+        return self.fan_out(self.runner, asdict(self.config), str(self.folder), units, self.should_stop)
+
+
 def run_unit(config: dict, folder: str, unit: Unit, report: Reporter | None = None) -> dict:
     """One unit of a study in a process of its own (a cluster worker): it writes its files, the study records it;
     `report` gets the unit's epoch metrics."""
     return Study(StudyConfig(**config), folder, report).unit(unit)
 
 
-class Study(ResumableRun):
+class Study(UnitRun):
     """Runs a study in `folder`; finished trainings, analyses and cells are kept in state.json and never redone."""
 
     runner = staticmethod(run_unit)
 
     def __init__(self, config: StudyConfig, folder: str | Path, report: Reporter | None = None,
                  should_stop: StopFn = None, data: DataBundle | None = None, fan_out: FanOut | None = None) -> None:
-        config.validate()
-        self.config = config
-        self.fan_out = fan_out
-        super().__init__(folder, report, should_stop, data, config.data_spec, {"trained": {}, "cells": {}})
+        super().__init__(config, folder, report, should_stop, data, fan_out, {"trained": {}, "cells": {}})
         self.example = example_input(self.data)
         steps = len(config.seeds) * (1 + len(config.methods)) + len(config.cells)
         self._step, self._steps = 0, steps
@@ -215,35 +242,24 @@ class Study(ResumableRun):
             return {}
         return self._cell(seed, unit[2], unit[3], self._weights(seed), self._analysis(seed, unit[2], self._weights(seed)))
 
-    def _in_process(self, units: list[Unit]) -> Iterator[tuple[Unit, dict]]:
-        for unit in units:
-            if self.should_stop is not None and self.should_stop():
-                raise Cancelled(f"cancelled before {unit}")
-            yield unit, self.unit(unit)
-
-    def _run(self, units: list[Unit]) -> Iterator[tuple[Unit, dict]]:
-        if self.fan_out is None or not units:
-            return self._in_process(units)
-        return self.fan_out(self.runner, asdict(self.config), str(self.folder), units, self.should_stop)
-
     def run(self) -> dict:
         """Run every unfinished training, analysis and cell, phase by phase; returns the summary with all cell records."""
         c = self.config
         trainings = [("train", seed) for seed in c.seeds if not c.weights and f"seed{seed}" not in self.state["trained"]]
         self._step += len(c.seeds) - len(trainings)
-        for (_, seed), trained in self._run(trainings):
+        for (_, seed), trained in self._execute(trainings):
             self.state["trained"][f"seed{seed}"] = trained
             self._save_state()
             self._step += 1
         analyses = [("analyse", seed, method) for seed in c.seeds for method in c.methods
                     if not (self.folder / f"seed{seed}" / method / "analysis.json").exists()]
         self._step += len(c.seeds) * len(c.methods) - len(analyses)
-        for (_, seed, method), _ in self._run(analyses):
+        for (_, seed, method), _ in self._execute(analyses):
             self._step += 1
             self._progress(0.0, f"analysis {method} seed {seed} done")
         cells = [("cell", *cell) for cell in c.cells if cell_key(*cell) not in self.state["cells"]]
         self._step += len(c.cells) - len(cells)
-        for (_, seed, method, target), record in self._run(cells):
+        for (_, seed, method, target), record in self._execute(cells):
             key = cell_key(seed, method, target)
             self.state["cells"][key] = record
             self._save_state()

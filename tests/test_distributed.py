@@ -1,5 +1,4 @@
 """One training across processes (DistributedDataParallel, gloo on CPU): same result as one process, rank 0 writes."""
-import copy
 import os
 import signal
 
