@@ -104,6 +104,8 @@ class Store:
                 raise StoreError(self._disk_message(exc)) from None
             raise
         except sqlite3.DatabaseError as exc:  # malformed pages: the file is damaged, not merely busy
+            if type(exc) is not sqlite3.DatabaseError:  # integrity and programming errors are the caller's to handle
+                raise
             raise StoreError(f"'{self.db_path}' is not a readable SOSP Lab workspace database ({exc}): restore it from "
                              "a backup, or move it away or choose another workspace folder (the run folders under "
                              "artifacts/ stay); nothing was changed") from None
