@@ -19,10 +19,11 @@ from sosp_engine.studies import STUDY_KIND, StudyConfig, aggregate, parse_number
 st.title("Studies")
 st.caption("Which method wins on this net, at which size? Each seed trains the net once (or uses the given weights), "
            "analyses it once per method and slices that order at every target; each cell is pruned, tested, "
-           "fine-tuned and tested again. Compare at equal parameters or MACs.")
+           "fine-tuned and tested again. Compare at equal parameters or MACs. Expand studies (expand- vs widen- vs "
+           "train-pruning), launched on the Expand-pruning page, are listed here too.")
 
 choice = current_choice()
-with st.expander("Launch a study", expanded=not any(j["kind"] == STUDY_KIND for j in workspace().jobs())):
+with st.expander("Launch a method study", expanded=not any(j["kind"] in STUDY_KINDS for j in workspace().jobs())):
     cols = st.columns(3)
     model_spec = cols[0].text_input("Model", choice.model_spec, key="study-model")
     data_spec = cols[1].text_input("Data", choice.data_spec, key="study-data")
