@@ -125,6 +125,24 @@ def test_a_study_trains_its_seeds_in_parallel_and_their_epochs_reach_the_store(t
     assert set(job["result"]["trained"]) == {"seed0", "seed1"}
 
 
+def test_an_expand_study_fans_its_runs_out_and_their_epochs_reach_the_store(tmp_path, cluster):
+    from sosp_engine.expand_study import ExpandStudyConfig, expand_state
+    from sosp_engine.jobs import submit_expand_study
+
+    store = Store(tmp_path)
+    config = ExpandStudyConfig(model_spec="resnet20:widths=4,8,16", data_spec="synthetic:3,8,8:10",
+                               procedures=["train-prune", "widen-prune"], trials=2, epochs=1, finetune_epochs=1,
+                               samples=20, batch_size=64, device="cpu")
+    job_id = submit_expand_study(store, config, placement=cluster)
+    job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"), timeout=400)
+    assert job["status"] == "done", (job["error"], read_log(store, job_id))
+    state = expand_state(job)
+    assert len(state["runs"]) == 4 and all(r["node"] for r in state["runs"]) and state["plan"]["widen"]
+    stages = {m["stage"] for m in store.metrics(job_id) if m["stage"] != "run"}
+    assert {"train-prune/trial0 train", "train-prune/trial1 train", "widen-prune/trial0 train",
+            "widen-prune/trial1 finetune"} <= stages
+
+
 def test_a_lost_job_host_fails_the_job_with_the_reason_and_resume_runs_it_again(tmp_path, cluster):
     store = Store(tmp_path)
     job_id = submit(store, job_config(epochs=3, data_spec="synthetic:3,8,8:10"), placement=cluster)
