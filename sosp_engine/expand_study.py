@@ -26,9 +26,8 @@ from .masks import layer_table, load_mask
 from .models import build_model
 from .progress import StopFn
 from .selection import UNITS
-from .store import run_folder
 from .structures import find_structures
-from .studies import FanOut, UnitRun
+from .studies import FanOut, UnitRun, study_state
 
 EXPAND_STUDY_KIND = "expand-study"
 EXPAND_PROCEDURES = ("expand-prune", "widen-prune", "train-prune", "init-prune")
@@ -214,10 +213,5 @@ def unpruned_reference(runs: list[dict], plan: dict | None) -> dict | None:
 
 def expand_state(job: dict) -> dict:
     """An expand study's plan and finished runs so far (read from its state, also while it runs)."""
-    try:
-        state = json.loads((run_folder(job) / "state.json").read_text())
-    except FileNotFoundError:
-        return {"plan": None, "runs": []}
-    except (json.JSONDecodeError, OSError) as exc:
-        raise AnalysisError(f"the state of study {job['id']} is unreadable: {exc}") from None
+    state = study_state(job)
     return {"plan": state.get("plan"), "runs": list(state.get("runs", {}).values())}

@@ -293,12 +293,19 @@ def aggregate(cells: list[dict]) -> pd.DataFrame:
     return table
 
 
-def study_cells(job: dict) -> list[dict]:
-    """The finished cells of a study job so far (read from its state, also while it runs)."""
-    state = run_folder(job) / "state.json"
+def study_state(job: dict) -> dict:
+    """A study job's state.json as it stands (also while it runs); {} before its first unit is recorded."""
     try:
-        return list(json.loads(state.read_text())["cells"].values())
+        return json.loads((run_folder(job) / "state.json").read_text())
     except FileNotFoundError:
-        return []
-    except (json.JSONDecodeError, KeyError, OSError) as exc:
+        return {}
+    except (json.JSONDecodeError, OSError) as exc:
         raise AnalysisError(f"the state of study {job['id']} is unreadable: {exc}") from None
+
+
+def study_cells(job: dict) -> list[dict]:
+    """The finished cells of a study job so far."""
+    state = study_state(job)
+    if state and "cells" not in state:
+        raise AnalysisError(f"the state of study {job['id']} is unreadable: it has no cells")
+    return list(state.get("cells", {}).values())
