@@ -11,6 +11,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .coupling_graph import CouplingGraph
 from .errors import MaskError
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
@@ -117,7 +118,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     """torch-pruning's dependency graph of `model`, leaving its train/eval modes as they were."""
     with preserved_modes(model), torch.enable_grad():
         try:
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+            return CouplingGraph().build_dependency(model, example_inputs=example_input, verbose=False)
         except (ZeroDivisionError, IndexError, KeyError, AttributeError, TypeError) as exc:
             raise MaskError(f"torch-pruning cannot trace this model's channel couplings ({type(exc).__name__}: "
                             f"{str(exc)[:120]} in its dependency graph, e.g. a channel shuffle by reshape, or "
