@@ -40,7 +40,7 @@ class CouplingGraph(tp.DependencyGraph):
         root = self.module2node[module]
         first = Dependency(pruning_fn, pruning_fn, source=root, target=root)
         order: list[tuple] = []  # (target node, handler) in the order first reached
-        reached: dict[tuple, tuple[Dependency, dict]] = {}  # -> (first dependency, {idx: root idx})
+        reached: dict[tuple, tuple[Dependency, dict]] = {}  # -> (first dependency, {idx: every root idx reaching it})
         seen: dict[tuple, set] = {}  # -> every (idx, root idx) pair walked from there
         walked_total = [0]
 
@@ -60,7 +60,7 @@ class CouplingGraph(tp.DependencyGraph):
                 order.append(key)
             kept = reached[key][1]
             for i in fresh:
-                kept.setdefault(i.idx, i.root_idx)  # as torch-pruning's merge: the first root index of a channel wins
+                kept.setdefault(i.idx, []).append(i.root_idx)
             return fresh
 
         stack = [(first, arrive(first, [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs]))]
@@ -83,7 +83,10 @@ class CouplingGraph(tp.DependencyGraph):
             if isinstance(dep.target.module, nn.Parameter) and any(dep.target.module is p for p in self.ignored_params):
                 continue
             item = _helpers.GroupItem(dep, list(kept))
-            item.root_idxs = list(kept.values())
+            item.root_idxs = [roots[0] for roots in kept.values()]  # as torch-pruning's merge: the first root wins
+            # a channel reached from several root channels couples them (GhostNet: a depthwise conv maps the primary
+            # conv's channel c to the concatenation's channel c + width, so both are removed together)
+            item.coupled_roots = [roots for roots in kept.values() if len(set(roots)) > 1]
             group._group.append(item)
         group._DG = self
         return group

@@ -54,12 +54,14 @@ def _channel_groups(module: nn.Module, is_out: bool) -> tuple[int, int]:
     return 0, 1
 
 
-def _partition(size: int, grouped: list[tuple[str, int, int, list[int], list[int]]]) -> tuple[list[list[int]], str]:
+def _partition(size: int, grouped: list[tuple[str, int, int, list[int], list[int]]],
+               coupled: Sequence[Sequence[int]] = ()) -> tuple[list[list[int]], str]:
     """Structures of one coupled group: root channels that must go together so every grouped module keeps equal groups.
 
     `grouped` holds (module, channels, groups, module idxs, root idxs) of each grouped conv / GroupNorm dimension in the
     group. A structure takes the channel at one local position of every group (torch-pruning's own rule for grouped
-    layers). Returns the structures and '' or, when no such partition exists, ([], the reason).
+    layers), and every set of root channels in `coupled` (root channels that reach one channel of some module).
+    Returns the structures and '' or, when no such partition exists, ([], the reason).
     """
     parent = list(range(size))
 
@@ -68,6 +70,10 @@ def _partition(size: int, grouped: list[tuple[str, int, int, list[int], list[int
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
+
+    for roots in coupled:
+        for root in roots[1:]:
+            parent[find(root)] = find(roots[0])
 
     for name, channels, groups, idxs, root_idxs in grouped:
         if sorted(idxs) != list(range(channels)):
@@ -424,6 +430,7 @@ def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequ
         effects: list[tuple[str, int, list[int], list[int]]] = []  # module, dim, module idxs, root idxs
         grouped: list[tuple[str, int, int, list[int], list[int]]] = []
         consumers = []
+        coupled = [roots for item in group for roots in getattr(item, "coupled_roots", ())]
         for item in group:
             module, handler = item.dep.target.module, item.dep.handler
             name = param_names.get(id(module)) if isinstance(module, nn.Parameter) else names.get(module)
@@ -446,7 +453,7 @@ def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequ
                 effects.append((name, 0, idxs, root_idxs))
         if not producers:
             continue
-        members, reason = _partition(size, grouped)
+        members, reason = _partition(size, grouped, coupled)
         reason = _unsupported(group, graph, names) or reason
         if reason:
             unprunable[names[root]] = reason

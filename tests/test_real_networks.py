@@ -23,6 +23,7 @@ from sosp_engine.structures import PRODUCER_TYPES, find_structures
 FIXTURE = ROOT / "tests" / "fixtures" / "grouped_model.py"
 GROUPED, GATED, NORM_MLP = f"{FIXTURE}:build", f"{FIXTURE}:build_gated", f"{FIXTURE}:build_norm_mlp"
 SLICED, SLICED_SHALLOW = f"{FIXTURE}:build_sliced", f"{FIXTURE}:build_sliced_shallow"
+GHOST = f"{FIXTURE}:build_ghost"
 X = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
@@ -293,3 +294,24 @@ def test_a_coupling_walk_past_its_limit_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(coupling_graph, "WALK_LIMIT", 10)
     with pytest.raises(MaskError, match="couples the channels of .* cannot be followed"):
         find_structures(trained_like(GROUPED), X[:1])
+
+
+def test_channels_a_depthwise_conv_copies_into_a_concatenation_are_one_structure():
+    model = trained_like(GHOST)
+    structures = find_structures(model, X[:1])
+    layer = next(layer for layer in structures.layers if "primary.0" in layer.producers)
+    assert layer.name == "dw.0" and layer.size == 6
+    assert sorted(map(sorted, layer.structure_channels)) == [[c, c + 6] for c in range(6)]
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.7])
+def test_random_masks_of_a_ghost_module_prune_physically_and_equal_zeroing(ratio):
+    model = trained_like(GHOST)
+    structures = find_structures(model, X[:1])
+    for seed in range(6):
+        mask = random_mask(structures, ratio, seed)
+        smaller, zeroed = pruned_copy(model, structures, mask, X[:1]).eval(), zeroed_copy(model, structures, mask)
+        summary = mask_summary(structures, mask)
+        assert (summary["params_after"], summary["macs_after"]) == (count_params(smaller), count_macs(smaller, X[:1]))
+        with torch.no_grad():
+            assert torch.allclose(smaller(X), zeroed(X), atol=1e-5)

@@ -158,16 +158,33 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
                 if minus is not None:
                     add_gram(gram, minus, sign=-1.0)
         report(inputs.progress, min(1.0, (i + 1) * inputs.batch_size / n_total), "Gauss-Newton products")
+    if not diagonal_only:
+        with memory_phase(MATRIX):
+            mirror_gram(gram)
     return first / n_total, gram.div_(n_total)
 
 
+def gram_blocks(s_count: int) -> list[tuple[int, int]]:
+    """Column blocks of the S x S matrix: at most GRAM_BLOCK_BYTES of float64 each, and at least 8 of them."""
+    width = max(1, min(-(-s_count // 8), GRAM_BLOCK_BYTES // max(8 * s_count, 1)))
+    return [(start, min(s_count, start + width)) for start in range(0, s_count, width)]
+
+
 def add_gram(gram: torch.Tensor, rows: torch.Tensor, sign: float = 1.0) -> None:
-    """gram += sign * rows^T rows, formed in float64 one block of columns at a time (the S x S matrix may be float32)."""
-    s_count = rows.shape[1]
-    block = max(1, min(s_count, GRAM_BLOCK_BYTES // max(8 * s_count, 1)))
-    for start in range(0, s_count, block):
-        part = rows.T @ rows[:, start:start + block]
-        gram[:, start:start + block] += part.mul_(sign).to(gram.dtype)
+    """The upper block triangle of gram += sign * rows^T rows, in float64 (the S x S matrix may be float32).
+
+    Rows below a column block's diagonal square are left for `mirror_gram`: half the multiply-adds of the full product.
+    """
+    for start, stop in gram_blocks(rows.shape[1]):
+        part = rows[:, :stop].T @ rows[:, start:stop]
+        gram[:stop, start:stop] += part.mul_(sign).to(gram.dtype)
+
+
+def mirror_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Fill what `add_gram` leaves out (below each column block's diagonal square) from the symmetric upper part."""
+    for start, stop in gram_blocks(gram.shape[0]):
+        gram[stop:, start:stop] = gram[start:stop, stop:].T
+    return gram
 
 
 def matrix_bytes(s_count: int, dtype: torch.dtype = torch.float64) -> int:
