@@ -107,11 +107,17 @@ CHANNEL_SPLITTING_OPS = (tp.ops._SplitOp, tp.ops._SliceOp, tp.ops._UnbindOp)
 
 def _unsupported(group, graph: tp.DependencyGraph, names: dict[nn.Module, str]) -> str:
     """Why torch-pruning cannot remove this group's channels consistently, or '' when it can."""
+    folded = any(getattr(item, "coupled_roots", None) for item in group)
     for item in group:
         module = item.dep.target.module
         if isinstance(module, CHANNEL_SPLITTING_OPS):
             return ("its channels pass through a split / slice of the channel axis, which torch-pruning does not "
                     "prune consistently")
+        if folded and isinstance(module, tp.ops._ReshapeOp):
+            # torch-pruning guesses which channels a reshape folds together (SKNet's (B, 2C) -> (B, 2, C) pairs c with
+            # c + C, it pairs 2c with 2c + 1), so the pruned net would not be the zero-masked one
+            return ("a reshape folds several of its channels into one (as in SKNet's per-path attention), and "
+                    "torch-pruning cannot tell which")
         if isinstance(module, PRODUCER_TYPES) and graph.is_out_channel_pruning_fn(item.dep.handler):
             extra = [n for n, _ in module.named_parameters(recurse=False) if n not in ("weight", "bias")]
             if extra:

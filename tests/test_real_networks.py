@@ -23,7 +23,7 @@ from sosp_engine.structures import PRODUCER_TYPES, find_structures
 FIXTURE = ROOT / "tests" / "fixtures" / "grouped_model.py"
 GROUPED, GATED, NORM_MLP = f"{FIXTURE}:build", f"{FIXTURE}:build_gated", f"{FIXTURE}:build_norm_mlp"
 SLICED, SLICED_SHALLOW = f"{FIXTURE}:build_sliced", f"{FIXTURE}:build_sliced_shallow"
-GHOST = f"{FIXTURE}:build_ghost"
+GHOST, SK = f"{FIXTURE}:build_ghost", f"{FIXTURE}:build_sk"
 X = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
@@ -315,3 +315,14 @@ def test_random_masks_of_a_ghost_module_prune_physically_and_equal_zeroing(ratio
         assert (summary["params_after"], summary["macs_after"]) == (count_params(smaller), count_macs(smaller, X[:1]))
         with torch.no_grad():
             assert torch.allclose(smaller(X), zeroed(X), atol=1e-5)
+
+
+def test_channels_a_reshape_folds_together_are_unprunable_with_the_reason():
+    model = trained_like(SK)
+    structures = find_structures(model, X[:1])
+    assert "a reshape folds several of its channels into one" in structures.unprunable["fc_select"]
+    assert all(not name.startswith(("paths", "fc_select")) for name in (l.name for l in structures.layers))
+    mask = random_mask(structures, 0.5, seed=1)
+    smaller, zeroed = pruned_copy(model, structures, mask, X[:1]).eval(), zeroed_copy(model, structures, mask)
+    with torch.no_grad():
+        assert torch.allclose(smaller(X), zeroed(X), atol=1e-5)
