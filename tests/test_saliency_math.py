@@ -260,3 +260,20 @@ def test_a_batchnorm_subclass_with_its_own_forward_keeps_it_during_an_analysis()
     norm = BatchNormAct2d(3).eval()  # BatchNorm followed by its activation, in its own forward
     with affine_batch_norms(norm):
         assert "forward" not in vars(norm)
+
+
+def test_theta_struc_is_theta_on_structure_rows_and_zero_elsewhere_without_copying_whole_parameters(tiny):
+    from dataclasses import replace
+
+    from sosp_engine.saliency.common import structure_slices
+
+    model, structures, x, y = tiny
+    slices = structure_slices(model, structures)
+    partial = next(i for i, s in enumerate(slices) if s.param is model.conv1.weight)
+    slices[partial] = replace(slices[partial], channels=slices[partial].channels[:1],
+                              structure=slices[partial].structure[:1])
+    inputs = AnalysisInputs(model, structures, x, y, "cross-entropy", 4, slices=slices)
+    vectors = dict(zip(map(id, inputs.params()), inputs.theta_struc()))
+    conv1 = vectors[id(model.conv1.weight)]
+    assert torch.equal(conv1[:1], model.conv1.weight[:1].detach()) and not conv1[1:].any()
+    assert vectors[id(model.bn1.weight)].data_ptr() == model.bn1.weight.data_ptr()

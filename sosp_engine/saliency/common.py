@@ -72,11 +72,22 @@ class AnalysisInputs:
         return out
 
     def theta_struc(self) -> list[torch.Tensor]:
-        """theta_struc = sum of all theta_s, as one tensor per entry of `params()` (zero outside structures)."""
-        index = {id(p): i for i, p in enumerate(self.params())}
-        out = [torch.zeros_like(p) for p in self.params()]
+        """theta_struc = sum of all theta_s, as one tensor per entry of `params()` (zero outside structures).
+
+        A parameter whose every row belongs to a structure is its own entry, not a copy (a parameter-sized saving).
+        """
+        rows: dict[int, list[torch.Tensor]] = {}
         for s in self.slices:
-            out[index[id(s.param)]][s.channels] = s.param.detach()[s.channels]
+            rows.setdefault(id(s.param), []).append(s.channels)
+        out = []
+        for p in self.params():
+            covered = torch.unique(torch.cat(rows[id(p)]))
+            if len(covered) == p.shape[0]:
+                out.append(p.detach())
+            else:
+                part = torch.zeros_like(p)
+                part[covered] = p.detach()[covered]
+                out.append(part)
         return out
 
     def per_structure(self, vectors: list[torch.Tensor]) -> torch.Tensor:

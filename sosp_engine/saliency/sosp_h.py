@@ -10,8 +10,8 @@ from .common import AnalysisInputs, sample_losses, twice_differentiable
 def gradient_and_hvp(inputs: AnalysisInputs, vector: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The mean-loss gradient and the Hessian-vector product H @ vector, by double backward, batch by batch."""
     params = inputs.params()
-    grads = [torch.zeros_like(p) for p in params]
-    hvp = [torch.zeros_like(p) for p in params]
+    grads: list[torch.Tensor] = []
+    hvp: list[torch.Tensor] = []
     n = inputs.num_samples
     for i, (x, y) in enumerate(inputs.batches()):
         check_cancel(inputs.should_stop)
@@ -20,10 +20,14 @@ def gradient_and_hvp(inputs: AnalysisInputs, vector: list[torch.Tensor]) -> tupl
         g = torch.autograd.grad(loss, params, create_graph=True)
         dot = sum((gi * vi).sum() for gi, vi in zip(g, vector))
         hv = torch.autograd.grad(dot, params)
-        for acc, gi in zip(grads, g):
-            acc += gi.detach()
-        for acc, hi in zip(hvp, hv):
-            acc += hi
+        if not grads:  # the first batch's results are the sums so far: no parameter-sized zero accumulators
+            grads, hvp = [gi.detach() for gi in g], list(hv)
+        else:
+            for acc, gi in zip(grads, g):
+                acc += gi.detach()
+            for acc, hi in zip(hvp, hv):
+                acc += hi
+        del g, dot, hv
         report(inputs.progress, min(1.0, (i + 1) * inputs.batch_size / n), "Hessian-vector product")
     return grads, hvp
 
