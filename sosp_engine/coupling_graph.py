@@ -42,15 +42,16 @@ class CouplingGraph(tp.DependencyGraph):
         order: list[tuple] = []  # (target node, handler) in the order first reached
         reached: dict[tuple, tuple[Dependency, dict]] = {}  # -> (first dependency, {idx: every root idx reaching it})
         seen: dict[tuple, set] = {}  # -> every (idx, root idx) pair walked from there
-        walked_total = [0]
+        walked_total = 0
 
         def arrive(dep: Dependency, hybrid: list) -> list:
+            nonlocal walked_total
             key = (dep.target, dep.handler)
             walked = seen.setdefault(key, set())
             fresh = [i for i in hybrid if i not in walked]
             walked.update(fresh)
-            walked_total[0] += len(fresh)
-            if walked_total[0] > WALK_LIMIT:
+            walked_total += len(fresh)
+            if walked_total > WALK_LIMIT:
                 raise MaskError(f"torch-pruning's dependency graph couples the channels of {self._module2name[module]} "
                                 f"to over {WALK_LIMIT:,} (layer, position) pairs: it reads this model's reshapes as "
                                 "flattening channels into positions (as in Swin's window attention), so its channel "

@@ -7,6 +7,7 @@ import torch
 import torch_pruning as tp
 
 from conftest import ROOT, random_mask
+from sosp_engine import coupling_graph
 from sosp_engine.analysis import AnalysisConfig, run_analysis, train_mode_batches
 from sosp_engine.counting import count_macs, count_params
 from sosp_engine.errors import ModelSpecError
@@ -15,7 +16,6 @@ from sosp_engine.loading import open_workbench
 from sosp_engine.masks import mask_summary, pruned_copy, zeroed_copy
 from sosp_engine.models import build_model, is_user_code
 from sosp_engine.saliency.common import twice_differentiable
-from sosp_engine import coupling_graph
 from sosp_engine.coupling_graph import CouplingGraph
 from sosp_engine.errors import MaskError
 from sosp_engine.structures import PRODUCER_TYPES, find_structures
@@ -37,6 +37,14 @@ def trained_like(spec: str) -> torch.nn.Module:
             m.running_mean.uniform_(-1, 1, generator=gen)
             m.running_var.uniform_(0.5, 2, generator=gen)
     return model
+
+
+def assert_pruned_equals_zeroed(model, structures, mask) -> torch.nn.Module:
+    """The physically pruned model computes what the zero-masked one does on X; returns the pruned model."""
+    smaller, zeroed = pruned_copy(model, structures, mask, X[:1]).eval(), zeroed_copy(model, structures, mask)
+    with torch.no_grad():
+        assert torch.allclose(smaller(X), zeroed(X), atol=1e-5)
+    return smaller
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +88,7 @@ def test_pruning_equals_zeroing_outside_the_approximate_layers(spec):
     approximate = approximate_layers(model, structures, X)
     for seed in range(6):
         mask = {k for k in random_mask(structures, 0.5, seed) if k.rpartition(":")[0] not in approximate}
-        smaller, zeroed = pruned_copy(model, structures, mask, X[:1]).eval(), zeroed_copy(model, structures, mask)
-        with torch.no_grad():
-            assert torch.allclose(smaller(X), zeroed(X), atol=1e-5)
+        assert_pruned_equals_zeroed(model, structures, mask)
 
 
 def test_groupnorm_and_an_affine_free_batchnorm_are_listed_as_approximate():
@@ -284,10 +290,7 @@ def test_a_deep_chain_of_sliced_residuals_is_walked_once_per_channel():
     structures = find_structures(model, X[:1])
     assert [layer.name for layer in structures.layers] == [f"blocks.{i}.0" for i in range(12)]
     assert "slice of the channel axis" in structures.unprunable["blocks.11.3"]
-    mask = random_mask(structures, 0.5, seed=3)
-    smaller, zeroed = pruned_copy(model, structures, mask, X[:1]).eval(), zeroed_copy(model, structures, mask)
-    with torch.no_grad():
-        assert torch.allclose(smaller(X), zeroed(X), atol=1e-5)
+    assert_pruned_equals_zeroed(model, structures, random_mask(structures, 0.5, seed=3))
 
 
 def test_a_coupling_walk_past_its_limit_is_a_clear_error(monkeypatch):
@@ -310,11 +313,9 @@ def test_random_masks_of_a_ghost_module_prune_physically_and_equal_zeroing(ratio
     structures = find_structures(model, X[:1])
     for seed in range(6):
         mask = random_mask(structures, ratio, seed)
-        smaller, zeroed = pruned_copy(model, structures, mask, X[:1]).eval(), zeroed_copy(model, structures, mask)
+        smaller = assert_pruned_equals_zeroed(model, structures, mask)
         summary = mask_summary(structures, mask)
         assert (summary["params_after"], summary["macs_after"]) == (count_params(smaller), count_macs(smaller, X[:1]))
-        with torch.no_grad():
-            assert torch.allclose(smaller(X), zeroed(X), atol=1e-5)
 
 
 def test_channels_a_reshape_folds_together_are_unprunable_with_the_reason():
@@ -322,7 +323,4 @@ def test_channels_a_reshape_folds_together_are_unprunable_with_the_reason():
     structures = find_structures(model, X[:1])
     assert "a reshape folds several of its channels into one" in structures.unprunable["fc_select"]
     assert all(not name.startswith(("paths", "fc_select")) for name in (l.name for l in structures.layers))
-    mask = random_mask(structures, 0.5, seed=1)
-    smaller, zeroed = pruned_copy(model, structures, mask, X[:1]).eval(), zeroed_copy(model, structures, mask)
-    with torch.no_grad():
-        assert torch.allclose(smaller(X), zeroed(X), atol=1e-5)
+    assert_pruned_equals_zeroed(model, structures, random_mask(structures, 0.5, seed=1))
