@@ -81,6 +81,11 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape
         forward_backward()
     elif task == "sosp-h":
         sosp_h_terms(inputs)
+    elif task == "sosp-h-params":  # SOSP-H's Hessian-vector product in parameter space (the path for other layers)
+        from sosp_engine.saliency.sosp_h import gradient_and_hvp
+
+        grads, hvp = gradient_and_hvp(inputs, inputs.theta_struc())
+        inputs.per_structure(grads), inputs.per_structure(hvp)
     elif task == "sosp-i":
         first, gram = gauss_newton_terms(inputs)
         sync()

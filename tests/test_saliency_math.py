@@ -4,11 +4,13 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp
 
-from sosp_engine.saliency.common import AnalysisInputs, affine_batch_norms, sample_losses
+from sosp_engine.saliency.common import AnalysisInputs, affine_batch_norms
 from sosp_engine.saliency.first_order import first_order_terms
 from sosp_engine.saliency.sosp_h import sosp_h_terms
 from sosp_engine.saliency.sosp_i import gauss_newton_terms, jacobian_structure_products, sosp_i_matrix
 from sosp_engine.structures import find_structures
+
+from brute_force import flat, mean_loss_of, theta_s_vectors, unflat
 
 N, D = 6, 3
 
@@ -53,35 +55,6 @@ def tiny():
 def make_inputs(tiny, loss="cross-entropy", batch_size=4):
     model, structures, x, y = tiny
     return AnalysisInputs(model, structures, x, y, loss, batch_size)
-
-
-def theta_s_vectors(model, structures):
-    """theta_s as dicts of full-size tensors (zero outside the structure), one per structure."""
-    names = dict(model.named_parameters())
-    vectors = [{k: torch.zeros_like(v) for k, v in names.items()} for _ in range(structures.num_structures)]
-    for piece in structures.producers:
-        for pname in ("weight", "bias"):
-            full = f"{piece.module}.{pname}"
-            if full in names:
-                for c, s in zip(piece.channels.tolist(), piece.structure.tolist()):
-                    vectors[s][full][c] = names[full].detach()[c]
-    return vectors
-
-
-def flat(model, vector):
-    return torch.cat([vector[k].flatten() for k, _ in model.named_parameters()])
-
-
-def unflat(model, theta):
-    out, i = {}, 0
-    for k, p in model.named_parameters():
-        out[k] = theta[i:i + p.numel()].view_as(p)
-        i += p.numel()
-    return out
-
-
-def mean_loss_of(model, x, y, loss):
-    return lambda theta: sample_losses(functional_call(model, unflat(model, theta), (x,)), y, loss).mean()
 
 
 def test_tiny_net_has_the_structures_the_proof_needs(tiny):

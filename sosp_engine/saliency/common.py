@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -140,35 +140,74 @@ def _hardsigmoid(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(x / 6 + 0.5, 0.0, 1.0)
 
 
+def batch_norm_coefficients(m: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of an eval-mode BatchNorm as the affine map x * scale + shift, formed from its weight and bias
+    so that their gradients are the same."""
+    scale = torch.rsqrt(m.running_var + m.eps)
+    shift = -m.running_mean * scale
+    if m.weight is not None:
+        scale = scale * m.weight
+        shift = shift * m.weight
+    if m.bias is not None:
+        shift = shift + m.bias
+    return scale, shift
+
+
+def per_channel(vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast over an NC... tensor."""
+    return vector.view((1, -1) + (1,) * (x.dim() - 2))
+
+
 def _affine_batch_norm(m: nn.modules.batchnorm._BatchNorm):
-    """Eval-mode BatchNorm as the per-channel affine map it is: x * scale + shift, with scale and shift formed from
-    the module's weight and bias, so their gradients are the same; its backward and double backward are a multiply."""
+    """Eval-mode BatchNorm as the per-channel affine map it is; its backward and double backward are a multiply."""
     def forward(x: torch.Tensor) -> torch.Tensor:
-        scale = torch.rsqrt(m.running_var + m.eps)
-        shift = -m.running_mean * scale
-        if m.weight is not None:
-            scale = scale * m.weight
-            shift = shift * m.weight
-        if m.bias is not None:
-            shift = shift + m.bias
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return torch.addcmul(shift.view(shape), x, scale.view(shape))
+        scale, shift = batch_norm_coefficients(m)
+        return torch.addcmul(per_channel(shift, x), x, per_channel(scale, x))
     return forward
+
+
+def affine_batch_norm_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The eval-mode BatchNorms with running statistics and torch's own forward (timm's BatchNormAct has its own)."""
+    plain = nn.modules.batchnorm._BatchNorm.forward
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training
+            and type(m).forward is plain and m.running_mean is not None and "forward" not in vars(m)]
+
+
+@contextmanager
+def patched_forwards(forwards: dict[nn.Module, Callable]) -> Iterator[None]:
+    """Each module computes with the forward mapped to it until the block ends; then it has the one it had."""
+    previous = {m: vars(m).get("forward") for m in forwards}
+    for m, forward in forwards.items():
+        m.forward = forward
+    try:
+        yield
+    finally:
+        for m, old in previous.items():
+            if old is None:
+                vars(m).pop("forward", None)
+            else:
+                m.forward = old
 
 
 @contextmanager
 def affine_batch_norms(model: nn.Module) -> Iterator[nn.Module]:
     """While an analysis runs, every eval-mode BatchNorm with running statistics computes as an affine map."""
-    plain = nn.modules.batchnorm._BatchNorm.forward  # subclasses with their own forward (timm's BatchNormAct) stay
-    patched = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training
-               and type(m).forward is plain and m.running_mean is not None and "forward" not in vars(m)]
-    for m in patched:
-        m.forward = _affine_batch_norm(m)
+    with patched_forwards({m: _affine_batch_norm(m) for m in affine_batch_norm_modules(model)}):
+        yield model
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """No parameter requires a gradient while the block runs (activation-only passes), then each flag is restored."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
     try:
         yield model
     finally:
-        for m in patched:
-            del m.forward
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 @contextmanager
@@ -178,12 +217,6 @@ def twice_differentiable(model: nn.Module) -> Iterator[nn.Module]:
     memory-efficient attention have no double backward)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    patched = [m for m in model.modules() if isinstance(m, nn.Hardsigmoid)]
-    for m in patched:
-        m.forward = _hardsigmoid
-    try:
-        with sdpa_kernel(SDPBackend.MATH), affine_batch_norms(model):
-            yield model
-    finally:
-        for m in patched:
-            del m.forward
+    hardsigmoids = {m: _hardsigmoid for m in model.modules() if isinstance(m, nn.Hardsigmoid)}
+    with patched_forwards(hardsigmoids), sdpa_kernel(SDPBackend.MATH), affine_batch_norms(model):
+        yield model

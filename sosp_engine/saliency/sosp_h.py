@@ -1,10 +1,30 @@
-"""SOSP-H: lamH(s) = |theta_s . g| + 1/2 |theta_s . (H theta_struc)| with the exact Hessian (one HVP over N' samples)."""
+"""SOSP-H: lamH(s) = |theta_s . g| + 1/2 |theta_s . (H theta_struc)| with the exact Hessian (one HVP over N' samples).
+
+Where every producer is linear and homogeneous in its own channel rows (plain conv, linear and affine norm layers),
+scaling theta_s by alpha_s scales the producer's output channels by alpha_s. Then d L / d alpha_s = theta_s . g and
+d^2 L / d alpha_s d alpha_t = theta_s . H theta_t, so both terms are the gradient and the Hessian-vector product
+(direction all ones) in the S-dimensional alpha space: no parameter gradient, no weight-gradient convolution.
+Other models take the HVP in parameter space.
+"""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..progress import check_cancel, report
-from .common import AnalysisInputs, sample_losses, twice_differentiable
+from .common import (AnalysisInputs, affine_batch_norm_modules, batch_norm_coefficients, channel_dim, frozen_parameters,
+                     patched_forwards, per_channel, sample_losses, twice_differentiable)
+
+CPU_CHUNK_BYTES = 32 * 2**20  # glibc's largest block size served from reused heap memory
+
+# Exact classes whose output channel c is w_c * input (+ b_c) or gamma_c * normalised input (+ beta_c)
+HOMOGENEOUS_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                     nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+                     nn.LayerNorm)
 
 
 def gradient_and_hvp(inputs: AnalysisInputs, vector: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -32,8 +52,184 @@ def gradient_and_hvp(inputs: AnalysisInputs, vector: list[torch.Tensor]) -> tupl
     return grads, hvp
 
 
+def scalable_producers(inputs: AnalysisInputs) -> dict[str, torch.Tensor] | None:
+    """{producer module: its channel rows in structures} when every producer scales with its rows, else None.
+
+    A producer qualifies when it is one of HOMOGENEOUS_TYPES exactly (no subclass, no patched forward, no hooks), its
+    weight and bias are parameters or absent, and no other module holds them.
+    """
+    model = inputs.model
+    rows: dict[str, list[torch.Tensor]] = {}
+    for s in inputs.slices:
+        rows.setdefault(s.name.rsplit(".", 1)[0], []).append(s.channels)
+    holders: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    for name in rows:
+        m = model.get_submodule(name)
+        if type(m) not in HOMOGENEOUS_TYPES or "forward" in vars(m) or m._forward_hooks or m._forward_pre_hooks:
+            return None
+        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
+            return None
+        own = [getattr(m, k, None) for k in ("weight", "bias")]
+        if any(t is not None and not isinstance(t, nn.Parameter) for t in own):
+            return None
+        if any(holders.get(id(t), 0) > 1 for t in own if t is not None):
+            return None
+    return {name: torch.unique(torch.cat(r)) for name, r in rows.items()}
+
+
+class _FixedWeightConv(torch.autograd.Function):
+    """A convolution whose weight needs no gradient, with the input gradient as a transposed convolution.
+
+    torch's own convolution double backward forms the weight-gradient convolution even when no weight needs it; the
+    transposed convolution's backward forms only the input term, one convolution fewer per layer in an HVP.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: nn.modules.conv._ConvNd) -> torch.Tensor:
+        ctx.module, ctx.input_shape = module, x.shape
+        return module._conv_forward(x, module.weight, module.bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        m = ctx.module
+        spatial = len(m.kernel_size)
+        extra = [size - ((out - 1) * s - 2 * p + d * (k - 1) + 1) for size, out, s, p, d, k in
+                 zip(ctx.input_shape[-spatial:], grad.shape[-spatial:], m.stride, m.padding, m.dilation, m.kernel_size)]
+        transposed = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[spatial - 1]
+        return transposed(grad, m.weight, None, m.stride, m.padding, extra, m.groups, m.dilation), None
+
+
+def _transposable(m: nn.Module) -> bool:
+    """A plain convolution with numeric zero padding (its input gradient is one transposed convolution)."""
+    return (type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and "forward" not in vars(m) and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str))
+
+
+@contextmanager
+def fixed_weight_convolutions(model: nn.Module) -> Iterator[nn.Module]:
+    """While parameters are frozen, plain convolutions backpropagate with a transposed convolution (see above)."""
+    with patched_forwards({m: (lambda x, m=m: _FixedWeightConv.apply(x, m)) for m in model.modules()
+                           if _transposable(m)}):
+        yield model
+
+
+@contextmanager
+def _scaled_outputs(model: nn.Module, names: list[str], affine: set[int]) -> Iterator[dict[str, torch.Tensor]]:
+    """Multiply each named module's output channels by a fresh all-ones alpha (created at its first call).
+
+    An eval-mode BatchNorm (its id in `affine`) takes alpha into its affine coefficients (no extra full-size
+    multiply); other modules scale their output in a forward hook.
+    """
+    scales: dict[str, torch.Tensor] = {}
+
+    def alpha_for(name: str, like: torch.Tensor, size: int) -> torch.Tensor:
+        if name not in scales:
+            scales[name] = torch.ones(size, dtype=like.dtype, device=like.device, requires_grad=True)
+        return scales[name]
+
+    def scale_output(module, args, out, name):
+        dim = channel_dim(module, out)
+        shape = [1] * out.ndim
+        shape[dim] = -1
+        return out * alpha_for(name, out, out.shape[dim]).view(shape)
+
+    def scaled_batch_norm(m, name):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            scale, shift = batch_norm_coefficients(m)
+            alpha = alpha_for(name, x, scale.numel())
+            # not addcmul: its backward multiplies the whole input by the scalar `value` again for the scale's gradient
+            return x * per_channel(scale * alpha, x) + per_channel(shift * alpha, x)
+        return forward
+
+    modules = {n: model.get_submodule(n) for n in names}
+    folded = {m: scaled_batch_norm(m, n) for n, m in modules.items() if id(m) in affine}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: scale_output(m, a, o, n))
+             for n, m in modules.items() if m not in folded]
+    try:
+        with patched_forwards(folded):
+            yield scales
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def channel_scale_terms(inputs: AnalysisInputs, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(theta_s . g, theta_s . H theta_struc) per structure as d L / d alpha and (d^2 L / d alpha^2) 1, batch by batch.
+
+    None when a producer module is never called (its parameters are used some other way).
+    """
+    names = list(rows)
+    affine = {id(m) for m in affine_batch_norm_modules(inputs.model)}
+    chunk = _chunk_size(inputs)
+    grads: dict[str, torch.Tensor] = {}
+    hvp: dict[str, torch.Tensor] = {}
+    n, done = inputs.num_samples, 0
+    for batch_x, batch_y in inputs.batches():
+        for x, y in zip(batch_x.split(chunk), batch_y.split(chunk)):
+            check_cancel(inputs.should_stop)
+            with frozen_parameters(inputs.model), twice_differentiable(inputs.model) as model, \
+                    fixed_weight_convolutions(model), _scaled_outputs(model, names, affine) as scales:
+                loss = sample_losses(model(x), y, inputs.loss).sum() / n
+            if len(scales) < len(names):
+                return None
+            alphas = [scales[k] for k in names]
+            g = torch.autograd.grad(loss, alphas, create_graph=True, allow_unused=True, materialize_grads=True)
+            dot = sum(gi[rows[k].to(gi.device)].sum() for k, gi in zip(names, g))
+            hv = torch.autograd.grad(dot, alphas, allow_unused=True, materialize_grads=True) if dot.requires_grad \
+                else [torch.zeros_like(a) for a in alphas]
+            for k, gi, hi in zip(names, g, hv):
+                grads[k] = grads[k] + gi.detach() if k in grads else gi.detach()
+                hvp[k] = hvp[k] + hi if k in hvp else hi
+            del g, dot, hv, loss
+            done += len(y)
+            report(inputs.progress, done / n, "Hessian-vector product")
+    return _per_structure(inputs, grads), _per_structure(inputs, hvp)
+
+
+def _chunk_size(inputs: AnalysisInputs) -> int:
+    """Samples per pass: the batch size, or on a CPU as many as keep the widest module output under CPU_CHUNK_BYTES.
+
+    glibc's malloc gives blocks above 32 MiB fresh pages from the kernel each time, so every such tensor of the double
+    backward page-faults anew (DenseNet-40 at batch 100 took 1.6x as long per sample as at batch 50).
+    """
+    if inputs.device.type != "cpu":
+        return inputs.batch_size
+    widest = 0
+
+    def measure(module, args, out):
+        nonlocal widest
+        if isinstance(out, torch.Tensor) and out.ndim:
+            widest = max(widest, out.numel() // max(out.shape[0], 1) * out.element_size())
+
+    hooks = [m.register_forward_hook(measure) for m in inputs.model.modules()]
+    try:
+        with torch.no_grad():
+            inputs.model(inputs.x[:1].to(inputs.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return max(1, min(inputs.batch_size, CPU_CHUNK_BYTES // max(widest, 1)))
+
+
+def _per_structure(inputs: AnalysisInputs, per_channel: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum per-(producer, channel) values into their structures."""
+    out = torch.zeros(inputs.structures.num_structures, dtype=torch.float64, device=inputs.device)
+    for piece in inputs.structures.producers:
+        if piece.module in per_channel:
+            values = per_channel[piece.module][piece.channels.to(out.device)]
+            out.index_add_(0, piece.structure.to(out.device), values.to(torch.float64))
+    return out
+
+
 def sosp_h_terms(inputs: AnalysisInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """(lam1(s), theta_s . H theta_struc) for every structure, both signed."""
+    rows = scalable_producers(inputs)
+    terms = channel_scale_terms(inputs, rows) if rows is not None else None
+    if terms is not None:
+        return terms
     grads, hvp = gradient_and_hvp(inputs, inputs.theta_struc())
     return inputs.per_structure(grads), inputs.per_structure(hvp)
 

@@ -10,7 +10,7 @@ from ..devices import available_memory
 from ..errors import AnalysisError
 from ..memory import MATRIX, memory_phase
 from ..progress import check_cancel, report
-from .common import AnalysisInputs, affine_batch_norms, channel_dim
+from .common import AnalysisInputs, affine_batch_norms, channel_dim, frozen_parameters
 
 GRAM_BLOCK_BYTES = 256 * 2**20  # the float64 block of columns added to the S x S matrix at a time
 
@@ -27,17 +27,12 @@ def _captured_outputs(inputs: AnalysisInputs) -> Iterator[dict[str, list[torch.T
             store.setdefault(name, []).append(out)
             return out.clone()
         hooks.append(inputs.model.get_submodule(name).register_forward_hook(hook))
-    params = list(inputs.model.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
     try:
-        yield store
+        with frozen_parameters(inputs.model):
+            yield store
     finally:
         for h in hooks:
             h.remove()
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
 
 
 def _structure_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tensor]],

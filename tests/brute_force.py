@@ -1,0 +1,35 @@
+"""Brute-force references shared by the saliency tests: theta_s as full parameter vectors and the mean loss of a
+flat parameter vector."""
+import torch
+from torch.func import functional_call
+
+from sosp_engine.saliency.common import sample_losses
+
+
+def theta_s_vectors(model, structures):
+    """theta_s as dicts of full-size tensors (zero outside the structure), one per structure."""
+    names = dict(model.named_parameters())
+    vectors = [{k: torch.zeros_like(v) for k, v in names.items()} for _ in range(structures.num_structures)]
+    for piece in structures.producers:
+        for pname in ("weight", "bias"):
+            full = f"{piece.module}.{pname}"
+            if full in names:
+                for c, s in zip(piece.channels.tolist(), piece.structure.tolist()):
+                    vectors[s][full][c] = names[full].detach()[c]
+    return vectors
+
+
+def flat(model, vector):
+    return torch.cat([vector[k].flatten() for k, _ in model.named_parameters()])
+
+
+def unflat(model, theta):
+    out, i = {}, 0
+    for k, p in model.named_parameters():
+        out[k] = theta[i:i + p.numel()].view_as(p)
+        i += p.numel()
+    return out
+
+
+def mean_loss_of(model, x, y, loss):
+    return lambda theta: sample_losses(functional_call(model, unflat(model, theta), (x,)), y, loss).mean()
