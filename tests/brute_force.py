@@ -33,3 +33,11 @@ def unflat(model, theta):
 
 def mean_loss_of(model, x, y, loss):
     return lambda theta: sample_losses(functional_call(model, unflat(model, theta), (x,)), y, loss).mean()
+
+
+def directional_outputs(model, structures, x):
+    """(n, D, S): the output's derivative along theta_s for every structure s, by forward-mode autodiff."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    columns = [torch.func.jvp(lambda p: functional_call(model, p, (x,)), (params,), (tangent,))[1]
+               for tangent in theta_s_vectors(model, structures)]
+    return torch.stack(columns, dim=2)

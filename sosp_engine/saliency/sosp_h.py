@@ -1,6 +1,6 @@
 """SOSP-H: lamH(s) = |theta_s . g| + 1/2 |theta_s . (H theta_struc)| with the exact Hessian (one HVP over N' samples).
 
-Where every producer is linear and homogeneous in its own channel rows (plain conv, linear and affine norm layers),
+Where every producer is homogeneous in its own channel rows (plain conv, linear and affine norm layers, checked),
 scaling theta_s by alpha_s scales the producer's output channels by alpha_s. Then d L / d alpha_s = theta_s . g and
 d^2 L / d alpha_s d alpha_t = theta_s . H theta_t, so both terms are the gradient and the Hessian-vector product
 (direction all ones) in the S-dimensional alpha space: no parameter gradient, no weight-gradient convolution.
@@ -18,14 +18,9 @@ from torch import nn
 from ..progress import check_cancel, report
 from .common import (AnalysisInputs, affine_batch_norm_modules, batch_norm_coefficients, channel_dim, frozen_parameters,
                      patched_forwards, per_channel, sample_losses, twice_differentiable)
+from .homogeneity import capture_point, not_scaling
 
 CPU_CHUNK_BYTES = 32 * 2**20  # glibc's largest block size served from reused heap memory
-
-# Exact classes whose output channel c is w_c * input (+ b_c) or gamma_c * normalised input (+ beta_c)
-HOMOGENEOUS_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-                     nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-                     nn.LayerNorm)
-
 
 def gradient_and_hvp(inputs: AnalysisInputs, vector: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The mean-loss gradient and the Hessian-vector product H @ vector, by double backward, batch by batch."""
@@ -53,30 +48,17 @@ def gradient_and_hvp(inputs: AnalysisInputs, vector: list[torch.Tensor]) -> tupl
 
 
 def scalable_producers(inputs: AnalysisInputs) -> dict[str, torch.Tensor] | None:
-    """{producer module: its channel rows in structures} when every producer scales with its rows, else None.
-
-    A producer qualifies when it is one of HOMOGENEOUS_TYPES exactly (no subclass, no patched forward, no hooks), its
-    weight and bias are parameters or absent, and no other module holds them.
-    """
-    model = inputs.model
+    """{producer module: its channel rows in structures} when every producer's output scales with its rows (checked,
+    see homogeneity.py) and no other module holds its weight or bias; else None."""
     rows: dict[str, list[torch.Tensor]] = {}
     for s in inputs.slices:
         rows.setdefault(s.name.rsplit(".", 1)[0], []).append(s.channels)
     holders: dict[int, int] = {}
-    for m in model.modules():
+    for m in inputs.model.modules():
         for p in m.parameters(recurse=False):
             holders[id(p)] = holders.get(id(p), 0) + 1
-    for name in rows:
-        m = model.get_submodule(name)
-        if type(m) not in HOMOGENEOUS_TYPES or "forward" in vars(m) or m._forward_hooks or m._forward_pre_hooks:
-            return None
-        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
-            return None
-        own = [getattr(m, k, None) for k in ("weight", "bias")]
-        if any(t is not None and not isinstance(t, nn.Parameter) for t in own):
-            return None
-        if any(holders.get(id(t), 0) > 1 for t in own if t is not None):
-            return None
+    if any(holders.get(id(s.param), 0) > 1 for s in inputs.slices) or not_scaling(inputs):
+        return None
     return {name: torch.unique(torch.cat(r)) for name, r in rows.items()}
 
 
@@ -146,7 +128,7 @@ def _scaled_outputs(model: nn.Module, names: list[str], affine: set[int]) -> Ite
 
     modules = {n: model.get_submodule(n) for n in names}
     folded = {m: scaled_batch_norm(m, n) for n, m in modules.items() if id(m) in affine}
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: scale_output(m, a, o, n))
+    hooks = [capture_point(m).register_forward_hook(lambda point, a, o, m=m, n=n: scale_output(m, a, o, n))
              for n, m in modules.items() if m not in folded]
     try:
         with patched_forwards(folded):

@@ -11,28 +11,41 @@ from ..errors import AnalysisError
 from ..memory import MATRIX, memory_phase
 from ..progress import check_cancel, report
 from .common import AnalysisInputs, affine_batch_norms, channel_dim, frozen_parameters
+from .homogeneity import capture_point, not_scaling, producer_modules
 
 GRAM_BLOCK_BYTES = 256 * 2**20  # the float64 block of columns added to the S x S matrix at a time
 
 
 @contextmanager
 def _captured_outputs(inputs: AnalysisInputs) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Record every producer module's output; the module returns a clone so later in-place ops cannot alter the record."""
+    """Record every producer's output at its capture point; the point returns a clone so later in-place ops cannot
+    alter the record."""
     store: dict[str, list[torch.Tensor]] = {}
     hooks = []
-    for name in {p.module for p in inputs.structures.producers}:
+    for name in producer_modules(inputs):
         def hook(module, args, out, name=name):
             if not out.requires_grad:  # the first producer: start the graph here, the input needs no gradient
                 out.requires_grad_(True)
             store.setdefault(name, []).append(out)
             return out.clone()
-        hooks.append(inputs.model.get_submodule(name).register_forward_hook(hook))
+        hooks.append(capture_point(inputs.model.get_submodule(name)).register_forward_hook(hook))
     try:
         with frozen_parameters(inputs.model):
             yield store
     finally:
         for h in hooks:
             h.remove()
+
+
+def check_euler(inputs: AnalysisInputs) -> None:
+    """Gradient x output is phi theta_s only for producers that scale with their rows: refuse the others by name."""
+    failing = not_scaling(inputs)
+    if failing:
+        raise AnalysisError(
+            f"SOSP-I reads phi theta_s as gradient x output (Euler's theorem), which needs each producer's output "
+            f"channel to scale with its own weight and bias; {len(failing)} do not (e.g. {failing[:3]}: weight "
+            "standardisation, an activation inside the module or a hook). Use SOSP-H (method sosp-h), which is exact "
+            "for any layer.")
 
 
 def _structure_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tensor]],
@@ -49,7 +62,8 @@ def _structure_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tens
         contrib = torch.linalg.vecdot(g.reshape(n, g.shape[1], -1), tensor.reshape(n, tensor.shape[1], -1))
         per_module[name] = per_module[name] + contrib if name in per_module else contrib
     for piece in inputs.structures.producers:
-        out.index_add_(1, piece.structure.to(out.device), per_module[piece.module][:, piece.channels.to(out.device)])
+        if piece.module in per_module:  # a norm without affine parameters holds no rows of theta_s
+            out.index_add_(1, piece.structure.to(out.device), per_module[piece.module][:, piece.channels.to(out.device)])
     return out
 
 
@@ -60,6 +74,10 @@ def output_direction_products(inputs: AnalysisInputs, x: torch.Tensor, direction
     """
     with _captured_outputs(inputs) as store, affine_batch_norms(inputs.model):
         logits = inputs.model(x.detach())
+        silent = [n for n in producer_modules(inputs) if n not in store]
+        if silent:
+            raise AnalysisError(f"SOSP-I reads each producer's output, but {silent[:3]} never ran as a module (its "
+                                "parameters are used another way); use SOSP-H (method sosp-h), which is exact for it")
         tensors = [t for ts in store.values() for t in ts]
         u = directions(logits.detach()).to(logits.dtype)
         n, k_count = u.shape[0], u.shape[1]
@@ -123,6 +141,7 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
     generator = torch.Generator().manual_seed(seed)
     if mc_labels > 0 and inputs.loss != "cross-entropy":
         raise AnalysisError("sampled labels estimate the cross-entropy Gauss-Newton matrix only; use --mc-labels 0")
+    check_euler(inputs)
     for i, (x, y) in enumerate(inputs.batches()):
         check_cancel(inputs.should_stop)
         if mc_labels > 0:
