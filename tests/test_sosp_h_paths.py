@@ -6,8 +6,9 @@ from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
 from sosp_engine.saliency import sosp_h
-from sosp_engine.saliency.common import AnalysisInputs
-from sosp_engine.saliency.sosp_h import _FixedWeightConv, gradient_and_hvp, scalable_producers, sosp_h_terms
+from sosp_engine.saliency.common import AnalysisInputs, affine_batch_norm_modules
+from sosp_engine.saliency.sosp_h import (_FixedWeightConv, channel_scale_terms, gradient_and_hvp, scalable_producers,
+                                         sole_norm_consumers, sosp_h_terms)
 from sosp_engine.structures import find_structures
 
 from brute_force import flat, mean_loss_of, theta_s_vectors
@@ -123,3 +124,48 @@ def test_a_fixed_weight_convolution_has_torch_s_input_gradient_and_its_derivativ
     torch.testing.assert_close(_FixedWeightConv.apply(x, conv), conv(x))
     assert gradcheck(lambda t: _FixedWeightConv.apply(t, conv), (x,))
     assert gradgradcheck(lambda t: _FixedWeightConv.apply(t, conv) ** 2, (x,))
+
+
+class ConvBnNet(nn.Module):
+    """conv_a is read by its BatchNorm only; conv_b's output also feeds a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.conv_b = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn_b = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, D)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn_a(self.conv_a(x)))
+        b = self.conv_b(h)
+        return self.fc(torch.tanh(self.bn_b(b) + b).mean((2, 3)))
+
+
+def conv_bn_inputs(loss: str = "cross-entropy") -> AnalysisInputs:
+    torch.manual_seed(0)
+    model = ConvBnNet().double()
+    with torch.no_grad():
+        for bn in (model.bn_a, model.bn_b):
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.3, 0.3)
+    model.eval()
+    x = torch.randn(N, 2, 5, 5, dtype=torch.float64)
+    return AnalysisInputs(model, find_structures(model, x[:1]), x, torch.randint(0, D, (N,)), loss, 4)
+
+
+def test_a_conv_read_only_by_its_batchnorm_is_paired_with_it_and_one_read_twice_is_not():
+    inputs = conv_bn_inputs()
+    affine = {id(m) for m in affine_batch_norm_modules(inputs.model)}
+    assert sole_norm_consumers(inputs, list(scalable_producers(inputs)), affine) == {"bn_a": "conv_a"}
+
+
+@pytest.mark.parametrize("loss", ["cross-entropy", "squared"])
+def test_a_conv_alpha_joined_to_its_batchnorm_scale_keeps_the_terms_exact(loss):
+    inputs = conv_bn_inputs(loss)
+    terms = channel_scale_terms(inputs, scalable_producers(inputs))
+    assert terms is not None
+    assert_terms_close(terms, explicit_terms(inputs))

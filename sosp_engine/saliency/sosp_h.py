@@ -13,7 +13,9 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..progress import check_cancel, report
 from .common import (AnalysisInputs, affine_batch_norm_modules, batch_norm_coefficients, channel_dim, frozen_parameters,
@@ -98,12 +100,80 @@ def fixed_weight_convolutions(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
+class _TensorUses(TorchFunctionMode):
+    """Counts the torch calls that take each watched tensor, outside the modules that are allowed to read it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: dict[int, torch.Tensor] = {}
+        self.uses: dict[int, int] = {}
+        self.inside = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.inside:
+            for t in pytree.tree_leaves((args, kwargs)):
+                if isinstance(t, torch.Tensor) and id(t) in self.watched:
+                    self.uses[id(t)] = self.uses.get(id(t), 0) + 1
+        return func(*args, **kwargs)
+
+
+def sole_norm_consumers(inputs: AnalysisInputs, names: list[str], affine: set[int]) -> dict[str, str]:
+    """{norm: producer} for each eval-mode BatchNorm whose input is a producer's output that nothing else reads.
+
+    There the producer's alpha can join the norm's scale (one full-size multiply and one saved tensor fewer).
+    Found on one sample: a producer that runs once, a norm that runs once on that output, no other torch call on it.
+    """
+    model = inputs.model
+    uses = _TensorUses()
+    calls: dict[str, int] = {}
+    source: dict[int, str] = {}
+    pairs: dict[str, str] = {}
+
+    def produced(module, args, out, name):
+        calls[name] = calls.get(name, 0) + 1
+        if isinstance(out, torch.Tensor) and out.dim() >= 2 and channel_dim(module, out) == 1:
+            uses.watched[id(out)] = out
+            source[id(out)] = name
+
+    def entering(module, args, name):
+        calls[name] = calls.get(name, 0) + 1
+        uses.inside += 1  # this hook's own look at the input is not a use
+        if args and isinstance(args[0], torch.Tensor) and id(args[0]) in source \
+                and args[0].shape[1] == module.num_features:
+            pairs[name] = source[id(args[0])]
+        else:
+            uses.inside -= 1
+
+    def leaving(module, args, out, name):
+        if name in pairs and uses.inside:
+            uses.inside -= 1
+
+    norms = {n: m for n, m in model.named_modules() if id(m) in affine}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: produced(m, a, o, n))
+             for n in names if n not in norms]
+    for n, m in norms.items():
+        hooks.append(m.register_forward_pre_hook(lambda m, a, n=n: entering(m, a, n)))
+        hooks.append(m.register_forward_hook(lambda m, a, o, n=n: leaving(m, a, o, n)))
+    try:
+        with torch.no_grad(), uses:
+            model(inputs.x[:1].to(inputs.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    by_producer = [p for p in pairs.values()]
+    return {norm: p for norm, p in pairs.items() if calls.get(norm) == 1 and calls.get(p) == 1
+            and by_producer.count(p) == 1 and not any(uses.uses.get(i, 0) for i, src in source.items() if src == p)}
+
+
 @contextmanager
-def _scaled_outputs(model: nn.Module, names: list[str], affine: set[int]) -> Iterator[dict[str, torch.Tensor]]:
+def _scaled_outputs(model: nn.Module, names: list[str], affine: set[int],
+                    fused: dict[str, str]) -> Iterator[dict[str, torch.Tensor]]:
     """Multiply each named module's output channels by a fresh all-ones alpha (created at its first call).
 
     An eval-mode BatchNorm (its id in `affine`) takes alpha into its affine coefficients (no extra full-size
-    multiply); other modules scale their output in a forward hook.
+    multiply), and so does the producer before it where `fused` pairs them; other modules scale their output in a
+    forward hook.
     """
     scales: dict[str, torch.Tensor] = {}
 
@@ -118,18 +188,24 @@ def _scaled_outputs(model: nn.Module, names: list[str], affine: set[int]) -> Ite
         shape[dim] = -1
         return out * alpha_for(name, out, out.shape[dim]).view(shape)
 
-    def scaled_batch_norm(m, name):
+    def scaled_batch_norm(m, own: str | None, before: str | None):
         def forward(x: torch.Tensor) -> torch.Tensor:
             scale, shift = batch_norm_coefficients(m)
-            alpha = alpha_for(name, x, scale.numel())
+            if own is not None:
+                alpha = alpha_for(own, x, scale.numel())
+                scale, shift = scale * alpha, shift * alpha
+            if before is not None:  # the producer's output scaled by its alpha, then normalised
+                scale = scale * alpha_for(before, x, scale.numel())
             # not addcmul: its backward multiplies the whole input by the scalar `value` again for the scale's gradient
-            return x * per_channel(scale * alpha, x) + per_channel(shift * alpha, x)
+            return x * per_channel(scale, x) + per_channel(shift, x)
         return forward
 
-    modules = {n: model.get_submodule(n) for n in names}
-    folded = {m: scaled_batch_norm(m, n) for n, m in modules.items() if id(m) in affine}
-    hooks = [capture_point(m).register_forward_hook(lambda point, a, o, m=m, n=n: scale_output(m, a, o, n))
-             for n, m in modules.items() if m not in folded]
+    norms = {n for n in names if id(model.get_submodule(n)) in affine} | set(fused)
+    folded = {model.get_submodule(n): scaled_batch_norm(model.get_submodule(n), n if n in names else None,
+                                                        fused.get(n)) for n in norms}
+    hooked = [n for n in names if n not in norms and n not in fused.values()]
+    hooks = [capture_point(model.get_submodule(n)).register_forward_hook(
+        lambda point, a, o, m=model.get_submodule(n), n=n: scale_output(m, a, o, n)) for n in hooked]
     try:
         with patched_forwards(folded):
             yield scales
@@ -145,6 +221,7 @@ def channel_scale_terms(inputs: AnalysisInputs, rows: dict[str, torch.Tensor]) -
     """
     names = list(rows)
     affine = {id(m) for m in affine_batch_norm_modules(inputs.model)}
+    fused = sole_norm_consumers(inputs, names, affine)
     chunk = _chunk_size(inputs)
     grads: dict[str, torch.Tensor] = {}
     hvp: dict[str, torch.Tensor] = {}
@@ -153,7 +230,7 @@ def channel_scale_terms(inputs: AnalysisInputs, rows: dict[str, torch.Tensor]) -
         for x, y in zip(batch_x.split(chunk), batch_y.split(chunk)):
             check_cancel(inputs.should_stop)
             with frozen_parameters(inputs.model), twice_differentiable(inputs.model) as model, \
-                    fixed_weight_convolutions(model), _scaled_outputs(model, names, affine) as scales:
+                    fixed_weight_convolutions(model), _scaled_outputs(model, names, affine, fused) as scales:
                 loss = sample_losses(model(x), y, inputs.loss).sum() / n
             if len(scales) < len(names):
                 return None
