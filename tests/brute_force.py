@@ -41,3 +41,15 @@ def directional_outputs(model, structures, x):
     columns = [torch.func.jvp(lambda p: functional_call(model, p, (x,)), (params,), (tangent,))[1]
                for tangent in theta_s_vectors(model, structures)]
     return torch.stack(columns, dim=2)
+
+
+def randomise_norms(*norms) -> None:
+    """Non-trivial running statistics and affine parameters for the norms of a test net (fresh ones are 0 and 1)."""
+    with torch.no_grad():
+        for norm in norms:
+            if getattr(norm, "running_mean", None) is not None:
+                norm.running_mean.uniform_(-0.3, 0.3)
+                norm.running_var.uniform_(0.5, 2.0)
+            if getattr(norm, "weight", None) is not None:
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.3, 0.3)

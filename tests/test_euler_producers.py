@@ -12,7 +12,7 @@ from sosp_engine.saliency.sosp_h import scalable_producers, sosp_h_terms
 from sosp_engine.saliency.sosp_i import gauss_newton_terms, jacobian_structure_products
 from sosp_engine.structures import find_structures
 
-from brute_force import directional_outputs
+from brute_force import directional_outputs, randomise_norms
 from test_sosp_h_paths import StandardisedConv2d, assert_terms_close, explicit_terms
 
 N, D = 5, 3
@@ -34,12 +34,7 @@ class ConvNormNet(nn.Module):
 def inputs_for(norm: nn.Module, conv: nn.Module | None = None) -> AnalysisInputs:
     torch.manual_seed(0)
     model = ConvNormNet(norm, conv).double()
-    with torch.no_grad():
-        model.norm.running_mean.uniform_(-0.3, 0.3)
-        model.norm.running_var.uniform_(0.5, 2.0)
-        if model.norm.weight is not None:
-            model.norm.weight.uniform_(0.5, 1.5)
-            model.norm.bias.uniform_(-0.3, 0.3)
+    randomise_norms(model.norm)
     model.eval()
     x = torch.randn(N, 2, 5, 5, dtype=torch.float64)
     return AnalysisInputs(model, find_structures(model, x[:1]), x, torch.randint(0, D, (N,)), "cross-entropy", 4)

@@ -10,7 +10,7 @@ from sosp_engine.saliency.sosp_h import sosp_h_terms
 from sosp_engine.saliency.sosp_i import gauss_newton_terms, jacobian_structure_products, sosp_i_matrix
 from sosp_engine.structures import find_structures
 
-from brute_force import flat, mean_loss_of, theta_s_vectors, unflat
+from brute_force import flat, mean_loss_of, randomise_norms, theta_s_vectors, unflat
 
 N, D = 6, 3
 
@@ -39,12 +39,7 @@ class TinyNet(nn.Module):
 def tiny():
     torch.manual_seed(0)
     model = TinyNet().double()
-    with torch.no_grad():
-        for bn in (model.bn1, model.bn2):
-            bn.running_mean.uniform_(-0.3, 0.3)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.3, 0.3)
+    randomise_norms(model.bn1, model.bn2)
     model.eval()
     x = torch.randn(N, 2, 5, 5, dtype=torch.float64)
     y = torch.randint(0, D, (N,))

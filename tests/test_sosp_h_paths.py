@@ -11,7 +11,7 @@ from sosp_engine.saliency.sosp_h import (_FixedWeightConv, channel_scale_terms, 
                                          sole_norm_consumers, sosp_h_terms)
 from sosp_engine.structures import find_structures
 
-from brute_force import flat, mean_loss_of, theta_s_vectors
+from brute_force import flat, mean_loss_of, randomise_norms, theta_s_vectors
 
 N, D = 5, 3
 
@@ -44,10 +44,7 @@ class StandardisedConv2d(nn.Conv2d):
 def mixed_inputs(conv: nn.Module, loss: str = "cross-entropy", batch_size: int = 4) -> AnalysisInputs:
     torch.manual_seed(0)
     model = MixedNet(conv).double()
-    with torch.no_grad():
-        for norm in (model.gn, model.ln):
-            norm.weight.uniform_(0.5, 1.5)
-            norm.bias.uniform_(-0.3, 0.3)
+    randomise_norms(model.gn, model.ln)
     model.eval()
     x = torch.randn(N, 2, 7, 7, dtype=torch.float64)
     y = torch.randint(0, D, (N,))
@@ -146,12 +143,7 @@ class ConvBnNet(nn.Module):
 def conv_bn_inputs(loss: str = "cross-entropy") -> AnalysisInputs:
     torch.manual_seed(0)
     model = ConvBnNet().double()
-    with torch.no_grad():
-        for bn in (model.bn_a, model.bn_b):
-            bn.running_mean.uniform_(-0.3, 0.3)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.3, 0.3)
+    randomise_norms(model.bn_a, model.bn_b)
     model.eval()
     x = torch.randn(N, 2, 5, 5, dtype=torch.float64)
     return AnalysisInputs(model, find_structures(model, x[:1]), x, torch.randint(0, D, (N,)), loss, 4)
