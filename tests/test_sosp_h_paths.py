@@ -161,3 +161,23 @@ def test_a_conv_alpha_joined_to_its_batchnorm_scale_keeps_the_terms_exact(loss):
     terms = channel_scale_terms(inputs, scalable_producers(inputs))
     assert terms is not None
     assert_terms_close(terms, explicit_terms(inputs))
+
+
+class TwiceReadNet(ConvBnNet):
+    """conv_a's output feeds its BatchNorm and, directly, the logits."""
+
+    def forward(self, x):
+        a = self.conv_a(x)
+        b = self.conv_b(torch.tanh(self.bn_a(a)))
+        return self.fc(torch.tanh(self.bn_b(b) + b).mean((2, 3))) + a.mean((1, 2, 3))[:, None]
+
+
+def test_a_second_reader_the_call_count_misses_is_caught_by_the_output_check(monkeypatch):
+    inputs = conv_bn_inputs()
+    model = TwiceReadNet().double().eval()
+    model.load_state_dict(inputs.model.state_dict())
+    inputs = AnalysisInputs(model, inputs.structures, inputs.x, inputs.y, "cross-entropy", 4)
+    affine = {id(m) for m in affine_batch_norm_modules(model)}
+    monkeypatch.setattr(sosp_h._TensorUses, "__torch_function__",  # as if every reader were a TorchScript function
+                        lambda self, func, types, args=(), kwargs=None: func(*args, **(kwargs or {})))
+    assert sole_norm_consumers(inputs, list(scalable_producers(inputs)), affine) == {}

@@ -24,6 +24,7 @@ from .homogeneity import capture_point, not_scaling
 
 CPU_CHUNK_BYTES = 32 * 2**20  # glibc's largest block size served from reused heap memory
 
+
 def gradient_and_hvp(inputs: AnalysisInputs, vector: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The mean-loss gradient and the Hessian-vector product H @ vector, by double backward, batch by batch."""
     params = inputs.params()
@@ -122,7 +123,8 @@ def sole_norm_consumers(inputs: AnalysisInputs, names: list[str], affine: set[in
     """{norm: producer} for each eval-mode BatchNorm whose input is a producer's output that nothing else reads.
 
     There the producer's alpha can join the norm's scale (one full-size multiply and one saved tensor fewer).
-    Found on one sample: a producer that runs once, a norm that runs once on that output, no other torch call on it.
+    Found on one sample: a producer that runs once, a norm that runs once on that output, and no other torch call
+    on it (a TorchScript function does not report its calls; a scripted reader would go unseen).
     """
     model = inputs.model
     uses = _TensorUses()
@@ -132,7 +134,8 @@ def sole_norm_consumers(inputs: AnalysisInputs, names: list[str], affine: set[in
 
     def produced(module, args, out, name):
         calls[name] = calls.get(name, 0) + 1
-        if isinstance(out, torch.Tensor) and out.dim() >= 2 and channel_dim(module, out) == 1:
+        if isinstance(out, torch.Tensor) and out.dim() >= 2 and channel_dim(module, out) == 1 \
+                and capture_point(module) is module:  # a norm-act's output is after its activation
             uses.watched[id(out)] = out
             source[id(out)] = name
 
@@ -157,13 +160,41 @@ def sole_norm_consumers(inputs: AnalysisInputs, names: list[str], affine: set[in
         hooks.append(m.register_forward_hook(lambda m, a, o, n=n: leaving(m, a, o, n)))
     try:
         with torch.no_grad(), uses:
-            model(inputs.x[:1].to(inputs.device))
+            plain = model(inputs.x[:1].to(inputs.device))
     finally:
         for h in hooks:
             h.remove()
-    by_producer = [p for p in pairs.values()]
-    return {norm: p for norm, p in pairs.items() if calls.get(norm) == 1 and calls.get(p) == 1
-            and by_producer.count(p) == 1 and not any(uses.uses.get(i, 0) for i, src in source.items() if src == p)}
+    by_producer = list(pairs.values())
+    fused = {norm: p for norm, p in pairs.items() if calls.get(norm) == 1 and calls.get(p) == 1
+             and by_producer.count(p) == 1 and not any(uses.uses.get(i, 0) for i, src in source.items() if src == p)}
+    return fused if fused and _pairing_holds(inputs, fused, plain) else {}
+
+
+def _pairing_holds(inputs: AnalysisInputs, fused: dict[str, str], plain: torch.Tensor) -> bool:
+    """The model's output is unchanged when each paired producer's output is scaled by random r > 0 and its norm
+    divides by r again: nothing but the norm reads it (this also sees readers that report no torch calls)."""
+    model = inputs.model
+    generator = torch.Generator().manual_seed(1)
+    factors = {p: torch.empty(model.get_submodule(norm).num_features, dtype=torch.float64).uniform_(
+        0.5, 2.0, generator=generator) for norm, p in fused.items()}
+
+    def undo(m, r):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            scale, shift = batch_norm_coefficients(m)
+            return x * per_channel(scale / r.to(scale), x) + per_channel(shift, x)
+        return forward
+
+    hooks = [model.get_submodule(p).register_forward_hook(lambda m, a, out, r=r: out * per_channel(r.to(out), out))
+             for p, r in factors.items()]
+    try:
+        with torch.no_grad(), patched_forwards({model.get_submodule(n): undo(model.get_submodule(n), factors[p])
+                                                for n, p in fused.items()}):
+            scaled = model(inputs.x[:1].to(inputs.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    tol = 1e-9 if plain.dtype == torch.float64 else 1e-4
+    return torch.allclose(scaled, plain, rtol=tol, atol=tol * float(plain.abs().max().clamp_min(1e-12)))
 
 
 @contextmanager
