@@ -25,6 +25,11 @@ class ParamSlice:
     channels: torch.Tensor
     structure: torch.Tensor
 
+    @property
+    def module(self) -> str:
+        """The producer module holding the parameter."""
+        return self.name.rsplit(".", 1)[0]
+
 
 @dataclass
 class AnalysisInputs:

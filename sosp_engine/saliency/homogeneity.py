@@ -19,7 +19,7 @@ ROW_PARAMETERS = ("weight", "bias")
 
 def producer_modules(inputs: AnalysisInputs) -> list[str]:
     """The producer modules holding rows of theta_s (a norm without affine parameters holds none), in a fixed order."""
-    return list(dict.fromkeys(s.name.rsplit(".", 1)[0] for s in inputs.slices))
+    return list(dict.fromkeys(s.module for s in inputs.slices))
 
 
 def capture_point(module: nn.Module) -> nn.Module:

@@ -55,7 +55,7 @@ def scalable_producers(inputs: AnalysisInputs) -> dict[str, torch.Tensor] | None
     see homogeneity.py) and no other module holds its weight or bias; else None."""
     rows: dict[str, list[torch.Tensor]] = {}
     for s in inputs.slices:
-        rows.setdefault(s.name.rsplit(".", 1)[0], []).append(s.channels)
+        rows.setdefault(s.module, []).append(s.channels)
     holders: dict[int, int] = {}
     for m in inputs.model.modules():
         for p in m.parameters(recurse=False):
