@@ -158,9 +158,17 @@ def batch_norm_coefficients(m: nn.modules.batchnorm._BatchNorm) -> tuple[torch.T
     return scale, shift
 
 
-def per_channel(vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A per-channel vector shaped to broadcast over an NC... tensor."""
-    return vector.view((1, -1) + (1,) * (x.dim() - 2))
+def per_channel(vector: torch.Tensor, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast over `x`, whose channels lie along `dim` (NC... by default)."""
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    return vector.view(shape)
+
+
+def equal_up_to_rounding(actual: torch.Tensor, expected: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Two outputs agree to float rounding, relative to the largest entry of the model's plain output `reference`."""
+    tol = 1e-9 if reference.dtype == torch.float64 else 1e-4
+    return torch.allclose(actual, expected, rtol=tol, atol=tol * float(reference.abs().max().clamp_min(1e-12)))
 
 
 def _affine_batch_norm(m: nn.modules.batchnorm._BatchNorm):

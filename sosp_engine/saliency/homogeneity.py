@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .common import AnalysisInputs, channel_dim
+from .common import AnalysisInputs, channel_dim, equal_up_to_rounding, per_channel
 
 ROW_PARAMETERS = ("weight", "bias")
 
@@ -69,8 +69,4 @@ def _scales(module: nn.Module, args: tuple, kwargs: dict, generator: torch.Gener
     dim = channel_dim(module, plain)
     if plain.shape[dim] != len(r):
         return False
-    shape = [1] * plain.dim()
-    shape[dim] = -1
-    expected = plain * r.to(plain).view(shape)
-    tol = 1e-9 if plain.dtype == torch.float64 else 1e-4
-    return torch.allclose(rescaled, expected, rtol=tol, atol=tol * float(plain.abs().max().clamp_min(1e-12)))
+    return equal_up_to_rounding(rescaled, plain * per_channel(r.to(plain), plain, dim), plain)

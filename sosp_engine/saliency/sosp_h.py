@@ -18,7 +18,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..progress import check_cancel, report
-from .common import (AnalysisInputs, affine_batch_norm_modules, batch_norm_coefficients, channel_dim, frozen_parameters,
+from .common import (AnalysisInputs, affine_batch_norm_modules, batch_norm_coefficients, channel_dim,
+                     equal_up_to_rounding, frozen_parameters,
                      patched_forwards, per_channel, sample_losses, twice_differentiable)
 from .homogeneity import capture_point, not_scaling
 
@@ -193,8 +194,7 @@ def _pairing_holds(inputs: AnalysisInputs, fused: dict[str, str], plain: torch.T
     finally:
         for h in hooks:
             h.remove()
-    tol = 1e-9 if plain.dtype == torch.float64 else 1e-4
-    return torch.allclose(scaled, plain, rtol=tol, atol=tol * float(plain.abs().max().clamp_min(1e-12)))
+    return equal_up_to_rounding(scaled, plain, plain)
 
 
 @contextmanager
@@ -215,9 +215,7 @@ def _scaled_outputs(model: nn.Module, names: list[str], affine: set[int],
 
     def scale_output(module, args, out, name):
         dim = channel_dim(module, out)
-        shape = [1] * out.ndim
-        shape[dim] = -1
-        return out * alpha_for(name, out, out.shape[dim]).view(shape)
+        return out * per_channel(alpha_for(name, out, out.shape[dim]), out, dim)
 
     def scaled_batch_norm(m, own: str | None, before: str | None):
         def forward(x: torch.Tensor) -> torch.Tensor:
