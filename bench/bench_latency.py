@@ -1,6 +1,7 @@
 """Does a pruned net run as fast as its MACs say? Latency of physically pruned nets with and without --round-to.
 
     python bench/bench_latency.py [--model resnet56] [--ratios 0.5,0.8] [--round-to 8] [--batches 1,64] [--threads 1]
+                                  [--device cpu|cuda]
 
 One process, `--threads` torch threads (recorded). Per ratio: the MAC drop of the mask and the measured latency drop
 (median of timed forwards) at each batch size, for the plain SOSP-H order and the order rounded to multiples of
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--round-to", type=int, default=8)
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where the nets are timed (and the order computed)")
     parser.add_argument("--out", default="bench/results/latency.jsonl")
     args = parser.parse_args()
 
@@ -38,18 +40,18 @@ def main() -> None:
     torch.manual_seed(0)
     wb = open_workbench(args.model, "synthetic:3,32,32:10")
     batches = [int(b) for b in args.batches.split(",")]
-    base = {b: measure_latency(wb.model, wb.example, "cpu", b, repeats=10 if b > 16 else 30) for b in batches}
+    base = {b: measure_latency(wb.model, wb.example, args.device, b, repeats=10 if b > 16 else 30) for b in batches}
     rows = []
     for round_to in (1, args.round_to):
         result = run_analysis(wb, AnalysisConfig(method="sosp-h", model_spec=args.model, samples=128, batch_size=128,
-                                                 device="cpu", round_to=round_to))
+                                                 device=args.device, round_to=round_to))
         for ratio in (float(r) for r in args.ratios.split(",")):
             mask = result.mask(wb.structures, ratio)
             summary = mask_summary(wb.structures, mask)
             smaller = pruned_copy(wb.model, wb.structures, mask, wb.example)
             for b in batches:
-                seconds = measure_latency(smaller, wb.example, "cpu", b, repeats=10 if b > 16 else 30)
-                row = {"model": args.model, "round_to": round_to, "ratio": ratio, "batch": b, "threads": args.threads,
+                seconds = measure_latency(smaller, wb.example, args.device, b, repeats=10 if b > 16 else 30)
+                row = {"model": args.model, "device": args.device, "round_to": round_to, "ratio": ratio, "batch": b, "threads": args.threads,
                        "mac_drop": summary["mac_ratio"], "latency_drop": 1 - seconds / base[b],
                        "latency_ms": 1000 * seconds, "base_ms": 1000 * base[b]}
                 row["efficiency"] = row["latency_drop"] / row["mac_drop"]

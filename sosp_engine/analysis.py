@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .atomic import save_atomically
+from .devices import full_float32
 from .errors import AnalysisError, is_out_of_memory
 from .exactness import exactness_report
 from .latency import LATENCY_UNIT, LatencyProfile
@@ -308,6 +309,7 @@ def compute_saliency(method: str, inputs: AnalysisInputs, cap: float, normalize:
     return out
 
 
+@full_float32()
 def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: ProgressFn = None,
                  should_stop: StopFn = None) -> AnalysisResult:
     """Run one analysis on the workbench's model (or a fresh seeded init when `config.at_init`)."""

@@ -1,7 +1,10 @@
 """Device choice: CUDA when available, else CPU; a readable name for the UI."""
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -28,6 +31,40 @@ def resolve_device(device: str = "auto") -> torch.device:
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise DeviceError(f"there is no {device}: {torch.cuda.device_count()} GPU(s) visible")
     return resolved
+
+
+_PRECISION_LOCK = threading.Lock()
+_precision_users = 0
+_saved_precisions: list[str] = []
+
+
+def _fp32_flags() -> tuple:
+    return torch.backends.cudnn.conv, torch.backends.cuda.matmul
+
+
+@contextmanager
+def full_float32() -> Iterator[None]:
+    """CUDA convolutions and matrix products in IEEE float32 while inside, not TF32 (cuDNN's default for convolutions).
+
+    TF32 keeps 10 mantissa bits: saliencies would move by about 1e-3 and the exact-scaling checks would fail. The
+    flags are process-wide, so overlapping analyses (the app's threads) share one switch and the last one out
+    restores what the user had set.
+    """
+    global _precision_users, _saved_precisions
+    with _PRECISION_LOCK:
+        if _precision_users == 0:
+            _saved_precisions = [flag.fp32_precision for flag in _fp32_flags()]
+            for flag in _fp32_flags():
+                flag.fp32_precision = "ieee"
+        _precision_users += 1
+    try:
+        yield
+    finally:
+        with _PRECISION_LOCK:
+            _precision_users -= 1
+            if _precision_users == 0:
+                for flag, value in zip(_fp32_flags(), _saved_precisions):
+                    flag.fp32_precision = value
 
 
 def available_memory(device: torch.device) -> int:

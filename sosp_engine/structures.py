@@ -126,8 +126,17 @@ def _unsupported(group, graph: tp.DependencyGraph, names: dict[nn.Module, str]) 
     return ""
 
 
+def on_model_device(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`x` on the device of `model`'s first parameter or buffer (a model timed on a GPU is traced there)."""
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return x if tensor is None else x.to(tensor.device)
+
+
 def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of `model`, leaving its train/eval modes as they were."""
+    example_input = on_model_device(model, example_input)
     with preserved_modes(model), torch.enable_grad():
         try:
             return CouplingGraph().build_dependency(model, example_inputs=example_input, verbose=False)
@@ -402,6 +411,7 @@ def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequ
         raise MaskError(f"unknown exclusion preset '{preset}'; known: {sorted(PRESETS)}")
     patterns = list(exclude) + list(PRESETS.get(preset, ()))
     names = {m: n for n, m in model.named_modules()}
+    example_input = on_model_device(model, example_input)
     order, shapes = forward_records(model, example_input)
     producer_order = [n for n in order if isinstance(model.get_submodule(n), PRODUCER_TYPES)]
     if not producer_order:

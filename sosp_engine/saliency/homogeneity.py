@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..devices import full_float32
 from .common import AnalysisInputs, channel_dim, equal_up_to_rounding, per_channel
 
 ROW_PARAMETERS = ("weight", "bias")
@@ -31,6 +32,7 @@ def capture_point(module: nn.Module) -> nn.Module:
     return module
 
 
+@full_float32()
 def not_scaling(inputs: AnalysisInputs) -> list[str]:
     """The producers whose captured output does not scale channel by channel with their rows (empty when all do)."""
     names = producer_modules(inputs)

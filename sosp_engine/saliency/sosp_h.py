@@ -17,6 +17,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..devices import full_float32
 from ..progress import check_cancel, report
 from .common import (AnalysisInputs, affine_batch_norm_modules, batch_norm_coefficients, channel_dim,
                      equal_up_to_rounding, frozen_parameters,
@@ -120,6 +121,7 @@ class _TensorUses(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@full_float32()
 def sole_norm_consumers(inputs: AnalysisInputs, names: list[str], affine: set[int]) -> dict[str, str]:
     """{norm: producer} for each eval-mode BatchNorm whose input is a producer's output that nothing else reads.
 
@@ -312,6 +314,7 @@ def _per_structure(inputs: AnalysisInputs, per_channel: dict[str, torch.Tensor])
     return out
 
 
+@full_float32()
 def sosp_h_terms(inputs: AnalysisInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """(lam1(s), theta_s . H theta_struc) for every structure, both signed."""
     rows = scalable_producers(inputs)

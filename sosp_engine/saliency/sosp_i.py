@@ -6,7 +6,7 @@ from typing import Iterator
 
 import torch
 
-from ..devices import available_memory
+from ..devices import available_memory, full_float32
 from ..errors import AnalysisError
 from ..memory import MATRIX, memory_phase
 from ..progress import check_cancel, report
@@ -130,6 +130,7 @@ def loss_output_gradient(logits: torch.Tensor, y: torch.Tensor, loss: str) -> to
     return torch.softmax(logits, 1) - target
 
 
+@full_float32()
 def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_labels: int = 0,
                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(lam1 (S,), G) with G = theta_s^T H_GN theta_s' over the N' samples: (S, S), or its diagonal (S,) if asked."""
