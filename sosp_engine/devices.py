@@ -35,11 +35,25 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 _PRECISION_LOCK = threading.Lock()
 _precision_users = 0
-_saved_precisions: list[str] = []
+_saved_precision: tuple = ()
 
 
-def _fp32_flags() -> tuple:
-    return torch.backends.cudnn.conv, torch.backends.cuda.matmul
+def _tf32_setting() -> tuple:
+    """What to restore: torch's two TF32 switches, or the per-operator flags where a user set those (torch's legacy
+    getters raise when cuDNN's convolution and RNN flags were set apart)."""
+    try:
+        return ("switches", torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        flags = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
+        return ("per-operator", [(flag, flag.fp32_precision) for flag in flags])
+
+
+def _restore_tf32(setting: tuple) -> None:
+    if setting[0] == "switches":
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = setting[1:]
+    else:
+        for flag, value in setting[1]:
+            flag.fp32_precision = value
 
 
 @contextmanager
@@ -47,15 +61,15 @@ def full_float32() -> Iterator[None]:
     """CUDA convolutions and matrix products in IEEE float32 while inside, not TF32 (cuDNN's default for convolutions).
 
     TF32 keeps 10 mantissa bits: saliencies would move by about 1e-3 and the exact-scaling checks would fail. The
-    flags are process-wide, so overlapping analyses (the app's threads) share one switch and the last one out
-    restores what the user had set.
+    switches are process-wide, so overlapping analyses (the app's threads) share them and the last one out restores
+    what the user had set.
     """
-    global _precision_users, _saved_precisions
+    global _precision_users, _saved_precision
     with _PRECISION_LOCK:
         if _precision_users == 0:
-            _saved_precisions = [flag.fp32_precision for flag in _fp32_flags()]
-            for flag in _fp32_flags():
-                flag.fp32_precision = "ieee"
+            _saved_precision = _tf32_setting()
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         _precision_users += 1
     try:
         yield
@@ -63,8 +77,7 @@ def full_float32() -> Iterator[None]:
         with _PRECISION_LOCK:
             _precision_users -= 1
             if _precision_users == 0:
-                for flag, value in zip(_fp32_flags(), _saved_precisions):
-                    flag.fp32_precision = value
+                _restore_tf32(_saved_precision)
 
 
 def available_memory(device: torch.device) -> int:

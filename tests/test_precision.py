@@ -12,34 +12,48 @@ from sosp_engine.saliency.sosp_h import sosp_h_terms
 from sosp_engine.saliency.sosp_i import gauss_newton_terms
 from sosp_engine.structures import find_structures
 
-CONV, MATMUL = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+CUDNN, MATMUL = torch.backends.cudnn, torch.backends.cuda.matmul
+
+
+def tf32_allowed() -> tuple[bool, bool]:
+    return CUDNN.allow_tf32, MATMUL.allow_tf32
 
 
 @pytest.fixture(autouse=True)
 def users_tf32():
-    """The user (or cuDNN's default) allows TF32 for both; each test leaves them as they were."""
-    saved = CONV.fp32_precision, MATMUL.fp32_precision
-    CONV.fp32_precision, MATMUL.fp32_precision = "tf32", "tf32"
+    """The user (or cuDNN's default) allows TF32 for both; each test leaves torch's switches as they were."""
+    saved = tf32_allowed()
+    CUDNN.allow_tf32 = MATMUL.allow_tf32 = True
     yield
-    CONV.fp32_precision, MATMUL.fp32_precision = saved
+    CUDNN.allow_tf32, MATMUL.allow_tf32 = saved
 
 
 def test_full_float32_turns_tf32_off_inside_and_restores_it_after():
     with full_float32():
-        assert (CONV.fp32_precision, MATMUL.fp32_precision) == ("ieee", "ieee")
-    assert (CONV.fp32_precision, MATMUL.fp32_precision) == ("tf32", "tf32")
+        assert tf32_allowed() == (False, False)
+    assert tf32_allowed() == (True, True)
 
 
 def test_full_float32_restores_the_setting_after_an_error():
     with pytest.raises(ValueError):
         with full_float32():
             raise ValueError("analysis failed")
-    assert CONV.fp32_precision == "tf32"
+    assert tf32_allowed() == (True, True)
 
 
-def test_overlapping_analyses_keep_ieee_until_the_last_one_leaves():
+def test_per_operator_flags_set_with_torchs_newer_api_come_back_as_they_were():
+    CUDNN.conv.fp32_precision, CUDNN.rnn.fp32_precision = "tf32", "ieee"
+    try:
+        with full_float32():
+            assert tf32_allowed() == (False, False)
+        assert (CUDNN.conv.fp32_precision, CUDNN.rnn.fp32_precision) == ("tf32", "ieee")
+    finally:
+        CUDNN.allow_tf32 = True
+
+
+def test_overlapping_analyses_keep_tf32_off_until_the_last_one_leaves():
     first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
-    seen: list[str] = []
+    seen: list[tuple[bool, bool]] = []
 
     def first():
         with full_float32():
@@ -53,18 +67,18 @@ def test_overlapping_analyses_keep_ieee_until_the_last_one_leaves():
     with full_float32():
         second_in.set()
         first_out.wait(5)
-        seen.append(CONV.fp32_precision)
+        seen.append(tf32_allowed())
     thread.join(5)
-    assert seen == ["ieee"] and CONV.fp32_precision == "tf32"
+    assert seen == [(False, False)] and tf32_allowed() == (True, True)
 
 
 class Recorder(nn.Conv2d):
-    """A convolution that notes the convolution precision in force whenever it runs."""
+    """A convolution that notes whether TF32 was allowed whenever it ran."""
 
-    seen: list[str]
+    seen: list[bool]
 
     def forward(self, x):
-        self.seen.append(CONV.fp32_precision)
+        self.seen.append(CUDNN.allow_tf32)
         return super().forward(x)
 
 
@@ -84,5 +98,5 @@ def recording_inputs() -> AnalysisInputs:
 def test_each_analysis_step_runs_its_convolutions_in_ieee_float32(step):
     inputs = recording_inputs()
     step(inputs)
-    assert inputs.model[0].seen and set(inputs.model[0].seen) == {"ieee"}
-    assert CONV.fp32_precision == "tf32"
+    assert inputs.model[0].seen and set(inputs.model[0].seen) == {False}
+    assert tf32_allowed() == (True, True)
