@@ -5,10 +5,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
-from sosp_engine.saliency import sosp_h
+from sosp_engine.saliency import pairing, sosp_h
 from sosp_engine.saliency.common import AnalysisInputs, affine_batch_norm_modules
+from sosp_engine.saliency.pairing import sole_norm_consumers
 from sosp_engine.saliency.sosp_h import (_FixedWeightConv, channel_scale_terms, gradient_and_hvp, scalable_producers,
-                                         sole_norm_consumers, sosp_h_terms)
+                                         sosp_h_terms)
 from sosp_engine.structures import find_structures
 
 from brute_force import flat, mean_loss_of, randomise_norms, theta_s_vectors
@@ -178,6 +179,6 @@ def test_a_second_reader_the_call_count_misses_is_caught_by_the_output_check(mon
     model.load_state_dict(inputs.model.state_dict())
     inputs = AnalysisInputs(model, inputs.structures, inputs.x, inputs.y, "cross-entropy", 4)
     affine = {id(m) for m in affine_batch_norm_modules(model)}
-    monkeypatch.setattr(sosp_h._TensorUses, "__torch_function__",  # as if every reader were a TorchScript function
+    monkeypatch.setattr(pairing._TensorUses, "__torch_function__",  # as if every reader were a TorchScript function
                         lambda self, func, types, args=(), kwargs=None: func(*args, **(kwargs or {})))
     assert sole_norm_consumers(inputs, list(scalable_producers(inputs)), affine) == {}
