@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -10,28 +11,66 @@ from ..devices import available_memory, full_float32
 from ..errors import AnalysisError
 from ..memory import MATRIX, memory_phase
 from ..progress import check_cancel, report
-from .common import AnalysisInputs, affine_batch_norms, channel_dim, frozen_parameters
+from .common import (AnalysisInputs, affine_batch_norm_modules, affine_batch_norms, batch_norm_coefficients,
+                     channel_dim, frozen_parameters)
 from .homogeneity import capture_point, not_scaling, producer_modules
+from .pairing import sole_norm_consumers
 
 GRAM_BLOCK_BYTES = 256 * 2**20  # the float64 block of columns added to the S x S matrix at a time
 
 
+@dataclass
+class CapturePlan:
+    """How SOSP-I reads the producers' outputs in each forward."""
+
+    copied: set[str]  # producers whose output a later op changes in place: the model goes on with a copy
+    folded: dict[str, str]  # {norm: producer}: only the norm reads the producer, whose output is kept as a value
+
+
+def capture_plan(inputs: AnalysisInputs) -> CapturePlan:
+    """Found on one sample: the outputs that need a copy, and the conv -> BatchNorm pairs read once."""
+    names = producer_modules(inputs)
+    affine = {id(m) for m in affine_batch_norm_modules(inputs.model)}
+    folded = {norm: producer for norm, producer in sole_norm_consumers(inputs, names, affine).items() if norm in names}
+    seen: dict[str, list[tuple[torch.Tensor, int]]] = {}
+
+    def record(module, args, out, name):
+        if isinstance(out, torch.Tensor):
+            seen.setdefault(name, []).append((out, out._version))
+    hooks = [capture_point(inputs.model.get_submodule(n)).register_forward_hook(
+        lambda m, a, out, n=n: record(m, a, out, n)) for n in names]
+    try:
+        with torch.no_grad(), affine_batch_norms(inputs.model):
+            inputs.model(inputs.x[:1].to(inputs.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return CapturePlan({n for n, outs in seen.items() if any(t._version != v for t, v in outs)}, folded)
+
+
 @contextmanager
-def _captured_outputs(inputs: AnalysisInputs) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Record every producer's output at its capture point; the point returns a clone so later in-place ops cannot
-    alter the record."""
+def _captured_outputs(inputs: AnalysisInputs, plan: CapturePlan) -> Iterator[tuple[dict, list]]:
+    """Record every producer's output at its capture point, and each uncopied record's version to check afterwards.
+
+    Where a later op changes an output in place (`plan.copied`), the model goes on with a copy so the record stays
+    the output; everywhere else the output itself is recorded.
+    """
     store: dict[str, list[torch.Tensor]] = {}
+    versions: list[tuple[str, torch.Tensor, int]] = []
     hooks = []
     for name in producer_modules(inputs):
         def hook(module, args, out, name=name):
             if not out.requires_grad:  # the first producer: start the graph here, the input needs no gradient
                 out.requires_grad_(True)
             store.setdefault(name, []).append(out)
-            return out.clone()
+            if name in plan.copied:
+                return out.clone()
+            versions.append((name, out, out._version))
+            return None
         hooks.append(capture_point(inputs.model.get_submodule(name)).register_forward_hook(hook))
     try:
         with frozen_parameters(inputs.model):
-            yield store
+            yield store, versions
     finally:
         for h in hooks:
             h.remove()
@@ -48,54 +87,81 @@ def check_euler(inputs: AnalysisInputs) -> None:
             "for any layer.")
 
 
-def _structure_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tensor]],
-                        grads: tuple[torch.Tensor, ...], n: int) -> torch.Tensor:
-    """sum over positions of gradient x output per channel, mapped to structures: (n, S) = phi_n theta_s for one output direction."""
+def _structure_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tensor]], plan: CapturePlan,
+                        targets: list[tuple[str, torch.Tensor]], grads: tuple[torch.Tensor, ...], n: int) -> torch.Tensor:
+    """Sum over positions of gradient x output per channel, mapped to structures: (n, S) = phi_n theta_s for one
+    output direction. A folded norm's gradient g gives both terms: its producer's is scale * sum g u, its own
+    scale * sum g u + shift * sum g (its output is u * scale + shift)."""
     out = torch.zeros(n, inputs.structures.num_structures, dtype=grads[0].dtype, device=grads[0].device)
-    flat = [(name, t) for name, ts in store.items() for t in ts]
     per_module: dict[str, torch.Tensor] = {}
-    for (name, tensor), g in zip(flat, grads):
+
+    def add(name: str, contrib: torch.Tensor) -> None:
+        per_module[name] = per_module[name] + contrib if name in per_module else contrib
+
+    for (name, tensor), g in zip(targets, grads):
+        module = inputs.model.get_submodule(name)
+        if name in plan.folded:
+            producer = plan.folded[name]
+            g = g.reshape(n, g.shape[1], -1)
+            scale, shift = batch_norm_coefficients(module)
+            products = torch.linalg.vecdot(g, store[producer][0].detach().reshape(n, g.shape[1], -1)) * scale
+            add(producer, products)
+            add(name, products + g.sum(2) * shift)
+            continue
         tensor = tensor.detach()  # the products must not keep the forward graph alive
-        dim = channel_dim(inputs.model.get_submodule(name), tensor)
+        dim = channel_dim(module, tensor)
         if dim != 1:
             g, tensor = g.movedim(dim, 1), tensor.movedim(dim, 1)
-        contrib = torch.linalg.vecdot(g.reshape(n, g.shape[1], -1), tensor.reshape(n, tensor.shape[1], -1))
-        per_module[name] = per_module[name] + contrib if name in per_module else contrib
+        add(name, torch.linalg.vecdot(g.reshape(n, g.shape[1], -1), tensor.reshape(n, tensor.shape[1], -1)))
     for piece in inputs.structures.producers:
         if piece.module in per_module:  # a norm without affine parameters holds no rows of theta_s
             out.index_add_(1, piece.structure.to(out.device), per_module[piece.module][:, piece.channels.to(out.device)])
     return out
 
 
-def output_direction_products(inputs: AnalysisInputs, x: torch.Tensor, directions) -> tuple[torch.Tensor, torch.Tensor]:
+def output_direction_products(inputs: AnalysisInputs, x: torch.Tensor, directions,
+                              plan: CapturePlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (n, D), P (n, K, S)) with P[n, k, s] = u_nk^T phi(x_n) theta_s for K per-sample output directions u_nk.
 
     `directions(logits)` returns the (n, K, D) directions; each costs one activation-only backward pass.
     """
-    with _captured_outputs(inputs) as store, affine_batch_norms(inputs.model):
-        logits = inputs.model(x.detach())
-        silent = [n for n in producer_modules(inputs) if n not in store]
-        if silent:
-            raise AnalysisError(f"SOSP-I reads each producer's output, but {silent[:3]} never ran as a module (its "
-                                "parameters are used another way); use SOSP-H (method sosp-h), which is exact for it")
-        tensors = [t for ts in store.values() for t in ts]
-        u = directions(logits.detach()).to(logits.dtype)
-        n, k_count = u.shape[0], u.shape[1]
-        columns = []
-        for k in range(k_count):
-            check_cancel(inputs.should_stop)
-            grads = torch.autograd.grad(logits, tensors, grad_outputs=u[:, k], retain_graph=k < k_count - 1)
-            columns.append(_structure_products(inputs, store, grads, n))
-    return logits.detach(), torch.stack(columns, dim=1)
+    plan = plan if plan is not None else capture_plan(inputs)
+    while True:
+        with _captured_outputs(inputs, plan) as (store, versions), affine_batch_norms(inputs.model):
+            logits = inputs.model(x.detach())
+            silent = [n for n in producer_modules(inputs) if n not in store]
+            if silent:
+                raise AnalysisError(f"SOSP-I reads each producer's output, but {silent[:3]} never ran as a module (its "
+                                    "parameters are used another way); use SOSP-H (method sosp-h), which is exact for it")
+            altered = {name for name, tensor, version in versions if tensor._version != version}
+            if not altered:
+                return logits.detach(), _direction_products(inputs, store, plan, logits, directions)
+        plan.copied |= altered  # changed in place although the one-sample probe saw no such op: again, with copies
 
 
-def jacobian_structure_products(inputs: AnalysisInputs, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tensor]], plan: CapturePlan,
+                        logits: torch.Tensor, directions) -> torch.Tensor:
+    """(n, K, S): one activation-only backward pass per direction, each reduced to structure products."""
+    folded_producers = set(plan.folded.values())
+    targets = [(name, t) for name, ts in store.items() if name not in folded_producers for t in ts]
+    u = directions(logits.detach()).to(logits.dtype)
+    n, k_count = u.shape[0], u.shape[1]
+    columns = []
+    for k in range(k_count):
+        check_cancel(inputs.should_stop)
+        grads = torch.autograd.grad(logits, [t for _, t in targets], grad_outputs=u[:, k], retain_graph=k < k_count - 1)
+        columns.append(_structure_products(inputs, store, plan, targets, grads, n))
+    return torch.stack(columns, dim=1)
+
+
+def jacobian_structure_products(inputs: AnalysisInputs, x: torch.Tensor,
+                                plan: CapturePlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (n, D), A (n, D, S)) with A[n, d, s] = (phi(x_n) theta_s)_d, from one forward and D activation-only backwards."""
     def unit_vectors(logits: torch.Tensor) -> torch.Tensor:
         n, d = logits.shape
         return torch.eye(d, dtype=logits.dtype, device=logits.device).expand(n, d, d)
 
-    return output_direction_products(inputs, x, unit_vectors)
+    return output_direction_products(inputs, x, unit_vectors, plan)
 
 
 def label_difference_directions(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -143,24 +209,26 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
     if mc_labels > 0 and inputs.loss != "cross-entropy":
         raise AnalysisError("sampled labels estimate the cross-entropy Gauss-Newton matrix only; use --mc-labels 0")
     check_euler(inputs)
+    plan = capture_plan(inputs)
     for i, (x, y) in enumerate(inputs.batches()):
         check_cancel(inputs.should_stop)
         if mc_labels > 0:
-            _, v = output_direction_products(inputs, x, lambda out: sampled_label_directions(out, y, mc_labels, generator))
+            _, v = output_direction_products(
+                inputs, x, lambda out: sampled_label_directions(out, y, mc_labels, generator), plan)
             v = v.to(torch.float64)
             rows, minus = v[:, :mc_labels] / mc_labels ** 0.5, None
             first += v[:, mc_labels].sum(0)
         elif inputs.loss == "cross-entropy":
             # With G_n = rows a_d - a_y (d != y) of A_n: A^T R A = G^T (diag(q) - q q^T) G and A^T (p - e_y) = G^T q,
             # q = p without its label entry. D - 1 backward passes, no division by small probabilities.
-            logits, g = output_direction_products(inputs, x, lambda out: label_difference_directions(out, y))
+            logits, g = output_direction_products(inputs, x, lambda out: label_difference_directions(out, y), plan)
             g = g.to(torch.float64)
             q = drop_label_column(torch.softmax(logits.double(), 1), y)
             rows = q.sqrt().unsqueeze(2) * g
             minus = torch.einsum("nk,nks->ns", q, g)
             first += minus.sum(0)
         else:
-            logits, a = jacobian_structure_products(inputs, x)
+            logits, a = jacobian_structure_products(inputs, x, plan)
             a = a.to(torch.float64)
             first += torch.einsum("nd,nds->s", loss_output_gradient(logits.double(), y, inputs.loss), a)
             rows, minus = a, None

@@ -1,0 +1,84 @@
+"""How SOSP-I reads producer outputs: a copy only where a later op changes one in place, and a conv read only by its
+BatchNorm read once through the norm's gradient. Every way gives the brute-force products."""
+import torch
+from torch import nn
+
+from sosp_engine.saliency.common import AnalysisInputs
+from sosp_engine.saliency.sosp_i import CapturePlan, capture_plan, gauss_newton_terms, jacobian_structure_products
+from sosp_engine.structures import find_structures
+
+from brute_force import directional_outputs, randomise_norms
+
+N, D = 5, 3
+
+
+class ReluInPlaceWhenBatched(nn.Module):
+    """relu_ on batches of more than one sample only: the one-sample probe cannot see it."""
+
+    def forward(self, x):
+        return x.relu_() if x.shape[0] > 1 else torch.relu(x)
+
+
+class ResidualNet(nn.Module):
+    """conv_a -> bn_a -> in-place ReLU; conv_b feeds bn_b and a residual add; bn_b's output is changed in place only in
+    batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv_b = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn_b = nn.BatchNorm2d(4)
+        self.late = ReluInPlaceWhenBatched()
+        self.fc = nn.Linear(4, D)
+
+    def forward(self, x):
+        h = self.relu(self.bn_a(self.conv_a(x)))
+        b = self.conv_b(h)
+        return self.fc(torch.tanh(self.late(self.bn_b(b)) + b).mean((2, 3)))
+
+
+def residual_inputs() -> AnalysisInputs:
+    torch.manual_seed(0)
+    model = ResidualNet().double()
+    randomise_norms(model.bn_a, model.bn_b)
+    model.eval()
+    x = torch.randn(N, 2, 5, 5, dtype=torch.float64)
+    return AnalysisInputs(model, find_structures(model, x[:1]), x, torch.randint(0, D, (N,)), "cross-entropy", N)
+
+
+def test_only_an_output_a_later_op_changes_in_place_is_copied():
+    assert capture_plan(residual_inputs()).copied == {"bn_a"}
+
+
+def test_a_conv_read_only_by_its_batchnorm_is_read_once_and_one_read_twice_is_not():
+    assert capture_plan(residual_inputs()).folded == {"bn_a": "conv_a"}
+
+
+def test_products_read_once_through_the_batchnorm_equal_the_brute_force_ones():
+    inputs = residual_inputs()
+    plan = capture_plan(inputs)
+    _, products = jacobian_structure_products(inputs, inputs.x, plan)
+    torch.testing.assert_close(products, directional_outputs(inputs.model, inputs.structures, inputs.x),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_an_output_changed_in_place_only_in_batches_is_read_again_with_a_copy():
+    inputs = residual_inputs()
+    plan = capture_plan(inputs)
+    assert "bn_b" not in plan.copied
+    _, products = jacobian_structure_products(inputs, inputs.x, plan)
+    assert "bn_b" in plan.copied
+    torch.testing.assert_close(products, directional_outputs(inputs.model, inputs.structures, inputs.x),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_the_read_once_path_gives_the_terms_of_copying_every_output_without_folding(monkeypatch):
+    inputs = residual_inputs()
+    first, gram = gauss_newton_terms(inputs)
+    every = {"conv_a", "bn_a", "conv_b", "bn_b", "fc"}
+    monkeypatch.setattr("sosp_engine.saliency.sosp_i.capture_plan", lambda inputs: CapturePlan(set(every), {}))
+    plain_first, plain_gram = gauss_newton_terms(inputs)
+    torch.testing.assert_close(first, plain_first, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(gram, plain_gram, rtol=1e-10, atol=1e-14)
