@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
-from sosp_engine.saliency import pairing, sosp_h
+from sosp_engine.saliency import common, pairing
 from sosp_engine.saliency.common import AnalysisInputs, affine_batch_norm_modules
 from sosp_engine.saliency.pairing import sole_norm_consumers
 from sosp_engine.saliency.sosp_h import (_FixedWeightConv, channel_scale_terms, gradient_and_hvp, scalable_producers,
@@ -106,8 +106,8 @@ def test_a_producer_with_a_forward_hook_takes_the_parameter_path_and_stays_exact
 def test_splitting_each_batch_into_smaller_passes_keeps_the_terms(monkeypatch):
     inputs = mixed_inputs(plain_conv())
     whole = sosp_h_terms(inputs)
-    monkeypatch.setattr(sosp_h, "CPU_CHUNK_BYTES", 1)  # one sample per pass
-    assert sosp_h._chunk_size(inputs) == 1
+    monkeypatch.setattr(common, "CPU_PASS_BYTES", 1)  # one sample per pass
+    assert inputs.pass_size() == 1
     assert_terms_close(sosp_h_terms(inputs), whole)
 
 

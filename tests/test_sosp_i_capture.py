@@ -3,6 +3,7 @@ BatchNorm read once through the norm's gradient. Every way gives the brute-force
 import torch
 from torch import nn
 
+from sosp_engine.saliency import common
 from sosp_engine.saliency.common import AnalysisInputs
 from sosp_engine.saliency.sosp_i import CapturePlan, capture_plan, gauss_newton_terms, jacobian_structure_products
 from sosp_engine.structures import find_structures
@@ -82,3 +83,12 @@ def test_the_read_once_path_gives_the_terms_of_copying_every_output_without_fold
     plain_first, plain_gram = gauss_newton_terms(inputs)
     torch.testing.assert_close(first, plain_first, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(gram, plain_gram, rtol=1e-10, atol=1e-14)
+
+
+def test_splitting_each_batch_into_one_sample_passes_keeps_the_terms(monkeypatch):
+    inputs = residual_inputs()
+    whole = gauss_newton_terms(inputs)
+    monkeypatch.setattr(common, "CPU_PASS_BYTES", 1)
+    assert inputs.pass_size() == 1
+    for split, together in zip(gauss_newton_terms(inputs), whole):
+        torch.testing.assert_close(split, together, rtol=1e-10, atol=1e-14)

@@ -22,9 +22,6 @@ from .common import (AnalysisInputs, affine_batch_norm_modules, batch_norm_coeff
 from .homogeneity import capture_point, not_scaling
 from .pairing import sole_norm_consumers
 
-CPU_CHUNK_BYTES = 32 * 2**20  # glibc's largest block size served from reused heap memory
-
-
 def gradient_and_hvp(inputs: AnalysisInputs, vector: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The mean-loss gradient and the Hessian-vector product H @ vector, by double backward, batch by batch."""
     params = inputs.params()
@@ -155,55 +152,28 @@ def channel_scale_terms(inputs: AnalysisInputs, rows: dict[str, torch.Tensor]) -
     names = list(rows)
     affine = {id(m) for m in affine_batch_norm_modules(inputs.model)}
     fused = sole_norm_consumers(inputs, names, affine)
-    chunk = _chunk_size(inputs)
     grads: dict[str, torch.Tensor] = {}
     hvp: dict[str, torch.Tensor] = {}
     n, done = inputs.num_samples, 0
-    for batch_x, batch_y in inputs.batches():
-        for x, y in zip(batch_x.split(chunk), batch_y.split(chunk)):
-            check_cancel(inputs.should_stop)
-            with frozen_parameters(inputs.model), twice_differentiable(inputs.model) as model, \
-                    fixed_weight_convolutions(model), _scaled_outputs(model, names, affine, fused) as scales:
-                loss = sample_losses(model(x), y, inputs.loss).sum() / n
-            if len(scales) < len(names):
-                return None
-            alphas = [scales[k] for k in names]
-            g = torch.autograd.grad(loss, alphas, create_graph=True, allow_unused=True, materialize_grads=True)
-            dot = sum(gi[rows[k].to(gi.device)].sum() for k, gi in zip(names, g))
-            hv = torch.autograd.grad(dot, alphas, allow_unused=True, materialize_grads=True) if dot.requires_grad \
-                else [torch.zeros_like(a) for a in alphas]
-            for k, gi, hi in zip(names, g, hv):
-                grads[k] = grads[k] + gi.detach() if k in grads else gi.detach()
-                hvp[k] = hvp[k] + hi if k in hvp else hi
-            del g, dot, hv, loss
-            done += len(y)
-            report(inputs.progress, done / n, "Hessian-vector product")
+    for x, y in inputs.passes():
+        check_cancel(inputs.should_stop)
+        with frozen_parameters(inputs.model), twice_differentiable(inputs.model) as model, \
+                fixed_weight_convolutions(model), _scaled_outputs(model, names, affine, fused) as scales:
+            loss = sample_losses(model(x), y, inputs.loss).sum() / n
+        if len(scales) < len(names):
+            return None
+        alphas = [scales[k] for k in names]
+        g = torch.autograd.grad(loss, alphas, create_graph=True, allow_unused=True, materialize_grads=True)
+        dot = sum(gi[rows[k].to(gi.device)].sum() for k, gi in zip(names, g))
+        hv = torch.autograd.grad(dot, alphas, allow_unused=True, materialize_grads=True) if dot.requires_grad \
+            else [torch.zeros_like(a) for a in alphas]
+        for k, gi, hi in zip(names, g, hv):
+            grads[k] = grads[k] + gi.detach() if k in grads else gi.detach()
+            hvp[k] = hvp[k] + hi if k in hvp else hi
+        del g, dot, hv, loss
+        done += len(y)
+        report(inputs.progress, done / n, "Hessian-vector product")
     return _per_structure(inputs, grads), _per_structure(inputs, hvp)
-
-
-def _chunk_size(inputs: AnalysisInputs) -> int:
-    """Samples per pass: the batch size, or on a CPU as many as keep the widest module output under CPU_CHUNK_BYTES.
-
-    glibc's malloc gives blocks above 32 MiB fresh pages from the kernel each time, so every such tensor of the double
-    backward page-faults anew (DenseNet-40 at batch 100 took 1.6x as long per sample as at batch 50).
-    """
-    if inputs.device.type != "cpu":
-        return inputs.batch_size
-    widest = 0
-
-    def measure(module, args, out):
-        nonlocal widest
-        if isinstance(out, torch.Tensor) and out.ndim:
-            widest = max(widest, out.numel() // max(out.shape[0], 1) * out.element_size())
-
-    hooks = [m.register_forward_hook(measure) for m in inputs.model.modules()]
-    try:
-        with torch.no_grad():
-            inputs.model(inputs.x[:1].to(inputs.device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return max(1, min(inputs.batch_size, CPU_CHUNK_BYTES // max(widest, 1)))
 
 
 def _per_structure(inputs: AnalysisInputs, per_channel: dict[str, torch.Tensor]) -> torch.Tensor:

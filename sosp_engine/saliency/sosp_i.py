@@ -87,32 +87,34 @@ def check_euler(inputs: AnalysisInputs) -> None:
             "for any layer.")
 
 
-def _structure_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tensor]], plan: CapturePlan,
-                        targets: list[tuple[str, torch.Tensor]], grads: tuple[torch.Tensor, ...], n: int) -> torch.Tensor:
-    """Sum over positions of gradient x output per channel, mapped to structures: (n, S) = phi_n theta_s for one
-    output direction. A folded norm's gradient g gives both terms: its producer's is scale * sum g u, its own
-    scale * sum g u + shift * sum g (its output is u * scale + shift)."""
-    out = torch.zeros(n, inputs.structures.num_structures, dtype=grads[0].dtype, device=grads[0].device)
-    per_module: dict[str, torch.Tensor] = {}
+def _add_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tensor]], plan: CapturePlan, name: str,
+                  tensor: torch.Tensor, g: torch.Tensor, per_module: dict[str, torch.Tensor]) -> None:
+    """Add one output's gradient x output, summed over positions per channel, to its module's (n, C) products.
 
-    def add(name: str, contrib: torch.Tensor) -> None:
-        per_module[name] = per_module[name] + contrib if name in per_module else contrib
+    A folded norm's gradient g gives both terms: its producer's is scale * sum g u, its own scale * sum g u +
+    shift * sum g (its output is u * scale + shift)."""
+    def add(key: str, contrib: torch.Tensor) -> None:
+        per_module[key] = per_module[key] + contrib if key in per_module else contrib
 
-    for (name, tensor), g in zip(targets, grads):
-        module = inputs.model.get_submodule(name)
-        if name in plan.folded:
-            producer = plan.folded[name]
-            g = g.reshape(n, g.shape[1], -1)
-            scale, shift = batch_norm_coefficients(module)
-            products = torch.linalg.vecdot(g, store[producer][0].detach().reshape(n, g.shape[1], -1)) * scale
-            add(producer, products)
-            add(name, products + g.sum(2) * shift)
-            continue
-        tensor = tensor.detach()  # the products must not keep the forward graph alive
-        dim = channel_dim(module, tensor)
-        if dim != 1:
-            g, tensor = g.movedim(dim, 1), tensor.movedim(dim, 1)
-        add(name, torch.linalg.vecdot(g.reshape(n, g.shape[1], -1), tensor.reshape(n, tensor.shape[1], -1)))
+    n, module = g.shape[0], inputs.model.get_submodule(name)
+    if name in plan.folded:
+        producer = plan.folded[name]
+        g = g.reshape(n, g.shape[1], -1)
+        scale, shift = batch_norm_coefficients(module)
+        products = torch.linalg.vecdot(g, store[producer][0].detach().reshape(n, g.shape[1], -1)) * scale
+        add(producer, products)
+        add(name, products + g.sum(2) * shift)
+        return
+    tensor = tensor.detach()  # the products must not keep the forward graph alive
+    dim = channel_dim(module, tensor)
+    if dim != 1:
+        g, tensor = g.movedim(dim, 1), tensor.movedim(dim, 1)
+    add(name, torch.linalg.vecdot(g.reshape(n, g.shape[1], -1), tensor.reshape(n, tensor.shape[1], -1)))
+
+
+def _structure_columns(inputs: AnalysisInputs, per_module: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """(n, S) = phi_n theta_s for one output direction, from the per-module (n, C) products."""
+    out = torch.zeros(like.shape[0], inputs.structures.num_structures, dtype=like.dtype, device=like.device)
     for piece in inputs.structures.producers:
         if piece.module in per_module:  # a norm without affine parameters holds no rows of theta_s
             out.index_add_(1, piece.structure.to(out.device), per_module[piece.module][:, piece.channels.to(out.device)])
@@ -141,16 +143,32 @@ def output_direction_products(inputs: AnalysisInputs, x: torch.Tensor, direction
 
 def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tensor]], plan: CapturePlan,
                         logits: torch.Tensor, directions) -> torch.Tensor:
-    """(n, K, S): one activation-only backward pass per direction, each reduced to structure products."""
+    """(n, K, S): one activation-only backward pass per direction.
+
+    Each output's gradient is reduced to its products by a hook the moment the pass forms it, so no pass holds every
+    producer's gradient at once. The pass runs back to the outputs that start the graph and reaches every other.
+    """
     folded_producers = set(plan.folded.values())
     targets = [(name, t) for name, ts in store.items() if name not in folded_producers for t in ts]
+    starts = [t for ts in store.values() for t in ts if t.grad_fn is None]
     u = directions(logits.detach()).to(logits.dtype)
-    n, k_count = u.shape[0], u.shape[1]
+    k_count = u.shape[1]
+    per_module: dict[str, torch.Tensor] = {}
+
+    def reduce(g: torch.Tensor, name: str, tensor: torch.Tensor) -> None:
+        _add_products(inputs, store, plan, name, tensor, g, per_module)
+
+    hooks = [t.register_hook(lambda g, name=name, t=t: reduce(g, name, t)) for name, t in targets]
     columns = []
-    for k in range(k_count):
-        check_cancel(inputs.should_stop)
-        grads = torch.autograd.grad(logits, [t for _, t in targets], grad_outputs=u[:, k], retain_graph=k < k_count - 1)
-        columns.append(_structure_products(inputs, store, plan, targets, grads, n))
+    try:
+        for k in range(k_count):
+            check_cancel(inputs.should_stop)
+            per_module.clear()
+            torch.autograd.grad(logits, starts, grad_outputs=u[:, k], retain_graph=k < k_count - 1)
+            columns.append(_structure_columns(inputs, per_module, logits))
+    finally:
+        for h in hooks:
+            h.remove()
     return torch.stack(columns, dim=1)
 
 
@@ -210,7 +228,8 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
         raise AnalysisError("sampled labels estimate the cross-entropy Gauss-Newton matrix only; use --mc-labels 0")
     check_euler(inputs)
     plan = capture_plan(inputs)
-    for i, (x, y) in enumerate(inputs.batches()):
+    done = 0
+    for x, y in inputs.passes():
         check_cancel(inputs.should_stop)
         if mc_labels > 0:
             _, v = output_direction_products(
@@ -240,7 +259,8 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
                 add_gram(gram, flat)
                 if minus is not None:
                     add_gram(gram, minus, sign=-1.0)
-        report(inputs.progress, min(1.0, (i + 1) * inputs.batch_size / n_total), "Gauss-Newton products")
+        done += len(y)
+        report(inputs.progress, done / n_total, "Gauss-Newton products")
     if not diagonal_only:
         with memory_phase(MATRIX):
             mirror_gram(gram)
