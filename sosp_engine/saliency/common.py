@@ -45,6 +45,7 @@ class AnalysisInputs:
     progress: ProgressFn = None
     should_stop: StopFn = None
     slices: list[ParamSlice] = field(default_factory=list)
+    _indices: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -97,6 +98,24 @@ class AnalysisInputs:
             for h in hooks:
                 h.remove()
         return max(1, min(self.batch_size, CPU_PASS_BYTES // max(widest, 1)))
+
+    def producer_indices(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(module, channels, structures) of every producer piece on the model's device, moved there once: a copy
+        to a GPU from host memory waits for the GPU's queued work."""
+        device = self.device
+        if device not in self._indices:
+            self._indices[device] = [(p.module, p.channels.to(device), p.structure.to(device))
+                                     for p in self.structures.producers]
+        return self._indices[device]
+
+    def structure_sums(self, per_module: dict[str, torch.Tensor], leading: tuple[int, ...] = ()) -> torch.Tensor:
+        """Per-(producer module, channel) values (leading..., C) summed into their structures: (leading..., S), float64.
+        A module without rows of theta_s (a norm without affine parameters) has no entry."""
+        out = torch.zeros(*leading, self.structures.num_structures, dtype=torch.float64, device=self.device)
+        for module, channels, structure in self.producer_indices():
+            if module in per_module:
+                out.index_add_(len(leading), structure, per_module[module][..., channels].to(torch.float64))
+        return out
 
     def params(self) -> list[nn.Parameter]:
         """The distinct parameters holding structure weights, in a fixed order."""

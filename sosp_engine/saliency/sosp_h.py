@@ -150,6 +150,7 @@ def channel_scale_terms(inputs: AnalysisInputs, rows: dict[str, torch.Tensor]) -
     None when a producer module is never called (its parameters are used some other way).
     """
     names = list(rows)
+    rows = {k: r.to(inputs.device) for k, r in rows.items()}
     affine = {id(m) for m in affine_batch_norm_modules(inputs.model)}
     fused = sole_norm_consumers(inputs, names, affine)
     grads: dict[str, torch.Tensor] = {}
@@ -164,7 +165,7 @@ def channel_scale_terms(inputs: AnalysisInputs, rows: dict[str, torch.Tensor]) -
             return None
         alphas = [scales[k] for k in names]
         g = torch.autograd.grad(loss, alphas, create_graph=True, allow_unused=True, materialize_grads=True)
-        dot = sum(gi[rows[k].to(gi.device)].sum() for k, gi in zip(names, g))
+        dot = sum(gi[rows[k]].sum() for k, gi in zip(names, g))
         hv = torch.autograd.grad(dot, alphas, allow_unused=True, materialize_grads=True) if dot.requires_grad \
             else [torch.zeros_like(a) for a in alphas]
         for k, gi, hi in zip(names, g, hv):
@@ -173,17 +174,7 @@ def channel_scale_terms(inputs: AnalysisInputs, rows: dict[str, torch.Tensor]) -
         del g, dot, hv, loss
         done += len(y)
         report(inputs.progress, done / n, "Hessian-vector product")
-    return _per_structure(inputs, grads), _per_structure(inputs, hvp)
-
-
-def _per_structure(inputs: AnalysisInputs, per_channel: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum per-(producer, channel) values into their structures."""
-    out = torch.zeros(inputs.structures.num_structures, dtype=torch.float64, device=inputs.device)
-    for piece in inputs.structures.producers:
-        if piece.module in per_channel:
-            values = per_channel[piece.module][piece.channels.to(out.device)]
-            out.index_add_(0, piece.structure.to(out.device), values.to(torch.float64))
-    return out
+    return inputs.structure_sums(grads), inputs.structure_sums(hvp)
 
 
 @full_float32()

@@ -112,15 +112,6 @@ def _add_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tensor]], 
     add(name, torch.linalg.vecdot(g.reshape(n, g.shape[1], -1), tensor.reshape(n, tensor.shape[1], -1)))
 
 
-def _structure_columns(inputs: AnalysisInputs, per_module: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """(n, S) = phi_n theta_s for one output direction, from the per-module (n, C) products."""
-    out = torch.zeros(like.shape[0], inputs.structures.num_structures, dtype=like.dtype, device=like.device)
-    for piece in inputs.structures.producers:
-        if piece.module in per_module:  # a norm without affine parameters holds no rows of theta_s
-            out.index_add_(1, piece.structure.to(out.device), per_module[piece.module][:, piece.channels.to(out.device)])
-    return out
-
-
 def output_direction_products(inputs: AnalysisInputs, x: torch.Tensor, directions,
                               plan: CapturePlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (n, D), P (n, K, S)) with P[n, k, s] = u_nk^T phi(x_n) theta_s for K per-sample output directions u_nk.
@@ -165,7 +156,7 @@ def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tens
             check_cancel(inputs.should_stop)
             per_module.clear()
             torch.autograd.grad(logits, starts, grad_outputs=u[:, k], retain_graph=k < k_count - 1)
-            columns.append(_structure_columns(inputs, per_module, logits))
+            columns.append(inputs.structure_sums(per_module, (logits.shape[0],)))
     finally:
         for h in hooks:
             h.remove()
