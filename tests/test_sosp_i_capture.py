@@ -1,8 +1,14 @@
 """How SOSP-I reads producer outputs: a copy only where a later op changes one in place, and a conv read only by its
 BatchNorm read once through the norm's gradient. Every way gives the brute-force products."""
+from collections import OrderedDict
+
+import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.hooks import RemovableHandle
 
+from sosp_engine.errors import AnalysisError
 from sosp_engine.saliency import common
 from sosp_engine.saliency.common import AnalysisInputs
 from sosp_engine.saliency.sosp_i import CapturePlan, capture_plan, gauss_newton_terms, jacobian_structure_products
@@ -92,3 +98,34 @@ def test_splitting_each_batch_into_one_sample_passes_keeps_the_terms(monkeypatch
     assert inputs.pass_size() == 1
     for split, together in zip(gauss_newton_terms(inputs), whole):
         torch.testing.assert_close(split, together, rtol=1e-10, atol=1e-14)
+
+
+def test_an_output_whose_gradient_the_backward_pass_never_reports_stops_sosp_i(monkeypatch):
+    inputs = residual_inputs()
+    plain, calls = torch.Tensor.register_hook, []
+
+    def first_hook_lost(tensor, fn):
+        calls.append(fn)
+        return RemovableHandle(OrderedDict()) if len(calls) == 1 else plain(tensor, fn)
+
+    monkeypatch.setattr(torch.Tensor, "register_hook", first_hook_lost)
+    with pytest.raises(AnalysisError, match="no gradient at the outputs"):
+        gauss_newton_terms(inputs)
+
+
+class CheckpointedNet(ResidualNet):
+    """The second block under activation checkpointing: its forward runs again inside the backward pass."""
+
+    def forward(self, x):
+        h = self.relu(self.bn_a(self.conv_a(x)))
+        b = checkpoint(self.conv_b, h, use_reentrant=False)
+        return self.fc(torch.tanh(self.bn_b(b) + b).mean((2, 3)))
+
+
+def test_activation_checkpointing_keeps_the_products_exact():
+    inputs = residual_inputs()
+    model = CheckpointedNet().double().eval()
+    model.load_state_dict(inputs.model.state_dict())
+    inputs = AnalysisInputs(model, inputs.structures, inputs.x, inputs.y, "cross-entropy", N)
+    _, products = jacobian_structure_products(inputs, inputs.x)
+    torch.testing.assert_close(products, directional_outputs(model, inputs.structures, inputs.x), rtol=1e-10, atol=1e-12)

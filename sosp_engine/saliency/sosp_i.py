@@ -145,9 +145,11 @@ def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tens
     u = directions(logits.detach()).to(logits.dtype)
     k_count = u.shape[1]
     per_module: dict[str, torch.Tensor] = {}
+    reduced: list[str] = []
 
     def reduce(g: torch.Tensor, name: str, tensor: torch.Tensor) -> None:
         _add_products(inputs, store, plan, name, tensor, g, per_module)
+        reduced.append(name)
 
     hooks = [t.register_hook(lambda g, name=name, t=t: reduce(g, name, t)) for name, t in targets]
     columns = []
@@ -155,7 +157,12 @@ def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tens
         for k in range(k_count):
             check_cancel(inputs.should_stop)
             per_module.clear()
+            reduced.clear()
             torch.autograd.grad(logits, starts, grad_outputs=u[:, k], retain_graph=k < k_count - 1)
+            if len(reduced) != len(targets):  # a product left out would be a silent zero in Q
+                missing = sorted({name for name, _ in targets} - set(reduced))
+                raise AnalysisError(f"SOSP-I saw no gradient at the outputs of {missing[:3]} in the backward pass "
+                                    "(an op outside autograd?); use SOSP-H (method sosp-h)")
             columns.append(inputs.structure_sums(per_module, (logits.shape[0],)))
     finally:
         for h in hooks:
