@@ -98,11 +98,11 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape
             greedy_order(sosp_i_matrix(first, gram).cpu(), inputs.structures)
             extra["selection_s"] = time.perf_counter() - t0
         elif task == "sosp-i-floor":  # SOSP-I's floor: per pass one forward and D - 1 activation-only backward passes
-            from sosp_engine.saliency.common import affine_batch_norms
+            from sosp_engine.saliency.sosp_i import analysis_forwards, capture_plan
 
             for p in inputs.model.parameters():
                 p.requires_grad_(False)
-            with affine_batch_norms(inputs.model):
+            with analysis_forwards(inputs.model, capture_plan(inputs).folded):  # the model as SOSP-I runs it
                 for x, _ in inputs.passes():  # the passes SOSP-I runs (on a CPU: outputs under 32 MiB)
                     x = x.detach().requires_grad_(True)
                     logits = inputs.model(x)

@@ -1,5 +1,5 @@
 """How SOSP-I reads producer outputs: a copy only where a later op changes one in place, and a conv read only by its
-BatchNorm read once through the norm's gradient. Every way gives the brute-force products."""
+BatchNorm run as one convolution with the norm folded in. Every way gives the brute-force products."""
 from collections import OrderedDict
 
 import pytest
@@ -56,14 +56,15 @@ def residual_inputs() -> AnalysisInputs:
 
 
 def test_only_an_output_a_later_op_changes_in_place_is_copied():
-    assert capture_plan(residual_inputs()).copied == {"bn_a"}
+    # bn_a is folded into conv_a, so the in-place ReLU changes conv_a's output; bn_b's output only in batches
+    assert capture_plan(residual_inputs()).copied == {"conv_a"}
 
 
-def test_a_conv_read_only_by_its_batchnorm_is_read_once_and_one_read_twice_is_not():
+def test_a_conv_read_only_by_its_batchnorm_is_folded_with_it_and_one_read_twice_is_not():
     assert capture_plan(residual_inputs()).folded == {"bn_a": "conv_a"}
 
 
-def test_products_read_once_through_the_batchnorm_equal_the_brute_force_ones():
+def test_products_of_a_folded_conv_and_batchnorm_equal_the_brute_force_ones():
     inputs = residual_inputs()
     plan = capture_plan(inputs)
     _, products = jacobian_structure_products(inputs, inputs.x, plan)
@@ -81,7 +82,7 @@ def test_an_output_changed_in_place_only_in_batches_is_read_again_with_a_copy():
                                rtol=1e-10, atol=1e-12)
 
 
-def test_the_read_once_path_gives_the_terms_of_copying_every_output_without_folding(monkeypatch):
+def test_the_folded_path_gives_the_terms_of_copying_every_output_without_folding(monkeypatch):
     inputs = residual_inputs()
     first, gram = gauss_newton_terms(inputs)
     every = {"conv_a", "bn_a", "conv_b", "bn_b", "fc"}
@@ -129,3 +130,16 @@ def test_activation_checkpointing_keeps_the_products_exact():
     inputs = AnalysisInputs(model, inputs.structures, inputs.x, inputs.y, "cross-entropy", N)
     _, products = jacobian_structure_products(inputs, inputs.x)
     torch.testing.assert_close(products, directional_outputs(model, inputs.structures, inputs.x), rtol=1e-10, atol=1e-12)
+
+
+def test_a_linear_layer_folded_with_its_batchnorm_gives_the_brute_force_products():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, D)).double()
+    randomise_norms(model[1])
+    model.eval()
+    x = torch.randn(N, 6, dtype=torch.float64)
+    inputs = AnalysisInputs(model, find_structures(model, x[:1]), x, torch.randint(0, D, (N,)), "cross-entropy", N)
+    plan = capture_plan(inputs)
+    assert plan.folded == {"1": "0"}
+    _, products = jacobian_structure_products(inputs, x, plan)
+    torch.testing.assert_close(products, directional_outputs(model, inputs.structures, x), rtol=1e-10, atol=1e-12)

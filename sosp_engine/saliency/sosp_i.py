@@ -3,20 +3,26 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..devices import available_memory, full_float32
 from ..errors import AnalysisError
 from ..memory import MATRIX, memory_phase
 from ..progress import check_cancel, report
 from .common import (AnalysisInputs, affine_batch_norm_modules, affine_batch_norms, batch_norm_coefficients,
-                     channel_dim, frozen_parameters)
+                     channel_dim, frozen_parameters, patched_forwards, per_channel)
 from .homogeneity import capture_point, not_scaling, producer_modules
 from .pairing import sole_norm_consumers
 
 GRAM_BLOCK_BYTES = 256 * 2**20  # the float64 block of columns added to the S x S matrix at a time
+
+
+FOLDABLE_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 @dataclass
@@ -24,23 +30,30 @@ class CapturePlan:
     """How SOSP-I reads the producers' outputs in each forward."""
 
     copied: set[str]  # producers whose output a later op changes in place: the model goes on with a copy
-    folded: dict[str, str]  # {norm: producer}: only the norm reads the producer, whose output is kept as a value
+    folded: dict[str, str]  # {norm: producer}: the pair runs as one producer, the norm's scale and shift folded in
+
+    @cached_property
+    def norm_of(self) -> dict[str, str]:
+        """{producer: the norm folded into it}."""
+        return {producer: norm for norm, producer in self.folded.items()}
 
 
 def capture_plan(inputs: AnalysisInputs) -> CapturePlan:
-    """Found on one sample: the outputs that need a copy, and the conv -> BatchNorm pairs read once."""
+    """Found on one sample: the conv -> BatchNorm pairs to fold, and the outputs that need a copy."""
     names = producer_modules(inputs)
     affine = {id(m) for m in affine_batch_norm_modules(inputs.model)}
-    folded = {norm: producer for norm, producer in sole_norm_consumers(inputs, names, affine).items() if norm in names}
+    folded = {norm: producer for norm, producer in sole_norm_consumers(inputs, names, affine).items()
+              if norm in names and type(inputs.model.get_submodule(producer)) in FOLDABLE_PRODUCERS
+              and "forward" not in vars(inputs.model.get_submodule(producer))}
     seen: dict[str, list[tuple[torch.Tensor, int]]] = {}
 
     def record(module, args, out, name):
         if isinstance(out, torch.Tensor):
             seen.setdefault(name, []).append((out, out._version))
     hooks = [capture_point(inputs.model.get_submodule(n)).register_forward_hook(
-        lambda m, a, out, n=n: record(m, a, out, n)) for n in names]
+        lambda m, a, out, n=n: record(m, a, out, n)) for n in names if n not in folded]
     try:
-        with torch.no_grad(), affine_batch_norms(inputs.model):
+        with torch.no_grad(), analysis_forwards(inputs.model, folded):
             inputs.model(inputs.x[:1].to(inputs.device))
     finally:
         for h in hooks:
@@ -48,17 +61,44 @@ def capture_plan(inputs: AnalysisInputs) -> CapturePlan:
     return CapturePlan({n for n, outs in seen.items() if any(t._version != v for t, v in outs)}, folded)
 
 
+def _passed_on(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@contextmanager
+def analysis_forwards(model: nn.Module, folded: dict[str, str]) -> Iterator[nn.Module]:
+    """Eval-mode BatchNorms as affine maps, and each folded pair (`{norm: producer}`) as one producer with the norm's
+    scale and shift in its weight and bias; the norm passes its input on. One op fewer forward and backward."""
+    forwards = {}
+    for norm_name, producer_name in folded.items():
+        norm, producer = model.get_submodule(norm_name), model.get_submodule(producer_name)
+        with torch.no_grad():
+            scale, shift = batch_norm_coefficients(norm)
+            weight = producer.weight * per_channel(scale, producer.weight, 0)
+            bias = shift if producer.bias is None else producer.bias * scale + shift
+        if isinstance(producer, nn.Linear):
+            forwards[producer] = lambda x, w=weight, b=bias: F.linear(x, w, b)
+        else:
+            forwards[producer] = lambda x, m=producer, w=weight, b=bias: m._conv_forward(x, w, b)
+        forwards[norm] = _passed_on
+    with affine_batch_norms(model), patched_forwards(forwards):
+        yield model
+
+
 @contextmanager
 def _captured_outputs(inputs: AnalysisInputs, plan: CapturePlan) -> Iterator[tuple[dict, list]]:
     """Record every producer's output at its capture point, and each uncopied record's version to check afterwards.
 
     Where a later op changes an output in place (`plan.copied`), the model goes on with a copy so the record stays
-    the output; everywhere else the output itself is recorded.
+    the output; everywhere else the output itself is recorded. A folded norm is read through its producer.
     """
     store: dict[str, list[torch.Tensor]] = {}
     versions: list[tuple[str, torch.Tensor, int]] = []
     hooks = []
     for name in producer_modules(inputs):
+        if name in plan.folded:
+            continue
+
         def hook(module, args, out, name=name):
             if not out.requires_grad:  # the first producer: start the graph here, the input needs no gradient
                 out.requires_grad_(True)
@@ -87,29 +127,29 @@ def check_euler(inputs: AnalysisInputs) -> None:
             "for any layer.")
 
 
-def _add_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tensor]], plan: CapturePlan, name: str,
-                  tensor: torch.Tensor, g: torch.Tensor, per_module: dict[str, torch.Tensor]) -> None:
+def _add_products(inputs: AnalysisInputs, plan: CapturePlan, name: str, tensor: torch.Tensor, g: torch.Tensor,
+                  per_module: dict[str, torch.Tensor]) -> None:
     """Add one output's gradient x output, summed over positions per channel, to its module's (n, C) products.
 
-    A folded norm's gradient g gives both terms: its producer's is scale * sum g u, its own scale * sum g u +
-    shift * sum g (its output is u * scale + shift)."""
+    A producer with its norm folded in gives y = scale * u + shift: the norm's term is sum g y, the producer's
+    scale * sum g u = sum g y - shift * sum g."""
     def add(key: str, contrib: torch.Tensor) -> None:
         per_module[key] = per_module[key] + contrib if key in per_module else contrib
 
     n, module = g.shape[0], inputs.model.get_submodule(name)
-    if name in plan.folded:
-        producer = plan.folded[name]
-        g = g.reshape(n, g.shape[1], -1)
-        scale, shift = batch_norm_coefficients(module)
-        products = torch.linalg.vecdot(g, store[producer][0].detach().reshape(n, g.shape[1], -1)) * scale
-        add(producer, products)
-        add(name, products + g.sum(2) * shift)
-        return
     tensor = tensor.detach()  # the products must not keep the forward graph alive
     dim = channel_dim(module, tensor)
     if dim != 1:
         g, tensor = g.movedim(dim, 1), tensor.movedim(dim, 1)
-    add(name, torch.linalg.vecdot(g.reshape(n, g.shape[1], -1), tensor.reshape(n, tensor.shape[1], -1)))
+    g = g.reshape(n, g.shape[1], -1)
+    products = torch.linalg.vecdot(g, tensor.reshape(n, tensor.shape[1], -1))
+    norm = plan.norm_of.get(name)
+    if norm is None:
+        add(name, products)
+        return
+    _, shift = batch_norm_coefficients(inputs.model.get_submodule(norm))
+    add(norm, products)
+    add(name, products - g.sum(2) * shift)
 
 
 def output_direction_products(inputs: AnalysisInputs, x: torch.Tensor, directions,
@@ -120,9 +160,9 @@ def output_direction_products(inputs: AnalysisInputs, x: torch.Tensor, direction
     """
     plan = plan if plan is not None else capture_plan(inputs)
     while True:
-        with _captured_outputs(inputs, plan) as (store, versions), affine_batch_norms(inputs.model):
+        with _captured_outputs(inputs, plan) as (store, versions), analysis_forwards(inputs.model, plan.folded):
             logits = inputs.model(x.detach())
-            silent = [n for n in producer_modules(inputs) if n not in store]
+            silent = [n for n in producer_modules(inputs) if n not in store and n not in plan.folded]
             if silent:
                 raise AnalysisError(f"SOSP-I reads each producer's output, but {silent[:3]} never ran as a module (its "
                                     "parameters are used another way); use SOSP-H (method sosp-h), which is exact for it")
@@ -139,8 +179,7 @@ def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tens
     Each output's gradient is reduced to its products by a hook the moment the pass forms it, so no pass holds every
     producer's gradient at once. The pass runs back to the outputs that start the graph and reaches every other.
     """
-    folded_producers = set(plan.folded.values())
-    targets = [(name, t) for name, ts in store.items() if name not in folded_producers for t in ts]
+    targets = [(name, t) for name, ts in store.items() for t in ts]
     starts = [t for ts in store.values() for t in ts if t.grad_fn is None]
     u = directions(logits.detach()).to(logits.dtype)
     k_count = u.shape[1]
@@ -148,7 +187,7 @@ def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tens
     reduced: list[str] = []
 
     def reduce(g: torch.Tensor, name: str, tensor: torch.Tensor) -> None:
-        _add_products(inputs, store, plan, name, tensor, g, per_module)
+        _add_products(inputs, plan, name, tensor, g, per_module)
         reduced.append(name)
 
     hooks = [t.register_hook(lambda g, name=name, t=t: reduce(g, name, t)) for name, t in targets]
