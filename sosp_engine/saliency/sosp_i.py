@@ -1,6 +1,7 @@
 """SOSP-I: the Gauss-Newton matrix Q of eq. (3) from gradient x activation (Euler's theorem) and one Gram product."""
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -127,12 +128,12 @@ def check_euler(inputs: AnalysisInputs) -> None:
             "for any layer.")
 
 
-def _add_products(inputs: AnalysisInputs, plan: CapturePlan, name: str, tensor: torch.Tensor, g: torch.Tensor,
-                  per_module: dict[str, torch.Tensor]) -> None:
+def _add_products(inputs: AnalysisInputs, plan: CapturePlan, shifts: dict[str, torch.Tensor], name: str,
+                  tensor: torch.Tensor, g: torch.Tensor, per_module: dict[str, torch.Tensor]) -> None:
     """Add one output's gradient x output, summed over positions per channel, to its module's (n, C) products.
 
-    A producer with its norm folded in gives y = scale * u + shift: the norm's term is sum g y, the producer's
-    scale * sum g u = sum g y - shift * sum g."""
+    A producer with its norm folded in gives y = scale * u + shift (`shifts[producer]`): the norm's term is sum g y,
+    the producer's scale * sum g u = sum g y - shift * sum g."""
     def add(key: str, contrib: torch.Tensor) -> None:
         per_module[key] = per_module[key] + contrib if key in per_module else contrib
 
@@ -147,9 +148,8 @@ def _add_products(inputs: AnalysisInputs, plan: CapturePlan, name: str, tensor: 
     if norm is None:
         add(name, products)
         return
-    _, shift = batch_norm_coefficients(inputs.model.get_submodule(norm))
     add(norm, products)
-    add(name, products - g.sum(2) * shift)
+    add(name, products - g.sum(2) * shifts[name])
 
 
 def output_direction_products(inputs: AnalysisInputs, x: torch.Tensor, directions,
@@ -183,11 +183,13 @@ def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tens
     starts = [t for ts in store.values() for t in ts if t.grad_fn is None]
     u = directions(logits.detach()).to(logits.dtype)
     k_count = u.shape[1]
+    shifts = {producer: batch_norm_coefficients(inputs.model.get_submodule(norm))[1]
+              for producer, norm in plan.norm_of.items()}
     per_module: dict[str, torch.Tensor] = {}
     reduced: list[str] = []
 
     def reduce(g: torch.Tensor, name: str, tensor: torch.Tensor) -> None:
-        _add_products(inputs, plan, name, tensor, g, per_module)
+        _add_products(inputs, plan, shifts, name, tensor, g, per_module)
         reduced.append(name)
 
     hooks = [t.register_hook(lambda g, name=name, t=t: reduce(g, name, t)) for name, t in targets]
@@ -199,7 +201,7 @@ def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tens
             reduced.clear()
             torch.autograd.grad(logits, starts, grad_outputs=u[:, k], retain_graph=k < k_count - 1)
             if len(reduced) != len(targets):  # a product left out would be a silent zero in Q
-                missing = sorted({name for name, _ in targets} - set(reduced))
+                missing = sorted(Counter(name for name, _ in targets) - Counter(reduced))
                 raise AnalysisError(f"SOSP-I saw no gradient at the outputs of {missing[:3]} in the backward pass "
                                     "(an op outside autograd?); use SOSP-H (method sosp-h)")
             columns.append(inputs.structure_sums(per_module, (logits.shape[0],)))
