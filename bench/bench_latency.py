@@ -51,8 +51,8 @@ def main() -> None:
             smaller = pruned_copy(wb.model, wb.structures, mask, wb.example)
             for b in batches:
                 seconds = measure_latency(smaller, wb.example, args.device, b, repeats=10 if b > 16 else 30)
-                row = {"model": args.model, "device": args.device, "round_to": round_to, "ratio": ratio, "batch": b, "threads": args.threads,
-                       "mac_drop": summary["mac_ratio"], "latency_drop": 1 - seconds / base[b],
+                row = {"model": args.model, "device": args.device, "round_to": round_to, "ratio": ratio, "batch": b,
+                       "threads": args.threads, "mac_drop": summary["mac_ratio"], "latency_drop": 1 - seconds / base[b],
                        "latency_ms": 1000 * seconds, "base_ms": 1000 * base[b]}
                 row["efficiency"] = row["latency_drop"] / row["mac_drop"]
                 rows.append(row)

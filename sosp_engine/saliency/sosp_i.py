@@ -164,8 +164,9 @@ def output_direction_products(inputs: AnalysisInputs, x: torch.Tensor, direction
             logits = inputs.model(x.detach())
             silent = [n for n in producer_modules(inputs) if n not in store and n not in plan.folded]
             if silent:
-                raise AnalysisError(f"SOSP-I reads each producer's output, but {silent[:3]} never ran as a module (its "
-                                    "parameters are used another way); use SOSP-H (method sosp-h), which is exact for it")
+                raise AnalysisError(f"SOSP-I reads each producer's output, but {silent[:3]} never ran as a module "
+                                    "(its parameters are used another way); use SOSP-H (method sosp-h), which is exact "
+                                    "for it")
             altered = {name for name, tensor, version in versions if tensor._version != version}
             if not altered:
                 return logits.detach(), _direction_products(inputs, store, plan, logits, directions)
