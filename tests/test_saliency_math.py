@@ -1,4 +1,6 @@
 """Each saliency against a brute-force reference (explicit Hessian / Jacobians) on a tiny float64 network."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -7,7 +9,8 @@ from torch.func import functional_call, jacrev, jvp
 from sosp_engine.saliency.common import AnalysisInputs, affine_batch_norms
 from sosp_engine.saliency.first_order import first_order_terms
 from sosp_engine.saliency.sosp_h import sosp_h_terms
-from sosp_engine.saliency.sosp_i import gauss_newton_terms, jacobian_structure_products, sosp_i_matrix
+from sosp_engine.saliency.sosp_i import (cross_entropy_curvature_rows, gauss_newton_terms,
+                                         jacobian_structure_products, sosp_i_matrix)
 from sosp_engine.structures import find_structures
 
 from brute_force import flat, mean_loss_of, randomise_norms, theta_s_vectors, unflat
@@ -117,6 +120,29 @@ def test_sosp_i_gauss_newton_matrix_equals_explicit_jacobians(tiny, loss):
     expected = reference_gauss_newton(tiny, loss)
     torch.testing.assert_close(gram, expected, rtol=1e-9, atol=1e-12)
     assert (expected - torch.diag(expected.diagonal())).abs().max() > 1e-4  # off-diagonals are really checked
+
+
+def test_a_float32_net_gets_the_gauss_newton_matrix_to_float32_precision(tiny):
+    model, structures, x, y = tiny
+    single = copy.deepcopy(model).float()
+    _, gram = gauss_newton_terms(AnalysisInputs(single, structures, x.float(), y, "cross-entropy", 4))
+    expected = reference_gauss_newton(tiny, "cross-entropy")
+    assert gram.dtype == torch.float64
+    torch.testing.assert_close(gram, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("p_label", [1e-12, 0.3, 1 - 1e-12])
+def test_cross_entropy_curvature_rows_square_to_g_t_r_g_at_any_confidence(p_label):
+    torch.manual_seed(0)
+    n, k, s = 3, 4, 5
+    g = torch.randn(n, k, s, dtype=torch.float64)
+    q = torch.rand(n, k, dtype=torch.float64)
+    q = q / q.sum(1, keepdim=True) * (1 - p_label)
+    rows = cross_entropy_curvature_rows(g, q, torch.full((n, 1), p_label, dtype=torch.float64),
+                                        torch.einsum("nk,nks->ns", q, g))
+    r = torch.diag_embed(q) - q.unsqueeze(2) * q.unsqueeze(1)
+    expected = torch.einsum("nks,nkj,njt->st", g, r, g)
+    torch.testing.assert_close(rows.reshape(-1, s).T @ rows.reshape(-1, s), expected, rtol=1e-10, atol=1e-14)
 
 
 def test_sosp_i_q_matrix_matches_eq3(tiny):

@@ -230,6 +230,19 @@ def label_difference_directions(logits: torch.Tensor, y: torch.Tensor) -> torch.
     return eye[others] - eye[y].unsqueeze(1)
 
 
+def cross_entropy_curvature_rows(g: torch.Tensor, q: torch.Tensor, p_label: torch.Tensor,
+                                 gradient_products: torch.Tensor) -> torch.Tensor:
+    """(n, D-1, S) rows r with r^T r = g^T (diag(q) - q q^T) g, sample by sample: the Gauss-Newton matrix of
+    cross-entropy as one Gram product, D - 1 rows per sample.
+
+    g: products with the directions e_d - e_y, q: p without its label entry, p_label: (n, 1) p_y, gradient_products:
+    q^T g. With u = sqrt(q), |u|^2 = 1 - p_y: I - u u^T = (I - c u u^T)^2 for c = 1 / (1 + sqrt(p_y)), so
+    r = diag(u) (g - c q^T g). Nothing is subtracted after squaring, so no precision is lost to cancellation.
+    """
+    c = 1.0 / (1.0 + p_label.sqrt())
+    return q.sqrt().unsqueeze(2) * (g - (c * gradient_products).unsqueeze(1))
+
+
 def drop_label_column(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """p without the entry of each sample's label: (n, D-1), in the order of `label_difference_directions`."""
     n, d = p.shape
@@ -274,31 +287,29 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
         if mc_labels > 0:
             _, v = output_direction_products(
                 inputs, x, lambda out: sampled_label_directions(out, y, mc_labels, generator), plan)
-            v = v.to(torch.float64)
-            rows, minus = v[:, :mc_labels] / mc_labels ** 0.5, None
+            product_dtype, v = v.dtype, v.to(torch.float64)
+            rows = v[:, :mc_labels] / mc_labels ** 0.5
             first += v[:, mc_labels].sum(0)
         elif inputs.loss == "cross-entropy":
-            # With G_n = rows a_d - a_y (d != y) of A_n: A^T R A = G^T (diag(q) - q q^T) G and A^T (p - e_y) = G^T q,
-            # q = p without its label entry. D - 1 backward passes, no division by small probabilities.
             logits, g = output_direction_products(inputs, x, lambda out: label_difference_directions(out, y), plan)
-            g = g.to(torch.float64)
-            q = drop_label_column(torch.softmax(logits.double(), 1), y)
-            rows = q.sqrt().unsqueeze(2) * g
-            minus = torch.einsum("nk,nks->ns", q, g)
-            first += minus.sum(0)
+            product_dtype, g = g.dtype, g.to(torch.float64)
+            p = torch.softmax(logits.double(), 1)
+            q = drop_label_column(p, y)
+            gradient_products = torch.einsum("nk,nks->ns", q, g)
+            first += gradient_products.sum(0)
+            rows = cross_entropy_curvature_rows(g, q, p.gather(1, y.unsqueeze(1)), gradient_products)
         else:
             logits, a = jacobian_structure_products(inputs, x, plan)
-            a = a.to(torch.float64)
+            product_dtype, a = a.dtype, a.to(torch.float64)
             first += torch.einsum("nd,nds->s", loss_output_gradient(logits.double(), y, inputs.loss), a)
-            rows, minus = a, None
+            rows = a
         flat = rows.reshape(-1, s_count)
         if diagonal_only:
-            gram += (flat ** 2).sum(0) - ((minus ** 2).sum(0) if minus is not None else 0)
+            gram += (flat ** 2).sum(0)
         else:
             with memory_phase(MATRIX):
-                add_gram(gram, flat)
-                if minus is not None:
-                    add_gram(gram, minus, sign=-1.0)
+                # In the products' own precision (float32 halves the time), summed into float64 across batches.
+                add_gram(gram, flat.to(product_dtype))
         done += len(y)
         report(inputs.progress, done / n_total, "Gauss-Newton products")
     if not diagonal_only:
@@ -313,14 +324,14 @@ def gram_blocks(s_count: int) -> list[tuple[int, int]]:
     return [(start, min(s_count, start + width)) for start in range(0, s_count, width)]
 
 
-def add_gram(gram: torch.Tensor, rows: torch.Tensor, sign: float = 1.0) -> None:
-    """The upper block triangle of gram += sign * rows^T rows, in float64 (the S x S matrix may be float32).
+def add_gram(gram: torch.Tensor, rows: torch.Tensor) -> None:
+    """The upper block triangle of gram += rows^T rows, formed in rows' precision and added into gram's.
 
     Rows below a column block's diagonal square are left for `mirror_gram`: half the multiply-adds of the full product.
     """
     for start, stop in gram_blocks(rows.shape[1]):
         part = rows[:, :stop].T @ rows[:, start:stop]
-        gram[:stop, start:stop] += part.mul_(sign).to(gram.dtype)
+        gram[:stop, start:stop] += part.to(gram.dtype)
 
 
 def mirror_gram(gram: torch.Tensor) -> torch.Tensor:
