@@ -12,14 +12,30 @@ import sys
 from pathlib import Path
 
 
+def _setting(row: dict) -> tuple:
+    return row["model"], row["samples"], row.get("input"), row.get("batch_size"), row.get("threads")
+
+
+def forward_backward_means(rows: list[dict]) -> dict[tuple, float]:
+    """Mean seconds of the forward+backward rows of each model and setting: a run measures it first and last, and
+    each ratio is to both (the machine's load can drift between them)."""
+    times: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["task"] == "forward+backward" and "seconds" in r:
+            times.setdefault(_setting(r), []).append(r["seconds"])
+    return {key: sum(ts) / len(ts) for key, ts in times.items()}
+
+
 def main(path: str = "bench/results.jsonl") -> None:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    baselines = forward_backward_means(rows)
     print("| model | N' | S | task | seconds | x forward+backward | peak RSS (MB) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if r["task"] == "greedy":
             continue
-        ratio = r.get("ratio_to_forward_backward")
+        base = baselines.get(_setting(r))
+        ratio = r["seconds"] / base if base and "seconds" in r else r.get("ratio_to_forward_backward")
         extra = f" (selection {r['selection_s']:.2f} s)" if "selection_s" in r else ""
         print(f"| {r['model']} | {r['samples']} | {r['structures']} | {r['task']}{extra} | {r['seconds']:.1f} | "
               f"{ratio:.2f} | {r['peak_rss_mb']:.0f} |" if ratio == ratio and ratio is not None else
