@@ -1,11 +1,12 @@
 """Does a pruned net run as fast as its MACs say? Latency of physically pruned nets with and without --round-to.
 
-    python bench/bench_latency.py [--model resnet56] [--ratios 0.5,0.8] [--round-to 8] [--batches 1,64] [--threads 1]
-                                  [--device cpu|cuda]
+    python bench/bench_latency.py [--model resnet56] [--data synthetic:3,32,32:10] [--samples 128] [--ratios 0.5,0.8]
+                                  [--round-to 8] [--batches 1,64] [--threads 1] [--device cpu|cuda]
 
 One process, `--threads` torch threads (recorded). Per ratio: the MAC drop of the mask and the measured latency drop
-(median of timed forwards) at each batch size, for the plain SOSP-H order and the order rounded to multiples of
-`--round-to`; the ratio latency drop / MAC drop says how much of the saved compute turns into saved time.
+(medians of forwards timed alternately with the unpruned net) at each batch size, for the plain SOSP-H order and the
+order rounded to multiples of `--round-to`; the ratio latency drop / MAC drop says how much of the saved compute turns
+into saved time.
 """
 from __future__ import annotations
 
@@ -21,10 +22,14 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet56")
+    parser.add_argument("--data", default="synthetic:3,32,32:10", help="data spec; its shape is the timed input's")
+    parser.add_argument("--samples", type=int, default=128, help="analysis samples for the SOSP-H order")
     parser.add_argument("--ratios", default="0.5,0.8")
     parser.add_argument("--round-to", type=int, default=8)
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed forwards per net and batch (default: 30 at batch <= 16, else 10)")
     parser.add_argument("--device", default="cpu", help="where the nets are timed (and the order computed)")
     parser.add_argument("--out", default="bench/results/latency.jsonl")
     args = parser.parse_args()
@@ -32,28 +37,32 @@ def main() -> None:
     import torch
 
     from sosp_engine.analysis import AnalysisConfig, run_analysis
-    from sosp_engine.latency import measure_latency
+    from sosp_engine.latency import relative_latency
     from sosp_engine.loading import open_workbench
     from sosp_engine.masks import mask_summary, pruned_copy
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    wb = open_workbench(args.model, "synthetic:3,32,32:10")
+    wb = open_workbench(args.model, args.data)
     batches = [int(b) for b in args.batches.split(",")]
-    base = {b: measure_latency(wb.model, wb.example, args.device, b, repeats=10 if b > 16 else 30) for b in batches}
+    def repeats(batch: int) -> int:
+        return args.repeats or (10 if batch > 16 else 30)
+
     rows = []
     for round_to in (1, args.round_to):
-        result = run_analysis(wb, AnalysisConfig(method="sosp-h", model_spec=args.model, samples=128, batch_size=128,
+        result = run_analysis(wb, AnalysisConfig(method="sosp-h", model_spec=args.model, samples=args.samples,
+                                                 batch_size=args.samples,
                                                  device=args.device, round_to=round_to))
         for ratio in (float(r) for r in args.ratios.split(",")):
             mask = result.mask(wb.structures, ratio)
             summary = mask_summary(wb.structures, mask)
             smaller = pruned_copy(wb.model, wb.structures, mask, wb.example)
             for b in batches:
-                seconds = measure_latency(smaller, wb.example, args.device, b, repeats=10 if b > 16 else 30)
-                row = {"model": args.model, "device": args.device, "round_to": round_to, "ratio": ratio, "batch": b,
-                       "threads": args.threads, "mac_drop": summary["mac_ratio"], "latency_drop": 1 - seconds / base[b],
-                       "latency_ms": 1000 * seconds, "base_ms": 1000 * base[b]}
+                # Alternately with the unpruned net, forward by forward: a change of load hits both alike.
+                seconds, relative = relative_latency(smaller, wb.model, wb.example, args.device, b, repeats(b))
+                row = {"model": args.model, "data": args.data, "device": args.device, "round_to": round_to,
+                       "ratio": ratio, "batch": b, "threads": args.threads, "mac_drop": summary["mac_ratio"],
+                       "latency_drop": 1 - relative, "latency_ms": 1000 * seconds, "base_ms": 1000 * seconds / relative}
                 row["efficiency"] = row["latency_drop"] / row["mac_drop"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)

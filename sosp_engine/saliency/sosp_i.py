@@ -308,8 +308,8 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
             gram += (flat ** 2).sum(0)
         else:
             with memory_phase(MATRIX):
-                # In the products' own precision (float32 halves the time), summed into float64 across batches.
-                add_gram(gram, flat.to(product_dtype))
+                # In the products' own precision, at least float32 (float32 halves the time), summed into float64.
+                add_gram(gram, flat.to(torch.promote_types(product_dtype, torch.float32)))
         done += len(y)
         report(inputs.progress, done / n_total, "Gauss-Newton products")
     if not diagonal_only:
