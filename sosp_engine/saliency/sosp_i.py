@@ -331,7 +331,7 @@ def add_gram(gram: torch.Tensor, rows: torch.Tensor) -> None:
     """
     for start, stop in gram_blocks(rows.shape[1]):
         part = rows[:, :stop].T @ rows[:, start:stop]
-        gram[:stop, start:stop] += part.to(gram.dtype)
+        gram[:stop, start:stop] += part  # promoted or rounded to gram's dtype in place, no converted copy
 
 
 def mirror_gram(gram: torch.Tensor) -> torch.Tensor:
