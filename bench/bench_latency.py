@@ -37,6 +37,7 @@ def main() -> None:
     import torch
 
     from sosp_engine.analysis import AnalysisConfig, run_analysis
+    from sosp_engine.errors import AnalysisError
     from sosp_engine.latency import relative_latency
     from sosp_engine.loading import open_workbench
     from sosp_engine.masks import mask_summary, pruned_copy
@@ -54,7 +55,11 @@ def main() -> None:
                                                  batch_size=args.samples,
                                                  device=args.device, round_to=round_to))
         for ratio in (float(r) for r in args.ratios.split(",")):
-            mask = result.mask(wb.structures, ratio)
+            try:
+                mask = result.mask(wb.structures, ratio)
+            except AnalysisError as exc:  # e.g. rounding keeps whole stages: the ratio cannot be reached
+                print(json.dumps({"round_to": round_to, "ratio": ratio, "error": str(exc)}), flush=True)
+                continue
             summary = mask_summary(wb.structures, mask)
             smaller = pruned_copy(wb.model, wb.structures, mask, wb.example)
             for b in batches:
