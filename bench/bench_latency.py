@@ -46,6 +46,7 @@ def main() -> None:
     torch.manual_seed(0)
     wb = open_workbench(args.model, args.data)
     batches = [int(b) for b in args.batches.split(",")]
+
     def repeats(batch: int) -> int:
         return args.repeats or (10 if batch > 16 else 30)
 

@@ -291,6 +291,8 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
             rows = v[:, :mc_labels] / mc_labels ** 0.5
             first += v[:, mc_labels].sum(0)
         elif inputs.loss == "cross-entropy":
+            # With g = products with e_d - e_y (d != y): A^T R A = g^T (diag(q) - q q^T) g and A^T (p - e_y) = g^T q.
+            # D - 1 backward passes, no division by small probabilities.
             logits, g = output_direction_products(inputs, x, lambda out: label_difference_directions(out, y), plan)
             product_dtype, g = g.dtype, g.to(torch.float64)
             p = torch.softmax(logits.double(), 1)
