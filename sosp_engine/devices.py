@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -33,9 +33,34 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-_PRECISION_LOCK = threading.Lock()
-_precision_users = 0
-_saved_precision: tuple = ()
+class SharedSetting:
+    """A process-wide torch setting, changed while anyone is inside and given back when the last one leaves.
+
+    Torch's backend switches are global, so overlapping users (the app's analysis and training threads) share one
+    change; the first in saves what the user had set and the last out restores it.
+    """
+
+    def __init__(self, read: Callable[[], object], change: Callable[[], None],
+                 restore: Callable[[object], None]) -> None:
+        self._read, self._change, self._restore = read, change, restore
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: object = None
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._saved = self._read()
+                self._change()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._restore(self._saved)
 
 
 def _tf32_setting() -> tuple:
@@ -48,6 +73,11 @@ def _tf32_setting() -> tuple:
         return ("per-operator", [(flag, flag.fp32_precision) for flag in flags])
 
 
+def _tf32_off() -> None:
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def _restore_tf32(setting: tuple) -> None:
     if setting[0] == "switches":
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = setting[1:]
@@ -56,28 +86,38 @@ def _restore_tf32(setting: tuple) -> None:
             flag.fp32_precision = value
 
 
-@contextmanager
-def full_float32() -> Iterator[None]:
+_FULL_FLOAT32 = SharedSetting(_tf32_setting, _tf32_off, _restore_tf32)
+
+
+def full_float32():
     """CUDA convolutions and matrix products in IEEE float32 while inside, not TF32 (cuDNN's default for convolutions).
 
-    TF32 keeps 10 mantissa bits: saliencies would move by about 1e-3 and the exact-scaling checks would fail. The
-    switches are process-wide, so overlapping analyses (the app's threads) share them and the last one out restores
-    what the user had set.
+    TF32 keeps 10 mantissa bits: saliencies would move by about 1e-3 and the exact-scaling checks would fail.
+    Usable as `with full_float32():` and as a decorator `@full_float32()`.
     """
-    global _precision_users, _saved_precision
-    with _PRECISION_LOCK:
-        if _precision_users == 0:
-            _saved_precision = _tf32_setting()
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-        _precision_users += 1
-    try:
-        yield
-    finally:
-        with _PRECISION_LOCK:
-            _precision_users -= 1
-            if _precision_users == 0:
-                _restore_tf32(_saved_precision)
+    return _FULL_FLOAT32.held()
+
+
+def _cudnn_choice() -> tuple[bool, bool]:
+    return torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+
+
+def _deterministic_cudnn() -> None:
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+
+def _restore_cudnn(choice: tuple[bool, bool]) -> None:
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = choice
+
+
+_DETERMINISTIC = SharedSetting(_cudnn_choice, _deterministic_cudnn, _restore_cudnn)
+
+
+def deterministic_kernels():
+    """cuDNN's deterministic algorithms while inside (no autotuning): the same run gives the same weights on a GPU,
+    so a resumed training equals an uninterrupted one there too (some of cuDNN's default backward algorithms add
+    in a varying order). No effect on a CPU, whose kernels are deterministic for a fixed thread count."""
+    return _DETERMINISTIC.held()
 
 
 def available_memory(device: torch.device) -> int:

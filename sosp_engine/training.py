@@ -15,7 +15,7 @@ from torch import nn
 
 from .data import DataBundle
 from .atomic import save_atomically
-from .devices import resolve_device
+from .devices import deterministic_kernels, resolve_device
 from .errors import SospError
 
 CHECKPOINT_NAME = "last.pt"
@@ -176,6 +176,7 @@ def train(
                         should_stop)
 
 
+@deterministic_kernels()
 def run_training(model: nn.Module, data: DataBundle, config: TrainConfig, team, checkpoint_dir: str | Path | None,
                  progress: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None) -> TrainResult:
     """The epoch loop of one training process; `team` (SingleProcess or a distributed rank) says how it shares work.

@@ -1,3 +1,4 @@
+import math
 import subprocess
 import sys
 import time
@@ -72,6 +73,22 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     uninterrupted = _train_to_end(None)
     for key, value in uninterrupted.items():
         assert torch.equal(value, resumed[key]), key
+
+
+def test_training_runs_cudnns_deterministic_algorithms_and_gives_the_users_choice_back():
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = False, True  # the user's choice: fast, autotuned
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(DIGITS.input_shape), DIGITS.num_classes))
+    model[1].register_forward_hook(lambda *_: seen.append((cudnn.deterministic, cudnn.benchmark)))
+    try:
+        train(model, DIGITS, TrainConfig(epochs=1, device="cpu"))
+        after = cudnn.deterministic, cudnn.benchmark
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
+    assert seen and set(seen) == {(True, False)}
+    assert after == (False, True)
 
 
 def test_cancellation_stops_at_the_next_batch_and_keeps_a_checkpoint(tmp_path):
