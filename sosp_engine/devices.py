@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -89,7 +89,7 @@ def _restore_tf32(setting: tuple) -> None:
 _FULL_FLOAT32 = SharedSetting(_tf32_setting, _tf32_off, _restore_tf32)
 
 
-def full_float32():
+def full_float32() -> AbstractContextManager[None]:
     """CUDA convolutions and matrix products in IEEE float32 while inside, not TF32 (cuDNN's default for convolutions).
 
     TF32 keeps 10 mantissa bits: saliencies would move by about 1e-3 and the exact-scaling checks would fail.
@@ -113,7 +113,7 @@ def _restore_cudnn(choice: tuple[bool, bool]) -> None:
 _DETERMINISTIC = SharedSetting(_cudnn_choice, _deterministic_cudnn, _restore_cudnn)
 
 
-def deterministic_kernels():
+def deterministic_kernels() -> AbstractContextManager[None]:
     """cuDNN's deterministic algorithms while inside (no autotuning): the same run gives the same weights on a GPU,
     so a resumed training equals an uninterrupted one there too (some of cuDNN's default backward algorithms add
     in a varying order). No effect on a CPU, whose kernels are deterministic for a fixed thread count."""
