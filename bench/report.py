@@ -54,8 +54,11 @@ def width_chart(path: str, out: str) -> None:
     widths = {"resnet56": 1, "resnet56x2": 2, "resnet56x4": 4}
     fig = go.Figure()
     for task, label in (("forward+backward", "one forward+backward"), ("sosp-h", "SOSP-H"), ("sosp-i", "SOSP-I")):
-        points = sorted((widths[r["model"]], 1000 * r["seconds"] / r["samples"]) for r in rows
-                        if r["task"] == task and r["model"] in widths and r["seconds"] == r["seconds"])
+        per_width: dict[int, list[float]] = {}  # a task measured twice (forward+backward first and last): its mean
+        for r in rows:
+            if r["task"] == task and r["model"] in widths and r["seconds"] == r["seconds"]:
+                per_width.setdefault(widths[r["model"]], []).append(1000 * r["seconds"] / r["samples"])
+        points = sorted((w, sum(ts) / len(ts)) for w, ts in per_width.items())
         if points:
             fig.add_scatter(x=[w for w, _ in points], y=[t for _, t in points], mode="lines+markers+text", name=label,
                             text=[f"{t:.1f}" for _, t in points], textposition="top left")
