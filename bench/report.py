@@ -16,19 +16,20 @@ def _setting(row: dict) -> tuple:
     return row["model"], row["samples"], row.get("input"), row.get("batch_size"), row.get("threads")
 
 
-def forward_backward_means(rows: list[dict]) -> dict[tuple, float]:
-    """Mean seconds of the forward+backward rows of each model and setting: a run measures it first and last, and
+def mean_seconds(rows: list[dict], task: str) -> dict[tuple, float]:
+    """Mean seconds of `task`'s rows of each model and setting. A run measures forward+backward first and last, and
     each ratio is to both (the machine's load can drift between them)."""
     times: dict[tuple, list[float]] = {}
     for r in rows:
-        if r["task"] == "forward+backward" and "seconds" in r:
-            times.setdefault(_setting(r), []).append(r["seconds"])
+        seconds = r.get("seconds")
+        if r["task"] == task and seconds is not None and seconds == seconds:  # a failed task has none or nan
+            times.setdefault(_setting(r), []).append(seconds)
     return {key: sum(ts) / len(ts) for key, ts in times.items()}
 
 
 def main(path: str = "bench/results.jsonl") -> None:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    baselines = forward_backward_means(rows)
+    baselines = mean_seconds(rows, "forward+backward")
     print("| model | N' | S | task | seconds | x forward+backward | peak RSS (MB) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -54,11 +55,8 @@ def width_chart(path: str, out: str) -> None:
     widths = {"resnet56": 1, "resnet56x2": 2, "resnet56x4": 4}
     fig = go.Figure()
     for task, label in (("forward+backward", "one forward+backward"), ("sosp-h", "SOSP-H"), ("sosp-i", "SOSP-I")):
-        per_width: dict[int, list[float]] = {}  # a task measured twice (forward+backward first and last): its mean
-        for r in rows:
-            if r["task"] == task and r["model"] in widths and r["seconds"] == r["seconds"]:
-                per_width.setdefault(widths[r["model"]], []).append(1000 * r["seconds"] / r["samples"])
-        points = sorted((w, sum(ts) / len(ts)) for w, ts in per_width.items())
+        points = sorted((widths[setting[0]], 1000 * seconds / setting[1])
+                        for setting, seconds in mean_seconds(rows, task).items() if setting[0] in widths)
         if points:
             fig.add_scatter(x=[w for w, _ in points], y=[t for _, t in points], mode="lines+markers+text", name=label,
                             text=[f"{t:.1f}" for _, t in points], textposition="top left")
