@@ -34,8 +34,10 @@ def torchvision_specs() -> list[str]:
     return [f"torchvision:{n}" for n in sorted(torchvision.models.list_models(module=torchvision.models))]
 
 
-def check_model(spec: str, side: int = 64, samples: int = 8) -> dict:
-    """Every conformance check on one model spec; raises at the first stage that fails (the stage is recorded)."""
+def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: float | None = None) -> dict:
+    """Every conformance check on one model spec; raises at the first stage that fails (the stage is recorded).
+
+    The analyses take the largest batch up to `samples` that `memory_budget_gb` allows, as `analyze` does."""
     import torch
 
     from sosp_engine.analysis import AnalysisConfig, run_analysis
@@ -60,13 +62,15 @@ def check_model(spec: str, side: int = 64, samples: int = 8) -> dict:
         start = time.perf_counter()
         try:
             results[method] = run_analysis(wb, AnalysisConfig(method=method, model_spec=spec, data_spec=data,
-                                                              samples=samples, batch_size=samples, device="cpu"))
+                                                              samples=samples, batch_size=samples, device="cpu",
+                                                              memory_budget_gb=memory_budget_gb))
         except AnalysisError as exc:
             if method != "sosp-i" or not any(k in str(exc) for k in ("S x S matrix", "Euler's theorem")):
                 raise
             row["sosp_i_refused"] = str(exc).split(". ")[0]  # a specified clear refusal; every other check still runs
             continue
         row[f"{method}_s"] = round(time.perf_counter() - start, 2)
+        row[f"{method}_batch"] = results[method].config.batch_size
     result = results["sosp-h"]
     approximate = result.exactness["approximate_layers"]
     row["approximate_layers"] = len(approximate)
@@ -97,23 +101,23 @@ def check_model(spec: str, side: int = 64, samples: int = 8) -> dict:
     return row
 
 
-def _child(spec: str, side: int, queue) -> None:
+def _child(spec: str, side: int, memory_budget_gb: float, queue) -> None:
     import torch
 
     torch.set_num_threads(1)  # the matrix's timings are one-thread figures
     try:
-        queue.put(check_model(spec, side))
+        queue.put(check_model(spec, side, memory_budget_gb=memory_budget_gb))
     except BaseException as exc:
         queue.put({"model": spec, "status": "failed", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
                    "trace": traceback.format_exc()[-600:]})
 
 
-def run_isolated(spec: str, timeout: float) -> dict:
+def run_isolated(spec: str, timeout: float, memory_budget_gb: float) -> dict:
     """check_model in a fresh process; models that need 224x224 inputs (ViT-style) are retried at that size."""
     row: dict = {}
     for side in (64, 224):
         queue = mp.get_context("spawn").Queue()
-        proc = mp.get_context("spawn").Process(target=_child, args=(spec, side, queue))
+        proc = mp.get_context("spawn").Process(target=_child, args=(spec, side, memory_budget_gb, queue))
         start = time.time()
         proc.start()
         proc.join(timeout)
@@ -172,6 +176,10 @@ def write_doc(rows: list[dict], doc: Path = DOC, note: str = "") -> None:
 
 
 def main() -> None:
+    import torch
+
+    from sosp_engine.memory import default_budget
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=None, help="model specs to check (default: the whole matrix)")
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per model")
@@ -187,9 +195,10 @@ def main() -> None:
     if args.results.exists():
         done = {r["model"]: r for r in map(json.loads, args.results.read_text().splitlines())}
     lock = threading.Lock()
+    budget_gb = default_budget(torch.device("cpu")) / 2**30 / max(1, args.workers)  # the free RAM's share, per worker
 
     def check(spec: str) -> None:
-        row = run_isolated(spec, args.timeout)
+        row = run_isolated(spec, args.timeout, budget_gb)
         with lock:
             print(f"{spec}: {row['status']} {row.get('error', '')} ({row.get('wall_s', '')} s)", flush=True)
             done[spec] = row

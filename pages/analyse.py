@@ -26,7 +26,8 @@ with st.form("analysis_form"):
     batch = cols[2].number_input("Batch size", 1, 4096, 100)
     fit_memory = cols[2].toggle("Fit the batch to the free memory", True,
                                 help="measure what the method takes per sample on a few samples first, and lower the "
-                                     "batch so the analysis stays within 80 % of the memory free on the device")
+                                     "batch so the analysis stays within 80 % of the free GPU memory or 50 % of the "
+                                     "free RAM")
     cols = st.columns(3)
     cap = cols[0].slider("Per-layer cap", 0.05, 1.0, 0.95, 0.05, help="at most this fraction of a layer is pruned; one channel always stays")
     normalize = cols[1].selectbox("Normalisation", ["none", "kernel", "macs"],

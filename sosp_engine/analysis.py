@@ -17,7 +17,7 @@ from .errors import AnalysisError, is_out_of_memory
 from .exactness import exactness_report
 from .latency import LATENCY_UNIT, LatencyProfile
 from .loading import Workbench
-from .memory import MATRIX, SMALLEST_PROBED_BATCH, memory_phase, probe
+from .memory import MATRIX, memory_phase, probe
 from .models import weights_fingerprint
 from .progress import ProgressFn, StopFn, check_cancel, report
 from .saliency.common import LOSSES, AnalysisInputs
@@ -338,11 +338,11 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
         return compute_saliency(config.method, inputs, config.cap, config.normalize, config.seed, mc, config.round_to)
 
     batch, memory = config.batch_size, None
-    if config.memory_budget_gb is not None and min(batch, len(y)) > SMALLEST_PROBED_BATCH:
+    if config.memory_budget_gb is not None and min(batch, len(y)) > 1:
         start = time.perf_counter()
         budget = config.memory_budget_gb * 2**30
         estimate = probe(lambda n: saliency_of(AnalysisInputs(model, workbench.structures, x[:n], y[:n], config.loss, n)),
-                         device, min(batch, len(y)))
+                         device, min(batch, len(y)), budget)
         batch = estimate.batch_within(budget, min(batch, len(y)))
         memory = {"fixed_bytes": estimate.fixed, "per_sample_bytes": estimate.per_sample,
                   "matrix_bytes": estimate.floor, "budget_bytes": budget,

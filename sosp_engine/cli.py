@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100, help="the largest analysis batch (the budget may lower it)")
     p.add_argument("--memory-budget", default="auto",
                    help="GB the analysis may use: the batch is the largest whose measured estimate fits (auto: 80%% of "
-                        "the memory free on the device; none: no estimate, the batch as given)")
+                        "the free GPU memory or 50%% of the free RAM; none: no estimate, the batch as given)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ratio", type=float, default=0.5, help="target pruning ratio of the written mask")
     p.add_argument("--unit", default="structures", choices=UNITS + (LATENCY_UNIT,),

@@ -1,6 +1,6 @@
-"""How much memory an analysis takes per sample, measured on two tiny batches, and the batch a memory budget allows.
+"""How much memory an analysis takes per sample, measured on a few tiny batches, and the batch a memory budget allows.
 
-The probe runs the method itself on a few samples (2, 4, ... while the peak does not grow yet) and follows every tensor storage it allocates until it is freed
+The probe runs the method itself on a few samples (1, 2, 4, ... while the peak does not grow yet) and follows every tensor storage it allocates until it is freed
 (a dispatch mode, on CPU as on GPU, where no allocator statistics exist on CPU), so the estimate covers the method's
 own working set (activations kept for the double backward, captured outputs, SOSP-I's S x S matrix) and nothing is
 guessed per architecture. Memory held before the analysis (the model, the samples) is not counted: the budget's
@@ -22,11 +22,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .devices import available_memory
 from .errors import AnalysisError
 
-SMALLEST_PROBE = 2  # the first probe batch
+SMALLEST_PROBE = 1  # the first probe batch
 PROBE_LIMIT = 16  # the largest probe batch
 GROWTH = 0.25  # the peak grows "with n" when doubling n adds this share
-DEFAULT_SHARE = 0.8  # of the free memory, when no budget is given
-SMALLEST_PROBED_BATCH = 8  # batches this small are run as asked: probing would cost as much as the analysis
+# Of the free memory, when no budget is given. The budget counts live tensors; on CPU glibc's heap held up to 1.9x
+# those under SOSP-H's double backward (docs/benchmarks.md), and the kernel kills a process that outgrows the RAM.
+DEFAULT_SHARE = {"cuda": 0.8, "cpu": 0.5}
 
 
 class MemoryBudgetError(AnalysisError):
@@ -65,7 +66,7 @@ class MemoryEstimate:
 
 def default_budget(device: torch.device) -> float:
     """A share of the memory free now on the device (GPU memory, or the machine's available RAM)."""
-    return DEFAULT_SHARE * available_memory(device)
+    return DEFAULT_SHARE.get(device.type, DEFAULT_SHARE["cpu"]) * available_memory(device)
 
 
 _TRACKERS: list["PeakTensorBytes"] = []  # the modes on now, innermost last
@@ -127,13 +128,16 @@ def memory_phase(name: str) -> Iterator[None]:
         tracker.phase = previous
 
 
-def probe(run: Callable[[int], object], device: torch.device, largest: int) -> MemoryEstimate:
+def probe(run: Callable[[int], object], device: torch.device, largest: int,
+          budget: float | None = None) -> MemoryEstimate:
     """Fit fixed + per-sample bytes from the peak tensor memory of `run(n)` (the method on n samples).
 
     The batched work's peak and the peak of the work on S x S matrices (`memory_phase(MATRIX)`: SOSP-I's Gram
     accumulation and greedy order) are followed apart, so the large once-sized matrices cannot hide how the batched
-    work grows. n doubles from 2 until the batched peak grows with it, at most to PROBE_LIMIT or `largest`; the last
-    two sizes fit the line, and the S x S work's peak is the floor.
+    work grows. n doubles from 1 until the batched peak grows with it, at most to PROBE_LIMIT and below `largest`
+    (that batch is the analysis itself); the last two sizes fit the line, and the S x S work's peak is the floor.
+    A size whose estimate from the sizes before it exceeds `budget` is not run: a probe must not be what runs out of
+    memory.
     """
     sizes, peaks, floor = [], [], 0
     n = SMALLEST_PROBE
@@ -143,9 +147,16 @@ def probe(run: Callable[[int], object], device: torch.device, largest: int) -> M
         sizes.append(n)
         peaks.append(tracker.phase_peak.get((BATCHED, device.type), 0))
         floor = tracker.phase_peak.get((MATRIX, device.type), 0)
+        estimate = _fitted(sizes, peaks, floor)
         grew = len(peaks) > 1 and peaks[-1] - peaks[-2] >= GROWTH * peaks[-2]
-        if len(peaks) > 1 and (grew or 2 * n > min(PROBE_LIMIT, largest)):
-            break
+        if grew or 2 * n > PROBE_LIMIT or 2 * n >= largest or (budget is not None and estimate.peak(2 * n) > budget):
+            return estimate
         n *= 2
+
+
+def _fitted(sizes: list[int], peaks: list[int], floor: int) -> MemoryEstimate:
+    """The line through the last two probes; from one probe, all of its peak counts as per-sample (an upper bound)."""
+    if len(sizes) == 1:
+        return MemoryEstimate(0.0, peaks[0] / sizes[0], float(floor))
     per_sample = max(0.0, (peaks[-1] - peaks[-2]) / (sizes[-1] - sizes[-2]))
     return MemoryEstimate(max(0.0, peaks[-1] - per_sample * sizes[-1]), per_sample, float(floor))

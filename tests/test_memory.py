@@ -5,7 +5,8 @@ import torch
 from sosp_engine.analysis import AnalysisConfig, compute_saliency, run_analysis
 from sosp_engine.cli import main
 from sosp_engine.loading import open_workbench
-from sosp_engine.memory import MATRIX, MemoryBudgetError, MemoryEstimate, PeakTensorBytes, memory_phase, probe
+from sosp_engine.memory import (MATRIX, MemoryBudgetError, MemoryEstimate, PeakTensorBytes, default_budget, memory_phase,
+                                probe)
 from sosp_engine.saliency.common import AnalysisInputs
 
 CPU = torch.device("cpu")
@@ -27,6 +28,36 @@ def test_the_probe_fits_fixed_and_per_sample_bytes_of_a_known_workload():
 
     estimate = probe(workload, CPU, largest=100)
     assert estimate.fixed == 1_000_000 and estimate.per_sample == 100_000
+
+
+def _known_workload(sizes: list[int]):
+    def workload(n: int) -> None:
+        sizes.append(n)
+        kept = torch.zeros(250_000)  # 1 MB whatever the batch
+        per_sample = torch.zeros(n, 25_000)  # 100 kB a sample, alive at the same time
+        assert kept.numel() and per_sample.numel()
+    return workload
+
+
+def test_the_probe_does_not_run_a_size_its_estimate_puts_over_the_budget():
+    sizes: list[int] = []
+    estimate = probe(_known_workload(sizes), CPU, largest=100, budget=2_500_000)
+    assert sizes == [1, 2, 4, 8]  # 16 samples would need 2.6 MB
+    assert estimate.fixed == 1_000_000 and estimate.per_sample == 100_000
+    assert estimate.batch_within(2_500_000, largest=100) == 15
+
+
+def test_after_one_probe_the_whole_peak_counts_per_sample_so_the_estimate_is_an_upper_bound():
+    sizes: list[int] = []
+    estimate = probe(_known_workload(sizes), CPU, largest=100, budget=1_500_000)
+    assert sizes == [1]  # two samples could need twice one sample's 1.1 MB
+    assert estimate.peak(1) == 1_100_000 and estimate.peak(8) >= 1_000_000 + 8 * 100_000
+
+
+def test_the_probe_never_runs_the_analysis_batch_itself():
+    sizes: list[int] = []
+    probe(_known_workload(sizes), CPU, largest=8)
+    assert max(sizes) < 8
 
 
 def test_a_larger_once_only_selection_phase_does_not_hide_the_per_sample_growth():
@@ -72,6 +103,17 @@ def test_an_analysis_under_a_small_budget_takes_a_smaller_batch_and_says_so():
     result = run_analysis(wb, AnalysisConfig(method="sosp-h", samples=64, batch_size=64, memory_budget_gb=0.02))
     assert result.config.batch_size == result.memory["batch"] < 64
     assert result.memory["estimated_peak_bytes"] <= 0.02 * 2**30 and "MiB per sample" in result.memory["line"]
+
+
+def test_a_small_batch_is_probed_too_so_a_budget_holds_for_it():
+    wb = open_workbench("resnet20", "digits")
+    result = run_analysis(wb, AnalysisConfig(method="sosp-h", samples=16, batch_size=8, memory_budget_gb=0.003))
+    assert 1 < result.config.batch_size < 8 and result.memory["estimated_peak_bytes"] <= 0.003 * 2**30
+
+
+def test_the_default_budget_leaves_the_cpu_heap_room_beyond_the_tensors(monkeypatch):
+    monkeypatch.setattr("sosp_engine.memory.available_memory", lambda device: 10 * 2**30)
+    assert default_budget(CPU) == 5 * 2**30
 
 
 def test_the_cli_refuses_a_memory_budget_that_is_not_a_number(tmp_path, capsys):
