@@ -1,10 +1,10 @@
 """How much memory an analysis takes per sample, measured on a few tiny batches, and the batch a memory budget allows.
 
-The probe runs the method itself on a few samples (1, 2, 4, ... while the peak does not grow yet) and follows every tensor storage it allocates until it is freed
-(a dispatch mode, on CPU as on GPU, where no allocator statistics exist on CPU), so the estimate covers the method's
-own working set (activations kept for the double backward, captured outputs, SOSP-I's S x S matrix) and nothing is
-guessed per architecture. Memory held before the analysis (the model, the samples) is not counted: the budget's
-default is a share of what is free with them loaded.
+The probe runs the method itself on a few samples (1, 2, 4, ... while the peak does not grow yet) and follows every
+tensor storage it allocates until it is freed (a dispatch mode, on CPU as on GPU, where no allocator statistics exist
+on CPU), so the estimate covers the method's own working set (activations kept for the double backward, captured
+outputs, SOSP-I's S x S matrix) and nothing is guessed per architecture. Memory held before the analysis (the model,
+the samples) is not counted: the budget's default is a share of what is free with them loaded.
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ import torch
 from sosp_engine.analysis import AnalysisConfig, compute_saliency, run_analysis
 from sosp_engine.cli import main
 from sosp_engine.loading import open_workbench
-from sosp_engine.memory import (MATRIX, MemoryBudgetError, MemoryEstimate, PeakTensorBytes, default_budget, memory_phase,
-                                probe)
+from sosp_engine.memory import (MATRIX, MemoryBudgetError, MemoryEstimate, PeakTensorBytes, default_budget,
+                                memory_phase, probe)
 from sosp_engine.saliency.common import AnalysisInputs
 
 CPU = torch.device("cpu")

@@ -143,3 +143,55 @@ def test_a_linear_layer_folded_with_its_batchnorm_gives_the_brute_force_products
     assert plan.folded == {"1": "0"}
     _, products = jacobian_structure_products(inputs, x, plan)
     torch.testing.assert_close(products, directional_outputs(model, inputs.structures, x), rtol=1e-10, atol=1e-12)
+
+
+class DenseNet(nn.Module):
+    """Two dense layers: each reads the concatenation of every earlier output through BatchNorm -> ReLU -> conv, so
+    the stem's and conv1's channels reach several norms. `side_head`: a linear head reads the concatenation too."""
+
+    def __init__(self, inplace: bool = False, side_head: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn1, self.conv1 = nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3, padding=1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(5), nn.Conv2d(5, 2, 3, padding=1)
+        self.bn3, self.fc = nn.BatchNorm2d(7), nn.Linear(7, D)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.side = nn.Linear(7, D) if side_head else None
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.cat([h, self.conv1(self.relu(self.bn1(h)))], 1)
+        h = torch.cat([h, self.conv2(self.relu(self.bn2(h)))], 1)
+        out = self.fc(self.relu(self.bn3(h)).mean((2, 3)))
+        return out if self.side is None else out + self.side(torch.tanh(h).mean((2, 3)))
+
+
+def dense_inputs(**kwargs) -> AnalysisInputs:
+    torch.manual_seed(0)
+    model = DenseNet(**kwargs).double()
+    randomise_norms(model.bn1, model.bn2, model.bn3)
+    model.eval()
+    x = torch.randn(N, 2, 5, 5, dtype=torch.float64)
+    return AnalysisInputs(model, find_structures(model, x[:1]), x, torch.randint(0, D, (N,)), "cross-entropy", N)
+
+
+def test_norms_that_read_concatenated_producers_are_read_through_them():
+    readers = capture_plan(dense_inputs()).read_by_norms
+    assert readers.norms == {"bn1", "bn2", "bn3"} and set(readers.doubled) == {"stem", "conv1", "conv2"}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_norms_read_through_their_producers_give_the_brute_force_products(inplace):
+    inputs = dense_inputs(inplace=inplace)
+    _, products = jacobian_structure_products(inputs, inputs.x)
+    torch.testing.assert_close(products, directional_outputs(inputs.model, inputs.structures, inputs.x),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_a_concatenation_read_by_anything_but_norms_keeps_every_norm_product():
+    inputs = dense_inputs(side_head=True)
+    plan = capture_plan(inputs)
+    assert plan.read_by_norms.norms == set()
+    _, products = jacobian_structure_products(inputs, inputs.x, plan)
+    torch.testing.assert_close(products, directional_outputs(inputs.model, inputs.structures, inputs.x),
+                               rtol=1e-10, atol=1e-12)

@@ -1,9 +1,13 @@
-"""Producers read by nothing but their eval-mode BatchNorm: there the norm's output alone carries both layers' terms.
+"""Producers read by nothing but eval-mode BatchNorms: there the norms' outputs carry the producers' terms again.
 
-SOSP-H folds such a producer's channel scale into the norm's coefficients; SOSP-I reads both products from the norm's
-output gradient and the producer's output. The pairing is found on one sample and confirmed on the model's output.
+SOSP-H folds a producer's channel scale into the coefficients of its sole norm; SOSP-I reads both products from the
+norm's output gradient and the producer's output. Where a producer's channels reach several norms (a DenseNet's
+concatenations), SOSP-I takes the norms' scale terms from the producer's own term. Each pairing is found on one sample
+and confirmed on the model's output.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.utils._pytree as pytree
@@ -105,6 +109,92 @@ def _pairing_holds(inputs: AnalysisInputs, fused: dict[str, str], plain: torch.T
         with torch.no_grad(), patched_forwards({model.get_submodule(n): undo(model.get_submodule(n), factors[p])
                                                 for n, p in fused.items()}):
             scaled = model(inputs.x[:1].to(inputs.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return equal_up_to_rounding(scaled, plain, plain)
+
+
+@dataclass
+class NormReaders:
+    """Structures whose producers' outputs are read by nothing but the eval-mode BatchNorms in the same structure.
+
+    There the norms' scale terms sum to the producers' terms (scaling the producers' channels by r and dividing the
+    norms' scales by r leaves the model unchanged), so a structure's phi theta_s is twice its producers' terms plus
+    each norm's shift * sum of its output gradient: no product with a norm's output is needed.
+    """
+
+    norms: set[str] = field(default_factory=set)  # norms whose every structure channel is such a structure's
+    doubled: dict[str, torch.Tensor] = field(default_factory=dict)  # producer -> its channels in those structures
+
+
+@full_float32()
+def norm_read_structures(inputs: AnalysisInputs, names: list[str], affine: set[int], excluded: set[str]) -> NormReaders:
+    """The structures whose non-norm members' outputs only their own BatchNorm members read, confirmed on one sample
+    (all or none: a confirmation that fails leaves every product to be read as before)."""
+    model = inputs.model
+    norms = {n for n in names if n not in excluded and id(model.get_submodule(n)) in affine
+             and capture_point(model.get_submodule(n)) is model.get_submodule(n)}
+    members: dict[int, set[str]] = {}
+    structures_of: dict[str, set[int]] = {}
+    for piece in inputs.structures.producers:
+        for s in piece.structure.tolist():
+            members.setdefault(s, set()).add(piece.module)
+            structures_of.setdefault(piece.module, set()).add(s)
+    candidates = {s for s, ms in members.items() if ms & norms and ms - norms and not ms & excluded}
+    while True:  # a norm with a channel outside the candidates keeps its products: its structures are no candidates
+        kept = {n for n in norms if structures_of[n] <= candidates}
+        narrowed = {s for s in candidates if members[s] & norms <= kept}
+        if narrowed == candidates:
+            break
+        candidates = narrowed
+    if not candidates:
+        return NormReaders()
+    ratio = torch.empty(inputs.structures.num_structures, dtype=torch.float64).uniform_(
+        0.5, 2.0, generator=torch.Generator().manual_seed(2))
+    scales = {n: torch.ones(model.get_submodule(n).num_features, dtype=torch.float64) for n in kept}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for piece in inputs.structures.producers:
+        if piece.module in kept:
+            scales[piece.module][piece.channels] = ratio[piece.structure]
+            continue
+        chosen = torch.tensor([s in candidates for s in piece.structure.tolist()], dtype=torch.bool)
+        if chosen.any():
+            channels, r = factors.get(piece.module, (piece.channels[:0], ratio[:0]))
+            factors[piece.module] = (torch.cat([channels, piece.channels[chosen]]),
+                                     torch.cat([r, ratio[piece.structure[chosen]]]))
+    if not _scaling_cancels(inputs, factors, scales):
+        return NormReaders()
+    return NormReaders(kept, {n: channels for n, (channels, _) in factors.items()})
+
+
+def _scaling_cancels(inputs: AnalysisInputs, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                     scales: dict[str, torch.Tensor]) -> bool:
+    """The model's output is unchanged when each producer's output channels are multiplied by `factors` ({module:
+    (channels, r)}) and each norm's scale divided by `scales`: the norms are the only readers of those channels."""
+    model = inputs.model
+    x = inputs.x[:1].to(inputs.device)
+
+    def undo(m, r):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            scale, shift = batch_norm_coefficients(m)
+            return x * per_channel(scale / r.to(scale), x) + per_channel(shift, x)
+        return forward
+
+    def scaled_output(module, out, channels, r):
+        dim = channel_dim(module, out)
+        factor = torch.ones(out.shape[dim], dtype=out.dtype, device=out.device)
+        factor[channels.to(out.device)] = r.to(out)
+        return out * per_channel(factor, out, dim)
+
+    with torch.no_grad():
+        plain = model(x)
+    hooks = [capture_point(model.get_submodule(n)).register_forward_hook(
+        lambda m, a, out, n=n, f=f: scaled_output(model.get_submodule(n), out, *f)) for n, f in factors.items()]
+    try:
+        with torch.no_grad(), patched_forwards({model.get_submodule(n): undo(model.get_submodule(n), r)
+                                                for n, r in scales.items()}):
+            scaled = model(x)
     finally:
         for h in hooks:
             h.remove()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterator
 
@@ -18,7 +18,7 @@ from ..progress import check_cancel, report
 from .common import (AnalysisInputs, affine_batch_norm_modules, affine_batch_norms, batch_norm_coefficients,
                      channel_dim, frozen_parameters, patched_forwards, per_channel)
 from .homogeneity import capture_point, not_scaling, producer_modules
-from .pairing import sole_norm_consumers
+from .pairing import NormReaders, norm_read_structures, sole_norm_consumers
 
 GRAM_BLOCK_BYTES = 256 * 2**20  # the float64 block of columns added to the S x S matrix at a time
 
@@ -32,6 +32,7 @@ class CapturePlan:
 
     copied: set[str]  # producers whose output a later op changes in place: the model goes on with a copy
     folded: dict[str, str]  # {norm: producer}: the pair runs as one producer, the norm's scale and shift folded in
+    read_by_norms: NormReaders = field(default_factory=NormReaders)  # norms whose terms come from their producers'
 
     @cached_property
     def norm_of(self) -> dict[str, str]:
@@ -40,12 +41,14 @@ class CapturePlan:
 
 
 def capture_plan(inputs: AnalysisInputs) -> CapturePlan:
-    """Found on one sample: the conv -> BatchNorm pairs to fold, and the outputs that need a copy."""
+    """Found on one sample: the conv -> BatchNorm pairs to fold, the norms read through their producers, and the
+    outputs that need a copy."""
     names = producer_modules(inputs)
     affine = {id(m) for m in affine_batch_norm_modules(inputs.model)}
     folded = {norm: producer for norm, producer in sole_norm_consumers(inputs, names, affine).items()
               if norm in names and type(inputs.model.get_submodule(producer)) in FOLDABLE_PRODUCERS
               and "forward" not in vars(inputs.model.get_submodule(producer))}
+    read_by_norms = norm_read_structures(inputs, names, affine, set(folded) | set(folded.values()))
     seen: dict[str, list[tuple[torch.Tensor, int]]] = {}
 
     def record(module, args, out, name):
@@ -59,7 +62,7 @@ def capture_plan(inputs: AnalysisInputs) -> CapturePlan:
     finally:
         for h in hooks:
             h.remove()
-    return CapturePlan({n for n, outs in seen.items() if any(t._version != v for t, v in outs)}, folded)
+    return CapturePlan({n for n, outs in seen.items() if any(t._version != v for t, v in outs)}, folded, read_by_norms)
 
 
 def _passed_on(x: torch.Tensor) -> torch.Tensor:
@@ -86,21 +89,39 @@ def analysis_forwards(model: nn.Module, folded: dict[str, str]) -> Iterator[nn.M
         yield model
 
 
+class _GradientOnly:
+    """The outputs whose products need only their gradient (norms read through their producers): hooked as they are
+    formed and not kept, so a later in-place op needs no copy. `reduce(g, name, None)` takes each gradient."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.reduce = None
+
+    def watch(self, name: str, out: torch.Tensor) -> None:
+        self.names.append(name)
+        out.register_hook(lambda g: self.reduce(g, name, None))
+
+
 @contextmanager
-def _captured_outputs(inputs: AnalysisInputs, plan: CapturePlan) -> Iterator[tuple[dict, list]]:
+def _captured_outputs(inputs: AnalysisInputs, plan: CapturePlan) -> Iterator[tuple[dict, list, _GradientOnly]]:
     """Record every producer's output at its capture point, and each uncopied record's version to check afterwards.
 
     Where a later op changes an output in place (`plan.copied`), the model goes on with a copy so the record stays
-    the output; everywhere else the output itself is recorded. A folded norm is read through its producer.
+    the output; everywhere else the output itself is recorded. A folded norm is read through its producer, and a norm
+    read through its producers only by its gradient.
     """
     store: dict[str, list[torch.Tensor]] = {}
     versions: list[tuple[str, torch.Tensor, int]] = []
+    gradient_only = _GradientOnly()
     hooks = []
     for name in producer_modules(inputs):
         if name in plan.folded:
             continue
 
         def hook(module, args, out, name=name):
+            if name in plan.read_by_norms.norms and out.grad_fn is not None:
+                gradient_only.watch(name, out)
+                return None
             if not out.requires_grad:  # the first producer: start the graph here, the input needs no gradient
                 out.requires_grad_(True)
             store.setdefault(name, []).append(out)
@@ -111,7 +132,7 @@ def _captured_outputs(inputs: AnalysisInputs, plan: CapturePlan) -> Iterator[tup
         hooks.append(capture_point(inputs.model.get_submodule(name)).register_forward_hook(hook))
     try:
         with frozen_parameters(inputs.model):
-            yield store, versions
+            yield store, versions, gradient_only
     finally:
         for h in hooks:
             h.remove()
@@ -129,21 +150,31 @@ def check_euler(inputs: AnalysisInputs) -> None:
 
 
 def _add_products(inputs: AnalysisInputs, plan: CapturePlan, shifts: dict[str, torch.Tensor], name: str,
-                  tensor: torch.Tensor, g: torch.Tensor, per_module: dict[str, torch.Tensor]) -> None:
+                  tensor: torch.Tensor | None, g: torch.Tensor, per_module: dict[str, torch.Tensor]) -> None:
     """Add one output's gradient x output, summed over positions per channel, to its module's (n, C) products.
 
     A producer with its norm folded in gives y = scale * u + shift (`shifts[producer]`): the norm's term is sum g y,
-    the producer's scale * sum g u = sum g y - shift * sum g."""
+    the producer's scale * sum g u = sum g y - shift * sum g. A norm read through its producers
+    (`plan.read_by_norms`) adds only shift * sum g (`shifts[norm]`, no output needed); its producers' terms count
+    twice, once for the norms' scales."""
     def add(key: str, contrib: torch.Tensor) -> None:
         per_module[key] = per_module[key] + contrib if key in per_module else contrib
 
     n, module = g.shape[0], inputs.model.get_submodule(name)
-    tensor = tensor.detach()  # the products must not keep the forward graph alive
-    dim = channel_dim(module, tensor)
+    dim = channel_dim(module, g)
     if dim != 1:
-        g, tensor = g.movedim(dim, 1), tensor.movedim(dim, 1)
+        g = g.movedim(dim, 1)
     g = g.reshape(n, g.shape[1], -1)
+    if name in plan.read_by_norms.norms:
+        add(name, g.sum(2) * shifts[name])
+        return
+    tensor = tensor.detach()  # the products must not keep the forward graph alive
+    if dim != 1:
+        tensor = tensor.movedim(dim, 1)
     products = torch.linalg.vecdot(g, tensor.reshape(n, tensor.shape[1], -1))
+    doubled = plan.read_by_norms.doubled.get(name)
+    if doubled is not None:
+        products[:, doubled.to(products.device)] *= 2
     norm = plan.norm_of.get(name)
     if norm is None:
         add(name, products)
@@ -160,21 +191,23 @@ def output_direction_products(inputs: AnalysisInputs, x: torch.Tensor, direction
     """
     plan = plan if plan is not None else capture_plan(inputs)
     while True:
-        with _captured_outputs(inputs, plan) as (store, versions), analysis_forwards(inputs.model, plan.folded):
+        with _captured_outputs(inputs, plan) as (store, versions, gradient_only), \
+                analysis_forwards(inputs.model, plan.folded):
             logits = inputs.model(x.detach())
-            silent = [n for n in producer_modules(inputs) if n not in store and n not in plan.folded]
+            silent = [n for n in producer_modules(inputs)
+                      if n not in store and n not in plan.folded and n not in gradient_only.names]
             if silent:
                 raise AnalysisError(f"SOSP-I reads each producer's output, but {silent[:3]} never ran as a module "
                                     "(its parameters are used another way); use SOSP-H (method sosp-h), which is exact "
                                     "for it")
             altered = {name for name, tensor, version in versions if tensor._version != version}
             if not altered:
-                return logits.detach(), _direction_products(inputs, store, plan, logits, directions)
+                return logits.detach(), _direction_products(inputs, store, gradient_only, plan, logits, directions)
         plan.copied |= altered  # changed in place although the one-sample probe saw no such op: again, with copies
 
 
-def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tensor]], plan: CapturePlan,
-                        logits: torch.Tensor, directions) -> torch.Tensor:
+def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tensor]], gradient_only: _GradientOnly,
+                        plan: CapturePlan, logits: torch.Tensor, directions) -> torch.Tensor:
     """(n, K, S): one activation-only backward pass per direction.
 
     Each output's gradient is reduced to its products by a hook the moment the pass forms it, so no pass holds every
@@ -186,6 +219,8 @@ def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tens
     k_count = u.shape[1]
     shifts = {producer: batch_norm_coefficients(inputs.model.get_submodule(norm))[1]
               for producer, norm in plan.norm_of.items()}
+    shifts.update({norm: batch_norm_coefficients(inputs.model.get_submodule(norm))[1]
+                   for norm in plan.read_by_norms.norms})
     per_module: dict[str, torch.Tensor] = {}
     reduced: list[str] = []
 
@@ -194,6 +229,8 @@ def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tens
         reduced.append(name)
 
     hooks = [t.register_hook(lambda g, name=name, t=t: reduce(g, name, t)) for name, t in targets]
+    gradient_only.reduce = reduce
+    expected = Counter(name for name, _ in targets) + Counter(gradient_only.names)
     columns = []
     try:
         for k in range(k_count):
@@ -201,8 +238,8 @@ def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tens
             per_module.clear()
             reduced.clear()
             torch.autograd.grad(logits, starts, grad_outputs=u[:, k], retain_graph=k < k_count - 1)
-            if len(reduced) != len(targets):  # a product left out would be a silent zero in Q
-                missing = sorted(Counter(name for name, _ in targets) - Counter(reduced))
+            if len(reduced) != expected.total():  # a product left out would be a silent zero in Q
+                missing = sorted(expected - Counter(reduced))
                 raise AnalysisError(f"SOSP-I saw no gradient at the outputs of {missing[:3]} in the backward pass "
                                     "(an op outside autograd?); use SOSP-H (method sosp-h)")
             columns.append(inputs.structure_sums(per_module, (logits.shape[0],)))
