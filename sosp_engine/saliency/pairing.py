@@ -89,6 +89,14 @@ def sole_norm_consumers(inputs: AnalysisInputs, names: list[str], affine: set[in
     return fused if fused and _pairing_holds(inputs, fused, plain) else {}
 
 
+def scale_divided_by(norm: torch.nn.Module, r: torch.Tensor):
+    """An eval-mode BatchNorm's forward with its per-channel scale divided by `r` and its shift kept."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        scale, shift = batch_norm_coefficients(norm)
+        return x * per_channel(scale / r.to(scale), x) + per_channel(shift, x)
+    return forward
+
+
 def _pairing_holds(inputs: AnalysisInputs, fused: dict[str, str], plain: torch.Tensor) -> bool:
     """The model's output is unchanged when each paired producer's output is scaled by random r > 0 and its norm
     divides by r again: nothing but the norm reads it (this also sees readers that report no torch calls)."""
@@ -97,17 +105,11 @@ def _pairing_holds(inputs: AnalysisInputs, fused: dict[str, str], plain: torch.T
     factors = {p: torch.empty(model.get_submodule(norm).num_features, dtype=torch.float64).uniform_(
         0.5, 2.0, generator=generator) for norm, p in fused.items()}
 
-    def undo(m, r):
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            scale, shift = batch_norm_coefficients(m)
-            return x * per_channel(scale / r.to(scale), x) + per_channel(shift, x)
-        return forward
-
+    divided = {model.get_submodule(n): scale_divided_by(model.get_submodule(n), factors[p]) for n, p in fused.items()}
     hooks = [model.get_submodule(p).register_forward_hook(lambda m, a, out, r=r: out * per_channel(r.to(out), out))
              for p, r in factors.items()]
     try:
-        with torch.no_grad(), patched_forwards({model.get_submodule(n): undo(model.get_submodule(n), factors[p])
-                                                for n, p in fused.items()}):
+        with torch.no_grad(), patched_forwards(divided):
             scaled = model(inputs.x[:1].to(inputs.device))
     finally:
         for h in hooks:
@@ -125,7 +127,7 @@ class NormReaders:
     """
 
     norms: set[str] = field(default_factory=set)  # norms whose every structure channel is such a structure's
-    doubled: dict[str, torch.Tensor] = field(default_factory=dict)  # producer -> its channels in those structures
+    doubled: dict[str, torch.Tensor] = field(default_factory=dict)  # producer -> its channels there (on its device)
 
 
 @full_float32()
@@ -165,7 +167,7 @@ def norm_read_structures(inputs: AnalysisInputs, names: list[str], affine: set[i
                                      torch.cat([r, ratio[piece.structure[chosen]]]))
     if not _scaling_cancels(inputs, factors, scales):
         return NormReaders()
-    return NormReaders(kept, {n: channels for n, (channels, _) in factors.items()})
+    return NormReaders(kept, {n: channels.to(inputs.device) for n, (channels, _) in factors.items()})
 
 
 def _scaling_cancels(inputs: AnalysisInputs, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -174,12 +176,6 @@ def _scaling_cancels(inputs: AnalysisInputs, factors: dict[str, tuple[torch.Tens
     (channels, r)}) and each norm's scale divided by `scales`: the norms are the only readers of those channels."""
     model = inputs.model
     x = inputs.x[:1].to(inputs.device)
-
-    def undo(m, r):
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            scale, shift = batch_norm_coefficients(m)
-            return x * per_channel(scale / r.to(scale), x) + per_channel(shift, x)
-        return forward
 
     def scaled_output(module, out, channels, r):
         dim = channel_dim(module, out)
@@ -191,9 +187,9 @@ def _scaling_cancels(inputs: AnalysisInputs, factors: dict[str, tuple[torch.Tens
         plain = model(x)
     hooks = [capture_point(model.get_submodule(n)).register_forward_hook(
         lambda m, a, out, n=n, f=f: scaled_output(model.get_submodule(n), out, *f)) for n, f in factors.items()]
+    divided = {model.get_submodule(n): scale_divided_by(model.get_submodule(n), r) for n, r in scales.items()}
     try:
-        with torch.no_grad(), patched_forwards({model.get_submodule(n): undo(model.get_submodule(n), r)
-                                                for n, r in scales.items()}):
+        with torch.no_grad(), patched_forwards(divided):
             scaled = model(x)
     finally:
         for h in hooks:

@@ -174,7 +174,7 @@ def _add_products(inputs: AnalysisInputs, plan: CapturePlan, shifts: dict[str, t
     products = torch.linalg.vecdot(g, tensor.reshape(n, tensor.shape[1], -1))
     doubled = plan.read_by_norms.doubled.get(name)
     if doubled is not None:
-        products[:, doubled.to(products.device)] *= 2
+        products[:, doubled] *= 2
     norm = plan.norm_of.get(name)
     if norm is None:
         add(name, products)
