@@ -89,32 +89,16 @@ def sole_norm_consumers(inputs: AnalysisInputs, names: list[str], affine: set[in
     return fused if fused and _pairing_holds(inputs, fused, plain) else {}
 
 
-def scale_divided_by(norm: torch.nn.Module, r: torch.Tensor):
-    """An eval-mode BatchNorm's forward with its per-channel scale divided by `r` and its shift kept."""
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        scale, shift = batch_norm_coefficients(norm)
-        return x * per_channel(scale / r.to(scale), x) + per_channel(shift, x)
-    return forward
-
-
 def _pairing_holds(inputs: AnalysisInputs, fused: dict[str, str], plain: torch.Tensor) -> bool:
     """The model's output is unchanged when each paired producer's output is scaled by random r > 0 and its norm
     divides by r again: nothing but the norm reads it (this also sees readers that report no torch calls)."""
-    model = inputs.model
     generator = torch.Generator().manual_seed(1)
-    factors = {p: torch.empty(model.get_submodule(norm).num_features, dtype=torch.float64).uniform_(
-        0.5, 2.0, generator=generator) for norm, p in fused.items()}
-
-    divided = {model.get_submodule(n): scale_divided_by(model.get_submodule(n), factors[p]) for n, p in fused.items()}
-    hooks = [model.get_submodule(p).register_forward_hook(lambda m, a, out, r=r: out * per_channel(r.to(out), out))
-             for p, r in factors.items()]
-    try:
-        with torch.no_grad(), patched_forwards(divided):
-            scaled = model(inputs.x[:1].to(inputs.device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return equal_up_to_rounding(scaled, plain, plain)
+    factors, scales = {}, {}
+    for norm, producer in fused.items():
+        r = torch.empty(inputs.model.get_submodule(norm).num_features, dtype=torch.float64).uniform_(
+            0.5, 2.0, generator=generator)
+        factors[producer], scales[norm] = (torch.arange(len(r)), r), r
+    return _scaling_cancels(inputs, factors, scales, plain)
 
 
 @dataclass
@@ -170,10 +154,19 @@ def norm_read_structures(inputs: AnalysisInputs, names: list[str], affine: set[i
     return NormReaders(kept, {n: channels.to(inputs.device) for n, (channels, _) in factors.items()})
 
 
+def _scale_divided_by(norm: torch.nn.Module, r: torch.Tensor):
+    """An eval-mode BatchNorm's forward with its per-channel scale divided by `r` and its shift kept."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        scale, shift = batch_norm_coefficients(norm)
+        return x * per_channel(scale / r.to(scale), x) + per_channel(shift, x)
+    return forward
+
+
 def _scaling_cancels(inputs: AnalysisInputs, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                     scales: dict[str, torch.Tensor]) -> bool:
-    """The model's output is unchanged when each producer's output channels are multiplied by `factors` ({module:
-    (channels, r)}) and each norm's scale divided by `scales`: the norms are the only readers of those channels."""
+                     scales: dict[str, torch.Tensor], plain: torch.Tensor | None = None) -> bool:
+    """The model's output (`plain`, if already computed) is unchanged on one sample when each producer's output
+    channels are multiplied by `factors` ({module: (channels, r)}) and each norm's scale divided by `scales`: the
+    norms are the only readers of those channels."""
     model = inputs.model
     x = inputs.x[:1].to(inputs.device)
 
@@ -183,11 +176,12 @@ def _scaling_cancels(inputs: AnalysisInputs, factors: dict[str, tuple[torch.Tens
         factor[channels.to(out.device)] = r.to(out)
         return out * per_channel(factor, out, dim)
 
-    with torch.no_grad():
-        plain = model(x)
+    if plain is None:
+        with torch.no_grad():
+            plain = model(x)
     hooks = [capture_point(model.get_submodule(n)).register_forward_hook(
         lambda m, a, out, n=n, f=f: scaled_output(model.get_submodule(n), out, *f)) for n, f in factors.items()]
-    divided = {model.get_submodule(n): scale_divided_by(model.get_submodule(n), r) for n, r in scales.items()}
+    divided = {model.get_submodule(n): _scale_divided_by(model.get_submodule(n), r) for n, r in scales.items()}
     try:
         with torch.no_grad(), patched_forwards(divided):
             scaled = model(x)
