@@ -30,8 +30,13 @@ with st.form("analysis_form"):
                                      "free RAM")
     cols = st.columns(3)
     cap = cols[0].slider("Per-layer cap", 0.05, 1.0, 0.95, 0.05, help="at most this fraction of a layer is pruned; one channel always stays")
-    normalize = cols[1].selectbox("Normalisation", ["none", "kernel", "macs"],
-                                  format_func={"none": "none", "kernel": "by kernel size (SOSP*)", "macs": "by MACs"}.get)
+    normalize = cols[1].selectbox("Normalisation", ["none", "kernel", "macs", "latency"],
+                                  format_func={"none": "none", "kernel": "by kernel size (SOSP*)", "macs": "by MACs",
+                                               "latency": "by measured latency"}.get,
+                                  help="rank structures by saliency per unit of cost; latency: each layer is timed "
+                                       "alone on the analysis device first, so the order follows this machine")
+    latency_batch = cols[1].number_input("Latency batch", 1, 4096, 1,
+                                         help="with normalisation by latency: the batch size the layers are timed at")
     loss = cols[2].selectbox("Loss", ["cross-entropy", "squared"])
     cols = st.columns(3)
     at_init = cols[0].toggle("At initialisation", help="analyse a fresh seeded init; BatchNorm statistics are re-estimated on the samples")
@@ -50,7 +55,8 @@ if run:
             workbench = cached_workbench(choice.model_spec, choice.data_spec, choice.weights)
         config = AnalysisConfig(method=method, model_spec=choice.model_spec, data_spec=choice.data_spec,
                                 weights=choice.weights, at_init=at_init, samples=int(samples), seed=int(seed),
-                                batch_size=int(batch), cap=cap, normalize=normalize, loss=loss, device=device)
+                                batch_size=int(batch), cap=cap, normalize=normalize, latency_batch=int(latency_batch),
+                                loss=loss, device=device)
         with user_errors("Starting the analysis"):
             if fit_memory:
                 config.memory_budget_gb = default_budget(resolve_device(device)) / 2**30

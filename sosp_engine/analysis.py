@@ -17,6 +17,7 @@ from .errors import AnalysisError, is_out_of_memory
 from .exactness import exactness_report
 from .latency import LATENCY_UNIT, LatencyProfile
 from .loading import Workbench
+from .layer_latency import measure_layer_latency
 from .memory import MATRIX, memory_phase, probe
 from .models import weights_fingerprint
 from .progress import ProgressFn, StopFn, check_cancel, report
@@ -62,6 +63,8 @@ class AnalysisConfig:
     mc_labels: int = -1  # SOSP-I: 0 = all D outputs exactly, k > 0 = k sampled labels, -1 = sampled only when D > 100
     round_to: int = 1  # kept widths in multiples of this (8 or 16 run as fast as their MACs)
     memory_budget_gb: float | None = None  # set: the batch is the largest (up to batch_size) whose estimate fits
+    latency_device: str | None = None  # normalize="latency": where layers are timed (None: the analysis device)
+    latency_batch: int = 1  # normalize="latency": the batch size they are timed at
     exclude: list[str] = field(default_factory=list)
     preset: str | None = "auto"
 
@@ -88,6 +91,8 @@ class AnalysisConfig:
             raise AnalysisError(f"the seed must be in 0 .. 2**63 - 1, got {self.seed}")
         if self.round_to < 1:
             raise AnalysisError(f"round_to must be at least 1, got {self.round_to}")
+        if self.latency_batch < 1:
+            raise AnalysisError(f"the latency batch must be at least 1, got {self.latency_batch}")
         if self.memory_budget_gb is not None and not (math.isfinite(self.memory_budget_gb) and self.memory_budget_gb > 0):
             raise AnalysisError(f"the memory budget must be a positive number of GB, got {self.memory_budget_gb}")
 
@@ -251,7 +256,7 @@ def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> 
     model.eval()
 
 
-def compute_saliency(method: str, inputs: AnalysisInputs, cap: float, normalize: str, seed: int = 0,
+def compute_saliency(method: str, inputs: AnalysisInputs, cap: float, normalize: str | torch.Tensor, seed: int = 0,
                      mc_labels: int = 0, round_to: int = 1) -> dict:
     """The method's per-structure saliency and pruning order (plus its first- and second-order parts where it has them)."""
     structures = inputs.structures
@@ -334,8 +339,17 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
         mc = MC_AUTO_LABELS if workbench.data.num_classes > MC_AUTO_OUTPUTS else 0
     mc = mc if config.method in ("sosp-i", "diagonal") else 0
 
+    normalize: str | torch.Tensor = config.normalize
+    if config.normalize == "latency":
+        start = time.perf_counter()
+        table = measure_layer_latency(model, workbench.structures, workbench.example,
+                                      resolve_device(config.latency_device or config.device), config.latency_batch,
+                                      progress=lambda f, m: report(progress, 0.0, m), should_stop=should_stop)
+        normalize = table.structure_seconds(workbench.structures)
+        timings["layer_latency"] = time.perf_counter() - start
+
     def saliency_of(inputs: AnalysisInputs) -> dict:
-        return compute_saliency(config.method, inputs, config.cap, config.normalize, config.seed, mc, config.round_to)
+        return compute_saliency(config.method, inputs, config.cap, normalize, config.seed, mc, config.round_to)
 
     batch, memory = config.batch_size, None
     if config.memory_budget_gb is not None and min(batch, len(y)) > 1:

@@ -112,14 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.5, help="target pruning ratio of the written mask")
     p.add_argument("--unit", default="structures", choices=UNITS + (LATENCY_UNIT,),
                    help="what --ratio is a fraction of; latency: measured along the order on --latency-device")
-    p.add_argument("--latency-device", default=None, help="with --unit latency: where to time (default: --device)")
-    p.add_argument("--latency-batch", type=int, default=1, help="with --unit latency: the batch size to time")
+    p.add_argument("--latency-device", default=None,
+                   help="with --unit latency or --normalize latency: where to time (default: --device)")
+    p.add_argument("--latency-batch", type=int, default=1,
+                   help="with --unit latency or --normalize latency: the batch size to time")
     p.add_argument("--latency-points", type=int, default=12,
                    help="with --unit latency: pruned nets timed along the order (interpolated between)")
     p.add_argument("--cap", type=float, default=0.95, help="at most this fraction of a layer is pruned")
     p.add_argument("--round-to", type=int, default=1,
                    help="keep widths in multiples of this (8 or 16: pruned nets then run as fast as their MACs)")
-    p.add_argument("--normalize", default="none", choices=NORMALIZATIONS)
+    p.add_argument("--normalize", default="none", choices=NORMALIZATIONS,
+                   help="rank structures by saliency per unit of cost: kernel size (SOSP*), MACs, or latency (each "
+                        "layer timed alone on --latency-device at --latency-batch; the order then depends on timings)")
     p.add_argument("--loss", default="cross-entropy", choices=LOSSES)
     p.add_argument("--device", default="auto")
     p.add_argument("--mc-labels", type=int, default=-1, help="SOSP-I: sampled labels per sample (0 = exact, -1 = only when D > 100)")
@@ -378,7 +382,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         method=args.method, model_spec=args.model, data_spec=args.data, weights=args.weights, at_init=args.at_init,
         samples=args.samples, seed=args.seed, batch_size=args.batch_size, cap=args.cap, round_to=args.round_to,
         memory_budget_gb=memory_budget(args.memory_budget, args.device),
-        normalize=args.normalize,
+        normalize=args.normalize, latency_device=args.latency_device, latency_batch=args.latency_batch,
         loss=args.loss, device=args.device, mc_labels=args.mc_labels, exclude=list(args.exclude), preset=args.preset)
     bar = ProgressLine(f"{args.method}")
     result = run_analysis(wb, config, progress=bar)

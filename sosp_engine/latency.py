@@ -21,7 +21,7 @@ def _batch_of(example: torch.Tensor, batch: int, device: torch.device) -> torch.
     return example[:1].expand(batch, *example.shape[1:]).contiguous().to(device)
 
 
-def _forward_seconds(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
+def forward_seconds(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
     """Seconds of one forward (synchronised on CUDA)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -53,7 +53,7 @@ def relative_latency(model: nn.Module, reference: nn.Module | None, example: tor
             net.eval().to(device)
         for i in range(warmup + repeats):
             for net, record in zip(nets, times):
-                seconds = _forward_seconds(net, x, device)
+                seconds = forward_seconds(net, x, device)
                 if i >= warmup:
                     record.append(seconds)
     for net, mode in zip(nets, modes):

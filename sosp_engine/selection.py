@@ -8,7 +8,7 @@ import torch
 from .errors import AnalysisError
 from .structures import StructureSet
 
-NORMALIZATIONS = ("none", "kernel", "macs")
+NORMALIZATIONS = ("none", "kernel", "macs", "latency")
 UNITS = ("structures", "params", "macs")
 
 
@@ -53,19 +53,26 @@ class Budget:
         return newly
 
 
-def normalizer(structures: StructureSet, normalize: str) -> torch.Tensor:
-    """Per-structure divisor of the saliency: 1, the kernel size (the paper's SOSP*), or the structure's MACs."""
+def normalizer(structures: StructureSet, normalize: str | torch.Tensor) -> torch.Tensor:
+    """Per-structure divisor of the saliency: 1, the kernel size (the paper's SOSP*), the structure's MACs, or given
+    costs (e.g. the seconds each structure's removal saves, measured by `layer_latency`)."""
+    if isinstance(normalize, torch.Tensor):
+        if normalize.shape != (structures.num_structures,) or not bool((normalize > 0).all()):
+            raise AnalysisError(f"per-structure costs must be {structures.num_structures} positive numbers")
+        return normalize.double().cpu()
     if normalize == "none":
         return torch.ones(structures.num_structures, dtype=torch.float64)
     if normalize == "kernel":
         return structures.kernel_sizes()
     if normalize == "macs":
         return structures.structure_macs().clamp(min=1.0)
+    if normalize == "latency":
+        raise AnalysisError("the latency normalisation needs measured costs: pass layer_latency's structure_seconds")
     raise AnalysisError(f"unknown normalisation '{normalize}'; use one of {NORMALIZATIONS}")
 
 
 def order_by_saliency(saliency: torch.Tensor, structures: StructureSet, cap: float = 0.95,
-                      normalize: str = "none") -> tuple[torch.Tensor, int]:
+                      normalize: str | torch.Tensor = "none") -> tuple[torch.Tensor, int]:
     """(pruning_order, n_prunable): smallest normalised saliency first, skipping structures the budget forbids."""
     scores = saliency.double().cpu() / normalizer(structures, normalize)
     budget = Budget(structures, cap)
@@ -79,7 +86,7 @@ def order_by_saliency(saliency: torch.Tensor, structures: StructureSet, cap: flo
     return torch.tensor(taken + skipped, dtype=torch.long), len(taken)
 
 
-def greedy_order(q: torch.Tensor, structures: StructureSet, cap: float = 0.95, normalize: str = "none",
+def greedy_order(q: torch.Tensor, structures: StructureSet, cap: float = 0.95, normalize: str | torch.Tensor = "none",
                  increments: list[float] | None = None) -> tuple[torch.Tensor, int]:
     """SOSP-I's eq. (4) in O(S^2): keep c = diag(Q) + 2 sum_{s' in M} Q[:, s'] and add 2 Q[:, s] after each choice.
 

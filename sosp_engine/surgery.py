@@ -73,22 +73,23 @@ def widened_spec(model_spec: str, model: nn.Module, structures: StructureSet, fa
     raise ModelSpecError(f"'{model_spec}' is not a zoo model")
 
 
-def _resized(module: nn.Module, in_ch: int, out_ch: int) -> nn.Module:
-    if isinstance(module, nn.Conv2d):
+def resized_module(module: nn.Module, in_ch: int, out_ch: int) -> nn.Module:
+    """A fresh module of `module`'s kind and settings with other channel counts (convs, linears, norms)."""
+    conv = next((t for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(module, t)), None)
+    if conv is not None:
         groups = out_ch if _is_depthwise(module) else module.groups
-        return nn.Conv2d(in_ch if not _is_depthwise(module) else out_ch, out_ch, module.kernel_size, module.stride,
-                         module.padding, module.dilation, groups, module.bias is not None, module.padding_mode)
+        return conv(in_ch if not _is_depthwise(module) else out_ch, out_ch, module.kernel_size, module.stride,
+                    module.padding, module.dilation, groups, module.bias is not None, module.padding_mode)
     if isinstance(module, nn.Linear):
         return nn.Linear(in_ch, out_ch, module.bias is not None)
-    if isinstance(module, nn.BatchNorm2d):
-        return nn.BatchNorm2d(out_ch, module.eps, module.momentum, module.affine, module.track_running_stats)
-    if isinstance(module, nn.BatchNorm1d):
-        return nn.BatchNorm1d(out_ch, module.eps, module.momentum, module.affine, module.track_running_stats)
+    norm = next((t for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) if isinstance(module, t)), None)
+    if norm is not None:
+        return norm(out_ch, module.eps, module.momentum, module.affine, module.track_running_stats)
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
         return nn.LayerNorm(out_ch, module.eps, module.elementwise_affine)
     if isinstance(module, nn.GroupNorm) and out_ch % module.num_groups == 0:
         return nn.GroupNorm(module.num_groups, out_ch, module.eps, module.affine)
-    raise ModelSpecError(f"cannot widen a {type(module).__name__} to {out_ch} channels")
+    raise ModelSpecError(f"cannot resize a {type(module).__name__} to {out_ch} channels")
 
 
 def widened_model(model: nn.Module, structures: StructureSet, factors: Mapping[str, float]) -> nn.Module:
@@ -108,7 +109,7 @@ def widened_model(model: nn.Module, structures: StructureSet, factors: Mapping[s
             continue
         parent_name, _, child = info.name.rpartition(".")
         parent = wide.get_submodule(parent_name) if parent_name else wide
-        setattr(parent, child, _resized(getattr(parent, child), info.in_channels + d_in, info.out_channels + d_out))
+        setattr(parent, child, resized_module(getattr(parent, child), info.in_channels + d_in, info.out_channels + d_out))
     for m in wide.modules():
         if hasattr(m, "reset_parameters") and m is not wide:
             m.reset_parameters()

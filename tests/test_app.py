@@ -6,7 +6,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from conftest import ROOT
-from sosp_engine.analysis import AnalysisConfig, run_analysis
+from sosp_engine.analysis import AnalysisConfig, AnalysisResult, run_analysis
 from sosp_engine.loading import open_workbench
 from sosp_engine.records import store_analysis
 from sosp_engine.store import Store
@@ -104,6 +104,18 @@ def test_running_an_analysis_on_digits_stores_it(fresh):
     assert any("MiB per sample" in s.value for s in at.success)  # the batch was fitted to the free memory
     assert [r["name"] for r in fresh.analyses()] == ["my first"]
     assert "my first" in at.dataframe[-1].value["name"].tolist()  # the table on the page lists it too
+
+
+def test_an_analysis_normalised_by_measured_latency_stores_its_setting(fresh):
+    at = open_page("analyse")
+    widget(at.number_input, "Samples N'").set_value(20)
+    widget(at.selectbox, "Normalisation").set_value("latency")
+    widget(at.number_input, "Latency batch").set_value(2)
+    widget(at.button, "Run analysis").click().run()
+    until_stored(at, fresh)
+    assert not at.error
+    config = AnalysisResult.load(fresh.analyses()[0]["path"]).config
+    assert (config.normalize, config.latency_batch) == ("latency", 2)
 
 
 def until_stored(at: AppTest, store: Store, timeout: float = 120) -> None:

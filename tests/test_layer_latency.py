@@ -1,0 +1,122 @@
+"""The latency normalisation: per-layer seconds per channel measured on the device, and an order ranked by saliency per
+second saved."""
+import pytest
+import torch
+from torch import nn
+
+from sosp_engine import analysis
+from sosp_engine.analysis import AnalysisConfig, AnalysisResult, run_analysis
+from sosp_engine.cli import main
+from sosp_engine.errors import AnalysisError
+from sosp_engine.layer_latency import COST_FLOOR_SHARE, LayerLatency, measure_layer_latency
+from sosp_engine.loading import open_workbench
+from sosp_engine.selection import order_by_saliency
+from sosp_engine.structures import find_structures
+from sosp_engine.surgery import resized_module
+
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+
+
+def table_for(structures, per_channel) -> LayerLatency:
+    names = [m.name for m in structures.modules]
+    return LayerLatency("cpu", 1, 1, names, [0.0] * len(names), list(per_channel))
+
+
+def test_every_conv_linear_and_norm_is_timed_with_each_channel_dimension_halved():
+    model, example = tiny_net().eval(), torch.randn(1, 3, 8, 8)
+    structures = find_structures(model, example)
+    table = measure_layer_latency(model, structures, example, batch=4, repeats=2, warmup=1)
+    assert table.unmeasured == [] and table.batch == 4 and len(table.per_channel) == 2 * len(structures.modules)
+    assert all(s > 0 for s in table.seconds)
+    slopes = dict(zip(table.modules, zip(table.per_channel[0::2], table.per_channel[1::2])))
+    assert slopes["1"][0] == 0.0 and slopes["4"][0] == 0.0  # a norm has no input dimension of its own
+    assert slopes["3"] != (0.0, 0.0) and slopes["0"][1] != 0.0
+
+
+def test_a_structures_seconds_sum_its_channels_slopes_over_every_module_it_narrows():
+    model, example = tiny_net().eval(), torch.randn(1, 3, 8, 8)
+    structures = find_structures(model, example)
+    per_channel = torch.rand(2 * len(structures.modules), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    saved = table_for(structures, per_channel.tolist()).structure_seconds(structures)
+    assert torch.allclose(saved, structures.removal @ per_channel)
+
+
+def test_a_structure_measured_slower_when_removed_costs_the_floor_and_ranks_last_at_equal_saliency():
+    model, example = tiny_net().eval(), torch.randn(1, 3, 8, 8)
+    structures = find_structures(model, example)
+    per_channel = [1e-4] * (2 * len(structures.modules))
+    second = [m.name for m in structures.modules].index("3")
+    per_channel[2 * second + 1] = -1.0  # halving conv "3"'s outputs measured slower (a library's narrow kernel)
+    saved = table_for(structures, per_channel).structure_seconds(structures)
+    slower = structures.removal[:, 2 * second + 1] > 0
+    assert bool((saved[slower] == COST_FLOOR_SHARE * saved[~slower].mean()).all())
+    order, n = order_by_saliency(torch.ones(structures.num_structures), structures, cap=1.0, normalize=saved)
+    flags = [bool(slower[s]) for s in order[:n].tolist()]
+    assert any(flags) and flags == sorted(flags)  # every cheaper structure is taken before any slower one
+
+
+def test_a_module_that_cannot_be_rebuilt_narrower_is_listed_as_unmeasured_not_an_error():
+    class ChannelsFirstLayerNorm(nn.LayerNorm):  # like timm's LayerNorm2d: normalises NCHW over the channels
+        def forward(self, x):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), ChannelsFirstLayerNorm(8), nn.Conv2d(8, 4, 3)).eval()
+    example = torch.randn(1, 3, 8, 8)
+    structures = find_structures(model, example)
+    table = measure_layer_latency(model, structures, example, repeats=1, warmup=0)
+    assert table.unmeasured == ["1"] and table.per_channel[3] == 0.0 and table.per_channel[1] != 0.0
+
+
+def test_a_table_of_another_models_layers_is_refused():
+    model, example = tiny_net().eval(), torch.randn(1, 3, 8, 8)
+    structures = find_structures(model, example)
+    with pytest.raises(Exception, match="another model"):
+        LayerLatency("cpu", 1, 1, ["x"], [0.0], [0.0, 0.0]).structure_seconds(structures)
+
+
+def test_given_costs_must_be_one_positive_number_per_structure():
+    model, example = tiny_net().eval(), torch.randn(1, 3, 8, 8)
+    structures = find_structures(model, example)
+    ones = torch.ones(structures.num_structures)
+    for costs in (ones[:-1], torch.cat([ones[:-1], torch.zeros(1)])):
+        with pytest.raises(AnalysisError, match="positive numbers"):
+            order_by_saliency(ones, structures, normalize=costs)
+
+
+def test_resizing_keeps_a_conv1d_its_kind_and_settings():
+    conv = resized_module(nn.Conv1d(8, 6, 5, stride=2, padding=2, bias=False), 4, 3)
+    assert type(conv) is nn.Conv1d and (conv.in_channels, conv.out_channels) == (4, 3)
+    assert (conv.kernel_size, conv.stride, conv.padding, conv.bias) == ((5,), (2,), (2,), None)
+
+
+def test_an_analysis_normalised_by_latency_times_the_layers_once_and_stores_its_setting(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(analysis, "measure_layer_latency",
+                        lambda *a, **k: calls.append(a[4]) or measure_layer_latency(*a, **k, repeats=1, warmup=0))
+    wb = open_workbench("resnet20", "synthetic:3,8,8:10")
+    config = AnalysisConfig(method="sosp-h", samples=8, batch_size=4, normalize="latency", latency_batch=2,
+                            memory_budget_gb=4.0)
+    result = run_analysis(wb, config)
+    assert result.timings["layer_latency"] > 0 and calls == [2]  # not again for each memory probe
+    assert sorted(result.pruning_order.tolist()) == list(range(wb.structures.num_structures))
+    again = AnalysisResult.load(result.save(tmp_path / "a")).config
+    assert (again.normalize, again.latency_batch, again.latency_device) == ("latency", 2, None)
+
+
+def test_a_latency_batch_below_one_is_refused():
+    with pytest.raises(AnalysisError, match="latency batch"):
+        AnalysisConfig(normalize="latency", latency_batch=0).validate()
+
+
+def test_analyze_normalised_by_latency_times_on_the_latency_device_and_batch(tmp_path):
+    out = tmp_path / "a"
+    assert main(["analyze", "--model", "resnet20", "--data", "synthetic:3,8,8:10", "--samples", "8",
+                 "--normalize", "latency", "--latency-device", "cpu", "--latency-batch", "3", "--out", str(out)]) == 0
+    config = AnalysisResult.load(out).config
+    assert (config.normalize, config.latency_device, config.latency_batch) == ("latency", "cpu", 3)
