@@ -230,7 +230,7 @@ class Experiment(ResumableRun):
         return AnalysisConfig(method=c.method, model_spec=spec, data_spec=c.data_spec, weights=weights, at_init=at_init,
                               samples=c.samples,
                               seed=c.seed, cap=c.cap, normalize=c.normalize, device=c.device, exclude=list(c.exclude),
-                              preset=c.preset)
+                              preset=c.preset, latency_device="cpu")  # where a job's latency unit is timed, too
 
     def _analyze(self, model: nn.Module, spec: str | None, at_init: bool, index: int) -> dict:
         structures = self._structures(model)

@@ -76,20 +76,20 @@ def _narrower(channels: int, multiple: int) -> int | None:
     return half if 0 < half < channels else None
 
 
-def _variants(module: nn.Module, in_channels: int, out_channels: int, kind: str
+def _variants(module: nn.Module, in_channels: int, out_channels: int, kind: str, pruned: tuple[bool, bool]
               ) -> list[tuple[int, int, nn.Module, int]]:
-    """(dimension 0 = in / 1 = out, channels removed, narrower module, its input channels) for each dimension the
-    module's time depends on."""
+    """(dimension 0 = in / 1 = out, channels removed, narrower module, its input channels) for each dimension that
+    some structure narrows (`pruned`: in, out)."""
     if kind in ("depthwise", "norm"):
         multiple = module.num_groups if isinstance(module, nn.GroupNorm) else 1
-        half = _narrower(out_channels, multiple)
+        half = _narrower(out_channels, multiple) if any(pruned) else None
         return [] if half is None else [(1, out_channels - half, resized_module(module, half, half), half)]
     groups = getattr(module, "groups", 1)
     out = []
-    half = _narrower(in_channels, groups)
+    half = _narrower(in_channels, groups) if pruned[0] else None
     if half is not None:
         out.append((0, in_channels - half, resized_module(module, half, out_channels), half))
-    half = _narrower(out_channels, groups)
+    half = _narrower(out_channels, groups) if pruned[1] else None
     if half is not None:
         out.append((1, out_channels - half, resized_module(module, in_channels, half), in_channels))
     return out
@@ -123,29 +123,32 @@ def _median_seconds(modules: list[nn.Module], inputs: list[torch.Tensor], device
 def measure_layer_latency(model: nn.Module, structures: StructureSet, example: torch.Tensor,
                           device: str | torch.device = "cpu", batch: int = 1, repeats: int = 10, warmup: int = 2,
                           progress: ProgressFn = None, should_stop: StopFn = None) -> LayerLatency:
-    """Time every conv, linear and norm of `model` alone on `device` at `batch`, at full width and with each of its
-    channel dimensions halved, and keep the seconds per channel."""
+    """Time every conv, linear and norm that a structure narrows alone on `device` at `batch`, at full width and with
+    each such channel dimension halved, and keep the seconds per channel."""
     device = torch.device(device)
     modules = dict(model.named_modules())
     shapes = _input_shapes(model, {m.name for m in structures.modules}, example[:1])
     seconds = [0.0] * len(structures.modules)
     per_channel = [0.0] * (2 * len(structures.modules))
     unmeasured = []
+    pruned = (structures.removal != 0).any(0).tolist()
     for i, info in enumerate(structures.modules):
         check_cancel(should_stop)
         report(progress, i / len(structures.modules), f"timing {info.name} alone")
-        if info.kind not in MEASURED_KINDS:
+        if info.kind not in MEASURED_KINDS or not (pruned[2 * i] or pruned[2 * i + 1]):
             continue
         shape = shapes.get(info.name)
         module = modules[info.name]
         try:
-            variants = _variants(module, info.in_channels, info.out_channels, info.kind) if shape else None
+            variants = (_variants(module, info.in_channels, info.out_channels, info.kind,
+                                  (pruned[2 * i], pruned[2 * i + 1])) if shape else None)
         except ModelSpecError:
             variants = None
-        full = torch.randn(batch, *shape[1:], device=device) if shape else None
+        dtype = next(module.parameters(), torch.empty(0)).dtype
+        full = torch.randn(batch, *shape[1:], device=device, dtype=dtype) if shape else None
         nets, inputs = [copy.deepcopy(module).eval().to(device)], [full]
         for _, _, narrower, channels in variants or []:
-            nets.append(narrower.eval().to(device))
+            nets.append(narrower.eval().to(device, dtype))
             inputs.append(full.narrow(channel_dim(module, full), 0, channels).contiguous())
         if variants is None or not _runs(nets, inputs):
             unmeasured.append(info.name)

@@ -198,7 +198,8 @@ class Study(UnitRun):
         config = AnalysisConfig(method=method, model_spec=self.config.model_spec, data_spec=self.config.data_spec,
                                 weights=weights, samples=self.config.samples, seed=seed, cap=self.config.cap,
                                 normalize=self.config.normalize, device=self.config.device,
-                                exclude=list(self.config.exclude), preset=self.config.preset)
+                                exclude=list(self.config.exclude), preset=self.config.preset,
+                                latency_device="cpu")  # where a study's latency unit is timed, too
         result = run_analysis(workbench, config, lambda f, m: self._progress(f, f"{method} seed {seed}: {m}"),
                               self.should_stop)
         result.save(folder)

@@ -38,6 +38,15 @@ def test_every_conv_linear_and_norm_is_timed_with_each_channel_dimension_halved(
     assert slopes["3"] != (0.0, 0.0) and slopes["0"][1] != 0.0
 
 
+def test_only_channel_dimensions_some_structure_narrows_are_timed_in_the_models_precision():
+    model, example = tiny_net().double().eval(), torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    structures = find_structures(model, example)
+    table = measure_layer_latency(model, structures, example, repeats=1, warmup=0)
+    slopes = dict(zip(table.modules, zip(table.per_channel[0::2], table.per_channel[1::2])))
+    assert table.unmeasured == [] and slopes["0"][0] == 0.0  # the image's 3 channels are never pruned
+    assert slopes["8"][1] == 0.0 and slopes["8"][0] != 0.0  # nor the classifier's outputs
+
+
 def test_a_structures_seconds_sum_its_channels_slopes_over_every_module_it_narrows():
     model, example = tiny_net().eval(), torch.randn(1, 3, 8, 8)
     structures = find_structures(model, example)
