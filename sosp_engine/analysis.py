@@ -118,6 +118,7 @@ class AnalysisResult:
     # predicted_prefix[k]: the loss increase the method predicts for pruning the first k structures of the order
     predicted_prefix: torch.Tensor | None = None
     memory: dict | None = None  # the probe's estimate and the budget that chose the batch size (memory.py)
+    layer_latency: str | None = None  # normalize="latency": how the layers were timed (layer_latency.py)
 
     def predicted_increase(self, count: int) -> float | None:
         """The method's predicted loss increase for the first `count` structures of the order (None if not stored)."""
@@ -175,7 +176,7 @@ class AnalysisResult:
             "format": RESULT_FORMAT, "config": asdict(self.config), "keys": self.keys, "layers": self.layers,
             "n_prunable": self.n_prunable, "timings": self.timings, "weights_fingerprint": self.weights_fingerprint,
             "architecture": self.architecture, "estimate": self.estimate, "created": self.created,
-            "exactness": self.exactness, "memory": self.memory,
+            "exactness": self.exactness, "memory": self.memory, "layer_latency": self.layer_latency,
         }
         tensors = {"saliency": self.saliency, "pruning_order": self.pruning_order}
         if self.first_order is not None:
@@ -219,7 +220,7 @@ class AnalysisResult:
                    tensors["pruning_order"], meta["n_prunable"], meta["timings"], meta["weights_fingerprint"],
                    meta["architecture"], tensors.get("first_order"), tensors.get("second_order"),
                    meta.get("estimate", "exact"), meta.get("created", 0.0), meta.get("exactness"), prefix,
-                   meta.get("memory"))
+                   meta.get("memory"), meta.get("layer_latency"))
 
 
 def saliency_prefix(saliency: torch.Tensor, order: torch.Tensor, n_prunable: int) -> torch.Tensor:
@@ -340,6 +341,7 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
     mc = mc if config.method in ("sosp-i", "diagonal") else 0
 
     normalize: str | torch.Tensor = config.normalize
+    layer_latency = None
     if config.normalize == "latency":
         start = time.perf_counter()
         table = measure_layer_latency(model, workbench.structures, workbench.example,
@@ -347,6 +349,8 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
                                       progress=lambda f, m: report(progress, 0.0, m), should_stop=should_stop)
         normalize = table.structure_seconds(workbench.structures)
         timings["layer_latency"] = time.perf_counter() - start
+        layer_latency = table.describe()
+        report(progress, 0.0, layer_latency)
 
     def saliency_of(inputs: AnalysisInputs) -> dict:
         return compute_saliency(config.method, inputs, config.cap, normalize, config.seed, mc, config.round_to)
@@ -394,7 +398,7 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
     return AnalysisResult(config, list(workbench.structures.keys), layers, parts["saliency"], parts["pruning_order"],
                           parts["n_prunable"], timings, weights_fingerprint(model), workbench.structures.signature,
                           parts["first_order"], parts["second_order"], parts["estimate"], exactness=exactness,
-                          predicted_prefix=parts["predicted_prefix"], memory=memory)
+                          predicted_prefix=parts["predicted_prefix"], memory=memory, layer_latency=layer_latency)
 
 
 def analysed_model(workbench: Workbench, config: AnalysisConfig, x: torch.Tensor, device: torch.device) -> nn.Module:

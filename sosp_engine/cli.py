@@ -410,6 +410,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
               f"(target {args.ratio:.1%}, predicted {1 - float(latency.predict(len(mask))):.1%})")
     if result.memory is not None:
         progress_line(result.memory["line"])
+    if result.layer_latency is not None:
+        progress_line(result.layer_latency)
     progress_line("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
     progress_line(f"wrote {out}/analysis.json, tensors.pt, mask.json, layers.csv")
     if args.name:

@@ -4,13 +4,14 @@ norm takes at a batch size, so that a pruning order can rank structures by salie
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .errors import ModelSpecError
+from .errors import AnalysisError, ModelSpecError
 from .latency import forward_seconds
 from .progress import ProgressFn, StopFn, check_cancel, report
 from .saliency.common import channel_dim
@@ -20,6 +21,7 @@ from .surgery import resized_module
 MEASURED_KINDS = ("conv", "depthwise", "linear", "norm")
 # a structure's cost is at least this share of the mean cost: a slope lost in timing noise never makes it free
 COST_FLOOR_SHARE = 0.01
+NOISE_SIGMAS = 2.0  # a narrower module's time counts as different only beyond this many standard errors
 
 
 @dataclass
@@ -28,7 +30,8 @@ class LayerLatency:
     i's input channels, 2 i + 1 for its output channels), at one batch size on one device.
 
     Each slope is the time saved by halving that dimension alone (the module timed alone, alternately at full and at
-    half width), divided by the channels removed; modules of other kinds, or that cannot be rebuilt narrower, count 0.
+    half width), divided by the channels removed; 0 where the difference is within the timing noise, and for modules of
+    other kinds or that cannot be rebuilt narrower (`unmeasured`).
     """
 
     device: str
@@ -38,12 +41,26 @@ class LayerLatency:
     seconds: list[float]  # each module's forward alone at full width
     per_channel: list[float]
     unmeasured: list[str] = field(default_factory=list)
+    timed_dimensions: int = 0  # channel dimensions timed narrower; those with a nonzero slope were resolved
+
+    def describe(self) -> str:
+        """One line for the user: where and how the layers were timed, and how many costs rose above the noise."""
+        resolved = sum(1 for v in self.per_channel if v)
+        line = (f"layer latencies on {self.device} at batch {self.batch} ({self.threads} threads): {resolved} of "
+                f"{self.timed_dimensions} channel dimensions resolved above the timing noise")
+        if self.unmeasured:
+            line += f"; {len(self.unmeasured)} layers not timed (e.g. {self.unmeasured[0]})"
+        return line
 
     def structure_seconds(self, structures: StructureSet) -> torch.Tensor:
         """Seconds saved by pruning each structure alone, floored at a hundredth of the mean (never 0 or negative:
         a structure whose removal measured slower ranks last)."""
         if [m.name for m in structures.modules] != self.modules:
             raise ModelSpecError("this layer latency table was measured on another model's layers")
+        if not any(self.per_channel):
+            raise AnalysisError(f"timing each layer on {self.device} at batch {self.batch} resolved no channel's cost "
+                                "above the timing noise (a GPU at a small batch is bound by kernel launches): use a "
+                                "larger latency batch, or normalise by MACs")
         saved = structures.removal @ torch.tensor(self.per_channel, dtype=torch.float64)
         positive = saved[saved > 0]
         floor = COST_FLOOR_SHARE * float(positive.mean()) if len(positive) else 1e-12
@@ -107,9 +124,9 @@ def _runs(modules: list[nn.Module], inputs: list[torch.Tensor]) -> bool:
     return True
 
 
-def _median_seconds(modules: list[nn.Module], inputs: list[torch.Tensor], device: torch.device, repeats: int,
-                    warmup: int) -> list[float]:
-    """Median forward seconds of each module on its input, timed one after the other in every round."""
+def _timed_rounds(modules: list[nn.Module], inputs: list[torch.Tensor], device: torch.device, repeats: int,
+                  warmup: int) -> list[list[float]]:
+    """Forward seconds of each module on its input, timed one after the other in every round."""
     times: list[list[float]] = [[] for _ in modules]
     with torch.no_grad():
         for i in range(warmup + repeats):
@@ -117,7 +134,23 @@ def _median_seconds(modules: list[nn.Module], inputs: list[torch.Tensor], device
                 seconds = forward_seconds(module, x, device)
                 if i >= warmup:
                     record.append(seconds)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def _median_and_error(times: list[float]) -> tuple[float, float]:
+    """The median and its standard error, from the median absolute deviation (robust to a stray slow round)."""
+    median = statistics.median(times)
+    spread = 1.4826 * statistics.median(abs(t - median) for t in times)
+    return median, 1.2533 * spread / math.sqrt(len(times))
+
+
+def saved_per_channel(full: list[float], narrower: list[float], removed: int) -> float:
+    """Seconds saved per removed channel, or 0 where the two timings differ by less than their noise (NOISE_SIGMAS
+    standard errors): an unresolved slope must not rank structures by chance."""
+    (a, error_a), (b, error_b) = _median_and_error(full), _median_and_error(narrower)
+    if abs(a - b) <= NOISE_SIGMAS * math.hypot(error_a, error_b):
+        return 0.0
+    return (a - b) / removed
 
 
 def measure_layer_latency(model: nn.Module, structures: StructureSet, example: torch.Tensor,
@@ -130,7 +163,7 @@ def measure_layer_latency(model: nn.Module, structures: StructureSet, example: t
     shapes = _input_shapes(model, {m.name for m in structures.modules}, example[:1])
     seconds = [0.0] * len(structures.modules)
     per_channel = [0.0] * (2 * len(structures.modules))
-    unmeasured = []
+    unmeasured, timed = [], 0
     pruned = (structures.removal != 0).any(0).tolist()
     for i, info in enumerate(structures.modules):
         check_cancel(should_stop)
@@ -153,10 +186,11 @@ def measure_layer_latency(model: nn.Module, structures: StructureSet, example: t
         if variants is None or not _runs(nets, inputs):
             unmeasured.append(info.name)
             continue
-        times = _median_seconds(nets, inputs, device, repeats, warmup)
-        seconds[i] = times[0]
+        timed += len(variants)
+        times = _timed_rounds(nets, inputs, device, repeats, warmup)
+        seconds[i] = statistics.median(times[0])
         for (which, removed, _, _), t in zip(variants, times[1:]):
-            per_channel[2 * i + which] = (times[0] - t) / removed
+            per_channel[2 * i + which] = saved_per_channel(times[0], t, removed)
     report(progress, 1.0, "layer latencies measured")
     return LayerLatency(str(device), batch, torch.get_num_threads(), [m.name for m in structures.modules], seconds,
-                        per_channel, unmeasured)
+                        per_channel, unmeasured, timed)

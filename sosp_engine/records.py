@@ -24,7 +24,7 @@ def store_analysis(store: Store, result: AnalysisResult, name: str = "") -> str:
     label = name.strip() or f"{config['method']} on {config['model_spec']}{' at init' if config['at_init'] else ''}"
     summary = {"structures": len(result.keys), "max_ratio": result.max_ratio, "timings": result.timings,
                "estimate": result.estimate, "weights_fingerprint": result.weights_fingerprint,
-               "memory": (result.memory or {}).get("line")}
+               "memory": (result.memory or {}).get("line"), "layer_latency": result.layer_latency}
     store.add_analysis(record_id, label, config, folder, summary)
     return record_id
 

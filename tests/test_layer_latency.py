@@ -8,7 +8,7 @@ from sosp_engine import analysis
 from sosp_engine.analysis import AnalysisConfig, AnalysisResult, run_analysis
 from sosp_engine.cli import main
 from sosp_engine.errors import AnalysisError
-from sosp_engine.layer_latency import COST_FLOOR_SHARE, LayerLatency, measure_layer_latency
+from sosp_engine.layer_latency import COST_FLOOR_SHARE, LayerLatency, measure_layer_latency, saved_per_channel
 from sosp_engine.loading import open_workbench
 from sosp_engine.selection import order_by_saliency
 from sosp_engine.structures import find_structures
@@ -33,9 +33,10 @@ def test_every_conv_linear_and_norm_is_timed_with_each_channel_dimension_halved(
     table = measure_layer_latency(model, structures, example, batch=4, repeats=2, warmup=1)
     assert table.unmeasured == [] and table.batch == 4 and len(table.per_channel) == 2 * len(structures.modules)
     assert all(s > 0 for s in table.seconds)
+    # conv 0's outputs, norm 1, conv 3's inputs and outputs, norm 4, the linear head's inputs (a norm has one dimension)
+    assert table.timed_dimensions == 6
     slopes = dict(zip(table.modules, zip(table.per_channel[0::2], table.per_channel[1::2])))
-    assert slopes["1"][0] == 0.0 and slopes["4"][0] == 0.0  # a norm has no input dimension of its own
-    assert slopes["3"] != (0.0, 0.0) and slopes["0"][1] != 0.0
+    assert slopes["1"][0] == 0.0 and slopes["4"][0] == 0.0
 
 
 def test_only_channel_dimensions_some_structure_narrows_are_timed_in_the_models_precision():
@@ -43,8 +44,8 @@ def test_only_channel_dimensions_some_structure_narrows_are_timed_in_the_models_
     structures = find_structures(model, example)
     table = measure_layer_latency(model, structures, example, repeats=1, warmup=0)
     slopes = dict(zip(table.modules, zip(table.per_channel[0::2], table.per_channel[1::2])))
-    assert table.unmeasured == [] and slopes["0"][0] == 0.0  # the image's 3 channels are never pruned
-    assert slopes["8"][1] == 0.0 and slopes["8"][0] != 0.0  # nor the classifier's outputs
+    assert table.unmeasured == [] and table.timed_dimensions == 6
+    assert slopes["0"][0] == 0.0 and slopes["8"][1] == 0.0  # the image's channels and the classes are never pruned
 
 
 def test_a_structures_seconds_sum_its_channels_slopes_over_every_module_it_narrows():
@@ -69,6 +70,23 @@ def test_a_structure_measured_slower_when_removed_costs_the_floor_and_ranks_last
     assert any(flags) and flags == sorted(flags)  # every cheaper structure is taken before any slower one
 
 
+def test_a_time_saved_beyond_the_timing_noise_counts_per_removed_channel():
+    full, narrower = [1.00, 1.02, 0.98, 1.01, 0.99], [0.60, 0.61, 0.59, 0.62, 0.58]
+    assert saved_per_channel(full, narrower, 4) == pytest.approx(0.1)
+
+
+def test_a_time_difference_within_the_timing_noise_counts_as_no_saving():
+    full, narrower = [1.00, 1.30, 0.80, 1.20, 0.90], [0.95, 1.25, 0.85, 1.10, 0.98]
+    assert saved_per_channel(full, narrower, 4) == 0.0
+
+
+def test_timings_that_resolve_no_channel_cost_are_a_clear_error_not_an_order_by_chance():
+    model, example = tiny_net().eval(), torch.randn(1, 3, 8, 8)
+    structures = find_structures(model, example)
+    with pytest.raises(AnalysisError, match="larger latency batch, or normalise by MACs"):
+        table_for(structures, [0.0] * (2 * len(structures.modules))).structure_seconds(structures)
+
+
 def test_a_module_that_cannot_be_rebuilt_narrower_is_listed_as_unmeasured_not_an_error():
     class ChannelsFirstLayerNorm(nn.LayerNorm):  # like timm's LayerNorm2d: normalises NCHW over the channels
         def forward(self, x):
@@ -79,7 +97,7 @@ def test_a_module_that_cannot_be_rebuilt_narrower_is_listed_as_unmeasured_not_an
     example = torch.randn(1, 3, 8, 8)
     structures = find_structures(model, example)
     table = measure_layer_latency(model, structures, example, repeats=1, warmup=0)
-    assert table.unmeasured == ["1"] and table.per_channel[3] == 0.0 and table.per_channel[1] != 0.0
+    assert table.unmeasured == ["1"] and table.timed_dimensions == 2  # conv 0's outputs, conv 2's inputs
 
 
 def test_a_table_of_another_models_layers_is_refused():
@@ -113,9 +131,11 @@ def test_an_analysis_normalised_by_latency_times_the_layers_once_and_stores_its_
                             memory_budget_gb=4.0)
     result = run_analysis(wb, config)
     assert result.timings["layer_latency"] > 0 and calls == [2]  # not again for each memory probe
+    assert "at batch 2" in result.layer_latency and "resolved above the timing noise" in result.layer_latency
     assert sorted(result.pruning_order.tolist()) == list(range(wb.structures.num_structures))
-    again = AnalysisResult.load(result.save(tmp_path / "a")).config
-    assert (again.normalize, again.latency_batch, again.latency_device) == ("latency", 2, None)
+    again = AnalysisResult.load(result.save(tmp_path / "a"))
+    assert (again.config.normalize, again.config.latency_batch, again.config.latency_device) == ("latency", 2, None)
+    assert again.layer_latency == result.layer_latency
 
 
 def test_a_latency_batch_below_one_is_refused():
