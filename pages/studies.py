@@ -14,7 +14,7 @@ from app.text import plain
 from sosp_engine.analysis import METHODS
 from sosp_engine.expand_study import EXPAND_STUDY_KIND
 from sosp_engine.jobs import STUDY_KINDS, submit_study
-from sosp_engine.studies import STUDY_KIND, StudyConfig, aggregate, parse_numbers, study_cells
+from sosp_engine.studies import StudyConfig, aggregate, parse_numbers, study_cells
 
 st.title("Studies")
 st.caption("Which method wins on this net, at which size? Each seed trains the net once (or uses the given weights), "
