@@ -44,7 +44,7 @@ def main() -> None:
 
     from sosp_engine.analysis import AnalysisConfig, run_analysis
     from sosp_engine.errors import AnalysisError
-    from sosp_engine.latency import measure_profile, relative_latency
+    from sosp_engine.latency import measure_profile, refine_profile, relative_latency
     from sosp_engine.loading import open_workbench
     from sosp_engine.masks import mask_summary, pruned_copy
 
@@ -91,16 +91,23 @@ def main() -> None:
                                               stops=result.stops(wb.structures))
                     for target in (float(t) for t in args.targets.split(",")):
                         try:
+                            line_mask = result.mask(wb.structures, target, "latency", profile)  # from the line alone
+                            refine_profile(profile, wb.model, wb.structures, result.ordered_keys(), result.n_prunable,
+                                           wb.example, target, result.stops(wb.structures), repeats(b))
                             mask = result.mask(wb.structures, target, "latency", profile)
                         except AnalysisError as exc:
                             print(json.dumps({"normalize": normalize, "target": target, "error": str(exc)}), flush=True)
                             continue
-                        smaller = pruned_copy(wb.model, wb.structures, mask, wb.example)
-                        _, relative = relative_latency(smaller, wb.model, wb.example, args.device, b, repeats(b))
+                        drops = []
+                        for chosen in (line_mask, mask):
+                            smaller = pruned_copy(wb.model, wb.structures, chosen, wb.example)
+                            drops.append(1 - relative_latency(smaller, wb.model, wb.example, args.device, b,
+                                                              repeats(b))[1])
                         row = {"model": args.model, "data": args.data, "device": args.device, "normalize": normalize,
                                "round_to": round_to, "target": target, "batch": b, "threads": args.threads,
                                "structures": len(mask), "mac_drop": mask_summary(wb.structures, mask)["mac_ratio"],
-                               "latency_drop": 1 - relative, "predicted_increase": result.predicted_increase(len(mask))}
+                               "latency_drop": drops[1], "predicted_increase": result.predicted_increase(len(mask)),
+                               "line_structures": len(line_mask), "line_latency_drop": drops[0]}
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     out = Path(args.out)

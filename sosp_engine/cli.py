@@ -22,7 +22,7 @@ from .training import TrainConfig, train
 from .counting import count_macs, count_params
 from .devices import resolve_device, set_threads
 from .memory import default_budget
-from .latency import LATENCY_UNIT, PROFILE_NAME, LatencyProfile, measure_profile, relative_latency
+from .latency import LATENCY_UNIT, PROFILE_NAME, LatencyProfile, measure_profile, refine_profile, relative_latency
 from .data import load_data
 from .errors import SospError, one_line_error
 from .exactness import exactness_line, exactness_report
@@ -442,6 +442,9 @@ def latency_profile(args: argparse.Namespace, wb, result: AnalysisResult, out: P
                               args.latency_points, stops=result.stops(wb.structures), progress=bar)
     bar.close()
     profile.save(out / PROFILE_NAME)
+    if refine_profile(profile, wb.model, wb.structures, result.ordered_keys(), result.n_prunable, wb.example,
+                      args.ratio, result.stops(wb.structures)):
+        profile.save(out / PROFILE_NAME)
     return profile
 
 

@@ -244,7 +244,7 @@ class Experiment(ResumableRun):
             total = structures.counts()[0]
             ratio, unit = max(0.0, 1 - self.config.target_params / total), "params"
         latency = (stored_profile(result, model, structures, self._example(), self.folder / "analysis",
-                                  should_stop=self.should_stop) if unit == LATENCY_UNIT else None)
+                                  should_stop=self.should_stop, targets=[ratio]) if unit == LATENCY_UNIT else None)
         mask = result.mask(structures, ratio, unit, latency)
         save_mask(self.folder / "mask.json", structures, mask, method=self.config.method, ratio=ratio, unit=unit)
         return {**mask_summary(structures, mask), "ratio": ratio, "unit": unit, "timings": result.timings}

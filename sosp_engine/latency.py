@@ -64,6 +64,7 @@ def relative_latency(model: nn.Module, reference: nn.Module | None, example: tor
 
 LATENCY_UNIT = "latency"
 PROFILE_NAME = "latency.json"
+REFINE_POINTS = 6  # more nets timed at most, per target, where the profile's line picks an unmeasured prefix
 
 
 @dataclass
@@ -97,6 +98,12 @@ class LatencyProfile:
                                 f"{self.batch}: at most {1 - min(self.relative):.3f} was measured along this order "
                                 "(with this cap)")
         return int(candidates[reached[0]])
+
+    def add_point(self, prefix: int, relative: float) -> None:
+        """Insert one more measured prefix, keeping the prefixes sorted."""
+        at = int(np.searchsorted(self.prefixes, prefix))
+        self.prefixes.insert(at, int(prefix))
+        self.relative.insert(at, float(relative))
 
     def save(self, path: str | Path) -> Path:
         """Written whole or not at all (a study's cells may save the same profile at once)."""
@@ -139,15 +146,41 @@ def measure_profile(model: nn.Module, structures, order: list[str], n_prunable: 
     return LatencyProfile(str(torch.device(device)), batch, torch.get_num_threads(), reference, [0] + grid, relative)
 
 
+def refine_profile(profile: LatencyProfile, model: nn.Module, structures, order: list[str], n_prunable: int,
+                   example: torch.Tensor, ratio: float, stops: list[int] | None = None, repeats: int = 10,
+                   should_stop: StopFn = None) -> bool:
+    """Time the net at the prefix a latency target picks until the pick is a measured point (at most REFINE_POINTS
+    more): between two measured points latency need not follow the line (a narrower kernel can be slower), so the
+    mask's own latency is measured, not interpolated. Returns whether points were added."""
+    from .masks import pruned_copy
+
+    added = False
+    for _ in range(REFINE_POINTS):
+        k = profile.prefix_for(ratio, n_prunable, stops)
+        if k in profile.prefixes:
+            break
+        check_cancel(should_stop)
+        smaller = pruned_copy(model, structures, set(order[:k]), example)
+        profile.add_point(k, relative_latency(smaller, model, example, profile.device, profile.batch, repeats)[1])
+        added = True
+    return added
+
+
 def stored_profile(result, model: nn.Module, structures, example: torch.Tensor, folder: str | Path,
                    device: str | torch.device = "cpu", batch: int = 1, points: int = 12,
-                   should_stop: StopFn = None) -> LatencyProfile:
+                   should_stop: StopFn = None, targets: list[float] = ()) -> LatencyProfile:
     """The latency profile of an analysis (`result`) stored in `folder`: read if there, else measured along its order
-    on `device` at `batch` and saved there, so jobs and studies measure it once and resume without re-timing."""
+    on `device` at `batch`, refined at `targets` and saved there, so jobs and studies measure it once and resume
+    without re-timing."""
     path = Path(folder) / PROFILE_NAME
     if path.exists():
-        return LatencyProfile.load(path)
-    profile = measure_profile(model, structures, result.ordered_keys(), result.n_prunable, example, device, batch,
-                              points, stops=result.stops(structures), should_stop=should_stop)
-    profile.save(path)
+        profile = LatencyProfile.load(path)
+    else:
+        profile = measure_profile(model, structures, result.ordered_keys(), result.n_prunable, example, device, batch,
+                                  points, stops=result.stops(structures), should_stop=should_stop)
+        profile.save(path)  # before refining: a target out of reach raises there, and a resume must not re-time
+    refined = [refine_profile(profile, model, structures, result.ordered_keys(), result.n_prunable, example, target,
+                              result.stops(structures), should_stop=should_stop) for target in targets]
+    if any(refined):
+        profile.save(path)
     return profile

@@ -212,7 +212,8 @@ class Study(UnitRun):
         model = self._model(weights).eval()
         structures = self._structures(model)
         latency = (stored_profile(result, model, structures, self.example, self.folder / f"seed{seed}" / method,
-                                  should_stop=self.should_stop) if self.config.unit == LATENCY_UNIT else None)
+                                  should_stop=self.should_stop, targets=[target])
+                   if self.config.unit == LATENCY_UNIT else None)
         mask = result.mask(structures, target, self.config.unit, latency)
         smaller = pruned_copy(model, structures, mask, self.example)
         device = resolve_device(self.config.device)

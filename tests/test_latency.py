@@ -6,7 +6,8 @@ import pytest
 from sosp_engine.analysis import AnalysisConfig, AnalysisResult, run_analysis
 from sosp_engine.cli import main
 from sosp_engine.errors import AnalysisError
-from sosp_engine.latency import LatencyProfile, measure_profile
+from sosp_engine import latency, masks
+from sosp_engine.latency import REFINE_POINTS, LatencyProfile, measure_profile, refine_profile, stored_profile
 from sosp_engine.loading import open_workbench
 
 
@@ -51,3 +52,47 @@ def test_analyze_with_a_latency_target_writes_the_profile_and_the_mask_it_predic
     mask = json.loads((out / "mask.json").read_text())
     assert len(mask["pruned"]) == curve.prefix_for(0.05, AnalysisResult.load(out).n_prunable)
     assert main(["bottlenecks", str(out)]) == 0  # reads the latency mask back through the stored profile
+
+
+def measured_at(monkeypatch, curve) -> list[int]:
+    """Stand-ins for pruning and timing: the 'net' is its prefix length, its latency `curve(k)`; returns the timed ks."""
+    timed = []
+    monkeypatch.setattr(masks, "pruned_copy", lambda model, structures, mask, example: len(mask))
+    monkeypatch.setattr(latency, "relative_latency",
+                        lambda net, ref, example, device, batch, repeats: timed.append(net) or (0.0, curve(net)))
+    return timed
+
+
+def test_a_target_between_measured_points_is_timed_until_the_mask_itself_was_measured(monkeypatch):
+    # the line says 0.7 at 14; the real net there is slower than the line (a narrow kernel)
+    timed = measured_at(monkeypatch, lambda k: 0.75 if k < 17 else 0.65)
+    curve = profile()
+    order = [f"s{i}" for i in range(20)]
+    assert refine_profile(curve, None, None, order, 20, None, 0.3)
+    k = curve.prefix_for(0.3, 20)
+    assert k in curve.prefixes and curve.relative[curve.prefixes.index(k)] <= 0.7 and k >= 17
+    assert timed and len(timed) <= REFINE_POINTS and curve.prefixes == sorted(curve.prefixes)
+
+
+def test_a_target_on_a_measured_point_needs_no_more_timing(monkeypatch):
+    timed = measured_at(monkeypatch, lambda k: 0.5)
+    curve = profile()
+    assert not refine_profile(curve, None, None, [f"s{i}" for i in range(20)], 20, None, 0.5)
+    assert timed == [] and curve.prefixes == [0, 10, 20]
+
+
+def test_a_stored_profile_keeps_the_points_refined_for_a_target(monkeypatch, tmp_path):
+    measured_at(monkeypatch, lambda k: 0.75 if k < 17 else 0.65)
+    profile().save(tmp_path / "latency.json")
+
+    class Result:  # the parts of an AnalysisResult the profile reads
+        n_prunable = 20
+
+        def ordered_keys(self):
+            return [f"s{i}" for i in range(20)]
+
+        def stops(self, structures):
+            return None
+
+    stored_profile(Result(), None, None, None, tmp_path, targets=[0.3])
+    assert len(LatencyProfile.load(tmp_path / "latency.json").prefixes) > 3
