@@ -21,7 +21,7 @@ def _batch_of(example: torch.Tensor, batch: int, device: torch.device) -> torch.
     return example[:1].expand(batch, *example.shape[1:]).contiguous().to(device)
 
 
-def forward_seconds(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
+def _forward_seconds(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
     """Seconds of one forward (synchronised on CUDA)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -30,6 +30,20 @@ def forward_seconds(model: nn.Module, x: torch.Tensor, device: torch.device) -> 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def timed_rounds(modules: list[nn.Module], inputs: list[torch.Tensor], device: torch.device, repeats: int,
+                 warmup: int) -> list[list[float]]:
+    """Forward seconds of each module on its input, timed one after the other in every round (after `warmup` rounds),
+    so that a change of the machine's load hits all alike."""
+    times: list[list[float]] = [[] for _ in modules]
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            for module, x, record in zip(modules, inputs, times):
+                seconds = _forward_seconds(module, x, device)
+                if i >= warmup:
+                    record.append(seconds)
+    return times
 
 
 def measure_latency(model: nn.Module, example: torch.Tensor, device: str | torch.device = "cpu", batch: int = 1,
@@ -47,15 +61,9 @@ def relative_latency(model: nn.Module, reference: nn.Module | None, example: tor
     x = _batch_of(example, batch, device)
     nets = [model] + ([reference] if reference is not None else [])
     modes = [net.training for net in nets]
-    times: list[list[float]] = [[] for _ in nets]
-    with torch.no_grad():
-        for net in nets:
-            net.eval().to(device)
-        for i in range(warmup + repeats):
-            for net, record in zip(nets, times):
-                seconds = forward_seconds(net, x, device)
-                if i >= warmup:
-                    record.append(seconds)
+    for net in nets:
+        net.eval().to(device)
+    times = timed_rounds(nets, [x] * len(nets), device, repeats, warmup)
     for net, mode in zip(nets, modes):
         net.train(mode)
     own = statistics.median(times[0])

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .errors import AnalysisError, ModelSpecError
-from .latency import forward_seconds
+from .latency import timed_rounds
 from .progress import ProgressFn, StopFn, check_cancel, report
 from .saliency.common import channel_dim
 from .structures import StructureSet, on_model_device, preserved_modes
@@ -124,19 +124,6 @@ def _runs(modules: list[nn.Module], inputs: list[torch.Tensor]) -> bool:
     return True
 
 
-def _timed_rounds(modules: list[nn.Module], inputs: list[torch.Tensor], device: torch.device, repeats: int,
-                  warmup: int) -> list[list[float]]:
-    """Forward seconds of each module on its input, timed one after the other in every round."""
-    times: list[list[float]] = [[] for _ in modules]
-    with torch.no_grad():
-        for i in range(warmup + repeats):
-            for module, x, record in zip(modules, inputs, times):
-                seconds = forward_seconds(module, x, device)
-                if i >= warmup:
-                    record.append(seconds)
-    return times
-
-
 def _median_and_error(times: list[float]) -> tuple[float, float]:
     """The median and its standard error, from the median absolute deviation (robust to a stray slow round)."""
     median = statistics.median(times)
@@ -187,7 +174,7 @@ def measure_layer_latency(model: nn.Module, structures: StructureSet, example: t
             unmeasured.append(info.name)
             continue
         timed += len(variants)
-        times = _timed_rounds(nets, inputs, device, repeats, warmup)
+        times = timed_rounds(nets, inputs, device, repeats, warmup)
         seconds[i] = statistics.median(times[0])
         for (which, removed, _, _), t in zip(variants, times[1:]):
             per_channel[2 * i + which] = saved_per_channel(times[0], t, removed)
