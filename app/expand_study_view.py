@@ -10,7 +10,7 @@ from app.export import export_buttons, file_slug, safe_csv
 from app.guard import user_errors
 from app.report import analysis_report
 from app.state import workspace
-from app.text import plain
+from app.text import plain, text_only
 from sosp_engine.expand_study import ExpandStudyConfig, expand_state, expand_table, unpruned_reference
 
 RUN_COLUMNS = ("procedure", "trial", "test_acc", "test_acc_after_pruning", "params", "macs", "node")
@@ -38,7 +38,7 @@ def expand_study_view(job_id: str) -> None:
     figures = []
     for size in ("params", "macs"):
         fig = accuracy_vs_size(table, size, (reference[size], reference["test_acc"]) if reference else None)
-        st.plotly_chart(fig, key=f"expand-{job_id}-{size}-{len(runs)}")
+        st.plotly_chart(text_only(fig), key=f"expand-{job_id}-{size}-{len(runs)}")
         export_buttons(fig, table, f"expand study {job['name']} accuracy vs {size}")
         figures.append(fig)
     st.caption("Matched in parameters; the MACs chart shows what each procedure costs at inference. The star is the "

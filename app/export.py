@@ -8,6 +8,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from app.text import plain, text_only
+
 
 @st.cache_data(show_spinner="Rendering the image ...", max_entries=64)
 def _static_image(fig_json: str, fmt: str) -> bytes:
@@ -39,6 +41,7 @@ def chart_html(fig: go.Figure) -> str:
 
 def export_buttons(fig: go.Figure, data: pd.DataFrame, name: str) -> None:
     """Download buttons under a chart: PNG, SVG, HTML, CSV. Static formats need a Chromium; HTML always works."""
+    fig = text_only(fig)
     key = hashlib.md5(f"{name}{fig.to_json()[:2000]}".encode()).hexdigest()[:10]
     name = file_slug(name)
     cols = st.columns(4)
@@ -53,7 +56,7 @@ def export_buttons(fig: go.Figure, data: pd.DataFrame, name: str) -> None:
         fig_json = fig.to_json()
         png, svg = _static_image(fig_json, "png"), _static_image(fig_json, "svg")
     except Exception as exc:  # kaleido raises its own types when no Chromium is found
-        cols[0].info(f"PNG/SVG need a Chromium browser on this machine (apt install chromium): {type(exc).__name__}. "
+        cols[0].info(f"PNG/SVG need a Chromium browser on this machine (apt install chromium): {plain(type(exc).__name__)}. "
                      "HTML and CSV still work.")
         return
     cols[0].download_button("PNG", png, f"{name}.png", "image/png", key=f"png-{key}", icon=":material/image:")

@@ -9,6 +9,8 @@ from typing import Iterator
 import streamlit as st
 import torch
 
+from app.text import plain
+
 from sosp_engine.errors import SospError, one_line_error
 
 
@@ -19,9 +21,9 @@ def user_errors(action: str, stop: bool = True) -> Iterator[None]:
         yield
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
-        st.error(f"{action} ran out of GPU memory. Lower the number of samples N' or the batch size, or pick the CPU as device.")
+        st.error(f"{plain(action)} ran out of GPU memory. Lower the number of samples N' or the batch size, or pick the CPU as device.")
     except (SospError, ValueError, OSError) as exc:
-        st.error(f"{action} failed: {exc}")
+        st.error(f"{plain(action)} failed: {plain(exc)}")
     except Exception as exc:  # unforeseen: one line on the page, the traceback in the workspace's log
         unexpected(action, exc)
     else:
@@ -42,4 +44,4 @@ def unexpected(action: str, exc: BaseException) -> None:
         where = f"The details are in {log}."
     except OSError:
         where = "The details could not be written to the workspace's log."
-    st.error(f"{action} failed unexpectedly: {one_line_error(exc)}. {where} Stored runs are not affected.")
+    st.error(f"{plain(action)} failed unexpectedly: {plain(one_line_error(exc))}. {plain(where)} Stored runs are not affected.")

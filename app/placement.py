@@ -26,7 +26,7 @@ def placement_caption() -> str:
 def placement_settings() -> None:
     """The Runs page's 'Where jobs run' panel: backend, cluster address, artifacts folder, a connection check."""
     where = current_placement()
-    with st.expander(f"Where new jobs run: {placement_caption()}", icon=":material/hub:"):
+    with st.expander(f"Where new jobs run: {plain(placement_caption())}", icon=":material/hub:"):
         backend = st.radio("Backend", ["local", "ray"], index=["local", "ray"].index(where.backend), horizontal=True,
                            format_func={"local": "this machine", "ray": "Ray cluster"}.get, key="placement-backend")
         if backend == "local":

@@ -8,7 +8,7 @@ from app.charts import predicted_vs_measured, sensitivity_lines
 from app.export import export_buttons
 from app.guard import user_errors
 from app.state import analysis, workbench_for, workspace
-from app.text import plain
+from app.text import plain, text_only
 from sosp_engine.sensitivity import even_grid, max_reduction, sensitivity_curve
 
 
@@ -53,10 +53,10 @@ def sensitivity_section(record: dict, ratio: float, unit: str) -> None:
                      f"{first.split} samples."))
     for metric in ("pruned_acc", "pruned_loss"):
         fig = sensitivity_lines(tables, metric, unit, ratio)
-        st.plotly_chart(fig, key=f"sens-{metric}")
+        st.plotly_chart(text_only(fig), key=f"sens-{metric}")
         export_buttons(fig, data, f"sensitivity {record['name']} {metric} {unit}")
     fig = predicted_vs_measured(tables, {name: curve.rank_correlation for name, curve in curves.items()})
-    st.plotly_chart(fig, key="sens-predicted")
+    st.plotly_chart(text_only(fig), key="sens-predicted")
     export_buttons(fig, data, f"predicted-vs-measured {record['name']} {unit}")
     st.caption("Spearman's rank correlation near 1: the analysis orders masks by their real cost, so its ranking can "
                "be trusted; near 0 or negative: do not rely on its predictions on this net.")

@@ -36,4 +36,5 @@ def render_sidebar(slot, threads: int) -> None:
             queued = len(store.jobs("queued"))
         st.markdown(f"**Workspace** {plain(store.root)}  \n**Model** {plain(choice.model_spec)}  \n"
                     f"**Weights** {plain(Path(choice.weights).name if choice.weights else 'random init')}  \n**Data** {plain(choice.data_spec)}  \n"
-                    f"**Device** {_device_label()}, {threads} CPU threads  \n**Jobs** {running} running, {queued} queued")
+                    f"**Device** {plain(_device_label())}, {threads:d} CPU threads  \n"
+                    f"**Jobs** {running:d} running, {queued:d} queued")

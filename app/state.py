@@ -53,20 +53,42 @@ def cached_workbench(model_spec: str, data_spec: str, weights: str | None, exclu
     return open_workbench(model_spec, data_spec, weights, exclude, preset)
 
 
+def code_confirmed(spec: str, what: str) -> bool:
+    """Whether this session confirmed the user code `spec` names; if not, a warning and 'Run this code' are shown.
+
+    Nothing of a user's file is imported before this returns True: a link, a stored analysis or job, or a typed spec
+    only names the code; the click in this session is the consent.
+    """
+    trusted = st.session_state.setdefault("trusted_specs", set())
+    if not is_user_code(spec) or spec in trusted:
+        return True
+    st.warning(plain(f"{what} names user code: {spec}. Running it imports and runs that Python file with your "
+                     "rights. Run it only if you trust it."), icon=":material/warning:")
+    if st.button("Run this code", key=f"trust-{spec}"):
+        trusted.add(spec)
+        st.rerun()
+    return False
+
+
+def require_code_confirmed(spec: str, what: str) -> None:
+    """Stop the page here until this session confirms the user code `spec` names (see `code_confirmed`)."""
+    if not code_confirmed(spec, what):
+        st.stop()
+
+
+def workbench(choice: ModelChoice) -> Workbench:
+    """The workbench of the Model page's choice, built only once any user code it names is confirmed."""
+    require_code_confirmed(choice.model_spec, "This model spec")
+    return cached_workbench(choice.model_spec, choice.data_spec, choice.weights)
+
+
 def workbench_for(result: AnalysisResult) -> Workbench:
     """The workbench an analysis was made on (its model spec, data, weights and exclusions).
 
     A stored spec that names user code runs only after this session confirms that very spec.
     """
     c = result.config
-    trusted = st.session_state.setdefault("trusted_specs", set())
-    if is_user_code(c.model_spec) and c.model_spec not in trusted:
-        st.warning(plain(f"This analysis names user code: {c.model_spec}. Opening it imports and runs that file. "
-                         "Run it only if you trust it."))
-        if st.button("Run this code", key=f"trust-{c.model_spec}"):
-            trusted.add(c.model_spec)
-            st.rerun()
-        st.stop()
+    require_code_confirmed(c.model_spec, "This analysis")
     return cached_workbench(c.model_spec, c.data_spec, None if c.at_init else c.weights, tuple(c.exclude), c.preset)
 
 

@@ -9,3 +9,33 @@ _MARKDOWN = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$:])")
 def plain(text: object) -> str:
     """`text` with every markdown / HTML control character escaped, so st.markdown-like calls show it as typed."""
     return _MARKDOWN.sub(r"\\\1", str(text))
+
+
+_TAGS = str.maketrans({"<": "&lt;", ">": "&gt;"})
+_TRACE_TEXT = ("name", "text", "hovertext", "x", "y", "customdata", "labels")
+
+
+def _escaped(value: object) -> object:
+    if isinstance(value, str):
+        return value.translate(_TAGS)
+    if isinstance(value, (list, tuple)) or getattr(value, "dtype", None) == object:
+        return [_escaped(v) for v in value]
+    return value
+
+
+def text_only(fig):
+    """The figure with its titles, names, labels and category values shown as typed: plotly otherwise renders
+    `<a href>`, `<b>`, ... in them (a run named `<a href=...>` would become a live link). Our own templates keep their
+    markup; escaping twice changes nothing."""
+    layout = fig.layout
+    for text in [layout.title, layout.legend.title] + [getattr(layout, key).title for key in layout
+                                                        if key.startswith(("xaxis", "yaxis"))]:
+        if text is not None and isinstance(text.text, str):
+            text.text = text.text.translate(_TAGS)
+    for note in layout.annotations or ():
+        note.text = _escaped(note.text)
+    for trace in fig.data:
+        for field in _TRACE_TEXT:
+            if field in trace and trace[field] is not None:
+                trace[field] = _escaped(trace[field])
+    return fig

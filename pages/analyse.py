@@ -9,7 +9,7 @@ from app.text import plain
 from app.background import CANCELLED, running_analysis, start_analysis
 from app.guard import user_errors
 from app.pickers import analyses_frame
-from app.state import cached_workbench, current_choice, workspace
+from app.state import current_choice, workbench, workspace
 from sosp_engine.analysis import METHOD_LABELS, METHODS, AnalysisConfig
 from sosp_engine.devices import resolve_device
 from sosp_engine.memory import default_budget
@@ -52,7 +52,7 @@ if run:
         st.warning("An analysis is still running: wait for it or cancel it first.")
     else:
         with user_errors("Loading the model"):
-            workbench = cached_workbench(choice.model_spec, choice.data_spec, choice.weights)
+            bench = workbench(choice)
         config = AnalysisConfig(method=method, model_spec=choice.model_spec, data_spec=choice.data_spec,
                                 weights=choice.weights, at_init=at_init, samples=int(samples), seed=int(seed),
                                 batch_size=int(batch), cap=cap, normalize=normalize, latency_batch=int(latency_batch),
@@ -61,7 +61,7 @@ if run:
             if fit_memory:
                 config.memory_budget_gb = default_budget(resolve_device(device)) / 2**30
             config.validate()
-            start_analysis(key, workbench, config, name, workspace())
+            start_analysis(key, bench, config, name, workspace())
 
 
 @st.fragment(run_every=1)
@@ -88,8 +88,8 @@ def analysis_progress() -> None:
         return
     record = workspace().analysis(current.record_id)
     st.session_state["last_analysis"] = current.record_id
-    st.success(f"Stored as **{plain(record['name'])}** ({current.record_id}). Timings: "
-               + ", ".join(f"{k} {v:.2f} s" for k, v in record["summary"]["timings"].items())
+    st.success(f"Stored as **{plain(record['name'])}** ({plain(current.record_id)}). Timings: "
+               + plain(", ".join(f"{k} {v:.2f} s" for k, v in record["summary"]["timings"].items()))
                + f". At most {record['summary']['max_ratio']:.0%} of the structures can be pruned with the cap."
                + (f" The {record['summary']['memory']}." if record["summary"].get("memory") else "")
                + (f" Ranked by measured latency: {record['summary']['layer_latency']}."

@@ -5,6 +5,7 @@ from app.charts import ratio_histogram, saliency_scatter
 from app.export import export_buttons
 from app.guard import user_errors
 from app.pickers import chosen_analysis
+from app.text import text_only
 from sosp_engine.attribution import channel_attribution, layer_channels, saliency_vs_attribution
 from sosp_engine.bottlenecks import explain, find_bottlenecks, unit_ratios
 from sosp_engine.masks import layer_table
@@ -34,7 +35,7 @@ else:
     stage_table = stage_table.assign(kept=stage_table.channels - stage_table.pruned, params_after=0, params_before=0,
                                      macs_after=0, macs_before=0)
     fig = ratio_histogram(stage_table, "Stage pruning ratios with the bottleneck threshold", info["threshold"], flagged)
-st.plotly_chart(fig, key="bn_hist")
+st.plotly_chart(text_only(fig), key="bn_hist")
 export_buttons(fig, units, f"bottlenecks {record['name']} {ratio:.0%} of {unit} {level}")
 st.subheader("Ranked by score (std below the mean over units)")
 st.dataframe(units, hide_index=True)
@@ -56,7 +57,7 @@ if st.button("Compare with a first-order attribution (captum)", icon=":material/
 if key in st.session_state:  # kept across reruns: a download click must not make the chart disappear
     frame = st.session_state[key]
     scatter = saliency_scatter(frame, layer)
-    st.plotly_chart(scatter, key="scatter")
+    st.plotly_chart(text_only(scatter), key="scatter")
     export_buttons(scatter, frame, f"saliency-vs-attribution {record['name']} {layer}")
     st.caption("On the dashed diagonal both orders agree; structures far from it are the ones whose second-order "
                "(correlation) terms change their rank.")

@@ -7,6 +7,7 @@ from app.guard import user_errors
 from app.pickers import analysis_picker, ratio_picker
 from app.report import analysis_report
 from app.state import analysis, workbench_for, workspace
+from app.text import plain, text_only
 from sosp_engine.compare import compare_analyses
 from sosp_engine.masks import ratio_profiles
 
@@ -33,13 +34,13 @@ metric_cols[2].metric("Rank correlation of saliencies", f"{overall['rank_correla
 metric_cols[3].metric("Largest layer difference", f"{table.ratio_difference.abs().max():.0%}")
 units = st.columns(2)
 for col, side in zip(units, "ab"):
-    col.caption(f"Mask {side} removes {overall[f'param_ratio_{side}']:.1%} of the parameters and "
+    col.caption(f"Mask {plain(side)} removes {overall[f'param_ratio_{side}']:.1%} of the parameters and "
                 f"{overall[f'mac_ratio_{side}']:.1%} of the MACs: compare methods at equal parameters or MACs, "
                 "not equal structure counts.")
 name_a, name_b = f"a: {first['name']}", f"b: {second['name']}"
 figures = [side_by_side(table, name_a, name_b), compare_overlay(table, name_a, name_b), difference_bars(table, name_a, name_b)]
 for i, fig in enumerate(figures):
-    st.plotly_chart(fig, key=f"cmp{i}")
+    st.plotly_chart(text_only(fig), key=f"cmp{i}")
     export_buttons(fig, table, f"compare-{i} {first['name']} vs {second['name']} {ratio:.0%} of {unit}")
 st.subheader("Per-layer comparison")
 st.dataframe(table, hide_index=True)
@@ -59,5 +60,5 @@ if picked:
         masks = {names[i]: analysis(i).mask(workbench.structures, ratio, unit) for i in picked}
         profiles = ratio_profiles(workbench.structures, masks)
     fig = ratio_profiles_chart(profiles, list(masks), f"Layer-wise pruning ratios at {ratio:.0%} of {unit}")
-    st.plotly_chart(fig, key="profiles")
+    st.plotly_chart(text_only(fig), key="profiles")
     export_buttons(fig, profiles, f"profiles {len(masks)} analyses {ratio:.0%} of {unit}")

@@ -4,6 +4,7 @@ import streamlit as st
 
 from app.expand_study_view import expand_study_view
 from app.guard import user_errors
+from app.text import plain
 from app.placement import current_placement, placement_caption
 from app.pickers import chosen_analysis
 from app.state import workspace
@@ -30,7 +31,7 @@ with user_errors("Finding bottlenecks"):
                                    level, "least", n=paper_level(result.config.model_spec)[1])
 flags = units.unit.isin(picked) if picked is not None else units.flagged
 defaults = pd.DataFrame({"unit": units.unit, "pruning_ratio": units.pruning_ratio, "factor": [2.0 if f else 1.0 for f in flags]})
-st.markdown(f"Pre-filled: {source}, x2 (edit any factor).")
+st.markdown(f"Pre-filled: {plain(source)}, x2 (edit any factor).")
 edited = st.data_editor(defaults, hide_index=True, disabled=["unit", "pruning_ratio"],
                         key=f"factors-{record['id']}-{level}-{sorted(picked) if picked is not None else 'auto'}",
                         column_config={"factor": st.column_config.NumberColumn("width factor", min_value=0.25, max_value=8.0, step=0.25),
@@ -82,7 +83,7 @@ if launch:
             exclude=list(result.config.exclude), preset=result.config.preset)
         submit_expand_study(workspace(), config, name=f"expand-{record['id']} {record['name']}",
                             placement=current_placement())
-        st.success(f"Queued an expand study of {len(config.runs)} runs on {placement_caption()}; it runs in the "
+        st.success(f"Queued an expand study of {len(config.runs)} runs on {plain(placement_caption())}; it runs in the "
                    "background, survives closing the tab, and is also on the Studies page.")
 
 

@@ -7,7 +7,7 @@ from app.text import plain
 
 from app.guard import user_errors
 from app.placement import current_placement, placement_caption
-from app.state import DEMO_WEIGHTS, ModelChoice, cached_workbench, current_choice, set_choice, workspace
+from app.state import DEMO_WEIGHTS, ModelChoice, current_choice, set_choice, workbench, workspace
 from sosp_engine.experiments import ExperimentConfig
 from sosp_engine.jobs import submit
 from sosp_engine.masks import layer_table, mask_summary
@@ -49,23 +49,23 @@ with st.form("model_form"):
         set_choice(choice)
 
 with user_errors("Loading the model"):
-    workbench = cached_workbench(choice.model_spec, choice.data_spec, choice.weights)
+    bench = workbench(choice)
 
-summary = mask_summary(workbench.structures)
+summary = mask_summary(bench.structures)
 metrics = st.columns(5)
-metrics[0].metric("Prunable layers", len(workbench.structures.layers))
+metrics[0].metric("Prunable layers", len(bench.structures.layers))
 metrics[1].metric("Structures", f"{summary['structures']:,}")
 metrics[2].metric("Parameters", f"{summary['params_before']:,}")
 metrics[3].metric("MACs / sample", f"{summary['macs_before']:,}")
-metrics[4].metric("Classes", workbench.data.num_classes)
-st.caption(f"Input shape {workbench.data.input_shape}; never pruned: the classifier"
-           + (f" and {len(workbench.structures.excluded) - 1} excluded modules (e.g. the ResNet downsampling path)"
-              if len(workbench.structures.excluded) > 1 else ""))
+metrics[4].metric("Classes", bench.data.num_classes)
+st.caption(f"Input shape {plain(bench.data.input_shape)}; never pruned: the classifier"
+           + (f" and {len(bench.structures.excluded) - 1:d} excluded modules (e.g. the ResNet downsampling path)"
+              if len(bench.structures.excluded) > 1 else ""))
 
 cols = st.columns([1, 1, 2])
 if cols[0].button("Test accuracy", icon=":material/speed:", help="evaluate the weights on the test split"):
     with st.spinner("Evaluating ..."), user_errors("Evaluating", stop=False):
-        loss, acc = evaluate(workbench.model, workbench.data.loader("test", 256))
+        loss, acc = evaluate(bench.model, bench.data.loader("test", 256))
         st.session_state[("accuracy", choice)] = (loss, acc)
 if ("accuracy", choice) in st.session_state:
     loss, acc = st.session_state[("accuracy", choice)]
@@ -78,20 +78,20 @@ with cols[2].popover("Train this model in the background", icon=":material/model
             job = submit(store, ExperimentConfig(procedure="train", model_spec=choice.model_spec, data_spec=choice.data_spec,
                                                  epochs=int(epochs), label=f"train {choice.model_spec}"),
                          name=f"train {choice.model_spec} ({epochs} epochs)", placement=current_placement())
-            st.success(f"Job {job} started on {placement_caption()}. It keeps running if you close the tab; follow it "
+            st.success(f"Job {plain(job)} started on {plain(placement_caption())}. It keeps running if you close the tab; follow it "
                        "on the Runs page (where you can also choose a Ray cluster). "
                        "When it is done, its weights appear in the Weights list above.")
 
-grouped = [l for l in workbench.structures.layers if l.structure_size > 1]
+grouped = [l for l in bench.structures.layers if l.structure_size > 1]
 if grouped:
     st.caption(plain(f"{len(grouped)} layers sit at grouped convolutions or GroupNorm: one structure there is one "
                      f"channel per group ({', '.join(f'{l.name}: {l.structure_size} channels' for l in grouped[:4])}"
                      f"{', ...' if len(grouped) > 4 else ''}), so every mask stays physically prunable."))
-if workbench.structures.unprunable:
-    st.caption(plain("Not prunable: " + "; ".join(f"{n} ({why})" for n, why in workbench.structures.unprunable.items())))
-if workbench.recipe is not None:
-    st.caption(plain(f"These weights are a pruned checkpoint of {workbench.recipe['model_spec']}: the model was "
+if bench.structures.unprunable:
+    st.caption(plain("Not prunable: " + "; ".join(f"{n} ({why})" for n, why in bench.structures.unprunable.items())))
+if bench.recipe is not None:
+    st.caption(plain(f"These weights are a pruned checkpoint of {bench.recipe['model_spec']}: the model was "
                      "rebuilt at its pruned widths."))
 st.subheader("Prunable layers (coupled channel groups)")
-st.dataframe(layer_table(workbench.structures).drop(columns=["kept", "pruned", "params_after", "macs_after", "pruning_ratio"]),
+st.dataframe(layer_table(bench.structures).drop(columns=["kept", "pruned", "params_after", "macs_after", "pruning_ratio"]),
              hide_index=True)

@@ -1,7 +1,7 @@
 """Pruning ratios page: the layer-wise pruning-ratio histogram of an analysis, re-sliced instantly by a global ratio."""
 import streamlit as st
 
-from app.text import plain
+from app.text import plain, text_only
 
 from app.charts import ratio_histogram, width_profile
 from app.export import export_buttons, file_slug
@@ -38,10 +38,10 @@ if result.exactness:
                      hide_index=True)
 
 hist = ratio_histogram(table, f"{record['name']}: layer-wise pruning ratios at {ratio:.0%} of {unit}")
-st.plotly_chart(hist, key="hist")
+st.plotly_chart(text_only(hist), key="hist")
 export_buttons(hist, table, f"pruning-ratios {record['name']} {ratio:.0%} of {unit}")
 profile = width_profile(table, "Kept width per layer")
-st.plotly_chart(profile, key="profile")
+st.plotly_chart(text_only(profile), key="profile")
 export_buttons(profile, table[["layer", "depth", "stage", "channels", "kept"]], f"width-profile {record['name']} {ratio:.0%} of {unit}")
 st.subheader("Per-layer table")
 st.dataframe(table, hide_index=True, column_config={"pruning_ratio": st.column_config.ProgressColumn("pruning ratio", format="percent", min_value=0, max_value=1)})

@@ -2,15 +2,16 @@
 import pandas as pd
 import streamlit as st
 
-from app.text import plain
+from app.text import plain, text_only
 
 from app.charts import accuracy_vs_size, training_curves
 from app.export import export_buttons
 from app.guard import user_errors
 from app.pickers import analyses_frame
 from app.placement import placement_settings
-from app.state import workspace
+from app.state import code_confirmed, workspace
 from sosp_engine.experiments import compare_runs
+from sosp_engine.consent import has_consent
 from sosp_engine.jobs import cancel, mark_stale_jobs, read_log, resume
 
 st.title("Runs")
@@ -30,8 +31,11 @@ if analyses:
         sure = st.checkbox("Yes, delete this analysis and its files for good", key="confirm_analysis")
         if st.button("Delete analysis", type="primary", disabled=not sure):
             with user_errors("Deleting", stop=False):
-                store.delete("analysis", target, confirm=True)
-                st.rerun()
+                kept = store.delete("analysis", target, confirm=True)
+                for line in kept:
+                    st.warning(plain(f"Left in place: {line}"))
+                if not kept:
+                    st.rerun()
 else:
     st.info("No analyses yet.")
 
@@ -58,30 +62,40 @@ def jobs_table() -> None:
 st.subheader("Jobs")
 placement_settings()
 jobs_table()
-jobs = store.jobs()
+damaged: list[str] = []
+jobs = store.jobs(damaged=damaged)
+for line in damaged:
+    st.warning(plain(f"Job record {line}. It is not listed, run or resumed; nothing outside the workspace is touched."))
 if jobs:
     job_id = st.selectbox("Job", [j["id"] for j in jobs], format_func=lambda i: next(f"{j['name']} ({j['status']})" for j in jobs if j["id"] == i))
     job = store.job(job_id)
     cols = st.columns(4)
     if cols[0].button("Cancel", disabled=job["status"] not in ("queued", "running", "starting"), icon=":material/stop:"):
         with user_errors("Cancelling", stop=False):
-            st.toast(cancel(store, job_id))
+            st.toast(plain(cancel(store, job_id)))
             st.rerun()
-    if cols[1].button("Resume", disabled=job["status"] not in ("failed", "cancelled"), icon=":material/replay:"):
+    resumable = job["status"] in ("failed", "cancelled")
+    unconfirmed = resumable and not has_consent(job["config"]["model_spec"], job.get("consent"))
+    if unconfirmed:
+        resumable = code_confirmed(job["config"]["model_spec"], f"Job '{job['name']}'")
+    if cols[1].button("Resume", disabled=not resumable, icon=":material/replay:"):
         with user_errors("Resuming", stop=False):
-            resume(store, job_id)
+            resume(store, job_id, trust_code=unconfirmed)
             st.rerun()
     sure = cols[2].checkbox("confirm delete", key="confirm_job")
     if cols[3].button("Delete job", disabled=not sure or job["status"] in ("running", "starting"), icon=":material/delete:"):
         with user_errors("Deleting", stop=False):
-            store.delete("job", job_id, confirm=True)
-            st.rerun()
+            kept = store.delete("job", job_id, confirm=True)
+            for line in kept:
+                st.warning(plain(f"Left in place: {line}"))
+            if not kept:
+                st.rerun()
     if job["error"]:
         st.error(plain(job["error"]))
     metrics = pd.DataFrame([{"stage": m["stage"], **m["data"]} for m in store.metrics(job_id)])
     if not metrics.empty and "val_acc" in metrics:
         fig = training_curves(metrics, f"{job['name']}: validation accuracy")
-        st.plotly_chart(fig, key="curves")
+        st.plotly_chart(text_only(fig), key="curves")
         export_buttons(fig, metrics, f"metrics {workspace().job(job_id)['name']}")
     with st.expander("Log"):
         st.code(read_log(store, job_id) or "(empty)", language="text")
@@ -94,6 +108,6 @@ if jobs:
     if chosen:
         table = compare_runs([j["result"] for j in done if j["id"] in chosen])
         fig = accuracy_vs_size(table)
-        st.plotly_chart(fig, key="runs-compare")
+        st.plotly_chart(text_only(fig), key="runs-compare")
         export_buttons(fig, table, "runs-comparison")
         st.dataframe(table, hide_index=True)

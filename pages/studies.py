@@ -9,8 +9,8 @@ from app.export import export_buttons, file_slug, safe_csv
 from app.guard import user_errors
 from app.placement import current_placement, placement_caption
 from app.report import analysis_report
-from app.state import current_choice, workspace
-from app.text import plain
+from app.state import code_confirmed, current_choice, workspace
+from app.text import plain, text_only
 from sosp_engine.analysis import METHODS
 from sosp_engine.expand_study import EXPAND_STUDY_KIND
 from sosp_engine.jobs import STUDY_KINDS, submit_study
@@ -41,14 +41,15 @@ with st.expander("Launch a method study", expanded=not any(j["kind"] in STUDY_KI
     finetune = cols[1].number_input("Fine-tuning epochs", 0, 1000, 5, key="study-finetune")
     samples = cols[2].number_input("N' samples", 1, 100_000, 500, key="study-samples")
     name = cols[3].text_input("Name", "", key="study-name")
-    if st.button("Launch study", icon=":material/play_arrow:", key="study-launch"):
+    confirmed = code_confirmed(model_spec.strip(), "The study's model spec")
+    if st.button("Launch study", icon=":material/play_arrow:", key="study-launch", disabled=not confirmed):
         with user_errors("Launching the study", stop=False):
-            config = StudyConfig(model_spec=model_spec, data_spec=data_spec, weights=weights.strip() or None,
+            config = StudyConfig(model_spec=model_spec.strip(), data_spec=data_spec, weights=weights.strip() or None,
                                  methods=methods, targets=parse_numbers(float, targets_text, "Targets"), unit=unit,
                                  seeds=parse_numbers(int, seeds_text, "Seeds"), epochs=int(epochs),
                                  finetune_epochs=int(finetune), samples=int(samples))
             job_id = submit_study(workspace(), config, name.strip(), placement=current_placement())
-            st.success(f"Study queued ({len(config.cells)} cells) on {placement_caption()}; it runs in the background "
+            st.success(f"Study queued ({len(config.cells)} cells) on {plain(placement_caption())}; it runs in the background "
                        "and survives closing the tab.")
             st.session_state["study-chosen"] = job_id
 
@@ -82,7 +83,7 @@ def study_view(job_id: str) -> None:
     for accuracy in ("acc_finetuned", "acc_pruned"):
         for size in ("params", "macs"):
             fig = study_accuracy(table, size, accuracy, config.unit)
-            st.plotly_chart(fig, key=f"study-{accuracy}-{size}-{len(cells)}")
+            st.plotly_chart(text_only(fig), key=f"study-{accuracy}-{size}-{len(cells)}")
             export_buttons(fig, table, f"study {job['name']} {accuracy} vs {size}")
             figures.append(fig)
     st.subheader("Mean and std over seeds")

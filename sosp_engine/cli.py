@@ -340,10 +340,14 @@ def cmd_jobs_submit(args: argparse.Namespace) -> dict:
 def cmd_jobs_list(args: argparse.Namespace) -> None:
     store = open_store(args)
     mark_stale_jobs(store)
-    for job in store.jobs():
+    damaged: list[str] = []
+    for job in store.jobs(damaged=damaged):
         where = job["backend"] + (f" on {job['node']}" if job["node"] else "")
         print(f"{job['id']}  {job['status']:<10} {job['progress']:6.1%}  {job['kind']:<13} {where:<24} {job['name']}  "
               f"{job['message']}")
+    for line in damaged:
+        progress_line(f"warning: job record {line}; it is not listed, run or resumed (jobs delete ID --yes removes "
+                      "the record)")
 
 
 def cmd_jobs_show(args: argparse.Namespace) -> dict:
@@ -358,8 +362,7 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> dict:
 
 def cmd_jobs_resume(args: argparse.Namespace) -> dict:
     store = open_store(args)
-    require_trust(store.job(args.job_id)["config"]["model_spec"], args.trust_code, f"job '{args.job_id}'")
-    resume(store, args.job_id)
+    resume(store, args.job_id, trust_code=args.trust_code)
     return {"job": args.job_id, "status": store.job(args.job_id)["status"]}
 
 
@@ -368,8 +371,10 @@ def cmd_jobs_logs(args: argparse.Namespace) -> None:
 
 
 def cmd_jobs_delete(args: argparse.Namespace) -> dict:
-    open_store(args).delete("job", args.job_id, confirm=args.yes)
-    return {"job": args.job_id, "deleted": True}
+    kept = open_store(args).delete("job", args.job_id, confirm=args.yes)
+    for line in kept:
+        progress_line(f"warning: left in place: {line}")
+    return {"job": args.job_id, "deleted": True, "not_removed": kept}
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -462,11 +467,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        return _closed_stdout()
     except Exception as exc:  # anything unforeseen is still one line; SOSP_DEBUG=1 shows where it came from
         if os.environ.get("SOSP_DEBUG"):
             raise
         print(f"error: {one_line_error(exc)} (set SOSP_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 2
     if result is not None:
-        emit(result, getattr(args, "out", None))
+        try:
+            emit(result, getattr(args, "out", None))
+        except BrokenPipeError:
+            return _closed_stdout()
     return 0
+
+
+def _closed_stdout() -> int:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise again; exit like `head`'s writer."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141

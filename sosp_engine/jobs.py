@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .analysis import AnalysisResult
+from .consent import consent_for, has_consent, require_job_consent
 from .experiments import Experiment, ExperimentConfig, Reporter, check_runnable
 from .errors import SospError
 from .loading import open_workbench
@@ -96,8 +97,10 @@ def submit_expand_study(store: Store, config: ExpandStudyConfig, name: str = "",
 
 
 def _add(store: Store, kind: str, name: str, config: dict, start: bool, placement: Placement | None) -> str:
+    """Queue a job; submitting a spec is the caller's consent to the code it names, stored signed with the job."""
     where = (placement or Placement()).resolved()
-    job_id = store.add_job(kind, name, config, where.backend, where.address, where.artifacts)
+    job_id = store.add_job(kind, name, config, where.backend, where.address, where.artifacts,
+                           consent_for(config["model_spec"]))
     if start:
         launch_pending(store)
     return job_id
@@ -143,7 +146,7 @@ def is_stale(job: dict, now: float | None = None) -> bool:
         return False
     now = now or time.time()
     beat = job.get("heartbeat") or job.get("started") or job["created"]
-    return not _pid_alive(job.get("pid")) or now - beat > STALE_AFTER_SECONDS
+    return not _pid_alive(job.get("pid")) or abs(now - beat) > STALE_AFTER_SECONDS  # a beat from the future lies
 
 
 def mark_stale_jobs(store: Store) -> list[str]:
@@ -164,8 +167,8 @@ def mark_stale_jobs(store: Store) -> list[str]:
         if job["backend"] != "local":
             continue
         claimed = job.get("heartbeat") or job["created"]
-        if job["status"] == "starting" and time.time() - claimed < STALE_AFTER_SECONDS and not job.get("pid"):
-            continue  # being launched right now
+        if job["status"] == "starting" and 0 <= time.time() - claimed < STALE_AFTER_SECONDS and not job.get("pid"):
+            continue  # being launched right now (a claim time in the future is a stepped clock or an edited row)
         if is_stale(job):
             store.update_job(job["id"], status="failed", finished=time.time(),
                              error="the job's process died (no heartbeat); resume it to continue from its last checkpoint")
@@ -177,7 +180,7 @@ def launch_pending(store: Store) -> list[str]:
     """Start queued jobs up to the concurrency limit, oldest first; returns the ids started."""
     mark_stale_jobs(store)
     started = []
-    remote = store.claim_queued_jobs(RAY_QUEUE_LIMIT, "ray")
+    remote = _consented(store, store.claim_queued_jobs(RAY_QUEUE_LIMIT, "ray"))
     if remote:
         from .ray_backend import start_job
 
@@ -187,7 +190,7 @@ def launch_pending(store: Store) -> list[str]:
                 started.append(job["id"])
             except SospError as exc:
                 store.update_job(job["id"], status="failed", finished=time.time(), error=str(exc))
-    for job in store.claim_queued_jobs(concurrency_limit()):
+    for job in _consented(store, store.claim_queued_jobs(concurrency_limit())):
         log = open(Path(job["path"]) / LOG_NAME, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         root = str(Path(__file__).resolve().parent.parent)
@@ -199,6 +202,19 @@ def launch_pending(store: Store) -> list[str]:
         threading.Thread(target=_reap, args=(store, job["id"], proc), daemon=True).start()
         started.append(job["id"])
     return started
+
+
+def _consented(store: Store, jobs: list[dict]) -> list[dict]:
+    """The claimed jobs whose model spec, as stored now, runs no code the user did not confirm; the others fail
+    with the reason (nothing of theirs is imported)."""
+    runnable = []
+    for job in jobs:
+        try:
+            require_job_consent(job)
+            runnable.append(job)
+        except SospError as exc:
+            store.update_job(job["id"], status="failed", finished=time.time(), error=str(exc))
+    return runnable
 
 
 def _reap(store: Store, job_id: str, proc: subprocess.Popen) -> None:
@@ -231,12 +247,17 @@ def cancel(store: Store, job_id: str) -> str:
     raise StoreError(f"job '{job_id}' is {job['status']}; only queued or running jobs can be cancelled")
 
 
-def resume(store: Store, job_id: str, start: bool = True) -> None:
-    """Queue a failed or cancelled job again; it continues after its last finished stage and epoch."""
+def resume(store: Store, job_id: str, start: bool = True, trust_code: bool = False) -> None:
+    """Queue a failed or cancelled job again; it continues after its last finished stage and epoch. A job naming user
+    code needs the consent stored with it, or `trust_code` (the user confirms the spec as stored now)."""
     mark_stale_jobs(store)
     job = store.job(job_id)
     if job["status"] not in ("failed", "cancelled"):
         raise StoreError(f"job '{job_id}' is {job['status']}; only failed or cancelled jobs can be resumed")
+    if trust_code:
+        store.update_job(job_id, consent=consent_for(job["config"]["model_spec"]))
+    elif not has_consent(job["config"]["model_spec"], job.get("consent")):
+        require_job_consent(job)
     if job["backend"] == "ray":
         from .ray_backend import release
 
@@ -331,6 +352,10 @@ def _record_failure(store: Store, job_id: str, error: str, tries: int = 5) -> in
 def run_job(store: Store, job_id: str) -> int:
     """The body of a job process: heartbeat, progress and metrics into the store, then done / failed / cancelled."""
     job = store.job(job_id)
+    try:
+        require_job_consent(job)  # checked again here: what is stored now may differ from what was launched
+    except SospError as exc:
+        return _record_failure(store, job_id, str(exc))
     store.update_job(job_id, status="running", pid=os.getpid(), started=job.get("started") or time.time(),
                      heartbeat=time.time(), message="starting")
     stop = threading.Event()

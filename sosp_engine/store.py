@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from .errors import SospError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DB_NAME = "sosp.db"
 WORKSPACE_ENV = "SOSP_WORKSPACE"
 APPLICATION_ID = 0x534F5350  # "SOSP", marks the file as ours
@@ -40,7 +40,11 @@ ALTER TABLE jobs ADD COLUMN run_dir TEXT;
 ALTER TABLE jobs ADD COLUMN node TEXT;
 ALTER TABLE jobs ADD COLUMN remote_seq INTEGER NOT NULL DEFAULT 0;
 """
-MIGRATIONS = {0: SCHEMA_V1, 1: SCHEMA_V2, 2: SCHEMA_V3}
+SCHEMA_V4 = """
+ALTER TABLE jobs ADD COLUMN consent TEXT;
+"""
+MIGRATIONS = {0: SCHEMA_V1, 1: SCHEMA_V2, 2: SCHEMA_V3, 3: SCHEMA_V4}
+JSON_FIELDS = ("config", "summary", "result", "metrics", "data")
 JOB_STATES = ("queued", "starting", "running", "done", "failed", "cancelled")
 
 
@@ -49,8 +53,8 @@ class StoreError(SospError):
 
 
 def default_workspace() -> Path:
-    """`$SOSP_WORKSPACE` or ./workspace."""
-    return Path(os.environ.get(WORKSPACE_ENV, "workspace")).expanduser()
+    """`$SOSP_WORKSPACE` or ./workspace, as an absolute path (a job's runner starts in another folder)."""
+    return Path(os.environ.get(WORKSPACE_ENV, "workspace")).expanduser().resolve()
 
 
 def run_folder(job: dict) -> Path:
@@ -59,15 +63,26 @@ def run_folder(job: dict) -> Path:
 
 
 def _rows(cursor: sqlite3.Cursor) -> list[dict]:
+    """Records as dicts with their JSON fields decoded; a field that is not JSON marks its record `damaged`."""
     names = [c[0] for c in cursor.description]
     out = []
     for row in cursor.fetchall():
         record = dict(zip(names, row))
-        for key in ("config", "summary", "result", "metrics", "data"):
+        for key in JSON_FIELDS:
             if isinstance(record.get(key), str):
-                record[key] = json.loads(record[key])
+                try:
+                    record[key] = json.loads(record[key])
+                except ValueError as exc:
+                    record[key] = None
+                    record.setdefault("damaged", f"its {key} is not JSON ({exc})")
         out.append(record)
     return out
+
+
+def _inside(path: str | Path, folder: Path) -> bool:
+    """Whether `path` resolves (symbolic links followed) to a place strictly inside `folder`."""
+    real, root = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return real != root and real.is_relative_to(root)
 
 
 def _disk_trouble(exc: sqlite3.OperationalError) -> bool:
@@ -80,7 +95,7 @@ class Store:
     """Records of analyses, jobs, their metrics and trained models, plus their artifact folders."""
 
     def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root).expanduser() if root is not None else default_workspace()
+        self.root = Path(root).expanduser().resolve() if root is not None else default_workspace()
         self.artifacts = self.root / "artifacts"
         self.db_path = self.root / DB_NAME
         if self.root.exists() and not self.root.is_dir():
@@ -177,15 +192,44 @@ class Store:
                          (record_id, name, time.time(), config["model_spec"], config["data_spec"], config["method"],
                           json.dumps(config), str(path), json.dumps(summary)))
 
-    def analyses(self) -> list[dict]:
+    def analyses(self, damaged: list[str] | None = None) -> list[dict]:
+        """Every readable analysis record, newest first; unreadable ones are named in `damaged` instead."""
         with self.connection() as conn:
-            return _rows(conn.execute("SELECT * FROM analyses ORDER BY created DESC"))
+            return self._sound("analyses", _rows(conn.execute("SELECT * FROM analyses ORDER BY created DESC")),
+                               damaged)
+
+    def _sound(self, table: str, records: list[dict], damaged: list[str] | None) -> list[dict]:
+        """The records whose fields are readable and whose folders lie in this workspace; the others are described
+        in `damaged` ("ID: why"), never acted on: a stored row is data, and an edited one must not steer a path."""
+        sound = []
+        for record in records:
+            why = record.get("damaged") or self._path_trouble(table, record)
+            if why:
+                if damaged is not None:
+                    damaged.append(f"{record.get('id')}: {why}")
+            else:
+                sound.append(record)
+        return sound
+
+    def _path_trouble(self, table: str, record: dict) -> str | None:
+        if table in ("analyses", "jobs") and not _inside(record.get("path") or "", self.artifacts):
+            return (f"its folder '{record.get('path')}' lies outside the workspace's artifacts folder "
+                    f"'{self.artifacts}'")
+        run_dir = record.get("run_dir") if table == "jobs" else None
+        if run_dir and not (Path(run_dir).is_absolute() and Path(run_dir).name == "run"
+                            and Path(run_dir).parent.name == record.get("id") and ".." not in Path(run_dir).parts):
+            return f"its run folder '{run_dir}' is not ARTIFACTS/{record.get('id')}/run"
+        return None
 
     def _one(self, table: str, what: str, record_id: str) -> dict:
         with self.connection() as conn:
             rows = _rows(conn.execute(f"SELECT * FROM {table} WHERE id = ?", (record_id,)))
         if not rows:
             raise StoreError(f"no {what} with id '{record_id}' in {self.root}")
+        damaged: list[str] = []
+        if not self._sound(table, rows, damaged):
+            raise StoreError(f"the {what} record {damaged[0]}; it is not used. Delete the record ({what} delete "
+                             f"{record_id} --yes removes only files inside the workspace) or repair the database.")
         return rows[0]
 
     def analysis(self, record_id: str) -> dict:
@@ -210,24 +254,30 @@ class Store:
 
     # jobs ---------------------------------------------------------------------------------------------------
     def add_job(self, kind: str, name: str, config: dict, backend: str = "local", address: str | None = None,
-                artifacts: str | Path | None = None) -> str:
-        """Queue a job; its log stays here, its run folder is under `artifacts` (a folder every node reaches) if given."""
+                artifacts: str | Path | None = None, consent: str | None = None) -> str:
+        """Queue a job; its log stays here, its run folder is under `artifacts` (a folder every node reaches) if given;
+        `consent` is the user's signed confirmation of the user code its model spec runs (see consent.py)."""
         record_id, path = self.new_artifact_dir("jobs")
         run_dir = str(Path(artifacts).expanduser().resolve() / record_id / "run") if artifacts else None
         with self.transaction() as conn:
-            conn.execute("INSERT INTO jobs (id, kind, name, config, status, created, path, backend, address, run_dir) "
-                         "VALUES (?,?,?,?,?,?,?,?,?,?)", (record_id, kind, name, json.dumps(config), "queued",
-                                                          time.time(), str(path), backend, address, run_dir))
+            conn.execute("INSERT INTO jobs (id, kind, name, config, status, created, path, backend, address, run_dir, "
+                         "consent) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                         (record_id, kind, name, json.dumps(config), "queued", time.time(), str(path), backend,
+                          address, run_dir, consent))
         return record_id
 
     def job(self, record_id: str) -> dict:
         return self._one("jobs", "job", record_id)
 
-    def jobs(self, status: str | None = None) -> list[dict]:
+    def jobs(self, status: str | None = None, damaged: list[str] | None = None) -> list[dict]:
+        """Readable job records (of one status, oldest first; else all, newest first); unreadable ones go to
+        `damaged` as "ID: why"."""
         with self.connection() as conn:
             if status:
-                return _rows(conn.execute("SELECT * FROM jobs WHERE status = ? ORDER BY created", (status,)))
-            return _rows(conn.execute("SELECT * FROM jobs ORDER BY created DESC"))
+                rows = _rows(conn.execute("SELECT * FROM jobs WHERE status = ? ORDER BY created", (status,)))
+            else:
+                rows = _rows(conn.execute("SELECT * FROM jobs ORDER BY created DESC"))
+        return self._sound("jobs", rows, damaged)
 
     def update_job(self, record_id: str, **fields: Any) -> None:
         if not fields:
@@ -246,8 +296,9 @@ class Store:
             running = conn.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('starting', 'running') AND backend = ?",
                                    (backend,)).fetchone()[0]
             free = max(0, limit - running)
-            rows = _rows(conn.execute("SELECT * FROM jobs WHERE status = 'queued' AND backend = ? ORDER BY created "
-                                      "LIMIT ?", (backend, free)))
+            rows = self._sound("jobs", _rows(conn.execute(
+                "SELECT * FROM jobs WHERE status = 'queued' AND backend = ? ORDER BY created LIMIT ?",
+                (backend, free))), None)
             now = time.time()
             for row in rows:  # the claim is a heartbeat: a watcher must not take a job being launched for a dead one
                 conn.execute("UPDATE jobs SET status = 'starting', heartbeat = ?, pid = NULL WHERE id = ?",
@@ -282,19 +333,30 @@ class Store:
             return _rows(conn.execute("SELECT * FROM metrics WHERE job_id = ? ORDER BY time", (job_id,)))
 
     # deletion ---------------------------------------------------------------------------------------------------
-    def delete(self, kind: str, record_id: str, confirm: bool = False) -> None:
-        """Delete an analysis or job record and its artifacts; refuses unless `confirm` is True."""
+    def delete(self, kind: str, record_id: str, confirm: bool = False) -> list[str]:
+        """Delete an analysis or job record and its artifacts; refuses unless `confirm` is True. Only folders that
+        resolve inside this workspace's artifacts folder are removed: the others (a cluster job's run folder under
+        --artifacts, a path edited in the database) are left and returned, each with why, for the caller to report."""
         if not confirm:
             raise StoreError(f"deleting {kind} '{record_id}' removes its artifacts for good: pass confirm=True (CLI: --yes)")
         table = {"analysis": "analyses", "job": "jobs"}[kind]
-        record = self.analysis(record_id) if kind == "analysis" else self.job(record_id)
+        with self.connection() as conn:
+            rows = _rows(conn.execute(f"SELECT * FROM {table} WHERE id = ?", (record_id,)))
+        if not rows:
+            raise StoreError(f"no {kind} with id '{record_id}' in {self.root}")
+        record = rows[0]
         if kind == "job" and record["status"] in ("running", "starting"):
             raise StoreError(f"job '{record_id}' is still running: cancel it first")
         with self.transaction() as conn:
             conn.execute(f"DELETE FROM {table} WHERE id = ?", (record_id,))
-        path = Path(record["path"])
-        if path.is_dir() and self.artifacts in path.resolve().parents:
-            shutil.rmtree(path)
-        outside = Path(record["run_dir"]).parent if kind == "job" and record.get("run_dir") else None
-        if outside is not None and outside.name == record_id and outside.is_dir():  # the job's folder under --artifacts
-            shutil.rmtree(outside)
+        kept = []
+        folders = [record.get("path")] + ([str(Path(record["run_dir"]).parent)] if record.get("run_dir") else [])
+        for folder in filter(None, folders):
+            if not os.path.lexists(folder):
+                continue
+            if _inside(folder, self.artifacts) and Path(folder).is_dir():
+                shutil.rmtree(folder)
+            else:
+                kept.append(f"{folder} (outside the workspace's artifacts folder {self.artifacts}: not removed; "
+                            "remove it yourself if it is this record's)")
+        return kept

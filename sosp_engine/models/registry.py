@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import re
@@ -149,6 +150,7 @@ def _load_factory(spec: str) -> Callable[..., nn.Module]:
             raise ModelSpecError(f"model file '{path}' does not exist")
         module = load_user_module(f"{USER_MODULE_PREFIX}{abs(hash(str(path.resolve())))}", path)
     else:
+        _require_own_module(target, spec)
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
@@ -161,6 +163,43 @@ def _load_factory(spec: str) -> Callable[..., nn.Module]:
         raise ModelSpecError(f"'{spec}' is not a model factory: give a function or nn.Module class of your own code "
                              "that returns a torch.nn.Module")
     return factory
+
+
+def _module_origin(dotted: str) -> str | None:
+    """The file `dotted` would be imported from, found on sys.path without importing it or its parent packages
+    (None: no such file, or a built-in / frozen module)."""
+    locations: list[str] | None = None  # None: sys.path
+    found = None
+    for part in dotted.split("."):
+        if not part.isidentifier():
+            return None
+        found = importlib.machinery.PathFinder.find_spec(part, locations)
+        if found is None:
+            return None
+        locations = list(found.submodule_search_locations or [])
+    return found.origin if found is not None and found.has_location else None
+
+
+def _installation_folders() -> list[Path]:
+    """Where Python's standard library and installed packages live (their modules are nobody's model code)."""
+    paths = sysconfig.get_paths()
+    folders = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
+    folders |= {p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")}
+    return [Path(folder).resolve() for folder in folders]
+
+
+def _require_own_module(target: str, spec: str) -> None:
+    """Refuse `package.module:factory` before any import unless the module is a file of the user's own code: its
+    import would run whatever an installed or standard module does on import (`this`, `antigravity`, ...)."""
+    origin = _module_origin(target)
+    if origin is None:
+        raise ModelSpecError(f"no module file '{target}' of your own code was found on the Python path for '{spec}'; "
+                             "give path/to/file.py:factory, or run from the folder that holds your package")
+    path = Path(origin).resolve()
+    if any(folder == path or folder in path.parents for folder in _installation_folders()):
+        raise ModelSpecError(f"'{spec}' is not a model factory of your own code: '{target}' is a module of Python "
+                             f"or of an installed package ({path}); nothing was imported. Give path/to/file.py:factory "
+                             "or a module of your own project")
 
 
 def _is_standard_library(obj: object) -> bool:
