@@ -91,8 +91,8 @@ def analysis_progress() -> None:
     st.success(f"Stored as **{plain(record['name'])}** ({plain(current.record_id)}). Timings: "
                + plain(", ".join(f"{k} {v:.2f} s" for k, v in record["summary"]["timings"].items()))
                + f". At most {record['summary']['max_ratio']:.0%} of the structures can be pruned with the cap."
-               + (f" The {record['summary']['memory']}." if record["summary"].get("memory") else "")
-               + (f" Ranked by measured latency: {record['summary']['layer_latency']}."
+               + (f" The {plain(record['summary']['memory'])}." if record["summary"].get("memory") else "")
+               + (f" Ranked by measured latency: {plain(record['summary']['layer_latency'])}."
                   if record["summary"].get("layer_latency") else ""))
     st.info("Open **Pruning ratios** in the sidebar to study its layer-wise profile.")
 
