@@ -9,7 +9,7 @@ from app.export import export_buttons
 from app.guard import user_errors
 from app.state import analysis, workbench_for, workspace
 from app.text import plain, text_only
-from sosp_engine.sensitivity import even_grid, max_reduction, sensitivity_curve
+from sosp_engine.sensitivity import distinct_masks, even_grid, max_reduction, sensitivity_curve
 
 
 def sensitivity_section(record: dict, ratio: float, unit: str) -> None:
@@ -34,7 +34,7 @@ def sensitivity_section(record: dict, ratio: float, unit: str) -> None:
             for i, record_id in enumerate(chosen):
                 result = analysis(record_id)
                 workbench = workbench_for(result)
-                grid = even_grid(int(points), max_reduction(result, workbench.structures, unit))
+                grid = even_grid(int(points), max_reduction(result, workbench.structures, unit), distinct_masks(result))
 
                 def progress(fraction: float, message: str, i: int = i) -> None:
                     bar.progress((i + fraction) / len(chosen), text=plain(f"{names[record_id]}: {message}"))

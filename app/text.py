@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import re
 
-_MARKDOWN = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$:])")
+# what makes links, images, HTML, emphasis, code, tables, maths and icons (`:material/x:`, `http:` autolinks) anywhere
+_INLINE = re.compile(r"([\\`*_{}\[\]<>!|~$:])")
+_WWW = re.compile(r"(?i)\b(www)\.")  # GFM turns a bare www.example.com into a link
+_BLOCK = re.compile(r"(?m)^(\s*)([#+\-=]|\d+(?=[.)]))")  # headings, lists, rules at a line's start
 
 
 def plain(text: object) -> str:
     """`text` with every markdown / HTML control character escaped, so st.markdown-like calls show it as typed."""
-    return _MARKDOWN.sub(r"\\\1", str(text))
+    escaped = _INLINE.sub(r"\\\1", str(text))
+    escaped = _WWW.sub(r"\1\\.", escaped)
+    return _BLOCK.sub(lambda m: m.group(0) + "\\" if m.group(2)[0].isdigit() else m.group(1) + "\\" + m.group(2),
+                      escaped)
 
 
 _TAGS = str.maketrans({"<": "&lt;", ">": "&gt;"})

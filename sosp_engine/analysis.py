@@ -325,8 +325,11 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
     timings: dict[str, float] = {}
     device = resolve_device(config.device)
     start = time.perf_counter()
+    available = len(workbench.data.train_eval)
+    if config.samples > available:
+        raise AnalysisError(f"N' = {config.samples:,} analysis samples were asked for, but the training split of "
+                            f"'{config.data_spec}' holds {available:,}: use --samples {available} or fewer")
     x, y = workbench.data.analysis_samples(config.samples, config.seed)
-    config.samples = len(y)  # what was used: N' beyond the training split is clamped
     timings["samples"] = time.perf_counter() - start
     start = time.perf_counter()
     model = analysed_model(workbench, config, x, device)
@@ -384,6 +387,7 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
             batch = max(1, batch // 2)
             report(progress, 0.0, f"out of memory: retrying with batch size {batch}")
     config.batch_size = batch  # what was used
+    _require_ranking(torch.as_tensor(parts["saliency"]), config, y)
     timings["saliency"] = parts["saliency_seconds"]
     timings["selection"] = parts["selection_seconds"]
     start = time.perf_counter()
@@ -399,6 +403,20 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
                           parts["n_prunable"], timings, weights_fingerprint(model), workbench.structures.signature,
                           parts["first_order"], parts["second_order"], parts["estimate"], exactness=exactness,
                           predicted_prefix=parts["predicted_prefix"], memory=memory, layer_latency=layer_latency)
+
+
+def _require_ranking(saliency: torch.Tensor, config: AnalysisConfig, y: torch.Tensor) -> None:
+    """Refuse to write a mask from saliencies that rank nothing: non-finite, or all zero (the loss did not depend on
+    any structure on these samples: one class only, a dead network, a saturated loss)."""
+    if not bool(torch.isfinite(saliency).all()):
+        raise AnalysisError(f"{config.method} gave non-finite saliencies (NaN or inf): check the weights and the data "
+                            "for overflow, or analyse in float64; no mask was written")
+    if saliency.numel() and not bool(saliency.ne(0).any()):
+        classes = int(y.unique().numel())
+        raise AnalysisError(f"every {config.method} saliency is zero, so the order would be arbitrary; no mask was "
+                            f"written. The {len(y)} analysis samples hold {classes} class{'es' if classes != 1 else ''}"
+                            f"{': a classifier loss needs at least 2' if classes < 2 else ''}; check the data and "
+                            "that the network is not dead (all-zero activations)")
 
 
 def analysed_model(workbench: Workbench, config: AnalysisConfig, x: torch.Tensor, device: torch.device) -> nn.Module:

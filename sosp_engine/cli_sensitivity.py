@@ -10,7 +10,7 @@ from .errors import SospError
 from .loading import open_workbench
 from .records import require_trust
 from .selection import UNITS
-from .sensitivity import even_grid, max_reduction, parse_grid, sensitivity_curve
+from .sensitivity import distinct_masks, even_grid, max_reduction, parse_grid, sensitivity_curve
 
 
 def add_sensitivity_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,8 +38,10 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict | None:
     progress_line(f"loading {config.model_spec} on {config.data_spec} ...")
     wb = open_workbench(config.model_spec, config.data_spec, args.weights or config.weights, config.exclude,
                         config.preset)
-    ratios = parse_grid(args.grid) if args.grid else even_grid(args.points, max_reduction(result, wb.structures,
-                                                                                          args.unit))
+    if args.grid:
+        ratios = parse_grid(args.grid)
+    else:
+        ratios = even_grid(args.points, max_reduction(result, wb.structures, args.unit), distinct_masks(result))
     bar = ProgressLine("sensitivity")
     curve = sensitivity_curve(result, wb, ratios, args.unit, args.split, args.samples, device=args.device,
                               progress=bar)

@@ -157,14 +157,20 @@ def _cifar(name: str, path: str, download: bool) -> DataBundle:
             raise DataSpecError(f"'{folder}' lacks some of the {name.upper()} batches: {files}")
         try:
             data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
-            labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+            labels = np.concatenate([np.asarray(b[label_key]).reshape(-1) for b in batches])
         except (KeyError, ValueError, TypeError) as exc:
             raise DataSpecError(f"the {name.upper()} batches in '{folder}' have an unexpected layout: {exc}") from None
         classes = 10 if name == "cifar10" else 100
-        if len(labels) != len(data) or (len(labels) and (labels.min() < 0 or labels.max() >= classes)):
-            raise DataSpecError(f"the {name.upper()} batches in '{folder}' have {len(data)} images but {len(labels)} "
-                                f"labels, or labels outside 0..{classes - 1}")
-        return torch.as_tensor(data, dtype=torch.uint8), torch.as_tensor(labels, dtype=torch.long)
+        where = f"the {name.upper()} batches {files} in '{folder}'"
+        if len(data) == 0:
+            raise DataSpecError(f"{where} hold no images")
+        if len(labels) != len(data):
+            raise DataSpecError(f"{where} hold {len(data)} images but {len(labels)} labels")
+        if not np.issubdtype(labels.dtype, np.integer):  # 0.5 would silently become class 0
+            raise DataSpecError(f"{where} have labels of type {labels.dtype}, not whole class numbers")
+        if labels.min() < 0 or labels.max() >= classes:
+            raise DataSpecError(f"{where} have labels outside 0..{classes - 1} ({labels.min()} .. {labels.max()})")
+        return torch.as_tensor(data, dtype=torch.uint8), torch.as_tensor(labels.astype(np.int64), dtype=torch.long)
 
     x_train, y_train = read(train_files)
     x_test, y_test = read(test_files)
@@ -212,6 +218,9 @@ def _imagefolder(path: str, image_size: int = 224) -> DataBundle:
         raise DataSpecError(f"image folder '{root}' is unusable: {exc}") from None
     if train.classes != val.classes:
         raise DataSpecError(f"'{root}/train' and '{root}/val' have different class folders")
+    if len(train.classes) < 2:
+        raise DataSpecError(f"'{root}/train' has {len(train.classes)} class folder ({', '.join(train.classes)}): a "
+                            "classifier needs at least 2 classes, one sub-folder of images each")
     return DataBundle(f"imagefolder:{root}", train, train_eval, val, val, len(train.classes), (3, image_size, image_size))
 
 

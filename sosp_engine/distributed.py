@@ -90,6 +90,10 @@ def training_devices(config: TrainConfig) -> list[torch.device]:
         if config.sync_bn:
             raise TrainingError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernel); on CPU leave "
                                 "it out: each process then keeps its own BatchNorm statistics")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if config.nproc > cores:
+            raise TrainingError(f"--nproc {config.nproc} training processes on a CPU with {cores} cores would only "
+                                f"wait on each other: use --nproc {cores} or fewer")
         return [device] * config.nproc
     available = torch.cuda.device_count()
     if config.nproc > available:

@@ -100,7 +100,7 @@ def _add(store: Store, kind: str, name: str, config: dict, start: bool, placemen
     """Queue a job; submitting a spec is the caller's consent to the code it names, stored signed with the job."""
     where = (placement or Placement()).resolved()
     job_id = store.add_job(kind, name, config, where.backend, where.address, where.artifacts,
-                           consent_for(config["model_spec"]))
+                           consent_for(str(config.get("model_spec", ""))))
     if start:
         launch_pending(store)
     return job_id
@@ -254,9 +254,10 @@ def resume(store: Store, job_id: str, start: bool = True, trust_code: bool = Fal
     job = store.job(job_id)
     if job["status"] not in ("failed", "cancelled"):
         raise StoreError(f"job '{job_id}' is {job['status']}; only failed or cancelled jobs can be resumed")
+    spec = str(job["config"].get("model_spec", ""))
     if trust_code:
-        store.update_job(job_id, consent=consent_for(job["config"]["model_spec"]))
-    elif not has_consent(job["config"]["model_spec"], job.get("consent")):
+        store.update_job(job_id, consent=consent_for(spec))
+    elif not has_consent(spec, job.get("consent")):
         require_job_consent(job)
     if job["backend"] == "ray":
         from .ray_backend import release

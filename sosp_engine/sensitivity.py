@@ -43,10 +43,14 @@ class SensitivityCurve:
                 "points": self.table.to_dict(orient="records")}
 
 
-def even_grid(points: int, max_ratio: float) -> list[float]:
-    """`points` ratios from 0 to just under `max_ratio`, evenly spaced."""
+def even_grid(points: int, max_ratio: float, distinct: int | None = None) -> list[float]:
+    """`points` ratios from 0 to just under `max_ratio`, evenly spaced; at most `distinct` (the number of different
+    masks the order gives), since more points would only evaluate the same masks again."""
     if points < 2:
         raise AnalysisError(f"a sensitivity curve needs at least 2 points, got {points}")
+    if distinct is not None and points > distinct:
+        raise AnalysisError(f"{points:,} points asked for, but the pruning order gives only {distinct:,} different "
+                            f"masks: use --points {distinct} or fewer")
     top = max(0.0, max_ratio - 1e-6)
     return [round(top * i / (points - 1), 6) for i in range(points)]
 
@@ -58,6 +62,11 @@ def max_reduction(result: AnalysisResult, structures: StructureSet, unit: str) -
     column = UNITS.index(unit) - 1
     pruned = result.pruned_vector(result.n_prunable)
     return 1 - structures.counts(pruned)[column] / structures.counts()[column]
+
+
+def distinct_masks(result: AnalysisResult) -> int:
+    """How many different masks the stored order gives: each prefix length from none to every prunable structure."""
+    return result.n_prunable + 1
 
 
 def parse_grid(text: str) -> list[float]:
@@ -79,6 +88,9 @@ def sensitivity_curve(result: AnalysisResult, workbench: Workbench, ratios: list
         raise AnalysisError(f"unknown unit '{unit}'; use one of {UNITS}")
     structures = workbench.structures
     result.check_structures(structures)
+    if len(ratios) > distinct_masks(result):
+        raise AnalysisError(f"{len(ratios):,} ratios asked for, but the pruning order gives only "
+                            f"{distinct_masks(result):,} different masks")
     target = resolve_device(device)
     x, _ = workbench.data.analysis_samples(result.config.samples, result.config.seed)
     model = analysed_model(workbench, result.config, x, target)

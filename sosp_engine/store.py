@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -45,6 +46,8 @@ ALTER TABLE jobs ADD COLUMN consent TEXT;
 """
 MIGRATIONS = {0: SCHEMA_V1, 1: SCHEMA_V2, 2: SCHEMA_V3, 3: SCHEMA_V4}
 JSON_FIELDS = ("config", "summary", "result", "metrics", "data")
+ARTIFACT_KINDS = {"analyses": "analyses", "jobs": "jobs"}  # table -> folder of artifacts/ holding ID/
+_PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 JOB_STATES = ("queued", "starting", "running", "done", "failed", "cancelled")
 
 
@@ -212,9 +215,12 @@ class Store:
         return sound
 
     def _path_trouble(self, table: str, record: dict) -> str | None:
-        if table in ("analyses", "jobs") and not _inside(record.get("path") or "", self.artifacts):
-            return (f"its folder '{record.get('path')}' lies outside the workspace's artifacts folder "
-                    f"'{self.artifacts}'")
+        """Why a record's folders cannot be used, or None; its own folder is derived from its id (the stored path
+        is never followed, so a moved workspace keeps working and an edited path steers nothing)."""
+        if table in ARTIFACT_KINDS:
+            if not _PLAIN_ID.fullmatch(str(record.get("id"))):
+                return "its id is not a plain name (letters, digits, '-', '_')"
+            record["path"] = str(self.artifacts / ARTIFACT_KINDS[table] / record["id"])
         run_dir = record.get("run_dir") if table == "jobs" else None
         if run_dir and not (Path(run_dir).is_absolute() and Path(run_dir).name == "run"
                             and Path(run_dir).parent.name == record.get("id") and ".." not in Path(run_dir).parts):
@@ -350,11 +356,12 @@ class Store:
         with self.transaction() as conn:
             conn.execute(f"DELETE FROM {table} WHERE id = ?", (record_id,))
         kept = []
-        folders = [record.get("path")] + ([str(Path(record["run_dir"]).parent)] if record.get("run_dir") else [])
-        for folder in filter(None, folders):
+        folders = [self.artifacts / ARTIFACT_KINDS[table] / record_id] if _PLAIN_ID.fullmatch(record_id) else []
+        folders += [Path(record["run_dir"]).parent] if record.get("run_dir") else []
+        for folder in folders:
             if not os.path.lexists(folder):
                 continue
-            if _inside(folder, self.artifacts) and Path(folder).is_dir():
+            if _inside(folder, self.artifacts) and folder.is_dir():
                 shutil.rmtree(folder)
             else:
                 kept.append(f"{folder} (outside the workspace's artifacts folder {self.artifacts}: not removed; "

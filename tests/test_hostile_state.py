@@ -124,16 +124,26 @@ def test_jobs_delete_never_removes_a_folder_outside_the_workspace(tmp_path, caps
     assert "not removed" in capsys.readouterr().err
 
 
-def test_a_job_path_edited_to_point_outside_the_workspace_is_neither_deleted_nor_used(tmp_path):
+def test_a_stored_job_path_is_never_followed(tmp_path):
     store = Store(tmp_path / "ws")
     victim = tmp_path / "elsewhere"
     victim.mkdir()
     job_id = queued_job(store)
     edit_job(store, job_id, status="done", path=str(victim))
+    assert store.job(job_id)["path"] == str(store.artifacts / "jobs" / job_id)
+    store.delete("job", job_id, confirm=True)
+    assert victim.is_dir()
+
+
+def test_a_job_id_that_is_not_a_plain_name_is_listed_as_damaged_and_removes_nothing(tmp_path):
+    store = Store(tmp_path / "ws")
+    (tmp_path / "ws" / "keep").mkdir()
+    job_id = queued_job(store)
+    edit_job(store, job_id, status="done", id="../../keep")
     damaged: list[str] = []
-    assert store.jobs(damaged=damaged) == [] and job_id in damaged[0] and "outside" in damaged[0]
-    kept = store.delete("job", job_id, confirm=True)
-    assert victim.is_dir() and kept
+    assert store.jobs(damaged=damaged) == [] and "not a plain name" in damaged[0]
+    store.delete("job", "../../keep", confirm=True)
+    assert (tmp_path / "ws" / "keep").is_dir()
 
 
 def test_a_symbolic_link_inside_the_artifacts_folder_does_not_lead_a_deletion_out(tmp_path):
@@ -142,22 +152,24 @@ def test_a_symbolic_link_inside_the_artifacts_folder_does_not_lead_a_deletion_ou
     victim.mkdir()
     (victim / "keep.txt").write_text("x")
     job_id = queued_job(store)
-    link = store.artifacts / "jobs" / "link"
-    link.symlink_to(victim)
-    edit_job(store, job_id, status="done", path=str(link))
-    store.delete("job", job_id, confirm=True)
-    assert (victim / "keep.txt").exists()
+    own = store.artifacts / "jobs" / job_id
+    for item in own.iterdir():
+        item.unlink()
+    own.rmdir()
+    own.symlink_to(victim)
+    edit_job(store, job_id, status="done")
+    kept = store.delete("job", job_id, confirm=True)
+    assert (victim / "keep.txt").exists() and kept
 
 
-def test_an_analysis_record_pointing_outside_the_workspace_is_not_read(tmp_path):
-    from sosp_engine.records import load_stored_analysis
-    from sosp_engine.store import StoreError
+def test_a_moved_workspace_keeps_its_records_usable(tmp_path):
+    import shutil
 
     store = Store(tmp_path / "ws")
-    store.add_analysis("a1", "x", {"model_spec": "resnet20", "data_spec": "digits", "method": "random"},
-                       tmp_path / "elsewhere", {})
-    with pytest.raises(StoreError, match="outside the workspace"):
-        load_stored_analysis(store, "a1")
+    job_id = queued_job(store)
+    shutil.move(tmp_path / "ws", tmp_path / "moved")
+    moved = Store(tmp_path / "moved")
+    assert moved.job(job_id)["path"] == str(moved.artifacts / "jobs" / job_id)
 
 
 def test_one_job_row_whose_config_is_not_json_does_not_hide_the_others(tmp_path, capsys):

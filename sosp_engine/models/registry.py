@@ -191,6 +191,9 @@ def _installation_folders() -> list[Path]:
 def _require_own_module(target: str, spec: str) -> None:
     """Refuse `package.module:factory` before any import unless the module is a file of the user's own code: its
     import would run whatever an installed or standard module does on import (`this`, `antigravity`, ...)."""
+    if target.split(".")[0] in sys.builtin_module_names or importlib.machinery.FrozenImporter.find_spec(target):
+        raise ModelSpecError(f"'{spec}' is not a model factory of your own code: '{target}' is built into Python; "
+                             "nothing was imported")
     origin = _module_origin(target)
     if origin is None:
         raise ModelSpecError(f"no module file '{target}' of your own code was found on the Python path for '{spec}'; "
