@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import save_atomically
+from .atomic import load_verified, save_atomically
 from .devices import full_float32
-from .errors import AnalysisError, is_out_of_memory
+from .errors import AnalysisError, CheckpointError, is_out_of_memory
 from .exactness import exactness_report
 from .latency import LATENCY_UNIT, LatencyProfile
 from .loading import Workbench
@@ -196,10 +196,10 @@ class AnalysisResult:
         folder = Path(folder)
         try:
             meta = json.loads((folder / "analysis.json").read_text())
-            tensors = torch.load(folder / "tensors.pt", map_location="cpu", weights_only=True)
+            tensors = load_verified(folder / "tensors.pt")
         except FileNotFoundError:
             raise AnalysisError(f"'{folder}' holds no saved analysis (analysis.json and tensors.pt)") from None
-        except (json.JSONDecodeError, RuntimeError, EOFError, OSError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, RuntimeError, EOFError, OSError, UnicodeDecodeError, CheckpointError) as exc:
             first = str(exc).split(". ")[0].strip()  # torch's zip reader appends paragraphs of advice
             raise AnalysisError(f"the analysis in '{folder}' is damaged ({first}): run the analysis again") from None
         if meta.get("format") != RESULT_FORMAT:

@@ -1,22 +1,52 @@
-"""Files written whole or not at all: a temporary name, then a rename; a full disk is named as such."""
+"""Files written whole or not at all, and read back only as written: a temporary name then a rename, a checksum beside
+each file, the previous version kept where a resume needs one; a full disk or a file size limit is named as such."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import resource
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 
 import torch
 
-from .errors import SospError
+from .errors import CheckpointError, SospError
+
+CHECKSUM_SUFFIX = ".sha256"
+PREVIOUS_SUFFIX = ".prev"
+MAX_EXPANSION = 20  # declared bytes per stored byte; torch.save stores tensors uncompressed (about 1x)
+FULL_BELOW_BYTES = 1 << 20
 
 
 class DiskFullError(SospError):
     """The disk filled up while an artifact was written (nothing half-written is left behind)."""
 
 
-def save_atomically(obj: object, path: str | Path) -> Path:
-    """torch.save to a temporary name, then rename: readers see the old file or the new one, never half of one."""
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def previous_path(path: Path) -> Path:
+    return path.with_name(path.name + PREVIOUS_SUFFIX)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_atomically(obj: object, path: str | Path, keep_previous: bool = False) -> Path:
+    """torch.save to a temporary name, then rename: readers see the old file or the new one, never half of one.
+
+    The file's SHA-256 is written beside it (`NAME.sha256`) and checked by `load_verified`; with `keep_previous`,
+    the file it replaces stays as `NAME.prev` (with its checksum), for a resume when the newest is damaged.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -25,14 +55,33 @@ def save_atomically(obj: object, path: str | Path) -> Path:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        checksum_tmp = checksum_path(tmp)
+        checksum_tmp.write_text(file_digest(tmp) + "\n")
     except (OSError, RuntimeError) as exc:
-        full = _disk_full(exc, path.parent)  # torch's zip writer words ENOSPC as "unexpected pos" / iostream errors
-        tmp.unlink(missing_ok=True)
-        if full:
-            raise DiskFullError(f"disk full (ENOSPC) while saving {path}: free space, then resume") from None
-        raise
+        raise _write_error(exc, path, tmp) from None
+    if keep_previous and path.is_file():
+        path.replace(previous_path(path))
+        if checksum_path(path).is_file():
+            checksum_path(path).replace(checksum_path(previous_path(path)))
     tmp.replace(path)
+    checksum_tmp.replace(checksum_path(path))
     return path
+
+
+def _write_error(exc: Exception, path: Path, tmp: Path) -> Exception:
+    """The error to raise for a failed write, after removing the partial file: a full disk and a file size limit are
+    said in words (torch's zip writer reports both as "unexpected pos ...")."""
+    written = tmp.stat().st_size if tmp.exists() else 0
+    for partial in (tmp, checksum_path(tmp)):
+        partial.unlink(missing_ok=True)
+    if _disk_full(exc, path.parent):
+        return DiskFullError(f"disk full (ENOSPC) while saving {path}: free space, then resume")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if (isinstance(exc, OSError) and exc.errno == errno.EFBIG) or (
+            limit != resource.RLIM_INFINITY and written + (1 << 20) >= limit):
+        return SospError(f"the file size limit (ulimit -f: {limit:,} bytes) stopped writing {path} after "
+                         f"{written:,} bytes: raise it (ulimit -f unlimited), then resume")
+    return exc
 
 
 def _disk_full(exc: Exception, folder: Path) -> bool:
@@ -45,4 +94,70 @@ def _disk_full(exc: Exception, folder: Path) -> bool:
         return False
 
 
-FULL_BELOW_BYTES = 1 << 20
+def check_declared_size(path: Path, budget: int) -> None:
+    """Refuse a torch file whose zip directory declares more bytes than it could hold or than `budget` (a zip bomb
+    takes gigabytes to unpack from a megabyte); read before anything is unpacked."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"'{path}' is a damaged zip archive ({exc}); it is not a loadable torch file") from None
+    stored = path.stat().st_size
+    if declared > MAX_EXPANSION * stored + (1 << 20):
+        raise CheckpointError(f"'{path}' declares {declared:,} bytes unpacked from {stored:,} on disk (more than "
+                              f"{MAX_EXPANSION}x): a torch checkpoint is stored uncompressed, so this is no checkpoint "
+                              "of ours and was not unpacked")
+    if declared > budget:
+        raise CheckpointError(f"'{path}' unpacks to {declared:,} bytes, more than the {budget:,} bytes of memory "
+                              "available: free memory or use a machine with more")
+
+
+def verify_checksum(path: Path) -> None:
+    """Compare a file with the checksum written beside it, if there is one (files from elsewhere have none)."""
+    recorded = checksum_path(path)
+    if not recorded.is_file():
+        return
+    expected = recorded.read_text().strip()
+    if file_digest(path) != expected:
+        raise CheckpointError(f"'{path}' does not match the checksum recorded when it was written ({recorded}): it "
+                              "was changed or damaged on disk. Restore it from a copy, or delete it (and its "
+                              ".sha256) to redo the work that wrote it")
+
+
+def load_verified(path: str | Path, map_location: str | torch.device = "cpu", budget: int | None = None) -> object:
+    """torch.load with weights_only=True, after the size and checksum checks; a failure names the file."""
+    path = Path(path)
+    if budget is None:
+        from .devices import available_memory
+
+        budget = available_memory(torch.device("cpu"))
+    check_declared_size(path, budget)
+    verify_checksum(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"'{path}' cannot be read as a torch file ({type(exc).__name__}: "
+                              f"{(str(exc).splitlines() or [''])[0][:200]})") from None
+
+
+def load_with_fallback(path: str | Path, map_location: str | torch.device = "cpu") -> object:
+    """A resume checkpoint, or the one before it when the newest is damaged; both bad: an error naming them."""
+    path = Path(path)
+    try:
+        return load_verified(path, map_location)
+    except CheckpointError as newest:
+        previous = previous_path(path)
+        if not previous.is_file():
+            raise CheckpointError(f"{newest} No earlier checkpoint is kept; delete '{path}' to restart this stage "
+                                  "from its first epoch") from None
+        try:
+            state = load_verified(previous, map_location)
+        except CheckpointError as older:
+            raise CheckpointError(f"{newest} The one before it is damaged too: {older} Delete both to restart this "
+                                  "stage from its first epoch") from None
+        print(f"warning: {newest} Resuming from the checkpoint before it, {previous}.", file=sys.stderr, flush=True)
+        return state

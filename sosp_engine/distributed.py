@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
-from .atomic import save_atomically
+from .atomic import load_verified, save_atomically
 from .data import DataBundle
 from .devices import DeviceError, resolve_device
 from .models.registry import USER_MODULE_PREFIX, load_user_module
@@ -197,7 +197,7 @@ def train_distributed(model: nn.Module, data: DataBundle, config: TrainConfig, c
         if not (folder / "final.pt").exists():
             raise TrainingError("the distributed training ended without its result; resume to continue from the last "
                                 "epoch checkpoint")
-        final = torch.load(folder / "final.pt", map_location="cpu", weights_only=True)
+        final = load_verified(folder / "final.pt")
         model.load_state_dict(final["model"])
         outcome = final["result"]
         return TrainResult([EpochRecord(**h) for h in outcome["history"]], outcome["test_loss"], outcome["test_acc"],

@@ -14,6 +14,7 @@ from .errors import MaskError
 from .structures import StructureSet, architecture_signature, build_graph
 
 MASK_FORMAT = "sosp-mask/1"
+MASK_FILE_LIMIT = 16 << 20  # bytes; about 35 bytes a structure, so ~480k structures
 
 
 def layer_table(structures: StructureSet, mask: Iterable[str] = ()) -> pd.DataFrame:
@@ -182,11 +183,20 @@ def save_mask(path: str | Path, structures: StructureSet, mask: Iterable[str], *
     return path
 
 
+def _mask_text(path: Path) -> str:
+    """A mask file's text, refused unread when it is larger than any mask (a JSON parser takes ~15x its size)."""
+    size = path.stat().st_size
+    if size > MASK_FILE_LIMIT:
+        raise MaskError(f"mask file '{path}' is {size:,} bytes; a mask of even the largest model is under "
+                        f"{MASK_FILE_LIMIT:,}, so it was not read")
+    return path.read_text()
+
+
 def mask_meta(path: str | Path) -> dict:
     """The metadata (method, ratio, unit, ...) stored with a mask file; {} when there is none or it is unreadable."""
     try:
-        payload = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        payload = json.loads(_mask_text(Path(path)))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, MaskError):
         return {}
     meta = payload.get("meta") if isinstance(payload, dict) else None
     return meta if isinstance(meta, dict) else {}
@@ -196,9 +206,11 @@ def load_mask(path: str | Path, structures: StructureSet | None = None) -> set[s
     """Read a mask JSON; with `structures`, check that it belongs to that architecture."""
     path = Path(path)
     try:
-        payload = json.loads(path.read_text())
+        payload = json.loads(_mask_text(path))
     except FileNotFoundError:
         raise MaskError(f"mask file '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise MaskError(f"mask file '{path}' is a folder: give the mask.json inside it") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MaskError(f"mask file '{path}' is not valid JSON: {exc}") from None
     except OSError as exc:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DataBundle
-from .atomic import save_atomically
+from .atomic import load_with_fallback, save_atomically
 from .devices import deterministic_kernels, resolve_device
 from .errors import SospError
 
@@ -197,7 +197,7 @@ def run_training(model: nn.Module, data: DataBundle, config: TrainConfig, team, 
     start_epoch = 0
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     if ckpt_path is not None and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        state = load_with_fallback(ckpt_path, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -246,7 +246,8 @@ def run_training(model: nn.Module, data: DataBundle, config: TrainConfig, team, 
         if ckpt_path is not None:
             save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                             "history": [asdict(h) for h in result.history], "config": asdict(config)}, ckpt_path)
+                             "history": [asdict(h) for h in result.history], "config": asdict(config)}, ckpt_path,
+                            keep_previous=True)
     if writer:
         result.test_loss, result.test_acc = evaluate(model, data.loader("test", 512), device, config.amp)
     return result

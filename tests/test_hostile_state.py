@@ -237,3 +237,225 @@ def test_chart_titles_and_names_show_tags_as_text():
     fig = text_only(px.bar(pd.DataFrame({"run": [name], "acc": [1.0]}), x="run", y="acc", color="run", title=name))
     assert "<a" not in fig.layout.title.text and "<a" not in fig.data[0].name and "<a" not in fig.data[0].x[0]
     assert text_only(fig).layout.title.text == fig.layout.title.text  # escaping twice changes nothing
+
+
+# --- counts are bounded by the machine and the data ------------------------------------------------------------------
+def test_more_analysis_samples_than_the_data_holds_is_a_clear_error(tmp_path, capsys):
+    code = main(["analyze", "--model", "resnet20", "--data", "synthetic:3,8,8:3", "--method", "magnitude",
+                 "--samples", "1000000000", "--out", str(tmp_path / "a")])
+    assert code == 2 and "holds 256" in capsys.readouterr().err
+
+
+def test_more_sensitivity_points_than_distinct_masks_is_a_clear_error():
+    from sosp_engine.errors import AnalysisError
+    from sosp_engine.sensitivity import even_grid
+
+    with pytest.raises(AnalysisError, match="only 17 different masks"):
+        even_grid(100_000_000, 0.9, distinct=17)
+
+
+def test_more_training_processes_than_cpu_cores_is_a_clear_error():
+    import os
+
+    from sosp_engine.distributed import training_devices
+    from sosp_engine.errors import SospError
+    from sosp_engine.training import TrainConfig
+
+    with pytest.raises(SospError, match="cores"):
+        training_devices(TrainConfig(nproc=len(os.sched_getaffinity(0)) + 1, device="cpu"))
+
+
+# --- files are checked before they are read --------------------------------------------------------------------------
+def test_a_zip_bomb_checkpoint_is_refused_before_it_is_unpacked(tmp_path):
+    import zipfile
+
+    from sosp_engine.errors import CheckpointError
+    from sosp_engine.models import read_checkpoint
+
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data/0", b"\0" * (64 << 20))
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(CheckpointError, match="declares"):
+        read_checkpoint(bomb)
+
+
+def test_a_checkpoint_larger_unpacked_than_the_memory_budget_is_refused(tmp_path):
+    import torch
+
+    from sosp_engine.atomic import load_verified
+    from sosp_engine.errors import CheckpointError
+
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.zeros(1000)}, path)
+    with pytest.raises(CheckpointError, match="more than the 100 bytes"):
+        load_verified(path, budget=100)
+
+
+def test_an_oversized_mask_file_is_refused_unread(tmp_path, monkeypatch):
+    import sosp_engine.masks as masks
+    from sosp_engine.errors import MaskError
+
+    monkeypatch.setattr(masks, "MASK_FILE_LIMIT", 1000)
+    path = tmp_path / "mask.json"
+    path.write_text(json.dumps({"format": masks.MASK_FORMAT, "pruned": ["x:1"] * 1000}))
+    with pytest.raises(MaskError, match="was not read"):
+        masks.load_mask(path)
+
+
+def test_a_checkpoint_with_flipped_bytes_fails_its_checksum(tmp_path):
+    import torch
+
+    from sosp_engine.atomic import save_atomically
+    from sosp_engine.errors import CheckpointError
+    from sosp_engine.models import read_checkpoint
+
+    path = save_atomically({"w": torch.randn(4096)}, tmp_path / "w.pt")
+    raw = bytearray(path.read_bytes())
+    raw[-6000:-2000] = bytes(4000)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum"):
+        read_checkpoint(path)
+
+
+def test_a_resume_checkpoint_that_is_damaged_falls_back_to_the_one_before(tmp_path, capsys):
+    import torch
+
+    from sosp_engine.atomic import load_with_fallback, save_atomically
+
+    path = tmp_path / "last.pt"
+    save_atomically({"epoch": 1}, path, keep_previous=True)
+    save_atomically({"epoch": 2}, path, keep_previous=True)
+    path.write_bytes(b"garbage")
+    assert load_with_fallback(path)["epoch"] == 1
+    assert "last.pt" in capsys.readouterr().err
+
+
+def test_a_resume_with_no_good_checkpoint_names_the_file_and_what_to_do(tmp_path):
+    from sosp_engine.atomic import load_with_fallback
+    from sosp_engine.errors import CheckpointError
+
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match=r"last\.pt.*delete"):
+        load_with_fallback(path)
+
+
+def test_a_file_size_limit_while_saving_is_named(tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    script = (f"import resource, torch\nresource.setrlimit(resource.RLIMIT_FSIZE, (200000, {resource.RLIM_INFINITY}))\n"
+              "from sosp_engine.atomic import save_atomically\n"
+              f"save_atomically({{'w': torch.zeros(200000)}}, {str(tmp_path / 'big.pt')!r})\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "ulimit -f" in run.stderr and not (tmp_path / "big.pt").exists()
+
+
+# --- checkpoints the model cannot use are named ----------------------------------------------------------------------
+def _demo_state():
+    return build_model("resnet20").state_dict()
+
+
+def test_a_checkpoint_with_negative_batchnorm_variance_is_refused(tmp_path):
+    import torch
+
+    from sosp_engine.errors import CheckpointError
+    from sosp_engine.models import load_weights
+
+    state = _demo_state()
+    state["bn1.running_var"][0] = -1.0
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="negative BatchNorm variances in bn1.running_var"):
+        load_weights(build_model("resnet20"), tmp_path / "w.pt")
+
+
+def test_a_complex_checkpoint_is_called_complex(tmp_path):
+    import torch
+
+    from sosp_engine.errors import CheckpointError
+    from sosp_engine.models import load_weights
+
+    state = {k: v.to(torch.complex64) if v.is_floating_point() else v for k, v in _demo_state().items()}
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="complex tensors"):
+        load_weights(build_model("resnet20"), tmp_path / "w.pt")
+
+
+def test_a_folder_given_as_weights_is_called_a_folder(tmp_path):
+    from sosp_engine.errors import CheckpointError
+    from sosp_engine.models import read_checkpoint
+
+    with pytest.raises(CheckpointError, match="is a folder"):
+        read_checkpoint(tmp_path)
+
+
+# --- data that would give a silently wrong answer ---------------------------------------------------------------------
+def test_a_one_class_image_folder_is_refused(tmp_path):
+    from PIL import Image
+
+    from sosp_engine.data import load_data
+    from sosp_engine.errors import DataSpecError
+
+    for split in ("train", "val"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / split / "cat" / "a.png")
+    with pytest.raises(DataSpecError, match="at least 2 classes"):
+        load_data(f"imagefolder:{tmp_path}")
+
+
+def _cifar_folder(tmp_path: Path, labels, images: int = 10) -> Path:
+    import pickle
+
+    import numpy as np
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": np.zeros((images, 3072), dtype=np.uint8) if images else [], "labels": labels}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return tmp_path
+
+
+def test_fractional_cifar_labels_are_refused_not_truncated(tmp_path):
+    from sosp_engine.data import load_data
+    from sosp_engine.errors import DataSpecError
+
+    with pytest.raises(DataSpecError, match="not whole class numbers"):
+        load_data(f"cifar10:{_cifar_folder(tmp_path, [0.5] * 10)}")
+
+
+def test_an_empty_cifar_batch_says_it_holds_no_images(tmp_path):
+    from sosp_engine.data import load_data
+    from sosp_engine.errors import DataSpecError
+
+    with pytest.raises(DataSpecError, match="hold no images"):
+        load_data(f"cifar10:{_cifar_folder(tmp_path, [], images=0)}")
+
+
+def test_saliencies_that_are_all_zero_write_no_mask(tmp_path):
+    import torch
+
+    from sosp_engine.analysis import _require_ranking, AnalysisConfig
+    from sosp_engine.errors import AnalysisError
+
+    with pytest.raises(AnalysisError, match="1 class"):
+        _require_ranking(torch.zeros(5), AnalysisConfig(method="sosp-h"), torch.zeros(4, dtype=torch.long))
+
+
+# --- paths and pipes ---------------------------------------------------------------------------------------------------
+def test_a_relative_workspace_is_resolved_once_to_an_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Store("ws").root == tmp_path / "ws"
+
+
+def test_a_closed_pipe_ends_the_cli_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    store = Store(tmp_path / "ws")
+    job_id = queued_job(store)
+    run = subprocess.run(f"{sys.executable} -m sosp_engine jobs show {job_id} --workspace {store.root} | head -1",
+                         shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "{" and "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import load_verified
 from ..errors import CheckpointError
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
@@ -34,16 +35,15 @@ def _unwrap(obj: object) -> dict[str, torch.Tensor]:
 def read_checkpoint(path: str | Path) -> object:
     """The object stored in a checkpoint file, read with `weights_only=True` (no code runs)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is a folder: give the weights file inside it (.pt / .pth)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"'{path}' is not a loadable weights file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
-            "Only plain state_dicts are accepted; save with torch.save(model.state_dict(), path)"
-        ) from None
-    return obj
+        return load_verified(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}. Only plain state_dicts are accepted; save with "
+                              "torch.save(model.state_dict(), path)") from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -69,19 +69,31 @@ def load_weights(model: nn.Module, path: str | Path, checkpoint: object = None) 
             parts.append(f"mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped[:8])}")
         raise CheckpointError(f"checkpoint '{path}' does not fit the model: " + " | ".join(parts)
                               + ". Check the model spec (architecture, widths, num_classes, in_channels).")
-    mistyped = [f"{k} ({state[k].dtype})" for k in own if own[k].is_floating_point() and not state[k].is_floating_point()]
+    mistyped = [k for k in own if own[k].is_floating_point() and not state[k].is_floating_point()]
     if mistyped:
-        raise CheckpointError(f"checkpoint '{path}' holds integer tensors where the model has float weights: "
-                              f"{', '.join(mistyped[:5])}; it is not a weights file of this model")
+        kinds = sorted({_dtype_kind(state[k].dtype) for k in mistyped})
+        raise CheckpointError(f"checkpoint '{path}' holds {' and '.join(kinds)} tensors where the model has real "
+                              f"float weights: {', '.join(f'{k} ({state[k].dtype})' for k in mistyped[:5])}; it is "
+                              "not a weights file of this model")
     nonfinite = [k for k in own if state[k].is_floating_point() and not bool(state[k].isfinite().all())]
     if nonfinite:
         raise CheckpointError(f"checkpoint '{path}' holds NaN or infinite values in {', '.join(nonfinite[:5])}"
                               f"{' ...' if len(nonfinite) > 5 else ''}: the training that wrote it diverged")
+    negative = [k for k in own if k.endswith("running_var") and bool((state[k] < 0).any())]
+    if negative:
+        raise CheckpointError(f"checkpoint '{path}' holds negative BatchNorm variances in {', '.join(negative[:5])}: "
+                              "a variance is never negative, so the file is damaged or was edited")
     if getattr(state, "_metadata", None) is None:  # a re-packed state_dict: assume this model's module versions
         state = OrderedDict(state)
         state._metadata = getattr(own, "_metadata", None)
     model.load_state_dict(state)
     return model
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "complex"
+    return "boolean" if dtype == torch.bool else "integer"
 
 
 def weights_fingerprint(model: nn.Module) -> str:
