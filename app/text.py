@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import re
 
-# what makes links, images, HTML, emphasis, code, tables, maths and icons (`:material/x:`, `http:` autolinks) anywhere
+# what makes links, images, HTML, emphasis, code, tables, maths and icons (`:material/x:`) anywhere
 _INLINE = re.compile(r"([\\`*_{}\[\]<>!|~$:])")
-_WWW = re.compile(r"(?i)\b(www)\.")  # GFM turns a bare www.example.com into a link
+# GFM turns bare http://..., www.... and a@b.c into links whatever is escaped: an invisible word joiner breaks them
+_AUTOLINK = re.compile(r"(?i)(\b(?:https?|ftp|www|mailto)(?=\\?[:.])|@)")
+WORD_JOINER = "\u2060"
 _BLOCK = re.compile(r"(?m)^(\s*)([#+\-=]|\d+(?=[.)]))")  # headings, lists, rules at a line's start
 
 
 def plain(text: object) -> str:
     """`text` with every markdown / HTML control character escaped, so st.markdown-like calls show it as typed."""
     escaped = _INLINE.sub(r"\\\1", str(text))
-    escaped = _WWW.sub(r"\1\\.", escaped)
+    escaped = _AUTOLINK.sub(lambda m: m.group(1) + WORD_JOINER, escaped)
     return _BLOCK.sub(lambda m: m.group(0) + "\\" if m.group(2)[0].isdigit() else m.group(1) + "\\" + m.group(2),
                       escaped)
 

@@ -149,3 +149,37 @@ def test_a_tiny_study_launches_from_the_studies_page_and_charts_its_cells(server
         page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
         assert page.locator("[data-testid='stException']").count() == 0
         page.screenshot(path=str(shots / "studies.png"), full_page=True)
+
+
+def test_a_link_naming_user_code_runs_nothing_before_the_confirmation(server, tmp_path):
+    server, _ = server
+    marker = tmp_path / "evil-ran"
+    evil = tmp_path / "evil.py"
+    evil.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\ndef f():\n    return None\n")
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(f"{server}/?model={evil}%3Af&data=digits")
+        page.get_by_role("button", name="Run this code").wait_for(timeout=60_000)
+        page.wait_for_timeout(1500)
+        assert not marker.exists()
+        page.get_by_role("button", name="Run this code").click()
+        page.get_by_text("not a torch.nn.Module").first.wait_for(timeout=60_000)
+        assert marker.exists()  # the click, in this session, is the consent
+
+
+def test_markdown_in_user_text_shows_as_text_in_errors(server):
+    server, _ = server
+    spec = "digits ![t](http://127.0.0.1:9/i.png) [click](http://127.0.0.1:9/) <b>bold</b>"
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(server)
+        page.get_by_role("textbox", name="Data spec").wait_for(timeout=60_000)
+        page.get_by_role("textbox", name="Data spec").fill(spec)
+        page.get_by_role("button", name="Load model").click()
+        error = page.locator("[data-testid='stAlertContentError']").first
+        error.wait_for(timeout=60_000)
+        text = error.inner_text().replace("\u2060", "")  # the word joiner that keeps a bare URL from linking
+        assert "[click](http://127.0.0.1:9/)" in text and "<b>bold</b>" in text
+        live = page.locator("a[href*='127.0.0.1:9'], img[src*='127.0.0.1:9'], b:text('bold')")
+        assert live.count() == 0, [live.nth(i).evaluate("e => e.outerHTML") for i in range(live.count())]
+

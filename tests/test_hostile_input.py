@@ -96,7 +96,7 @@ def test_csv_exports_neutralise_formulas():
 def test_names_are_shown_as_text_not_markdown():
     from app.text import plain
 
-    assert plain("![x](http://evil/img.png)") == r"\!\[x\](http\://evil/img.png)"
+    assert plain("![x](http://evil/img.png)") == r"\!\[x\](http" + "\u2060" + r"\://evil/img.png)"
 
 
 def nan_checkpoint(path):

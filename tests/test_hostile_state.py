@@ -2,6 +2,7 @@
 never hang the queue and never give a silently wrong answer."""
 import ast
 import json
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from test_browser import server  # noqa: F401 (the dashboard on a free port)
 from sosp_engine.cli import main
 from sosp_engine.consent import has_consent, sign
 from sosp_engine.errors import ModelSpecError
@@ -459,3 +461,23 @@ def test_a_closed_pipe_ends_the_cli_quietly(tmp_path):
     run = subprocess.run(f"{sys.executable} -m sosp_engine jobs show {job_id} --workspace {store.root} | head -1",
                          shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.stdout.strip() == "{" and "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr
+
+
+# --- the dashboard answers only its own host -------------------------------------------------------------------------
+def _websocket_status(url: str, host: str, origin: str) -> str:
+    """The status line the app's WebSocket endpoint answers to an upgrade request with these Host and Origin."""
+    port = int(url.rsplit(":", 1)[1])
+    request = (f"GET /_stcore/stream HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+               "Sec-WebSocket-Protocol: streamlit\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(request.encode())
+        return conn.recv(4096).decode(errors="replace").split("\r\n")[0]
+
+
+def test_the_websocket_refuses_a_foreign_host_or_origin(server):
+    url, _ = server
+    local = url.split("//")[1]
+    assert " 101 " in _websocket_status(url, local, f"http://{local}")
+    assert " 101 " not in _websocket_status(url, "evil.example", "http://evil.example")  # DNS rebinding
+    assert " 101 " not in _websocket_status(url, local, "http://evil.example")  # another site's page
