@@ -17,6 +17,7 @@ CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 
 CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
 SYNTHETIC_TRAIN = 256
 SYNTHETIC_MAX = 100_000
+MAX_IMAGE_PIXELS = 64_000_000  # an image folder's image, before it is decoded (~190 MB as RGB)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -192,8 +193,12 @@ def _image(path: str):
 
     try:
         with open(path, "rb") as fh:
-            return Image.open(fh).convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
+            image = Image.open(fh)  # reads the header only: the declared size is checked before decoding
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise DataSpecError(f"'{path}' in the image folder declares {image.width}x{image.height} pixels, "
+                                    f"more than {MAX_IMAGE_PIXELS:,}: shrink or remove it")
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise DataSpecError(f"'{path}' in the image folder is not a readable image ({type(exc).__name__}): "
                             "remove or replace it") from None
 

@@ -481,3 +481,15 @@ def test_the_websocket_refuses_a_foreign_host_or_origin(server):
     assert " 101 " in _websocket_status(url, local, f"http://{local}")
     assert " 101 " not in _websocket_status(url, "evil.example", "http://evil.example")  # DNS rebinding
     assert " 101 " not in _websocket_status(url, local, "http://evil.example")  # another site's page
+
+
+def test_an_image_declaring_more_pixels_than_any_photo_is_refused_before_decoding(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import sosp_engine.data as data
+    from sosp_engine.errors import DataSpecError
+
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100)
+    Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
+    with pytest.raises(DataSpecError, match="declares 20x20 pixels"):
+        data._image(str(tmp_path / "big.png"))
