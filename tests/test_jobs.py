@@ -169,9 +169,9 @@ import sosp_engine.training as training
 _save = training.save_atomically
 
 
-def _save_then_die(obj, path):
+def _save_then_die(obj, path, **options):
     """Publish the epoch's checkpoint, then die before anything else runs: once per epoch listed in the mark."""
-    out = _save(obj, path)
+    out = _save(obj, path, **options)
     mark = Path(os.environ["SOSP_TEST_KILL_MARK"])
     if Path(path).name == "last.pt" and str(obj["epoch"]) in os.environ["SOSP_TEST_KILL_EPOCHS"].split(","):
         done = mark.with_name(f"{mark.name}.{obj['epoch']}")

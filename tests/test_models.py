@@ -58,8 +58,13 @@ def test_user_factory_from_file(user_model_spec):
 
 
 def test_user_factory_from_module_path():
-    model = build_model("torch.nn:Identity")
-    assert isinstance(model, torch.nn.Identity)
+    model = build_model("tests.fixtures.user_model:build")
+    assert isinstance(model, torch.nn.Module)
+
+
+def test_a_factory_of_an_installed_package_is_refused_unimported():
+    with pytest.raises(ModelSpecError, match="installed package"):
+        build_model("torch.nn:Identity")
 
 
 @pytest.mark.parametrize("spec,fragment", [
@@ -68,7 +73,7 @@ def test_user_factory_from_module_path():
     ("/nonexistent/file.py:build", "does not exist"),
     ("resnet20:widths=16,32", "3 stages"),
     ("resnet20:depth=4", "unknown model option"),
-    ("torch.nn:not_there", "no callable"),
+    ("tests.fixtures.user_model:not_there", "no callable"),
 ])
 def test_bad_model_specs_fail_clearly(spec, fragment):
     with pytest.raises(ModelSpecError, match=fragment):

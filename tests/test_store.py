@@ -6,12 +6,12 @@ import sys
 import pytest
 
 from conftest import ROOT
-from sosp_engine.store import SCHEMA_V1, Store, StoreError
+from sosp_engine.store import SCHEMA_V1, SCHEMA_VERSION, Store, StoreError
 
 
 def test_fresh_workspace_has_the_current_schema(tmp_path):
     store = Store(tmp_path / "ws")
-    assert store.schema_version == 3 and (tmp_path / "ws" / "artifacts").is_dir()
+    assert store.schema_version == SCHEMA_VERSION and (tmp_path / "ws" / "artifacts").is_dir()
     with sqlite3.connect(store.db_path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -33,7 +33,7 @@ def test_an_older_workspace_is_migrated_keeping_its_records(tmp_path):
     conn.commit()
     conn.close()
     store = Store(tmp_path)
-    assert store.schema_version == 3 and store.job("j1")["cancel_requested"] == 0 and store.models() == []
+    assert store.schema_version == SCHEMA_VERSION and store.job("j1")["cancel_requested"] == 0 and store.models() == []
     assert store.job("j1")["backend"] == "local" and store.job("j1")["run_dir"] is None
 
 
@@ -106,12 +106,12 @@ def test_a_concurrent_reader_never_sees_a_torn_record(tmp_path):
     assert writer.returncode == 0 and store.job(job)["config"]["step"] == 299
 
 
-def test_deleting_a_job_removes_its_run_folder_under_the_shared_artifacts_folder(tmp_path):
+def test_deleting_a_job_leaves_its_run_folder_under_the_shared_artifacts_folder_and_says_so(tmp_path):
     store = Store(tmp_path / "ws")
     job = store.add_job("train", "t", {}, "ray", "auto", tmp_path / "shared")
     run_dir = Path(store.job(job)["run_dir"])
     assert run_dir == (tmp_path / "shared" / job / "run").resolve()
     run_dir.mkdir(parents=True)
     (tmp_path / "shared" / "other").mkdir()
-    store.delete("job", job, confirm=True)
-    assert not run_dir.parent.exists() and (tmp_path / "shared" / "other").exists()
+    kept = store.delete("job", job, confirm=True)
+    assert run_dir.parent.exists() and str(run_dir.parent) in kept[0] and "not removed" in kept[0]
