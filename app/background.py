@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 
 import streamlit as st
 
-from sosp_engine.analysis import AnalysisConfig, run_analysis
+from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
 from sosp_engine.errors import one_line_error
-from sosp_engine.loading import Workbench
+from sosp_engine.nets.loading import Workbench
 from sosp_engine.progress import Cancelled
-from sosp_engine.records import store_analysis
-from sosp_engine.store import Store
+from sosp_engine.runs.records import store_analysis
+from sosp_engine.runs.store import Store
 
 
 CANCELLED = "cancelled"

@@ -11,7 +11,7 @@ from app.guard import user_errors
 from app.report import analysis_report
 from app.state import workspace
 from app.text import plain, text_only
-from sosp_engine.expand_study import ExpandStudyConfig, expand_state, expand_table, unpruned_reference
+from sosp_engine.experiments.expand_study import ExpandStudyConfig, expand_state, expand_table, unpruned_reference
 
 RUN_COLUMNS = ("procedure", "trial", "test_acc", "test_acc_after_pruning", "params", "macs", "node")
 

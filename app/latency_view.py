@@ -7,11 +7,11 @@ import streamlit as st
 from app.export import file_slug
 from app.guard import user_errors
 from app.text import plain
-from sosp_engine.analysis import AnalysisResult
+from sosp_engine.saliency.analysis import AnalysisResult
 from sosp_engine.devices import resolve_device
-from sosp_engine.latency import LATENCY_UNIT, measure_profile
-from sosp_engine.loading import Workbench
-from sosp_engine.masks import mask_json, mask_summary
+from sosp_engine.latency.profile import LATENCY_UNIT, measure_profile
+from sosp_engine.nets.loading import Workbench
+from sosp_engine.pruning.masks import mask_json, mask_summary
 
 
 def latency_section(record: dict, result: AnalysisResult, workbench: Workbench) -> None:

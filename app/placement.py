@@ -7,8 +7,8 @@ import streamlit as st
 
 from app.guard import user_errors
 from app.text import plain
-from sosp_engine.jobs import RAY_ADDRESS_ENV, Placement
-from sosp_engine.ray_backend import cluster_summary
+from sosp_engine.runs.jobs import RAY_ADDRESS_ENV, Placement
+from sosp_engine.runs.backends.ray import cluster_summary
 
 KEY = "placement"
 

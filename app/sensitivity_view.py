@@ -9,7 +9,7 @@ from app.export import export_buttons
 from app.guard import user_errors
 from app.state import analysis, workbench_for, workspace
 from app.text import plain, text_only
-from sosp_engine.sensitivity import distinct_masks, even_grid, max_reduction, sensitivity_curve
+from sosp_engine.experiments.sensitivity import distinct_masks, even_grid, max_reduction, sensitivity_curve
 
 
 def sensitivity_section(record: dict, ratio: float, unit: str) -> None:

@@ -8,7 +8,7 @@ from app.text import plain
 from app.guard import user_errors
 from app.state import current_choice, workspace
 from sosp_engine.devices import device_name, set_threads
-from sosp_engine.jobs import launch_pending
+from sosp_engine.runs.jobs import launch_pending
 
 
 @st.cache_data

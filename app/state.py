@@ -6,12 +6,12 @@ from pathlib import Path
 
 import streamlit as st
 
-from sosp_engine.analysis import AnalysisResult
+from sosp_engine.saliency.analysis import AnalysisResult
 from app.text import plain
-from sosp_engine.loading import Workbench, open_workbench
-from sosp_engine.models import is_user_code
-from sosp_engine.records import load_stored_analysis
-from sosp_engine.store import Store, default_workspace
+from sosp_engine.nets.loading import Workbench, open_workbench
+from sosp_engine.nets import is_user_code
+from sosp_engine.runs.records import load_stored_analysis
+from sosp_engine.runs.store import Store, default_workspace
 
 DEFAULT_MODEL = "resnet20"
 DEFAULT_DATA = "digits"

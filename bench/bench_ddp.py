@@ -33,9 +33,10 @@ def main() -> None:
 
     import torch
 
-    from sosp_engine.data import load_data
-    from sosp_engine.models import build_model
-    from sosp_engine.training import TrainConfig, train
+    from sosp_engine.nets.data import load_data
+    from sosp_engine.nets import build_model
+    from sosp_engine.experiments.trainer import train
+    from sosp_engine.experiments.training import TrainConfig
 
     torch.set_num_threads(args.cores)
     data = load_data(args.data)

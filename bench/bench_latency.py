@@ -42,11 +42,11 @@ def main() -> None:
 
     import torch
 
-    from sosp_engine.analysis import AnalysisConfig, run_analysis
+    from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
     from sosp_engine.errors import AnalysisError
-    from sosp_engine.latency import measure_profile, refine_profile, relative_latency
-    from sosp_engine.loading import open_workbench
-    from sosp_engine.masks import mask_summary, pruned_copy
+    from sosp_engine.latency.profile import measure_profile, refine_profile, relative_latency
+    from sosp_engine.nets.loading import open_workbench
+    from sosp_engine.pruning.masks import mask_summary, pruned_copy
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

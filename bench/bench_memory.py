@@ -15,9 +15,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sosp_engine.analysis import compute_saliency  # noqa: E402
-from sosp_engine.loading import open_workbench  # noqa: E402
-from sosp_engine.memory import PeakTensorBytes, probe  # noqa: E402
+from sosp_engine.saliency.analysis import compute_saliency  # noqa: E402
+from sosp_engine.nets.loading import open_workbench  # noqa: E402
+from sosp_engine.saliency.memory import PeakTensorBytes, probe  # noqa: E402
 from sosp_engine.saliency.common import AnalysisInputs  # noqa: E402
 
 CPU = torch.device("cpu")

@@ -22,10 +22,10 @@ def _setup(model_spec: str, samples: int, device: str, shape: tuple[int, ...] = 
     import torch
 
     from sosp_engine.devices import resolve_device
-    from sosp_engine.loading import default_preset
-    from sosp_engine.models import build_model
+    from sosp_engine.nets.loading import default_preset
+    from sosp_engine.nets import build_model
     from sosp_engine.saliency.common import AnalysisInputs
-    from sosp_engine.structures import find_structures
+    from sosp_engine.pruning.structures import find_structures
 
     torch.manual_seed(0)
     dev = resolve_device(device)
@@ -44,7 +44,7 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape
     from sosp_engine.saliency.common import sample_losses
     from sosp_engine.saliency.sosp_h import sosp_h_terms
     from sosp_engine.saliency.sosp_i import gauss_newton_terms, sosp_i_matrix
-    from sosp_engine.selection import greedy_order, literal_greedy_order
+    from sosp_engine.saliency.selection import greedy_order, literal_greedy_order
 
     torch.set_num_threads(torch.get_num_threads())
     inputs = _setup(model_spec, samples, device, shape, classes, batch_size)
@@ -62,7 +62,7 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape
     if task.startswith("tp-"):  # peers: torch-pruning's importances over every coupled group (graph built untimed)
         import torch_pruning as tp
 
-        from sosp_engine.structures import PRODUCER_TYPES, build_graph
+        from sosp_engine.pruning.structures import PRODUCER_TYPES, build_graph
 
         groups = list(build_graph(inputs.model, inputs.x[:1]).get_all_groups(root_module_types=PRODUCER_TYPES))
         if task == "tp-obdc":  # its hooks follow the groups of torch-pruning's own pruner (the graph built untimed)

@@ -17,12 +17,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sosp_engine.analysis import AnalysisConfig, run_analysis  # noqa: E402
-from sosp_engine.bottlenecks import paper_widening, unit_ratios  # noqa: E402
-from sosp_engine.expand_study import PLAIN, ExpandStudyConfig, expand_state  # noqa: E402
-from sosp_engine.loading import open_workbench  # noqa: E402
-from sosp_engine.masks import layer_table  # noqa: E402
-from sosp_engine.store import Store, run_folder  # noqa: E402
+from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis  # noqa: E402
+from sosp_engine.experiments.bottlenecks import paper_widening, unit_ratios  # noqa: E402
+from sosp_engine.experiments.expand_study import PLAIN, ExpandStudyConfig, expand_state  # noqa: E402
+from sosp_engine.nets.loading import open_workbench  # noqa: E402
+from sosp_engine.pruning.masks import layer_table  # noqa: E402
+from sosp_engine.runs.store import Store, run_folder  # noqa: E402
 
 
 def main() -> None:

@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sosp_engine.expand_study import expand_table, unpruned_reference  # noqa: E402
-from sosp_engine.studies import aggregate  # noqa: E402
+from sosp_engine.experiments.expand_study import expand_table, unpruned_reference  # noqa: E402
+from sosp_engine.experiments.studies import aggregate  # noqa: E402
 
 SOSP = ("sosp-i", "sosp-h")
 DOC = ROOT / "docs" / "claims.md"

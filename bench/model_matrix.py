@@ -40,13 +40,13 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
     The analyses take the largest batch up to `samples` that `memory_budget_gb` allows, as `analyze` does."""
     import torch
 
-    from sosp_engine.analysis import AnalysisConfig, run_analysis
-    from sosp_engine.counting import count_macs, count_params
+    from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
+    from sosp_engine.pruning.counting import count_macs, count_params
     from sosp_engine.errors import AnalysisError
-    from sosp_engine.exactness import output_deviation
-    from sosp_engine.loading import open_workbench
-    from sosp_engine.masks import mask_summary, pruned_copy
-    from sosp_engine.pruned_models import pruning_recipe, save_pruned
+    from sosp_engine.pruning.exactness import output_deviation
+    from sosp_engine.nets.loading import open_workbench
+    from sosp_engine.pruning.masks import mask_summary, pruned_copy
+    from sosp_engine.pruning.pruned_models import pruning_recipe, save_pruned
 
     torch.manual_seed(0)
     row: dict = {"model": spec, "stage": "structures"}
@@ -178,7 +178,7 @@ def write_doc(rows: list[dict], doc: Path = DOC, note: str = "") -> None:
 def main() -> None:
     import torch
 
-    from sosp_engine.memory import default_budget
+    from sosp_engine.saliency.memory import default_budget
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=None, help="model specs to check (default: the whole matrix)")

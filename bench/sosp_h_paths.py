@@ -30,7 +30,7 @@ DEFAULT_MODELS = (
 def compare(spec: str, side: int, samples: int, queue) -> None:
     import torch
 
-    from sosp_engine.loading import open_workbench
+    from sosp_engine.nets.loading import open_workbench
     from sosp_engine.saliency.common import AnalysisInputs
     from sosp_engine.saliency.homogeneity import not_scaling
     from sosp_engine.saliency.sosp_h import channel_scale_terms, gradient_and_hvp, scalable_producers

@@ -10,9 +10,9 @@ from app.background import CANCELLED, running_analysis, start_analysis
 from app.guard import user_errors
 from app.pickers import analyses_frame
 from app.state import current_choice, workbench, workspace
-from sosp_engine.analysis import METHOD_LABELS, METHODS, AnalysisConfig
+from sosp_engine.saliency.analysis import METHOD_LABELS, METHODS, AnalysisConfig
 from sosp_engine.devices import resolve_device
-from sosp_engine.memory import default_budget
+from sosp_engine.saliency.memory import default_budget
 
 st.title("Analyse")
 choice = current_choice()

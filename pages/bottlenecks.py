@@ -6,9 +6,9 @@ from app.export import export_buttons
 from app.guard import user_errors
 from app.pickers import chosen_analysis
 from app.text import text_only
-from sosp_engine.attribution import channel_attribution, layer_channels, saliency_vs_attribution
-from sosp_engine.bottlenecks import explain, find_bottlenecks, unit_ratios
-from sosp_engine.masks import layer_table
+from sosp_engine.saliency.attribution import channel_attribution, layer_channels, saliency_vs_attribution
+from sosp_engine.experiments.bottlenecks import explain, find_bottlenecks, unit_ratios
+from sosp_engine.pruning.masks import layer_table
 
 st.title("Bottlenecks")
 record, result, workbench, ratio, unit = chosen_analysis("bn_ratio")

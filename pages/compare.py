@@ -8,8 +8,8 @@ from app.pickers import analysis_picker, ratio_picker
 from app.report import analysis_report
 from app.state import analysis, workbench_for, workspace
 from app.text import plain, text_only
-from sosp_engine.compare import compare_analyses
-from sosp_engine.masks import ratio_profiles
+from sosp_engine.experiments.compare import compare_analyses
+from sosp_engine.pruning.masks import ratio_profiles
 
 st.title("Train vs init")
 st.caption("Compare the masks of two analyses of one architecture, e.g. SOSP after training and SOSP at initialisation (paper Fig. 3).")

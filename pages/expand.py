@@ -8,11 +8,11 @@ from app.text import plain
 from app.placement import current_placement, placement_caption
 from app.pickers import chosen_analysis
 from app.state import workspace
-from sosp_engine.bottlenecks import find_bottlenecks, paper_level
-from sosp_engine.expand_study import EXPAND_PROCEDURES, EXPAND_STUDY_KIND, ExpandStudyConfig
-from sosp_engine.jobs import submit_expand_study
-from sosp_engine.masks import layer_table, mask_summary
-from sosp_engine.surgery import build_widened, params_of, uniform_factor
+from sosp_engine.experiments.bottlenecks import find_bottlenecks, paper_level
+from sosp_engine.experiments.expand_study import EXPAND_PROCEDURES, EXPAND_STUDY_KIND, ExpandStudyConfig
+from sosp_engine.runs.jobs import submit_expand_study
+from sosp_engine.pruning.masks import layer_table, mask_summary
+from sosp_engine.pruning.surgery import build_widened, params_of, uniform_factor
 
 st.title("Expand-pruning")
 st.caption("Paper sec. 3.4: widen the bottlenecks (x2), train, prune, fine-tune; compare with widening every layer by one "

@@ -8,11 +8,11 @@ from app.text import plain
 from app.guard import user_errors
 from app.placement import current_placement, placement_caption
 from app.state import DEMO_WEIGHTS, ModelChoice, current_choice, set_choice, workbench, workspace
-from sosp_engine.experiments import ExperimentConfig
-from sosp_engine.jobs import submit
-from sosp_engine.masks import layer_table, mask_summary
-from sosp_engine.models import USER_CODE_WARNING, is_user_code
-from sosp_engine.training import evaluate
+from sosp_engine.experiments.procedures import ExperimentConfig
+from sosp_engine.runs.jobs import submit
+from sosp_engine.pruning.masks import layer_table, mask_summary
+from sosp_engine.nets import USER_CODE_WARNING, is_user_code
+from sosp_engine.experiments.training import evaluate
 
 st.title("Model")
 store = workspace()

@@ -10,11 +10,11 @@ from app.pickers import chosen_analysis
 from app.latency_view import latency_section
 from app.sensitivity_view import sensitivity_section
 from app.report import analysis_report
-from sosp_engine.bottlenecks import explain, find_bottlenecks
-from sosp_engine.exactness import exactness_line
-from sosp_engine.loading import resolve_preset
-from sosp_engine.masks import layer_table, mask_json, mask_summary, pruned_copy
-from sosp_engine.pruned_models import pruned_checkpoint_bytes, pruning_recipe
+from sosp_engine.experiments.bottlenecks import explain, find_bottlenecks
+from sosp_engine.pruning.exactness import exactness_line
+from sosp_engine.nets.loading import resolve_preset
+from sosp_engine.pruning.masks import layer_table, mask_json, mask_summary, pruned_copy
+from sosp_engine.pruning.pruned_models import pruned_checkpoint_bytes, pruning_recipe
 
 st.title("Pruning ratios")
 record, result, workbench, ratio, unit = chosen_analysis("ratio")

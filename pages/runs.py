@@ -10,9 +10,10 @@ from app.guard import user_errors
 from app.pickers import analyses_frame
 from app.placement import placement_settings
 from app.state import code_confirmed, workspace
-from sosp_engine.experiments import compare_runs
-from sosp_engine.consent import has_consent
-from sosp_engine.jobs import cancel, mark_stale_jobs, read_log, resume
+from sosp_engine.experiments.procedures import compare_runs
+from sosp_engine.runs.consent import has_consent
+from sosp_engine.runs.jobs import cancel, mark_stale_jobs, resume
+from sosp_engine.runs.work import read_log
 
 st.title("Runs")
 store = workspace()

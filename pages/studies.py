@@ -11,10 +11,11 @@ from app.placement import current_placement, placement_caption
 from app.report import analysis_report
 from app.state import code_confirmed, current_choice, workspace
 from app.text import plain, text_only
-from sosp_engine.analysis import METHODS
-from sosp_engine.expand_study import EXPAND_STUDY_KIND
-from sosp_engine.jobs import STUDY_KINDS, submit_study
-from sosp_engine.studies import StudyConfig, aggregate, parse_numbers, study_cells
+from sosp_engine.saliency.analysis import METHODS
+from sosp_engine.experiments.expand_study import EXPAND_STUDY_KIND
+from sosp_engine.runs.jobs import submit_study
+from sosp_engine.runs.work import STUDY_KINDS
+from sosp_engine.experiments.studies import StudyConfig, aggregate, parse_numbers, study_cells
 
 st.title("Studies")
 st.caption("Which method wins on this net, at which size? Each seed trains the net once (or uses the given weights), "

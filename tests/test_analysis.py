@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 
-from sosp_engine.analysis import METHODS, AnalysisConfig, AnalysisResult, reestimate_batchnorm, run_analysis
-from sosp_engine.cli import main
+from sosp_engine.saliency.analysis import METHODS, AnalysisConfig, AnalysisResult, reestimate_batchnorm, run_analysis
+from sosp_engine.cli.main import main
 from sosp_engine.errors import AnalysisError
-from sosp_engine.loading import open_workbench
-from sosp_engine.masks import load_mask, mask_summary
-from sosp_engine.models import build_model
+from sosp_engine.nets.loading import open_workbench
+from sosp_engine.pruning.masks import load_mask, mask_summary
+from sosp_engine.nets import build_model
 from sosp_engine.progress import Cancelled
 
 
@@ -93,7 +93,7 @@ def test_cli_analyze_writes_result_mask_and_table(tmp_path, capsys):
 
 
 def test_cli_analyze_can_record_the_result_in_the_workspace(tmp_path):
-    from sosp_engine.store import Store
+    from sosp_engine.runs.store import Store
 
     code = main(["analyze", "--model", "resnet20", "--method", "magnitude", "--samples", "20", "--out", str(tmp_path / "a"),
                  "--name", "from the CLI", "--workspace", str(tmp_path / "ws")])

@@ -7,10 +7,10 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from conftest import ROOT
-from sosp_engine.analysis import AnalysisConfig, AnalysisResult, run_analysis
-from sosp_engine.loading import open_workbench
-from sosp_engine.records import store_analysis
-from sosp_engine.store import Store
+from sosp_engine.saliency.analysis import AnalysisConfig, AnalysisResult, run_analysis
+from sosp_engine.nets.loading import open_workbench
+from sosp_engine.runs.records import store_analysis
+from sosp_engine.runs.store import Store
 
 PAGES = ["model", "analyse", "ratios", "compare", "bottlenecks", "expand", "studies", "runs"]
 
@@ -197,8 +197,8 @@ def test_the_ratios_page_states_exactness_and_offers_the_mask_and_pruned_model(s
 
 
 def test_a_pruned_checkpoint_reopens_on_the_model_page(fresh, tmp_path):
-    from sosp_engine.masks import pruned_copy
-    from sosp_engine.pruned_models import pruning_recipe, save_pruned
+    from sosp_engine.pruning.masks import pruned_copy
+    from sosp_engine.pruning.pruned_models import pruning_recipe, save_pruned
     from conftest import random_mask
 
     wb = open_workbench("resnet20", "digits")
@@ -294,11 +294,11 @@ def test_the_expand_page_launches_one_expand_study_of_the_flagged_bottlenecks(st
     import shutil
 
     import app.sidebar
-    import sosp_engine.jobs
+    import sosp_engine.runs.jobs
 
     shutil.copytree(stored_root, tmp_path / "ws")
     monkeypatch.setenv("SOSP_WORKSPACE", str(tmp_path / "ws"))
-    for module in (sosp_engine.jobs, app.sidebar):  # queued, never run: the test checks what was queued
+    for module in (sosp_engine.runs.jobs, app.sidebar):  # queued, never run: the test checks what was queued
         monkeypatch.setattr(module, "launch_pending", lambda store: [])
     at = open_page("bottlenecks")
     widget(at.radio, "Rule").set_value("least").run()
@@ -316,9 +316,9 @@ def test_the_expand_page_launches_one_expand_study_of_the_flagged_bottlenecks(st
 
 
 def test_the_studies_page_charts_a_finished_expand_study_against_the_unpruned_net(fresh):
-    from sosp_engine.expand_study import ExpandStudy, ExpandStudyConfig
-    from sosp_engine.jobs import submit_expand_study
-    from sosp_engine.store import run_folder
+    from sosp_engine.experiments.expand_study import ExpandStudy, ExpandStudyConfig
+    from sosp_engine.runs.jobs import submit_expand_study
+    from sosp_engine.runs.store import run_folder
 
     config = ExpandStudyConfig(model_spec="resnet20:widths=4,8,16", procedures=["train-prune", "widen-prune"], trials=1,
                                epochs=1, finetune_epochs=1, samples=40, batch_size=256, device="cpu")
@@ -357,12 +357,12 @@ def test_the_attribution_scatter_stays_when_its_downloads_rerun_the_page(stored)
 
 
 def test_an_unforeseen_error_is_one_line_and_logged_not_a_traceback(fresh, monkeypatch):
-    import sosp_engine.masks
+    import sosp_engine.pruning.masks
 
     def broken(*args, **kwargs):
         raise KeyError("boom")
 
-    monkeypatch.setattr(sosp_engine.masks, "mask_summary", broken)
+    monkeypatch.setattr(sosp_engine.pruning.masks, "mask_summary", broken)
     at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
     at.run()
     assert not at.exception

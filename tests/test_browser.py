@@ -107,7 +107,7 @@ def test_the_demo_runs_an_analysis_shows_the_histogram_and_exports(server, tmp_p
                 except PlaywrightTimeout:  # gone between the look and the click: the cancel went through
                     pass
         cancelled.wait_for(timeout=5_000)
-        from sosp_engine.store import Store
+        from sosp_engine.runs.store import Store
 
         assert [r["name"] for r in Store(workspace).analyses()] == ["SOSP-H at init", "sosp-h on resnet20"]
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sosp_engine.errors import CheckpointError
-from sosp_engine.models import build_model, load_weights
+from sosp_engine.nets import build_model, load_weights
 
 
 @pytest.fixture

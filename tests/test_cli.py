@@ -3,9 +3,9 @@ import json
 import torch
 
 from conftest import random_mask
-from sosp_engine.cli import main
-from sosp_engine.loading import open_workbench
-from sosp_engine.masks import pruned_copy, save_mask
+from sosp_engine.cli.main import main
+from sosp_engine.nets.loading import open_workbench
+from sosp_engine.pruning.masks import pruned_copy, save_mask
 
 
 def test_info_prints_a_model_summary(capsys):
@@ -87,7 +87,7 @@ def test_threads_are_set_from_the_option_and_checked(capsys, monkeypatch):
 
 
 def test_widen_prune_from_the_cli_matches_the_expansion_it_names(tmp_path, capsys):
-    from sosp_engine.cli import build_parser, experiment_config
+    from sosp_engine.cli.main import build_parser, experiment_config
 
     args = build_parser().parse_args(["jobs", "submit", "--procedure", "widen-prune", "--model", "resnet20",
                                       "--widen", "stage 3 (4x4)=2"])

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from sosp_engine.data import check_model_fits_data, load_data
+from sosp_engine.nets.data import check_model_fits_data, load_data
 from sosp_engine.errors import DataSpecError
-from sosp_engine.models import build_model
+from sosp_engine.nets import build_model
 
 
 def test_digits_loads_offline_with_fixed_split():

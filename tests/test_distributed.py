@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from sosp_engine.data import load_data
-from sosp_engine.experiments import ExperimentConfig
-from sosp_engine.jobs import mark_stale_jobs, resume, submit
-from sosp_engine.models import build_model
-from sosp_engine.store import Store
-from sosp_engine.training import CHECKPOINT_NAME, TrainConfig, TrainingError, train
+from sosp_engine.nets.data import load_data
+from sosp_engine.experiments.procedures import ExperimentConfig
+from sosp_engine.runs.jobs import mark_stale_jobs, resume, submit
+from sosp_engine.nets import build_model
+from sosp_engine.runs.store import Store
+from sosp_engine.experiments.trainer import train
+from sosp_engine.experiments.training import CHECKPOINT_NAME, TrainConfig, TrainingError
 from test_jobs import wait_for
 
 DATA = "synthetic:3,8,8:10"  # no augmentation: both runs see the same pixels

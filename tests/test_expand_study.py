@@ -5,16 +5,17 @@ import time
 import pandas as pd
 import pytest
 
-from sosp_engine.bottlenecks import paper_widening
-from sosp_engine.cli import main
-from sosp_engine.data import load_data
+from sosp_engine.experiments.bottlenecks import paper_widening
+from sosp_engine.cli.main import main
+from sosp_engine.nets.data import load_data
 from sosp_engine.errors import AnalysisError
-from sosp_engine.expand_study import ExpandStudy, ExpandStudyConfig, expand_table, run_key, unpruned_reference
-from sosp_engine.jobs import read_log, submit_expand_study
-from sosp_engine.loading import open_workbench
-from sosp_engine.masks import layer_table, load_mask
+from sosp_engine.experiments.expand_study import ExpandStudy, ExpandStudyConfig, expand_table, run_key, unpruned_reference
+from sosp_engine.runs.jobs import submit_expand_study
+from sosp_engine.runs.work import read_log
+from sosp_engine.nets.loading import open_workbench
+from sosp_engine.pruning.masks import layer_table, load_mask
 from sosp_engine.progress import Cancelled
-from sosp_engine.store import Store
+from sosp_engine.runs.store import Store
 
 DIGITS = load_data("digits")
 NARROW = "resnet20:widths=4,8,16"

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from conftest import USER_MODEL
-from sosp_engine.bottlenecks import explain, find_bottlenecks
-from sosp_engine.cli import main
-from sosp_engine.experiments import compare_runs
-from sosp_engine.models import build_model
-from sosp_engine.structures import find_structures
-from sosp_engine.surgery import build_widened, every_layer, params_of, uniform_factor
+from sosp_engine.experiments.bottlenecks import explain, find_bottlenecks
+from sosp_engine.cli.main import main
+from sosp_engine.experiments.procedures import compare_runs
+from sosp_engine.nets import build_model
+from sosp_engine.pruning.structures import find_structures
+from sosp_engine.pruning.surgery import build_widened, every_layer, params_of, uniform_factor
 
 X32 = torch.randn(1, 3, 32, 32)
 
@@ -117,10 +117,10 @@ def test_expand_pruning_end_to_end_through_the_cli(tmp_path, capsys):
 
 
 def test_a_train_prune_run_to_a_latency_target_prunes_where_its_stored_profile_says(tmp_path):
-    from sosp_engine.analysis import AnalysisResult
-    from sosp_engine.experiments import Experiment, ExperimentConfig
-    from sosp_engine.latency import LatencyProfile
-    from sosp_engine.masks import load_mask
+    from sosp_engine.saliency.analysis import AnalysisResult
+    from sosp_engine.experiments.procedures import Experiment, ExperimentConfig
+    from sosp_engine.latency.profile import LatencyProfile
+    from sosp_engine.pruning.masks import load_mask
 
     # full width: convolutions, not Python overhead, set its latency, so a loaded machine still measures the drop
     config = ExperimentConfig(procedure="train-prune", model_spec="resnet20", epochs=1, finetune_epochs=0,

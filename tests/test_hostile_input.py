@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import ROOT
-from sosp_engine.cli import main
-from sosp_engine.data import load_data
+from sosp_engine.cli.main import main
+from sosp_engine.nets.data import load_data
 from sosp_engine.errors import DataSpecError, ModelSpecError
-from sosp_engine.models import build_model
-from sosp_engine.store import Store
+from sosp_engine.nets import build_model
+from sosp_engine.runs.store import Store
 
 SENTINEL = "sosp-pwned"
 
@@ -152,8 +152,8 @@ def page_corrupted_workspace(path):
 
 
 def truncated_analysis(path):
-    from sosp_engine.analysis import AnalysisConfig, run_analysis
-    from sosp_engine.loading import open_workbench
+    from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
+    from sosp_engine.nets.loading import open_workbench
 
     run_analysis(open_workbench("resnet20", "digits"), AnalysisConfig(method="magnitude", samples=8)).save(path)
     tensors = path / "tensors.pt"
@@ -216,8 +216,8 @@ def test_an_epoch_redone_after_a_kill_is_recorded_once(tmp_path):
 
 
 def test_resume_refuses_while_the_old_runner_is_alive(tmp_path):
-    from sosp_engine.jobs import resume
-    from sosp_engine.store import StoreError
+    from sosp_engine.runs.jobs import resume
+    from sosp_engine.runs.store import StoreError
 
     store = Store(tmp_path)
     job = store.add_job("train", "t", {})
@@ -237,8 +237,8 @@ def test_an_analysis_out_of_memory_halves_its_batch_and_gives_the_same_result(mo
     import torch
 
     from sosp_engine import analysis
-    from sosp_engine.analysis import AnalysisConfig, run_analysis
-    from sosp_engine.loading import open_workbench
+    from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
+    from sosp_engine.nets.loading import open_workbench
 
     torch.manual_seed(0)
     wb = open_workbench("resnet20", "digits")

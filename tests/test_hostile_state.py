@@ -11,13 +11,13 @@ import pytest
 
 from conftest import ROOT
 from test_browser import server  # noqa: F401 (the dashboard on a free port)
-from sosp_engine.cli import main
-from sosp_engine.consent import has_consent, sign
+from sosp_engine.cli.main import main
+from sosp_engine.runs.consent import has_consent, sign
 from sosp_engine.errors import ModelSpecError
-from sosp_engine.experiments import ExperimentConfig
-from sosp_engine.jobs import is_stale, launch_pending, mark_stale_jobs, resume, run_job, submit
-from sosp_engine.models import build_model
-from sosp_engine.store import Store
+from sosp_engine.experiments.procedures import ExperimentConfig
+from sosp_engine.runs.jobs import is_stale, launch_pending, mark_stale_jobs, resume, run_job, submit
+from sosp_engine.nets import build_model
+from sosp_engine.runs.store import Store
 
 MARKDOWN_SINKS = {"error", "warning", "info", "success", "caption", "markdown", "title", "header", "subheader",
                   "toast", "write", "expander"}
@@ -250,7 +250,7 @@ def test_more_analysis_samples_than_the_data_holds_is_a_clear_error(tmp_path, ca
 
 def test_more_sensitivity_points_than_distinct_masks_is_a_clear_error():
     from sosp_engine.errors import AnalysisError
-    from sosp_engine.sensitivity import even_grid
+    from sosp_engine.experiments.sensitivity import even_grid
 
     with pytest.raises(AnalysisError, match="only 17 different masks"):
         even_grid(100_000_000, 0.9, distinct=17)
@@ -259,9 +259,9 @@ def test_more_sensitivity_points_than_distinct_masks_is_a_clear_error():
 def test_more_training_processes_than_cpu_cores_is_a_clear_error():
     import os
 
-    from sosp_engine.distributed import training_devices
+    from sosp_engine.experiments.distributed import training_devices
     from sosp_engine.errors import SospError
-    from sosp_engine.training import TrainConfig
+    from sosp_engine.experiments.training import TrainConfig
 
     with pytest.raises(SospError, match="cores"):
         training_devices(TrainConfig(nproc=len(os.sched_getaffinity(0)) + 1, device="cpu"))
@@ -272,7 +272,7 @@ def test_a_zip_bomb_checkpoint_is_refused_before_it_is_unpacked(tmp_path):
     import zipfile
 
     from sosp_engine.errors import CheckpointError
-    from sosp_engine.models import read_checkpoint
+    from sosp_engine.nets import read_checkpoint
 
     bomb = tmp_path / "bomb.pt"
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -295,7 +295,7 @@ def test_a_checkpoint_larger_unpacked_than_the_memory_budget_is_refused(tmp_path
 
 
 def test_an_oversized_mask_file_is_refused_unread(tmp_path, monkeypatch):
-    import sosp_engine.masks as masks
+    import sosp_engine.pruning.masks as masks
     from sosp_engine.errors import MaskError
 
     monkeypatch.setattr(masks, "MASK_FILE_LIMIT", 1000)
@@ -310,7 +310,7 @@ def test_a_checkpoint_with_flipped_bytes_fails_its_checksum(tmp_path):
 
     from sosp_engine.atomic import save_atomically
     from sosp_engine.errors import CheckpointError
-    from sosp_engine.models import read_checkpoint
+    from sosp_engine.nets import read_checkpoint
 
     path = save_atomically({"w": torch.randn(4096)}, tmp_path / "w.pt")
     raw = bytearray(path.read_bytes())
@@ -321,8 +321,6 @@ def test_a_checkpoint_with_flipped_bytes_fails_its_checksum(tmp_path):
 
 
 def test_a_resume_checkpoint_that_is_damaged_falls_back_to_the_one_before(tmp_path, capsys):
-    import torch
-
     from sosp_engine.atomic import load_with_fallback, save_atomically
 
     path = tmp_path / "last.pt"
@@ -364,7 +362,7 @@ def test_a_checkpoint_with_negative_batchnorm_variance_is_refused(tmp_path):
     import torch
 
     from sosp_engine.errors import CheckpointError
-    from sosp_engine.models import load_weights
+    from sosp_engine.nets import load_weights
 
     state = _demo_state()
     state["bn1.running_var"][0] = -1.0
@@ -377,7 +375,7 @@ def test_a_complex_checkpoint_is_called_complex(tmp_path):
     import torch
 
     from sosp_engine.errors import CheckpointError
-    from sosp_engine.models import load_weights
+    from sosp_engine.nets import load_weights
 
     state = {k: v.to(torch.complex64) if v.is_floating_point() else v for k, v in _demo_state().items()}
     torch.save(state, tmp_path / "w.pt")
@@ -387,7 +385,7 @@ def test_a_complex_checkpoint_is_called_complex(tmp_path):
 
 def test_a_folder_given_as_weights_is_called_a_folder(tmp_path):
     from sosp_engine.errors import CheckpointError
-    from sosp_engine.models import read_checkpoint
+    from sosp_engine.nets import read_checkpoint
 
     with pytest.raises(CheckpointError, match="is a folder"):
         read_checkpoint(tmp_path)
@@ -397,7 +395,7 @@ def test_a_folder_given_as_weights_is_called_a_folder(tmp_path):
 def test_a_one_class_image_folder_is_refused(tmp_path):
     from PIL import Image
 
-    from sosp_engine.data import load_data
+    from sosp_engine.nets.data import load_data
     from sosp_engine.errors import DataSpecError
 
     for split in ("train", "val"):
@@ -421,7 +419,7 @@ def _cifar_folder(tmp_path: Path, labels, images: int = 10) -> Path:
 
 
 def test_fractional_cifar_labels_are_refused_not_truncated(tmp_path):
-    from sosp_engine.data import load_data
+    from sosp_engine.nets.data import load_data
     from sosp_engine.errors import DataSpecError
 
     with pytest.raises(DataSpecError, match="not whole class numbers"):
@@ -429,7 +427,7 @@ def test_fractional_cifar_labels_are_refused_not_truncated(tmp_path):
 
 
 def test_an_empty_cifar_batch_says_it_holds_no_images(tmp_path):
-    from sosp_engine.data import load_data
+    from sosp_engine.nets.data import load_data
     from sosp_engine.errors import DataSpecError
 
     with pytest.raises(DataSpecError, match="hold no images"):
@@ -439,7 +437,7 @@ def test_an_empty_cifar_batch_says_it_holds_no_images(tmp_path):
 def test_saliencies_that_are_all_zero_write_no_mask(tmp_path):
     import torch
 
-    from sosp_engine.analysis import _require_ranking, AnalysisConfig
+    from sosp_engine.saliency.analysis import _require_ranking, AnalysisConfig
     from sosp_engine.errors import AnalysisError
 
     with pytest.raises(AnalysisError, match="1 class"):
@@ -475,7 +473,7 @@ def _websocket_status(url: str, host: str, origin: str) -> str:
         return conn.recv(4096).decode(errors="replace").split("\r\n")[0]
 
 
-def test_the_websocket_refuses_a_foreign_host_or_origin(server):
+def test_the_websocket_refuses_a_foreign_host_or_origin(server):  # noqa: F811 (the fixture imported above)
     url, _ = server
     local = url.split("//")[1]
     assert " 101 " in _websocket_status(url, local, f"http://{local}")
@@ -486,7 +484,7 @@ def test_the_websocket_refuses_a_foreign_host_or_origin(server):
 def test_an_image_declaring_more_pixels_than_any_photo_is_refused_before_decoding(tmp_path, monkeypatch):
     from PIL import Image
 
-    import sosp_engine.data as data
+    import sosp_engine.nets.data as data
     from sosp_engine.errors import DataSpecError
 
     monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100)

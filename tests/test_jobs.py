@@ -7,10 +7,11 @@ import time
 
 import pytest
 
-from sosp_engine.experiments import ExperimentConfig
-from sosp_engine.jobs import cancel, launch_pending, mark_stale_jobs, read_log, resume, submit
+from sosp_engine.experiments.procedures import ExperimentConfig
+from sosp_engine.runs.jobs import cancel, launch_pending, mark_stale_jobs, resume, submit
+from sosp_engine.runs.work import read_log
 from sosp_engine.errors import SospError
-from sosp_engine.store import Store, StoreError
+from sosp_engine.runs.store import Store, StoreError
 
 
 def wait_for(store, job_id, predicate, timeout=180):
@@ -89,7 +90,7 @@ def test_finished_jobs_cannot_be_cancelled(tmp_path):
 def test_jobs_cli_submits_lists_shows_and_logs(tmp_path, capsys):
     import json
 
-    from sosp_engine.cli import main
+    from sosp_engine.cli.main import main
 
     ws = str(tmp_path / "ws")
     assert main(["jobs", "submit", "--procedure", "train", "--model", "resnet20", "--epochs", "1", "--name", "cli job",
@@ -164,7 +165,7 @@ KILL_AFTER_CHECKPOINT = '''
 import os, signal
 from pathlib import Path
 
-import sosp_engine.training as training
+import sosp_engine.experiments.training as training
 
 _save = training.save_atomically
 
@@ -204,7 +205,7 @@ def test_kills_right_after_an_epochs_checkpoint_lands_lose_no_epoch_and_record_n
 
 
 def test_a_full_disk_fails_the_job_naming_it_and_the_workspace_stays_readable(tmp_path, capsys):
-    from sosp_engine.cli import main
+    from sosp_engine.cli.main import main
 
     small = tmp_path / "small"
     small.mkdir()
@@ -237,7 +238,7 @@ NARROW_TRAIN = dataclasses.replace(tiny("train", epochs=1), model_spec="resnet20
 
 
 def test_a_stopped_runner_is_not_resumed_beside_itself_and_records_each_epoch_once(tmp_path, monkeypatch):
-    import sosp_engine.jobs as jobs
+    import sosp_engine.runs.jobs as jobs
 
     monkeypatch.setattr(jobs, "STALE_AFTER_SECONDS", 3.0)  # the watcher's side: the runner keeps its own beat
     monkeypatch.setattr(jobs, "EXIT_GRACE_SECONDS", 1.0)

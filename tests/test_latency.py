@@ -3,12 +3,12 @@ import json
 
 import pytest
 
-from sosp_engine.analysis import AnalysisConfig, AnalysisResult, run_analysis
-from sosp_engine.cli import main
+from sosp_engine.saliency.analysis import AnalysisConfig, AnalysisResult, run_analysis
+from sosp_engine.cli.main import main
 from sosp_engine.errors import AnalysisError
 from sosp_engine import latency, masks
-from sosp_engine.latency import REFINE_POINTS, LatencyProfile, measure_profile, refine_profile, stored_profile
-from sosp_engine.loading import open_workbench
+from sosp_engine.latency.profile import REFINE_POINTS, LatencyProfile, measure_profile, refine_profile, stored_profile
+from sosp_engine.nets.loading import open_workbench
 
 
 

@@ -5,14 +5,14 @@ import torch
 from torch import nn
 
 from sosp_engine import analysis
-from sosp_engine.analysis import AnalysisConfig, AnalysisResult, run_analysis
-from sosp_engine.cli import main
+from sosp_engine.saliency.analysis import AnalysisConfig, AnalysisResult, run_analysis
+from sosp_engine.cli.main import main
 from sosp_engine.errors import AnalysisError
-from sosp_engine.layer_latency import COST_FLOOR_SHARE, LayerLatency, measure_layer_latency, saved_per_channel
-from sosp_engine.loading import open_workbench
-from sosp_engine.selection import order_by_saliency
-from sosp_engine.structures import find_structures
-from sosp_engine.surgery import resized_module
+from sosp_engine.latency.layers import COST_FLOOR_SHARE, LayerLatency, measure_layer_latency, saved_per_channel
+from sosp_engine.nets.loading import open_workbench
+from sosp_engine.saliency.selection import order_by_saliency
+from sosp_engine.pruning.structures import find_structures
+from sosp_engine.pruning.surgery import resized_module
 
 
 def tiny_net() -> nn.Module:

@@ -5,9 +5,9 @@ import torch
 
 from conftest import random_mask
 from sosp_engine.errors import MaskError
-from sosp_engine.masks import compare_masks, layer_table, load_mask, mask_summary, save_mask, zeroed_copy
-from sosp_engine.models import build_model
-from sosp_engine.structures import find_structures
+from sosp_engine.pruning.masks import compare_masks, layer_table, load_mask, mask_summary, save_mask, zeroed_copy
+from sosp_engine.nets import build_model
+from sosp_engine.pruning.structures import find_structures
 
 X = torch.randn(1, 3, 32, 32)
 
@@ -101,7 +101,7 @@ def test_bad_mask_files_are_refused(tmp_path, content, fragment):
 
 
 def test_ratio_profiles_give_each_mask_its_layer_ratios(resnet):
-    from sosp_engine.masks import ratio_profiles
+    from sosp_engine.pruning.masks import ratio_profiles
 
     _, structures = resnet
     a, b, c = (random_mask(structures, r, seed=s) for r, s in ((0.2, 1), (0.5, 2), (0.7, 3)))

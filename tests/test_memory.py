@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from sosp_engine.analysis import AnalysisConfig, compute_saliency, run_analysis
-from sosp_engine.cli import main
-from sosp_engine.loading import open_workbench
-from sosp_engine.memory import (MATRIX, MemoryBudgetError, MemoryEstimate, PeakTensorBytes, default_budget,
+from sosp_engine.saliency.analysis import AnalysisConfig, compute_saliency, run_analysis
+from sosp_engine.cli.main import main
+from sosp_engine.nets.loading import open_workbench
+from sosp_engine.saliency.memory import (MATRIX, MemoryBudgetError, MemoryEstimate, PeakTensorBytes, default_budget,
                                 memory_phase, probe)
 from sosp_engine.saliency.common import AnalysisInputs
 
@@ -112,7 +112,7 @@ def test_a_small_batch_is_probed_too_so_a_budget_holds_for_it():
 
 
 def test_the_default_budget_leaves_the_cpu_heap_room_beyond_the_tensors(monkeypatch):
-    monkeypatch.setattr("sosp_engine.memory.available_memory", lambda device: 10 * 2**30)
+    monkeypatch.setattr("sosp_engine.saliency.memory.available_memory", lambda device: 10 * 2**30)
     assert default_budget(CPU) == 5 * 2**30
 
 

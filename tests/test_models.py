@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sosp_engine.errors import ModelSpecError
-from sosp_engine.models import build_model, is_user_code
+from sosp_engine.nets import build_model, is_user_code
 
 
 def n_params(model):

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sosp_engine.experiments import ExperimentConfig
-from sosp_engine.jobs import Placement, cancel, mark_stale_jobs, read_log, resume, submit, submit_study
-from sosp_engine.models import build_model
-from sosp_engine.ray_backend import BackendError
-from sosp_engine.store import Store
-from sosp_engine.studies import StudyConfig, study_cells
+from sosp_engine.experiments.procedures import ExperimentConfig
+from sosp_engine.runs.jobs import Placement, cancel, mark_stale_jobs, resume, submit, submit_study
+from sosp_engine.runs.work import read_log
+from sosp_engine.nets import build_model
+from sosp_engine.runs.backends.ray import BackendError
+from sosp_engine.runs.store import Store
+from sosp_engine.experiments.studies import StudyConfig, study_cells
 from test_jobs import wait_for
 
 ray = pytest.importorskip("ray")
@@ -126,8 +127,8 @@ def test_a_study_trains_its_seeds_in_parallel_and_their_epochs_reach_the_store(t
 
 
 def test_an_expand_study_fans_its_runs_out_and_their_epochs_reach_the_store(tmp_path, cluster):
-    from sosp_engine.expand_study import ExpandStudyConfig, expand_state
-    from sosp_engine.jobs import submit_expand_study
+    from sosp_engine.experiments.expand_study import ExpandStudyConfig, expand_state
+    from sosp_engine.runs.jobs import submit_expand_study
 
     store = Store(tmp_path)
     config = ExpandStudyConfig(model_spec="resnet20:widths=4,8,16", data_spec="synthetic:3,8,8:10",

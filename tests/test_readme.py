@@ -7,7 +7,7 @@ import sys
 import time
 
 from conftest import ROOT
-from sosp_engine.store import Store
+from sosp_engine.runs.store import Store
 
 TINY = {"--epochs": "1", "--samples": "40", "--points": "3", "--finetune-epochs": "0", "--seeds": "0",
         "--targets": "0.5", "--trials": "1"}

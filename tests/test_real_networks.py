@@ -8,17 +8,17 @@ import torch_pruning as tp
 
 from conftest import ROOT, random_mask
 from sosp_engine import coupling_graph
-from sosp_engine.analysis import AnalysisConfig, run_analysis, train_mode_batches
-from sosp_engine.counting import count_macs, count_params
+from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis, train_mode_batches
+from sosp_engine.pruning.counting import count_macs, count_params
 from sosp_engine.errors import ModelSpecError
-from sosp_engine.exactness import approximate_layers, output_deviation
-from sosp_engine.loading import open_workbench
-from sosp_engine.masks import mask_summary, pruned_copy, zeroed_copy
-from sosp_engine.models import build_model, is_user_code
+from sosp_engine.pruning.exactness import approximate_layers, output_deviation
+from sosp_engine.nets.loading import open_workbench
+from sosp_engine.pruning.masks import mask_summary, pruned_copy, zeroed_copy
+from sosp_engine.nets import build_model, is_user_code
 from sosp_engine.saliency.common import twice_differentiable
-from sosp_engine.coupling_graph import CouplingGraph
+from sosp_engine.pruning.coupling_graph import CouplingGraph
 from sosp_engine.errors import MaskError
-from sosp_engine.structures import PRODUCER_TYPES, find_structures
+from sosp_engine.pruning.structures import PRODUCER_TYPES, find_structures
 
 FIXTURE = ROOT / "tests" / "fixtures" / "grouped_model.py"
 GROUPED, GATED, NORM_MLP = f"{FIXTURE}:build", f"{FIXTURE}:build_gated", f"{FIXTURE}:build_norm_mlp"
@@ -219,7 +219,7 @@ def test_a_pruned_width_the_structures_do_not_predict_is_an_error_not_a_wrong_mo
 def test_a_state_dict_without_module_versions_loads_into_a_versioned_module(tmp_path):
     import torchvision
 
-    from sosp_engine.models import load_weights
+    from sosp_engine.nets import load_weights
 
     model = torchvision.models.mnasnet0_5(num_classes=10)
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "plain.pt")  # drops _metadata
@@ -247,7 +247,7 @@ def test_attention_gets_a_double_backward_during_the_hvp():
 
 
 def test_attribution_is_summed_per_structure_of_a_grouped_layer(grouped):
-    from sosp_engine.attribution import channel_attribution, saliency_vs_attribution
+    from sosp_engine.saliency.attribution import channel_attribution, saliency_vs_attribution
 
     model, structures = grouped
     layer = next(l for l in structures.layers if l.structure_size > 1)

@@ -11,7 +11,7 @@ from sosp_engine.saliency.first_order import first_order_terms
 from sosp_engine.saliency.sosp_h import sosp_h_terms
 from sosp_engine.saliency.sosp_i import (cross_entropy_curvature_rows, gauss_newton_terms,
                                          jacobian_structure_products, sosp_i_matrix)
-from sosp_engine.structures import find_structures
+from sosp_engine.pruning.structures import find_structures
 
 from brute_force import flat, mean_loss_of, randomise_norms, theta_s_vectors, unflat
 
@@ -181,7 +181,7 @@ def test_gram_is_summed_in_column_blocks_without_changing_it(tiny, monkeypatch):
 
 def test_a_matrix_too_large_for_float64_is_kept_in_float32_with_the_same_greedy_order(tiny, monkeypatch):
     from sosp_engine.saliency import sosp_i
-    from sosp_engine.selection import greedy_order
+    from sosp_engine.saliency.selection import greedy_order
 
     inputs = make_inputs(tiny)
     first, exact = gauss_newton_terms(inputs)
@@ -197,7 +197,7 @@ def test_a_matrix_too_large_for_float64_is_kept_in_float32_with_the_same_greedy_
 
 
 def test_the_predicted_increase_of_each_sosp_i_prefix_is_eq_2_evaluated_directly(tiny):
-    from sosp_engine.analysis import compute_saliency
+    from sosp_engine.saliency.analysis import compute_saliency
 
     model, structures, x, y = tiny
     theta = flat(model, dict(model.named_parameters())).detach().requires_grad_(True)
@@ -213,7 +213,7 @@ def test_the_predicted_increase_of_each_sosp_i_prefix_is_eq_2_evaluated_directly
 
 
 def test_the_predicted_increase_of_other_methods_is_the_sum_of_their_saliencies(tiny):
-    from sosp_engine.analysis import compute_saliency
+    from sosp_engine.saliency.analysis import compute_saliency
 
     parts = compute_saliency("sosp-h", make_inputs(tiny), cap=1.0, normalize="none")
     order, k = parts["pruning_order"], parts["n_prunable"]

@@ -3,9 +3,9 @@ import torch
 
 from conftest import USER_MODEL
 from sosp_engine.errors import AnalysisError
-from sosp_engine.models import build_model
-from sosp_engine.selection import Budget, greedy_order, literal_greedy_order, order_by_saliency, prefix_for_target
-from sosp_engine.structures import find_structures
+from sosp_engine.nets import build_model
+from sosp_engine.saliency.selection import Budget, greedy_order, literal_greedy_order, order_by_saliency, prefix_for_target
+from sosp_engine.pruning.structures import find_structures
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def kept_widths(structures, order, count):
 
 @pytest.mark.parametrize("round_to", [4, 8])
 def test_every_stop_of_a_rounded_order_keeps_widths_in_multiples(resnet, round_to):
-    from sosp_engine.selection import rounded_order, rounded_stops
+    from sosp_engine.saliency.selection import rounded_order, rounded_stops
 
     order, n = order_by_saliency(torch.rand(resnet.num_structures, dtype=torch.float64,
                                             generator=torch.Generator().manual_seed(1)), resnet, 0.95)
@@ -119,7 +119,7 @@ def test_every_stop_of_a_rounded_order_keeps_widths_in_multiples(resnet, round_t
 
 
 def test_a_rounded_target_is_met_at_the_next_stop(resnet):
-    from sosp_engine.selection import rounded_order, rounded_stops
+    from sosp_engine.saliency.selection import rounded_order, rounded_stops
 
     order, n = order_by_saliency(torch.rand(resnet.num_structures, dtype=torch.float64,
                                             generator=torch.Generator().manual_seed(2)), resnet, 0.95)
@@ -131,7 +131,7 @@ def test_a_rounded_target_is_met_at_the_next_stop(resnet):
 
 
 def test_objective_prefix_of_the_greedy_order_is_the_sum_of_its_increments(resnet):
-    from sosp_engine.selection import objective_prefix
+    from sosp_engine.saliency.selection import objective_prefix
 
     q = random_q(resnet.num_structures, seed=3)
     increments: list[float] = []

@@ -3,13 +3,13 @@ import json
 import pytest
 import torch
 
-from sosp_engine.analysis import AnalysisConfig, AnalysisResult, run_analysis
-from sosp_engine.cli import main
+from sosp_engine.saliency.analysis import AnalysisConfig, AnalysisResult, run_analysis
+from sosp_engine.cli.main import main
 from sosp_engine.errors import AnalysisError
-from sosp_engine.loading import open_workbench
-from sosp_engine.masks import zeroed_copy
-from sosp_engine.sensitivity import even_grid, max_reduction, parse_grid, sensitivity_curve
-from sosp_engine.training import evaluate
+from sosp_engine.nets.loading import open_workbench
+from sosp_engine.pruning.masks import zeroed_copy
+from sosp_engine.experiments.sensitivity import even_grid, max_reduction, parse_grid, sensitivity_curve
+from sosp_engine.experiments.training import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_the_cli_writes_the_curve_as_csv_and_json(analysed, tmp_path, capsys):
 
 
 def test_an_analysis_rounded_to_8_gives_masks_with_widths_in_multiples_of_8(tmp_path):
-    from sosp_engine.masks import layer_table, pruned_copy
+    from sosp_engine.pruning.masks import layer_table, pruned_copy
 
     torch.manual_seed(0)
     wb = open_workbench("resnet20", "digits")

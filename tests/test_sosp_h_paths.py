@@ -10,7 +10,7 @@ from sosp_engine.saliency.common import AnalysisInputs, affine_batch_norm_module
 from sosp_engine.saliency.pairing import sole_norm_consumers
 from sosp_engine.saliency.sosp_h import (_FixedWeightConv, channel_scale_terms, gradient_and_hvp, scalable_producers,
                                          sosp_h_terms)
-from sosp_engine.structures import find_structures
+from sosp_engine.pruning.structures import find_structures
 
 from brute_force import flat, mean_loss_of, randomise_norms, theta_s_vectors
 

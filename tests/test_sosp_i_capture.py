@@ -12,7 +12,7 @@ from sosp_engine.errors import AnalysisError
 from sosp_engine.saliency import common
 from sosp_engine.saliency.common import AnalysisInputs
 from sosp_engine.saliency.sosp_i import CapturePlan, capture_plan, gauss_newton_terms, jacobian_structure_products
-from sosp_engine.structures import find_structures
+from sosp_engine.pruning.structures import find_structures
 
 from brute_force import directional_outputs, randomise_norms
 

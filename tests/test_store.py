@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from sosp_engine.store import SCHEMA_V1, SCHEMA_VERSION, Store, StoreError
+from sosp_engine.runs.store import SCHEMA_V1, SCHEMA_VERSION, Store, StoreError
 
 
 def test_fresh_workspace_has_the_current_schema(tmp_path):
@@ -82,7 +82,7 @@ def test_delete_needs_confirmation_and_removes_artifacts(tmp_path):
 WRITER = """
 import sys
 sys.path.insert(0, {root!r})
-from sosp_engine.store import Store
+from sosp_engine.runs.store import Store
 store = Store({ws!r})
 for i in range(300):
     store.update_job({job!r}, progress=i / 300, message=f"step {{i}}", config={{"step": i, "payload": "x" * 2000}})

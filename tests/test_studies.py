@@ -5,15 +5,16 @@ import pandas as pd
 import pytest
 import torch
 
-from sosp_engine.cli import main
-from sosp_engine.data import load_data
+from sosp_engine.cli.main import main
+from sosp_engine.nets.data import load_data
 from sosp_engine.errors import AnalysisError
-from sosp_engine.jobs import read_log, submit_study
-from sosp_engine.loading import open_workbench
+from sosp_engine.runs.jobs import submit_study
+from sosp_engine.runs.work import read_log
+from sosp_engine.nets.loading import open_workbench
 from sosp_engine.progress import Cancelled
-from sosp_engine.store import Store
-from sosp_engine.analysis import AnalysisResult
-from sosp_engine.studies import Study, StudyConfig, aggregate, cell_key
+from sosp_engine.runs.store import Store
+from sosp_engine.saliency.analysis import AnalysisResult
+from sosp_engine.experiments.studies import Study, StudyConfig, aggregate, cell_key
 
 DIGITS = load_data("digits")
 
@@ -107,7 +108,7 @@ def test_a_study_runs_as_a_job_and_the_cli_shows_and_exports_it(tmp_path, weight
 
 
 def test_a_latency_study_measures_each_analysis_profile_once_and_slices_it(tmp_path, weights):
-    from sosp_engine.latency import LatencyProfile
+    from sosp_engine.latency.profile import LatencyProfile
 
     config = tiny(weights=weights, finetune_epochs=0, seeds=[0], methods=["magnitude"], targets=[0.02, 0.04],
                   unit="latency")

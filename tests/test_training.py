@@ -7,11 +7,12 @@ from pathlib import Path
 import torch
 
 from conftest import ROOT, random_mask
-from sosp_engine.data import load_data
-from sosp_engine.loading import open_workbench
-from sosp_engine.masks import pruned_copy
-from sosp_engine.models import build_model
-from sosp_engine.training import TrainConfig, make_optimizer, make_scheduler, train
+from sosp_engine.nets.data import load_data
+from sosp_engine.nets.loading import open_workbench
+from sosp_engine.pruning.masks import pruned_copy
+from sosp_engine.nets import build_model
+from sosp_engine.experiments.trainer import train
+from sosp_engine.experiments.training import TrainConfig, make_optimizer, make_scheduler
 
 DIGITS = load_data("digits")
 
@@ -41,9 +42,10 @@ RUNNER = """
 import sys, torch
 sys.path.insert(0, {root!r})
 torch.set_num_threads({threads})  # the same as this process: float sums depend on it
-from sosp_engine.data import load_data
-from sosp_engine.models import build_model
-from sosp_engine.training import TrainConfig, train
+from sosp_engine.nets.data import load_data
+from sosp_engine.nets import build_model
+from sosp_engine.experiments.trainer import train
+from sosp_engine.experiments.training import TrainConfig
 torch.manual_seed(0)
 model = build_model("resnet20", 10, 1)
 train(model, load_data("digits"), TrainConfig(epochs=4, seed=3), checkpoint_dir={ckpt!r})

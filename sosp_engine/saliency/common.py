@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import AnalysisError
 from ..progress import ProgressFn, StopFn
-from ..structures import NORM_TYPES, StructureSet
+from ..pruning.structures import NORM_TYPES, StructureSet
 
 LOSSES = ("cross-entropy", "squared")
 CPU_PASS_BYTES = 32 * 2**20  # glibc's largest block size served from reused heap memory

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..devices import available_memory, full_float32
 from ..errors import AnalysisError
-from ..memory import MATRIX, memory_phase
+from .memory import MATRIX, memory_phase
 from ..progress import check_cancel, report
 from .common import (AnalysisInputs, affine_batch_norm_modules, affine_batch_norms, batch_norm_coefficients,
                      channel_dim, frozen_parameters, patched_forwards, per_channel)

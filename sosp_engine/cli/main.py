@@ -1,0 +1,490 @@
+"""`python -m sosp_engine`: the command-line face of the engine; progress on stderr, results as JSON."""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+
+from ..saliency.analysis import EXACTNESS_SAMPLES, METHODS, AnalysisConfig, AnalysisResult, run_analysis
+from ..experiments.bottlenecks import LEVELS, RULES, explain, find_bottlenecks, paper_widening
+from ..experiments.procedures import PROCEDURES, Experiment, ExperimentConfig
+from ..runs.jobs import cancel, mark_stale_jobs, resume, run_job, submit
+from ..runs.work import read_log
+from ..runs.records import require_trust, store_analysis
+from ..runs.store import Store
+from ..atomic import save_atomically
+from ..experiments.trainer import train
+from ..experiments.training import TrainConfig
+from ..pruning.counting import count_macs, count_params
+from ..devices import resolve_device, set_threads
+from ..saliency.memory import default_budget
+from ..latency.profile import LATENCY_UNIT, PROFILE_NAME, LatencyProfile, measure_profile, refine_profile, relative_latency
+from ..nets.data import load_data
+from ..errors import SospError, one_line_error
+from ..pruning.exactness import exactness_line, exactness_report
+from ..nets.loading import open_workbench, resolve_preset
+from ..pruning.pruned_models import pruning_recipe, save_pruned
+from ..pruning.masks import layer_table, load_mask, mask_meta, mask_summary, pruned_copy, save_mask
+from ..saliency.common import LOSSES
+from ..saliency.selection import NORMALIZATIONS, UNITS
+from ..nets import USER_CODE_WARNING, is_user_code
+from .args import add_backend_args, add_distributed_args, parse_widen, placement_from
+from .output import ProgressLine, emit, progress_line
+from .sensitivity import add_sensitivity_parser
+from .studies import add_study_parser
+
+
+def add_model_args(p: argparse.ArgumentParser, json_out: bool = True) -> None:
+    p.add_argument("--model", required=True, help="zoo name (resnet56, resnet32x4, vgg19, densenet40), torchvision:NAME or file.py:factory")
+    p.add_argument("--data", default="digits", help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH | synthetic:C,H,W:K")
+    p.add_argument("--weights", default=None, help="checkpoint with a state_dict (loaded with weights_only=True)")
+    p.add_argument("--exclude", nargs="*", default=[], help="module name patterns never to prune (fnmatch)")
+    p.add_argument("--preset", default="auto", help="exclusion preset: auto, none, cifar-resnet, torchvision-resnet")
+    if json_out:
+        p.add_argument("--out", default=None, help="write the JSON result here instead of stdout")
+
+
+def workbench_from(args: argparse.Namespace):
+    if is_user_code(args.model):
+        progress_line(f"warning: {USER_CODE_WARNING}")
+    progress_line(f"loading {args.model} on {args.data} ...")
+    return open_workbench(args.model, args.data, args.weights, args.exclude, args.preset)
+
+
+def cmd_info(args: argparse.Namespace) -> dict:
+    wb = workbench_from(args)
+    summary = mask_summary(wb.structures)
+    return {
+        "model": args.model, "data": args.data, "num_classes": wb.data.num_classes,
+        "input_shape": list(wb.data.input_shape), "layers": len(wb.structures.layers),
+        "structures": summary["structures"], "params": summary["params_before"], "macs": summary["macs_before"],
+        "excluded_modules": wb.structures.excluded,
+        "unprunable_layers": wb.structures.unprunable,
+        "pruned_checkpoint": wb.recipe is not None,
+        "layer_table": layer_table(wb.structures).to_dict(orient="records"),
+    }
+
+
+def cmd_prune(args: argparse.Namespace) -> dict:
+    wb = workbench_from(args)
+    mask = load_mask(args.mask, wb.structures)
+    progress_line(f"pruning {len(mask)} structures physically ...")
+    smaller = pruned_copy(wb.model, wb.structures, mask, wb.example)
+    recipe = pruning_recipe(args.model, wb.structures, mask, resolve_preset(args.model, args.preset), args.exclude,
+                            wb.recipe)
+    save_pruned(args.save, smaller, recipe)
+    summary = mask_summary(wb.structures, mask)
+    x, _ = wb.data.analysis_samples(EXACTNESS_SAMPLES)
+    exactness = exactness_report(wb.model, wb.structures, mask, wb.example, x)
+    progress_line(exactness_line(exactness))
+    progress_line(f"reopen it with: --model {args.model} --weights {args.save}")
+    return {**summary, "params_counted": count_params(smaller), "macs_counted": count_macs(smaller, wb.example),
+            "exactness": exactness, "saved": args.save}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sosp_engine", description="SOSP Lab engine")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: $SOSP_THREADS, else torch's default); jobs inherit it")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="model summary: prunable layers, structures, parameters, MACs")
+    add_model_args(p)
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("prune", help="apply a mask JSON physically and save the smaller model (reopens with --weights)")
+    add_model_args(p)
+    p.add_argument("--mask", required=True, help="mask JSON (from analyze or the dashboard)")
+    p.add_argument("--save", required=True, help="where to write the pruned model's state_dict")
+    p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("analyze", help="compute a method's saliencies and pruning order; write the result and a mask")
+    add_model_args(p, json_out=False)
+    p.add_argument("--at-init", action="store_true", help="analyse a fresh seeded initialisation (BatchNorm statistics re-estimated)")
+    p.add_argument("--method", default="sosp-h", choices=METHODS)
+    p.add_argument("--samples", type=int, default=1000, help="N': analysis samples drawn from the training split")
+    p.add_argument("--batch-size", type=int, default=100, help="the largest analysis batch (the budget may lower it)")
+    p.add_argument("--memory-budget", default="auto",
+                   help="GB the analysis may use: the batch is the largest whose measured estimate fits (auto: 80%% of "
+                        "the free GPU memory or 50%% of the free RAM; none: no estimate, the batch as given)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ratio", type=float, default=0.5, help="target pruning ratio of the written mask")
+    p.add_argument("--unit", default="structures", choices=UNITS + (LATENCY_UNIT,),
+                   help="what --ratio is a fraction of; latency: measured along the order on --latency-device")
+    p.add_argument("--latency-device", default=None,
+                   help="with --unit latency or --normalize latency: where to time (default: --device)")
+    p.add_argument("--latency-batch", type=int, default=1,
+                   help="with --unit latency or --normalize latency: the batch size to time")
+    p.add_argument("--latency-points", type=int, default=12,
+                   help="with --unit latency: pruned nets timed along the order (interpolated between)")
+    p.add_argument("--cap", type=float, default=0.95, help="at most this fraction of a layer is pruned")
+    p.add_argument("--round-to", type=int, default=1,
+                   help="keep widths in multiples of this (8 or 16: pruned nets then run as fast as their MACs)")
+    p.add_argument("--normalize", default="none", choices=NORMALIZATIONS,
+                   help="rank structures by saliency per unit of cost: kernel size (SOSP*), MACs, or latency (each "
+                        "layer timed alone on --latency-device at --latency-batch; the order then depends on timings)")
+    p.add_argument("--loss", default="cross-entropy", choices=LOSSES)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--mc-labels", type=int, default=-1, help="SOSP-I: sampled labels per sample (0 = exact, -1 = only when D > 100)")
+    p.add_argument("--download", action="store_true", help="download CIFAR into the data path first")
+    p.add_argument("--out", dest="out_dir", required=True, help="folder for analysis.json, tensors.pt, mask.json, layers.csv")
+    p.add_argument("--name", default=None, help="also record the analysis in the workspace under this name (for the dashboard)")
+    add_workspace_arg(p)
+    p.set_defaults(func=cmd_analyze)
+    p = sub.add_parser("train", help="train a model in the foreground and save its weights")
+    add_model_args(p, json_out=False)
+    add_training_args(p)
+    p.add_argument("--save", required=True, help="where to write the trained state_dict")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("finetune", help="prune a trained model with a mask and fine-tune the smaller model")
+    add_model_args(p, json_out=False)
+    add_training_args(p)
+    p.add_argument("--mask", required=True)
+    p.add_argument("--save", required=True, help="where to write the fine-tuned pruned state_dict")
+    p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser("expand", help="expand-pruning in the foreground: widen bottlenecks, train, prune, fine-tune")
+    add_model_args(p, json_out=False)
+    add_experiment_args(p)
+    p.add_argument("--out", required=True, help="folder for the run's checkpoints, masks and summary.json")
+    p.set_defaults(func=cmd_expand, procedure="expand-prune")
+    p = sub.add_parser("bottlenecks", help="flag bottleneck layers / stages of a saved analysis at a ratio")
+    p.add_argument("analysis", help="folder written by analyze")
+    p.add_argument("--ratio", type=float, default=None, help="default: the ratio of the mask analyze wrote (else 0.5)")
+    p.add_argument("--unit", default=None, choices=UNITS + (LATENCY_UNIT,), help="default: the unit of the mask analyze wrote")
+    p.add_argument("--level", default="layer", choices=LEVELS)
+    p.add_argument("--rule", default="mean-std", choices=RULES)
+    p.add_argument("-k", type=float, default=1.0, help="mean-std rule: flag ratios below mean - k * std")
+    p.add_argument("-n", type=int, default=3, help="least rule: flag the n least pruned")
+    p.add_argument("--trust-code", action="store_true", help="allow the analysis's model spec to run user code")
+    p.set_defaults(func=cmd_bottlenecks)
+    add_sensitivity_parser(sub)
+    add_study_parser(sub)
+    p = sub.add_parser("run-job", help="(internal) run a queued job in this process")
+    p.add_argument("job_id")
+    add_workspace_arg(p)
+    p.set_defaults(func=cmd_run_job)
+    jobs = sub.add_parser("jobs", help="background jobs: submit, list, show, cancel, resume, logs, delete")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
+    p = jsub.add_parser("submit", help="queue a procedure as a background job")
+    add_model_args(p, json_out=False)
+    add_experiment_args(p)
+    p.add_argument("--procedure", default="train-prune", choices=PROCEDURES)
+    p.add_argument("--name", default="")
+    add_backend_args(p)
+    add_workspace_arg(p)
+    p.set_defaults(func=cmd_jobs_submit)
+    for verb, func, helptext in (("show", cmd_jobs_show, "a job's record and metrics"), ("cancel", cmd_jobs_cancel, "cancel a job"),
+                                 ("resume", cmd_jobs_resume, "resume a failed or cancelled job"), ("logs", cmd_jobs_logs, "a job's log")):
+        p = jsub.add_parser(verb, help=helptext)
+        p.add_argument("job_id")
+        add_workspace_arg(p)
+        if verb == "resume":
+            p.add_argument("--trust-code", action="store_true", help="allow the job's model spec to run user code")
+        p.set_defaults(func=func)
+    p = jsub.add_parser("list", help="all jobs of the workspace")
+    add_workspace_arg(p)
+    p.set_defaults(func=cmd_jobs_list)
+    p = jsub.add_parser("delete", help="delete a job and its artifacts")
+    p.add_argument("job_id")
+    p.add_argument("--yes", action="store_true", help="confirm: the job's files are removed for good")
+    add_workspace_arg(p)
+    p.set_defaults(func=cmd_jobs_delete)
+    return parser
+
+
+def add_workspace_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workspace", default=None, help="workspace folder (default $SOSP_WORKSPACE or ./workspace)")
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--schedule", default="step", choices=["step", "cosine"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    add_distributed_args(p)
+
+
+def train_config_from(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig given by the flags of `add_training_args`."""
+    return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
+                       seed=args.seed, device=args.device, nproc=args.nproc, sync_bn=args.sync_bn)
+
+
+def add_experiment_args(p: argparse.ArgumentParser) -> None:
+    add_training_args(p)
+    p.add_argument("--finetune-epochs", type=int, default=None, help="default: repeat the training schedule")
+    p.add_argument("--method", default="sosp-h", choices=METHODS)
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--unit", default="structures", choices=UNITS + (LATENCY_UNIT,),
+                   help="what --ratio is a fraction of; latency: the CPU latency at batch 1, timed along the order")
+    p.add_argument("--target-params", type=int, default=None, help="prune to this many parameters instead of --ratio")
+    p.add_argument("--cap", type=float, default=0.95)
+    p.add_argument("--normalize", default="none", choices=NORMALIZATIONS)
+    p.add_argument("--widen", nargs="*", default=[], help="expand-prune: LAYER_OR_STAGE=FACTOR ... (default: the flagged bottlenecks x2)")
+    p.add_argument("--widen-factor", type=float, default=None, help="widen-prune: one factor for every layer")
+    p.add_argument("--match-widen", nargs="*", default=[],
+                   help="widen-prune: LAYER_OR_STAGE=FACTOR ... of the expansion whose parameter count the one factor "
+                        "matches (with widen-prune, --widen means the same)")
+    p.add_argument("--label", default="")
+
+
+def experiment_config(args: argparse.Namespace, procedure: str) -> ExperimentConfig:
+    widen, match = parse_widen(args.widen), parse_widen(args.match_widen)
+    if procedure == "widen-prune" and args.widen_factor is None and widen and not match:
+        widen, match = {}, widen  # widen-prune sizes itself to the expansion it is compared with
+    return ExperimentConfig(
+        procedure=procedure, model_spec=args.model, data_spec=args.data, weights=args.weights, epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs, method=args.method, samples=args.samples, ratio=args.ratio, unit=args.unit,
+        target_params=args.target_params, cap=args.cap, normalize=args.normalize, widen=widen, match_widen=match,
+        widen_factor=args.widen_factor, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule, seed=args.seed,
+        device=args.device, exclude=list(args.exclude), preset=args.preset, label=args.label, nproc=args.nproc,
+        sync_bn=args.sync_bn)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    wb = workbench_from(args)
+    config = train_config_from(args)
+    result = train(wb.model, wb.data, config, progress=epoch_printer)
+    save_atomically(wb.model.cpu().state_dict(), Path(args.save))
+    print(json.dumps({"test_acc": result.test_acc, "test_loss": result.test_loss, "saved": args.save}))
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    wb = workbench_from(args)
+    mask = load_mask(args.mask, wb.structures)
+    smaller = pruned_copy(wb.model, wb.structures, mask, wb.example)
+    config = train_config_from(args)
+    result = train(smaller, wb.data, config, progress=epoch_printer)
+    save_pruned(args.save, smaller.cpu(), pruning_recipe(args.model, wb.structures, mask,
+                                                         resolve_preset(args.model, args.preset), args.exclude, wb.recipe))
+    print(json.dumps({"test_acc": result.test_acc, "params": count_params(smaller), "saved": args.save}))
+
+
+def epoch_printer(event: dict) -> None:
+    if event.get("phase") == "epoch":
+        progress_line(f"epoch {event['epoch']}/{event['epochs']}: train loss {event['train_loss']:.4f} "
+                      f"acc {event['train_acc']:.3f}, val acc {event['val_acc']:.3f}")
+
+
+def auto_widen(args: argparse.Namespace, wb) -> dict[str, float]:
+    """The paper's choice on the trained plain net: the least pruned stage of a ResNet, else the five least pruned
+    layers, widened x2. Without --weights the plain net is trained first (the bottlenecks of an init are others)."""
+    weights = args.weights
+    if not weights:
+        progress_line(f"no --weights: training the plain net first ({args.epochs} epochs) to find the bottlenecks of "
+                      "the trained net, as the paper does")
+        bar = ProgressLine("train plain")
+        model = copy.deepcopy(wb.model)
+        train(model, wb.data, train_config_from(args), Path(args.out) / "plain",
+              lambda e: bar((e["epoch"] - 1 + e.get("fraction", 1.0)) / e["epochs"], f"epoch {e['epoch']}"))
+        bar.close()
+        weights = str(save_atomically(model.cpu().state_dict(), Path(args.out) / "plain" / "trained.pt"))
+        wb = dataclasses.replace(wb, model=model, weights=weights)
+    config = AnalysisConfig(method=args.method, model_spec=args.model, data_spec=args.data, weights=weights,
+                            samples=args.samples, seed=args.seed, cap=args.cap, normalize=args.normalize,
+                            device=args.device, exclude=list(args.exclude), preset=args.preset)
+    result = run_analysis(wb, config)
+    return paper_widening(args.model, layer_table(wb.structures, result.mask(wb.structures, args.ratio, args.unit)))
+
+
+def cmd_expand(args: argparse.Namespace) -> None:
+    wb = workbench_from(args)
+    config = experiment_config(args, "expand-prune")
+    if not config.widen:
+        config.widen = auto_widen(args, wb)
+        progress_line(f"bottlenecks widened x2: {', '.join(config.widen)}")
+    bar = ProgressLine("expand-prune")
+    summary = Experiment(config, args.out, lambda f, m, d=None: bar(f, m), data=wb.data).run()
+    bar.close()
+    Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(json.dumps({k: summary[k] for k in ("procedure", "test_acc", "params", "macs")}))
+
+
+def cmd_bottlenecks(args: argparse.Namespace) -> None:
+    result = AnalysisResult.load(args.analysis)
+    require_trust(result.config.model_spec, args.trust_code, f"the analysis in '{args.analysis}'")
+    if not (math.isfinite(args.k) and args.k >= 0) or args.n < 1:
+        raise SospError(f"-k must be a number >= 0 and -n at least 1 (got k={args.k}, n={args.n})")
+    written = mask_meta(Path(args.analysis) / "mask.json")  # by default, the ratio and unit analyze wrote its mask at
+    ratio = args.ratio if args.ratio is not None else float(written.get("ratio", 0.5))
+    unit = args.unit or str(written.get("unit", "structures"))
+    progress_line(f"bottlenecks of the mask at {ratio:g} of {unit}")
+    wb = open_workbench(result.config.model_spec, result.config.data_spec, None, result.config.exclude, result.config.preset)
+    latency = LatencyProfile.load(Path(args.analysis) / PROFILE_NAME) if unit == LATENCY_UNIT else None
+    table = layer_table(wb.structures, result.mask(wb.structures, ratio, unit, latency))
+    units, info = find_bottlenecks(table, args.level, args.rule, args.k, args.n)
+    print(units[["rank", "unit", "pruning_ratio", "score", "flagged", "why"]].to_string(index=False))
+    print("\n" + explain(units, info))
+
+
+def open_store(args: argparse.Namespace) -> Store:
+    return Store(args.workspace)
+
+
+def cmd_run_job(args: argparse.Namespace) -> None:
+    raise SystemExit(run_job(open_store(args), args.job_id))
+
+
+def cmd_jobs_submit(args: argparse.Namespace) -> dict:
+    if is_user_code(args.model):
+        progress_line(f"warning: {USER_CODE_WARNING}")
+    store = open_store(args)
+    job_id = submit(store, experiment_config(args, args.procedure), args.name, placement=placement_from(args))
+    return {"job": job_id, "status": store.job(job_id)["status"]}
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> None:
+    store = open_store(args)
+    mark_stale_jobs(store)
+    damaged: list[str] = []
+    for job in store.jobs(damaged=damaged):
+        where = job["backend"] + (f" on {job['node']}" if job["node"] else "")
+        print(f"{job['id']}  {job['status']:<10} {job['progress']:6.1%}  {job['kind']:<13} {where:<24} {job['name']}  "
+              f"{job['message']}")
+    for line in damaged:
+        progress_line(f"warning: job record {line}; it is not listed, run or resumed (jobs delete ID --yes removes "
+                      "the record)")
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> dict:
+    store = open_store(args)
+    mark_stale_jobs(store)
+    return {**store.job(args.job_id), "metrics": store.metrics(args.job_id)}
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> dict:
+    return {"job": args.job_id, "status": cancel(open_store(args), args.job_id)}
+
+
+def cmd_jobs_resume(args: argparse.Namespace) -> dict:
+    store = open_store(args)
+    resume(store, args.job_id, trust_code=args.trust_code)
+    return {"job": args.job_id, "status": store.job(args.job_id)["status"]}
+
+
+def cmd_jobs_logs(args: argparse.Namespace) -> None:
+    print(read_log(open_store(args), args.job_id))
+
+
+def cmd_jobs_delete(args: argparse.Namespace) -> dict:
+    kept = open_store(args).delete("job", args.job_id, confirm=args.yes)
+    for line in kept:
+        progress_line(f"warning: left in place: {line}")
+    return {"job": args.job_id, "deleted": True, "not_removed": kept}
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():  # checked before the work it would lose
+        raise SospError(f"--out '{args.out_dir}' is a file; give a folder for the analysis")
+    if args.download:
+        load_data(args.data, download=True)
+    wb = workbench_from(args)
+    config = AnalysisConfig(
+        method=args.method, model_spec=args.model, data_spec=args.data, weights=args.weights, at_init=args.at_init,
+        samples=args.samples, seed=args.seed, batch_size=args.batch_size, cap=args.cap, round_to=args.round_to,
+        memory_budget_gb=memory_budget(args.memory_budget, args.device),
+        normalize=args.normalize, latency_device=args.latency_device, latency_batch=args.latency_batch,
+        loss=args.loss, device=args.device, mc_labels=args.mc_labels, exclude=list(args.exclude), preset=args.preset)
+    bar = ProgressLine(f"{args.method}")
+    result = run_analysis(wb, config, progress=bar)
+    bar.close()
+    out = Path(args.out_dir)
+    result.save(out)
+    latency = latency_profile(args, wb, result, out) if args.unit == LATENCY_UNIT else None
+    mask = result.mask(wb.structures, args.ratio, args.unit, latency)
+    save_mask(out / "mask.json", wb.structures, mask, method=args.method, ratio=args.ratio, unit=args.unit)
+    table = layer_table(wb.structures, mask)
+    table.to_csv(out / "layers.csv", index=False)
+    summary = mask_summary(wb.structures, mask)
+    x, _ = wb.data.analysis_samples(EXACTNESS_SAMPLES, args.seed)
+    exactness = exactness_report(wb.model, wb.structures, mask, wb.example, x)
+    print(table[["layer", "stage", "channels", "kept", "pruning_ratio", "params_after", "macs_after"]].to_string(index=False))
+    print(f"\npruned {summary['structures_pruned']}/{summary['structures']} structures; "
+          f"params {summary['params_before']:,} -> {summary['params_after']:,} ({summary['param_ratio']:.1%} removed); "
+          f"MACs {summary['macs_before']:,} -> {summary['macs_after']:,} ({summary['mac_ratio']:.1%} removed)")
+    print(exactness_line(exactness))
+    if latency is not None:
+        seconds, relative = relative_latency(pruned_copy(wb.model, wb.structures, mask, wb.example), wb.model,
+                                             wb.example, latency.device, latency.batch)
+        print(f"latency on {latency.device} at batch {latency.batch} ({latency.threads} threads): "
+              f"{1000 * seconds / relative:.3f} ms -> {1000 * seconds:.3f} ms, {1 - relative:.1%} less measured "
+              f"(target {args.ratio:.1%}, predicted {1 - float(latency.predict(len(mask))):.1%})")
+    if result.memory is not None:
+        progress_line(result.memory["line"])
+    if result.layer_latency is not None:
+        progress_line(result.layer_latency)
+    progress_line("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
+    progress_line(f"wrote {out}/analysis.json, tensors.pt, mask.json, layers.csv")
+    if args.name:
+        store = open_store(args)
+        record_id = store_analysis(store, result, args.name)
+        progress_line(f"recorded as '{args.name}' ({record_id}) in the workspace {store.root}")
+
+
+def memory_budget(text: str, device: str) -> float | None:
+    """--memory-budget: 'auto' -> a share of the free memory of the device, 'none' -> None, else GB."""
+    if text == "none":
+        return None
+    if text == "auto":
+        return default_budget(resolve_device(device)) / 2**30
+    try:
+        return float(text)
+    except ValueError:
+        raise SospError(f"--memory-budget takes a number of GB, auto or none; got '{text}'") from None
+
+
+def latency_profile(args: argparse.Namespace, wb, result: AnalysisResult, out: Path) -> LatencyProfile:
+    """Time the net pruned along the analysis's order on the latency device (written to OUT/latency.json)."""
+    if args.latency_batch < 1:
+        raise SospError(f"--latency-batch must be at least 1, got {args.latency_batch}")
+    bar = ProgressLine("latency profile")
+    profile = measure_profile(wb.model, wb.structures, result.ordered_keys(), result.n_prunable, wb.example,
+                              resolve_device(args.latency_device or args.device), args.latency_batch,
+                              args.latency_points, stops=result.stops(wb.structures), progress=bar)
+    bar.close()
+    profile.save(out / PROFILE_NAME)
+    if refine_profile(profile, wb.model, wb.structures, result.ordered_keys(), result.n_prunable, wb.example,
+                      args.ratio, result.stops(wb.structures)):
+        profile.save(out / PROFILE_NAME)
+    return profile
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        set_threads(args.threads)
+        if args.threads is not None:
+            os.environ["SOSP_THREADS"] = str(args.threads)  # background jobs started from here use the same
+        result = args.func(args)
+    except SospError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        return _closed_stdout()
+    except Exception as exc:  # anything unforeseen is still one line; SOSP_DEBUG=1 shows where it came from
+        if os.environ.get("SOSP_DEBUG"):
+            raise
+        print(f"error: {one_line_error(exc)} (set SOSP_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 2
+    if result is not None:
+        try:
+            emit(result, getattr(args, "out", None))
+        except BrokenPipeError:
+            return _closed_stdout()
+    return 0
+
+
+def _closed_stdout() -> int:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise again; exit like `head`'s writer."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141

@@ -1,0 +1,1 @@
+"""Experiments on top of analyses: training (one or several processes), procedures, studies, sensitivity, comparisons, bottlenecks."""

@@ -1,0 +1,231 @@
+"""SGD training and fine-tuning with the paper's defaults, per-epoch checkpoints, exact resume and cancellation."""
+from __future__ import annotations
+
+import math
+import random
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nets.data import DataBundle
+from ..atomic import load_with_fallback, save_atomically
+from ..devices import deterministic_kernels
+from ..errors import SospError
+
+CHECKPOINT_NAME = "last.pt"
+
+
+class TrainingError(SospError):
+    """Training cannot start or cannot go on (bad settings, a loss that is not finite)."""
+
+
+@dataclass
+class TrainConfig:
+    """Paper defaults: lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, step decay x0.1 at 60 % and 80 %."""
+
+    epochs: int = 200
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    schedule: str = "step"  # step | cosine
+    milestones: tuple[float, ...] = (0.6, 0.8)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    nproc: int = 1  # > 1: one training across this many processes (DistributedDataParallel, same global batch)
+    sync_bn: bool = False  # with nproc > 1: BatchNorm statistics over the global batch (CUDA only)
+
+    def validate(self) -> None:
+        """Every value in range before any work starts."""
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise TrainingError(f"the learning rate must be a positive number, got {self.lr}")
+        if self.batch_size < 1 or self.epochs < 0:
+            raise TrainingError("the batch size must be positive and the epochs zero or more")
+        if self.schedule not in ("step", "cosine"):
+            raise TrainingError(f"unknown schedule '{self.schedule}'; use step or cosine")
+        if not 0 <= self.seed < 2**63:
+            raise TrainingError(f"the seed must be in 0 .. 2**63 - 1, got {self.seed}")
+        if not 1 <= self.nproc <= 64:
+            raise TrainingError(f"the number of training processes must be in 1 .. 64, got {self.nproc}")
+        if self.sync_bn and self.nproc == 1:
+            raise TrainingError("--sync-bn only applies to a training across processes: give --nproc 2 or more")
+
+
+@dataclass
+class EpochRecord:
+    """Metrics after one epoch."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float
+
+
+@dataclass
+class TrainResult:
+    """History of a finished (or cancelled) run and its final test metrics."""
+
+    history: list[EpochRecord] = field(default_factory=list)
+    test_loss: float = float("nan")
+    test_acc: float = float("nan")
+    cancelled: bool = False
+
+    def to_dict(self) -> dict:
+        return {"history": [asdict(h) for h in self.history], "test_loss": self.test_loss,
+                "test_acc": self.test_acc, "cancelled": self.cancelled}
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD over the model's current parameters; rebuild it after physical pruning (old parameters are gone)."""
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay, nesterov=False)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Step decay by 10x at the milestone fractions of the epochs, or cosine decay, stepped once per epoch."""
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
+    if config.schedule != "step":
+        raise ValueError(f"unknown schedule '{config.schedule}'; use step or cosine")
+    milestones = sorted({max(1, int(math.floor(f * config.epochs))) for f in config.milestones})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp: bool = True) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy of `model` over a loader, in eval mode."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    total, loss_sum, correct = 0, 0.0, 0
+    with torch.no_grad(), _autocast(device, amp):
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            out = model(x).float()
+            loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+            total += len(y)
+    model.train(was_training)
+    return loss_sum / max(total, 1), correct / max(total, 1)
+
+
+def _seed_epoch(seed: int, epoch: int) -> None:
+    """Each epoch's randomness (shuffle, augmentation, dropout) depends only on (seed, epoch), so a resumed run repeats it."""
+    value = seed * 100003 + epoch
+    torch.manual_seed(value)
+    np.random.seed(value % (2**32))
+    random.seed(value)
+
+
+class SingleProcess:
+    """The training loop's view of its peers when it runs alone: the whole batch here, nothing to agree on."""
+
+    rank, world = 0, 1
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def batches(self, data: DataBundle, config: TrainConfig, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(inputs, labels, size of the global batch) of one epoch, in the order fixed by (seed, epoch)."""
+        for x, y in data.loader("train", config.batch_size, shuffle=True, seed=config.seed * 100003 + epoch):
+            yield x, y, len(y)
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def sum(self, values: list[float]) -> list[float]:
+        return values
+
+
+@deterministic_kernels()
+def run_training(model: nn.Module, data: DataBundle, config: TrainConfig, team, checkpoint_dir: str | Path | None,
+                 progress: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None) -> TrainResult:
+    """The epoch loop of one training process; `team` (SingleProcess or a distributed rank) says how it shares work.
+
+    The loss of a process's share is scaled so that the gradients averaged over processes equal the gradient of the
+    global batch's mean loss, also for an uneven last batch. Only rank 0 reports and writes the checkpoint.
+    """
+    device = team.device
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    net = team.wrap(model)
+    model = getattr(net, "module", net)
+    writer = team.rank == 0
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config)
+    result = TrainResult()
+    start_epoch = 0
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
+    if ckpt_path is not None and ckpt_path.is_file():
+        state = load_with_fallback(ckpt_path, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"]
+        result.history = [EpochRecord(**h) for h in state["history"]]
+    torch.manual_seed(config.seed)
+    n_batches = math.ceil(len(data.train) / config.batch_size)
+    for epoch in range(start_epoch, config.epochs):
+        _seed_epoch(config.seed, epoch)
+        net.train()
+        seen, loss_sum, correct = 0, 0.0, 0
+        for b, (x, y, global_size) in enumerate(team.batches(data, config, epoch)):
+            if team.any(should_stop is not None and should_stop()):
+                result.cancelled = True
+                return result
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, config.amp):
+                out = net(x)
+                share_sum = F.cross_entropy(out.float(), y, reduction="sum")
+                loss = share_sum * (team.world / global_size)
+            batch_loss = share_sum.item() / max(len(y), 1)
+            if not math.isfinite(batch_loss):
+                raise TrainingError(f"the training loss became {batch_loss} in epoch {epoch + 1}, batch {b + 1}: "
+                                    "lower the learning rate or check the weights and data")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(y)
+            loss_sum += share_sum.item()
+            correct += (out.argmax(1) == y).sum().item()
+            if progress is not None and writer:
+                progress({"phase": "train", "epoch": epoch + 1, "epochs": config.epochs,
+                          "fraction": (b + 1) / n_batches, "loss": loss_sum / max(seen, 1)})
+        seen, loss_sum, correct = team.sum([seen, loss_sum, correct])
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        if not writer:
+            continue
+        val_loss, val_acc = evaluate(model, data.loader("val", 512), device, config.amp)
+        record = EpochRecord(epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1), val_loss, val_acc, lr)
+        result.history.append(record)
+        if progress is not None:  # metrics first: a kill before the checkpoint lands redoes (and re-records) the epoch
+            progress({"phase": "epoch", **asdict(record), "epochs": config.epochs})
+        if ckpt_path is not None:
+            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                             "history": [asdict(h) for h in result.history], "config": asdict(config)}, ckpt_path,
+                            keep_previous=True)
+    if writer:
+        result.test_loss, result.test_acc = evaluate(model, data.loader("test", 512), device, config.amp)
+    return result

@@ -1,0 +1,1 @@
+"""Latency: nets timed along a pruning order (profiles, targets) and layers timed alone (latency-aware order)."""

@@ -1,0 +1,194 @@
+"""Measured inference latency of a model on a device (the median of timed forwards after warm-up), and the latency
+profile along a pruning order that a latency target is met with."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import AnalysisError
+from ..progress import ProgressFn, StopFn, check_cancel, report
+
+
+def _batch_of(example: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    return example[:1].expand(batch, *example.shape[1:]).contiguous().to(device)
+
+
+def _forward_seconds(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
+    """Seconds of one forward (synchronised on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    model(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def timed_rounds(modules: list[nn.Module], inputs: list[torch.Tensor], device: torch.device, repeats: int,
+                 warmup: int) -> list[list[float]]:
+    """Forward seconds of each module on its input, timed one after the other in every round (after `warmup` rounds),
+    so that a change of the machine's load hits all alike."""
+    times: list[list[float]] = [[] for _ in modules]
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            for module, x, record in zip(modules, inputs, times):
+                seconds = _forward_seconds(module, x, device)
+                if i >= warmup:
+                    record.append(seconds)
+    return times
+
+
+def measure_latency(model: nn.Module, example: torch.Tensor, device: str | torch.device = "cpu", batch: int = 1,
+                    repeats: int = 20, warmup: int = 3) -> float:
+    """Median seconds of one eval-mode forward of a `batch` of `example`'s shape on `device` (synchronised on CUDA)."""
+    return relative_latency(model, None, example, device, batch, repeats, warmup)[0]
+
+
+def relative_latency(model: nn.Module, reference: nn.Module | None, example: torch.Tensor,
+                     device: str | torch.device = "cpu", batch: int = 1, repeats: int = 20, warmup: int = 3
+                     ) -> tuple[float, float]:
+    """Median seconds of `model` and its ratio to `reference`'s, timed alternately forward by forward so that a change
+    of the machine's load hits both alike (ratio nan without a reference)."""
+    device = torch.device(device)
+    x = _batch_of(example, batch, device)
+    nets = [model] + ([reference] if reference is not None else [])
+    modes = [net.training for net in nets]
+    for net in nets:
+        net.eval().to(device)
+    times = timed_rounds(nets, [x] * len(nets), device, repeats, warmup)
+    for net, mode in zip(nets, modes):
+        net.train(mode)
+    own = statistics.median(times[0])
+    return own, (own / statistics.median(times[1]) if reference is not None else float("nan"))
+
+
+LATENCY_UNIT = "latency"
+PROFILE_NAME = "latency.json"
+REFINE_POINTS = 6  # more nets timed at most, per target, where the profile's line picks an unmeasured prefix
+
+
+@dataclass
+class LatencyProfile:
+    """Measured latency of the physically pruned net along one pruning order: prefix length -> latency relative to the
+    unpruned net (each point timed alternately with the unpruned net, so the machine's load cancels out).
+
+    A mask of the order is a prefix of it, so this curve is all a latency target needs; it is measured on the user's
+    device and batch size, where real kernels make latency far from proportional to MACs (odd widths, small layers).
+    """
+
+    device: str
+    batch: int
+    threads: int
+    reference_seconds: float
+    prefixes: list[int]
+    relative: list[float]
+
+    def predict(self, prefix: int | np.ndarray) -> np.ndarray:
+        """Latency relative to the unpruned net at a prefix length, interpolated between the measured prefixes."""
+        return np.interp(prefix, self.prefixes, self.relative)
+
+    def prefix_for(self, ratio: float, n_prunable: int, stops: list[int] | None = None) -> int:
+        """The shortest prefix (a rounding stop if given) whose predicted latency is at most 1 - ratio of the unpruned net's."""
+        if not 0 <= ratio < 1:
+            raise AnalysisError(f"the latency reduction must be in [0, 1), got {ratio}")
+        candidates = np.array(stops if stops is not None else range(n_prunable + 1))
+        reached = np.nonzero(self.predict(candidates) <= 1 - ratio + 1e-12)[0]
+        if not len(reached):
+            raise AnalysisError(f"a latency reduction of {ratio:.3f} is not reached on {self.device} at batch "
+                                f"{self.batch}: at most {1 - min(self.relative):.3f} was measured along this order "
+                                "(with this cap)")
+        return int(candidates[reached[0]])
+
+    def add_point(self, prefix: int, relative: float) -> None:
+        """Insert one more measured prefix, keeping the prefixes sorted."""
+        at = int(np.searchsorted(self.prefixes, prefix))
+        self.prefixes.insert(at, int(prefix))
+        self.relative.insert(at, float(relative))
+
+    def save(self, path: str | Path) -> Path:
+        """Written whole or not at all (a study's cells may save the same profile at once)."""
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyProfile":
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise AnalysisError(f"no latency profile at '{path}': run analyze with --unit latency first") from None
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise AnalysisError(f"the latency profile '{path}' is unreadable ({exc})") from None
+
+
+def measure_profile(model: nn.Module, structures, order: list[str], n_prunable: int, example: torch.Tensor,
+                    device: str | torch.device = "cpu", batch: int = 1, points: int = 12, repeats: int = 10,
+                    stops: list[int] | None = None, progress: ProgressFn = None, should_stop: StopFn = None
+                    ) -> LatencyProfile:
+    """Prune `model` physically at `points` prefixes of `order` (structure keys, first pruned first) and time each
+    against the unpruned net on `device`."""
+    from ..pruning.masks import pruned_copy
+
+    if points < 2:
+        raise AnalysisError(f"a latency profile needs at least 2 points, got {points}")
+    grid = sorted({round(i * n_prunable / (points - 1)) for i in range(1, points)})
+    if stops is not None:
+        grid = sorted({next(s for s in stops if s >= k) for k in grid})
+    reference, relative = measure_latency(model, example, device, batch, repeats), [1.0]
+    for i, k in enumerate(grid):
+        check_cancel(should_stop)
+        report(progress, i / len(grid), f"latency of the net pruned at {k}/{n_prunable} structures")
+        smaller = pruned_copy(model, structures, set(order[:k]), example)
+        relative.append(relative_latency(smaller, model, example, device, batch, repeats)[1])
+    report(progress, 1.0, "latency profile measured")
+    return LatencyProfile(str(torch.device(device)), batch, torch.get_num_threads(), reference, [0] + grid, relative)
+
+
+def refine_profile(profile: LatencyProfile, model: nn.Module, structures, order: list[str], n_prunable: int,
+                   example: torch.Tensor, ratio: float, stops: list[int] | None = None, repeats: int = 10,
+                   should_stop: StopFn = None) -> bool:
+    """Time the net at the prefix a latency target picks until the pick is a measured point (at most REFINE_POINTS
+    more): between two measured points latency need not follow the line (a narrower kernel can be slower), so the
+    mask's own latency is measured, not interpolated. Returns whether points were added."""
+    from ..pruning.masks import pruned_copy
+
+    added = False
+    for _ in range(REFINE_POINTS):
+        k = profile.prefix_for(ratio, n_prunable, stops)
+        if k in profile.prefixes:
+            break
+        check_cancel(should_stop)
+        smaller = pruned_copy(model, structures, set(order[:k]), example)
+        profile.add_point(k, relative_latency(smaller, model, example, profile.device, profile.batch, repeats)[1])
+        added = True
+    return added
+
+
+def stored_profile(result, model: nn.Module, structures, example: torch.Tensor, folder: str | Path,
+                   device: str | torch.device = "cpu", batch: int = 1, points: int = 12,
+                   should_stop: StopFn = None, targets: list[float] = ()) -> LatencyProfile:
+    """The latency profile of an analysis (`result`) stored in `folder`: read if there, else measured along its order
+    on `device` at `batch`, refined at `targets` and saved there, so jobs and studies measure it once and resume
+    without re-timing."""
+    path = Path(folder) / PROFILE_NAME
+    if path.exists():
+        profile = LatencyProfile.load(path)
+    else:
+        profile = measure_profile(model, structures, result.ordered_keys(), result.n_prunable, example, device, batch,
+                                  points, stops=result.stops(structures), should_stop=should_stop)
+        profile.save(path)  # before refining: a target out of reach raises there, and a resume must not re-time
+    refined = [refine_profile(profile, model, structures, result.ordered_keys(), result.n_prunable, example, target,
+                              result.stops(structures), should_stop=should_stop) for target in targets]
+    if any(refined):
+        profile.save(path)
+    return profile

@@ -1,0 +1,511 @@
+"""Prunable structures: every coupled channel group (torch-pruning's DependencyGraph) is a layer, each channel a structure."""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .coupling_graph import CouplingGraph
+from ..errors import MaskError
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+PRESETS = {
+    "cifar-resnet": ("*shortcut*",),
+    "torchvision-resnet": ("*downsample*",),
+}
+
+
+@contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every module's train/eval flag afterwards (torch-pruning's tracing leaves the model in eval mode)."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def architecture_signature(model: nn.Module) -> str:
+    """A hash of parameter names and shapes: equal for two models of the same architecture, whatever their weights."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(f"{name}:{tuple(p.shape)};".encode())
+    return digest.hexdigest()[:16]
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _channel_groups(module: nn.Module, is_out: bool) -> tuple[int, int]:
+    """(channels, groups) of the dimension a coupled group touches, where equal channels per group must be kept."""
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels, module.num_groups
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups > 1 and not _is_depthwise(module):
+        return (module.out_channels if is_out else module.in_channels), module.groups
+    return 0, 1
+
+
+def _partition(size: int, grouped: list[tuple[str, int, int, list[int], list[int]]],
+               coupled: Sequence[Sequence[int]] = ()) -> tuple[list[list[int]], str]:
+    """Structures of one coupled group: root channels that must go together so every grouped module keeps equal groups.
+
+    `grouped` holds (module, channels, groups, module idxs, root idxs) of each grouped conv / GroupNorm dimension in the
+    group. A structure takes the channel at one local position of every group (torch-pruning's own rule for grouped
+    layers), and every set of root channels in `coupled` (root channels that reach one channel of some module).
+    Returns the structures and '' or, when no such partition exists, ([], the reason).
+    """
+    parent = list(range(size))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for roots in coupled:
+        for root in roots[1:]:
+            parent[find(root)] = find(roots[0])
+
+    for name, channels, groups, idxs, root_idxs in grouped:
+        if sorted(idxs) != list(range(channels)):
+            return [], f"feeds only part of the grouped layer {name} (groups={groups})"
+        per_group = channels // groups
+        first: dict[int, int] = {}
+        for idx, root in zip(idxs, root_idxs):
+            local = idx % per_group
+            if local in first:
+                parent[find(root)] = find(first[local])
+            else:
+                first[local] = root
+    members: dict[int, list[int]] = {}
+    for c in range(size):
+        members.setdefault(find(c), []).append(c)
+    structures = sorted(members.values())
+    for name, channels, groups, idxs, root_idxs in grouped:
+        per_group = channels // groups
+        position = dict(zip(root_idxs, idxs))
+        for channel_set in structures:
+            locals_by_group: dict[int, set[int]] = {g: set() for g in range(groups)}
+            for c in channel_set:
+                locals_by_group[position[c] // per_group].add(position[c] % per_group)
+            if len({frozenset(v) for v in locals_by_group.values()}) != 1:
+                return [], f"its channels sit at different local positions of the groups of {name}"
+    return structures, ""
+
+
+CHANNEL_SPLITTING_OPS = (tp.ops._SplitOp, tp.ops._SliceOp, tp.ops._UnbindOp)
+
+
+def _unsupported(group, graph: tp.DependencyGraph, names: dict[nn.Module, str]) -> str:
+    """Why torch-pruning cannot remove this group's channels consistently, or '' when it can."""
+    folded = any(getattr(item, "coupled_roots", None) for item in group)
+    for item in group:
+        module = item.dep.target.module
+        if isinstance(module, CHANNEL_SPLITTING_OPS):
+            return ("its channels pass through a split / slice of the channel axis, which torch-pruning does not "
+                    "prune consistently")
+        if folded and isinstance(module, tp.ops._ReshapeOp):
+            # torch-pruning guesses which channels a reshape folds together (SKNet's (B, 2C) -> (B, 2, C) pairs c with
+            # c + C, it pairs 2c with 2c + 1), so the pruned net would not be the zero-masked one
+            return ("a reshape folds several of its channels into one (as in SKNet's per-path attention), and "
+                    "torch-pruning cannot tell which")
+        if isinstance(module, PRODUCER_TYPES) and graph.is_out_channel_pruning_fn(item.dep.handler):
+            extra = [n for n, _ in module.named_parameters(recurse=False) if n not in ("weight", "bias")]
+            if extra:
+                return (f"{names.get(module, '?')} has parameters besides weight and bias ({', '.join(extra)}) "
+                        "that torch-pruning does not prune")
+    return ""
+
+
+def on_model_device(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`x` on the device of `model`'s first parameter or buffer (a model timed on a GPU is traced there)."""
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return x if tensor is None else x.to(tensor.device)
+
+
+def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of `model`, leaving its train/eval modes as they were."""
+    example_input = on_model_device(model, example_input)
+    with preserved_modes(model), torch.enable_grad():
+        try:
+            return CouplingGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+        except (ZeroDivisionError, IndexError, KeyError, AttributeError, TypeError) as exc:
+            raise MaskError(f"torch-pruning cannot trace this model's channel couplings ({type(exc).__name__}: "
+                            f"{str(exc)[:120]} in its dependency graph, e.g. a channel shuffle by reshape, or "
+                            "channel counts it cannot infer through a concatenation, as in Swin-S/B); exclude the "
+                            "affected layers or use another model") from None
+
+
+@dataclass
+class ModuleInfo:
+    """What the counting needs of one parameterised module: its type, channel sizes and output positions."""
+
+    name: str
+    kind: str  # conv | depthwise | linear | norm | vector (a bare per-channel parameter, e.g. layer scale) | other
+    in_channels: int
+    out_channels: int
+    groups: int
+    kernel_elems: int
+    positions: int  # output positions (spatial size, or tokens for linear)
+    has_bias: bool
+    fixed_params: int  # parameters of an 'other' module, or extra ones the formula does not cover
+    layer: int = -1  # index of the layer this module produces, -1 if none
+
+    def params(self, in_kept: float, out_kept: float) -> float:
+        """Parameters of this module with the given kept input / output channels."""
+        if self.kind == "conv":
+            return out_kept * (in_kept / self.groups) * self.kernel_elems + (out_kept if self.has_bias else 0) + self.fixed_params
+        if self.kind == "depthwise":
+            return out_kept * self.kernel_elems + (out_kept if self.has_bias else 0) + self.fixed_params
+        if self.kind == "linear":
+            return out_kept * in_kept + (out_kept if self.has_bias else 0) + self.fixed_params
+        if self.kind == "norm":
+            return out_kept * (2 if self.has_bias else 1) + self.fixed_params
+        if self.kind == "vector":
+            return out_kept * self.kernel_elems
+        return self.fixed_params
+
+    def macs(self, in_kept: float, out_kept: float) -> float:
+        """Multiply-accumulates of one forward pass of one sample (convs and linears only)."""
+        if self.kind == "conv":
+            return out_kept * (in_kept / self.groups) * self.kernel_elems * self.positions
+        if self.kind == "depthwise":
+            return out_kept * self.kernel_elems * self.positions
+        if self.kind == "linear":
+            return out_kept * in_kept * self.positions
+        return 0.0
+
+
+@dataclass
+class Layer:
+    """One coupled channel group: the unit of the per-layer tables; `size` structures of `channels // size` channels each."""
+
+    name: str
+    size: int
+    kernel: float
+    depth: int
+    stage: str
+    block: str
+    producers: list[str]
+    consumers: list[str]
+    channels: int = 0
+    structure_channels: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.channels:
+            self.channels = self.size
+        if not self.structure_channels:
+            self.structure_channels = [[c] for c in range(self.size)]
+
+    @property
+    def structure_size(self) -> int:
+        """Channels removed together with one structure (1 except around grouped convolutions and GroupNorm)."""
+        return self.channels // max(self.size, 1)
+
+    def root_channels(self, structures: Sequence[int]) -> list[int]:
+        """The root module's channel indices of the given local structure indices."""
+        return sorted(c for s in structures for c in self.structure_channels[s])
+
+
+@dataclass
+class ProducerSlice:
+    """Output-channel slices of one producer module: `channels[i]` of it belongs to structure `structure[i]`."""
+
+    module: str
+    channels: torch.Tensor
+    structure: torch.Tensor
+
+
+@dataclass
+class StructureSet:
+    """All prunable structures of a model with the data to count, zero and physically prune them."""
+
+    signature: str
+    layers: list[Layer]
+    keys: list[str]
+    layer_of: torch.Tensor
+    producers: list[ProducerSlice]
+    modules: list[ModuleInfo]
+    # removal[s, j]: channels of module dimension j (2*module index + 0 for in, + 1 for out) removed with structure s
+    removal: torch.Tensor
+    excluded: list[str] = field(default_factory=list)
+    unprunable: dict[str, str] = field(default_factory=dict)  # root module -> why its group cannot be pruned
+    consumed: list[ProducerSlice] = field(default_factory=list)  # consumers' input-channel slices of each structure
+
+    @property
+    def num_structures(self) -> int:
+        return len(self.keys)
+
+    def key_index(self) -> dict[str, int]:
+        """Structure key -> position."""
+        return {k: i for i, k in enumerate(self.keys)}
+
+    def layer_sizes(self) -> torch.Tensor:
+        return torch.tensor([layer.size for layer in self.layers])
+
+    def kernel_sizes(self) -> torch.Tensor:
+        """Kernel side length of each structure's layer: the in-weight-weighted mean over its conv / linear producers."""
+        return torch.tensor([self.layers[g].kernel for g in self.layer_of.tolist()], dtype=torch.float64)
+
+    def module_costs(self, pruned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-module parameters and MACs after removing the structures flagged in `pruned` (bool, S)."""
+        removed = torch.zeros(self.removal.shape[1], dtype=torch.float64)
+        if pruned is not None and bool(pruned.any()):
+            removed = pruned.to(torch.float64) @ self.removal
+        params, macs = [], []
+        for i, m in enumerate(self.modules):
+            in_kept = m.in_channels - removed[2 * i].item()
+            out_kept = m.out_channels - removed[2 * i + 1].item()
+            if m.kind == "depthwise":
+                in_kept = out_kept
+            params.append(m.params(in_kept, out_kept))
+            macs.append(m.macs(in_kept, out_kept))
+        return torch.tensor(params, dtype=torch.float64), torch.tensor(macs, dtype=torch.float64)
+
+    def counts(self, pruned: torch.Tensor | None = None) -> tuple[int, int]:
+        """Exact total parameters and MACs of the model after removing the flagged structures."""
+        params, macs = self.module_costs(pruned)
+        return int(round(params.sum().item())), int(round(macs.sum().item()))
+
+    def structure_macs(self) -> torch.Tensor:
+        """MACs removed by pruning each structure alone (the costs are linear in each channel count)."""
+        _, macs = self.module_costs()
+        marginal = torch.zeros(self.removal.shape[1], dtype=torch.float64)
+        for i, m in enumerate(self.modules):
+            if m.kind == "depthwise":
+                marginal[2 * i + 1] = macs[i] / max(m.out_channels, 1)
+            else:
+                marginal[2 * i] = macs[i] / max(m.in_channels, 1)
+                marginal[2 * i + 1] = macs[i] / max(m.out_channels, 1)
+        return self.removal @ marginal
+
+    def segments(self) -> list[ProducerSlice]:
+        """Slices of conv / linear producers: each must keep at least one channel or the module would be empty."""
+        kinds = {m.name: m.kind for m in self.modules}
+        return [p for p in self.producers if kinds.get(p.module) in ("conv", "depthwise", "linear")]
+
+    def emptied_producers(self, pruned: torch.Tensor) -> list[str]:
+        """Conv / linear modules that would lose every output channel under `pruned`."""
+        return [p.module for p in self.segments() if bool(pruned[p.structure].all())]
+
+    def layer_starts(self) -> list[int]:
+        """Index of each layer's first structure (structures are numbered layer by layer)."""
+        return torch.cumsum(torch.tensor([0] + [l.size for l in self.layers]), 0).tolist()
+
+    def pruned_vector(self, mask: Sequence[str] | set[str]) -> torch.Tensor:
+        """Bool vector over structures from a set of structure keys; unknown keys are a MaskError."""
+        index = self.key_index()
+        unknown = [k for k in mask if k not in index]
+        if unknown:
+            raise MaskError(f"{len(unknown)} mask keys are not structures of this model (e.g. {unknown[:3]}); "
+                            "the mask was made for another architecture or exclusion setting")
+        vec = torch.zeros(self.num_structures, dtype=torch.bool)
+        if mask:
+            vec[[index[k] for k in mask]] = True
+        return vec
+
+
+def _counted_module(m: nn.Module) -> bool:
+    """Convs, linears and norms (also wrappers such as timm's BatchNormAct2d) and parameterised leaves."""
+    own = any(True for _ in m.parameters(False))
+    return isinstance(m, PRODUCER_TYPES + NORM_TYPES) or (own and next(m.children(), None) is None)
+
+
+def _bare_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Parameters held by a module that is not counted as a whole (layer scales, class tokens, ...)."""
+    return [(f"{n}.{pn}" if n else pn, p) for n, m in model.named_modules() if not _counted_module(m)
+            for pn, p in m.named_parameters(recurse=False)]
+
+
+def forward_records(model: nn.Module, example_input: torch.Tensor) -> tuple[list[str], dict[str, tuple]]:
+    """Forward order of parameterised leaf modules and each one's output shape."""
+    order: list[str] = []
+    shapes: dict[str, tuple] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if _counted_module(m):
+            def hook(mod, inp, out, name=name):
+                if name not in shapes:
+                    order.append(name)
+                    shapes[name] = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with preserved_modes(model), torch.no_grad():
+            model.eval()
+            model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order, shapes
+
+
+def _weight_and_bias(m: nn.Module) -> int:
+    return sum(p.numel() for p in (m.weight, getattr(m, "bias", None)) if isinstance(p, torch.Tensor))
+
+
+def module_info(name: str, m: nn.Module, out_shape: tuple) -> ModuleInfo:
+    own = sum(p.numel() for p in m.parameters(recurse=False))
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        kernel = int(torch.tensor(m.kernel_size).prod())
+        positions = int(torch.tensor(out_shape[2:]).prod()) if len(out_shape) > 2 else 1
+        kind = "depthwise" if _is_depthwise(m) else "conv"
+        return ModuleInfo(name, kind, m.in_channels, m.out_channels, m.groups, kernel, positions, m.bias is not None,
+                          own - _weight_and_bias(m))
+    if isinstance(m, nn.Linear):
+        positions = int(torch.tensor(out_shape[1:-1]).prod()) if len(out_shape) > 2 else 1
+        return ModuleInfo(name, "linear", m.in_features, m.out_features, 1, 1, positions, m.bias is not None,
+                          own - _weight_and_bias(m))
+    if isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None:
+        channels = m.weight.shape[0]
+        return ModuleInfo(name, "norm", channels, channels, 1, 1, 1, getattr(m, "bias", None) is not None,
+                          own - m.weight.numel() - (m.bias.numel() if m.bias is not None else 0))
+    return ModuleInfo(name, "other", 0, 0, 1, 1, 1, False, own)
+
+
+def _stage_labels(layers_out: list[tuple]) -> list[str]:
+    resolutions: list[tuple] = []
+    for shape in layers_out:
+        res = tuple(shape[2:]) if len(shape) > 2 else ()
+        if res not in resolutions:
+            resolutions.append(res)
+    labels = []
+    for shape in layers_out:
+        res = tuple(shape[2:]) if len(shape) > 2 else ()
+        size = "x".join(str(v) for v in res) if res else "flat"
+        labels.append(f"stage {resolutions.index(res) + 1} ({size})")
+    return labels
+
+
+def _mean_kernel(producers: list[nn.Module]) -> float:
+    """Kernel side length of a layer: its conv / linear producers' sides weighted by their in-weights per channel."""
+    weight, total = 0.0, 0.0
+    for m in producers:
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            elems = int(torch.tensor(m.kernel_size).prod())
+            per_channel = m.in_channels // m.groups * elems
+            side = elems ** (1.0 / len(m.kernel_size))
+        elif isinstance(m, nn.Linear):
+            per_channel, side = m.in_features, 1.0
+        else:
+            continue
+        weight += per_channel * side
+        total += per_channel
+    return weight / total if total else 1.0
+
+
+def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequence[str] = (),
+                    preset: str | None = None) -> StructureSet:
+    """All prunable structures of `model`; the final classifier and layers matching `exclude` patterns are left out."""
+    if preset is not None and preset not in PRESETS:
+        raise MaskError(f"unknown exclusion preset '{preset}'; known: {sorted(PRESETS)}")
+    patterns = list(exclude) + list(PRESETS.get(preset, ()))
+    names = {m: n for n, m in model.named_modules()}
+    example_input = on_model_device(model, example_input)
+    order, shapes = forward_records(model, example_input)
+    producer_order = [n for n in order if isinstance(model.get_submodule(n), PRODUCER_TYPES)]
+    if not producer_order:
+        raise MaskError("the model has no convolution or linear layer to prune")
+    classifier = producer_order[-1]
+    ignored = [m for m, n in names.items() if n == classifier or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    graph = build_graph(model, example_input)
+
+    module_names = list(order)
+    module_names += [n for n, m in model.named_modules() if n not in shapes and _counted_module(m)]
+    infos = [module_info(n, model.get_submodule(n), shapes.get(n, ())) for n in module_names]
+    for info in infos:
+        if info.name not in shapes:  # not run at inference (e.g. auxiliary heads): parameters, but no MACs
+            info.positions = 0
+    bare = _bare_parameters(model)
+    param_names: dict[int, str] = {}
+    pruning_dims = {id(p): dim for p, dim in graph.unwrapped_parameters}
+    for pname, p in bare:
+        channels = p.shape[pruning_dims.get(id(p), -1)] if p.ndim else 1
+        infos.append(ModuleInfo(pname, "vector", channels, channels, 1, p.numel() // max(channels, 1), 1, False, 0))
+        param_names[id(p)] = pname
+        module_names.append(pname)
+    module_pos = {n: i for i, n in enumerate(module_names)}
+    position = {n: i for i, n in enumerate(order)}
+
+    raw_layers = []
+    unprunable: dict[str, str] = {}
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=PRODUCER_TYPES):
+        root = group[0].dep.target.module
+        size = len(group[0].idxs)
+        producers: dict[str, tuple[list[int], list[int]]] = {}
+        effects: list[tuple[str, int, list[int], list[int]]] = []  # module, dim, module idxs, root idxs
+        grouped: list[tuple[str, int, int, list[int], list[int]]] = []
+        consumers = []
+        coupled = [roots for item in group for roots in getattr(item, "coupled_roots", ())]
+        for item in group:
+            module, handler = item.dep.target.module, item.dep.handler
+            name = param_names.get(id(module)) if isinstance(module, nn.Parameter) else names.get(module)
+            if name is None or name not in module_pos:
+                continue
+            if isinstance(module, nn.Parameter):  # a bare per-channel parameter goes with the channel
+                effects.append((name, 1, list(item.idxs), list(item.root_idxs)))
+                continue
+            idxs, root_idxs = list(item.idxs), list(item.root_idxs)
+            is_out = graph.is_out_channel_pruning_fn(handler)
+            channels, groups = _channel_groups(module, is_out or isinstance(module, NORM_TYPES))
+            if groups > 1 and all(g[0] != name or g[1] != channels for g in grouped):
+                grouped.append((name, channels, groups, idxs, root_idxs))
+            if isinstance(module, NORM_TYPES) or (isinstance(module, PRODUCER_TYPES) and is_out):
+                if name not in producers:
+                    producers[name] = (idxs, root_idxs)
+                    effects.append((name, 1, idxs, root_idxs))
+            elif isinstance(module, PRODUCER_TYPES):
+                consumers.append(name)
+                effects.append((name, 0, idxs, root_idxs))
+        if not producers:
+            continue
+        members, reason = _partition(size, grouped, coupled)
+        reason = _unsupported(group, graph, names) or reason
+        if reason:
+            unprunable[names[root]] = reason
+            continue
+        raw_layers.append((names[root], size, members, producers, effects, consumers))
+    raw_layers.sort(key=lambda r: position.get(r[0], len(position)))
+
+    stages = _stage_labels([shapes.get(r[0], ()) for r in raw_layers])
+    layers, keys, layer_of, slices, consumed = [], [], [], [], []
+    removal_rows = []
+    offset = 0
+    for depth, (root_name, channels, members, producers, effects, consumers) in enumerate(raw_layers):
+        structure_of = torch.empty(channels, dtype=torch.long)
+        for s, channel_set in enumerate(members):
+            structure_of[channel_set] = s
+        kernel = _mean_kernel([model.get_submodule(n) for n in producers])
+        block = root_name.rpartition(".")[0] or root_name
+        layers.append(Layer(root_name, len(members), kernel, depth, stages[depth], block, list(producers),
+                            sorted(set(consumers)), channels, members))
+        keys += [f"{root_name}:{s}" for s in range(len(members))]
+        layer_of += [depth] * len(members)
+        for name, (idxs, root_idxs) in producers.items():
+            slices.append(ProducerSlice(name, torch.tensor(idxs), structure_of[root_idxs] + offset))
+            info = infos[module_pos[name]]
+            if info.layer < 0 or name == root_name:  # a module belongs to the layer it is the root of, else its first
+                info.layer = depth
+        block_removal = torch.zeros(len(members), 2 * len(infos), dtype=torch.float64)
+        for name, dim, idxs, root_idxs in effects:
+            if dim == 0:
+                consumed.append(ProducerSlice(name, torch.tensor(idxs), structure_of[root_idxs] + offset))
+            col = 2 * module_pos[name] + dim
+            block_removal[:, col].index_add_(0, structure_of[root_idxs], torch.ones(len(root_idxs), dtype=torch.float64))
+        removal_rows.append(block_removal)
+        offset += len(members)
+    if not layers:
+        raise MaskError("no prunable channel group found (every group contains the classifier or an excluded layer)")
+    return StructureSet(
+        architecture_signature(model), layers, keys, torch.tensor(layer_of), slices, infos,
+        torch.cat(removal_rows), [n for m, n in names.items() if m in ignored], unprunable, consumed)

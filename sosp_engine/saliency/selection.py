@@ -1,0 +1,243 @@
+"""From saliencies to a single pruning order over all structures, honouring per-layer caps and floors, and targets."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import AnalysisError
+from ..pruning.structures import StructureSet
+
+NORMALIZATIONS = ("none", "kernel", "macs", "latency")
+UNITS = ("structures", "params", "macs")
+
+
+class Budget:
+    """Which structures may still be pruned: at most `cap` of each layer, at least one channel of every producer kept."""
+
+    def __init__(self, structures: StructureSet, cap: float) -> None:
+        if not 0 < cap <= 1:
+            raise AnalysisError(f"the per-layer cap must be in (0, 1], got {cap}")
+        sizes = structures.layer_sizes().tolist()
+        self.layer_of = structures.layer_of.tolist()
+        self.layer_left = [min(math.floor(cap * n + 1e-9), n - 1) for n in sizes]
+        self.members = [[] for _ in sizes]
+        for s, g in enumerate(self.layer_of):
+            self.members[g].append(s)
+        self.segments = [sorted(set(p.structure.tolist())) for p in structures.segments()]
+        self.segment_left = [len(seg) - 1 for seg in self.segments]
+        self.segments_of: list[list[int]] = [[] for _ in self.layer_of]
+        for k, seg in enumerate(self.segments):
+            for s in seg:
+                self.segments_of[s].append(k)
+        self.blocked = [self.layer_left[g] <= 0 for g in self.layer_of]
+        for k, seg in enumerate(self.segments):
+            if self.segment_left[k] <= 0:
+                for s in seg:
+                    self.blocked[s] = True
+
+    def take(self, s: int) -> list[int]:
+        """Prune `s`; returns the structures that this makes unprunable (their layer or producer hit its limit)."""
+        newly = []
+        self.blocked[s] = True
+        g = self.layer_of[s]
+        self.layer_left[g] -= 1
+        if self.layer_left[g] == 0:
+            newly += [t for t in self.members[g] if not self.blocked[t]]
+        for k in self.segments_of[s]:
+            self.segment_left[k] -= 1
+            if self.segment_left[k] == 0:
+                newly += [t for t in self.segments[k] if not self.blocked[t]]
+        for t in newly:
+            self.blocked[t] = True
+        return newly
+
+
+def normalizer(structures: StructureSet, normalize: str | torch.Tensor) -> torch.Tensor:
+    """Per-structure divisor of the saliency: 1, the kernel size (the paper's SOSP*), the structure's MACs, or given
+    costs (e.g. the seconds each structure's removal saves, measured by `layer_latency`)."""
+    if isinstance(normalize, torch.Tensor):
+        if normalize.shape != (structures.num_structures,) or not bool((normalize > 0).all()):
+            raise AnalysisError(f"per-structure costs must be {structures.num_structures} positive numbers")
+        return normalize.double().cpu()
+    if normalize == "none":
+        return torch.ones(structures.num_structures, dtype=torch.float64)
+    if normalize == "kernel":
+        return structures.kernel_sizes()
+    if normalize == "macs":
+        return structures.structure_macs().clamp(min=1.0)
+    if normalize == "latency":
+        raise AnalysisError("the latency normalisation needs measured costs: pass layer_latency's structure_seconds")
+    raise AnalysisError(f"unknown normalisation '{normalize}'; use one of {NORMALIZATIONS}")
+
+
+def order_by_saliency(saliency: torch.Tensor, structures: StructureSet, cap: float = 0.95,
+                      normalize: str | torch.Tensor = "none") -> tuple[torch.Tensor, int]:
+    """(pruning_order, n_prunable): smallest normalised saliency first, skipping structures the budget forbids."""
+    scores = saliency.double().cpu() / normalizer(structures, normalize)
+    budget = Budget(structures, cap)
+    taken, skipped = [], []
+    for s in torch.argsort(scores, stable=True).tolist():
+        if budget.blocked[s]:
+            skipped.append(s)
+        else:
+            budget.take(s)
+            taken.append(s)
+    return torch.tensor(taken + skipped, dtype=torch.long), len(taken)
+
+
+def greedy_order(q: torch.Tensor, structures: StructureSet, cap: float = 0.95, normalize: str | torch.Tensor = "none",
+                 increments: list[float] | None = None) -> tuple[torch.Tensor, int]:
+    """SOSP-I's eq. (4) in O(S^2): keep c = diag(Q) + 2 sum_{s' in M} Q[:, s'] and add 2 Q[:, s] after each choice.
+
+    `increments`, if given, receives each choice's c[s]: how much it adds to eq. (2) of the mask so far.
+    """
+    weight = normalizer(structures, normalize).to(q.device, torch.float64)
+    c = q.diagonal().to(torch.float64)  # sums in float64 even when a huge Q is stored in float32
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=q.device)
+    budget = Budget(structures, cap)
+    blocked = torch.tensor(budget.blocked, device=q.device)
+    c = torch.where(blocked, inf, c)
+    taken = []
+    for _ in range(structures.num_structures):
+        s = int(torch.argmin(c / weight))
+        if torch.isinf(c[s]):
+            break
+        taken.append(s)
+        if increments is not None:
+            increments.append(float(c[s]))
+        newly = budget.take(s) + [s]
+        c += 2 * q[s]  # Q is symmetric: its row is its column, read contiguously
+        c[newly] = inf
+    return _with_rest(taken, q.diagonal().double().cpu() / weight.cpu()), len(taken)
+
+
+def literal_greedy_order(q: torch.Tensor, structures: StructureSet, cap: float = 0.95,
+                         normalize: str = "none") -> tuple[torch.Tensor, int]:
+    """Eq. (4) as written: at every step recompute Q[s,s] + 2 sum_{s' in M} Q[s,s'] for every candidate (O(S^3) overall)."""
+    weight = normalizer(structures, normalize).to(q.dtype)
+    budget = Budget(structures, cap)
+    chosen: list[int] = []
+    while True:
+        candidates = [s for s in range(structures.num_structures) if not budget.blocked[s]]
+        if not candidates:
+            break
+        cand = torch.tensor(candidates)
+        increments = q[cand, cand] + 2 * (q[cand][:, chosen].sum(1) if chosen else 0)
+        s = candidates[int(torch.argmin(increments / weight[cand]))]
+        chosen.append(s)
+        budget.take(s)
+    return _with_rest(chosen, q.diagonal() / weight), len(chosen)
+
+
+def _with_rest(taken: list[int], scores: torch.Tensor) -> torch.Tensor:
+    """The chosen structures, then the never-prunable rest by ascending score: a permutation of all structures."""
+    chosen = set(taken)
+    rest = [s for s in torch.argsort(scores, stable=True).tolist() if s not in chosen]
+    return torch.tensor(taken + rest, dtype=torch.long)
+
+
+def prefix_for_target(order: torch.Tensor, n_prunable: int, structures: StructureSet, ratio: float,
+                      unit: str = "structures", stops: list[int] | None = None) -> int:
+    """How many structures of the order to prune so the pruned fraction of `unit` first reaches `ratio`.
+
+    With `stops` (a rounded order's allowed prefix lengths), the count is the first stop at or after that.
+    """
+    count = _prefix_for_target(order, n_prunable, structures, ratio, unit)
+    if stops is None:
+        return count
+    return next(stop for stop in stops if stop >= count)
+
+
+def _prefix_for_target(order: torch.Tensor, n_prunable: int, structures: StructureSet, ratio: float,
+                       unit: str) -> int:
+    if unit not in UNITS:
+        raise AnalysisError(f"unknown target unit '{unit}'; use one of {UNITS}")
+    if not 0 <= ratio < 1:
+        raise AnalysisError(f"the pruning ratio must be in [0, 1), got {ratio}")
+    if unit == "structures":
+        k = math.ceil(ratio * structures.num_structures - 1e-9)
+        if k > n_prunable:
+            raise AnalysisError(f"a ratio of {ratio:.3f} of the structures is impossible with this cap: at most "
+                                f"{n_prunable / structures.num_structures:.3f} can be pruned")
+        return k
+    column = 0 if unit == "params" else 1
+    total = structures.counts()[column]
+
+    def reduction(k: int) -> float:
+        pruned = torch.zeros(structures.num_structures, dtype=torch.bool)
+        pruned[order[:k]] = True
+        return 1 - structures.counts(pruned)[column] / total
+
+    if reduction(n_prunable) < ratio - 1e-12:
+        raise AnalysisError(f"a {unit} reduction of {ratio:.3f} is impossible with this cap: at most "
+                            f"{reduction(n_prunable):.3f} can be removed")
+    lo, hi = 0, n_prunable
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if reduction(mid) >= ratio - 1e-12:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def rounded_order(order: torch.Tensor, n_prunable: int, structures: StructureSet, round_to: int,
+                  cap: float = 0.95) -> tuple[torch.Tensor, int]:
+    """The order regrouped so that every prefix keeps a multiple of `round_to` structures in each layer.
+
+    Each layer's structures, in the order's sequence, form chunks: first `size mod round_to` of them (if any), then
+    `round_to` at a time; a chunk is pruned when its last member would be. At least `round_to` structures stay in a
+    layer (all of a narrower one) and at most `cap` of it is pruned, so caps and targets keep their meaning; widths
+    that are multiples of 8 or 16 run as fast as their MACs on real kernels.
+    """
+    if round_to < 1:
+        raise AnalysisError(f"--round-to must be at least 1, got {round_to}")
+    if round_to == 1:
+        return order, n_prunable
+    position = {s: i for i, s in enumerate(order[:n_prunable].tolist())}
+    members: list[list[int]] = [[] for _ in structures.layers]
+    for s in order[:n_prunable].tolist():
+        members[int(structures.layer_of[s])].append(s)
+    chunks: list[tuple[int, list[int]]] = []
+    for g, layer in enumerate(structures.layers):
+        limit = min(math.floor(cap * layer.size + 1e-9), layer.size - round_to)
+        kept = -(-(layer.size - limit) // round_to) * round_to  # the narrowest width allowed: a multiple of round_to
+        taken = members[g][:max(layer.size - kept, 0)]
+        first = layer.size % round_to
+        bounds = ([first] if first else []) + list(range(first + round_to, len(taken) + 1, round_to))
+        start = 0
+        for end in bounds:
+            if end > len(taken):
+                break
+            chunk = taken[start:end]
+            chunks.append((position[chunk[-1]], chunk))
+            start = end
+    chunks.sort()
+    chosen = [s for _, chunk in chunks for s in chunk]
+    chosen_set = set(chosen)
+    rest = [s for s in order.tolist() if s not in chosen_set]
+    return torch.tensor(chosen + rest, dtype=torch.long), len(chosen)
+
+
+def objective_prefix(q: torch.Tensor, order: torch.Tensor, count: int) -> torch.Tensor:
+    """Eq. (2) of every prefix of `order` (sum over s, s' in the prefix of Q[s, s']), for the first `count` + 1."""
+    c = q.diagonal().to(torch.float64).clone()
+    values = [0.0]
+    for s in order[:count].tolist():
+        values.append(values[-1] + float(c[s]))
+        c += 2 * q[s]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def rounded_stops(order: torch.Tensor, n_prunable: int, structures: StructureSet, round_to: int) -> list[int]:
+    """The prefix lengths of a rounded order at which every layer keeps a multiple of `round_to` structures."""
+    sizes = structures.layer_sizes().tolist()
+    counts = [0] * len(sizes)
+    stops = [0]
+    for i, s in enumerate(order[:n_prunable].tolist()):
+        g = int(structures.layer_of[s])
+        counts[g] += 1
+        if (sizes[g] - counts[g]) % round_to == 0:
+            stops.append(i + 1)
+    return stops

@@ -1,0 +1,75 @@
+"""The house: the engine's rooms import each other one way only, and importing it pulls in no optional dependency."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+ENGINE = ROOT / "sosp_engine"
+OPTIONAL = ("ray", "captum", "kaleido", "streamlit", "onnxruntime")
+
+
+def engine_modules() -> dict[str, Path]:
+    modules = {}
+    for path in ENGINE.rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = path
+    return modules
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """Every engine module `name` imports, at its top or inside a function."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = ".".join(package[:len(package) - node.level + 1] + [node.module or ""]).strip(".") \
+                if node.level else node.module or ""
+            candidates = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        else:
+            continue
+        found |= {c for c in candidates if c in modules and c != name}
+    return found
+
+
+def test_no_engine_module_imports_a_module_that_imports_it_back():
+    modules = engine_modules()
+    graph = {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            current = todo.pop()
+            if current == goal:
+                return True
+            if current not in seen:
+                seen.add(current)
+                todo.extend(graph[current])
+        return False
+
+    circles = sorted({tuple(sorted((a, b))) for a in graph for b in graph[a] if reaches(b, a)})
+    assert circles == []
+
+
+def test_the_engine_lives_in_rooms_with_a_few_foundations_at_the_top():
+    top = sorted(p.stem for p in ENGINE.glob("*.py"))
+    rooms = sorted(p.name for p in ENGINE.iterdir() if (p / "__init__.py").exists())
+    assert top == ["__init__", "__main__", "atomic", "devices", "errors", "progress"]
+    assert rooms == ["cli", "experiments", "latency", "nets", "pruning", "runs", "saliency"]
+
+
+def test_importing_the_engine_and_its_public_names_pulls_in_no_optional_dependency():
+    probe = ("import sys\nfrom sosp_engine import *\nimport sosp_engine.cli.main\n"
+             f"print([m for m in {OPTIONAL!r} if m in sys.modules])")
+    run = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+def test_the_public_names_resolve():
+    import sosp_engine
+
+    assert all(getattr(sosp_engine, name) is not None for name in sosp_engine.__all__)
