@@ -6,7 +6,8 @@ import pytest
 from sosp_engine.saliency.analysis import AnalysisConfig, AnalysisResult, run_analysis
 from sosp_engine.cli.main import main
 from sosp_engine.errors import AnalysisError
-from sosp_engine import latency, masks
+from sosp_engine.latency import profile as latency
+from sosp_engine.pruning import masks
 from sosp_engine.latency.profile import REFINE_POINTS, LatencyProfile, measure_profile, refine_profile, stored_profile
 from sosp_engine.nets.loading import open_workbench
 

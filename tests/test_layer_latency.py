@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from sosp_engine import analysis
+from sosp_engine.saliency import analysis
 from sosp_engine.saliency.analysis import AnalysisConfig, AnalysisResult, run_analysis
 from sosp_engine.cli.main import main
 from sosp_engine.errors import AnalysisError

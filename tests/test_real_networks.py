@@ -7,7 +7,7 @@ import torch
 import torch_pruning as tp
 
 from conftest import ROOT, random_mask
-from sosp_engine import coupling_graph
+from sosp_engine.pruning import coupling_graph
 from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis, train_mode_batches
 from sosp_engine.pruning.counting import count_macs, count_params
 from sosp_engine.errors import ModelSpecError

@@ -1,10 +1,16 @@
-"""Flags shared by several commands (cli.py and cli_studies.py), defined once."""
+"""Flags and their readers shared by several verb groups (main, jobs, studies), defined once."""
 from __future__ import annotations
 
 import argparse
 
 from ..errors import SospError
+from ..experiments.procedures import ExperimentConfig
+from ..experiments.training import TrainConfig
+from ..latency.profile import LATENCY_UNIT
 from ..runs.jobs import BACKENDS, RAY_ADDRESS_ENV, Placement
+from ..runs.store import Store
+from ..saliency.analysis import METHODS
+from ..saliency.selection import NORMALIZATIONS, UNITS
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -44,3 +50,69 @@ def parse_widen(items: list[str]) -> dict[str, float]:
         if not sep or not key:
             raise SospError(f"--widen takes NAME=FACTOR, got '{item}'")
     return factors
+
+
+def add_model_args(p: argparse.ArgumentParser, json_out: bool = True) -> None:
+    p.add_argument("--model", required=True, help="zoo name (resnet56, resnet32x4, vgg19, densenet40), torchvision:NAME or file.py:factory")
+    p.add_argument("--data", default="digits", help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH | synthetic:C,H,W:K")
+    p.add_argument("--weights", default=None, help="checkpoint with a state_dict (loaded with weights_only=True)")
+    p.add_argument("--exclude", nargs="*", default=[], help="module name patterns never to prune (fnmatch)")
+    p.add_argument("--preset", default="auto", help="exclusion preset: auto, none, cifar-resnet, torchvision-resnet")
+    if json_out:
+        p.add_argument("--out", default=None, help="write the JSON result here instead of stdout")
+
+
+def add_workspace_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workspace", default=None, help="workspace folder (default $SOSP_WORKSPACE or ./workspace)")
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--schedule", default="step", choices=["step", "cosine"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    add_distributed_args(p)
+
+
+def train_config_from(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig given by the flags of `add_training_args`."""
+    return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
+                       seed=args.seed, device=args.device, nproc=args.nproc, sync_bn=args.sync_bn)
+
+
+def add_experiment_args(p: argparse.ArgumentParser) -> None:
+    add_training_args(p)
+    p.add_argument("--finetune-epochs", type=int, default=None, help="default: repeat the training schedule")
+    p.add_argument("--method", default="sosp-h", choices=METHODS)
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--unit", default="structures", choices=UNITS + (LATENCY_UNIT,),
+                   help="what --ratio is a fraction of; latency: the CPU latency at batch 1, timed along the order")
+    p.add_argument("--target-params", type=int, default=None, help="prune to this many parameters instead of --ratio")
+    p.add_argument("--cap", type=float, default=0.95)
+    p.add_argument("--normalize", default="none", choices=NORMALIZATIONS)
+    p.add_argument("--widen", nargs="*", default=[], help="expand-prune: LAYER_OR_STAGE=FACTOR ... (default: the flagged bottlenecks x2)")
+    p.add_argument("--widen-factor", type=float, default=None, help="widen-prune: one factor for every layer")
+    p.add_argument("--match-widen", nargs="*", default=[],
+                   help="widen-prune: LAYER_OR_STAGE=FACTOR ... of the expansion whose parameter count the one factor "
+                        "matches (with widen-prune, --widen means the same)")
+    p.add_argument("--label", default="")
+
+
+def experiment_config(args: argparse.Namespace, procedure: str) -> ExperimentConfig:
+    widen, match = parse_widen(args.widen), parse_widen(args.match_widen)
+    if procedure == "widen-prune" and args.widen_factor is None and widen and not match:
+        widen, match = {}, widen  # widen-prune sizes itself to the expansion it is compared with
+    return ExperimentConfig(
+        procedure=procedure, model_spec=args.model, data_spec=args.data, weights=args.weights, epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs, method=args.method, samples=args.samples, ratio=args.ratio, unit=args.unit,
+        target_params=args.target_params, cap=args.cap, normalize=args.normalize, widen=widen, match_widen=match,
+        widen_factor=args.widen_factor, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule, seed=args.seed,
+        device=args.device, exclude=list(args.exclude), preset=args.preset, label=args.label, nproc=args.nproc,
+        sync_bn=args.sync_bn)
+
+
+def open_store(args: argparse.Namespace) -> Store:
+    return Store(args.workspace)

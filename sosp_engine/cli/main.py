@@ -13,14 +13,10 @@ from pathlib import Path
 
 from ..saliency.analysis import EXACTNESS_SAMPLES, METHODS, AnalysisConfig, AnalysisResult, run_analysis
 from ..experiments.bottlenecks import LEVELS, RULES, explain, find_bottlenecks, paper_widening
-from ..experiments.procedures import PROCEDURES, Experiment, ExperimentConfig
-from ..runs.jobs import cancel, mark_stale_jobs, resume, run_job, submit
-from ..runs.work import read_log
+from ..experiments.procedures import Experiment
 from ..runs.records import require_trust, store_analysis
-from ..runs.store import Store
 from ..atomic import save_atomically
 from ..experiments.trainer import train
-from ..experiments.training import TrainConfig
 from ..pruning.counting import count_macs, count_params
 from ..devices import resolve_device, set_threads
 from ..saliency.memory import default_budget
@@ -34,20 +30,12 @@ from ..pruning.masks import layer_table, load_mask, mask_meta, mask_summary, pru
 from ..saliency.common import LOSSES
 from ..saliency.selection import NORMALIZATIONS, UNITS
 from ..nets import USER_CODE_WARNING, is_user_code
-from .args import add_backend_args, add_distributed_args, parse_widen, placement_from
+from .args import add_experiment_args, add_model_args, add_training_args, add_workspace_arg, experiment_config, \
+    open_store, train_config_from
+from .jobs import add_jobs_parser
 from .output import ProgressLine, emit, progress_line
 from .sensitivity import add_sensitivity_parser
 from .studies import add_study_parser
-
-
-def add_model_args(p: argparse.ArgumentParser, json_out: bool = True) -> None:
-    p.add_argument("--model", required=True, help="zoo name (resnet56, resnet32x4, vgg19, densenet40), torchvision:NAME or file.py:factory")
-    p.add_argument("--data", default="digits", help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH | synthetic:C,H,W:K")
-    p.add_argument("--weights", default=None, help="checkpoint with a state_dict (loaded with weights_only=True)")
-    p.add_argument("--exclude", nargs="*", default=[], help="module name patterns never to prune (fnmatch)")
-    p.add_argument("--preset", default="auto", help="exclusion preset: auto, none, cifar-resnet, torchvision-resnet")
-    if json_out:
-        p.add_argument("--out", default=None, help="write the JSON result here instead of stdout")
 
 
 def workbench_from(args: argparse.Namespace):
@@ -162,89 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bottlenecks)
     add_sensitivity_parser(sub)
     add_study_parser(sub)
-    p = sub.add_parser("run-job", help="(internal) run a queued job in this process")
-    p.add_argument("job_id")
-    add_workspace_arg(p)
-    p.set_defaults(func=cmd_run_job)
-    jobs = sub.add_parser("jobs", help="background jobs: submit, list, show, cancel, resume, logs, delete")
-    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
-    p = jsub.add_parser("submit", help="queue a procedure as a background job")
-    add_model_args(p, json_out=False)
-    add_experiment_args(p)
-    p.add_argument("--procedure", default="train-prune", choices=PROCEDURES)
-    p.add_argument("--name", default="")
-    add_backend_args(p)
-    add_workspace_arg(p)
-    p.set_defaults(func=cmd_jobs_submit)
-    for verb, func, helptext in (("show", cmd_jobs_show, "a job's record and metrics"), ("cancel", cmd_jobs_cancel, "cancel a job"),
-                                 ("resume", cmd_jobs_resume, "resume a failed or cancelled job"), ("logs", cmd_jobs_logs, "a job's log")):
-        p = jsub.add_parser(verb, help=helptext)
-        p.add_argument("job_id")
-        add_workspace_arg(p)
-        if verb == "resume":
-            p.add_argument("--trust-code", action="store_true", help="allow the job's model spec to run user code")
-        p.set_defaults(func=func)
-    p = jsub.add_parser("list", help="all jobs of the workspace")
-    add_workspace_arg(p)
-    p.set_defaults(func=cmd_jobs_list)
-    p = jsub.add_parser("delete", help="delete a job and its artifacts")
-    p.add_argument("job_id")
-    p.add_argument("--yes", action="store_true", help="confirm: the job's files are removed for good")
-    add_workspace_arg(p)
-    p.set_defaults(func=cmd_jobs_delete)
+    add_jobs_parser(sub)
     return parser
-
-
-def add_workspace_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workspace", default=None, help="workspace folder (default $SOSP_WORKSPACE or ./workspace)")
-
-
-def add_training_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--schedule", default="step", choices=["step", "cosine"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    add_distributed_args(p)
-
-
-def train_config_from(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig given by the flags of `add_training_args`."""
-    return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
-                       seed=args.seed, device=args.device, nproc=args.nproc, sync_bn=args.sync_bn)
-
-
-def add_experiment_args(p: argparse.ArgumentParser) -> None:
-    add_training_args(p)
-    p.add_argument("--finetune-epochs", type=int, default=None, help="default: repeat the training schedule")
-    p.add_argument("--method", default="sosp-h", choices=METHODS)
-    p.add_argument("--samples", type=int, default=1000)
-    p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--unit", default="structures", choices=UNITS + (LATENCY_UNIT,),
-                   help="what --ratio is a fraction of; latency: the CPU latency at batch 1, timed along the order")
-    p.add_argument("--target-params", type=int, default=None, help="prune to this many parameters instead of --ratio")
-    p.add_argument("--cap", type=float, default=0.95)
-    p.add_argument("--normalize", default="none", choices=NORMALIZATIONS)
-    p.add_argument("--widen", nargs="*", default=[], help="expand-prune: LAYER_OR_STAGE=FACTOR ... (default: the flagged bottlenecks x2)")
-    p.add_argument("--widen-factor", type=float, default=None, help="widen-prune: one factor for every layer")
-    p.add_argument("--match-widen", nargs="*", default=[],
-                   help="widen-prune: LAYER_OR_STAGE=FACTOR ... of the expansion whose parameter count the one factor "
-                        "matches (with widen-prune, --widen means the same)")
-    p.add_argument("--label", default="")
-
-
-def experiment_config(args: argparse.Namespace, procedure: str) -> ExperimentConfig:
-    widen, match = parse_widen(args.widen), parse_widen(args.match_widen)
-    if procedure == "widen-prune" and args.widen_factor is None and widen and not match:
-        widen, match = {}, widen  # widen-prune sizes itself to the expansion it is compared with
-    return ExperimentConfig(
-        procedure=procedure, model_spec=args.model, data_spec=args.data, weights=args.weights, epochs=args.epochs,
-        finetune_epochs=args.finetune_epochs, method=args.method, samples=args.samples, ratio=args.ratio, unit=args.unit,
-        target_params=args.target_params, cap=args.cap, normalize=args.normalize, widen=widen, match_widen=match,
-        widen_factor=args.widen_factor, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule, seed=args.seed,
-        device=args.device, exclude=list(args.exclude), preset=args.preset, label=args.label, nproc=args.nproc,
-        sync_bn=args.sync_bn)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -321,62 +228,6 @@ def cmd_bottlenecks(args: argparse.Namespace) -> None:
     units, info = find_bottlenecks(table, args.level, args.rule, args.k, args.n)
     print(units[["rank", "unit", "pruning_ratio", "score", "flagged", "why"]].to_string(index=False))
     print("\n" + explain(units, info))
-
-
-def open_store(args: argparse.Namespace) -> Store:
-    return Store(args.workspace)
-
-
-def cmd_run_job(args: argparse.Namespace) -> None:
-    raise SystemExit(run_job(open_store(args), args.job_id))
-
-
-def cmd_jobs_submit(args: argparse.Namespace) -> dict:
-    if is_user_code(args.model):
-        progress_line(f"warning: {USER_CODE_WARNING}")
-    store = open_store(args)
-    job_id = submit(store, experiment_config(args, args.procedure), args.name, placement=placement_from(args))
-    return {"job": job_id, "status": store.job(job_id)["status"]}
-
-
-def cmd_jobs_list(args: argparse.Namespace) -> None:
-    store = open_store(args)
-    mark_stale_jobs(store)
-    damaged: list[str] = []
-    for job in store.jobs(damaged=damaged):
-        where = job["backend"] + (f" on {job['node']}" if job["node"] else "")
-        print(f"{job['id']}  {job['status']:<10} {job['progress']:6.1%}  {job['kind']:<13} {where:<24} {job['name']}  "
-              f"{job['message']}")
-    for line in damaged:
-        progress_line(f"warning: job record {line}; it is not listed, run or resumed (jobs delete ID --yes removes "
-                      "the record)")
-
-
-def cmd_jobs_show(args: argparse.Namespace) -> dict:
-    store = open_store(args)
-    mark_stale_jobs(store)
-    return {**store.job(args.job_id), "metrics": store.metrics(args.job_id)}
-
-
-def cmd_jobs_cancel(args: argparse.Namespace) -> dict:
-    return {"job": args.job_id, "status": cancel(open_store(args), args.job_id)}
-
-
-def cmd_jobs_resume(args: argparse.Namespace) -> dict:
-    store = open_store(args)
-    resume(store, args.job_id, trust_code=args.trust_code)
-    return {"job": args.job_id, "status": store.job(args.job_id)["status"]}
-
-
-def cmd_jobs_logs(args: argparse.Namespace) -> None:
-    print(read_log(open_store(args), args.job_id))
-
-
-def cmd_jobs_delete(args: argparse.Namespace) -> dict:
-    kept = open_store(args).delete("job", args.job_id, confirm=args.yes)
-    for line in kept:
-        progress_line(f"warning: left in place: {line}")
-    return {"job": args.job_id, "deleted": True, "not_removed": kept}
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
