@@ -1,5 +1,6 @@
 """Analyses run in a server thread: navigating away from the page neither stops nor loses them; the result is stored
 when it finishes and any page visit shows where it stands."""
+
 from __future__ import annotations
 
 import threading
@@ -41,14 +42,20 @@ def _running() -> dict[str, RunningAnalysis]:
     return {}
 
 
-def start_analysis(key: str, workbench: Workbench, config: AnalysisConfig, name: str, store: Store) -> RunningAnalysis:
+def start_analysis(
+    key: str, workbench: Workbench, config: AnalysisConfig, name: str, store: Store
+) -> RunningAnalysis:
     """Run `config` on `workbench` in a daemon thread; the result is stored under `name` when it ends."""
     run = RunningAnalysis(config, name)
 
     def work() -> None:
         try:
-            result = run_analysis(workbench, config, progress=lambda f, m: setattr(run, "fraction", f) or
-                                  setattr(run, "message", m), should_stop=lambda: run.cancel)
+            result = run_analysis(
+                workbench,
+                config,
+                progress=lambda f, m: setattr(run, "fraction", f) or setattr(run, "message", m),
+                should_stop=lambda: run.cancel,
+            )
             run.record_id = store_analysis(store, result, name)
         except Cancelled:
             run.error = CANCELLED

@@ -1,4 +1,6 @@
-"""Export of every chart for design reviews: PNG and SVG (kaleido + a Chromium), standalone HTML, and the data as CSV."""
+"""Export of every chart for design reviews: PNG and SVG (kaleido + a Chromium), standalone HTML, and the data
+as CSV."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +17,9 @@ from app.text import plain, text_only
 def _static_image(fig_json: str, fmt: str) -> bytes:
     import plotly.io as pio
 
-    return pio.from_json(fig_json).to_image(format=fmt, width=1200, height=600, scale=2 if fmt == "png" else 1)
+    return pio.from_json(fig_json).to_image(
+        format=fmt, width=1200, height=600, scale=2 if fmt == "png" else 1
+    )
 
 
 def file_slug(name: str) -> str:
@@ -26,6 +30,7 @@ def file_slug(name: str) -> str:
 
 def safe_csv(data: pd.DataFrame) -> str:
     """CSV text with cells that a spreadsheet would run as a formula (= + - @ tab CR first) prefixed by a quote."""
+
     def neutral(value: object) -> object:
         if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
             return "'" + value
@@ -45,10 +50,19 @@ def export_buttons(fig: go.Figure, data: pd.DataFrame, name: str) -> None:
     key = hashlib.md5(f"{name}{fig.to_json()[:2000]}".encode()).hexdigest()[:10]
     name = file_slug(name)
     cols = st.columns(4)
-    cols[2].download_button("HTML", chart_html(fig), f"{name}.html", "text/html", key=f"html-{key}", icon=":material/code:")
-    cols[3].download_button("CSV", safe_csv(data), f"{name}.csv", "text/csv", key=f"csv-{key}", icon=":material/table:")
+    cols[2].download_button(
+        "HTML", chart_html(fig), f"{name}.html", "text/html", key=f"html-{key}", icon=":material/code:"
+    )
+    cols[3].download_button(
+        "CSV", safe_csv(data), f"{name}.csv", "text/csv", key=f"csv-{key}", icon=":material/table:"
+    )
     if not st.session_state.get(f"static-{key}"):
-        if cols[0].button("PNG / SVG", key=f"prep-{key}", icon=":material/image:", help="render static images (needs a Chromium)"):
+        if cols[0].button(
+            "PNG / SVG",
+            key=f"prep-{key}",
+            icon=":material/image:",
+            help="render static images (needs a Chromium)",
+        ):
             st.session_state[f"static-{key}"] = True
             st.rerun()
         return
@@ -56,8 +70,12 @@ def export_buttons(fig: go.Figure, data: pd.DataFrame, name: str) -> None:
         fig_json = fig.to_json()
         png, svg = _static_image(fig_json, "png"), _static_image(fig_json, "svg")
     except Exception as exc:  # kaleido raises its own types when no Chromium is found
-        cols[0].info(f"PNG/SVG need a Chromium browser on this machine (apt install chromium): {plain(type(exc).__name__)}. "
-                     "HTML and CSV still work.")
+        cols[0].info(
+            f"PNG/SVG need a Chromium browser on this machine (apt install chromium): {plain(type(exc).__name__)}. "
+            "HTML and CSV still work."
+        )
         return
     cols[0].download_button("PNG", png, f"{name}.png", "image/png", key=f"png-{key}", icon=":material/image:")
-    cols[1].download_button("SVG", svg, f"{name}.svg", "image/svg+xml", key=f"svg-{key}", icon=":material/image:")
+    cols[1].download_button(
+        "SVG", svg, f"{name}.svg", "image/svg+xml", key=f"svg-{key}", icon=":material/image:"
+    )

@@ -1,4 +1,5 @@
 """Turn the engine's errors into an st.error that says what happened and what to do, never a traceback."""
+
 from __future__ import annotations
 
 import time
@@ -21,7 +22,10 @@ def user_errors(action: str, stop: bool = True) -> Iterator[None]:
         yield
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
-        st.error(f"{plain(action)} ran out of GPU memory. Lower the number of samples N' or the batch size, or pick the CPU as device.")
+        st.error(
+            f"{plain(action)} ran out of GPU memory. Lower the number of samples N' or the batch size, "
+            "or pick the CPU as device."
+        )
     except (SospError, ValueError, OSError) as exc:
         st.error(f"{plain(action)} failed: {plain(exc)}")
     except Exception as exc:  # unforeseen: one line on the page, the traceback in the workspace's log
@@ -44,4 +48,7 @@ def unexpected(action: str, exc: BaseException) -> None:
         where = f"The details are in {log}."
     except OSError:
         where = "The details could not be written to the workspace's log."
-    st.error(f"{plain(action)} failed unexpectedly: {plain(one_line_error(exc))}. {plain(where)} Stored runs are not affected.")
+    st.error(
+        f"{plain(action)} failed unexpectedly: {plain(one_line_error(exc))}. {plain(where)} "
+        "Stored runs are not affected."
+    )

@@ -1,4 +1,5 @@
 """SOSP Lab entry point: `streamlit run app/main.py`."""
+
 import sys
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """Pickers shared by pages: a stored analysis, a ratio with its unit."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -29,8 +30,15 @@ def ratio_picker(max_ratio: float, key: str = "ratio", default: float = 0.5) -> 
     cols = st.columns([3, 1])
     unit = cols[1].radio("Unit", ["structures", "params", "macs"], key=f"{key}-unit", horizontal=False)
     top = round(max_ratio if unit == "structures" else 0.99, 2)
-    ratio = cols[0].slider(f"Global pruning ratio ({unit})", 0.0, max(top, 0.01), min(default, top), 0.01, key=f"{key}-value",
-                           help="A mask at any ratio is a prefix of the stored pruning order: moving this recomputes nothing.")
+    ratio = cols[0].slider(
+        f"Global pruning ratio ({unit})",
+        0.0,
+        max(top, 0.01),
+        min(default, top),
+        0.01,
+        key=f"{key}-value",
+        help="A mask at any ratio is a prefix of the stored pruning order: moving this recomputes nothing.",
+    )
     return ratio, unit
 
 
@@ -51,6 +59,18 @@ def chosen_analysis(ratio_key: str):
 
 def analyses_frame(records: list[dict]) -> pd.DataFrame:
     """One row per stored analysis: name, method, model, data, at init, N', compute seconds, id."""
-    return pd.DataFrame([{"name": r["name"], "method": r["method"], "model": r["model_spec"], "data": r["data_spec"],
-                          "at init": r["config"]["at_init"], "N'": r["config"]["samples"],
-                          "seconds": round(sum(r["summary"]["timings"].values()), 2), "id": r["id"]} for r in records])
+    return pd.DataFrame(
+        [
+            {
+                "name": r["name"],
+                "method": r["method"],
+                "model": r["model_spec"],
+                "data": r["data_spec"],
+                "at init": r["config"]["at_init"],
+                "N'": r["config"]["samples"],
+                "seconds": round(sum(r["summary"]["timings"].values()), 2),
+                "id": r["id"],
+            }
+            for r in records
+        ]
+    )

@@ -1,4 +1,6 @@
-"""Where this session's background jobs run: this machine, or a Ray cluster (set on the Runs page, used by every launch)."""
+"""Where this session's background jobs run: this machine, or a Ray cluster (set on the Runs page, used by
+every launch)."""
+
 from __future__ import annotations
 
 import os
@@ -27,19 +29,37 @@ def placement_settings() -> None:
     """The Runs page's 'Where jobs run' panel: backend, cluster address, artifacts folder, a connection check."""
     where = current_placement()
     with st.expander(f"Where new jobs run: {plain(placement_caption())}", icon=":material/hub:"):
-        backend = st.radio("Backend", ["local", "ray"], index=["local", "ray"].index(where.backend), horizontal=True,
-                           format_func={"local": "this machine", "ray": "Ray cluster"}.get, key="placement-backend")
+        backend = st.radio(
+            "Backend",
+            ["local", "ray"],
+            index=["local", "ray"].index(where.backend),
+            horizontal=True,
+            format_func={"local": "this machine", "ray": "Ray cluster"}.get,
+            key="placement-backend",
+        )
         if backend == "local":
             st.session_state[KEY] = Placement()
-            st.caption("One job at a time per GPU (or one on a CPU-only machine); nothing to install or start.")
+            st.caption(
+                "One job at a time per GPU (or one on a CPU-only machine); nothing to install or start."
+            )
             return
-        address = st.text_input("Cluster address (HOST:PORT, or auto for a cluster started here)",
-                                where.address or os.environ.get(RAY_ADDRESS_ENV, "auto"), key="placement-address")
-        artifacts = st.text_input("Artifacts folder every node reaches (empty: the workspace)", where.artifacts or "",
-                                  key="placement-artifacts")
+        address = st.text_input(
+            "Cluster address (HOST:PORT, or auto for a cluster started here)",
+            where.address or os.environ.get(RAY_ADDRESS_ENV, "auto"),
+            key="placement-address",
+        )
+        artifacts = st.text_input(
+            "Artifacts folder every node reaches (empty: the workspace)",
+            where.artifacts or "",
+            key="placement-artifacts",
+        )
         if st.button("Connect", icon=":material/link:", key="placement-connect"):
             with user_errors("Connecting to the cluster", stop=False):
                 summary = cluster_summary(address.strip())
                 st.session_state[KEY] = Placement("ray", address.strip(), artifacts.strip() or None)
-                st.success(plain(f"Connected: {summary['nodes']} node(s), {summary['cpus']} CPUs, {summary['gpus']} GPUs. "
-                                 "New jobs and studies go to this cluster; a study's cells run in parallel there."))
+                st.success(
+                    plain(
+                        f"Connected: {summary['nodes']} node(s), {summary['cpus']} CPUs, {summary['gpus']} GPUs. "
+                        "New jobs and studies go to this cluster; a study's cells run in parallel there."
+                    )
+                )

@@ -1,4 +1,5 @@
 """The sensitivity section of the Pruning ratios page: curves of several analyses of one model, computed on demand."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -15,17 +16,34 @@ from sosp_engine.experiments.sensitivity import distinct_masks, even_grid, max_r
 def sensitivity_section(record: dict, ratio: float, unit: str) -> None:
     """Pick analyses of the same model and data, compute their curves with a progress bar, show and export them."""
     st.subheader("How far can it be pruned?")
-    st.caption("Validation loss and accuracy of the physically pruned net along each analysis's pruning order, next to "
-               "the loss increase the method predicts. Nothing is retrained; each point is one evaluation.")
-    same = [r for r in workspace().analyses()
-            if (r["model_spec"], r["data_spec"]) == (record["model_spec"], record["data_spec"])]
+    st.caption(
+        "Validation loss and accuracy of the physically pruned net along each analysis's pruning order, next to "
+        "the loss increase the method predicts. Nothing is retrained; each point is one evaluation."
+    )
+    same = [
+        r
+        for r in workspace().analyses()
+        if (r["model_spec"], r["data_spec"]) == (record["model_spec"], record["data_spec"])
+    ]
     names = {r["id"]: r["name"] for r in same}
     cols = st.columns([3, 1, 1])
-    chosen = cols[0].multiselect("Analyses (same model and data)", list(names), default=[record["id"]],
-                                 format_func=names.get, key=f"sens-analyses-{record['id']}")
+    chosen = cols[0].multiselect(
+        "Analyses (same model and data)",
+        list(names),
+        default=[record["id"]],
+        format_func=names.get,
+        key=f"sens-analyses-{record['id']}",
+    )
     points = cols[1].number_input("Points", 3, 41, 11, key="sens-points")
-    samples = cols[2].number_input("Samples", 10, 100_000, 1000, step=100, key="sens-samples",
-                                   help="evaluated on the first N samples of the validation split")
+    samples = cols[2].number_input(
+        "Samples",
+        10,
+        100_000,
+        1000,
+        step=100,
+        key="sens-samples",
+        help="evaluated on the first N samples of the validation split",
+    )
     key = ("sensitivity", tuple(chosen), int(points), int(samples), unit)
     if st.button("Compute the curves", icon=":material/show_chart:", disabled=not chosen, key="sens-run"):
         curves = {}
@@ -34,13 +52,16 @@ def sensitivity_section(record: dict, ratio: float, unit: str) -> None:
             for i, record_id in enumerate(chosen):
                 result = analysis(record_id)
                 workbench = workbench_for(result)
-                grid = even_grid(int(points), max_reduction(result, workbench.structures, unit), distinct_masks(result))
+                grid = even_grid(
+                    int(points), max_reduction(result, workbench.structures, unit), distinct_masks(result)
+                )
 
                 def progress(fraction: float, message: str, i: int = i) -> None:
                     bar.progress((i + fraction) / len(chosen), text=plain(f"{names[record_id]}: {message}"))
 
-                curves[names[record_id]] = sensitivity_curve(result, workbench, grid, unit, samples=int(samples),
-                                                             progress=progress)
+                curves[names[record_id]] = sensitivity_curve(
+                    result, workbench, grid, unit, samples=int(samples), progress=progress
+                )
             st.session_state[key] = curves
         bar.empty()
     curves = st.session_state.get(key)
@@ -49,8 +70,12 @@ def sensitivity_section(record: dict, ratio: float, unit: str) -> None:
     tables = {name: curve.table for name, curve in curves.items()}
     data = pd.concat([t.assign(analysis=name) for name, t in tables.items()], ignore_index=True)
     first = next(iter(curves.values()))
-    st.caption(plain(f"Unpruned: accuracy {first.baseline_acc:.1%}, loss {first.baseline_loss:.4f} on {first.samples} "
-                     f"{first.split} samples."))
+    st.caption(
+        plain(
+            f"Unpruned: accuracy {first.baseline_acc:.1%}, loss {first.baseline_loss:.4f} on {first.samples} "
+            f"{first.split} samples."
+        )
+    )
     for metric in ("pruned_acc", "pruned_loss"):
         fig = sensitivity_lines(tables, metric, unit, ratio)
         st.plotly_chart(text_only(fig), key=f"sens-{metric}")
@@ -58,5 +83,7 @@ def sensitivity_section(record: dict, ratio: float, unit: str) -> None:
     fig = predicted_vs_measured(tables, {name: curve.rank_correlation for name, curve in curves.items()})
     st.plotly_chart(text_only(fig), key="sens-predicted")
     export_buttons(fig, data, f"predicted-vs-measured {record['name']} {unit}")
-    st.caption("Spearman's rank correlation near 1: the analysis orders masks by their real cost, so its ranking can "
-               "be trusted; near 0 or negative: do not rely on its predictions on this net.")
+    st.caption(
+        "Spearman's rank correlation near 1: the analysis orders masks by their real cost, so its ranking can "
+        "be trusted; near 0 or negative: do not rely on its predictions on this net."
+    )

@@ -1,4 +1,5 @@
 """The sidebar every page shows: workspace, active model, data set and compute device; starts queued jobs."""
+
 from pathlib import Path
 
 import streamlit as st
@@ -34,7 +35,10 @@ def render_sidebar(slot, threads: int) -> None:
             launch_pending(store)
             running = len(store.jobs("running")) + len(store.jobs("starting"))
             queued = len(store.jobs("queued"))
-        st.markdown(f"**Workspace** {plain(store.root)}  \n**Model** {plain(choice.model_spec)}  \n"
-                    f"**Weights** {plain(Path(choice.weights).name if choice.weights else 'random init')}  \n**Data** {plain(choice.data_spec)}  \n"
-                    f"**Device** {plain(_device_label())}, {threads:d} CPU threads  \n"
-                    f"**Jobs** {running:d} running, {queued:d} queued")
+        st.markdown(
+            f"**Workspace** {plain(store.root)}  \n**Model** {plain(choice.model_spec)}  \n"
+            f"**Weights** {plain(Path(choice.weights).name if choice.weights else 'random init')}  \n"
+            f"**Data** {plain(choice.data_spec)}  \n"
+            f"**Device** {plain(_device_label())}, {threads:d} CPU threads  \n"
+            f"**Jobs** {running:d} running, {queued:d} queued"
+        )

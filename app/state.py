@@ -1,4 +1,5 @@
 """Session state and cached engine objects shared by the pages: the chosen model, the workspace, stored analyses."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,8 +37,11 @@ def current_choice() -> ModelChoice:
         params = st.query_params
         default = ModelChoice()
         st.session_state["model_choice"] = ModelChoice(
-            params.get("model", default.model_spec), params.get("data", default.data_spec),
-            params.get("weights", default.weights or "") or (None if "weights" in params else default.weights))
+            params.get("model", default.model_spec),
+            params.get("data", default.data_spec),
+            params.get("weights", default.weights or "")
+            or (None if "weights" in params else default.weights),
+        )
     return st.session_state["model_choice"]
 
 
@@ -47,8 +51,13 @@ def set_choice(choice: ModelChoice) -> None:
 
 
 @st.cache_resource(show_spinner="Building the model and finding its prunable structures ...", max_entries=8)
-def cached_workbench(model_spec: str, data_spec: str, weights: str | None, exclude: tuple[str, ...] = (),
-                     preset: str | None = "auto") -> Workbench:
+def cached_workbench(
+    model_spec: str,
+    data_spec: str,
+    weights: str | None,
+    exclude: tuple[str, ...] = (),
+    preset: str | None = "auto",
+) -> Workbench:
     """The engine's workbench for a choice, built once per (model, data, weights, exclusions)."""
     return open_workbench(model_spec, data_spec, weights, exclude, preset)
 
@@ -62,8 +71,13 @@ def code_confirmed(spec: str, what: str) -> bool:
     trusted = st.session_state.setdefault("trusted_specs", set())
     if not is_user_code(spec) or spec in trusted:
         return True
-    st.warning(plain(f"{what} names user code: {spec}. Running it imports and runs that Python file with your "
-                     "rights. Run it only if you trust it."), icon=":material/warning:")
+    st.warning(
+        plain(
+            f"{what} names user code: {spec}. Running it imports and runs that Python file with your "
+            "rights. Run it only if you trust it."
+        ),
+        icon=":material/warning:",
+    )
     if st.button("Run this code", key=f"trust-{spec}"):
         trusted.add(spec)
         st.rerun()
@@ -89,7 +103,9 @@ def workbench_for(result: AnalysisResult) -> Workbench:
     """
     c = result.config
     require_code_confirmed(c.model_spec, "This analysis")
-    return cached_workbench(c.model_spec, c.data_spec, None if c.at_init else c.weights, tuple(c.exclude), c.preset)
+    return cached_workbench(
+        c.model_spec, c.data_spec, None if c.at_init else c.weights, tuple(c.exclude), c.preset
+    )
 
 
 @st.cache_resource

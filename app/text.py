@@ -1,4 +1,5 @@
 """Names from models, files and the store shown as literal text: never read as markdown or HTML."""
+
 from __future__ import annotations
 
 import re
@@ -15,8 +16,9 @@ def plain(text: object) -> str:
     """`text` with every markdown / HTML control character escaped, so st.markdown-like calls show it as typed."""
     escaped = _INLINE.sub(r"\\\1", str(text))
     escaped = _AUTOLINK.sub(lambda m: m.group(1) + WORD_JOINER, escaped)
-    return _BLOCK.sub(lambda m: m.group(0) + "\\" if m.group(2)[0].isdigit() else m.group(1) + "\\" + m.group(2),
-                      escaped)
+    return _BLOCK.sub(
+        lambda m: m.group(0) + "\\" if m.group(2)[0].isdigit() else m.group(1) + "\\" + m.group(2), escaped
+    )
 
 
 _TAGS = str.maketrans({"<": "&lt;", ">": "&gt;"})
@@ -26,7 +28,7 @@ _TRACE_TEXT = ("name", "text", "hovertext", "x", "y", "customdata", "labels")
 def _escaped(value: object) -> object:
     if isinstance(value, str):
         return value.translate(_TAGS)
-    if isinstance(value, (list, tuple)) or getattr(value, "dtype", None) == object:
+    if isinstance(value, (list, tuple)) or getattr(getattr(value, "dtype", None), "kind", "") == "O":
         return [_escaped(v) for v in value]
     return value
 
@@ -36,8 +38,9 @@ def text_only(fig):
     `<a href>`, `<b>`, ... in them (a run named `<a href=...>` would become a live link). Our own templates keep their
     markup; escaping twice changes nothing."""
     layout = fig.layout
-    for text in [layout.title, layout.legend.title] + [getattr(layout, key).title for key in layout
-                                                        if key.startswith(("xaxis", "yaxis"))]:
+    for text in [layout.title, layout.legend.title] + [
+        getattr(layout, key).title for key in layout if key.startswith(("xaxis", "yaxis"))
+    ]:
         if text is not None and isinstance(text.text, str):
             text.text = text.text.translate(_TAGS)
     for note in layout.annotations or ():

@@ -7,6 +7,7 @@ same global batch and epochs; the time includes starting the processes (spawn, i
 as a ratio to the single-process run of the same invocation. The parameters' largest difference after training says
 whether the two runs followed each other (they do exactly only without BatchNorm or with --sync-bn on CUDA).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--data", default="digits")
     parser.add_argument("--epochs", type=int, default=2)
@@ -48,11 +51,21 @@ def main() -> None:
         start = time.perf_counter()
         train(net, data, TrainConfig(epochs=args.epochs, batch_size=128, device=args.device, nproc=nproc))
         times[nproc], nets[nproc] = time.perf_counter() - start, net
-    drift = max((p - q).abs().max().item() for p, q in zip(nets[1].parameters(), nets[args.nproc].parameters()))
-    row = {"model": args.model, "data": args.data, "epochs": args.epochs, "device": args.device, "cores": args.cores,
-           "nproc": args.nproc, "seconds_one_process": round(times[1], 2),
-           "seconds_nproc": round(times[args.nproc], 2), "ratio": round(times[args.nproc] / times[1], 2),
-           "max_param_difference": drift}
+    drift = max(
+        (p - q).abs().max().item() for p, q in zip(nets[1].parameters(), nets[args.nproc].parameters())
+    )
+    row = {
+        "model": args.model,
+        "data": args.data,
+        "epochs": args.epochs,
+        "device": args.device,
+        "cores": args.cores,
+        "nproc": args.nproc,
+        "seconds_one_process": round(times[1], 2),
+        "seconds_nproc": round(times[args.nproc], 2),
+        "ratio": round(times[args.nproc] / times[1], 2),
+        "max_param_difference": drift,
+    }
     print(json.dumps(row))
     with open(ROOT / args.out, "a") as fh:
         fh.write(json.dumps(row) + "\n")

@@ -9,6 +9,7 @@ One process, `--threads` torch threads (recorded). Per ratio: the MAC drop of th
 normalisation, plain and rounded to multiples of `--round-to`; the ratio latency drop / MAC drop says how much of the
 saved compute turns into saved time, and the predicted loss increase what the saved time costs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,22 +22,38 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="resnet56")
-    parser.add_argument("--data", default="synthetic:3,32,32:10", help="data spec; its shape is the timed input's")
+    parser.add_argument(
+        "--data", default="synthetic:3,32,32:10", help="data spec; its shape is the timed input's"
+    )
     parser.add_argument("--samples", type=int, default=128, help="analysis samples for the SOSP-H order")
     parser.add_argument("--ratios", default="0.5,0.8")
-    parser.add_argument("--round-to", type=int, default=8, help="the rounded orders' multiple (1: unrounded only)")
-    parser.add_argument("--normalize", default="none",
-                        help="comma-separated normalisations of the order (none, macs, latency: timed at each batch)")
+    parser.add_argument(
+        "--round-to", type=int, default=8, help="the rounded orders' multiple (1: unrounded only)"
+    )
+    parser.add_argument(
+        "--normalize",
+        default="none",
+        help="comma-separated normalisations of the order (none, macs, latency: timed at each batch)",
+    )
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed forwards per net and batch (default: 30 at batch <= 16, else 10)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed forwards per net and batch (default: 30 at batch <= 16, else 10)",
+    )
     parser.add_argument("--device", default="cpu", help="where the nets are timed (and the order computed)")
-    parser.add_argument("--targets", default="",
-                        help="latency reductions (e.g. 0.2,0.3): per order and batch, the mask that a latency profile "
-                             "picks for each, with its predicted loss increase and measured drop")
+    parser.add_argument(
+        "--targets",
+        default="",
+        help="latency reductions (e.g. 0.2,0.3): per order and batch, the mask that a latency profile "
+        "picks for each, with its predicted loss increase and measured drop",
+    )
     parser.add_argument("--out", default="bench/results/latency.jsonl")
     args = parser.parse_args()
 
@@ -60,54 +77,117 @@ def main() -> None:
     for normalize in args.normalize.split(","):
         for round_to in sorted({1, args.round_to}):
             # a latency-normalised order is made for one batch size: one analysis per timed batch
-            for timed in ([[b] for b in batches] if normalize == "latency" else [batches]):
-                result = run_analysis(wb, AnalysisConfig(method="sosp-h", model_spec=args.model, samples=args.samples,
-                                                         batch_size=args.samples, device=args.device, round_to=round_to,
-                                                         normalize=normalize, latency_device=args.device,
-                                                         latency_batch=timed[0]))
+            for timed in [[b] for b in batches] if normalize == "latency" else [batches]:
+                result = run_analysis(
+                    wb,
+                    AnalysisConfig(
+                        method="sosp-h",
+                        model_spec=args.model,
+                        samples=args.samples,
+                        batch_size=args.samples,
+                        device=args.device,
+                        round_to=round_to,
+                        normalize=normalize,
+                        latency_device=args.device,
+                        latency_batch=timed[0],
+                    ),
+                )
                 for ratio in (float(r) for r in args.ratios.split(",")):
                     try:
                         mask = result.mask(wb.structures, ratio)
-                    except AnalysisError as exc:  # e.g. rounding keeps whole stages: the ratio cannot be reached
-                        print(json.dumps({"round_to": round_to, "ratio": ratio, "error": str(exc)}), flush=True)
+                    except (
+                        AnalysisError
+                    ) as exc:  # e.g. rounding keeps whole stages: the ratio cannot be reached
+                        print(
+                            json.dumps({"round_to": round_to, "ratio": ratio, "error": str(exc)}), flush=True
+                        )
                         continue
                     summary = mask_summary(wb.structures, mask)
                     smaller = pruned_copy(wb.model, wb.structures, mask, wb.example)
                     for b in timed:
                         # Alternately with the unpruned net, forward by forward: a change of load hits both alike.
-                        seconds, relative = relative_latency(smaller, wb.model, wb.example, args.device, b, repeats(b))
-                        row = {"model": args.model, "data": args.data, "device": args.device, "normalize": normalize,
-                               "round_to": round_to, "ratio": ratio, "batch": b, "threads": args.threads,
-                               "mac_drop": summary["mac_ratio"], "latency_drop": 1 - relative,
-                               "latency_ms": 1000 * seconds, "base_ms": 1000 * seconds / relative,
-                               "predicted_increase": result.predicted_increase(len(mask)),
-                               "layer_latency_s": result.timings.get("layer_latency")}
+                        seconds, relative = relative_latency(
+                            smaller, wb.model, wb.example, args.device, b, repeats(b)
+                        )
+                        row = {
+                            "model": args.model,
+                            "data": args.data,
+                            "device": args.device,
+                            "normalize": normalize,
+                            "round_to": round_to,
+                            "ratio": ratio,
+                            "batch": b,
+                            "threads": args.threads,
+                            "mac_drop": summary["mac_ratio"],
+                            "latency_drop": 1 - relative,
+                            "latency_ms": 1000 * seconds,
+                            "base_ms": 1000 * seconds / relative,
+                            "predicted_increase": result.predicted_increase(len(mask)),
+                            "layer_latency_s": result.timings.get("layer_latency"),
+                        }
                         row["efficiency"] = row["latency_drop"] / row["mac_drop"]
                         rows.append(row)
                         print(json.dumps(row), flush=True)
                 for b in timed if args.targets else []:
-                    profile = measure_profile(wb.model, wb.structures, result.ordered_keys(), result.n_prunable,
-                                              wb.example, args.device, b, repeats=repeats(b),
-                                              stops=result.stops(wb.structures))
+                    profile = measure_profile(
+                        wb.model,
+                        wb.structures,
+                        result.ordered_keys(),
+                        result.n_prunable,
+                        wb.example,
+                        args.device,
+                        b,
+                        repeats=repeats(b),
+                        stops=result.stops(wb.structures),
+                    )
                     for target in (float(t) for t in args.targets.split(",")):
                         try:
-                            line_mask = result.mask(wb.structures, target, "latency", profile)  # from the line alone
-                            refine_profile(profile, wb.model, wb.structures, result.ordered_keys(), result.n_prunable,
-                                           wb.example, target, result.stops(wb.structures), repeats(b))
+                            line_mask = result.mask(
+                                wb.structures, target, "latency", profile
+                            )  # from the line alone
+                            refine_profile(
+                                profile,
+                                wb.model,
+                                wb.structures,
+                                result.ordered_keys(),
+                                result.n_prunable,
+                                wb.example,
+                                target,
+                                result.stops(wb.structures),
+                                repeats(b),
+                            )
                             mask = result.mask(wb.structures, target, "latency", profile)
                         except AnalysisError as exc:
-                            print(json.dumps({"normalize": normalize, "target": target, "error": str(exc)}), flush=True)
+                            print(
+                                json.dumps({"normalize": normalize, "target": target, "error": str(exc)}),
+                                flush=True,
+                            )
                             continue
                         drops = []
                         for chosen in (line_mask, mask):
                             smaller = pruned_copy(wb.model, wb.structures, chosen, wb.example)
-                            drops.append(1 - relative_latency(smaller, wb.model, wb.example, args.device, b,
-                                                              repeats(b))[1])
-                        row = {"model": args.model, "data": args.data, "device": args.device, "normalize": normalize,
-                               "round_to": round_to, "target": target, "batch": b, "threads": args.threads,
-                               "structures": len(mask), "mac_drop": mask_summary(wb.structures, mask)["mac_ratio"],
-                               "latency_drop": drops[1], "predicted_increase": result.predicted_increase(len(mask)),
-                               "line_structures": len(line_mask), "line_latency_drop": drops[0]}
+                            drops.append(
+                                1
+                                - relative_latency(smaller, wb.model, wb.example, args.device, b, repeats(b))[
+                                    1
+                                ]
+                            )
+                        row = {
+                            "model": args.model,
+                            "data": args.data,
+                            "device": args.device,
+                            "normalize": normalize,
+                            "round_to": round_to,
+                            "target": target,
+                            "batch": b,
+                            "threads": args.threads,
+                            "structures": len(mask),
+                            "mac_drop": mask_summary(wb.structures, mask)["mac_ratio"],
+                            "latency_drop": drops[1],
+                            "predicted_increase": result.predicted_increase(len(mask)),
+                            "line_structures": len(line_mask),
+                            "line_latency_drop": drops[0],
+                        }
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     out = Path(args.out)

@@ -1,7 +1,8 @@
 """The memory probe against a real batch: the estimate at batch B next to the tensor peak measured at B.
 
-    python bench/bench_memory.py --models resnet56,vgg19 --methods sosp-h,sosp-i --batch 64 --out bench/results/memory.jsonl
+python bench/bench_memory.py --models resnet56,vgg19 --methods sosp-h,sosp-i --batch 64 --out bench/results/memory.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,17 +39,29 @@ def main() -> None:
         x = torch.randn(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         y = torch.arange(args.batch) % 10
         for method in args.methods.split(","):
+
             def run(n: int) -> None:
-                compute_saliency(method, AnalysisInputs(model, wb.structures, x[:n], y[:n], "cross-entropy", n),
-                                 0.95, "none")
+                compute_saliency(
+                    method,
+                    AnalysisInputs(model, wb.structures, x[:n], y[:n], "cross-entropy", n),
+                    0.95,
+                    "none",
+                )
 
             estimate = probe(run, CPU, largest=args.batch)
             with PeakTensorBytes() as tracker:
                 run(args.batch)
-            row = {"model": spec, "method": method, "batch": args.batch, "threads": args.threads,
-                   "estimate_mib": round(estimate.peak(args.batch) / 2**20), "measured_mib":
-                   round(tracker.peak["cpu"] / 2**20), "per_sample_mib": round(estimate.per_sample / 2**20, 2),
-                   "matrix_mib": round(estimate.floor / 2**20), "date": time.strftime("%Y-%m-%d")}
+            row = {
+                "model": spec,
+                "method": method,
+                "batch": args.batch,
+                "threads": args.threads,
+                "estimate_mib": round(estimate.peak(args.batch) / 2**20),
+                "measured_mib": round(tracker.peak["cpu"] / 2**20),
+                "per_sample_mib": round(estimate.per_sample / 2**20, 2),
+                "matrix_mib": round(estimate.floor / 2**20),
+                "date": time.strftime("%Y-%m-%d"),
+            }
             row["error"] = round(row["estimate_mib"] / row["measured_mib"] - 1, 3)
             print(json.dumps(row), flush=True)
             if args.out:

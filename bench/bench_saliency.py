@@ -3,6 +3,7 @@
 Usage: python bench/bench_saliency.py [--models resnet56,resnet56x2,...] [--samples 1000] [--out results.jsonl]
 Each measurement runs in a fresh process (so peak memory is its own); the baseline runs in the same way.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def _setup(model_spec: str, samples: int, device: str, shape: tuple[int, ...] = (3, 32, 32), classes: int = 10,
-           batch_size: int = 100):
+def _setup(
+    model_spec: str,
+    samples: int,
+    device: str,
+    shape: tuple[int, ...] = (3, 32, 32),
+    classes: int = 10,
+    batch_size: int = 100,
+):
     import torch
 
     from sosp_engine.devices import resolve_device
@@ -37,8 +44,16 @@ def _setup(model_spec: str, samples: int, device: str, shape: tuple[int, ...] = 
     return AnalysisInputs(model, structures, x, y, batch_size=batch_size)
 
 
-def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape: tuple[int, ...] = (3, 32, 32),
-             classes: int = 10, batch_size: int = 100) -> None:
+def _measure(
+    task: str,
+    model_spec: str,
+    samples: int,
+    device: str,
+    queue,
+    shape: tuple[int, ...] = (3, 32, 32),
+    classes: int = 10,
+    batch_size: int = 100,
+) -> None:
     import torch
 
     from sosp_engine.saliency.common import sample_losses
@@ -59,24 +74,35 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape
             inputs.model.zero_grad(set_to_none=True)
             sample_losses(inputs.model(x), y, inputs.loss).mean().backward()
 
-    if task.startswith("tp-"):  # peers: torch-pruning's importances over every coupled group (graph built untimed)
+    if task.startswith(
+        "tp-"
+    ):  # peers: torch-pruning's importances over every coupled group (graph built untimed)
         import torch_pruning as tp
 
         from sosp_engine.pruning.structures import PRODUCER_TYPES, build_graph
 
-        groups = list(build_graph(inputs.model, inputs.x[:1]).get_all_groups(root_module_types=PRODUCER_TYPES))
-        if task == "tp-obdc":  # its hooks follow the groups of torch-pruning's own pruner (the graph built untimed)
+        groups = list(
+            build_graph(inputs.model, inputs.x[:1]).get_all_groups(root_module_types=PRODUCER_TYPES)
+        )
+        if (
+            task == "tp-obdc"
+        ):  # its hooks follow the groups of torch-pruning's own pruner (the graph built untimed)
             obdc = tp.importance.OBDCImportance(num_classes=classes)
             pruner = tp.pruner.MetaPruner(inputs.model, inputs.x[:1].to(inputs.device), importance=obdc)
-            groups = list(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                                   root_module_types=pruner.root_module_types))
+            groups = list(
+                pruner.DG.get_all_groups(
+                    ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+                )
+            )
 
     def run_task(extra: dict, start: float) -> None:
         if task == "forward+backward":
             forward_backward()
         elif task == "sosp-h":
             sosp_h_terms(inputs)
-        elif task == "sosp-h-params":  # SOSP-H's Hessian-vector product in parameter space (the path for other layers)
+        elif (
+            task == "sosp-h-params"
+        ):  # SOSP-H's Hessian-vector product in parameter space (the path for other layers)
             from sosp_engine.saliency.sosp_h import gradient_and_hvp
 
             grads, hvp = gradient_and_hvp(inputs, inputs.theta_struc())
@@ -88,16 +114,22 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape
             t0 = time.perf_counter()
             greedy_order(sosp_i_matrix(first, gram).cpu(), inputs.structures)
             extra["selection_s"] = time.perf_counter() - t0
-        elif task.startswith("diagonal-mc"):  # diagonal-mcK: the diagonal baseline from K sampled labels per sample
-            gauss_newton_terms(inputs, diagonal_only=True, mc_labels=int(task[len("diagonal-mc"):]))
+        elif task.startswith(
+            "diagonal-mc"
+        ):  # diagonal-mcK: the diagonal baseline from K sampled labels per sample
+            gauss_newton_terms(inputs, diagonal_only=True, mc_labels=int(task[len("diagonal-mc") :]))
         elif task == "diagonal":
             gauss_newton_terms(inputs, diagonal_only=True)
-        elif task.startswith("sosp-i-mc"):  # sosp-i-mcK: K sampled labels per sample, with the greedy selection
-            first, gram = gauss_newton_terms(inputs, mc_labels=int(task[len("sosp-i-mc"):]))
+        elif task.startswith(
+            "sosp-i-mc"
+        ):  # sosp-i-mcK: K sampled labels per sample, with the greedy selection
+            first, gram = gauss_newton_terms(inputs, mc_labels=int(task[len("sosp-i-mc") :]))
             t0 = time.perf_counter()
             greedy_order(sosp_i_matrix(first, gram).cpu(), inputs.structures)
             extra["selection_s"] = time.perf_counter() - t0
-        elif task == "sosp-i-floor":  # SOSP-I's floor: per pass one forward and D - 1 activation-only backward passes
+        elif (
+            task == "sosp-i-floor"
+        ):  # SOSP-I's floor: per pass one forward and D - 1 activation-only backward passes
             from sosp_engine.saliency.sosp_i import analysis_forwards, capture_plan
 
             for p in inputs.model.parameters():
@@ -115,7 +147,9 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape
             importance = tp.importance.GroupTaylorImportance()
             for group in groups:
                 importance(group)
-        elif task == "tp-hessian":  # grouped OBD: a backward per sample for the squared-gradient (Fisher) diagonal
+        elif (
+            task == "tp-hessian"
+        ):  # grouped OBD: a backward per sample for the squared-gradient (Fisher) diagonal
             importance = tp.importance.GroupHessianImportance()
             importance.zero_grad()
             for x, y in inputs.batches():
@@ -125,13 +159,23 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape
                     importance.accumulate_grad(inputs.model)
             for group in groups:
                 importance(group)
-        elif task == "tp-obdc":  # EigenDamage's Fisher (OBD in the KFE): one sampled label per sample, per-sample grads
-            out_channels = (tp.pruner.function.prune_conv_out_channels, tp.pruner.function.prune_linear_out_channels)
-            for group in groups:  # what OBDCImportance._prepare_model does (its attention re-rooting fails in 1.6.0)
+        elif (
+            task == "tp-obdc"
+        ):  # EigenDamage's Fisher (OBD in the KFE): one sampled label per sample, per-sample grads
+            out_channels = (
+                tp.pruner.function.prune_conv_out_channels,
+                tp.pruner.function.prune_linear_out_channels,
+            )
+            for (
+                group
+            ) in groups:  # what OBDCImportance._prepare_model does (its attention re-rooting fails in 1.6.0)
                 for dep, _ in group:
                     layer = dep.target.module
-                    if isinstance(layer, tuple(obdc.target_types)) and dep.handler in out_channels \
-                            and layer not in obdc.modules:
+                    if (
+                        isinstance(layer, tuple(obdc.target_types))
+                        and dep.handler in out_channels
+                        and layer not in obdc.modules
+                    ):
                         obdc.modules.append(layer)
                         layer.register_forward_pre_hook(obdc._save_input)
                         layer.register_full_backward_hook(obdc._save_grad_output)
@@ -154,7 +198,9 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape
             literal_greedy_order(q, inputs.structures)
             extra["literal_s"] = time.perf_counter() - t0
 
-    if cuda:  # one untimed run first: CUDA's lazy module loading and cuDNN's kernel choice would land in the timing
+    if (
+        cuda
+    ):  # one untimed run first: CUDA's lazy module loading and cuDNN's kernel choice would land in the timing
         run_task({}, time.perf_counter())
         sync()
         torch.cuda.empty_cache()
@@ -170,16 +216,33 @@ def _measure(task: str, model_spec: str, samples: int, device: str, queue, shape
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    queue.put({"seconds": seconds, "peak_rss_mb": peak_mb, "peak_gpu_mb": gpu_mb, "torch": torch.__version__,
-               "gpu": torch.cuda.get_device_name() if cuda else None,
-               "structures": inputs.structures.num_structures, **extra})
+    queue.put(
+        {
+            "seconds": seconds,
+            "peak_rss_mb": peak_mb,
+            "peak_gpu_mb": gpu_mb,
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if cuda else None,
+            "structures": inputs.structures.num_structures,
+            **extra,
+        }
+    )
 
 
-def measure(task: str, model_spec: str, samples: int, device: str, shape: tuple[int, ...] = (3, 32, 32),
-            classes: int = 10, batch_size: int = 100) -> dict:
+def measure(
+    task: str,
+    model_spec: str,
+    samples: int,
+    device: str,
+    shape: tuple[int, ...] = (3, 32, 32),
+    classes: int = 10,
+    batch_size: int = 100,
+) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(task, model_spec, samples, device, queue, shape, classes, batch_size))
+    proc = ctx.Process(
+        target=_measure, args=(task, model_spec, samples, device, queue, shape, classes, batch_size)
+    )
     proc.start()
     while True:
         try:
@@ -187,8 +250,13 @@ def measure(task: str, model_spec: str, samples: int, device: str, shape: tuple[
             break
         except Exception:
             if not proc.is_alive():
-                return {"seconds": float("nan"), "peak_rss_mb": float("nan"), "peak_gpu_mb": None, "structures": None,
-                        "error": f"the measuring process died (exit code {proc.exitcode}; out of memory?)"}
+                return {
+                    "seconds": float("nan"),
+                    "peak_rss_mb": float("nan"),
+                    "peak_gpu_mb": None,
+                    "structures": None,
+                    "error": f"the measuring process died (exit code {proc.exitcode}; out of memory?)",
+                }
     proc.join()
     return result
 
@@ -199,7 +267,9 @@ def main() -> None:
     parser.add_argument("--tasks", default="forward+backward,sosp-h,sosp-i,sosp-i-mc3")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--greedy-model", default="resnet56x2", help="model whose S is used for fast vs literal greedy")
+    parser.add_argument(
+        "--greedy-model", default="resnet56x2", help="model whose S is used for fast vs literal greedy"
+    )
     parser.add_argument("--input", default="3,32,32", help="input shape C,H,W")
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=100)
@@ -214,18 +284,33 @@ def main() -> None:
     for model_spec in args.models.split(","):
         base = None
         for task in args.tasks.split(","):
-            result = measure(task, model_spec, args.samples, args.device, shape, args.classes, args.batch_size)
+            result = measure(
+                task, model_spec, args.samples, args.device, shape, args.classes, args.batch_size
+            )
             if task == "forward+backward":
                 base = result["seconds"]
-            row = {"model": model_spec, "task": task, "samples": args.samples, "input": args.input,
-                   "classes": args.classes, "batch_size": args.batch_size, "threads": args.threads, **result,
-                   "ratio_to_forward_backward": result["seconds"] / base if base else None}
+            row = {
+                "model": model_spec,
+                "task": task,
+                "samples": args.samples,
+                "input": args.input,
+                "classes": args.classes,
+                "batch_size": args.batch_size,
+                "threads": args.threads,
+                **result,
+                "ratio_to_forward_backward": result["seconds"] / base if base else None,
+            }
             print(json.dumps(row), flush=True)
             with out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
     if args.greedy_model:
         result = measure("greedy", args.greedy_model, 100, args.device)
-        row = {"model": args.greedy_model, "task": "greedy", **result, "speedup": result["literal_s"] / result["fast_s"]}
+        row = {
+            "model": args.greedy_model,
+            "task": "greedy",
+            **result,
+            "speedup": result["literal_s"] / result["fast_s"],
+        }
         print(json.dumps(row), flush=True)
         with out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")

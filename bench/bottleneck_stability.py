@@ -4,6 +4,7 @@ of the N' samples) on one trained net. Writes JSON for bench/claims.py.
     python bench/bottleneck_stability.py --workspace WS STUDY_ID --samples 50,100,250,500,1000 --seeds 0,1,2 \
         --out bench/results/bottleneck-stability.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,28 +38,50 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     job = Store(args.workspace).job(args.study_id)
     config = ExpandStudyConfig(**job["config"])
-    across_trials = [{"trial": r["trial"], "bottlenecks": r["bottlenecks"]}
-                     for r in expand_state(job)["runs"] if r["procedure"] == PLAIN]
+    across_trials = [
+        {"trial": r["trial"], "bottlenecks": r["bottlenecks"]}
+        for r in expand_state(job)["runs"]
+        if r["procedure"] == PLAIN
+    ]
     weights = run_folder(job) / PLAIN / "trial0" / "trained.pt"
     wb = open_workbench(config.model_spec, config.data_spec, str(weights), config.exclude, config.preset)
     across_samples = []
     for samples in [int(s) for s in args.samples.split(",")]:
         for seed in [int(s) for s in args.seeds.split(",")]:
             start = time.perf_counter()
-            result = run_analysis(wb, AnalysisConfig(method=config.method, samples=samples, seed=seed, device="cpu"))
+            result = run_analysis(
+                wb, AnalysisConfig(method=config.method, samples=samples, seed=seed, device="cpu")
+            )
             table = layer_table(wb.structures, result.mask(wb.structures, config.ratio, config.unit))
             stages = unit_ratios(table, "stage")
-            across_samples.append({"samples": samples, "seed": seed,
-                                   "bottlenecks": sorted(paper_widening(config.model_spec, table)),
-                                   "stage_ratios": dict(zip(stages.unit, stages.pruning_ratio.round(4))),
-                                   "seconds": round(time.perf_counter() - start, 2)})
+            across_samples.append(
+                {
+                    "samples": samples,
+                    "seed": seed,
+                    "bottlenecks": sorted(paper_widening(config.model_spec, table)),
+                    "stage_ratios": dict(zip(stages.unit, stages.pruning_ratio.round(4))),
+                    "seconds": round(time.perf_counter() - start, 2),
+                }
+            )
             print(across_samples[-1], flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"study": job["id"], "model_spec": config.model_spec, "data_spec": config.data_spec,
-                               "method": config.method, "ratio": config.ratio, "unit": config.unit,
-                               "threads": args.threads, "across_trials": across_trials,
-                               "across_samples": across_samples}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "study": job["id"],
+                "model_spec": config.model_spec,
+                "data_spec": config.data_spec,
+                "method": config.method,
+                "ratio": config.ratio,
+                "unit": config.unit,
+                "threads": args.threads,
+                "across_trials": across_trials,
+                "across_samples": across_samples,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -16,6 +16,7 @@ A claim is "reproduced" at a target when SOSP's mean is above the baseline's by 
 added (the error bars do not overlap), "contradicted" when the baseline is above by that margin, else "not
 distinguishable on this data".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,11 @@ def claim_rows(table, metric: str) -> list[str]:
             for target in sorted(set(table.target)):
                 a = table[(table.method == sosp) & (table.target == target)].iloc[0]
                 b = table[(table.method == base) & (table.target == target)].iloc[0]
-                rows.append(f"| {sosp} vs {base} | {target:.0%} | {a[f'{metric}_mean']:.1%} +- {a[f'{metric}_std']:.1%} | "
-                            f"{b[f'{metric}_mean']:.1%} +- {b[f'{metric}_std']:.1%} | "
-                            f"{verdict(a[f'{metric}_mean'], a[f'{metric}_std'], b[f'{metric}_mean'], b[f'{metric}_std'])} |")
+                rows.append(
+                    f"| {sosp} vs {base} | {target:.0%} | {a[f'{metric}_mean']:.1%} +- {a[f'{metric}_std']:.1%} | "
+                    f"{b[f'{metric}_mean']:.1%} +- {b[f'{metric}_std']:.1%} | "
+                    f"{verdict(a[f'{metric}_mean'], a[f'{metric}_std'], b[f'{metric}_mean'], b[f'{metric}_std'])} |"
+                )
     return rows
 
 
@@ -62,9 +65,11 @@ def expand_rows(table, a: str, b: str) -> list[str]:
     if a not in set(table.procedure) or b not in set(table.procedure):
         return []
     x, y = (table[table.procedure == p].iloc[0] for p in (a, b))
-    return [f"| {a} vs {b} | {x.test_acc_mean:.1%} +- {x.test_acc_std:.1%} | {y.test_acc_mean:.1%} +- "
-            f"{y.test_acc_std:.1%} | {x.params_mean:,.0f} / {y.params_mean:,.0f} | {x.macs_mean / 1e6:.2f} M / "
-            f"{y.macs_mean / 1e6:.2f} M | {verdict(x.test_acc_mean, x.test_acc_std, y.test_acc_mean, y.test_acc_std)} |"]
+    return [
+        f"| {a} vs {b} | {x.test_acc_mean:.1%} +- {x.test_acc_std:.1%} | {y.test_acc_mean:.1%} +- "
+        f"{y.test_acc_std:.1%} | {x.params_mean:,.0f} / {y.params_mean:,.0f} | {x.macs_mean / 1e6:.2f} M / "
+        f"{y.macs_mean / 1e6:.2f} M | {verdict(x.test_acc_mean, x.test_acc_std, y.test_acc_mean, y.test_acc_std)} |"
+    ]
 
 
 def expand_section(path: str) -> list[str]:
@@ -75,11 +80,16 @@ def expand_section(path: str) -> list[str]:
     unpruned = unpruned_reference(runs, plan)
     init = expand_rows(table, "train-prune", "init-prune")
     if init:  # the paper's claim is that init-pruning is about as good: only a clear loss contradicts it
-        init = [row.replace("| reproduced |", "| train-pruning ahead |").replace(
-            "| not distinguishable |", "| reproduced (as good) |").replace("| contradicted |", "| init-pruning ahead |")
-            for row in init]
+        init = [
+            row.replace("| reproduced |", "| train-pruning ahead |")
+            .replace("| not distinguishable |", "| reproduced (as good) |")
+            .replace("| contradicted |", "| init-pruning ahead |")
+            for row in init
+        ]
     after = table.acc_after_pruning_mean.dropna()
-    header = "| comparison | first | second | params | MACs | verdict |\n| --- | ---: | ---: | ---: | ---: | --- |"
+    header = (
+        "| comparison | first | second | params | MACs | verdict |\n| --- | ---: | ---: | ---: | ---: | --- |"
+    )
     return [
         f"Study {study['study']} (`python bench/claims.py ... --expand {path}`): model `{config['model_spec']}` on "
         f"`{config['data_spec']}`, {config['trials']} trials per procedure (seeds 0-{config['trials'] - 1}), "
@@ -88,18 +98,33 @@ def expand_section(path: str) -> list[str]:
         f"training and {config['finetune_epochs']} fine-tuning epochs, init-pruning trains {config['epochs'] + config['finetune_epochs']} "
         f"epochs after pruning. Bottlenecks widened (from trial 0's trained net): "
         f"{', '.join(f'{u} x{f:g}' for u, f in plan['widen'].items())}. The unpruned plain net reaches "
-        f"{unpruned['test_acc']:.1%} ({plan['plain_macs'] / 1e6:.2f} M MACs).", "",
-        "## Claim 3: pruning at initialisation almost matches pruning after training (equal total epochs)", "",
-        "Reproduced when train-pruning is not ahead by more than both standard deviations added.", "",
-        header, *init, "",
-        "## Claim 4: expand-pruning beats widen- and train-pruning at equal parameters", "",
+        f"{unpruned['test_acc']:.1%} ({plan['plain_macs'] / 1e6:.2f} M MACs).",
+        "",
+        "## Claim 3: pruning at initialisation almost matches pruning after training (equal total epochs)",
+        "",
+        "Reproduced when train-pruning is not ahead by more than both standard deviations added.",
+        "",
+        header,
+        *init,
+        "",
+        "## Claim 4: expand-pruning beats widen- and train-pruning at equal parameters",
+        "",
         "Reproduced when expand-pruning's mean is above by more than both standard deviations added. The MACs column "
-        "shows what each costs at inference: equal parameters are not equal MACs.", "",
-        header, *expand_rows(table, "expand-prune", "widen-prune"), *expand_rows(table, "expand-prune", "train-prune"),
-        "", f"Right after pruning (before fine-tuning) the pruned runs score {after.min():.1%}-{after.max():.1%}: the "
+        "shows what each costs at inference: equal parameters are not equal MACs.",
+        "",
+        header,
+        *expand_rows(table, "expand-prune", "widen-prune"),
+        *expand_rows(table, "expand-prune", "train-prune"),
+        "",
+        f"Right after pruning (before fine-tuning) the pruned runs score {after.min():.1%}-{after.max():.1%}: the "
         f"final accuracies measure how far each net recovers in {config['finetune_epochs']} fine-tuning epochs "
-        f"(init-pruning: {config['epochs'] + config['finetune_epochs']} epochs of training in its pruned shape).", "",
-        "```", table.to_string(index=False, float_format=lambda v: f"{v:.4g}"), "```", ""]
+        f"(init-pruning: {config['epochs'] + config['finetune_epochs']} epochs of training in its pruned shape).",
+        "",
+        "```",
+        table.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+        "```",
+        "",
+    ]
 
 
 def stability_section(path: str) -> list[str]:
@@ -112,29 +137,47 @@ def stability_section(path: str) -> list[str]:
     for samples in sorted({d["samples"] for d in draws}):
         same = [d for d in draws if d["samples"] == samples]
         picked = Counter(", ".join(d["bottlenecks"]) for d in same)
-        ranges = [f"{min(d['stage_ratios'][u] for d in same):.0%}-{max(d['stage_ratios'][u] for d in same):.0%}"
-                  for u in stages]
-        rows.append(f"| {samples} | " + "; ".join(f"{name} ({n}x)" for name, n in picked.most_common()) + " | "
-                    + " | ".join(ranges) + " |")
+        ranges = [
+            f"{min(d['stage_ratios'][u] for d in same):.0%}-{max(d['stage_ratios'][u] for d in same):.0%}"
+            for u in stages
+        ]
+        rows.append(
+            f"| {samples} | "
+            + "; ".join(f"{name} ({n}x)" for name, n in picked.most_common())
+            + " | "
+            + " | ".join(ranges)
+            + " |"
+        )
     majority, count = Counter(", ".join(d["bottlenecks"]) for d in draws).most_common(1)[0]
     return [
-        "## Claim 5: the bottlenecks SOSP flags are a property of the net, not of the seed or of N'", "",
+        "## Claim 5: the bottlenecks SOSP flags are a property of the net, not of the seed or of N'",
+        "",
         f"From `{path}` ({data['method']} at {data['ratio']:.0%} of {data['unit']}, the paper's rule: the least pruned "
         f"stage of a ResNet). Across the {len(data['across_trials'])} independently trained plain nets: "
         + "; ".join(f"{name} ({n}x)" for name, n in trials.most_common())
-        + f". On trial 0's trained net, per N' over {len({d['seed'] for d in draws})} draws of the samples:", "",
+        + f". On trial 0's trained net, per N' over {len({d['seed'] for d in draws})} draws of the samples:",
+        "",
         "| N' | flagged (times) | " + " | ".join(f"{u} pruned" for u in stages) + " |",
-        "| ---: | --- |" + " ---: |" * len(stages), *rows, "",
+        "| ---: | --- |" + " ---: |" * len(stages),
+        *rows,
+        "",
         f"Verdict: {count} of {len(draws)} analyses flag {majority}; "
         + ("stable across N' and draws." if count == len(draws) else "not fully stable: see the rows above.")
-        + (" Stable across trained seeds." if len(trials) == 1 else " Different trained seeds flag different units."),
-        ""]
+        + (
+            " Stable across trained seeds."
+            if len(trials) == 1
+            else " Different trained seeds flag different units."
+        ),
+        "",
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="docs/claims.md from stored studies")
     parser.add_argument("methods", help="an exported method study (JSON)")
-    parser.add_argument("--expand", default=None, help="an exported expand study (JSON) with train- and init-prune")
+    parser.add_argument(
+        "--expand", default=None, help="an exported expand study (JSON) with train- and init-prune"
+    )
     parser.add_argument("--stability", default=None, help="the JSON of bench/bottleneck_stability.py")
     args = parser.parse_args()
     path = args.methods
@@ -143,31 +186,47 @@ def main() -> None:
     config = study["config"]
     seeds = len(config["seeds"])
     lines = [
-        "# The paper's claims on this machine", "",
+        "# The paper's claims on this machine",
+        "",
         f"Generated by `python bench/claims.py {' '.join(sys.argv[1:])}` from method study {study['study']}: model `{config['model_spec']}` on "
         f"`{config['data_spec']}`, methods {', '.join(config['methods'])}, targets {config['targets']} of "
         f"{config['unit']}, {seeds} seeds (one trained net each, {config['epochs']} epochs), N' = {config['samples']}, "
         f"{config['finetune_epochs']} fine-tuning epochs. The commands that regenerate it are in `bench/claims.py`.",
-        "", "Verdict per target: reproduced when SOSP's mean exceeds the baseline's by more than both standard "
+        "",
+        "Verdict per target: reproduced when SOSP's mean exceeds the baseline's by more than both standard "
         "deviations added, contradicted when the baseline's exceeds SOSP's by that margin, else not distinguishable "
-        "on this data.", "",
-        "## Claim 1: SOSP prunes with less damage than the baselines (accuracy right after pruning)", "",
-        "| comparison | target | SOSP | baseline | verdict |", "| --- | ---: | ---: | ---: | --- |",
-        *claim_rows(table, "acc_pruned"), "",
-        "## Claim 2: after fine-tuning, SOSP's masks stay ahead", "",
-        "| comparison | target | SOSP | baseline | verdict |", "| --- | ---: | ---: | ---: | --- |",
-        *claim_rows(table, "acc_finetuned"), "",
+        "on this data.",
+        "",
+        "## Claim 1: SOSP prunes with less damage than the baselines (accuracy right after pruning)",
+        "",
+        "| comparison | target | SOSP | baseline | verdict |",
+        "| --- | ---: | ---: | ---: | --- |",
+        *claim_rows(table, "acc_pruned"),
+        "",
+        "## Claim 2: after fine-tuning, SOSP's masks stay ahead",
+        "",
+        "| comparison | target | SOSP | baseline | verdict |",
+        "| --- | ---: | ---: | ---: | --- |",
+        *claim_rows(table, "acc_finetuned"),
+        "",
         *(expand_section(args.expand) if args.expand else []),
         *(stability_section(args.stability) if args.stability else []),
-        "## On CIFAR and a GPU", "",
+        "## On CIFAR and a GPU",
+        "",
         "The same studies run unchanged on `cifar10:PATH` and on a GPU. The paper's ResNet-56 settings: "
         "`study submit --model resnet56 --data cifar10:PATH --epochs 200 --finetune-epochs 200 --samples 1000 "
         "--targets 0.3,0.5,0.7` and `study expand --model resnet56 --data cifar10:PATH --epochs 200 --finetune-epochs "
         "200 --samples 1000 --ratio 0.5 --trials 3 --procedures train-prune,expand-prune,widen-prune,init-prune` "
-        "(the same with `--model vgg19`, whose five least pruned layers are widened).", "",
-        "## The method study's aggregate", "", "CPU latency (batch 1, ms) was measured while other work shared the 2 "
-        "cores: read it as a rough figure, not a comparison.", "", "```",
-        table.to_string(index=False, float_format=lambda v: f"{v:.4g}"), "```",
+        "(the same with `--model vgg19`, whose five least pruned layers are widened).",
+        "",
+        "## The method study's aggregate",
+        "",
+        "CPU latency (batch 1, ms) was measured while other work shared the 2 "
+        "cores: read it as a rough figure, not a comparison.",
+        "",
+        "```",
+        table.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+        "```",
     ]
     DOC.write_text("\n".join(lines) + "\n")
     print(f"wrote {DOC}")

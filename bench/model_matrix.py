@@ -4,6 +4,7 @@ the pruned-checkpoint round trip, per model, each in its own process with a time
     python bench/model_matrix.py                 # every torchvision classification model + the timm list, -> docs/models.md
     python bench/model_matrix.py --only timm:convnext_atto torchvision:regnet_x_400mf
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-TIMM_MODELS = ("resnext26ts", "regnetx_002", "efficientnet_b0", "mobilenetv3_small_050", "convnext_atto",
-               "ghostnet_050", "densenet121", "dla34", "dpn48b", "rexnet_100", "res2net50_14w_8s", "skresnet18",
-               "seresnet18", "cspresnet50", "hrnet_w18_small", "nf_regnet_b0", "mixnet_s", "resnest14d", "repvgg_a0")
+TIMM_MODELS = (
+    "resnext26ts",
+    "regnetx_002",
+    "efficientnet_b0",
+    "mobilenetv3_small_050",
+    "convnext_atto",
+    "ghostnet_050",
+    "densenet121",
+    "dla34",
+    "dpn48b",
+    "rexnet_100",
+    "res2net50_14w_8s",
+    "skresnet18",
+    "seresnet18",
+    "cspresnet50",
+    "hrnet_w18_small",
+    "nf_regnet_b0",
+    "mixnet_s",
+    "resnest14d",
+    "repvgg_a0",
+)
 RESULTS = ROOT / "bench" / "results" / "model_matrix.jsonl"
 DOC = ROOT / "docs" / "models.md"
 
@@ -54,20 +73,38 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
     wb = open_workbench(spec, data)
     wb.model.eval()
     s = wb.structures
-    row.update(params=s.counts()[0], macs=s.counts()[1], layers=len(s.layers), structures=s.num_structures,
-               grouped_layers=sum(l.structure_size > 1 for l in s.layers), unprunable=len(s.unprunable), input=side)
+    row.update(
+        params=s.counts()[0],
+        macs=s.counts()[1],
+        layers=len(s.layers),
+        structures=s.num_structures,
+        grouped_layers=sum(l.structure_size > 1 for l in s.layers),
+        unprunable=len(s.unprunable),
+        input=side,
+    )
     results = {}
     for method in ("sosp-h", "sosp-i"):
         row["stage"] = method
         start = time.perf_counter()
         try:
-            results[method] = run_analysis(wb, AnalysisConfig(method=method, model_spec=spec, data_spec=data,
-                                                              samples=samples, batch_size=samples, device="cpu",
-                                                              memory_budget_gb=memory_budget_gb))
+            results[method] = run_analysis(
+                wb,
+                AnalysisConfig(
+                    method=method,
+                    model_spec=spec,
+                    data_spec=data,
+                    samples=samples,
+                    batch_size=samples,
+                    device="cpu",
+                    memory_budget_gb=memory_budget_gb,
+                ),
+            )
         except AnalysisError as exc:
             if method != "sosp-i" or not any(k in str(exc) for k in ("S x S matrix", "Euler's theorem")):
                 raise
-            row["sosp_i_refused"] = str(exc).split(". ")[0]  # a specified clear refusal; every other check still runs
+            row["sosp_i_refused"] = str(exc).split(". ")[
+                0
+            ]  # a specified clear refusal; every other check still runs
             continue
         row[f"{method}_s"] = round(time.perf_counter() - start, 2)
         row[f"{method}_batch"] = results[method].config.batch_size
@@ -83,11 +120,15 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
         summary = mask_summary(s, mask)
         counted = (count_params(smaller), count_macs(smaller, wb.example))
         if (summary["params_after"], summary["macs_after"]) != counted:
-            raise AssertionError(f"counts differ at {ratio:.0%}: predicted {summary['params_after']}/"
-                                 f"{summary['macs_after']}, counted {counted[0]}/{counted[1]}")
+            raise AssertionError(
+                f"counts differ at {ratio:.0%}: predicted {summary['params_after']}/"
+                f"{summary['macs_after']}, counted {counted[0]}/{counted[1]}"
+            )
         deviation = output_deviation(wb.model, s, mask, wb.example, x)
         if not approximate and deviation > 1e-4:
-            raise AssertionError(f"pruned differs from zero-masked by {deviation:.2e} at {ratio:.0%} in an exact net")
+            raise AssertionError(
+                f"pruned differs from zero-masked by {deviation:.2e} at {ratio:.0%} in an exact net"
+            )
         deviations.append(deviation)
         if ratio == 0.7:
             row["stage"] = "reopen"
@@ -108,8 +149,14 @@ def _child(spec: str, side: int, memory_budget_gb: float, queue) -> None:
     try:
         queue.put(check_model(spec, side, memory_budget_gb=memory_budget_gb))
     except BaseException as exc:
-        queue.put({"model": spec, "status": "failed", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
-                   "trace": traceback.format_exc()[-600:]})
+        queue.put(
+            {
+                "model": spec,
+                "status": "failed",
+                "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                "trace": traceback.format_exc()[-600:],
+            }
+        )
 
 
 def run_isolated(spec: str, timeout: float, memory_budget_gb: float) -> dict:
@@ -123,9 +170,16 @@ def run_isolated(spec: str, timeout: float, memory_budget_gb: float) -> dict:
         proc.join(timeout)
         if proc.is_alive():
             proc.kill()
-            return {"model": spec, "status": "timeout", "error": f"over {timeout:.0f} s on this CPU (input {side}x{side})"}
-        row = queue.get() if not queue.empty() else {"model": spec, "status": "failed",
-                                                     "error": f"process ended with code {proc.exitcode}"}
+            return {
+                "model": spec,
+                "status": "timeout",
+                "error": f"over {timeout:.0f} s on this CPU (input {side}x{side})",
+            }
+        row = (
+            queue.get()
+            if not queue.empty()
+            else {"model": spec, "status": "failed", "error": f"process ended with code {proc.exitcode}"}
+        )
         row["wall_s"] = round(time.time() - start, 1)
         if row["status"] == "ok" or "input" in row or side == 224:
             return row
@@ -139,8 +193,10 @@ def _machine() -> str:
     import torch
     import torchvision
 
-    return (f"{os.cpu_count()}-core CPU, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-            f"timm {timm.__version__}")
+    return (
+        f"{os.cpu_count()}-core CPU, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"timm {timm.__version__}"
+    )
 
 
 def write_doc(rows: list[dict], doc: Path = DOC, note: str = "") -> None:
@@ -148,16 +204,20 @@ def write_doc(rows: list[dict], doc: Path = DOC, note: str = "") -> None:
     refused = sum(r["status"] == "ok" and "sosp_i_refused" in r for r in rows)
     ran = sum(r["status"] != "not run yet" for r in rows)
     lines = [
-        "# Model conformance matrix", "",
+        "# Model conformance matrix",
+        "",
         f"Generated by `python bench/model_matrix.py` ({time.strftime('%Y-%m-%d')}, {_machine()}, one thread per model, "
         "random init, synthetic 3x64x64 input (224 where the model needs it), N' = 8). Per model: prunable "
         "structures found, SOSP-H and SOSP-I run, physical pruning at 30 % and 70 % of the structures (SOSP-H order), "
         "predicted parameters / MACs equal to counting the pruned model, pruned output equal to the zero-masked one "
         "(relative deviation < 1e-4) unless the analysis lists approximate layers, and the pruned checkpoint reopens "
-        "with the same function.", "", *([note, ""] if note else []),
+        "with the same function.",
+        "",
+        *([note, ""] if note else []),
         f"**{ok} of the {ran} models checked so far pass every check**; {refused} more pass every other check while "
         "SOSP-I refuses them before running, as specified, because its S x S matrix does not fit in memory "
-        f"({len(rows) - ran} of the matrix not run yet: the script resumes where it stopped).", "",
+        f"({len(rows) - ran} of the matrix not run yet: the script resumes where it stopped).",
+        "",
         "| model | params | layers | structures | grouped layers | unprunable | SOSP-H s | SOSP-I s | approximate layers "
         "| max deviation | status |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
@@ -167,11 +227,13 @@ def write_doc(rows: list[dict], doc: Path = DOC, note: str = "") -> None:
         if r["status"] == "ok" and "sosp_i_refused" in r:
             status = f"ok, SOSP-I refused: {r['sosp_i_refused']}"
         dev = f"{r['deviation']:.1e}" if "deviation" in r else ""
-        lines.append(f"| {r['model']} | {r.get('params', ''):,} | {r.get('layers', '')} | {r.get('structures', '')} | "
-                     f"{r.get('grouped_layers', '')} | {r.get('unprunable', '')} | {r.get('sosp-h_s', '')} | "
-                     f"{r.get('sosp-i_s', '')} | {r.get('approximate_layers', '')} | {dev} | {status} |"
-                     if "params" in r else
-                     f"| {r['model']} |  |  |  |  |  |  |  |  |  | {status} |")
+        lines.append(
+            f"| {r['model']} | {r.get('params', ''):,} | {r.get('layers', '')} | {r.get('structures', '')} | "
+            f"{r.get('grouped_layers', '')} | {r.get('unprunable', '')} | {r.get('sosp-h_s', '')} | "
+            f"{r.get('sosp-i_s', '')} | {r.get('approximate_layers', '')} | {dev} | {status} |"
+            if "params" in r
+            else f"| {r['model']} |  |  |  |  |  |  |  |  |  | {status} |"
+        )
     doc.write_text("\n".join(lines) + "\n")
 
 
@@ -180,13 +242,21 @@ def main() -> None:
 
     from sosp_engine.saliency.memory import default_budget
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", default=None, help="model specs to check (default: the whole matrix)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="model specs to check (default: the whole matrix)"
+    )
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per model")
     parser.add_argument("--workers", type=int, default=1, help="models checked at once, one thread each")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON-lines file of the rows (resumed from)")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="JSON-lines file of the rows (resumed from)"
+    )
     parser.add_argument("--doc", type=Path, default=DOC, help="the markdown table written at the end")
-    parser.add_argument("--note", default="", help="a paragraph for the document (e.g. where the rows were measured)")
+    parser.add_argument(
+        "--note", default="", help="a paragraph for the document (e.g. where the rows were measured)"
+    )
     args = parser.parse_args()
     matrix = torchvision_specs() + [f"timm:{n}" for n in TIMM_MODELS]
     specs = args.only or matrix
@@ -195,7 +265,9 @@ def main() -> None:
     if args.results.exists():
         done = {r["model"]: r for r in map(json.loads, args.results.read_text().splitlines())}
     lock = threading.Lock()
-    budget_gb = default_budget(torch.device("cpu")) / 2**30 / max(1, args.workers)  # the free RAM's share, per worker
+    budget_gb = (
+        default_budget(torch.device("cpu")) / 2**30 / max(1, args.workers)
+    )  # the free RAM's share, per worker
 
     def check(spec: str) -> None:
         row = run_isolated(spec, args.timeout, budget_gb)
@@ -206,9 +278,21 @@ def main() -> None:
                 fh.write(json.dumps(row) + "\n")
 
     with ThreadPoolExecutor(max(1, args.workers)) as pool:
-        list(pool.map(check, [s for s in specs if done.get(s, {}).get("status", "not run yet") == "not run yet"]))
-    write_doc([done.get(s, {"model": s, "status": "not run yet", "error": "left for a longer run of this script"})
-               for s in matrix + [s for s in done if s not in matrix]], args.doc, args.note)
+        list(
+            pool.map(
+                check, [s for s in specs if done.get(s, {}).get("status", "not run yet") == "not run yet"]
+            )
+        )
+    write_doc(
+        [
+            done.get(
+                s, {"model": s, "status": "not run yet", "error": "left for a longer run of this script"}
+            )
+            for s in matrix + [s for s in done if s not in matrix]
+        ],
+        args.doc,
+        args.note,
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Usage: python bench/sosp_h_paths.py [--models timm:efficientnet_b0,...] [--side 
 Each model runs in a fresh process; a row records which producers do not scale with their rows (those models take
 the parameter path), the largest difference between the two paths relative to the largest term, and both times.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,14 +18,40 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_MODELS = (
-    "resnet56", "vgg19", "densenet40",
-    "torchvision:resnet18", "torchvision:resnet50", "torchvision:mobilenet_v2", "torchvision:mobilenet_v3_small",
-    "torchvision:efficientnet_b0", "torchvision:convnext_tiny", "torchvision:regnet_y_400mf",
-    "torchvision:densenet121", "torchvision:vgg11_bn", "torchvision:mnasnet0_5", "torchvision:googlenet",
-    "timm:resnext26ts", "timm:regnetx_002", "timm:efficientnet_b0", "timm:mobilenetv3_small_050",
-    "timm:convnext_atto", "timm:ghostnet_050", "timm:densenet121", "timm:dla34", "timm:dpn48b", "timm:rexnet_100",
-    "timm:res2net50_14w_8s", "timm:skresnet18", "timm:seresnet18", "timm:cspresnet50", "timm:hrnet_w18_small",
-    "timm:nf_regnet_b0", "timm:mixnet_s", "timm:resnest14d", "timm:repvgg_a0")
+    "resnet56",
+    "vgg19",
+    "densenet40",
+    "torchvision:resnet18",
+    "torchvision:resnet50",
+    "torchvision:mobilenet_v2",
+    "torchvision:mobilenet_v3_small",
+    "torchvision:efficientnet_b0",
+    "torchvision:convnext_tiny",
+    "torchvision:regnet_y_400mf",
+    "torchvision:densenet121",
+    "torchvision:vgg11_bn",
+    "torchvision:mnasnet0_5",
+    "torchvision:googlenet",
+    "timm:resnext26ts",
+    "timm:regnetx_002",
+    "timm:efficientnet_b0",
+    "timm:mobilenetv3_small_050",
+    "timm:convnext_atto",
+    "timm:ghostnet_050",
+    "timm:densenet121",
+    "timm:dla34",
+    "timm:dpn48b",
+    "timm:rexnet_100",
+    "timm:res2net50_14w_8s",
+    "timm:skresnet18",
+    "timm:seresnet18",
+    "timm:cspresnet50",
+    "timm:hrnet_w18_small",
+    "timm:nf_regnet_b0",
+    "timm:mixnet_s",
+    "timm:resnest14d",
+    "timm:repvgg_a0",
+)
 
 
 def compare(spec: str, side: int, samples: int, queue) -> None:
@@ -58,7 +85,9 @@ def compare(spec: str, side: int, samples: int, queue) -> None:
                 row["error"] = "a producer module never ran"
             else:
                 row["first_rel_diff"], row["second_rel_diff"] = [
-                    float((a - b).abs().max() / b.abs().max().clamp_min(1e-300)) for a, b in zip(terms, reference)]
+                    float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+                    for a, b in zip(terms, reference)
+                ]
         row["structures"] = wb.structures.num_structures
     except Exception as exc:  # recorded per model; the sweep goes on
         row["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -83,7 +112,11 @@ def main() -> None:
                 proc.kill()
                 row = {"model": spec, "error": "timed out after 900 s"}
             else:
-                row = queue.get() if not queue.empty() else {"model": spec, "error": f"exit code {proc.exitcode}"}
+                row = (
+                    queue.get()
+                    if not queue.empty()
+                    else {"model": spec, "error": f"exit code {proc.exitcode}"}
+                )
             print(json.dumps(row), flush=True)
             out.write(json.dumps(row) + "\n")
 

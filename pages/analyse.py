@@ -1,4 +1,6 @@
-"""Analyse page: run SOSP-H, SOSP-I or a baseline on the chosen model, with progress and cancel; the result is stored."""
+"""Analyse page: run SOSP-H, SOSP-I or a baseline on the chosen model, with progress and cancel; the result is
+stored."""
+
 import uuid
 from pathlib import Path
 
@@ -16,30 +18,61 @@ from sosp_engine.saliency.memory import default_budget
 
 st.title("Analyse")
 choice = current_choice()
-st.caption(plain(f"Model {choice.model_spec} on {choice.data_spec} with "
-                 f"{Path(choice.weights).name if choice.weights else 'random-init'} weights (change it on the Model page)."))
+st.caption(
+    plain(
+        f"Model {choice.model_spec} on {choice.data_spec} with "
+        f"{Path(choice.weights).name if choice.weights else 'random-init'} weights (change it on the Model page)."
+    )
+)
 
 with st.form("analysis_form"):
     cols = st.columns(3)
     method = cols[0].selectbox("Method", METHODS, format_func=METHOD_LABELS.get)
-    samples = cols[1].number_input("Samples N'", 1, 100_000, 1000, help="drawn with the seed from the training split")
+    samples = cols[1].number_input(
+        "Samples N'", 1, 100_000, 1000, help="drawn with the seed from the training split"
+    )
     batch = cols[2].number_input("Batch size", 1, 4096, 100)
-    fit_memory = cols[2].toggle("Fit the batch to the free memory", True,
-                                help="measure what the method takes per sample on a few samples first, and lower the "
-                                     "batch so the analysis stays within 80 % of the free GPU memory or 50 % of the "
-                                     "free RAM")
+    fit_memory = cols[2].toggle(
+        "Fit the batch to the free memory",
+        True,
+        help="measure what the method takes per sample on a few samples first, and lower the "
+        "batch so the analysis stays within 80 % of the free GPU memory or 50 % of the "
+        "free RAM",
+    )
     cols = st.columns(3)
-    cap = cols[0].slider("Per-layer cap", 0.05, 1.0, 0.95, 0.05, help="at most this fraction of a layer is pruned; one channel always stays")
-    normalize = cols[1].selectbox("Normalisation", ["none", "kernel", "macs", "latency"],
-                                  format_func={"none": "none", "kernel": "by kernel size (SOSP*)", "macs": "by MACs",
-                                               "latency": "by measured latency"}.get,
-                                  help="rank structures by saliency per unit of cost; latency: each layer is timed "
-                                       "alone on the analysis device first, so the order follows this machine")
-    latency_batch = cols[1].number_input("Latency batch", 1, 4096, 1,
-                                         help="with normalisation by latency: the batch size the layers are timed at")
+    cap = cols[0].slider(
+        "Per-layer cap",
+        0.05,
+        1.0,
+        0.95,
+        0.05,
+        help="at most this fraction of a layer is pruned; one channel always stays",
+    )
+    normalize = cols[1].selectbox(
+        "Normalisation",
+        ["none", "kernel", "macs", "latency"],
+        format_func={
+            "none": "none",
+            "kernel": "by kernel size (SOSP*)",
+            "macs": "by MACs",
+            "latency": "by measured latency",
+        }.get,
+        help="rank structures by saliency per unit of cost; latency: each layer is timed "
+        "alone on the analysis device first, so the order follows this machine",
+    )
+    latency_batch = cols[1].number_input(
+        "Latency batch",
+        1,
+        4096,
+        1,
+        help="with normalisation by latency: the batch size the layers are timed at",
+    )
     loss = cols[2].selectbox("Loss", ["cross-entropy", "squared"])
     cols = st.columns(3)
-    at_init = cols[0].toggle("At initialisation", help="analyse a fresh seeded init; BatchNorm statistics are re-estimated on the samples")
+    at_init = cols[0].toggle(
+        "At initialisation",
+        help="analyse a fresh seeded init; BatchNorm statistics are re-estimated on the samples",
+    )
     seed = cols[1].number_input("Seed", 0, 2**31 - 1, 0)
     device = cols[2].selectbox("Device", ["auto", "cpu", "cuda"])
     name = st.text_input("Name (optional)", placeholder="e.g. SOSP-H after training")
@@ -53,10 +86,21 @@ if run:
     else:
         with user_errors("Loading the model"):
             bench = workbench(choice)
-        config = AnalysisConfig(method=method, model_spec=choice.model_spec, data_spec=choice.data_spec,
-                                weights=choice.weights, at_init=at_init, samples=int(samples), seed=int(seed),
-                                batch_size=int(batch), cap=cap, normalize=normalize, latency_batch=int(latency_batch),
-                                loss=loss, device=device)
+        config = AnalysisConfig(
+            method=method,
+            model_spec=choice.model_spec,
+            data_spec=choice.data_spec,
+            weights=choice.weights,
+            at_init=at_init,
+            samples=int(samples),
+            seed=int(seed),
+            batch_size=int(batch),
+            cap=cap,
+            normalize=normalize,
+            latency_batch=int(latency_batch),
+            loss=loss,
+            device=device,
+        )
         with user_errors("Starting the analysis"):
             if fit_memory:
                 config.memory_budget_gb = default_budget(resolve_device(device)) / 2**30
@@ -88,12 +132,17 @@ def analysis_progress() -> None:
         return
     record = workspace().analysis(current.record_id)
     st.session_state["last_analysis"] = current.record_id
-    st.success(f"Stored as **{plain(record['name'])}** ({plain(current.record_id)}). Timings: "
-               + plain(", ".join(f"{k} {v:.2f} s" for k, v in record["summary"]["timings"].items()))
-               + f". At most {record['summary']['max_ratio']:.0%} of the structures can be pruned with the cap."
-               + (f" The {plain(record['summary']['memory'])}." if record["summary"].get("memory") else "")
-               + (f" Ranked by measured latency: {plain(record['summary']['layer_latency'])}."
-                  if record["summary"].get("layer_latency") else ""))
+    st.success(
+        f"Stored as **{plain(record['name'])}** ({plain(current.record_id)}). Timings: "
+        + plain(", ".join(f"{k} {v:.2f} s" for k, v in record["summary"]["timings"].items()))
+        + f". At most {record['summary']['max_ratio']:.0%} of the structures can be pruned with the cap."
+        + (f" The {plain(record['summary']['memory'])}." if record["summary"].get("memory") else "")
+        + (
+            f" Ranked by measured latency: {plain(record['summary']['layer_latency'])}."
+            if record["summary"].get("layer_latency")
+            else ""
+        )
+    )
     st.info("Open **Pruning ratios** in the sidebar to study its layer-wise profile.")
 
 

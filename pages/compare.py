@@ -1,4 +1,6 @@
-"""Train vs init (or any two analyses): profiles side by side and overlaid, per-layer difference, overlap, rank correlation."""
+"""Train vs init (or any two analyses): profiles side by side and overlaid, per-layer difference, overlap,
+rank correlation."""
+
 import streamlit as st
 
 from app.charts import compare_overlay, difference_bars, ratio_profiles_chart, side_by_side
@@ -12,7 +14,10 @@ from sosp_engine.experiments.compare import compare_analyses
 from sosp_engine.pruning.masks import ratio_profiles
 
 st.title("Train vs init")
-st.caption("Compare the masks of two analyses of one architecture, e.g. SOSP after training and SOSP at initialisation (paper Fig. 3).")
+st.caption(
+    "Compare the masks of two analyses of one architecture, e.g. SOSP after training and SOSP at "
+    "initialisation (paper Fig. 3)."
+)
 cols = st.columns(2)
 with cols[0]:
     first = analysis_picker("First analysis (a)", key="compare_a", default_index=1)
@@ -30,31 +35,58 @@ with user_errors("Comparing"):
 metric_cols = st.columns(4)
 metric_cols[0].metric("Mask overlap (Jaccard)", f"{overall['jaccard']:.2f}")
 metric_cols[1].metric("Shared pruned structures", f"{overall['shared']:,}")
-metric_cols[2].metric("Rank correlation of saliencies", f"{overall['rank_correlation']:.2f}", help="Spearman, over all structures")
+metric_cols[2].metric(
+    "Rank correlation of saliencies",
+    f"{overall['rank_correlation']:.2f}",
+    help="Spearman, over all structures",
+)
 metric_cols[3].metric("Largest layer difference", f"{table.ratio_difference.abs().max():.0%}")
 units = st.columns(2)
 for col, side in zip(units, "ab"):
-    col.caption(f"Mask {plain(side)} removes {overall[f'param_ratio_{side}']:.1%} of the parameters and "
-                f"{overall[f'mac_ratio_{side}']:.1%} of the MACs: compare methods at equal parameters or MACs, "
-                "not equal structure counts.")
+    col.caption(
+        f"Mask {plain(side)} removes {overall[f'param_ratio_{side}']:.1%} of the parameters and "
+        f"{overall[f'mac_ratio_{side}']:.1%} of the MACs: compare methods at equal parameters or MACs, "
+        "not equal structure counts."
+    )
 name_a, name_b = f"a: {first['name']}", f"b: {second['name']}"
-figures = [side_by_side(table, name_a, name_b), compare_overlay(table, name_a, name_b), difference_bars(table, name_a, name_b)]
+figures = [
+    side_by_side(table, name_a, name_b),
+    compare_overlay(table, name_a, name_b),
+    difference_bars(table, name_a, name_b),
+]
 for i, fig in enumerate(figures):
     st.plotly_chart(text_only(fig), key=f"cmp{i}")
     export_buttons(fig, table, f"compare-{i} {first['name']} vs {second['name']} {ratio:.0%} of {unit}")
 st.subheader("Per-layer comparison")
 st.dataframe(table, hide_index=True)
-report = analysis_report(f"SOSP Lab comparison: {first['name']} vs {second['name']}",
-                         {"a": first["name"], "b": second["name"], "ratio": ratio, "unit": unit, **overall}, figures,
-                         {"Per-layer comparison": table})
-st.download_button("Comparison report (HTML)", report, file_slug(f"comparison {first['name']} vs {second['name']}") + ".html", "text/html", icon=":material/description:")
+report = analysis_report(
+    f"SOSP Lab comparison: {first['name']} vs {second['name']}",
+    {"a": first["name"], "b": second["name"], "ratio": ratio, "unit": unit, **overall},
+    figures,
+    {"Per-layer comparison": table},
+)
+st.download_button(
+    "Comparison report (HTML)",
+    report,
+    file_slug(f"comparison {first['name']} vs {second['name']}") + ".html",
+    "text/html",
+    icon=":material/description:",
+)
 
 st.subheader("Several analyses at once")
-same = [r for r in workspace().analyses()
-        if r["model_spec"] == first["model_spec"] and r["data_spec"] == first["data_spec"]]
+same = [
+    r
+    for r in workspace().analyses()
+    if r["model_spec"] == first["model_spec"] and r["data_spec"] == first["data_spec"]
+]
 names = {r["id"]: f"{r['name']} ({r['method']})" for r in same}
-picked = st.multiselect("Analyses of this model (any number)", list(names), default=list(names)[:4],
-                        format_func=names.get, key=f"profiles-{first['id']}")
+picked = st.multiselect(
+    "Analyses of this model (any number)",
+    list(names),
+    default=list(names)[:4],
+    format_func=names.get,
+    key=f"profiles-{first['id']}",
+)
 if picked:
     with user_errors("Comparing the analyses"):
         masks = {names[i]: analysis(i).mask(workbench.structures, ratio, unit) for i in picked}

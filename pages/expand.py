@@ -1,4 +1,5 @@
 """Expand-pruning page: widen the bottlenecks, match a widen-pruning baseline, launch the runs, watch them, compare."""
+
 import pandas as pd
 import streamlit as st
 
@@ -15,8 +16,10 @@ from sosp_engine.pruning.masks import layer_table, mask_summary
 from sosp_engine.pruning.surgery import build_widened, params_of, uniform_factor
 
 st.title("Expand-pruning")
-st.caption("Paper sec. 3.4: widen the bottlenecks (x2), train, prune, fine-tune; compare with widening every layer by one "
-           "factor of equal size (widen-pruning) and with pruning the plain network (train-pruning).")
+st.caption(
+    "Paper sec. 3.4: widen the bottlenecks (x2), train, prune, fine-tune; compare with widening every layer by one "
+    "factor of equal size (widen-pruning) and with pruning the plain network (train-pruning)."
+)
 record, result, workbench, ratio, unit = chosen_analysis("ex_ratio")
 chosen = st.session_state.get("bottleneck_choice")
 if chosen and chosen["analysis"] == record["id"]:  # what the Bottlenecks page flagged for this analysis
@@ -25,17 +28,30 @@ if chosen and chosen["analysis"] == record["id"]:  # what the Bottlenecks page f
 else:
     level = paper_level(result.config.model_spec)[0]
     picked = None
-    source = f"the {'least pruned stage' if level == 'stage' else 'five least pruned layers'} (no choice made on the Bottlenecks page)"
+    least = "least pruned stage" if level == "stage" else "five least pruned layers"
+    source = f"the {least} (no choice made on the Bottlenecks page)"
 with user_errors("Finding bottlenecks"):
-    units, info = find_bottlenecks(layer_table(workbench.structures, result.mask(workbench.structures, ratio, unit)),
-                                   level, "least", n=paper_level(result.config.model_spec)[1])
+    units, info = find_bottlenecks(
+        layer_table(workbench.structures, result.mask(workbench.structures, ratio, unit)),
+        level,
+        "least",
+        n=paper_level(result.config.model_spec)[1],
+    )
 flags = units.unit.isin(picked) if picked is not None else units.flagged
-defaults = pd.DataFrame({"unit": units.unit, "pruning_ratio": units.pruning_ratio, "factor": [2.0 if f else 1.0 for f in flags]})
+defaults = pd.DataFrame(
+    {"unit": units.unit, "pruning_ratio": units.pruning_ratio, "factor": [2.0 if f else 1.0 for f in flags]}
+)
 st.markdown(f"Pre-filled: {plain(source)}, x2 (edit any factor).")
-edited = st.data_editor(defaults, hide_index=True, disabled=["unit", "pruning_ratio"],
-                        key=f"factors-{record['id']}-{level}-{sorted(picked) if picked is not None else 'auto'}",
-                        column_config={"factor": st.column_config.NumberColumn("width factor", min_value=0.25, max_value=8.0, step=0.25),
-                                       "pruning_ratio": st.column_config.NumberColumn("pruning ratio", format="percent")})
+edited = st.data_editor(
+    defaults,
+    hide_index=True,
+    disabled=["unit", "pruning_ratio"],
+    key=f"factors-{record['id']}-{level}-{sorted(picked) if picked is not None else 'auto'}",
+    column_config={
+        "factor": st.column_config.NumberColumn("width factor", min_value=0.25, max_value=8.0, step=0.25),
+        "pruning_ratio": st.column_config.NumberColumn("pruning ratio", format="percent"),
+    },
+)
 factors = {u: float(f) for u, f in zip(edited.unit, edited.factor) if abs(f - 1.0) > 1e-9}
 spec = result.config.model_spec
 data = workbench.data
@@ -43,52 +59,103 @@ data = workbench.data
 
 @st.cache_data(show_spinner="Sizing the widened networks ...")
 def sizes(spec: str, data_spec: str, factors_items: tuple, key: str) -> tuple[int, int, float, int]:
-    wide, _ = build_widened(spec, data.num_classes, data.input_shape[0], workbench.structures, dict(factors_items), workbench.example)
+    wide, _ = build_widened(
+        spec,
+        data.num_classes,
+        data.input_shape[0],
+        workbench.structures,
+        dict(factors_items),
+        workbench.example,
+    )
     expanded = params_of(wide)
-    factor, matched = uniform_factor(spec, data.num_classes, data.input_shape[0], workbench.structures, expanded, workbench.example)
+    factor, matched = uniform_factor(
+        spec, data.num_classes, data.input_shape[0], workbench.structures, expanded, workbench.example
+    )
     return params_of(workbench.model), expanded, factor, matched
 
 
 with user_errors("Widening"):
-    base_params, expanded_params, factor, matched = sizes(spec, result.config.data_spec, tuple(sorted(factors.items())), record["id"])
+    base_params, expanded_params, factor, matched = sizes(
+        spec, result.config.data_spec, tuple(sorted(factors.items())), record["id"]
+    )
 pruned_size = mask_summary(workbench.structures, result.mask(workbench.structures, ratio, unit))
 target = pruned_size["params_after"]
 cols = st.columns(5)
 cols[0].metric("Plain net (params)", f"{base_params:,}")
 cols[1].metric("Expanded net (params)", f"{expanded_params:,}", f"+{expanded_params / base_params - 1:.0%}")
-cols[2].metric("Widen-pruning factor", f"x{factor:.3f}", help="one factor for every layer giving the expanded size")
-cols[3].metric("Widened net (params)", f"{matched:,}", f"{matched - expanded_params:+,} vs expanded", delta_color="off")
-cols[4].metric("Pruning target (params)", f"{target:,}", help="every run is pruned to the size of the train-pruned plain net")
+cols[2].metric(
+    "Widen-pruning factor", f"x{factor:.3f}", help="one factor for every layer giving the expanded size"
+)
+cols[3].metric(
+    "Widened net (params)", f"{matched:,}", f"{matched - expanded_params:+,} vs expanded", delta_color="off"
+)
+cols[4].metric(
+    "Pruning target (params)",
+    f"{target:,}",
+    help="every run is pruned to the size of the train-pruned plain net",
+)
 
 trained = bool(result.config.weights) and not result.config.at_init
 with st.form("launch"):
-    procedures = st.multiselect("Runs", list(EXPAND_PROCEDURES), ["expand-prune", "widen-prune", "train-prune"],
-                                help="train-prune is always needed: its trained plain net sets the size. init-prune "
-                                     "prunes at initialisation and trains for the same total epochs.")
+    procedures = st.multiselect(
+        "Runs",
+        list(EXPAND_PROCEDURES),
+        ["expand-prune", "widen-prune", "train-prune"],
+        help="train-prune is always needed: its trained plain net sets the size. init-prune "
+        "prunes at initialisation and trains for the same total epochs.",
+    )
     c = st.columns(3)
-    trials = c[0].number_input("Trials", 1, 10, 3, help="the paper runs 3 trials; the charts show mean and std")
+    trials = c[0].number_input(
+        "Trials", 1, 10, 3, help="the paper runs 3 trials; the charts show mean and std"
+    )
     epochs = c[1].number_input("Epochs (train)", 1, 1000, 10)
     finetune = c[2].number_input("Epochs (fine-tune)", 1, 1000, 10)
-    own = st.toggle("Find the bottlenecks on the study's own trained plain net (as the paper does)", value=not trained,
-                    help="off: widen the factors above, from this analysis" + ("" if trained else
-                         "; this analysis is not of trained weights, so its bottlenecks are those of an untrained net"))
+    own = st.toggle(
+        "Find the bottlenecks on the study's own trained plain net (as the paper does)",
+        value=not trained,
+        help="off: widen the factors above, from this analysis"
+        + (
+            ""
+            if trained
+            else "; this analysis is not of trained weights, so its bottlenecks are those of an untrained net"
+        ),
+    )
     launch = st.form_submit_button("Launch the expand study", type="primary", icon=":material/rocket_launch:")
 if launch:
     with user_errors("Launching"):
         config = ExpandStudyConfig(
-            model_spec=spec, data_spec=result.config.data_spec, procedures=list(procedures), trials=int(trials),
-            widen={} if own else factors, target_params=None if own else target, method=result.config.method,
-            samples=result.config.samples, ratio=pruned_size["param_ratio"], unit="params", cap=result.config.cap,
-            normalize=result.config.normalize, epochs=int(epochs), finetune_epochs=int(finetune),
-            exclude=list(result.config.exclude), preset=result.config.preset)
-        submit_expand_study(workspace(), config, name=f"expand-{record['id']} {record['name']}",
-                            placement=current_placement())
-        st.success(f"Queued an expand study of {len(config.runs)} runs on {plain(placement_caption())}; it runs in the "
-                   "background, survives closing the tab, and is also on the Studies page.")
+            model_spec=spec,
+            data_spec=result.config.data_spec,
+            procedures=list(procedures),
+            trials=int(trials),
+            widen={} if own else factors,
+            target_params=None if own else target,
+            method=result.config.method,
+            samples=result.config.samples,
+            ratio=pruned_size["param_ratio"],
+            unit="params",
+            cap=result.config.cap,
+            normalize=result.config.normalize,
+            epochs=int(epochs),
+            finetune_epochs=int(finetune),
+            exclude=list(result.config.exclude),
+            preset=result.config.preset,
+        )
+        submit_expand_study(
+            workspace(), config, name=f"expand-{record['id']} {record['name']}", placement=current_placement()
+        )
+        st.success(
+            f"Queued an expand study of {len(config.runs)} runs on {plain(placement_caption())}; it runs in the "
+            "background, survives closing the tab, and is also on the Studies page."
+        )
 
 
 st.subheader("Expand studies of this analysis")
-studies = [j for j in workspace().jobs() if j["kind"] == EXPAND_STUDY_KIND and j["name"].startswith(f"expand-{record['id']}")]
+studies = [
+    j
+    for j in workspace().jobs()
+    if j["kind"] == EXPAND_STUDY_KIND and j["name"].startswith(f"expand-{record['id']}")
+]
 if not studies:
     st.info("No expand study launched for this analysis yet.")
 else:

@@ -1,4 +1,5 @@
 """Pruning ratios page: the layer-wise pruning-ratio histogram of an analysis, re-sliced instantly by a global ratio."""
+
 import streamlit as st
 
 from app.text import plain, text_only
@@ -24,53 +25,113 @@ table = layer_table(workbench.structures, mask)
 summary = mask_summary(workbench.structures, mask)
 
 cols = st.columns(4)
-cols[0].metric("Structures pruned", f"{summary['structures_pruned']:,} / {summary['structures']:,}", f"{summary['structure_ratio']:.1%}", delta_color="off")
-cols[1].metric("Parameters", f"{summary['params_after']:,}", f"-{summary['param_ratio']:.1%}", delta_color="inverse")
-cols[2].metric("MACs / sample", f"{summary['macs_after']:,}", f"-{summary['mac_ratio']:.1%}", delta_color="inverse")
+cols[0].metric(
+    "Structures pruned",
+    f"{summary['structures_pruned']:,} / {summary['structures']:,}",
+    f"{summary['structure_ratio']:.1%}",
+    delta_color="off",
+)
+cols[1].metric(
+    "Parameters", f"{summary['params_after']:,}", f"-{summary['param_ratio']:.1%}", delta_color="inverse"
+)
+cols[2].metric(
+    "MACs / sample", f"{summary['macs_after']:,}", f"-{summary['mac_ratio']:.1%}", delta_color="inverse"
+)
 cols[3].metric("Method", result.config.method, result.config.weights_label(), delta_color="off")
 
 if result.exactness:
     line = exactness_line(result.exactness)
     (st.caption if result.exactness["exact"] else st.warning)(plain(line))
     if not result.exactness["exact"]:
-        st.dataframe({"layer": list(result.exactness["approximate_layers"]),
-                      "why removal differs from zeroing": list(result.exactness["approximate_layers"].values())},
-                     hide_index=True)
+        st.dataframe(
+            {
+                "layer": list(result.exactness["approximate_layers"]),
+                "why removal differs from zeroing": list(result.exactness["approximate_layers"].values()),
+            },
+            hide_index=True,
+        )
 
 hist = ratio_histogram(table, f"{record['name']}: layer-wise pruning ratios at {ratio:.0%} of {unit}")
 st.plotly_chart(text_only(hist), key="hist")
 export_buttons(hist, table, f"pruning-ratios {record['name']} {ratio:.0%} of {unit}")
 profile = width_profile(table, "Kept width per layer")
 st.plotly_chart(text_only(profile), key="profile")
-export_buttons(profile, table[["layer", "depth", "stage", "channels", "kept"]], f"width-profile {record['name']} {ratio:.0%} of {unit}")
+export_buttons(
+    profile,
+    table[["layer", "depth", "stage", "channels", "kept"]],
+    f"width-profile {record['name']} {ratio:.0%} of {unit}",
+)
 st.subheader("Per-layer table")
-st.dataframe(table, hide_index=True, column_config={"pruning_ratio": st.column_config.ProgressColumn("pruning ratio", format="percent", min_value=0, max_value=1)})
+st.dataframe(
+    table,
+    hide_index=True,
+    column_config={
+        "pruning_ratio": st.column_config.ProgressColumn(
+            "pruning ratio", format="percent", min_value=0, max_value=1
+        )
+    },
+)
 bottlenecks, rule = find_bottlenecks(table)
-report = analysis_report(f"SOSP Lab analysis: {record['name']}", {**record["config"],
-                         "weights used": result.config.weights_label(), "ratio": ratio, "unit": unit,
-                         **{k: v for k, v in summary.items()}}, [hist, profile],
-                         {"Bottleneck layers (pruning ratio below mean - 1 std)": bottlenecks[bottlenecks.flagged][
-                             ["rank", "unit", "stage", "pruning_ratio", "why"]],
-                          "Per-layer table": table},
-                         notes=explain(bottlenecks, rule))
-st.download_button("Analysis report (HTML)", report, file_slug(f"report {record['name']} {ratio:.0%} of {unit}") + ".html", "text/html", icon=":material/description:")
+report = analysis_report(
+    f"SOSP Lab analysis: {record['name']}",
+    {
+        **record["config"],
+        "weights used": result.config.weights_label(),
+        "ratio": ratio,
+        "unit": unit,
+        **{k: v for k, v in summary.items()},
+    },
+    [hist, profile],
+    {
+        "Bottleneck layers (pruning ratio below mean - 1 std)": bottlenecks[bottlenecks.flagged][
+            ["rank", "unit", "stage", "pruning_ratio", "why"]
+        ],
+        "Per-layer table": table,
+    },
+    notes=explain(bottlenecks, rule),
+)
+st.download_button(
+    "Analysis report (HTML)",
+    report,
+    file_slug(f"report {record['name']} {ratio:.0%} of {unit}") + ".html",
+    "text/html",
+    icon=":material/description:",
+)
 
 name = f"{record['name']}-{ratio:.0%}-{unit}".replace(" ", "_").replace("%", "pct")
 cols = st.columns(2)
-cols[0].download_button("Mask (JSON)", mask_json(workbench.structures, mask, method=result.config.method, ratio=ratio,
-                                                 unit=unit), f"mask-{name}.json", "application/json",
-                        icon=":material/download:")
-if cols[1].button("Prepare the pruned model", icon=":material/content_cut:",
-                  help="prune physically; the checkpoint reopens on the Model page with the same model spec"):
+cols[0].download_button(
+    "Mask (JSON)",
+    mask_json(workbench.structures, mask, method=result.config.method, ratio=ratio, unit=unit),
+    f"mask-{name}.json",
+    "application/json",
+    icon=":material/download:",
+)
+if cols[1].button(
+    "Prepare the pruned model",
+    icon=":material/content_cut:",
+    help="prune physically; the checkpoint reopens on the Model page with the same model spec",
+):
     with user_errors("Pruning the model", stop=False):
         c = result.config
         smaller = pruned_copy(workbench.model, workbench.structures, mask, workbench.example)
-        recipe = pruning_recipe(c.model_spec, workbench.structures, mask, resolve_preset(c.model_spec, c.preset),
-                                c.exclude, workbench.recipe)
+        recipe = pruning_recipe(
+            c.model_spec,
+            workbench.structures,
+            mask,
+            resolve_preset(c.model_spec, c.preset),
+            c.exclude,
+            workbench.recipe,
+        )
         st.session_state[("pruned-model", name)] = pruned_checkpoint_bytes(smaller, recipe)
 if ("pruned-model", name) in st.session_state:
-    cols[1].download_button("Pruned model (.pt)", st.session_state[("pruned-model", name)], f"pruned-{name}.pt",
-                            "application/octet-stream", icon=":material/download:")
+    cols[1].download_button(
+        "Pruned model (.pt)",
+        st.session_state[("pruned-model", name)],
+        f"pruned-{name}.pt",
+        "application/octet-stream",
+        icon=":material/download:",
+    )
 
 sensitivity_section(record, ratio, unit)
 latency_section(record, result, workbench)

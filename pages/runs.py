@@ -1,4 +1,6 @@
-"""Runs page: every analysis and job in the workspace, with status, progress, logs, metrics, cancel, resume, delete, compare."""
+"""Runs page: every analysis and job in the workspace, with status, progress, logs, metrics, cancel, resume,
+delete, compare."""
+
 import pandas as pd
 import streamlit as st
 
@@ -24,7 +26,11 @@ analyses = store.analyses()
 if analyses:
     st.dataframe(analyses_frame(analyses), hide_index=True)
     with st.expander("Rename or delete an analysis"):
-        target = st.selectbox("Analysis", [r["id"] for r in analyses], format_func=lambda i: next(r["name"] for r in analyses if r["id"] == i))
+        target = st.selectbox(
+            "Analysis",
+            [r["id"] for r in analyses],
+            format_func=lambda i: next(r["name"] for r in analyses if r["id"] == i),
+        )
         new_name = st.text_input("New name")
         if st.button("Rename") and new_name.strip():
             store.rename_analysis(target, new_name.strip())
@@ -47,17 +53,38 @@ def jobs_table() -> None:
         mark_stale_jobs(store)  # also drains the events of jobs on a Ray cluster into the workspace
     jobs = store.jobs()
     if not jobs:
-        st.info("No jobs yet. Start one from the Model or Expand-pruning page, or with `python -m sosp_engine jobs submit`.")
+        st.info(
+            "No jobs yet. Start one from the Model or Expand-pruning page, or with `python -m sosp_engine jobs submit`."
+        )
         return
-    st.dataframe(pd.DataFrame([{"name": j["name"], "kind": j["kind"], "status": j["status"], "progress": j["progress"] or 0.0,
-                                "message": j["message"] or "",
-                                "runs on": "this machine" if j["backend"] == "local" else f"ray: {j['node'] or 'waiting'}",
-                                "test acc": (j["result"] or {}).get("test_acc"),
-                                "params": (j["result"] or {}).get("params"), "id": j["id"]} for j in jobs]),
-                 hide_index=True,
-                 column_config={"progress": st.column_config.ProgressColumn("progress", format="percent", min_value=0, max_value=1),
-                                "test acc": st.column_config.NumberColumn("test acc", format="percent"),
-                                "params": st.column_config.NumberColumn("params", format="localized")})
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "name": j["name"],
+                    "kind": j["kind"],
+                    "status": j["status"],
+                    "progress": j["progress"] or 0.0,
+                    "message": j["message"] or "",
+                    "runs on": "this machine"
+                    if j["backend"] == "local"
+                    else f"ray: {j['node'] or 'waiting'}",
+                    "test acc": (j["result"] or {}).get("test_acc"),
+                    "params": (j["result"] or {}).get("params"),
+                    "id": j["id"],
+                }
+                for j in jobs
+            ]
+        ),
+        hide_index=True,
+        column_config={
+            "progress": st.column_config.ProgressColumn(
+                "progress", format="percent", min_value=0, max_value=1
+            ),
+            "test acc": st.column_config.NumberColumn("test acc", format="percent"),
+            "params": st.column_config.NumberColumn("params", format="localized"),
+        },
+    )
 
 
 st.subheader("Jobs")
@@ -66,12 +93,22 @@ jobs_table()
 damaged: list[str] = []
 jobs = store.jobs(damaged=damaged)
 for line in damaged:
-    st.warning(plain(f"Job record {line}. It is not listed, run or resumed; nothing outside the workspace is touched."))
+    st.warning(
+        plain(
+            f"Job record {line}. It is not listed, run or resumed; nothing outside the workspace is touched."
+        )
+    )
 if jobs:
-    job_id = st.selectbox("Job", [j["id"] for j in jobs], format_func=lambda i: next(f"{j['name']} ({j['status']})" for j in jobs if j["id"] == i))
+    job_id = st.selectbox(
+        "Job",
+        [j["id"] for j in jobs],
+        format_func=lambda i: next(f"{j['name']} ({j['status']})" for j in jobs if j["id"] == i),
+    )
     job = store.job(job_id)
     cols = st.columns(4)
-    if cols[0].button("Cancel", disabled=job["status"] not in ("queued", "running", "starting"), icon=":material/stop:"):
+    if cols[0].button(
+        "Cancel", disabled=job["status"] not in ("queued", "running", "starting"), icon=":material/stop:"
+    ):
         with user_errors("Cancelling", stop=False):
             st.toast(plain(cancel(store, job_id)))
             st.rerun()
@@ -84,7 +121,9 @@ if jobs:
             resume(store, job_id, trust_code=unconfirmed)
             st.rerun()
     sure = cols[2].checkbox("confirm delete", key="confirm_job")
-    if cols[3].button("Delete job", disabled=not sure or job["status"] in ("running", "starting"), icon=":material/delete:"):
+    if cols[3].button(
+        "Delete job", disabled=not sure or job["status"] in ("running", "starting"), icon=":material/delete:"
+    ):
         with user_errors("Deleting", stop=False):
             kept = store.delete("job", job_id, confirm=True)
             for line in kept:
@@ -104,8 +143,14 @@ if jobs:
         st.json({"config": job["config"], "result": job["result"]})
 
     st.subheader("Compare runs")
-    done = [j for j in jobs if j["status"] == "done" and j["result"] and j["result"].get("test_acc") is not None]
-    chosen = st.multiselect("Finished runs", [j["id"] for j in done], format_func=lambda i: next(j["name"] for j in done if j["id"] == i))
+    done = [
+        j for j in jobs if j["status"] == "done" and j["result"] and j["result"].get("test_acc") is not None
+    ]
+    chosen = st.multiselect(
+        "Finished runs",
+        [j["id"] for j in done],
+        format_func=lambda i: next(j["name"] for j in done if j["id"] == i),
+    )
     if chosen:
         table = compare_runs([j["result"] for j in done if j["id"] in chosen])
         fig = accuracy_vs_size(table)

@@ -1,5 +1,6 @@
 """Studies page: launch a methods x targets x seeds grid as one background job, follow it and the expand studies
 launched from the Expand page, read the aggregates."""
+
 import pandas as pd
 import streamlit as st
 
@@ -18,24 +19,35 @@ from sosp_engine.runs.work import STUDY_KINDS
 from sosp_engine.experiments.studies import StudyConfig, aggregate, parse_numbers, study_cells
 
 st.title("Studies")
-st.caption("Which method wins on this net, at which size? Each seed trains the net once (or uses the given weights), "
-           "analyses it once per method and slices that order at every target; each cell is pruned, tested, "
-           "fine-tuned and tested again. Compare at equal parameters or MACs. Expand studies (expand- vs widen- vs "
-           "train-pruning), launched on the Expand-pruning page, are listed here too.")
+st.caption(
+    "Which method wins on this net, at which size? Each seed trains the net once (or uses the given weights), "
+    "analyses it once per method and slices that order at every target; each cell is pruned, tested, "
+    "fine-tuned and tested again. Compare at equal parameters or MACs. Expand studies (expand- vs widen- vs "
+    "train-pruning), launched on the Expand-pruning page, are listed here too."
+)
 
 choice = current_choice()
-with st.expander("Launch a method study", expanded=not any(j["kind"] in STUDY_KINDS for j in workspace().jobs())):
+with st.expander(
+    "Launch a method study", expanded=not any(j["kind"] in STUDY_KINDS for j in workspace().jobs())
+):
     cols = st.columns(3)
     model_spec = cols[0].text_input("Model", choice.model_spec, key="study-model")
     data_spec = cols[1].text_input("Data", choice.data_spec, key="study-data")
-    weights = cols[2].text_input("Trained weights (empty: train one net per seed)", choice.weights or "",
-                                 key="study-weights")
-    methods = st.multiselect("Methods", list(METHODS), default=["sosp-h", "sosp-i", "magnitude", "random"],
-                             key="study-methods")
+    weights = cols[2].text_input(
+        "Trained weights (empty: train one net per seed)", choice.weights or "", key="study-weights"
+    )
+    methods = st.multiselect(
+        "Methods", list(METHODS), default=["sosp-h", "sosp-i", "magnitude", "random"], key="study-methods"
+    )
     cols = st.columns(3)
     targets_text = cols[0].text_input("Targets (ratios)", "0.3,0.5,0.7", key="study-targets")
-    unit = cols[1].radio("Unit", ["params", "macs", "structures", "latency"], horizontal=True, key="study-unit",
-                         help="latency: the CPU latency at batch 1, timed along each analysis's order")
+    unit = cols[1].radio(
+        "Unit",
+        ["params", "macs", "structures", "latency"],
+        horizontal=True,
+        key="study-unit",
+        help="latency: the CPU latency at batch 1, timed along each analysis's order",
+    )
     seeds_text = cols[2].text_input("Seeds", "0,1,2", key="study-seeds")
     cols = st.columns(4)
     epochs = cols[0].number_input("Training epochs", 0, 1000, 10, key="study-epochs")
@@ -45,23 +57,39 @@ with st.expander("Launch a method study", expanded=not any(j["kind"] in STUDY_KI
     confirmed = code_confirmed(model_spec.strip(), "The study's model spec")
     if st.button("Launch study", icon=":material/play_arrow:", key="study-launch", disabled=not confirmed):
         with user_errors("Launching the study", stop=False):
-            config = StudyConfig(model_spec=model_spec.strip(), data_spec=data_spec, weights=weights.strip() or None,
-                                 methods=methods, targets=parse_numbers(float, targets_text, "Targets"), unit=unit,
-                                 seeds=parse_numbers(int, seeds_text, "Seeds"), epochs=int(epochs),
-                                 finetune_epochs=int(finetune), samples=int(samples))
+            config = StudyConfig(
+                model_spec=model_spec.strip(),
+                data_spec=data_spec,
+                weights=weights.strip() or None,
+                methods=methods,
+                targets=parse_numbers(float, targets_text, "Targets"),
+                unit=unit,
+                seeds=parse_numbers(int, seeds_text, "Seeds"),
+                epochs=int(epochs),
+                finetune_epochs=int(finetune),
+                samples=int(samples),
+            )
             job_id = submit_study(workspace(), config, name.strip(), placement=current_placement())
-            st.success(f"Study queued ({len(config.cells)} cells) on {plain(placement_caption())}; it runs in the background "
-                       "and survives closing the tab.")
+            st.success(
+                f"Study queued ({len(config.cells)} cells) on {plain(placement_caption())}; it runs in the background "
+                "and survives closing the tab."
+            )
             st.session_state["study-chosen"] = job_id
 
 studies = [j for j in workspace().jobs() if j["kind"] in STUDY_KINDS]
 if not studies:
-    st.info("No study in this workspace yet. Expand studies (expand- vs widen- vs train-pruning) are launched on the "
-            "Expand page.")
+    st.info(
+        "No study in this workspace yet. Expand studies (expand- vs widen- vs train-pruning) are launched on the "
+        "Expand page."
+    )
     st.stop()
 kinds = {j["id"]: j["kind"] for j in studies}
-names = {j["id"]: f"{'expand study' if j['kind'] == EXPAND_STUDY_KIND else 'method study'}: {j['name']}  ·  {j['id']}"
-         for j in reversed(studies)}
+names = {
+    j[
+        "id"
+    ]: f"{'expand study' if j['kind'] == EXPAND_STUDY_KIND else 'method study'}: {j['name']}  ·  {j['id']}"
+    for j in reversed(studies)
+}
 ids = list(names)
 chosen = st.session_state.get("study-chosen")
 job_id = st.selectbox("Study", ids, index=ids.index(chosen) if chosen in ids else 0, format_func=names.get)
@@ -73,10 +101,14 @@ def study_view(job_id: str) -> None:
     config = StudyConfig(**job["config"])
     with user_errors("Reading the study"):
         cells = study_cells(job)
-    st.progress(min(job["progress"] or 0.0, 1.0),
-                text=plain(f"{job['status']}: {len(cells)} of {len(config.cells)} cells — {job['message'] or ''}"))
+    st.progress(
+        min(job["progress"] or 0.0, 1.0),
+        text=plain(f"{job['status']}: {len(cells)} of {len(config.cells)} cells — {job['message'] or ''}"),
+    )
     if job["status"] == "failed":
-        st.error(plain(f"The study failed: {job['error']}. Resume it on the Runs page; finished cells are kept."))
+        st.error(
+            plain(f"The study failed: {job['error']}. Resume it on the Runs page; finished cells are kept.")
+        )
     table = aggregate(cells)
     if table.empty:
         return
@@ -91,15 +123,33 @@ def study_view(job_id: str) -> None:
     st.dataframe(table, hide_index=True)
     with st.expander(f"All {len(cells)} cells, and where each ran"):
         frame = pd.DataFrame(cells)
-        shown = [c for c in ("seed", "method", "target", "acc_pruned", "acc_finetuned", "params", "macs", "node")
-                 if c in frame]
+        shown = [
+            c
+            for c in ("seed", "method", "target", "acc_pruned", "acc_finetuned", "params", "macs", "node")
+            if c in frame
+        ]
         st.dataframe(frame[shown], hide_index=True)
-    st.download_button("All cells (CSV)", safe_csv(pd.DataFrame(cells)),
-                       file_slug(f"study {job['name']} cells") + ".csv", "text/csv", key=f"cells-{len(cells)}")
-    report = analysis_report(f"SOSP Lab study: {job['name']}", {**job["config"], "cells done": len(cells)}, figures,
-                             {"Mean and std over seeds": table})
-    st.download_button("Study report (HTML)", report, file_slug(f"study {job['name']}") + ".html", "text/html",
-                       icon=":material/description:", key=f"report-{len(cells)}")
+    st.download_button(
+        "All cells (CSV)",
+        safe_csv(pd.DataFrame(cells)),
+        file_slug(f"study {job['name']} cells") + ".csv",
+        "text/csv",
+        key=f"cells-{len(cells)}",
+    )
+    report = analysis_report(
+        f"SOSP Lab study: {job['name']}",
+        {**job["config"], "cells done": len(cells)},
+        figures,
+        {"Mean and std over seeds": table},
+    )
+    st.download_button(
+        "Study report (HTML)",
+        report,
+        file_slug(f"study {job['name']}") + ".html",
+        "text/html",
+        icon=":material/description:",
+        key=f"report-{len(cells)}",
+    )
 
 
 if kinds[job_id] == EXPAND_STUDY_KIND:

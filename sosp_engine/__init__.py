@@ -9,6 +9,7 @@ bottlenecks), `runs` (the store, jobs and their backends), `cli`. The names user
 
 They load on first use, so `import sosp_engine` itself stays light and imports no optional dependency.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,19 +17,42 @@ import importlib
 __version__ = "0.1.0"
 
 PUBLIC = {  # name -> module that defines it
-    "build_model": "nets.registry", "is_user_code": "nets.registry", "load_weights": "nets.checkpoints",
-    "load_data": "nets.data", "DataBundle": "nets.data", "open_workbench": "nets.loading", "Workbench": "nets.loading",
-    "find_structures": "pruning.structures", "StructureSet": "pruning.structures",
-    "load_mask": "pruning.masks", "save_mask": "pruning.masks", "layer_table": "pruning.masks",
-    "mask_summary": "pruning.masks", "pruned_copy": "pruning.masks", "zeroed_copy": "pruning.masks",
-    "count_params": "pruning.counting", "count_macs": "pruning.counting", "exactness_report": "pruning.exactness",
-    "run_analysis": "saliency.analysis", "AnalysisConfig": "saliency.analysis", "AnalysisResult": "saliency.analysis",
-    "measure_profile": "latency.profile", "LatencyProfile": "latency.profile",
-    "train": "experiments.trainer", "TrainConfig": "experiments.training", "evaluate": "experiments.training",
-    "Experiment": "experiments.procedures", "ExperimentConfig": "experiments.procedures",
-    "Study": "experiments.studies", "StudyConfig": "experiments.studies",
-    "sensitivity_curve": "experiments.sensitivity", "find_bottlenecks": "experiments.bottlenecks",
-    "Store": "runs.store", "submit": "runs.jobs", "submit_study": "runs.jobs", "store_analysis": "runs.records",
+    "build_model": "nets.registry",
+    "is_user_code": "nets.registry",
+    "load_weights": "nets.checkpoints",
+    "load_data": "nets.data",
+    "DataBundle": "nets.data",
+    "open_workbench": "nets.loading",
+    "Workbench": "nets.loading",
+    "find_structures": "pruning.structures",
+    "StructureSet": "pruning.structures",
+    "load_mask": "pruning.masks",
+    "save_mask": "pruning.masks",
+    "layer_table": "pruning.masks",
+    "mask_summary": "pruning.masks",
+    "pruned_copy": "pruning.masks",
+    "zeroed_copy": "pruning.masks",
+    "count_params": "pruning.counting",
+    "count_macs": "pruning.counting",
+    "exactness_report": "pruning.exactness",
+    "run_analysis": "saliency.analysis",
+    "AnalysisConfig": "saliency.analysis",
+    "AnalysisResult": "saliency.analysis",
+    "measure_profile": "latency.profile",
+    "LatencyProfile": "latency.profile",
+    "train": "experiments.trainer",
+    "TrainConfig": "experiments.training",
+    "evaluate": "experiments.training",
+    "Experiment": "experiments.procedures",
+    "ExperimentConfig": "experiments.procedures",
+    "Study": "experiments.studies",
+    "StudyConfig": "experiments.studies",
+    "sensitivity_curve": "experiments.sensitivity",
+    "find_bottlenecks": "experiments.bottlenecks",
+    "Store": "runs.store",
+    "submit": "runs.jobs",
+    "submit_study": "runs.jobs",
+    "store_analysis": "runs.records",
     "SospError": "errors",
 }
 __all__ = sorted(PUBLIC)

@@ -1,4 +1,5 @@
 """Entry point of `python -m sosp_engine`."""
+
 import sys
 
 from .cli.main import main

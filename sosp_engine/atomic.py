@@ -1,5 +1,6 @@
 """Files written whole or not at all, and read back only as written: a temporary name then a rename, a checksum beside
 each file, the previous version kept where a resume needs one; a full disk or a file size limit is named as such."""
+
 from __future__ import annotations
 
 import errno
@@ -51,7 +52,9 @@ def save_atomically(obj: object, path: str | Path, keep_previous: bool = False) 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as fh:  # closed on any error, so removing the partial file frees its space at once
+        with open(
+            tmp, "wb"
+        ) as fh:  # closed on any error, so removing the partial file frees its space at once
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -78,9 +81,12 @@ def _write_error(exc: Exception, path: Path, tmp: Path) -> Exception:
         return DiskFullError(f"disk full (ENOSPC) while saving {path}: free space, then resume")
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if (isinstance(exc, OSError) and exc.errno == errno.EFBIG) or (
-            limit != resource.RLIM_INFINITY and written + (1 << 20) >= limit):
-        return SospError(f"the file size limit (ulimit -f: {limit:,} bytes) stopped writing {path} after "
-                         f"{written:,} bytes: raise it (ulimit -f unlimited), then resume")
+        limit != resource.RLIM_INFINITY and written + (1 << 20) >= limit
+    ):
+        return SospError(
+            f"the file size limit (ulimit -f: {limit:,} bytes) stopped writing {path} after "
+            f"{written:,} bytes: raise it (ulimit -f unlimited), then resume"
+        )
     return exc
 
 
@@ -103,15 +109,21 @@ def check_declared_size(path: Path, budget: int) -> None:
         with zipfile.ZipFile(path) as archive:
             declared = sum(info.file_size for info in archive.infolist())
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"'{path}' is a damaged zip archive ({exc}); it is not a loadable torch file") from None
+        raise CheckpointError(
+            f"'{path}' is a damaged zip archive ({exc}); it is not a loadable torch file"
+        ) from None
     stored = path.stat().st_size
     if declared > MAX_EXPANSION * stored + (1 << 20):
-        raise CheckpointError(f"'{path}' declares {declared:,} bytes unpacked from {stored:,} on disk (more than "
-                              f"{MAX_EXPANSION}x): a torch checkpoint is stored uncompressed, so this is no checkpoint "
-                              "of ours and was not unpacked")
+        raise CheckpointError(
+            f"'{path}' declares {declared:,} bytes unpacked from {stored:,} on disk (more than "
+            f"{MAX_EXPANSION}x): a torch checkpoint is stored uncompressed, so this is no checkpoint "
+            "of ours and was not unpacked"
+        )
     if declared > budget:
-        raise CheckpointError(f"'{path}' unpacks to {declared:,} bytes, more than the {budget:,} bytes of memory "
-                              "available: free memory or use a machine with more")
+        raise CheckpointError(
+            f"'{path}' unpacks to {declared:,} bytes, more than the {budget:,} bytes of memory "
+            "available: free memory or use a machine with more"
+        )
 
 
 def verify_checksum(path: Path) -> None:
@@ -121,12 +133,16 @@ def verify_checksum(path: Path) -> None:
         return
     expected = recorded.read_text().strip()
     if file_digest(path) != expected:
-        raise CheckpointError(f"'{path}' does not match the checksum recorded when it was written ({recorded}): it "
-                              "was changed or damaged on disk. Restore it from a copy, or delete it (and its "
-                              ".sha256) to redo the work that wrote it")
+        raise CheckpointError(
+            f"'{path}' does not match the checksum recorded when it was written ({recorded}): it "
+            "was changed or damaged on disk. Restore it from a copy, or delete it (and its "
+            ".sha256) to redo the work that wrote it"
+        )
 
 
-def load_verified(path: str | Path, map_location: str | torch.device = "cpu", budget: int | None = None) -> object:
+def load_verified(
+    path: str | Path, map_location: str | torch.device = "cpu", budget: int | None = None
+) -> object:
     """torch.load with weights_only=True, after the size and checksum checks; a failure names the file."""
     path = Path(path)
     if budget is None:
@@ -140,8 +156,10 @@ def load_verified(path: str | Path, map_location: str | torch.device = "cpu", bu
     except FileNotFoundError:
         raise
     except Exception as exc:
-        raise CheckpointError(f"'{path}' cannot be read as a torch file ({type(exc).__name__}: "
-                              f"{(str(exc).splitlines() or [''])[0][:200]})") from None
+        raise CheckpointError(
+            f"'{path}' cannot be read as a torch file ({type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0][:200]})"
+        ) from None
 
 
 def load_with_fallback(path: str | Path, map_location: str | torch.device = "cpu") -> object:
@@ -152,12 +170,20 @@ def load_with_fallback(path: str | Path, map_location: str | torch.device = "cpu
     except CheckpointError as newest:
         previous = previous_path(path)
         if not previous.is_file():
-            raise CheckpointError(f"{newest} No earlier checkpoint is kept; delete '{path}' to restart this stage "
-                                  "from its first epoch") from None
+            raise CheckpointError(
+                f"{newest} No earlier checkpoint is kept; delete '{path}' to restart this stage "
+                "from its first epoch"
+            ) from None
         try:
             state = load_verified(previous, map_location)
         except CheckpointError as older:
-            raise CheckpointError(f"{newest} The one before it is damaged too: {older} Delete both to restart this "
-                                  "stage from its first epoch") from None
-        print(f"warning: {newest} Resuming from the checkpoint before it, {previous}.", file=sys.stderr, flush=True)
+            raise CheckpointError(
+                f"{newest} The one before it is damaged too: {older} Delete both to restart this "
+                "stage from its first epoch"
+            ) from None
+        print(
+            f"warning: {newest} Resuming from the checkpoint before it, {previous}.",
+            file=sys.stderr,
+            flush=True,
+        )
         return state

@@ -1,4 +1,5 @@
 """Device choice: CUDA when available, else CPU; a readable name for the UI."""
+
 from __future__ import annotations
 
 import threading
@@ -40,8 +41,9 @@ class SharedSetting:
     change; the first in saves what the user had set and the last out restores it.
     """
 
-    def __init__(self, read: Callable[[], object], change: Callable[[], None],
-                 restore: Callable[[object], None]) -> None:
+    def __init__(
+        self, read: Callable[[], object], change: Callable[[], None], restore: Callable[[object], None]
+    ) -> None:
         self._read, self._change, self._restore = read, change, restore
         self._lock = threading.Lock()
         self._users = 0

@@ -1,4 +1,5 @@
 """Exceptions with messages meant for the user: what went wrong and what to do."""
+
 from __future__ import annotations
 
 import errno
@@ -34,7 +35,9 @@ def one_line_error(exc: BaseException) -> str:
         return f"disk full (ENOSPC): {exc.filename or ''} - free space and try again"
     if is_out_of_memory(exc):
         return "not enough memory for this input or model size: use fewer samples, a smaller batch or a smaller model"
-    if isinstance(exc, (IsADirectoryError, NotADirectoryError, FileNotFoundError, PermissionError, FileExistsError)):
+    if isinstance(
+        exc, (IsADirectoryError, NotADirectoryError, FileNotFoundError, PermissionError, FileExistsError)
+    ):
         return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
     text = (str(exc).strip().splitlines() or [""])[0][:300]
     return f"{type(exc).__name__}: {text}"

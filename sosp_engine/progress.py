@@ -1,4 +1,5 @@
 """Progress reporting and cancellation shared by long computations (analyses, training, jobs)."""
+
 from __future__ import annotations
 
 from typing import Callable, Optional

@@ -1,5 +1,6 @@
 """Brute-force references shared by the saliency tests: theta_s as full parameter vectors and the mean loss of a
 flat parameter vector."""
+
 import torch
 from torch.func import functional_call
 
@@ -26,7 +27,7 @@ def flat(model, vector):
 def unflat(model, theta):
     out, i = {}, 0
     for k, p in model.named_parameters():
-        out[k] = theta[i:i + p.numel()].view_as(p)
+        out[k] = theta[i : i + p.numel()].view_as(p)
         i += p.numel()
     return out
 
@@ -38,8 +39,10 @@ def mean_loss_of(model, x, y, loss):
 def directional_outputs(model, structures, x):
     """(n, D, S): the output's derivative along theta_s for every structure s, by forward-mode autodiff."""
     params = {k: v.detach() for k, v in model.named_parameters()}
-    columns = [torch.func.jvp(lambda p: functional_call(model, p, (x,)), (params,), (tangent,))[1]
-               for tangent in theta_s_vectors(model, structures)]
+    columns = [
+        torch.func.jvp(lambda p: functional_call(model, p, (x,)), (params,), (tangent,))[1]
+        for tangent in theta_s_vectors(model, structures)
+    ]
     return torch.stack(columns, dim=2)
 
 

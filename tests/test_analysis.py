@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from sosp_engine.saliency.analysis import METHODS, AnalysisConfig, AnalysisResult, reestimate_batchnorm, run_analysis
+from sosp_engine.saliency.analysis import (
+    METHODS,
+    AnalysisConfig,
+    AnalysisResult,
+    reestimate_batchnorm,
+    run_analysis,
+)
 from sosp_engine.cli.main import main
 from sosp_engine.errors import AnalysisError
 from sosp_engine.nets.loading import open_workbench
@@ -22,7 +28,10 @@ def workbench():
 def test_every_method_gives_an_order_over_all_structures(workbench, method):
     result = run_analysis(workbench, AnalysisConfig(method=method, samples=40, batch_size=20))
     assert sorted(result.pruning_order.tolist()) == list(range(workbench.structures.num_structures))
-    assert result.saliency.shape == (workbench.structures.num_structures,) and torch.isfinite(result.saliency).all()
+    assert (
+        result.saliency.shape == (workbench.structures.num_structures,)
+        and torch.isfinite(result.saliency).all()
+    )
     assert {"saliency", "selection"} <= set(result.timings)
 
 
@@ -35,8 +44,14 @@ def test_masks_at_growing_ratios_are_nested_prefixes(workbench):
 def test_result_round_trips_through_files(tmp_path, workbench):
     result = run_analysis(workbench, AnalysisConfig(method="sosp-i", samples=40))
     loaded = AnalysisResult.load(result.save(tmp_path / "a"))
-    assert loaded.config == result.config and loaded.keys == result.keys and loaded.n_prunable == result.n_prunable
-    assert torch.equal(loaded.pruning_order, result.pruning_order) and torch.equal(loaded.saliency, result.saliency)
+    assert (
+        loaded.config == result.config
+        and loaded.keys == result.keys
+        and loaded.n_prunable == result.n_prunable
+    )
+    assert torch.equal(loaded.pruning_order, result.pruning_order) and torch.equal(
+        loaded.saliency, result.saliency
+    )
     assert loaded.weights_fingerprint == result.weights_fingerprint
 
 
@@ -71,7 +86,11 @@ def test_analysis_can_be_cancelled(workbench):
 
 def test_progress_reaches_one(workbench):
     seen = []
-    run_analysis(workbench, AnalysisConfig(method="sosp-h", samples=40, batch_size=10), progress=lambda f, m: seen.append(f))
+    run_analysis(
+        workbench,
+        AnalysisConfig(method="sosp-h", samples=40, batch_size=10),
+        progress=lambda f, m: seen.append(f),
+    )
     assert seen[-1] == 1.0 and seen == sorted(seen)
 
 
@@ -82,8 +101,25 @@ def test_bad_method_is_a_clear_error(workbench):
 
 def test_cli_analyze_writes_result_mask_and_table(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["analyze", "--model", "resnet20", "--data", "digits", "--method", "sosp-h", "--samples", "50",
-                 "--ratio", "0.3", "--unit", "params", "--out", str(out)])
+    code = main(
+        [
+            "analyze",
+            "--model",
+            "resnet20",
+            "--data",
+            "digits",
+            "--method",
+            "sosp-h",
+            "--samples",
+            "50",
+            "--ratio",
+            "0.3",
+            "--unit",
+            "params",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     assert {"analysis.json", "tensors.pt", "mask.json", "layers.csv"} <= {p.name for p in out.iterdir()}
     wb = open_workbench("resnet20", "digits")
@@ -95,6 +131,21 @@ def test_cli_analyze_writes_result_mask_and_table(tmp_path, capsys):
 def test_cli_analyze_can_record_the_result_in_the_workspace(tmp_path):
     from sosp_engine.runs.store import Store
 
-    code = main(["analyze", "--model", "resnet20", "--method", "magnitude", "--samples", "20", "--out", str(tmp_path / "a"),
-                 "--name", "from the CLI", "--workspace", str(tmp_path / "ws")])
+    code = main(
+        [
+            "analyze",
+            "--model",
+            "resnet20",
+            "--method",
+            "magnitude",
+            "--samples",
+            "20",
+            "--out",
+            str(tmp_path / "a"),
+            "--name",
+            "from the CLI",
+            "--workspace",
+            str(tmp_path / "ws"),
+        ]
+    )
     assert code == 0 and [r["name"] for r in Store(tmp_path / "ws").analyses()] == ["from the CLI"]

@@ -1,4 +1,5 @@
 """Every page through streamlit.testing.v1.AppTest: renders, reacts to the key interactions, shows st.error on bad input."""
+
 import re
 import time
 
@@ -46,7 +47,9 @@ def stored_root(tmp_path_factory):
     torch.manual_seed(0)
     wb = open_workbench("resnet20", "digits")
     store_analysis(store, run_analysis(wb, AnalysisConfig(method="sosp-h", samples=60)), "after training")
-    store_analysis(store, run_analysis(wb, AnalysisConfig(method="sosp-h", samples=60, at_init=True)), "at init")
+    store_analysis(
+        store, run_analysis(wb, AnalysisConfig(method="sosp-h", samples=60, at_init=True)), "at init"
+    )
     return root
 
 
@@ -80,10 +83,13 @@ def test_model_page_computes_test_accuracy_on_demand(fresh):
     assert any(m.label == "Test accuracy" for m in at.metric)
 
 
-@pytest.mark.parametrize("field,value,fragment", [
-    ("Model spec", "resnet57", "unknown model"),
-    ("Data spec", "cifar10:/no/such/folder", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "field,value,fragment",
+    [
+        ("Model spec", "resnet57", "unknown model"),
+        ("Data spec", "cifar10:/no/such/folder", "does not exist"),
+    ],
+)
 def test_bad_model_inputs_show_an_error(fresh, field, value, fragment):
     at = open_page("model")
     widget(at.text_input, field).set_value(value)
@@ -203,8 +209,11 @@ def test_a_pruned_checkpoint_reopens_on_the_model_page(fresh, tmp_path):
 
     wb = open_workbench("resnet20", "digits")
     mask = random_mask(wb.structures, 0.5)
-    path = save_pruned(tmp_path / "small.pt", pruned_copy(wb.model, wb.structures, mask, wb.example),
-                       pruning_recipe("resnet20", wb.structures, mask, "cifar-resnet", []))
+    path = save_pruned(
+        tmp_path / "small.pt",
+        pruned_copy(wb.model, wb.structures, mask, wb.example),
+        pruning_recipe("resnet20", wb.structures, mask, "cifar-resnet", []),
+    )
     at = open_page("model")
     widget(at.selectbox, "Weights").set_value("checkpoint path")
     widget(at.text_input, "Checkpoint path (for 'checkpoint path')").set_value(str(path))
@@ -290,7 +299,9 @@ def test_the_expand_page_widens_what_the_bottlenecks_page_flagged(stored):
     assert any("2 layer(s) flagged on the Bottlenecks page" in m.value for m in at.markdown)
 
 
-def test_the_expand_page_launches_one_expand_study_of_the_flagged_bottlenecks(stored_root, tmp_path, monkeypatch):
+def test_the_expand_page_launches_one_expand_study_of_the_flagged_bottlenecks(
+    stored_root, tmp_path, monkeypatch
+):
     import shutil
 
     import app.sidebar
@@ -305,14 +316,22 @@ def test_the_expand_page_launches_one_expand_study_of_the_flagged_bottlenecks(st
     widget(at.number_input, "n").set_value(2).run()
     flagged = at.session_state["bottleneck_choice"]["units"]
     at.switch_page("../pages/expand.py").run()
-    widget(at.toggle, "Find the bottlenecks on the study's own trained plain net (as the paper does)").set_value(False)
+    widget(
+        at.toggle, "Find the bottlenecks on the study's own trained plain net (as the paper does)"
+    ).set_value(False)
     widget(at.button, "Launch the expand study").click().run()
-    assert not at.exception and not at.error and any("Queued an expand study of 9 runs" in s.value for s in at.success)
+    assert (
+        not at.exception
+        and not at.error
+        and any("Queued an expand study of 9 runs" in s.value for s in at.success)
+    )
     [job] = Store(tmp_path / "ws").jobs()
     assert job["status"] == "queued"
     target = int(widget(at.metric, "Pruning target (params)").value.replace(",", ""))
     assert job["kind"] == "expand-study" and job["config"]["trials"] == 3
-    assert job["config"]["widen"] == {unit: 2.0 for unit in flagged} and job["config"]["target_params"] == target
+    assert (
+        job["config"]["widen"] == {unit: 2.0 for unit in flagged} and job["config"]["target_params"] == target
+    )
 
 
 def test_the_studies_page_charts_a_finished_expand_study_against_the_unpruned_net(fresh):
@@ -320,8 +339,16 @@ def test_the_studies_page_charts_a_finished_expand_study_against_the_unpruned_ne
     from sosp_engine.runs.jobs import submit_expand_study
     from sosp_engine.runs.store import run_folder
 
-    config = ExpandStudyConfig(model_spec="resnet20:widths=4,8,16", procedures=["train-prune", "widen-prune"], trials=1,
-                               epochs=1, finetune_epochs=1, samples=40, batch_size=256, device="cpu")
+    config = ExpandStudyConfig(
+        model_spec="resnet20:widths=4,8,16",
+        procedures=["train-prune", "widen-prune"],
+        trials=1,
+        epochs=1,
+        finetune_epochs=1,
+        samples=40,
+        batch_size=256,
+        device="cpu",
+    )
     job_id = submit_expand_study(fresh, config, "tiny expand", start=False)
     ExpandStudy(config, run_folder(fresh.job(job_id))).run()
     fresh.update_job(job_id, status="done", progress=1.0)
@@ -335,7 +362,9 @@ def test_the_studies_page_charts_a_finished_expand_study_against_the_unpruned_ne
 def test_reports_read_as_words_and_formatted_numbers():
     from app.report import analysis_report
 
-    page = analysis_report("t", {"param_ratio": 0.6164772510528564, "params_after": 106666, "at_init": False}, [], {})
+    page = analysis_report(
+        "t", {"param_ratio": 0.6164772510528564, "params_after": 106666, "at_init": False}, [], {}
+    )
     assert "param ratio" in page and "61.6%" in page and "106,666" in page and ">no<" in page
     assert "0.6164772510528564" not in page
 
@@ -343,8 +372,10 @@ def test_reports_read_as_words_and_formatted_numbers():
 def test_exported_files_are_named_after_the_analysis_not_its_id():
     from app.export import file_slug
 
-    assert file_slug("pruning-ratios SOSP-H after training 50% of params") == \
-        "pruning-ratios-SOSP-H-after-training-50pct-of-params"
+    assert (
+        file_slug("pruning-ratios SOSP-H after training 50% of params")
+        == "pruning-ratios-SOSP-H-after-training-50pct-of-params"
+    )
     assert file_slug("../../etc/passwd") == "etc-passwd" and file_slug("***") == "export"
 
 
@@ -400,11 +431,15 @@ def test_runs_page_names_an_unreachable_ray_cluster_and_keeps_jobs_local(fresh):
     at = open_page("runs")
     assert "this machine" in at.expander[0].label
     widget(at.radio, "Backend").set_value("ray").run()
-    widget(at.text_input, "Cluster address (HOST:PORT, or auto for a cluster started here)").set_value("127.0.0.1:9").run()
+    widget(at.text_input, "Cluster address (HOST:PORT, or auto for a cluster started here)").set_value(
+        "127.0.0.1:9"
+    ).run()
     widget(at.button, "Connect").click().run()
     assert not at.exception
     assert any("cannot reach the Ray cluster at '127.0.0.1:9'" in shown(e.value) for e in at.error)
-    assert at.session_state["placement"].backend == "local"  # nothing goes to a cluster that was never reached
+    assert (
+        at.session_state["placement"].backend == "local"
+    )  # nothing goes to a cluster that was never reached
 
 
 def test_a_latency_target_is_measured_on_this_machine_and_sliced_into_a_mask(stored):
@@ -422,5 +457,7 @@ def test_a_latency_target_is_measured_on_this_machine_and_sliced_into_a_mask(sto
 def test_the_bottlenecks_page_lists_the_chosen_layers_channels_with_their_saliency_parts(stored):
     at = open_page("bottlenecks")
     frame = at.dataframe[-1].value
-    assert {"status", "sosp_saliency", "first_order_part", "second_order_part", "sosp_rank"} <= set(frame.columns)
+    assert {"status", "sosp_saliency", "first_order_part", "second_order_part", "sosp_rank"} <= set(
+        frame.columns
+    )
     assert set(frame.status) <= {"pruned", "kept"} and len(frame) > 1

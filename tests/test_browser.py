@@ -1,4 +1,5 @@
 """One real-browser test: Debian's chromium (headless, via Playwright) against `streamlit run app/main.py` on localhost."""
+
 import os
 import shutil
 import socket
@@ -16,9 +17,15 @@ from conftest import ROOT
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api")
 PlaywrightTimeout = playwright.TimeoutError
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt install chromium)")
-READY = {"compare": "Mask overlap (Jaccard)", "bottlenecks": "Ranked by score", "expand": "Widen-pruning factor",
-         "runs": "Rename or delete an analysis"}
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt install chromium)"
+)
+READY = {
+    "compare": "Mask overlap (Jaccard)",
+    "bottlenecks": "Ranked by score",
+    "expand": "Widen-pruning factor",
+    "runs": "Rename or delete an analysis",
+}
 
 
 def free_port() -> int:
@@ -31,9 +38,25 @@ def free_port() -> int:
 def server(tmp_path):
     port = free_port()
     env = dict(os.environ, SOSP_WORKSPACE=str(tmp_path / "ws"))
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.port", str(port),
-                             "--server.headless", "true", "--server.address", "127.0.0.1"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app/main.py",
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+            "--server.address",
+            "127.0.0.1",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -99,7 +122,9 @@ def test_the_demo_runs_an_analysis_shows_the_histogram_and_exports(server, tmp_p
         page.get_by_role("button", name="Cancel").click(timeout=30_000)
         cancelled = page.get_by_text("The analysis was cancelled; nothing was stored.")
         deadline = time.time() + 60
-        while not cancelled.is_visible() and time.time() < deadline:  # a click during a redraw is clicked again
+        while (
+            not cancelled.is_visible() and time.time() < deadline
+        ):  # a click during a redraw is clicked again
             page.wait_for_timeout(1000)
             if not cancelled.is_visible() and page.get_by_role("button", name="Cancel").is_visible():
                 try:
@@ -182,4 +207,3 @@ def test_markdown_in_user_text_shows_as_text_in_errors(server):
         assert "[click](http://127.0.0.1:9/)" in text and "<b>bold</b>" in text
         live = page.locator("a[href*='127.0.0.1:9'], img[src*='127.0.0.1:9'], b:text('bold')")
         assert live.count() == 0, [live.nth(i).evaluate("e => e.outerHTML") for i in range(live.count())]
-

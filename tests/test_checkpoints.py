@@ -11,13 +11,16 @@ def trained_state():
     return build_model("resnet20", 10, 1).state_dict()
 
 
-@pytest.mark.parametrize("wrap", [
-    lambda s: s,
-    lambda s: {"state_dict": s, "epoch": 3},
-    lambda s: {"model": s},
-    lambda s: {"module." + k: v for k, v in s.items()},
-    lambda s: {"state_dict": {"module." + k: v for k, v in s.items()}},
-])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda s: s,
+        lambda s: {"state_dict": s, "epoch": 3},
+        lambda s: {"model": s},
+        lambda s: {"module." + k: v for k, v in s.items()},
+        lambda s: {"state_dict": {"module." + k: v for k, v in s.items()}},
+    ],
+)
 def test_each_wrapper_form_loads(tmp_path, trained_state, wrap):
     path = tmp_path / "ckpt.pt"
     torch.save(wrap(trained_state), path)
@@ -41,7 +44,9 @@ def test_unexpected_keys_are_listed(tmp_path, trained_state):
 
 def test_misshaped_keys_are_listed(tmp_path, trained_state):
     torch.save(trained_state, tmp_path / "c.pt")
-    with pytest.raises(CheckpointError, match=r"mis-shaped keys .*linear.weight: checkpoint \(10, 64\) vs model \(5, 64\)"):
+    with pytest.raises(
+        CheckpointError, match=r"mis-shaped keys .*linear.weight: checkpoint \(10, 64\) vs model \(5, 64\)"
+    ):
         load_weights(build_model("resnet20", 5, 1), tmp_path / "c.pt")
 
 

@@ -24,12 +24,30 @@ def test_prune_saves_a_smaller_model_with_matching_counts(tmp_path, capsys):
     wb = open_workbench("resnet20", "digits")
     save_mask(tmp_path / "m.json", wb.structures, random_mask(wb.structures, 0.5))
     out = tmp_path / "result.json"
-    assert main(["prune", "--model", "resnet20", "--mask", str(tmp_path / "m.json"), "--save", str(tmp_path / "small.pt"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                "resnet20",
+                "--mask",
+                str(tmp_path / "m.json"),
+                "--save",
+                str(tmp_path / "small.pt"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["params_after"] == result["params_counted"] < result["params_before"]
     assert result["macs_after"] == result["macs_counted"]
     state = torch.load(tmp_path / "small.pt", weights_only=True)["state_dict"]
-    assert sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k) == result["params_after"]
+    assert (
+        sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k)
+        == result["params_after"]
+    )
 
 
 def test_bad_input_is_an_error_line_not_a_traceback(capsys):
@@ -43,11 +61,43 @@ def test_a_pruned_checkpoint_reopens_with_the_usual_model_and_weights_flags(tmp_
     torch.save(wb.model.state_dict(), tmp_path / "w.pt")
     mask = random_mask(wb.structures, 0.5, seed=3)
     save_mask(tmp_path / "m.json", wb.structures, mask)
-    assert main(["prune", "--model", "resnet20", "--weights", str(tmp_path / "w.pt"), "--mask", str(tmp_path / "m.json"),
-                 "--save", str(tmp_path / "small.pt"), "--out", str(tmp_path / "p.json")]) == 0
-    assert main(["info", "--model", "resnet20", "--weights", str(tmp_path / "small.pt"), "--out", str(tmp_path / "i.json")]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                "resnet20",
+                "--weights",
+                str(tmp_path / "w.pt"),
+                "--mask",
+                str(tmp_path / "m.json"),
+                "--save",
+                str(tmp_path / "small.pt"),
+                "--out",
+                str(tmp_path / "p.json"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "info",
+                "--model",
+                "resnet20",
+                "--weights",
+                str(tmp_path / "small.pt"),
+                "--out",
+                str(tmp_path / "i.json"),
+            ]
+        )
+        == 0
+    )
     info = json.loads((tmp_path / "i.json").read_text())
-    assert info["pruned_checkpoint"] and info["params"] == json.loads((tmp_path / "p.json").read_text())["params_after"]
+    assert (
+        info["pruned_checkpoint"]
+        and info["params"] == json.loads((tmp_path / "p.json").read_text())["params_after"]
+    )
     reopened = open_workbench("resnet20", "digits", str(tmp_path / "small.pt"))
     expected = pruned_copy(wb.model, wb.structures, mask, wb.example).eval()
     x = wb.data.analysis_samples(8)[0]
@@ -58,7 +108,17 @@ def test_a_pruned_checkpoint_reopens_with_the_usual_model_and_weights_flags(tmp_
 def test_a_pruned_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, capsys):
     wb = open_workbench("resnet20", "digits")
     save_mask(tmp_path / "m.json", wb.structures, random_mask(wb.structures, 0.3))
-    main(["prune", "--model", "resnet20", "--mask", str(tmp_path / "m.json"), "--save", str(tmp_path / "small.pt")])
+    main(
+        [
+            "prune",
+            "--model",
+            "resnet20",
+            "--mask",
+            str(tmp_path / "m.json"),
+            "--save",
+            str(tmp_path / "small.pt"),
+        ]
+    )
     capsys.readouterr()
     assert main(["info", "--model", "resnet32", "--weights", str(tmp_path / "small.pt")]) == 2
     assert "made from 'resnet20'" in capsys.readouterr().err
@@ -66,8 +126,26 @@ def test_a_pruned_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, 
 
 def test_bottlenecks_read_the_mask_at_the_ratio_and_unit_analyze_wrote(tmp_path, capsys):
     out = tmp_path / "a"
-    assert main(["analyze", "--model", "resnet20", "--method", "magnitude", "--samples", "20", "--ratio", "0.3",
-                 "--unit", "params", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--model",
+                "resnet20",
+                "--method",
+                "magnitude",
+                "--samples",
+                "20",
+                "--ratio",
+                "0.3",
+                "--unit",
+                "params",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert main(["bottlenecks", str(out), "--level", "stage"]) == 0
     captured = capsys.readouterr()
     assert "bottlenecks of the mask at 0.3 of params" in captured.err and "`" not in captured.out
@@ -89,7 +167,8 @@ def test_threads_are_set_from_the_option_and_checked(capsys, monkeypatch):
 def test_widen_prune_from_the_cli_matches_the_expansion_it_names(tmp_path, capsys):
     from sosp_engine.cli.main import build_parser, experiment_config
 
-    args = build_parser().parse_args(["jobs", "submit", "--procedure", "widen-prune", "--model", "resnet20",
-                                      "--widen", "stage 3 (4x4)=2"])
+    args = build_parser().parse_args(
+        ["jobs", "submit", "--procedure", "widen-prune", "--model", "resnet20", "--widen", "stage 3 (4x4)=2"]
+    )
     config = experiment_config(args, "widen-prune")
     assert config.match_widen == {"stage 3 (4x4)": 2.0} and config.widen == {} and config.widen_factor is None

@@ -29,7 +29,10 @@ def _fake_cifar(root, n=20):
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+        batch = {
+            "data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, n).tolist(),
+        }
         with open(folder / name, "wb") as fh:
             pickle.dump(batch, fh)
 
@@ -86,8 +89,17 @@ def test_synthetic_spec_takes_an_optional_training_set_size():
     assert len(data.train) == 1200 and len(data.val) == 64 and data.spec == "synthetic:3,8,8:5:1200"
 
 
-@pytest.mark.parametrize("spec", ["mnist", "synthetic:3,8:5", "cifar10", "synthetic:a,b,c:2", "synthetic:3,8,8:5:0",
-                                  "synthetic:3,8,8:5:x"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "mnist",
+        "synthetic:3,8:5",
+        "cifar10",
+        "synthetic:a,b,c:2",
+        "synthetic:3,8,8:5:0",
+        "synthetic:3,8,8:5:x",
+    ],
+)
 def test_bad_data_specs_fail_clearly(spec):
     with pytest.raises(DataSpecError):
         load_data(spec)

@@ -1,4 +1,5 @@
 """One training across processes (DistributedDataParallel, gloo on CPU): same result as one process, rank 0 writes."""
+
 import os
 import signal
 
@@ -20,7 +21,9 @@ DATA = "synthetic:3,8,8:10"  # no augmentation: both runs see the same pixels
 
 def no_bn_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Dropout(0.0), nn.Linear(8 * 64, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Dropout(0.0), nn.Linear(8 * 64, 10)
+    )
 
 
 def config(nproc: int, epochs: int = 1, **kw) -> TrainConfig:
@@ -74,20 +77,39 @@ def test_sync_bn_without_several_processes_is_refused():
 
 def test_a_failing_worker_becomes_the_callers_error():
     with pytest.raises(TrainingError, match="the training loss became nan"):
-        train(no_bn_net(), load_data(DATA), TrainConfig(epochs=1, lr=1e30, batch_size=50, device="cpu", nproc=2))
+        train(
+            no_bn_net(), load_data(DATA), TrainConfig(epochs=1, lr=1e30, batch_size=50, device="cpu", nproc=2)
+        )
 
 
 def test_a_killed_distributed_job_resumes_with_each_epoch_recorded_once(tmp_path):
     store = Store(tmp_path)
-    job_id = submit(store, ExperimentConfig(procedure="train", model_spec="resnet20", data_spec=DATA, epochs=4,
-                                            batch_size=32, device="cpu", nproc=2))
+    job_id = submit(
+        store,
+        ExperimentConfig(
+            procedure="train",
+            model_spec="resnet20",
+            data_spec=DATA,
+            epochs=4,
+            batch_size=32,
+            device="cpu",
+            nproc=2,
+        ),
+    )
     job = wait_for(store, job_id, lambda j: len(store.metrics(j["id"])) >= 1)
     workers = [int(p) for p in os.popen(f"pgrep -P {job['pid']}").read().split()]
     os.kill(job["pid"], signal.SIGKILL)
     wait_for(store, job_id, lambda j: bool(mark_stale_jobs(store)) or j["status"] == "failed", timeout=60)
     for pid in workers:  # the training processes die with their controller
-        wait_for(store, job_id, lambda j: not os.path.exists(f"/proc/{pid}") or
-                 open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z", timeout=30)
+        wait_for(
+            store,
+            job_id,
+            lambda j: (
+                not os.path.exists(f"/proc/{pid}")
+                or open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z"
+            ),
+            timeout=30,
+        )
     resume(store, job_id)
     job = wait_for(store, job_id, lambda j: j["status"] in ("done", "failed"))
     assert job["status"] == "done", job["error"]

@@ -1,4 +1,5 @@
 """Producers whose output does not scale with their rows: read before the activation, taken the exact way, or refused."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,14 +38,17 @@ def inputs_for(norm: nn.Module, conv: nn.Module | None = None) -> AnalysisInputs
     randomise_norms(model.norm)
     model.eval()
     x = torch.randn(N, 2, 5, 5, dtype=torch.float64)
-    return AnalysisInputs(model, find_structures(model, x[:1]), x, torch.randint(0, D, (N,)), "cross-entropy", 4)
+    return AnalysisInputs(
+        model, find_structures(model, x[:1]), x, torch.randint(0, D, (N,)), "cross-entropy", 4
+    )
 
 
 def test_a_norm_with_a_smooth_activation_inside_is_read_before_the_activation():
     inputs = inputs_for(BatchNormAct2d(4, act_layer=nn.SiLU))
     _, products = jacobian_structure_products(inputs, inputs.x)
-    torch.testing.assert_close(products, directional_outputs(inputs.model, inputs.structures, inputs.x),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        products, directional_outputs(inputs.model, inputs.structures, inputs.x), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_sosp_i_first_order_terms_through_a_norm_act_equal_the_gradient():
@@ -62,12 +66,15 @@ def test_sosp_h_takes_the_channel_scale_path_through_a_norm_act_and_equals_the_e
 def test_a_norm_without_affine_parameters_adds_nothing_to_phi_theta_s():
     inputs = inputs_for(nn.BatchNorm2d(4, affine=False))
     _, products = jacobian_structure_products(inputs, inputs.x)
-    torch.testing.assert_close(products, directional_outputs(inputs.model, inputs.structures, inputs.x),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        products, directional_outputs(inputs.model, inputs.structures, inputs.x), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_only_the_producers_that_do_not_scale_with_their_rows_are_listed():
-    assert not_scaling(inputs_for(BatchNormAct2d(4, act_layer=nn.ReLU))) == []  # ReLU is positively homogeneous
+    assert (
+        not_scaling(inputs_for(BatchNormAct2d(4, act_layer=nn.ReLU))) == []
+    )  # ReLU is positively homogeneous
     standardised = inputs_for(nn.BatchNorm2d(4), StandardisedConv2d(2, 4, 3, padding=1))
     assert not_scaling(standardised) == ["conv"]
 

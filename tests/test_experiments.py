@@ -23,8 +23,19 @@ def test_widening_a_resnet_stage_doubles_its_widths():
     s = structures_of("resnet56", "cifar-resnet")
     model, spec = build_widened("resnet56", 10, 3, s, {s.layers[-1].stage: 2.0}, X32)
     assert spec.startswith("resnet56:widths=16,32,128;inner=") and model.layer3[0].conv1.out_channels == 128
+
     def stage3(w):  # block 0 (conv1 from 32 channels, projection shortcut), 8 more blocks, the classifier
-        return 32 * w * 9 + 2 * w + w * w * 9 + 2 * w + 32 * w + 2 * w + 8 * (w * w * 9 * 2 + 4 * w) + w * 10 + 10
+        return (
+            32 * w * 9
+            + 2 * w
+            + w * w * 9
+            + 2 * w
+            + 32 * w
+            + 2 * w
+            + 8 * (w * w * 9 * 2 + 4 * w)
+            + w * 10
+            + 10
+        )
 
     assert params_of(model) - params_of(build_model("resnet56")) == stage3(128) - stage3(64)
 
@@ -56,14 +67,25 @@ def test_widen_pruning_factor_matches_the_expanded_net_within_one_channel():
 
 
 def crafted_table(ratios):
-    return pd.DataFrame({"layer": [f"l{i}" for i in range(len(ratios))], "stage": ["a", "a", "b", "b", "c", "c"][:len(ratios)],
-                         "depth": range(len(ratios)), "channels": [10] * len(ratios),
-                         "pruned": [int(r * 10) for r in ratios], "pruning_ratio": ratios})
+    return pd.DataFrame(
+        {
+            "layer": [f"l{i}" for i in range(len(ratios))],
+            "stage": ["a", "a", "b", "b", "c", "c"][: len(ratios)],
+            "depth": range(len(ratios)),
+            "channels": [10] * len(ratios),
+            "pruned": [int(r * 10) for r in ratios],
+            "pruning_ratio": ratios,
+        }
+    )
 
 
 def test_mean_std_rule_flags_the_clearly_less_pruned_layer():
     units, info = find_bottlenecks(crafted_table([0.5, 0.6, 0.5, 0.0, 0.6, 0.5]), rule="mean-std", k=1.0)
-    assert list(units[units.flagged].unit) == ["l3"] and units.iloc[0].unit == "l3" and units.iloc[0]["rank"] == 1
+    assert (
+        list(units[units.flagged].unit) == ["l3"]
+        and units.iloc[0].unit == "l3"
+        and units.iloc[0]["rank"] == 1
+    )
     assert info["threshold"] == pytest.approx(info["mean"] - info["std"])
     assert "l3" in explain(units, info)
 
@@ -74,8 +96,12 @@ def test_least_rule_flags_the_n_least_pruned():
 
 
 def test_least_rule_never_flags_a_unit_pruned_more_than_the_mean():
-    units, info = find_bottlenecks(crafted_table([0.2, 0.2, 0.4, 0.4, 0.6, 0.6]), level="stage", rule="least", n=3)
-    assert list(units[units.flagged].unit) == ["a"] and "among those pruned less than the mean" in explain(units, info)
+    units, info = find_bottlenecks(
+        crafted_table([0.2, 0.2, 0.4, 0.4, 0.6, 0.6]), level="stage", rule="least", n=3
+    )
+    assert list(units[units.flagged].unit) == ["a"] and "among those pruned less than the mean" in explain(
+        units, info
+    )
 
 
 def test_the_evidence_says_below_or_above_the_mean_in_words():
@@ -86,7 +112,9 @@ def test_the_evidence_says_below_or_above_the_mean_in_words():
 
 def test_stage_level_aggregates_channels():
     units, _ = find_bottlenecks(crafted_table([0.5, 0.5, 0.1, 0.1, 0.6, 0.6]), level="stage", k=1.0)
-    assert list(units[units.flagged].unit) == ["b"] and units.set_index("unit").loc["b", "pruning_ratio"] == pytest.approx(0.1)
+    assert list(units[units.flagged].unit) == ["b"] and units.set_index("unit").loc[
+        "b", "pruning_ratio"
+    ] == pytest.approx(0.1)
 
 
 def test_uniform_network_has_no_bottleneck():
@@ -95,16 +123,41 @@ def test_uniform_network_has_no_bottleneck():
 
 
 def test_compare_runs_gives_mean_and_std_over_trials():
-    runs = [{"procedure": "expand-prune", "label": "", "test_acc": a, "params": 100, "macs": 10} for a in (0.9, 0.8)]
+    runs = [
+        {"procedure": "expand-prune", "label": "", "test_acc": a, "params": 100, "macs": 10}
+        for a in (0.9, 0.8)
+    ]
     runs.append({"procedure": "train-prune", "label": "", "test_acc": 0.7, "params": 80, "macs": 8})
     table = compare_runs(runs).set_index("procedure")
-    assert table.loc["expand-prune", "trials"] == 2 and table.loc["expand-prune", "test_acc_mean"] == pytest.approx(0.85)
-    assert table.loc["expand-prune", "test_acc_std"] == pytest.approx(0.0707, abs=1e-3) and table.loc["train-prune", "test_acc_std"] == 0
+    assert table.loc["expand-prune", "trials"] == 2 and table.loc[
+        "expand-prune", "test_acc_mean"
+    ] == pytest.approx(0.85)
+    assert (
+        table.loc["expand-prune", "test_acc_std"] == pytest.approx(0.0707, abs=1e-3)
+        and table.loc["train-prune", "test_acc_std"] == 0
+    )
 
 
 def test_expand_pruning_end_to_end_through_the_cli(tmp_path, capsys):
-    code = main(["expand", "--model", "resnet20", "--data", "digits", "--epochs", "1", "--finetune-epochs", "1",
-                 "--samples", "60", "--ratio", "0.4", "--out", str(tmp_path / "run")])
+    code = main(
+        [
+            "expand",
+            "--model",
+            "resnet20",
+            "--data",
+            "digits",
+            "--epochs",
+            "1",
+            "--finetune-epochs",
+            "1",
+            "--samples",
+            "60",
+            "--ratio",
+            "0.4",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert code == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     stages = summary["stages"]
@@ -112,7 +165,9 @@ def test_expand_pruning_end_to_end_through_the_cli(tmp_path, capsys):
     assert list(stages["widen"]["factors"].values()) == [2.0]
     assert stages["finetune"]["params"] < stages["widen"]["params"] and 0 <= summary["test_acc"] <= 1
     assert (tmp_path / "run" / "final.pt").exists() and (tmp_path / "run" / "mask.json").exists()
-    assert (tmp_path / "run" / "plain" / "trained.pt").exists()  # bottlenecks of the trained plain net, not an init
+    assert (
+        tmp_path / "run" / "plain" / "trained.pt"
+    ).exists()  # bottlenecks of the trained plain net, not an init
     assert "training the plain net first" in capsys.readouterr().err
 
 
@@ -123,8 +178,17 @@ def test_a_train_prune_run_to_a_latency_target_prunes_where_its_stored_profile_s
     from sosp_engine.pruning.masks import load_mask
 
     # full width: convolutions, not Python overhead, set its latency, so a loaded machine still measures the drop
-    config = ExperimentConfig(procedure="train-prune", model_spec="resnet20", epochs=1, finetune_epochs=0,
-                              method="magnitude", samples=20, unit="latency", ratio=0.03, device="cpu")
+    config = ExperimentConfig(
+        procedure="train-prune",
+        model_spec="resnet20",
+        epochs=1,
+        finetune_epochs=0,
+        method="magnitude",
+        samples=20,
+        unit="latency",
+        ratio=0.03,
+        device="cpu",
+    )
     Experiment(config, tmp_path).run()
     profile = LatencyProfile.load(tmp_path / "analysis" / "latency.json")
     n_prunable = AnalysisResult.load(tmp_path / "analysis").n_prunable

@@ -1,4 +1,5 @@
 """Bad, careless and hostile input: nothing runs from data, every foreseeable failure is one line, jobs lose nothing."""
+
 import json
 import os
 import pickle
@@ -70,7 +71,12 @@ def test_a_stored_analysis_that_names_user_code_needs_trust(tmp_path, capsys):
     evil = tmp_path / "evil.py"
     evil.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\ndef f():\n    pass\n")
     out = tmp_path / "a"
-    assert main(["analyze", "--model", "resnet20", "--samples", "20", "--method", "magnitude", "--out", str(out)]) == 0
+    assert (
+        main(
+            ["analyze", "--model", "resnet20", "--samples", "20", "--method", "magnitude", "--out", str(out)]
+        )
+        == 0
+    )
     meta = json.loads((out / "analysis.json").read_text())
     meta["config"]["model_spec"] = f"{evil}:f"
     (out / "analysis.json").write_text(json.dumps(meta))
@@ -89,7 +95,9 @@ def test_csv_exports_neutralise_formulas():
     import pandas as pd
     from app.export import safe_csv
 
-    text = safe_csv(pd.DataFrame({"layer": ["=HYPERLINK(\"http://x\")", "conv1", "+1", "@a"], "v": [1, 2, 3, 4]}))
+    text = safe_csv(
+        pd.DataFrame({"layer": ['=HYPERLINK("http://x")', "conv1", "+1", "@a"], "v": [1, 2, 3, 4]})
+    )
     assert "'=HYPERLINK" in text and "\n'+1," in text and "\n'@a," in text and "\nconv1," in text
 
 
@@ -155,7 +163,9 @@ def truncated_analysis(path):
     from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
     from sosp_engine.nets.loading import open_workbench
 
-    run_analysis(open_workbench("resnet20", "digits"), AnalysisConfig(method="magnitude", samples=8)).save(path)
+    run_analysis(open_workbench("resnet20", "digits"), AnalysisConfig(method="magnitude", samples=8)).save(
+        path
+    )
     tensors = path / "tensors.pt"
     tensors.write_bytes(tensors.read_bytes()[:200])
     return path
@@ -166,31 +176,116 @@ BAD_INPUTS = {
     "empty weights path": lambda t: ["info", "--model", "resnet20", "--weights", ""],
     "nan weights": lambda t: ["info", "--model", "resnet20", "--weights", str(nan_checkpoint(t / "n.pt"))],
     "int weights": lambda t: ["info", "--model", "resnet20", "--weights", str(int_checkpoint(t / "i.pt"))],
-    "cuda without gpu": lambda t: ["analyze", "--model", "resnet20", "--samples", "8", "--device", "cuda", "--out", str(t / "o")],
-    "unknown device": lambda t: ["analyze", "--model", "resnet20", "--samples", "8", "--device", "foo", "--out", str(t / "o")],
-    "huge seed": lambda t: ["analyze", "--model", "resnet20", "--samples", "8", "--seed", str(2**70), "--out", str(t / "o")],
+    "cuda without gpu": lambda t: [
+        "analyze",
+        "--model",
+        "resnet20",
+        "--samples",
+        "8",
+        "--device",
+        "cuda",
+        "--out",
+        str(t / "o"),
+    ],
+    "unknown device": lambda t: [
+        "analyze",
+        "--model",
+        "resnet20",
+        "--samples",
+        "8",
+        "--device",
+        "foo",
+        "--out",
+        str(t / "o"),
+    ],
+    "huge seed": lambda t: [
+        "analyze",
+        "--model",
+        "resnet20",
+        "--samples",
+        "8",
+        "--seed",
+        str(2**70),
+        "--out",
+        str(t / "o"),
+    ],
     "zero width": lambda t: ["info", "--model", "resnet20x0"],
-    "mask is a folder": lambda t: ["prune", "--model", "resnet20", "--mask", str(t), "--save", str(t / "s.pt")],
-    "nan lr": lambda t: ["train", "--model", "resnet20", "--epochs", "1", "--lr", "nan", "--save", str(t / "w.pt")],
+    "mask is a folder": lambda t: [
+        "prune",
+        "--model",
+        "resnet20",
+        "--mask",
+        str(t),
+        "--save",
+        str(t / "s.pt"),
+    ],
+    "nan lr": lambda t: [
+        "train",
+        "--model",
+        "resnet20",
+        "--epochs",
+        "1",
+        "--lr",
+        "nan",
+        "--save",
+        str(t / "w.pt"),
+    ],
     "bottlenecks k nan": lambda t: ["bottlenecks", str(t / "none"), "-k", "nan"],
     "malformed analysis": lambda t: ["bottlenecks", str(t)],
     "os abort factory": lambda t: ["info", "--model", "os:abort"],
     "huge widths": lambda t: ["info", "--model", "resnet20:widths=100000,100000,100000"],
     "huge input shape": lambda t: ["info", "--model", "resnet20", "--data", "synthetic:3,100000,100000:10"],
     "cifar arrays of the wrong shape": lambda t: [
-        "info", "--model", "resnet20", "--data", f"cifar10:{cifar_folder(t / 'c', np.zeros((10, 100), np.uint8), list(range(10)))}"],
+        "info",
+        "--model",
+        "resnet20",
+        "--data",
+        f"cifar10:{cifar_folder(t / 'c', np.zeros((10, 100), np.uint8), list(range(10)))}",
+    ],
     "cifar labels out of range": lambda t: [
-        "info", "--model", "resnet20", "--data", f"cifar10:{cifar_folder(t / 'c', np.zeros((10, 3072), np.uint8), [50] * 10)}"],
+        "info",
+        "--model",
+        "resnet20",
+        "--data",
+        f"cifar10:{cifar_folder(t / 'c', np.zeros((10, 3072), np.uint8), [50] * 10)}",
+    ],
     "corrupt images in an image folder": lambda t: [
-        "analyze", "--model", "resnet20", "--data", f"imagefolder:{broken_image_folder(t / 'imgs')}", "--samples", "2",
-        "--out", str(t / "o")],
-    "out is a file": lambda t: ["analyze", "--model", "resnet20", "--samples", "8", "--out", str(empty_file(t / "f"))],
+        "analyze",
+        "--model",
+        "resnet20",
+        "--data",
+        f"imagefolder:{broken_image_folder(t / 'imgs')}",
+        "--samples",
+        "2",
+        "--out",
+        str(t / "o"),
+    ],
+    "out is a file": lambda t: [
+        "analyze",
+        "--model",
+        "resnet20",
+        "--samples",
+        "8",
+        "--out",
+        str(empty_file(t / "f")),
+    ],
     "mask keys of the wrong type": lambda t: [
-        "prune", "--model", "resnet20", "--mask", str(json_file(t / "m.json", {"format": "sosp-mask/1", "pruned": [1, 2]})),
-        "--save", str(t / "s.pt")],
+        "prune",
+        "--model",
+        "resnet20",
+        "--mask",
+        str(json_file(t / "m.json", {"format": "sosp-mask/1", "pruned": [1, 2]})),
+        "--save",
+        str(t / "s.pt"),
+    ],
     "truncated tensors": lambda t: ["bottlenecks", str(truncated_analysis(t / "a"))],
     "workspace is a file": lambda t: ["jobs", "list", "--workspace", str(empty_file(t / "ws"))],
-    "page-corrupted database": lambda t: ["jobs", "list", "--workspace", str(page_corrupted_workspace(t / "ws"))],
+    "page-corrupted database": lambda t: [
+        "jobs",
+        "list",
+        "--workspace",
+        str(page_corrupted_workspace(t / "ws")),
+    ],
 }
 
 
@@ -247,7 +342,9 @@ def test_an_analysis_out_of_memory_halves_its_batch_and_gives_the_same_result(mo
 
     def tight(method, inputs, *args, **kwargs):
         if inputs.batch_size > 8:
-            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"
+            )
         return real(method, inputs, *args, **kwargs)
 
     monkeypatch.setattr(analysis, "compute_saliency", tight)

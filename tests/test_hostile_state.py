@@ -1,5 +1,6 @@
 """Hostile input, second round: stored rows, links and files are data. They never run code, never steer a deletion,
 never hang the queue and never give a silently wrong answer."""
+
 import ast
 import json
 import socket
@@ -19,8 +20,20 @@ from sosp_engine.runs.jobs import is_stale, launch_pending, mark_stale_jobs, res
 from sosp_engine.nets import build_model
 from sosp_engine.runs.store import Store
 
-MARKDOWN_SINKS = {"error", "warning", "info", "success", "caption", "markdown", "title", "header", "subheader",
-                  "toast", "write", "expander"}
+MARKDOWN_SINKS = {
+    "error",
+    "warning",
+    "info",
+    "success",
+    "caption",
+    "markdown",
+    "title",
+    "header",
+    "subheader",
+    "toast",
+    "write",
+    "expander",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -40,8 +53,10 @@ def evil_file(tmp_path: Path) -> tuple[Path, Path]:
 def edit_job(store: Store, job_id: str, **fields) -> None:
     """What an attacker with the database does: rewrite a row behind the engine's back."""
     with sqlite3.connect(store.db_path) as conn:
-        conn.execute(f"UPDATE jobs SET {', '.join(f'{key} = ?' for key in fields)} WHERE id = ?",
-                     (*fields.values(), job_id))
+        conn.execute(
+            f"UPDATE jobs SET {', '.join(f'{key} = ?' for key in fields)} WHERE id = ?",
+            (*fields.values(), job_id),
+        )
 
 
 def queued_job(store: Store) -> str:
@@ -89,8 +104,12 @@ def test_resume_of_an_unconfirmed_user_code_job_needs_trust_code(tmp_path, capsy
     store = Store(tmp_path / "ws")
     evil, marker = evil_file(tmp_path)
     job_id = queued_job(store)
-    edit_job(store, job_id, status="failed", config=json.dumps({**store.job(job_id)["config"],
-                                                                 "model_spec": f"{evil}:f"}))
+    edit_job(
+        store,
+        job_id,
+        status="failed",
+        config=json.dumps({**store.job(job_id)["config"], "model_spec": f"{evil}:f"}),
+    )
     with pytest.raises(ModelSpecError, match="--trust-code"):
         resume(store, job_id, start=False)
     resume(store, job_id, start=False, trust_code=True)
@@ -187,7 +206,7 @@ def test_one_job_row_whose_config_is_not_json_does_not_hide_the_others(tmp_path,
 def test_a_starting_job_with_a_heartbeat_in_the_future_does_not_block_the_queue(tmp_path):
     store = Store(tmp_path / "ws")
     stuck, waiting = queued_job(store), queued_job(store)
-    edit_job(store, stuck, status="starting", heartbeat=time.time() + 10 ** 6)
+    edit_job(store, stuck, status="starting", heartbeat=time.time() + 10**6)
     assert stuck in mark_stale_jobs(store)
     assert store.job(stuck)["status"] == "failed" and store.job(waiting)["status"] == "queued"
 
@@ -195,8 +214,13 @@ def test_a_starting_job_with_a_heartbeat_in_the_future_does_not_block_the_queue(
 def test_a_running_job_whose_heartbeat_lies_in_the_future_is_stale():
     import os
 
-    job = {"status": "running", "backend": "local", "pid": os.getpid(), "heartbeat": time.time() + 3600,
-           "created": time.time()}
+    job = {
+        "status": "running",
+        "backend": "local",
+        "pid": os.getpid(),
+        "heartbeat": time.time() + 3600,
+        "created": time.time(),
+    }
     assert is_stale(job)
 
 
@@ -208,8 +232,10 @@ def _shows_as_text(node: ast.AST) -> bool:
     if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("plain", "len"):
         return True
     if isinstance(node, ast.JoinedStr):
-        return all(isinstance(v, ast.Constant) or v.format_spec is not None or _shows_as_text(v.value)
-                   for v in node.values)
+        return all(
+            isinstance(v, ast.Constant) or v.format_spec is not None or _shows_as_text(v.value)
+            for v in node.values
+        )
     if isinstance(node, ast.BinOp):
         return _shows_as_text(node.left) and _shows_as_text(node.right)
     if isinstance(node, ast.IfExp):
@@ -221,10 +247,15 @@ def test_every_markdown_sink_of_the_app_gets_user_text_through_plain():
     unsafe = []
     for path in sorted((ROOT / "app").glob("*.py")) + sorted((ROOT / "pages").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr in MARKDOWN_SINKS and not isinstance(node.func.value, ast.Constant)
-                    and getattr(node.func.value, "id", "") != "fh" and node.args
-                    and not _shows_as_text(node.args[0])):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in MARKDOWN_SINKS
+                and not isinstance(node.func.value, ast.Constant)
+                and getattr(node.func.value, "id", "") != "fh"
+                and node.args
+                and not _shows_as_text(node.args[0])
+            ):
                 unsafe.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert unsafe == []
 
@@ -236,15 +267,30 @@ def test_chart_titles_and_names_show_tags_as_text():
     from app.text import text_only
 
     name = '<a href="http://evil">click</a>'
-    fig = text_only(px.bar(pd.DataFrame({"run": [name], "acc": [1.0]}), x="run", y="acc", color="run", title=name))
+    fig = text_only(
+        px.bar(pd.DataFrame({"run": [name], "acc": [1.0]}), x="run", y="acc", color="run", title=name)
+    )
     assert "<a" not in fig.layout.title.text and "<a" not in fig.data[0].name and "<a" not in fig.data[0].x[0]
     assert text_only(fig).layout.title.text == fig.layout.title.text  # escaping twice changes nothing
 
 
 # --- counts are bounded by the machine and the data ------------------------------------------------------------------
 def test_more_analysis_samples_than_the_data_holds_is_a_clear_error(tmp_path, capsys):
-    code = main(["analyze", "--model", "resnet20", "--data", "synthetic:3,8,8:3", "--method", "magnitude",
-                 "--samples", "1000000000", "--out", str(tmp_path / "a")])
+    code = main(
+        [
+            "analyze",
+            "--model",
+            "resnet20",
+            "--data",
+            "synthetic:3,8,8:3",
+            "--method",
+            "magnitude",
+            "--samples",
+            "1000000000",
+            "--out",
+            str(tmp_path / "a"),
+        ]
+    )
     assert code == 2 and "holds 256" in capsys.readouterr().err
 
 
@@ -346,10 +392,14 @@ def test_a_file_size_limit_while_saving_is_named(tmp_path):
     import subprocess
     import sys
 
-    script = (f"import resource, torch\nresource.setrlimit(resource.RLIMIT_FSIZE, (200000, {resource.RLIM_INFINITY}))\n"
-              "from sosp_engine.atomic import save_atomically\n"
-              f"save_atomically({{'w': torch.zeros(200000)}}, {str(tmp_path / 'big.pt')!r})\n")
-    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    script = (
+        f"import resource, torch\nresource.setrlimit(resource.RLIMIT_FSIZE, (200000, {resource.RLIM_INFINITY}))\n"
+        "from sosp_engine.atomic import save_atomically\n"
+        f"save_atomically({{'w': torch.zeros(200000)}}, {str(tmp_path / 'big.pt')!r})\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert "ulimit -f" in run.stderr and not (tmp_path / "big.pt").exists()
 
 
@@ -456,8 +506,14 @@ def test_a_closed_pipe_ends_the_cli_quietly(tmp_path):
 
     store = Store(tmp_path / "ws")
     job_id = queued_job(store)
-    run = subprocess.run(f"{sys.executable} -m sosp_engine jobs show {job_id} --workspace {store.root} | head -1",
-                         shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        f"{sys.executable} -m sosp_engine jobs show {job_id} --workspace {store.root} | head -1",
+        shell=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.stdout.strip() == "{" and "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr
 
 
@@ -465,9 +521,11 @@ def test_a_closed_pipe_ends_the_cli_quietly(tmp_path):
 def _websocket_status(url: str, host: str, origin: str) -> str:
     """The status line the app's WebSocket endpoint answers to an upgrade request with these Host and Origin."""
     port = int(url.rsplit(":", 1)[1])
-    request = (f"GET /_stcore/stream HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\nUpgrade: websocket\r\n"
-               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-               "Sec-WebSocket-Protocol: streamlit\r\n\r\n")
+    request = (
+        f"GET /_stcore/stream HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Protocol: streamlit\r\n\r\n"
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
         conn.sendall(request.encode())
         return conn.recv(4096).decode(errors="replace").split("\r\n")[0]

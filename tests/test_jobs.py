@@ -25,7 +25,9 @@ def wait_for(store, job_id, predicate, timeout=180):
 
 
 def tiny(procedure="train-prune", epochs=1, **kw):
-    return ExperimentConfig(procedure=procedure, model_spec="resnet20", epochs=epochs, finetune_epochs=1, samples=50, **kw)
+    return ExperimentConfig(
+        procedure=procedure, model_spec="resnet20", epochs=epochs, finetune_epochs=1, samples=50, **kw
+    )
 
 
 def test_a_job_runs_in_its_own_process_and_reports_progress(tmp_path):
@@ -36,7 +38,9 @@ def test_a_job_runs_in_its_own_process_and_reports_progress(tmp_path):
     assert job["progress"] == 1.0 and job["result"]["test_acc"] is not None
     assert {m["stage"] for m in store.metrics(job_id)} == {"train", "finetune"}
     assert "done" in read_log(store, job_id)
-    [analysis] = store.analyses()  # the job's analysis opens on the analysis pages, on the job's trained weights
+    [analysis] = (
+        store.analyses()
+    )  # the job's analysis opens on the analysis pages, on the job's trained weights
     assert analysis["name"].endswith("(analysis)") and analysis["config"]["weights"].endswith("trained.pt")
 
 
@@ -71,7 +75,9 @@ def test_a_job_whose_process_died_is_detected_and_resumable(tmp_path):
     job_id = store.add_job("train", "dead", tiny("train", epochs=1).__dict__)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    store.update_job(job_id, status="running", pid=dead.pid, heartbeat=time.time() - 3600, started=time.time() - 3600)
+    store.update_job(
+        job_id, status="running", pid=dead.pid, heartbeat=time.time() - 3600, started=time.time() - 3600
+    )
     assert mark_stale_jobs(store) == [job_id]
     assert "process died" in store.job(job_id)["error"]
     resume(store, job_id)
@@ -93,8 +99,25 @@ def test_jobs_cli_submits_lists_shows_and_logs(tmp_path, capsys):
     from sosp_engine.cli.main import main
 
     ws = str(tmp_path / "ws")
-    assert main(["jobs", "submit", "--procedure", "train", "--model", "resnet20", "--epochs", "1", "--name", "cli job",
-                 "--workspace", ws]) == 0
+    assert (
+        main(
+            [
+                "jobs",
+                "submit",
+                "--procedure",
+                "train",
+                "--model",
+                "resnet20",
+                "--epochs",
+                "1",
+                "--name",
+                "cli job",
+                "--workspace",
+                ws,
+            ]
+        )
+        == 0
+    )
     job_id = json.loads(capsys.readouterr().out)["job"]
     job = wait_for(Store(ws), job_id, lambda j: j["status"] in ("done", "failed"))
     assert job["status"] == "done"
@@ -140,9 +163,14 @@ def test_a_long_queued_job_being_launched_is_not_taken_for_a_dead_one(tmp_path):
     assert store.job(job_id)["status"] == "starting"
 
 
-@pytest.mark.parametrize("change, message", [({"model_spec": "nosuchnet"}, "nosuchnet"),
-                                             ({"data_spec": "cifar10:/nonexistent"}, "/nonexistent"),
-                                             ({"weights": "/nonexistent.pt"}, "/nonexistent.pt")])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model_spec": "nosuchnet"}, "nosuchnet"),
+        ({"data_spec": "cifar10:/nonexistent"}, "/nonexistent"),
+        ({"weights": "/nonexistent.pt"}, "/nonexistent.pt"),
+    ],
+)
 def test_a_job_with_a_bad_model_data_or_weights_is_refused_at_submit(tmp_path, change, message):
     store = Store(tmp_path)
     with pytest.raises(SospError, match=message):
@@ -155,7 +183,9 @@ def test_a_killed_job_process_fails_its_job_at_once_with_the_reason(tmp_path):
     job_id = submit(store, tiny("train", epochs=6))
     job = wait_for(store, job_id, lambda j: j["status"] == "running" and j["pid"])
     os.kill(job["pid"], signal.SIGKILL)
-    job = wait_for(store, job_id, lambda j: j["status"] == "failed", timeout=10)  # well before the 20 s stale check
+    job = wait_for(
+        store, job_id, lambda j: j["status"] == "failed", timeout=10
+    )  # well before the 20 s stale check
     assert "killed by signal 9" in job["error"] and "resume" in job["error"]
     resume(store, job_id)
     assert wait_for(store, job_id, lambda j: j["status"] in ("done", "failed"))["status"] == "done"
@@ -186,10 +216,14 @@ training.save_atomically = _save_then_die
 '''
 
 
-def test_kills_right_after_an_epochs_checkpoint_lands_lose_no_epoch_and_record_none_twice(tmp_path, monkeypatch):
+def test_kills_right_after_an_epochs_checkpoint_lands_lose_no_epoch_and_record_none_twice(
+    tmp_path, monkeypatch
+):
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(KILL_AFTER_CHECKPOINT)  # runs in the job's process, before its work
+    (hook / "sitecustomize.py").write_text(
+        KILL_AFTER_CHECKPOINT
+    )  # runs in the job's process, before its work
     monkeypatch.setenv("PYTHONPATH", f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     monkeypatch.setenv("SOSP_TEST_KILL_MARK", str(tmp_path / "killed"))
     monkeypatch.setenv("SOSP_TEST_KILL_EPOCHS", "1,3")
@@ -209,12 +243,19 @@ def test_a_full_disk_fails_the_job_naming_it_and_the_workspace_stays_readable(tm
 
     small = tmp_path / "small"
     small.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
-                                                   capture_output=True).returncode == 0
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True
+        ).returncode
+        == 0
+    )
     if not mounted:
         pytest.skip("filling a real disk needs root and a mountable tmpfs")
     try:
-        store = Store(small / "ws")  # 1 MB: the database and the log fit, a ResNet-20 checkpoint (2 MB) does not
+        store = Store(
+            small / "ws"
+        )  # 1 MB: the database and the log fit, a ResNet-20 checkpoint (2 MB) does not
         job_id = submit(store, tiny("train", epochs=2))
         deadline = time.time() + 180
         while time.time() < deadline:

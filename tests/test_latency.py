@@ -1,4 +1,5 @@
 """The latency target unit: a profile measured along the pruning order, and the shortest prefix that reaches a target."""
+
 import json
 
 import pytest
@@ -8,9 +9,14 @@ from sosp_engine.cli.main import main
 from sosp_engine.errors import AnalysisError
 from sosp_engine.latency import profile as latency
 from sosp_engine.pruning import masks
-from sosp_engine.latency.profile import REFINE_POINTS, LatencyProfile, measure_profile, refine_profile, stored_profile
+from sosp_engine.latency.profile import (
+    REFINE_POINTS,
+    LatencyProfile,
+    measure_profile,
+    refine_profile,
+    stored_profile,
+)
 from sosp_engine.nets.loading import open_workbench
-
 
 
 def profile(prefixes=(0, 10, 20), relative=(1.0, 0.8, 0.5)) -> LatencyProfile:
@@ -35,8 +41,9 @@ def test_a_latency_reduction_beyond_the_measured_one_is_a_clear_error():
 def test_the_profile_runs_from_the_unpruned_net_to_the_last_prunable_prefix_and_reloads(tmp_path):
     wb = open_workbench("resnet20", "synthetic:3,8,8:10")
     result = run_analysis(wb, AnalysisConfig(method="magnitude", samples=8))
-    curve = measure_profile(wb.model, wb.structures, result.ordered_keys(), result.n_prunable, wb.example,
-                            points=3, repeats=2)
+    curve = measure_profile(
+        wb.model, wb.structures, result.ordered_keys(), result.n_prunable, wb.example, points=3, repeats=2
+    )
     assert curve.prefixes[0] == 0 and curve.relative[0] == 1.0 and curve.prefixes[-1] == result.n_prunable
     assert len(curve.prefixes) == 3 and all(r > 0 for r in curve.relative) and curve.reference_seconds > 0
     assert LatencyProfile.load(curve.save(tmp_path / "latency.json")) == curve
@@ -45,9 +52,32 @@ def test_the_profile_runs_from_the_unpruned_net_to_the_last_prunable_prefix_and_
 def test_analyze_with_a_latency_target_writes_the_profile_and_the_mask_it_predicts(tmp_path, capsys):
     out = tmp_path / "a"
     # a small target at a batch where convolutions, not Python overhead, set the latency: a loaded machine still reaches it
-    assert main(["analyze", "--model", "resnet20", "--data", "synthetic:3,16,16:10", "--method", "magnitude",
-                 "--samples", "8", "--unit", "latency", "--ratio", "0.05", "--latency-batch", "16",
-                 "--latency-points", "4", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--model",
+                "resnet20",
+                "--data",
+                "synthetic:3,16,16:10",
+                "--method",
+                "magnitude",
+                "--samples",
+                "8",
+                "--unit",
+                "latency",
+                "--ratio",
+                "0.05",
+                "--latency-batch",
+                "16",
+                "--latency-points",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "less measured (target 5.0%, predicted" in capsys.readouterr().out
     curve = LatencyProfile.load(out / "latency.json")
     mask = json.loads((out / "mask.json").read_text())
@@ -59,8 +89,11 @@ def measured_at(monkeypatch, curve) -> list[int]:
     """Stand-ins for pruning and timing: the 'net' is its prefix length, its latency `curve(k)`; returns the timed ks."""
     timed = []
     monkeypatch.setattr(masks, "pruned_copy", lambda model, structures, mask, example: len(mask))
-    monkeypatch.setattr(latency, "relative_latency",
-                        lambda net, ref, example, device, batch, repeats: timed.append(net) or (0.0, curve(net)))
+    monkeypatch.setattr(
+        latency,
+        "relative_latency",
+        lambda net, ref, example, device, batch, repeats: timed.append(net) or (0.0, curve(net)),
+    )
     return timed
 
 

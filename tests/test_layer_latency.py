@@ -1,5 +1,6 @@
 """The latency normalisation: per-layer seconds per channel measured on the device, and an order ranked by saliency per
 second saved."""
+
 import pytest
 import torch
 from torch import nn
@@ -8,7 +9,12 @@ from sosp_engine.saliency import analysis
 from sosp_engine.saliency.analysis import AnalysisConfig, AnalysisResult, run_analysis
 from sosp_engine.cli.main import main
 from sosp_engine.errors import AnalysisError
-from sosp_engine.latency.layers import COST_FLOOR_SHARE, LayerLatency, measure_layer_latency, saved_per_channel
+from sosp_engine.latency.layers import (
+    COST_FLOOR_SHARE,
+    LayerLatency,
+    measure_layer_latency,
+    saved_per_channel,
+)
 from sosp_engine.nets.loading import open_workbench
 from sosp_engine.saliency.selection import order_by_saliency
 from sosp_engine.pruning.structures import find_structures
@@ -17,9 +23,17 @@ from sosp_engine.pruning.surgery import resized_module
 
 def tiny_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 4),
+    )
 
 
 def table_for(structures, per_channel) -> LayerLatency:
@@ -31,7 +45,9 @@ def test_every_conv_linear_and_norm_is_timed_with_each_channel_dimension_halved(
     model, example = tiny_net().eval(), torch.randn(1, 3, 8, 8)
     structures = find_structures(model, example)
     table = measure_layer_latency(model, structures, example, batch=4, repeats=2, warmup=1)
-    assert table.unmeasured == [] and table.batch == 4 and len(table.per_channel) == 2 * len(structures.modules)
+    assert (
+        table.unmeasured == [] and table.batch == 4 and len(table.per_channel) == 2 * len(structures.modules)
+    )
     assert all(s > 0 for s in table.seconds)
     # conv 0's outputs, norm 1, conv 3's inputs and outputs, norm 4, the linear head's inputs (a norm has one dimension)
     assert table.timed_dimensions == 6
@@ -45,13 +61,17 @@ def test_only_channel_dimensions_some_structure_narrows_are_timed_in_the_models_
     table = measure_layer_latency(model, structures, example, repeats=1, warmup=0)
     slopes = dict(zip(table.modules, zip(table.per_channel[0::2], table.per_channel[1::2])))
     assert table.unmeasured == [] and table.timed_dimensions == 6
-    assert slopes["0"][0] == 0.0 and slopes["8"][1] == 0.0  # the image's channels and the classes are never pruned
+    assert (
+        slopes["0"][0] == 0.0 and slopes["8"][1] == 0.0
+    )  # the image's channels and the classes are never pruned
 
 
 def test_a_structures_seconds_sum_its_channels_slopes_over_every_module_it_narrows():
     model, example = tiny_net().eval(), torch.randn(1, 3, 8, 8)
     structures = find_structures(model, example)
-    per_channel = torch.rand(2 * len(structures.modules), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    per_channel = torch.rand(
+        2 * len(structures.modules), dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
     saved = table_for(structures, per_channel.tolist()).structure_seconds(structures)
     assert torch.allclose(saved, structures.removal @ per_channel)
 
@@ -61,7 +81,9 @@ def test_a_structure_measured_slower_when_removed_costs_the_floor_and_ranks_last
     structures = find_structures(model, example)
     per_channel = [1e-4] * (2 * len(structures.modules))
     second = [m.name for m in structures.modules].index("3")
-    per_channel[2 * second + 1] = -1.0  # halving conv "3"'s outputs measured slower (a library's narrow kernel)
+    per_channel[
+        2 * second + 1
+    ] = -1.0  # halving conv "3"'s outputs measured slower (a library's narrow kernel)
     saved = table_for(structures, per_channel).structure_seconds(structures)
     slower = structures.removal[:, 2 * second + 1] > 0
     assert bool((saved[slower] == COST_FLOOR_SHARE * saved[~slower].mean()).all())
@@ -122,19 +144,29 @@ def test_resizing_keeps_a_conv1d_its_kind_and_settings():
     assert (conv.kernel_size, conv.stride, conv.padding, conv.bias) == ((5,), (2,), (2,), None)
 
 
-def test_an_analysis_normalised_by_latency_times_the_layers_once_and_stores_its_setting(tmp_path, monkeypatch):
+def test_an_analysis_normalised_by_latency_times_the_layers_once_and_stores_its_setting(
+    tmp_path, monkeypatch
+):
     calls = []
-    monkeypatch.setattr(analysis, "measure_layer_latency",
-                        lambda *a, **k: calls.append(a[4]) or measure_layer_latency(*a, **k, repeats=1, warmup=0))
+    monkeypatch.setattr(
+        analysis,
+        "measure_layer_latency",
+        lambda *a, **k: calls.append(a[4]) or measure_layer_latency(*a, **k, repeats=1, warmup=0),
+    )
     wb = open_workbench("resnet20", "synthetic:3,8,8:10")
-    config = AnalysisConfig(method="sosp-h", samples=8, batch_size=4, normalize="latency", latency_batch=2,
-                            memory_budget_gb=4.0)
+    config = AnalysisConfig(
+        method="sosp-h", samples=8, batch_size=4, normalize="latency", latency_batch=2, memory_budget_gb=4.0
+    )
     result = run_analysis(wb, config)
     assert result.timings["layer_latency"] > 0 and calls == [2]  # not again for each memory probe
     assert "at batch 2" in result.layer_latency and "resolved above the timing noise" in result.layer_latency
     assert sorted(result.pruning_order.tolist()) == list(range(wb.structures.num_structures))
     again = AnalysisResult.load(result.save(tmp_path / "a"))
-    assert (again.config.normalize, again.config.latency_batch, again.config.latency_device) == ("latency", 2, None)
+    assert (again.config.normalize, again.config.latency_batch, again.config.latency_device) == (
+        "latency",
+        2,
+        None,
+    )
     assert again.layer_latency == result.layer_latency
 
 
@@ -145,7 +177,27 @@ def test_a_latency_batch_below_one_is_refused():
 
 def test_analyze_normalised_by_latency_times_on_the_latency_device_and_batch(tmp_path):
     out = tmp_path / "a"
-    assert main(["analyze", "--model", "resnet20", "--data", "synthetic:3,8,8:10", "--samples", "8",
-                 "--normalize", "latency", "--latency-device", "cpu", "--latency-batch", "3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--model",
+                "resnet20",
+                "--data",
+                "synthetic:3,8,8:10",
+                "--samples",
+                "8",
+                "--normalize",
+                "latency",
+                "--latency-device",
+                "cpu",
+                "--latency-batch",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     config = AnalysisResult.load(out).config
     assert (config.normalize, config.latency_device, config.latency_batch) == ("latency", "cpu", 3)

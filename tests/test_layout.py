@@ -1,4 +1,5 @@
 """The house: the engine's rooms import each other one way only, and importing it pulls in no optional dependency."""
+
 import ast
 import subprocess
 import sys
@@ -24,8 +25,11 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            base = ".".join(package[:len(package) - node.level + 1] + [node.module or ""]).strip(".") \
-                if node.level else node.module or ""
+            base = (
+                ".".join(package[: len(package) - node.level + 1] + [node.module or ""]).strip(".")
+                if node.level
+                else node.module or ""
+            )
             candidates = [base] + [f"{base}.{alias.name}" for alias in node.names]
         elif isinstance(node, ast.Import):
             candidates = [alias.name for alias in node.names]
@@ -62,8 +66,10 @@ def test_the_engine_lives_in_rooms_with_a_few_foundations_at_the_top():
 
 
 def test_importing_the_engine_and_its_public_names_pulls_in_no_optional_dependency():
-    probe = ("import sys\nfrom sosp_engine import *\nimport sosp_engine.cli.main\n"
-             f"print([m for m in {OPTIONAL!r} if m in sys.modules])")
+    probe = (
+        "import sys\nfrom sosp_engine import *\nimport sosp_engine.cli.main\n"
+        f"print([m for m in {OPTIONAL!r} if m in sys.modules])"
+    )
     run = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"

@@ -5,7 +5,14 @@ import torch
 
 from conftest import random_mask
 from sosp_engine.errors import MaskError
-from sosp_engine.pruning.masks import compare_masks, layer_table, load_mask, mask_summary, save_mask, zeroed_copy
+from sosp_engine.pruning.masks import (
+    compare_masks,
+    layer_table,
+    load_mask,
+    mask_summary,
+    save_mask,
+    zeroed_copy,
+)
 from sosp_engine.nets import build_model
 from sosp_engine.pruning.structures import find_structures
 
@@ -20,7 +27,9 @@ def resnet():
 
 def test_layer_table_counts_kept_and_pruned_channels(resnet):
     _, structures = resnet
-    table = layer_table(structures, {"layer1.0.conv1:0", "layer1.0.conv1:1", "layer1.0.conv1:2", "layer1.0.conv1:3"})
+    table = layer_table(
+        structures, {"layer1.0.conv1:0", "layer1.0.conv1:1", "layer1.0.conv1:2", "layer1.0.conv1:3"}
+    )
     row = table.set_index("layer").loc["layer1.0.conv1"]
     assert (row.channels, row.kept, row.pruned, row.pruning_ratio) == (16, 12, 4, 0.25)
     assert row.params_after == 12 * 16 * 9 + 2 * 12 and row.params_before == 16 * 16 * 9 + 2 * 16
@@ -65,7 +74,10 @@ def test_compare_reports_the_params_and_macs_each_mask_removes(resnet):
     _, overall = compare_masks(structures, a, b)
     summary_a, summary_b = mask_summary(structures, a), mask_summary(structures, b)
     assert overall["param_ratio_a"] == pytest.approx(summary_a["param_ratio"])
-    assert overall["mac_ratio_b"] == pytest.approx(summary_b["mac_ratio"]) and overall["mac_ratio_b"] > overall["mac_ratio_a"]
+    assert (
+        overall["mac_ratio_b"] == pytest.approx(summary_b["mac_ratio"])
+        and overall["mac_ratio_b"] > overall["mac_ratio_a"]
+    )
 
 
 def test_mask_json_round_trip(tmp_path, resnet):
@@ -93,7 +105,9 @@ def test_mask_for_another_architecture_is_refused(tmp_path, resnet):
         load_mask(path, vgg)
 
 
-@pytest.mark.parametrize("content,fragment", [("{not json", "not valid JSON"), ('{"a": 1}', "not a SOSP Lab mask")])
+@pytest.mark.parametrize(
+    "content,fragment", [("{not json", "not valid JSON"), ('{"a": 1}', "not a SOSP Lab mask")]
+)
 def test_bad_mask_files_are_refused(tmp_path, content, fragment):
     (tmp_path / "m.json").write_text(content)
     with pytest.raises(MaskError, match=fragment):

@@ -1,12 +1,20 @@
 """The memory budget: peak tensor bytes followed exactly, a per-sample fit that predicts a real analysis, the batch it allows."""
+
 import pytest
 import torch
 
 from sosp_engine.saliency.analysis import AnalysisConfig, compute_saliency, run_analysis
 from sosp_engine.cli.main import main
 from sosp_engine.nets.loading import open_workbench
-from sosp_engine.saliency.memory import (MATRIX, MemoryBudgetError, MemoryEstimate, PeakTensorBytes, default_budget,
-                                memory_phase, probe)
+from sosp_engine.saliency.memory import (
+    MATRIX,
+    MemoryBudgetError,
+    MemoryEstimate,
+    PeakTensorBytes,
+    default_budget,
+    memory_phase,
+    probe,
+)
 from sosp_engine.saliency.common import AnalysisInputs
 
 CPU = torch.device("cpu")
@@ -36,6 +44,7 @@ def _known_workload(sizes: list[int]):
         kept = torch.zeros(250_000)  # 1 MB whatever the batch
         per_sample = torch.zeros(n, 25_000)  # 100 kB a sample, alive at the same time
         assert kept.numel() and per_sample.numel()
+
     return workload
 
 
@@ -90,7 +99,9 @@ def test_the_estimate_predicts_the_peak_of_the_analysis_at_a_larger_batch(method
     x, y = torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.arange(48) % 10
 
     def run(n: int) -> None:
-        compute_saliency(method, AnalysisInputs(model, wb.structures, x[:n], y[:n], "cross-entropy", n), 0.95, "none")
+        compute_saliency(
+            method, AnalysisInputs(model, wb.structures, x[:n], y[:n], "cross-entropy", n), 0.95, "none"
+        )
 
     estimate = probe(run, CPU, largest=48)
     with PeakTensorBytes() as tracker:
@@ -100,14 +111,18 @@ def test_the_estimate_predicts_the_peak_of_the_analysis_at_a_larger_batch(method
 
 def test_an_analysis_under_a_small_budget_takes_a_smaller_batch_and_says_so():
     wb = open_workbench("resnet20", "digits")
-    result = run_analysis(wb, AnalysisConfig(method="sosp-h", samples=64, batch_size=64, memory_budget_gb=0.02))
+    result = run_analysis(
+        wb, AnalysisConfig(method="sosp-h", samples=64, batch_size=64, memory_budget_gb=0.02)
+    )
     assert result.config.batch_size == result.memory["batch"] < 64
     assert result.memory["estimated_peak_bytes"] <= 0.02 * 2**30 and "MiB per sample" in result.memory["line"]
 
 
 def test_a_small_batch_is_probed_too_so_a_budget_holds_for_it():
     wb = open_workbench("resnet20", "digits")
-    result = run_analysis(wb, AnalysisConfig(method="sosp-h", samples=16, batch_size=8, memory_budget_gb=0.003))
+    result = run_analysis(
+        wb, AnalysisConfig(method="sosp-h", samples=16, batch_size=8, memory_budget_gb=0.003)
+    )
     assert 1 < result.config.batch_size < 8 and result.memory["estimated_peak_bytes"] <= 0.003 * 2**30
 
 

@@ -1,4 +1,5 @@
 """The conformance matrix's checks on a few small real zoo models (the full matrix: `python bench/model_matrix.py`)."""
+
 import sys
 
 import pytest
@@ -26,7 +27,9 @@ def test_sosp_i_says_when_its_matrix_cannot_fit(monkeypatch):
     from sosp_engine.saliency import sosp_i
 
     monkeypatch.setattr(sosp_i, "available_memory", lambda device: 2**30)
-    with pytest.raises(AnalysisError, match=r"S = 100,000 structures: 37\.3 GiB in float32, but only 1\.0 GiB"):
+    with pytest.raises(
+        AnalysisError, match=r"S = 100,000 structures: 37\.3 GiB in float32, but only 1\.0 GiB"
+    ):
         sosp_i.matrix_dtype(100_000, torch.device("cpu"))
 
 

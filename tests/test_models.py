@@ -13,7 +13,9 @@ def test_resnet56_has_the_papers_parameter_count():
     assert n_params(build_model("resnet56")) == 855_770
 
 
-@pytest.mark.parametrize("spec,low,high", [("vgg19", 19.9e6, 20.1e6), ("densenet40", 1.0e6, 1.1e6), ("resnet20", 0.27e6, 0.28e6)])
+@pytest.mark.parametrize(
+    "spec,low,high", [("vgg19", 19.9e6, 20.1e6), ("densenet40", 1.0e6, 1.1e6), ("resnet20", 0.27e6, 0.28e6)]
+)
 def test_zoo_models_match_published_sizes(spec, low, high):
     assert low <= n_params(build_model(spec)) <= high
 
@@ -67,14 +69,17 @@ def test_a_factory_of_an_installed_package_is_refused_unimported():
         build_model("torch.nn:Identity")
 
 
-@pytest.mark.parametrize("spec,fragment", [
-    ("resnet57", "unknown model"),
-    ("torchvision:not_a_net", "torchvision has no model"),
-    ("/nonexistent/file.py:build", "does not exist"),
-    ("resnet20:widths=16,32", "3 stages"),
-    ("resnet20:depth=4", "unknown model option"),
-    ("tests.fixtures.user_model:not_there", "no callable"),
-])
+@pytest.mark.parametrize(
+    "spec,fragment",
+    [
+        ("resnet57", "unknown model"),
+        ("torchvision:not_a_net", "torchvision has no model"),
+        ("/nonexistent/file.py:build", "does not exist"),
+        ("resnet20:widths=16,32", "3 stages"),
+        ("resnet20:depth=4", "unknown model option"),
+        ("tests.fixtures.user_model:not_there", "no callable"),
+    ],
+)
 def test_bad_model_specs_fail_clearly(spec, fragment):
     with pytest.raises(ModelSpecError, match=fragment):
         build_model(spec)

@@ -1,4 +1,5 @@
 """Analyses run CUDA convolutions and matrix products in IEEE float32, not TF32, and give the user's setting back."""
+
 import threading
 
 import pytest
@@ -93,8 +94,9 @@ def recording_inputs() -> AnalysisInputs:
     return AnalysisInputs(model, structures, x, torch.randint(0, 3, (6,)), "cross-entropy", 3)
 
 
-@pytest.mark.parametrize("step", [not_scaling, sosp_h_terms, gauss_newton_terms],
-                         ids=["exact-scaling check", "sosp-h", "sosp-i"])
+@pytest.mark.parametrize(
+    "step", [not_scaling, sosp_h_terms, gauss_newton_terms], ids=["exact-scaling check", "sosp-h", "sosp-i"]
+)
 def test_each_analysis_step_runs_its_convolutions_in_ieee_float32(step):
     inputs = recording_inputs()
     step(inputs)

@@ -1,4 +1,5 @@
 """Jobs and studies on a real local Ray cluster (`ray start --head`, 2 CPUs): the store stays the one record."""
+
 import os
 import signal
 import socket
@@ -31,8 +32,25 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     port = free_port()
-    subprocess.run([RAY, "start", "--head", "--port", str(port), "--num-cpus", "2", "--num-gpus", "0",
-                    "--include-dashboard", "false", "--disable-usage-stats"], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--port",
+            str(port),
+            "--num-cpus",
+            "2",
+            "--num-gpus",
+            "0",
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         yield Placement("ray", f"127.0.0.1:{port}", str(tmp_path_factory.mktemp("shared")))
     finally:
@@ -42,6 +60,7 @@ def cluster(tmp_path_factory):
 
 def drained_until(store, job_id, predicate, timeout=240):
     """The dashboard's loop: drain the cluster's events into the store until the job's record says `predicate`."""
+
     def drained(_):
         mark_stale_jobs(store)
         return predicate(store.job(job_id))
@@ -51,7 +70,9 @@ def drained_until(store, job_id, predicate, timeout=240):
 
 
 def job_config(epochs=2, **kw):
-    return ExperimentConfig(procedure="train", model_spec="resnet20", epochs=epochs, batch_size=32, device="cpu", **kw)
+    return ExperimentConfig(
+        procedure="train", model_spec="resnet20", epochs=epochs, batch_size=32, device="cpu", **kw
+    )
 
 
 def test_a_job_on_the_cluster_finishes_and_its_metrics_reach_the_store(tmp_path, cluster):
@@ -59,8 +80,13 @@ def test_a_job_on_the_cluster_finishes_and_its_metrics_reach_the_store(tmp_path,
     job_id = submit(store, job_config(data_spec="synthetic:3,8,8:10"), placement=cluster)
     # another process (a restarted dashboard, the CLI) finds the running job by its id and drains it
     for _ in range(60):
-        out = subprocess.run([sys.executable, "-m", "sosp_engine", "jobs", "show", job_id, "--workspace", str(tmp_path)],
-                             capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+        out = subprocess.run(
+            [sys.executable, "-m", "sosp_engine", "jobs", "show", job_id, "--workspace", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=Path(__file__).parent.parent,
+        )
         if '"status": "done"' in out.stdout or '"status": "failed"' in out.stdout:
             break
     job = store.job(job_id)
@@ -81,7 +107,9 @@ def test_a_job_cancelled_mid_epoch_on_the_cluster_is_cancelled(tmp_path, cluster
     assert len(store.metrics(job_id)) < 50
 
 
-def test_a_worker_killed_mid_epoch_leaves_the_job_failed_and_resumable_with_each_epoch_once(tmp_path, cluster):
+def test_a_worker_killed_mid_epoch_leaves_the_job_failed_and_resumable_with_each_epoch_once(
+    tmp_path, cluster
+):
     store = Store(tmp_path)
     job_id = submit(store, job_config(epochs=4), placement=cluster)
     job = drained_until(store, job_id, lambda j: len(store.metrics(job_id)) >= 1)
@@ -99,8 +127,16 @@ def test_a_study_of_four_cells_runs_two_at_a_time_on_two_cpus(tmp_path, cluster)
     weights = tmp_path / "init.pt"
     torch.manual_seed(0)
     torch.save(build_model("resnet20", 10, 1).state_dict(), weights)
-    config = StudyConfig(model_spec="resnet20", methods=["magnitude", "random"], targets=[0.3, 0.6], seeds=[0],
-                         weights=str(weights), finetune_epochs=1, samples=50, device="cpu")
+    config = StudyConfig(
+        model_spec="resnet20",
+        methods=["magnitude", "random"],
+        targets=[0.3, 0.6],
+        seeds=[0],
+        weights=str(weights),
+        finetune_epochs=1,
+        samples=50,
+        device="cpu",
+    )
     job_id = submit_study(store, config, placement=cluster)
     job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"), timeout=400)
     assert job["status"] == "done", (job["error"], read_log(store, job_id))
@@ -116,8 +152,18 @@ def test_a_study_of_four_cells_runs_two_at_a_time_on_two_cpus(tmp_path, cluster)
 
 def test_a_study_trains_its_seeds_in_parallel_and_their_epochs_reach_the_store(tmp_path, cluster):
     store = Store(tmp_path)
-    config = StudyConfig(model_spec="resnet20", data_spec="synthetic:3,8,8:10", methods=["magnitude"], targets=[0.5],
-                         seeds=[0, 1], epochs=2, finetune_epochs=0, samples=20, batch_size=64, device="cpu")
+    config = StudyConfig(
+        model_spec="resnet20",
+        data_spec="synthetic:3,8,8:10",
+        methods=["magnitude"],
+        targets=[0.5],
+        seeds=[0, 1],
+        epochs=2,
+        finetune_epochs=0,
+        samples=20,
+        batch_size=64,
+        device="cpu",
+    )
     job_id = submit_study(store, config, placement=cluster)
     job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"), timeout=400)
     assert job["status"] == "done", (job["error"], read_log(store, job_id))
@@ -131,17 +177,29 @@ def test_an_expand_study_fans_its_runs_out_and_their_epochs_reach_the_store(tmp_
     from sosp_engine.runs.jobs import submit_expand_study
 
     store = Store(tmp_path)
-    config = ExpandStudyConfig(model_spec="resnet20:widths=4,8,16", data_spec="synthetic:3,8,8:10",
-                               procedures=["train-prune", "widen-prune"], trials=2, epochs=1, finetune_epochs=1,
-                               samples=20, batch_size=64, device="cpu")
+    config = ExpandStudyConfig(
+        model_spec="resnet20:widths=4,8,16",
+        data_spec="synthetic:3,8,8:10",
+        procedures=["train-prune", "widen-prune"],
+        trials=2,
+        epochs=1,
+        finetune_epochs=1,
+        samples=20,
+        batch_size=64,
+        device="cpu",
+    )
     job_id = submit_expand_study(store, config, placement=cluster)
     job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"), timeout=400)
     assert job["status"] == "done", (job["error"], read_log(store, job_id))
     state = expand_state(job)
     assert len(state["runs"]) == 4 and all(r["node"] for r in state["runs"]) and state["plan"]["widen"]
     stages = {m["stage"] for m in store.metrics(job_id) if m["stage"] != "run"}
-    assert {"train-prune/trial0 train", "train-prune/trial1 train", "widen-prune/trial0 train",
-            "widen-prune/trial1 finetune"} <= stages
+    assert {
+        "train-prune/trial0 train",
+        "train-prune/trial1 train",
+        "widen-prune/trial0 train",
+        "widen-prune/trial1 finetune",
+    } <= stages
 
 
 def test_a_lost_job_host_fails_the_job_with_the_reason_and_resume_runs_it_again(tmp_path, cluster):

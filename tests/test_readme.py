@@ -1,4 +1,5 @@
 """The README's command-line session runs as written (with tiny epochs and samples), in order, in a fresh folder."""
+
 import os
 import re
 import shlex
@@ -9,8 +10,15 @@ import time
 from conftest import ROOT
 from sosp_engine.runs.store import Store
 
-TINY = {"--epochs": "1", "--samples": "40", "--points": "3", "--finetune-epochs": "0", "--seeds": "0",
-        "--targets": "0.5", "--trials": "1"}
+TINY = {
+    "--epochs": "1",
+    "--samples": "40",
+    "--points": "3",
+    "--finetune-epochs": "0",
+    "--seeds": "0",
+    "--targets": "0.5",
+    "--trials": "1",
+}
 
 
 def readme_commands() -> list[list[str]]:
@@ -36,7 +44,11 @@ def test_every_readme_command_runs_as_written(tmp_path):
     store = Store(tmp_path / "workspace")
     for job in store.jobs():
         deadline = time.time() + 300
-        while store.job(job["id"])["status"] not in ("done", "failed", "cancelled") and time.time() < deadline:
+        while (
+            store.job(job["id"])["status"] not in ("done", "failed", "cancelled") and time.time() < deadline
+        ):
             time.sleep(0.5)
         assert store.job(job["id"])["status"] == "done", job["name"]
-    assert (tmp_path / "runs" / "a1" / "sensitivity.csv").exists() and (tmp_path / "runs" / "small-ft.pt").exists()
+    assert (tmp_path / "runs" / "a1" / "sensitivity.csv").exists() and (
+        tmp_path / "runs" / "small-ft.pt"
+    ).exists()

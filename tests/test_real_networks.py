@@ -1,5 +1,6 @@
 """Grouped convolutions, GroupNorm, gates and pruned checkpoints: structures that always prune physically, exact counts,
 and an honest statement where removal is not zeroing."""
+
 import dataclasses
 
 import pytest
@@ -57,7 +58,11 @@ def test_a_grouped_conv_structure_is_one_local_position_in_every_group(grouped):
     _, structures = grouped
     layers = {layer.name: layer for layer in structures.layers}
     assert [(n, l.size, l.channels) for n, l in layers.items()] == [
-        ("stem.0", 4, 8), ("g2", 4, 16), ("g4", 2, 8), ("side", 4, 4)]
+        ("stem.0", 4, 8),
+        ("g2", 4, 16),
+        ("g4", 2, 8),
+        ("side", 4, 4),
+    ]
     assert layers["stem.0"].structure_channels[1] == [1, 5]  # g2 reads it with groups=2
     assert layers["g2"].structure_channels[0] == [0, 4, 8, 12]  # GroupNorm(4, 16) and g4's groups=4
 
@@ -78,7 +83,10 @@ def test_random_masks_prune_physically_with_exact_counts(spec, ratio):
         mask = random_mask(structures, ratio, seed)
         smaller = pruned_copy(model, structures, mask, X[:1])
         summary = mask_summary(structures, mask)
-        assert (summary["params_after"], summary["macs_after"]) == (count_params(smaller), count_macs(smaller, X[:1]))
+        assert (summary["params_after"], summary["macs_after"]) == (
+            count_params(smaller),
+            count_macs(smaller, X[:1]),
+        )
 
 
 @pytest.mark.parametrize("spec", [GROUPED, GATED], ids=["grouped", "gated"])
@@ -107,7 +115,11 @@ def test_the_deviation_of_an_approximate_layer_is_measured():
 
 
 def test_zoo_and_user_nets_with_residuals_concat_and_depthwise_are_exact(user_model_spec):
-    for spec, shape in (("resnet20", (4, 3, 16, 16)), (user_model_spec, (4, 3, 8, 8)), ("densenet40", (2, 3, 16, 16))):
+    for spec, shape in (
+        ("resnet20", (4, 3, 16, 16)),
+        (user_model_spec, (4, 3, 8, 8)),
+        ("densenet40", (2, 3, 16, 16)),
+    ):
         model = trained_like(spec)
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
         assert approximate_layers(model, find_structures(model, x[:1]), x) == {}, spec
@@ -124,10 +136,14 @@ def test_a_layer_feeding_only_part_of_a_grouped_conv_is_unprunable_with_the_reas
         "        self.g, self.head = nn.Conv2d(8, 6, 3, groups=2), nn.Linear(6, 10)\n"
         "    def forward(self, x):\n"
         "        return self.head(self.g(torch.cat([self.a(x), self.b(x)], 1)).mean((2, 3)))\n"
-        "def build():\n    return Halves()\n")
+        "def build():\n    return Halves()\n"
+    )
     model = build_model(f"{source}:build")
     structures = find_structures(model, X[:1])
-    assert set(structures.unprunable) == {"a", "b"} and "part of the grouped layer g" in structures.unprunable["a"]
+    assert (
+        set(structures.unprunable) == {"a", "b"}
+        and "part of the grouped layer g" in structures.unprunable["a"]
+    )
     assert [layer.name for layer in structures.layers] == ["g"]
 
 
@@ -146,8 +162,17 @@ def test_a_last_batch_of_one_sample_joins_the_previous_batch():
 
 def test_an_at_init_analysis_with_batchnorm1d_and_a_last_batch_of_one_runs():
     wb = open_workbench(NORM_MLP, "synthetic:3,8,8:10")
-    result = run_analysis(wb, AnalysisConfig(method="sosp-h", model_spec=NORM_MLP, data_spec="synthetic:3,8,8:10",
-                                             at_init=True, samples=21, batch_size=10))
+    result = run_analysis(
+        wb,
+        AnalysisConfig(
+            method="sosp-h",
+            model_spec=NORM_MLP,
+            data_spec="synthetic:3,8,8:10",
+            at_init=True,
+            samples=21,
+            batch_size=10,
+        ),
+    )
     assert result.saliency.isfinite().all() and result.n_prunable > 0
 
 
@@ -162,8 +187,12 @@ def test_hardsigmoid_gets_a_double_backward_during_the_hvp():
 
 def test_analyses_record_their_exactness():
     wb = open_workbench(GATED, "synthetic:3,8,8:10")
-    result = run_analysis(wb, AnalysisConfig(method="sosp-h", model_spec=GATED, data_spec="synthetic:3,8,8:10", samples=16,
-                                             at_init=True))  # BatchNorm statistics re-estimated: not the init ones
+    result = run_analysis(
+        wb,
+        AnalysisConfig(
+            method="sosp-h", model_spec=GATED, data_spec="synthetic:3,8,8:10", samples=16, at_init=True
+        ),
+    )  # BatchNorm statistics re-estimated: not the init ones
     assert result.exactness["exact"] is False and list(result.exactness["approximate_layers"]) == ["conv2"]
 
 
@@ -222,7 +251,9 @@ def test_a_state_dict_without_module_versions_loads_into_a_versioned_module(tmp_
     from sosp_engine.nets import load_weights
 
     model = torchvision.models.mnasnet0_5(num_classes=10)
-    torch.save({k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "plain.pt")  # drops _metadata
+    torch.save(
+        {k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "plain.pt"
+    )  # drops _metadata
     load_weights(torchvision.models.mnasnet0_5(num_classes=10), tmp_path / "plain.pt")
 
 
@@ -233,7 +264,11 @@ def test_attention_gets_a_double_backward_during_the_hvp():
     class Attend(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.embed, self.qkv, self.head = torch.nn.Linear(8, 16), torch.nn.Linear(16, 24), torch.nn.Linear(8, 3)
+            self.embed, self.qkv, self.head = (
+                torch.nn.Linear(8, 16),
+                torch.nn.Linear(16, 24),
+                torch.nn.Linear(8, 3),
+            )
 
         def forward(self, x):
             q, k, v = self.qkv(torch.relu(self.embed(x.flatten(2).transpose(1, 2)))).chunk(3, dim=-1)
@@ -242,7 +277,9 @@ def test_attention_gets_a_double_backward_during_the_hvp():
     model = Attend().eval()
     x = torch.randn(4, 8, 4, 4)
     structures = find_structures(model, x[:1])
-    first, second = sosp_h_terms(AnalysisInputs(model, structures, x, torch.tensor([0, 1, 2, 0]), "cross-entropy", 4))
+    first, second = sosp_h_terms(
+        AnalysisInputs(model, structures, x, torch.tensor([0, 1, 2, 0]), "cross-entropy", 4)
+    )
     assert torch.isfinite(second).all()
 
 
@@ -255,7 +292,9 @@ def test_attribution_is_summed_per_structure_of_a_grouped_layer(grouped):
     attribution = channel_attribution(model, structures, layer.name, x, y)
     keys = structures.keys
     frame = saliency_vs_attribution(keys, torch.rand(len(keys)), structures, layer.name, attribution, set())
-    assert len(frame) == layer.size and frame.first_order_attribution.sum() == pytest.approx(float(attribution.sum()))
+    assert len(frame) == layer.size and frame.first_order_attribution.sum() == pytest.approx(
+        float(attribution.sum())
+    )
     assert sorted(frame.sosp_rank) == list(range(1, layer.size + 1))
 
 
@@ -269,10 +308,16 @@ def _groups(graph: tp.DependencyGraph, model: torch.nn.Module) -> dict:
     for name, module in model.named_modules():
         if isinstance(module, PRODUCER_TYPES) and name != "head":
             pruner = graph.get_pruner_of_module(module)
-            group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
+            group = graph.get_pruning_group(
+                module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module)))
+            )
             sliced = any(isinstance(item.dep.target.module, tp.ops._SliceOp) for item in group)
-            groups[name] = {(item.dep.target.name, item.dep.handler.__name__):
-                            sorted(item.idxs) if sliced else sorted(zip(item.idxs, item.root_idxs)) for item in group}
+            groups[name] = {
+                (item.dep.target.name, item.dep.handler.__name__): sorted(item.idxs)
+                if sliced
+                else sorted(zip(item.idxs, item.root_idxs))
+                for item in group
+            }
     return groups
 
 
@@ -286,7 +331,9 @@ def test_the_coupled_groups_equal_torch_pruning_s_own_search(spec):
 
 @pytest.mark.timeout(120)
 def test_a_deep_chain_of_sliced_residuals_is_walked_once_per_channel():
-    model = trained_like(SLICED)  # 12 blocks: torch-pruning's own search takes about 100 s at 8 and doubles per block
+    model = trained_like(
+        SLICED
+    )  # 12 blocks: torch-pruning's own search takes about 100 s at 8 and doubles per block
     structures = find_structures(model, X[:1])
     assert [layer.name for layer in structures.layers] == [f"blocks.{i}.0" for i in range(12)]
     assert "slice of the channel axis" in structures.unprunable["blocks.11.3"]
@@ -315,7 +362,10 @@ def test_random_masks_of_a_ghost_module_prune_physically_and_equal_zeroing(ratio
         mask = random_mask(structures, ratio, seed)
         smaller = assert_pruned_equals_zeroed(model, structures, mask)
         summary = mask_summary(structures, mask)
-        assert (summary["params_after"], summary["macs_after"]) == (count_params(smaller), count_macs(smaller, X[:1]))
+        assert (summary["params_after"], summary["macs_after"]) == (
+            count_params(smaller),
+            count_macs(smaller, X[:1]),
+        )
 
 
 def test_channels_a_reshape_folds_together_are_unprunable_with_the_reason():

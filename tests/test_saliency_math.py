@@ -1,4 +1,5 @@
 """Each saliency against a brute-force reference (explicit Hessian / Jacobians) on a tiny float64 network."""
+
 import copy
 
 import pytest
@@ -9,8 +10,12 @@ from torch.func import functional_call, jacrev, jvp
 from sosp_engine.saliency.common import AnalysisInputs, affine_batch_norms
 from sosp_engine.saliency.first_order import first_order_terms
 from sosp_engine.saliency.sosp_h import sosp_h_terms
-from sosp_engine.saliency.sosp_i import (cross_entropy_curvature_rows, gauss_newton_terms,
-                                         jacobian_structure_products, sosp_i_matrix)
+from sosp_engine.saliency.sosp_i import (
+    cross_entropy_curvature_rows,
+    gauss_newton_terms,
+    jacobian_structure_products,
+    sosp_i_matrix,
+)
 from sosp_engine.pruning.structures import find_structures
 
 from brute_force import flat, mean_loss_of, randomise_norms, theta_s_vectors, unflat
@@ -61,7 +66,9 @@ def test_tiny_net_has_the_structures_the_proof_needs(tiny):
     assert set(structures.layers[1].producers) == {"conv1", "bn1", "conv2", "bn2"}
 
 
-@pytest.mark.parametrize("layer", ["conv0", "conv1", "fc1"], ids=["conv-with-bias", "conv-bn-residual", "linear"])
+@pytest.mark.parametrize(
+    "layer", ["conv0", "conv1", "fc1"], ids=["conv-with-bias", "conv-bn-residual", "linear"]
+)
 def test_gradient_x_activation_equals_jvp_with_tangent_theta_s(tiny, layer):
     model, structures, x, _ = tiny
     _, a = jacobian_structure_products(make_inputs(tiny), x)
@@ -101,7 +108,7 @@ def reference_gauss_newton(tiny, loss):
     thetas = torch.stack([flat(model, v) for v in theta_s_vectors(model, structures)])
     total = torch.zeros(structures.num_structures, structures.num_structures, dtype=torch.float64)
     for n in range(N):
-        f = lambda t: functional_call(model, unflat(model, t), (x[n:n + 1],))[0]
+        f = lambda t: functional_call(model, unflat(model, t), (x[n : n + 1],))[0]
         jac = jacrev(f)(theta)  # explicit per-sample Jacobian, D x P
         logits = f(theta).detach()
         if loss == "squared":
@@ -138,8 +145,9 @@ def test_cross_entropy_curvature_rows_square_to_g_t_r_g_at_any_confidence(p_labe
     g = torch.randn(n, k, s, dtype=torch.float64)
     q = torch.rand(n, k, dtype=torch.float64)
     q = q / q.sum(1, keepdim=True) * (1 - p_label)
-    rows = cross_entropy_curvature_rows(g, q, torch.full((n, 1), p_label, dtype=torch.float64),
-                                        torch.einsum("nk,nks->ns", q, g))
+    rows = cross_entropy_curvature_rows(
+        g, q, torch.full((n, 1), p_label, dtype=torch.float64), torch.einsum("nk,nks->ns", q, g)
+    )
     r = torch.diag_embed(q) - q.unsqueeze(2) * q.unsqueeze(1)
     expected = torch.einsum("nks,nkj,njt->st", g, r, g)
     torch.testing.assert_close(rows.reshape(-1, s).T @ rows.reshape(-1, s), expected, rtol=1e-10, atol=1e-14)
@@ -154,7 +162,9 @@ def test_sosp_i_q_matrix_matches_eq3(tiny):
 
 def test_diagonal_baseline_is_the_diagonal_of_the_gauss_newton_matrix(tiny):
     _, diag = gauss_newton_terms(make_inputs(tiny), diagonal_only=True)
-    torch.testing.assert_close(diag, reference_gauss_newton(tiny, "cross-entropy").diagonal(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        diag, reference_gauss_newton(tiny, "cross-entropy").diagonal(), rtol=1e-9, atol=1e-12
+    )
 
 
 def test_sampled_labels_estimate_is_unbiased(tiny):
@@ -264,8 +274,9 @@ def test_theta_struc_is_theta_on_structure_rows_and_zero_elsewhere_without_copyi
     model, structures, x, y = tiny
     slices = structure_slices(model, structures)
     partial = next(i for i, s in enumerate(slices) if s.param is model.conv1.weight)
-    slices[partial] = replace(slices[partial], channels=slices[partial].channels[:1],
-                              structure=slices[partial].structure[:1])
+    slices[partial] = replace(
+        slices[partial], channels=slices[partial].channels[:1], structure=slices[partial].structure[:1]
+    )
     inputs = AnalysisInputs(model, structures, x, y, "cross-entropy", 4, slices=slices)
     vectors = dict(zip(map(id, inputs.params()), inputs.theta_struc()))
     conv1 = vectors[id(model.conv1.weight)]

@@ -4,7 +4,13 @@ import torch
 from conftest import USER_MODEL
 from sosp_engine.errors import AnalysisError
 from sosp_engine.nets import build_model
-from sosp_engine.saliency.selection import Budget, greedy_order, literal_greedy_order, order_by_saliency, prefix_for_target
+from sosp_engine.saliency.selection import (
+    Budget,
+    greedy_order,
+    literal_greedy_order,
+    order_by_saliency,
+    prefix_for_target,
+)
 from sosp_engine.pruning.structures import find_structures
 
 
@@ -109,8 +115,11 @@ def kept_widths(structures, order, count):
 def test_every_stop_of_a_rounded_order_keeps_widths_in_multiples(resnet, round_to):
     from sosp_engine.saliency.selection import rounded_order, rounded_stops
 
-    order, n = order_by_saliency(torch.rand(resnet.num_structures, dtype=torch.float64,
-                                            generator=torch.Generator().manual_seed(1)), resnet, 0.95)
+    order, n = order_by_saliency(
+        torch.rand(resnet.num_structures, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),
+        resnet,
+        0.95,
+    )
     rounded, n_rounded = rounded_order(order, n, resnet, round_to)
     stops = rounded_stops(rounded, n_rounded, resnet, round_to)
     assert sorted(rounded.tolist()) == list(range(resnet.num_structures)) and stops[-1] == n_rounded
@@ -121,8 +130,11 @@ def test_every_stop_of_a_rounded_order_keeps_widths_in_multiples(resnet, round_t
 def test_a_rounded_target_is_met_at_the_next_stop(resnet):
     from sosp_engine.saliency.selection import rounded_order, rounded_stops
 
-    order, n = order_by_saliency(torch.rand(resnet.num_structures, dtype=torch.float64,
-                                            generator=torch.Generator().manual_seed(2)), resnet, 0.95)
+    order, n = order_by_saliency(
+        torch.rand(resnet.num_structures, dtype=torch.float64, generator=torch.Generator().manual_seed(2)),
+        resnet,
+        0.95,
+    )
     rounded, n_rounded = rounded_order(order, n, resnet, 8)
     stops = rounded_stops(rounded, n_rounded, resnet, 8)
     for unit in ("structures", "params", "macs"):

@@ -18,8 +18,12 @@ def analysed(tmp_path_factory):
     folder = tmp_path_factory.mktemp("analysis")
     torch.save(open_workbench("resnet20", "digits").model.state_dict(), folder / "w.pt")
     wb = open_workbench("resnet20", "digits", str(folder / "w.pt"))
-    result = run_analysis(wb, AnalysisConfig(method="sosp-i", weights=str(folder / "w.pt"), samples=64, batch_size=64,
-                                             device="cpu"))
+    result = run_analysis(
+        wb,
+        AnalysisConfig(
+            method="sosp-i", weights=str(folder / "w.pt"), samples=64, batch_size=64, device="cpu"
+        ),
+    )
     result.save(folder)
     return wb, result, folder
 
@@ -28,8 +32,12 @@ def test_the_measured_curve_equals_evaluating_zero_masked_models_by_hand(analyse
     wb, result, _ = analysed
     curve = sensitivity_curve(result, wb, [0.0, 0.3], "params", samples=60, device="cpu")
     loader = wb.data.loader("val", 256, limit=60)
-    by_hand = evaluate(zeroed_copy(wb.model, wb.structures, result.mask(wb.structures, 0.3, "params")), loader,
-                       "cpu", amp=False)
+    by_hand = evaluate(
+        zeroed_copy(wb.model, wb.structures, result.mask(wb.structures, 0.3, "params")),
+        loader,
+        "cpu",
+        amp=False,
+    )
     row = curve.table.iloc[1]
     assert (row["zeroed_loss"], row["zeroed_acc"]) == pytest.approx(by_hand)
     assert curve.table.iloc[0]["measured_increase"] == pytest.approx(0.0, abs=1e-12)
@@ -44,7 +52,9 @@ def test_the_physically_pruned_net_scores_like_the_zero_masked_one_where_pruning
 
 def test_predicted_increases_grow_along_the_order_and_survive_saving(analysed):
     wb, result, folder = analysed
-    table = sensitivity_curve(AnalysisResult.load(folder), wb, [0.1, 0.3, 0.5], samples=60, device="cpu").table
+    table = sensitivity_curve(
+        AnalysisResult.load(folder), wb, [0.1, 0.3, 0.5], samples=60, device="cpu"
+    ).table
     assert table["predicted_increase"].is_monotonic_increasing and table["predicted_increase"].iloc[0] > 0
 
 
@@ -74,8 +84,10 @@ def test_the_even_grid_stops_at_the_largest_reduction_the_cap_allows(analysed):
 
 def test_the_rank_correlation_is_spearmans_rho_over_at_least_three_points(analysed):
     wb, result, _ = analysed
-    assert sensitivity_curve(result, wb, [0.0, 0.3], samples=30, device="cpu").rank_correlation != \
-        sensitivity_curve(result, wb, [0.0, 0.3], samples=30, device="cpu").rank_correlation  # nan
+    assert (
+        sensitivity_curve(result, wb, [0.0, 0.3], samples=30, device="cpu").rank_correlation
+        != sensitivity_curve(result, wb, [0.0, 0.3], samples=30, device="cpu").rank_correlation
+    )  # nan
     curve = sensitivity_curve(result, wb, [0.0, 0.2, 0.4, 0.6], samples=60, device="cpu")
     ranks = curve.table[["predicted_increase", "measured_increase"]].rank()
     assert curve.rank_correlation == pytest.approx(ranks.corr().iloc[0, 1])
@@ -83,10 +95,39 @@ def test_the_rank_correlation_is_spearmans_rho_over_at_least_three_points(analys
 
 def test_the_cli_writes_the_curve_as_csv_and_json(analysed, tmp_path, capsys):
     _, _, folder = analysed
-    assert main(["sensitivity", str(folder), "--grid", "0,0.2", "--samples", "40", "--out", str(tmp_path / "c.csv")]) == 0
+    assert (
+        main(
+            [
+                "sensitivity",
+                str(folder),
+                "--grid",
+                "0,0.2",
+                "--samples",
+                "40",
+                "--out",
+                str(tmp_path / "c.csv"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "c.csv").read_text().splitlines()[0].startswith("ratio,unit,pruned_structures")
-    assert main(["sensitivity", str(folder), "--points", "3", "--unit", "params", "--samples", "40",
-                 "--out", str(tmp_path / "c.json")]) == 0
+    assert (
+        main(
+            [
+                "sensitivity",
+                str(folder),
+                "--points",
+                "3",
+                "--unit",
+                "params",
+                "--samples",
+                "40",
+                "--out",
+                str(tmp_path / "c.json"),
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "c.json").read_text())
     assert len(data["points"]) == 3 and data["samples"] == 40 and data["method"] == "sosp-i"
 
@@ -96,7 +137,9 @@ def test_an_analysis_rounded_to_8_gives_masks_with_widths_in_multiples_of_8(tmp_
 
     torch.manual_seed(0)
     wb = open_workbench("resnet20", "digits")
-    result = run_analysis(wb, AnalysisConfig(method="sosp-i", samples=40, batch_size=40, device="cpu", round_to=8))
+    result = run_analysis(
+        wb, AnalysisConfig(method="sosp-i", samples=40, batch_size=40, device="cpu", round_to=8)
+    )
     result.save(tmp_path)
     loaded = AnalysisResult.load(tmp_path)
     for ratio, unit in ((0.3, "structures"), (0.5, "params"), (0.6, "macs")):

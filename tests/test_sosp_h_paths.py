@@ -1,4 +1,5 @@
 """SOSP-H's two ways to the same numbers: the channel-scale HVP (plain layers) and the parameter HVP (any layer)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,8 +9,13 @@ from torch.autograd import gradcheck, gradgradcheck
 from sosp_engine.saliency import common, pairing
 from sosp_engine.saliency.common import AnalysisInputs, affine_batch_norm_modules
 from sosp_engine.saliency.pairing import sole_norm_consumers
-from sosp_engine.saliency.sosp_h import (_FixedWeightConv, channel_scale_terms, gradient_and_hvp, scalable_producers,
-                                         sosp_h_terms)
+from sosp_engine.saliency.sosp_h import (
+    _FixedWeightConv,
+    channel_scale_terms,
+    gradient_and_hvp,
+    scalable_producers,
+    sosp_h_terms,
+)
 from sosp_engine.pruning.structures import find_structures
 
 from brute_force import flat, mean_loss_of, randomise_norms, theta_s_vectors
@@ -97,7 +103,9 @@ def test_a_weight_standardised_conv_takes_the_parameter_path_and_stays_exact():
 
 def test_a_producer_with_a_forward_hook_takes_the_parameter_path_and_stays_exact():
     conv = plain_conv()
-    conv.register_forward_hook(lambda module, args, out: out * out)  # the output is no longer linear in the rows
+    conv.register_forward_hook(
+        lambda module, args, out: out * out
+    )  # the output is no longer linear in the rows
     inputs = mixed_inputs(conv)
     assert scalable_producers(inputs) is None
     assert_terms_close(sosp_h_terms(inputs), explicit_terms(inputs))
@@ -111,11 +119,15 @@ def test_splitting_each_batch_into_smaller_passes_keeps_the_terms(monkeypatch):
     assert_terms_close(sosp_h_terms(inputs), whole)
 
 
-@pytest.mark.parametrize("conv, shape", [
-    (nn.Conv1d(2, 4, 3, stride=2, padding=1), (2, 2, 8)),
-    (nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), (2, 4, 7, 6)),
-    (nn.Conv3d(2, 2, 2, stride=(1, 2, 2), bias=False), (1, 2, 3, 5, 5)),
-], ids=["1d-strided", "2d-grouped-dilated-odd", "3d-no-bias"])
+@pytest.mark.parametrize(
+    "conv, shape",
+    [
+        (nn.Conv1d(2, 4, 3, stride=2, padding=1), (2, 2, 8)),
+        (nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), (2, 4, 7, 6)),
+        (nn.Conv3d(2, 2, 2, stride=(1, 2, 2), bias=False), (1, 2, 3, 5, 5)),
+    ],
+    ids=["1d-strided", "2d-grouped-dilated-odd", "3d-no-bias"],
+)
 def test_a_fixed_weight_convolution_has_torch_s_input_gradient_and_its_derivative(conv, shape):
     conv = conv.double().requires_grad_(False)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
@@ -179,6 +191,9 @@ def test_a_second_reader_the_call_count_misses_is_caught_by_the_output_check(mon
     model.load_state_dict(inputs.model.state_dict())
     inputs = AnalysisInputs(model, inputs.structures, inputs.x, inputs.y, "cross-entropy", 4)
     affine = {id(m) for m in affine_batch_norm_modules(model)}
-    monkeypatch.setattr(pairing._TensorUses, "__torch_function__",  # as if every reader were a TorchScript function
-                        lambda self, func, types, args=(), kwargs=None: func(*args, **(kwargs or {})))
+    monkeypatch.setattr(
+        pairing._TensorUses,
+        "__torch_function__",  # as if every reader were a TorchScript function
+        lambda self, func, types, args=(), kwargs=None: func(*args, **(kwargs or {})),
+    )
     assert sole_norm_consumers(inputs, list(scalable_producers(inputs)), affine) == {}

@@ -1,5 +1,6 @@
 """How SOSP-I reads producer outputs: a copy only where a later op changes one in place, and a conv read only by its
 BatchNorm run as one convolution with the norm folded in. Every way gives the brute-force products."""
+
 from collections import OrderedDict
 
 import pytest
@@ -11,7 +12,12 @@ from torch.utils.hooks import RemovableHandle
 from sosp_engine.errors import AnalysisError
 from sosp_engine.saliency import common
 from sosp_engine.saliency.common import AnalysisInputs
-from sosp_engine.saliency.sosp_i import CapturePlan, capture_plan, gauss_newton_terms, jacobian_structure_products
+from sosp_engine.saliency.sosp_i import (
+    CapturePlan,
+    capture_plan,
+    gauss_newton_terms,
+    jacobian_structure_products,
+)
 from sosp_engine.pruning.structures import find_structures
 
 from brute_force import directional_outputs, randomise_norms
@@ -52,7 +58,9 @@ def residual_inputs() -> AnalysisInputs:
     randomise_norms(model.bn_a, model.bn_b)
     model.eval()
     x = torch.randn(N, 2, 5, 5, dtype=torch.float64)
-    return AnalysisInputs(model, find_structures(model, x[:1]), x, torch.randint(0, D, (N,)), "cross-entropy", N)
+    return AnalysisInputs(
+        model, find_structures(model, x[:1]), x, torch.randint(0, D, (N,)), "cross-entropy", N
+    )
 
 
 def test_only_an_output_a_later_op_changes_in_place_is_copied():
@@ -68,8 +76,9 @@ def test_products_of_a_folded_conv_and_batchnorm_equal_the_brute_force_ones():
     inputs = residual_inputs()
     plan = capture_plan(inputs)
     _, products = jacobian_structure_products(inputs, inputs.x, plan)
-    torch.testing.assert_close(products, directional_outputs(inputs.model, inputs.structures, inputs.x),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        products, directional_outputs(inputs.model, inputs.structures, inputs.x), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_an_output_changed_in_place_only_in_batches_is_read_again_with_a_copy():
@@ -78,15 +87,18 @@ def test_an_output_changed_in_place_only_in_batches_is_read_again_with_a_copy():
     assert "bn_b" not in plan.copied
     _, products = jacobian_structure_products(inputs, inputs.x, plan)
     assert "bn_b" in plan.copied
-    torch.testing.assert_close(products, directional_outputs(inputs.model, inputs.structures, inputs.x),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        products, directional_outputs(inputs.model, inputs.structures, inputs.x), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_the_folded_path_gives_the_terms_of_copying_every_output_without_folding(monkeypatch):
     inputs = residual_inputs()
     first, gram = gauss_newton_terms(inputs)
     every = {"conv_a", "bn_a", "conv_b", "bn_b", "fc"}
-    monkeypatch.setattr("sosp_engine.saliency.sosp_i.capture_plan", lambda inputs: CapturePlan(set(every), {}))
+    monkeypatch.setattr(
+        "sosp_engine.saliency.sosp_i.capture_plan", lambda inputs: CapturePlan(set(every), {})
+    )
     plain_first, plain_gram = gauss_newton_terms(inputs)
     torch.testing.assert_close(first, plain_first, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(gram, plain_gram, rtol=1e-10, atol=1e-14)
@@ -129,7 +141,9 @@ def test_activation_checkpointing_keeps_the_products_exact():
     model.load_state_dict(inputs.model.state_dict())
     inputs = AnalysisInputs(model, inputs.structures, inputs.x, inputs.y, "cross-entropy", N)
     _, products = jacobian_structure_products(inputs, inputs.x)
-    torch.testing.assert_close(products, directional_outputs(model, inputs.structures, inputs.x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        products, directional_outputs(model, inputs.structures, inputs.x), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_a_linear_layer_folded_with_its_batchnorm_gives_the_brute_force_products():
@@ -138,11 +152,15 @@ def test_a_linear_layer_folded_with_its_batchnorm_gives_the_brute_force_products
     randomise_norms(model[1])
     model.eval()
     x = torch.randn(N, 6, dtype=torch.float64)
-    inputs = AnalysisInputs(model, find_structures(model, x[:1]), x, torch.randint(0, D, (N,)), "cross-entropy", N)
+    inputs = AnalysisInputs(
+        model, find_structures(model, x[:1]), x, torch.randint(0, D, (N,)), "cross-entropy", N
+    )
     plan = capture_plan(inputs)
     assert plan.folded == {"1": "0"}
     _, products = jacobian_structure_products(inputs, x, plan)
-    torch.testing.assert_close(products, directional_outputs(model, inputs.structures, x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        products, directional_outputs(model, inputs.structures, x), rtol=1e-10, atol=1e-12
+    )
 
 
 class DenseNet(nn.Module):
@@ -172,7 +190,9 @@ def dense_inputs(**kwargs) -> AnalysisInputs:
     randomise_norms(model.bn1, model.bn2, model.bn3)
     model.eval()
     x = torch.randn(N, 2, 5, 5, dtype=torch.float64)
-    return AnalysisInputs(model, find_structures(model, x[:1]), x, torch.randint(0, D, (N,)), "cross-entropy", N)
+    return AnalysisInputs(
+        model, find_structures(model, x[:1]), x, torch.randint(0, D, (N,)), "cross-entropy", N
+    )
 
 
 def test_norms_that_read_concatenated_producers_are_read_through_them():
@@ -184,8 +204,9 @@ def test_norms_that_read_concatenated_producers_are_read_through_them():
 def test_norms_read_through_their_producers_give_the_brute_force_products(inplace):
     inputs = dense_inputs(inplace=inplace)
     _, products = jacobian_structure_products(inputs, inputs.x)
-    torch.testing.assert_close(products, directional_outputs(inputs.model, inputs.structures, inputs.x),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        products, directional_outputs(inputs.model, inputs.structures, inputs.x), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_a_concatenation_read_by_anything_but_norms_keeps_every_norm_product():
@@ -193,5 +214,6 @@ def test_a_concatenation_read_by_anything_but_norms_keeps_every_norm_product():
     plan = capture_plan(inputs)
     assert plan.read_by_norms.norms == set()
     _, products = jacobian_structure_products(inputs, inputs.x, plan)
-    torch.testing.assert_close(products, directional_outputs(inputs.model, inputs.structures, inputs.x),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        products, directional_outputs(inputs.model, inputs.structures, inputs.x), rtol=1e-10, atol=1e-12
+    )

@@ -27,13 +27,19 @@ def test_an_older_workspace_is_migrated_keeping_its_records(tmp_path):
     for statement in SCHEMA_V1.split(";"):
         if statement.strip():
             conn.execute(statement)
-    conn.execute("INSERT INTO jobs (id, kind, name, config, status, created, path) VALUES ('j1','train','old','{}','done',1,'x')")
+    conn.execute(
+        "INSERT INTO jobs (id, kind, name, config, status, created, path) VALUES ('j1','train','old','{}','done',1,'x')"
+    )
     conn.execute("PRAGMA application_id = 1397707600")
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
     store = Store(tmp_path)
-    assert store.schema_version == SCHEMA_VERSION and store.job("j1")["cancel_requested"] == 0 and store.models() == []
+    assert (
+        store.schema_version == SCHEMA_VERSION
+        and store.job("j1")["cancel_requested"] == 0
+        and store.models() == []
+    )
     assert store.job("j1")["backend"] == "local" and store.job("j1")["run_dir"] is None
 
 
@@ -93,7 +99,9 @@ for i in range(300):
 def test_a_concurrent_reader_never_sees_a_torn_record(tmp_path):
     store = Store(tmp_path)
     job = store.add_job("train", "t", {"step": -1, "payload": ""})
-    writer = subprocess.Popen([sys.executable, "-c", WRITER.format(root=str(ROOT), ws=str(tmp_path), job=job)])
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER.format(root=str(ROOT), ws=str(tmp_path), job=job)]
+    )
     reads = 0
     while writer.poll() is None or reads < 5:
         record = store.job(job)

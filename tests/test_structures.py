@@ -139,12 +139,19 @@ def test_unknown_mask_keys_are_refused():
         structures.pruned_vector({"features.0:1"})
 
 
-@pytest.mark.parametrize("failure", [TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'"),
-                                     ZeroDivisionError("division by zero")])
+@pytest.mark.parametrize(
+    "failure",
+    [
+        TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'"),
+        ZeroDivisionError("division by zero"),
+    ],
+)
 def test_a_graph_torch_pruning_cannot_trace_is_a_clear_error(monkeypatch, failure):
     import torch_pruning as tp
 
-    def untraceable(self, model, example_inputs, verbose):  # as on Swin-S/B's concatenations, or a channel shuffle
+    def untraceable(
+        self, model, example_inputs, verbose
+    ):  # as on Swin-S/B's concatenations, or a channel shuffle
         raise failure
 
     monkeypatch.setattr(tp.DependencyGraph, "build_dependency", untraceable)

@@ -20,8 +20,16 @@ DIGITS = load_data("digits")
 
 
 def tiny(**kw) -> StudyConfig:
-    settings = dict(methods=["sosp-h", "magnitude"], targets=[0.3, 0.6], seeds=[0, 1], epochs=1, finetune_epochs=1,
-                    samples=40, batch_size=256, device="cpu")
+    settings = dict(
+        methods=["sosp-h", "magnitude"],
+        targets=[0.3, 0.6],
+        seeds=[0, 1],
+        epochs=1,
+        finetune_epochs=1,
+        samples=40,
+        batch_size=256,
+        device="cpu",
+    )
     return StudyConfig(**{**settings, **kw})
 
 
@@ -34,17 +42,42 @@ def weights(tmp_path_factory):
 
 
 def test_aggregation_is_the_mean_and_std_over_seeds_of_known_records():
-    cells = [{"seed": s, "method": "m", "target": 0.5, "acc_pruned": a, "acc_finetuned": f, "params": p, "macs": 10,
-              "latency_cpu_ms": 1.0} for s, a, f, p in ((0, 0.5, 0.9, 100), (1, 0.7, 0.8, 110))]
+    cells = [
+        {
+            "seed": s,
+            "method": "m",
+            "target": 0.5,
+            "acc_pruned": a,
+            "acc_finetuned": f,
+            "params": p,
+            "macs": 10,
+            "latency_cpu_ms": 1.0,
+        }
+        for s, a, f, p in ((0, 0.5, 0.9, 100), (1, 0.7, 0.8, 110))
+    ]
     row = aggregate(cells).iloc[0]
-    assert row.seeds == 2 and row.acc_pruned_mean == pytest.approx(0.6) and row.params_mean == pytest.approx(105)
+    assert (
+        row.seeds == 2 and row.acc_pruned_mean == pytest.approx(0.6) and row.params_mean == pytest.approx(105)
+    )
     assert row.acc_finetuned_std == pytest.approx(pd.Series([0.9, 0.8]).std())
     assert aggregate(cells[:1]).iloc[0].acc_pruned_std == 0.0
 
 
 def test_gpu_latency_is_aggregated_only_where_cells_ran_on_a_gpu():
-    cells = [{"seed": s, "method": "m", "target": 0.5, "acc_pruned": 0.5, "acc_finetuned": 0.9, "params": 100,
-              "macs": 10, "latency_cpu_ms": 1.0, "latency_gpu_ms": g} for s, g in ((0, 0.2), (1, 0.4))]
+    cells = [
+        {
+            "seed": s,
+            "method": "m",
+            "target": 0.5,
+            "acc_pruned": 0.5,
+            "acc_finetuned": 0.9,
+            "params": 100,
+            "macs": 10,
+            "latency_cpu_ms": 1.0,
+            "latency_gpu_ms": g,
+        }
+        for s, g in ((0, 0.2), (1, 0.4))
+    ]
     assert aggregate(cells).iloc[0].latency_gpu_ms_mean == pytest.approx(0.3)
     on_cpu = [{**c, "latency_gpu_ms": None} for c in cells]
     assert "latency_gpu_ms_mean" not in aggregate(on_cpu)
@@ -65,7 +98,11 @@ def test_a_killed_study_resumes_without_redoing_finished_cells(tmp_path, weights
     calls = {"n": 0}
 
     def stop_after_two_cells() -> bool:
-        return len(json.loads((tmp_path / "state.json").read_text())["cells"]) >= 2 if (tmp_path / "state.json").exists() else False
+        return (
+            len(json.loads((tmp_path / "state.json").read_text())["cells"]) >= 2
+            if (tmp_path / "state.json").exists()
+            else False
+        )
 
     with pytest.raises(Cancelled):
         Study(config, tmp_path, should_stop=stop_after_two_cells, data=DIGITS).run()
@@ -85,8 +122,13 @@ def test_a_killed_study_resumes_without_redoing_finished_cells(tmp_path, weights
 
 
 def test_bad_study_settings_are_refused_before_any_work():
-    for bad in (dict(methods=["sosp-x"]), dict(targets=[1.2]), dict(seeds=[0, 0]), dict(unit="flops"),
-                dict(weights=None, epochs=0)):
+    for bad in (
+        dict(methods=["sosp-x"]),
+        dict(targets=[1.2]),
+        dict(seeds=[0, 0]),
+        dict(unit="flops"),
+        dict(weights=None, epochs=0),
+    ):
         with pytest.raises(AnalysisError):
             tiny(**bad).validate()
 
@@ -110,8 +152,14 @@ def test_a_study_runs_as_a_job_and_the_cli_shows_and_exports_it(tmp_path, weight
 def test_a_latency_study_measures_each_analysis_profile_once_and_slices_it(tmp_path, weights):
     from sosp_engine.latency.profile import LatencyProfile
 
-    config = tiny(weights=weights, finetune_epochs=0, seeds=[0], methods=["magnitude"], targets=[0.02, 0.04],
-                  unit="latency")
+    config = tiny(
+        weights=weights,
+        finetune_epochs=0,
+        seeds=[0],
+        methods=["magnitude"],
+        targets=[0.02, 0.04],
+        unit="latency",
+    )
     summary = Study(config, tmp_path, data=DIGITS).run()
     profile = LatencyProfile.load(tmp_path / "seed0" / "magnitude" / "latency.json")
     result = AnalysisResult.load(tmp_path / "seed0" / "magnitude")

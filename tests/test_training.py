@@ -61,7 +61,9 @@ def _train_to_end(ckpt: Path | None) -> dict:
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     ckpt = tmp_path / "ckpt"
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER.format(root=str(ROOT), ckpt=str(ckpt), threads=torch.get_num_threads())])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUNNER.format(root=str(ROOT), ckpt=str(ckpt), threads=torch.get_num_threads())]
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         if (ckpt / "last.pt").exists() and torch.load(ckpt / "last.pt", weights_only=True)["epoch"] >= 2:
@@ -70,7 +72,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     time.sleep(0.3)  # well inside the third epoch
     proc.kill()
     proc.wait()
-    assert torch.load(ckpt / "last.pt", weights_only=True)["epoch"] < 4, "the run finished before it was killed"
+    assert torch.load(ckpt / "last.pt", weights_only=True)["epoch"] < 4, (
+        "the run finished before it was killed"
+    )
     resumed = _train_to_end(ckpt)
     uninterrupted = _train_to_end(None)
     for key, value in uninterrupted.items():
@@ -82,7 +86,9 @@ def test_training_runs_cudnns_deterministic_algorithms_and_gives_the_users_choic
     saved = cudnn.deterministic, cudnn.benchmark
     cudnn.deterministic, cudnn.benchmark = False, True  # the user's choice: fast, autotuned
     seen = []
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(DIGITS.input_shape), DIGITS.num_classes))
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(math.prod(DIGITS.input_shape), DIGITS.num_classes)
+    )
     model[1].register_forward_hook(lambda *_: seen.append((cudnn.deterministic, cudnn.benchmark)))
     try:
         train(model, DIGITS, TrainConfig(epochs=1, device="cpu"))
@@ -112,6 +118,8 @@ def test_a_physically_pruned_model_trains_with_a_fresh_optimizer():
     smaller = pruned_copy(wb.model, wb.structures, random_mask(wb.structures, 0.5), wb.example)
     before = {k: v.clone() for k, v in smaller.state_dict().items()}
     optimizer = make_optimizer(smaller, TrainConfig())
-    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in smaller.parameters()}
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in smaller.parameters()
+    }
     train(smaller, DIGITS, TrainConfig(epochs=1))
     assert not torch.equal(before["conv1.weight"], smaller.state_dict()["conv1.weight"])

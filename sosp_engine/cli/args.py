@@ -1,4 +1,5 @@
 """Flags and their readers shared by several verb groups (main, jobs, studies), defined once."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,22 +16,39 @@ from ..saliency.selection import NORMALIZATIONS, UNITS
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
     """--nproc and --sync-bn: one training across several processes."""
-    p.add_argument("--nproc", type=int, default=1,
-                   help="train across N processes with DistributedDataParallel (one per GPU; gloo on CPU), same global batch")
-    p.add_argument("--sync-bn", action="store_true",
-                   help="with --nproc: BatchNorm statistics over the global batch (CUDA only; default: per process)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train across N processes with DistributedDataParallel (one per GPU; gloo on CPU), same global batch",
+    )
+    p.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="with --nproc: BatchNorm statistics over the global batch (CUDA only; default: per process)",
+    )
 
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:
     """--backend, --ray-address, --artifacts: where a background job runs and writes its run folder."""
-    p.add_argument("--backend", default="local", choices=BACKENDS,
-                   help="local: a process on this machine (default); ray: a task on a Ray cluster")
-    p.add_argument("--ray-address", default=None,
-                   help=f"with --backend ray: the cluster's HOST:PORT (default ${RAY_ADDRESS_ENV}; 'auto': the cluster "
-                        "started on this machine with `ray start --head`)")
-    p.add_argument("--artifacts", default=None,
-                   help="put the job's run folder (checkpoints, masks, state) under this folder, one every node "
-                        "reaches (default: the workspace)")
+    p.add_argument(
+        "--backend",
+        default="local",
+        choices=BACKENDS,
+        help="local: a process on this machine (default); ray: a task on a Ray cluster",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help=f"with --backend ray: the cluster's HOST:PORT (default ${RAY_ADDRESS_ENV}; 'auto': the cluster "
+        "started on this machine with `ray start --head`)",
+    )
+    p.add_argument(
+        "--artifacts",
+        default=None,
+        help="put the job's run folder (checkpoints, masks, state) under this folder, one every node "
+        "reaches (default: the workspace)",
+    )
 
 
 def placement_from(args: argparse.Namespace) -> Placement:
@@ -53,17 +71,31 @@ def parse_widen(items: list[str]) -> dict[str, float]:
 
 
 def add_model_args(p: argparse.ArgumentParser, json_out: bool = True) -> None:
-    p.add_argument("--model", required=True, help="zoo name (resnet56, resnet32x4, vgg19, densenet40), torchvision:NAME or file.py:factory")
-    p.add_argument("--data", default="digits", help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH | synthetic:C,H,W:K")
-    p.add_argument("--weights", default=None, help="checkpoint with a state_dict (loaded with weights_only=True)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="zoo name (resnet56, resnet32x4, vgg19, densenet40), torchvision:NAME or file.py:factory",
+    )
+    p.add_argument(
+        "--data",
+        default="digits",
+        help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH | synthetic:C,H,W:K",
+    )
+    p.add_argument(
+        "--weights", default=None, help="checkpoint with a state_dict (loaded with weights_only=True)"
+    )
     p.add_argument("--exclude", nargs="*", default=[], help="module name patterns never to prune (fnmatch)")
-    p.add_argument("--preset", default="auto", help="exclusion preset: auto, none, cifar-resnet, torchvision-resnet")
+    p.add_argument(
+        "--preset", default="auto", help="exclusion preset: auto, none, cifar-resnet, torchvision-resnet"
+    )
     if json_out:
         p.add_argument("--out", default=None, help="write the JSON result here instead of stdout")
 
 
 def add_workspace_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workspace", default=None, help="workspace folder (default $SOSP_WORKSPACE or ./workspace)")
+    p.add_argument(
+        "--workspace", default=None, help="workspace folder (default $SOSP_WORKSPACE or ./workspace)"
+    )
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
@@ -78,8 +110,16 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 
 def train_config_from(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig given by the flags of `add_training_args`."""
-    return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
-                       seed=args.seed, device=args.device, nproc=args.nproc, sync_bn=args.sync_bn)
+    return TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        schedule=args.schedule,
+        seed=args.seed,
+        device=args.device,
+        nproc=args.nproc,
+        sync_bn=args.sync_bn,
+    )
 
 
 def add_experiment_args(p: argparse.ArgumentParser) -> None:
@@ -88,16 +128,31 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="sosp-h", choices=METHODS)
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--unit", default="structures", choices=UNITS + (LATENCY_UNIT,),
-                   help="what --ratio is a fraction of; latency: the CPU latency at batch 1, timed along the order")
-    p.add_argument("--target-params", type=int, default=None, help="prune to this many parameters instead of --ratio")
+    p.add_argument(
+        "--unit",
+        default="structures",
+        choices=UNITS + (LATENCY_UNIT,),
+        help="what --ratio is a fraction of; latency: the CPU latency at batch 1, timed along the order",
+    )
+    p.add_argument(
+        "--target-params", type=int, default=None, help="prune to this many parameters instead of --ratio"
+    )
     p.add_argument("--cap", type=float, default=0.95)
     p.add_argument("--normalize", default="none", choices=NORMALIZATIONS)
-    p.add_argument("--widen", nargs="*", default=[], help="expand-prune: LAYER_OR_STAGE=FACTOR ... (default: the flagged bottlenecks x2)")
+    p.add_argument(
+        "--widen",
+        nargs="*",
+        default=[],
+        help="expand-prune: LAYER_OR_STAGE=FACTOR ... (default: the flagged bottlenecks x2)",
+    )
     p.add_argument("--widen-factor", type=float, default=None, help="widen-prune: one factor for every layer")
-    p.add_argument("--match-widen", nargs="*", default=[],
-                   help="widen-prune: LAYER_OR_STAGE=FACTOR ... of the expansion whose parameter count the one factor "
-                        "matches (with widen-prune, --widen means the same)")
+    p.add_argument(
+        "--match-widen",
+        nargs="*",
+        default=[],
+        help="widen-prune: LAYER_OR_STAGE=FACTOR ... of the expansion whose parameter count the one factor "
+        "matches (with widen-prune, --widen means the same)",
+    )
     p.add_argument("--label", default="")
 
 
@@ -106,12 +161,33 @@ def experiment_config(args: argparse.Namespace, procedure: str) -> ExperimentCon
     if procedure == "widen-prune" and args.widen_factor is None and widen and not match:
         widen, match = {}, widen  # widen-prune sizes itself to the expansion it is compared with
     return ExperimentConfig(
-        procedure=procedure, model_spec=args.model, data_spec=args.data, weights=args.weights, epochs=args.epochs,
-        finetune_epochs=args.finetune_epochs, method=args.method, samples=args.samples, ratio=args.ratio, unit=args.unit,
-        target_params=args.target_params, cap=args.cap, normalize=args.normalize, widen=widen, match_widen=match,
-        widen_factor=args.widen_factor, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule, seed=args.seed,
-        device=args.device, exclude=list(args.exclude), preset=args.preset, label=args.label, nproc=args.nproc,
-        sync_bn=args.sync_bn)
+        procedure=procedure,
+        model_spec=args.model,
+        data_spec=args.data,
+        weights=args.weights,
+        epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs,
+        method=args.method,
+        samples=args.samples,
+        ratio=args.ratio,
+        unit=args.unit,
+        target_params=args.target_params,
+        cap=args.cap,
+        normalize=args.normalize,
+        widen=widen,
+        match_widen=match,
+        widen_factor=args.widen_factor,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        schedule=args.schedule,
+        seed=args.seed,
+        device=args.device,
+        exclude=list(args.exclude),
+        preset=args.preset,
+        label=args.label,
+        nproc=args.nproc,
+        sync_bn=args.sync_bn,
+    )
 
 
 def open_store(args: argparse.Namespace) -> Store:

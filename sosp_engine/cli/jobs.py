@@ -1,4 +1,5 @@
 """`run-job` and `jobs submit|list|show|cancel|resume|logs|delete`: background jobs from the command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,15 @@ from ..nets import USER_CODE_WARNING, is_user_code
 from ..experiments.procedures import PROCEDURES
 from ..runs.jobs import cancel, mark_stale_jobs, resume, run_job, submit
 from ..runs.work import read_log
-from .args import add_backend_args, add_experiment_args, add_model_args, add_workspace_arg, experiment_config, \
-    open_store, placement_from
+from .args import (
+    add_backend_args,
+    add_experiment_args,
+    add_model_args,
+    add_workspace_arg,
+    experiment_config,
+    open_store,
+    placement_from,
+)
 from .output import progress_line
 
 
@@ -28,13 +36,19 @@ def add_jobs_parser(sub: argparse._SubParsersAction) -> None:
     add_backend_args(p)
     add_workspace_arg(p)
     p.set_defaults(func=cmd_jobs_submit)
-    for verb, func, helptext in (("show", cmd_jobs_show, "a job's record and metrics"), ("cancel", cmd_jobs_cancel, "cancel a job"),
-                                 ("resume", cmd_jobs_resume, "resume a failed or cancelled job"), ("logs", cmd_jobs_logs, "a job's log")):
+    for verb, func, helptext in (
+        ("show", cmd_jobs_show, "a job's record and metrics"),
+        ("cancel", cmd_jobs_cancel, "cancel a job"),
+        ("resume", cmd_jobs_resume, "resume a failed or cancelled job"),
+        ("logs", cmd_jobs_logs, "a job's log"),
+    ):
         p = jsub.add_parser(verb, help=helptext)
         p.add_argument("job_id")
         add_workspace_arg(p)
         if verb == "resume":
-            p.add_argument("--trust-code", action="store_true", help="allow the job's model spec to run user code")
+            p.add_argument(
+                "--trust-code", action="store_true", help="allow the job's model spec to run user code"
+            )
         p.set_defaults(func=func)
     p = jsub.add_parser("list", help="all jobs of the workspace")
     add_workspace_arg(p)
@@ -64,11 +78,15 @@ def cmd_jobs_list(args: argparse.Namespace) -> None:
     damaged: list[str] = []
     for job in store.jobs(damaged=damaged):
         where = job["backend"] + (f" on {job['node']}" if job["node"] else "")
-        print(f"{job['id']}  {job['status']:<10} {job['progress']:6.1%}  {job['kind']:<13} {where:<24} {job['name']}  "
-              f"{job['message']}")
+        print(
+            f"{job['id']}  {job['status']:<10} {job['progress']:6.1%}  {job['kind']:<13} {where:<24} {job['name']}  "
+            f"{job['message']}"
+        )
     for line in damaged:
-        progress_line(f"warning: job record {line}; it is not listed, run or resumed (jobs delete ID --yes removes "
-                      "the record)")
+        progress_line(
+            f"warning: job record {line}; it is not listed, run or resumed (jobs delete ID --yes removes "
+            "the record)"
+        )
 
 
 def cmd_jobs_show(args: argparse.Namespace) -> dict:

@@ -1,4 +1,5 @@
 """`python -m sosp_engine`: the command-line face of the engine; progress on stderr, results as JSON."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,14 @@ from ..experiments.trainer import train
 from ..pruning.counting import count_macs, count_params
 from ..devices import resolve_device, set_threads
 from ..saliency.memory import default_budget
-from ..latency.profile import LATENCY_UNIT, PROFILE_NAME, LatencyProfile, measure_profile, refine_profile, relative_latency
+from ..latency.profile import (
+    LATENCY_UNIT,
+    PROFILE_NAME,
+    LatencyProfile,
+    measure_profile,
+    refine_profile,
+    relative_latency,
+)
 from ..nets.data import load_data
 from ..errors import SospError, one_line_error
 from ..pruning.exactness import exactness_line, exactness_report
@@ -30,8 +38,15 @@ from ..pruning.masks import layer_table, load_mask, mask_meta, mask_summary, pru
 from ..saliency.common import LOSSES
 from ..saliency.selection import NORMALIZATIONS, UNITS
 from ..nets import USER_CODE_WARNING, is_user_code
-from .args import add_experiment_args, add_model_args, add_training_args, add_workspace_arg, experiment_config, \
-    open_store, train_config_from
+from .args import (
+    add_experiment_args,
+    add_model_args,
+    add_training_args,
+    add_workspace_arg,
+    experiment_config,
+    open_store,
+    train_config_from,
+)
 from .jobs import add_jobs_parser
 from .output import ProgressLine, emit, progress_line
 from .sensitivity import add_sensitivity_parser
@@ -49,9 +64,14 @@ def cmd_info(args: argparse.Namespace) -> dict:
     wb = workbench_from(args)
     summary = mask_summary(wb.structures)
     return {
-        "model": args.model, "data": args.data, "num_classes": wb.data.num_classes,
-        "input_shape": list(wb.data.input_shape), "layers": len(wb.structures.layers),
-        "structures": summary["structures"], "params": summary["params_before"], "macs": summary["macs_before"],
+        "model": args.model,
+        "data": args.data,
+        "num_classes": wb.data.num_classes,
+        "input_shape": list(wb.data.input_shape),
+        "layers": len(wb.structures.layers),
+        "structures": summary["structures"],
+        "params": summary["params_before"],
+        "macs": summary["macs_before"],
         "excluded_modules": wb.structures.excluded,
         "unprunable_layers": wb.structures.unprunable,
         "pruned_checkpoint": wb.recipe is not None,
@@ -64,62 +84,124 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     mask = load_mask(args.mask, wb.structures)
     progress_line(f"pruning {len(mask)} structures physically ...")
     smaller = pruned_copy(wb.model, wb.structures, mask, wb.example)
-    recipe = pruning_recipe(args.model, wb.structures, mask, resolve_preset(args.model, args.preset), args.exclude,
-                            wb.recipe)
+    recipe = pruning_recipe(
+        args.model, wb.structures, mask, resolve_preset(args.model, args.preset), args.exclude, wb.recipe
+    )
     save_pruned(args.save, smaller, recipe)
     summary = mask_summary(wb.structures, mask)
     x, _ = wb.data.analysis_samples(EXACTNESS_SAMPLES)
     exactness = exactness_report(wb.model, wb.structures, mask, wb.example, x)
     progress_line(exactness_line(exactness))
     progress_line(f"reopen it with: --model {args.model} --weights {args.save}")
-    return {**summary, "params_counted": count_params(smaller), "macs_counted": count_macs(smaller, wb.example),
-            "exactness": exactness, "saved": args.save}
+    return {
+        **summary,
+        "params_counted": count_params(smaller),
+        "macs_counted": count_macs(smaller, wb.example),
+        "exactness": exactness,
+        "saved": args.save,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sosp_engine", description="SOSP Lab engine")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: $SOSP_THREADS, else torch's default); jobs inherit it")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: $SOSP_THREADS, else torch's default); jobs inherit it",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="model summary: prunable layers, structures, parameters, MACs")
     add_model_args(p)
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("prune", help="apply a mask JSON physically and save the smaller model (reopens with --weights)")
+    p = sub.add_parser(
+        "prune", help="apply a mask JSON physically and save the smaller model (reopens with --weights)"
+    )
     add_model_args(p)
     p.add_argument("--mask", required=True, help="mask JSON (from analyze or the dashboard)")
     p.add_argument("--save", required=True, help="where to write the pruned model's state_dict")
     p.set_defaults(func=cmd_prune)
-    p = sub.add_parser("analyze", help="compute a method's saliencies and pruning order; write the result and a mask")
+    p = sub.add_parser(
+        "analyze", help="compute a method's saliencies and pruning order; write the result and a mask"
+    )
     add_model_args(p, json_out=False)
-    p.add_argument("--at-init", action="store_true", help="analyse a fresh seeded initialisation (BatchNorm statistics re-estimated)")
+    p.add_argument(
+        "--at-init",
+        action="store_true",
+        help="analyse a fresh seeded initialisation (BatchNorm statistics re-estimated)",
+    )
     p.add_argument("--method", default="sosp-h", choices=METHODS)
-    p.add_argument("--samples", type=int, default=1000, help="N': analysis samples drawn from the training split")
-    p.add_argument("--batch-size", type=int, default=100, help="the largest analysis batch (the budget may lower it)")
-    p.add_argument("--memory-budget", default="auto",
-                   help="GB the analysis may use: the batch is the largest whose measured estimate fits (auto: 80%% of "
-                        "the free GPU memory or 50%% of the free RAM; none: no estimate, the batch as given)")
+    p.add_argument(
+        "--samples", type=int, default=1000, help="N': analysis samples drawn from the training split"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=100, help="the largest analysis batch (the budget may lower it)"
+    )
+    p.add_argument(
+        "--memory-budget",
+        default="auto",
+        help="GB the analysis may use: the batch is the largest whose measured estimate fits (auto: 80%% of "
+        "the free GPU memory or 50%% of the free RAM; none: no estimate, the batch as given)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ratio", type=float, default=0.5, help="target pruning ratio of the written mask")
-    p.add_argument("--unit", default="structures", choices=UNITS + (LATENCY_UNIT,),
-                   help="what --ratio is a fraction of; latency: measured along the order on --latency-device")
-    p.add_argument("--latency-device", default=None,
-                   help="with --unit latency or --normalize latency: where to time (default: --device)")
-    p.add_argument("--latency-batch", type=int, default=1,
-                   help="with --unit latency or --normalize latency: the batch size to time")
-    p.add_argument("--latency-points", type=int, default=12,
-                   help="with --unit latency: pruned nets timed along the order (interpolated between)")
+    p.add_argument(
+        "--unit",
+        default="structures",
+        choices=UNITS + (LATENCY_UNIT,),
+        help="what --ratio is a fraction of; latency: measured along the order on --latency-device",
+    )
+    p.add_argument(
+        "--latency-device",
+        default=None,
+        help="with --unit latency or --normalize latency: where to time (default: --device)",
+    )
+    p.add_argument(
+        "--latency-batch",
+        type=int,
+        default=1,
+        help="with --unit latency or --normalize latency: the batch size to time",
+    )
+    p.add_argument(
+        "--latency-points",
+        type=int,
+        default=12,
+        help="with --unit latency: pruned nets timed along the order (interpolated between)",
+    )
     p.add_argument("--cap", type=float, default=0.95, help="at most this fraction of a layer is pruned")
-    p.add_argument("--round-to", type=int, default=1,
-                   help="keep widths in multiples of this (8 or 16: pruned nets then run as fast as their MACs)")
-    p.add_argument("--normalize", default="none", choices=NORMALIZATIONS,
-                   help="rank structures by saliency per unit of cost: kernel size (SOSP*), MACs, or latency (each "
-                        "layer timed alone on --latency-device at --latency-batch; the order then depends on timings)")
+    p.add_argument(
+        "--round-to",
+        type=int,
+        default=1,
+        help="keep widths in multiples of this (8 or 16: pruned nets then run as fast as their MACs)",
+    )
+    p.add_argument(
+        "--normalize",
+        default="none",
+        choices=NORMALIZATIONS,
+        help="rank structures by saliency per unit of cost: kernel size (SOSP*), MACs, or latency (each "
+        "layer timed alone on --latency-device at --latency-batch; the order then depends on timings)",
+    )
     p.add_argument("--loss", default="cross-entropy", choices=LOSSES)
     p.add_argument("--device", default="auto")
-    p.add_argument("--mc-labels", type=int, default=-1, help="SOSP-I: sampled labels per sample (0 = exact, -1 = only when D > 100)")
+    p.add_argument(
+        "--mc-labels",
+        type=int,
+        default=-1,
+        help="SOSP-I: sampled labels per sample (0 = exact, -1 = only when D > 100)",
+    )
     p.add_argument("--download", action="store_true", help="download CIFAR into the data path first")
-    p.add_argument("--out", dest="out_dir", required=True, help="folder for analysis.json, tensors.pt, mask.json, layers.csv")
-    p.add_argument("--name", default=None, help="also record the analysis in the workspace under this name (for the dashboard)")
+    p.add_argument(
+        "--out",
+        dest="out_dir",
+        required=True,
+        help="folder for analysis.json, tensors.pt, mask.json, layers.csv",
+    )
+    p.add_argument(
+        "--name",
+        default=None,
+        help="also record the analysis in the workspace under this name (for the dashboard)",
+    )
     add_workspace_arg(p)
     p.set_defaults(func=cmd_analyze)
     p = sub.add_parser("train", help="train a model in the foreground and save its weights")
@@ -133,20 +215,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", required=True)
     p.add_argument("--save", required=True, help="where to write the fine-tuned pruned state_dict")
     p.set_defaults(func=cmd_finetune)
-    p = sub.add_parser("expand", help="expand-pruning in the foreground: widen bottlenecks, train, prune, fine-tune")
+    p = sub.add_parser(
+        "expand", help="expand-pruning in the foreground: widen bottlenecks, train, prune, fine-tune"
+    )
     add_model_args(p, json_out=False)
     add_experiment_args(p)
     p.add_argument("--out", required=True, help="folder for the run's checkpoints, masks and summary.json")
     p.set_defaults(func=cmd_expand, procedure="expand-prune")
     p = sub.add_parser("bottlenecks", help="flag bottleneck layers / stages of a saved analysis at a ratio")
     p.add_argument("analysis", help="folder written by analyze")
-    p.add_argument("--ratio", type=float, default=None, help="default: the ratio of the mask analyze wrote (else 0.5)")
-    p.add_argument("--unit", default=None, choices=UNITS + (LATENCY_UNIT,), help="default: the unit of the mask analyze wrote")
+    p.add_argument(
+        "--ratio", type=float, default=None, help="default: the ratio of the mask analyze wrote (else 0.5)"
+    )
+    p.add_argument(
+        "--unit",
+        default=None,
+        choices=UNITS + (LATENCY_UNIT,),
+        help="default: the unit of the mask analyze wrote",
+    )
     p.add_argument("--level", default="layer", choices=LEVELS)
     p.add_argument("--rule", default="mean-std", choices=RULES)
     p.add_argument("-k", type=float, default=1.0, help="mean-std rule: flag ratios below mean - k * std")
     p.add_argument("-n", type=int, default=3, help="least rule: flag the n least pruned")
-    p.add_argument("--trust-code", action="store_true", help="allow the analysis's model spec to run user code")
+    p.add_argument(
+        "--trust-code", action="store_true", help="allow the analysis's model spec to run user code"
+    )
     p.set_defaults(func=cmd_bottlenecks)
     add_sensitivity_parser(sub)
     add_study_parser(sub)
@@ -168,15 +261,22 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     smaller = pruned_copy(wb.model, wb.structures, mask, wb.example)
     config = train_config_from(args)
     result = train(smaller, wb.data, config, progress=epoch_printer)
-    save_pruned(args.save, smaller.cpu(), pruning_recipe(args.model, wb.structures, mask,
-                                                         resolve_preset(args.model, args.preset), args.exclude, wb.recipe))
+    save_pruned(
+        args.save,
+        smaller.cpu(),
+        pruning_recipe(
+            args.model, wb.structures, mask, resolve_preset(args.model, args.preset), args.exclude, wb.recipe
+        ),
+    )
     print(json.dumps({"test_acc": result.test_acc, "params": count_params(smaller), "saved": args.save}))
 
 
 def epoch_printer(event: dict) -> None:
     if event.get("phase") == "epoch":
-        progress_line(f"epoch {event['epoch']}/{event['epochs']}: train loss {event['train_loss']:.4f} "
-                      f"acc {event['train_acc']:.3f}, val acc {event['val_acc']:.3f}")
+        progress_line(
+            f"epoch {event['epoch']}/{event['epochs']}: train loss {event['train_loss']:.4f} "
+            f"acc {event['train_acc']:.3f}, val acc {event['val_acc']:.3f}"
+        )
 
 
 def auto_widen(args: argparse.Namespace, wb) -> dict[str, float]:
@@ -184,20 +284,39 @@ def auto_widen(args: argparse.Namespace, wb) -> dict[str, float]:
     layers, widened x2. Without --weights the plain net is trained first (the bottlenecks of an init are others)."""
     weights = args.weights
     if not weights:
-        progress_line(f"no --weights: training the plain net first ({args.epochs} epochs) to find the bottlenecks of "
-                      "the trained net, as the paper does")
+        progress_line(
+            f"no --weights: training the plain net first ({args.epochs} epochs) to find the bottlenecks of "
+            "the trained net, as the paper does"
+        )
         bar = ProgressLine("train plain")
         model = copy.deepcopy(wb.model)
-        train(model, wb.data, train_config_from(args), Path(args.out) / "plain",
-              lambda e: bar((e["epoch"] - 1 + e.get("fraction", 1.0)) / e["epochs"], f"epoch {e['epoch']}"))
+        train(
+            model,
+            wb.data,
+            train_config_from(args),
+            Path(args.out) / "plain",
+            lambda e: bar((e["epoch"] - 1 + e.get("fraction", 1.0)) / e["epochs"], f"epoch {e['epoch']}"),
+        )
         bar.close()
         weights = str(save_atomically(model.cpu().state_dict(), Path(args.out) / "plain" / "trained.pt"))
         wb = dataclasses.replace(wb, model=model, weights=weights)
-    config = AnalysisConfig(method=args.method, model_spec=args.model, data_spec=args.data, weights=weights,
-                            samples=args.samples, seed=args.seed, cap=args.cap, normalize=args.normalize,
-                            device=args.device, exclude=list(args.exclude), preset=args.preset)
+    config = AnalysisConfig(
+        method=args.method,
+        model_spec=args.model,
+        data_spec=args.data,
+        weights=weights,
+        samples=args.samples,
+        seed=args.seed,
+        cap=args.cap,
+        normalize=args.normalize,
+        device=args.device,
+        exclude=list(args.exclude),
+        preset=args.preset,
+    )
     result = run_analysis(wb, config)
-    return paper_widening(args.model, layer_table(wb.structures, result.mask(wb.structures, args.ratio, args.unit)))
+    return paper_widening(
+        args.model, layer_table(wb.structures, result.mask(wb.structures, args.ratio, args.unit))
+    )
 
 
 def cmd_expand(args: argparse.Namespace) -> None:
@@ -218,11 +337,15 @@ def cmd_bottlenecks(args: argparse.Namespace) -> None:
     require_trust(result.config.model_spec, args.trust_code, f"the analysis in '{args.analysis}'")
     if not (math.isfinite(args.k) and args.k >= 0) or args.n < 1:
         raise SospError(f"-k must be a number >= 0 and -n at least 1 (got k={args.k}, n={args.n})")
-    written = mask_meta(Path(args.analysis) / "mask.json")  # by default, the ratio and unit analyze wrote its mask at
+    written = mask_meta(
+        Path(args.analysis) / "mask.json"
+    )  # by default, the ratio and unit analyze wrote its mask at
     ratio = args.ratio if args.ratio is not None else float(written.get("ratio", 0.5))
     unit = args.unit or str(written.get("unit", "structures"))
     progress_line(f"bottlenecks of the mask at {ratio:g} of {unit}")
-    wb = open_workbench(result.config.model_spec, result.config.data_spec, None, result.config.exclude, result.config.preset)
+    wb = open_workbench(
+        result.config.model_spec, result.config.data_spec, None, result.config.exclude, result.config.preset
+    )
     latency = LatencyProfile.load(Path(args.analysis) / PROFILE_NAME) if unit == LATENCY_UNIT else None
     table = layer_table(wb.structures, result.mask(wb.structures, ratio, unit, latency))
     units, info = find_bottlenecks(table, args.level, args.rule, args.k, args.n)
@@ -231,17 +354,34 @@ def cmd_bottlenecks(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():  # checked before the work it would lose
+    if (
+        Path(args.out_dir).exists() and not Path(args.out_dir).is_dir()
+    ):  # checked before the work it would lose
         raise SospError(f"--out '{args.out_dir}' is a file; give a folder for the analysis")
     if args.download:
         load_data(args.data, download=True)
     wb = workbench_from(args)
     config = AnalysisConfig(
-        method=args.method, model_spec=args.model, data_spec=args.data, weights=args.weights, at_init=args.at_init,
-        samples=args.samples, seed=args.seed, batch_size=args.batch_size, cap=args.cap, round_to=args.round_to,
+        method=args.method,
+        model_spec=args.model,
+        data_spec=args.data,
+        weights=args.weights,
+        at_init=args.at_init,
+        samples=args.samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        cap=args.cap,
+        round_to=args.round_to,
         memory_budget_gb=memory_budget(args.memory_budget, args.device),
-        normalize=args.normalize, latency_device=args.latency_device, latency_batch=args.latency_batch,
-        loss=args.loss, device=args.device, mc_labels=args.mc_labels, exclude=list(args.exclude), preset=args.preset)
+        normalize=args.normalize,
+        latency_device=args.latency_device,
+        latency_batch=args.latency_batch,
+        loss=args.loss,
+        device=args.device,
+        mc_labels=args.mc_labels,
+        exclude=list(args.exclude),
+        preset=args.preset,
+    )
     bar = ProgressLine(f"{args.method}")
     result = run_analysis(wb, config, progress=bar)
     bar.close()
@@ -255,17 +395,30 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     summary = mask_summary(wb.structures, mask)
     x, _ = wb.data.analysis_samples(EXACTNESS_SAMPLES, args.seed)
     exactness = exactness_report(wb.model, wb.structures, mask, wb.example, x)
-    print(table[["layer", "stage", "channels", "kept", "pruning_ratio", "params_after", "macs_after"]].to_string(index=False))
-    print(f"\npruned {summary['structures_pruned']}/{summary['structures']} structures; "
-          f"params {summary['params_before']:,} -> {summary['params_after']:,} ({summary['param_ratio']:.1%} removed); "
-          f"MACs {summary['macs_before']:,} -> {summary['macs_after']:,} ({summary['mac_ratio']:.1%} removed)")
+    print(
+        table[
+            ["layer", "stage", "channels", "kept", "pruning_ratio", "params_after", "macs_after"]
+        ].to_string(index=False)
+    )
+    print(
+        f"\npruned {summary['structures_pruned']}/{summary['structures']} structures; "
+        f"params {summary['params_before']:,} -> {summary['params_after']:,} ({summary['param_ratio']:.1%} removed); "
+        f"MACs {summary['macs_before']:,} -> {summary['macs_after']:,} ({summary['mac_ratio']:.1%} removed)"
+    )
     print(exactness_line(exactness))
     if latency is not None:
-        seconds, relative = relative_latency(pruned_copy(wb.model, wb.structures, mask, wb.example), wb.model,
-                                             wb.example, latency.device, latency.batch)
-        print(f"latency on {latency.device} at batch {latency.batch} ({latency.threads} threads): "
-              f"{1000 * seconds / relative:.3f} ms -> {1000 * seconds:.3f} ms, {1 - relative:.1%} less measured "
-              f"(target {args.ratio:.1%}, predicted {1 - float(latency.predict(len(mask))):.1%})")
+        seconds, relative = relative_latency(
+            pruned_copy(wb.model, wb.structures, mask, wb.example),
+            wb.model,
+            wb.example,
+            latency.device,
+            latency.batch,
+        )
+        print(
+            f"latency on {latency.device} at batch {latency.batch} ({latency.threads} threads): "
+            f"{1000 * seconds / relative:.3f} ms -> {1000 * seconds:.3f} ms, {1 - relative:.1%} less measured "
+            f"(target {args.ratio:.1%}, predicted {1 - float(latency.predict(len(mask))):.1%})"
+        )
     if result.memory is not None:
         progress_line(result.memory["line"])
     if result.layer_latency is not None:
@@ -295,13 +448,30 @@ def latency_profile(args: argparse.Namespace, wb, result: AnalysisResult, out: P
     if args.latency_batch < 1:
         raise SospError(f"--latency-batch must be at least 1, got {args.latency_batch}")
     bar = ProgressLine("latency profile")
-    profile = measure_profile(wb.model, wb.structures, result.ordered_keys(), result.n_prunable, wb.example,
-                              resolve_device(args.latency_device or args.device), args.latency_batch,
-                              args.latency_points, stops=result.stops(wb.structures), progress=bar)
+    profile = measure_profile(
+        wb.model,
+        wb.structures,
+        result.ordered_keys(),
+        result.n_prunable,
+        wb.example,
+        resolve_device(args.latency_device or args.device),
+        args.latency_batch,
+        args.latency_points,
+        stops=result.stops(wb.structures),
+        progress=bar,
+    )
     bar.close()
     profile.save(out / PROFILE_NAME)
-    if refine_profile(profile, wb.model, wb.structures, result.ordered_keys(), result.n_prunable, wb.example,
-                      args.ratio, result.stops(wb.structures)):
+    if refine_profile(
+        profile,
+        wb.model,
+        wb.structures,
+        result.ordered_keys(),
+        result.n_prunable,
+        wb.example,
+        args.ratio,
+        result.stops(wb.structures),
+    ):
         profile.save(out / PROFILE_NAME)
     return profile
 

@@ -1,4 +1,5 @@
 """What the CLI prints: progress on stderr (one updating line), results as JSON on stdout or into a file."""
+
 from __future__ import annotations
 
 import json

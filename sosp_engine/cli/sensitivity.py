@@ -1,4 +1,5 @@
 """`sensitivity ANALYSIS`: the measured and predicted cost of pruning along a saved analysis's order, as CSV or JSON."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,18 +15,29 @@ from ..experiments.sensitivity import distinct_masks, even_grid, max_reduction, 
 
 
 def add_sensitivity_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sensitivity", help="accuracy and loss of a saved analysis's masks over a grid of ratios, "
-                                           "next to the predicted loss increase (no saliency recomputed)")
+    p = sub.add_parser(
+        "sensitivity",
+        help="accuracy and loss of a saved analysis's masks over a grid of ratios, "
+        "next to the predicted loss increase (no saliency recomputed)",
+    )
     p.add_argument("analysis", help="folder written by analyze")
-    p.add_argument("--grid", default=None, help="comma-separated ratios, e.g. 0,0.2,0.4,0.6 (default: --points even)")
-    p.add_argument("--points", type=int, default=11, help="evenly spaced ratios from 0 to the largest the cap allows")
+    p.add_argument(
+        "--grid", default=None, help="comma-separated ratios, e.g. 0,0.2,0.4,0.6 (default: --points even)"
+    )
+    p.add_argument(
+        "--points", type=int, default=11, help="evenly spaced ratios from 0 to the largest the cap allows"
+    )
     p.add_argument("--unit", default="structures", choices=UNITS, help="what the ratios count")
     p.add_argument("--split", default="val", choices=("val", "test", "train_eval"), help="evaluation split")
     p.add_argument("--samples", type=int, default=None, help="evaluate on the first N samples of the split")
-    p.add_argument("--weights", default=None, help="the analysis's checkpoint, if it moved (must be the same weights)")
+    p.add_argument(
+        "--weights", default=None, help="the analysis's checkpoint, if it moved (must be the same weights)"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="write FILE.csv (the table) or FILE.json (table and summary)")
-    p.add_argument("--trust-code", action="store_true", help="allow the analysis's model spec to run user code")
+    p.add_argument(
+        "--trust-code", action="store_true", help="allow the analysis's model spec to run user code"
+    )
     p.set_defaults(func=cmd_sensitivity)
 
 
@@ -36,20 +48,28 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict | None:
     if args.samples is not None and args.samples < 1:
         raise SospError(f"--samples must be positive, got {args.samples}")
     progress_line(f"loading {config.model_spec} on {config.data_spec} ...")
-    wb = open_workbench(config.model_spec, config.data_spec, args.weights or config.weights, config.exclude,
-                        config.preset)
+    wb = open_workbench(
+        config.model_spec, config.data_spec, args.weights or config.weights, config.exclude, config.preset
+    )
     if args.grid:
         ratios = parse_grid(args.grid)
     else:
-        ratios = even_grid(args.points, max_reduction(result, wb.structures, args.unit), distinct_masks(result))
+        ratios = even_grid(
+            args.points, max_reduction(result, wb.structures, args.unit), distinct_masks(result)
+        )
     bar = ProgressLine("sensitivity")
-    curve = sensitivity_curve(result, wb, ratios, args.unit, args.split, args.samples, device=args.device,
-                              progress=bar)
+    curve = sensitivity_curve(
+        result, wb, ratios, args.unit, args.split, args.samples, device=args.device, progress=bar
+    )
     bar.close()
-    progress_line(curve.table.drop(columns=["unit"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    progress_line(f"unpruned: loss {curve.baseline_loss:.4f}, accuracy {curve.baseline_acc:.1%} on {curve.samples} "
-                  f"{curve.split} samples; rank correlation of predicted vs measured loss increase: "
-                  f"{curve.rank_correlation:.3f}")
+    progress_line(
+        curve.table.drop(columns=["unit"]).to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    )
+    progress_line(
+        f"unpruned: loss {curve.baseline_loss:.4f}, accuracy {curve.baseline_acc:.1%} on {curve.samples} "
+        f"{curve.split} samples; rank correlation of predicted vs measured loss increase: "
+        f"{curve.rank_correlation:.3f}"
+    )
     if args.out and Path(args.out).suffix.lower() == ".csv":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         curve.table.to_csv(args.out, index=False)

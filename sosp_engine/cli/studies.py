@@ -1,5 +1,6 @@
 """`study submit|expand|list|show|export`: method studies (methods x targets x seeds) and expand studies (expand- /
 widen- / train-pruning x trials) as background jobs, aggregated over seeds or trials."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,14 @@ from ..saliency.analysis import METHODS
 from .args import add_backend_args, add_distributed_args, parse_widen, placement_from
 from .output import progress_line
 from ..errors import SospError
-from ..experiments.expand_study import (EXPAND_PROCEDURES, EXPAND_STUDY_KIND, ExpandStudyConfig, expand_state, expand_table,
-                           unpruned_reference)
+from ..experiments.expand_study import (
+    EXPAND_PROCEDURES,
+    EXPAND_STUDY_KIND,
+    ExpandStudyConfig,
+    expand_state,
+    expand_table,
+    unpruned_reference,
+)
 from ..latency.profile import LATENCY_UNIT
 from ..runs.jobs import mark_stale_jobs, submit_expand_study, submit_study
 from ..runs.work import STUDY_KINDS
@@ -24,47 +31,82 @@ from ..experiments.studies import STUDY_KIND, StudyConfig, aggregate, parse_numb
 
 
 def add_study_parser(sub: argparse._SubParsersAction) -> None:
-    study = sub.add_parser("study", help="studies: methods x targets x seeds as one background job, mean +- std")
+    study = sub.add_parser(
+        "study", help="studies: methods x targets x seeds as one background job, mean +- std"
+    )
     ssub = study.add_subparsers(dest="study_command", required=True)
     p = ssub.add_parser("submit", help="queue a study")
     p.add_argument("--model", required=True)
     p.add_argument("--data", default="digits")
-    p.add_argument("--weights", default=None, help="a trained checkpoint for every seed (default: train one per seed)")
-    p.add_argument("--methods", default="sosp-h,sosp-i,magnitude,random", help=f"comma-separated, from {METHODS}")
+    p.add_argument(
+        "--weights", default=None, help="a trained checkpoint for every seed (default: train one per seed)"
+    )
+    p.add_argument(
+        "--methods", default="sosp-h,sosp-i,magnitude,random", help=f"comma-separated, from {METHODS}"
+    )
     p.add_argument("--targets", default="0.3,0.5,0.7", help="comma-separated pruning ratios")
-    p.add_argument("--unit", default="params", choices=UNITS + (LATENCY_UNIT,),
-                   help="params or macs compare methods fairly; latency: the CPU latency at batch 1, timed along each "
-                        "analysis's order")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (one trained net and analysis each)")
+    p.add_argument(
+        "--unit",
+        default="params",
+        choices=UNITS + (LATENCY_UNIT,),
+        help="params or macs compare methods fairly; latency: the CPU latency at batch 1, timed along each "
+        "analysis's order",
+    )
+    p.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated seeds (one trained net and analysis each)"
+    )
     p.add_argument("--epochs", type=int, default=10, help="training epochs per seed (ignored with --weights)")
     p.add_argument("--finetune-epochs", type=int, default=5)
     add_run_args(p)
     p.set_defaults(func=cmd_study_submit)
     add_expand_parser(ssub)
-    for verb, helptext in (("list", "every study of the workspace"), ("show", "the aggregated table of a study"),
-                           ("export", "write a study's cells and aggregate (CSV or JSON)")):
+    for verb, helptext in (
+        ("list", "every study of the workspace"),
+        ("show", "the aggregated table of a study"),
+        ("export", "write a study's cells and aggregate (CSV or JSON)"),
+    ):
         q = ssub.add_parser(verb, help=helptext)
         if verb != "list":
             q.add_argument("study_id")
         if verb == "export":
-            q.add_argument("--out", required=True, help="FILE.csv (aggregate), FILE.json (cells and aggregate)")
-        q.add_argument("--workspace", default=None, help="workspace folder (default $SOSP_WORKSPACE or ./workspace)")
-        q.set_defaults(func={"list": cmd_study_list, "show": cmd_study_show, "export": cmd_study_export}[verb])
+            q.add_argument(
+                "--out", required=True, help="FILE.csv (aggregate), FILE.json (cells and aggregate)"
+            )
+        q.add_argument(
+            "--workspace", default=None, help="workspace folder (default $SOSP_WORKSPACE or ./workspace)"
+        )
+        q.set_defaults(
+            func={"list": cmd_study_list, "show": cmd_study_show, "export": cmd_study_export}[verb]
+        )
 
 
 def add_expand_parser(ssub: argparse._SubParsersAction) -> None:
-    p = ssub.add_parser("expand", help="queue an expand study: expand- / widen- / train-pruning, trials each, pruned to "
-                                       "the size of the train-pruned plain net (paper sec. 3.4)")
+    p = ssub.add_parser(
+        "expand",
+        help="queue an expand study: expand- / widen- / train-pruning, trials each, pruned to "
+        "the size of the train-pruned plain net (paper sec. 3.4)",
+    )
     p.add_argument("--model", required=True)
     p.add_argument("--data", default="digits")
-    p.add_argument("--procedures", default="expand-prune,widen-prune,train-prune",
-                   help=f"comma-separated, from {', '.join(EXPAND_PROCEDURES)} (train-prune is needed)")
+    p.add_argument(
+        "--procedures",
+        default="expand-prune,widen-prune,train-prune",
+        help=f"comma-separated, from {', '.join(EXPAND_PROCEDURES)} (train-prune is needed)",
+    )
     p.add_argument("--trials", type=int, default=3)
-    p.add_argument("--widen", nargs="*", default=[],
-                   help="LAYER_OR_STAGE=FACTOR ... to widen (default: the bottlenecks of the trained plain net)")
-    p.add_argument("--widen-by", type=float, default=2.0, help="the factor of the bottlenecks found on the trained net")
+    p.add_argument(
+        "--widen",
+        nargs="*",
+        default=[],
+        help="LAYER_OR_STAGE=FACTOR ... to widen (default: the bottlenecks of the trained plain net)",
+    )
+    p.add_argument(
+        "--widen-by", type=float, default=2.0, help="the factor of the bottlenecks found on the trained net"
+    )
     p.add_argument("--method", default="sosp-h", choices=METHODS)
-    p.add_argument("--ratio", type=float, default=0.5, help="the plain net's pruning ratio; it sets every run's size")
+    p.add_argument(
+        "--ratio", type=float, default=0.5, help="the plain net's pruning ratio; it sets every run's size"
+    )
     p.add_argument("--unit", default="params", choices=UNITS)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--finetune-epochs", type=int, default=10)
@@ -85,19 +127,35 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="auto")
     p.add_argument("--name", default="")
     add_backend_args(p)
-    p.add_argument("--workspace", default=None, help="workspace folder (default $SOSP_WORKSPACE or ./workspace)")
+    p.add_argument(
+        "--workspace", default=None, help="workspace folder (default $SOSP_WORKSPACE or ./workspace)"
+    )
 
 
 def cmd_study_submit(args: argparse.Namespace) -> dict:
     if is_user_code(args.model):
         progress_line(f"warning: {USER_CODE_WARNING}")
-    config = StudyConfig(model_spec=args.model, data_spec=args.data, weights=args.weights,
-                         methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-                         targets=parse_numbers(float, args.targets, "--targets"), unit=args.unit,
-                         seeds=parse_numbers(int, args.seeds, "--seeds"), epochs=args.epochs,
-                         finetune_epochs=args.finetune_epochs, samples=args.samples, cap=args.cap,
-                         normalize=args.normalize, lr=args.lr, batch_size=args.batch_size, device=args.device,
-                         exclude=args.exclude, preset=args.preset, nproc=args.nproc, sync_bn=args.sync_bn)
+    config = StudyConfig(
+        model_spec=args.model,
+        data_spec=args.data,
+        weights=args.weights,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        targets=parse_numbers(float, args.targets, "--targets"),
+        unit=args.unit,
+        seeds=parse_numbers(int, args.seeds, "--seeds"),
+        epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs,
+        samples=args.samples,
+        cap=args.cap,
+        normalize=args.normalize,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        device=args.device,
+        exclude=args.exclude,
+        preset=args.preset,
+        nproc=args.nproc,
+        sync_bn=args.sync_bn,
+    )
     store = Store(args.workspace)
     job_id = submit_study(store, config, args.name, placement=placement_from(args))
     progress_line(f"{len(config.cells)} cells; follow with: study show {job_id}")
@@ -107,14 +165,29 @@ def cmd_study_submit(args: argparse.Namespace) -> dict:
 def cmd_study_expand(args: argparse.Namespace) -> dict:
     if is_user_code(args.model):
         progress_line(f"warning: {USER_CODE_WARNING}")
-    config = ExpandStudyConfig(model_spec=args.model, data_spec=args.data,
-                               procedures=[p.strip() for p in args.procedures.split(",") if p.strip()],
-                               trials=args.trials, widen=parse_widen(args.widen), widen_by=args.widen_by,
-                               method=args.method, samples=args.samples, ratio=args.ratio, unit=args.unit, cap=args.cap,
-                               normalize=args.normalize,
-                               epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
-                               batch_size=args.batch_size, device=args.device, exclude=args.exclude,
-                               preset=args.preset, nproc=args.nproc, sync_bn=args.sync_bn)
+    config = ExpandStudyConfig(
+        model_spec=args.model,
+        data_spec=args.data,
+        procedures=[p.strip() for p in args.procedures.split(",") if p.strip()],
+        trials=args.trials,
+        widen=parse_widen(args.widen),
+        widen_by=args.widen_by,
+        method=args.method,
+        samples=args.samples,
+        ratio=args.ratio,
+        unit=args.unit,
+        cap=args.cap,
+        normalize=args.normalize,
+        epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        device=args.device,
+        exclude=args.exclude,
+        preset=args.preset,
+        nproc=args.nproc,
+        sync_bn=args.sync_bn,
+    )
     store = Store(args.workspace)
     job_id = submit_expand_study(store, config, args.name, placement=placement_from(args))
     progress_line(f"{len(config.runs)} runs; follow with: study show {job_id}")
@@ -139,7 +212,9 @@ def cmd_study_list(args: argparse.Namespace) -> None:
             print(f"{job['id']}  {job['status']:<10} {len(study_cells(job))}/{total} cells  {job['name']}")
         elif job["kind"] == EXPAND_STUDY_KIND:
             total = len(ExpandStudyConfig(**job["config"]).runs)
-            print(f"{job['id']}  {job['status']:<10} {len(expand_state(job)['runs'])}/{total} runs   {job['name']}")
+            print(
+                f"{job['id']}  {job['status']:<10} {len(expand_state(job)['runs'])}/{total} runs   {job['name']}"
+            )
 
 
 def study_records(job: dict) -> tuple[list[dict], pd.DataFrame, dict]:
@@ -147,8 +222,11 @@ def study_records(job: dict) -> tuple[list[dict], pd.DataFrame, dict]:
     unpruned reference)."""
     if job["kind"] == EXPAND_STUDY_KIND:
         state = expand_state(job)
-        return state["runs"], expand_table(state["runs"]), {
-            "plan": state["plan"], "unpruned": unpruned_reference(state["runs"], state["plan"])}
+        return (
+            state["runs"],
+            expand_table(state["runs"]),
+            {"plan": state["plan"], "unpruned": unpruned_reference(state["runs"], state["plan"])},
+        )
     cells = study_cells(job)
     return cells, aggregate(cells), {}
 
@@ -157,8 +235,14 @@ def cmd_study_show(args: argparse.Namespace) -> dict:
     _, job = _study(args)
     _, table, extra = study_records(job)
     progress_line(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    return {"study": job["id"], "kind": job["kind"], "status": job["status"], "progress": job["progress"],
-            "aggregate": table.to_dict(orient="records"), **extra}
+    return {
+        "study": job["id"],
+        "kind": job["kind"],
+        "status": job["status"],
+        "progress": job["progress"],
+        "aggregate": table.to_dict(orient="records"),
+        **extra,
+    }
 
 
 def cmd_study_export(args: argparse.Namespace) -> None:
@@ -170,6 +254,17 @@ def cmd_study_export(args: argparse.Namespace) -> None:
         table.to_csv(out, index=False)
     else:
         key = "runs" if job["kind"] == EXPAND_STUDY_KIND else "cells"
-        out.write_text(json.dumps({"study": job["id"], "kind": job["kind"], "config": job["config"], key: records,
-                                   "aggregate": table.to_dict(orient="records"), **extra}, indent=1))
+        out.write_text(
+            json.dumps(
+                {
+                    "study": job["id"],
+                    "kind": job["kind"],
+                    "config": job["config"],
+                    key: records,
+                    "aggregate": table.to_dict(orient="records"),
+                    **extra,
+                },
+                indent=1,
+            )
+        )
     progress_line(f"wrote {out}")

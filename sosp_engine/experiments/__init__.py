@@ -1,1 +1,2 @@
-"""Experiments on top of analyses: training (one or several processes), procedures, studies, sensitivity, comparisons, bottlenecks."""
+"""Experiments on top of analyses: training (one or several processes), procedures, studies, sensitivity,
+comparisons, bottlenecks."""

@@ -5,13 +5,16 @@ Rules (documented for the UI):
 - `least`: flag the n least pruned units among those pruned less than the mean.
 The score of a unit is (mean - ratio) / std: how many standard deviations it is pruned less than the mean over units.
 """
+
 from __future__ import annotations
 
 import pandas as pd
 
 RULES = ("mean-std", "least")
-MEAN_NOTE = ("The mean is unweighted over the units, so it differs from the global ratio, which weighs them by their "
-             "channels.")
+MEAN_NOTE = (
+    "The mean is unweighted over the units, so it differs from the global ratio, which weighs them by their "
+    "channels."
+)
 LEVELS = ("layer", "stage")
 
 
@@ -20,19 +23,27 @@ def unit_ratios(table: pd.DataFrame, level: str = "layer") -> pd.DataFrame:
     if level not in LEVELS:
         raise ValueError(f"unknown level '{level}'; use one of {LEVELS}")
     if level == "layer":
-        out = table[["layer", "stage", "depth", "channels", "pruned", "pruning_ratio"]].rename(columns={"layer": "unit"})
+        out = table[["layer", "stage", "depth", "channels", "pruned", "pruning_ratio"]].rename(
+            columns={"layer": "unit"}
+        )
         return out.reset_index(drop=True)
-    grouped = table.groupby("stage", sort=False).agg(depth=("depth", "min"), channels=("channels", "sum"),
-                                                     pruned=("pruned", "sum"), layers=("layer", "count"))
+    grouped = table.groupby("stage", sort=False).agg(
+        depth=("depth", "min"),
+        channels=("channels", "sum"),
+        pruned=("pruned", "sum"),
+        layers=("layer", "count"),
+    )
     grouped = grouped.sort_values("depth").reset_index()
     grouped["pruning_ratio"] = grouped["pruned"] / grouped["channels"]
     grouped["unit"] = grouped["stage"]
     return grouped[["unit", "stage", "depth", "channels", "pruned", "pruning_ratio", "layers"]]
 
 
-def find_bottlenecks(table: pd.DataFrame, level: str = "layer", rule: str = "mean-std", k: float = 1.0,
-                     n: int = 3) -> tuple[pd.DataFrame, dict]:
-    """Rank units by how much less they are pruned than the rest; flag them by `rule`. Returns (ranked table, rule info)."""
+def find_bottlenecks(
+    table: pd.DataFrame, level: str = "layer", rule: str = "mean-std", k: float = 1.0, n: int = 3
+) -> tuple[pd.DataFrame, dict]:
+    """Rank units by how much less they are pruned than the rest; flag them by `rule`. Returns (ranked table,
+    rule info)."""
     if rule not in RULES:
         raise ValueError(f"unknown rule '{rule}'; use one of {RULES}")
     units = unit_ratios(table, level)
@@ -75,13 +86,20 @@ def explain(units: pd.DataFrame, info: dict) -> str:
     """A short plain-language explanation of the flags for the dashboard."""
     flagged = units[units.flagged]
     if flagged.empty:
-        return (f"No {info['level']} is pruned markedly less than the rest (mean ratio over {info['level']}s "
-                f"{info['mean']:.0%}, std {info['std']:.0%}); SOSP sees no architectural bottleneck at this ratio. "
-                + MEAN_NOTE)
+        return (
+            f"No {info['level']} is pruned markedly less than the rest (mean ratio over {info['level']}s "
+            f"{info['mean']:.0%}, std {info['std']:.0%}); SOSP sees no architectural bottleneck at this ratio. "
+            + MEAN_NOTE
+        )
     names = ", ".join(f"'{u}'" for u in flagged.unit)
-    rule = (f"pruning ratio below mean - {info['k']:g} x std = {info['threshold']:.0%}" if info["rule"] == "mean-std"
-            else f"the {info['n']} least pruned {info['level']}s among those pruned less than the mean "
-                 f"{info['mean']:.0%}")
-    return (f"{len(flagged)} bottleneck {info['level']}(s): {names}. Flag rule: {rule}. SOSP keeps their channels "
-            "because removing them would raise the loss most: widening them (expand-pruning, x2) is the paper's remedy. "
-            + MEAN_NOTE)
+    rule = (
+        f"pruning ratio below mean - {info['k']:g} x std = {info['threshold']:.0%}"
+        if info["rule"] == "mean-std"
+        else f"the {info['n']} least pruned {info['level']}s among those pruned less than the mean "
+        f"{info['mean']:.0%}"
+    )
+    return (
+        f"{len(flagged)} bottleneck {info['level']}(s): {names}. Flag rule: {rule}. SOSP keeps their channels "
+        "because removing them would raise the loss most: widening them (expand-pruning, x2) is the paper's remedy. "
+        + MEAN_NOTE
+    )

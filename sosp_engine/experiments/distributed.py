@@ -5,6 +5,7 @@ passes a cancel on, and loads the trained weights back into the caller's model. 
 single-process run is split across the processes, so a run with `--sync-bn` (or without BatchNorm) follows the
 single-process run up to float rounding; checkpoints are the single-process format and resume with any `nproc`.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -57,10 +58,17 @@ class DistributedRank:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    def batches(self, data: DataBundle, config: TrainConfig, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        """This rank's contiguous share of every global batch; a last batch smaller than the process count is skipped."""
-        order = DataLoader(IndexDataset(len(data.train)), batch_size=config.batch_size, shuffle=True,
-                           generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
+    def batches(
+        self, data: DataBundle, config: TrainConfig, epoch: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """This rank's contiguous share of every global batch; a last batch smaller than the process count is
+        skipped."""
+        order = DataLoader(
+            IndexDataset(len(data.train)),
+            batch_size=config.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(config.seed * 100003 + epoch),
+        )
         for indices in order:
             if len(indices) < self.world:
                 continue
@@ -88,17 +96,23 @@ def training_devices(config: TrainConfig) -> list[torch.device]:
     device = resolve_device(config.device)
     if device.type == "cpu":
         if config.sync_bn:
-            raise TrainingError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernel); on CPU leave "
-                                "it out: each process then keeps its own BatchNorm statistics")
+            raise TrainingError(
+                "--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernel); on CPU leave "
+                "it out: each process then keeps its own BatchNorm statistics"
+            )
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         if config.nproc > cores:
-            raise TrainingError(f"--nproc {config.nproc} training processes on a CPU with {cores} cores would only "
-                                f"wait on each other: use --nproc {cores} or fewer")
+            raise TrainingError(
+                f"--nproc {config.nproc} training processes on a CPU with {cores} cores would only "
+                f"wait on each other: use --nproc {cores} or fewer"
+            )
         return [device] * config.nproc
     available = torch.cuda.device_count()
     if config.nproc > available:
-        raise DeviceError(f"--nproc {config.nproc} needs {config.nproc} GPUs, {available} visible; lower --nproc "
-                          "or train on CPU with --device cpu")
+        raise DeviceError(
+            f"--nproc {config.nproc} needs {config.nproc} GPUs, {available} visible; lower --nproc "
+            "or train on CPU with --device cpu"
+        )
     return [torch.device("cuda", r) for r in range(config.nproc)]
 
 
@@ -116,8 +130,19 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker(rank: int, world: int, folder: str, data: DataBundle, config: TrainConfig, devices: list[torch.device],
-            user_modules: dict[str, str], checkpoint_dir: str | None, threads: int, events, stop) -> None:
+def _worker(
+    rank: int,
+    world: int,
+    folder: str,
+    data: DataBundle,
+    config: TrainConfig,
+    devices: list[torch.device],
+    user_modules: dict[str, str],
+    checkpoint_dir: str | None,
+    threads: int,
+    events,
+    stop,
+) -> None:
     _die_with_parent()
     torch.set_num_threads(threads)
     try:
@@ -128,15 +153,26 @@ def _worker(rank: int, world: int, folder: str, data: DataBundle, config: TrainC
         device = devices[rank]
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{folder}/rendezvous",
-                                rank=rank, world_size=world)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            init_method=f"file://{folder}/rendezvous",
+            rank=rank,
+            world_size=world,
+        )
         try:
             team = DistributedRank(rank, world, device, config.sync_bn)
             progress = (lambda event: events.put(("progress", event))) if rank == 0 else None
-            result = run_training(model, data, config, team, checkpoint_dir, progress, stop.is_set if rank == 0 else None)
+            result = run_training(
+                model, data, config, team, checkpoint_dir, progress, stop.is_set if rank == 0 else None
+            )
             if rank == 0:
-                save_atomically({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "result": result.to_dict()},
-                                Path(folder) / "final.pt")
+                save_atomically(
+                    {
+                        "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                        "result": result.to_dict(),
+                    },
+                    Path(folder) / "final.pt",
+                )
         finally:
             dist.destroy_process_group()
     except BaseException as exc:
@@ -160,8 +196,14 @@ def _relay(events, progress: Callable[[dict], None] | None, timeout: float) -> N
         raise TrainingError(f"training process {rank} of the distributed run failed: {kind}: {message}")
 
 
-def train_distributed(model: nn.Module, data: DataBundle, config: TrainConfig, checkpoint_dir: str | Path | None,
-                      progress: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None) -> TrainResult:
+def train_distributed(
+    model: nn.Module,
+    data: DataBundle,
+    config: TrainConfig,
+    checkpoint_dir: str | Path | None,
+    progress: Callable[[dict], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> TrainResult:
     """Train `model` in place across `config.nproc` processes (gloo on CPU, NCCL on GPUs); see the module docstring."""
     devices = training_devices(config)
     folder = Path(tempfile.mkdtemp(prefix="sosp-ddp-"))
@@ -173,13 +215,27 @@ def train_distributed(model: nn.Module, data: DataBundle, config: TrainConfig, c
         try:
             torch.save(model.cpu(), folder / "model.pt")
         except Exception as exc:  # a lambda or a hook of the model's own that pickle cannot send
-            raise TrainingError(f"this model cannot be sent to training processes ({type(exc).__name__}: {exc}); "
-                                "train it with --nproc 1") from None
+            raise TrainingError(
+                f"this model cannot be sent to training processes ({type(exc).__name__}: {exc}); "
+                "train it with --nproc 1"
+            ) from None
         if checkpoint_dir is not None:
             Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        args = (config.nproc, str(folder), data, config, devices, _user_modules(model),
-                str(checkpoint_dir) if checkpoint_dir is not None else None, threads, events, stop)
-        processes = mp.start_processes(_worker, args=args, nprocs=config.nproc, join=False, start_method="spawn")
+        args = (
+            config.nproc,
+            str(folder),
+            data,
+            config,
+            devices,
+            _user_modules(model),
+            str(checkpoint_dir) if checkpoint_dir is not None else None,
+            threads,
+            events,
+            stop,
+        )
+        processes = mp.start_processes(
+            _worker, args=args, nprocs=config.nproc, join=False, start_method="spawn"
+        )
         while True:
             if should_stop is not None and should_stop():
                 stop.set()
@@ -190,18 +246,26 @@ def train_distributed(model: nn.Module, data: DataBundle, config: TrainConfig, c
                 while not events.empty():  # the failing worker's own message first
                     _relay(events, progress, POLL_SECONDS)
                 codes = [p.exitcode for p in processes.processes]
-                raise TrainingError(f"a training process of the distributed run ended (exit codes {codes}); "
-                                    "resume to continue from the last epoch checkpoint")
+                raise TrainingError(
+                    f"a training process of the distributed run ended (exit codes {codes}); "
+                    "resume to continue from the last epoch checkpoint"
+                )
         while not events.empty():
             _relay(events, progress, POLL_SECONDS)
         if not (folder / "final.pt").exists():
-            raise TrainingError("the distributed training ended without its result; resume to continue from the last "
-                                "epoch checkpoint")
+            raise TrainingError(
+                "the distributed training ended without its result; resume to continue from the last "
+                "epoch checkpoint"
+            )
         final = load_verified(folder / "final.pt")
         model.load_state_dict(final["model"])
         outcome = final["result"]
-        return TrainResult([EpochRecord(**h) for h in outcome["history"]], outcome["test_loss"], outcome["test_acc"],
-                           outcome["cancelled"])
+        return TrainResult(
+            [EpochRecord(**h) for h in outcome["history"]],
+            outcome["test_loss"],
+            outcome["test_acc"],
+            outcome["cancelled"],
+        )
     finally:
         if processes is not None:
             for p in processes.processes:
@@ -212,4 +276,3 @@ def train_distributed(model: nn.Module, data: DataBundle, config: TrainConfig, c
                 if p.is_alive():
                     os.kill(p.pid, signal.SIGKILL)
         shutil.rmtree(folder, ignore_errors=True)
-

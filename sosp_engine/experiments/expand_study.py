@@ -5,6 +5,7 @@ The train-prune trials run first: trial 0's trained plain net gives the size tar
 the bottlenecks to widen (found on the trained net, as in the paper). Then the other procedures run. Each run is one
 resumable `Experiment` in its own folder; finished runs are kept in state.json and never redone.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,11 +66,15 @@ class ExpandStudyConfig:
         """Every value in range before any work starts."""
         unknown = [p for p in self.procedures if p not in EXPAND_PROCEDURES]
         if unknown or len(set(self.procedures)) != len(self.procedures):
-            raise AnalysisError(f"an expand study runs distinct procedures from {', '.join(EXPAND_PROCEDURES)}; "
-                                f"got {self.procedures}")
+            raise AnalysisError(
+                f"an expand study runs distinct procedures from {', '.join(EXPAND_PROCEDURES)}; "
+                f"got {self.procedures}"
+            )
         if PLAIN not in self.procedures:
-            raise AnalysisError("an expand study needs train-prune: its trained plain net sets the size every run is "
-                                "pruned to and shows the bottlenecks")
+            raise AnalysisError(
+                "an expand study needs train-prune: its trained plain net sets the size every run is "
+                "pruned to and shows the bottlenecks"
+            )
         if not isinstance(self.trials, int) or not 1 <= self.trials <= 100:
             raise AnalysisError(f"trials must be a whole number from 1 to 100, got {self.trials}")
         if not (math.isfinite(self.widen_by) and self.widen_by > 0):
@@ -81,21 +86,40 @@ class ExpandStudyConfig:
         if self.epochs < 1:
             raise AnalysisError("an expand study trains every net: give at least one epoch")
         for procedure in self.procedures:
-            self.experiment(procedure, 0, self.widen or {"bottlenecks": self.widen_by}, self.target_params).validate()
+            self.experiment(
+                procedure, 0, self.widen or {"bottlenecks": self.widen_by}, self.target_params
+            ).validate()
 
-    def experiment(self, procedure: str, trial: int, widen: dict[str, float], target_params: int | None
-                   ) -> ExperimentConfig:
+    def experiment(
+        self, procedure: str, trial: int, widen: dict[str, float], target_params: int | None
+    ) -> ExperimentConfig:
         """The procedure's run for one trial: expand-prune widens `widen`, widen-prune matches its size with one factor,
         and every run but the plain net's is pruned to `target_params`."""
         return ExperimentConfig(
-            procedure=procedure, model_spec=self.model_spec, data_spec=self.data_spec, epochs=self.epochs,
-            finetune_epochs=self.finetune_epochs, method=self.method, samples=self.samples, ratio=self.ratio,
-            unit=self.unit, cap=self.cap, normalize=self.normalize, lr=self.lr, batch_size=self.batch_size,
-            seed=trial, device=self.device, exclude=list(self.exclude), preset=self.preset, label=procedure,
-            nproc=self.nproc, sync_bn=self.sync_bn,
+            procedure=procedure,
+            model_spec=self.model_spec,
+            data_spec=self.data_spec,
+            epochs=self.epochs,
+            finetune_epochs=self.finetune_epochs,
+            method=self.method,
+            samples=self.samples,
+            ratio=self.ratio,
+            unit=self.unit,
+            cap=self.cap,
+            normalize=self.normalize,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            seed=trial,
+            device=self.device,
+            exclude=list(self.exclude),
+            preset=self.preset,
+            label=procedure,
+            nproc=self.nproc,
+            sync_bn=self.sync_bn,
             widen=dict(widen) if procedure == "expand-prune" else {},
             match_widen=dict(widen) if procedure == "widen-prune" else {},
-            target_params=None if procedure == PLAIN else target_params)
+            target_params=None if procedure == PLAIN else target_params,
+        )
 
     @property
     def runs(self) -> list[tuple[str, int]]:
@@ -116,8 +140,15 @@ class ExpandStudy(UnitRun):
 
     runner = staticmethod(run_unit)
 
-    def __init__(self, config: ExpandStudyConfig, folder: str | Path, report: Reporter | None = None,
-                 should_stop: StopFn = None, data: DataBundle | None = None, fan_out: FanOut | None = None) -> None:
+    def __init__(
+        self,
+        config: ExpandStudyConfig,
+        folder: str | Path,
+        report: Reporter | None = None,
+        should_stop: StopFn = None,
+        data: DataBundle | None = None,
+        fan_out: FanOut | None = None,
+    ) -> None:
         super().__init__(config, folder, report, should_stop, data, fan_out, {"plan": None, "runs": {}})
         self._done = 0
 
@@ -129,30 +160,52 @@ class ExpandStudy(UnitRun):
         _, procedure, trial = unit
         plan = self.state["plan"] or {"widen": {}, "target_params": None}
         if procedure != PLAIN and self.state["plan"] is None:
-            raise AnalysisError(f"{run_key(procedure, trial)} needs the plan of the plain net's trials; run the study")
+            raise AnalysisError(
+                f"{run_key(procedure, trial)} needs the plan of the plain net's trials; run the study"
+            )
         config = self.config.experiment(procedure, trial, plan["widen"], plan["target_params"])
         started = time.time()
         total = len(self.config.runs)
 
         def report(fraction: float, message: str, metrics: dict | None) -> None:
             if metrics is not None:
-                metrics = {**metrics, "stage": f"{run_key(procedure, trial)} {metrics.get('stage', '')}".strip()}
-            self.report(min(1.0, (self._done + fraction) / total), f"{run_key(procedure, trial)}: {message}", metrics)
+                metrics = {
+                    **metrics,
+                    "stage": f"{run_key(procedure, trial)} {metrics.get('stage', '')}".strip(),
+                }
+            self.report(
+                min(1.0, (self._done + fraction) / total), f"{run_key(procedure, trial)}: {message}", metrics
+            )
 
-        summary = Experiment(config, self._run_folder(procedure, trial), report, self.should_stop, self.data).run()
+        summary = Experiment(
+            config, self._run_folder(procedure, trial), report, self.should_stop, self.data
+        ).run()
         stages = summary["stages"]
         finetuned = stages.get("finetune", {})
-        return {"procedure": procedure, "label": procedure, "trial": trial, "test_acc": summary["test_acc"],
-                "test_acc_after_pruning": finetuned.get("test_acc_after_pruning"), "params": summary["params"],
-                "macs": summary["macs"], "unpruned_acc": stages.get("train", {}).get("test_acc"),
-                "bottlenecks": sorted(self._bottlenecks(trial)) if procedure == PLAIN else None,
-                "node": socket.gethostname(), "started": started, "finished": time.time()}
+        return {
+            "procedure": procedure,
+            "label": procedure,
+            "trial": trial,
+            "test_acc": summary["test_acc"],
+            "test_acc_after_pruning": finetuned.get("test_acc_after_pruning"),
+            "params": summary["params"],
+            "macs": summary["macs"],
+            "unpruned_acc": stages.get("train", {}).get("test_acc"),
+            "bottlenecks": sorted(self._bottlenecks(trial)) if procedure == PLAIN else None,
+            "node": socket.gethostname(),
+            "started": started,
+            "finished": time.time(),
+        }
 
     def _bottlenecks(self, trial: int) -> dict[str, float]:
         """The units the paper's rule flags on a trained plain net's mask, each with the study's factor."""
         model = build_model(self.config.model_spec, self.data.num_classes, self.data.input_shape[0])
-        structures = find_structures(model, example_input(self.data), self.config.exclude,
-                                     resolve_preset(self.config.model_spec, self.config.preset))
+        structures = find_structures(
+            model,
+            example_input(self.data),
+            self.config.exclude,
+            resolve_preset(self.config.model_spec, self.config.preset),
+        )
         table = layer_table(structures, load_mask(self._run_folder(PLAIN, trial) / "mask.json", structures))
         return paper_widening(self.config.model_spec, table, self.config.widen_by)
 
@@ -163,20 +216,32 @@ class ExpandStudy(UnitRun):
         if not widen:
             widen = self._bottlenecks(0)
             if not widen:
-                raise AnalysisError("the trained plain net shows no bottleneck at this ratio (no unit is pruned less "
-                                    "than the mean); give the units to widen")
-        return {"widen": widen, "target_params": self.config.target_params or int(analyzed["params_after"]),
-                "plain_params": int(analyzed["params_before"]), "plain_macs": int(analyzed["macs_before"])}
+                raise AnalysisError(
+                    "the trained plain net shows no bottleneck at this ratio (no unit is pruned less "
+                    "than the mean); give the units to widen"
+                )
+        return {
+            "widen": widen,
+            "target_params": self.config.target_params or int(analyzed["params_after"]),
+            "plain_params": int(analyzed["params_before"]),
+            "plain_macs": int(analyzed["macs_before"]),
+        }
 
     def _phase(self, procedures: list[str]) -> None:
-        units = [("run", p, t) for p, t in self.config.runs if p in procedures and run_key(p, t) not in self.state["runs"]]
+        units = [
+            ("run", p, t)
+            for p, t in self.config.runs
+            if p in procedures and run_key(p, t) not in self.state["runs"]
+        ]
         for (_, procedure, trial), record in self._execute(units):
             self.state["runs"][run_key(procedure, trial)] = record
             self._save_state()
             self._done = len(self.state["runs"])
-            self.report(self._done / len(self.config.runs),
-                        f"{run_key(procedure, trial)}: {record['test_acc']:.1%} at {record['params']:,} params",
-                        {"stage": "run", "epoch": self._done, **record})
+            self.report(
+                self._done / len(self.config.runs),
+                f"{run_key(procedure, trial)}: {record['test_acc']:.1%} at {record['params']:,} params",
+                {"stage": "run", "epoch": self._done, **record},
+            )
 
     def run(self) -> dict:
         """Run every unfinished run, the plain net's first; returns the summary with every run's record."""
@@ -190,8 +255,13 @@ class ExpandStudy(UnitRun):
         return self.summary()
 
     def summary(self) -> dict:
-        return {"procedure": EXPAND_STUDY_KIND, "runs": list(self.state["runs"].values()), "plan": self.state["plan"],
-                "config": asdict(self.config), "test_acc": None}
+        return {
+            "procedure": EXPAND_STUDY_KIND,
+            "runs": list(self.state["runs"].values()),
+            "plan": self.state["plan"],
+            "config": asdict(self.config),
+            "test_acc": None,
+        }
 
 
 def expand_table(runs: list[dict]) -> pd.DataFrame:

@@ -1,4 +1,6 @@
-"""The paper's procedures (sec. 3.3, 3.4) as resumable stage sequences: train, prune, fine-tune, at init, expanded, widened."""
+"""The paper's procedures (sec. 3.3, 3.4) as resumable stage sequences: train, prune, fine-tune, at init,
+expanded, widened."""
+
 from __future__ import annotations
 
 import math
@@ -51,7 +53,9 @@ class ExperimentConfig:
     normalize: str = "none"
     widen: dict[str, float] = field(default_factory=dict)  # expand-prune: layer or stage -> factor
     widen_factor: float | None = None  # widen-prune: one factor for all; solved from `match_widen` when None
-    match_widen: dict[str, float] = field(default_factory=dict)  # widen-prune: match the params of this expansion
+    match_widen: dict[str, float] = field(
+        default_factory=dict
+    )  # widen-prune: match the params of this expansion
     lr: float = 0.1
     batch_size: int = 128
     schedule: str = "step"
@@ -69,7 +73,9 @@ class ExperimentConfig:
         if self.epochs < 0 or (self.finetune_epochs is not None and self.finetune_epochs < 0):
             raise AnalysisError("epochs must be zero or positive")
         self.train_config(self.epochs).validate()
-        AnalysisConfig(method=self.method, samples=self.samples, cap=self.cap, normalize=self.normalize).validate()
+        AnalysisConfig(
+            method=self.method, samples=self.samples, cap=self.cap, normalize=self.normalize
+        ).validate()
         if not (math.isfinite(self.ratio) and 0 <= self.ratio < 1):
             raise AnalysisError(f"the pruning ratio must be in [0, 1), got {self.ratio}")
         if self.unit not in UNITS + (LATENCY_UNIT,):
@@ -83,8 +89,16 @@ class ExperimentConfig:
             raise AnalysisError(f"widening factors must be positive numbers, got {factors}")
 
     def train_config(self, epochs: int, offset: int = 0) -> TrainConfig:
-        return TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, schedule=self.schedule,
-                           seed=self.seed + offset, device=self.device, nproc=self.nproc, sync_bn=self.sync_bn)
+        return TrainConfig(
+            epochs=epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            schedule=self.schedule,
+            seed=self.seed + offset,
+            device=self.device,
+            nproc=self.nproc,
+            sync_bn=self.sync_bn,
+        )
 
     @property
     def preset_name(self) -> str | None:
@@ -94,17 +108,32 @@ class ExperimentConfig:
 def check_runnable(config: ExperimentConfig) -> None:
     """Open the model on the data with the weights, and build the widened nets the job would build, so a bad spec,
     path, checkpoint or layer name fails at submit (naming what is wrong), not seconds or a training stage later."""
-    workbench = open_workbench(config.model_spec, config.data_spec, config.weights, config.exclude, config.preset)
+    workbench = open_workbench(
+        config.model_spec, config.data_spec, config.weights, config.exclude, config.preset
+    )
     for factors in (f for f in (config.widen, config.match_widen) if f):
-        build_widened(config.model_spec, workbench.data.num_classes, workbench.data.input_shape[0],
-                      workbench.structures, factors, workbench.example)
+        build_widened(
+            config.model_spec,
+            workbench.data.num_classes,
+            workbench.data.input_shape[0],
+            workbench.structures,
+            factors,
+            workbench.example,
+        )
 
 
 class ResumableRun:
     """A run in `folder` whose finished steps are kept in state.json, so a rerun resumes after them."""
 
-    def __init__(self, folder: str | Path, report: Reporter | None, should_stop: StopFn, data: DataBundle | None,
-                 data_spec: str, empty_state: dict) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        report: Reporter | None,
+        should_stop: StopFn,
+        data: DataBundle | None,
+        data_spec: str,
+        empty_state: dict,
+    ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.report = report or (lambda f, m, d=None: None)
@@ -122,8 +151,14 @@ class ResumableRun:
 class Experiment(ResumableRun):
     """Runs one procedure in `folder`; every finished stage is recorded in state.json so a rerun resumes after it."""
 
-    def __init__(self, config: ExperimentConfig, folder: str | Path, report: Reporter | None = None,
-                 should_stop: StopFn = None, data: DataBundle | None = None) -> None:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        folder: str | Path,
+        report: Reporter | None = None,
+        should_stop: StopFn = None,
+        data: DataBundle | None = None,
+    ) -> None:
         config.validate()
         self.config = config
         super().__init__(folder, report, should_stop, data, config.data_spec, {"done": {}})
@@ -137,7 +172,11 @@ class Experiment(ResumableRun):
             return ["train"]
         if p == "init-prune":
             return ["analyze-at-init", "train-pruned"]
-        return ["widen", "train", "analyze", "finetune"] if p in ("expand-prune", "widen-prune") else ["train", "analyze", "finetune"]
+        return (
+            ["widen", "train", "analyze", "finetune"]
+            if p in ("expand-prune", "widen-prune")
+            else ["train", "analyze", "finetune"]
+        )
 
     @property
     def finetune_epochs(self) -> int:
@@ -162,22 +201,42 @@ class Experiment(ResumableRun):
         if not factors or widen.get("spec"):
             return self._build(spec), spec
         base = self._structures(self._build(self.config.model_spec))
-        model, _ = build_widened(self.config.model_spec, self.data.num_classes, self.data.input_shape[0], base,
-                                 factors, self._example())
+        model, _ = build_widened(
+            self.config.model_spec,
+            self.data.num_classes,
+            self.data.input_shape[0],
+            base,
+            factors,
+            self._example(),
+        )
         return model, None
 
-    def _train_stage(self, name: str, model: nn.Module, epochs: int, index: int, seed_offset: int = 0) -> dict:
+    def _train_stage(
+        self, name: str, model: nn.Module, epochs: int, index: int, seed_offset: int = 0
+    ) -> dict:
         def progress(event: dict) -> None:
             if event.get("phase") == "train":
                 fraction = (event["epoch"] - 1 + event["fraction"]) / max(event["epochs"], 1)
-                self.report((index + fraction) / len(self.stages), f"{name}: epoch {event['epoch']}/{event['epochs']}", None)
+                self.report(
+                    (index + fraction) / len(self.stages),
+                    f"{name}: epoch {event['epoch']}/{event['epochs']}",
+                    None,
+                )
             else:
-                self.report((index + event["epoch"] / max(event["epochs"], 1)) / len(self.stages),
-                            f"{name}: epoch {event['epoch']}/{event['epochs']} val acc {event['val_acc']:.3f}",
-                            {"stage": name, **event})
+                self.report(
+                    (index + event["epoch"] / max(event["epochs"], 1)) / len(self.stages),
+                    f"{name}: epoch {event['epoch']}/{event['epochs']} val acc {event['val_acc']:.3f}",
+                    {"stage": name, **event},
+                )
 
-        result = train(model, self.data, self.config.train_config(epochs, seed_offset), self.folder / name, progress,
-                       self.should_stop)
+        result = train(
+            model,
+            self.data,
+            self.config.train_config(epochs, seed_offset),
+            self.folder / name,
+            progress,
+            self.should_stop,
+        )
         if result.cancelled:
             raise Cancelled(f"cancelled during {name}; its last epoch checkpoint is kept for resume")
         return {"test_acc": result.test_acc, "test_loss": result.test_loss, "epochs": epochs}
@@ -200,19 +259,42 @@ class Experiment(ResumableRun):
         if c.procedure == "expand-prune":
             factors = dict(c.widen)
             if not factors:
-                raise AnalysisError("expand-prune needs the layers or stages to widen (e.g. from the bottleneck analysis)")
+                raise AnalysisError(
+                    "expand-prune needs the layers or stages to widen (e.g. from the bottleneck analysis)"
+                )
         else:
             factor = c.widen_factor
             if factor is None:
                 if not c.match_widen:
-                    raise AnalysisError("widen-prune needs a widen_factor or the expansion (match_widen) whose size it matches")
-                expanded, _ = build_widened(c.model_spec, self.data.num_classes, self.data.input_shape[0], base,
-                                            c.match_widen, self._example())
-                factor, _ = uniform_factor(c.model_spec, self.data.num_classes, self.data.input_shape[0], base,
-                                           params_of(expanded), self._example())
+                    raise AnalysisError(
+                        "widen-prune needs a widen_factor or the expansion (match_widen) whose size it matches"
+                    )
+                expanded, _ = build_widened(
+                    c.model_spec,
+                    self.data.num_classes,
+                    self.data.input_shape[0],
+                    base,
+                    c.match_widen,
+                    self._example(),
+                )
+                factor, _ = uniform_factor(
+                    c.model_spec,
+                    self.data.num_classes,
+                    self.data.input_shape[0],
+                    base,
+                    params_of(expanded),
+                    self._example(),
+                )
             factors = every_layer(c.model_spec, base, factor)
-        model, spec = build_widened(c.model_spec, self.data.num_classes, self.data.input_shape[0], base, factors, self._example())
-        return {"factors": factors, "spec": spec, "params_before_widening": params_of(base_model), "params": params_of(model)}
+        model, spec = build_widened(
+            c.model_spec, self.data.num_classes, self.data.input_shape[0], base, factors, self._example()
+        )
+        return {
+            "factors": factors,
+            "spec": spec,
+            "params_before_widening": params_of(base_model),
+            "params": params_of(model),
+        }
 
     def _stage_train(self, index: int) -> dict:
         model, _ = self._architecture()
@@ -228,26 +310,56 @@ class Experiment(ResumableRun):
         c = self.config
         trained = self.folder / "trained.pt"
         weights = str(trained) if not at_init and trained.exists() else None
-        return AnalysisConfig(method=c.method, model_spec=spec, data_spec=c.data_spec, weights=weights, at_init=at_init,
-                              samples=c.samples,
-                              seed=c.seed, cap=c.cap, normalize=c.normalize, device=c.device, exclude=list(c.exclude),
-                              preset=c.preset, latency_device="cpu")  # where a job's latency unit is timed, too
+        return AnalysisConfig(
+            method=c.method,
+            model_spec=spec,
+            data_spec=c.data_spec,
+            weights=weights,
+            at_init=at_init,
+            samples=c.samples,
+            seed=c.seed,
+            cap=c.cap,
+            normalize=c.normalize,
+            device=c.device,
+            exclude=list(c.exclude),
+            preset=c.preset,
+            latency_device="cpu",
+        )  # where a job's latency unit is timed, too
 
     def _analyze(self, model: nn.Module, spec: str | None, at_init: bool, index: int) -> dict:
         structures = self._structures(model)
-        workbench = Workbench(spec or self.config.model_spec, self.data, model, structures, None, self._example())
+        workbench = Workbench(
+            spec or self.config.model_spec, self.data, model, structures, None, self._example()
+        )
         config = self._analysis_config(spec or self.config.model_spec, at_init)
-        result = run_analysis(workbench, config, lambda f, m: self.report((index + f) / len(self.stages), f"analyse: {m}", None),
-                              self.should_stop)
+        result = run_analysis(
+            workbench,
+            config,
+            lambda f, m: self.report((index + f) / len(self.stages), f"analyse: {m}", None),
+            self.should_stop,
+        )
         result.save(self.folder / "analysis")
         ratio, unit = self.config.ratio, self.config.unit
         if self.config.target_params is not None:
             total = structures.counts()[0]
             ratio, unit = max(0.0, 1 - self.config.target_params / total), "params"
-        latency = (stored_profile(result, model, structures, self._example(), self.folder / "analysis",
-                                  should_stop=self.should_stop, targets=[ratio]) if unit == LATENCY_UNIT else None)
+        latency = (
+            stored_profile(
+                result,
+                model,
+                structures,
+                self._example(),
+                self.folder / "analysis",
+                should_stop=self.should_stop,
+                targets=[ratio],
+            )
+            if unit == LATENCY_UNIT
+            else None
+        )
         mask = result.mask(structures, ratio, unit, latency)
-        save_mask(self.folder / "mask.json", structures, mask, method=self.config.method, ratio=ratio, unit=unit)
+        save_mask(
+            self.folder / "mask.json", structures, mask, method=self.config.method, ratio=ratio, unit=unit
+        )
         return {**mask_summary(structures, mask), "ratio": ratio, "unit": unit, "timings": result.timings}
 
     def _stage_analyze(self, index: int) -> dict:
@@ -291,20 +403,53 @@ class Experiment(ResumableRun):
     def summary(self) -> dict:
         done = self.state["done"]
         last = done.get("finetune") or done.get("train-pruned") or done.get("train") or {}
-        return {"procedure": self.config.procedure, "label": self.config.label or self.config.procedure,
-                "test_acc": last.get("test_acc"), "params": last.get("params"), "macs": last.get("macs"),
-                "stages": done, "config": asdict(self.config)}
+        return {
+            "procedure": self.config.procedure,
+            "label": self.config.label or self.config.procedure,
+            "test_acc": last.get("test_acc"),
+            "params": last.get("params"),
+            "macs": last.get("macs"),
+            "stages": done,
+            "config": asdict(self.config),
+        }
 
 
 def compare_runs(summaries: list[dict]) -> pd.DataFrame:
     """Accuracy vs parameters and MACs per procedure label: mean and std over trials (paper Fig. 4b/e)."""
-    rows = pd.DataFrame([{"label": s.get("label") or s["procedure"], "procedure": s["procedure"], "test_acc": s["test_acc"],
-                          "params": s["params"], "macs": s["macs"]} for s in summaries if s.get("test_acc") is not None])
+    rows = pd.DataFrame(
+        [
+            {
+                "label": s.get("label") or s["procedure"],
+                "procedure": s["procedure"],
+                "test_acc": s["test_acc"],
+                "params": s["params"],
+                "macs": s["macs"],
+            }
+            for s in summaries
+            if s.get("test_acc") is not None
+        ]
+    )
     if rows.empty:
-        return pd.DataFrame(columns=["label", "procedure", "trials", "test_acc_mean", "test_acc_std", "params_mean",
-                                     "params_std", "macs_mean", "macs_std"])
+        return pd.DataFrame(
+            columns=[
+                "label",
+                "procedure",
+                "trials",
+                "test_acc_mean",
+                "test_acc_std",
+                "params_mean",
+                "params_std",
+                "macs_mean",
+                "macs_std",
+            ]
+        )
     grouped = rows.groupby(["label", "procedure"]).agg(
-        trials=("test_acc", "size"), test_acc_mean=("test_acc", "mean"), test_acc_std=("test_acc", "std"),
-        params_mean=("params", "mean"), params_std=("params", "std"), macs_mean=("macs", "mean"),
-        macs_std=("macs", "std"))
+        trials=("test_acc", "size"),
+        test_acc_mean=("test_acc", "mean"),
+        test_acc_std=("test_acc", "std"),
+        params_mean=("params", "mean"),
+        params_std=("params", "std"),
+        macs_mean=("macs", "mean"),
+        macs_std=("macs", "std"),
+    )
     return grouped.reset_index().fillna({"test_acc_std": 0.0, "params_std": 0.0, "macs_std": 0.0})

@@ -1,5 +1,6 @@
 """How far a net can be pruned: along an analysis's order, the measured loss and accuracy of the zero-masked and the
 physically pruned net at a grid of global ratios, next to the loss increase the analysis predicts for each mask."""
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,19 @@ from ..saliency.selection import UNITS
 from ..pruning.structures import StructureSet
 from .training import evaluate
 
-COLUMNS = ("ratio", "unit", "pruned_structures", "params", "macs", "predicted_increase", "zeroed_loss",
-           "zeroed_acc", "pruned_loss", "pruned_acc", "measured_increase")
+COLUMNS = (
+    "ratio",
+    "unit",
+    "pruned_structures",
+    "params",
+    "macs",
+    "predicted_increase",
+    "zeroed_loss",
+    "zeroed_acc",
+    "pruned_loss",
+    "pruned_acc",
+    "measured_increase",
+)
 
 
 @dataclass
@@ -31,16 +43,23 @@ class SensitivityCurve:
     table: pd.DataFrame
     baseline_loss: float
     baseline_acc: float
-    rank_correlation: float  # Spearman's rho of predicted vs measured loss increase over the grid (nan: < 3 points)
+    rank_correlation: (
+        float  # Spearman's rho of predicted vs measured loss increase over the grid (nan: < 3 points)
+    )
     method: str
     split: str
     samples: int
 
     def to_json(self) -> dict:
-        return {"method": self.method, "split": self.split, "samples": self.samples,
-                "baseline_loss": self.baseline_loss, "baseline_acc": self.baseline_acc,
-                "rank_correlation": None if math.isnan(self.rank_correlation) else self.rank_correlation,
-                "points": self.table.to_dict(orient="records")}
+        return {
+            "method": self.method,
+            "split": self.split,
+            "samples": self.samples,
+            "baseline_loss": self.baseline_loss,
+            "baseline_acc": self.baseline_acc,
+            "rank_correlation": None if math.isnan(self.rank_correlation) else self.rank_correlation,
+            "points": self.table.to_dict(orient="records"),
+        }
 
 
 def even_grid(points: int, max_ratio: float, distinct: int | None = None) -> list[float]:
@@ -49,8 +68,10 @@ def even_grid(points: int, max_ratio: float, distinct: int | None = None) -> lis
     if points < 2:
         raise AnalysisError(f"a sensitivity curve needs at least 2 points, got {points}")
     if distinct is not None and points > distinct:
-        raise AnalysisError(f"{points:,} points asked for, but the pruning order gives only {distinct:,} different "
-                            f"masks: use --points {distinct} or fewer")
+        raise AnalysisError(
+            f"{points:,} points asked for, but the pruning order gives only {distinct:,} different "
+            f"masks: use --points {distinct} or fewer"
+        )
     top = max(0.0, max_ratio - 1e-6)
     return [round(top * i / (points - 1), 6) for i in range(points)]
 
@@ -74,29 +95,44 @@ def parse_grid(text: str) -> list[float]:
     try:
         ratios = sorted({float(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise AnalysisError(f"the grid must be comma-separated numbers such as 0,0.2,0.4, got '{text}'") from None
+        raise AnalysisError(
+            f"the grid must be comma-separated numbers such as 0,0.2,0.4, got '{text}'"
+        ) from None
     if not ratios or not all(0 <= r < 1 for r in ratios):
         raise AnalysisError(f"every grid ratio must be in [0, 1), got '{text}'")
     return ratios
 
 
-def sensitivity_curve(result: AnalysisResult, workbench: Workbench, ratios: list[float], unit: str = "structures",
-                      split: str = "val", samples: int | None = None, batch_size: int = 256, device: str = "auto",
-                      progress: ProgressFn = None, should_stop: StopFn = None) -> SensitivityCurve:
+def sensitivity_curve(
+    result: AnalysisResult,
+    workbench: Workbench,
+    ratios: list[float],
+    unit: str = "structures",
+    split: str = "val",
+    samples: int | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    progress: ProgressFn = None,
+    should_stop: StopFn = None,
+) -> SensitivityCurve:
     """Evaluate the analysed net pruned to each ratio along the stored order: no saliency is recomputed."""
     if unit not in UNITS:
         raise AnalysisError(f"unknown unit '{unit}'; use one of {UNITS}")
     structures = workbench.structures
     result.check_structures(structures)
     if len(ratios) > distinct_masks(result):
-        raise AnalysisError(f"{len(ratios):,} ratios asked for, but the pruning order gives only "
-                            f"{distinct_masks(result):,} different masks")
+        raise AnalysisError(
+            f"{len(ratios):,} ratios asked for, but the pruning order gives only "
+            f"{distinct_masks(result):,} different masks"
+        )
     target = resolve_device(device)
     x, _ = workbench.data.analysis_samples(result.config.samples, result.config.seed)
     model = analysed_model(workbench, result.config, x, target)
     if weights_fingerprint(model) != result.weights_fingerprint:
-        raise AnalysisError("these weights are not the ones the analysis ran on: open the analysis with its own "
-                            f"checkpoint ({result.config.weights or 'random init'})")
+        raise AnalysisError(
+            "these weights are not the ones the analysis ran on: open the analysis with its own "
+            f"checkpoint ({result.config.weights or 'random init'})"
+        )
     loader = workbench.data.loader(split, batch_size, limit=samples)
     count = len(loader.dataset)
     base_loss, base_acc = evaluate(model, loader, target, amp=False)
@@ -107,14 +143,34 @@ def sensitivity_curve(result: AnalysisResult, workbench: Workbench, ratios: list
         k = result.prefix(structures, ratio, unit)
         mask = {result.keys[s] for s in result.pruning_order[:k].tolist()}
         zeroed_loss, zeroed_acc = evaluate(zeroed_copy(model, structures, mask), loader, target, amp=False)
-        pruned_loss, pruned_acc = evaluate(pruned_copy(model, structures, mask, example), loader, target, amp=False)
+        pruned_loss, pruned_acc = evaluate(
+            pruned_copy(model, structures, mask, example), loader, target, amp=False
+        )
         params, macs = structures.counts(structures.pruned_vector(mask))
         predicted = result.predicted_increase(k)
-        rows.append((ratio, unit, k, params, macs, float("nan") if predicted is None else predicted, zeroed_loss,
-                     zeroed_acc, pruned_loss, pruned_acc, zeroed_loss - base_loss))
+        rows.append(
+            (
+                ratio,
+                unit,
+                k,
+                params,
+                macs,
+                float("nan") if predicted is None else predicted,
+                zeroed_loss,
+                zeroed_acc,
+                pruned_loss,
+                pruned_acc,
+                zeroed_loss - base_loss,
+            )
+        )
         report(progress, (i + 1) / len(ratios), f"ratio {ratio:.3f}: accuracy {pruned_acc:.1%}")
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     known = table.dropna(subset=["predicted_increase"])
-    rho = (rank_correlation(torch.tensor(known["predicted_increase"].values), torch.tensor(known["measured_increase"].values))
-           if len(known) >= 3 else float("nan"))
+    rho = (
+        rank_correlation(
+            torch.tensor(known["predicted_increase"].values), torch.tensor(known["measured_increase"].values)
+        )
+        if len(known) >= 3
+        else float("nan")
+    )
     return SensitivityCurve(table, base_loss, base_acc, rho, result.config.method, split, count)

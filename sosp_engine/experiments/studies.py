@@ -1,10 +1,13 @@
-"""Studies: a grid of methods x targets x seeds on one model and data, resumable cell by cell, aggregated with error bars.
+"""Studies: a grid of methods x targets x seeds on one model and data, resumable cell by cell, aggregated with
+error bars.
 
 Per seed one trained checkpoint (trained here, or the one given); per seed and method one analysis, whose stored order
 is sliced at every target (nothing recomputed); per cell the pruned net's accuracy right after pruning and after
-fine-tuning, its parameters, MACs and CPU latency (and GPU latency where it ran on a GPU). The work is three phases of independent units (trainings, analyses,
+fine-tuning, its parameters, MACs and CPU latency (and GPU latency where it ran on a GPU). The work is three
+phases of independent units (trainings, analyses,
 cells); a `fan_out` (the Ray backend's) runs each phase's units in parallel, the study records each as it finishes.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +71,9 @@ class StudyConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if not self.methods or unknown:
             raise AnalysisError(f"a study needs methods from {', '.join(METHODS)}; got {self.methods}")
-        if not self.targets or not all(isinstance(t, (int, float)) and math.isfinite(t) and 0 <= t < 1
-                                       for t in self.targets):
+        if not self.targets or not all(
+            isinstance(t, (int, float)) and math.isfinite(t) and 0 <= t < 1 for t in self.targets
+        ):
             raise AnalysisError(f"study targets must be ratios in [0, 1), got {self.targets}")
         if self.unit not in UNITS + (LATENCY_UNIT,):
             raise AnalysisError(f"unknown unit '{self.unit}'; use one of {UNITS + (LATENCY_UNIT,)}")
@@ -78,19 +82,32 @@ class StudyConfig:
         if self.epochs < 0 or self.finetune_epochs < 0:
             raise AnalysisError("epochs must be zero or positive")
         if self.weights is None and self.epochs == 0:
-            raise AnalysisError("give trained weights or at least one training epoch: pruning an untrained net "
-                                "compares nothing")
+            raise AnalysisError(
+                "give trained weights or at least one training epoch: pruning an untrained net "
+                "compares nothing"
+            )
         self.train_config(1, 0).validate()
         AnalysisConfig(samples=self.samples, cap=self.cap, normalize=self.normalize).validate()
 
     def train_config(self, epochs: int, seed: int) -> TrainConfig:
-        return TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, seed=seed, device=self.device,
-                           nproc=self.nproc, sync_bn=self.sync_bn)
+        return TrainConfig(
+            epochs=epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            seed=seed,
+            device=self.device,
+            nproc=self.nproc,
+            sync_bn=self.sync_bn,
+        )
 
     @property
     def cells(self) -> list[tuple[int, str, float]]:
-        return [(seed, method, float(target)) for seed in self.seeds for method in self.methods
-                for target in self.targets]
+        return [
+            (seed, method, float(target))
+            for seed in self.seeds
+            for method in self.methods
+            for target in self.targets
+        ]
 
 
 def parse_numbers(kind: type, text: str, what: str) -> list:
@@ -106,7 +123,9 @@ def cell_key(seed: int, method: str, target: float) -> str:
 
 
 Unit = tuple  # ("train", seed) | ("analyse", seed, method) | ("cell", seed, method, target)
-FanOut = Callable[[Callable, dict, str, list, StopFn], Iterator[tuple[Unit, dict]]]  # (runner, config, folder, ...)
+FanOut = Callable[
+    [Callable, dict, str, list, StopFn], Iterator[tuple[Unit, dict]]
+]  # (runner, config, folder, ...)
 
 
 class UnitRun(ResumableRun):
@@ -116,8 +135,16 @@ class UnitRun(ResumableRun):
 
     runner: Callable[..., dict]
 
-    def __init__(self, config, folder: str | Path, report: Reporter | None, should_stop: StopFn,
-                 data: DataBundle | None, fan_out: FanOut | None, empty_state: dict) -> None:
+    def __init__(
+        self,
+        config,
+        folder: str | Path,
+        report: Reporter | None,
+        should_stop: StopFn,
+        data: DataBundle | None,
+        fan_out: FanOut | None,
+        empty_state: dict,
+    ) -> None:
         config.validate()
         self.config = config
         self.fan_out = fan_out
@@ -150,8 +177,15 @@ class Study(UnitRun):
 
     runner = staticmethod(run_unit)
 
-    def __init__(self, config: StudyConfig, folder: str | Path, report: Reporter | None = None,
-                 should_stop: StopFn = None, data: DataBundle | None = None, fan_out: FanOut | None = None) -> None:
+    def __init__(
+        self,
+        config: StudyConfig,
+        folder: str | Path,
+        report: Reporter | None = None,
+        should_stop: StopFn = None,
+        data: DataBundle | None = None,
+        fan_out: FanOut | None = None,
+    ) -> None:
         super().__init__(config, folder, report, should_stop, data, fan_out, {"trained": {}, "cells": {}})
         self.example = example_input(self.data)
         steps = len(config.seeds) * (1 + len(config.methods)) + len(config.cells)
@@ -165,8 +199,12 @@ class Study(UnitRun):
         return load_weights(model, weights)
 
     def _structures(self, model: torch.nn.Module):
-        return find_structures(model, self.example, self.config.exclude,
-                               resolve_preset(self.config.model_spec, self.config.preset))
+        return find_structures(
+            model,
+            self.example,
+            self.config.exclude,
+            resolve_preset(self.config.model_spec, self.config.preset),
+        )
 
     def _weights(self, seed: int) -> str:
         return self.config.weights or self.state["trained"][f"seed{seed}"]["weights"]
@@ -179,13 +217,24 @@ class Study(UnitRun):
 
         def progress(event: dict) -> None:
             if event.get("phase") == "epoch":
-                self._progress(event["epoch"] / event["epochs"], f"train seed {seed}: epoch {event['epoch']}",
-                               {"stage": f"train-seed{seed}", **event})
+                self._progress(
+                    event["epoch"] / event["epochs"],
+                    f"train seed {seed}: epoch {event['epoch']}",
+                    {"stage": f"train-seed{seed}", **event},
+                )
 
-        result = train(model, self.data, self.config.train_config(self.config.epochs, seed), folder / "train",
-                       progress, self.should_stop)
+        result = train(
+            model,
+            self.data,
+            self.config.train_config(self.config.epochs, seed),
+            folder / "train",
+            progress,
+            self.should_stop,
+        )
         if result.cancelled:
-            raise Cancelled(f"cancelled while training seed {seed}; its last epoch checkpoint is kept for resume")
+            raise Cancelled(
+                f"cancelled while training seed {seed}; its last epoch checkpoint is kept for resume"
+            )
         save_atomically(model.cpu().state_dict(), folder / "trained.pt")
         return {"weights": str(folder / "trained.pt"), "test_acc": result.test_acc}
 
@@ -195,14 +244,26 @@ class Study(UnitRun):
         if (folder / "analysis.json").exists():
             return AnalysisResult.load(folder)
         model = self._model(weights)
-        workbench = Workbench(self.config.model_spec, self.data, model, self._structures(model), weights, self.example)
-        config = AnalysisConfig(method=method, model_spec=self.config.model_spec, data_spec=self.config.data_spec,
-                                weights=weights, samples=self.config.samples, seed=seed, cap=self.config.cap,
-                                normalize=self.config.normalize, device=self.config.device,
-                                exclude=list(self.config.exclude), preset=self.config.preset,
-                                latency_device="cpu")  # where a study's latency unit is timed, too
-        result = run_analysis(workbench, config, lambda f, m: self._progress(f, f"{method} seed {seed}: {m}"),
-                              self.should_stop)
+        workbench = Workbench(
+            self.config.model_spec, self.data, model, self._structures(model), weights, self.example
+        )
+        config = AnalysisConfig(
+            method=method,
+            model_spec=self.config.model_spec,
+            data_spec=self.config.data_spec,
+            weights=weights,
+            samples=self.config.samples,
+            seed=seed,
+            cap=self.config.cap,
+            normalize=self.config.normalize,
+            device=self.config.device,
+            exclude=list(self.config.exclude),
+            preset=self.config.preset,
+            latency_device="cpu",
+        )  # where a study's latency unit is timed, too
+        result = run_analysis(
+            workbench, config, lambda f, m: self._progress(f, f"{method} seed {seed}: {m}"), self.should_stop
+        )
         result.save(folder)
         return result
 
@@ -212,9 +273,19 @@ class Study(UnitRun):
         started = time.time()
         model = self._model(weights).eval()
         structures = self._structures(model)
-        latency = (stored_profile(result, model, structures, self.example, self.folder / f"seed{seed}" / method,
-                                  should_stop=self.should_stop, targets=[target])
-                   if self.config.unit == LATENCY_UNIT else None)
+        latency = (
+            stored_profile(
+                result,
+                model,
+                structures,
+                self.example,
+                self.folder / f"seed{seed}" / method,
+                should_stop=self.should_stop,
+                targets=[target],
+            )
+            if self.config.unit == LATENCY_UNIT
+            else None
+        )
         mask = result.mask(structures, target, self.config.unit, latency)
         smaller = pruned_copy(model, structures, mask, self.example)
         device = resolve_device(self.config.device)
@@ -222,18 +293,37 @@ class Study(UnitRun):
         _, acc_pruned = evaluate(smaller.to(device), test, device, amp=False)
         acc_finetuned = acc_pruned
         if self.config.finetune_epochs > 0:
-            outcome = train(smaller, self.data, self.config.train_config(self.config.finetune_epochs, seed + 1),
-                            self.folder / f"seed{seed}" / method / f"finetune-{target:g}", None, self.should_stop)
+            outcome = train(
+                smaller,
+                self.data,
+                self.config.train_config(self.config.finetune_epochs, seed + 1),
+                self.folder / f"seed{seed}" / method / f"finetune-{target:g}",
+                None,
+                self.should_stop,
+            )
             if outcome.cancelled:
                 raise Cancelled(f"cancelled while fine-tuning {cell_key(seed, method, target)}")
             acc_finetuned = outcome.test_acc
-        latency_gpu_ms = (1000 * measure_latency(smaller, self.example, device)) if device.type == "cuda" else None
+        latency_gpu_ms = (
+            (1000 * measure_latency(smaller, self.example, device)) if device.type == "cuda" else None
+        )
         smaller = smaller.cpu()
-        return {"seed": seed, "method": method, "target": target, "unit": self.config.unit,
-                "structures_pruned": len(mask), "params": count_params(smaller),
-                "macs": count_macs(smaller, self.example), "acc_pruned": acc_pruned, "acc_finetuned": acc_finetuned,
-                "latency_cpu_ms": 1000 * measure_latency(smaller, self.example, "cpu"), "latency_gpu_ms": latency_gpu_ms,
-                "node": socket.gethostname(), "started": started, "finished": time.time()}
+        return {
+            "seed": seed,
+            "method": method,
+            "target": target,
+            "unit": self.config.unit,
+            "structures_pruned": len(mask),
+            "params": count_params(smaller),
+            "macs": count_macs(smaller, self.example),
+            "acc_pruned": acc_pruned,
+            "acc_finetuned": acc_finetuned,
+            "latency_cpu_ms": 1000 * measure_latency(smaller, self.example, "cpu"),
+            "latency_gpu_ms": latency_gpu_ms,
+            "node": socket.gethostname(),
+            "started": started,
+            "finished": time.time(),
+        }
 
     def unit(self, unit: Unit) -> dict:
         """Do one unit: train a seed, analyse a seed with a method, or prune, test and fine-tune one cell."""
@@ -243,19 +333,30 @@ class Study(UnitRun):
         if kind == "analyse":
             self._analysis(seed, unit[2], self._weights(seed))
             return {}
-        return self._cell(seed, unit[2], unit[3], self._weights(seed), self._analysis(seed, unit[2], self._weights(seed)))
+        return self._cell(
+            seed, unit[2], unit[3], self._weights(seed), self._analysis(seed, unit[2], self._weights(seed))
+        )
 
     def run(self) -> dict:
-        """Run every unfinished training, analysis and cell, phase by phase; returns the summary with all cell records."""
+        """Run every unfinished training, analysis and cell, phase by phase; returns the summary with all cell
+        records."""
         c = self.config
-        trainings = [("train", seed) for seed in c.seeds if not c.weights and f"seed{seed}" not in self.state["trained"]]
+        trainings = [
+            ("train", seed)
+            for seed in c.seeds
+            if not c.weights and f"seed{seed}" not in self.state["trained"]
+        ]
         self._step += len(c.seeds) - len(trainings)
         for (_, seed), trained in self._execute(trainings):
             self.state["trained"][f"seed{seed}"] = trained
             self._save_state()
             self._step += 1
-        analyses = [("analyse", seed, method) for seed in c.seeds for method in c.methods
-                    if not (self.folder / f"seed{seed}" / method / "analysis.json").exists()]
+        analyses = [
+            ("analyse", seed, method)
+            for seed in c.seeds
+            for method in c.methods
+            if not (self.folder / f"seed{seed}" / method / "analysis.json").exists()
+        ]
         self._step += len(c.seeds) * len(c.methods) - len(analyses)
         for (_, seed, method), _ in self._execute(analyses):
             self._step += 1
@@ -267,32 +368,61 @@ class Study(UnitRun):
             self.state["cells"][key] = record
             self._save_state()
             self._step += 1
-            self._progress(0.0, f"{key}: {record['acc_finetuned']:.1%} after fine-tuning",
-                           {"stage": "cell", "epoch": len(self.state["cells"]), **record})
+            self._progress(
+                0.0,
+                f"{key}: {record['acc_finetuned']:.1%} after fine-tuning",
+                {"stage": "cell", "epoch": len(self.state["cells"]), **record},
+            )
         self.report(1.0, "done", None)
         return self.summary()
 
     def summary(self) -> dict:
         cells = list(self.state["cells"].values())
-        return {"procedure": STUDY_KIND, "cells": cells, "trained": self.state["trained"], "config": asdict(self.config),
-                "test_acc": None}
+        return {
+            "procedure": STUDY_KIND,
+            "cells": cells,
+            "trained": self.state["trained"],
+            "config": asdict(self.config),
+            "test_acc": None,
+        }
 
 
 def aggregate(cells: list[dict]) -> pd.DataFrame:
     """Mean and std over seeds per method and target (std 0 for a single seed)."""
-    columns = ["method", "target", "seeds", "acc_pruned_mean", "acc_pruned_std", "acc_finetuned_mean",
-               "acc_finetuned_std", "params_mean", "params_std", "macs_mean", "macs_std", "latency_cpu_ms_mean"]
+    columns = [
+        "method",
+        "target",
+        "seeds",
+        "acc_pruned_mean",
+        "acc_pruned_std",
+        "acc_finetuned_mean",
+        "acc_finetuned_std",
+        "params_mean",
+        "params_std",
+        "macs_mean",
+        "macs_std",
+        "latency_cpu_ms_mean",
+    ]
     if not cells:
         return pd.DataFrame(columns=columns)
     frame = pd.DataFrame(cells)
     grouped = frame.groupby(["method", "target"], sort=False).agg(
-        seeds=("seed", "size"), acc_pruned_mean=("acc_pruned", "mean"), acc_pruned_std=("acc_pruned", "std"),
-        acc_finetuned_mean=("acc_finetuned", "mean"), acc_finetuned_std=("acc_finetuned", "std"),
-        params_mean=("params", "mean"), params_std=("params", "std"), macs_mean=("macs", "mean"),
-        macs_std=("macs", "std"), latency_cpu_ms_mean=("latency_cpu_ms", "mean"))
+        seeds=("seed", "size"),
+        acc_pruned_mean=("acc_pruned", "mean"),
+        acc_pruned_std=("acc_pruned", "std"),
+        acc_finetuned_mean=("acc_finetuned", "mean"),
+        acc_finetuned_std=("acc_finetuned", "std"),
+        params_mean=("params", "mean"),
+        params_std=("params", "std"),
+        macs_mean=("macs", "mean"),
+        macs_std=("macs", "std"),
+        latency_cpu_ms_mean=("latency_cpu_ms", "mean"),
+    )
     table = grouped.reset_index().fillna(0.0)[columns]
     if "latency_gpu_ms" in frame and frame.latency_gpu_ms.notna().any():  # cells that ran on a GPU
-        table["latency_gpu_ms_mean"] = frame.groupby(["method", "target"], sort=False).latency_gpu_ms.mean().values
+        table["latency_gpu_ms_mean"] = (
+            frame.groupby(["method", "target"], sort=False).latency_gpu_ms.mean().values
+        )
     return table
 
 

@@ -1,5 +1,6 @@
 """`train`: one training, in this process or across several (DistributedDataParallel); the thin dispatcher above
 both, so the training loop and the multi-process controller never import each other."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,5 +30,12 @@ def train(
     config.validate()
     if config.nproc > 1:
         return train_distributed(model, data, config, checkpoint_dir, progress, should_stop)
-    return run_training(model, data, config, SingleProcess(resolve_device(config.device)), checkpoint_dir, progress,
-                        should_stop)
+    return run_training(
+        model,
+        data,
+        config,
+        SingleProcess(resolve_device(config.device)),
+        checkpoint_dir,
+        progress,
+        should_stop,
+    )

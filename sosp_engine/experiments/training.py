@@ -1,4 +1,5 @@
 """SGD training and fine-tuning with the paper's defaults, per-epoch checkpoints, exact resume and cancellation."""
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
-    nproc: int = 1  # > 1: one training across this many processes (DistributedDataParallel, same global batch)
+    nproc: int = (
+        1  # > 1: one training across this many processes (DistributedDataParallel, same global batch)
+    )
     sync_bn: bool = False  # with nproc > 1: BatchNorm statistics over the global batch (CUDA only)
 
     def validate(self) -> None:
@@ -55,7 +58,9 @@ class TrainConfig:
         if not 1 <= self.nproc <= 64:
             raise TrainingError(f"the number of training processes must be in 1 .. 64, got {self.nproc}")
         if self.sync_bn and self.nproc == 1:
-            raise TrainingError("--sync-bn only applies to a training across processes: give --nproc 2 or more")
+            raise TrainingError(
+                "--sync-bn only applies to a training across processes: give --nproc 2 or more"
+            )
 
 
 @dataclass
@@ -80,17 +85,28 @@ class TrainResult:
     cancelled: bool = False
 
     def to_dict(self) -> dict:
-        return {"history": [asdict(h) for h in self.history], "test_loss": self.test_loss,
-                "test_acc": self.test_acc, "cancelled": self.cancelled}
+        return {
+            "history": [asdict(h) for h in self.history],
+            "test_loss": self.test_loss,
+            "test_acc": self.test_acc,
+            "cancelled": self.cancelled,
+        }
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """SGD over the model's current parameters; rebuild it after physical pruning (old parameters are gone)."""
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay, nesterov=False)
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=False,
+    )
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Step decay by 10x at the milestone fractions of the epochs, or cosine decay, stepped once per epoch."""
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
@@ -106,7 +122,9 @@ def _autocast(device: torch.device, amp: bool):
     return nullcontext()
 
 
-def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp: bool = True) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, loader, device: torch.device | str = "cpu", amp: bool = True
+) -> tuple[float, float]:
     """Mean cross-entropy and top-1 accuracy of `model` over a loader, in eval mode."""
     device = torch.device(device)
     was_training = model.training
@@ -124,7 +142,8 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", amp: 
 
 
 def _seed_epoch(seed: int, epoch: int) -> None:
-    """Each epoch's randomness (shuffle, augmentation, dropout) depends only on (seed, epoch), so a resumed run repeats it."""
+    """Each epoch's randomness (shuffle, augmentation, dropout) depends only on (seed, epoch), so a resumed
+    run repeats it."""
     value = seed * 100003 + epoch
     torch.manual_seed(value)
     np.random.seed(value % (2**32))
@@ -142,7 +161,9 @@ class SingleProcess:
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
 
-    def batches(self, data: DataBundle, config: TrainConfig, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def batches(
+        self, data: DataBundle, config: TrainConfig, epoch: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """(inputs, labels, size of the global batch) of one epoch, in the order fixed by (seed, epoch)."""
         for x, y in data.loader("train", config.batch_size, shuffle=True, seed=config.seed * 100003 + epoch):
             yield x, y, len(y)
@@ -155,8 +176,15 @@ class SingleProcess:
 
 
 @deterministic_kernels()
-def run_training(model: nn.Module, data: DataBundle, config: TrainConfig, team, checkpoint_dir: str | Path | None,
-                 progress: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None) -> TrainResult:
+def run_training(
+    model: nn.Module,
+    data: DataBundle,
+    config: TrainConfig,
+    team,
+    checkpoint_dir: str | Path | None,
+    progress: Callable[[dict], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> TrainResult:
     """The epoch loop of one training process; `team` (SingleProcess or a distributed rank) says how it shares work.
 
     The loss of a process's share is scaled so that the gradients averaged over processes equal the gradient of the
@@ -200,8 +228,10 @@ def run_training(model: nn.Module, data: DataBundle, config: TrainConfig, team, 
                 loss = share_sum * (team.world / global_size)
             batch_loss = share_sum.item() / max(len(y), 1)
             if not math.isfinite(batch_loss):
-                raise TrainingError(f"the training loss became {batch_loss} in epoch {epoch + 1}, batch {b + 1}: "
-                                    "lower the learning rate or check the weights and data")
+                raise TrainingError(
+                    f"the training loss became {batch_loss} in epoch {epoch + 1}, batch {b + 1}: "
+                    "lower the learning rate or check the weights and data"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -209,23 +239,42 @@ def run_training(model: nn.Module, data: DataBundle, config: TrainConfig, team, 
             loss_sum += share_sum.item()
             correct += (out.argmax(1) == y).sum().item()
             if progress is not None and writer:
-                progress({"phase": "train", "epoch": epoch + 1, "epochs": config.epochs,
-                          "fraction": (b + 1) / n_batches, "loss": loss_sum / max(seen, 1)})
+                progress(
+                    {
+                        "phase": "train",
+                        "epoch": epoch + 1,
+                        "epochs": config.epochs,
+                        "fraction": (b + 1) / n_batches,
+                        "loss": loss_sum / max(seen, 1),
+                    }
+                )
         seen, loss_sum, correct = team.sum([seen, loss_sum, correct])
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         if not writer:
             continue
         val_loss, val_acc = evaluate(model, data.loader("val", 512), device, config.amp)
-        record = EpochRecord(epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1), val_loss, val_acc, lr)
+        record = EpochRecord(
+            epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1), val_loss, val_acc, lr
+        )
         result.history.append(record)
-        if progress is not None:  # metrics first: a kill before the checkpoint lands redoes (and re-records) the epoch
+        if (
+            progress is not None
+        ):  # metrics first: a kill before the checkpoint lands redoes (and re-records) the epoch
             progress({"phase": "epoch", **asdict(record), "epochs": config.epochs})
         if ckpt_path is not None:
-            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                             "history": [asdict(h) for h in result.history], "config": asdict(config)}, ckpt_path,
-                            keep_previous=True)
+            save_atomically(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": [asdict(h) for h in result.history],
+                    "config": asdict(config),
+                },
+                ckpt_path,
+                keep_previous=True,
+            )
     if writer:
         result.test_loss, result.test_acc = evaluate(model, data.loader("test", 512), device, config.amp)
     return result

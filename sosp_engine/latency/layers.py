@@ -1,6 +1,7 @@
 """Per-layer latency costs measured on a device: the seconds each input and output channel of each conv, linear and
 norm takes at a batch size, so that a pruning order can rank structures by saliency per second saved
 (`normalize="latency"`)."""
+
 from __future__ import annotations
 
 import copy
@@ -46,8 +47,10 @@ class LayerLatency:
     def describe(self) -> str:
         """One line for the user: where and how the layers were timed, and how many costs rose above the noise."""
         resolved = sum(1 for v in self.per_channel if v)
-        line = (f"layer latencies on {self.device} at batch {self.batch} ({self.threads} threads): {resolved} of "
-                f"{self.timed_dimensions} channel dimensions resolved above the timing noise")
+        line = (
+            f"layer latencies on {self.device} at batch {self.batch} ({self.threads} threads): {resolved} of "
+            f"{self.timed_dimensions} channel dimensions resolved above the timing noise"
+        )
         if self.unmeasured:
             line += f"; {len(self.unmeasured)} layers not timed (e.g. {self.unmeasured[0]})"
         return line
@@ -58,9 +61,11 @@ class LayerLatency:
         if [m.name for m in structures.modules] != self.modules:
             raise ModelSpecError("this layer latency table was measured on another model's layers")
         if not any(self.per_channel):
-            raise AnalysisError(f"timing each layer on {self.device} at batch {self.batch} resolved no channel's cost "
-                                "above the timing noise (a GPU at a small batch is bound by kernel launches): use a "
-                                "larger latency batch, or normalise by MACs")
+            raise AnalysisError(
+                f"timing each layer on {self.device} at batch {self.batch} resolved no channel's cost "
+                "above the timing noise (a GPU at a small batch is bound by kernel launches): use a "
+                "larger latency batch, or normalise by MACs"
+            )
         saved = structures.removal @ torch.tensor(self.per_channel, dtype=torch.float64)
         positive = saved[saved > 0]
         floor = COST_FLOOR_SHARE * float(positive.mean()) if len(positive) else 1e-12
@@ -75,8 +80,11 @@ def _input_shapes(model: nn.Module, names: set[str], example: torch.Tensor) -> d
         if args and isinstance(args[0], torch.Tensor):
             shapes.setdefault(name, tuple(args[0].shape))
 
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=n: hook(mod, args, name))
-               for n, m in model.named_modules() if n in names]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, name=n: hook(mod, args, name))
+        for n, m in model.named_modules()
+        if n in names
+    ]
     try:
         with preserved_modes(model), torch.no_grad():
             model.eval()
@@ -93,8 +101,9 @@ def _narrower(channels: int, multiple: int) -> int | None:
     return half if 0 < half < channels else None
 
 
-def _variants(module: nn.Module, in_channels: int, out_channels: int, kind: str, pruned: tuple[bool, bool]
-              ) -> list[tuple[int, int, nn.Module, int]]:
+def _variants(
+    module: nn.Module, in_channels: int, out_channels: int, kind: str, pruned: tuple[bool, bool]
+) -> list[tuple[int, int, nn.Module, int]]:
     """(dimension 0 = in / 1 = out, channels removed, narrower module, its input channels) for each dimension that
     some structure narrows (`pruned`: in, out)."""
     if kind in ("depthwise", "norm"):
@@ -140,9 +149,17 @@ def saved_per_channel(full: list[float], narrower: list[float], removed: int) ->
     return (a - b) / removed
 
 
-def measure_layer_latency(model: nn.Module, structures: StructureSet, example: torch.Tensor,
-                          device: str | torch.device = "cpu", batch: int = 1, repeats: int = 10, warmup: int = 2,
-                          progress: ProgressFn = None, should_stop: StopFn = None) -> LayerLatency:
+def measure_layer_latency(
+    model: nn.Module,
+    structures: StructureSet,
+    example: torch.Tensor,
+    device: str | torch.device = "cpu",
+    batch: int = 1,
+    repeats: int = 10,
+    warmup: int = 2,
+    progress: ProgressFn = None,
+    should_stop: StopFn = None,
+) -> LayerLatency:
     """Time every conv, linear and norm that a structure narrows alone on `device` at `batch`, at full width and with
     each such channel dimension halved, and keep the seconds per channel."""
     device = torch.device(device)
@@ -160,8 +177,13 @@ def measure_layer_latency(model: nn.Module, structures: StructureSet, example: t
         shape = shapes.get(info.name)
         module = modules[info.name]
         try:
-            variants = (_variants(module, info.in_channels, info.out_channels, info.kind,
-                                  (pruned[2 * i], pruned[2 * i + 1])) if shape else None)
+            variants = (
+                _variants(
+                    module, info.in_channels, info.out_channels, info.kind, (pruned[2 * i], pruned[2 * i + 1])
+                )
+                if shape
+                else None
+            )
         except ModelSpecError:
             variants = None
         dtype = next(module.parameters(), torch.empty(0)).dtype
@@ -179,5 +201,13 @@ def measure_layer_latency(model: nn.Module, structures: StructureSet, example: t
         for (which, removed, _, _), t in zip(variants, times[1:]):
             per_channel[2 * i + which] = saved_per_channel(times[0], t, removed)
     report(progress, 1.0, "layer latencies measured")
-    return LayerLatency(str(device), batch, torch.get_num_threads(), [m.name for m in structures.modules], seconds,
-                        per_channel, unmeasured, timed)
+    return LayerLatency(
+        str(device),
+        batch,
+        torch.get_num_threads(),
+        [m.name for m in structures.modules],
+        seconds,
+        per_channel,
+        unmeasured,
+        timed,
+    )

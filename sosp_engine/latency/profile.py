@@ -1,5 +1,6 @@
 """Measured inference latency of a model on a device (the median of timed forwards after warm-up), and the latency
 profile along a pruning order that a latency target is met with."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ def _forward_seconds(model: nn.Module, x: torch.Tensor, device: torch.device) ->
     return time.perf_counter() - start
 
 
-def timed_rounds(modules: list[nn.Module], inputs: list[torch.Tensor], device: torch.device, repeats: int,
-                 warmup: int) -> list[list[float]]:
+def timed_rounds(
+    modules: list[nn.Module], inputs: list[torch.Tensor], device: torch.device, repeats: int, warmup: int
+) -> list[list[float]]:
     """Forward seconds of each module on its input, timed one after the other in every round (after `warmup` rounds),
     so that a change of the machine's load hits all alike."""
     times: list[list[float]] = [[] for _ in modules]
@@ -46,15 +48,27 @@ def timed_rounds(modules: list[nn.Module], inputs: list[torch.Tensor], device: t
     return times
 
 
-def measure_latency(model: nn.Module, example: torch.Tensor, device: str | torch.device = "cpu", batch: int = 1,
-                    repeats: int = 20, warmup: int = 3) -> float:
+def measure_latency(
+    model: nn.Module,
+    example: torch.Tensor,
+    device: str | torch.device = "cpu",
+    batch: int = 1,
+    repeats: int = 20,
+    warmup: int = 3,
+) -> float:
     """Median seconds of one eval-mode forward of a `batch` of `example`'s shape on `device` (synchronised on CUDA)."""
     return relative_latency(model, None, example, device, batch, repeats, warmup)[0]
 
 
-def relative_latency(model: nn.Module, reference: nn.Module | None, example: torch.Tensor,
-                     device: str | torch.device = "cpu", batch: int = 1, repeats: int = 20, warmup: int = 3
-                     ) -> tuple[float, float]:
+def relative_latency(
+    model: nn.Module,
+    reference: nn.Module | None,
+    example: torch.Tensor,
+    device: str | torch.device = "cpu",
+    batch: int = 1,
+    repeats: int = 20,
+    warmup: int = 3,
+) -> tuple[float, float]:
     """Median seconds of `model` and its ratio to `reference`'s, timed alternately forward by forward so that a change
     of the machine's load hits both alike (ratio nan without a reference)."""
     device = torch.device(device)
@@ -96,15 +110,18 @@ class LatencyProfile:
         return np.interp(prefix, self.prefixes, self.relative)
 
     def prefix_for(self, ratio: float, n_prunable: int, stops: list[int] | None = None) -> int:
-        """The shortest prefix (a rounding stop if given) whose predicted latency is at most 1 - ratio of the unpruned net's."""
+        """The shortest prefix (a rounding stop if given) whose predicted latency is at most 1 - ratio of the
+        unpruned net's."""
         if not 0 <= ratio < 1:
             raise AnalysisError(f"the latency reduction must be in [0, 1), got {ratio}")
         candidates = np.array(stops if stops is not None else range(n_prunable + 1))
         reached = np.nonzero(self.predict(candidates) <= 1 - ratio + 1e-12)[0]
         if not len(reached):
-            raise AnalysisError(f"a latency reduction of {ratio:.3f} is not reached on {self.device} at batch "
-                                f"{self.batch}: at most {1 - min(self.relative):.3f} was measured along this order "
-                                "(with this cap)")
+            raise AnalysisError(
+                f"a latency reduction of {ratio:.3f} is not reached on {self.device} at batch "
+                f"{self.batch}: at most {1 - min(self.relative):.3f} was measured along this order "
+                "(with this cap)"
+            )
         return int(candidates[reached[0]])
 
     def add_point(self, prefix: int, relative: float) -> None:
@@ -126,15 +143,27 @@ class LatencyProfile:
         try:
             return cls(**json.loads(Path(path).read_text()))
         except FileNotFoundError:
-            raise AnalysisError(f"no latency profile at '{path}': run analyze with --unit latency first") from None
+            raise AnalysisError(
+                f"no latency profile at '{path}': run analyze with --unit latency first"
+            ) from None
         except (json.JSONDecodeError, TypeError) as exc:
             raise AnalysisError(f"the latency profile '{path}' is unreadable ({exc})") from None
 
 
-def measure_profile(model: nn.Module, structures, order: list[str], n_prunable: int, example: torch.Tensor,
-                    device: str | torch.device = "cpu", batch: int = 1, points: int = 12, repeats: int = 10,
-                    stops: list[int] | None = None, progress: ProgressFn = None, should_stop: StopFn = None
-                    ) -> LatencyProfile:
+def measure_profile(
+    model: nn.Module,
+    structures,
+    order: list[str],
+    n_prunable: int,
+    example: torch.Tensor,
+    device: str | torch.device = "cpu",
+    batch: int = 1,
+    points: int = 12,
+    repeats: int = 10,
+    stops: list[int] | None = None,
+    progress: ProgressFn = None,
+    should_stop: StopFn = None,
+) -> LatencyProfile:
     """Prune `model` physically at `points` prefixes of `order` (structure keys, first pruned first) and time each
     against the unpruned net on `device`."""
     from ..pruning.masks import pruned_copy
@@ -151,12 +180,23 @@ def measure_profile(model: nn.Module, structures, order: list[str], n_prunable: 
         smaller = pruned_copy(model, structures, set(order[:k]), example)
         relative.append(relative_latency(smaller, model, example, device, batch, repeats)[1])
     report(progress, 1.0, "latency profile measured")
-    return LatencyProfile(str(torch.device(device)), batch, torch.get_num_threads(), reference, [0] + grid, relative)
+    return LatencyProfile(
+        str(torch.device(device)), batch, torch.get_num_threads(), reference, [0] + grid, relative
+    )
 
 
-def refine_profile(profile: LatencyProfile, model: nn.Module, structures, order: list[str], n_prunable: int,
-                   example: torch.Tensor, ratio: float, stops: list[int] | None = None, repeats: int = 10,
-                   should_stop: StopFn = None) -> bool:
+def refine_profile(
+    profile: LatencyProfile,
+    model: nn.Module,
+    structures,
+    order: list[str],
+    n_prunable: int,
+    example: torch.Tensor,
+    ratio: float,
+    stops: list[int] | None = None,
+    repeats: int = 10,
+    should_stop: StopFn = None,
+) -> bool:
     """Time the net at the prefix a latency target picks until the pick is a measured point (at most REFINE_POINTS
     more): between two measured points latency need not follow the line (a narrower kernel can be slower), so the
     mask's own latency is measured, not interpolated. Returns whether points were added."""
@@ -169,14 +209,25 @@ def refine_profile(profile: LatencyProfile, model: nn.Module, structures, order:
             break
         check_cancel(should_stop)
         smaller = pruned_copy(model, structures, set(order[:k]), example)
-        profile.add_point(k, relative_latency(smaller, model, example, profile.device, profile.batch, repeats)[1])
+        profile.add_point(
+            k, relative_latency(smaller, model, example, profile.device, profile.batch, repeats)[1]
+        )
         added = True
     return added
 
 
-def stored_profile(result, model: nn.Module, structures, example: torch.Tensor, folder: str | Path,
-                   device: str | torch.device = "cpu", batch: int = 1, points: int = 12,
-                   should_stop: StopFn = None, targets: list[float] = ()) -> LatencyProfile:
+def stored_profile(
+    result,
+    model: nn.Module,
+    structures,
+    example: torch.Tensor,
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    batch: int = 1,
+    points: int = 12,
+    should_stop: StopFn = None,
+    targets: list[float] = (),
+) -> LatencyProfile:
     """The latency profile of an analysis (`result`) stored in `folder`: read if there, else measured along its order
     on `device` at `batch`, refined at `targets` and saved there, so jobs and studies measure it once and resume
     without re-timing."""
@@ -184,11 +235,35 @@ def stored_profile(result, model: nn.Module, structures, example: torch.Tensor, 
     if path.exists():
         profile = LatencyProfile.load(path)
     else:
-        profile = measure_profile(model, structures, result.ordered_keys(), result.n_prunable, example, device, batch,
-                                  points, stops=result.stops(structures), should_stop=should_stop)
-        profile.save(path)  # before refining: a target out of reach raises there, and a resume must not re-time
-    refined = [refine_profile(profile, model, structures, result.ordered_keys(), result.n_prunable, example, target,
-                              result.stops(structures), should_stop=should_stop) for target in targets]
+        profile = measure_profile(
+            model,
+            structures,
+            result.ordered_keys(),
+            result.n_prunable,
+            example,
+            device,
+            batch,
+            points,
+            stops=result.stops(structures),
+            should_stop=should_stop,
+        )
+        profile.save(
+            path
+        )  # before refining: a target out of reach raises there, and a resume must not re-time
+    refined = [
+        refine_profile(
+            profile,
+            model,
+            structures,
+            result.ordered_keys(),
+            result.n_prunable,
+            example,
+            target,
+            result.stops(structures),
+            should_stop=should_stop,
+        )
+        for target in targets
+    ]
     if any(refined):
         profile.save(path)
     return profile

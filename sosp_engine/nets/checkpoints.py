@@ -1,4 +1,5 @@
 """Load untrusted checkpoints safely (weights_only=True), unwrapping the usual containers."""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,12 +24,14 @@ def _unwrap(obj: object) -> dict[str, torch.Tensor]:
             break
         obj = inner
     if not isinstance(obj, dict) or not obj:
-        raise CheckpointError("the checkpoint holds no state_dict: save it with torch.save(model.state_dict(), path)")
+        raise CheckpointError(
+            "the checkpoint holds no state_dict: save it with torch.save(model.state_dict(), path)"
+        )
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"the checkpoint dict has no tensors (keys: {sorted(obj)[:10]})")
     if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     return tensors
 
 
@@ -36,14 +39,17 @@ def read_checkpoint(path: str | Path) -> object:
     """The object stored in a checkpoint file, read with `weights_only=True` (no code runs)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        raise CheckpointError(f"checkpoint '{path}' is a folder: give the weights file inside it (.pt / .pth)")
+        raise CheckpointError(
+            f"checkpoint '{path}' is a folder: give the weights file inside it (.pt / .pth)"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
         return load_verified(path)
     except CheckpointError as exc:
-        raise CheckpointError(f"{exc}. Only plain state_dicts are accepted; save with "
-                              "torch.save(model.state_dict(), path)") from None
+        raise CheckpointError(
+            f"{exc}. Only plain state_dicts are accepted; save with torch.save(model.state_dict(), path)"
+        ) from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -57,8 +63,11 @@ def load_weights(model: nn.Module, path: str | Path, checkpoint: object = None) 
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in own if k in state and state[k].shape != own[k].shape]
+    misshaped = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or misshaped:
         parts = []
         if missing:
@@ -67,23 +76,34 @@ def load_weights(model: nn.Module, path: str | Path, checkpoint: object = None) 
             parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}")
         if misshaped:
             parts.append(f"mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped[:8])}")
-        raise CheckpointError(f"checkpoint '{path}' does not fit the model: " + " | ".join(parts)
-                              + ". Check the model spec (architecture, widths, num_classes, in_channels).")
+        raise CheckpointError(
+            f"checkpoint '{path}' does not fit the model: "
+            + " | ".join(parts)
+            + ". Check the model spec (architecture, widths, num_classes, in_channels)."
+        )
     mistyped = [k for k in own if own[k].is_floating_point() and not state[k].is_floating_point()]
     if mistyped:
         kinds = sorted({_dtype_kind(state[k].dtype) for k in mistyped})
-        raise CheckpointError(f"checkpoint '{path}' holds {' and '.join(kinds)} tensors where the model has real "
-                              f"float weights: {', '.join(f'{k} ({state[k].dtype})' for k in mistyped[:5])}; it is "
-                              "not a weights file of this model")
+        raise CheckpointError(
+            f"checkpoint '{path}' holds {' and '.join(kinds)} tensors where the model has real "
+            f"float weights: {', '.join(f'{k} ({state[k].dtype})' for k in mistyped[:5])}; it is "
+            "not a weights file of this model"
+        )
     nonfinite = [k for k in own if state[k].is_floating_point() and not bool(state[k].isfinite().all())]
     if nonfinite:
-        raise CheckpointError(f"checkpoint '{path}' holds NaN or infinite values in {', '.join(nonfinite[:5])}"
-                              f"{' ...' if len(nonfinite) > 5 else ''}: the training that wrote it diverged")
+        raise CheckpointError(
+            f"checkpoint '{path}' holds NaN or infinite values in {', '.join(nonfinite[:5])}"
+            f"{' ...' if len(nonfinite) > 5 else ''}: the training that wrote it diverged"
+        )
     negative = [k for k in own if k.endswith("running_var") and bool((state[k] < 0).any())]
     if negative:
-        raise CheckpointError(f"checkpoint '{path}' holds negative BatchNorm variances in {', '.join(negative[:5])}: "
-                              "a variance is never negative, so the file is damaged or was edited")
-    if getattr(state, "_metadata", None) is None:  # a re-packed state_dict: assume this model's module versions
+        raise CheckpointError(
+            f"checkpoint '{path}' holds negative BatchNorm variances in {', '.join(negative[:5])}: "
+            "a variance is never negative, so the file is damaged or was edited"
+        )
+    if (
+        getattr(state, "_metadata", None) is None
+    ):  # a re-packed state_dict: assume this model's module versions
         state = OrderedDict(state)
         state._metadata = getattr(own, "_metadata", None)
     model.load_state_dict(state)

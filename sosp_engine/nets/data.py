@@ -1,4 +1,5 @@
 """Data specs -> train / validation / test datasets, with the number of classes and the input shape."""
+
 from __future__ import annotations
 
 import io
@@ -49,15 +50,30 @@ class DataBundle:
     num_classes: int
     input_shape: tuple[int, int, int]
 
-    def loader(self, split: str, batch_size: int = 128, shuffle: bool = False, seed: int = 0,
-               num_workers: int = 0, limit: int | None = None) -> DataLoader:
+    def loader(
+        self,
+        split: str,
+        batch_size: int = 128,
+        shuffle: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+        limit: int | None = None,
+    ) -> DataLoader:
         """A DataLoader over one split (its first `limit` samples if given); shuffling is seeded so runs repeat."""
-        dataset = {"train": self.train, "train_eval": self.train_eval, "val": self.val, "test": self.test}[split]
+        dataset = {"train": self.train, "train_eval": self.train_eval, "val": self.val, "test": self.test}[
+            split
+        ]
         if limit is not None and limit < len(dataset):
             dataset = Subset(dataset, range(max(limit, 1)))
         generator = torch.Generator().manual_seed(seed) if shuffle else None
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=num_workers, drop_last=False)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=num_workers,
+            drop_last=False,
+        )
 
     def analysis_samples(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """N' samples drawn with a seed from the training split, without augmentation."""
@@ -73,7 +89,7 @@ class DataBundle:
 def _split(n: int, sizes: tuple[int, int], seed: int) -> tuple[list[int], list[int], list[int]]:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     a, b = sizes
-    return perm[a + b:], perm[:a], perm[a:a + b]
+    return perm[a + b :], perm[:a], perm[a : a + b]
 
 
 def _digits() -> DataBundle:
@@ -90,23 +106,37 @@ def _digits() -> DataBundle:
     augment = v2.RandomCrop(DIGITS_SIZE, padding=1, padding_mode="edge")
     train = TransformedTensors(images[train_idx], labels[train_idx], augment)
     return DataBundle(
-        "digits", train, TransformedTensors(images[train_idx], labels[train_idx]),
-        TransformedTensors(images[val_idx], labels[val_idx]), TransformedTensors(images[test_idx], labels[test_idx]),
-        10, (1, DIGITS_SIZE, DIGITS_SIZE))
+        "digits",
+        train,
+        TransformedTensors(images[train_idx], labels[train_idx]),
+        TransformedTensors(images[val_idx], labels[val_idx]),
+        TransformedTensors(images[test_idx], labels[test_idx]),
+        10,
+        (1, DIGITS_SIZE, DIGITS_SIZE),
+    )
 
 
 class CifarUnpickler(pickle.Unpickler):
     """Reads CIFAR python batches without running code: only numpy arrays and plain containers may be rebuilt."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"), ("numpy.core.numeric", "_frombuffer"),
-               ("numpy._core.numeric", "_frombuffer")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refused to load '{module}.{name}': a CIFAR batch holds only arrays, "
-                                         "lists, bytes, strings and numbers")
+            raise pickle.UnpicklingError(
+                f"refused to load '{module}.{name}': a CIFAR batch holds only arrays, "
+                "lists, bytes, strings and numbers"
+            )
         return super().find_class(module, name)
 
 
@@ -143,8 +173,10 @@ def _cifar(name: str, path: str, download: bool) -> DataBundle:
         try:
             cls(str(root), train=True, download=True)
         except OSError as exc:  # URLError is an OSError: no network, a proxy, a full disk
-            raise DataSpecError(f"downloading {name.upper()} into '{root}' failed ({exc}); download the python "
-                                "batches by hand and point the spec at their folder") from None
+            raise DataSpecError(
+                f"downloading {name.upper()} into '{root}' failed ({exc}); download the python "
+                "batches by hand and point the spec at their folder"
+            ) from None
     if not root.exists():
         raise DataSpecError(f"data path '{root}' does not exist")
     folder = _find_cifar_dir(root, name)
@@ -157,10 +189,14 @@ def _cifar(name: str, path: str, download: bool) -> DataBundle:
         if len(batches) != len(files):
             raise DataSpecError(f"'{folder}' lacks some of the {name.upper()} batches: {files}")
         try:
-            data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
+            data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(
+                -1, 3, 32, 32
+            )
             labels = np.concatenate([np.asarray(b[label_key]).reshape(-1) for b in batches])
         except (KeyError, ValueError, TypeError) as exc:
-            raise DataSpecError(f"the {name.upper()} batches in '{folder}' have an unexpected layout: {exc}") from None
+            raise DataSpecError(
+                f"the {name.upper()} batches in '{folder}' have an unexpected layout: {exc}"
+            ) from None
         classes = 10 if name == "cifar10" else 100
         where = f"the {name.upper()} batches {files} in '{folder}'"
         if len(data) == 0:
@@ -170,8 +206,12 @@ def _cifar(name: str, path: str, download: bool) -> DataBundle:
         if not np.issubdtype(labels.dtype, np.integer):  # 0.5 would silently become class 0
             raise DataSpecError(f"{where} have labels of type {labels.dtype}, not whole class numbers")
         if labels.min() < 0 or labels.max() >= classes:
-            raise DataSpecError(f"{where} have labels outside 0..{classes - 1} ({labels.min()} .. {labels.max()})")
-        return torch.as_tensor(data, dtype=torch.uint8), torch.as_tensor(labels.astype(np.int64), dtype=torch.long)
+            raise DataSpecError(
+                f"{where} have labels outside 0..{classes - 1} ({labels.min()} .. {labels.max()})"
+            )
+        return torch.as_tensor(data, dtype=torch.uint8), torch.as_tensor(
+            labels.astype(np.int64), dtype=torch.long
+        )
 
     x_train, y_train = read(train_files)
     x_test, y_test = read(test_files)
@@ -181,10 +221,14 @@ def _cifar(name: str, path: str, download: bool) -> DataBundle:
     n_val = max(1, len(y_train) // 10)
     train_idx, val_idx, _ = _split(len(y_train), (n_val, 0), seed=2022)
     return DataBundle(
-        name, TransformedTensors(x_train[train_idx], y_train[train_idx], augment),
+        name,
+        TransformedTensors(x_train[train_idx], y_train[train_idx], augment),
         TransformedTensors(x_train[train_idx], y_train[train_idx], plain),
         TransformedTensors(x_train[val_idx], y_train[val_idx], plain),
-        TransformedTensors(x_test, y_test, plain), 10 if name == "cifar10" else 100, (3, 32, 32))
+        TransformedTensors(x_test, y_test, plain),
+        10 if name == "cifar10" else 100,
+        (3, 32, 32),
+    )
 
 
 def _image(path: str):
@@ -195,12 +239,16 @@ def _image(path: str):
         with open(path, "rb") as fh:
             image = Image.open(fh)  # reads the header only: the declared size is checked before decoding
             if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise DataSpecError(f"'{path}' in the image folder declares {image.width}x{image.height} pixels, "
-                                    f"more than {MAX_IMAGE_PIXELS:,}: shrink or remove it")
+                raise DataSpecError(
+                    f"'{path}' in the image folder declares {image.width}x{image.height} pixels, "
+                    f"more than {MAX_IMAGE_PIXELS:,}: shrink or remove it"
+                )
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise DataSpecError(f"'{path}' in the image folder is not a readable image ({type(exc).__name__}): "
-                            "remove or replace it") from None
+        raise DataSpecError(
+            f"'{path}' in the image folder is not a readable image ({type(exc).__name__}): "
+            "remove or replace it"
+        ) from None
 
 
 def _imagefolder(path: str, image_size: int = 224) -> DataBundle:
@@ -211,8 +259,14 @@ def _imagefolder(path: str, image_size: int = 224) -> DataBundle:
     for split in ("train", "val"):
         folder = root / split
         if not folder.is_dir():
-            raise DataSpecError(f"'{root}' must hold 'train/' and 'val/' folders of class sub-folders; '{folder}' is missing")
-    normalize = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+            raise DataSpecError(
+                f"'{root}' must hold 'train/' and 'val/' folders of class sub-folders; '{folder}' is missing"
+            )
+    normalize = [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]
     augment = v2.Compose([v2.RandomResizedCrop(image_size), v2.RandomHorizontalFlip(), *normalize])
     plain = v2.Compose([v2.Resize(int(image_size * 8 / 7)), v2.CenterCrop(image_size), *normalize])
     try:
@@ -224,9 +278,13 @@ def _imagefolder(path: str, image_size: int = 224) -> DataBundle:
     if train.classes != val.classes:
         raise DataSpecError(f"'{root}/train' and '{root}/val' have different class folders")
     if len(train.classes) < 2:
-        raise DataSpecError(f"'{root}/train' has {len(train.classes)} class folder ({', '.join(train.classes)}): a "
-                            "classifier needs at least 2 classes, one sub-folder of images each")
-    return DataBundle(f"imagefolder:{root}", train, train_eval, val, val, len(train.classes), (3, image_size, image_size))
+        raise DataSpecError(
+            f"'{root}/train' has {len(train.classes)} class folder ({', '.join(train.classes)}): a "
+            "classifier needs at least 2 classes, one sub-folder of images each"
+        )
+    return DataBundle(
+        f"imagefolder:{root}", train, train_eval, val, val, len(train.classes), (3, image_size, image_size)
+    )
 
 
 def _synthetic(shape_text: str, classes_text: str) -> DataBundle:
@@ -237,21 +295,32 @@ def _synthetic(shape_text: str, classes_text: str) -> DataBundle:
         classes = int(classes_text)
         count = int(count_text) if count_text else SYNTHETIC_TRAIN
     except ValueError:
-        raise DataSpecError(f"synthetic spec must be 'synthetic:C,H,W:K[:N]' with integers, got "
-                            f"'{shape_text}:{classes_text}{':' + count_text if count_text else ''}'") from None
+        raise DataSpecError(
+            f"synthetic spec must be 'synthetic:C,H,W:K[:N]' with integers, got "
+            f"'{shape_text}:{classes_text}{':' + count_text if count_text else ''}'"
+        ) from None
     if len(shape) != 3 or min(shape) <= 0 or classes < 2 or not 1 <= count <= SYNTHETIC_MAX:
-        raise DataSpecError(f"synthetic spec needs three positive sizes C,H,W, at least 2 classes and 1 .. "
-                            f"{SYNTHETIC_MAX} training samples")
+        raise DataSpecError(
+            f"synthetic spec needs three positive sizes C,H,W, at least 2 classes and 1 .. "
+            f"{SYNTHETIC_MAX} training samples"
+        )
     gen = torch.Generator().manual_seed(0)
     sets = []
     for n in (count, 64, 64):
-        sets.append(TensorDataset(torch.randn(n, *shape, generator=gen), torch.randint(0, classes, (n,), generator=gen)))
+        sets.append(
+            TensorDataset(
+                torch.randn(n, *shape, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+            )
+        )
     suffix = f":{count}" if count_text else ""
-    return DataBundle(f"synthetic:{shape_text}:{classes}{suffix}", sets[0], sets[0], sets[1], sets[2], classes, shape)
+    return DataBundle(
+        f"synthetic:{shape_text}:{classes}{suffix}", sets[0], sets[0], sets[1], sets[2], classes, shape
+    )
 
 
 def load_data(spec: str, download: bool = False) -> DataBundle:
-    """Turn a data spec (`digits`, `cifar10:PATH`, `cifar100:PATH`, `imagefolder:PATH`, `synthetic:C,H,W:K[:N]`) into splits."""
+    """Turn a data spec (`digits`, `cifar10:PATH`, `cifar100:PATH`, `imagefolder:PATH`,
+    `synthetic:C,H,W:K[:N]`) into splits."""
     spec = spec.strip()
     kind, _, rest = spec.partition(":")
     if kind == "digits" and not rest:
@@ -267,7 +336,9 @@ def load_data(spec: str, download: bool = False) -> DataBundle:
     if kind == "synthetic":
         shape_text, _, classes_text = rest.partition(":")
         return _synthetic(shape_text, classes_text)
-    raise DataSpecError(f"unknown data spec '{spec}'; use digits, cifar10:PATH, cifar100:PATH, imagefolder:PATH or synthetic:C,H,W:K")
+    raise DataSpecError(
+        f"unknown data spec '{spec}'; use digits, cifar10:PATH, cifar100:PATH, imagefolder:PATH or synthetic:C,H,W:K"
+    )
 
 
 def check_model_fits_data(model: torch.nn.Module, data: DataBundle) -> None:
@@ -279,9 +350,13 @@ def check_model_fits_data(model: torch.nn.Module, data: DataBundle) -> None:
         with torch.no_grad():
             out = model(x)
     except RuntimeError as exc:
-        raise DataSpecError(f"the model cannot take inputs of shape {tuple(data.input_shape)} from '{data.spec}': "
-                            f"{str(exc).splitlines()[0][:200]}") from None
+        raise DataSpecError(
+            f"the model cannot take inputs of shape {tuple(data.input_shape)} from '{data.spec}': "
+            f"{str(exc).splitlines()[0][:200]}"
+        ) from None
     finally:
         model.train(was_training)
     if out.ndim != 2 or out.shape[1] != data.num_classes:
-        raise DataSpecError(f"the model outputs shape {tuple(out.shape)}, but '{data.spec}' has {data.num_classes} classes")
+        raise DataSpecError(
+            f"the model outputs shape {tuple(out.shape)}, but '{data.spec}' has {data.num_classes} classes"
+        )

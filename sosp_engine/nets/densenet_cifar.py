@@ -1,4 +1,5 @@
 """DenseNet-40 (growth 12, no bottleneck, no compression) as used by Network Slimming, growth settable per block."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Model + data + weights in one call, and the structures found on them: what the CLI, jobs and UI all start from."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,7 +20,11 @@ def default_preset(model_spec: str) -> str | None:
     spec = model_spec.strip()
     if spec.startswith("resnet"):
         return "cifar-resnet"
-    if spec.startswith("torchvision:resnet") or spec.startswith("torchvision:resnext") or spec.startswith("torchvision:wide_resnet"):
+    if (
+        spec.startswith("torchvision:resnet")
+        or spec.startswith("torchvision:resnext")
+        or spec.startswith("torchvision:wide_resnet")
+    ):
         return "torchvision-resnet"
     return None
 
@@ -61,7 +66,9 @@ def load_model(model_spec: str, data: DataBundle, weights: str | None) -> tuple[
     """Build the spec's model and load weights: a plain state_dict, or a pruned checkpoint (re-pruned, then loaded)."""
     model = build_model(model_spec, data.num_classes, data.input_shape[0])
     if weights is not None and not str(weights).strip():
-        raise CheckpointError("the weights path is empty: give a checkpoint file, or leave the option out for random init")
+        raise CheckpointError(
+            "the weights path is empty: give a checkpoint file, or leave the option out for random init"
+        )
     if not weights:
         return model, None
     checkpoint = read_checkpoint(weights)
@@ -72,8 +79,13 @@ def load_model(model_spec: str, data: DataBundle, weights: str | None) -> tuple[
     return model, recipe
 
 
-def open_workbench(model_spec: str, data: DataBundle | str, weights: str | None = None,
-                   exclude: Sequence[str] = (), preset: str | None = "auto") -> Workbench:
+def open_workbench(
+    model_spec: str,
+    data: DataBundle | str,
+    weights: str | None = None,
+    exclude: Sequence[str] = (),
+    preset: str | None = "auto",
+) -> Workbench:
     """Build the model for the data set, load weights if given, check shapes and find the prunable structures."""
     bundle = load_data(data) if isinstance(data, str) else data
     model, recipe = load_model(model_spec, bundle, weights)

@@ -1,4 +1,5 @@
 """One registry of models, looked up by a spec string; every model takes `num_classes` and `in_channels`."""
+
 from __future__ import annotations
 
 import importlib
@@ -41,7 +42,9 @@ def _parse_options(text: str | None, allowed: set[str]) -> dict[str, list[int]]:
         return options
     for part in text.split(";"):
         if "=" not in part:
-            raise ModelSpecError(f"model option '{part}' must look like key=1,2,3 (allowed keys: {sorted(allowed)})")
+            raise ModelSpecError(
+                f"model option '{part}' must look like key=1,2,3 (allowed keys: {sorted(allowed)})"
+            )
         key, value = part.split("=", 1)
         if key.strip() not in allowed:
             raise ModelSpecError(f"unknown model option '{key}'; allowed: {sorted(allowed)}")
@@ -89,9 +92,20 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
             if isinstance(child, nn.Conv2d):
                 if child.in_channels == in_channels:
                     return
-                setattr(parent, child_name, nn.Conv2d(
-                    in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
-                    child.dilation, 1 if child.groups == 1 else in_channels, child.bias is not None))
+                setattr(
+                    parent,
+                    child_name,
+                    nn.Conv2d(
+                        in_channels,
+                        child.out_channels,
+                        child.kernel_size,
+                        child.stride,
+                        child.padding,
+                        child.dilation,
+                        1 if child.groups == 1 else in_channels,
+                        child.bias is not None,
+                    ),
+                )
                 return
 
 
@@ -114,14 +128,17 @@ def _build_timm(name: str, num_classes: int, in_channels: int) -> nn.Module:
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:20]
-        raise ModelSpecError(f"timm has no model '{name}'" + (f"; similar: {', '.join(close)}" if close else ""))
+        raise ModelSpecError(
+            f"timm has no model '{name}'" + (f"; similar: {', '.join(close)}" if close else "")
+        )
     try:  # never a download: random init, as for torchvision
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
     except Exception as exc:
         raise ModelSpecError(f"timm could not build '{name}': {type(exc).__name__}: {exc}") from None
 
 
-# spec scheme -> builder of NAME; the zoo names and user code (file.py:factory, package.module:factory) are matched apart
+# spec scheme -> builder of NAME; the zoo names and user code (file.py:factory, package.module:factory) are
+# matched apart
 LIBRARY_SCHEMES: dict[str, Callable[[str, int, int], nn.Module]] = {
     "torchvision": _build_torchvision,
     "timm": _build_timm,
@@ -143,7 +160,9 @@ def load_user_module(module_name: str, path: str | Path) -> ModuleType:
 def _load_factory(spec: str) -> Callable[..., nn.Module]:
     target, _, attr = spec.rpartition(":")
     if not attr or not target:
-        raise ModelSpecError(f"user model spec must be 'path/to/file.py:factory' or 'package.module:factory', got '{spec}'")
+        raise ModelSpecError(
+            f"user model spec must be 'path/to/file.py:factory' or 'package.module:factory', got '{spec}'"
+        )
     if target.endswith(".py"):
         path = Path(target).expanduser()
         if not path.is_file():
@@ -160,8 +179,10 @@ def _load_factory(spec: str) -> Callable[..., nn.Module]:
         raise ModelSpecError(f"'{target}' has no callable named '{attr}'")
     is_module_class = inspect.isclass(factory) and issubclass(factory, nn.Module)
     if not (inspect.isfunction(factory) or is_module_class) or _is_standard_library(factory):
-        raise ModelSpecError(f"'{spec}' is not a model factory: give a function or nn.Module class of your own code "
-                             "that returns a torch.nn.Module")
+        raise ModelSpecError(
+            f"'{spec}' is not a model factory: give a function or nn.Module class of your own code "
+            "that returns a torch.nn.Module"
+        )
     return factory
 
 
@@ -191,18 +212,26 @@ def _installation_folders() -> list[Path]:
 def _require_own_module(target: str, spec: str) -> None:
     """Refuse `package.module:factory` before any import unless the module is a file of the user's own code: its
     import would run whatever an installed or standard module does on import (`this`, `antigravity`, ...)."""
-    if target.split(".")[0] in sys.builtin_module_names or importlib.machinery.FrozenImporter.find_spec(target):
-        raise ModelSpecError(f"'{spec}' is not a model factory of your own code: '{target}' is built into Python; "
-                             "nothing was imported")
+    if target.split(".")[0] in sys.builtin_module_names or importlib.machinery.FrozenImporter.find_spec(
+        target
+    ):
+        raise ModelSpecError(
+            f"'{spec}' is not a model factory of your own code: '{target}' is built into Python; "
+            "nothing was imported"
+        )
     origin = _module_origin(target)
     if origin is None:
-        raise ModelSpecError(f"no module file '{target}' of your own code was found on the Python path for '{spec}'; "
-                             "give path/to/file.py:factory, or run from the folder that holds your package")
+        raise ModelSpecError(
+            f"no module file '{target}' of your own code was found on the Python path for '{spec}'; "
+            "give path/to/file.py:factory, or run from the folder that holds your package"
+        )
     path = Path(origin).resolve()
     if any(folder == path or folder in path.parents for folder in _installation_folders()):
-        raise ModelSpecError(f"'{spec}' is not a model factory of your own code: '{target}' is a module of Python "
-                             f"or of an installed package ({path}); nothing was imported. Give path/to/file.py:factory "
-                             "or a module of your own project")
+        raise ModelSpecError(
+            f"'{spec}' is not a model factory of your own code: '{target}' is a module of Python "
+            f"or of an installed package ({path}); nothing was imported. Give path/to/file.py:factory "
+            "or a module of your own project"
+        )
 
 
 def _is_standard_library(obj: object) -> bool:
@@ -216,7 +245,9 @@ def _is_standard_library(obj: object) -> bool:
     return stdlib in path.parents and "site-packages" not in path.parts
 
 
-def _call_factory(factory: Callable[..., nn.Module], spec: str, num_classes: int, in_channels: int) -> nn.Module:
+def _call_factory(
+    factory: Callable[..., nn.Module], spec: str, num_classes: int, in_channels: int
+) -> nn.Module:
     params = inspect.signature(factory).parameters
     kwargs = {}
     if "num_classes" in params:
@@ -228,7 +259,9 @@ def _call_factory(factory: Callable[..., nn.Module], spec: str, num_classes: int
     except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a user factory must not end the server or CLI
         raise ModelSpecError(f"calling the factory of '{spec}' failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
-        raise ModelSpecError(f"the factory of '{spec}' returned {type(model).__name__}, not a torch.nn.Module")
+        raise ModelSpecError(
+            f"the factory of '{spec}' returned {type(model).__name__}, not a torch.nn.Module"
+        )
     return model
 
 
@@ -239,7 +272,8 @@ def is_user_code(spec: str) -> bool:
 
 
 def build_model(spec: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """Build a randomly initialised model from a spec: zoo name, `torchvision:NAME`, `timm:NAME` or `file.py:factory`."""
+    """Build a randomly initialised model from a spec: zoo name, `torchvision:NAME`, `timm:NAME` or
+    `file.py:factory`."""
     spec = spec.strip()
     match = ZOO_PATTERN.match(spec)
     if match:

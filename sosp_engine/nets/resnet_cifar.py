@@ -1,4 +1,6 @@
-"""CIFAR ResNets (He et al. 2016) with basic blocks and projection shortcuts, widths settable per stage and per block."""
+"""CIFAR ResNets (He et al. 2016) with basic blocks and projection shortcuts, widths settable per stage and
+per block."""
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +32,8 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 inputs; `stage_widths` sets the residual stream, `inner_widths` each block's inner conv."""
+    """ResNet-(6n+2) for 32x32 inputs; `stage_widths` sets the residual stream, `inner_widths` each block's
+    inner conv."""
 
     def __init__(
         self,

@@ -1,16 +1,40 @@
 """VGG-19 with BatchNorm in the CIFAR variant of Network Slimming / EigenDamage, widths settable per conv layer."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-VGG19_WIDTHS = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512)
+VGG19_WIDTHS = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    512,
+)
 
 
 class CifarVGG(nn.Module):
     """Conv-BN-ReLU stacks with max pooling, global average pooling and one linear classifier."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, conv_widths: list[int] | None = None) -> None:
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 3, conv_widths: list[int] | None = None
+    ) -> None:
         super().__init__()
         plan = list(VGG19_WIDTHS)
         n_convs = sum(1 for v in plan if v != "M")
@@ -25,7 +49,11 @@ class CifarVGG(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
             else:
-                layers += [nn.Conv2d(channels, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)), nn.ReLU()]
+                layers += [
+                    nn.Conv2d(channels, int(v), 3, padding=1, bias=False),
+                    nn.BatchNorm2d(int(v)),
+                    nn.ReLU(),
+                ]
                 channels = int(v)
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)

@@ -1,4 +1,6 @@
-"""Count parameters and MACs of a concrete model by running it once (convs and linears; the paper's App. D convention)."""
+"""Count parameters and MACs of a concrete model by running it once (convs and linears; the paper's App. D
+convention)."""
+
 from __future__ import annotations
 
 import torch

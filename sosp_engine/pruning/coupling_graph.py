@@ -5,6 +5,7 @@ group in quadratic time. Where residual adds meet channel slices (ReXNet's `x[:,
 every path through the blocks: one group of timm's rexnet_100 took over 10 minutes. Every index mapping of torch-pruning
 maps each index on its own, so walking only the indices new to a (layer, pruning function) finds the same group.
 """
+
 from __future__ import annotations
 
 import typing
@@ -28,11 +29,17 @@ WALK_LIMIT = 10_000_000
 class CouplingGraph(tp.DependencyGraph):
     """A DependencyGraph whose `get_pruning_group` propagates only indices new to each (layer, pruning function)."""
 
-    def get_pruning_group(self, module: nn.Module, pruning_fn: typing.Callable, idxs: typing.Sequence[int]) -> Group:
+    def get_pruning_group(
+        self, module: nn.Module, pruning_fn: typing.Callable, idxs: typing.Sequence[int]
+    ) -> Group:
         """The group of every layer coupled to pruning `idxs` of `module` with `pruning_fn`, merged per layer."""
         if module not in self.module2node:
             raise ValueError(f"Module {module} is not in the dependency graph.")
-        if isinstance(module, tp.ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
+        if (
+            isinstance(module, tp.ops.TORCH_CONV)
+            and module.groups == module.out_channels
+            and module.out_channels > 1
+        ):
             pruning_fn = function.prune_depthwise_conv_out_channels
         if isinstance(idxs, Number):
             idxs = [idxs]
@@ -40,7 +47,9 @@ class CouplingGraph(tp.DependencyGraph):
         root = self.module2node[module]
         first = Dependency(pruning_fn, pruning_fn, source=root, target=root)
         order: list[tuple] = []  # (target node, handler) in the order first reached
-        reached: dict[tuple, tuple[Dependency, dict]] = {}  # -> (first dependency, {idx: every root idx reaching it})
+        reached: dict[
+            tuple, tuple[Dependency, dict]
+        ] = {}  # -> (first dependency, {idx: every root idx reaching it})
         seen: dict[tuple, set] = {}  # -> every (idx, root idx) pair walked from there
         walked_total = 0
 
@@ -52,10 +61,12 @@ class CouplingGraph(tp.DependencyGraph):
             walked.update(fresh)
             walked_total += len(fresh)
             if walked_total > WALK_LIMIT:
-                raise MaskError(f"torch-pruning's dependency graph couples the channels of {self._module2name[module]} "
-                                f"to over {WALK_LIMIT:,} (layer, position) pairs: it reads this model's reshapes as "
-                                "flattening channels into positions (as in Swin's window attention), so its channel "
-                                "couplings cannot be followed; exclude those layers (--exclude) or use another model")
+                raise MaskError(
+                    f"torch-pruning's dependency graph couples the channels of {self._module2name[module]} "
+                    f"to over {WALK_LIMIT:,} (layer, position) pairs: it reads this model's reshapes as "
+                    "flattening channels into positions (as in Swin's window attention), so its channel "
+                    "couplings cannot be followed; exclude those layers (--exclude) or use another model"
+                )
             if key not in reached:
                 reached[key] = (dep, {})
                 order.append(key)
@@ -81,10 +92,14 @@ class CouplingGraph(tp.DependencyGraph):
         group = Group()
         for key in order:
             dep, kept = reached[key]
-            if isinstance(dep.target.module, nn.Parameter) and any(dep.target.module is p for p in self.ignored_params):
+            if isinstance(dep.target.module, nn.Parameter) and any(
+                dep.target.module is p for p in self.ignored_params
+            ):
                 continue
             item = _helpers.GroupItem(dep, list(kept))
-            item.root_idxs = [roots[0] for roots in kept.values()]  # as torch-pruning's merge: the first root wins
+            item.root_idxs = [
+                roots[0] for roots in kept.values()
+            ]  # as torch-pruning's merge: the first root wins
             # a channel reached from several root channels couples them (GhostNet: a depthwise conv maps the primary
             # conv's channel c to the concatenation's channel c + width, so both are removed together)
             item.coupled_roots = [roots for roots in kept.values() if len(set(roots)) > 1]

@@ -5,6 +5,7 @@ consumer reads it (conv -> affine norm -> ReLU-like, linear, residual add, conca
 mixes it with the kept channels. It differs after a BatchNorm without affine parameters or an activation with
 f(0) != 0 (the zeroed channel arrives as a constant), and under GroupNorm / LayerNorm (statistics change).
 """
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -29,9 +30,11 @@ def _consumer_inputs(model: nn.Module, names: set[str], x: torch.Tensor) -> dict
     seen: dict[str, torch.Tensor] = {}
     hooks = []
     for name in names:
+
         def hook(module, args, name=name):
             if name not in seen and args and isinstance(args[0], torch.Tensor):
                 seen[name] = args[0].detach()
+
         hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -48,7 +51,9 @@ def approximate_layers(model: nn.Module, structures: StructureSet, x: torch.Tens
     for layer in structures.layers:
         mixing = [p for p in layer.producers if _channel_mixing_norm(model.get_submodule(p))]
         if mixing:
-            reasons[layer.name] = f"{mixing[0]} normalises over several channels: removing some changes the others"
+            reasons[layer.name] = (
+                f"{mixing[0]} normalises over several channels: removing some changes the others"
+            )
     was_training = model.training
     model.eval()
     zeroed = zeroed_copy(model, structures, structures.keys).eval()
@@ -67,13 +72,21 @@ def approximate_layers(model: nn.Module, structures: StructureSet, x: torch.Tens
         leaking = values.abs().flatten(1).amax(1) if values.ndim > 1 else values.abs()
         if leaking.max().item() > RELATIVE_TOLERANCE * scale:
             layer = structures.layers[int(structures.layer_of[piece.structure[0]])].name
-            reasons.setdefault(layer, f"a zeroed channel reaches {piece.module} as a nonzero value (an activation with "
-                                      "f(0) != 0 or a BatchNorm without affine parameters on the way)")
+            reasons.setdefault(
+                layer,
+                f"a zeroed channel reaches {piece.module} as a nonzero value (an activation with "
+                "f(0) != 0 or a BatchNorm without affine parameters on the way)",
+            )
     return {layer.name: reasons[layer.name] for layer in structures.layers if layer.name in reasons}
 
 
-def output_deviation(model: nn.Module, structures: StructureSet, mask: Iterable[str], example_input: torch.Tensor,
-                     x: torch.Tensor) -> float:
+def output_deviation(
+    model: nn.Module,
+    structures: StructureSet,
+    mask: Iterable[str],
+    example_input: torch.Tensor,
+    x: torch.Tensor,
+) -> float:
     """max |pruned(x) - zero-masked(x)| / max |zero-masked(x)|: 0 up to float error where removal equals zeroing."""
     mask = set(mask)
     was_training = model.training
@@ -88,21 +101,34 @@ def output_deviation(model: nn.Module, structures: StructureSet, mask: Iterable[
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
-def exactness_report(model: nn.Module, structures: StructureSet, mask: Iterable[str], example_input: torch.Tensor,
-                     x: torch.Tensor) -> dict:
+def exactness_report(
+    model: nn.Module,
+    structures: StructureSet,
+    mask: Iterable[str],
+    example_input: torch.Tensor,
+    x: torch.Tensor,
+) -> dict:
     """The layers where removal is approximate and the measured output deviation of the pruned model for `mask`."""
     approximate = approximate_layers(model, structures, x)
-    return {"exact": not approximate, "approximate_layers": approximate,
-            "deviation": output_deviation(model, structures, mask, example_input, x), "samples": len(x)}
+    return {
+        "exact": not approximate,
+        "approximate_layers": approximate,
+        "deviation": output_deviation(model, structures, mask, example_input, x),
+        "samples": len(x),
+    }
 
 
 def exactness_line(report: dict) -> str:
     """One line for the CLI and the UI: 'exact' or 'approximate in N layers: ...' with the measured deviation."""
     where = f" pruned at {report['ratio']:.0%} of the structures" if "ratio" in report else ""
     if report["exact"]:
-        return (f"exact: the pruned model equals the zero-masked one (relative deviation {report['deviation']:.1e} "
-                f"measured on {report['samples']} samples{where})")
+        return (
+            f"exact: the pruned model equals the zero-masked one (relative deviation {report['deviation']:.1e} "
+            f"measured on {report['samples']} samples{where})"
+        )
     names = list(report["approximate_layers"])
     shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-    return (f"approximate in {len(names)} layers: {shown}; the pruned model deviates from the zero-masked one the "
-            f"saliencies describe by {report['deviation']:.2%} of its output on {report['samples']} samples{where}")
+    return (
+        f"approximate in {len(names)} layers: {shown}; the pruned model deviates from the zero-masked one the "
+        f"saliencies describe by {report['deviation']:.2%} of its output on {report['samples']} samples{where}"
+    )

@@ -1,4 +1,5 @@
 """Masks (sets of structure keys): per-layer tables, zeroing, physical pruning, comparison, JSON files."""
+
 from __future__ import annotations
 
 import copy
@@ -18,7 +19,8 @@ MASK_FILE_LIMIT = 16 << 20  # bytes; about 35 bytes a structure, so ~480k struct
 
 
 def layer_table(structures: StructureSet, mask: Iterable[str] = ()) -> pd.DataFrame:
-    """One row per prunable layer: channels total / kept / pruned, ratio, params and MACs before / after, depth, stage, block."""
+    """One row per prunable layer: channels total / kept / pruned, ratio, params and MACs before / after,
+    depth, stage, block."""
     pruned = structures.pruned_vector(set(mask))
     params0, macs0 = structures.module_costs()
     params1, macs1 = structures.module_costs(pruned)
@@ -57,9 +59,14 @@ def mask_summary(structures: StructureSet, mask: Iterable[str] = ()) -> dict[str
     p0, m0 = structures.counts()
     p1, m1 = structures.counts(pruned)
     return {
-        "structures": structures.num_structures, "structures_pruned": int(pruned.sum()),
-        "params_before": p0, "params_after": p1, "macs_before": m0, "macs_after": m1,
-        "structure_ratio": float(pruned.float().mean()), "param_ratio": 1 - p1 / p0 if p0 else 0.0,
+        "structures": structures.num_structures,
+        "structures_pruned": int(pruned.sum()),
+        "params_before": p0,
+        "params_after": p1,
+        "macs_before": m0,
+        "macs_after": m1,
+        "structure_ratio": float(pruned.float().mean()),
+        "param_ratio": 1 - p1 / p0 if p0 else 0.0,
         "mac_ratio": 1 - m1 / m0 if m0 else 0.0,
     }
 
@@ -81,18 +88,22 @@ def zeroed_copy(model: nn.Module, structures: StructureSet, mask: Iterable[str])
     return zeroed
 
 
-def prune_in_place(model: nn.Module, structures: StructureSet, mask: Iterable[str], example_input: torch.Tensor):
+def prune_in_place(
+    model: nn.Module, structures: StructureSet, mask: Iterable[str], example_input: torch.Tensor
+):
     """Physically remove the masked structures from `model` with torch-pruning; returns the dependency graph used."""
     pruned = structures.pruned_vector(set(mask))
     if structures.signature != architecture_signature(model):
         raise MaskError("the structures were found on another architecture than this model")
     emptied = structures.emptied_producers(pruned)
     if emptied:
-        raise MaskError(f"the mask removes every output channel of {emptied[:3]}; keep at least one channel per layer")
+        raise MaskError(
+            f"the mask removes every output channel of {emptied[:3]}; keep at least one channel per layer"
+        )
     graph = build_graph(model, example_input)
     starts = structures.layer_starts()
     for g, layer in enumerate(structures.layers):
-        local = pruned[starts[g]:starts[g + 1]].nonzero().flatten().tolist()
+        local = pruned[starts[g] : starts[g + 1]].nonzero().flatten().tolist()
         if not local:
             continue
         idxs = layer.root_channels(local)
@@ -102,8 +113,10 @@ def prune_in_place(model: nn.Module, structures: StructureSet, mask: Iterable[st
         try:
             graph.get_pruning_group(root, pruner.prune_out_channels, idxs).prune()
         except Exception as exc:
-            raise MaskError(f"torch-pruning could not remove channels of {layer.name} ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:160]}); exclude it (--exclude {layer.name})") from None
+            raise MaskError(
+                f"torch-pruning could not remove channels of {layer.name} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:160]}); exclude it (--exclude {layer.name})"
+            ) from None
     _check_widths(model, structures, pruned)
     return graph
 
@@ -114,7 +127,9 @@ def _widths(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return module.weight.shape[1] * module.groups, module.weight.shape[0]
     weight = getattr(module, "weight", None)
-    return (weight.shape[0], weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.ndim == 1 else None
+    return (
+        (weight.shape[0], weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.ndim == 1 else None
+    )
 
 
 def _check_widths(model: nn.Module, structures: StructureSet, pruned: torch.Tensor) -> None:
@@ -125,21 +140,29 @@ def _check_widths(model: nn.Module, structures: StructureSet, pruned: torch.Tens
             continue
         actual = _widths(model.get_submodule(info.name))
         expected_out = info.out_channels - removed[2 * i + 1]
-        expected_in = expected_out if info.kind in ("depthwise", "norm") else info.in_channels - removed[2 * i]
+        expected_in = (
+            expected_out if info.kind in ("depthwise", "norm") else info.in_channels - removed[2 * i]
+        )
         if actual is not None and actual != (expected_in, expected_out):
-            raise MaskError(f"torch-pruning pruned {info.name} to {actual[0]} -> {actual[1]} channels, but the structures "
-                            f"predict {expected_in} -> {expected_out}: this architecture couples channels in a way the "
-                            "engine does not follow there; exclude that layer (--exclude) or its block")
+            raise MaskError(
+                f"torch-pruning pruned {info.name} to {actual[0]} -> {actual[1]} channels, but the structures "
+                f"predict {expected_in} -> {expected_out}: this architecture couples channels in a way the "
+                "engine does not follow there; exclude that layer (--exclude) or its block"
+            )
 
 
-def pruned_copy(model: nn.Module, structures: StructureSet, mask: Iterable[str], example_input: torch.Tensor) -> nn.Module:
+def pruned_copy(
+    model: nn.Module, structures: StructureSet, mask: Iterable[str], example_input: torch.Tensor
+) -> nn.Module:
     """A new, physically smaller model without the masked structures (the original is untouched)."""
     smaller = copy.deepcopy(model)
     prune_in_place(smaller, structures, mask, example_input)
     return smaller
 
 
-def compare_masks(structures: StructureSet, mask_a: Iterable[str], mask_b: Iterable[str]) -> tuple[pd.DataFrame, dict[str, float]]:
+def compare_masks(
+    structures: StructureSet, mask_a: Iterable[str], mask_b: Iterable[str]
+) -> tuple[pd.DataFrame, dict[str, float]]:
     """Per-layer Jaccard overlap and ratio difference of two masks of one architecture, and the overall overlap."""
     a, b = structures.pruned_vector(set(mask_a)), structures.pruned_vector(set(mask_b))
     n = len(structures.layers)
@@ -149,14 +172,24 @@ def compare_masks(structures: StructureSet, mask_a: Iterable[str], mask_b: Itera
     ratio_a = torch.zeros(n, dtype=torch.float64).index_add_(0, structures.layer_of, a.double()) / sizes
     ratio_b = torch.zeros(n, dtype=torch.float64).index_add_(0, structures.layer_of, b.double()) / sizes
     jaccard = torch.where(union > 0, inter / union.clamp(min=1), torch.ones(n, dtype=torch.float64))
-    table = pd.DataFrame({
-        "layer": [l.name for l in structures.layers], "depth": [l.depth for l in structures.layers],
-        "stage": [l.stage for l in structures.layers], "ratio_a": ratio_a.tolist(), "ratio_b": ratio_b.tolist(),
-        "ratio_difference": (ratio_b - ratio_a).tolist(), "jaccard": jaccard.tolist(),
-    })
+    table = pd.DataFrame(
+        {
+            "layer": [l.name for l in structures.layers],
+            "depth": [l.depth for l in structures.layers],
+            "stage": [l.stage for l in structures.layers],
+            "ratio_a": ratio_a.tolist(),
+            "ratio_b": ratio_b.tolist(),
+            "ratio_difference": (ratio_b - ratio_a).tolist(),
+            "jaccard": jaccard.tolist(),
+        }
+    )
     total_union = int((a | b).sum())
-    overall = {"jaccard": float((a & b).sum()) / total_union if total_union else 1.0,
-               "pruned_a": int(a.sum()), "pruned_b": int(b.sum()), "shared": int((a & b).sum())}
+    overall = {
+        "jaccard": float((a & b).sum()) / total_union if total_union else 1.0,
+        "pruned_a": int(a.sum()),
+        "pruned_b": int(b.sum()),
+        "shared": int((a & b).sum()),
+    }
     params, macs = structures.counts()
     for name, pruned in (("a", a), ("b", b)):  # the fair units across methods: what each mask really removes
         params_after, macs_after = structures.counts(pruned)
@@ -169,7 +202,9 @@ def mask_json(structures: StructureSet, mask: Iterable[str], **meta: object) -> 
     """A mask as JSON text keyed by structure keys, with the architecture signature it belongs to."""
     keys = sorted(set(mask), key=structures.key_index().__getitem__)
     structures.pruned_vector(keys)
-    return json.dumps({"format": MASK_FORMAT, "architecture": structures.signature, "meta": meta, "pruned": keys}, indent=1)
+    return json.dumps(
+        {"format": MASK_FORMAT, "architecture": structures.signature, "meta": meta, "pruned": keys}, indent=1
+    )
 
 
 def save_mask(path: str | Path, structures: StructureSet, mask: Iterable[str], **meta: object) -> Path:
@@ -187,8 +222,10 @@ def _mask_text(path: Path) -> str:
     """A mask file's text, refused unread when it is larger than any mask (a JSON parser takes ~15x its size)."""
     size = path.stat().st_size
     if size > MASK_FILE_LIMIT:
-        raise MaskError(f"mask file '{path}' is {size:,} bytes; a mask of even the largest model is under "
-                        f"{MASK_FILE_LIMIT:,}, so it was not read")
+        raise MaskError(
+            f"mask file '{path}' is {size:,} bytes; a mask of even the largest model is under "
+            f"{MASK_FILE_LIMIT:,}, so it was not read"
+        )
     return path.read_text()
 
 
@@ -215,15 +252,23 @@ def load_mask(path: str | Path, structures: StructureSet | None = None) -> set[s
         raise MaskError(f"mask file '{path}' is not valid JSON: {exc}") from None
     except OSError as exc:
         raise MaskError(f"mask file '{path}' cannot be read: {exc.strerror}") from None
-    if not isinstance(payload, dict) or payload.get("format") != MASK_FORMAT or not isinstance(payload.get("pruned"), list):
+    if (
+        not isinstance(payload, dict)
+        or payload.get("format") != MASK_FORMAT
+        or not isinstance(payload.get("pruned"), list)
+    ):
         raise MaskError(f"'{path}' is not a SOSP Lab mask file (expected format '{MASK_FORMAT}')")
     if not all(isinstance(k, str) for k in payload["pruned"]):
-        raise MaskError(f"'{path}' has mask entries that are not structure keys (strings like 'layer1.0.conv1:3')")
+        raise MaskError(
+            f"'{path}' has mask entries that are not structure keys (strings like 'layer1.0.conv1:3')"
+        )
     mask = set(payload["pruned"])
     if structures is not None:
         if payload.get("architecture") != structures.signature:
-            raise MaskError(f"mask '{path}' was made for another architecture (signature {payload.get('architecture')}, "
-                            f"this model has {structures.signature}); masks transfer only between weights of one architecture")
+            raise MaskError(
+                f"mask '{path}' was made for another architecture (signature {payload.get('architecture')}, "
+                f"this model has {structures.signature}); masks transfer only between weights of one architecture"
+            )
         structures.pruned_vector(mask)
     return mask
 

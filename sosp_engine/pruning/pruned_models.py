@@ -1,4 +1,5 @@
 """Pruned checkpoints that reopen: the weights of a physically pruned model with the recipe that rebuilds its shape."""
+
 from __future__ import annotations
 
 import io
@@ -16,16 +17,30 @@ from .structures import StructureSet, architecture_signature, find_structures
 PRUNED_FORMAT = "sosp-pruned/1"
 
 
-def pruning_recipe(model_spec: str, structures: StructureSet, mask: Iterable[str], preset: str | None,
-                   exclude: Sequence[str], earlier: dict | None = None) -> dict:
+def pruning_recipe(
+    model_spec: str,
+    structures: StructureSet,
+    mask: Iterable[str],
+    preset: str | None,
+    exclude: Sequence[str],
+    earlier: dict | None = None,
+) -> dict:
     """How to rebuild the pruned shape from the spec: each pruning step's architecture, exclusions and pruned keys.
 
     `earlier` is the recipe of an already pruned model that is pruned again; its steps come first.
     """
     index = structures.key_index()
-    step = {"architecture": structures.signature, "preset": preset, "exclude": list(exclude),
-            "pruned": sorted(set(mask), key=index.__getitem__)}
-    return {"format": PRUNED_FORMAT, "model_spec": model_spec, "steps": [*(earlier or {}).get("steps", []), step]}
+    step = {
+        "architecture": structures.signature,
+        "preset": preset,
+        "exclude": list(exclude),
+        "pruned": sorted(set(mask), key=index.__getitem__),
+    }
+    return {
+        "format": PRUNED_FORMAT,
+        "model_spec": model_spec,
+        "steps": [*(earlier or {}).get("steps", []), step],
+    }
 
 
 def _checkpoint(smaller: nn.Module, recipe: dict) -> dict:
@@ -49,8 +64,10 @@ def recipe_of(checkpoint: object) -> dict | None:
     if not (isinstance(checkpoint, dict) and checkpoint.get("format") == PRUNED_FORMAT):
         return None
     steps = checkpoint.get("steps")
-    if not isinstance(steps, list) or not all(isinstance(s, dict) and isinstance(s.get("pruned"), list)
-                                              and isinstance(s.get("architecture"), str) for s in steps):
+    if not isinstance(steps, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("pruned"), list) and isinstance(s.get("architecture"), str)
+        for s in steps
+    ):
         raise CheckpointError("the pruned checkpoint's recipe is damaged (its pruning steps are unreadable)")
     return {k: v for k, v in checkpoint.items() if k != "state_dict"}
 
@@ -59,8 +76,10 @@ def reapply(model: nn.Module, recipe: dict, example_input: torch.Tensor) -> nn.M
     """Prune a freshly built unpruned `model` in place to the recipe's shape (weights are loaded afterwards)."""
     for step in recipe["steps"]:
         if architecture_signature(model) != step["architecture"]:
-            raise CheckpointError(f"this pruned checkpoint was made from '{recipe.get('model_spec')}', another "
-                                  "architecture than the model given: open it with that model spec")
+            raise CheckpointError(
+                f"this pruned checkpoint was made from '{recipe.get('model_spec')}', another "
+                "architecture than the model given: open it with that model spec"
+            )
         structures = find_structures(model, example_input, step.get("exclude") or (), step.get("preset"))
         prune_in_place(model, structures, step["pruned"], example_input)
     return model

@@ -1,4 +1,6 @@
-"""Prunable structures: every coupled channel group (torch-pruning's DependencyGraph) is a layer, each channel a structure."""
+"""Prunable structures: every coupled channel group (torch-pruning's DependencyGraph) is a layer, each channel
+a structure."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -14,7 +16,12 @@ from torch import nn
 from .coupling_graph import CouplingGraph
 from ..errors import MaskError
 
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+NORM_TYPES = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
 PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 PRESETS = {
     "cifar-resnet": ("*shortcut*",),
@@ -49,13 +56,20 @@ def _channel_groups(module: nn.Module, is_out: bool) -> tuple[int, int]:
     """(channels, groups) of the dimension a coupled group touches, where equal channels per group must be kept."""
     if isinstance(module, nn.GroupNorm):
         return module.num_channels, module.num_groups
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups > 1 and not _is_depthwise(module):
+    if (
+        isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        and module.groups > 1
+        and not _is_depthwise(module)
+    ):
         return (module.out_channels if is_out else module.in_channels), module.groups
     return 0, 1
 
 
-def _partition(size: int, grouped: list[tuple[str, int, int, list[int], list[int]]],
-               coupled: Sequence[Sequence[int]] = ()) -> tuple[list[list[int]], str]:
+def _partition(
+    size: int,
+    grouped: list[tuple[str, int, int, list[int], list[int]]],
+    coupled: Sequence[Sequence[int]] = (),
+) -> tuple[list[list[int]], str]:
     """Structures of one coupled group: root channels that must go together so every grouped module keeps equal groups.
 
     `grouped` holds (module, channels, groups, module idxs, root idxs) of each grouped conv / GroupNorm dimension in the
@@ -111,18 +125,24 @@ def _unsupported(group, graph: tp.DependencyGraph, names: dict[nn.Module, str]) 
     for item in group:
         module = item.dep.target.module
         if isinstance(module, CHANNEL_SPLITTING_OPS):
-            return ("its channels pass through a split / slice of the channel axis, which torch-pruning does not "
-                    "prune consistently")
+            return (
+                "its channels pass through a split / slice of the channel axis, which torch-pruning does not "
+                "prune consistently"
+            )
         if folded and isinstance(module, tp.ops._ReshapeOp):
             # torch-pruning guesses which channels a reshape folds together (SKNet's (B, 2C) -> (B, 2, C) pairs c with
             # c + C, it pairs 2c with 2c + 1), so the pruned net would not be the zero-masked one
-            return ("a reshape folds several of its channels into one (as in SKNet's per-path attention), and "
-                    "torch-pruning cannot tell which")
+            return (
+                "a reshape folds several of its channels into one (as in SKNet's per-path attention), and "
+                "torch-pruning cannot tell which"
+            )
         if isinstance(module, PRODUCER_TYPES) and graph.is_out_channel_pruning_fn(item.dep.handler):
             extra = [n for n, _ in module.named_parameters(recurse=False) if n not in ("weight", "bias")]
             if extra:
-                return (f"{names.get(module, '?')} has parameters besides weight and bias ({', '.join(extra)}) "
-                        "that torch-pruning does not prune")
+                return (
+                    f"{names.get(module, '?')} has parameters besides weight and bias ({', '.join(extra)}) "
+                    "that torch-pruning does not prune"
+                )
     return ""
 
 
@@ -141,10 +161,12 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
         try:
             return CouplingGraph().build_dependency(model, example_inputs=example_input, verbose=False)
         except (ZeroDivisionError, IndexError, KeyError, AttributeError, TypeError) as exc:
-            raise MaskError(f"torch-pruning cannot trace this model's channel couplings ({type(exc).__name__}: "
-                            f"{str(exc)[:120]} in its dependency graph, e.g. a channel shuffle by reshape, or "
-                            "channel counts it cannot infer through a concatenation, as in Swin-S/B); exclude the "
-                            "affected layers or use another model") from None
+            raise MaskError(
+                f"torch-pruning cannot trace this model's channel couplings ({type(exc).__name__}: "
+                f"{str(exc)[:120]} in its dependency graph, e.g. a channel shuffle by reshape, or "
+                "channel counts it cannot infer through a concatenation, as in Swin-S/B); exclude the "
+                "affected layers or use another model"
+            ) from None
 
 
 @dataclass
@@ -165,7 +187,11 @@ class ModuleInfo:
     def params(self, in_kept: float, out_kept: float) -> float:
         """Parameters of this module with the given kept input / output channels."""
         if self.kind == "conv":
-            return out_kept * (in_kept / self.groups) * self.kernel_elems + (out_kept if self.has_bias else 0) + self.fixed_params
+            return (
+                out_kept * (in_kept / self.groups) * self.kernel_elems
+                + (out_kept if self.has_bias else 0)
+                + self.fixed_params
+            )
         if self.kind == "depthwise":
             return out_kept * self.kernel_elems + (out_kept if self.has_bias else 0) + self.fixed_params
         if self.kind == "linear":
@@ -189,7 +215,8 @@ class ModuleInfo:
 
 @dataclass
 class Layer:
-    """One coupled channel group: the unit of the per-layer tables; `size` structures of `channels // size` channels each."""
+    """One coupled channel group: the unit of the per-layer tables; `size` structures of `channels // size`
+    channels each."""
 
     name: str
     size: int
@@ -241,7 +268,9 @@ class StructureSet:
     removal: torch.Tensor
     excluded: list[str] = field(default_factory=list)
     unprunable: dict[str, str] = field(default_factory=dict)  # root module -> why its group cannot be pruned
-    consumed: list[ProducerSlice] = field(default_factory=list)  # consumers' input-channel slices of each structure
+    consumed: list[ProducerSlice] = field(
+        default_factory=list
+    )  # consumers' input-channel slices of each structure
 
     @property
     def num_structures(self) -> int:
@@ -255,7 +284,8 @@ class StructureSet:
         return torch.tensor([layer.size for layer in self.layers])
 
     def kernel_sizes(self) -> torch.Tensor:
-        """Kernel side length of each structure's layer: the in-weight-weighted mean over its conv / linear producers."""
+        """Kernel side length of each structure's layer: the in-weight-weighted mean over its conv / linear
+        producers."""
         return torch.tensor([self.layers[g].kernel for g in self.layer_of.tolist()], dtype=torch.float64)
 
     def module_costs(self, pruned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,8 +338,10 @@ class StructureSet:
         index = self.key_index()
         unknown = [k for k in mask if k not in index]
         if unknown:
-            raise MaskError(f"{len(unknown)} mask keys are not structures of this model (e.g. {unknown[:3]}); "
-                            "the mask was made for another architecture or exclusion setting")
+            raise MaskError(
+                f"{len(unknown)} mask keys are not structures of this model (e.g. {unknown[:3]}); "
+                "the mask was made for another architecture or exclusion setting"
+            )
         vec = torch.zeros(self.num_structures, dtype=torch.bool)
         if mask:
             vec[[index[k] for k in mask]] = True
@@ -324,8 +356,12 @@ def _counted_module(m: nn.Module) -> bool:
 
 def _bare_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Parameters held by a module that is not counted as a whole (layer scales, class tokens, ...)."""
-    return [(f"{n}.{pn}" if n else pn, p) for n, m in model.named_modules() if not _counted_module(m)
-            for pn, p in m.named_parameters(recurse=False)]
+    return [
+        (f"{n}.{pn}" if n else pn, p)
+        for n, m in model.named_modules()
+        if not _counted_module(m)
+        for pn, p in m.named_parameters(recurse=False)
+    ]
 
 
 def forward_records(model: nn.Module, example_input: torch.Tensor) -> tuple[list[str], dict[str, tuple]]:
@@ -335,10 +371,12 @@ def forward_records(model: nn.Module, example_input: torch.Tensor) -> tuple[list
     hooks = []
     for name, m in model.named_modules():
         if _counted_module(m):
+
             def hook(mod, inp, out, name=name):
                 if name not in shapes:
                     order.append(name)
                     shapes[name] = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
+
             hooks.append(m.register_forward_hook(hook))
     try:
         with preserved_modes(model), torch.no_grad():
@@ -360,16 +398,43 @@ def module_info(name: str, m: nn.Module, out_shape: tuple) -> ModuleInfo:
         kernel = int(torch.tensor(m.kernel_size).prod())
         positions = int(torch.tensor(out_shape[2:]).prod()) if len(out_shape) > 2 else 1
         kind = "depthwise" if _is_depthwise(m) else "conv"
-        return ModuleInfo(name, kind, m.in_channels, m.out_channels, m.groups, kernel, positions, m.bias is not None,
-                          own - _weight_and_bias(m))
+        return ModuleInfo(
+            name,
+            kind,
+            m.in_channels,
+            m.out_channels,
+            m.groups,
+            kernel,
+            positions,
+            m.bias is not None,
+            own - _weight_and_bias(m),
+        )
     if isinstance(m, nn.Linear):
         positions = int(torch.tensor(out_shape[1:-1]).prod()) if len(out_shape) > 2 else 1
-        return ModuleInfo(name, "linear", m.in_features, m.out_features, 1, 1, positions, m.bias is not None,
-                          own - _weight_and_bias(m))
+        return ModuleInfo(
+            name,
+            "linear",
+            m.in_features,
+            m.out_features,
+            1,
+            1,
+            positions,
+            m.bias is not None,
+            own - _weight_and_bias(m),
+        )
     if isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None:
         channels = m.weight.shape[0]
-        return ModuleInfo(name, "norm", channels, channels, 1, 1, 1, getattr(m, "bias", None) is not None,
-                          own - m.weight.numel() - (m.bias.numel() if m.bias is not None else 0))
+        return ModuleInfo(
+            name,
+            "norm",
+            channels,
+            channels,
+            1,
+            1,
+            1,
+            getattr(m, "bias", None) is not None,
+            own - m.weight.numel() - (m.bias.numel() if m.bias is not None else 0),
+        )
     return ModuleInfo(name, "other", 0, 0, 1, 1, 1, False, own)
 
 
@@ -404,8 +469,9 @@ def _mean_kernel(producers: list[nn.Module]) -> float:
     return weight / total if total else 1.0
 
 
-def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequence[str] = (),
-                    preset: str | None = None) -> StructureSet:
+def find_structures(
+    model: nn.Module, example_input: torch.Tensor, exclude: Sequence[str] = (), preset: str | None = None
+) -> StructureSet:
     """All prunable structures of `model`; the final classifier and layers matching `exclude` patterns are left out."""
     if preset is not None and preset not in PRESETS:
         raise MaskError(f"unknown exclusion preset '{preset}'; known: {sorted(PRESETS)}")
@@ -417,7 +483,9 @@ def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequ
     if not producer_order:
         raise MaskError("the model has no convolution or linear layer to prune")
     classifier = producer_order[-1]
-    ignored = [m for m, n in names.items() if n == classifier or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    ignored = [
+        m for m, n in names.items() if n == classifier or any(fnmatch.fnmatchcase(n, p) for p in patterns)
+    ]
     graph = build_graph(model, example_input)
 
     module_names = list(order)
@@ -431,7 +499,9 @@ def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequ
     pruning_dims = {id(p): dim for p, dim in graph.unwrapped_parameters}
     for pname, p in bare:
         channels = p.shape[pruning_dims.get(id(p), -1)] if p.ndim else 1
-        infos.append(ModuleInfo(pname, "vector", channels, channels, 1, p.numel() // max(channels, 1), 1, False, 0))
+        infos.append(
+            ModuleInfo(pname, "vector", channels, channels, 1, p.numel() // max(channels, 1), 1, False, 0)
+        )
         param_names[id(p)] = pname
         module_names.append(pname)
     module_pos = {n: i for i, n in enumerate(module_names)}
@@ -487,25 +557,52 @@ def find_structures(model: nn.Module, example_input: torch.Tensor, exclude: Sequ
             structure_of[channel_set] = s
         kernel = _mean_kernel([model.get_submodule(n) for n in producers])
         block = root_name.rpartition(".")[0] or root_name
-        layers.append(Layer(root_name, len(members), kernel, depth, stages[depth], block, list(producers),
-                            sorted(set(consumers)), channels, members))
+        layers.append(
+            Layer(
+                root_name,
+                len(members),
+                kernel,
+                depth,
+                stages[depth],
+                block,
+                list(producers),
+                sorted(set(consumers)),
+                channels,
+                members,
+            )
+        )
         keys += [f"{root_name}:{s}" for s in range(len(members))]
         layer_of += [depth] * len(members)
         for name, (idxs, root_idxs) in producers.items():
             slices.append(ProducerSlice(name, torch.tensor(idxs), structure_of[root_idxs] + offset))
             info = infos[module_pos[name]]
-            if info.layer < 0 or name == root_name:  # a module belongs to the layer it is the root of, else its first
+            if (
+                info.layer < 0 or name == root_name
+            ):  # a module belongs to the layer it is the root of, else its first
                 info.layer = depth
         block_removal = torch.zeros(len(members), 2 * len(infos), dtype=torch.float64)
         for name, dim, idxs, root_idxs in effects:
             if dim == 0:
                 consumed.append(ProducerSlice(name, torch.tensor(idxs), structure_of[root_idxs] + offset))
             col = 2 * module_pos[name] + dim
-            block_removal[:, col].index_add_(0, structure_of[root_idxs], torch.ones(len(root_idxs), dtype=torch.float64))
+            block_removal[:, col].index_add_(
+                0, structure_of[root_idxs], torch.ones(len(root_idxs), dtype=torch.float64)
+            )
         removal_rows.append(block_removal)
         offset += len(members)
     if not layers:
-        raise MaskError("no prunable channel group found (every group contains the classifier or an excluded layer)")
+        raise MaskError(
+            "no prunable channel group found (every group contains the classifier or an excluded layer)"
+        )
     return StructureSet(
-        architecture_signature(model), layers, keys, torch.tensor(layer_of), slices, infos,
-        torch.cat(removal_rows), [n for m, n in names.items() if m in ignored], unprunable, consumed)
+        architecture_signature(model),
+        layers,
+        keys,
+        torch.tensor(layer_of),
+        slices,
+        infos,
+        torch.cat(removal_rows),
+        [n for m, n in names.items() if m in ignored],
+        unprunable,
+        consumed,
+    )

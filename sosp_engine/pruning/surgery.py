@@ -1,4 +1,5 @@
 """Widening: zoo models through their width settings (a new spec), any other model through its dependency groups."""
+
 from __future__ import annotations
 
 import copy
@@ -27,7 +28,9 @@ def _stage_index(structures: StructureSet, label: str) -> int:
     return stages.index(label)
 
 
-def widened_spec(model_spec: str, model: nn.Module, structures: StructureSet, factors: Mapping[str, float]) -> str:
+def widened_spec(
+    model_spec: str, model: nn.Module, structures: StructureSet, factors: Mapping[str, float]
+) -> str:
     """A zoo spec whose widths are multiplied by `factors`, keyed by layer names or stage labels."""
     name = ZOO_PATTERN.match(model_spec.strip()).group(1)
     if isinstance(model, CifarResNet):
@@ -40,34 +43,46 @@ def widened_spec(model_spec: str, model: nn.Module, structures: StructureSet, fa
             if key.startswith("stage"):
                 i = _stage_index(structures, key)
                 stage_w[i] = _width(stage_w[i], f)
-                inner = [_width(w, f) if b.startswith(f"layer{i + 1}.") else w for w, b in zip(inner, block_names)]
+                inner = [
+                    _width(w, f) if b.startswith(f"layer{i + 1}.") else w for w, b in zip(inner, block_names)
+                ]
             elif key == "conv1":
                 stage_w[0] = _width(stage_w[0], f)
             elif key.endswith(".conv1") and key[:-6] in block_names:
                 j = block_names.index(key[:-6])
                 inner[j] = _width(inner[j], f)
             else:
-                raise ModelSpecError(f"cannot widen '{key}' of {name}: use a stage label, conv1 or layerK.B.conv1")
+                raise ModelSpecError(
+                    f"cannot widen '{key}' of {name}: use a stage label, conv1 or layerK.B.conv1"
+                )
         return f"{name}:widths={','.join(map(str, stage_w))};inner={','.join(map(str, inner))}"
     if isinstance(model, CifarVGG):
         convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
         widths = [model.get_submodule(n).out_channels for n in convs]
         for key, f in factors.items():
-            targets = ([l.name for l in structures.layers if l.stage == key] if key.startswith("stage") else [key])
+            targets = (
+                [l.name for l in structures.layers if l.stage == key] if key.startswith("stage") else [key]
+            )
             for t in targets:
                 if t not in convs:
                     raise ModelSpecError(f"cannot widen '{t}' of vgg19: not a conv layer")
                 widths[convs.index(t)] = _width(widths[convs.index(t)], f)
         return f"vgg19:widths={','.join(map(str, widths))}"
     if isinstance(model, CifarDenseNet):
-        growth = [model.block1[0].conv.out_channels, model.block2[0].conv.out_channels, model.block3[0].conv.out_channels]
+        growth = [
+            model.block1[0].conv.out_channels,
+            model.block2[0].conv.out_channels,
+            model.block3[0].conv.out_channels,
+        ]
         for key, f in factors.items():
             if key.startswith("stage"):
                 i = _stage_index(structures, key)
             elif key.startswith("block") and key.endswith(".conv"):
                 i = int(key[5]) - 1
             else:
-                raise ModelSpecError(f"cannot widen '{key}' of densenet40: use a stage label or blockK.J.conv (widens block K)")
+                raise ModelSpecError(
+                    f"cannot widen '{key}' of densenet40: use a stage label or blockK.J.conv (widens block K)"
+                )
             growth[i] = _width(growth[i], f)
         return f"densenet40:growth={','.join(map(str, growth))}"
     raise ModelSpecError(f"'{model_spec}' is not a zoo model")
@@ -78,8 +93,17 @@ def resized_module(module: nn.Module, in_ch: int, out_ch: int) -> nn.Module:
     conv = next((t for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(module, t)), None)
     if conv is not None:
         groups = out_ch if _is_depthwise(module) else module.groups
-        return conv(in_ch if not _is_depthwise(module) else out_ch, out_ch, module.kernel_size, module.stride,
-                    module.padding, module.dilation, groups, module.bias is not None, module.padding_mode)
+        return conv(
+            in_ch if not _is_depthwise(module) else out_ch,
+            out_ch,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            groups,
+            module.bias is not None,
+            module.padding_mode,
+        )
     if isinstance(module, nn.Linear):
         return nn.Linear(in_ch, out_ch, module.bias is not None)
     norm = next((t for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) if isinstance(module, t)), None)
@@ -97,7 +121,11 @@ def widened_model(model: nn.Module, structures: StructureSet, factors: Mapping[s
     layer_index = {layer.name: g for g, layer in enumerate(structures.layers)}
     delta = torch.zeros(structures.removal.shape[1], dtype=torch.float64)
     for key, f in factors.items():
-        groups = [g for g, l in enumerate(structures.layers) if l.stage == key] if key.startswith("stage") else [layer_index.get(key)]
+        groups = (
+            [g for g, l in enumerate(structures.layers) if l.stage == key]
+            if key.startswith("stage")
+            else [layer_index.get(key)]
+        )
         if None in groups or not groups:
             raise ModelSpecError(f"'{key}' is neither a prunable layer nor a stage of this model")
         for g in groups:
@@ -109,7 +137,11 @@ def widened_model(model: nn.Module, structures: StructureSet, factors: Mapping[s
             continue
         parent_name, _, child = info.name.rpartition(".")
         parent = wide.get_submodule(parent_name) if parent_name else wide
-        setattr(parent, child, resized_module(getattr(parent, child), info.in_channels + d_in, info.out_channels + d_out))
+        setattr(
+            parent,
+            child,
+            resized_module(getattr(parent, child), info.in_channels + d_in, info.out_channels + d_out),
+        )
     for m in wide.modules():
         if hasattr(m, "reset_parameters") and m is not wide:
             m.reset_parameters()
@@ -120,8 +152,14 @@ def is_zoo(model_spec: str) -> bool:
     return ZOO_PATTERN.match(model_spec.strip()) is not None
 
 
-def build_widened(model_spec: str, num_classes: int, in_channels: int, structures: StructureSet,
-                  factors: Mapping[str, float], example_input: torch.Tensor) -> tuple[nn.Module, str | None]:
+def build_widened(
+    model_spec: str,
+    num_classes: int,
+    in_channels: int,
+    structures: StructureSet,
+    factors: Mapping[str, float],
+    example_input: torch.Tensor,
+) -> tuple[nn.Module, str | None]:
     """(fresh widened model, its zoo spec or None): zoo models by spec, others by dependency-group surgery."""
     base = build_model(model_spec, num_classes, in_channels)
     if not factors:
@@ -146,12 +184,28 @@ def every_layer(model_spec: str, structures: StructureSet, factor: float) -> dic
     return {layer.name: factor for layer in structures.layers}
 
 
-def uniform_factor(model_spec: str, num_classes: int, in_channels: int, structures: StructureSet,
-                   target_params: int, example_input: torch.Tensor, low: float = 1.0, high: float = 4.0) -> tuple[float, int]:
-    """The one width factor for the whole network whose parameter count is closest to `target_params` (widen-pruning)."""
+def uniform_factor(
+    model_spec: str,
+    num_classes: int,
+    in_channels: int,
+    structures: StructureSet,
+    target_params: int,
+    example_input: torch.Tensor,
+    low: float = 1.0,
+    high: float = 4.0,
+) -> tuple[float, int]:
+    """The one width factor for the whole network whose parameter count is closest to `target_params`
+    (widen-pruning)."""
+
     def params(f: float) -> int:
-        model, _ = build_widened(model_spec, num_classes, in_channels, structures,
-                                 every_layer(model_spec, structures, f), example_input)
+        model, _ = build_widened(
+            model_spec,
+            num_classes,
+            in_channels,
+            structures,
+            every_layer(model_spec, structures, f),
+            example_input,
+        )
         return params_of(model)
 
     while high - low > 1e-3:

@@ -4,6 +4,7 @@ A stored job is data: anybody who can edit the workspace's database can rewrite 
 an HMAC of the very spec the user confirmed, under a key in the user's own configuration folder, so an edited spec
 (or a workspace from somewhere else) carries no consent and runs nothing until the user confirms it again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,11 +35,15 @@ def _key() -> bytes:
     except FileNotFoundError:
         key = _new_key(path)
     except OSError as exc:
-        raise ModelSpecError(f"cannot read the consent key '{path}' ({exc.strerror or exc}); user code cannot be "
-                             "confirmed until it is readable") from None
+        raise ModelSpecError(
+            f"cannot read the consent key '{path}' ({exc.strerror or exc}); user code cannot be "
+            "confirmed until it is readable"
+        ) from None
     if len(key) < KEY_BYTES:  # damaged or someone else's: never overwritten silently
-        raise ModelSpecError(f"the consent key '{path}' is shorter than {KEY_BYTES} bytes: remove it so a new one is "
-                             "made (earlier confirmations then need to be given again)")
+        raise ModelSpecError(
+            f"the consent key '{path}' is shorter than {KEY_BYTES} bytes: remove it so a new one is "
+            "made (earlier confirmations then need to be given again)"
+        )
     return key
 
 
@@ -76,6 +81,8 @@ def require_job_consent(job: dict) -> None:
     """Refuse to start a job whose stored model spec names user code the user did not confirm (as stored now)."""
     spec = str((job.get("config") or {}).get("model_spec", ""))
     if not has_consent(spec, job.get("consent")):
-        raise ModelSpecError(f"job '{job['id']}' names user code '{spec}' that was not confirmed for it (the spec was "
-                             "changed after it was queued, or it comes from another workspace); nothing was run. "
-                             f"If you trust it: jobs resume {job['id']} --trust-code (in the dashboard: 'Run this code')")
+        raise ModelSpecError(
+            f"job '{job['id']}' names user code '{spec}' that was not confirmed for it (the spec was "
+            "changed after it was queued, or it comes from another workspace); nothing was run. "
+            f"If you trust it: jobs resume {job['id']} --trust-code (in the dashboard: 'Run this code')"
+        )

@@ -1,6 +1,7 @@
 """Background jobs: the queue, their lifecycle (submit, launch, heartbeat, stale detection, cancel, resume) and the body
 of a job's process; where a job runs is its backend's business (`backends.local`, `backends.ray`), and what it does
 is `work`'s. The workspace's store is the one record of all of them."""
+
 from __future__ import annotations
 
 import os
@@ -21,6 +22,7 @@ from .backends import local
 from .consent import consent_for, has_consent, require_job_consent
 from .store import Store, StoreError
 from .work import LogLines, execute, record_outputs, throttled
+
 HEARTBEAT_SECONDS = 2.0
 STALE_AFTER_SECONDS = 20.0
 EXIT_GRACE_SECONDS = 10.0
@@ -34,7 +36,9 @@ class Placement:
     """Where a job runs: this machine, or a Ray cluster at `address` with its run folder under `artifacts`."""
 
     backend: str = "local"
-    address: str | None = None  # ray: HOST:PORT, 'auto' for a cluster started on this machine; default $SOSP_RAY_ADDRESS
+    address: str | None = (
+        None  # ray: HOST:PORT, 'auto' for a cluster started on this machine; default $SOSP_RAY_ADDRESS
+    )
     artifacts: str | None = None  # a folder every node reaches; default: the workspace's job folder
 
     def resolved(self) -> "Placement":
@@ -60,17 +64,25 @@ def concurrency_limit() -> int:
         return 1
 
 
-def submit(store: Store, config: ExperimentConfig, name: str = "", start: bool = True,
-           placement: Placement | None = None) -> str:
+def submit(
+    store: Store,
+    config: ExperimentConfig,
+    name: str = "",
+    start: bool = True,
+    placement: Placement | None = None,
+) -> str:
     """Queue a job for `config` (FIFO) and start it if a slot is free; a job for a cluster is checked there."""
     config.validate()
     if (placement or Placement()).backend == "local":
         check_runnable(config)
-    return _add(store, config.procedure, name or config.label or config.procedure, asdict(config), start, placement)
+    return _add(
+        store, config.procedure, name or config.label or config.procedure, asdict(config), start, placement
+    )
 
 
-def submit_study(store: Store, config: StudyConfig, name: str = "", start: bool = True,
-                 placement: Placement | None = None) -> str:
+def submit_study(
+    store: Store, config: StudyConfig, name: str = "", start: bool = True, placement: Placement | None = None
+) -> str:
     """Queue a study (one job running every cell of its grid; on Ray the cells run in parallel) and start it."""
     config.validate()
     if (placement or Placement()).backend == "local":
@@ -78,22 +90,43 @@ def submit_study(store: Store, config: StudyConfig, name: str = "", start: bool 
     return _add(store, STUDY_KIND, name or f"study of {config.model_spec}", asdict(config), start, placement)
 
 
-def submit_expand_study(store: Store, config: ExpandStudyConfig, name: str = "", start: bool = True,
-                        placement: Placement | None = None) -> str:
+def submit_expand_study(
+    store: Store,
+    config: ExpandStudyConfig,
+    name: str = "",
+    start: bool = True,
+    placement: Placement | None = None,
+) -> str:
     """Queue an expand study (every procedure's trials as one job; on Ray the runs of a phase run in parallel)."""
     config.validate()
     if (placement or Placement()).backend == "local":
-        check_runnable(config.experiment("expand-prune", 0, config.widen, None) if config.widen
-                       else config.experiment(PLAIN, 0, {}, None))
-    return _add(store, EXPAND_STUDY_KIND, name or f"expand study of {config.model_spec}", asdict(config), start,
-                placement)
+        check_runnable(
+            config.experiment("expand-prune", 0, config.widen, None)
+            if config.widen
+            else config.experiment(PLAIN, 0, {}, None)
+        )
+    return _add(
+        store,
+        EXPAND_STUDY_KIND,
+        name or f"expand study of {config.model_spec}",
+        asdict(config),
+        start,
+        placement,
+    )
 
 
 def _add(store: Store, kind: str, name: str, config: dict, start: bool, placement: Placement | None) -> str:
     """Queue a job; submitting a spec is the caller's consent to the code it names, stored signed with the job."""
     where = (placement or Placement()).resolved()
-    job_id = store.add_job(kind, name, config, where.backend, where.address, where.artifacts,
-                           consent_for(str(config.get("model_spec", ""))))
+    job_id = store.add_job(
+        kind,
+        name,
+        config,
+        where.backend,
+        where.address,
+        where.artifacts,
+        consent_for(str(config.get("model_spec", ""))),
+    )
     if start:
         launch_pending(store)
     return job_id
@@ -139,7 +172,9 @@ def is_stale(job: dict, now: float | None = None) -> bool:
         return False
     now = now or time.time()
     beat = job.get("heartbeat") or job.get("started") or job["created"]
-    return not _pid_alive(job.get("pid")) or abs(now - beat) > STALE_AFTER_SECONDS  # a beat from the future lies
+    return (
+        not _pid_alive(job.get("pid")) or abs(now - beat) > STALE_AFTER_SECONDS
+    )  # a beat from the future lies
 
 
 def mark_stale_jobs(store: Store) -> list[str]:
@@ -160,11 +195,19 @@ def mark_stale_jobs(store: Store) -> list[str]:
         if job["backend"] != "local":
             continue
         claimed = job.get("heartbeat") or job["created"]
-        if job["status"] == "starting" and 0 <= time.time() - claimed < STALE_AFTER_SECONDS and not job.get("pid"):
+        if (
+            job["status"] == "starting"
+            and 0 <= time.time() - claimed < STALE_AFTER_SECONDS
+            and not job.get("pid")
+        ):
             continue  # being launched right now (a claim time in the future is a stepped clock or an edited row)
         if is_stale(job):
-            store.update_job(job["id"], status="failed", finished=time.time(),
-                             error="the job's process died (no heartbeat); resume it to continue from its last checkpoint")
+            store.update_job(
+                job["id"],
+                status="failed",
+                finished=time.time(),
+                error="the job's process died (no heartbeat); resume it to continue from its last checkpoint",
+            )
             marked.append(job["id"])
     return marked
 
@@ -233,9 +276,13 @@ def resume(store: Store, job_id: str, start: bool = True, trust_code: bool = Fal
 
         release(job)
     elif not _runner_exited(job.get("pid"), job_id, EXIT_GRACE_SECONDS):
-        raise StoreError(f"job '{job_id}' still has a live process (pid {job['pid']}, stopped or slow): wait for it "
-                         "to end or kill it, then resume")
-    store.update_job(job_id, status="queued", error=None, cancel_requested=0, pid=None, finished=None, remote_seq=0)
+        raise StoreError(
+            f"job '{job_id}' still has a live process (pid {job['pid']}, stopped or slow): wait for it "
+            "to end or kill it, then resume"
+        )
+    store.update_job(
+        job_id, status="queued", error=None, cancel_requested=0, pid=None, finished=None, remote_seq=0
+    )
     if start:
         launch_pending(store)
 
@@ -260,8 +307,14 @@ def run_job(store: Store, job_id: str) -> int:
         require_job_consent(job)  # checked again here: what is stored now may differ from what was launched
     except SospError as exc:
         return _record_failure(store, job_id, str(exc))
-    store.update_job(job_id, status="running", pid=os.getpid(), started=job.get("started") or time.time(),
-                     heartbeat=time.time(), message="starting")
+    store.update_job(
+        job_id,
+        status="running",
+        pid=os.getpid(),
+        started=job.get("started") or time.time(),
+        heartbeat=time.time(),
+        message="starting",
+    )
     stop = threading.Event()
 
     def beat() -> None:
@@ -274,7 +327,9 @@ def run_job(store: Store, job_id: str) -> int:
     thread = threading.Thread(target=beat, daemon=True)
     thread.start()
 
-    def terminate(signum, frame) -> None:  # kill / shutdown: stop like a cancel, resumable from the last epoch
+    def terminate(
+        signum, frame
+    ) -> None:  # kill / shutdown: stop like a cancel, resumable from the last epoch
         raise Cancelled("stopped by SIGTERM; resume it to continue from its last epoch checkpoint")
 
     signal.signal(signal.SIGTERM, terminate)
@@ -295,8 +350,15 @@ def run_job(store: Store, job_id: str) -> int:
     try:
         result = execute(job, report, should_stop)
         record_outputs(store, job, result)
-        store.update_job(job_id, status="done", finished=time.time(), progress=1.0, message="done", result=result,
-                         error=None)  # a stale mark made while this runner was stopped is no longer true
+        store.update_job(
+            job_id,
+            status="done",
+            finished=time.time(),
+            progress=1.0,
+            message="done",
+            result=result,
+            error=None,
+        )  # a stale mark made while this runner was stopped is no longer true
         code = 0
     except Cancelled as exc:
         store.update_job(job_id, status="cancelled", finished=time.time(), message=str(exc))

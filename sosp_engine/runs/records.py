@@ -1,4 +1,5 @@
 """Analyses in the run store: save a result under a name, list them, load them back."""
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -6,14 +7,16 @@ from dataclasses import asdict
 from ..saliency.analysis import AnalysisResult
 from ..errors import AnalysisError, ModelSpecError
 from ..nets import is_user_code
+from .store import Store
 
 
 def require_trust(model_spec: str, trusted: bool, where: str) -> None:
     """Stored specs that name user code run only with the user's explicit consent (CLI: --trust-code)."""
     if is_user_code(model_spec) and not trusted:
-        raise ModelSpecError(f"{where} names user code '{model_spec}', which would be imported and run. "
-                             "If you trust it, confirm with --trust-code (in the dashboard: 'Run this code').")
-from .store import Store
+        raise ModelSpecError(
+            f"{where} names user code '{model_spec}', which would be imported and run. "
+            "If you trust it, confirm with --trust-code (in the dashboard: 'Run this code')."
+        )
 
 
 def store_analysis(store: Store, result: AnalysisResult, name: str = "") -> str:
@@ -21,10 +24,19 @@ def store_analysis(store: Store, result: AnalysisResult, name: str = "") -> str:
     record_id, folder = store.new_artifact_dir("analyses")
     result.save(folder)
     config = asdict(result.config)
-    label = name.strip() or f"{config['method']} on {config['model_spec']}{' at init' if config['at_init'] else ''}"
-    summary = {"structures": len(result.keys), "max_ratio": result.max_ratio, "timings": result.timings,
-               "estimate": result.estimate, "weights_fingerprint": result.weights_fingerprint,
-               "memory": (result.memory or {}).get("line"), "layer_latency": result.layer_latency}
+    label = (
+        name.strip()
+        or f"{config['method']} on {config['model_spec']}{' at init' if config['at_init'] else ''}"
+    )
+    summary = {
+        "structures": len(result.keys),
+        "max_ratio": result.max_ratio,
+        "timings": result.timings,
+        "estimate": result.estimate,
+        "weights_fingerprint": result.weights_fingerprint,
+        "memory": (result.memory or {}).get("line"),
+        "layer_latency": result.layer_latency,
+    }
     store.add_analysis(record_id, label, config, folder, summary)
     return record_id
 
@@ -34,7 +46,9 @@ def load_stored_analysis(store: Store, record_id: str) -> AnalysisResult:
     record = store.analysis(record_id)
     result = AnalysisResult.load(record["path"])
     if (result.config.model_spec, result.config.data_spec) != (record["model_spec"], record["data_spec"]):
-        raise AnalysisError(f"the files of analysis '{record['name']}' were changed after it was stored: they name "
-                            f"model '{result.config.model_spec}' and data '{result.config.data_spec}', the record "
-                            f"'{record['model_spec']}' and '{record['data_spec']}'. Nothing was run; delete or re-run it.")
+        raise AnalysisError(
+            f"the files of analysis '{record['name']}' were changed after it was stored: they name "
+            f"model '{result.config.model_spec}' and data '{result.config.data_spec}', the record "
+            f"'{record['model_spec']}' and '{record['data_spec']}'. Nothing was run; delete or re-run it."
+        )
     return result

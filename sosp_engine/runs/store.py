@@ -1,4 +1,5 @@
 """The run store: a workspace folder with a SQLite database (WAL) and an artifacts folder, nothing ever half-written."""
+
 from __future__ import annotations
 
 import json
@@ -102,8 +103,10 @@ class Store:
         self.artifacts = self.root / "artifacts"
         self.db_path = self.root / DB_NAME
         if self.root.exists() and not self.root.is_dir():
-            raise StoreError(f"the workspace '{self.root}' is a file, not a folder: give a folder (--workspace or "
-                             "$SOSP_WORKSPACE)")
+            raise StoreError(
+                f"the workspace '{self.root}' is a file, not a folder: give a folder (--workspace or "
+                "$SOSP_WORKSPACE)"
+            )
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.artifacts.mkdir(exist_ok=True)
@@ -122,17 +125,23 @@ class Store:
                 raise StoreError(self._disk_message(exc)) from None
             raise
         except sqlite3.DatabaseError as exc:  # malformed pages: the file is damaged, not merely busy
-            if type(exc) is not sqlite3.DatabaseError:  # integrity and programming errors are the caller's to handle
+            if (
+                type(exc) is not sqlite3.DatabaseError
+            ):  # integrity and programming errors are the caller's to handle
                 raise
-            raise StoreError(f"'{self.db_path}' is not a readable SOSP Lab workspace database ({exc}): restore it from "
-                             "a backup, or move it away or choose another workspace folder (the run folders under "
-                             "artifacts/ stay); nothing was changed") from None
+            raise StoreError(
+                f"'{self.db_path}' is not a readable SOSP Lab workspace database ({exc}): restore it from "
+                "a backup, or move it away or choose another workspace folder (the run folders under "
+                "artifacts/ stay); nothing was changed"
+            ) from None
         finally:
             conn.close()
 
     def _disk_message(self, exc: Exception) -> str:
-        return (f"the disk holding the workspace '{self.root}' is full or failing ({exc}); free space there and retry "
-                "(the database itself is not damaged)")
+        return (
+            f"the disk holding the workspace '{self.root}' is full or failing ({exc}); free space there and retry "
+            "(the database itself is not damaged)"
+        )
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -156,13 +165,19 @@ class Store:
         except StoreError:
             raise
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"'{self.db_path}' is not a readable SOSP Lab workspace database ({exc}). "
-                             "Move it away or choose another workspace folder; nothing was changed.") from None
+            raise StoreError(
+                f"'{self.db_path}' is not a readable SOSP Lab workspace database ({exc}). "
+                "Move it away or choose another workspace folder; nothing was changed."
+            ) from None
         if existed and (app_id != APPLICATION_ID or (tables and version == 0)):
-            raise StoreError(f"'{self.db_path}' is a SQLite database of another program; choose another workspace folder")
+            raise StoreError(
+                f"'{self.db_path}' is a SQLite database of another program; choose another workspace folder"
+            )
         if version > SCHEMA_VERSION:
-            raise StoreError(f"the workspace '{self.root}' was written by a newer SOSP Lab (schema {version} > "
-                             f"{SCHEMA_VERSION}); upgrade SOSP Lab to open it")
+            raise StoreError(
+                f"the workspace '{self.root}' was written by a newer SOSP Lab (schema {version} > "
+                f"{SCHEMA_VERSION}); upgrade SOSP Lab to open it"
+            )
         if version == SCHEMA_VERSION:
             return
         with self.transaction() as conn:
@@ -191,15 +206,27 @@ class Store:
     # analyses -----------------------------------------------------------------------------------------------
     def add_analysis(self, record_id: str, name: str, config: dict, path: Path, summary: dict) -> None:
         with self.transaction() as conn:
-            conn.execute("INSERT INTO analyses VALUES (?,?,?,?,?,?,?,?,?)",
-                         (record_id, name, time.time(), config["model_spec"], config["data_spec"], config["method"],
-                          json.dumps(config), str(path), json.dumps(summary)))
+            conn.execute(
+                "INSERT INTO analyses VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    record_id,
+                    name,
+                    time.time(),
+                    config["model_spec"],
+                    config["data_spec"],
+                    config["method"],
+                    json.dumps(config),
+                    str(path),
+                    json.dumps(summary),
+                ),
+            )
 
     def analyses(self, damaged: list[str] | None = None) -> list[dict]:
         """Every readable analysis record, newest first; unreadable ones are named in `damaged` instead."""
         with self.connection() as conn:
-            return self._sound("analyses", _rows(conn.execute("SELECT * FROM analyses ORDER BY created DESC")),
-                               damaged)
+            return self._sound(
+                "analyses", _rows(conn.execute("SELECT * FROM analyses ORDER BY created DESC")), damaged
+            )
 
     def _sound(self, table: str, records: list[dict], damaged: list[str] | None) -> list[dict]:
         """The records whose fields are readable and whose folders lie in this workspace; the others are described
@@ -222,8 +249,12 @@ class Store:
                 return "its id is not a plain name (letters, digits, '-', '_')"
             record["path"] = str(self.artifacts / ARTIFACT_KINDS[table] / record["id"])
         run_dir = record.get("run_dir") if table == "jobs" else None
-        if run_dir and not (Path(run_dir).is_absolute() and Path(run_dir).name == "run"
-                            and Path(run_dir).parent.name == record.get("id") and ".." not in Path(run_dir).parts):
+        if run_dir and not (
+            Path(run_dir).is_absolute()
+            and Path(run_dir).name == "run"
+            and Path(run_dir).parent.name == record.get("id")
+            and ".." not in Path(run_dir).parts
+        ):
             return f"its run folder '{run_dir}' is not ARTIFACTS/{record.get('id')}/run"
         return None
 
@@ -234,8 +265,10 @@ class Store:
             raise StoreError(f"no {what} with id '{record_id}' in {self.root}")
         damaged: list[str] = []
         if not self._sound(table, rows, damaged):
-            raise StoreError(f"the {what} record {damaged[0]}; it is not used. Delete the record ({what} delete "
-                             f"{record_id} --yes removes only files inside the workspace) or repair the database.")
+            raise StoreError(
+                f"the {what} record {damaged[0]}; it is not used. Delete the record ({what} delete "
+                f"{record_id} --yes removes only files inside the workspace) or repair the database."
+            )
         return rows[0]
 
     def analysis(self, record_id: str) -> dict:
@@ -246,12 +279,24 @@ class Store:
             conn.execute("UPDATE analyses SET name = ? WHERE id = ?", (name, record_id))
 
     # models -------------------------------------------------------------------------------------------------
-    def add_model(self, name: str, model_spec: str, data_spec: str, weights: Path, job_id: str | None,
-                  metrics: dict) -> str:
+    def add_model(
+        self, name: str, model_spec: str, data_spec: str, weights: Path, job_id: str | None, metrics: dict
+    ) -> str:
         record_id = f"m-{uuid.uuid4().hex[:10]}"
         with self.transaction() as conn:
-            conn.execute("INSERT INTO models VALUES (?,?,?,?,?,?,?,?)", (record_id, name, time.time(), model_spec,
-                                                                        data_spec, str(weights), job_id, json.dumps(metrics)))
+            conn.execute(
+                "INSERT INTO models VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    record_id,
+                    name,
+                    time.time(),
+                    model_spec,
+                    data_spec,
+                    str(weights),
+                    job_id,
+                    json.dumps(metrics),
+                ),
+            )
         return record_id
 
     def models(self) -> list[dict]:
@@ -259,17 +304,38 @@ class Store:
             return _rows(conn.execute("SELECT * FROM models ORDER BY created DESC"))
 
     # jobs ---------------------------------------------------------------------------------------------------
-    def add_job(self, kind: str, name: str, config: dict, backend: str = "local", address: str | None = None,
-                artifacts: str | Path | None = None, consent: str | None = None) -> str:
+    def add_job(
+        self,
+        kind: str,
+        name: str,
+        config: dict,
+        backend: str = "local",
+        address: str | None = None,
+        artifacts: str | Path | None = None,
+        consent: str | None = None,
+    ) -> str:
         """Queue a job; its log stays here, its run folder is under `artifacts` (a folder every node reaches) if given;
         `consent` is the user's signed confirmation of the user code its model spec runs (see consent.py)."""
         record_id, path = self.new_artifact_dir("jobs")
         run_dir = str(Path(artifacts).expanduser().resolve() / record_id / "run") if artifacts else None
         with self.transaction() as conn:
-            conn.execute("INSERT INTO jobs (id, kind, name, config, status, created, path, backend, address, run_dir, "
-                         "consent) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                         (record_id, kind, name, json.dumps(config), "queued", time.time(), str(path), backend,
-                          address, run_dir, consent))
+            conn.execute(
+                "INSERT INTO jobs (id, kind, name, config, status, created, path, backend, address, run_dir, "
+                "consent) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    record_id,
+                    kind,
+                    name,
+                    json.dumps(config),
+                    "queued",
+                    time.time(),
+                    str(path),
+                    backend,
+                    address,
+                    run_dir,
+                    consent,
+                ),
+            )
         return record_id
 
     def job(self, record_id: str) -> dict:
@@ -299,26 +365,47 @@ class Store:
         """Atomically move up to `limit - running` oldest queued jobs of a backend to 'starting' (FIFO), so two
         launchers never start one twice."""
         with self.transaction() as conn:
-            running = conn.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('starting', 'running') AND backend = ?",
-                                   (backend,)).fetchone()[0]
+            running = conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status IN ('starting', 'running') AND backend = ?",
+                (backend,),
+            ).fetchone()[0]
             free = max(0, limit - running)
-            rows = self._sound("jobs", _rows(conn.execute(
-                "SELECT * FROM jobs WHERE status = 'queued' AND backend = ? ORDER BY created LIMIT ?",
-                (backend, free))), None)
+            rows = self._sound(
+                "jobs",
+                _rows(
+                    conn.execute(
+                        "SELECT * FROM jobs WHERE status = 'queued' AND backend = ? ORDER BY created LIMIT ?",
+                        (backend, free),
+                    )
+                ),
+                None,
+            )
             now = time.time()
-            for row in rows:  # the claim is a heartbeat: a watcher must not take a job being launched for a dead one
-                conn.execute("UPDATE jobs SET status = 'starting', heartbeat = ?, pid = NULL WHERE id = ?",
-                             (now, row["id"]))
+            for row in (
+                rows
+            ):  # the claim is a heartbeat: a watcher must not take a job being launched for a dead one
+                conn.execute(
+                    "UPDATE jobs SET status = 'starting', heartbeat = ?, pid = NULL WHERE id = ?",
+                    (now, row["id"]),
+                )
                 row.update(status="starting", heartbeat=now, pid=None)
         return rows
 
     def add_metrics(self, job_id: str, stage: str, epoch: int, data: dict) -> None:
-        """Record one epoch's metrics; a redone epoch (after a kill) replaces its earlier record, so each is kept once."""
+        """Record one epoch's metrics; a redone epoch (after a kill) replaces its earlier record, so each is
+        kept once."""
         with self.transaction() as conn:
-            conn.execute("DELETE FROM metrics WHERE job_id = ? AND stage = ? AND epoch = ?", (job_id, stage, epoch))
-            conn.execute("INSERT INTO metrics VALUES (?,?,?,?,?)", (job_id, time.time(), stage, epoch, json.dumps(data)))
+            conn.execute(
+                "DELETE FROM metrics WHERE job_id = ? AND stage = ? AND epoch = ?", (job_id, stage, epoch)
+            )
+            conn.execute(
+                "INSERT INTO metrics VALUES (?,?,?,?,?)",
+                (job_id, time.time(), stage, epoch, json.dumps(data)),
+            )
 
-    def apply_remote_events(self, job_id: str, seq: int, metrics: list[tuple[str, int, dict]], fields: dict) -> bool:
+    def apply_remote_events(
+        self, job_id: str, seq: int, metrics: list[tuple[str, int, dict]], fields: dict
+    ) -> bool:
         """Events of a remote job up to `seq`, in one transaction: applied once even if delivered twice."""
         for key in ("result",):
             if key in fields and fields[key] is not None and not isinstance(fields[key], str):
@@ -328,10 +415,18 @@ class Store:
             if done is None or done[0] >= seq:
                 return False
             for stage, epoch, data in metrics:
-                conn.execute("DELETE FROM metrics WHERE job_id = ? AND stage = ? AND epoch = ?", (job_id, stage, epoch))
-                conn.execute("INSERT INTO metrics VALUES (?,?,?,?,?)", (job_id, time.time(), stage, epoch, json.dumps(data)))
+                conn.execute(
+                    "DELETE FROM metrics WHERE job_id = ? AND stage = ? AND epoch = ?", (job_id, stage, epoch)
+                )
+                conn.execute(
+                    "INSERT INTO metrics VALUES (?,?,?,?,?)",
+                    (job_id, time.time(), stage, epoch, json.dumps(data)),
+                )
             fields = {**fields, "remote_seq": seq}
-            conn.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?", (*fields.values(), job_id))
+            conn.execute(
+                f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
+                (*fields.values(), job_id),
+            )
         return True
 
     def metrics(self, job_id: str) -> list[dict]:
@@ -344,7 +439,9 @@ class Store:
         resolve inside this workspace's artifacts folder are removed: the others (a cluster job's run folder under
         --artifacts, a path edited in the database) are left and returned, each with why, for the caller to report."""
         if not confirm:
-            raise StoreError(f"deleting {kind} '{record_id}' removes its artifacts for good: pass confirm=True (CLI: --yes)")
+            raise StoreError(
+                f"deleting {kind} '{record_id}' removes its artifacts for good: pass confirm=True (CLI: --yes)"
+            )
         table = {"analysis": "analyses", "job": "jobs"}[kind]
         with self.connection() as conn:
             rows = _rows(conn.execute(f"SELECT * FROM {table} WHERE id = ?", (record_id,)))
@@ -356,7 +453,9 @@ class Store:
         with self.transaction() as conn:
             conn.execute(f"DELETE FROM {table} WHERE id = ?", (record_id,))
         kept = []
-        folders = [self.artifacts / ARTIFACT_KINDS[table] / record_id] if _PLAIN_ID.fullmatch(record_id) else []
+        folders = (
+            [self.artifacts / ARTIFACT_KINDS[table] / record_id] if _PLAIN_ID.fullmatch(record_id) else []
+        )
         folders += [Path(record["run_dir"]).parent] if record.get("run_dir") else []
         for folder in folders:
             if not os.path.lexists(folder):
@@ -364,6 +463,8 @@ class Store:
             if _inside(folder, self.artifacts) and folder.is_dir():
                 shutil.rmtree(folder)
             else:
-                kept.append(f"{folder} (outside the workspace's artifacts folder {self.artifacts}: not removed; "
-                            "remove it yourself if it is this record's)")
+                kept.append(
+                    f"{folder} (outside the workspace's artifacts folder {self.artifacts}: not removed; "
+                    "remove it yourself if it is this record's)"
+                )
         return kept

@@ -1,5 +1,6 @@
 """What a job does wherever it runs (this machine or a Ray worker): its study or procedure, its log lines, its cancel
 flag, and listing its outputs in the workspace. Both the job runner and the backends use it; it imports neither."""
+
 from __future__ import annotations
 
 import time
@@ -57,10 +58,13 @@ def throttled(ask: Callable[[], bool], seconds: float = 0.25) -> Callable[[], bo
 def execute(job: dict, report: Reporter, should_stop: Callable[[], bool], fan_out=None) -> dict:
     """The work of a job wherever it runs: its study or procedure in its run folder; returns the run's summary."""
     if job["kind"] == STUDY_KIND:
-        return Study(StudyConfig(**job["config"]), run_folder(job), report, should_stop, fan_out=fan_out).run()
+        return Study(
+            StudyConfig(**job["config"]), run_folder(job), report, should_stop, fan_out=fan_out
+        ).run()
     if job["kind"] == EXPAND_STUDY_KIND:
-        return ExpandStudy(ExpandStudyConfig(**job["config"]), run_folder(job), report, should_stop,
-                           fan_out=fan_out).run()
+        return ExpandStudy(
+            ExpandStudyConfig(**job["config"]), run_folder(job), report, should_stop, fan_out=fan_out
+        ).run()
     return Experiment(ExperimentConfig(**job["config"]), run_folder(job), report, should_stop).run()
 
 
@@ -69,7 +73,10 @@ def record_outputs(store: Store, job: dict, result: dict) -> None:
     if job["kind"] == STUDY_KIND:
         return
     if job["kind"] == EXPAND_STUDY_KIND:  # the trained plain net's analysis, whose bottlenecks were widened
-        analysis_folder, name = run_folder(job) / PLAIN / "trial0" / "analysis", f"{job['name']} (plain net, trial 0)"
+        analysis_folder, name = (
+            run_folder(job) / PLAIN / "trial0" / "analysis",
+            f"{job['name']} (plain net, trial 0)",
+        )
     else:
         analysis_folder, name = run_folder(job) / "analysis", f"{job['name']} (analysis)"
     if (analysis_folder / "analysis.json").exists():
@@ -81,5 +88,11 @@ def record_outputs(store: Store, job: dict, result: dict) -> None:
         return
     weights = result.get("stages", {}).get("train", {}).get("weights")
     if weights and job["config"]["procedure"] == "train":
-        store.add_model(job["name"], job["config"]["model_spec"], job["config"]["data_spec"], Path(weights), job["id"],
-                        {"test_acc": result["test_acc"]})
+        store.add_model(
+            job["name"],
+            job["config"]["model_spec"],
+            job["config"]["data_spec"],
+            Path(weights),
+            job["id"],
+            {"test_acc": result["test_acc"]},
+        )

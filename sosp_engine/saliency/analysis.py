@@ -1,4 +1,5 @@
 """One analysis: a method's saliencies on N' samples, a single pruning order, timings; saved as JSON + a tensor file."""
+
 from __future__ import annotations
 
 import copy
@@ -25,8 +26,15 @@ from .common import LOSSES, AnalysisInputs
 from .first_order import first_order_terms
 from .sosp_h import sosp_h_saliency, sosp_h_terms
 from .sosp_i import gauss_newton_terms, sosp_i_matrix
-from .selection import (NORMALIZATIONS, greedy_order, objective_prefix, order_by_saliency, prefix_for_target,
-                        rounded_order, rounded_stops)
+from .selection import (
+    NORMALIZATIONS,
+    greedy_order,
+    objective_prefix,
+    order_by_saliency,
+    prefix_for_target,
+    rounded_order,
+    rounded_stops,
+)
 from ..pruning.structures import StructureSet
 
 METHODS = ("sosp-h", "sosp-i", "first-order", "diagonal", "magnitude", "random")
@@ -60,10 +68,16 @@ class AnalysisConfig:
     normalize: str = "none"
     loss: str = "cross-entropy"
     device: str = "auto"
-    mc_labels: int = -1  # SOSP-I: 0 = all D outputs exactly, k > 0 = k sampled labels, -1 = sampled only when D > 100
+    mc_labels: int = (
+        -1
+    )  # SOSP-I: 0 = all D outputs exactly, k > 0 = k sampled labels, -1 = sampled only when D > 100
     round_to: int = 1  # kept widths in multiples of this (8 or 16 run as fast as their MACs)
-    memory_budget_gb: float | None = None  # set: the batch is the largest (up to batch_size) whose estimate fits
-    latency_device: str | None = None  # normalize="latency": where layers are timed (None: the analysis device)
+    memory_budget_gb: float | None = (
+        None  # set: the batch is the largest (up to batch_size) whose estimate fits
+    )
+    latency_device: str | None = (
+        None  # normalize="latency": where layers are timed (None: the analysis device)
+    )
     latency_batch: int = 1  # normalize="latency": the batch size they are timed at
     exclude: list[str] = field(default_factory=list)
     preset: str | None = "auto"
@@ -93,8 +107,12 @@ class AnalysisConfig:
             raise AnalysisError(f"round_to must be at least 1, got {self.round_to}")
         if self.latency_batch < 1:
             raise AnalysisError(f"the latency batch must be at least 1, got {self.latency_batch}")
-        if self.memory_budget_gb is not None and not (math.isfinite(self.memory_budget_gb) and self.memory_budget_gb > 0):
-            raise AnalysisError(f"the memory budget must be a positive number of GB, got {self.memory_budget_gb}")
+        if self.memory_budget_gb is not None and not (
+            math.isfinite(self.memory_budget_gb) and self.memory_budget_gb > 0
+        ):
+            raise AnalysisError(
+                f"the memory budget must be a positive number of GB, got {self.memory_budget_gb}"
+            )
 
 
 @dataclass
@@ -114,7 +132,9 @@ class AnalysisResult:
     second_order: torch.Tensor | None = None
     estimate: str = "exact"
     created: float = field(default_factory=time.time)
-    exactness: dict | None = None  # approximate layers and the measured pruned-vs-zeroed deviation (exactness.py)
+    exactness: dict | None = (
+        None  # approximate layers and the measured pruned-vs-zeroed deviation (exactness.py)
+    )
     # predicted_prefix[k]: the loss increase the method predicts for pruning the first k structures of the order
     predicted_prefix: torch.Tensor | None = None
     memory: dict | None = None  # the probe's estimate and the budget that chose the batch size (memory.py)
@@ -134,23 +154,37 @@ class AnalysisResult:
     def pruned_vector(self, count: int) -> torch.Tensor:
         """Bool vector of the first `count` structures of the order."""
         pruned = torch.zeros(len(self.keys), dtype=torch.bool)
-        pruned[self.pruning_order[:min(count, self.n_prunable)]] = True
+        pruned[self.pruning_order[: min(count, self.n_prunable)]] = True
         return pruned
 
-    def mask(self, structures: StructureSet, ratio: float, unit: str = "structures",
-             latency: LatencyProfile | None = None) -> set[str]:
+    def mask(
+        self,
+        structures: StructureSet,
+        ratio: float,
+        unit: str = "structures",
+        latency: LatencyProfile | None = None,
+    ) -> set[str]:
         """The mask at a target ratio: a prefix of the order, so no saliency is recomputed."""
-        return {self.keys[i] for i in self.pruning_order[:self.prefix(structures, ratio, unit, latency)].tolist()}
+        return {
+            self.keys[i] for i in self.pruning_order[: self.prefix(structures, ratio, unit, latency)].tolist()
+        }
 
-    def prefix(self, structures: StructureSet, ratio: float, unit: str = "structures",
-               latency: LatencyProfile | None = None) -> int:
+    def prefix(
+        self,
+        structures: StructureSet,
+        ratio: float,
+        unit: str = "structures",
+        latency: LatencyProfile | None = None,
+    ) -> int:
         """How many structures of the order the mask at `ratio` of `unit` prunes (a rounding stop if rounded); the
         latency unit needs the order's measured `latency` profile."""
         self.check_structures(structures)
         stops = self.stops(structures)
         if unit == LATENCY_UNIT:
             if latency is None:
-                raise AnalysisError("a latency target needs the latency profile of this analysis (analyze --unit latency)")
+                raise AnalysisError(
+                    "a latency target needs the latency profile of this analysis (analyze --unit latency)"
+                )
             return latency.prefix_for(ratio, self.n_prunable, stops)
         return prefix_for_target(self.pruning_order, self.n_prunable, structures, ratio, unit, stops)
 
@@ -166,17 +200,28 @@ class AnalysisResult:
 
     def check_structures(self, structures: StructureSet) -> None:
         if structures.keys != self.keys:
-            raise AnalysisError("this analysis was made on another architecture or exclusion setting than the given model")
+            raise AnalysisError(
+                "this analysis was made on another architecture or exclusion setting than the given model"
+            )
 
     def save(self, folder: str | Path) -> Path:
         """Write `analysis.json` and `tensors.pt` into `folder` (written to temporary names, then renamed)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         meta = {
-            "format": RESULT_FORMAT, "config": asdict(self.config), "keys": self.keys, "layers": self.layers,
-            "n_prunable": self.n_prunable, "timings": self.timings, "weights_fingerprint": self.weights_fingerprint,
-            "architecture": self.architecture, "estimate": self.estimate, "created": self.created,
-            "exactness": self.exactness, "memory": self.memory, "layer_latency": self.layer_latency,
+            "format": RESULT_FORMAT,
+            "config": asdict(self.config),
+            "keys": self.keys,
+            "layers": self.layers,
+            "n_prunable": self.n_prunable,
+            "timings": self.timings,
+            "weights_fingerprint": self.weights_fingerprint,
+            "architecture": self.architecture,
+            "estimate": self.estimate,
+            "created": self.created,
+            "exactness": self.exactness,
+            "memory": self.memory,
+            "layer_latency": self.layer_latency,
         }
         tensors = {"saliency": self.saliency, "pruning_order": self.pruning_order}
         if self.first_order is not None:
@@ -198,10 +243,21 @@ class AnalysisResult:
             meta = json.loads((folder / "analysis.json").read_text())
             tensors = load_verified(folder / "tensors.pt")
         except FileNotFoundError:
-            raise AnalysisError(f"'{folder}' holds no saved analysis (analysis.json and tensors.pt)") from None
-        except (json.JSONDecodeError, RuntimeError, EOFError, OSError, UnicodeDecodeError, CheckpointError) as exc:
+            raise AnalysisError(
+                f"'{folder}' holds no saved analysis (analysis.json and tensors.pt)"
+            ) from None
+        except (
+            json.JSONDecodeError,
+            RuntimeError,
+            EOFError,
+            OSError,
+            UnicodeDecodeError,
+            CheckpointError,
+        ) as exc:
             first = str(exc).split(". ")[0].strip()  # torch's zip reader appends paragraphs of advice
-            raise AnalysisError(f"the analysis in '{folder}' is damaged ({first}): run the analysis again") from None
+            raise AnalysisError(
+                f"the analysis in '{folder}' is damaged ({first}): run the analysis again"
+            ) from None
         if meta.get("format") != RESULT_FORMAT:
             raise AnalysisError(f"'{folder}' is not a SOSP Lab analysis (format {meta.get('format')})")
         try:
@@ -211,16 +267,34 @@ class AnalysisResult:
         except (KeyError, TypeError, ValueError) as exc:
             raise AnalysisError(f"the analysis in '{folder}' is damaged: {exc}") from None
         if sorted(order.tolist()) != list(range(count)) or not 0 <= n_prunable <= count:
-            raise AnalysisError(f"the analysis in '{folder}' is damaged: its pruning order is not a permutation of "
-                                f"its {count} structures, or n_prunable {n_prunable} is out of range")
+            raise AnalysisError(
+                f"the analysis in '{folder}' is damaged: its pruning order is not a permutation of "
+                f"its {count} structures, or n_prunable {n_prunable} is out of range"
+            )
         prefix = tensors.get("predicted_prefix")
-        if prefix is None and config.method != "sosp-i":  # written before prefixes were stored: a sum of saliencies
+        if (
+            prefix is None and config.method != "sosp-i"
+        ):  # written before prefixes were stored: a sum of saliencies
             prefix = saliency_prefix(tensors["saliency"], order, n_prunable)
-        return cls(config, meta["keys"], meta["layers"], tensors["saliency"],
-                   tensors["pruning_order"], meta["n_prunable"], meta["timings"], meta["weights_fingerprint"],
-                   meta["architecture"], tensors.get("first_order"), tensors.get("second_order"),
-                   meta.get("estimate", "exact"), meta.get("created", 0.0), meta.get("exactness"), prefix,
-                   meta.get("memory"), meta.get("layer_latency"))
+        return cls(
+            config,
+            meta["keys"],
+            meta["layers"],
+            tensors["saliency"],
+            tensors["pruning_order"],
+            meta["n_prunable"],
+            meta["timings"],
+            meta["weights_fingerprint"],
+            meta["architecture"],
+            tensors.get("first_order"),
+            tensors.get("second_order"),
+            meta.get("estimate", "exact"),
+            meta.get("created", 0.0),
+            meta.get("exactness"),
+            prefix,
+            meta.get("memory"),
+            meta.get("layer_latency"),
+        )
 
 
 def saliency_prefix(saliency: torch.Tensor, order: torch.Tensor, n_prunable: int) -> torch.Tensor:
@@ -240,7 +314,9 @@ def train_mode_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
     """Replace BatchNorm running statistics by cumulative averages over `x` (train-mode forwards, no gradients)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if not norms:
         return
     momenta = [m.momentum for m in norms]
@@ -257,9 +333,17 @@ def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> 
     model.eval()
 
 
-def compute_saliency(method: str, inputs: AnalysisInputs, cap: float, normalize: str | torch.Tensor, seed: int = 0,
-                     mc_labels: int = 0, round_to: int = 1) -> dict:
-    """The method's per-structure saliency and pruning order (plus its first- and second-order parts where it has them)."""
+def compute_saliency(
+    method: str,
+    inputs: AnalysisInputs,
+    cap: float,
+    normalize: str | torch.Tensor,
+    seed: int = 0,
+    mc_labels: int = 0,
+    round_to: int = 1,
+) -> dict:
+    """The method's per-structure saliency and pruning order (plus its first- and second-order parts where it
+    has them)."""
     structures = inputs.structures
     out: dict = {"first_order": None, "second_order": None, "estimate": "exact"}
     start = time.perf_counter()
@@ -268,7 +352,9 @@ def compute_saliency(method: str, inputs: AnalysisInputs, cap: float, normalize:
         saliency = sosp_h_saliency(first, second)
         out.update(first_order=first, second_order=second)
     elif method in ("sosp-i", "diagonal"):
-        first, gram = gauss_newton_terms(inputs, diagonal_only=method == "diagonal", mc_labels=mc_labels, seed=seed)
+        first, gram = gauss_newton_terms(
+            inputs, diagonal_only=method == "diagonal", mc_labels=mc_labels, seed=seed
+        )
         if mc_labels > 0:
             out["estimate"] = f"monte-carlo ({mc_labels} sampled labels per sample)"
         diag = gram if method == "diagonal" else gram.diagonal()
@@ -282,12 +368,16 @@ def compute_saliency(method: str, inputs: AnalysisInputs, cap: float, normalize:
     elif method == "magnitude":
         saliency = inputs.per_structure([p.detach().sign() for p in inputs.params()])
     elif method == "random":
-        saliency = torch.rand(structures.num_structures, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        saliency = torch.rand(
+            structures.num_structures, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
     else:
         raise AnalysisError(f"unknown method '{method}'")
     if not bool(torch.isfinite(saliency).all()):
-        raise AnalysisError(f"{method} gave NaN or infinite saliencies: the weights or the loss on the analysis samples "
-                            "are not finite (check the checkpoint, or the data's scale)")
+        raise AnalysisError(
+            f"{method} gave NaN or infinite saliencies: the weights or the loss on the analysis samples "
+            "are not finite (check the checkpoint, or the data's scale)"
+        )
     out["saliency_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
     with memory_phase(MATRIX):  # the same size at any batch: the memory probe counts it apart
@@ -299,8 +389,12 @@ def compute_saliency(method: str, inputs: AnalysisInputs, cap: float, normalize:
                 order, n_prunable = rounded_order(order, n_prunable, structures, round_to, cap)
                 out["predicted_prefix"] = objective_prefix(q, order, n_prunable)
             else:  # eq. (2) of each prefix M: sum over s, s' in M of Q[s, s'], the sum of the greedy increments
-                out["predicted_prefix"] = torch.cat([torch.zeros(1, dtype=torch.float64),
-                                                     torch.tensor(increments, dtype=torch.float64).cumsum(0)])
+                out["predicted_prefix"] = torch.cat(
+                    [
+                        torch.zeros(1, dtype=torch.float64),
+                        torch.tensor(increments, dtype=torch.float64).cumsum(0),
+                    ]
+                )
             del q
         else:
             out.pop("gram", None)
@@ -308,7 +402,9 @@ def compute_saliency(method: str, inputs: AnalysisInputs, cap: float, normalize:
             order, n_prunable = rounded_order(order, n_prunable, structures, round_to, cap)
             out["predicted_prefix"] = saliency_prefix(saliency, order, n_prunable)
         out["selection_seconds"] = time.perf_counter() - start
-        out.update(saliency=saliency.detach().double().cpu(), pruning_order=order.cpu(), n_prunable=n_prunable)
+        out.update(
+            saliency=saliency.detach().double().cpu(), pruning_order=order.cpu(), n_prunable=n_prunable
+        )
         for key in ("first_order", "second_order"):
             if out[key] is not None:
                 out[key] = out[key].detach().double().cpu()
@@ -316,8 +412,9 @@ def compute_saliency(method: str, inputs: AnalysisInputs, cap: float, normalize:
 
 
 @full_float32()
-def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: ProgressFn = None,
-                 should_stop: StopFn = None) -> AnalysisResult:
+def run_analysis(
+    workbench: Workbench, config: AnalysisConfig, progress: ProgressFn = None, should_stop: StopFn = None
+) -> AnalysisResult:
     """Run one analysis on the workbench's model (or a fresh seeded init when `config.at_init`)."""
     config.validate()
     from ..devices import resolve_device
@@ -327,8 +424,10 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
     start = time.perf_counter()
     available = len(workbench.data.train_eval)
     if config.samples > available:
-        raise AnalysisError(f"N' = {config.samples:,} analysis samples were asked for, but the training split of "
-                            f"'{config.data_spec}' holds {available:,}: use --samples {available} or fewer")
+        raise AnalysisError(
+            f"N' = {config.samples:,} analysis samples were asked for, but the training split of "
+            f"'{config.data_spec}' holds {available:,}: use --samples {available} or fewer"
+        )
     x, y = workbench.data.analysis_samples(config.samples, config.seed)
     timings["samples"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -347,32 +446,58 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
     layer_latency = None
     if config.normalize == "latency":
         start = time.perf_counter()
-        table = measure_layer_latency(model, workbench.structures, workbench.example,
-                                      resolve_device(config.latency_device or config.device), config.latency_batch,
-                                      progress=lambda f, m: report(progress, 0.0, m), should_stop=should_stop)
+        table = measure_layer_latency(
+            model,
+            workbench.structures,
+            workbench.example,
+            resolve_device(config.latency_device or config.device),
+            config.latency_batch,
+            progress=lambda f, m: report(progress, 0.0, m),
+            should_stop=should_stop,
+        )
         normalize = table.structure_seconds(workbench.structures)
         timings["layer_latency"] = time.perf_counter() - start
         layer_latency = table.describe()
         report(progress, 0.0, layer_latency)
 
     def saliency_of(inputs: AnalysisInputs) -> dict:
-        return compute_saliency(config.method, inputs, config.cap, normalize, config.seed, mc, config.round_to)
+        return compute_saliency(
+            config.method, inputs, config.cap, normalize, config.seed, mc, config.round_to
+        )
 
     batch, memory = config.batch_size, None
     if config.memory_budget_gb is not None and min(batch, len(y)) > 1:
         start = time.perf_counter()
         budget = config.memory_budget_gb * 2**30
-        estimate = probe(lambda n: saliency_of(AnalysisInputs(model, workbench.structures, x[:n], y[:n], config.loss, n)),
-                         device, min(batch, len(y)), budget)
+        estimate = probe(
+            lambda n: saliency_of(AnalysisInputs(model, workbench.structures, x[:n], y[:n], config.loss, n)),
+            device,
+            min(batch, len(y)),
+            budget,
+        )
         batch = estimate.batch_within(budget, min(batch, len(y)))
-        memory = {"fixed_bytes": estimate.fixed, "per_sample_bytes": estimate.per_sample,
-                  "matrix_bytes": estimate.floor, "budget_bytes": budget,
-                  "estimated_peak_bytes": estimate.peak(batch), "batch": batch, "line": estimate.describe(batch, budget)}
+        memory = {
+            "fixed_bytes": estimate.fixed,
+            "per_sample_bytes": estimate.per_sample,
+            "matrix_bytes": estimate.floor,
+            "budget_bytes": budget,
+            "estimated_peak_bytes": estimate.peak(batch),
+            "batch": batch,
+            "line": estimate.describe(batch, budget),
+        }
         timings["memory_probe"] = time.perf_counter() - start
         report(progress, 0.0, memory["line"])
     while True:  # out of memory: halve the batch and go again (the result does not depend on the batch size)
-        inputs = AnalysisInputs(model, workbench.structures, x, y, config.loss, batch,
-                                lambda f, m: report(progress, f * 0.95, m), should_stop)
+        inputs = AnalysisInputs(
+            model,
+            workbench.structures,
+            x,
+            y,
+            config.loss,
+            batch,
+            lambda f, m: report(progress, f * 0.95, m),
+            should_stop,
+        )
         try:
             parts = saliency_of(inputs)
             break
@@ -382,8 +507,10 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if batch == 1:
-                raise AnalysisError(f"{config.method} runs out of memory on {device} even with a batch of one sample: "
-                                    "use a smaller model or input, exclude layers, or another device") from None
+                raise AnalysisError(
+                    f"{config.method} runs out of memory on {device} even with a batch of one sample: "
+                    "use a smaller model or input, exclude layers, or another device"
+                ) from None
             batch = max(1, batch // 2)
             report(progress, 0.0, f"out of memory: retrying with batch size {batch}")
     config.batch_size = batch  # what was used
@@ -391,35 +518,69 @@ def run_analysis(workbench: Workbench, config: AnalysisConfig, progress: Progres
     timings["saliency"] = parts["saliency_seconds"]
     timings["selection"] = parts["selection_seconds"]
     start = time.perf_counter()
-    half = {workbench.structures.keys[i] for i in parts["pruning_order"][:parts["n_prunable"] // 2].tolist()}
-    exactness = exactness_report(model, workbench.structures, half, workbench.example.to(device, dtype),
-                                 x[:EXACTNESS_SAMPLES].to(device))
+    half = {workbench.structures.keys[i] for i in parts["pruning_order"][: parts["n_prunable"] // 2].tolist()}
+    exactness = exactness_report(
+        model,
+        workbench.structures,
+        half,
+        workbench.example.to(device, dtype),
+        x[:EXACTNESS_SAMPLES].to(device),
+    )
     exactness["ratio"] = len(half) / max(len(workbench.structures.keys), 1)
     timings["exactness"] = time.perf_counter() - start
     report(progress, 1.0, "done")
-    layers = [{"name": l.name, "size": l.size, "depth": l.depth, "stage": l.stage, "block": l.block, "kernel": l.kernel}
-              for l in workbench.structures.layers]
-    return AnalysisResult(config, list(workbench.structures.keys), layers, parts["saliency"], parts["pruning_order"],
-                          parts["n_prunable"], timings, weights_fingerprint(model), workbench.structures.signature,
-                          parts["first_order"], parts["second_order"], parts["estimate"], exactness=exactness,
-                          predicted_prefix=parts["predicted_prefix"], memory=memory, layer_latency=layer_latency)
+    layers = [
+        {
+            "name": l.name,
+            "size": l.size,
+            "depth": l.depth,
+            "stage": l.stage,
+            "block": l.block,
+            "kernel": l.kernel,
+        }
+        for l in workbench.structures.layers
+    ]
+    return AnalysisResult(
+        config,
+        list(workbench.structures.keys),
+        layers,
+        parts["saliency"],
+        parts["pruning_order"],
+        parts["n_prunable"],
+        timings,
+        weights_fingerprint(model),
+        workbench.structures.signature,
+        parts["first_order"],
+        parts["second_order"],
+        parts["estimate"],
+        exactness=exactness,
+        predicted_prefix=parts["predicted_prefix"],
+        memory=memory,
+        layer_latency=layer_latency,
+    )
 
 
 def _require_ranking(saliency: torch.Tensor, config: AnalysisConfig, y: torch.Tensor) -> None:
     """Refuse to write a mask from saliencies that rank nothing: non-finite, or all zero (the loss did not depend on
     any structure on these samples: one class only, a dead network, a saturated loss)."""
     if not bool(torch.isfinite(saliency).all()):
-        raise AnalysisError(f"{config.method} gave non-finite saliencies (NaN or inf): check the weights and the data "
-                            "for overflow, or analyse in float64; no mask was written")
+        raise AnalysisError(
+            f"{config.method} gave non-finite saliencies (NaN or inf): check the weights and the data "
+            "for overflow, or analyse in float64; no mask was written"
+        )
     if saliency.numel() and not bool(saliency.ne(0).any()):
         classes = int(y.unique().numel())
-        raise AnalysisError(f"every {config.method} saliency is zero, so the order would be arbitrary; no mask was "
-                            f"written. The {len(y)} analysis samples hold {classes} class{'es' if classes != 1 else ''}"
-                            f"{': a classifier loss needs at least 2' if classes < 2 else ''}; check the data and "
-                            "that the network is not dead (all-zero activations)")
+        raise AnalysisError(
+            f"every {config.method} saliency is zero, so the order would be arbitrary; no mask was "
+            f"written. The {len(y)} analysis samples hold {classes} class{'es' if classes != 1 else ''}"
+            f"{': a classifier loss needs at least 2' if classes < 2 else ''}; check the data and "
+            "that the network is not dead (all-zero activations)"
+        )
 
 
-def analysed_model(workbench: Workbench, config: AnalysisConfig, x: torch.Tensor, device: torch.device) -> nn.Module:
+def analysed_model(
+    workbench: Workbench, config: AnalysisConfig, x: torch.Tensor, device: torch.device
+) -> nn.Module:
     """The model an analysis runs on, in eval mode on `device`: a copy of the workbench's, or the seeded init with
     BatchNorm statistics re-estimated on the analysis samples `x`."""
     model = workbench.fresh_model(config.seed) if config.at_init else copy.deepcopy(workbench.model)

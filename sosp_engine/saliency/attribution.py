@@ -1,4 +1,5 @@
 """First-order channel attributions with captum, to set beside SOSP's second-order saliencies."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -9,8 +10,14 @@ from torch import nn
 from ..pruning.structures import StructureSet
 
 
-def channel_attribution(model: nn.Module, structures: StructureSet, layer_name: str, x: torch.Tensor,
-                        y: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+def channel_attribution(
+    model: nn.Module,
+    structures: StructureSet,
+    layer_name: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 100,
+) -> torch.Tensor:
     """|mean over samples of gradient x activation| of the true-class logit, per channel of one layer's root module."""
     module = model.get_submodule(layer_name)
     was_training = model.training
@@ -18,7 +25,9 @@ def channel_attribution(model: nn.Module, structures: StructureSet, layer_name: 
     attribution = LayerGradientXActivation(model, module)
     total = None
     for start in range(0, len(x), batch_size):
-        attr = attribution.attribute(x[start:start + batch_size], target=y[start:start + batch_size].tolist())
+        attr = attribution.attribute(
+            x[start : start + batch_size], target=y[start : start + batch_size].tolist()
+        )
         dim = -1 if isinstance(module, nn.Linear) else 1
         per_channel = attr.movedim(dim, 1).reshape(attr.shape[0], attr.shape[dim], -1).sum(2).sum(0).detach()
         total = per_channel if total is None else total + per_channel
@@ -26,15 +35,25 @@ def channel_attribution(model: nn.Module, structures: StructureSet, layer_name: 
     return (total / len(x)).abs().double()
 
 
-def layer_channels(keys: list[str], saliency: torch.Tensor, layer_name: str, mask: set[str],
-                   first_order: torch.Tensor | None = None, second_order: torch.Tensor | None = None) -> pd.DataFrame:
+def layer_channels(
+    keys: list[str],
+    saliency: torch.Tensor,
+    layer_name: str,
+    mask: set[str],
+    first_order: torch.Tensor | None = None,
+    second_order: torch.Tensor | None = None,
+) -> pd.DataFrame:
     """Per structure of one layer: pruned or kept by `mask`, the saliency, its first- and second-order parts where the
     method has them (SOSP-H: theta_s . g and theta_s . H theta_struc; SOSP-I: theta_s . g and Q's diagonal), and its
     rank in the layer (1 = least salient, pruned first)."""
     index = [i for i, key in enumerate(keys) if key.rsplit(":", 1)[0] == layer_name]
-    frame = pd.DataFrame({"structure": [keys[i].rsplit(":", 1)[1] for i in index],
-                          "status": ["pruned" if keys[i] in mask else "kept" for i in index],
-                          "sosp_saliency": saliency[index].tolist()})
+    frame = pd.DataFrame(
+        {
+            "structure": [keys[i].rsplit(":", 1)[1] for i in index],
+            "status": ["pruned" if keys[i] in mask else "kept" for i in index],
+            "sosp_saliency": saliency[index].tolist(),
+        }
+    )
     for name, part in (("first_order_part", first_order), ("second_order_part", second_order)):
         if part is not None:
             frame[name] = part[index].tolist()
@@ -42,12 +61,20 @@ def layer_channels(keys: list[str], saliency: torch.Tensor, layer_name: str, mas
     return frame
 
 
-def saliency_vs_attribution(keys: list[str], saliency: torch.Tensor, structures: StructureSet, layer_name: str,
-                            attribution: torch.Tensor, mask: set[str]) -> pd.DataFrame:
+def saliency_vs_attribution(
+    keys: list[str],
+    saliency: torch.Tensor,
+    structures: StructureSet,
+    layer_name: str,
+    attribution: torch.Tensor,
+    mask: set[str],
+) -> pd.DataFrame:
     """Per structure of one layer: SOSP saliency, first-order attribution (summed over the structure's channels),
     both ranks (1 = least salient) and whether the mask prunes it."""
     layer = next(l for l in structures.layers if l.name == layer_name)
     frame = layer_channels(keys, saliency, layer_name, mask)
-    frame["first_order_attribution"] = [float(attribution[channels].sum()) for channels in layer.structure_channels]
+    frame["first_order_attribution"] = [
+        float(attribution[channels].sum()) for channels in layer.structure_channels
+    ]
     frame["attribution_rank"] = frame.first_order_attribution.rank(method="average")
     return frame

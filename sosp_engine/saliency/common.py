@@ -1,4 +1,5 @@
 """What every saliency needs: the analysis samples, the loss, theta_s slices and per-structure reductions."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -51,7 +52,9 @@ class AnalysisInputs:
         if self.loss not in LOSSES:
             raise AnalysisError(f"unknown loss '{self.loss}'; use one of {LOSSES}")
         if self.model.training:
-            raise AnalysisError("saliencies are computed in eval mode (samples must be independent): call model.eval()")
+            raise AnalysisError(
+                "saliencies are computed in eval mode (samples must be independent): call model.eval()"
+            )
         if not self.slices:
             self.slices = structure_slices(self.model, self.structures)
 
@@ -66,8 +69,10 @@ class AnalysisInputs:
     def batches(self):
         """(x, y) batches on the model's device, in order."""
         for start in range(0, self.num_samples, self.batch_size):
-            yield (self.x[start:start + self.batch_size].to(self.device),
-                   self.y[start:start + self.batch_size].to(self.device))
+            yield (
+                self.x[start : start + self.batch_size].to(self.device),
+                self.y[start : start + self.batch_size].to(self.device),
+            )
 
     def passes(self):
         """(x, y) on the model's device, each batch split into passes of `pass_size()` samples."""
@@ -104,11 +109,14 @@ class AnalysisInputs:
         to a GPU from host memory waits for the GPU's queued work."""
         device = self.device
         if device not in self._indices:
-            self._indices[device] = [(p.module, p.channels.to(device), p.structure.to(device))
-                                     for p in self.structures.producers]
+            self._indices[device] = [
+                (p.module, p.channels.to(device), p.structure.to(device)) for p in self.structures.producers
+            ]
         return self._indices[device]
 
-    def structure_sums(self, per_module: dict[str, torch.Tensor], leading: tuple[int, ...] = ()) -> torch.Tensor:
+    def structure_sums(
+        self, per_module: dict[str, torch.Tensor], leading: tuple[int, ...] = ()
+    ) -> torch.Tensor:
         """Per-(producer module, channel) values (leading..., C) summed into their structures: (leading..., S), float64.
         A module without rows of theta_s (a norm without affine parameters) has no entry."""
         out = torch.zeros(*leading, self.structures.num_structures, dtype=torch.float64, device=self.device)
@@ -150,7 +158,9 @@ class AnalysisInputs:
         index = {id(p): i for i, p in enumerate(self.params())}
         out = torch.zeros(self.structures.num_structures, dtype=torch.float64, device=self.device)
         for s in self.slices:
-            rows = (s.param.detach()[s.channels] * vectors[index[id(s.param)]][s.channels]).reshape(len(s.channels), -1)
+            rows = (s.param.detach()[s.channels] * vectors[index[id(s.param)]][s.channels]).reshape(
+                len(s.channels), -1
+            )
             out.index_add_(0, s.structure.to(self.device), rows.sum(1).to(torch.float64))
         return out
 
@@ -218,22 +228,33 @@ def per_channel(vector: torch.Tensor, x: torch.Tensor, dim: int = 1) -> torch.Te
 def equal_up_to_rounding(actual: torch.Tensor, expected: torch.Tensor, reference: torch.Tensor) -> bool:
     """Two outputs agree to float rounding, relative to the largest entry of the model's plain output `reference`."""
     tol = 1e-9 if reference.dtype == torch.float64 else 1e-4
-    return torch.allclose(actual, expected, rtol=tol, atol=tol * float(reference.abs().max().clamp_min(1e-12)))
+    return torch.allclose(
+        actual, expected, rtol=tol, atol=tol * float(reference.abs().max().clamp_min(1e-12))
+    )
 
 
 def _affine_batch_norm(m: nn.modules.batchnorm._BatchNorm):
     """Eval-mode BatchNorm as the per-channel affine map it is; its backward and double backward are a multiply."""
+
     def forward(x: torch.Tensor) -> torch.Tensor:
         scale, shift = batch_norm_coefficients(m)
         return torch.addcmul(per_channel(shift, x), x, per_channel(scale, x))
+
     return forward
 
 
 def affine_batch_norm_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """The eval-mode BatchNorms with running statistics and torch's own forward (timm's BatchNormAct has its own)."""
     plain = nn.modules.batchnorm._BatchNorm.forward
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training
-            and type(m).forward is plain and m.running_mean is not None and "forward" not in vars(m)]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and not m.training
+        and type(m).forward is plain
+        and m.running_mean is not None
+        and "forward" not in vars(m)
+    ]
 
 
 @contextmanager

@@ -1,4 +1,5 @@
 """First-order terms lam1(s) = theta_s . dL/dtheta, and the gradient itself."""
+
 from __future__ import annotations
 
 import torch

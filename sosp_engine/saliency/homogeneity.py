@@ -6,6 +6,7 @@ Plain convs, linears and affine norms are; a norm with a smooth activation insid
 weight standardisation or a hook that squares the output are not. The check runs each producer once with its rows
 scaled by random positive factors and compares the output with the scaled output.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,12 @@ def not_scaling(inputs: AnalysisInputs) -> list[str]:
     names = producer_modules(inputs)
     model = inputs.model
     calls: dict[str, tuple] = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, args, kwargs, n=n: calls.setdefault(n, (args, kwargs)), with_kwargs=True) for n in names]
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda m, args, kwargs, n=n: calls.setdefault(n, (args, kwargs)), with_kwargs=True
+        )
+        for n in names
+    ]
     try:
         with torch.no_grad():
             model(inputs.x[:1].to(inputs.device))
@@ -54,14 +59,18 @@ def _scales(module: nn.Module, args: tuple, kwargs: dict, generator: torch.Gener
     """True when the output at the capture point, with the rows scaled by r > 0, is r times the output."""
     outputs: list[torch.Tensor] = []
     hook = capture_point(module).register_forward_hook(  # a copy: an in-place activation may follow
-        lambda m, a, out: outputs.append(out.clone() if isinstance(out, torch.Tensor) else out))
+        lambda m, a, out: outputs.append(out.clone() if isinstance(out, torch.Tensor) else out)
+    )
     try:
         with torch.no_grad():
             module(*args, **kwargs)
             rows = next(getattr(module, k) for k in ROW_PARAMETERS if getattr(module, k, None) is not None)
             r = torch.empty(rows.shape[0], dtype=torch.float64).uniform_(0.5, 2.0, generator=generator)
-            scaled = {k: p * r.to(p).view((-1,) + (1,) * (p.dim() - 1)) for k in ROW_PARAMETERS
-                      if isinstance(p := getattr(module, k, None), nn.Parameter)}
+            scaled = {
+                k: p * r.to(p).view((-1,) + (1,) * (p.dim() - 1))
+                for k in ROW_PARAMETERS
+                if isinstance(p := getattr(module, k, None), nn.Parameter)
+            }
             functional_call(module, scaled, args, kwargs)
     finally:
         hook.remove()

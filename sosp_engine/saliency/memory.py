@@ -6,6 +6,7 @@ on CPU), so the estimate covers the method's own working set (activations kept f
 outputs, SOSP-I's S x S matrix) and nothing is guessed per architecture. Memory held before the analysis (the model,
 the samples) is not counted: the budget's default is a share of what is free with them loaded.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,19 +50,26 @@ class MemoryEstimate:
     def batch_within(self, budget: float, largest: int) -> int:
         """The largest batch (at most `largest`) whose estimated peak stays within `budget` bytes."""
         if self.peak(1) > budget:
-            raise MemoryBudgetError(f"this analysis needs about {self.peak(1) / 2**20:,.0f} MiB even with one sample "
-                                    f"per batch, more than the budget of {budget / 2**20:,.0f} MiB: raise "
-                                    "--memory-budget, exclude layers, or use a machine with more memory")
+            raise MemoryBudgetError(
+                f"this analysis needs about {self.peak(1) / 2**20:,.0f} MiB even with one sample "
+                f"per batch, more than the budget of {budget / 2**20:,.0f} MiB: raise "
+                "--memory-budget, exclude layers, or use a machine with more memory"
+            )
         if self.per_sample <= 0:
             return largest
         return max(1, min(largest, math.floor((budget - self.fixed) / self.per_sample)))
 
     def describe(self, batch: int, budget: float) -> str:
-        matrix = (f"; its S x S work {self.floor / 2**20:,.0f} MiB"
-                  if self.floor > self.fixed + self.per_sample * batch else "")
-        return (f"memory: about {self.peak(batch) / 2**20:,.0f} MiB at batch {batch} "
-                f"({self.per_sample / 2**20:,.1f} MiB per sample + {self.fixed / 2**20:,.0f} MiB{matrix}; "
-                f"budget {budget / 2**20:,.0f} MiB)")
+        matrix = (
+            f"; its S x S work {self.floor / 2**20:,.0f} MiB"
+            if self.floor > self.fixed + self.per_sample * batch
+            else ""
+        )
+        return (
+            f"memory: about {self.peak(batch) / 2**20:,.0f} MiB at batch {batch} "
+            f"({self.per_sample / 2**20:,.1f} MiB per sample + {self.fixed / 2**20:,.0f} MiB{matrix}; "
+            f"budget {budget / 2**20:,.0f} MiB)"
+        )
 
 
 def default_budget(device: torch.device) -> float:
@@ -128,8 +136,9 @@ def memory_phase(name: str) -> Iterator[None]:
         tracker.phase = previous
 
 
-def probe(run: Callable[[int], object], device: torch.device, largest: int,
-          budget: float | None = None) -> MemoryEstimate:
+def probe(
+    run: Callable[[int], object], device: torch.device, largest: int, budget: float | None = None
+) -> MemoryEstimate:
     """Fit fixed + per-sample bytes from the peak tensor memory of `run(n)` (the method on n samples).
 
     The batched work's peak and the peak of the work on S x S matrices (`memory_phase(MATRIX)`: SOSP-I's Gram
@@ -149,7 +158,12 @@ def probe(run: Callable[[int], object], device: torch.device, largest: int,
         floor = tracker.phase_peak.get((MATRIX, device.type), 0)
         estimate = _fitted(sizes, peaks, floor)
         grew = len(peaks) > 1 and peaks[-1] - peaks[-2] >= GROWTH * peaks[-2]
-        if grew or 2 * n > PROBE_LIMIT or 2 * n >= largest or (budget is not None and estimate.peak(2 * n) > budget):
+        if (
+            grew
+            or 2 * n > PROBE_LIMIT
+            or 2 * n >= largest
+            or (budget is not None and estimate.peak(2 * n) > budget)
+        ):
             return estimate
         n *= 2
 

@@ -1,4 +1,5 @@
 """From saliencies to a single pruning order over all structures, honouring per-layer caps and floors, and targets."""
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,8 @@ UNITS = ("structures", "params", "macs")
 
 
 class Budget:
-    """Which structures may still be pruned: at most `cap` of each layer, at least one channel of every producer kept."""
+    """Which structures may still be pruned: at most `cap` of each layer, at least one channel of every
+    producer kept."""
 
     def __init__(self, structures: StructureSet, cap: float) -> None:
         if not 0 < cap <= 1:
@@ -67,12 +69,18 @@ def normalizer(structures: StructureSet, normalize: str | torch.Tensor) -> torch
     if normalize == "macs":
         return structures.structure_macs().clamp(min=1.0)
     if normalize == "latency":
-        raise AnalysisError("the latency normalisation needs measured costs: pass layer_latency's structure_seconds")
+        raise AnalysisError(
+            "the latency normalisation needs measured costs: pass layer_latency's structure_seconds"
+        )
     raise AnalysisError(f"unknown normalisation '{normalize}'; use one of {NORMALIZATIONS}")
 
 
-def order_by_saliency(saliency: torch.Tensor, structures: StructureSet, cap: float = 0.95,
-                      normalize: str | torch.Tensor = "none") -> tuple[torch.Tensor, int]:
+def order_by_saliency(
+    saliency: torch.Tensor,
+    structures: StructureSet,
+    cap: float = 0.95,
+    normalize: str | torch.Tensor = "none",
+) -> tuple[torch.Tensor, int]:
     """(pruning_order, n_prunable): smallest normalised saliency first, skipping structures the budget forbids."""
     scores = saliency.double().cpu() / normalizer(structures, normalize)
     budget = Budget(structures, cap)
@@ -86,8 +94,13 @@ def order_by_saliency(saliency: torch.Tensor, structures: StructureSet, cap: flo
     return torch.tensor(taken + skipped, dtype=torch.long), len(taken)
 
 
-def greedy_order(q: torch.Tensor, structures: StructureSet, cap: float = 0.95, normalize: str | torch.Tensor = "none",
-                 increments: list[float] | None = None) -> tuple[torch.Tensor, int]:
+def greedy_order(
+    q: torch.Tensor,
+    structures: StructureSet,
+    cap: float = 0.95,
+    normalize: str | torch.Tensor = "none",
+    increments: list[float] | None = None,
+) -> tuple[torch.Tensor, int]:
     """SOSP-I's eq. (4) in O(S^2): keep c = diag(Q) + 2 sum_{s' in M} Q[:, s'] and add 2 Q[:, s] after each choice.
 
     `increments`, if given, receives each choice's c[s]: how much it adds to eq. (2) of the mask so far.
@@ -112,9 +125,11 @@ def greedy_order(q: torch.Tensor, structures: StructureSet, cap: float = 0.95, n
     return _with_rest(taken, q.diagonal().double().cpu() / weight.cpu()), len(taken)
 
 
-def literal_greedy_order(q: torch.Tensor, structures: StructureSet, cap: float = 0.95,
-                         normalize: str = "none") -> tuple[torch.Tensor, int]:
-    """Eq. (4) as written: at every step recompute Q[s,s] + 2 sum_{s' in M} Q[s,s'] for every candidate (O(S^3) overall)."""
+def literal_greedy_order(
+    q: torch.Tensor, structures: StructureSet, cap: float = 0.95, normalize: str = "none"
+) -> tuple[torch.Tensor, int]:
+    """Eq. (4) as written: at every step recompute Q[s,s] + 2 sum_{s' in M} Q[s,s'] for every candidate
+    (O(S^3) overall)."""
     weight = normalizer(structures, normalize).to(q.dtype)
     budget = Budget(structures, cap)
     chosen: list[int] = []
@@ -137,8 +152,14 @@ def _with_rest(taken: list[int], scores: torch.Tensor) -> torch.Tensor:
     return torch.tensor(taken + rest, dtype=torch.long)
 
 
-def prefix_for_target(order: torch.Tensor, n_prunable: int, structures: StructureSet, ratio: float,
-                      unit: str = "structures", stops: list[int] | None = None) -> int:
+def prefix_for_target(
+    order: torch.Tensor,
+    n_prunable: int,
+    structures: StructureSet,
+    ratio: float,
+    unit: str = "structures",
+    stops: list[int] | None = None,
+) -> int:
     """How many structures of the order to prune so the pruned fraction of `unit` first reaches `ratio`.
 
     With `stops` (a rounded order's allowed prefix lengths), the count is the first stop at or after that.
@@ -149,8 +170,9 @@ def prefix_for_target(order: torch.Tensor, n_prunable: int, structures: Structur
     return next(stop for stop in stops if stop >= count)
 
 
-def _prefix_for_target(order: torch.Tensor, n_prunable: int, structures: StructureSet, ratio: float,
-                       unit: str) -> int:
+def _prefix_for_target(
+    order: torch.Tensor, n_prunable: int, structures: StructureSet, ratio: float, unit: str
+) -> int:
     if unit not in UNITS:
         raise AnalysisError(f"unknown target unit '{unit}'; use one of {UNITS}")
     if not 0 <= ratio < 1:
@@ -158,8 +180,10 @@ def _prefix_for_target(order: torch.Tensor, n_prunable: int, structures: Structu
     if unit == "structures":
         k = math.ceil(ratio * structures.num_structures - 1e-9)
         if k > n_prunable:
-            raise AnalysisError(f"a ratio of {ratio:.3f} of the structures is impossible with this cap: at most "
-                                f"{n_prunable / structures.num_structures:.3f} can be pruned")
+            raise AnalysisError(
+                f"a ratio of {ratio:.3f} of the structures is impossible with this cap: at most "
+                f"{n_prunable / structures.num_structures:.3f} can be pruned"
+            )
         return k
     column = 0 if unit == "params" else 1
     total = structures.counts()[column]
@@ -170,8 +194,10 @@ def _prefix_for_target(order: torch.Tensor, n_prunable: int, structures: Structu
         return 1 - structures.counts(pruned)[column] / total
 
     if reduction(n_prunable) < ratio - 1e-12:
-        raise AnalysisError(f"a {unit} reduction of {ratio:.3f} is impossible with this cap: at most "
-                            f"{reduction(n_prunable):.3f} can be removed")
+        raise AnalysisError(
+            f"a {unit} reduction of {ratio:.3f} is impossible with this cap: at most "
+            f"{reduction(n_prunable):.3f} can be removed"
+        )
     lo, hi = 0, n_prunable
     while lo < hi:
         mid = (lo + hi) // 2
@@ -182,8 +208,9 @@ def _prefix_for_target(order: torch.Tensor, n_prunable: int, structures: Structu
     return lo
 
 
-def rounded_order(order: torch.Tensor, n_prunable: int, structures: StructureSet, round_to: int,
-                  cap: float = 0.95) -> tuple[torch.Tensor, int]:
+def rounded_order(
+    order: torch.Tensor, n_prunable: int, structures: StructureSet, round_to: int, cap: float = 0.95
+) -> tuple[torch.Tensor, int]:
     """The order regrouped so that every prefix keeps a multiple of `round_to` structures in each layer.
 
     Each layer's structures, in the order's sequence, form chunks: first `size mod round_to` of them (if any), then
@@ -202,8 +229,10 @@ def rounded_order(order: torch.Tensor, n_prunable: int, structures: StructureSet
     chunks: list[tuple[int, list[int]]] = []
     for g, layer in enumerate(structures.layers):
         limit = min(math.floor(cap * layer.size + 1e-9), layer.size - round_to)
-        kept = -(-(layer.size - limit) // round_to) * round_to  # the narrowest width allowed: a multiple of round_to
-        taken = members[g][:max(layer.size - kept, 0)]
+        kept = (
+            -(-(layer.size - limit) // round_to) * round_to
+        )  # the narrowest width allowed: a multiple of round_to
+        taken = members[g][: max(layer.size - kept, 0)]
         first = layer.size % round_to
         bounds = ([first] if first else []) + list(range(first + round_to, len(taken) + 1, round_to))
         start = 0

@@ -6,6 +6,7 @@ d^2 L / d alpha_s d alpha_t = theta_s . H theta_t, so both terms are the gradien
 (direction all ones) in the S-dimensional alpha space: no parameter gradient, no weight-gradient convolution.
 Other models take the HVP in parameter space.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -17,12 +18,24 @@ from torch import nn
 
 from ..devices import full_float32
 from ..progress import check_cancel, report
-from .common import (AnalysisInputs, affine_batch_norm_modules, batch_norm_coefficients, channel_dim,
-                     frozen_parameters, patched_forwards, per_channel, sample_losses, twice_differentiable)
+from .common import (
+    AnalysisInputs,
+    affine_batch_norm_modules,
+    batch_norm_coefficients,
+    channel_dim,
+    frozen_parameters,
+    patched_forwards,
+    per_channel,
+    sample_losses,
+    twice_differentiable,
+)
 from .homogeneity import capture_point, not_scaling
 from .pairing import sole_norm_consumers
 
-def gradient_and_hvp(inputs: AnalysisInputs, vector: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+
+def gradient_and_hvp(
+    inputs: AnalysisInputs, vector: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The mean-loss gradient and the Hessian-vector product H @ vector, by double backward, batch by batch."""
     params = inputs.params()
     grads: list[torch.Tensor] = []
@@ -78,29 +91,44 @@ class _FixedWeightConv(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         m = ctx.module
         spatial = len(m.kernel_size)
-        extra = [size - ((out - 1) * s - 2 * p + d * (k - 1) + 1) for size, out, s, p, d, k in
-                 zip(ctx.input_shape[-spatial:], grad.shape[-spatial:], m.stride, m.padding, m.dilation, m.kernel_size)]
+        extra = [
+            size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
+            for size, out, s, p, d, k in zip(
+                ctx.input_shape[-spatial:],
+                grad.shape[-spatial:],
+                m.stride,
+                m.padding,
+                m.dilation,
+                m.kernel_size,
+            )
+        ]
         transposed = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[spatial - 1]
         return transposed(grad, m.weight, None, m.stride, m.padding, extra, m.groups, m.dilation), None
 
 
 def _transposable(m: nn.Module) -> bool:
     """A plain convolution with numeric zero padding (its input gradient is one transposed convolution)."""
-    return (type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and "forward" not in vars(m) and m.padding_mode == "zeros"
-            and not isinstance(m.padding, str))
+    return (
+        type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        and "forward" not in vars(m)
+        and m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+    )
 
 
 @contextmanager
 def fixed_weight_convolutions(model: nn.Module) -> Iterator[nn.Module]:
     """While parameters are frozen, plain convolutions backpropagate with a transposed convolution (see above)."""
-    with patched_forwards({m: (lambda x, m=m: _FixedWeightConv.apply(x, m)) for m in model.modules()
-                           if _transposable(m)}):
+    with patched_forwards(
+        {m: (lambda x, m=m: _FixedWeightConv.apply(x, m)) for m in model.modules() if _transposable(m)}
+    ):
         yield model
 
 
 @contextmanager
-def _scaled_outputs(model: nn.Module, names: list[str], affine: set[int],
-                    fused: dict[str, str]) -> Iterator[dict[str, torch.Tensor]]:
+def _scaled_outputs(
+    model: nn.Module, names: list[str], affine: set[int], fused: dict[str, str]
+) -> Iterator[dict[str, torch.Tensor]]:
     """Multiply each named module's output channels by a fresh all-ones alpha (created at its first call).
 
     An eval-mode BatchNorm (its id in `affine`) takes alpha into its affine coefficients (no extra full-size
@@ -128,14 +156,23 @@ def _scaled_outputs(model: nn.Module, names: list[str], affine: set[int],
                 scale = scale * alpha_for(before, x, scale.numel())
             # not addcmul: its backward multiplies the whole input by the scalar `value` again for the scale's gradient
             return x * per_channel(scale, x) + per_channel(shift, x)
+
         return forward
 
     norms = {n for n in names if id(model.get_submodule(n)) in affine} | set(fused)
-    folded = {model.get_submodule(n): scaled_batch_norm(model.get_submodule(n), n if n in names else None,
-                                                        fused.get(n)) for n in norms}
+    folded = {
+        model.get_submodule(n): scaled_batch_norm(
+            model.get_submodule(n), n if n in names else None, fused.get(n)
+        )
+        for n in norms
+    }
     hooked = [n for n in names if n not in norms and n not in fused.values()]
-    hooks = [capture_point(model.get_submodule(n)).register_forward_hook(
-        lambda point, a, o, m=model.get_submodule(n), n=n: scale_output(m, a, o, n)) for n in hooked]
+    hooks = [
+        capture_point(model.get_submodule(n)).register_forward_hook(
+            lambda point, a, o, m=model.get_submodule(n), n=n: scale_output(m, a, o, n)
+        )
+        for n in hooked
+    ]
     try:
         with patched_forwards(folded):
             yield scales
@@ -144,7 +181,9 @@ def _scaled_outputs(model: nn.Module, names: list[str], affine: set[int],
             h.remove()
 
 
-def channel_scale_terms(inputs: AnalysisInputs, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+def channel_scale_terms(
+    inputs: AnalysisInputs, rows: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(theta_s . g, theta_s . H theta_struc) per structure as d L / d alpha and (d^2 L / d alpha^2) 1, batch by batch.
 
     None when a producer module is never called (its parameters are used some other way).
@@ -158,16 +197,23 @@ def channel_scale_terms(inputs: AnalysisInputs, rows: dict[str, torch.Tensor]) -
     n, done = inputs.num_samples, 0
     for x, y in inputs.passes():
         check_cancel(inputs.should_stop)
-        with frozen_parameters(inputs.model), twice_differentiable(inputs.model) as model, \
-                fixed_weight_convolutions(model), _scaled_outputs(model, names, affine, fused) as scales:
+        with (
+            frozen_parameters(inputs.model),
+            twice_differentiable(inputs.model) as model,
+            fixed_weight_convolutions(model),
+            _scaled_outputs(model, names, affine, fused) as scales,
+        ):
             loss = sample_losses(model(x), y, inputs.loss).sum() / n
         if len(scales) < len(names):
             return None
         alphas = [scales[k] for k in names]
         g = torch.autograd.grad(loss, alphas, create_graph=True, allow_unused=True, materialize_grads=True)
         dot = sum(gi[rows[k]].sum() for k, gi in zip(names, g))
-        hv = torch.autograd.grad(dot, alphas, allow_unused=True, materialize_grads=True) if dot.requires_grad \
+        hv = (
+            torch.autograd.grad(dot, alphas, allow_unused=True, materialize_grads=True)
+            if dot.requires_grad
             else [torch.zeros_like(a) for a in alphas]
+        )
         for k, gi, hi in zip(names, g, hv):
             grads[k] = grads[k] + gi.detach() if k in grads else gi.detach()
             hvp[k] = hvp[k] + hi if k in hvp else hi

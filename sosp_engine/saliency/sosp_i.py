@@ -1,4 +1,5 @@
 """SOSP-I: the Gauss-Newton matrix Q of eq. (3) from gradient x activation (Euler's theorem) and one Gram product."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -15,8 +16,16 @@ from ..devices import available_memory, full_float32
 from ..errors import AnalysisError
 from .memory import MATRIX, memory_phase
 from ..progress import check_cancel, report
-from .common import (AnalysisInputs, affine_batch_norm_modules, affine_batch_norms, batch_norm_coefficients,
-                     channel_dim, frozen_parameters, patched_forwards, per_channel)
+from .common import (
+    AnalysisInputs,
+    affine_batch_norm_modules,
+    affine_batch_norms,
+    batch_norm_coefficients,
+    channel_dim,
+    frozen_parameters,
+    patched_forwards,
+    per_channel,
+)
 from .homogeneity import capture_point, not_scaling, producer_modules
 from .pairing import NormReaders, norm_read_structures, sole_norm_consumers
 
@@ -31,8 +40,12 @@ class CapturePlan:
     """How SOSP-I reads the producers' outputs in each forward."""
 
     copied: set[str]  # producers whose output a later op changes in place: the model goes on with a copy
-    folded: dict[str, str]  # {norm: producer}: the pair runs as one producer, the norm's scale and shift folded in
-    read_by_norms: NormReaders = field(default_factory=NormReaders)  # norms whose terms come from their producers'
+    folded: dict[
+        str, str
+    ]  # {norm: producer}: the pair runs as one producer, the norm's scale and shift folded in
+    read_by_norms: NormReaders = field(
+        default_factory=NormReaders
+    )  # norms whose terms come from their producers'
 
     @cached_property
     def norm_of(self) -> dict[str, str]:
@@ -45,24 +58,36 @@ def capture_plan(inputs: AnalysisInputs) -> CapturePlan:
     outputs that need a copy."""
     names = producer_modules(inputs)
     affine = {id(m) for m in affine_batch_norm_modules(inputs.model)}
-    folded = {norm: producer for norm, producer in sole_norm_consumers(inputs, names, affine).items()
-              if norm in names and type(inputs.model.get_submodule(producer)) in FOLDABLE_PRODUCERS
-              and "forward" not in vars(inputs.model.get_submodule(producer))}
+    folded = {
+        norm: producer
+        for norm, producer in sole_norm_consumers(inputs, names, affine).items()
+        if norm in names
+        and type(inputs.model.get_submodule(producer)) in FOLDABLE_PRODUCERS
+        and "forward" not in vars(inputs.model.get_submodule(producer))
+    }
     read_by_norms = norm_read_structures(inputs, names, affine, set(folded) | set(folded.values()))
     seen: dict[str, list[tuple[torch.Tensor, int]]] = {}
 
     def record(module, args, out, name):
         if isinstance(out, torch.Tensor):
             seen.setdefault(name, []).append((out, out._version))
-    hooks = [capture_point(inputs.model.get_submodule(n)).register_forward_hook(
-        lambda m, a, out, n=n: record(m, a, out, n)) for n in names if n not in folded]
+
+    hooks = [
+        capture_point(inputs.model.get_submodule(n)).register_forward_hook(
+            lambda m, a, out, n=n: record(m, a, out, n)
+        )
+        for n in names
+        if n not in folded
+    ]
     try:
         with torch.no_grad(), analysis_forwards(inputs.model, folded):
             inputs.model(inputs.x[:1].to(inputs.device))
     finally:
         for h in hooks:
             h.remove()
-    return CapturePlan({n for n, outs in seen.items() if any(t._version != v for t, v in outs)}, folded, read_by_norms)
+    return CapturePlan(
+        {n for n, outs in seen.items() if any(t._version != v for t, v in outs)}, folded, read_by_norms
+    )
 
 
 def _passed_on(x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +128,9 @@ class _GradientOnly:
 
 
 @contextmanager
-def _captured_outputs(inputs: AnalysisInputs, plan: CapturePlan) -> Iterator[tuple[dict, list, _GradientOnly]]:
+def _captured_outputs(
+    inputs: AnalysisInputs, plan: CapturePlan
+) -> Iterator[tuple[dict, list, _GradientOnly]]:
     """Record every producer's output at its capture point, and each uncopied record's version to check afterwards.
 
     Where a later op changes an output in place (`plan.copied`), the model goes on with a copy so the record stays
@@ -129,6 +156,7 @@ def _captured_outputs(inputs: AnalysisInputs, plan: CapturePlan) -> Iterator[tup
                 return out.clone()
             versions.append((name, out, out._version))
             return None
+
         hooks.append(capture_point(inputs.model.get_submodule(name)).register_forward_hook(hook))
     try:
         with frozen_parameters(inputs.model):
@@ -146,17 +174,26 @@ def check_euler(inputs: AnalysisInputs) -> None:
             f"SOSP-I reads phi theta_s as gradient x output (Euler's theorem), which needs each producer's output "
             f"channel to scale with its own weight and bias; {len(failing)} do not (e.g. {failing[:3]}: weight "
             "standardisation, an activation inside the module or a hook). Use SOSP-H (method sosp-h), which is exact "
-            "for any layer.")
+            "for any layer."
+        )
 
 
-def _add_products(inputs: AnalysisInputs, plan: CapturePlan, shifts: dict[str, torch.Tensor], name: str,
-                  tensor: torch.Tensor | None, g: torch.Tensor, per_module: dict[str, torch.Tensor]) -> None:
+def _add_products(
+    inputs: AnalysisInputs,
+    plan: CapturePlan,
+    shifts: dict[str, torch.Tensor],
+    name: str,
+    tensor: torch.Tensor | None,
+    g: torch.Tensor,
+    per_module: dict[str, torch.Tensor],
+) -> None:
     """Add one output's gradient x output, summed over positions per channel, to its module's (n, C) products.
 
     A producer with its norm folded in gives y = scale * u + shift (`shifts[producer]`): the norm's term is sum g y,
     the producer's scale * sum g u = sum g y - shift * sum g. A norm read through its producers
     (`plan.read_by_norms`) adds only shift * sum g (`shifts[norm]`, no output needed); its producers' terms count
     twice, once for the norms' scales."""
+
     def add(key: str, contrib: torch.Tensor) -> None:
         per_module[key] = per_module[key] + contrib if key in per_module else contrib
 
@@ -183,31 +220,49 @@ def _add_products(inputs: AnalysisInputs, plan: CapturePlan, shifts: dict[str, t
     add(name, products - g.sum(2) * shifts[name])
 
 
-def output_direction_products(inputs: AnalysisInputs, x: torch.Tensor, directions,
-                              plan: CapturePlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def output_direction_products(
+    inputs: AnalysisInputs, x: torch.Tensor, directions, plan: CapturePlan | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (n, D), P (n, K, S)) with P[n, k, s] = u_nk^T phi(x_n) theta_s for K per-sample output directions u_nk.
 
     `directions(logits)` returns the (n, K, D) directions; each costs one activation-only backward pass.
     """
     plan = plan if plan is not None else capture_plan(inputs)
     while True:
-        with _captured_outputs(inputs, plan) as (store, versions, gradient_only), \
-                analysis_forwards(inputs.model, plan.folded):
+        with (
+            _captured_outputs(inputs, plan) as (store, versions, gradient_only),
+            analysis_forwards(inputs.model, plan.folded),
+        ):
             logits = inputs.model(x.detach())
-            silent = [n for n in producer_modules(inputs)
-                      if n not in store and n not in plan.folded and n not in gradient_only.names]
+            silent = [
+                n
+                for n in producer_modules(inputs)
+                if n not in store and n not in plan.folded and n not in gradient_only.names
+            ]
             if silent:
-                raise AnalysisError(f"SOSP-I reads each producer's output, but {silent[:3]} never ran as a module "
-                                    "(its parameters are used another way); use SOSP-H (method sosp-h), which is exact "
-                                    "for it")
+                raise AnalysisError(
+                    f"SOSP-I reads each producer's output, but {silent[:3]} never ran as a module "
+                    "(its parameters are used another way); use SOSP-H (method sosp-h), which is exact "
+                    "for it"
+                )
             altered = {name for name, tensor, version in versions if tensor._version != version}
             if not altered:
-                return logits.detach(), _direction_products(inputs, store, gradient_only, plan, logits, directions)
-        plan.copied |= altered  # changed in place although the one-sample probe saw no such op: again, with copies
+                return logits.detach(), _direction_products(
+                    inputs, store, gradient_only, plan, logits, directions
+                )
+        plan.copied |= (
+            altered  # changed in place although the one-sample probe saw no such op: again, with copies
+        )
 
 
-def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tensor]], gradient_only: _GradientOnly,
-                        plan: CapturePlan, logits: torch.Tensor, directions) -> torch.Tensor:
+def _direction_products(
+    inputs: AnalysisInputs,
+    store: dict[str, list[torch.Tensor]],
+    gradient_only: _GradientOnly,
+    plan: CapturePlan,
+    logits: torch.Tensor,
+    directions,
+) -> torch.Tensor:
     """(n, K, S): one activation-only backward pass per direction.
 
     Each output's gradient is reduced to its products by a hook the moment the pass forms it, so no pass holds every
@@ -217,10 +272,16 @@ def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tens
     starts = [t for ts in store.values() for t in ts if t.grad_fn is None]
     u = directions(logits.detach()).to(logits.dtype)
     k_count = u.shape[1]
-    shifts = {producer: batch_norm_coefficients(inputs.model.get_submodule(norm))[1]
-              for producer, norm in plan.norm_of.items()}
-    shifts.update({norm: batch_norm_coefficients(inputs.model.get_submodule(norm))[1]
-                   for norm in plan.read_by_norms.norms})
+    shifts = {
+        producer: batch_norm_coefficients(inputs.model.get_submodule(norm))[1]
+        for producer, norm in plan.norm_of.items()
+    }
+    shifts.update(
+        {
+            norm: batch_norm_coefficients(inputs.model.get_submodule(norm))[1]
+            for norm in plan.read_by_norms.norms
+        }
+    )
     per_module: dict[str, torch.Tensor] = {}
     reduced: list[str] = []
 
@@ -240,8 +301,10 @@ def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tens
             torch.autograd.grad(logits, starts, grad_outputs=u[:, k], retain_graph=k < k_count - 1)
             if len(reduced) != expected.total():  # a product left out would be a silent zero in Q
                 missing = sorted(expected - Counter(reduced))
-                raise AnalysisError(f"SOSP-I saw no gradient at the outputs of {missing[:3]} in the backward pass "
-                                    "(an op outside autograd?); use SOSP-H (method sosp-h)")
+                raise AnalysisError(
+                    f"SOSP-I saw no gradient at the outputs of {missing[:3]} in the backward pass "
+                    "(an op outside autograd?); use SOSP-H (method sosp-h)"
+                )
             columns.append(inputs.structure_sums(per_module, (logits.shape[0],)))
     finally:
         for h in hooks:
@@ -249,9 +312,12 @@ def _direction_products(inputs: AnalysisInputs, store: dict[str, list[torch.Tens
     return torch.stack(columns, dim=1)
 
 
-def jacobian_structure_products(inputs: AnalysisInputs, x: torch.Tensor,
-                                plan: CapturePlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (n, D), A (n, D, S)) with A[n, d, s] = (phi(x_n) theta_s)_d, from one forward and D activation-only backwards."""
+def jacobian_structure_products(
+    inputs: AnalysisInputs, x: torch.Tensor, plan: CapturePlan | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (n, D), A (n, D, S)) with A[n, d, s] = (phi(x_n) theta_s)_d, from one forward and D
+    activation-only backwards."""
+
     def unit_vectors(logits: torch.Tensor) -> torch.Tensor:
         n, d = logits.shape
         return torch.eye(d, dtype=logits.dtype, device=logits.device).expand(n, d, d)
@@ -263,12 +329,17 @@ def label_difference_directions(logits: torch.Tensor, y: torch.Tensor) -> torch.
     """(n, D-1, D): e_d - e_y for every d != y_n. They span the range of R_n = diag(p) - p p^T (R_n 1 = 0)."""
     n, d = logits.shape
     eye = torch.eye(d, dtype=logits.dtype, device=logits.device)
-    others = torch.arange(d, device=logits.device).expand(n, d)[torch.arange(d, device=logits.device).expand(n, d) != y.unsqueeze(1)].view(n, d - 1)
+    others = (
+        torch.arange(d, device=logits.device)
+        .expand(n, d)[torch.arange(d, device=logits.device).expand(n, d) != y.unsqueeze(1)]
+        .view(n, d - 1)
+    )
     return eye[others] - eye[y].unsqueeze(1)
 
 
-def cross_entropy_curvature_rows(g: torch.Tensor, q: torch.Tensor, p_label: torch.Tensor,
-                                 gradient_products: torch.Tensor) -> torch.Tensor:
+def cross_entropy_curvature_rows(
+    g: torch.Tensor, q: torch.Tensor, p_label: torch.Tensor, gradient_products: torch.Tensor
+) -> torch.Tensor:
     """(n, D-1, S) rows r with r^T r = g^T (diag(q) - q q^T) g, sample by sample: the Gauss-Newton matrix of
     cross-entropy as one Gram product, D - 1 rows per sample.
 
@@ -287,12 +358,15 @@ def drop_label_column(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return p[keep].view(n, d - 1)
 
 
-def sampled_label_directions(logits: torch.Tensor, y: torch.Tensor, labels_per_sample: int,
-                             generator: torch.Generator) -> torch.Tensor:
+def sampled_label_directions(
+    logits: torch.Tensor, y: torch.Tensor, labels_per_sample: int, generator: torch.Generator
+) -> torch.Tensor:
     """(n, k+1, D): p - e_y' for k labels y' ~ softmax (an unbiased Fisher = GN estimate), then p - e_y for lam1."""
     p = torch.softmax(logits.double(), 1)
     eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
-    sampled = torch.multinomial(p.cpu(), labels_per_sample, replacement=True, generator=generator).to(p.device)
+    sampled = torch.multinomial(p.cpu(), labels_per_sample, replacement=True, generator=generator).to(
+        p.device
+    )
     return torch.cat([p.unsqueeze(1) - eye[sampled], (p - eye[y]).unsqueeze(1)], dim=1)
 
 
@@ -305,8 +379,9 @@ def loss_output_gradient(logits: torch.Tensor, y: torch.Tensor, loss: str) -> to
 
 
 @full_float32()
-def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_labels: int = 0,
-                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def gauss_newton_terms(
+    inputs: AnalysisInputs, diagonal_only: bool = False, mc_labels: int = 0, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(lam1 (S,), G) with G = theta_s^T H_GN theta_s' over the N' samples: (S, S), or its diagonal (S,) if asked."""
     s_count = inputs.structures.num_structures
     device, n_total = inputs.device, inputs.num_samples
@@ -315,7 +390,9 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
     first = torch.zeros(s_count, dtype=torch.float64, device=device)
     generator = torch.Generator().manual_seed(seed)
     if mc_labels > 0 and inputs.loss != "cross-entropy":
-        raise AnalysisError("sampled labels estimate the cross-entropy Gauss-Newton matrix only; use --mc-labels 0")
+        raise AnalysisError(
+            "sampled labels estimate the cross-entropy Gauss-Newton matrix only; use --mc-labels 0"
+        )
     check_euler(inputs)
     plan = capture_plan(inputs)
     done = 0
@@ -323,14 +400,17 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
         check_cancel(inputs.should_stop)
         if mc_labels > 0:
             _, v = output_direction_products(
-                inputs, x, lambda out: sampled_label_directions(out, y, mc_labels, generator), plan)
+                inputs, x, lambda out: sampled_label_directions(out, y, mc_labels, generator), plan
+            )
             product_dtype, v = v.dtype, v.to(torch.float64)
-            rows = v[:, :mc_labels] / mc_labels ** 0.5
+            rows = v[:, :mc_labels] / mc_labels**0.5
             first += v[:, mc_labels].sum(0)
         elif inputs.loss == "cross-entropy":
             # With g = products with e_d - e_y (d != y): A^T R A = g^T (diag(q) - q q^T) g and A^T (p - e_y) = g^T q.
             # D - 1 backward passes, no division by small probabilities.
-            logits, g = output_direction_products(inputs, x, lambda out: label_difference_directions(out, y), plan)
+            logits, g = output_direction_products(
+                inputs, x, lambda out: label_difference_directions(out, y), plan
+            )
             product_dtype, g = g.dtype, g.to(torch.float64)
             p = torch.softmax(logits.double(), 1)
             q = drop_label_column(p, y)
@@ -344,7 +424,7 @@ def gauss_newton_terms(inputs: AnalysisInputs, diagonal_only: bool = False, mc_l
             rows = a
         flat = rows.reshape(-1, s_count)
         if diagonal_only:
-            gram += (flat ** 2).sum(0)
+            gram += (flat**2).sum(0)
         else:
             with memory_phase(MATRIX):
                 # In the products' own precision, at least float32 (float32 halves the time), summed into float64.
@@ -398,7 +478,8 @@ def matrix_dtype(s_count: int, device: torch.device) -> torch.dtype:
     raise AnalysisError(
         f"SOSP-I needs an S x S matrix over S = {s_count:,} structures: {need / 2**30:.1f} GiB in float32, but only "
         f"{available_memory(device) / 2**30:.1f} GiB is free on {device}. Use SOSP-H (no S x S matrix), exclude "
-        "layers (--exclude), or run on a machine with more memory.")
+        "layers (--exclude), or run on a machine with more memory."
+    )
 
 
 def sosp_i_matrix(first: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:

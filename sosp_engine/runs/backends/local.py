@@ -1,5 +1,6 @@
 """The local backend: a job runs as its own OS process (`python -m sosp_engine run-job ID`), so closing the UI never
 stops it; a process that ends without recording an outcome fails its job at once, with its exit code."""
+
 from __future__ import annotations
 
 import os
@@ -21,9 +22,15 @@ def start_job(store: Store, job: dict) -> None:
     log = open(Path(job["path"]) / LOG_NAME, "ab")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(PACKAGE_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen([sys.executable, "-m", "sosp_engine", "run-job", job["id"], "--workspace", str(store.root)],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                            env=env, cwd=PACKAGE_ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sosp_engine", "run-job", job["id"], "--workspace", str(store.root)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
+        cwd=PACKAGE_ROOT,
+    )
     store.update_job(job["id"], pid=proc.pid, heartbeat=time.time())
     threading.Thread(target=_reap, args=(store, job["id"], proc), daemon=True).start()
 
@@ -37,8 +44,16 @@ def _reap(store: Store, job_id: str, proc: subprocess.Popen) -> None:
         if job["status"] in ("starting", "running") and job.get("pid") == proc.pid:
             last = (read_log(store, job_id, tail=1) or "no output").strip()
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            store.update_job(job_id, status="failed", finished=time.time(),
-                             error=f"the job's process {how} before it recorded an outcome (last log line: {last}); "
-                                   "resume it to continue from its last checkpoint")
-    except (StoreError, OSError, sqlite3.Error):  # the workspace went away meanwhile: the stale check covers it
+            store.update_job(
+                job_id,
+                status="failed",
+                finished=time.time(),
+                error=f"the job's process {how} before it recorded an outcome (last log line: {last}); "
+                "resume it to continue from its last checkpoint",
+            )
+    except (
+        StoreError,
+        OSError,
+        sqlite3.Error,
+    ):  # the workspace went away meanwhile: the stale check covers it
         pass

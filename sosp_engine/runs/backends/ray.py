@@ -5,6 +5,7 @@ the store, which stays the one record the dashboard reads. Restarting the dashbo
 A task killed or a node lost fails the job with the reason; resume runs it again from its last epoch checkpoint in
 the run folder (under `--artifacts`, a folder every node reaches).
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,7 +37,9 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise BackendError("the ray backend needs Ray: pip install -r requirements-cluster.txt (on every node)") from None
+        raise BackendError(
+            "the ray backend needs Ray: pip install -r requirements-cluster.txt (on every node)"
+        ) from None
     return ray
 
 
@@ -45,8 +48,10 @@ def connect(address: str):
     travels to the workers with the jobs."""
     ray = _ray()
     if not address:
-        raise BackendError("give the Ray cluster's address: --ray-address HOST:PORT, or $SOSP_RAY_ADDRESS ('auto' finds "
-                           "a cluster started on this machine with `ray start --head`)")
+        raise BackendError(
+            "give the Ray cluster's address: --ray-address HOST:PORT, or $SOSP_RAY_ADDRESS ('auto' finds "
+            "a cluster started on this machine with `ray start --head`)"
+        )
     if ray.is_initialized() and _connected.get("address") == address:
         return ray
     _check_reachable(address)
@@ -54,11 +59,18 @@ def connect(address: str):
         ray.shutdown()
     package = str(Path(__file__).resolve().parent)
     try:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR,
-                 runtime_env={"py_modules": [package]})
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            runtime_env={"py_modules": [package]},
+        )
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise BackendError(f"cannot reach the Ray cluster at '{address}' ({str(exc).splitlines()[0]}); start it with "
-                           "`ray start --head` and check the address") from None
+        raise BackendError(
+            f"cannot reach the Ray cluster at '{address}' ({str(exc).splitlines()[0]}); start it with "
+            "`ray start --head` and check the address"
+        ) from None
     _connected["address"] = address
     return ray
 
@@ -71,8 +83,10 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host.removeprefix("ray://") or "127.0.0.1", int(port)), timeout=3).close()
     except OSError as exc:
-        raise BackendError(f"cannot reach the Ray cluster at '{address}' ({exc.strerror or exc}); start it with "
-                           "`ray start --head` and check the address") from None
+        raise BackendError(
+            f"cannot reach the Ray cluster at '{address}' ({exc.strerror or exc}); start it with "
+            "`ray start --head` and check the address"
+        ) from None
 
 
 def host_name(job_id: str) -> str:
@@ -84,7 +98,9 @@ def resources(ray, config: dict) -> dict:
     nproc, device = int(config.get("nproc", 1)), str(config.get("device", "auto"))
     gpus = ray.cluster_resources().get("GPU", 0)
     if device.startswith("cuda") and not gpus:
-        raise BackendError(f"the job asks for {device} but the Ray cluster has no GPUs; use --device cpu or auto")
+        raise BackendError(
+            f"the job asks for {device} but the Ray cluster has no GPUs; use --device cpu or auto"
+        )
     if device != "cpu" and gpus:
         return {"num_gpus": nproc, "num_cpus": 1}
     return {"num_cpus": nproc, "num_gpus": 0}
@@ -128,17 +144,24 @@ def _host_class():
             self.stop = self.stop or cancel
             with self.lock:
                 self.events = [e for e in self.events if e[0] > acknowledged]
-                return {"events": list(self.events), "progress": self.latest, "beat": self.beat,
-                        "finished": self.finished}
+                return {
+                    "events": list(self.events),
+                    "progress": self.latest,
+                    "beat": self.beat,
+                    "finished": self.finished,
+                }
 
         def _watch(self) -> None:
             try:
                 outcome = ray.get(self.ref)
             except Exception as exc:  # the worker or its node died: the task cannot report this itself
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                outcome = {"status": "failed", "error": f"the Ray worker running the job was lost ({type(exc).__name__}"
-                                                        f"{': ' + first if first else ''}); resume it to continue "
-                                                        "from its last epoch checkpoint"}
+                outcome = {
+                    "status": "failed",
+                    "error": f"the Ray worker running the job was lost ({type(exc).__name__}"
+                    f"{': ' + first if first else ''}); resume it to continue "
+                    "from its last epoch checkpoint",
+                }
             self._add("end", outcome)
             self.finished = True
 
@@ -150,9 +173,12 @@ def run_remote_job(job: dict, host, unit_needs: dict) -> dict:
     study's units run as parallel tasks of `unit_needs` each."""
     import ray
 
-
-    ray.get(host.push.remote("start", {"node": f"{socket.gethostname()} ({ray.util.get_node_ip_address()})",
-                                       "pid": os.getpid()}))
+    ray.get(
+        host.push.remote(
+            "start",
+            {"node": f"{socket.gethostname()} ({ray.util.get_node_ip_address()})", "pid": os.getpid()},
+        )
+    )
     log = LogLines(lambda line: host.push.remote("log", line))
     last = [0.0]
 
@@ -167,13 +193,18 @@ def run_remote_job(job: dict, host, unit_needs: dict) -> dict:
 
     should_stop = throttled(lambda: ray.get(host.stop_requested.remote()))
     try:
-        outcome = {"status": "done", "result": execute(job, report, should_stop, fan_out=ray_fan_out(unit_needs, host))}
+        outcome = {
+            "status": "done",
+            "result": execute(job, report, should_stop, fan_out=ray_fan_out(unit_needs, host)),
+        }
     except Cancelled as exc:
         outcome = {"status": "cancelled", "message": str(exc)}
     except Exception as exc:
         host.push.remote("log", traceback.format_exc())
         outcome = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-    ray.get(host.push.remote("log", f"[{time.strftime('%H:%M:%S')}] {outcome['status']}"))  # after every earlier push
+    ray.get(
+        host.push.remote("log", f"[{time.strftime('%H:%M:%S')}] {outcome['status']}")
+    )  # after every earlier push
     return outcome
 
 
@@ -190,7 +221,8 @@ def run_unit_reporting(runner, config: dict, folder: str, unit: tuple, host) -> 
 
 
 def ray_fan_out(needs: dict, host):
-    """A study's units as parallel tasks (each with the job's resources), yielded as they finish; stop cancels the rest."""
+    """A study's units as parallel tasks (each with the job's resources), yielded as they finish; stop cancels
+    the rest."""
     import ray
 
     def fan_out(runner, config: dict, folder: str, units: list, should_stop) -> Iterator[tuple[tuple, dict]]:
@@ -215,15 +247,20 @@ def start_job(store: Store, job: dict) -> None:
     """Hand a claimed job to the cluster: a fresh host actor named after the job starts its task."""
     ray = connect(job["address"])
     unit_needs = resources(ray, job["config"])
-    needs = {"num_cpus": 0, "num_gpus": 0} if job["kind"] in STUDY_KINDS else unit_needs  # a study hands out units
+    needs = (
+        {"num_cpus": 0, "num_gpus": 0} if job["kind"] in STUDY_KINDS else unit_needs
+    )  # a study hands out units
     name = host_name(job["id"])
     _kill_host(ray, name)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
-    _host_class().options(name=name, namespace=NAMESPACE, lifetime="detached", scheduling_strategy=here).remote(
-        job, needs, unit_needs)
-    store.update_job(job["id"], heartbeat=time.time(), message=f"waiting for the cluster ({_describe(unit_needs)})")
+    _host_class().options(
+        name=name, namespace=NAMESPACE, lifetime="detached", scheduling_strategy=here
+    ).remote(job, needs, unit_needs)
+    store.update_job(
+        job["id"], heartbeat=time.time(), message=f"waiting for the cluster ({_describe(unit_needs)})"
+    )
 
 
 def _describe(needs: dict) -> str:
@@ -249,14 +286,19 @@ def release(job: dict) -> None:
     except Exception:  # a dead or unreachable host runs nothing
         finished = True
     if not finished:
-        raise StoreError(f"job '{job['id']}' still runs on the Ray cluster: cancel it and wait until it stops")
+        raise StoreError(
+            f"job '{job['id']}' still runs on the Ray cluster: cancel it and wait until it stops"
+        )
     ray.kill(host)
 
 
 def sync(store: Store) -> list[str]:
     """Drain the events of every active cluster job into the store; returns the jobs found lost (now failed)."""
-    return [job["id"] for job in store.jobs("running") + store.jobs("starting")
-            if job["backend"] == "ray" and _sync_job(store, job)]
+    return [
+        job["id"]
+        for job in store.jobs("running") + store.jobs("starting")
+        if job["backend"] == "ray" and _sync_job(store, job)
+    ]
 
 
 def _fail(store: Store, job: dict, reason: str) -> bool:
@@ -272,24 +314,37 @@ def _sync_job(store: Store, job: dict) -> bool:
     except ValueError:
         if job["status"] == "starting" and time.time() - (job.get("heartbeat") or job["created"]) < 10:
             return False  # being handed to the cluster right now
-        return _fail(store, job, "the job's Ray host is gone (its node was lost or the cluster restarted); resume it "
-                                 "to run it again from its last epoch checkpoint")
+        return _fail(
+            store,
+            job,
+            "the job's Ray host is gone (its node was lost or the cluster restarted); resume it "
+            "to run it again from its last epoch checkpoint",
+        )
     try:
-        batch = ray.get(host.drain.remote(job["remote_seq"], bool(job["cancel_requested"])),
-                        timeout=DRAIN_TIMEOUT_SECONDS)
+        batch = ray.get(
+            host.drain.remote(job["remote_seq"], bool(job["cancel_requested"])), timeout=DRAIN_TIMEOUT_SECONDS
+        )
     except ray.exceptions.GetTimeoutError:
         return False  # busy; the next look will drain
     except ray.exceptions.RayError as exc:
-        return _fail(store, job, f"the job's Ray host was lost ({type(exc).__name__}); resume it to run it again "
-                                 "from its last epoch checkpoint")
+        return _fail(
+            store,
+            job,
+            f"the job's Ray host was lost ({type(exc).__name__}); resume it to run it again "
+            "from its last epoch checkpoint",
+        )
     fields: dict = {"heartbeat": batch["beat"]}
     if batch["progress"] is not None:
         fields.update(progress=batch["progress"][0], message=batch["progress"][1])
     metrics, lines, outcome = [], [], None
     for _, kind, payload in batch["events"]:
         if kind == "start":
-            fields.update(status="running", node=payload["node"], pid=payload["pid"],
-                          started=job.get("started") or time.time())
+            fields.update(
+                status="running",
+                node=payload["node"],
+                pid=payload["pid"],
+                started=job.get("started") or time.time(),
+            )
         elif kind == "metrics":
             metrics.append((payload.get("stage", ""), int(payload.get("epoch", 0)), payload))
         elif kind == "log":
@@ -316,7 +371,13 @@ def _sync_job(store: Store, job: dict) -> bool:
 def _final_fields(outcome: dict) -> dict:
     now = time.time()
     if outcome["status"] == "done":
-        return {"status": "done", "finished": now, "progress": 1.0, "message": "done", "result": outcome["result"]}
+        return {
+            "status": "done",
+            "finished": now,
+            "progress": 1.0,
+            "message": "done",
+            "result": outcome["result"],
+        }
     if outcome["status"] == "cancelled":
         return {"status": "cancelled", "finished": now, "message": outcome["message"]}
     return {"status": "failed", "finished": now, "error": outcome["error"]}
@@ -327,5 +388,9 @@ def cluster_summary(address: str) -> dict:
     ray = connect(address)
     total = ray.cluster_resources()
     alive = [n for n in ray.nodes() if n.get("Alive")]
-    return {"nodes": len(alive), "cpus": int(total.get("CPU", 0)), "gpus": int(total.get("GPU", 0)),
-            "addresses": sorted({n.get("NodeManagerAddress", "") for n in alive})}
+    return {
+        "nodes": len(alive),
+        "cpus": int(total.get("CPU", 0)),
+        "gpus": int(total.get("GPU", 0)),
+        "addresses": sorted({n.get("NodeManagerAddress", "") for n in alive}),
+    }
