@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch_pruning as tp
@@ -23,6 +24,12 @@ NORM_TYPES = (
     nn.modules.instancenorm._InstanceNorm,
 )
 PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d) + TRANSPOSED_TYPES
+TRANSPOSED_REASON = (
+    ": SOSP's saliencies are derived for conv and linear producers, so they are not offered (the transposed "
+    "convolution's input channels are pruned with the layer that feeds it)"
+)
 PRESETS = {
     "cifar-resnet": ("*shortcut*",),
     "torchvision-resnet": ("*downsample*",),
@@ -56,11 +63,7 @@ def _channel_groups(module: nn.Module, is_out: bool) -> tuple[int, int]:
     """(channels, groups) of the dimension a coupled group touches, where equal channels per group must be kept."""
     if isinstance(module, nn.GroupNorm):
         return module.num_channels, module.num_groups
-    if (
-        isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        and module.groups > 1
-        and not _is_depthwise(module)
-    ):
+    if isinstance(module, CONV_TYPES) and module.groups > 1 and not _is_depthwise(module):
         return (module.out_channels if is_out else module.in_channels), module.groups
     return 0, 1
 
@@ -167,6 +170,13 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
                 "channel counts it cannot infer through a concatenation, as in Swin-S/B); exclude the "
                 "affected layers or use another model"
             ) from None
+
+
+class Call(NamedTuple):
+    """One call of a module: its first input's and its output's shapes."""
+
+    inputs: tuple
+    output: tuple
 
 
 @dataclass
@@ -364,10 +374,17 @@ def _bare_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     ]
 
 
-def forward_records(model: nn.Module, example_input: torch.Tensor) -> tuple[list[str], dict[str, tuple]]:
-    """Forward order of parameterised leaf modules and each one's output shape."""
+def _shape(value: object) -> tuple:
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+
+
+def forward_records(model: nn.Module, example_input: torch.Tensor) -> tuple[list[str], dict[str, list[Call]]]:
+    """Forward order of parameterised leaf modules (by first call) and every call's input and output shapes: a
+    module applied twice (a reused block, weight sharing) costs MACs twice."""
     order: list[str] = []
-    shapes: dict[str, tuple] = {}
+    shapes: dict[str, list[Call]] = {}
     hooks = []
     for name, m in model.named_modules():
         if _counted_module(m):
@@ -375,7 +392,7 @@ def forward_records(model: nn.Module, example_input: torch.Tensor) -> tuple[list
             def hook(mod, inp, out, name=name):
                 if name not in shapes:
                     order.append(name)
-                    shapes[name] = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
+                shapes.setdefault(name, []).append(Call(_shape(inp), _shape(out)))
 
             hooks.append(m.register_forward_hook(hook))
     try:
@@ -392,11 +409,19 @@ def _weight_and_bias(m: nn.Module) -> int:
     return sum(p.numel() for p in (m.weight, getattr(m, "bias", None)) if isinstance(p, torch.Tensor))
 
 
-def module_info(name: str, m: nn.Module, out_shape: tuple) -> ModuleInfo:
+def _positions(shape: tuple, first: int, last: int | None = None) -> int:
+    """The product of shape[first:last] (1 for none): spatial positions, or the tokens a linear layer maps."""
+    return math.prod(shape[first:last]) if len(shape) > first else 1
+
+
+def module_info(name: str, m: nn.Module, calls: Sequence[Call]) -> ModuleInfo:
+    """The counting data of one module; `positions` sums over every call (a transposed conv's MACs follow its
+    input positions, every other conv's and linear's its output positions)."""
     own = sum(p.numel() for p in m.parameters(recurse=False))
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if isinstance(m, CONV_TYPES):
         kernel = int(torch.tensor(m.kernel_size).prod())
-        positions = int(torch.tensor(out_shape[2:]).prod()) if len(out_shape) > 2 else 1
+        transposed = isinstance(m, TRANSPOSED_TYPES)
+        positions = sum(_positions(c.inputs if transposed else c.output, 2) for c in calls)
         kind = "depthwise" if _is_depthwise(m) else "conv"
         return ModuleInfo(
             name,
@@ -410,7 +435,7 @@ def module_info(name: str, m: nn.Module, out_shape: tuple) -> ModuleInfo:
             own - _weight_and_bias(m),
         )
     if isinstance(m, nn.Linear):
-        positions = int(torch.tensor(out_shape[1:-1]).prod()) if len(out_shape) > 2 else 1
+        positions = sum(_positions(c.output, 1, -1) if len(c.output) > 2 else 1 for c in calls)
         return ModuleInfo(
             name,
             "linear",
@@ -490,7 +515,7 @@ def find_structures(
 
     module_names = list(order)
     module_names += [n for n, m in model.named_modules() if n not in shapes and _counted_module(m)]
-    infos = [module_info(n, model.get_submodule(n), shapes.get(n, ())) for n in module_names]
+    infos = [module_info(n, model.get_submodule(n), shapes.get(n, [])) for n in module_names]
     for info in infos:
         if info.name not in shapes:  # not run at inference (e.g. auxiliary heads): parameters, but no MACs
             info.positions = 0
@@ -515,7 +540,7 @@ def find_structures(
         producers: dict[str, tuple[list[int], list[int]]] = {}
         effects: list[tuple[str, int, list[int], list[int]]] = []  # module, dim, module idxs, root idxs
         grouped: list[tuple[str, int, int, list[int], list[int]]] = []
-        consumers = []
+        consumers, transposed_out = [], []
         coupled = [roots for item in group for roots in getattr(item, "coupled_roots", ())]
         for item in group:
             module, handler = item.dep.target.module, item.dep.handler
@@ -530,24 +555,34 @@ def find_structures(
             channels, groups = _channel_groups(module, is_out or isinstance(module, NORM_TYPES))
             if groups > 1 and all(g[0] != name or g[1] != channels for g in grouped):
                 grouped.append((name, channels, groups, idxs, root_idxs))
-            if isinstance(module, NORM_TYPES) or (isinstance(module, PRODUCER_TYPES) and is_out):
+            if isinstance(module, TRANSPOSED_TYPES) and is_out:
+                transposed_out.append(name)
+            elif isinstance(module, NORM_TYPES) or (isinstance(module, PRODUCER_TYPES) and is_out):
                 if name not in producers:
                     producers[name] = (idxs, root_idxs)
                     effects.append((name, 1, idxs, root_idxs))
-            elif isinstance(module, PRODUCER_TYPES):
+            elif isinstance(module, PRODUCER_TYPES + TRANSPOSED_TYPES):
                 consumers.append(name)
                 effects.append((name, 0, idxs, root_idxs))
         if not producers:
             continue
         members, reason = _partition(size, grouped, coupled)
         reason = _unsupported(group, graph, names) or reason
+        if transposed_out and not reason:
+            reason = (
+                f"the output channels of the transposed convolution {transposed_out[0]} join this group"
+                + (TRANSPOSED_REASON)
+            )
         if reason:
             unprunable[names[root]] = reason
             continue
         raw_layers.append((names[root], size, members, producers, effects, consumers))
     raw_layers.sort(key=lambda r: position.get(r[0], len(position)))
+    for name, m in model.named_modules():  # their own output channels: listed, never silently left out
+        if isinstance(m, TRANSPOSED_TYPES) and m not in ignored:
+            unprunable.setdefault(name, "a transposed convolution's output channels" + TRANSPOSED_REASON)
 
-    stages = _stage_labels([shapes.get(r[0], ()) for r in raw_layers])
+    stages = _stage_labels([shapes[r[0]][0].output if r[0] in shapes else () for r in raw_layers])
     layers, keys, layer_of, slices, consumed = [], [], [], [], []
     removal_rows = []
     offset = 0
@@ -591,8 +626,10 @@ def find_structures(
         removal_rows.append(block_removal)
         offset += len(members)
     if not layers:
+        why = "; ".join(f"{name}: {reason}" for name, reason in unprunable.items())
         raise MaskError(
-            "no prunable channel group found (every group contains the classifier or an excluded layer)"
+            "no prunable channel group found: "
+            + (why if why else "every group contains the classifier or an excluded layer")
         )
     return StructureSet(
         architecture_signature(model),

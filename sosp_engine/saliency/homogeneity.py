@@ -39,9 +39,15 @@ def not_scaling(inputs: AnalysisInputs) -> list[str]:
     names = producer_modules(inputs)
     model = inputs.model
     calls: dict[str, tuple] = {}
+
+    def first_call(
+        name: str, args: tuple, kwargs: dict
+    ) -> None:  # returns None: the call's inputs stay its own
+        calls.setdefault(name, (args, kwargs))
+
     hooks = [
         model.get_submodule(n).register_forward_pre_hook(
-            lambda m, args, kwargs, n=n: calls.setdefault(n, (args, kwargs)), with_kwargs=True
+            lambda m, args, kwargs, n=n: first_call(n, args, kwargs), with_kwargs=True
         )
         for n in names
     ]
