@@ -12,7 +12,8 @@ from app.latency_view import latency_section
 from app.sensitivity_view import sensitivity_section
 from app.report import analysis_report
 from sosp_engine.experiments.bottlenecks import explain, find_bottlenecks
-from sosp_engine.pruning.exactness import exactness_line
+from sosp_engine.pruning.exactness import exactness_line, exactness_report
+from sosp_engine.saliency.analysis import EXACTNESS_SAMPLES
 from sosp_engine.nets.loading import resolve_preset
 from sosp_engine.pruning.masks import layer_table, mask_json, mask_summary, pruned_copy
 from sosp_engine.pruning.pruned_models import pruned_checkpoint_bytes, pruning_recipe
@@ -123,8 +124,13 @@ if cols[1].button(
             c.exclude,
             workbench.recipe,
         )
+        x, _ = workbench.data.analysis_samples(EXACTNESS_SAMPLES, c.seed)
+        measured = exactness_report(workbench.model, workbench.structures, mask, workbench.example, x)
         st.session_state[("pruned-model", name)] = pruned_checkpoint_bytes(smaller, recipe)
+        st.session_state[("pruned-exactness", name)] = measured
 if ("pruned-model", name) in st.session_state:
+    measured = st.session_state[("pruned-exactness", name)]
+    (cols[1].caption if measured["exact"] else cols[1].warning)(plain(exactness_line(measured)))
     cols[1].download_button(
         "Pruned model (.pt)",
         st.session_state[("pruned-model", name)],

@@ -202,6 +202,13 @@ def test_the_ratios_page_states_exactness_and_offers_the_mask_and_pruned_model(s
     assert not at.exception and not at.error
 
 
+def test_the_pruned_model_is_offered_with_its_own_measured_exactness(stored):
+    at = open_page("ratios")
+    widget(at.button, "Prepare the pruned model").click().run()
+    lines = [shown(c.value) for c in at.caption] + [shown(w.value) for w in at.warning]
+    assert any(line.startswith(("exact:", "approximate")) and "3 masks" in line for line in lines)
+
+
 def test_a_pruned_checkpoint_reopens_on_the_model_page(fresh, tmp_path):
     from sosp_engine.pruning.masks import pruned_copy
     from sosp_engine.pruning.pruned_models import pruning_recipe, save_pruned
