@@ -297,16 +297,16 @@ def sensitivity_lines(
 
 
 def predicted_vs_measured(tables: dict[str, pd.DataFrame], correlations: dict[str, float]) -> go.Figure:
-    """Predicted against measured loss increase per grid point; the legend gives each analysis's rank correlation."""
+    """Predicted against measured loss increase per grid point; the title gives each analysis's rank correlation
+    along its order (near 1 by construction: both grow with the prefix)."""
     fig = go.Figure()
     for i, (name, table) in enumerate(tables.items()):
-        rho = correlations.get(name, float("nan"))
         fig.add_trace(
             go.Scatter(
                 x=table.predicted_increase,
                 y=table.measured_increase,
                 mode="markers+lines",
-                name=f"{name} (Spearman {rho:.2f})",
+                name=name,
                 line=dict(color=PALETTE[i % len(PALETTE)]),
                 customdata=table[["ratio"]],
                 hovertemplate="ratio %{customdata[0]:.1%}<br>predicted %{x:.4g}<br>measured %{y:.4g}"
@@ -315,9 +315,64 @@ def predicted_vs_measured(tables: dict[str, pd.DataFrame], correlations: dict[st
         )
     fig.update_layout(
         **LAYOUT,
-        title="Predicted vs measured loss increase",
+        title="Predicted vs measured loss increase along the order (Spearman "
+        + "; ".join(f"{name}: {rho:.2f}" for name, rho in correlations.items())
+        + ")",
         xaxis_title="predicted loss increase",
         yaxis_title="measured loss increase (zero-masked net)",
+    )
+    return fig
+
+
+def trust_scatter(reports: dict) -> go.Figure:
+    """Each independent mask: the method's score against the measured loss increase; the title gives the scores."""
+    fig = go.Figure()
+    for i, (name, report) in enumerate(reports.items()):
+        fig.add_trace(
+            go.Scatter(
+                x=report.scores,
+                y=report.measured,
+                mode="markers",
+                name=name,
+                marker=dict(color=PALETTE[i % len(PALETTE)]),
+                hovertemplate="score %{x:.4g}<br>measured %{y:.4g}<extra></extra>",
+            )
+        )
+    scores = "; ".join(f"{name}: {report.score:.2f}" for name, report in reports.items())
+    fig.update_layout(
+        **LAYOUT,
+        title=f"Ranking of {next(iter(reports.values())).masks} masks of one size (Spearman, mean of 2 families: "
+        f"{scores})",
+        xaxis_title="method's score of the mask (sum of its saliencies)",
+        yaxis_title="measured loss increase (zero-masked net)",
+    )
+    return fig
+
+
+def calibration_chart(reports: dict) -> go.Figure:
+    """Predicted / measured loss increase along each order, with the band where the prediction holds."""
+    factor = next(iter(reports.values())).factor
+    fig = go.Figure()
+    for i, (name, report) in enumerate(reports.items()):
+        rows = [c for c in report.calibration if c["predicted_over_measured"]]
+        fig.add_trace(
+            go.Scatter(
+                x=[c["ratio"] for c in rows],
+                y=[c["predicted_over_measured"] for c in rows],
+                mode="markers+lines",
+                name=name,
+                line=dict(color=PALETTE[i % len(PALETTE)]),
+            )
+        )
+    fig.add_hrect(y0=1 / factor, y1=factor, fillcolor="#2e7d32", opacity=0.12, line_width=0)
+    fig.add_hline(y=1, line_dash="dot", line_color="#555")
+    fig.update_layout(
+        **LAYOUT,
+        title=f"Calibration: predicted / measured loss increase (shaded: within {factor:g}x)",
+        xaxis_title="pruned structures (share of all)",
+        yaxis_title="predicted / measured (log scale)",
+        xaxis_tickformat=".0%",
+        yaxis_type="log",
     )
     return fig
 

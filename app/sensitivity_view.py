@@ -5,12 +5,13 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app.charts import predicted_vs_measured, sensitivity_lines
+from app.charts import calibration_chart, predicted_vs_measured, sensitivity_lines, trust_scatter
 from app.export import export_buttons
 from app.guard import user_errors
 from app.state import analysis, workbench_for, workspace
 from app.text import plain, text_only
 from sosp_engine.experiments.sensitivity import distinct_masks, even_grid, max_reduction, sensitivity_curve
+from sosp_engine.experiments.trust import TRUSTED_SCORE, trust_check
 
 
 def sensitivity_section(record: dict, ratio: float, unit: str) -> None:
@@ -65,8 +66,13 @@ def sensitivity_section(record: dict, ratio: float, unit: str) -> None:
             st.session_state[key] = curves
         bar.empty()
     curves = st.session_state.get(key)
-    if not curves:
-        return
+    if curves:
+        curves_view(record, curves, ratio, unit)
+    trust_section(record, chosen, names, int(samples))
+
+
+def curves_view(record: dict, curves: dict, ratio: float, unit: str) -> None:
+    """The computed curves: accuracy and loss against the ratio, and predicted against measured along the order."""
     tables = {name: curve.table for name, curve in curves.items()}
     data = pd.concat([t.assign(analysis=name) for name, t in tables.items()], ignore_index=True)
     first = next(iter(curves.values()))
@@ -84,6 +90,74 @@ def sensitivity_section(record: dict, ratio: float, unit: str) -> None:
     st.plotly_chart(text_only(fig), key="sens-predicted")
     export_buttons(fig, data, f"predicted-vs-measured {record['name']} {unit}")
     st.caption(
-        "Spearman's rank correlation near 1: the analysis orders masks by their real cost, so its ranking can "
-        "be trusted; near 0 or negative: do not rely on its predictions on this net."
+        plain(
+            "Along one order: Spearman "
+            + "; ".join(f"{name} {curve.rank_correlation:.2f}" for name, curve in curves.items())
+            + ". Both curves grow with the prefix, so this is near 1 for any method; whether to trust the ranking "
+            "is what the check below measures."
+        )
     )
+
+
+def trust_section(record: dict, chosen: list[str], names: dict[str, str], samples: int) -> None:
+    """The trust meter: each analysis ranks independent masks (and the baselines the same masks), and its
+    prediction is calibrated along its order; the verdict in words under the charts."""
+    st.subheader("Can its ranking be trusted?")
+    cols = st.columns(3)
+    ratio = cols[0].number_input(
+        "Mask size (share of structures)", 0.02, 0.9, 0.1, step=0.02, key="trust-ratio"
+    )
+    masks = cols[1].number_input("Masks", 8, 400, 64, step=8, key="trust-masks")
+    factor = cols[2].number_input("Calibration factor", 1.1, 100.0, 2.0, step=0.5, key="trust-factor")
+    key = ("trust", tuple(chosen), float(ratio), int(masks), float(factor), samples)
+    if st.button("Check the ranking", icon=":material/verified:", disabled=not chosen, key="trust-run"):
+        reports = {}
+        bar = st.progress(0.0, text="starting ...")
+        with user_errors("The trust check", stop=False):
+            for i, record_id in enumerate(chosen):
+                result = analysis(record_id)
+
+                def progress(fraction: float, message: str, i: int = i) -> None:
+                    bar.progress((i + fraction) / len(chosen), text=plain(f"{names[record_id]}: {message}"))
+
+                reports[names[record_id]] = trust_check(
+                    result,
+                    workbench_for(result),
+                    float(ratio),
+                    int(masks),
+                    factor=float(factor),
+                    samples=samples,
+                    progress=progress,
+                )
+            st.session_state[key] = reports
+        bar.empty()
+    reports = st.session_state.get(key)
+    if not reports:
+        return
+    for name, report in reports.items():
+        trusted = report.score >= TRUSTED_SCORE and report.score > max(report.baseline_scores.values())
+        (st.success if trusted else st.warning)(plain(f"{name}: {report.verdict}"))
+    table = pd.DataFrame(
+        [
+            {
+                "analysis": name,
+                "score": report.score,
+                **{f"{k} (same masks)": v for k, v in report.baseline_scores.items()},
+                **{f"{k} masks": v for k, v in report.family_scores.items()},
+                "masks": report.masks,
+                "structures per mask": report.size,
+            }
+            for name, report in reports.items()
+        ]
+    )
+    st.dataframe(table, hide_index=True)
+    fig = trust_scatter(reports)
+    st.plotly_chart(text_only(fig), key="trust-scatter")
+    export_buttons(fig, table, f"trust-ranking {record['name']}")
+    fig = calibration_chart(reports)
+    st.plotly_chart(text_only(fig), key="trust-calibration")
+    calibration = pd.concat(
+        [pd.DataFrame(report.calibration).assign(analysis=name) for name, report in reports.items()],
+        ignore_index=True,
+    )
+    export_buttons(fig, calibration, f"trust-calibration {record['name']}")

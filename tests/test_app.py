@@ -248,6 +248,27 @@ def test_the_sensitivity_curves_of_an_analysis_are_computed_and_charted(stored):
     assert any("Unpruned\\: accuracy" in c.value for c in at.caption)
 
 
+def test_the_along_order_correlation_is_shown_in_the_chart_title_and_the_caption(stored):
+    at = sensitivity_of(stored, "at init", Points=3, Samples=40)
+    titles = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("Predicted vs measured loss increase along the order (Spearman" in t for t in titles)
+    assert any("Along one order\\: Spearman" in c.value for c in at.caption)
+
+
+def test_the_trust_check_shows_its_verdict_scores_and_calibration(stored):
+    at = sensitivity_of(stored, "at init", Points=3, Samples=40)
+    widget(at.number_input, "Masks").set_value(8)
+    widget(at.button, "Check the ranking").click().run()
+    assert not at.exception and not at.error
+    verdicts = [
+        shown(m.value) for m in list(at.success) + list(at.warning) if "ranks masks of one size" in m.value
+    ]
+    assert verdicts and "Spearman" in verdicts[0] and "2x" in verdicts[0]
+    titles = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("Calibration: predicted \\u002f measured" in t for t in titles)  # plotly escapes "/" in JSON
+    assert any("Ranking of 8 masks of one size" in t for t in titles)
+
+
 def test_a_sensitivity_curve_on_other_weights_shows_an_error(stored):
     at = sensitivity_of(stored, "after training", Points=3)
     assert not at.exception and at.error and "not the ones the analysis ran on" in at.error[0].value

@@ -331,7 +331,7 @@ def test_resume_refuses_while_the_old_runner_is_alive(tmp_path):
 def test_an_analysis_out_of_memory_halves_its_batch_and_gives_the_same_result(monkeypatch):
     import torch
 
-    from sosp_engine import analysis
+    from sosp_engine.saliency import analysis
     from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
     from sosp_engine.nets.loading import open_workbench
 

@@ -14,6 +14,7 @@ TINY = {
     "--epochs": "1",
     "--samples": "40",
     "--points": "3",
+    "--masks": "8",
     "--finetune-epochs": "0",
     "--seeds": "0",
     "--targets": "0.5",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+
+import pandas as pd
 from pathlib import Path
 
 from ..saliency.analysis import AnalysisResult
@@ -11,6 +13,7 @@ from ..errors import SospError
 from ..nets.loading import open_workbench
 from ..runs.records import require_trust
 from ..saliency.selection import UNITS
+from ..experiments.trust import trust_check
 from ..experiments.sensitivity import distinct_masks, even_grid, max_reduction, parse_grid, sensitivity_curve
 
 
@@ -39,6 +42,61 @@ def add_sensitivity_parser(sub: argparse._SubParsersAction) -> None:
         "--trust-code", action="store_true", help="allow the analysis's model spec to run user code"
     )
     p.set_defaults(func=cmd_sensitivity)
+    p = sub.add_parser(
+        "trust",
+        help="how far to trust an analysis: its ranking of independent masks against measured losses, the "
+        "baselines' on the same masks, and its calibration along the order",
+    )
+    p.add_argument("analysis", help="folder written by analyze")
+    p.add_argument("--ratio", type=float, default=0.1, help="structures per independent mask (share of all)")
+    p.add_argument(
+        "--masks", type=int, default=64, help="independent masks (half random, half near the order)"
+    )
+    p.add_argument("--factor", type=float, default=2.0, help="the prediction holds where within this factor")
+    p.add_argument("--split", default="val", choices=("val", "test", "train_eval"), help="evaluation split")
+    p.add_argument("--samples", type=int, default=None, help="evaluate on the first N samples of the split")
+    p.add_argument("--weights", default=None, help="the analysis's checkpoint, if it moved")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="write the report as FILE.json")
+    p.add_argument(
+        "--trust-code", action="store_true", help="allow the analysis's model spec to run user code"
+    )
+    p.set_defaults(func=cmd_trust)
+
+
+def cmd_trust(args: argparse.Namespace) -> dict:
+    result = AnalysisResult.load(args.analysis)
+    config = result.config
+    require_trust(config.model_spec, args.trust_code, f"the analysis in '{args.analysis}'")
+    if not 0 < args.ratio < 1:
+        raise SospError(f"--ratio must be in (0, 1), got {args.ratio}")
+    progress_line(f"loading {config.model_spec} on {config.data_spec} ...")
+    wb = open_workbench(
+        config.model_spec, config.data_spec, args.weights or config.weights, config.exclude, config.preset
+    )
+    bar = ProgressLine("trust")
+    report = trust_check(
+        result,
+        wb,
+        args.ratio,
+        args.masks,
+        factor=args.factor,
+        split=args.split,
+        samples=args.samples,
+        device=args.device,
+        progress=bar,
+    )
+    bar.close()
+    progress_line(pd.DataFrame(report.calibration).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    progress_line(
+        "ranking scores (Spearman, mean of the random and near-order families): "
+        + ", ".join(
+            [f"{report.method} {report.score:.2f}"]
+            + [f"{k} {v:.2f}" for k, v in report.baseline_scores.items()]
+        )
+    )
+    progress_line(report.verdict)
+    return report.to_json()
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> dict | None:
@@ -67,8 +125,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict | None:
     )
     progress_line(
         f"unpruned: loss {curve.baseline_loss:.4f}, accuracy {curve.baseline_acc:.1%} on {curve.samples} "
-        f"{curve.split} samples; rank correlation of predicted vs measured loss increase: "
-        f"{curve.rank_correlation:.3f}"
+        f"{curve.split} samples; rank correlation of predicted vs measured loss increase along the order: "
+        f"{curve.rank_correlation:.3f} (near 1 for any method; `trust {args.analysis}` checks the ranking)"
     )
     if args.out and Path(args.out).suffix.lower() == ".csv":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

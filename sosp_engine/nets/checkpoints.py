@@ -48,7 +48,8 @@ def read_checkpoint(path: str | Path) -> object:
         return load_verified(path)
     except CheckpointError as exc:
         raise CheckpointError(
-            f"{exc}. Only plain state_dicts are accepted; save with torch.save(model.state_dict(), path)"
+            f"{exc}: it is not a loadable weights file. Only plain state_dicts are accepted; save with "
+            "torch.save(model.state_dict(), path)"
         ) from None
 
 
