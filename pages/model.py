@@ -8,7 +8,15 @@ from app.text import plain
 
 from app.guard import user_errors
 from app.placement import current_placement, placement_caption
-from app.state import DEMO_WEIGHTS, ModelChoice, current_choice, set_choice, workbench, workspace
+from app.state import (
+    DEMO_WEIGHTS,
+    ModelChoice,
+    code_confirmed,
+    current_choice,
+    set_choice,
+    workbench,
+    workspace,
+)
 from sosp_engine.experiments.procedures import ExperimentConfig
 from sosp_engine.runs.jobs import submit
 from sosp_engine.pruning.masks import layer_table, mask_summary
@@ -67,8 +75,15 @@ with st.form("model_form"):
             weights = path.strip() or None
         elif source != "random init":
             weights = source
-        choice = ModelChoice(model_spec.strip(), data_spec.strip(), weights)
-        set_choice(choice)
+        st.session_state["pending_choice"] = ModelChoice(model_spec.strip(), data_spec.strip(), weights)
+
+pending = st.session_state.get("pending_choice")
+if pending is not None and code_confirmed(pending.model_spec, "This model spec"):
+    del st.session_state["pending_choice"]  # tried once: a failure shows its error and the last model stays
+    with user_errors(f"Loading {pending.model_spec}", stop=False):
+        workbench(pending)
+        set_choice(pending)
+        choice = pending
 
 with user_errors("Loading the model"):
     bench = workbench(choice)

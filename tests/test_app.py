@@ -310,6 +310,20 @@ def test_a_study_with_unreadable_targets_shows_an_error(fresh):
     assert at.error and "comma-separated numbers" in at.error[0].value and not fresh.jobs()
 
 
+def test_a_failed_load_keeps_the_last_valid_model_and_the_next_load_works_at_once(fresh):
+    at = open_page("model")
+    widget(at.text_input, "Model spec").set_value("resnet57")
+    widget(at.button, "Load model").click().run()
+    assert any("unknown model" in e.value for e in at.error)
+    assert at.session_state["model_choice"].model_spec == "resnet20"  # the last valid model stays current
+    assert widget(at.metric, "Parameters").value == "272,186"
+    widget(at.text_input, "Model spec").set_value("resnet32")
+    widget(at.selectbox, "Weights").set_value("random init")
+    widget(at.button, "Load model").click().run()
+    assert not at.error, [e.value for e in at.error]
+    assert at.session_state["model_choice"].model_spec == "resnet32"
+
+
 def test_the_demo_starts_on_the_trained_checkpoint(fresh):
     at = open_page("model")
     widget(at.button, "Test accuracy").click().run()
