@@ -130,6 +130,10 @@ def trust_section(record: dict, chosen: list[str], names: dict[str, str], sample
                     progress=progress,
                 )
             st.session_state[key] = reports
+            st.session_state[("trust-verdicts", record["name"])] = [
+                f"Trust: {r.verdict}" for r in reports.values()
+            ]
+            st.rerun()  # the page's HTML report, built above this section, then carries the verdicts
         bar.empty()
     reports = st.session_state.get(key)
     if not reports:

@@ -89,7 +89,9 @@ report = analysis_report(
         ],
         "Per-layer table": table,
     },
-    notes=explain(bottlenecks, rule),
+    notes=" ".join(
+        [explain(bottlenecks, rule)] + st.session_state.get(("trust-verdicts", record["name"]), [])
+    ),
 )
 st.download_button(
     "Analysis report (HTML)",
