@@ -12,6 +12,7 @@ from app.latency_view import latency_section
 from app.sensitivity_view import sensitivity_section
 from app.report import analysis_report
 from sosp_engine.experiments.bottlenecks import explain, find_bottlenecks
+from sosp_engine.nets.onnx_export import ExportError, checked_onnx
 from sosp_engine.pruning.exactness import exactness_line, exactness_report
 from sosp_engine.saliency.analysis import EXACTNESS_SAMPLES
 from sosp_engine.nets.loading import resolve_preset
@@ -130,9 +131,26 @@ if cols[1].button(
         measured = exactness_report(workbench.model, workbench.structures, mask, workbench.example, x)
         st.session_state[("pruned-model", name)] = pruned_checkpoint_bytes(smaller, recipe)
         st.session_state[("pruned-exactness", name)] = measured
+        try:
+            exported, deviation = checked_onnx(smaller, workbench.example, x)
+            line = f"ONNX Runtime's output deviates from PyTorch's by {deviation:.1e} on {len(x)} samples."
+        except ExportError as exc:  # the .pt is still offered
+            exported, line = None, f"No ONNX export: {exc}"
+        st.session_state[("pruned-onnx", name)] = (exported, line)
 if ("pruned-model", name) in st.session_state:
     measured = st.session_state[("pruned-exactness", name)]
     (cols[1].caption if measured["exact"] else cols[1].warning)(plain(exactness_line(measured)))
+if ("pruned-onnx", name) in st.session_state:
+    exported, line = st.session_state[("pruned-onnx", name)]
+    if exported is not None:
+        cols[1].download_button(
+            "Pruned model (.onnx)",
+            exported,
+            f"pruned-{name}.onnx",
+            "application/octet-stream",
+            icon=":material/download:",
+        )
+    cols[1].caption(plain(line))
     cols[1].download_button(
         "Pruned model (.pt)",
         st.session_state[("pruned-model", name)],

@@ -207,6 +207,8 @@ def test_the_pruned_model_is_offered_with_its_own_measured_exactness(stored):
     widget(at.button, "Prepare the pruned model").click().run()
     lines = [shown(c.value) for c in at.caption] + [shown(w.value) for w in at.warning]
     assert any(line.startswith(("exact:", "approximate")) and "3 masks" in line for line in lines)
+    assert any("ONNX Runtime's output deviates from PyTorch's" in line for line in lines)
+    assert any(b.label == "Pruned model (.onnx)" for b in at.get("download_button"))
 
 
 def test_a_pruned_checkpoint_reopens_on_the_model_page(fresh, tmp_path):

@@ -30,6 +30,7 @@ from ..latency.profile import (
     relative_latency,
 )
 from ..nets.data import load_data
+from ..nets.onnx_export import save_onnx
 from ..errors import SospError, one_line_error
 from ..pruning.exactness import exactness_line, exactness_report
 from ..nets.loading import open_workbench, resolve_preset
@@ -76,7 +77,21 @@ def cmd_info(args: argparse.Namespace) -> dict:
         "unprunable_layers": wb.structures.unprunable,
         "pruned_checkpoint": wb.recipe is not None,
         "layer_table": layer_table(wb.structures).to_dict(orient="records"),
+        **onnx_written(args, wb.model, wb),
     }
+
+
+def onnx_written(args: argparse.Namespace, model, wb) -> dict:
+    """--onnx PATH: the model exported to ONNX, checked against PyTorch on real samples ({} without the flag)."""
+    if not args.onnx:
+        return {}
+    x, _ = wb.data.analysis_samples(min(EXACTNESS_SAMPLES, len(wb.data.train_eval)))
+    deviation = save_onnx(args.onnx, model, wb.example, x)
+    progress_line(
+        f"wrote {args.onnx}: ONNX Runtime's output deviates from PyTorch's by {deviation:.1e} on {len(x)} "
+        "samples"
+    )
+    return {"onnx": args.onnx, "onnx_deviation": deviation}
 
 
 def cmd_prune(args: argparse.Namespace) -> dict:
@@ -99,6 +114,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         "macs_counted": count_macs(smaller, wb.example),
         "exactness": exactness,
         "saved": args.save,
+        **onnx_written(args, smaller, wb),
     }
 
 
@@ -113,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="model summary: prunable layers, structures, parameters, MACs")
     add_model_args(p)
+    p.add_argument(
+        "--onnx", default=None, help="also export the model to ONNX here (checked against PyTorch)"
+    )
     p.set_defaults(func=cmd_info)
     p = sub.add_parser(
         "prune", help="apply a mask JSON physically and save the smaller model (reopens with --weights)"
@@ -120,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--mask", required=True, help="mask JSON (from analyze or the dashboard)")
     p.add_argument("--save", required=True, help="where to write the pruned model's state_dict")
+    p.add_argument(
+        "--onnx", default=None, help="also export the pruned model to ONNX here (checked against PyTorch)"
+    )
     p.set_defaults(func=cmd_prune)
     p = sub.add_parser(
         "analyze", help="compute a method's saliencies and pruning order; write the result and a mask"
