@@ -79,3 +79,9 @@ def test_too_few_masks_is_a_clear_error(trained, sosp_h):
     result, _ = sosp_h
     with pytest.raises(AnalysisError, match="at least 4 masks"):
         trust_check(result, trained, masks=2)
+
+
+def test_other_weights_than_the_analysis_ran_on_are_refused(sosp_h):
+    result, _ = sosp_h
+    with pytest.raises(AnalysisError, match="not the ones the analysis ran on"):
+        trust_check(result, open_workbench("resnet20", "digits"), masks=8)

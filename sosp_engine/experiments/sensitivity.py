@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from torch import nn
 
 from ..saliency.analysis import AnalysisResult, analysed_model
 from .compare import rank_correlation
@@ -103,6 +104,18 @@ def parse_grid(text: str) -> list[float]:
     return ratios
 
 
+def evaluated_model(result: AnalysisResult, workbench: Workbench, target: torch.device) -> nn.Module:
+    """The net the analysis ran on, on `target`, refused when the workbench's weights are not the analysis's."""
+    x, _ = workbench.data.analysis_samples(result.config.samples, result.config.seed)
+    model = analysed_model(workbench, result.config, x, target)
+    if weights_fingerprint(model) != result.weights_fingerprint:
+        raise AnalysisError(
+            "these weights are not the ones the analysis ran on: open the analysis with its own "
+            f"checkpoint ({result.config.weights or 'random init'})"
+        )
+    return model
+
+
 def sensitivity_curve(
     result: AnalysisResult,
     workbench: Workbench,
@@ -126,13 +139,7 @@ def sensitivity_curve(
             f"{distinct_masks(result):,} different masks"
         )
     target = resolve_device(device)
-    x, _ = workbench.data.analysis_samples(result.config.samples, result.config.seed)
-    model = analysed_model(workbench, result.config, x, target)
-    if weights_fingerprint(model) != result.weights_fingerprint:
-        raise AnalysisError(
-            "these weights are not the ones the analysis ran on: open the analysis with its own "
-            f"checkpoint ({result.config.weights or 'random init'})"
-        )
+    model = evaluated_model(result, workbench, target)
     loader = workbench.data.loader(split, batch_size, limit=samples)
     count = len(loader.dataset)
     base_loss, base_acc = evaluate(model, loader, target, amp=False)

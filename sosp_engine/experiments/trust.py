@@ -25,9 +25,10 @@ from ..errors import AnalysisError
 from ..nets.loading import Workbench
 from ..progress import ProgressFn, StopFn, check_cancel, report
 from ..pruning.masks import zeroed_copy
-from ..saliency.analysis import AnalysisResult, analysed_model, compute_saliency
+from ..saliency.analysis import AnalysisResult, compute_saliency
 from ..saliency.common import AnalysisInputs
 from .compare import rank_correlation
+from .sensitivity import evaluated_model
 from .training import evaluate
 
 BASELINES = ("first-order", "magnitude")
@@ -161,8 +162,8 @@ def trust_check(
     structures = workbench.structures
     result.check_structures(structures)
     target = resolve_device(device)
+    model = evaluated_model(result, workbench, target)
     x, y = workbench.data.analysis_samples(result.config.samples, result.config.seed)
-    model = analysed_model(workbench, result.config, x, target)
     loader = workbench.data.loader(split, batch_size, limit=samples)
     base_loss, _ = evaluate(model, loader, target, amp=False)
     size = max(1, min(result.n_prunable - 1, round(ratio * len(result.keys))))
