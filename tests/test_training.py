@@ -123,3 +123,31 @@ def test_a_physically_pruned_model_trains_with_a_fresh_optimizer():
     }
     train(smaller, DIGITS, TrainConfig(epochs=1))
     assert not torch.equal(before["conv1.weight"], smaller.state_dict()["conv1.weight"])
+
+
+def test_train_with_one_seed_twice_gives_the_same_weights(tmp_path):
+    from sosp_engine.cli.main import main
+
+    saved = []
+    for run in ("a", "b"):
+        path = tmp_path / f"{run}.pt"
+        args = [
+            "train",
+            "--model",
+            "resnet20:widths=4,8,8",
+            "--data",
+            "synthetic:3,8,8:3:64",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--seed",
+            "7",
+            "--device",
+            "cpu",
+            "--save",
+            str(path),
+        ]
+        assert main(args) == 0
+        saved.append(torch.load(path, weights_only=True))
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])

@@ -272,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> None:
     wb = workbench_from(args)
     config = train_config_from(args)
-    result = train(wb.model, wb.data, config, progress=epoch_printer)
-    save_atomically(wb.model.cpu().state_dict(), Path(args.save))
+    model = wb.model if args.weights else wb.fresh_model(args.seed)  # --seed seeds the initial weights too
+    result = train(model, wb.data, config, progress=epoch_printer)
+    save_atomically(model.cpu().state_dict(), Path(args.save))
     print(json.dumps({"test_acc": result.test_acc, "test_loss": result.test_loss, "saved": args.save}))
 
 
