@@ -209,7 +209,8 @@ def accuracy_vs_size(
             go.Scatter(
                 x=[row[f"{size}_mean"]],
                 y=[row.test_acc_mean],
-                name=f"{row.label} ({trials} trial{'s' if trials != 1 else ''})",
+                name=f"{row.label}{f' [{row.setup}]' if row.get('setup') else ''} "
+                f"({trials} trial{'s' if trials != 1 else ''})",
                 mode="markers",
                 marker=dict(size=12, color=PALETTE[i % len(PALETTE)]),
                 error_y=dict(type="data", array=[row.test_acc_std], visible=True),

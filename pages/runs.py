@@ -152,7 +152,7 @@ if jobs:
         format_func=lambda i: next(j["name"] for j in done if j["id"] == i),
     )
     if chosen:
-        table = compare_runs([j["result"] for j in done if j["id"] in chosen])
+        table = compare_runs([{**j["result"], "config": j["config"]} for j in done if j["id"] in chosen])
         fig = accuracy_vs_size(table)
         st.plotly_chart(text_only(fig), key="runs-compare")
         export_buttons(fig, table, "runs-comparison")

@@ -193,3 +193,14 @@ def test_a_train_prune_run_to_a_latency_target_prunes_where_its_stored_profile_s
     profile = LatencyProfile.load(tmp_path / "analysis" / "latency.json")
     n_prunable = AnalysisResult.load(tmp_path / "analysis").n_prunable
     assert len(load_mask(tmp_path / "mask.json")) == profile.prefix_for(0.03, n_prunable)
+
+
+def test_runs_of_different_configurations_are_never_averaged_as_trials():
+    base = {"procedure": "train-prune", "label": "", "params": 100, "macs": 10}
+    runs = [
+        {**base, "test_acc": acc, "config": {"epochs": epochs, "seed": seed, "ratio": 0.5}}
+        for acc, epochs, seed in ((0.9, 30, 0), (0.88, 30, 1), (0.3, 2, 0))
+    ]
+    table = compare_runs(runs).set_index("setup")
+    assert table.loc["epochs=30", "trials"] == 2 and table.loc["epochs=2", "trials"] == 1
+    assert table.loc["epochs=30", "test_acc_mean"] == pytest.approx(0.89)

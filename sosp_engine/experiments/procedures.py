@@ -414,25 +414,42 @@ class Experiment(ResumableRun):
         }
 
 
+TRIAL_FIELDS = ("seed", "label")  # what may differ between trials of one configuration
+
+
+def _setups(summaries: list[dict]) -> list[str]:
+    """Each run's configuration in words, by the fields (other than the seed) that differ among the runs: runs of
+    different configurations (epochs, ratio, ...) are never averaged as trials of one."""
+    configs = [{k: v for k, v in (s.get("config") or {}).items() if k not in TRIAL_FIELDS} for s in summaries]
+    keys = sorted({k for c in configs for k in c})
+    differing = [
+        k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1
+    ]
+    return [", ".join(f"{k}={c.get(k)}" for k in differing) for c in configs]
+
+
 def compare_runs(summaries: list[dict]) -> pd.DataFrame:
-    """Accuracy vs parameters and MACs per procedure label: mean and std over trials (paper Fig. 4b/e)."""
+    """Accuracy vs parameters and MACs per procedure label and configuration: mean and std over trials (paper
+    Fig. 4b/e); a summary's `config`, where given, keeps runs of different configurations apart."""
+    summaries = [s for s in summaries if s.get("test_acc") is not None]
     rows = pd.DataFrame(
         [
             {
                 "label": s.get("label") or s["procedure"],
+                "setup": setup,
                 "procedure": s["procedure"],
                 "test_acc": s["test_acc"],
                 "params": s["params"],
                 "macs": s["macs"],
             }
-            for s in summaries
-            if s.get("test_acc") is not None
+            for s, setup in zip(summaries, _setups(summaries))
         ]
     )
     if rows.empty:
         return pd.DataFrame(
             columns=[
                 "label",
+                "setup",
                 "procedure",
                 "trials",
                 "test_acc_mean",
@@ -443,7 +460,7 @@ def compare_runs(summaries: list[dict]) -> pd.DataFrame:
                 "macs_std",
             ]
         )
-    grouped = rows.groupby(["label", "procedure"]).agg(
+    grouped = rows.groupby(["label", "setup", "procedure"]).agg(
         trials=("test_acc", "size"),
         test_acc_mean=("test_acc", "mean"),
         test_acc_std=("test_acc", "std"),
