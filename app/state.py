@@ -9,7 +9,10 @@ import streamlit as st
 
 from sosp_engine.saliency.analysis import AnalysisResult
 from app.text import plain
+from sosp_engine.errors import SospError
+from sosp_engine.nets import read_checkpoint
 from sosp_engine.nets.loading import Workbench, open_workbench
+from sosp_engine.pruning.pruned_models import recipe_of
 from sosp_engine.nets import is_user_code
 from sosp_engine.runs.records import load_stored_analysis
 from sosp_engine.runs.store import Store, default_workspace
@@ -106,6 +109,21 @@ def workbench_for(result: AnalysisResult) -> Workbench:
     return cached_workbench(
         c.model_spec, c.data_spec, None if c.at_init else c.weights, tuple(c.exclude), c.preset
     )
+
+
+@st.cache_data(max_entries=32)
+def _pruned_checkpoint(path: str, modified: float) -> bool:
+    try:
+        return recipe_of(read_checkpoint(path)) is not None
+    except SospError:
+        return False
+
+
+def is_pruned_checkpoint(path: str | None) -> bool:
+    """Whether `path` holds a pruned checkpoint (read once per file version, weights_only; runs no code)."""
+    if not path or not Path(path).is_file():
+        return False
+    return _pruned_checkpoint(path, Path(path).stat().st_mtime)
 
 
 @st.cache_resource

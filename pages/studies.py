@@ -1,6 +1,8 @@
 """Studies page: launch a methods x targets x seeds grid as one background job, follow it and the expand studies
 launched from the Expand page, read the aggregates."""
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
@@ -10,7 +12,7 @@ from app.export import export_buttons, file_slug, safe_csv
 from app.guard import user_errors
 from app.placement import current_placement, placement_caption
 from app.report import analysis_report
-from app.state import code_confirmed, current_choice, workspace
+from app.state import code_confirmed, current_choice, is_pruned_checkpoint, workspace
 from app.text import plain, text_only
 from sosp_engine.saliency.analysis import METHODS
 from sosp_engine.experiments.expand_study import EXPAND_STUDY_KIND
@@ -33,9 +35,21 @@ with st.expander(
     cols = st.columns(3)
     model_spec = cols[0].text_input("Model", choice.model_spec, key="study-model")
     data_spec = cols[1].text_input("Data", choice.data_spec, key="study-data")
+    pruned = is_pruned_checkpoint(
+        choice.weights
+    )  # a study of an already-pruned net is asked for, never inherited
     weights = cols[2].text_input(
-        "Trained weights (empty: train one net per seed)", choice.weights or "", key="study-weights"
+        "Trained weights (empty: train one net per seed)",
+        "" if pruned else choice.weights or "",
+        key="study-weights",
     )
+    if pruned:
+        cols[2].caption(
+            plain(
+                f"The Model page's weights ({Path(choice.weights).name}) are a pruned checkpoint; enter their path "
+                "here to study the pruned net on purpose."
+            )
+        )
     methods = st.multiselect(
         "Methods", list(METHODS), default=["sosp-h", "sosp-i", "magnitude", "random"], key="study-methods"
     )

@@ -211,7 +211,8 @@ def test_the_pruned_model_is_offered_with_its_own_measured_exactness(stored):
     assert any(b.label == "Pruned model (.onnx)" for b in at.get("download_button"))
 
 
-def test_a_pruned_checkpoint_reopens_on_the_model_page(fresh, tmp_path):
+def pruned_checkpoint_loaded(tmp_path) -> AppTest:
+    """The Model page after loading a pruned ResNet-20 checkpoint."""
     from sosp_engine.pruning.masks import pruned_copy
     from sosp_engine.pruning.pruned_models import pruning_recipe, save_pruned
     from conftest import random_mask
@@ -227,8 +228,20 @@ def test_a_pruned_checkpoint_reopens_on_the_model_page(fresh, tmp_path):
     widget(at.selectbox, "Weights").set_value("checkpoint path")
     widget(at.text_input, "Checkpoint path (for 'checkpoint path')").set_value(str(path))
     widget(at.button, "Load model").click().run()
+    return at
+
+
+def test_a_pruned_checkpoint_reopens_on_the_model_page(fresh, tmp_path):
+    at = pruned_checkpoint_loaded(tmp_path)
     assert not at.exception and not at.error
     assert any("pruned checkpoint of resnet20" in c.value for c in at.caption)
+
+
+def test_a_study_after_loading_a_pruned_checkpoint_does_not_inherit_it(fresh, tmp_path):
+    at = pruned_checkpoint_loaded(tmp_path)
+    at.switch_page("../pages/studies.py").run()
+    assert widget(at.text_input, "Trained weights (empty: train one net per seed)").value == ""
+    assert any("are a pruned checkpoint" in shown(c.value) for c in at.caption)
 
 
 def sensitivity_of(store: Store, name: str, **numbers: int) -> AppTest:
