@@ -85,7 +85,7 @@ def onnx_written(args: argparse.Namespace, model, wb) -> dict:
     """--onnx PATH: the model exported to ONNX, checked against PyTorch on real samples ({} without the flag)."""
     if not args.onnx:
         return {}
-    x, _ = wb.data.analysis_samples(min(EXACTNESS_SAMPLES, len(wb.data.train_eval)))
+    x, _ = wb.data.analysis_samples(EXACTNESS_SAMPLES)  # clamped to the data
     deviation = save_onnx(args.onnx, model, wb.example, x)
     progress_line(
         f"wrote {args.onnx}: ONNX Runtime's output deviates from PyTorch's by {deviation:.1e} on {len(x)} "

@@ -19,7 +19,7 @@ from ..experiments.studies import STUDY_KIND, StudyConfig
 from ..nets.loading import open_workbench
 from ..progress import Cancelled
 from .backends import local
-from .consent import consent_for, has_consent, require_job_consent
+from .consent import consent_for, require_job_consent
 from .store import Store, StoreError
 from .work import LogLines, execute, record_outputs, throttled
 
@@ -269,7 +269,7 @@ def resume(store: Store, job_id: str, start: bool = True, trust_code: bool = Fal
     spec = str(job["config"].get("model_spec", ""))
     if trust_code:
         store.update_job(job_id, consent=consent_for(spec))
-    elif not has_consent(spec, job.get("consent")):
+    else:
         require_job_consent(job)
     if job["backend"] == "ray":
         from .backends.ray import release
