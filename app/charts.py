@@ -430,3 +430,42 @@ def ratio_profiles_chart(table: pd.DataFrame, names: list[str], title: str) -> g
         yaxis_title="pruned channels (share of the layer)",
     )
     return fig
+
+
+def efficiency_chart(table: pd.DataFrame) -> go.Figure:
+    """Measured latency drop against MAC drop along each order, one line per order, runtime and batch; the diagonal
+    is where every saved MAC would be saved time."""
+    fig = go.Figure()
+    groups = list(table.groupby(["order", "runtime", "batch"], sort=False))
+    for i, ((order, runtime, batch), rows) in enumerate(groups):
+        rows = rows.sort_values("mac_drop")
+        fig.add_trace(
+            go.Scatter(
+                x=[0.0] + rows["mac_drop"].tolist(),
+                y=[0.0] + rows["latency_drop"].tolist(),
+                mode="markers+lines",
+                name=f"{runtime}, batch {batch}, {order}",
+                line=dict(
+                    color=PALETTE[i % len(PALETTE)], dash="solid" if order == "as analysed" else "dash"
+                ),
+                customdata=[[0, float("nan")]] + rows[["structures_pruned", "efficiency"]].values.tolist(),
+                hovertemplate="MAC drop %{x:.1%}<br>latency drop %{y:.1%}<br>%{customdata[0]} structures"
+                "<br>efficiency %{customdata[1]:.2f}<extra></extra>",
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=[0, 1], y=[0, 1], mode="lines", name="latency follows MACs", line=dict(color="#888", dash="dot")
+        )
+    )
+    fig.update_layout(
+        **LAYOUT,
+        title="What the masks buy: measured latency drop against MAC drop",
+        xaxis_title="MAC drop (share of the unpruned net's)",
+        yaxis_title="latency drop (share of the unpruned net's)",
+        xaxis_tickformat=".0%",
+        yaxis_tickformat=".0%",
+        xaxis_range=[0, 1],
+        yaxis_range=[min(0.0, float(table["latency_drop"].min()) - 0.05), 1],
+    )
+    return fig

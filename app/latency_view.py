@@ -1,18 +1,101 @@
-"""The latency-target section of the Pruning ratios page: time the net pruned along the order, take the mask that
-reaches a target latency drop on this machine."""
+"""The latency sections of the Pruning ratios page: what the order's masks buy at deployment (latency drop against
+MAC drop per runtime), and the mask that reaches a target latency drop on this machine."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from app.export import file_slug
+from app.charts import efficiency_chart
+from app.export import export_buttons, file_slug
 from app.guard import user_errors
-from app.text import plain
+from app.text import plain, text_only
 from sosp_engine.saliency.analysis import AnalysisResult
 from sosp_engine.devices import resolve_device
+from sosp_engine.latency.deployment import efficiency_summary, efficiency_table, order_variants
 from sosp_engine.latency.profile import LATENCY_UNIT, measure_profile
+from sosp_engine.latency.runtimes import RUNTIMES
 from sosp_engine.nets.loading import Workbench
 from sosp_engine.pruning.masks import mask_json, mask_summary
+
+
+RUNTIME_HELP = (
+    "eager: PyTorch as the model runs in training code. onnxruntime: the net exported to ONNX and run in ONNX "
+    "Runtime (BatchNorm folded, activations fused), as many models ship."
+)
+
+
+def deployment_section(record: dict, result: AnalysisResult, workbench: Workbench) -> None:
+    """Time the net pruned along the order (and the order rounded) in each runtime and batch: latency drop against
+    MAC drop, and their ratio."""
+    st.subheader("What do these masks buy at deployment?")
+    st.caption(
+        "A mask removes MACs; whether it removes as much time depends on the runtime's kernels. The net pruned at "
+        "a few points of this order (and of the order regrouped to multiples of 8 or 16) is timed in each runtime, "
+        "alternately with the unpruned net. Efficiency = latency drop / MAC drop: 1 when every saved MAC is saved "
+        "time."
+    )
+    cols = st.columns(5)
+    runtimes = cols[0].multiselect(
+        "Runtimes", RUNTIMES, default=list(RUNTIMES), key="dep-runtimes", help=RUNTIME_HELP
+    )
+    batches = cols[1].multiselect(
+        "Batch sizes", [1, 8, 16, 32, 64, 128, 256], default=[1, 64], key="dep-batches"
+    )
+    round_to = cols[2].selectbox(
+        "Also rounded to", [1, 8, 16], index=1, key="dep-round", help="1: only as analysed"
+    )
+    points = cols[3].number_input("Points per order", 2, 21, 5, key="dep-points")
+    device = cols[4].selectbox("Timing device", ["auto", "cpu", "cuda"], key="dep-device")
+    key = ("deployment", record["id"], tuple(runtimes), tuple(batches), int(round_to), int(points), device)
+    if st.button("Measure what the masks buy", icon=":material/speed:", key="dep-run"):
+        if not runtimes or not batches:
+            st.error("Choose at least one runtime and one batch size, then measure again.")
+            return
+        bar = st.progress(0.0, text="starting ...")
+        with user_errors("Measuring the deployment latency", stop=False):
+            st.session_state[key] = efficiency_table(
+                workbench.model,
+                workbench.structures,
+                order_variants(result, workbench.structures, [int(round_to)]),
+                workbench.example,
+                list(runtimes),
+                [int(b) for b in batches],
+                int(points),
+                resolve_device(device),
+                progress=lambda f, m: bar.progress(f, text=plain(m)),
+            )
+        bar.empty()
+    table = st.session_state.get(key)
+    if table is None:
+        return
+    figure = efficiency_chart(table)
+    st.plotly_chart(text_only(figure), key="dep-chart")
+    export_buttons(figure, table, f"deployment {record['name']}")
+    summary = efficiency_summary(table)
+    st.caption(
+        plain(
+            f"Timed on {table['device'].iloc[0]} with {table['threads'].iloc[0]} threads, medians of 10 "
+            "inferences per net. Efficiency per order, runtime and batch (median over the points, lowest, highest):"
+        )
+    )
+    st.dataframe(
+        summary.rename(
+            columns={
+                "order": "order",
+                "runtime": "runtime",
+                "batch": "batch",
+                "efficiency_median": "efficiency (median)",
+                "efficiency_min": "lowest",
+                "efficiency_max": "highest",
+                "prefixes": "points",
+            }
+        ),
+        hide_index=True,
+        column_config={
+            c: st.column_config.NumberColumn(format="%.2f")
+            for c in ("efficiency (median)", "lowest", "highest")
+        },
+    )
 
 
 def latency_section(record: dict, result: AnalysisResult, workbench: Workbench) -> None:
@@ -23,12 +106,13 @@ def latency_section(record: dict, result: AnalysisResult, workbench: Workbench) 
         "analysis's order is timed at a dozen points, alternately with the unpruned net, on this machine; the "
         "mask is the shortest prefix whose interpolated latency reaches the target."
     )
-    cols = st.columns(4)
+    cols = st.columns(5)
     device = cols[0].selectbox("Timing device", ["auto", "cpu", "cuda"], key="lat-device")
-    batch = cols[1].number_input("Timed batch size", 1, 4096, 1, key="lat-batch")
-    points = cols[2].number_input("Timed points", 3, 41, 12, key="lat-points")
-    target = cols[3].slider("Latency drop", 0.0, 0.95, 0.3, 0.05, format="%.2f", key="lat-target")
-    key = ("latency-profile", record["id"], device, int(batch), int(points))
+    runtime = cols[1].selectbox("Runtime", RUNTIMES, key="lat-runtime", help=RUNTIME_HELP)
+    batch = cols[2].number_input("Timed batch size", 1, 4096, 1, key="lat-batch")
+    points = cols[3].number_input("Timed points", 3, 41, 12, key="lat-points")
+    target = cols[4].slider("Latency drop", 0.0, 0.95, 0.3, 0.05, format="%.2f", key="lat-target")
+    key = ("latency-profile", record["id"], device, runtime, int(batch), int(points))
     if st.button("Measure the latency profile", icon=":material/timer:", key="lat-run"):
         bar = st.progress(0.0, text="starting ...")
         with user_errors("Measuring the latency", stop=False):
@@ -44,6 +128,7 @@ def latency_section(record: dict, result: AnalysisResult, workbench: Workbench) 
                 repeats=10,
                 stops=result.stops(workbench.structures),
                 progress=lambda f, m: bar.progress(f, text=plain(m)),
+                runtime=runtime,
             )
         bar.empty()
     profile = st.session_state.get(key)
@@ -55,7 +140,7 @@ def latency_section(record: dict, result: AnalysisResult, workbench: Workbench) 
     predicted = float(profile.predict(len(mask)))
     st.success(
         plain(
-            f"On {profile.device} at batch {profile.batch} ({profile.threads} threads) the unpruned net takes "
+            f"In {profile.where()} the unpruned net takes "
             f"{1000 * profile.reference_seconds:.2f} ms. Pruning {len(mask)} structures is predicted to take "
             f"{1 - predicted:.1%} less ({1000 * predicted * profile.reference_seconds:.2f} ms), removing "
             f"{summary['param_ratio']:.1%} of the parameters and {summary['mac_ratio']:.1%} of the MACs."

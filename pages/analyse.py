@@ -14,6 +14,7 @@ from app.pickers import analyses_frame
 from app.state import current_choice, workbench, workspace
 from sosp_engine.saliency.analysis import METHOD_LABELS, METHODS, AnalysisConfig
 from sosp_engine.devices import resolve_device
+from sosp_engine.latency.runtimes import RUNTIMES
 from sosp_engine.saliency.memory import default_budget
 
 st.title("Analyse")
@@ -68,6 +69,11 @@ with st.form("analysis_form"):
         help="with normalisation by latency: the batch size the layers are timed at",
     )
     loss = cols[2].selectbox("Loss", ["cross-entropy", "squared"])
+    latency_runtime = cols[2].selectbox(
+        "Latency runtime",
+        RUNTIMES,
+        help="with normalisation by latency: eager PyTorch, or the net exported to ONNX and timed in ONNX Runtime",
+    )
     cols = st.columns(3)
     at_init = cols[0].toggle(
         "At initialisation",
@@ -98,6 +104,7 @@ if run:
             cap=cap,
             normalize=normalize,
             latency_batch=int(latency_batch),
+            latency_runtime=latency_runtime,
             loss=loss,
             device=device,
         )

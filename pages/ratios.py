@@ -8,7 +8,7 @@ from app.charts import ratio_histogram, width_profile
 from app.export import export_buttons, file_slug
 from app.guard import user_errors
 from app.pickers import chosen_analysis
-from app.latency_view import latency_section
+from app.latency_view import deployment_section, latency_section
 from app.sensitivity_view import sensitivity_section
 from app.report import analysis_report
 from sosp_engine.experiments.bottlenecks import explain, find_bottlenecks
@@ -160,4 +160,5 @@ if ("pruned-onnx", name) in st.session_state:
     )
 
 sensitivity_section(record, ratio, unit)
+deployment_section(record, result, workbench)
 latency_section(record, result, workbench)

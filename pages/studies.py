@@ -14,6 +14,7 @@ from app.placement import current_placement, placement_caption
 from app.report import analysis_report
 from app.state import code_confirmed, current_choice, is_pruned_checkpoint, workspace
 from app.text import plain, text_only
+from sosp_engine.latency.runtimes import RUNTIMES
 from sosp_engine.saliency.analysis import METHODS
 from sosp_engine.experiments.expand_study import EXPAND_STUDY_KIND
 from sosp_engine.runs.jobs import submit_study
@@ -62,6 +63,12 @@ with st.expander(
         key="study-unit",
         help="latency: the CPU latency at batch 1, timed along each analysis's order",
     )
+    latency_runtime = cols[1].selectbox(
+        "Latency runtime",
+        RUNTIMES,
+        key="study-runtime",
+        help="where each cell's CPU latency (and the latency unit) is timed: eager PyTorch, or ONNX Runtime",
+    )
     seeds_text = cols[2].text_input("Seeds", "0,1,2", key="study-seeds")
     cols = st.columns(4)
     epochs = cols[0].number_input("Training epochs", 0, 1000, 10, key="study-epochs")
@@ -82,6 +89,7 @@ with st.expander(
                 epochs=int(epochs),
                 finetune_epochs=int(finetune),
                 samples=int(samples),
+                latency_runtime=latency_runtime,
             )
             job_id = submit_study(workspace(), config, name.strip(), placement=current_placement())
             st.success(

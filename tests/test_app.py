@@ -518,3 +518,15 @@ def test_the_bottlenecks_page_lists_the_chosen_layers_channels_with_their_salien
         frame.columns
     )
     assert set(frame.status) <= {"pruned", "kept"} and len(frame) > 1
+
+
+def test_the_ratios_page_measures_what_the_masks_buy_per_runtime(stored):
+    at = open_page("ratios")
+    widget(at.multiselect, "Batch sizes").set_value([1])
+    widget(at.number_input, "Points per order").set_value(2)
+    widget(at.button, "Measure what the masks buy").click().run()
+    assert not at.exception and not at.error
+    summary = at.dataframe[-1].value
+    assert set(summary["runtime"]) == {"eager", "onnxruntime"}
+    assert set(summary["order"]) == {"as analysed", "rounded to 8"}
+    assert any("latency drop against MAC drop" in c.proto.spec for c in at.get("plotly_chart"))

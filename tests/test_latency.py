@@ -92,7 +92,7 @@ def measured_at(monkeypatch, curve) -> list[int]:
     monkeypatch.setattr(
         latency,
         "relative_latency",
-        lambda net, ref, example, device, batch, repeats: timed.append(net) or (0.0, curve(net)),
+        lambda net, ref, example, device, batch, repeats, runtime: timed.append(net) or (0.0, curve(net)),
     )
     return timed
 

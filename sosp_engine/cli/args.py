@@ -8,10 +8,22 @@ from ..errors import SospError
 from ..experiments.procedures import ExperimentConfig
 from ..experiments.training import TrainConfig
 from ..latency.profile import LATENCY_UNIT
+from ..latency.runtimes import EAGER, RUNTIMES
 from ..runs.jobs import BACKENDS, RAY_ADDRESS_ENV, Placement
 from ..runs.store import Store
 from ..saliency.analysis import METHODS
 from ..saliency.selection import NORMALIZATIONS, UNITS
+
+
+def add_latency_runtime_arg(p: argparse.ArgumentParser, timed: str) -> None:
+    """--latency-runtime: the runtime latency is timed in (`timed` says which latency, for the help)."""
+    p.add_argument(
+        "--latency-runtime",
+        default=EAGER,
+        choices=RUNTIMES,
+        help=f"the runtime {timed} is timed in: PyTorch eager, or ONNX Runtime (the net exported to ONNX, as "
+        "it ships; the CPU provider, or CUDA/TensorRT ones on a GPU where installed)",
+    )
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -134,6 +146,7 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
         choices=UNITS + (LATENCY_UNIT,),
         help="what --ratio is a fraction of; latency: the CPU latency at batch 1, timed along the order",
     )
+    add_latency_runtime_arg(p, "the latency unit")
     p.add_argument(
         "--target-params", type=int, default=None, help="prune to this many parameters instead of --ratio"
     )
@@ -171,6 +184,7 @@ def experiment_config(args: argparse.Namespace, procedure: str) -> ExperimentCon
         samples=args.samples,
         ratio=args.ratio,
         unit=args.unit,
+        latency_runtime=args.latency_runtime,
         target_params=args.target_params,
         cap=args.cap,
         normalize=args.normalize,

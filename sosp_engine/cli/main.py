@@ -41,6 +41,7 @@ from ..saliency.selection import NORMALIZATIONS, UNITS
 from ..nets import USER_CODE_WARNING, is_user_code
 from .args import (
     add_experiment_args,
+    add_latency_runtime_arg,
     add_model_args,
     add_training_args,
     add_workspace_arg,
@@ -50,6 +51,7 @@ from .args import (
 )
 from .jobs import add_jobs_parser
 from .output import ProgressLine, emit, progress_line
+from .deployment import add_deployment_parser
 from .sensitivity import add_sensitivity_parser
 from .studies import add_study_parser
 
@@ -190,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=12,
         help="with --unit latency: pruned nets timed along the order (interpolated between)",
     )
+    add_latency_runtime_arg(p, "--unit latency's profile and --normalize latency's layers")
     p.add_argument("--cap", type=float, default=0.95, help="at most this fraction of a layer is pruned")
     p.add_argument(
         "--round-to",
@@ -264,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_bottlenecks)
     add_sensitivity_parser(sub)
+    add_deployment_parser(sub)
     add_study_parser(sub)
     add_jobs_parser(sub)
     return parser
@@ -399,6 +403,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         normalize=args.normalize,
         latency_device=args.latency_device,
         latency_batch=args.latency_batch,
+        latency_runtime=args.latency_runtime,
         loss=args.loss,
         device=args.device,
         mc_labels=args.mc_labels,
@@ -436,9 +441,10 @@ def cmd_analyze(args: argparse.Namespace) -> None:
             wb.example,
             latency.device,
             latency.batch,
+            runtime=latency.runtime,
         )
         print(
-            f"latency on {latency.device} at batch {latency.batch} ({latency.threads} threads): "
+            f"latency in {latency.where()}: "
             f"{1000 * seconds / relative:.3f} ms -> {1000 * seconds:.3f} ms, {1 - relative:.1%} less measured "
             f"(target {args.ratio:.1%}, predicted {1 - float(latency.predict(len(mask))):.1%})"
         )
@@ -482,6 +488,7 @@ def latency_profile(args: argparse.Namespace, wb, result: AnalysisResult, out: P
         args.latency_points,
         stops=result.stops(wb.structures),
         progress=bar,
+        runtime=args.latency_runtime,
     )
     bar.close()
     profile.save(out / PROFILE_NAME)

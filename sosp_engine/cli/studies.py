@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..saliency.analysis import METHODS
-from .args import add_backend_args, add_distributed_args, parse_widen, placement_from
+from .args import add_backend_args, add_distributed_args, add_latency_runtime_arg, parse_widen, placement_from
 from .output import progress_line
 from ..errors import SospError
 from ..experiments.expand_study import (
@@ -52,6 +52,7 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
         help="params or macs compare methods fairly; latency: the CPU latency at batch 1, timed along each "
         "analysis's order",
     )
+    add_latency_runtime_arg(p, "each cell's CPU latency (and the latency unit)")
     p.add_argument(
         "--seeds", default="0,1,2", help="comma-separated seeds (one trained net and analysis each)"
     )
@@ -155,6 +156,7 @@ def cmd_study_submit(args: argparse.Namespace) -> dict:
         preset=args.preset,
         nproc=args.nproc,
         sync_bn=args.sync_bn,
+        latency_runtime=args.latency_runtime,
     )
     store = Store(args.workspace)
     job_id = submit_study(store, config, args.name, placement=placement_from(args))

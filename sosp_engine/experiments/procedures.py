@@ -18,6 +18,7 @@ from ..saliency.analysis import AnalysisConfig, run_analysis
 from ..saliency.selection import UNITS
 from ..pruning.counting import count_macs
 from ..latency.profile import LATENCY_UNIT, stored_profile
+from ..latency.runtimes import EAGER
 from ..nets.data import DataBundle, load_data
 from ..errors import AnalysisError
 from ..nets.loading import Workbench, example_input, open_workbench, resolve_preset
@@ -66,6 +67,7 @@ class ExperimentConfig:
     label: str = ""
     nproc: int = 1  # training stages across this many processes (DistributedDataParallel)
     sync_bn: bool = False
+    latency_runtime: str = EAGER  # where the latency unit (CPU, batch 1) is timed: eager or onnxruntime
 
     def validate(self) -> None:
         if self.procedure not in PROCEDURES:
@@ -74,7 +76,11 @@ class ExperimentConfig:
             raise AnalysisError("epochs must be zero or positive")
         self.train_config(self.epochs).validate()
         AnalysisConfig(
-            method=self.method, samples=self.samples, cap=self.cap, normalize=self.normalize
+            method=self.method,
+            samples=self.samples,
+            cap=self.cap,
+            normalize=self.normalize,
+            latency_runtime=self.latency_runtime,
         ).validate()
         if not (math.isfinite(self.ratio) and 0 <= self.ratio < 1):
             raise AnalysisError(f"the pruning ratio must be in [0, 1), got {self.ratio}")
@@ -324,6 +330,7 @@ class Experiment(ResumableRun):
             exclude=list(c.exclude),
             preset=c.preset,
             latency_device="cpu",
+            latency_runtime=c.latency_runtime,
         )  # where a job's latency unit is timed, too
 
     def _analyze(self, model: nn.Module, spec: str | None, at_init: bool, index: int) -> dict:
@@ -352,6 +359,7 @@ class Experiment(ResumableRun):
                 self.folder / "analysis",
                 should_stop=self.should_stop,
                 targets=[ratio],
+                runtime=self.config.latency_runtime,
             )
             if unit == LATENCY_UNIT
             else None

@@ -29,6 +29,7 @@ from ..devices import resolve_device
 from ..errors import AnalysisError
 from .procedures import Reporter, ResumableRun
 from ..latency.profile import LATENCY_UNIT, measure_latency, stored_profile
+from ..latency.runtimes import EAGER, check_runtime
 from ..nets.loading import Workbench, example_input, resolve_preset
 from ..pruning.masks import pruned_copy
 from ..nets import build_model, load_weights
@@ -65,6 +66,7 @@ class StudyConfig:
     preset: str | None = "auto"
     nproc: int = 1  # each training and fine-tuning across this many processes
     sync_bn: bool = False
+    latency_runtime: str = EAGER  # the runtime each cell's CPU latency (and the latency unit) is timed in
 
     def validate(self) -> None:
         """Every value in range before any work starts."""
@@ -77,6 +79,7 @@ class StudyConfig:
             raise AnalysisError(f"study targets must be ratios in [0, 1), got {self.targets}")
         if self.unit not in UNITS + (LATENCY_UNIT,):
             raise AnalysisError(f"unknown unit '{self.unit}'; use one of {UNITS + (LATENCY_UNIT,)}")
+        check_runtime(self.latency_runtime)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             raise AnalysisError(f"a study needs distinct seeds >= 0, got {self.seeds}")
         if self.epochs < 0 or self.finetune_epochs < 0:
@@ -260,6 +263,7 @@ class Study(UnitRun):
             exclude=list(self.config.exclude),
             preset=self.config.preset,
             latency_device="cpu",
+            latency_runtime=self.config.latency_runtime,
         )  # where a study's latency unit is timed, too
         result = run_analysis(
             workbench, config, lambda f, m: self._progress(f, f"{method} seed {seed}: {m}"), self.should_stop
@@ -282,6 +286,7 @@ class Study(UnitRun):
                 self.folder / f"seed{seed}" / method,
                 should_stop=self.should_stop,
                 targets=[target],
+                runtime=self.config.latency_runtime,
             )
             if self.config.unit == LATENCY_UNIT
             else None
@@ -318,7 +323,9 @@ class Study(UnitRun):
             "macs": count_macs(smaller, self.example),
             "acc_pruned": acc_pruned,
             "acc_finetuned": acc_finetuned,
-            "latency_cpu_ms": 1000 * measure_latency(smaller, self.example, "cpu"),
+            "latency_cpu_ms": 1000
+            * measure_latency(smaller, self.example, "cpu", runtime=self.config.latency_runtime),
+            "latency_runtime": self.config.latency_runtime,
             "latency_gpu_ms": latency_gpu_ms,
             "node": socket.gethostname(),
             "started": started,

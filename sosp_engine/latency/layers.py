@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from ..errors import AnalysisError, ModelSpecError
+from ..nets.onnx_export import ExportError
 from .profile import timed_rounds
+from .runtimes import EAGER, check_runtime, forward_call, runtime_label
 from ..progress import ProgressFn, StopFn, check_cancel, report
 from ..saliency.common import channel_dim
 from ..pruning.structures import StructureSet, on_model_device, preserved_modes
@@ -43,12 +45,14 @@ class LayerLatency:
     per_channel: list[float]
     unmeasured: list[str] = field(default_factory=list)
     timed_dimensions: int = 0  # channel dimensions timed narrower; those with a nonzero slope were resolved
+    runtime: str = EAGER
 
     def describe(self) -> str:
         """One line for the user: where and how the layers were timed, and how many costs rose above the noise."""
         resolved = sum(1 for v in self.per_channel if v)
         line = (
-            f"layer latencies on {self.device} at batch {self.batch} ({self.threads} threads): {resolved} of "
+            f"layer latencies in {runtime_label(self.runtime, self.device)} at batch {self.batch} "
+            f"({self.threads} threads): {resolved} of "
             f"{self.timed_dimensions} channel dimensions resolved above the timing noise"
         )
         if self.unmeasured:
@@ -159,9 +163,12 @@ def measure_layer_latency(
     warmup: int = 2,
     progress: ProgressFn = None,
     should_stop: StopFn = None,
+    runtime: str = EAGER,
 ) -> LayerLatency:
-    """Time every conv, linear and norm that a structure narrows alone on `device` at `batch`, at full width and with
-    each such channel dimension halved, and keep the seconds per channel."""
+    """Time every conv, linear and norm that a structure narrows alone in `runtime` on `device` at `batch`, at full
+    width and with each such channel dimension halved, and keep the seconds per channel. (ONNX Runtime folds a
+    BatchNorm into the conv before it in a whole net; timed alone, the norm keeps a cost it would not have there.)"""
+    check_runtime(runtime)
     device = torch.device(device)
     modules = dict(model.named_modules())
     shapes = _input_shapes(model, {m.name for m in structures.modules}, example[:1])
@@ -195,8 +202,13 @@ def measure_layer_latency(
         if variants is None or not _runs(nets, inputs):
             unmeasured.append(info.name)
             continue
+        try:
+            forwards = [forward_call(net, x, runtime, device) for net, x in zip(nets, inputs)]
+        except ExportError:  # a module ONNX cannot take alone is left untimed, as one that cannot be rebuilt
+            unmeasured.append(info.name)
+            continue
         timed += len(variants)
-        times = timed_rounds(nets, inputs, device, repeats, warmup)
+        times = timed_rounds(forwards, device, repeats, warmup)
         seconds[i] = statistics.median(times[0])
         for (which, removed, _, _), t in zip(variants, times[1:]):
             per_channel[2 * i + which] = saved_per_channel(times[0], t, removed)
@@ -210,4 +222,5 @@ def measure_layer_latency(
         per_channel,
         unmeasured,
         timed,
+        runtime,
     )

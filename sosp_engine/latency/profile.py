@@ -16,35 +16,35 @@ from torch import nn
 
 from ..errors import AnalysisError
 from ..progress import ProgressFn, StopFn, check_cancel, report
+from .runtimes import EAGER, Forward, check_runtime, forward_call, runtime_label
 
 
 def _batch_of(example: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
     return example[:1].expand(batch, *example.shape[1:]).contiguous().to(device)
 
 
-def _forward_seconds(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
-    """Seconds of one forward (synchronised on CUDA)."""
+def _forward_seconds(forward: Forward, device: torch.device) -> float:
+    """Seconds of one inference (synchronised on CUDA)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    model(x)
+    forward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
 def timed_rounds(
-    modules: list[nn.Module], inputs: list[torch.Tensor], device: torch.device, repeats: int, warmup: int
+    forwards: list[Forward], device: torch.device, repeats: int, warmup: int
 ) -> list[list[float]]:
-    """Forward seconds of each module on its input, timed one after the other in every round (after `warmup` rounds),
-    so that a change of the machine's load hits all alike."""
-    times: list[list[float]] = [[] for _ in modules]
-    with torch.no_grad():
-        for i in range(warmup + repeats):
-            for module, x, record in zip(modules, inputs, times):
-                seconds = _forward_seconds(module, x, device)
-                if i >= warmup:
-                    record.append(seconds)
+    """Seconds of each prepared inference, timed one after the other in every round (after `warmup` rounds), so that
+    a change of the machine's load hits all alike."""
+    times: list[list[float]] = [[] for _ in forwards]
+    for i in range(warmup + repeats):
+        for forward, record in zip(forwards, times):
+            seconds = _forward_seconds(forward, device)
+            if i >= warmup:
+                record.append(seconds)
     return times
 
 
@@ -55,9 +55,50 @@ def measure_latency(
     batch: int = 1,
     repeats: int = 20,
     warmup: int = 3,
+    runtime: str = EAGER,
 ) -> float:
-    """Median seconds of one eval-mode forward of a `batch` of `example`'s shape on `device` (synchronised on CUDA)."""
-    return relative_latency(model, None, example, device, batch, repeats, warmup)[0]
+    """Median seconds of one inference of a `batch` of `example`'s shape in `runtime` on `device`."""
+    return latency_times(model, None, example, device, batch, repeats, warmup, runtime)[0].median
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Timed inferences of one net: their median and spread (median absolute deviation), in seconds."""
+
+    seconds: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def spread(self) -> float:
+        return statistics.median(abs(t - self.median) for t in self.seconds)
+
+
+def latency_times(
+    model: nn.Module,
+    reference: nn.Module | None,
+    example: torch.Tensor,
+    device: str | torch.device = "cpu",
+    batch: int = 1,
+    repeats: int = 20,
+    warmup: int = 3,
+    runtime: str = EAGER,
+) -> list[Timing]:
+    """Inference times of `model` (and `reference`) in `runtime` on `device`, timed alternately inference by inference
+    so that a change of the machine's load hits both alike. Eager nets keep their train/eval mode and device."""
+    device = torch.device(device)
+    x = _batch_of(example, batch, device)
+    nets = [model] + ([reference] if reference is not None else [])
+    modes = [(net.training, next(net.parameters(), torch.empty(0)).device) for net in nets]
+    try:
+        forwards = [forward_call(net, x, runtime, device) for net in nets]
+        times = timed_rounds(forwards, device, repeats, warmup)
+    finally:
+        for net, (mode, place) in zip(nets, modes):
+            net.train(mode).to(place)
+    return [Timing(t) for t in times]
 
 
 def relative_latency(
@@ -68,20 +109,12 @@ def relative_latency(
     batch: int = 1,
     repeats: int = 20,
     warmup: int = 3,
+    runtime: str = EAGER,
 ) -> tuple[float, float]:
-    """Median seconds of `model` and its ratio to `reference`'s, timed alternately forward by forward so that a change
-    of the machine's load hits both alike (ratio nan without a reference)."""
-    device = torch.device(device)
-    x = _batch_of(example, batch, device)
-    nets = [model] + ([reference] if reference is not None else [])
-    modes = [net.training for net in nets]
-    for net in nets:
-        net.eval().to(device)
-    times = timed_rounds(nets, [x] * len(nets), device, repeats, warmup)
-    for net, mode in zip(nets, modes):
-        net.train(mode)
-    own = statistics.median(times[0])
-    return own, (own / statistics.median(times[1]) if reference is not None else float("nan"))
+    """Median seconds of `model` and its ratio to `reference`'s, timed alternately (ratio nan without a reference)."""
+    times = latency_times(model, reference, example, device, batch, repeats, warmup, runtime)
+    own = times[0].median
+    return own, (own / times[1].median if reference is not None else float("nan"))
 
 
 LATENCY_UNIT = "latency"
@@ -104,6 +137,15 @@ class LatencyProfile:
     reference_seconds: float
     prefixes: list[int]
     relative: list[float]
+    runtime: str = EAGER  # profiles stored before runtimes were chosen were timed in eager PyTorch
+
+    def where(self) -> str:
+        """Where the profile was timed, in words (runtime, device, batch, threads)."""
+        return f"{runtime_label(self.runtime, self.device)} at batch {self.batch} ({self.threads} threads)"
+
+    def matches(self, device: str | torch.device, batch: int, runtime: str) -> bool:
+        """Whether this profile was timed on `device` at `batch` in `runtime`."""
+        return (self.device, self.batch, self.runtime) == (str(torch.device(device)), batch, runtime)
 
     def predict(self, prefix: int | np.ndarray) -> np.ndarray:
         """Latency relative to the unpruned net at a prefix length, interpolated between the measured prefixes."""
@@ -118,9 +160,8 @@ class LatencyProfile:
         reached = np.nonzero(self.predict(candidates) <= 1 - ratio + 1e-12)[0]
         if not len(reached):
             raise AnalysisError(
-                f"a latency reduction of {ratio:.3f} is not reached on {self.device} at batch "
-                f"{self.batch}: at most {1 - min(self.relative):.3f} was measured along this order "
-                "(with this cap)"
+                f"a latency reduction of {ratio:.3f} is not reached in {self.where()}: at most "
+                f"{1 - min(self.relative):.3f} was measured along this order (with this cap)"
             )
         return int(candidates[reached[0]])
 
@@ -150,6 +191,16 @@ class LatencyProfile:
             raise AnalysisError(f"the latency profile '{path}' is unreadable ({exc})") from None
 
 
+def prefix_grid(n_prunable: int, points: int, stops: list[int] | None = None) -> list[int]:
+    """`points` prefix lengths from 0 to `n_prunable`, evenly spaced (each moved up to the next rounding stop)."""
+    if points < 2:
+        raise AnalysisError(f"a latency profile needs at least 2 points, got {points}")
+    grid = {round(i * n_prunable / (points - 1)) for i in range(points)}
+    if stops is not None:
+        grid = {next((s for s in stops if s >= k), stops[-1]) for k in grid}
+    return sorted(grid)
+
+
 def measure_profile(
     model: nn.Module,
     structures,
@@ -163,25 +214,23 @@ def measure_profile(
     stops: list[int] | None = None,
     progress: ProgressFn = None,
     should_stop: StopFn = None,
+    runtime: str = EAGER,
 ) -> LatencyProfile:
     """Prune `model` physically at `points` prefixes of `order` (structure keys, first pruned first) and time each
-    against the unpruned net on `device`."""
+    against the unpruned net in `runtime` on `device`."""
+    check_runtime(runtime)
     from ..pruning.masks import pruned_copy
 
-    if points < 2:
-        raise AnalysisError(f"a latency profile needs at least 2 points, got {points}")
-    grid = sorted({round(i * n_prunable / (points - 1)) for i in range(1, points)})
-    if stops is not None:
-        grid = sorted({next(s for s in stops if s >= k) for k in grid})
-    reference, relative = measure_latency(model, example, device, batch, repeats), [1.0]
+    grid = prefix_grid(n_prunable, points, stops)[1:]
+    reference, relative = measure_latency(model, example, device, batch, repeats, runtime=runtime), [1.0]
     for i, k in enumerate(grid):
         check_cancel(should_stop)
         report(progress, i / len(grid), f"latency of the net pruned at {k}/{n_prunable} structures")
         smaller = pruned_copy(model, structures, set(order[:k]), example)
-        relative.append(relative_latency(smaller, model, example, device, batch, repeats)[1])
+        relative.append(relative_latency(smaller, model, example, device, batch, repeats, runtime=runtime)[1])
     report(progress, 1.0, "latency profile measured")
     return LatencyProfile(
-        str(torch.device(device)), batch, torch.get_num_threads(), reference, [0] + grid, relative
+        str(torch.device(device)), batch, torch.get_num_threads(), reference, [0] + grid, relative, runtime
     )
 
 
@@ -210,7 +259,10 @@ def refine_profile(
         check_cancel(should_stop)
         smaller = pruned_copy(model, structures, set(order[:k]), example)
         profile.add_point(
-            k, relative_latency(smaller, model, example, profile.device, profile.batch, repeats)[1]
+            k,
+            relative_latency(
+                smaller, model, example, profile.device, profile.batch, repeats, runtime=profile.runtime
+            )[1],
         )
         added = True
     return added
@@ -227,13 +279,15 @@ def stored_profile(
     points: int = 12,
     should_stop: StopFn = None,
     targets: list[float] = (),
+    runtime: str = EAGER,
 ) -> LatencyProfile:
-    """The latency profile of an analysis (`result`) stored in `folder`: read if there, else measured along its order
-    on `device` at `batch`, refined at `targets` and saved there, so jobs and studies measure it once and resume
-    without re-timing."""
+    """The latency profile of an analysis (`result`) stored in `folder`: read if it was timed on `device` at `batch`
+    in `runtime`, else measured along its order there, refined at `targets` and saved, so jobs and studies measure
+    it once and resume without re-timing."""
     path = Path(folder) / PROFILE_NAME
-    if path.exists():
-        profile = LatencyProfile.load(path)
+    stored = LatencyProfile.load(path) if path.exists() else None
+    if stored is not None and stored.matches(device, batch, runtime):
+        profile = stored
     else:
         profile = measure_profile(
             model,
@@ -246,6 +300,7 @@ def stored_profile(
             points,
             stops=result.stops(structures),
             should_stop=should_stop,
+            runtime=runtime,
         )
         profile.save(
             path

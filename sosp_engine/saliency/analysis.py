@@ -19,6 +19,7 @@ from ..pruning.exactness import exactness_report
 from ..latency.profile import LATENCY_UNIT, LatencyProfile
 from ..nets.loading import Workbench
 from ..latency.layers import measure_layer_latency
+from ..latency.runtimes import EAGER, check_runtime
 from .memory import MATRIX, memory_phase, probe
 from ..nets import weights_fingerprint
 from ..progress import ProgressFn, StopFn, check_cancel, report
@@ -79,6 +80,7 @@ class AnalysisConfig:
         None  # normalize="latency": where layers are timed (None: the analysis device)
     )
     latency_batch: int = 1  # normalize="latency": the batch size they are timed at
+    latency_runtime: str = EAGER  # normalize="latency": the runtime they are timed in (eager, onnxruntime)
     exclude: list[str] = field(default_factory=list)
     preset: str | None = "auto"
 
@@ -107,6 +109,7 @@ class AnalysisConfig:
             raise AnalysisError(f"round_to must be at least 1, got {self.round_to}")
         if self.latency_batch < 1:
             raise AnalysisError(f"the latency batch must be at least 1, got {self.latency_batch}")
+        check_runtime(self.latency_runtime)
         if self.memory_budget_gb is not None and not (
             math.isfinite(self.memory_budget_gb) and self.memory_budget_gb > 0
         ):
@@ -454,6 +457,7 @@ def run_analysis(
             config.latency_batch,
             progress=lambda f, m: report(progress, 0.0, m),
             should_stop=should_stop,
+            runtime=config.latency_runtime,
         )
         normalize = table.structure_seconds(workbench.structures)
         timings["layer_latency"] = time.perf_counter() - start

@@ -1,0 +1,121 @@
+"""What a mask buys at deployment: along a pruning order (and the order rounded to multiples of 8 or 16), the MAC
+drop of the physically pruned net against its measured latency drop in each runtime and batch size, and their ratio
+(the efficiency: 1 when every saved MAC turns into saved time)."""
+
+from __future__ import annotations
+
+import torch
+import pandas as pd
+from torch import nn
+
+from ..errors import AnalysisError
+from ..progress import ProgressFn, StopFn, check_cancel, report
+from ..pruning.counting import count_macs
+from ..pruning.masks import pruned_copy
+from ..pruning.structures import StructureSet
+from ..saliency.selection import rounded_order, rounded_stops
+from .profile import latency_times, prefix_grid
+from .runtimes import check_runtime
+
+EFFICIENCY_COLUMNS = [
+    "order",
+    "structures_pruned",
+    "mac_drop",
+    "runtime",
+    "batch",
+    "pruned_ms",
+    "unpruned_ms",
+    "spread_ms",
+    "latency_drop",
+    "efficiency",
+    "threads",
+    "device",
+]
+
+
+def order_variants(
+    result, structures: StructureSet, round_to: list[int]
+) -> dict[str, tuple[list[str], list[int]]]:
+    """The analysis's order and its order regrouped to multiples of each of `round_to` (> 1): label -> (structure keys
+    in pruning order, the prefix lengths it may stop at)."""
+    variants = {
+        "as analysed": (result.ordered_keys(), result.stops(structures) or list(range(result.n_prunable + 1)))
+    }
+    for multiple in sorted({r for r in round_to if r > 1}):
+        order, n_prunable = rounded_order(
+            result.pruning_order, result.n_prunable, structures, multiple, result.config.cap
+        )
+        keys = [result.keys[i] for i in order.tolist()]
+        variants[f"rounded to {multiple}"] = (
+            keys[:n_prunable],
+            rounded_stops(order, n_prunable, structures, multiple),
+        )
+    return variants
+
+
+def efficiency_table(
+    model: nn.Module,
+    structures: StructureSet,
+    orders: dict[str, tuple[list[str], list[int]]],
+    example: torch.Tensor,
+    runtimes: list[str],
+    batches: list[int],
+    points: int = 5,
+    device: str | torch.device = "cpu",
+    repeats: int = 10,
+    progress: ProgressFn = None,
+    should_stop: StopFn = None,
+) -> pd.DataFrame:
+    """For `points` prefixes of each order: the net pruned there, its MAC drop counted over every call, and in each
+    runtime at each batch its latency timed alternately with the unpruned net (medians, their spread), one row each."""
+    for runtime in runtimes:
+        check_runtime(runtime)
+    if not runtimes or not batches or any(b < 1 for b in batches):
+        raise AnalysisError(f"give at least one runtime and batch sizes >= 1 (got {runtimes}, {batches})")
+    device = torch.device(device)
+    base_macs = count_macs(model, example)
+    plan = [
+        (label, keys, k)
+        for label, (keys, stops) in orders.items()
+        for k in prefix_grid(len(keys), points, stops)
+        if k > 0
+    ]
+    rows, steps = [], max(1, len(plan) * len(runtimes) * len(batches))
+    for label, keys, k in plan:
+        smaller = pruned_copy(model, structures, set(keys[:k]), example)
+        mac_drop = 1 - count_macs(smaller, example) / base_macs
+        for runtime in runtimes:
+            for batch in batches:
+                check_cancel(should_stop)
+                report(progress, len(rows) / steps, f"{label}: {k} structures, {runtime} at batch {batch}")
+                pruned, unpruned = latency_times(
+                    smaller, model, example, device, batch, repeats, runtime=runtime
+                )
+                drop = 1 - pruned.median / unpruned.median
+                rows.append(
+                    [
+                        label,
+                        k,
+                        mac_drop,
+                        runtime,
+                        batch,
+                        1000 * pruned.median,
+                        1000 * unpruned.median,
+                        1000 * max(pruned.spread, unpruned.spread),
+                        drop,
+                        drop / mac_drop if mac_drop > 0 else float("nan"),
+                        torch.get_num_threads(),
+                        str(device),
+                    ]
+                )
+    report(progress, 1.0, "deployment latency measured")
+    return pd.DataFrame(rows, columns=EFFICIENCY_COLUMNS)
+
+
+def efficiency_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per order, runtime and batch: the efficiency's median, lowest and highest over the measured prefixes."""
+    return (
+        table.groupby(["order", "runtime", "batch"], sort=False)["efficiency"]
+        .agg(efficiency_median="median", efficiency_min="min", efficiency_max="max", prefixes="count")
+        .reset_index()
+    )

@@ -1,0 +1,259 @@
+"""Latency where the model ships: timing in ONNX Runtime next to eager PyTorch, and what a mask buys there (latency
+drop against MAC drop along the order, plain and rounded)."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from sosp_engine.cli.main import main
+from sosp_engine.errors import AnalysisError
+from sosp_engine.latency.deployment import efficiency_summary, efficiency_table, order_variants
+from sosp_engine.latency.layers import measure_layer_latency
+from sosp_engine.latency.profile import LatencyProfile, latency_times, measure_profile, stored_profile
+from sosp_engine.latency.runtimes import forward_call, onnxruntime_providers
+from sosp_engine.nets.loading import open_workbench
+from sosp_engine.pruning.masks import mask_summary
+from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
+
+
+@pytest.fixture(scope="module")
+def analysed():
+    torch.manual_seed(0)
+    wb = open_workbench("resnet20", "synthetic:3,8,8:10")
+    return wb, run_analysis(wb, AnalysisConfig(method="magnitude", samples=8))
+
+
+def test_onnxruntime_times_the_exported_net_which_computes_what_the_model_computes(analysed):
+    wb, _ = analysed
+    x = torch.randn(4, 3, 8, 8)
+    got = forward_call(wb.model, x, "onnxruntime", torch.device("cpu"))()[0]
+    with torch.no_grad():
+        expected = wb.model.eval()(x)
+    assert torch.allclose(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_timing_in_onnxruntime_leaves_the_eager_model_as_it_was(analysed):
+    wb, _ = analysed
+    wb.model.train()
+    pruned, unpruned = latency_times(
+        wb.model, wb.model, wb.example, "cpu", 2, repeats=3, runtime="onnxruntime"
+    )
+    assert wb.model.training and pruned.median > 0 and unpruned.spread >= 0 and len(pruned.seconds) == 3
+
+
+def test_an_unknown_runtime_is_refused_before_any_timing(analysed):
+    wb, _ = analysed
+    with pytest.raises(AnalysisError, match="unknown latency runtime 'tensorrt'"):
+        latency_times(wb.model, None, wb.example, runtime="tensorrt")
+    with pytest.raises(AnalysisError, match="unknown latency runtime"):
+        AnalysisConfig(latency_runtime="tvm").validate()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine may carry onnxruntime-gpu")
+def test_a_gpu_without_onnxruntime_gpu_providers_says_what_to_install():
+    import onnxruntime
+
+    if set(onnxruntime.get_available_providers()) & {"CUDAExecutionProvider", "TensorrtExecutionProvider"}:
+        pytest.skip("this onnxruntime has GPU providers")
+    with pytest.raises(AnalysisError, match="install onnxruntime-gpu"):
+        onnxruntime_providers(torch.device("cuda"))
+
+
+def test_a_profile_records_its_runtime_and_says_where_it_was_timed(analysed):
+    wb, result = analysed
+    curve = measure_profile(
+        wb.model,
+        wb.structures,
+        result.ordered_keys(),
+        result.n_prunable,
+        wb.example,
+        points=2,
+        repeats=2,
+        runtime="onnxruntime",
+    )
+    assert curve.runtime == "onnxruntime" and "ONNX Runtime on cpu at batch 1" in curve.where()
+
+
+def test_a_profile_stored_before_runtimes_reads_as_eager(tmp_path):
+    path = tmp_path / "latency.json"
+    path.write_text(
+        json.dumps(
+            {
+                "device": "cpu",
+                "batch": 1,
+                "threads": 1,
+                "reference_seconds": 0.01,
+                "prefixes": [0, 4],
+                "relative": [1.0, 0.5],
+            }
+        )
+    )
+    assert LatencyProfile.load(path).runtime == "eager"
+
+
+def test_a_stored_profile_of_another_runtime_is_timed_again_in_the_asked_one(analysed, tmp_path):
+    wb, result = analysed
+    LatencyProfile("cpu", 1, 1, 0.01, [0, result.n_prunable], [1.0, 0.5]).save(tmp_path / "latency.json")
+    curve = stored_profile(
+        result, wb.model, wb.structures, wb.example, tmp_path, points=2, runtime="onnxruntime"
+    )
+    assert curve.runtime == "onnxruntime"
+    assert LatencyProfile.load(tmp_path / "latency.json").runtime == "onnxruntime"
+
+
+def test_layer_latencies_can_be_timed_in_onnxruntime(analysed):
+    wb, _ = analysed
+    table = measure_layer_latency(
+        wb.model, wb.structures, wb.example, "cpu", 1, repeats=3, runtime="onnxruntime"
+    )
+    assert table.runtime == "onnxruntime" and "ONNX Runtime" in table.describe()
+    assert table.timed_dimensions > 0 and len(table.per_channel) == 2 * len(table.modules)
+
+
+def test_the_efficiency_table_has_a_row_per_prefix_runtime_and_batch_with_counted_mac_drops(analysed):
+    wb, result = analysed
+    orders = order_variants(result, wb.structures, [])
+    table = efficiency_table(
+        wb.model, wb.structures, orders, wb.example, ["eager", "onnxruntime"], [1, 2], points=3, repeats=2
+    )
+    assert len(table) == 2 * 2 * 2  # two nonzero prefixes, two runtimes, two batches
+    keys, _ = orders["as analysed"]
+    for k, rows in table.groupby("structures_pruned"):
+        expected = mask_summary(wb.structures, set(keys[:k]))["mac_ratio"]
+        assert rows["mac_drop"].tolist() == pytest.approx([expected] * len(rows), rel=1e-9)
+    assert (table["efficiency"] == table["latency_drop"] / table["mac_drop"]).all()
+    summary = efficiency_summary(table)
+    assert len(summary) == 4 and set(summary["prefixes"]) == {2}
+
+
+def test_a_rounded_order_is_timed_only_where_every_layer_keeps_a_multiple_of_its_rounding(analysed):
+    wb, result = analysed
+    keys, stops = order_variants(result, wb.structures, [8])["rounded to 8"]
+    table = efficiency_table(
+        wb.model,
+        wb.structures,
+        {"rounded to 8": (keys, stops)},
+        wb.example,
+        ["eager"],
+        [1],
+        points=3,
+        repeats=1,
+    )
+    sizes = wb.structures.layer_sizes().tolist()
+    for k in table["structures_pruned"]:
+        pruned = wb.structures.pruned_vector(set(keys[:k]))
+        per_layer = torch.zeros(len(sizes), dtype=torch.long).index_add_(
+            0, wb.structures.layer_of, pruned.long()
+        )
+        assert all((size - gone) % 8 == 0 for size, gone in zip(sizes, per_layer.tolist()) if gone)
+
+
+def test_the_efficiency_table_refuses_an_empty_choice(analysed):
+    wb, result = analysed
+    with pytest.raises(AnalysisError, match="at least one runtime"):
+        efficiency_table(
+            wb.model, wb.structures, order_variants(result, wb.structures, []), wb.example, [], [1]
+        )
+
+
+def test_analyze_times_its_latency_target_in_the_runtime_asked_for(tmp_path):
+    out = tmp_path / "a"
+    argv = [
+        "analyze",
+        "--model",
+        "resnet20",
+        "--data",
+        "synthetic:3,8,8:10",
+        "--method",
+        "magnitude",
+        "--samples",
+        "8",
+        "--unit",
+        "latency",
+        "--ratio",
+        "0.05",
+        "--latency-batch",
+        "8",
+        "--latency-points",
+        "3",
+        "--latency-runtime",
+        "onnxruntime",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    assert LatencyProfile.load(out / "latency.json").runtime == "onnxruntime"
+
+
+def test_the_deployment_command_writes_the_efficiency_table(tmp_path, capsys):
+    out = tmp_path / "a"
+    assert (
+        main(
+            [
+                "analyze",
+                "--model",
+                "resnet20",
+                "--data",
+                "synthetic:3,8,8:10",
+                "--method",
+                "magnitude",
+                "--samples",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    csv = tmp_path / "deployment.csv"
+    assert (
+        main(
+            [
+                "deployment",
+                str(out),
+                "--batches",
+                "1",
+                "--points",
+                "2",
+                "--repeats",
+                "2",
+                "--round-to",
+                "8",
+                "--out",
+                str(csv),
+            ]
+        )
+        == 0
+    )
+    table = pd.read_csv(csv)
+    assert set(table["runtime"]) == {"eager", "onnxruntime"} and set(table["order"]) == {
+        "as analysed",
+        "rounded to 8",
+    }
+    assert "efficiency = latency drop / MAC drop" in capsys.readouterr().err
+
+
+def test_the_deployment_command_refuses_a_batch_of_zero(tmp_path, capsys):
+    out = tmp_path / "a"
+    assert (
+        main(
+            [
+                "analyze",
+                "--model",
+                "resnet20",
+                "--data",
+                "synthetic:3,8,8:10",
+                "--method",
+                "magnitude",
+                "--samples",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert main(["deployment", str(out), "--batches", "0"]) != 0
+    assert "--batches takes whole numbers >= 1" in capsys.readouterr().err
