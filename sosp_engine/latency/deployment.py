@@ -53,6 +53,14 @@ def order_variants(
     return variants
 
 
+def prefixes_at(ratios: list[float], n_structures: int, n_prunable: int, stops: list[int]) -> list[int]:
+    """The prefix pruning each ratio of all `n_structures` (the next stop of the order), within its `n_prunable`."""
+    if any(not 0 < r < 1 for r in ratios):
+        raise AnalysisError(f"pruning ratios must be in (0, 1), got {ratios}")
+    wanted = [min(round(r * n_structures), n_prunable) for r in ratios]
+    return sorted({next((s for s in stops if s >= k), stops[-1]) for k in wanted})
+
+
 def efficiency_table(
     model: nn.Module,
     structures: StructureSet,
@@ -65,9 +73,11 @@ def efficiency_table(
     repeats: int = 10,
     progress: ProgressFn = None,
     should_stop: StopFn = None,
+    ratios: list[float] | None = None,
 ) -> pd.DataFrame:
-    """For `points` prefixes of each order: the net pruned there, its MAC drop counted over every call, and in each
-    runtime at each batch its latency timed alternately with the unpruned net (medians, their spread), one row each."""
+    """For `points` evenly spaced prefixes of each order (or the prefixes pruning `ratios` of all structures): the net
+    pruned there, its MAC drop counted over every call, and in each runtime at each batch its latency timed
+    alternately with the unpruned net (medians, their spread), one row each."""
     for runtime in runtimes:
         check_runtime(runtime)
     if not runtimes or not batches or any(b < 1 for b in batches):
@@ -77,7 +87,11 @@ def efficiency_table(
     plan = [
         (label, keys, k)
         for label, (keys, stops) in orders.items()
-        for k in prefix_grid(len(keys), points, stops)
+        for k in (
+            prefix_grid(len(keys), points, stops)
+            if ratios is None
+            else prefixes_at(ratios, structures.num_structures, len(keys), stops)
+        )
         if k > 0
     ]
     rows, steps = [], max(1, len(plan) * len(runtimes) * len(batches))
