@@ -95,8 +95,38 @@ def _measure(
                 )
             )
 
+    if task.startswith("analysis-"):  # the whole user call: run_analysis as the CLI and the app run it
+        from sosp_engine.nets.loading import open_workbench
+        from sosp_engine.saliency.analysis import AnalysisConfig
+
+        workbench = open_workbench(model_spec, f"synthetic:{','.join(map(str, shape))}:{classes}:{samples}")
+        config = AnalysisConfig(
+            method=task[len("analysis-") :],
+            model_spec=model_spec,
+            samples=samples,
+            batch_size=batch_size,
+            device=device,
+            memory_budget_gb=None,
+        )
+    if (
+        task == "nni-sensitivity"
+    ):  # NNI 2.x's sensitivity analysis: each conv pruned alone (L1) at 3 sparsities
+        from nni.compression.pytorch.utils.sensitivity_analysis import SensitivityAnalysis
+
+        def validation_loss(model) -> float:
+            with torch.no_grad():
+                return -sum(float(sample_losses(model(x), y, inputs.loss).sum()) for x, y in inputs.batches())
+
     def run_task(extra: dict, start: float) -> None:
-        if task == "forward+backward":
+        if task.startswith("analysis-"):
+            from sosp_engine.saliency.analysis import run_analysis
+
+            run_analysis(workbench, config)
+        elif task == "nni-sensitivity":
+            SensitivityAnalysis(
+                inputs.model, validation_loss, sparsities=[0.25, 0.5, 0.75], prune_type="l1"
+            ).analysis(val_args=[inputs.model])
+        elif task == "forward+backward":
             forward_backward()
         elif task == "sosp-h":
             sosp_h_terms(inputs)
@@ -129,19 +159,10 @@ def _measure(
             extra["selection_s"] = time.perf_counter() - t0
         elif (
             task == "sosp-i-floor"
-        ):  # SOSP-I's floor: per pass one forward and D - 1 activation-only backward passes
-            from sosp_engine.saliency.sosp_i import analysis_forwards, capture_plan
+        ):  # SOSP-I's floor: its own passes, without products (a lower bound by construction)
+            from sosp_engine.saliency.sosp_i import pass_floor
 
-            for p in inputs.model.parameters():
-                p.requires_grad_(False)
-            with analysis_forwards(inputs.model, capture_plan(inputs).folded):  # the model as SOSP-I runs it
-                for x, _ in inputs.passes():  # the passes SOSP-I runs (on a CPU: outputs under 32 MiB)
-                    x = x.detach().requires_grad_(True)
-                    logits = inputs.model(x)
-                    for d in range(1, logits.shape[1]):
-                        u = torch.zeros_like(logits)
-                        u[:, d] = 1.0
-                        torch.autograd.grad(logits, x, grad_outputs=u, retain_graph=d < logits.shape[1] - 1)
+            pass_floor(inputs)
         elif task == "tp-taylor":  # first-order Taylor: one forward+backward, then |w * g| per group
             forward_backward()
             importance = tp.importance.GroupTaylorImportance()
@@ -149,13 +170,25 @@ def _measure(
                 importance(group)
         elif (
             task == "tp-hessian"
-        ):  # grouped OBD: a backward per sample for the squared-gradient (Fisher) diagonal
+        ):  # grouped OBD as documented: a backward per sample through the batch's graph
             importance = tp.importance.GroupHessianImportance()
             importance.zero_grad()
             for x, y in inputs.batches():
                 for loss in sample_losses(inputs.model(x), y, inputs.loss):
                     inputs.model.zero_grad(set_to_none=True)
                     loss.backward(retain_graph=True)
+                    importance.accumulate_grad(inputs.model)
+            for group in groups:
+                importance(group)
+        elif (
+            task == "tp-hessian-b1"
+        ):  # grouped OBD, its cheapest recipe: one forward+backward per sample at batch 1
+            importance = tp.importance.GroupHessianImportance()
+            importance.zero_grad()
+            for x, y in inputs.batches():
+                for i in range(len(y)):
+                    inputs.model.zero_grad(set_to_none=True)
+                    sample_losses(inputs.model(x[i : i + 1]), y[i : i + 1], inputs.loss).sum().backward()
                     importance.accumulate_grad(inputs.model)
             for group in groups:
                 importance(group)

@@ -257,3 +257,12 @@ def test_the_deployment_command_refuses_a_batch_of_zero(tmp_path, capsys):
     )
     assert main(["deployment", str(out), "--batches", "0"]) != 0
     assert "--batches takes whole numbers >= 1" in capsys.readouterr().err
+
+
+def test_the_prefix_at_a_ratio_is_the_next_rounding_stop_within_the_prunable_part():
+    from sosp_engine.latency.deployment import prefixes_at
+
+    assert prefixes_at([0.5, 0.75], 100, 90, list(range(0, 91, 8))) == [56, 80]
+    assert prefixes_at([0.99], 100, 90, list(range(91))) == [90]
+    with pytest.raises(AnalysisError, match="pruning ratios must be in"):
+        prefixes_at([1.0], 100, 90, [0, 90])

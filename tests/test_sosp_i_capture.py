@@ -217,3 +217,40 @@ def test_a_concatenation_read_by_anything_but_norms_keeps_every_norm_product():
     torch.testing.assert_close(
         products, directional_outputs(inputs.model, inputs.structures, inputs.x), rtol=1e-10, atol=1e-12
     )
+
+
+def _counted_passes(monkeypatch, run, inputs) -> tuple[int, int, int]:
+    """(forwards of the model, backward passes, product reductions) while `run(inputs)` runs."""
+    from sosp_engine.saliency import sosp_i
+
+    counts = {"grad": 0, "products": 0}
+    real_grad, real_products = torch.autograd.grad, sosp_i._add_products
+
+    def grad(*args, **kwargs):
+        counts["grad"] += 1
+        return real_grad(*args, **kwargs)
+
+    def products(*args, **kwargs):
+        counts["products"] += 1
+        return real_products(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    monkeypatch.setattr(sosp_i, "_add_products", products)
+    forwards = []
+    handle = inputs.model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        run(inputs)
+    finally:
+        handle.remove()
+    return len(forwards), counts["grad"], counts["products"]
+
+
+def test_the_benchmark_floor_runs_sosp_i_own_passes_and_none_of_its_products(monkeypatch):
+    from sosp_engine.saliency.sosp_i import gauss_newton_terms, pass_floor
+
+    inputs = residual_inputs()
+    sosp_i = _counted_passes(monkeypatch, gauss_newton_terms, inputs)
+    floor = _counted_passes(monkeypatch, pass_floor, inputs)
+    # no forward SOSP-I does not do, the same backward passes: a lower bound on SOSP-I's time by construction
+    assert floor[0] <= sosp_i[0] and floor[1] == sosp_i[1] > 0
+    assert sosp_i[2] > 0 and floor[2] == 0

@@ -221,11 +221,16 @@ def _add_products(
 
 
 def output_direction_products(
-    inputs: AnalysisInputs, x: torch.Tensor, directions, plan: CapturePlan | None = None
+    inputs: AnalysisInputs,
+    x: torch.Tensor,
+    directions,
+    plan: CapturePlan | None = None,
+    products: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (n, D), P (n, K, S)) with P[n, k, s] = u_nk^T phi(x_n) theta_s for K per-sample output directions u_nk.
 
-    `directions(logits)` returns the (n, K, D) directions; each costs one activation-only backward pass.
+    `directions(logits)` returns the (n, K, D) directions; each costs one activation-only backward pass. Without
+    `products` the passes run alone and P is empty (the cost floor).
     """
     plan = plan if plan is not None else capture_plan(inputs)
     while True:
@@ -248,7 +253,7 @@ def output_direction_products(
             altered = {name for name, tensor, version in versions if tensor._version != version}
             if not altered:
                 return logits.detach(), _direction_products(
-                    inputs, store, gradient_only, plan, logits, directions
+                    inputs, store, gradient_only, plan, logits, directions, products
                 )
         plan.copied |= (
             altered  # changed in place although the one-sample probe saw no such op: again, with copies
@@ -262,8 +267,9 @@ def _direction_products(
     plan: CapturePlan,
     logits: torch.Tensor,
     directions,
+    products: bool = True,
 ) -> torch.Tensor:
-    """(n, K, S): one activation-only backward pass per direction.
+    """(n, K, S): one activation-only backward pass per direction (empty without `products`).
 
     Each output's gradient is reduced to its products by a hook the moment the pass forms it, so no pass holds every
     producer's gradient at once. The pass runs back to the outputs that start the graph and reaches every other.
@@ -286,7 +292,8 @@ def _direction_products(
     reduced: list[str] = []
 
     def reduce(g: torch.Tensor, name: str, tensor: torch.Tensor) -> None:
-        _add_products(inputs, plan, shifts, name, tensor, g, per_module)
+        if products:
+            _add_products(inputs, plan, shifts, name, tensor, g, per_module)
         reduced.append(name)
 
     hooks = [t.register_hook(lambda g, name=name, t=t: reduce(g, name, t)) for name, t in targets]
@@ -305,11 +312,12 @@ def _direction_products(
                     f"SOSP-I saw no gradient at the outputs of {missing[:3]} in the backward pass "
                     "(an op outside autograd?); use SOSP-H (method sosp-h)"
                 )
-            columns.append(inputs.structure_sums(per_module, (logits.shape[0],)))
+            if products:
+                columns.append(inputs.structure_sums(per_module, (logits.shape[0],)))
     finally:
         for h in hooks:
             h.remove()
-    return torch.stack(columns, dim=1)
+    return torch.stack(columns, dim=1) if columns else torch.empty(0)
 
 
 def jacobian_structure_products(
@@ -435,6 +443,17 @@ def gauss_newton_terms(
         with memory_phase(MATRIX):
             mirror_gram(gram)
     return first / n_total, gram.div_(n_total)
+
+
+def pass_floor(inputs: AnalysisInputs) -> None:
+    """SOSP-I's passes alone: the same forwards (the model as SOSP-I runs it) and the same D - 1 activation-only
+    backward passes to the same outputs, without products, Gram matrix or selection. Its time is a lower bound on
+    SOSP-I's (cross-entropy, exact labels) by construction: the benchmarks' floor."""
+    plan = capture_plan(inputs)
+    for x, y in inputs.passes():
+        output_direction_products(
+            inputs, x, lambda out, y=y: label_difference_directions(out, y), plan, products=False
+        )
 
 
 def gram_blocks(s_count: int) -> list[tuple[int, int]]:
