@@ -11,6 +11,7 @@ from app.guard import user_errors
 from app.text import plain
 from sosp_engine.runs.jobs import RAY_ADDRESS_ENV, Placement
 from sosp_engine.runs.backends.ray import cluster_summary
+from sosp_engine.progress import counted
 
 KEY = "placement"
 
@@ -59,7 +60,8 @@ def placement_settings() -> None:
                 st.session_state[KEY] = Placement("ray", address.strip(), artifacts.strip() or None)
                 st.success(
                     plain(
-                        f"Connected: {summary['nodes']} node(s), {summary['cpus']} CPUs, {summary['gpus']} GPUs. "
+                        f"Connected: {counted(summary['nodes'], 'node')}, {counted(summary['cpus'], 'CPU')}, "
+                        f"{counted(summary['gpus'], 'GPU')}. "
                         "New jobs and studies go to this cluster; a study's cells run in parallel there."
                     )
                 )

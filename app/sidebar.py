@@ -10,6 +10,7 @@ from app.guard import user_errors
 from app.state import current_choice, workspace
 from sosp_engine.devices import device_name, set_threads
 from sosp_engine.runs.jobs import launch_pending
+from sosp_engine.progress import counted
 
 
 @st.cache_data
@@ -39,6 +40,6 @@ def render_sidebar(slot, threads: int) -> None:
             f"**Workspace** {plain(store.root)}  \n**Model** {plain(choice.model_spec)}  \n"
             f"**Weights** {plain(Path(choice.weights).name if choice.weights else 'random init')}  \n"
             f"**Data** {plain(choice.data_spec)}  \n"
-            f"**Device** {plain(_device_label())}, {threads:d} CPU threads  \n"
+            f"**Device** {plain(_device_label())}, {counted(threads, 'CPU thread')}  \n"
             f"**Jobs** {running:d} running, {queued:d} queued"
         )

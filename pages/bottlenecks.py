@@ -10,6 +10,7 @@ from app.text import text_only
 from sosp_engine.saliency.attribution import channel_attribution, layer_channels, saliency_vs_attribution
 from sosp_engine.experiments.bottlenecks import explain, find_bottlenecks, unit_ratios
 from sosp_engine.pruning.masks import layer_table
+from sosp_engine.progress import counted
 
 st.title("Bottlenecks")
 record, result, workbench, ratio, unit = chosen_analysis("bn_ratio")
@@ -38,7 +39,8 @@ st.session_state["bottleneck_choice"] = {"analysis": record["id"], "level": leve
 if flagged:
     st.page_link(
         "../pages/expand.py",
-        label=f"Widen these {len(flagged)} {level}(s) x2 on the Expand-pruning page",
+        label=f"Widen {'this' if len(flagged) == 1 else 'these'} {counted(len(flagged), level)} x2 on the "
+        "Expand-pruning page",
         icon=":material/open_in_full:",
     )
 if level == "layer":

@@ -14,6 +14,7 @@ from sosp_engine.experiments.expand_study import EXPAND_PROCEDURES, EXPAND_STUDY
 from sosp_engine.runs.jobs import submit_expand_study
 from sosp_engine.pruning.masks import layer_table, mask_summary
 from sosp_engine.pruning.surgery import build_widened, params_of, uniform_factor
+from sosp_engine.progress import counted
 
 st.title("Expand-pruning")
 st.caption(
@@ -24,7 +25,7 @@ record, result, workbench, ratio, unit = chosen_analysis("ex_ratio")
 chosen = st.session_state.get("bottleneck_choice")
 if chosen and chosen["analysis"] == record["id"]:  # what the Bottlenecks page flagged for this analysis
     level, picked = chosen["level"], set(chosen["units"])
-    source = f"the {len(picked)} {level}(s) flagged on the Bottlenecks page"
+    source = f"the {counted(len(picked), level)} flagged on the Bottlenecks page"
 else:
     level = paper_level(result.config.model_spec)[0]
     picked = None

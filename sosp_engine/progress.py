@@ -22,3 +22,8 @@ def check_cancel(should_stop: StopFn) -> None:
     """Raise Cancelled when the caller asked to stop."""
     if should_stop is not None and should_stop():
         raise Cancelled("cancelled by the user")
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 layer', '3 layers': a count with its noun in the right number, for messages and progress lines."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"

@@ -9,6 +9,7 @@ The score of a unit is (mean - ratio) / std: how many standard deviations it is 
 from __future__ import annotations
 
 import pandas as pd
+from ..progress import counted
 
 RULES = ("mean-std", "least")
 MEAN_NOTE = (
@@ -99,7 +100,7 @@ def explain(units: pd.DataFrame, info: dict) -> str:
         f"{info['mean']:.0%}"
     )
     return (
-        f"{len(flagged)} bottleneck {info['level']}(s): {names}. Flag rule: {rule}. SOSP keeps their channels "
-        "because removing them would raise the loss most: widening them (expand-pruning, x2) is the paper's remedy. "
-        + MEAN_NOTE
+        f"{counted(len(flagged), 'bottleneck ' + info['level'])}: {names}. Flag rule: {rule}. SOSP keeps their "
+        "channels because removing them would raise the loss most: widening them (expand-pruning, x2) is the "
+        "paper's remedy. " + MEAN_NOTE
     )
