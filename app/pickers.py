@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app.guard import user_errors
-from app.state import analysis, workbench_for, workspace
+from app.state import analysis, kept, workbench_for, workspace
 
 
 def analysis_picker(label: str = "Analysis", key: str = "analysis", default_index: int = 0) -> dict | None:
@@ -28,15 +28,16 @@ def analysis_picker(label: str = "Analysis", key: str = "analysis", default_inde
 def ratio_picker(max_ratio: float, key: str = "ratio", default: float = 0.5) -> tuple[float, str]:
     """A global pruning-ratio slider with its unit (structures / params / MACs)."""
     cols = st.columns([3, 1])
-    unit = cols[1].radio("Unit", ["structures", "params", "macs"], key=f"{key}-unit", horizontal=False)
-    top = round(max_ratio if unit == "structures" else 0.99, 2)
+    unit = cols[1].radio("Unit", ["structures", "params", "macs"], key=kept(f"{key}-unit", "structures"))
+    top = max(round(max_ratio if unit == "structures" else 0.99, 2), 0.01)
+    value_key = kept(f"{key}-value", min(default, top))
+    st.session_state[value_key] = min(st.session_state[value_key], top)  # a unit with a lower ceiling
     ratio = cols[0].slider(
         f"Global pruning ratio ({unit})",
         0.0,
-        max(top, 0.01),
-        min(default, top),
-        0.01,
-        key=f"{key}-value",
+        top,
+        step=0.01,
+        key=value_key,
         help="A mask at any ratio is a prefix of the stored pruning order: moving this recomputes nothing.",
     )
     return ratio, unit

@@ -144,3 +144,18 @@ def cached_analysis(root: str, record_id: str) -> AnalysisResult:
 
 def analysis(record_id: str) -> AnalysisResult:
     return cached_analysis(str(workspace().root.resolve()), record_id)
+
+
+KEPT = "kept_widget_values"
+
+
+def kept(key: str, default: object) -> str:
+    """A widget key whose value survives a visit to another page (Streamlit drops the state of widgets a page run
+    does not draw): the value is copied aside every run and put back when the page is drawn again. The widget then
+    takes its value from the session state only: pass no default to it."""
+    store = st.session_state.setdefault(KEPT, {})
+    if key in st.session_state:
+        store[key] = st.session_state[key]
+    else:
+        st.session_state[key] = store.get(key, default)
+    return key

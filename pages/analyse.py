@@ -11,7 +11,7 @@ from app.text import plain
 from app.background import CANCELLED, running_analysis, start_analysis
 from app.guard import user_errors
 from app.pickers import analyses_frame
-from app.state import current_choice, workbench, workspace
+from app.state import current_choice, kept, workbench, workspace
 from sosp_engine.saliency.analysis import METHOD_LABELS, METHODS, AnalysisConfig
 from sosp_engine.devices import resolve_device
 from sosp_engine.latency.runtimes import RUNTIMES
@@ -28,14 +28,20 @@ st.caption(
 
 with st.form("analysis_form"):
     cols = st.columns(3)
-    method = cols[0].selectbox("Method", METHODS, format_func=METHOD_LABELS.get)
-    samples = cols[1].number_input(
-        "Samples N'", 1, 100_000, 1000, help="drawn with the seed from the training split"
+    method = cols[0].selectbox(
+        "Method", METHODS, format_func=METHOD_LABELS.get, key=kept("an-method", METHODS[0])
     )
-    batch = cols[2].number_input("Batch size", 1, 4096, 100)
+    samples = cols[1].number_input(
+        "Samples N'",
+        1,
+        100_000,
+        key=kept("an-samples", 1000),
+        help="drawn with the seed from the training split",
+    )
+    batch = cols[2].number_input("Batch size", 1, 4096, key=kept("an-batch", 100))
     fit_memory = cols[2].toggle(
         "Fit the batch to the free memory",
-        True,
+        key=kept("an-fit", True),
         help="measure what the method takes per sample on a few samples first, and lower the "
         "batch so the analysis stays within 80 % of the free GPU memory or 50 % of the "
         "free RAM",
@@ -45,8 +51,8 @@ with st.form("analysis_form"):
         "Per-layer cap",
         0.05,
         1.0,
-        0.95,
-        0.05,
+        step=0.05,
+        key=kept("an-cap", 0.95),
         help="at most this fraction of a layer is pruned; one channel always stays",
     )
     normalize = cols[1].selectbox(
@@ -58,6 +64,7 @@ with st.form("analysis_form"):
             "macs": "by MACs",
             "latency": "by measured latency",
         }.get,
+        key=kept("an-normalize", "none"),
         help="rank structures by saliency per unit of cost; latency: each layer is timed "
         "alone on the analysis device first, so the order follows this machine",
     )
@@ -65,23 +72,25 @@ with st.form("analysis_form"):
         "Latency batch",
         1,
         4096,
-        1,
+        key=kept("an-latency-batch", 1),
         help="with normalisation by latency: the batch size the layers are timed at",
     )
-    loss = cols[2].selectbox("Loss", ["cross-entropy", "squared"])
+    loss = cols[2].selectbox("Loss", ["cross-entropy", "squared"], key=kept("an-loss", "cross-entropy"))
     latency_runtime = cols[2].selectbox(
         "Latency runtime",
         RUNTIMES,
+        key=kept("an-latency-runtime", RUNTIMES[0]),
         help="with normalisation by latency: eager PyTorch, or the net exported to ONNX and timed in ONNX Runtime",
     )
     cols = st.columns(3)
     at_init = cols[0].toggle(
         "At initialisation",
+        key=kept("an-at-init", False),
         help="analyse a fresh seeded init; BatchNorm statistics are re-estimated on the samples",
     )
-    seed = cols[1].number_input("Seed", 0, 2**31 - 1, 0)
-    device = cols[2].selectbox("Device", ["auto", "cpu", "cuda"])
-    name = st.text_input("Name (optional)", placeholder="e.g. SOSP-H after training")
+    seed = cols[1].number_input("Seed", 0, 2**31 - 1, key=kept("an-seed", 0))
+    device = cols[2].selectbox("Device", ["auto", "cpu", "cuda"], key=kept("an-device", "auto"))
+    name = st.text_input("Name (optional)", placeholder="e.g. SOSP-H after training", key=kept("an-name", ""))
     run = st.form_submit_button("Run analysis", type="primary", icon=":material/play_arrow:")
 
 key = st.session_state.setdefault("analysis_key", uuid.uuid4().hex)  # this browser session's analysis thread

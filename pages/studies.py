@@ -12,7 +12,7 @@ from app.export import export_buttons, file_slug, safe_csv
 from app.guard import user_errors
 from app.placement import current_placement, placement_caption
 from app.report import analysis_report
-from app.state import code_confirmed, current_choice, is_pruned_checkpoint, workspace
+from app.state import code_confirmed, current_choice, is_pruned_checkpoint, kept, workspace
 from app.text import plain, text_only
 from sosp_engine.latency.runtimes import RUNTIMES
 from sosp_engine.saliency.analysis import METHODS
@@ -52,29 +52,29 @@ with st.expander(
             )
         )
     methods = st.multiselect(
-        "Methods", list(METHODS), default=["sosp-h", "sosp-i", "magnitude", "random"], key="study-methods"
+        "Methods", list(METHODS), key=kept("study-methods", ["sosp-h", "sosp-i", "magnitude", "random"])
     )
     cols = st.columns(3)
-    targets_text = cols[0].text_input("Targets (ratios)", "0.3,0.5,0.7", key="study-targets")
+    targets_text = cols[0].text_input("Targets (ratios)", key=kept("study-targets", "0.3,0.5,0.7"))
     unit = cols[1].radio(
         "Unit",
         ["params", "macs", "structures", "latency"],
         horizontal=True,
-        key="study-unit",
+        key=kept("study-unit", "params"),
         help="latency: the CPU latency at batch 1, timed along each analysis's order",
     )
     latency_runtime = cols[1].selectbox(
         "Latency runtime",
         RUNTIMES,
-        key="study-runtime",
+        key=kept("study-runtime", RUNTIMES[0]),
         help="where each cell's CPU latency (and the latency unit) is timed: eager PyTorch, or ONNX Runtime",
     )
-    seeds_text = cols[2].text_input("Seeds", "0,1,2", key="study-seeds")
+    seeds_text = cols[2].text_input("Seeds", key=kept("study-seeds", "0,1,2"))
     cols = st.columns(4)
-    epochs = cols[0].number_input("Training epochs", 0, 1000, 10, key="study-epochs")
-    finetune = cols[1].number_input("Fine-tuning epochs", 0, 1000, 5, key="study-finetune")
-    samples = cols[2].number_input("N' samples", 1, 100_000, 500, key="study-samples")
-    name = cols[3].text_input("Name", "", key="study-name")
+    epochs = cols[0].number_input("Training epochs", 0, 1000, key=kept("study-epochs", 10))
+    finetune = cols[1].number_input("Fine-tuning epochs", 0, 1000, key=kept("study-finetune", 5))
+    samples = cols[2].number_input("N' samples", 1, 100_000, key=kept("study-samples", 500))
+    name = cols[3].text_input("Name", key=kept("study-name", ""))
     confirmed = code_confirmed(model_spec.strip(), "The study's model spec")
     if st.button("Launch study", icon=":material/play_arrow:", key="study-launch", disabled=not confirmed):
         with user_errors("Launching the study", stop=False):

@@ -150,6 +150,9 @@ def test_an_analysis_survives_a_visit_to_another_page(fresh):
     until_stored(at, fresh)
     assert [r["name"] for r in fresh.analyses()] == ["kept"]
     assert any("Stored as **kept**" in s.value for s in at.success)
+    # the form shows what was submitted, not its defaults
+    assert widget(at.number_input, "Samples N'").value == 200
+    assert widget(at.text_input, "Name (optional)").value == "kept"
 
 
 def test_the_ratio_slider_changes_what_the_page_shows(stored):
@@ -530,3 +533,14 @@ def test_the_ratios_page_measures_what_the_masks_buy_per_runtime(stored):
     assert set(summary["runtime"]) == {"eager", "onnxruntime"}
     assert set(summary["order"]) == {"as analysed", "rounded to 8"}
     assert any("latency drop against MAC drop" in c.proto.spec for c in at.get("plotly_chart"))
+
+
+def test_the_unit_and_ratio_survive_a_visit_to_another_page(stored):
+    at = open_page("ratios")
+    widget(at.radio, "Unit").set_value("params").run()
+    widget(at.slider, "Global pruning ratio (params)").set_value(0.3).run()
+    at.switch_page("../pages/bottlenecks.py").run()
+    at.switch_page("../pages/ratios.py").run()
+    assert not at.exception
+    assert widget(at.radio, "Unit").value == "params"
+    assert widget(at.slider, "Global pruning ratio (params)").value == pytest.approx(0.3)
