@@ -1,5 +1,6 @@
 """The sidebar every page shows: workspace, active model, data set and compute device; starts queued jobs."""
 
+from collections import Counter
 from pathlib import Path
 
 import streamlit as st
@@ -34,12 +35,23 @@ def render_sidebar(slot, threads: int) -> None:
         with user_errors("Opening the workspace"):
             store = workspace()
             launch_pending(store)
-            running = len(store.jobs("running")) + len(store.jobs("starting"))
-            queued = len(store.jobs("queued"))
         st.markdown(
             f"**Workspace** {plain(store.root)}  \n**Model** {plain(choice.model_spec)}  \n"
             f"**Weights** {plain(Path(choice.weights).name if choice.weights else 'random init')}  \n"
             f"**Data** {plain(choice.data_spec)}  \n"
-            f"**Device** {plain(_device_label())}, {counted(threads, 'CPU thread')}  \n"
-            f"**Jobs** {running:d} running, {queued:d} queued"
+            f"**Device** {plain(_device_label())}, {counted(threads, 'CPU thread')}"
         )
+        jobs_line()
+
+
+ACTIVE = ("starting", "running", "queued")
+
+
+@st.fragment(run_every=3)
+def jobs_line() -> None:
+    """The active jobs by status, read from the store as the Runs page reads it and refreshed as often, so the two
+    never disagree for long (a status is the store's word, never renamed here)."""
+    with user_errors("Reading the jobs", stop=False):
+        counts = Counter(j["status"] for j in workspace().jobs())
+        active = [f"{counts[s]:d} {s}" for s in ACTIVE if counts[s] or s != "starting"]
+        st.markdown(f"**Jobs** {', '.join(active)}")

@@ -47,16 +47,7 @@ else:
     st.info("No analyses yet.")
 
 
-@st.fragment(run_every=3)
-def jobs_table() -> None:
-    with user_errors("Reading the cluster's jobs", stop=False):
-        mark_stale_jobs(store)  # also drains the events of jobs on a Ray cluster into the workspace
-    jobs = store.jobs()
-    if not jobs:
-        st.info(
-            "No jobs yet. Start one from the Model or Expand-pruning page, or with `python -m sosp_engine jobs submit`."
-        )
-        return
+def jobs_table(jobs: list[dict]) -> None:
     st.dataframe(
         pd.DataFrame(
             [
@@ -87,24 +78,15 @@ def jobs_table() -> None:
     )
 
 
-st.subheader("Jobs")
-placement_settings()
-jobs_table()
-damaged: list[str] = []
-jobs = store.jobs(damaged=damaged)
-for line in damaged:
-    st.warning(
-        plain(
-            f"Job record {line}. It is not listed, run or resumed; nothing outside the workspace is touched."
-        )
-    )
-if jobs:
+def job_controls(jobs: list[dict]) -> None:
+    """The chosen job's controls, error, curves, log and config, from the same read of the store as the table."""
     job_id = st.selectbox(
         "Job",
         [j["id"] for j in jobs],
         format_func=lambda i: next(f"{j['name']} ({j['status']})" for j in jobs if j["id"] == i),
+        key="job-choice",
     )
-    job = store.job(job_id)
+    job = next(j for j in jobs if j["id"] == job_id)
     cols = st.columns(4)
     if cols[0].button(
         "Cancel", disabled=job["status"] not in ("queued", "running", "starting"), icon=":material/stop:"
@@ -136,12 +118,40 @@ if jobs:
     if not metrics.empty and "val_acc" in metrics:
         fig = training_curves(metrics, f"{job['name']}: validation accuracy")
         st.plotly_chart(text_only(fig), key="curves")
-        export_buttons(fig, metrics, f"metrics {workspace().job(job_id)['name']}")
+        export_buttons(fig, metrics, f"metrics {job['name']}")
     with st.expander("Log"):
         st.code(read_log(store, job_id) or "(empty)", language="text")
     with st.expander("Config and result"):
         st.json({"config": job["config"], "result": job["result"]})
 
+
+@st.fragment(run_every=3)
+def jobs_panel() -> None:
+    """The jobs table and the chosen job, read from the store once per refresh, so both show the same status."""
+    with user_errors("Reading the cluster's jobs", stop=False):
+        mark_stale_jobs(store)  # also drains the events of jobs on a Ray cluster into the workspace
+    damaged: list[str] = []
+    jobs = store.jobs(damaged=damaged)
+    for line in damaged:
+        st.warning(
+            plain(
+                f"Job record {line}. It is not listed, run or resumed; nothing outside the workspace is touched."
+            )
+        )
+    if not jobs:
+        st.info(
+            "No jobs yet. Start one from the Model or Expand-pruning page, or with `python -m sosp_engine jobs submit`."
+        )
+        return
+    jobs_table(jobs)
+    job_controls(jobs)
+
+
+st.subheader("Jobs")
+placement_settings()
+jobs_panel()
+jobs = store.jobs()
+if jobs:
     st.subheader("Compare runs")
     done = [
         j for j in jobs if j["status"] == "done" and j["result"] and j["result"].get("test_acc") is not None

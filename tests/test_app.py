@@ -544,3 +544,13 @@ def test_the_unit_and_ratio_survive_a_visit_to_another_page(stored):
     assert not at.exception
     assert widget(at.radio, "Unit").value == "params"
     assert widget(at.slider, "Global pruning ratio (params)").value == pytest.approx(0.3)
+
+
+def test_a_starting_job_reads_starting_in_the_sidebar_the_table_and_the_selector(fresh):
+    job = fresh.add_job("train", "warming up", {"model_spec": "resnet20"})
+    fresh.update_job(job, status="starting", heartbeat=time.time())
+    at = open_page("runs")
+    assert not at.exception
+    assert any("1 starting" in m.value for m in at.sidebar.markdown)
+    assert at.dataframe[0].value.set_index("id").loc[job, "status"] == "starting"
+    assert widget(at.selectbox, "Job").format_func(job) == "warming up (starting)"
