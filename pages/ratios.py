@@ -30,16 +30,26 @@ cols = st.columns(4)
 cols[0].metric(
     "Structures pruned",
     f"{summary['structures_pruned']:,} / {summary['structures']:,}",
-    f"{summary['structure_ratio']:.1%}",
+    f"{summary['structure_ratio']:.1%} of all",
     delta_color="off",
+    delta_arrow="off",
 )
 cols[1].metric(
-    "Parameters", f"{summary['params_after']:,}", f"-{summary['param_ratio']:.1%}", delta_color="inverse"
+    "Parameters",
+    f"{summary['params_after']:,}",
+    f"{summary['param_ratio']:.1%} fewer",
+    delta_color="off",
+    delta_arrow="down",
 )
 cols[2].metric(
-    "MACs / sample", f"{summary['macs_after']:,}", f"-{summary['mac_ratio']:.1%}", delta_color="inverse"
+    "MACs / sample",
+    f"{summary['macs_after']:,}",
+    f"{summary['mac_ratio']:.1%} fewer",
+    delta_color="off",
+    delta_arrow="down",
 )
-cols[3].metric("Method", result.config.method, result.config.weights_label(), delta_color="off")
+cols[3].metric("Method", result.config.method)
+cols[3].caption(plain(result.config.weights_label()))
 
 if result.exactness:
     line = exactness_line(result.exactness)
