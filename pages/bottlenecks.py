@@ -7,6 +7,7 @@ from app.export import export_buttons
 from app.guard import user_errors
 from app.pickers import chosen_analysis
 from app.text import text_only
+from app.tables import table as show_table
 from sosp_engine.saliency.attribution import channel_attribution, layer_channels, saliency_vs_attribution
 from sosp_engine.experiments.bottlenecks import explain, find_bottlenecks, unit_ratios
 from sosp_engine.pruning.masks import layer_table
@@ -60,7 +61,7 @@ else:
 st.plotly_chart(text_only(fig), key="bn_hist")
 export_buttons(fig, units, f"bottlenecks {record['name']} {ratio:.0%} of {unit} {level}")
 st.subheader("Ranked by score (std below the mean over units)")
-st.dataframe(units, hide_index=True)
+show_table(units)
 
 st.subheader("What second order changes, channel by channel")
 layer = st.selectbox(
@@ -71,7 +72,7 @@ layer = st.selectbox(
     else 0,
 )
 channels = layer_channels(result.keys, result.saliency, layer, mask, result.first_order, result.second_order)
-st.dataframe(channels, hide_index=True, height=min(400, 38 + 35 * len(channels)))
+show_table(channels, height=min(400, 38 + 35 * len(channels)))
 st.caption(
     "Each structure of the layer: pruned or kept at this ratio, its saliency and the method's first- and "
     "second-order parts (SOSP-H: theta_s . g and theta_s . H theta_struc; SOSP-I: theta_s . g and Q's "

@@ -8,6 +8,7 @@ from app.text import plain
 
 from app.guard import user_errors
 from app.placement import current_placement, placement_caption
+from app.tables import table as show_table
 from app.state import (
     DEMO_WEIGHTS,
     ModelChoice,
@@ -157,9 +158,8 @@ if bench.recipe is not None:
         )
     )
 st.subheader("Prunable layers (coupled channel groups)")
-st.dataframe(
+show_table(
     layer_table(bench.structures).drop(
         columns=["kept", "pruned", "params_after", "macs_after", "pruning_ratio"]
-    ),
-    hide_index=True,
+    )
 )

@@ -11,6 +11,7 @@ from app.pickers import chosen_analysis
 from app.latency_view import deployment_section, latency_section
 from app.sensitivity_view import sensitivity_section
 from app.report import analysis_report
+from app.tables import table as show_table
 from sosp_engine.experiments.bottlenecks import explain, find_bottlenecks
 from sosp_engine.nets.onnx_export import ExportError, checked_onnx
 from sosp_engine.pruning.exactness import exactness_line, exactness_report
@@ -74,15 +75,7 @@ export_buttons(
     f"width-profile {record['name']} {ratio:.0%} of {unit}",
 )
 st.subheader("Per-layer table")
-st.dataframe(
-    table,
-    hide_index=True,
-    column_config={
-        "pruning_ratio": st.column_config.ProgressColumn(
-            "pruning ratio", format="percent", min_value=0, max_value=1
-        )
-    },
-)
+show_table(table)
 bottlenecks, rule = find_bottlenecks(table)
 report = analysis_report(
     f"SOSP Lab analysis: {record['name']}",

@@ -12,6 +12,7 @@ from app.guard import user_errors
 from app.pickers import analyses_frame
 from app.placement import placement_settings
 from app.state import code_confirmed, workspace
+from app.tables import table as show_table
 from sosp_engine.experiments.procedures import compare_runs
 from sosp_engine.runs.consent import has_consent
 from sosp_engine.runs.jobs import cancel, mark_stale_jobs, resume
@@ -166,4 +167,4 @@ if jobs:
         fig = accuracy_vs_size(table)
         st.plotly_chart(text_only(fig), key="runs-compare")
         export_buttons(fig, table, "runs-comparison")
-        st.dataframe(table, hide_index=True)
+        show_table(table)

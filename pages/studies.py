@@ -14,6 +14,7 @@ from app.placement import current_placement, placement_caption
 from app.report import analysis_report
 from app.state import code_confirmed, current_choice, is_pruned_checkpoint, kept, workspace
 from app.text import plain, text_only
+from app.tables import table as show_table
 from sosp_engine.latency.runtimes import RUNTIMES
 from sosp_engine.saliency.analysis import METHODS
 from sosp_engine.experiments.expand_study import EXPAND_STUDY_KIND
@@ -142,7 +143,7 @@ def study_view(job_id: str) -> None:
             export_buttons(fig, table, f"study {job['name']} {accuracy} vs {size}")
             figures.append(fig)
     st.subheader("Mean and std over seeds")
-    st.dataframe(table, hide_index=True)
+    show_table(table)
     with st.expander(f"All {len(cells)} cells, and where each ran"):
         frame = pd.DataFrame(cells)
         shown = [
@@ -150,7 +151,7 @@ def study_view(job_id: str) -> None:
             for c in ("seed", "method", "target", "acc_pruned", "acc_finetuned", "params", "macs", "node")
             if c in frame
         ]
-        st.dataframe(frame[shown], hide_index=True)
+        show_table(frame[shown])
     st.download_button(
         "All cells (CSV)",
         safe_csv(pd.DataFrame(cells)),
