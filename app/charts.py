@@ -44,25 +44,31 @@ def ratio_histogram(
         },
         title=title,
     )
-    fig.update_layout(**LAYOUT, yaxis_tickformat=".0%", yaxis_range=[0, 1.1], xaxis_tickangle=-60)
+    top = 1.2 if flagged else 1.1  # room for the bottleneck markers above every bar label
+    fig.update_layout(**LAYOUT, yaxis_tickformat=".0%", yaxis_range=[0, top], xaxis_tickangle=-60)
     if len(data) <= VALUE_LABELS_UP_TO:  # also makes 0 % layers visible: their label sits on the axis
         fig.update_traces(texttemplate="%{y:.0%}", textposition="outside", cliponaxis=False)
-    if threshold is not None:
-        fig.add_hline(
-            y=threshold,
-            line_dash="dash",
-            line_color="#c0392b",
-            annotation_text=f"bottleneck threshold {threshold:.0%}",
+    if threshold is not None:  # a legend entry, not an annotation that would sit on the bars
+        fig.add_trace(
+            go.Scatter(
+                x=[data.label.iloc[0], data.label.iloc[-1]],
+                y=[threshold, threshold],
+                mode="lines",
+                name=f"bottleneck threshold {threshold:.0%}",
+                line=dict(dash="dash", color="#c0392b"),
+                hoverinfo="skip",
+            )
         )
     if flagged:
         marked = data[data.layer.isin(flagged)]
         fig.add_trace(
             go.Scatter(
                 x=marked.label,
-                y=marked.pruning_ratio + 0.04,
+                y=[1.14] * len(marked),  # one row above the plot's bars and their labels
                 mode="markers",
                 name="bottleneck",
                 marker=dict(symbol="triangle-down", size=12, color="#c0392b"),
+                hovertemplate="%{x}: flagged as a bottleneck<extra></extra>",
             )
         )
     return fig
@@ -245,7 +251,8 @@ def accuracy_vs_size(
 
 
 def training_curves(metrics: pd.DataFrame, title: str) -> go.Figure:
-    """Validation accuracy per epoch and stage of a job."""
+    """Validation accuracy per epoch and stage of a job (stages without a validation accuracy get no panel)."""
+    metrics = metrics.dropna(subset=["val_acc"])
     fig = px.line(
         metrics,
         x="epoch",
@@ -256,8 +263,10 @@ def training_curves(metrics: pd.DataFrame, title: str) -> go.Figure:
         title=title,
         labels={"val_acc": "validation accuracy"},
     )  # one panel per stage: each counts its own epochs
-    fig.update_layout(**LAYOUT, yaxis_tickformat=".0%")
+    fig.update_layout(**LAYOUT)
+    fig.update_yaxes(tickformat=".0%", range=[0, 1.02])  # an accuracy, whatever the points: never below 0 %
     fig.update_xaxes(tickformat="d", matches=None, rangemode="tozero")
+    fig.for_each_annotation(lambda a: a.update(text=a.text.removeprefix("stage=")))
     if metrics.epoch.max() <= 20:
         fig.update_xaxes(dtick=1)
     return fig

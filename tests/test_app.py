@@ -577,3 +577,26 @@ def test_a_shown_table_claims_no_spread_from_one_trial_and_shows_no_literal_none
     config = column_config(frame)
     assert config["acc_pruned_mean"]["label"] == "accuracy pruned (mean)"
     assert config["acc_pruned_mean"]["type_config"]["format"] == "percent"
+
+
+def test_a_training_chart_names_its_stages_plainly_and_spans_accuracy_from_zero():
+    from app.charts import training_curves
+
+    metrics = pd.DataFrame({"stage": ["train-seed0", "cell"], "epoch": [1, 1], "val_acc": [0.5, None]})
+    fig = training_curves(metrics, "study")
+    assert [a.text for a in fig.layout.annotations] == [
+        "train-seed0"
+    ]  # no empty panel for a stage without it
+    assert tuple(fig.layout.yaxis.range) == (0, 1.02)
+
+
+def test_the_bottleneck_threshold_and_markers_sit_clear_of_the_bars():
+    from app.charts import ratio_histogram
+    from sosp_engine.pruning.masks import layer_table
+
+    wb = open_workbench("resnet20", "synthetic:3,8,8:10")
+    table = layer_table(wb.structures)
+    fig = ratio_histogram(table, "t", threshold=0.2, flagged=[table.layer[0]])
+    assert not fig.layout.annotations and not fig.layout.shapes  # the threshold is a legend entry
+    marker = next(t for t in fig.data if t.name == "bottleneck")
+    assert min(marker.y) > 1.1 > 1.0 + 0.05  # above a 100 % bar's label
