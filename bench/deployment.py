@@ -1,7 +1,7 @@
 """What pruning buys at deployment: latency drop / MAC drop (the efficiency) in PyTorch eager and ONNX Runtime, for
 ResNet-56 (batch 1, 64) and ResNet-50 (batch 1, 32), with and without the latency-aware order and rounding to 8.
 
-    python bench/deployment.py [--threads 1] [--quick] [--no-docs]
+    python bench/deployment.py [--threads 1] [--quick] [--no-docs] [--render RESULTS.jsonl]
 
 One process, warm, `--threads` torch threads (ONNX Runtime gets as many intra-op threads). Each pruned net is timed
 alternately with the unpruned net in the same runtime (medians; spread = median absolute deviation), so a change of
@@ -38,6 +38,18 @@ QUICK = [
 ]
 RATIOS = [0.5, 0.75]  # of all structures
 ROUND_TO = 8
+PROVENANCE_KEYS = (
+    "commit",
+    "date",
+    "load_average",
+    "load_average_end",
+    "cpus",
+    "cpu",
+    "threads",
+    "torch",
+    "layout",
+    "whole_call",
+)
 GOAL = 0.8  # the issue's aim: latency drop >= 0.8 x MAC drop at the larger batch in the deployment runtime
 
 
@@ -125,6 +137,7 @@ def render(table: pd.DataFrame, run: dict) -> str:
             chosen = rows[(rows["order_kind"] == kind) & (rows["round_to"] == round_to)].sort_values("ratio")
             cells.append(" / ".join(f"{v:.2f}" for v in chosen["efficiency"]) or "-")
         lines.append(f"| {net} | {batch} | {runtime} | " + " | ".join(cells) + " |")
+    table = table.reset_index(drop=True)
     largest = table[table["batch"] == table.groupby("net")["batch"].transform("max")]
     best = largest.loc[largest.groupby(["net", "runtime"])["efficiency"].idxmax()]
     lines += ["", "At the larger batch, the best efficiency reached (the aim is at least 0.8):", ""]
@@ -161,14 +174,27 @@ def main() -> None:
     parser.add_argument(
         "--no-docs", action="store_true", help="print the tables; leave docs/benchmarks.md as is"
     )
+    parser.add_argument(
+        "--render", default=None, help="render the docs section from a results file, measuring nothing"
+    )
     args = parser.parse_args()
+    if args.render:
+        rows = [json.loads(line) for line in Path(args.render).read_text().splitlines() if line.strip()]
+        run = {key: rows[0][key] for key in PROVENANCE_KEYS if key in rows[0]}
+        markdown = render(pd.DataFrame(rows), run)
+        print(markdown)
+        if not args.no_docs:
+            replace_section("deployment", markdown)
+        return
     import torch
 
     torch.set_num_threads(args.threads)
     run = provenance(
         args.threads, "one process, warm, pruned and unpruned nets interleaved", "whole inferences"
     )
-    table = pd.concat([measure(setup, args.threads) for setup in (QUICK if args.quick else SETUPS)])
+    table = pd.concat(
+        [measure(setup, args.threads) for setup in (QUICK if args.quick else SETUPS)], ignore_index=True
+    )
     run = finished(run)
     out = dated_results("deployment-quick" if args.quick else "deployment")
     with out.open("a") as fh:
