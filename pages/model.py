@@ -46,7 +46,7 @@ with st.form("model_form"):
         m["weights"]: f"{m['name']} ({m['model_spec']}, test acc {m['metrics'].get('test_acc', 0):.1%})"
         for m in trained
     }
-    stored[DEMO_WEIGHTS] = "trained demo (ResNet-20 on digits, assets/demo)"
+    stored[DEMO_WEIGHTS] = "trained demo (ResNet-20, digits)"
     options = ["random init", "checkpoint path"] + list(stored)
     current = (
         choice.weights

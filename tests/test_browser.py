@@ -207,3 +207,46 @@ def test_markdown_in_user_text_shows_as_text_in_errors(server):
         assert "[click](http://127.0.0.1:9/)" in text and "<b>bold</b>" in text
         live = page.locator("a[href*='127.0.0.1:9'], img[src*='127.0.0.1:9'], b:text('bold')")
         assert live.count() == 0, [live.nth(i).evaluate("e => e.outerHTML") for i in range(live.count())]
+
+
+def test_a_walk_keeps_the_state_shown_true_after_a_failed_load_and_between_pages(server, tmp_path):
+    server, workspace = server
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(server)
+        page.get_by_text("272,186").wait_for(timeout=60_000)
+        spec = page.get_by_role("textbox", name="Model spec")
+
+        # a failed load shows its error and leaves the last valid model current; the next load works at once
+        spec.fill("resnet57")
+        page.get_by_role("button", name="Load model").click()
+        page.get_by_text("unknown model").first.wait_for(timeout=30_000)
+        assert page.locator("[data-testid='stSidebar']").get_by_text("resnet20").count() > 0
+        spec.fill("resnet20")
+        page.get_by_role("button", name="Load model").click()
+        page.wait_for_timeout(3000)
+        assert page.get_by_text("unknown model").count() == 0
+        assert spec.input_value() == "resnet20"
+        page.get_by_text("272,186").wait_for(timeout=30_000)
+
+        # an analysis, then the form, the unit and the ratio survive visits to other pages
+        page.goto(f"{server}/analyse")
+        samples = page.get_by_role("spinbutton", name="Samples N'")
+        samples.fill("60")
+        samples.press("Enter")
+        page.get_by_role("textbox", name="Name (optional)").fill("walk")
+        page.get_by_role("button", name="Run analysis").click()
+        page.get_by_text("Stored as").wait_for(timeout=120_000)
+        page.get_by_role("link", name="Pruning ratios").click()
+        page.get_by_text("Global pruning ratio (structures)").wait_for(timeout=60_000)
+        page.locator("[data-testid='stRadio']").get_by_text("params", exact=True).click()
+        page.get_by_text("Global pruning ratio (params)").wait_for(timeout=30_000)
+        page.get_by_role("link", name="Bottlenecks").click()
+        page.get_by_text("Ranked by score").first.wait_for(timeout=60_000)
+        page.get_by_role("link", name="Pruning ratios").click()
+        page.get_by_text("Global pruning ratio (params)").wait_for(timeout=60_000)
+        page.get_by_role("link", name="Analyse").click()
+        page.get_by_role("spinbutton", name="Samples N'").wait_for(timeout=60_000)
+        assert page.get_by_role("spinbutton", name="Samples N'").input_value() == "60"
+        assert page.get_by_role("textbox", name="Name (optional)").input_value() == "walk"
+        assert page.locator("[data-testid='stException']").count() == 0
