@@ -115,3 +115,42 @@ def test_a_killed_distributed_job_resumes_with_each_epoch_recorded_once(tmp_path
     assert job["status"] == "done", job["error"]
     epochs = sorted(m["epoch"] for m in store.metrics(job_id))
     assert epochs == [1, 2, 3, 4]
+
+
+def test_a_killed_rank_is_named_before_the_ranks_that_lost_their_peer():
+    from sosp_engine.experiments.distributed import failure_message
+
+    message = failure_message([(0, "DistBackendError", "Connection closed by peer")], [1, -9])
+    assert message.startswith("training process 1 of the distributed run was killed (signal 9)")
+    assert "process 0: DistBackendError" in message and "resume" in message
+
+
+def test_a_rank_that_reports_its_own_error_is_named_with_it():
+    from sosp_engine.experiments.distributed import failure_message
+
+    assert failure_message([(1, "RuntimeError", "boom")], [1, 1]) == (
+        "training process 1 of the distributed run failed: RuntimeError: boom"
+    )
+
+
+def test_a_distributed_job_whose_rank_1_is_killed_names_rank_1(tmp_path):
+    store = Store(tmp_path)
+    job_id = submit(
+        store,
+        ExperimentConfig(
+            procedure="train",
+            model_spec="resnet20",
+            data_spec=DATA,
+            epochs=20,
+            batch_size=32,
+            device="cpu",
+            nproc=2,
+        ),
+    )
+    job = wait_for(store, job_id, lambda j: len(store.metrics(j["id"])) >= 1)
+    children = [int(p) for p in os.popen(f"pgrep -P {job['pid']}").read().split()]
+    ranks = sorted(p for p in children if b"resource_tracker" not in open(f"/proc/{p}/cmdline", "rb").read())
+    os.kill(ranks[1], signal.SIGKILL)
+    job = wait_for(store, job_id, lambda j: j["status"] in ("failed", "done"), timeout=120)
+    assert job["status"] == "failed"
+    assert "training process 1 of the distributed run was killed (signal 9)" in job["error"], job["error"]

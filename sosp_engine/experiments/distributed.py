@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,6 +32,7 @@ from ..nets.registry import USER_MODULE_PREFIX, load_user_module
 from .training import EpochRecord, TrainConfig, TrainingError, TrainResult, run_training
 
 POLL_SECONDS = 0.2
+FAILURE_GRACE_SECONDS = 5.0  # after a failure, how long the other ranks get to end and say why
 
 
 class IndexDataset(torch.utils.data.Dataset):
@@ -180,20 +182,49 @@ def _worker(
         raise
 
 
-def _relay(events, progress: Callable[[dict], None] | None, timeout: float) -> None:
-    """Pass the workers' events on to the caller; a worker's error becomes the caller's error."""
+def _relay(events, progress: Callable[[dict], None] | None, timeout: float) -> tuple | None:
+    """Pass the workers' progress events on to the caller; returns a worker's error event (rank, kind, message)."""
     try:
         event = events.get(timeout=timeout)
     except queue.Empty:
-        return
+        return None
     if event[0] == "progress":
         if progress is not None:
             progress(event[1])
-    elif event[0] == "error":
-        _, rank, kind, message = event
-        if kind == "TrainingError":
-            raise TrainingError(message)
-        raise TrainingError(f"training process {rank} of the distributed run failed: {kind}: {message}")
+        return None
+    return event[1:]
+
+
+def failure_message(errors: list[tuple], exit_codes: list[int | None]) -> str:
+    """What ended a distributed run, naming the rank that failed first: a rank killed by a signal sends no error of
+    its own, and the ranks waiting on it then fail with a lost connection, so a killed rank is named before them."""
+    reported = {rank for rank, _, _ in errors}
+    killed = [(r, -c) for r, c in enumerate(exit_codes) if c is not None and c < 0 and r not in reported]
+    resume = "; resume to continue from the last epoch checkpoint"
+    if killed:
+        rank, signal_number = killed[0]
+        then = f" (then {', '.join(f'process {r}: {k}' for r, k, _ in errors)})" if errors else ""
+        return f"training process {rank} of the distributed run was killed (signal {signal_number}){then}{resume}"
+    if errors:
+        rank, kind, message = errors[0]
+        if kind == "TrainingError":  # the training's own words (e.g. a nan loss), the same on every rank
+            return message
+        return f"training process {rank} of the distributed run failed: {kind}: {message}"
+    return f"a training process of the distributed run ended (exit codes {exit_codes}){resume}"
+
+
+def _ended(processes, events, progress, grace: float) -> list[tuple]:
+    """Wait up to `grace` seconds for every worker to end; the error events they sent meanwhile."""
+    errors, deadline = [], time.monotonic() + grace
+    while time.monotonic() < deadline and any(p.is_alive() for p in processes.processes):
+        error = _relay(events, progress, POLL_SECONDS)
+        if error is not None:
+            errors.append(error)
+    while not events.empty():
+        error = _relay(events, progress, POLL_SECONDS)
+        if error is not None:
+            errors.append(error)
+    return errors
 
 
 def train_distributed(
@@ -239,19 +270,17 @@ def train_distributed(
         while True:
             if should_stop is not None and should_stop():
                 stop.set()
-            _relay(events, progress, POLL_SECONDS)
+            error = _relay(events, progress, POLL_SECONDS)
+            if error is not None or any(p.exitcode not in (None, 0) for p in processes.processes):
+                errors = ([error] if error else []) + _ended(
+                    processes, events, progress, FAILURE_GRACE_SECONDS
+                )
+                raise TrainingError(failure_message(errors, [p.exitcode for p in processes.processes]))
             if all(not p.is_alive() for p in processes.processes):
                 break
-            if any(p.exitcode not in (None, 0) for p in processes.processes):
-                while not events.empty():  # the failing worker's own message first
-                    _relay(events, progress, POLL_SECONDS)
-                codes = [p.exitcode for p in processes.processes]
-                raise TrainingError(
-                    f"a training process of the distributed run ended (exit codes {codes}); "
-                    "resume to continue from the last epoch checkpoint"
-                )
-        while not events.empty():
-            _relay(events, progress, POLL_SECONDS)
+        errors = _ended(processes, events, progress, 0.0)
+        if errors:
+            raise TrainingError(failure_message(errors, [p.exitcode for p in processes.processes]))
         if not (folder / "final.pt").exists():
             raise TrainingError(
                 "the distributed training ended without its result; resume to continue from the last "
