@@ -165,3 +165,17 @@ def test_a_latency_study_measures_each_analysis_profile_once_and_slices_it(tmp_p
     result = AnalysisResult.load(tmp_path / "seed0" / "magnitude")
     for cell in summary["cells"]:
         assert cell["structures_pruned"] == profile.prefix_for(cell["target"], result.n_prunable)
+
+
+def test_a_done_study_whose_state_this_machine_cannot_see_is_an_error_not_an_empty_table(tmp_path):
+    from sosp_engine.experiments.studies import study_cells
+
+    job = {
+        "id": "s1",
+        "status": "done",
+        "run_dir": str(tmp_path / "elsewhere" / "run"),
+        "path": str(tmp_path),
+    }
+    with pytest.raises(AnalysisError, match="must be storage every node and this machine reach"):
+        study_cells(job)
+    assert study_cells({**job, "status": "running"}) == []  # before its first cell, nothing to show yet

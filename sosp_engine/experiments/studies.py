@@ -435,9 +435,16 @@ def aggregate(cells: list[dict]) -> pd.DataFrame:
 
 def study_state(job: dict) -> dict:
     """A study job's state.json as it stands (also while it runs); {} before its first unit is recorded."""
+    path = run_folder(job) / "state.json"
     try:
-        return json.loads((run_folder(job) / "state.json").read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
+        if job.get("status") == "done":  # it was written somewhere: not where this machine looks
+            raise AnalysisError(
+                f"study {job['id']} is done but its state is not at {path} on this machine: a cluster run "
+                "writes it under --artifacts, which must be storage every node and this machine reach at "
+                "that path"
+            ) from None
         return {}
     except (json.JSONDecodeError, OSError) as exc:
         raise AnalysisError(f"the state of study {job['id']} is unreadable: {exc}") from None
