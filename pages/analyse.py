@@ -152,7 +152,7 @@ def analysis_progress() -> None:
         f"Stored as **{plain(record['name'])}** ({plain(current.record_id)}). Timings: "
         + plain(", ".join(f"{k} {v:.2f} s" for k, v in record["summary"]["timings"].items()))
         + f". At most {record['summary']['max_ratio']:.0%} of the structures can be pruned with the cap."
-        + (f" The {plain(record['summary']['memory'])}." if record["summary"].get("memory") else "")
+        + (f" Estimated {plain(record['summary']['memory'])}." if record["summary"].get("memory") else "")
         + (
             f" Ranked by measured latency: {plain(record['summary']['layer_latency'])}."
             if record["summary"].get("layer_latency")
