@@ -1,6 +1,6 @@
 """Every table of docs/benchmarks.md, from one command, into dated result files.
 
-    python bench/regenerate.py [--only saliency,peers,width,imagenet,deployment] [--rounds 2] [--threads 1]
+    python bench/regenerate.py [--only saliency,peers,width,imagenet,deployment,narrow-convs] [--rounds 2] [--threads 1]
 
 Each section runs, writes its rows to bench/results/SECTION-DATE.jsonl and replaces its own section of
 docs/benchmarks.md (between its markers), stating the commit, the load average, the threads, the process layout and
@@ -188,19 +188,23 @@ def render_saliency(spec: dict, rows: list[dict], run: dict, out: Path, rounds: 
     return "\n".join(lines)
 
 
-def run_deployment_section(threads: int) -> str:
-    """bench/deployment.py in its own process (it writes its own section)."""
-    subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "deployment.py"), "--threads", str(threads)], check=True
-    )
-    return ""
+OWN_SCRIPTS = {
+    "deployment": "deployment.py",
+    "narrow-convs": "narrow_convs.py",
+}  # sections a script writes itself
+
+
+def run_own_script(name: str, threads: int) -> None:
+    """A section whose script measures and writes it, in its own process."""
+    script = ROOT / "bench" / OWN_SCRIPTS[name]
+    subprocess.run([sys.executable, str(script), "--threads", str(threads)], check=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", default=",".join(list(SECTIONS) + ["deployment"]))
+    parser.add_argument("--only", default=",".join(list(SECTIONS) + list(OWN_SCRIPTS)))
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the saliency section")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"), help="the page to write into")
@@ -211,8 +215,8 @@ def main() -> None:
             spec.update(models=["resnet20"], samples=20, input="3,32,32", classes=10, batch_size=10)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the spawned measuring processes read it at start
     for name in args.only.split(","):
-        if name == "deployment":
-            run_deployment_section(args.threads)
+        if name in OWN_SCRIPTS:
+            run_own_script(name, args.threads)
             continue
         rounds = args.rounds if name == "saliency" else 1
         markdown = run_saliency_section(name, rounds, args.threads)
