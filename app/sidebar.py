@@ -39,7 +39,7 @@ def render_sidebar(slot, threads: int) -> None:
             f"**Workspace** {plain(store.root)}  \n**Model** {plain(choice.model_spec)}  \n"
             f"**Weights** {plain(Path(choice.weights).name if choice.weights else 'random init')}  \n"
             f"**Data** {plain(choice.data_spec)}  \n"
-            f"**Device** {plain(_device_label())}, {counted(threads, 'CPU thread')}"
+            f"**Device** {plain(_device_label())}, {plain(counted(threads, 'CPU thread'))}"
         )
         jobs_line()
 
@@ -54,4 +54,4 @@ def jobs_line() -> None:
     with user_errors("Reading the jobs", stop=False):
         counts = Counter(j["status"] for j in workspace().jobs())
         active = [f"{counts[s]:d} {s}" for s in ACTIVE if counts[s] or s != "starting"]
-        st.markdown(f"**Jobs** {', '.join(active)}")
+        st.markdown(f"**Jobs** {plain(', '.join(active))}")
