@@ -45,7 +45,13 @@ def ratio_histogram(
         title=title,
     )
     top = 1.2 if flagged else 1.1  # room for the bottleneck markers above every bar label
-    fig.update_layout(**LAYOUT, yaxis_tickformat=".0%", yaxis_range=[0, top], xaxis_tickangle=-60)
+    fig.update_layout(
+        **LAYOUT,
+        yaxis_tickformat=".0%",
+        yaxis_range=[0, top],
+        yaxis_tickvals=[0, 0.2, 0.4, 0.6, 0.8, 1.0],  # no tick above 100 % in the markers' row
+        xaxis_tickangle=-60,
+    )
     if len(data) <= VALUE_LABELS_UP_TO:  # also makes 0 % layers visible: their label sits on the axis
         fig.update_traces(texttemplate="%{y:.0%}", textposition="outside", cliponaxis=False)
     if threshold is not None:  # a legend entry, not an annotation that would sit on the bars

@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 PERCENT = ("acc", "ratio", "network_mean", "target")
+MAX_TEXT_WIDTH = 360  # pixels
 COUNTS = ("params", "macs", "channels", "kept", "pruned", "structures")
 HELP = {
     "layer": "the coupled channel group's name (its first producer)",
@@ -56,8 +57,9 @@ def column_config(frame: pd.DataFrame) -> dict:
             config[column] = st.column_config.NumberColumn(label, format="localized", help=help_text)
         elif numeric:
             config[column] = st.column_config.NumberColumn(label, help=help_text)
-        else:
-            width = "large" if column in ("layer", "unit", "name", "id", "why") else None
+        else:  # wide enough for the longest entry (a layer name, an id), within reason; the rest stays visible
+            longest = max([len(str(v)) for v in frame[column]] + [len(label)])
+            width = min(MAX_TEXT_WIDTH, 24 + 7 * longest)
             config[column] = st.column_config.TextColumn(label, help=help_text, width=width)
     return config
 
