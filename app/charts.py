@@ -89,7 +89,14 @@ def width_profile(table: pd.DataFrame, title: str) -> go.Figure:
             go.Bar(x=labels, y=table.kept, name="kept", marker_color="#2f6fb0"),
         ]
     )
-    fig.update_layout(**LAYOUT, barmode="overlay", title=title, yaxis_title="channels", xaxis_tickangle=-60)
+    fig.update_layout(
+        **LAYOUT,
+        barmode="overlay",
+        title=title,
+        yaxis_title="channels",
+        xaxis_title="layer (network order)",
+        xaxis_tickangle=-60,
+    )
     return fig
 
 
@@ -170,7 +177,7 @@ def side_by_side(table: pd.DataFrame, name_a: str, name_b: str) -> go.Figure:
         yaxis_tickformat=".0%",
         yaxis_title="pruned channels (share of the layer)",
     )
-    fig.update_xaxes(tickangle=-60)
+    fig.update_xaxes(tickangle=-60, title_text="layer (network order)")
     return fig
 
 

@@ -68,20 +68,23 @@ with st.form("analysis_form"):
         help="rank structures by saliency per unit of cost; latency: each layer is timed "
         "alone on the analysis device first, so the order follows this machine",
     )
-    latency_batch = cols[1].number_input(
-        "Latency batch",
-        1,
-        4096,
-        key=kept("an-latency-batch", 1),
-        help="with normalisation by latency: the batch size the layers are timed at",
-    )
     loss = cols[2].selectbox("Loss", ["cross-entropy", "squared"], key=kept("an-loss", "cross-entropy"))
-    latency_runtime = cols[2].selectbox(
-        "Latency runtime",
-        RUNTIMES,
-        key=kept("an-latency-runtime", RUNTIMES[0]),
-        help="with normalisation by latency: eager PyTorch, or the net exported to ONNX and timed in ONNX Runtime",
-    )
+    # a form cannot hide what the normalisation does not use: its settings wait in a closed expander
+    with st.expander("Timing for the normalisation by measured latency"):
+        timing = st.columns(2)
+        latency_batch = timing[0].number_input(
+            "Latency batch",
+            1,
+            4096,
+            key=kept("an-latency-batch", 1),
+            help="the batch size the layers are timed at",
+        )
+        latency_runtime = timing[1].selectbox(
+            "Latency runtime",
+            RUNTIMES,
+            key=kept("an-latency-runtime", RUNTIMES[0]),
+            help="eager PyTorch, or the net exported to ONNX and timed in ONNX Runtime",
+        )
     cols = st.columns(3)
     at_init = cols[0].toggle(
         "At initialisation",
