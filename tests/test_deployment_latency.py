@@ -187,26 +187,17 @@ def test_analyze_times_its_latency_target_in_the_runtime_asked_for(tmp_path):
     assert LatencyProfile.load(out / "latency.json").runtime == "onnxruntime"
 
 
-def test_the_deployment_command_writes_the_efficiency_table(tmp_path, capsys):
-    out = tmp_path / "a"
-    assert (
-        main(
-            [
-                "analyze",
-                "--model",
-                "resnet20",
-                "--data",
-                "synthetic:3,8,8:10",
-                "--method",
-                "magnitude",
-                "--samples",
-                "8",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+@pytest.fixture(scope="module")
+def analysis_folder(tmp_path_factory):
+    """A magnitude analysis written by the CLI, for the deployment command to read."""
+    out = tmp_path_factory.mktemp("deployment") / "a"
+    argv = ["analyze", "--model", "resnet20", "--data", "synthetic:3,8,8:10", "--method", "magnitude"]
+    assert main(argv + ["--samples", "8", "--out", str(out)]) == 0
+    return out
+
+
+def test_the_deployment_command_writes_the_efficiency_table(analysis_folder, tmp_path, capsys):
+    out = analysis_folder
     csv = tmp_path / "deployment.csv"
     assert (
         main(
@@ -235,26 +226,8 @@ def test_the_deployment_command_writes_the_efficiency_table(tmp_path, capsys):
     assert "efficiency = latency drop / MAC drop" in capsys.readouterr().err
 
 
-def test_the_deployment_command_refuses_a_batch_of_zero(tmp_path, capsys):
-    out = tmp_path / "a"
-    assert (
-        main(
-            [
-                "analyze",
-                "--model",
-                "resnet20",
-                "--data",
-                "synthetic:3,8,8:10",
-                "--method",
-                "magnitude",
-                "--samples",
-                "8",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+def test_the_deployment_command_refuses_a_batch_of_zero(analysis_folder, capsys):
+    out = analysis_folder
     assert main(["deployment", str(out), "--batches", "0"]) != 0
     assert "--batches takes whole numbers >= 1" in capsys.readouterr().err
 

@@ -82,21 +82,24 @@ def test_a_failing_worker_becomes_the_callers_error():
         )
 
 
-def test_a_killed_distributed_job_resumes_with_each_epoch_recorded_once(tmp_path):
+def training_job_past_its_first_epoch(tmp_path, epochs: int) -> tuple[Store, str, dict]:
+    """A 2-process training job of ResNet-20 in a fresh workspace, once its first epoch is recorded."""
     store = Store(tmp_path)
-    job_id = submit(
-        store,
-        ExperimentConfig(
-            procedure="train",
-            model_spec="resnet20",
-            data_spec=DATA,
-            epochs=4,
-            batch_size=32,
-            device="cpu",
-            nproc=2,
-        ),
+    config = ExperimentConfig(
+        procedure="train",
+        model_spec="resnet20",
+        data_spec=DATA,
+        epochs=epochs,
+        batch_size=32,
+        device="cpu",
+        nproc=2,
     )
-    job = wait_for(store, job_id, lambda j: len(store.metrics(j["id"])) >= 1)
+    job_id = submit(store, config)
+    return store, job_id, wait_for(store, job_id, lambda j: len(store.metrics(j["id"])) >= 1)
+
+
+def test_a_killed_distributed_job_resumes_with_each_epoch_recorded_once(tmp_path):
+    store, job_id, job = training_job_past_its_first_epoch(tmp_path, epochs=4)
     workers = [int(p) for p in os.popen(f"pgrep -P {job['pid']}").read().split()]
     os.kill(job["pid"], signal.SIGKILL)
     wait_for(store, job_id, lambda j: bool(mark_stale_jobs(store)) or j["status"] == "failed", timeout=60)
@@ -134,20 +137,7 @@ def test_a_rank_that_reports_its_own_error_is_named_with_it():
 
 
 def test_a_distributed_job_whose_rank_1_is_killed_names_rank_1(tmp_path):
-    store = Store(tmp_path)
-    job_id = submit(
-        store,
-        ExperimentConfig(
-            procedure="train",
-            model_spec="resnet20",
-            data_spec=DATA,
-            epochs=20,
-            batch_size=32,
-            device="cpu",
-            nproc=2,
-        ),
-    )
-    job = wait_for(store, job_id, lambda j: len(store.metrics(j["id"])) >= 1)
+    store, job_id, job = training_job_past_its_first_epoch(tmp_path, epochs=20)
     children = [int(p) for p in os.popen(f"pgrep -P {job['pid']}").read().split()]
     ranks = sorted(p for p in children if b"resource_tracker" not in open(f"/proc/{p}/cmdline", "rb").read())
     os.kill(ranks[1], signal.SIGKILL)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..devices import resolve_device
 from ..errors import SospError
+from ..experiments.studies import parse_numbers
 from ..latency.deployment import efficiency_summary, efficiency_table, order_variants
 from ..latency.runtimes import RUNTIMES
 from ..nets.loading import open_workbench
@@ -43,10 +44,7 @@ def add_deployment_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _numbers(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SospError(f"{flag} takes comma-separated whole numbers, got '{text}'") from None
+    values = parse_numbers(int, text, flag)
     if not values or any(v < 1 for v in values):
         raise SospError(f"{flag} takes whole numbers >= 1, got '{text}'")
     return values

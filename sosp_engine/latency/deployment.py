@@ -14,7 +14,7 @@ from ..pruning.counting import count_macs
 from ..pruning.masks import pruned_copy
 from ..pruning.structures import StructureSet
 from ..saliency.selection import rounded_order, rounded_stops
-from .profile import latency_times, prefix_grid
+from .profile import latency_times, next_stop, prefix_grid
 from .runtimes import check_runtime
 
 EFFICIENCY_COLUMNS = [
@@ -58,7 +58,7 @@ def prefixes_at(ratios: list[float], n_structures: int, n_prunable: int, stops: 
     if any(not 0 < r < 1 for r in ratios):
         raise AnalysisError(f"pruning ratios must be in (0, 1), got {ratios}")
     wanted = [min(round(r * n_structures), n_prunable) for r in ratios]
-    return sorted({next((s for s in stops if s >= k), stops[-1]) for k in wanted})
+    return sorted({next_stop(k, stops) for k in wanted})
 
 
 def efficiency_table(

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import AnalysisError, ModelSpecError
 from ..nets.onnx_export import ExportError
-from .profile import timed_rounds
+from .profile import Timing, timed_rounds
 from .runtimes import EAGER, check_runtime, forward_call, runtime_label
 from ..progress import ProgressFn, StopFn, check_cancel, report
 from ..saliency.common import channel_dim
@@ -137,20 +137,13 @@ def _runs(modules: list[nn.Module], inputs: list[torch.Tensor]) -> bool:
     return True
 
 
-def _median_and_error(times: list[float]) -> tuple[float, float]:
-    """The median and its standard error, from the median absolute deviation (robust to a stray slow round)."""
-    median = statistics.median(times)
-    spread = 1.4826 * statistics.median(abs(t - median) for t in times)
-    return median, 1.2533 * spread / math.sqrt(len(times))
-
-
 def saved_per_channel(full: list[float], narrower: list[float], removed: int) -> float:
     """Seconds saved per removed channel, or 0 where the two timings differ by less than their noise (NOISE_SIGMAS
     standard errors): an unresolved slope must not rank structures by chance."""
-    (a, error_a), (b, error_b) = _median_and_error(full), _median_and_error(narrower)
-    if abs(a - b) <= NOISE_SIGMAS * math.hypot(error_a, error_b):
+    a, b = Timing(full), Timing(narrower)
+    if abs(a.median - b.median) <= NOISE_SIGMAS * math.hypot(a.standard_error, b.standard_error):
         return 0.0
-    return (a - b) / removed
+    return (a.median - b.median) / removed
 
 
 def measure_layer_latency(

@@ -4,6 +4,7 @@ profile along a pruning order that a latency target is met with."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -73,7 +74,13 @@ class Timing:
 
     @property
     def spread(self) -> float:
-        return statistics.median(abs(t - self.median) for t in self.seconds)
+        median = self.median
+        return statistics.median(abs(t - median) for t in self.seconds)
+
+    @property
+    def standard_error(self) -> float:
+        """The median's standard error, from the spread (robust to a stray slow round)."""
+        return 1.2533 * 1.4826 * self.spread / math.sqrt(len(self.seconds))
 
 
 def latency_times(
@@ -197,8 +204,13 @@ def prefix_grid(n_prunable: int, points: int, stops: list[int] | None = None) ->
         raise AnalysisError(f"a latency profile needs at least 2 points, got {points}")
     grid = {round(i * n_prunable / (points - 1)) for i in range(points)}
     if stops is not None:
-        grid = {next((s for s in stops if s >= k), stops[-1]) for k in grid}
+        grid = {next_stop(k, stops) for k in grid}
     return sorted(grid)
+
+
+def next_stop(prefix: int, stops: list[int]) -> int:
+    """The first stop at or after `prefix` (the last stop beyond them all)."""
+    return next((s for s in stops if s >= prefix), stops[-1])
 
 
 def measure_profile(
