@@ -2,6 +2,7 @@
 flat parameter vector."""
 
 import torch
+from torch import nn
 from torch.func import functional_call
 
 from sosp_engine.saliency.common import sample_losses
@@ -12,11 +13,17 @@ def theta_s_vectors(model, structures):
     names = dict(model.named_parameters())
     vectors = [{k: torch.zeros_like(v) for k, v in names.items()} for _ in range(structures.num_structures)]
     for piece in structures.producers:
+        transposed = isinstance(model.get_submodule(piece.module), nn.modules.conv._ConvTransposeNd)
         for pname in ("weight", "bias"):
             full = f"{piece.module}.{pname}"
             if full in names:
                 for c, s in zip(piece.channels.tolist(), piece.structure.tolist()):
-                    vectors[s][full][c] = names[full].detach()[c]
+                    if (
+                        transposed and pname == "weight"
+                    ):  # (in, out, kernel...): an output channel is a column
+                        vectors[s][full][:, c] = names[full].detach()[:, c]
+                    else:
+                        vectors[s][full][c] = names[full].detach()[c]
     return vectors
 
 

@@ -54,6 +54,23 @@ class Decoder(nn.Module):
         return self.head(torch.relu(self.out(h)).mean((2, 3)))
 
 
+class NormedDecoder(Decoder):
+    """The decoder with an eval-mode BatchNorm after the transposed conv (as U-Net decoders have)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(6, 4, 2, stride=2, bias=False)
+        self.norm = nn.BatchNorm2d(4)
+        torch.manual_seed(1)
+        self.norm.running_mean.uniform_(-1, 1)
+        self.norm.running_var.uniform_(0.5, 2)
+        nn.init.uniform_(self.norm.weight, 0.5, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.up(torch.relu(self.down(x)))))
+        return self.head(torch.relu(self.out(h)).mean((2, 3)))
+
+
 class Split(nn.Module):
     """The channel axis split in two halves that go different ways."""
 
@@ -83,6 +100,65 @@ class Shuffle(nn.Module):
         n, c, hh, ww = h.shape
         h = h.view(n, 2, c // 2, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
         return self.head(torch.relu(self.g2(h)).mean((2, 3)))
+
+
+class ShuffleIntoPlainConv(nn.Module):
+    """A shuffle of 3 groups hard-coded in a reshape, before a plain conv: a pruned tensor no longer fits it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(2, 6, 3, padding=1)
+        self.conv1 = nn.Conv2d(6, 5, 1)
+        self.head = nn.Linear(5, D)
+
+    def forward(self, x):
+        h = torch.relu(self.conv0(x))
+        n, c, hh, ww = h.shape
+        h = h.view(n, 3, 2, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
+        return self.head(torch.relu(self.conv1(h)).mean((2, 3)))
+
+
+class Flip(nn.Module):
+    """The channel order reversed between two convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(2, 6, 3, padding=1)
+        self.conv1 = nn.Conv2d(6, 5, 1)
+        self.head = nn.Linear(5, D)
+
+    def forward(self, x):
+        h = torch.flip(torch.relu(self.conv0(x)), [1])
+        return self.head(torch.relu(self.conv1(h)).mean((2, 3)))
+
+
+class PixelShuffle(nn.Module):
+    """Channels moved into space (sub-pixel upsampling) before a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(2, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(2, 5, 1)
+        self.head = nn.Linear(5, D)
+
+    def forward(self, x):
+        h = nn.functional.pixel_shuffle(torch.relu(self.conv0(x)), 2)
+        return self.head(torch.relu(self.conv1(h)).mean((2, 3)))
+
+
+class ChannelMean(nn.Module):
+    """Each channel gated by the mean over channels: removing a channel changes the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(2, 6, 3, padding=1)
+        self.conv1 = nn.Conv2d(6, 5, 1)
+        self.head = nn.Linear(5, D)
+
+    def forward(self, x):
+        h = torch.relu(self.conv0(x))
+        h = h * torch.sigmoid(h.mean(1, keepdim=True))
+        return self.head(torch.relu(self.conv1(h)).mean((2, 3)))
 
 
 def tiny(net: nn.Module, size: int = 6):
@@ -140,16 +216,32 @@ def test_predicted_counts_of_a_mask_equal_the_counts_of_the_pruned_net(net):
     assert predicted == (count_params(smaller), macs_by_hand(smaller, x))
 
 
-def test_a_transposed_convolution_is_listed_as_not_offered_with_the_reason():
+def test_a_transposed_convolutions_output_channels_are_structures_and_its_inputs_go_with_its_feeder():
     _, structures, _, _ = tiny(Decoder())
-    assert "up" in structures.unprunable and "transposed" in structures.unprunable["up"]
-    assert "up" in structures.layers[0].consumers  # its input channels go with the conv that feeds it
+    assert [layer.name for layer in structures.layers] == ["down", "up", "out"]
+    assert "up" in structures.layers[0].consumers and structures.layers[1].producers == ["up"]
+    assert "up" not in structures.unprunable
 
 
-# --- saliencies equal the brute force where modules are called several times -------------------------------------------
-@pytest.mark.parametrize("pool", [False, True], ids=["one-resolution", "two-resolutions"])
-def test_sosp_h_equals_the_explicit_hessian_on_a_reused_block(pool):
-    model, structures, x, y = tiny(ReusedBlock(pool))
+def test_a_grouped_transposed_convolution_is_listed_as_not_offered_with_the_reason():
+    model = Decoder()
+    model.up = nn.ConvTranspose2d(6, 4, 2, stride=2, groups=2)
+    _, structures, _, _ = tiny(model)
+    assert "up" in structures.unprunable and "grouped transposed" in structures.unprunable["up"]
+
+
+# --- saliencies equal the brute force where modules are called several times or transposed ----------------------------
+WIRED = {
+    "one-resolution": lambda: ReusedBlock(),
+    "two-resolutions": lambda: ReusedBlock(True),
+    "transposed": Decoder,
+    "transposed-batchnorm": NormedDecoder,
+}
+
+
+@pytest.mark.parametrize("net", list(WIRED))
+def test_sosp_h_equals_the_explicit_hessian_on_reused_and_transposed_producers(net):
+    model, structures, x, y = tiny(WIRED[net]())
     theta = flat(model, dict(model.named_parameters())).detach()
     hessian = torch.autograd.functional.hessian(mean_loss_of(model, x, y, "cross-entropy"), theta)
     thetas = torch.stack([flat(model, v) for v in theta_s_vectors(model, structures)])
@@ -157,9 +249,9 @@ def test_sosp_h_equals_the_explicit_hessian_on_a_reused_block(pool):
     torch.testing.assert_close(second, thetas @ (hessian @ thetas.sum(0)), rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("pool", [False, True], ids=["one-resolution", "two-resolutions"])
-def test_sosp_i_equals_explicit_jacobians_on_a_reused_block(pool):
-    model, structures, x, y = tiny(ReusedBlock(pool))
+@pytest.mark.parametrize("net", list(WIRED))
+def test_sosp_i_equals_explicit_jacobians_on_reused_and_transposed_producers(net):
+    model, structures, x, y = tiny(WIRED[net]())
     theta = flat(model, dict(model.named_parameters())).detach()
     thetas = torch.stack([flat(model, v) for v in theta_s_vectors(model, structures)])
     expected = torch.zeros(structures.num_structures, structures.num_structures, dtype=torch.float64)
@@ -185,7 +277,9 @@ def test_a_net_whose_every_group_meets_a_split_is_refused_naming_the_split():
 
 # --- "exact" is a measurement ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "net", [ReusedBlock(), ReusedBlock(pool=True), Decoder()], ids=["reuse", "reuse-2res", "transposed"]
+    "net",
+    [ReusedBlock(), ReusedBlock(pool=True), Decoder(), NormedDecoder()],
+    ids=["reuse", "reuse-2res", "transposed", "transposed-batchnorm"],
 )
 def test_nets_whose_pruning_equals_zeroing_are_measured_exact(net):
     model, structures, x, _ = tiny(net)
@@ -193,16 +287,47 @@ def test_nets_whose_pruning_equals_zeroing_are_measured_exact(net):
     assert report["exact"] and report["largest_deviation"] <= report["tolerance"] and report["masks"] == 3
 
 
-def test_a_channel_shuffle_between_grouped_convs_is_measured_approximate_naming_the_layer():
-    model, structures, x, _ = tiny(Shuffle())
-    untouched = {
-        "conv0:0",
-        "conv0:1",
-    }  # the analysis's own mask misses the shuffled layer: random masks find it
-    report = exactness_report(model, structures, untouched, x[:1], x)
-    assert report["deviation"] <= report["tolerance"] < report["largest_deviation"]
-    assert not report["exact"] and list(report["approximate_layers"]) == ["g1"]
-    assert exactness_line(report).startswith("approximate in 1 layers: g1")
+def test_a_channel_shuffle_between_grouped_convs_is_offered_as_the_closure_of_both_groupings():
+    _, structures, _, _ = tiny(Shuffle())
+    assert structures.layers[1].name == "g1"
+    assert structures.layers[1].structure_channels == [[0, 2, 4, 6], [1, 3, 5, 7]]
+
+
+@pytest.mark.parametrize("net", [Shuffle, Flip], ids=["shuffle", "flip"])
+def test_channels_reordered_on_the_way_are_pruned_exactly(net):
+    model, structures, x, _ = tiny(net())
+    assert structures.channel_maps  # measured where they arrive, not taken from the trace
+    report = exactness_report(model, structures, set(structures.keys[:1]), x[:1], x)
+    assert report["exact"] and report["largest_deviation"] <= report["tolerance"]
+
+
+def test_a_shuffle_a_pruned_net_cannot_follow_is_refused_with_what_was_measured():
+    _, structures, _, _ = tiny(ShuffleIntoPlainConv())
+    assert [layer.name for layer in structures.layers] == ["conv1"]
+    assert "reorders its channels" in structures.unprunable["conv0"]
+    assert "does not run" in structures.unprunable["conv0"]
+
+
+def test_channels_moved_into_space_are_refused_naming_the_op():
+    _, structures, _, _ = tiny(PixelShuffle())
+    assert "changes the channel count" in structures.unprunable["conv0"]
+
+
+def test_a_layer_whose_removal_changes_the_other_channels_is_measured_approximate():
+    model, structures, x, _ = tiny(ChannelMean())
+    report = exactness_report(model, structures, set(structures.keys[:1]), x[:1], x)
+    assert report["deviation"] > report["tolerance"] and not report["exact"]
+    assert list(report["approximate_layers"]) == ["conv0"]
+    assert exactness_line(report).startswith("approximate in 1 layers: conv0")
+
+
+def test_sosp_h_equals_the_explicit_hessian_through_a_channel_shuffle():
+    model, structures, x, y = tiny(Shuffle())
+    theta = flat(model, dict(model.named_parameters())).detach()
+    hessian = torch.autograd.functional.hessian(mean_loss_of(model, x, y, "cross-entropy"), theta)
+    thetas = torch.stack([flat(model, v) for v in theta_s_vectors(model, structures)])
+    _, second = sosp_h_terms(AnalysisInputs(model, structures, x, y, "cross-entropy", 2))
+    torch.testing.assert_close(second, thetas @ (hessian @ thetas.sum(0)), rtol=1e-9, atol=1e-12)
 
 
 def test_a_float32_net_is_measured_in_float64():
@@ -213,12 +338,12 @@ def test_a_float32_net_is_measured_in_float64():
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is untouched
 
 
-@pytest.mark.parametrize("pool", [False, True], ids=["one-resolution", "two-resolutions"])
-def test_every_method_runs_on_a_block_called_twice(pool):
+@pytest.mark.parametrize("net", list(WIRED))
+def test_every_method_runs_on_reused_and_transposed_producers(net):
     from sosp_engine.saliency.analysis import METHODS, compute_saliency
     from sosp_engine.saliency.homogeneity import not_scaling
 
-    model, structures, x, y = tiny(ReusedBlock(pool))
+    model, structures, x, y = tiny(WIRED[net]())
     inputs = AnalysisInputs(model, structures, x, y, "cross-entropy", 2)
     assert not_scaling(inputs) == []
     for method in METHODS:

@@ -27,7 +27,11 @@ WALK_LIMIT = 10_000_000
 
 
 class CouplingGraph(tp.DependencyGraph):
-    """A DependencyGraph whose `get_pruning_group` propagates only indices new to each (layer, pruning function)."""
+    """A DependencyGraph whose `get_pruning_group` propagates only indices new to each (layer, pruning function), and
+    takes measured channel maps (`channel_maps`: root module -> module -> {root channel: its channel}) over the
+    trace's where a reshape permutes channels (see channel_probe.py)."""
+
+    channel_maps: dict[str, dict[str, dict[int, int]]] = {}
 
     def get_pruning_group(
         self, module: nn.Module, pruning_fn: typing.Callable, idxs: typing.Sequence[int]
@@ -90,8 +94,12 @@ class CouplingGraph(tp.DependencyGraph):
                     stack.append((new_dep, fresh))
 
         group = Group()
+        measured = self.channel_maps.get(self._module2name.get(module, ""), {})
         for key in order:
             dep, kept = reached[key]
+            channel_map = measured.get(self._module2name.get(dep.target.module, ""))
+            if channel_map is not None:
+                kept = {channel_map[i]: [i] for i in idxs}
             if isinstance(dep.target.module, nn.Parameter) and any(
                 dep.target.module is p for p in self.ignored_params
             ):

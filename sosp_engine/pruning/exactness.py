@@ -98,7 +98,11 @@ def output_deviation(
         smaller = pruned_copy(model, structures, mask, example_input).eval()
         zeroed = zeroed_copy(model, structures, mask).eval()
         with torch.no_grad():
-            a, b = smaller(x), zeroed(x)
+            b = zeroed(x)
+            try:
+                a = smaller(x)
+            except RuntimeError:  # e.g. a reshape that hard-codes a channel count no longer fits
+                return float("inf")
     finally:
         model.train(was_training)
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
@@ -144,9 +148,44 @@ def responsible_layers(
         if structures.emptied_producers(structures.pruned_vector(mask)):
             continue
         deviation = output_deviation(model, structures, mask, example_input, x)
-        if deviation > tolerance:
+        if deviation == float("inf"):
+            found[layer.name] = "the net pruned there alone does not run"
+        elif deviation > tolerance:
             found[layer.name] = f"pruning it alone deviates from zeroing it by {deviation:.1e} of the output"
     return found
+
+
+def unfaithful_permutations(
+    model: nn.Module, structures: StructureSet, example_input: torch.Tensor
+) -> dict[str, str]:
+    """{layer: why it is not offered} for each layer with measured channel maps whose pruning (its first structure,
+    then every second one) does not run or does not equal zeroing: a reshape hard-codes the permutation, so it
+    permutes the pruned tensor another way or no longer fits it."""
+    refused = {}
+    starts = structures.layer_starts()
+    for g, layer in enumerate(structures.layers):
+        if layer.name not in structures.channel_maps:
+            continue
+        tolerance = TOLERANCE.get(example_input.dtype, TOLERANCE[torch.float32])
+        where = ", ".join(structures.channel_maps[layer.name])
+        for chosen in ([starts[g]], range(starts[g], starts[g + 1], 2)):
+            mask = {structures.keys[i] for i in chosen}
+            if structures.emptied_producers(structures.pruned_vector(mask)):
+                continue
+            deviation = output_deviation(model, structures, mask, example_input, example_input)
+            if not deviation <= tolerance:
+                measured = (
+                    "does not run"
+                    if deviation == float("inf")
+                    else f"deviates from the zero-masked one by {deviation:.1e}"
+                )
+                refused[layer.name] = (
+                    f"an op reorders its channels on the way to {where} (a channel shuffle by reshape, a "
+                    f"flip, an index); the net pruned there {measured}, because that op reorders a smaller "
+                    "tensor another way or no longer fits it"
+                )
+                break
+    return refused
 
 
 def exactness_report(

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import MaskError
-from .structures import StructureSet, architecture_signature, build_graph
+from .structures import TRANSPOSED_TYPES, StructureSet, architecture_signature, build_graph, output_axis
 
 MASK_FORMAT = "sosp-mask/1"
 MASK_FILE_LIMIT = 16 << 20  # bytes; about 35 bytes a structure, so ~480k structures
@@ -84,7 +84,7 @@ def zeroed_copy(model: nn.Module, structures: StructureSet, mask: Iterable[str])
             for pname in ("weight", "bias"):
                 param = getattr(module, pname, None)
                 if isinstance(param, torch.Tensor):
-                    param[piece.channels[hit]] = 0
+                    param.movedim(output_axis(module, pname), 0)[piece.channels[hit]] = 0
     return zeroed
 
 
@@ -101,6 +101,7 @@ def prune_in_place(
             f"the mask removes every output channel of {emptied[:3]}; keep at least one channel per layer"
         )
     graph = build_graph(model, example_input)
+    graph.channel_maps = structures.channel_maps
     starts = structures.layer_starts()
     for g, layer in enumerate(structures.layers):
         local = pruned[starts[g] : starts[g + 1]].nonzero().flatten().tolist()
@@ -126,6 +127,8 @@ def _widths(module: nn.Module) -> tuple[int, int] | None:
         return module.weight.shape[1], module.weight.shape[0]
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return module.weight.shape[1] * module.groups, module.weight.shape[0]
+    if isinstance(module, TRANSPOSED_TYPES):
+        return module.weight.shape[0], module.weight.shape[1] * module.groups
     weight = getattr(module, "weight", None)
     return (
         (weight.shape[0], weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.ndim == 1 else None

@@ -14,6 +14,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .channel_probe import measured_sources
 from .coupling_graph import CouplingGraph
 from ..errors import MaskError
 
@@ -23,12 +24,13 @@ NORM_TYPES = (
     nn.LayerNorm,
     nn.modules.instancenorm._InstanceNorm,
 )
-PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + TRANSPOSED_TYPES
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d) + TRANSPOSED_TYPES
-TRANSPOSED_REASON = (
-    ": SOSP's saliencies are derived for conv and linear producers, so they are not offered (the transposed "
-    "convolution's input channels are pruned with the layer that feeds it)"
+GROUPED_TRANSPOSED_REASON = (
+    "a grouped transposed convolution's output channels: each group holds them in its own block of weight "
+    "columns, which the engine does not split into structures (its input channels are pruned with the layer "
+    "that feeds it)"
 )
 PRESETS = {
     "cifar-resnet": ("*shortcut*",),
@@ -53,6 +55,16 @@ def architecture_signature(model: nn.Module) -> str:
     for name, p in model.named_parameters():
         digest.update(f"{name}:{tuple(p.shape)};".encode())
     return digest.hexdigest()[:16]
+
+
+def output_axis(module: nn.Module, parameter: str) -> int:
+    """The axis of a producer's parameter that indexes its output channels: 1 for a transposed conv's weight
+    (in, out, kernel...), else 0."""
+    return 1 if isinstance(module, TRANSPOSED_TYPES) and parameter == "weight" else 0
+
+
+def _input_channels(m: nn.Module) -> int:
+    return m.in_features if isinstance(m, nn.Linear) else m.in_channels
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -119,6 +131,8 @@ def _partition(
     return structures, ""
 
 
+REORDERING_OPS = ("Flip", "Index", "Gather", "Roll", "Permute", "Transpose", "Take")  # grad_fn names
+PROBE_MACS = 2e10  # the most multiply-accumulates one channel-order probe may cost (a few seconds on a CPU)
 CHANNEL_SPLITTING_OPS = (tp.ops._SplitOp, tp.ops._SliceOp, tp.ops._UnbindOp)
 
 
@@ -147,6 +161,55 @@ def _unsupported(group, graph: tp.DependencyGraph, names: dict[nn.Module, str]) 
                     "that torch-pruning does not prune"
                 )
     return ""
+
+
+def _may_reorder(node) -> bool:
+    """Whether an op of a traced group may reorder channels: a reshape of a tensor with positions (a flatten of
+    pooled (N, C, 1, 1) keeps the order), or an op that indexes, flips, rolls or permutes."""
+    grad_fn = getattr(node, "grad_fn", None)
+    if isinstance(node.module, tp.ops._ReshapeOp):
+        sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+        return sizes is None or math.prod(int(v) for v in sizes[2:]) > 1
+    return type(grad_fn).__name__.startswith(REORDERING_OPS)
+
+
+def _probe_batch(group) -> int:
+    return 4 * max(1, (len(group[0].idxs) - 1).bit_length()) + 1
+
+
+def _permuted_channels(
+    model: nn.Module,
+    graph: tp.DependencyGraph,
+    group,
+    names: dict[nn.Module, str],
+    example_input: torch.Tensor,
+    macs: float,
+) -> dict[str, dict[int, int]]:
+    """For a group whose trace passes an op that may reorder channels: {module: {root channel: its channel}} of
+    every consumer or norm where the measured arrival of each root channel is one channel and differs from the trace
+    (a shuffle, a flip); measured only while the probe's forward pass costs at most PROBE_MACS (`macs` per sample)."""
+    if not any(_may_reorder(item.dep.target) for item in group) or macs * _probe_batch(group) > PROBE_MACS:
+        return {}
+    traced: dict[str, dict[int, int]] = {}
+    for item in group:
+        module = item.dep.target.module
+        is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
+        if (
+            isinstance(module, nn.Module)
+            and module in names
+            and (isinstance(module, NORM_TYPES) or not is_out)
+        ):
+            traced.setdefault(names[module], dict(zip(item.root_idxs, item.idxs)))
+    root = names[group[0].dep.target.module]
+    with preserved_modes(model):
+        model.eval()
+        sources = measured_sources(model, root, list(traced), example_input, len(group[0].idxs))
+    corrections = {}
+    for name, source in sources.items():
+        measured = {root_channel: c for c, root_channel in enumerate(source) if root_channel >= 0}
+        if set(measured) >= set(traced[name]) and any(measured[r] != c for r, c in traced[name].items()):
+            corrections[name] = measured
+    return corrections
 
 
 def on_model_device(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -281,6 +344,8 @@ class StructureSet:
     consumed: list[ProducerSlice] = field(
         default_factory=list
     )  # consumers' input-channel slices of each structure
+    # layer -> module -> {root channel: its channel}, measured where a reshape permutes channels (channel_probe.py)
+    channel_maps: dict[str, dict[str, dict[int, int]]] = field(default_factory=dict)
 
     @property
     def num_structures(self) -> int:
@@ -481,7 +546,7 @@ def _mean_kernel(producers: list[nn.Module]) -> float:
     """Kernel side length of a layer: its conv / linear producers' sides weighted by their in-weights per channel."""
     weight, total = 0.0, 0.0
     for m in producers:
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if isinstance(m, CONV_TYPES):
             elems = int(torch.tensor(m.kernel_size).prod())
             per_channel = m.in_channels // m.groups * elems
             side = elems ** (1.0 / len(m.kernel_size))
@@ -497,7 +562,24 @@ def _mean_kernel(producers: list[nn.Module]) -> float:
 def find_structures(
     model: nn.Module, example_input: torch.Tensor, exclude: Sequence[str] = (), preset: str | None = None
 ) -> StructureSet:
-    """All prunable structures of `model`; the final classifier and layers matching `exclude` patterns are left out."""
+    """All prunable structures of `model`; the final classifier and layers matching `exclude` patterns are left out.
+    A layer whose channels a reshape permutes is offered only where pruning it, measured, equals zeroing it."""
+    structures = _structures(model, example_input, exclude, preset, {})
+    if not structures.channel_maps:
+        return structures
+    from .exactness import unfaithful_permutations  # it prunes, and pruning needs this module
+
+    refused = unfaithful_permutations(model, structures, example_input)
+    return _structures(model, example_input, exclude, preset, refused) if refused else structures
+
+
+def _structures(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    exclude: Sequence[str],
+    preset: str | None,
+    refused: dict[str, str],
+) -> StructureSet:
     if preset is not None and preset not in PRESETS:
         raise MaskError(f"unknown exclusion preset '{preset}'; known: {sorted(PRESETS)}")
     patterns = list(exclude) + list(PRESETS.get(preset, ()))
@@ -534,13 +616,19 @@ def find_structures(
 
     raw_layers = []
     unprunable: dict[str, str] = {}
+    graph.channel_maps = {}
+    sample_macs = sum(info.macs(info.in_channels, info.out_channels) for info in infos)
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=PRODUCER_TYPES):
         root = group[0].dep.target.module
         size = len(group[0].idxs)
+        corrections = _permuted_channels(model, graph, group, names, example_input, sample_macs)
+        if corrections:
+            graph.channel_maps[names[root]] = corrections
+            group = graph.get_pruning_group(root, group[0].dep.handler, list(range(size)))
         producers: dict[str, tuple[list[int], list[int]]] = {}
         effects: list[tuple[str, int, list[int], list[int]]] = []  # module, dim, module idxs, root idxs
         grouped: list[tuple[str, int, int, list[int], list[int]]] = []
-        consumers, transposed_out = [], []
+        consumers, transposed_out, beyond = [], [], ""
         coupled = [roots for item in group for roots in getattr(item, "coupled_roots", ())]
         for item in group:
             module, handler = item.dep.target.module, item.dep.handler
@@ -555,32 +643,36 @@ def find_structures(
             channels, groups = _channel_groups(module, is_out or isinstance(module, NORM_TYPES))
             if groups > 1 and all(g[0] != name or g[1] != channels for g in grouped):
                 grouped.append((name, channels, groups, idxs, root_idxs))
-            if isinstance(module, TRANSPOSED_TYPES) and is_out:
+            if isinstance(module, TRANSPOSED_TYPES) and is_out and module.groups > 1:
                 transposed_out.append(name)
             elif isinstance(module, NORM_TYPES) or (isinstance(module, PRODUCER_TYPES) and is_out):
                 if name not in producers:
                     producers[name] = (idxs, root_idxs)
                     effects.append((name, 1, idxs, root_idxs))
-            elif isinstance(module, PRODUCER_TYPES + TRANSPOSED_TYPES):
+            elif isinstance(module, PRODUCER_TYPES):
                 consumers.append(name)
                 effects.append((name, 0, idxs, root_idxs))
+                if max(idxs, default=0) >= _input_channels(module):
+                    beyond = beyond or (
+                        f"its channels reach {name} through an op that changes the channel count (e.g. "
+                        "pixel_shuffle, or a reshape that moves channels into space), which torch-pruning "
+                        "cannot follow"
+                    )
         if not producers:
             continue
         members, reason = _partition(size, grouped, coupled)
-        reason = _unsupported(group, graph, names) or reason
+        reason = _unsupported(group, graph, names) or beyond or reason
         if transposed_out and not reason:
-            reason = (
-                f"the output channels of the transposed convolution {transposed_out[0]} join this group"
-                + (TRANSPOSED_REASON)
-            )
+            reason = f"{transposed_out[0]} joins this group with " + GROUPED_TRANSPOSED_REASON
+        reason = reason or refused.get(names[root], "")
         if reason:
             unprunable[names[root]] = reason
             continue
         raw_layers.append((names[root], size, members, producers, effects, consumers))
     raw_layers.sort(key=lambda r: position.get(r[0], len(position)))
     for name, m in model.named_modules():  # their own output channels: listed, never silently left out
-        if isinstance(m, TRANSPOSED_TYPES) and m not in ignored:
-            unprunable.setdefault(name, "a transposed convolution's output channels" + TRANSPOSED_REASON)
+        if isinstance(m, TRANSPOSED_TYPES) and m.groups > 1 and m not in ignored:
+            unprunable.setdefault(name, GROUPED_TRANSPOSED_REASON)
 
     stages = _stage_labels([shapes[r[0]][0].output if r[0] in shapes else () for r in raw_layers])
     layers, keys, layer_of, slices, consumed = [], [], [], [], []
@@ -642,4 +734,5 @@ def find_structures(
         [n for m, n in names.items() if m in ignored],
         unprunable,
         consumed,
+        {name: maps for name, maps in graph.channel_maps.items() if name in {layer.name for layer in layers}},
     )

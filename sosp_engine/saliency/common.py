@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import AnalysisError
 from ..progress import ProgressFn, StopFn
-from ..pruning.structures import NORM_TYPES, StructureSet
+from ..pruning.structures import NORM_TYPES, StructureSet, output_axis
 
 LOSSES = ("cross-entropy", "squared")
 CPU_PASS_BYTES = 32 * 2**20  # glibc's largest block size served from reused heap memory
@@ -20,12 +20,18 @@ CPU_PASS_BYTES = 32 * 2**20  # glibc's largest block size served from reused hea
 
 @dataclass
 class ParamSlice:
-    """Output-channel rows `channels` of one parameter tensor that go into structures `structure`."""
+    """Output-channel rows `channels` of one parameter tensor that go into structures `structure`; `dim` is the
+    parameter's axis of output channels."""
 
     name: str
     param: nn.Parameter
     channels: torch.Tensor
     structure: torch.Tensor
+    dim: int = 0
+
+    def rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (shaped like the parameter) as a view with the output channels first."""
+        return tensor.movedim(self.dim, 0)
 
     @property
     def module(self) -> str:
@@ -140,16 +146,18 @@ class AnalysisInputs:
         A parameter whose every row belongs to a structure is its own entry, not a copy (a parameter-sized saving).
         """
         rows: dict[int, list[torch.Tensor]] = {}
+        dims: dict[int, int] = {}
         for s in self.slices:
             rows.setdefault(id(s.param), []).append(s.channels)
+            dims[id(s.param)] = s.dim
         out = []
         for p in self.params():
-            covered = torch.unique(torch.cat(rows[id(p)]))
-            if len(covered) == p.shape[0]:
+            covered, dim = torch.unique(torch.cat(rows[id(p)])), dims[id(p)]
+            if len(covered) == p.shape[dim]:
                 out.append(p.detach())
             else:
                 part = torch.zeros_like(p)
-                part[covered] = p.detach()[covered]
+                part.movedim(dim, 0)[covered] = p.detach().movedim(dim, 0)[covered]
                 out.append(part)
         return out
 
@@ -158,9 +166,9 @@ class AnalysisInputs:
         index = {id(p): i for i, p in enumerate(self.params())}
         out = torch.zeros(self.structures.num_structures, dtype=torch.float64, device=self.device)
         for s in self.slices:
-            rows = (s.param.detach()[s.channels] * vectors[index[id(s.param)]][s.channels]).reshape(
-                len(s.channels), -1
-            )
+            rows = (
+                s.rows(s.param.detach())[s.channels] * s.rows(vectors[index[id(s.param)]])[s.channels]
+            ).reshape(len(s.channels), -1)
             out.index_add_(0, s.structure.to(self.device), rows.sum(1).to(torch.float64))
         return out
 
@@ -173,7 +181,15 @@ def structure_slices(model: nn.Module, structures: StructureSet) -> list[ParamSl
         for pname in ("weight", "bias"):
             param = getattr(module, pname, None)
             if isinstance(param, nn.Parameter):
-                slices.append(ParamSlice(f"{piece.module}.{pname}", param, piece.channels, piece.structure))
+                slices.append(
+                    ParamSlice(
+                        f"{piece.module}.{pname}",
+                        param,
+                        piece.channels,
+                        piece.structure,
+                        output_axis(module, pname),
+                    )
+                )
     return slices
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..devices import full_float32
+from ..pruning.structures import output_axis
 from .common import AnalysisInputs, channel_dim, equal_up_to_rounding, per_channel
 
 ROW_PARAMETERS = ("weight", "bias")
@@ -70,10 +71,11 @@ def _scales(module: nn.Module, args: tuple, kwargs: dict, generator: torch.Gener
     try:
         with torch.no_grad():
             module(*args, **kwargs)
-            rows = next(getattr(module, k) for k in ROW_PARAMETERS if getattr(module, k, None) is not None)
-            r = torch.empty(rows.shape[0], dtype=torch.float64).uniform_(0.5, 2.0, generator=generator)
+            name = next(k for k in ROW_PARAMETERS if getattr(module, k, None) is not None)
+            rows = getattr(module, name).shape[output_axis(module, name)]
+            r = torch.empty(rows, dtype=torch.float64).uniform_(0.5, 2.0, generator=generator)
             scaled = {
-                k: p * r.to(p).view((-1,) + (1,) * (p.dim() - 1))
+                k: p * per_channel(r.to(p), p, output_axis(module, k))
                 for k in ROW_PARAMETERS
                 if isinstance(p := getattr(module, k, None), nn.Parameter)
             }
