@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import resource
 import shutil
@@ -40,6 +41,14 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_json_atomically(path: str | Path, value: object) -> None:
+    """`value` as JSON at `path`, whole or not at all (a reader never sees half a file; writers do not collide)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
 
 
 def save_atomically(obj: object, path: str | Path, keep_previous: bool = False) -> Path:

@@ -1,7 +1,9 @@
-"""Jobs and studies on a real local Ray cluster (`ray start --head`, 2 CPUs): the store stays the one record."""
+"""Jobs and studies on a real local Ray cluster (`ray start --head`, 2 CPUs): the store stays the one record. The
+test process never connects to Ray itself (the engine's bridge does), so a restarted head cannot take it down."""
 
 import os
 import signal
+import time
 import socket
 import subprocess
 import sys
@@ -54,8 +56,55 @@ def cluster(tmp_path_factory):
     try:
         yield Placement("ray", f"127.0.0.1:{port}", str(tmp_path_factory.mktemp("shared")))
     finally:
-        ray.shutdown()
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def on_cluster(cluster, code: str) -> str:
+    """Run `code` (with `ray` connected to the cluster) in a process of its own; returns what it printed."""
+    script = f"import ray\nray.init(address={cluster.address!r}, namespace='sosp-lab', logging_level='ERROR')\n{code}"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def restart_head(cluster) -> None:
+    """Stop the cluster and start a fresh head at the same address, as after a crash of the head node."""
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    port = cluster.address.rpartition(":")[2]
+    subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--port",
+            port,
+            "--num-cpus",
+            "2",
+            "--num-gpus",
+            "0",
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def events_on_disk(job: dict, kind: str) -> list[dict]:
+    """The job's events of `kind` as its run folder holds them (nobody has read them into the store)."""
+    from sosp_engine.runs.events import new_events
+    from sosp_engine.runs.store import run_folder
+
+    return [e for e in new_events(run_folder(job), {})[0] if e["kind"] == kind]
+
+
+def wait_until(predicate, timeout=240):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.5)
 
 
 def drained_until(store, job_id, predicate, timeout=240):
@@ -107,15 +156,25 @@ def test_a_job_cancelled_mid_epoch_on_the_cluster_is_cancelled(tmp_path, cluster
     assert len(store.metrics(job_id)) < 50
 
 
-def test_a_worker_killed_mid_epoch_leaves_the_job_failed_and_resumable_with_each_epoch_once(
-    tmp_path, cluster
-):
+def test_a_worker_killed_mid_epoch_is_retried_and_the_job_finishes_with_each_epoch_once(tmp_path, cluster):
     store = Store(tmp_path)
     job_id = submit(store, job_config(epochs=4), placement=cluster)
     job = drained_until(store, job_id, lambda j: len(store.metrics(job_id)) >= 1)
     os.kill(job["pid"], signal.SIGKILL)  # the worker process running the job's task
+    job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"))
+    assert job["status"] == "done", job["error"]  # no resume: Ray ran the task again
+    assert sorted(m["epoch"] for m in store.metrics(job_id)) == [1, 2, 3, 4]
+    assert len(events_on_disk(job, "start")) == 2
+
+
+def test_a_worker_killed_with_no_retries_left_fails_the_job_saying_resume(tmp_path, cluster, monkeypatch):
+    monkeypatch.setenv("SOSP_RAY_MAX_RETRIES", "0")
+    store = Store(tmp_path)
+    job_id = submit(store, job_config(epochs=4), placement=cluster)
+    job = drained_until(store, job_id, lambda j: len(store.metrics(job_id)) >= 1)
+    os.kill(job["pid"], signal.SIGKILL)
     job = drained_until(store, job_id, lambda j: j["status"] != "running")
-    assert job["status"] == "failed" and "was lost" in job["error"]
+    assert job["status"] == "failed" and "was lost" in job["error"] and "resume" in job["error"]
     resume(store, job_id)
     job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"))
     assert job["status"] == "done", job["error"]
@@ -204,15 +263,15 @@ def test_an_expand_study_fans_its_runs_out_and_their_epochs_reach_the_store(tmp_
 
 def test_a_lost_job_host_fails_the_job_with_the_reason_and_resume_runs_it_again(tmp_path, cluster):
     store = Store(tmp_path)
-    job_id = submit(store, job_config(epochs=3, data_spec="synthetic:3,8,8:10"), placement=cluster)
-    drained_until(store, job_id, lambda j: j["status"] == "running")
-    ray.kill(ray.get_actor(f"job-{job_id}", namespace="sosp-lab"))  # as when the node holding it goes away
-    job = drained_until(store, job_id, lambda j: j["status"] != "running")
+    job_id = submit(store, job_config(epochs=5), placement=cluster)
+    drained_until(store, job_id, lambda j: len(store.metrics(job_id)) >= 1)
+    on_cluster(cluster, f"ray.kill(ray.get_actor('job-{job_id}'))")  # as when the node holding it goes away
+    job = drained_until(store, job_id, lambda j: j["status"] != "running", timeout=120)
     assert job["status"] == "failed" and "lost" in job["error"] and "resume" in job["error"]
     resume(store, job_id)
     job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"))
     assert job["status"] == "done", job["error"]
-    assert sorted(m["epoch"] for m in store.metrics(job_id)) == [1, 2, 3]
+    assert sorted(m["epoch"] for m in store.metrics(job_id)) == [1, 2, 3, 4, 5]
 
 
 def test_an_unreachable_cluster_is_a_clear_error_at_submit(tmp_path):
@@ -224,7 +283,78 @@ def test_an_unreachable_cluster_is_a_clear_error_at_submit(tmp_path):
 def test_jobs_of_an_unreachable_cluster_keep_their_state_and_say_why(tmp_path):
     store = Store(tmp_path)
     job_id = store.add_job("train", "remote", job_config().__dict__, "ray", f"127.0.0.1:{free_port()}")
-    store.update_job(job_id, status="running")
+    store.update_job(job_id, status="running", heartbeat=time.time() - 100)  # silent: the cluster is asked
     assert mark_stale_jobs(store) == []
     job = store.job(job_id)
     assert job["status"] == "running" and "no news from the cluster" in job["message"]
+
+
+# --- a storage the nodes do not share is refused at submit ---------------------------------------------------------
+@pytest.fixture
+def node_without_the_artifacts(cluster, tmp_path):
+    """A second node of the cluster that sees an empty folder where the artifacts are (its own mount namespace)."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare --mount (root in a mount namespace) to give a node storage of its own")
+    artifacts = Path(cluster.artifacts)
+    command = (
+        f"mount -t tmpfs none {artifacts} && exec {RAY} start --address {cluster.address} --num-cpus 1 "
+        "--num-gpus 0 --block --disable-usage-stats"
+    )
+    node = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    alive = "print(sum(n['Alive'] for n in ray.nodes()))"
+    wait_until(lambda: on_cluster(cluster, alive).strip() == "2", timeout=120)
+    yield
+    node.terminate()
+    node.wait(timeout=60)
+    wait_until(lambda: on_cluster(cluster, alive).strip() == "1", timeout=120)
+
+
+def test_a_cluster_node_that_does_not_share_the_artifacts_folder_is_refused_at_submit(
+    tmp_path, cluster, node_without_the_artifacts
+):
+    store = Store(tmp_path)
+    with pytest.raises(BackendError, match="does not share the artifacts folder"):
+        submit(store, job_config(data_spec="synthetic:3,8,8:10"), placement=cluster)
+    assert store.jobs() == []
+
+
+def test_a_data_path_a_node_cannot_see_is_refused_at_submit_naming_it(
+    tmp_path, cluster, node_without_the_artifacts
+):
+    data = Path(cluster.artifacts) / "digits-copy"  # under the folder the second node sees empty
+    data.mkdir()
+    store = Store(tmp_path)
+    with pytest.raises(BackendError, match="cannot see .*digits-copy"):
+        submit(store, job_config(data_spec=f"imagefolder:{data}"), placement=cluster)
+    assert store.jobs() == []
+
+
+# --- a head restart with nobody watching loses nothing (these restart the cluster: they run last) ------------------
+def test_a_head_restart_during_a_job_with_nobody_watching_loses_no_epoch(tmp_path, cluster):
+    store = Store(tmp_path)
+    job_id = submit(store, job_config(epochs=40), placement=cluster)
+    job = store.job(job_id)
+    wait_until(lambda: len(events_on_disk(job, "metrics")) >= 2)  # nobody reads them into the store meanwhile
+    restart_head(cluster)
+    written = sorted(e["payload"]["epoch"] for e in events_on_disk(job, "metrics"))
+    job = drained_until(store, job_id, lambda j: j["status"] != "running", timeout=120)
+    assert job["status"] == "failed" and "resume" in job["error"]
+    assert sorted(m["epoch"] for m in store.metrics(job_id)) == written  # each epoch written, once
+    mark_stale_jobs(store)
+    assert sorted(m["epoch"] for m in store.metrics(job_id)) == written  # read again: still once
+
+
+def test_a_head_restart_right_after_a_job_loses_none_of_its_epochs(tmp_path, cluster):
+    store = Store(tmp_path)
+    job_id = submit(store, job_config(epochs=3, data_spec="synthetic:3,8,8:10"), placement=cluster)
+    job = store.job(job_id)
+    wait_until(lambda: events_on_disk(job, "end"))
+    restart_head(cluster)  # nobody has read the job's events yet
+    job = drained_until(store, job_id, lambda j: j["status"] != "running", timeout=60)
+    assert job["status"] == "done", job["error"]
+    assert sorted(m["epoch"] for m in store.metrics(job_id)) == [1, 2, 3]
+    assert store.models()[0]["job_id"] == job_id

@@ -27,7 +27,7 @@ from ..nets import build_model, load_weights
 from ..progress import Cancelled, StopFn
 from ..pruning.structures import find_structures
 from ..pruning.surgery import build_widened, every_layer, params_of, uniform_factor
-from ..atomic import save_atomically
+from ..atomic import save_atomically, write_json_atomically
 from .trainer import train
 from .training import TrainConfig, evaluate
 
@@ -149,9 +149,7 @@ class ResumableRun:
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else empty_state
 
     def _save_state(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1))
-        tmp.replace(self.state_path)
+        write_json_atomically(self.state_path, self.state)
 
 
 class Experiment(ResumableRun):

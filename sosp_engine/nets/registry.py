@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
+import torch
 from torch import nn
 
 from ..errors import ModelSpecError
@@ -117,10 +118,25 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Modu
     except ValueError:
         available = ", ".join(sorted(torchvision.models.list_models(module=torchvision.models))[:40])
         raise ModelSpecError(f"torchvision has no model '{name}'. Some it has: {available}, ...") from None
-    model = factory(weights=None, num_classes=num_classes)
+    if factory.__module__.startswith("torchvision.models.segmentation"):
+        model = PooledSegmentation(factory(weights=None, weights_backbone=None, num_classes=num_classes))
+    else:
+        model = factory(weights=None, num_classes=num_classes)
     if in_channels != 3:
         _replace_first_conv(model, in_channels)
     return model
+
+
+class PooledSegmentation(nn.Module):
+    """A torchvision segmentation net whose dense class map, averaged over positions, is the class logits: its
+    backbone and decoder wiring (dilated convs, ASPP, upsampling) analysed with the engine's classification loss."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)["out"].mean((2, 3))
 
 
 def _build_timm(name: str, num_classes: int, in_channels: int) -> nn.Module:

@@ -47,10 +47,15 @@ class Placement:
             raise SospError(f"unknown job backend '{self.backend}'; use one of {', '.join(BACKENDS)}")
         if self.backend == "local":
             return Placement("local", None, self.artifacts)
-        from .backends.ray import connect
+        from .backends.ray import cluster_summary
 
         address = self.address or os.environ.get(RAY_ADDRESS_ENV) or ""
-        connect(address)
+        if not address:
+            raise SospError(
+                "give the Ray cluster's address: --ray-address HOST:PORT, or $SOSP_RAY_ADDRESS ('auto' finds "
+                "a cluster started on this machine with `ray start --head`)"
+            )
+        cluster_summary(address)
         return Placement("ray", address, self.artifacts)
 
 
@@ -118,6 +123,11 @@ def submit_expand_study(
 def _add(store: Store, kind: str, name: str, config: dict, start: bool, placement: Placement | None) -> str:
     """Queue a job; submitting a spec is the caller's consent to the code it names, stored signed with the job."""
     where = (placement or Placement()).resolved()
+    if where.backend == "ray":
+        from .backends.ray import check_storage
+
+        folder = Path(where.artifacts).expanduser().resolve() if where.artifacts else store.artifacts
+        check_storage(where.address, str(folder), local_paths(config))
     job_id = store.add_job(
         kind,
         name,
@@ -130,6 +140,21 @@ def _add(store: Store, kind: str, name: str, config: dict, start: bool, placemen
     if start:
         launch_pending(store)
     return job_id
+
+
+def local_paths(config: dict) -> list[str]:
+    """The files and folders of this machine a job's specs name (its data, weights and model code), which a
+    cluster's nodes must see at the same paths."""
+    found = []
+    for value in (config.get("model_spec"), config.get("data_spec"), config.get("weights")):
+        if not isinstance(value, str) or not value:
+            continue
+        scheme_dropped, code_file = value.partition(":")[2], value.rpartition(":")[0]
+        for candidate in (value, scheme_dropped, code_file):
+            if candidate and Path(candidate).expanduser().exists():
+                found.append(str(Path(candidate).expanduser().resolve()))
+                break
+    return sorted(set(found))
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -280,9 +305,7 @@ def resume(store: Store, job_id: str, start: bool = True, trust_code: bool = Fal
             f"job '{job_id}' still has a live process (pid {job['pid']}, stopped or slow): wait for it "
             "to end or kill it, then resume"
         )
-    store.update_job(
-        job_id, status="queued", error=None, cancel_requested=0, pid=None, finished=None, remote_seq=0
-    )
+    store.update_job(job_id, status="queued", error=None, cancel_requested=0, pid=None, finished=None)
     if start:
         launch_pending(store)
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from ..errors import SospError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 DB_NAME = "sosp.db"
 WORKSPACE_ENV = "SOSP_WORKSPACE"
 APPLICATION_ID = 0x534F5350  # "SOSP", marks the file as ours
@@ -45,7 +45,10 @@ ALTER TABLE jobs ADD COLUMN remote_seq INTEGER NOT NULL DEFAULT 0;
 SCHEMA_V4 = """
 ALTER TABLE jobs ADD COLUMN consent TEXT;
 """
-MIGRATIONS = {0: SCHEMA_V1, 1: SCHEMA_V2, 2: SCHEMA_V3, 3: SCHEMA_V4}
+SCHEMA_V5 = """
+ALTER TABLE jobs ADD COLUMN event_offsets TEXT NOT NULL DEFAULT '{}';
+"""
+MIGRATIONS = {0: SCHEMA_V1, 1: SCHEMA_V2, 2: SCHEMA_V3, 3: SCHEMA_V4, 4: SCHEMA_V5}
 JSON_FIELDS = ("config", "summary", "result", "metrics", "data")
 ARTIFACT_KINDS = {"analyses": "analyses", "jobs": "jobs"}  # table -> folder of artifacts/ holding ID/
 _PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -64,6 +67,21 @@ def default_workspace() -> Path:
 def run_folder(job: dict) -> Path:
     """The folder a job's run writes its checkpoints, masks and state to (under --artifacts for cluster jobs)."""
     return Path(job["run_dir"]) if job.get("run_dir") else Path(job["path"]) / "run"
+
+
+def _offsets(text: str | None) -> dict[str, int]:
+    """The stored event-file offsets of a job ({} when unreadable: its events are read again; each epoch's metrics
+    are still kept once)."""
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def event_offsets(job: dict) -> dict[str, int]:
+    """How far the store has read a remote job's event files."""
+    return _offsets(job.get("event_offsets"))
 
 
 def _rows(cursor: sqlite3.Cursor) -> list[dict]:
@@ -404,15 +422,22 @@ class Store:
             )
 
     def apply_remote_events(
-        self, job_id: str, seq: int, metrics: list[tuple[str, int, dict]], fields: dict
+        self,
+        job_id: str,
+        read_from: dict[str, int],
+        read_to: dict[str, int],
+        metrics: list[tuple[str, int, dict]],
+        fields: dict,
     ) -> bool:
-        """Events of a remote job up to `seq`, in one transaction: applied once even if delivered twice."""
+        """A remote job's events read from its event files between the offsets `read_from` and `read_to`, in one
+        transaction with the new offsets: applied once, whoever reads them and however often (False: another reader
+        applied them first)."""
         for key in ("result",):
             if key in fields and fields[key] is not None and not isinstance(fields[key], str):
                 fields[key] = json.dumps(fields[key])
         with self.transaction() as conn:
-            done = conn.execute("SELECT remote_seq FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if done is None or done[0] >= seq:
+            row = conn.execute("SELECT event_offsets FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or _offsets(row[0]) != read_from:
                 return False
             for stage, epoch, data in metrics:
                 conn.execute(
@@ -422,7 +447,7 @@ class Store:
                     "INSERT INTO metrics VALUES (?,?,?,?,?)",
                     (job_id, time.time(), stage, epoch, json.dumps(data)),
                 )
-            fields = {**fields, "remote_seq": seq}
+            fields = {**fields, "event_offsets": json.dumps(read_to, sort_keys=True)}
             conn.execute(
                 f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
                 (*fields.values(), job_id),
