@@ -358,3 +358,27 @@ def test_a_head_restart_right_after_a_job_loses_none_of_its_epochs(tmp_path, clu
     assert job["status"] == "done", job["error"]
     assert sorted(m["epoch"] for m in store.metrics(job_id)) == [1, 2, 3]
     assert store.models()[0]["job_id"] == job_id
+
+
+def test_the_runs_page_survives_a_head_restart_and_resumes_the_job_there(tmp_path, cluster, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("SOSP_WORKSPACE", str(tmp_path))
+    store = Store(tmp_path)
+    job_id = submit(store, job_config(epochs=6), placement=cluster)
+    wait_until(lambda: events_on_disk(store.job(job_id), "metrics"))
+    restart_head(
+        cluster
+    )  # the engine's connection, held since the submit, now points at a cluster that is gone
+    at = AppTest.from_file(str(Path(__file__).parent.parent / "app" / "main.py"), default_timeout=240)
+    at.run()
+    at.switch_page("../pages/runs.py").run()
+    assert not at.exception, at.exception
+    job = drained_until(store, job_id, lambda j: j["status"] != "running", timeout=120)
+    assert job["status"] == "failed" and "resume" in job["error"]
+    at.run()
+    next(b for b in at.button if b.label == "Resume").click().run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"))
+    assert job["status"] == "done", job["error"]
+    assert sorted(m["epoch"] for m in store.metrics(job_id)) == [1, 2, 3, 4, 5, 6]
