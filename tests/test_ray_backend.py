@@ -3,6 +3,7 @@ test process never connects to Ray itself (the engine's bridge does), so a resta
 
 import os
 import signal
+from contextlib import contextmanager
 import time
 import socket
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from sosp_engine.experiments.procedures import ExperimentConfig
 from sosp_engine.runs.jobs import Placement, cancel, mark_stale_jobs, resume, submit, submit_study
@@ -22,6 +24,7 @@ from sosp_engine.experiments.studies import StudyConfig, study_cells
 from test_jobs import wait_for
 
 ray = pytest.importorskip("ray")
+ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
 
 
@@ -59,10 +62,17 @@ def cluster(tmp_path_factory):
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
 
 
-def on_cluster(cluster, code: str) -> str:
-    """Run `code` (with `ray` connected to the cluster) in a process of its own; returns what it printed."""
-    script = f"import ray\nray.init(address={cluster.address!r}, namespace='sosp-lab', logging_level='ERROR')\n{code}"
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+def on_cluster(cluster, code: str, ship_engine: bool = False) -> str:
+    """Run `code` (with `ray` connected to the cluster, shipping the engine to the workers if asked) in a process of
+    its own; returns what it printed."""
+    env = f"runtime_env={{'py_modules': [{str(ROOT / 'sosp_engine')!r}]}}" if ship_engine else ""
+    script = (
+        f"import ray\nray.init(address={cluster.address!r}, namespace='sosp-lab', logging_level='ERROR', {env})\n"
+        f"{code}"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
@@ -289,28 +299,108 @@ def test_jobs_of_an_unreachable_cluster_keep_their_state_and_say_why(tmp_path):
     assert job["status"] == "running" and "no news from the cluster" in job["message"]
 
 
-# --- a storage the nodes do not share is refused at submit ---------------------------------------------------------
-@pytest.fixture
-def node_without_the_artifacts(cluster, tmp_path):
-    """A second node of the cluster that sees an empty folder where the artifacts are (its own mount namespace)."""
-    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs unshare --mount (root in a mount namespace) to give a node storage of its own")
-    artifacts = Path(cluster.artifacts)
-    command = (
-        f"mount -t tmpfs none {artifacts} && exec {RAY} start --address {cluster.address} --num-cpus 1 "
-        "--num-gpus 0 --block --disable-usage-stats"
-    )
-    node = subprocess.Popen(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", command],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+# --- a second node: one training across nodes; a node that does not share the storage -----------------------------
+@contextmanager
+def second_node(cluster, private_artifacts: bool = False):
+    """A second node of the cluster on this machine (1 CPU); with `private_artifacts` it sees an empty folder where
+    the artifacts are (a mount namespace of its own)."""
+    start = f"{RAY} start --address {cluster.address} --num-cpus 1 --num-gpus 0 --block --disable-usage-stats"
+    if private_artifacts:
+        if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+            pytest.skip("needs unshare --mount (root in a mount namespace) to give a node storage of its own")
+        command = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f"mount -t tmpfs none {cluster.artifacts} && exec {start}",
+        ]
+    else:
+        command = start.split()
+    node = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     alive = "print(sum(n['Alive'] for n in ray.nodes()))"
-    wait_until(lambda: on_cluster(cluster, alive).strip() == "2", timeout=120)
-    yield
-    node.terminate()
-    node.wait(timeout=60)
-    wait_until(lambda: on_cluster(cluster, alive).strip() == "1", timeout=120)
+    try:
+        wait_until(lambda: on_cluster(cluster, alive).strip() == "2", timeout=120)
+        yield
+    finally:
+        node.terminate()
+        node.wait(timeout=60)
+        wait_until(lambda: on_cluster(cluster, alive).strip() == "1", timeout=120)
+
+
+@pytest.fixture
+def node_without_the_artifacts(cluster):
+    with second_node(cluster, private_artifacts=True):
+        yield
+
+
+@pytest.fixture
+def two_nodes(cluster):
+    with second_node(cluster):
+        yield
+
+
+RAY_TRAIN = """
+import torch
+from torch import nn
+from sosp_engine.nets.data import load_data
+from sosp_engine.experiments.ray_training import workers_of_this_job
+from sosp_engine.experiments.trainer import train
+from sosp_engine.experiments.training import TrainConfig
+
+@ray.remote(num_cpus=1)
+def training(checkpoints):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+    config = TrainConfig(epochs=2, lr=0.05, batch_size=50, device="cpu", nproc=2)
+    with workers_of_this_job({"use_gpu": False, "resources_per_worker": {"CPU": 1}}):
+        result = train(model, load_data("synthetic:3,8,8:10"), config, checkpoints)
+    return model.state_dict(), [h.train_loss for h in result.history]
+
+weights, losses = ray.get(training.remote(CHECKPOINTS))
+torch.save({"weights": weights, "losses": losses}, OUT)
+"""
+
+
+def test_two_ray_train_workers_on_two_nodes_equal_one_process(tmp_path, cluster, two_nodes):
+    from sosp_engine.experiments.trainer import train
+    from sosp_engine.experiments.training import TrainConfig
+    from sosp_engine.nets.data import load_data
+
+    out, checkpoints = tmp_path / "ray.pt", Path(cluster.artifacts) / "ray-train-test"
+    code = RAY_TRAIN.replace("CHECKPOINTS", repr(str(checkpoints))).replace("OUT", repr(str(out)))
+    on_cluster(cluster, code, ship_engine=True)
+    on_ray = torch.load(out, weights_only=True)
+    torch.manual_seed(0)
+    alone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+    one = train(
+        alone, load_data("synthetic:3,8,8:10"), TrainConfig(epochs=2, lr=0.05, batch_size=50, device="cpu")
+    )
+    for key, value in alone.state_dict().items():
+        torch.testing.assert_close(on_ray["weights"][key], value, rtol=1e-5, atol=1e-6)
+    assert on_ray["losses"] == pytest.approx([h.train_loss for h in one.history], rel=1e-6)
+    assert (checkpoints / "last.pt").exists()  # rank 0's epoch checkpoints, on the shared storage
+
+
+def test_a_job_training_across_two_nodes_finishes_with_each_epoch_once(tmp_path, cluster, two_nodes):
+    store = Store(tmp_path)
+    job_id = submit(store, job_config(epochs=2, data_spec="synthetic:3,8,8:10", nproc=2), placement=cluster)
+    job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"), timeout=400)
+    assert job["status"] == "done", (job["error"], read_log(store, job_id))
+    assert sorted(m["epoch"] for m in store.metrics(job_id)) == [1, 2]
+    assert (Path(job["run_dir"]) / "train" / "ray-train").is_dir()
+
+
+def test_a_resource_no_node_offers_is_refused_with_what_the_cluster_has(tmp_path, cluster):
+    store = Store(tmp_path)
+    where = Placement("ray", cluster.address, cluster.artifacts, accelerator_type="H100")
+    job_id = submit(store, job_config(), placement=where)
+    job = store.job(job_id)
+    assert (
+        job["status"] == "failed" and "no node of the Ray cluster has accelerator type 'H100'" in job["error"]
+    )
 
 
 def test_a_cluster_node_that_does_not_share_the_artifacts_folder_is_refused_at_submit(

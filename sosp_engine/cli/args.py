@@ -63,9 +63,40 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=1.0,
+        help="with --backend ray: GPUs each training process takes where the job uses GPUs (default 1; "
+        "0.5 puts two on one GPU)",
+    )
+    p.add_argument(
+        "--accelerator-type",
+        default=None,
+        help="with --backend ray: run only on nodes with this GPU type (Ray's accelerator_type, e.g. A100, H100)",
+    )
+    p.add_argument(
+        "--resource",
+        action="append",
+        default=[],
+        metavar="NAME=AMOUNT",
+        help="with --backend ray: a custom resource each worker needs (as given to `ray start --resources`); "
+        "repeatable",
+    )
+
+
 def placement_from(args: argparse.Namespace) -> Placement:
     """The Placement the flags of `add_backend_args` give."""
-    return Placement(args.backend, args.ray_address, args.artifacts)
+    custom = {}
+    for item in args.resource:
+        name, _, amount = item.partition("=")
+        try:
+            custom[name.strip()] = float(amount)
+        except ValueError:
+            raise SospError(f"--resource takes NAME=AMOUNT (e.g. nvme=1), not '{item}'") from None
+    return Placement(
+        args.backend, args.ray_address, args.artifacts, args.gpus_per_worker, args.accelerator_type, custom
+    )
 
 
 def parse_widen(items: list[str]) -> dict[str, float]:

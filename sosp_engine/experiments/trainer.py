@@ -11,6 +11,7 @@ from torch import nn
 from ..devices import resolve_device
 from ..nets.data import DataBundle
 from .distributed import train_distributed
+from .ray_training import on_ray, train_on_ray
 from .training import SingleProcess, TrainConfig, TrainResult, run_training
 
 
@@ -24,10 +25,13 @@ def train(
 ) -> TrainResult:
     """Train `model` in place; with `checkpoint_dir`, save every epoch and resume from the last checkpoint found there.
 
-    With `config.nproc > 1` the training runs across that many processes (see `distributed`), with the same result
-    files, progress events and cancellation.
+    With `config.nproc > 1` the training runs across that many processes (see `distributed`; inside a cluster job,
+    across that many Ray Train workers, see `ray_training`), with the same result files, progress events and
+    cancellation.
     """
     config.validate()
+    if config.nproc > 1 and on_ray():  # inside a cluster job: across its nodes
+        return train_on_ray(model, data, config, checkpoint_dir, progress, should_stop)
     if config.nproc > 1:
         return train_distributed(model, data, config, checkpoint_dir, progress, should_stop)
     return run_training(

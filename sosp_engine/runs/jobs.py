@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import SospError
@@ -40,6 +40,19 @@ class Placement:
         None  # ray: HOST:PORT, 'auto' for a cluster started on this machine; default $SOSP_RAY_ADDRESS
     )
     artifacts: str | None = None  # a folder every node reaches; default: the workspace's job folder
+    gpus_per_worker: float = 1.0  # ray: GPUs each training process (worker) takes, where the job uses GPUs
+    accelerator_type: str | None = (
+        None  # ray: only nodes of this GPU type (Ray's accelerator_type, e.g. A100)
+    )
+    custom_resources: dict[str, float] = field(default_factory=dict)  # ray: custom resources of each worker
+
+    def requests(self) -> dict:
+        """What each worker of a cluster job asks for besides its CPUs / GPUs, as stored with the job."""
+        return {
+            "gpus_per_worker": self.gpus_per_worker,
+            "accelerator_type": self.accelerator_type,
+            "custom": dict(self.custom_resources),
+        }
 
     def resolved(self) -> "Placement":
         """The placement with the address from the environment filled in, checked (a Ray cluster is reached now)."""
@@ -47,6 +60,8 @@ class Placement:
             raise SospError(f"unknown job backend '{self.backend}'; use one of {', '.join(BACKENDS)}")
         if self.backend == "local":
             return Placement("local", None, self.artifacts)
+        if not self.gpus_per_worker > 0 or any(not amount > 0 for amount in self.custom_resources.values()):
+            raise SospError("GPUs per worker and every custom resource amount must be above 0")
         from .backends.ray import cluster_summary
 
         address = self.address or os.environ.get(RAY_ADDRESS_ENV) or ""
@@ -56,7 +71,9 @@ class Placement:
                 "a cluster started on this machine with `ray start --head`)"
             )
         cluster_summary(address)
-        return Placement("ray", address, self.artifacts)
+        return Placement(
+            "ray", address, self.artifacts, self.gpus_per_worker, self.accelerator_type, self.custom_resources
+        )
 
 
 def concurrency_limit() -> int:
@@ -136,6 +153,7 @@ def _add(store: Store, kind: str, name: str, config: dict, start: bool, placemen
         where.address,
         where.artifacts,
         consent_for(str(config.get("model_spec", ""))),
+        where.requests() if where.backend == "ray" else {},
     )
     if start:
         launch_pending(store)

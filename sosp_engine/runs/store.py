@@ -47,9 +47,10 @@ ALTER TABLE jobs ADD COLUMN consent TEXT;
 """
 SCHEMA_V5 = """
 ALTER TABLE jobs ADD COLUMN event_offsets TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE jobs ADD COLUMN resources TEXT NOT NULL DEFAULT '{}';
 """
 MIGRATIONS = {0: SCHEMA_V1, 1: SCHEMA_V2, 2: SCHEMA_V3, 3: SCHEMA_V4, 4: SCHEMA_V5}
-JSON_FIELDS = ("config", "summary", "result", "metrics", "data")
+JSON_FIELDS = ("config", "summary", "result", "metrics", "data", "resources")
 ARTIFACT_KINDS = {"analyses": "analyses", "jobs": "jobs"}  # table -> folder of artifacts/ holding ID/
 _PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 JOB_STATES = ("queued", "starting", "running", "done", "failed", "cancelled")
@@ -331,15 +332,17 @@ class Store:
         address: str | None = None,
         artifacts: str | Path | None = None,
         consent: str | None = None,
+        resources: dict | None = None,
     ) -> str:
         """Queue a job; its log stays here, its run folder is under `artifacts` (a folder every node reaches) if given;
-        `consent` is the user's signed confirmation of the user code its model spec runs (see consent.py)."""
+        `consent` is the user's signed confirmation of the user code its model spec runs (see consent.py);
+        `resources` what a cluster job asks of each worker (GPUs per worker, accelerator type, custom resources)."""
         record_id, path = self.new_artifact_dir("jobs")
         run_dir = str(Path(artifacts).expanduser().resolve() / record_id / "run") if artifacts else None
         with self.transaction() as conn:
             conn.execute(
                 "INSERT INTO jobs (id, kind, name, config, status, created, path, backend, address, run_dir, "
-                "consent) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "consent, resources) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     record_id,
                     kind,
@@ -352,6 +355,7 @@ class Store:
                     address,
                     run_dir,
                     consent,
+                    json.dumps(resources or {}),
                 ),
             )
         return record_id

@@ -24,6 +24,7 @@ from typing import Iterator
 from ...errors import SospError
 from ...progress import Cancelled
 from ...atomic import write_json_atomically
+from ...experiments.ray_training import workers_of_this_job
 from ..events import EventWriter
 from ..store import run_folder
 from ..work import STUDY_KINDS, LogLines, execute, throttled
@@ -100,17 +101,37 @@ def host_name(job_id: str) -> str:
     return f"job-{job_id}"
 
 
-def resources(ray, config: dict) -> dict:
-    """What one unit of a job needs: `nproc` GPUs when it may use CUDA and the cluster has GPUs, else `nproc` CPUs."""
+def resources(ray, job: dict) -> tuple[dict, dict]:
+    """What one unit of a job needs as Ray task options (`nproc` GPUs times the GPUs per worker when it may use CUDA
+    and the cluster has GPUs, else `nproc` CPUs; the accelerator type and custom resources asked for), and what each
+    Ray Train worker of its trainings needs; a request no node of the cluster can meet is refused now."""
+    config, asked = job["config"], job.get("resources") or {}
     nproc, device = int(config.get("nproc", 1)), str(config.get("device", "auto"))
-    gpus = ray.cluster_resources().get("GPU", 0)
+    total = ray.cluster_resources()
+    gpus = total.get("GPU", 0)
     if device.startswith("cuda") and not gpus:
         raise BackendError(
             f"the job asks for {device} but the Ray cluster has no GPUs; use --device cpu or auto"
         )
-    if device != "cpu" and gpus:
-        return {"num_gpus": nproc, "num_cpus": 1}
-    return {"num_cpus": nproc, "num_gpus": 0}
+    accelerator, custom = asked.get("accelerator_type"), dict(asked.get("custom") or {})
+    if accelerator and f"accelerator_type:{accelerator}" not in total:
+        known = sorted(k.split(":", 1)[1] for k in total if k.startswith("accelerator_type:"))
+        raise BackendError(
+            f"no node of the Ray cluster has accelerator type '{accelerator}' (it has: {', '.join(known) or 'none'})"
+        )
+    missing = [name for name, amount in custom.items() if total.get(name, 0) < amount]
+    if missing:
+        raise BackendError(
+            f"no node of the Ray cluster offers enough of the custom resource(s) {', '.join(missing)} (it has: "
+            f"{', '.join(k for k in sorted(total) if k not in ('CPU', 'GPU', 'memory', 'object_store_memory'))})"
+        )
+    use_gpu = device != "cpu" and bool(gpus)
+    per_gpu = float(asked.get("gpus_per_worker", 1.0))
+    unit = {"num_gpus": nproc * per_gpu, "num_cpus": 1} if use_gpu else {"num_cpus": nproc, "num_gpus": 0}
+    unit.update({"resources": custom} if custom else {})
+    unit.update({"accelerator_type": accelerator} if accelerator else {})
+    worker = ({"GPU": per_gpu, "CPU": 1} if use_gpu else {"CPU": 1}) | custom
+    return unit, {"use_gpu": use_gpu, "resources_per_worker": worker, "accelerator_type": accelerator}
 
 
 @functools.cache
@@ -122,12 +143,12 @@ def _host_class():
         """Owns one job's task, writes the job's heartbeat file while it lives, and records a lost task's outcome in
         the job's event files."""
 
-        def __init__(self, job: dict, needs: dict, unit_needs: dict, retries: int) -> None:
+        def __init__(self, job: dict, needs: dict, unit_needs: dict, workers: dict, retries: int) -> None:
             self.folder, self.retries, self.finished = run_folder(job), retries, False
             self.ref = (
                 ray.remote(run_remote_job)
                 .options(**needs, max_retries=retries, retry_exceptions=False)
-                .remote(job, unit_needs, retries)
+                .remote(job, unit_needs, workers, retries)
             )
             threading.Thread(target=self._watch, daemon=True).start()
             threading.Thread(target=self._beat, daemon=True).start()
@@ -172,9 +193,10 @@ def _host_class():
     return JobHost
 
 
-def run_remote_job(job: dict, unit_needs: dict, retries: int = 0) -> dict:
+def run_remote_job(job: dict, unit_needs: dict, workers: dict, retries: int = 0) -> dict:
     """The body of a job on a cluster worker: the same work as a local job, its events and live progress written to
-    the job's run folder; a study's units run as parallel tasks of `unit_needs` each."""
+    the job's run folder; a study's units run as parallel tasks of `unit_needs` each, and a training across
+    processes on Ray Train `workers`."""
     import ray
 
     folder = run_folder(job)
@@ -199,12 +221,11 @@ def run_remote_job(job: dict, unit_needs: dict, retries: int = 0) -> dict:
 
     should_stop = throttled((folder / CANCEL_FILE).exists, 1.0)
     try:
-        outcome = {
-            "status": "done",
-            "result": execute(
+        with workers_of_this_job(workers):
+            result = execute(
                 job, report, should_stop, fan_out=ray_fan_out(unit_needs, str(run_folder(job)), retries)
-            ),
-        }
+            )
+        outcome = {"status": "done", "result": result}
     except Cancelled as exc:
         outcome = {"status": "cancelled", "message": str(exc)}
     except Exception as exc:
@@ -254,10 +275,13 @@ def start_job(job: dict, retries: int) -> str:
     """Hand a claimed job to the cluster: a fresh host actor named after the job starts its task (run again up to
     `retries` times where its worker is lost); returns what the job waits for."""
     ray = connect(job["address"])
-    unit_needs = resources(ray, job["config"])
-    needs = (
-        {"num_cpus": 0, "num_gpus": 0} if job["kind"] in STUDY_KINDS else unit_needs
-    )  # a study hands out units
+    unit_needs, workers = resources(ray, job)
+    if job["kind"] in STUDY_KINDS:
+        needs = {"num_cpus": 0, "num_gpus": 0}  # a study hands out units
+    elif int(job["config"].get("nproc", 1)) > 1:
+        needs = {"num_cpus": 1, "num_gpus": 0}  # its trainings run on Ray Train workers of their own
+    else:
+        needs = unit_needs
     name = host_name(job["id"])
     _kill_host(ray, name)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -265,12 +289,15 @@ def start_job(job: dict, retries: int) -> str:
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
     _host_class().options(
         name=name, namespace=NAMESPACE, lifetime="detached", scheduling_strategy=here
-    ).remote(job, needs, unit_needs, retries)
+    ).remote(job, needs, unit_needs, workers, retries)
     return f"waiting for the cluster ({_describe(unit_needs)})"
 
 
 def _describe(needs: dict) -> str:
-    return f"{needs['num_gpus']} GPU" if needs.get("num_gpus") else f"{needs['num_cpus']} CPU"
+    what = f"{needs['num_gpus']:g} GPU" if needs.get("num_gpus") else f"{needs['num_cpus']} CPU"
+    if needs.get("accelerator_type"):
+        what += f" of type {needs['accelerator_type']}"
+    return what + "".join(f", {amount:g} {name}" for name, amount in needs.get("resources", {}).items())
 
 
 def _kill_host(ray, name: str) -> None:

@@ -1,0 +1,162 @@
+"""One training across the nodes of a Ray cluster with Ray Train (`TorchTrainer`): each worker runs the training loop
+of a DistributedDataParallel process (`DistributedRank`, `run_training`) in the process group Ray Train sets up
+(gloo on CPUs, NCCL on GPUs). Rank 0 writes the epoch checkpoints into the job's run folder on the shared storage,
+in the single-process format, so a resume continues from them with any number of workers; Ray Train's own files go
+to `ray-train/` beside them. A cluster job's task turns this on (`workers_of_this_job`) for its trainings.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..atomic import load_verified, save_atomically
+from ..nets.data import DataBundle
+from ..nets.registry import load_user_module
+from .distributed import DistributedRank, _user_modules
+from .training import EpochRecord, TrainConfig, TrainingError, TrainResult, run_training
+
+FOLDER, STOP_FILE, FINAL_FILE = "ray-train", "stop", "final.pt"
+_workers: ContextVar[dict | None] = ContextVar("ray_train_workers", default=None)
+
+
+@contextmanager
+def workers_of_this_job(workers: dict) -> Iterator[None]:
+    """While a cluster job's task runs: its trainings with nproc > 1 use Ray Train with these worker resources
+    (`use_gpu`, `resources_per_worker`, `accelerator_type`)."""
+    token = _workers.set(workers)
+    try:
+        yield
+    finally:
+        _workers.reset(token)
+
+
+def on_ray() -> bool:
+    """Whether trainings across processes go to Ray Train here (inside a cluster job's task)."""
+    return _workers.get() is not None
+
+
+def _worker_loop(setup: dict) -> None:
+    """One Ray Train worker: the job's training loop as rank `world_rank` of the group Ray Train initialised."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    for name, path in setup["user_modules"].items():  # code the user already chose to run in the job
+        load_user_module(name, path)
+    # our own pickle of the job's model, made moments ago by the job's task
+    model = torch.load(io.BytesIO(setup["model"]), map_location="cpu", weights_only=False)
+    torch.set_num_threads(setup["threads"])
+    device = ray.train.torch.get_device()
+    config: TrainConfig = setup["config"]
+    folder = Path(setup["folder"])
+    team = DistributedRank(rank, world, device, config.sync_bn)
+    progress = setup["events"].put if rank == 0 else None
+    stop = (folder / STOP_FILE).exists if rank == 0 else None
+    result = run_training(model, setup["data"], config, team, setup["checkpoint_dir"], progress, stop)
+    if rank == 0:
+        save_atomically(
+            {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "result": result.to_dict()},
+            folder / FINAL_FILE,
+        )
+
+
+def train_on_ray(
+    model: nn.Module,
+    data: DataBundle,
+    config: TrainConfig,
+    checkpoint_dir: str | Path | None,
+    progress: Callable[[dict], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> TrainResult:
+    """Train `model` in place across `config.nproc` Ray Train workers (see the module docstring)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    if checkpoint_dir is None:
+        raise TrainingError("a training across Ray workers needs the job's run folder for its checkpoints")
+    workers = _workers.get() or {}
+    folder = Path(checkpoint_dir) / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (STOP_FILE, FINAL_FILE):
+        (folder / name).unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    try:
+        torch.save(model.cpu(), buffer)
+    except Exception as exc:  # a lambda or a hook of the model's own that pickle cannot send
+        raise TrainingError(
+            f"this model cannot be sent to training workers ({type(exc).__name__}: {exc}); train it with --nproc 1"
+        ) from None
+    events = Queue()
+    per_worker = dict(workers.get("resources_per_worker") or {"CPU": 1})
+    setup = {
+        "model": buffer.getvalue(),
+        "user_modules": _user_modules(model),
+        "data": data,
+        "config": config,
+        "checkpoint_dir": str(checkpoint_dir),
+        "folder": str(folder),
+        "events": events,
+        "threads": max(1, int(per_worker.get("CPU", 1))),
+    }
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config=setup,
+        scaling_config=ScalingConfig(
+            num_workers=config.nproc,
+            use_gpu=bool(workers.get("use_gpu")),
+            resources_per_worker=per_worker,
+            accelerator_type=workers.get("accelerator_type"),
+        ),
+        run_config=RunConfig(
+            storage_path=str(folder), name="run", failure_config=FailureConfig(max_failures=0)
+        ),
+    )
+    outcome: dict = {}
+    fit = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
+    fit.start()
+    while fit.is_alive():
+        if should_stop is not None and should_stop():
+            (folder / STOP_FILE).touch()
+        try:
+            event = events.get(timeout=0.2)
+        except Empty:
+            continue
+        if progress is not None:
+            progress(event)
+    while not events.empty():
+        event = events.get()
+        if progress is not None:
+            progress(event)
+    if isinstance(outcome.get("result"), Exception) or not (folder / FINAL_FILE).exists():
+        error = outcome.get("result")
+        raise TrainingError(
+            f"the training across Ray workers failed ({type(error).__name__}: {str(error).strip().splitlines()[-1]})"
+            if error is not None
+            else "the training across Ray workers ended without its result"
+        ) from None
+    final = load_verified(folder / FINAL_FILE)
+    model.load_state_dict(final["model"])
+    result = final["result"]
+    return TrainResult(
+        [EpochRecord(**h) for h in result["history"]],
+        result["test_loss"],
+        result["test_acc"],
+        result["cancelled"],
+    )
+
+
+def _fit(trainer) -> object:
+    try:
+        return trainer.fit()
+    except Exception as exc:  # reported by the caller's thread
+        return exc
