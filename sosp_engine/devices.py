@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
+import socket
+
 import threading
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -160,3 +164,12 @@ def set_threads(threads: int | None = None) -> int:
             raise DeviceError(f"the thread count must be at least 1, got {count}")
         torch.set_num_threads(count)
     return torch.get_num_threads()
+
+
+def node_name() -> str:
+    """This machine as the Runs and Studies pages name it: its hostname, with the node's IP inside a Ray worker (two
+    nodes may share a hostname)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+    return socket.gethostname()

@@ -62,7 +62,6 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
         "reaches (default: the workspace)",
     )
 
-
     p.add_argument(
         "--gpus-per-worker",
         type=float,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import pandas as pd
 
 from ..saliency.analysis import METHODS
 from .bottlenecks import paper_widening
+from ..devices import node_name
 from ..nets.data import DataBundle
 from ..errors import AnalysisError
 from .procedures import Experiment, ExperimentConfig, Reporter, compare_runs
@@ -192,7 +192,7 @@ class ExpandStudy(UnitRun):
             "macs": summary["macs"],
             "unpruned_acc": stages.get("train", {}).get("test_acc"),
             "bottlenecks": sorted(self._bottlenecks(trial)) if procedure == PLAIN else None,
-            "node": socket.gethostname(),
+            "node": node_name(),
             "started": started,
             "finished": time.time(),
         }

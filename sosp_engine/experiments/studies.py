@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from ..saliency.analysis import METHODS, AnalysisConfig, AnalysisResult, run_ana
 from ..atomic import save_atomically
 from ..pruning.counting import count_macs, count_params
 from ..nets.data import DataBundle
-from ..devices import resolve_device
+from ..devices import node_name, resolve_device
 from ..errors import AnalysisError
 from .procedures import Reporter, ResumableRun
 from ..latency.profile import LATENCY_UNIT, measure_latency, stored_profile
@@ -327,7 +326,7 @@ class Study(UnitRun):
             * measure_latency(smaller, self.example, "cpu", runtime=self.config.latency_runtime),
             "latency_runtime": self.config.latency_runtime,
             "latency_gpu_ms": latency_gpu_ms,
-            "node": socket.gethostname(),
+            "node": node_name(),
             "started": started,
             "finished": time.time(),
         }

@@ -12,6 +12,7 @@ epoch checkpoint.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import socket
@@ -24,6 +25,7 @@ from typing import Iterator
 from ...errors import SospError
 from ...progress import Cancelled
 from ...atomic import write_json_atomically
+from ...devices import node_name
 from ...experiments.ray_training import workers_of_this_job
 from ..events import EventWriter
 from ..store import run_folder
@@ -197,11 +199,10 @@ def run_remote_job(job: dict, unit_needs: dict, workers: dict, retries: int = 0)
     """The body of a job on a cluster worker: the same work as a local job, its events and live progress written to
     the job's run folder; a study's units run as parallel tasks of `unit_needs` each, and a training across
     processes on Ray Train `workers`."""
-    import ray
 
     folder = run_folder(job)
     write = EventWriter(folder, "task")
-    write("start", {"node": f"{socket.gethostname()} ({ray.util.get_node_ip_address()})", "pid": os.getpid()})
+    write("start", {"node": node_name(), "pid": os.getpid()})
     log = LogLines(lambda line: write("log", line))
     last = [0.0]
 
@@ -236,6 +237,13 @@ def run_remote_job(job: dict, unit_needs: dict, workers: dict, retries: int = 0)
     return outcome
 
 
+def _read_progress(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def run_unit_reporting(runner, config: dict, folder: str, unit: tuple, run_dir: str) -> dict:
     """A study's unit on a cluster worker (`runner`: the study kind's `run_unit`); its epoch metrics go to the job's
     event files."""
@@ -256,7 +264,20 @@ def ray_fan_out(needs: dict, run_dir: str, retries: int):
     def fan_out(runner, config: dict, folder: str, units: list, should_stop) -> Iterator[tuple[tuple, dict]]:
         task = ray.remote(run_unit_reporting).options(**needs, max_retries=retries, retry_exceptions=False)
         pending = {task.remote(runner, config, folder, unit, run_dir): unit for unit in units}
+        live = Path(run_dir) / PROGRESS_FILE
+
+        def say_how_many() -> None:  # the study reports when a unit ends: meanwhile the page says what runs
+            fraction = float(_read_progress(live).get("fraction", 0.0))
+            message = (
+                f"{len(pending)} of {len(units)} units on the cluster ({len(units) - len(pending)} done)"
+            )
+            try:
+                write_json_atomically(live, {"fraction": fraction, "message": message, "time": time.time()})
+            except OSError:
+                pass
+
         try:
+            say_how_many()
             while pending:
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"cancelled with {len(pending)} units unfinished; resume to run them")
@@ -264,6 +285,7 @@ def ray_fan_out(needs: dict, run_dir: str, retries: int):
                 for ref in ready:
                     unit = pending.pop(ref)
                     yield unit, ray.get(ref)
+                    say_how_many()
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
@@ -369,7 +391,7 @@ def _node_sees(folder: str, token: str, node_id: str, paths: list[str]) -> dict:
     except OSError:
         writes = False
     return {
-        "host": f"{socket.gethostname()} ({_ray().util.get_node_ip_address()})",
+        "host": node_name(),
         "reads": reads,
         "writes": writes,
         "missing": [p for p in paths if not os.path.exists(p)],
