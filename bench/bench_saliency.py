@@ -32,7 +32,7 @@ def _setup(
     from sosp_engine.nets.loading import default_preset
     from sosp_engine.nets import build_model
     from sosp_engine.saliency.common import AnalysisInputs
-    from sosp_engine.pruning.structures import find_structures
+    from sosp_engine.pruning.offered import find_structures
 
     torch.manual_seed(0)
     dev = resolve_device(device)

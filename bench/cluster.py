@@ -37,7 +37,18 @@ def _start_cluster() -> tuple[str, subprocess.Popen]:
     port = _free_port()
     flags = ["--num-gpus", "0", "--disable-usage-stats"]
     subprocess.run(
-        [RAY, "start", "--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false", *flags],
+        [
+            RAY,
+            "start",
+            "--head",
+            "--port",
+            str(port),
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "false",
+            *flags,
+        ],
         check=True,
         capture_output=True,
     )
@@ -93,7 +104,9 @@ def measure(address: str, tmp: Path) -> list[dict]:
     while store.job(job_id)["status"] in ("queued", "starting", "running"):
         sync(store)
         time.sleep(1.0)
-    events = {e["payload"]["epoch"]: e["time"] for e in new_events(run_folder(job), {})[0] if e["kind"] == "metrics"}
+    events = {
+        e["payload"]["epoch"]: e["time"] for e in new_events(run_folder(job), {})[0] if e["kind"] == "metrics"
+    }
     lags = [m["time"] - events[m["epoch"]] for m in store.metrics(job_id)]
     rows.append(
         {
@@ -166,10 +179,14 @@ def render(rows: list[dict], run: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args()
-    run = provenance(1, "a local 2-node Ray cluster, one job at a time", "each figure is the user-visible call")
+    run = provenance(
+        1, "a local 2-node Ray cluster, one job at a time", "each figure is the user-visible call"
+    )
     address, node = _start_cluster()
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -24,7 +24,7 @@ PUBLIC = {  # name -> module that defines it
     "DataBundle": "nets.data",
     "open_workbench": "nets.loading",
     "Workbench": "nets.loading",
-    "find_structures": "pruning.structures",
+    "find_structures": "pruning.offered",
     "StructureSet": "pruning.structures",
     "load_mask": "pruning.masks",
     "save_mask": "pruning.masks",

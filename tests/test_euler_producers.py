@@ -11,7 +11,7 @@ from sosp_engine.saliency.common import AnalysisInputs
 from sosp_engine.saliency.homogeneity import not_scaling
 from sosp_engine.saliency.sosp_h import scalable_producers, sosp_h_terms
 from sosp_engine.saliency.sosp_i import gauss_newton_terms, jacobian_structure_products
-from sosp_engine.pruning.structures import find_structures
+from sosp_engine.pruning.offered import find_structures
 
 from brute_force import directional_outputs, randomise_norms
 from test_sosp_h_paths import StandardisedConv2d, assert_terms_close, explicit_terms

@@ -9,7 +9,7 @@ from sosp_engine.experiments.bottlenecks import explain, find_bottlenecks
 from sosp_engine.cli.main import main
 from sosp_engine.experiments.procedures import compare_runs
 from sosp_engine.nets import build_model
-from sosp_engine.pruning.structures import find_structures
+from sosp_engine.pruning.offered import find_structures
 from sosp_engine.pruning.surgery import build_widened, every_layer, params_of, uniform_factor
 
 X32 = torch.randn(1, 3, 32, 32)

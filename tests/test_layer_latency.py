@@ -17,7 +17,7 @@ from sosp_engine.latency.layers import (
 )
 from sosp_engine.nets.loading import open_workbench
 from sosp_engine.saliency.selection import order_by_saliency
-from sosp_engine.pruning.structures import find_structures
+from sosp_engine.pruning.offered import find_structures
 from sosp_engine.pruning.surgery import resized_module
 
 

@@ -14,7 +14,7 @@ from sosp_engine.pruning.masks import (
     zeroed_copy,
 )
 from sosp_engine.nets import build_model
-from sosp_engine.pruning.structures import find_structures
+from sosp_engine.pruning.offered import find_structures
 
 X = torch.randn(1, 3, 32, 32)
 

@@ -11,7 +11,7 @@ from sosp_engine.saliency.common import AnalysisInputs
 from sosp_engine.saliency.homogeneity import not_scaling
 from sosp_engine.saliency.sosp_h import sosp_h_terms
 from sosp_engine.saliency.sosp_i import gauss_newton_terms
-from sosp_engine.pruning.structures import find_structures
+from sosp_engine.pruning.offered import find_structures
 
 CUDNN, MATMUL = torch.backends.cudnn, torch.backends.cuda.matmul
 

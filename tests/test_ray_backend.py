@@ -241,6 +241,30 @@ def test_a_study_trains_its_seeds_in_parallel_and_their_epochs_reach_the_store(t
     assert set(job["result"]["trained"]) == {"seed0", "seed1"}
 
 
+def test_a_study_whose_unit_worker_is_killed_retries_it_and_finishes_without_a_resume(tmp_path, cluster):
+    store = Store(tmp_path)
+    config = StudyConfig(
+        model_spec="resnet20",
+        methods=["magnitude"],
+        targets=[0.5],
+        seeds=[0, 1],
+        epochs=3,
+        finetune_epochs=0,
+        samples=20,
+        device="cpu",
+    )
+    job_id = submit_study(store, config, placement=cluster)
+    job = store.job(job_id)
+    wait_until(lambda: events_on_disk(job, "metrics"))  # a unit is training
+    victim = events_on_disk(job, "unit-start")[0]["payload"]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"), timeout=400)
+    assert job["status"] == "done", (job["error"], read_log(store, job_id))
+    stages = sorted((m["stage"], m["epoch"]) for m in store.metrics(job_id) if m["stage"].startswith("train"))
+    assert stages == [(f"train-seed{s}", e) for s in (0, 1) for e in (1, 2, 3)]
+    assert len(study_cells(job)) == 2
+
+
 def test_an_expand_study_fans_its_runs_out_and_their_epochs_reach_the_store(tmp_path, cluster):
     from sosp_engine.experiments.expand_study import ExpandStudyConfig, expand_state
     from sosp_engine.runs.jobs import submit_expand_study

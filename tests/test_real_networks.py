@@ -19,7 +19,8 @@ from sosp_engine.nets import build_model, is_user_code
 from sosp_engine.saliency.common import twice_differentiable
 from sosp_engine.pruning.coupling_graph import CouplingGraph
 from sosp_engine.errors import MaskError
-from sosp_engine.pruning.structures import PRODUCER_TYPES, find_structures
+from sosp_engine.pruning.offered import find_structures
+from sosp_engine.pruning.structures import PRODUCER_TYPES
 
 FIXTURE = ROOT / "tests" / "fixtures" / "grouped_model.py"
 GROUPED, GATED, NORM_MLP = f"{FIXTURE}:build", f"{FIXTURE}:build_gated", f"{FIXTURE}:build_norm_mlp"

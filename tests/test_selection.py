@@ -11,7 +11,7 @@ from sosp_engine.saliency.selection import (
     order_by_saliency,
     prefix_for_target,
 )
-from sosp_engine.pruning.structures import find_structures
+from sosp_engine.pruning.offered import find_structures
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from sosp_engine.saliency.sosp_h import (
     scalable_producers,
     sosp_h_terms,
 )
-from sosp_engine.pruning.structures import find_structures
+from sosp_engine.pruning.offered import find_structures
 
 from brute_force import flat, mean_loss_of, randomise_norms, theta_s_vectors
 

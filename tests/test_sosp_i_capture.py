@@ -18,7 +18,7 @@ from sosp_engine.saliency.sosp_i import (
     gauss_newton_terms,
     jacobian_structure_products,
 )
-from sosp_engine.pruning.structures import find_structures
+from sosp_engine.pruning.offered import find_structures
 
 from brute_force import directional_outputs, randomise_norms
 

@@ -7,7 +7,7 @@ from sosp_engine.pruning.counting import count_macs, count_params
 from sosp_engine.errors import MaskError
 from sosp_engine.pruning.masks import mask_summary, prune_in_place, pruned_copy, zeroed_copy
 from sosp_engine.nets import build_model
-from sosp_engine.pruning.structures import find_structures
+from sosp_engine.pruning.offered import find_structures
 
 MODELS = [
     ("resnet20", "cifar-resnet", (1, 3, 32, 32)),

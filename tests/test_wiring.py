@@ -11,7 +11,7 @@ from sosp_engine.errors import MaskError
 from sosp_engine.pruning.counting import count_macs, count_params
 from sosp_engine.pruning.exactness import exactness_line, exactness_report
 from sosp_engine.pruning.masks import pruned_copy
-from sosp_engine.pruning.structures import find_structures
+from sosp_engine.pruning.offered import find_structures
 from sosp_engine.saliency.common import AnalysisInputs
 from sosp_engine.saliency.sosp_h import sosp_h_terms
 from sosp_engine.saliency.sosp_i import gauss_newton_terms

@@ -27,7 +27,7 @@ from ..pruning.masks import layer_table, load_mask
 from ..nets import build_model
 from ..progress import StopFn
 from ..saliency.selection import UNITS
-from ..pruning.structures import find_structures
+from ..pruning.offered import find_structures
 from .studies import FanOut, UnitRun, study_state
 
 EXPAND_STUDY_KIND = "expand-study"

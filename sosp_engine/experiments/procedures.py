@@ -25,7 +25,7 @@ from ..nets.loading import Workbench, example_input, open_workbench, resolve_pre
 from ..pruning.masks import load_mask, mask_summary, pruned_copy, save_mask
 from ..nets import build_model, load_weights
 from ..progress import Cancelled, StopFn
-from ..pruning.structures import find_structures
+from ..pruning.offered import find_structures
 from ..pruning.surgery import build_widened, every_layer, params_of, uniform_factor
 from ..atomic import save_atomically, write_json_atomically
 from .trainer import train

@@ -35,7 +35,7 @@ from ..nets import build_model, load_weights
 from ..progress import Cancelled, StopFn
 from ..saliency.selection import UNITS
 from ..runs.store import run_folder
-from ..pruning.structures import find_structures
+from ..pruning.offered import find_structures
 from .trainer import train
 from .training import TrainConfig, evaluate
 

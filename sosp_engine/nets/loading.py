@@ -12,7 +12,8 @@ from .data import DataBundle, check_model_fits_data, load_data
 from ..errors import CheckpointError
 from . import build_model, load_weights, read_checkpoint
 from ..pruning.pruned_models import reapply, recipe_of
-from ..pruning.structures import StructureSet, find_structures
+from ..pruning.offered import find_structures
+from ..pruning.structures import StructureSet
 
 
 def default_preset(model_spec: str) -> str | None:

@@ -12,7 +12,8 @@ from torch import nn
 from ..atomic import save_atomically
 from ..errors import CheckpointError
 from .masks import prune_in_place
-from .structures import StructureSet, architecture_signature, find_structures
+from .offered import find_structures
+from .structures import StructureSet, architecture_signature
 
 PRUNED_FORMAT = "sosp-pruned/1"
 

@@ -559,27 +559,17 @@ def _mean_kernel(producers: list[nn.Module]) -> float:
     return weight / total if total else 1.0
 
 
-def find_structures(
-    model: nn.Module, example_input: torch.Tensor, exclude: Sequence[str] = (), preset: str | None = None
-) -> StructureSet:
-    """All prunable structures of `model`; the final classifier and layers matching `exclude` patterns are left out.
-    A layer whose channels a reshape permutes is offered only where pruning it, measured, equals zeroing it."""
-    structures = _structures(model, example_input, exclude, preset, {})
-    if not structures.channel_maps:
-        return structures
-    from .exactness import unfaithful_permutations  # it prunes, and pruning needs this module
-
-    refused = unfaithful_permutations(model, structures, example_input)
-    return _structures(model, example_input, exclude, preset, refused) if refused else structures
-
-
-def _structures(
+def traced_structures(
     model: nn.Module,
     example_input: torch.Tensor,
     exclude: Sequence[str],
     preset: str | None,
-    refused: dict[str, str],
+    refused: dict[str, str] | None = None,
 ) -> StructureSet:
+    """All prunable structures of `model` as torch-pruning traces them, with measured channel maps where an op
+    reorders channels; the final classifier, layers matching `exclude` and the `refused` layers ({root: why}) are
+    left out. `offered.find_structures` is what callers use: it also drops layers whose pruning was measured wrong."""
+    refused = refused or {}
     if preset is not None and preset not in PRESETS:
         raise MaskError(f"unknown exclusion preset '{preset}'; known: {sorted(PRESETS)}")
     patterns = list(exclude) + list(PRESETS.get(preset, ()))

@@ -101,6 +101,9 @@ def ingest(store: Store, job: dict) -> dict | None:
             metrics.append((payload.get("stage", ""), int(payload.get("epoch", 0)), payload))
         elif kind == "log":
             lines.append(payload)
+        elif kind == "unit-start":
+            at = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+            lines.append(f"[{at}] unit {'/'.join(map(str, payload['unit']))} started on {payload['node']}")
         elif kind == "end" and outcome is None:  # the task's own outcome wins over its host's
             outcome = payload
     if outcome is not None:

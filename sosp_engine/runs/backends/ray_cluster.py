@@ -248,6 +248,7 @@ def run_unit_reporting(runner, config: dict, folder: str, unit: tuple, run_dir: 
     """A study's unit on a cluster worker (`runner`: the study kind's `run_unit`); its epoch metrics go to the job's
     event files."""
     write = EventWriter(run_dir, "unit")
+    write("unit-start", {"unit": list(unit), "node": node_name(), "pid": os.getpid()})
 
     def report(fraction: float, message: str, metrics: dict | None) -> None:
         if metrics is not None:
