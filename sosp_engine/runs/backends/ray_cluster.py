@@ -67,7 +67,7 @@ def connect(address: str):
     _check_reachable(address)
     if ray.is_initialized():  # another cluster: its jobs' hosts are detached and keep running meanwhile
         ray.shutdown()
-    package = str(Path(__file__).resolve().parent)
+    package = str(Path(__file__).resolve().parents[2])  # sosp_engine/
     try:
         ray.init(
             address=address,
