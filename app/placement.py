@@ -9,7 +9,7 @@ import streamlit as st
 
 from app.guard import user_errors
 from app.text import plain
-from sosp_engine.runs.jobs import RAY_ADDRESS_ENV, Placement
+from sosp_engine.runs.jobs import RAY_ADDRESS_ENV, Placement, custom_resources
 from sosp_engine.runs.backends.ray import cluster_summary
 from sosp_engine.progress import counted
 
@@ -54,10 +54,40 @@ def placement_settings() -> None:
             where.artifacts or "",
             key="placement-artifacts",
         )
+        cols = st.columns(3)
+        gpus_per_worker = cols[0].number_input(
+            "GPUs per training process",
+            min_value=0.05,
+            max_value=8.0,
+            value=float(where.gpus_per_worker),
+            step=0.25,
+            help="where a job uses the cluster's GPUs; 0.5 puts two processes on one GPU",
+            key="placement-gpus",
+        )
+        accelerator = cols[1].text_input(
+            "GPU type (optional)",
+            where.accelerator_type or "",
+            help="Ray's accelerator_type, e.g. A100 or H100: only nodes with this GPU model",
+            key="placement-accelerator",
+        )
+        custom = cols[2].text_input(
+            "Custom resources (optional)",
+            ", ".join(f"{k}={v:g}" for k, v in where.custom_resources.items()),
+            help="NAME=AMOUNT, comma separated, as given to `ray start --resources`",
+            key="placement-resources",
+        )
         if st.button("Connect", icon=":material/link:", key="placement-connect"):
             with user_errors("Connecting to the cluster", stop=False):
+                requested = custom_resources(custom)
                 summary = cluster_summary(address.strip())
-                st.session_state[KEY] = Placement("ray", address.strip(), artifacts.strip() or None)
+                st.session_state[KEY] = Placement(
+                    "ray",
+                    address.strip(),
+                    artifacts.strip() or None,
+                    gpus_per_worker,
+                    accelerator.strip() or None,
+                    requested,
+                )
                 st.success(
                     plain(
                         f"Connected: {counted(summary['nodes'], 'node')}, {counted(summary['cpus'], 'CPU')}, "

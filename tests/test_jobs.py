@@ -323,3 +323,25 @@ def test_aggressive_watchers_neither_fail_starting_jobs_nor_exceed_the_limit(tmp
         for w in watchers:
             w.join()
     assert most[0] == 1 and all(store.job(i)["error"] is None for i in ids)
+
+
+def test_custom_resources_read_name_amount_items_and_name_a_bad_one():
+    from sosp_engine.runs.jobs import custom_resources
+
+    assert custom_resources("nvme=1, fast_net=0.5") == {"nvme": 1.0, "fast_net": 0.5}
+    assert custom_resources(["tpu=4"]) == {"tpu": 4.0}
+    with pytest.raises(SospError, match="NAME=AMOUNT .*'nvme'"):
+        custom_resources("nvme")
+
+
+def test_the_files_a_cluster_job_names_are_found_for_the_storage_probe(tmp_path, user_model_spec):
+    from sosp_engine.runs.jobs import local_paths
+
+    data, weights = tmp_path / "images", tmp_path / "w.pt"
+    data.mkdir()
+    weights.write_bytes(b"x")
+    config = {"model_spec": user_model_spec, "data_spec": f"imagefolder:{data}", "weights": str(weights)}
+    found = local_paths(config)
+    assert str(data) in found and str(weights) in found
+    assert any(path.endswith("user_model.py") for path in found)
+    assert local_paths({"model_spec": "resnet20", "data_spec": "digits"}) == []

@@ -9,7 +9,7 @@ from ..experiments.procedures import ExperimentConfig
 from ..experiments.training import TrainConfig
 from ..latency.profile import LATENCY_UNIT
 from ..latency.runtimes import EAGER, RUNTIMES
-from ..runs.jobs import BACKENDS, RAY_ADDRESS_ENV, Placement
+from ..runs.jobs import BACKENDS, RAY_ADDRESS_ENV, Placement, custom_resources
 from ..runs.store import Store
 from ..saliency.analysis import METHODS
 from ..saliency.selection import NORMALIZATIONS, UNITS
@@ -86,15 +86,13 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
 
 def placement_from(args: argparse.Namespace) -> Placement:
     """The Placement the flags of `add_backend_args` give."""
-    custom = {}
-    for item in args.resource:
-        name, _, amount = item.partition("=")
-        try:
-            custom[name.strip()] = float(amount)
-        except ValueError:
-            raise SospError(f"--resource takes NAME=AMOUNT (e.g. nvme=1), not '{item}'") from None
     return Placement(
-        args.backend, args.ray_address, args.artifacts, args.gpus_per_worker, args.accelerator_type, custom
+        args.backend,
+        args.ray_address,
+        args.artifacts,
+        args.gpus_per_worker,
+        args.accelerator_type,
+        custom_resources(args.resource),
     )
 
 

@@ -160,6 +160,21 @@ def _add(store: Store, kind: str, name: str, config: dict, start: bool, placemen
     return job_id
 
 
+def custom_resources(text: str | list[str]) -> dict[str, float]:
+    """{NAME: AMOUNT} from 'NAME=AMOUNT' items (a list, or one comma-separated string)."""
+    items = text.split(",") if isinstance(text, str) else text
+    found = {}
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        name, _, amount = item.partition("=")
+        try:
+            found[name.strip()] = float(amount)
+        except ValueError:
+            raise SospError(f"a custom resource is NAME=AMOUNT (e.g. nvme=1), not '{item}'") from None
+    return found
+
+
 def local_paths(config: dict) -> list[str]:
     """The files and folders of this machine a job's specs name (its data, weights and model code), which a
     cluster's nodes must see at the same paths."""
