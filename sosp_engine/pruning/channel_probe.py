@@ -16,6 +16,10 @@ import torch
 from torch import nn
 
 
+class _Seen(Exception):
+    """Every target's input is recorded."""
+
+
 def _channel_axis(module: nn.Module, x: torch.Tensor) -> int:
     return x.ndim - 1 if isinstance(module, nn.Linear) or x.ndim <= 2 else 1
 
@@ -42,6 +46,8 @@ def measured_sources(
         def hook(module, args):
             if name not in seen and args and isinstance(args[0], torch.Tensor):
                 seen[name] = args[0].detach().clone()
+                if len(seen) == len(targets):
+                    raise _Seen  # the rest of the forward pass is not needed
 
         return hook
 
@@ -67,6 +73,8 @@ def measured_sources(
     try:
         with torch.no_grad():
             model(batch)
+    except _Seen:
+        pass
     finally:
         for h in hooks:
             h.remove()

@@ -131,7 +131,9 @@ def _partition(
     return structures, ""
 
 
-REORDERING_OPS = ("Flip", "Index", "Gather", "Roll", "Permute", "Transpose", "Take")  # grad_fn names
+# grad_fn names of ops that may reorder indices within the channel axis (a permute or transpose moves whole axes; a
+# shuffle's reshapes are caught as reshapes)
+REORDERING_OPS = ("Flip", "Index", "Gather", "Roll", "Take")
 PROBE_MACS = 2e10  # the most multiply-accumulates one channel-order probe may cost (a few seconds on a CPU)
 CHANNEL_SPLITTING_OPS = (tp.ops._SplitOp, tp.ops._SliceOp, tp.ops._UnbindOp)
 
@@ -165,7 +167,7 @@ def _unsupported(group, graph: tp.DependencyGraph, names: dict[nn.Module, str]) 
 
 def _may_reorder(node) -> bool:
     """Whether an op of a traced group may reorder channels: a reshape of a tensor with positions (a flatten of
-    pooled (N, C, 1, 1) keeps the order), or an op that indexes, flips, rolls or permutes."""
+    pooled (N, C, 1, 1) keeps the order), or an op that indexes, flips or rolls."""
     grad_fn = getattr(node, "grad_fn", None)
     if isinstance(node.module, tp.ops._ReshapeOp):
         sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
