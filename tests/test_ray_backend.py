@@ -474,9 +474,15 @@ def test_a_head_restart_right_after_a_job_loses_none_of_its_epochs(tmp_path, clu
     assert store.models()[0]["job_id"] == job_id
 
 
-def test_the_runs_page_survives_a_head_restart_and_resumes_the_job_there(tmp_path, cluster, monkeypatch):
+def runs_page():
     from streamlit.testing.v1 import AppTest
 
+    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=240)
+    at.run()
+    return at.switch_page("../pages/runs.py").run()
+
+
+def test_the_runs_page_survives_a_head_restart_and_resumes_the_job_there(tmp_path, cluster, monkeypatch):
     monkeypatch.setenv("SOSP_WORKSPACE", str(tmp_path))
     store = Store(tmp_path)
     job_id = submit(store, job_config(epochs=6), placement=cluster)
@@ -484,15 +490,50 @@ def test_the_runs_page_survives_a_head_restart_and_resumes_the_job_there(tmp_pat
     restart_head(
         cluster
     )  # the engine's connection, held since the submit, now points at a cluster that is gone
-    at = AppTest.from_file(str(Path(__file__).parent.parent / "app" / "main.py"), default_timeout=240)
-    at.run()
-    at.switch_page("../pages/runs.py").run()
+    at = runs_page()
     assert not at.exception, at.exception
     job = drained_until(store, job_id, lambda j: j["status"] != "running", timeout=120)
     assert job["status"] == "failed" and "resume" in job["error"]
-    at.run()
-    next(b for b in at.button if b.label == "Resume").click().run()
+    at = runs_page()
+    resume_button = [b for b in at.button if b.label == "Resume"]
+    assert resume_button, ([b.label for b in at.button], [e.value for e in at.error], at.exception)
+    resume_button[0].click().run()
     assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
     job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"))
     assert job["status"] == "done", job["error"]
     assert sorted(m["epoch"] for m in store.metrics(job_id)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_head_restart_during_a_study_loses_no_cell_and_resume_redoes_none(tmp_path, cluster):
+    store = Store(tmp_path)
+    weights = tmp_path / "init.pt"
+    torch.manual_seed(0)
+    torch.save(build_model("resnet20", 10, 1).state_dict(), weights)
+    config = StudyConfig(
+        model_spec="resnet20",
+        methods=["magnitude", "random"],
+        targets=[0.3, 0.5, 0.7],
+        seeds=[0],
+        weights=str(weights),
+        finetune_epochs=2,
+        samples=50,
+        device="cpu",
+    )
+    job_id = submit_study(store, config, placement=cluster)
+    job = store.job(job_id)
+    from sosp_engine.experiments.studies import study_state
+
+    wait_until(lambda: study_state(job).get("cells"), timeout=400)  # a cell is done; nobody has looked
+    restart_head(cluster)
+    before = {
+        c["cell"] if "cell" in c else (c["method"], c["target"]): c["finished"] for c in study_cells(job)
+    }
+    job = drained_until(store, job_id, lambda j: j["status"] != "running", timeout=120)
+    assert job["status"] == "failed" and "resume" in job["error"]
+    resume(store, job_id)
+    job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"), timeout=600)
+    assert job["status"] == "done", (job["error"], read_log(store, job_id))
+    after = {
+        c["cell"] if "cell" in c else (c["method"], c["target"]): c["finished"] for c in study_cells(job)
+    }
+    assert len(after) == 6 and all(after[key] == finished for key, finished in before.items())  # none redone
