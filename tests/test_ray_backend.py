@@ -406,6 +406,8 @@ def test_two_ray_train_workers_on_two_nodes_equal_one_process(tmp_path, cluster,
         torch.testing.assert_close(on_ray["weights"][key], value, rtol=1e-5, atol=1e-6)
     assert on_ray["losses"] == pytest.approx([h.train_loss for h in one.history], rel=1e-6)
     assert (checkpoints / "last.pt").exists()  # rank 0's epoch checkpoints, on the shared storage
+    kept = list((checkpoints / "ray-train").rglob("checkpoint_*/last.pt"))
+    assert len(kept) == 1  # Ray Train's copy of the latest one
 
 
 def test_a_job_training_across_two_nodes_finishes_with_each_epoch_once(tmp_path, cluster, two_nodes):

@@ -88,6 +88,9 @@ class DistributedRank:
         dist.all_reduce(total)
         return total.tolist()
 
+    def epoch_ended(self, epoch: int, checkpoint: Path | None) -> None:
+        """Every rank, after each epoch: rank 0 has written the checkpoint; nothing else to do here."""
+
     @property
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")

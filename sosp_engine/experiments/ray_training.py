@@ -1,13 +1,16 @@
 """One training across the nodes of a Ray cluster with Ray Train (`TorchTrainer`): each worker runs the training loop
 of a DistributedDataParallel process (`DistributedRank`, `run_training`) in the process group Ray Train sets up
 (gloo on CPUs, NCCL on GPUs). Rank 0 writes the epoch checkpoints into the job's run folder on the shared storage,
-in the single-process format, so a resume continues from them with any number of workers; Ray Train's own files go
-to `ray-train/` beside them. A cluster job's task turns this on (`workers_of_this_job`) for its trainings.
+in the single-process format, so a resume continues from them with any number of workers; every rank reports each
+epoch to Ray Train, rank 0 with a copy of that checkpoint, which Ray Train keeps (the latest) in `ray-train/` beside
+them. A cluster job's task turns this on (`workers_of_this_job`) for its trainings.
 """
 
 from __future__ import annotations
 
 import io
+import shutil
+import tempfile
 import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -43,6 +46,21 @@ def on_ray() -> bool:
     return _workers.get() is not None
 
 
+class RayTrainRank(DistributedRank):
+    """A rank under Ray Train: after each epoch every rank reports to Ray Train, rank 0 with its checkpoint, which Ray
+    Train keeps (the latest) under the run folder's ray-train/ on the shared storage."""
+
+    def epoch_ended(self, epoch: int, checkpoint: Path | None) -> None:
+        import ray.train
+
+        if checkpoint is None or not checkpoint.exists():
+            ray.train.report({"epoch": epoch})
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            shutil.copy2(checkpoint, Path(folder) / checkpoint.name)
+            ray.train.report({"epoch": epoch}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
 def _worker_loop(setup: dict) -> None:
     """One Ray Train worker: the job's training loop as rank `world_rank` of the group Ray Train initialised."""
     import ray.train
@@ -58,7 +76,7 @@ def _worker_loop(setup: dict) -> None:
     device = ray.train.torch.get_device()
     config: TrainConfig = setup["config"]
     folder = Path(setup["folder"])
-    team = DistributedRank(rank, world, device, config.sync_bn)
+    team = RayTrainRank(rank, world, device, config.sync_bn)
     progress = setup["events"].put if rank == 0 else None
     stop = (folder / STOP_FILE).exists if rank == 0 else None
     result = run_training(model, setup["data"], config, team, setup["checkpoint_dir"], progress, stop)
@@ -78,7 +96,7 @@ def train_on_ray(
     should_stop: Callable[[], bool] | None,
 ) -> TrainResult:
     """Train `model` in place across `config.nproc` Ray Train workers (see the module docstring)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
 
@@ -118,7 +136,10 @@ def train_on_ray(
             accelerator_type=workers.get("accelerator_type"),
         ),
         run_config=RunConfig(
-            storage_path=str(folder), name="run", failure_config=FailureConfig(max_failures=0)
+            storage_path=str(folder),
+            name="run",
+            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )
     outcome: dict = {}

@@ -174,6 +174,9 @@ class SingleProcess:
     def sum(self, values: list[float]) -> list[float]:
         return values
 
+    def epoch_ended(self, epoch: int, checkpoint: Path | None) -> None:
+        """Every process, after each epoch (rank 0 with the checkpoint it wrote): nothing to tell anyone here."""
+
 
 @deterministic_kernels()
 def run_training(
@@ -251,30 +254,30 @@ def run_training(
         seen, loss_sum, correct = team.sum([seen, loss_sum, correct])
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        if not writer:
-            continue
-        val_loss, val_acc = evaluate(model, data.loader("val", 512), device, config.amp)
-        record = EpochRecord(
-            epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1), val_loss, val_acc, lr
-        )
-        result.history.append(record)
-        if (
-            progress is not None
-        ):  # metrics first: a kill before the checkpoint lands redoes (and re-records) the epoch
-            progress({"phase": "epoch", **asdict(record), "epochs": config.epochs})
-        if ckpt_path is not None:
-            save_atomically(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1,
-                    "history": [asdict(h) for h in result.history],
-                    "config": asdict(config),
-                },
-                ckpt_path,
-                keep_previous=True,
+        if writer:
+            val_loss, val_acc = evaluate(model, data.loader("val", 512), device, config.amp)
+            record = EpochRecord(
+                epoch + 1, loss_sum / max(seen, 1), correct / max(seen, 1), val_loss, val_acc, lr
             )
+            result.history.append(record)
+            if (
+                progress is not None
+            ):  # metrics first: a kill before the checkpoint lands redoes (and re-records) the epoch
+                progress({"phase": "epoch", **asdict(record), "epochs": config.epochs})
+            if ckpt_path is not None:
+                save_atomically(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch + 1,
+                        "history": [asdict(h) for h in result.history],
+                        "config": asdict(config),
+                    },
+                    ckpt_path,
+                    keep_previous=True,
+                )
+        team.epoch_ended(epoch + 1, ckpt_path if writer else None)
     if writer:
         result.test_loss, result.test_acc = evaluate(model, data.loader("test", 512), device, config.amp)
     return result

@@ -161,6 +161,7 @@ def _host_class():
         def _beat(self) -> None:
             while True:
                 try:
+                    self.folder.mkdir(parents=True, exist_ok=True)  # before the task starts, while it queues
                     write_json_atomically(
                         self.folder / HOST_FILE, {"beat": time.time(), "finished": self.finished}
                     )
