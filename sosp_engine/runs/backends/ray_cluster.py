@@ -1,6 +1,7 @@
 """What talks to Ray in-process: the connection, each job's host actor, the bodies of a job's and a study unit's
 tasks on the workers, and the operations the bridge runs for the workspace side (start, release, summary, storage
-probe, host check). Only the bridge's child process and Ray's workers import it (see ray_bridge.py for why).
+probe, host check). Only the bridge's child process and Ray's workers run it; the workspace side takes its names
+and never connects (see ray_bridge.py for why).
 
 A job's task (and each unit's task) writes its events (start, epoch metrics, log lines, outcome) to files on the
 shared artifacts storage (events.py) and its live progress to `progress.json` beside them; it polls a `cancel` file
