@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -33,32 +35,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_cluster() -> tuple[str, subprocess.Popen]:
+def _start_cluster() -> tuple[str, list[subprocess.Popen]]:
+    """A head (2 CPUs) and a second node (1 CPU), each `ray start --block` in a process group of its own, so that
+    stopping them touches no other Ray cluster on the machine."""
     port = _free_port()
-    flags = ["--num-gpus", "0", "--disable-usage-stats"]
-    subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--port",
-            str(port),
-            "--num-cpus",
-            "2",
-            "--include-dashboard",
-            "false",
-            *flags,
-        ],
-        check=True,
-        capture_output=True,
-    )
     address = f"127.0.0.1:{port}"
-    node = subprocess.Popen(
-        [RAY, "start", "--address", address, "--num-cpus", "1", "--block", *flags],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return address, node
+    flags = ["--num-gpus", "0", "--disable-usage-stats", "--block"]
+    head = [RAY, "start", "--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false"]
+    node = [RAY, "start", "--address", address, "--num-cpus", "1"]
+    started = []
+    for command in (head, node):
+        started.append(
+            subprocess.Popen(
+                command + flags, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
+        )
+        time.sleep(10)  # the head up before the node joins
+    return address, started
 
 
 def _cli_seconds(workspace: Path) -> float:
@@ -190,14 +183,14 @@ def main() -> None:
     run = provenance(
         1, "a local 2-node Ray cluster, one job at a time", "each figure is the user-visible call"
     )
-    address, node = _start_cluster()
+    address, processes = _start_cluster()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             rows = measure(address, Path(tmp))
     finally:
-        node.terminate()
-        node.wait(timeout=60)
-        subprocess.run([RAY, "stop", "--force"], capture_output=True)
+        for process in reversed(processes):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
     run = finished(run)
     with dated_results("cluster").open("a") as fh:
         fh.writelines(json.dumps({**r, **run}) + "\n" for r in rows)

@@ -34,32 +34,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Head:
+    """This module's own Ray head (`ray start --block` in a process group of its own): stopping it, or crashing it as
+    a head node crashes, touches no other Ray cluster on the machine."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.proc = port, None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [RAY, "start", "--head", "--port", str(self.port), "--num-cpus", "2", "--num-gpus", "0"]
+            + ["--include-dashboard", "false", "--disable-usage-stats", "--block"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        probe = f"import ray\nray.init(address='127.0.0.1:{self.port}', logging_level='ERROR')\nprint(len(ray.nodes()))"
+        wait_until(
+            lambda: (
+                subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=120).returncode
+                == 0
+            ),
+            timeout=180,
+        )
+
+    def crash(self) -> None:
+        """Kill the head's every process at once."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+
+
+HEADS: dict[str, Head] = {}
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     port = free_port()
-    subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--port",
-            str(port),
-            "--num-cpus",
-            "2",
-            "--num-gpus",
-            "0",
-            "--include-dashboard",
-            "false",
-            "--disable-usage-stats",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    head = Head(port)
+    head.start()
+    address = f"127.0.0.1:{port}"
+    HEADS[address] = head
     try:
-        yield Placement("ray", f"127.0.0.1:{port}", str(tmp_path_factory.mktemp("shared")))
+        yield Placement("ray", address, str(tmp_path_factory.mktemp("shared")))
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        head.crash()
 
 
 def on_cluster(cluster, code: str, ship_engine: bool = False) -> str:
@@ -78,28 +96,10 @@ def on_cluster(cluster, code: str, ship_engine: bool = False) -> str:
 
 
 def restart_head(cluster) -> None:
-    """Stop the cluster and start a fresh head at the same address, as after a crash of the head node."""
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
-    port = cluster.address.rpartition(":")[2]
-    subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--port",
-            port,
-            "--num-cpus",
-            "2",
-            "--num-gpus",
-            "0",
-            "--include-dashboard",
-            "false",
-            "--disable-usage-stats",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    """Crash the cluster's head and start a fresh one at the same address, as after a crash of the head node."""
+    head = HEADS[cluster.address]
+    head.crash()
+    head.start()
 
 
 def events_on_disk(job: dict, kind: str) -> list[dict]:
