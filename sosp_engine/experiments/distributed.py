@@ -29,9 +29,10 @@ from ..atomic import load_verified, save_atomically
 from ..nets.data import DataBundle
 from ..devices import DeviceError, resolve_device
 from ..nets.registry import USER_MODULE_PREFIX, load_user_module
-from .training import EpochRecord, TrainConfig, TrainingError, TrainResult, run_training
+from .training import TrainConfig, TrainingError, TrainResult, run_training
 
 POLL_SECONDS = 0.2
+FINAL_NAME = "final.pt"  # rank 0's trained weights and result
 FAILURE_GRACE_SECONDS = 5.0  # after a failure, how long the other ranks get to end and say why
 
 
@@ -171,18 +172,27 @@ def _worker(
                 model, data, config, team, checkpoint_dir, progress, stop.is_set if rank == 0 else None
             )
             if rank == 0:
-                save_atomically(
-                    {
-                        "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                        "result": result.to_dict(),
-                    },
-                    Path(folder) / "final.pt",
-                )
+                save_final(model, result, folder)
         finally:
             dist.destroy_process_group()
     except BaseException as exc:
         events.put(("error", rank, type(exc).__name__, str(exc)))
         raise
+
+
+def save_final(model: nn.Module, result: TrainResult, folder: str | Path) -> None:
+    """Rank 0's trained weights and result, for the controller that started the ranks."""
+    save_atomically(
+        {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "result": result.to_dict()},
+        Path(folder) / FINAL_NAME,
+    )
+
+
+def load_final(model: nn.Module, folder: str | Path) -> TrainResult:
+    """Load what `save_final` wrote: the weights into `model`; returns the result."""
+    final = load_verified(Path(folder) / FINAL_NAME)
+    model.load_state_dict(final["model"])
+    return TrainResult.from_dict(final["result"])
 
 
 def _relay(events, progress: Callable[[dict], None] | None, timeout: float) -> tuple | None:
@@ -284,20 +294,12 @@ def train_distributed(
         errors = _ended(processes, events, progress, 0.0)
         if errors:
             raise TrainingError(failure_message(errors, [p.exitcode for p in processes.processes]))
-        if not (folder / "final.pt").exists():
+        if not (folder / FINAL_NAME).exists():
             raise TrainingError(
                 "the distributed training ended without its result; resume to continue from the last "
                 "epoch checkpoint"
             )
-        final = load_verified(folder / "final.pt")
-        model.load_state_dict(final["model"])
-        outcome = final["result"]
-        return TrainResult(
-            [EpochRecord(**h) for h in outcome["history"]],
-            outcome["test_loss"],
-            outcome["test_acc"],
-            outcome["cancelled"],
-        )
+        return load_final(model, folder)
     finally:
         if processes is not None:
             for p in processes.processes:

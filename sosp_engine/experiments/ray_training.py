@@ -20,13 +20,12 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..atomic import load_verified, save_atomically
 from ..nets.data import DataBundle
 from ..nets.registry import load_user_module
-from .distributed import DistributedRank, _user_modules
-from .training import EpochRecord, TrainConfig, TrainingError, TrainResult, run_training
+from .distributed import FINAL_NAME, DistributedRank, _user_modules, load_final, save_final
+from .training import TrainConfig, TrainingError, TrainResult, run_training
 
-FOLDER, STOP_FILE, FINAL_FILE = "ray-train", "stop", "final.pt"
+FOLDER, STOP_FILE = "ray-train", "stop"
 _workers: ContextVar[dict | None] = ContextVar("ray_train_workers", default=None)
 
 
@@ -81,10 +80,7 @@ def _worker_loop(setup: dict) -> None:
     stop = (folder / STOP_FILE).exists if rank == 0 else None
     result = run_training(model, setup["data"], config, team, setup["checkpoint_dir"], progress, stop)
     if rank == 0:
-        save_atomically(
-            {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "result": result.to_dict()},
-            folder / FINAL_FILE,
-        )
+        save_final(model, result, folder)
 
 
 def train_on_ray(
@@ -105,7 +101,7 @@ def train_on_ray(
     workers = _workers.get() or {}
     folder = Path(checkpoint_dir) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    for name in (STOP_FILE, FINAL_FILE):
+    for name in (STOP_FILE, FINAL_NAME):
         (folder / name).unlink(missing_ok=True)
     buffer = io.BytesIO()
     try:
@@ -158,22 +154,14 @@ def train_on_ray(
         event = events.get()
         if progress is not None:
             progress(event)
-    if isinstance(outcome.get("result"), Exception) or not (folder / FINAL_FILE).exists():
-        error = outcome.get("result")
+    error = outcome.get("result") if isinstance(outcome.get("result"), Exception) else None
+    if error is not None or not (folder / FINAL_NAME).exists():
         raise TrainingError(
             f"the training across Ray workers failed ({type(error).__name__}: {str(error).strip().splitlines()[-1]})"
             if error is not None
             else "the training across Ray workers ended without its result"
         ) from None
-    final = load_verified(folder / FINAL_FILE)
-    model.load_state_dict(final["model"])
-    result = final["result"]
-    return TrainResult(
-        [EpochRecord(**h) for h in result["history"]],
-        result["test_loss"],
-        result["test_acc"],
-        result["cancelled"],
-    )
+    return load_final(model, folder)
 
 
 def _fit(trainer) -> object:

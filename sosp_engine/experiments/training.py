@@ -92,6 +92,16 @@ class TrainResult:
             "cancelled": self.cancelled,
         }
 
+    @classmethod
+    def from_dict(cls, value: dict) -> "TrainResult":
+        """The result `to_dict` wrote."""
+        return cls(
+            [EpochRecord(**h) for h in value["history"]],
+            value["test_loss"],
+            value["test_acc"],
+            value["cancelled"],
+        )
+
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """SGD over the model's current parameters; rebuild it after physical pruning (old parameters are gone)."""
