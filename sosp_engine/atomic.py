@@ -51,6 +51,15 @@ def write_json_atomically(path: str | Path, value: object) -> None:
     tmp.replace(path)
 
 
+def read_json(path: str | Path) -> dict:
+    """The JSON object `write_json_atomically` wrote at `path`, or {} where there is none (yet) or it is not one."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def save_atomically(obj: object, path: str | Path, keep_previous: bool = False) -> Path:
     """torch.save to a temporary name, then rename: readers see the old file or the new one, never half of one.
 

@@ -65,11 +65,6 @@ class Placement:
         from .backends.ray import cluster_summary
 
         address = self.address or os.environ.get(RAY_ADDRESS_ENV) or ""
-        if not address:
-            raise SospError(
-                "give the Ray cluster's address: --ray-address HOST:PORT, or $SOSP_RAY_ADDRESS ('auto' finds "
-                "a cluster started on this machine with `ray start --head`)"
-            )
         cluster_summary(address)
         return Placement(
             "ray", address, self.artifacts, self.gpus_per_worker, self.accelerator_type, self.custom_resources

@@ -6,16 +6,23 @@ release or probe, and when a job's heartbeat stops.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
+from ...atomic import read_json
 from ..events import new_events
 from ..store import Store, StoreError, event_offsets, run_folder
 from ..work import LOG_NAME, record_outputs
 from .ray_bridge import call
-from .ray_cluster import CANCEL_FILE, HOST_BEAT_SECONDS, HOST_FILE, PROGRESS_FILE, BackendError
+from .ray_cluster import (
+    CANCEL_FILE,
+    HOST_BEAT_SECONDS,
+    HOST_FILE,
+    PROGRESS_FILE,
+    BackendError,
+    require_address,
+)
 
 MAX_RETRIES_ENV = "SOSP_RAY_MAX_RETRIES"
 DEFAULT_MAX_RETRIES = 2
@@ -33,6 +40,7 @@ def max_retries() -> int:
 
 def cluster_summary(address: str) -> dict:
     """Nodes, CPUs and GPUs of the cluster at `address` (reaching it proves the address)."""
+    require_address(address)
     return call("cluster_summary", address)
 
 
@@ -118,14 +126,6 @@ def ingest(store: Store, job: dict) -> dict | None:
     return outcome
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _lost(outcome: dict | None) -> bool:
     return outcome is not None and outcome["status"] == "failed" and "was lost" in outcome["error"]
 
@@ -141,7 +141,7 @@ def _sync_job(store: Store, job: dict) -> bool:
     folder = run_folder(job)
     if job["cancel_requested"] and folder.is_dir():
         (folder / CANCEL_FILE).touch()
-    progress, host = _read_json(folder / PROGRESS_FILE), _read_json(folder / HOST_FILE)
+    progress, host = read_json(folder / PROGRESS_FILE), read_json(folder / HOST_FILE)
     fields: dict = {}
     if "fraction" in progress and job["status"] == "running":
         fields.update(progress=float(progress["fraction"]), message=str(progress.get("message", "")))

@@ -13,7 +13,6 @@ epoch checkpoint.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import socket
@@ -25,7 +24,7 @@ from typing import Iterator
 
 from ...errors import SospError
 from ...progress import Cancelled
-from ...atomic import write_json_atomically
+from ...atomic import read_json, write_json_atomically
 from ...devices import node_name
 from ...experiments.ray_training import workers_of_this_job
 from ..events import EventWriter
@@ -58,11 +57,7 @@ def connect(address: str):
     """Connect this process to the cluster at `address` (once; switching clusters reconnects); the engine's code
     travels to the workers with the jobs."""
     ray = _ray()
-    if not address:
-        raise BackendError(
-            "give the Ray cluster's address: --ray-address HOST:PORT, or $SOSP_RAY_ADDRESS ('auto' finds "
-            "a cluster started on this machine with `ray start --head`)"
-        )
+    require_address(address)
     if ray.is_initialized() and _connected.get("address") == address:
         return ray
     _check_reachable(address)
@@ -84,6 +79,15 @@ def connect(address: str):
         ) from None
     _connected["address"] = address
     return ray
+
+
+def require_address(address: str) -> None:
+    """An empty cluster address is a clear error, before any connection is tried."""
+    if not address:
+        raise BackendError(
+            "give the Ray cluster's address: --ray-address HOST:PORT, or $SOSP_RAY_ADDRESS ('auto' finds "
+            "a cluster started on this machine with `ray start --head`)"
+        )
 
 
 def _check_reachable(address: str) -> None:
@@ -239,13 +243,6 @@ def run_remote_job(job: dict, unit_needs: dict, workers: dict, retries: int = 0)
     return outcome
 
 
-def _read_progress(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def run_unit_reporting(runner, config: dict, folder: str, unit: tuple, run_dir: str) -> dict:
     """A study's unit on a cluster worker (`runner`: the study kind's `run_unit`); its epoch metrics go to the job's
     event files."""
@@ -270,7 +267,7 @@ def ray_fan_out(needs: dict, run_dir: str, retries: int):
         live = Path(run_dir) / PROGRESS_FILE
 
         def say_how_many() -> None:  # the study reports when a unit ends: meanwhile the page says what runs
-            fraction = float(_read_progress(live).get("fraction", 0.0))
+            fraction = float(read_json(live).get("fraction", 0.0))
             message = (
                 f"{len(pending)} of {len(units)} units on the cluster ({len(units) - len(pending)} done)"
             )
