@@ -10,7 +10,6 @@ Writes bench/results/cluster-DATE.jsonl and the "cluster" section of docs/benchm
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.provenance import ROOT, dated_results, finished, provenance, provenance_line, replace_section  # noqa: E402
+from bench.provenance import ROOT, provenance, provenance_line, publish  # noqa: E402
 
 RAY = str(Path(sys.executable).parent / "ray")
 UNITS = 24
@@ -191,13 +190,7 @@ def main() -> None:
         for process in reversed(processes):
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=60)
-    run = finished(run)
-    with dated_results("cluster").open("a") as fh:
-        fh.writelines(json.dumps({**r, **run}) + "\n" for r in rows)
-    markdown = render(rows, run)
-    print(markdown)
-    if not args.no_docs:
-        replace_section("cluster", markdown)
+    publish("cluster", None if args.no_docs else "cluster", rows, run, render)
 
 
 if __name__ == "__main__":

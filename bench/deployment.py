@@ -21,7 +21,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.provenance import dated_results, finished, provenance, provenance_line, replace_section  # noqa: E402
+from bench.provenance import provenance, provenance_line, publish, replace_section  # noqa: E402
 
 SETUPS = [
     dict(net="ResNet-56, 32x32", model="resnet56", data="synthetic:3,32,32:10", samples=128, batches=[1, 64]),
@@ -195,15 +195,15 @@ def main() -> None:
     table = pd.concat(
         [measure(setup, args.threads) for setup in (QUICK if args.quick else SETUPS)], ignore_index=True
     )
-    run = finished(run)
-    out = dated_results("deployment-quick" if args.quick else "deployment")
-    with out.open("a") as fh:
-        for row in table.to_dict("records"):
-            fh.write(json.dumps({**row, **run}) + "\n")
-    markdown = render(table, run)
-    print(markdown)
-    if not args.no_docs and not args.quick:
-        replace_section("deployment", markdown)
+    section = None if args.no_docs or args.quick else "deployment"
+    out = publish(
+        "deployment-quick" if args.quick else "deployment",
+        section,
+        table.to_dict("records"),
+        run,
+        lambda rows, run: render(pd.DataFrame(rows), run),
+    )
+    if section is not None:
         print(f"wrote the deployment section of docs/benchmarks.md and {out}", file=sys.stderr)
 
 

@@ -10,7 +10,6 @@ bench/results/narrow-convs-DATE.jsonl and the "narrow-convs" section of docs/ben
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.provenance import dated_results, finished, provenance, provenance_line, replace_section  # noqa: E402
+from bench.provenance import provenance, provenance_line, publish  # noqa: E402
 
 WIDTHS = [(64, 64), (32, 32), (24, 24), (16, 16), (16, 8), (8, 16), (8, 8), (13, 13)]
 BATCH, SIDE, REPEATS, WARMUP = 64, 32, 15, 3
@@ -85,13 +84,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     run = provenance(args.threads, "one process, warm, the two runtimes interleaved", "one convolution alone")
     rows = measure()
-    run = finished(run)
-    with dated_results("narrow-convs").open("a") as fh:
-        fh.writelines(json.dumps({**r, **run}) + "\n" for r in rows)
-    markdown = render(rows, run)
-    print(markdown)
-    if not args.no_docs:
-        replace_section("narrow-convs", markdown)
+    publish("narrow-convs", None if args.no_docs else "narrow-convs", rows, run, render)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ replaces the whole section, so a stale table is never kept beside a fresh one.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
@@ -79,4 +80,18 @@ def dated_results(stem: str) -> Path:
     """bench/results/STEM-YYYY-MM-DD.jsonl (a new file per day; rows are appended)."""
     out = ROOT / "bench" / "results" / f"{stem}-{datetime.date.today().isoformat()}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def publish(stem: str, section: str | None, rows: list[dict], run: dict, render) -> Path:
+    """End a benchmark: the load at its end added to `run`, every row appended to bench/results/STEM-DATE.jsonl with
+    the provenance, the rendered table printed and, unless `section` is None, put into docs/benchmarks.md."""
+    run = finished(run)
+    out = dated_results(stem)
+    with out.open("a") as fh:
+        fh.writelines(json.dumps({**row, **run}) + "\n" for row in rows)
+    markdown = render(rows, run)
+    print(markdown)
+    if section is not None:
+        replace_section(section, markdown)
     return out
