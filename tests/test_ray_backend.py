@@ -102,6 +102,14 @@ def restart_head(cluster) -> None:
     head.start()
 
 
+def initial_weights(folder: Path) -> Path:
+    """Seeded ResNet-20 weights, so a study's cells need no training."""
+    weights = folder / "init.pt"
+    torch.manual_seed(0)
+    torch.save(build_model("resnet20", 10, 1).state_dict(), weights)
+    return weights
+
+
 def events_on_disk(job: dict, kind: str) -> list[dict]:
     """The job's events of `kind` as its run folder holds them (nobody has read them into the store)."""
     from sosp_engine.runs.events import new_events
@@ -193,9 +201,7 @@ def test_a_worker_killed_with_no_retries_left_fails_the_job_saying_resume(tmp_pa
 
 def test_a_study_of_four_cells_runs_two_at_a_time_on_two_cpus(tmp_path, cluster):
     store = Store(tmp_path)
-    weights = tmp_path / "init.pt"
-    torch.manual_seed(0)
-    torch.save(build_model("resnet20", 10, 1).state_dict(), weights)
+    weights = initial_weights(tmp_path)
     config = StudyConfig(
         model_spec="resnet20",
         methods=["magnitude", "random"],
@@ -508,9 +514,7 @@ def test_the_runs_page_survives_a_head_restart_and_resumes_the_job_there(tmp_pat
 
 def test_a_head_restart_during_a_study_loses_no_cell_and_resume_redoes_none(tmp_path, cluster):
     store = Store(tmp_path)
-    weights = tmp_path / "init.pt"
-    torch.manual_seed(0)
-    torch.save(build_model("resnet20", 10, 1).state_dict(), weights)
+    weights = initial_weights(tmp_path)
     config = StudyConfig(
         model_spec="resnet20",
         methods=["magnitude", "random"],

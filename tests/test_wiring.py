@@ -102,63 +102,53 @@ class Shuffle(nn.Module):
         return self.head(torch.relu(self.g2(h)).mean((2, 3)))
 
 
-class ShuffleIntoPlainConv(nn.Module):
+class TwoConvs(nn.Module):
+    """conv0 -> an op on the channel axis (`between`) -> conv1 -> head."""
+
+    def __init__(self, width: int = 6, consumed: int = 6) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(2, width, 3, padding=1)
+        self.conv1 = nn.Conv2d(consumed, 5, 1)
+        self.head = nn.Linear(5, D)
+
+    def between(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x):
+        h = self.between(torch.relu(self.conv0(x)))
+        return self.head(torch.relu(self.conv1(h)).mean((2, 3)))
+
+
+class ShuffleIntoPlainConv(TwoConvs):
     """A shuffle of 3 groups hard-coded in a reshape, before a plain conv: a pruned tensor no longer fits it."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv0 = nn.Conv2d(2, 6, 3, padding=1)
-        self.conv1 = nn.Conv2d(6, 5, 1)
-        self.head = nn.Linear(5, D)
-
-    def forward(self, x):
-        h = torch.relu(self.conv0(x))
+    def between(self, h):
         n, c, hh, ww = h.shape
-        h = h.view(n, 3, 2, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
-        return self.head(torch.relu(self.conv1(h)).mean((2, 3)))
+        return h.view(n, 3, 2, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
 
 
-class Flip(nn.Module):
+class Flip(TwoConvs):
     """The channel order reversed between two convs."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv0 = nn.Conv2d(2, 6, 3, padding=1)
-        self.conv1 = nn.Conv2d(6, 5, 1)
-        self.head = nn.Linear(5, D)
-
-    def forward(self, x):
-        h = torch.flip(torch.relu(self.conv0(x)), [1])
-        return self.head(torch.relu(self.conv1(h)).mean((2, 3)))
+    def between(self, h):
+        return torch.flip(h, [1])
 
 
-class PixelShuffle(nn.Module):
+class PixelShuffle(TwoConvs):
     """Channels moved into space (sub-pixel upsampling) before a conv."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.conv0 = nn.Conv2d(2, 8, 3, padding=1)
-        self.conv1 = nn.Conv2d(2, 5, 1)
-        self.head = nn.Linear(5, D)
+        super().__init__(width=8, consumed=2)
 
-    def forward(self, x):
-        h = nn.functional.pixel_shuffle(torch.relu(self.conv0(x)), 2)
-        return self.head(torch.relu(self.conv1(h)).mean((2, 3)))
+    def between(self, h):
+        return nn.functional.pixel_shuffle(h, 2)
 
 
-class ChannelMean(nn.Module):
+class ChannelMean(TwoConvs):
     """Each channel gated by the mean over channels: removing a channel changes the others."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv0 = nn.Conv2d(2, 6, 3, padding=1)
-        self.conv1 = nn.Conv2d(6, 5, 1)
-        self.head = nn.Linear(5, D)
-
-    def forward(self, x):
-        h = torch.relu(self.conv0(x))
-        h = h * torch.sigmoid(h.mean(1, keepdim=True))
-        return self.head(torch.relu(self.conv1(h)).mean((2, 3)))
+    def between(self, h):
+        return h * torch.sigmoid(h.mean(1, keepdim=True))
 
 
 def tiny(net: nn.Module, size: int = 6):
