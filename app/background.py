@@ -11,7 +11,7 @@ import streamlit as st
 
 from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
 from sosp_engine.errors import one_line_error
-from sosp_engine.nets.loading import Workbench
+from sosp_engine.pruning.workbench import Workbench
 from sosp_engine.progress import Cancelled
 from sosp_engine.runs.records import store_analysis
 from sosp_engine.runs.store import Store

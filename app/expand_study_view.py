@@ -12,9 +12,10 @@ from app.guard import user_errors
 from app.report import analysis_report
 from app.state import workspace
 from app.text import plain, text_only
+from sosp_engine.runs.study_state import expand_state
+from sosp_engine.nets.setup import config_from_dict
 from sosp_engine.experiments.expand_study import (
     ExpandStudyConfig,
-    expand_state,
     expand_table,
     unpruned_reference,
 )
@@ -25,7 +26,7 @@ RUN_COLUMNS = ("procedure", "trial", "test_acc", "test_acc_after_pruning", "para
 def expand_study_view(job_id: str) -> None:
     """Everything an expand study has finished so far; call it inside a fragment that reruns while it runs."""
     job = workspace().job(job_id)
-    config = ExpandStudyConfig(**job["config"])
+    config = config_from_dict(ExpandStudyConfig, job["config"])
     with user_errors("Reading the expand study"):
         state = expand_state(job)
     runs, plan = state["runs"], state["plan"]

@@ -14,7 +14,7 @@ from sosp_engine.devices import resolve_device
 from sosp_engine.latency.deployment import efficiency_summary, efficiency_table, order_variants
 from sosp_engine.latency.profile import LATENCY_UNIT, measure_profile
 from sosp_engine.latency.runtimes import RUNTIMES
-from sosp_engine.nets.loading import Workbench
+from sosp_engine.pruning.workbench import Workbench
 from sosp_engine.pruning.masks import mask_json, mask_summary
 
 

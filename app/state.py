@@ -71,7 +71,7 @@ def code_confirmed(spec: str, what: str) -> bool:
     Nothing of a user's file is imported before this returns True: a link, a stored analysis or job, or a typed spec
     only names the code; the click in this session is the consent.
     """
-    trusted = st.session_state.setdefault("trusted_specs", set())
+    trusted = st.session_state.setdefault("confirmed_specs", set())
     if not is_user_code(spec) or spec in trusted:
         return True
     st.warning(

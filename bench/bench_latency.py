@@ -62,12 +62,13 @@ def main() -> None:
     from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
     from sosp_engine.errors import AnalysisError
     from sosp_engine.latency.profile import measure_profile, refine_profile, relative_latency
-    from sosp_engine.nets.loading import open_workbench
+    from sosp_engine.nets.setup import ModelSetup
+    from sosp_engine.pruning.workbench import open_workbench
     from sosp_engine.pruning.masks import mask_summary, pruned_copy
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    wb = open_workbench(args.model, args.data)
+    wb = open_workbench(ModelSetup(args.model, args.data))
     batches = [int(b) for b in args.batches.split(",")]
 
     def repeats(batch: int) -> int:

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sosp_engine.saliency.analysis import compute_saliency  # noqa: E402
-from sosp_engine.nets.loading import open_workbench  # noqa: E402
+from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.pruning.workbench import open_workbench  # noqa: E402
 from sosp_engine.saliency.memory import PeakTensorBytes, probe  # noqa: E402
 from sosp_engine.saliency.common import AnalysisInputs  # noqa: E402
 
@@ -34,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for spec in args.models.split(","):
-        wb = open_workbench(spec, "synthetic:3,32,32:10")
+        wb = open_workbench(ModelSetup(spec, "synthetic:3,32,32:10"))
         model = wb.model.eval()
         x = torch.randn(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         y = torch.arange(args.batch) % 10

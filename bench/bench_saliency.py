@@ -29,7 +29,7 @@ def _setup(
     import torch
 
     from sosp_engine.devices import resolve_device
-    from sosp_engine.nets.loading import default_preset
+    from sosp_engine.nets.setup import default_preset
     from sosp_engine.nets import build_model
     from sosp_engine.saliency.common import AnalysisInputs
     from sosp_engine.pruning.offered import find_structures
@@ -96,10 +96,11 @@ def _measure(
             )
 
     if task.startswith("analysis-"):  # the whole user call: run_analysis as the CLI and the app run it
-        from sosp_engine.nets.loading import open_workbench
+        from sosp_engine.nets.setup import ModelSetup
+        from sosp_engine.pruning.workbench import open_workbench
         from sosp_engine.saliency.analysis import AnalysisConfig
 
-        workbench = open_workbench(model_spec, f"synthetic:{','.join(map(str, shape))}:{classes}:{samples}")
+        workbench = open_workbench(ModelSetup(model_spec, f"synthetic:{','.join(map(str, shape))}:{classes}:{samples}"))
         config = AnalysisConfig(
             method=task[len("analysis-") :],
             model_spec=model_spec,

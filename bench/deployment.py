@@ -65,11 +65,12 @@ def measure(setup: dict, threads: int) -> pd.DataFrame:
 
     from sosp_engine.latency.deployment import efficiency_table, order_variants
     from sosp_engine.latency.runtimes import RUNTIMES
-    from sosp_engine.nets.loading import open_workbench
+    from sosp_engine.nets.setup import ModelSetup
+    from sosp_engine.pruning.workbench import open_workbench
     from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
 
     torch.manual_seed(0)
-    wb = open_workbench(setup["model"], setup["data"])
+    wb = open_workbench(ModelSetup(setup["model"], setup["data"]))
 
     def analysis(**latency):
         config = AnalysisConfig(

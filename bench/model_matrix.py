@@ -68,14 +68,15 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
     from sosp_engine.pruning.counting import count_macs, count_params
     from sosp_engine.errors import AnalysisError
     from sosp_engine.pruning.exactness import output_deviation
-    from sosp_engine.nets.loading import open_workbench
+    from sosp_engine.nets.setup import ModelSetup
+    from sosp_engine.pruning.workbench import open_workbench
     from sosp_engine.pruning.masks import mask_summary, pruned_copy
     from sosp_engine.pruning.pruned_models import pruning_recipe, save_pruned
 
     torch.manual_seed(0)
     row: dict = {"model": spec, "stage": "structures"}
     data = f"synthetic:3,{side},{side}:10"
-    wb = open_workbench(spec, data)
+    wb = open_workbench(ModelSetup(spec, data.spec), data)
     wb.model.eval()
     s = wb.structures
     row.update(
@@ -139,7 +140,7 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
             row["stage"] = "reopen"
             with tempfile.TemporaryDirectory() as tmp:
                 path = save_pruned(Path(tmp) / "pruned.pt", smaller, pruning_recipe(spec, s, mask, None, []))
-                reopened = open_workbench(spec, data, str(path), preset=None).model.eval()
+                reopened = open_workbench(ModelSetup(spec, data.spec, str(path), preset=None), data).model.eval()
                 with torch.no_grad():
                     if not torch.allclose(reopened(x), smaller(x), atol=1e-5):
                         raise AssertionError("the reopened pruned checkpoint computes another function")

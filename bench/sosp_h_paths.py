@@ -57,7 +57,8 @@ DEFAULT_MODELS = (
 def compare(spec: str, side: int, samples: int, queue) -> None:
     import torch
 
-    from sosp_engine.nets.loading import open_workbench
+    from sosp_engine.nets.setup import ModelSetup
+    from sosp_engine.pruning.workbench import open_workbench
     from sosp_engine.saliency.common import AnalysisInputs
     from sosp_engine.saliency.homogeneity import not_scaling
     from sosp_engine.saliency.sosp_h import channel_scale_terms, gradient_and_hvp, scalable_producers
@@ -66,7 +67,7 @@ def compare(spec: str, side: int, samples: int, queue) -> None:
     torch.manual_seed(0)
     row: dict = {"model": spec, "side": side, "samples": samples, "threads": 1}
     try:
-        wb = open_workbench(spec, f"synthetic:3,{side},{side}:10")
+        wb = open_workbench(ModelSetup(spec, f"synthetic:3,{side},{side}:10"))
         model = wb.model.eval().double()
         x = torch.randn(samples, 3, side, side, dtype=torch.float64)
         y = torch.randint(0, 10, (samples,))

@@ -12,7 +12,8 @@ from app.background import CANCELLED, running_analysis, start_analysis
 from app.guard import user_errors
 from app.pickers import analyses_frame
 from app.state import current_choice, kept, workbench, workspace
-from sosp_engine.saliency.analysis import METHOD_LABELS, METHODS, AnalysisConfig
+from sosp_engine.saliency.analysis import AnalysisConfig
+from sosp_engine.saliency.methods import METHOD_LABELS, METHODS
 from sosp_engine.devices import resolve_device
 from sosp_engine.latency.runtimes import RUNTIMES
 from sosp_engine.saliency.memory import default_budget

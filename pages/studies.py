@@ -16,11 +16,14 @@ from app.state import code_confirmed, current_choice, is_pruned_checkpoint, kept
 from app.text import plain, text_only
 from app.tables import table as show_table
 from sosp_engine.latency.runtimes import RUNTIMES
-from sosp_engine.saliency.analysis import METHODS
+from sosp_engine.nets.setup import config_from_dict
+from sosp_engine.saliency.methods import METHODS
 from sosp_engine.experiments.expand_study import EXPAND_STUDY_KIND
 from sosp_engine.runs.jobs import submit_study
 from sosp_engine.runs.work import STUDY_KINDS
-from sosp_engine.experiments.studies import StudyConfig, aggregate, parse_numbers, study_cells
+from sosp_engine.experiments.studies import StudyConfig, aggregate
+from sosp_engine.runs.study_state import study_cells
+from sosp_engine.cli.args import parse_numbers
 
 st.title("Studies")
 st.caption(
@@ -121,7 +124,7 @@ job_id = st.selectbox("Study", ids, index=ids.index(chosen) if chosen in ids els
 @st.fragment(run_every=3)
 def study_view(job_id: str) -> None:
     job = workspace().job(job_id)
-    config = StudyConfig(**job["config"])
+    config = config_from_dict(StudyConfig, job["config"])
     with user_errors("Reading the study"):
         cells = study_cells(job)
     st.progress(

@@ -51,6 +51,16 @@ def write_json_atomically(path: str | Path, value: object) -> None:
     tmp.replace(path)
 
 
+def write_bytes_atomically(path: str | Path, data: bytes) -> Path:
+    """`data` at `path`, whole or not at all (its folder is made where missing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
 def read_json(path: str | Path) -> dict:
     """The JSON object `write_json_atomically` wrote at `path`, or {} where there is none (yet) or it is not one."""
     try:

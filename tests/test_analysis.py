@@ -12,7 +12,8 @@ from sosp_engine.saliency.analysis import (
 )
 from sosp_engine.cli.main import main
 from sosp_engine.errors import AnalysisError
-from sosp_engine.nets.loading import open_workbench
+from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.pruning.workbench import open_workbench
 from sosp_engine.pruning.masks import load_mask, mask_summary
 from sosp_engine.nets import build_model
 from sosp_engine.progress import Cancelled
@@ -21,7 +22,7 @@ from sosp_engine.progress import Cancelled
 @pytest.fixture(scope="module")
 def workbench():
     torch.manual_seed(0)
-    return open_workbench("resnet20", "digits")
+    return open_workbench(ModelSetup("resnet20", "digits"))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -122,7 +123,7 @@ def test_cli_analyze_writes_result_mask_and_table(tmp_path, capsys):
     )
     assert code == 0
     assert {"analysis.json", "tensors.pt", "mask.json", "layers.csv"} <= {p.name for p in out.iterdir()}
-    wb = open_workbench("resnet20", "digits")
+    wb = open_workbench(ModelSetup("resnet20", "digits"))
     summary = mask_summary(wb.structures, load_mask(out / "mask.json", wb.structures))
     assert summary["param_ratio"] >= 0.3
     assert "pruned" in capsys.readouterr().out

@@ -10,7 +10,8 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import ROOT
 from sosp_engine.saliency.analysis import AnalysisConfig, AnalysisResult, run_analysis
-from sosp_engine.nets.loading import open_workbench
+from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.pruning.workbench import open_workbench
 from sosp_engine.runs.records import store_analysis
 from sosp_engine.runs.store import Store
 
@@ -46,7 +47,7 @@ def stored_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("stored") / "ws"
     store = Store(root)
     torch.manual_seed(0)
-    wb = open_workbench("resnet20", "digits")
+    wb = open_workbench(ModelSetup("resnet20", "digits"))
     store_analysis(store, run_analysis(wb, AnalysisConfig(method="sosp-h", samples=60)), "after training")
     store_analysis(
         store, run_analysis(wb, AnalysisConfig(method="sosp-h", samples=60, at_init=True)), "at init"
@@ -221,7 +222,7 @@ def pruned_checkpoint_loaded(tmp_path) -> AppTest:
     from sosp_engine.pruning.pruned_models import pruning_recipe, save_pruned
     from conftest import random_mask
 
-    wb = open_workbench("resnet20", "digits")
+    wb = open_workbench(ModelSetup("resnet20", "digits"))
     mask = random_mask(wb.structures, 0.5)
     path = save_pruned(
         tmp_path / "small.pt",
@@ -594,7 +595,7 @@ def test_the_bottleneck_threshold_and_markers_sit_clear_of_the_bars():
     from app.charts import ratio_histogram
     from sosp_engine.pruning.masks import layer_table
 
-    wb = open_workbench("resnet20", "synthetic:3,8,8:10")
+    wb = open_workbench(ModelSetup("resnet20", "synthetic:3,8,8:10"))
     table = layer_table(wb.structures)
     fig = ratio_histogram(table, "t", threshold=0.2, flagged=[table.layer[0]])
     assert not fig.layout.annotations and not fig.layout.shapes  # the threshold is a legend entry

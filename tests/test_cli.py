@@ -4,7 +4,8 @@ import torch
 
 from conftest import random_mask
 from sosp_engine.cli.main import main
-from sosp_engine.nets.loading import open_workbench
+from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.pruning.workbench import open_workbench
 from sosp_engine.pruning.masks import pruned_copy, save_mask
 
 
@@ -21,7 +22,7 @@ def test_info_warns_that_user_code_runs(capsys, user_model_spec):
 
 
 def test_prune_saves_a_smaller_model_with_matching_counts(tmp_path, capsys):
-    wb = open_workbench("resnet20", "digits")
+    wb = open_workbench(ModelSetup("resnet20", "digits"))
     save_mask(tmp_path / "m.json", wb.structures, random_mask(wb.structures, 0.5))
     out = tmp_path / "result.json"
     assert (
@@ -57,7 +58,7 @@ def test_bad_input_is_an_error_line_not_a_traceback(capsys):
 
 
 def test_a_pruned_checkpoint_reopens_with_the_usual_model_and_weights_flags(tmp_path, capsys):
-    wb = open_workbench("resnet20", "digits")
+    wb = open_workbench(ModelSetup("resnet20", "digits"))
     torch.save(wb.model.state_dict(), tmp_path / "w.pt")
     mask = random_mask(wb.structures, 0.5, seed=3)
     save_mask(tmp_path / "m.json", wb.structures, mask)
@@ -98,7 +99,7 @@ def test_a_pruned_checkpoint_reopens_with_the_usual_model_and_weights_flags(tmp_
         info["pruned_checkpoint"]
         and info["params"] == json.loads((tmp_path / "p.json").read_text())["params_after"]
     )
-    reopened = open_workbench("resnet20", "digits", str(tmp_path / "small.pt"))
+    reopened = open_workbench(ModelSetup("resnet20", "digits", str(tmp_path / "small.pt")))
     expected = pruned_copy(wb.model, wb.structures, mask, wb.example).eval()
     x = wb.data.analysis_samples(8)[0]
     with torch.no_grad():
@@ -106,7 +107,7 @@ def test_a_pruned_checkpoint_reopens_with_the_usual_model_and_weights_flags(tmp_
 
 
 def test_a_pruned_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, capsys):
-    wb = open_workbench("resnet20", "digits")
+    wb = open_workbench(ModelSetup("resnet20", "digits"))
     save_mask(tmp_path / "m.json", wb.structures, random_mask(wb.structures, 0.3))
     main(
         [

@@ -13,7 +13,8 @@ from sosp_engine.latency.deployment import efficiency_summary, efficiency_table,
 from sosp_engine.latency.layers import measure_layer_latency
 from sosp_engine.latency.profile import LatencyProfile, latency_times, measure_profile, stored_profile
 from sosp_engine.latency.runtimes import forward_call, onnxruntime_providers
-from sosp_engine.nets.loading import open_workbench
+from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.pruning.workbench import open_workbench
 from sosp_engine.pruning.masks import mask_summary
 from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
 
@@ -21,7 +22,7 @@ from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
 @pytest.fixture(scope="module")
 def analysed():
     torch.manual_seed(0)
-    wb = open_workbench("resnet20", "synthetic:3,8,8:10")
+    wb = open_workbench(ModelSetup("resnet20", "synthetic:3,8,8:10"))
     return wb, run_analysis(wb, AnalysisConfig(method="magnitude", samples=8))
 
 

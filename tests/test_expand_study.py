@@ -19,7 +19,8 @@ from sosp_engine.experiments.expand_study import (
 )
 from sosp_engine.runs.jobs import submit_expand_study
 from sosp_engine.runs.work import read_log
-from sosp_engine.nets.loading import open_workbench
+from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.pruning.workbench import open_workbench
 from sosp_engine.pruning.masks import layer_table, load_mask
 from sosp_engine.progress import Cancelled
 from sosp_engine.runs.store import Store
@@ -39,7 +40,7 @@ def test_the_plain_trial_sets_the_size_and_the_bottlenecks_every_other_run_uses(
     config = tiny(procedures=["expand-prune", "widen-prune", "train-prune", "init-prune"])
     summary = ExpandStudy(config, tmp_path, data=DIGITS).run()
     plan, runs = summary["plan"], {r["procedure"]: r for r in summary["runs"]}
-    wb = open_workbench(NARROW, DIGITS)
+    wb = open_workbench(ModelSetup(NARROW, DIGITS.spec), DIGITS)
     plain_mask = load_mask(tmp_path / "train-prune" / "trial0" / "mask.json", wb.structures)
     assert plan["widen"] == paper_widening(NARROW, layer_table(wb.structures, plain_mask))
     assert (
@@ -57,7 +58,7 @@ def test_the_plain_trial_sets_the_size_and_the_bottlenecks_every_other_run_uses(
 
 
 def test_a_given_widening_and_size_are_used_as_they_are(tmp_path):
-    wb = open_workbench(NARROW, DIGITS)
+    wb = open_workbench(ModelSetup(NARROW, DIGITS.spec), DIGITS)
     stage = layer_table(wb.structures).stage.iloc[-1]
     summary = ExpandStudy(
         tiny(procedures=["train-prune", "expand-prune"], widen={stage: 1.5}, target_params=9000),

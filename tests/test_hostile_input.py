@@ -161,9 +161,10 @@ def page_corrupted_workspace(path):
 
 def truncated_analysis(path):
     from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
-    from sosp_engine.nets.loading import open_workbench
+    from sosp_engine.nets.setup import ModelSetup
+    from sosp_engine.pruning.workbench import open_workbench
 
-    run_analysis(open_workbench("resnet20", "digits"), AnalysisConfig(method="magnitude", samples=8)).save(
+    run_analysis(open_workbench(ModelSetup("resnet20", "digits")), AnalysisConfig(method="magnitude", samples=8)).save(
         path
     )
     tensors = path / "tensors.pt"
@@ -333,10 +334,11 @@ def test_an_analysis_out_of_memory_halves_its_batch_and_gives_the_same_result(mo
 
     from sosp_engine.saliency import analysis
     from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
-    from sosp_engine.nets.loading import open_workbench
+    from sosp_engine.nets.setup import ModelSetup
+    from sosp_engine.pruning.workbench import open_workbench
 
     torch.manual_seed(0)
-    wb = open_workbench("resnet20", "digits")
+    wb = open_workbench(ModelSetup("resnet20", "digits"))
     reference = run_analysis(wb, AnalysisConfig(method="sosp-h", samples=32, batch_size=8, device="cpu"))
     real = analysis.compute_saliency
 

@@ -16,7 +16,8 @@ from sosp_engine.latency.profile import (
     refine_profile,
     stored_profile,
 )
-from sosp_engine.nets.loading import open_workbench
+from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.pruning.workbench import open_workbench
 
 
 def profile(prefixes=(0, 10, 20), relative=(1.0, 0.8, 0.5)) -> LatencyProfile:
@@ -39,7 +40,7 @@ def test_a_latency_reduction_beyond_the_measured_one_is_a_clear_error():
 
 
 def test_the_profile_runs_from_the_unpruned_net_to_the_last_prunable_prefix_and_reloads(tmp_path):
-    wb = open_workbench("resnet20", "synthetic:3,8,8:10")
+    wb = open_workbench(ModelSetup("resnet20", "synthetic:3,8,8:10"))
     result = run_analysis(wb, AnalysisConfig(method="magnitude", samples=8))
     curve = measure_profile(
         wb.model, wb.structures, result.ordered_keys(), result.n_prunable, wb.example, points=3, repeats=2

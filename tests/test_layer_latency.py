@@ -15,7 +15,8 @@ from sosp_engine.latency.layers import (
     measure_layer_latency,
     saved_per_channel,
 )
-from sosp_engine.nets.loading import open_workbench
+from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.pruning.workbench import open_workbench
 from sosp_engine.saliency.selection import order_by_saliency
 from sosp_engine.pruning.offered import find_structures
 from sosp_engine.pruning.surgery import resized_module
@@ -153,7 +154,7 @@ def test_an_analysis_normalised_by_latency_times_the_layers_once_and_stores_its_
         "measure_layer_latency",
         lambda *a, **k: calls.append(a[4]) or measure_layer_latency(*a, **k, repeats=1, warmup=0),
     )
-    wb = open_workbench("resnet20", "synthetic:3,8,8:10")
+    wb = open_workbench(ModelSetup("resnet20", "synthetic:3,8,8:10"))
     config = AnalysisConfig(
         method="sosp-h", samples=8, batch_size=4, normalize="latency", latency_batch=2, memory_budget_gb=4.0
     )

@@ -5,7 +5,8 @@ import torch
 
 from sosp_engine.saliency.analysis import AnalysisConfig, compute_saliency, run_analysis
 from sosp_engine.cli.main import main
-from sosp_engine.nets.loading import open_workbench
+from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.pruning.workbench import open_workbench
 from sosp_engine.saliency.memory import (
     MATRIX,
     MemoryBudgetError,
@@ -94,7 +95,7 @@ def test_a_budget_below_one_sample_is_a_clear_error():
 
 @pytest.mark.parametrize("method", ["sosp-h", "sosp-i"])
 def test_the_estimate_predicts_the_peak_of_the_analysis_at_a_larger_batch(method):
-    wb = open_workbench("resnet20", "synthetic:3,16,16:10")
+    wb = open_workbench(ModelSetup("resnet20", "synthetic:3,16,16:10"))
     model = wb.model.eval()
     x, y = torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.arange(48) % 10
 
@@ -110,7 +111,7 @@ def test_the_estimate_predicts_the_peak_of_the_analysis_at_a_larger_batch(method
 
 
 def test_an_analysis_under_a_small_budget_takes_a_smaller_batch_and_says_so():
-    wb = open_workbench("resnet20", "digits")
+    wb = open_workbench(ModelSetup("resnet20", "digits"))
     result = run_analysis(
         wb, AnalysisConfig(method="sosp-h", samples=64, batch_size=64, memory_budget_gb=0.02)
     )
@@ -119,7 +120,7 @@ def test_an_analysis_under_a_small_budget_takes_a_smaller_batch_and_says_so():
 
 
 def test_a_small_batch_is_probed_too_so_a_budget_holds_for_it():
-    wb = open_workbench("resnet20", "digits")
+    wb = open_workbench(ModelSetup("resnet20", "digits"))
     result = run_analysis(
         wb, AnalysisConfig(method="sosp-h", samples=16, batch_size=8, memory_budget_gb=0.003)
     )

@@ -7,7 +7,8 @@ import torch
 
 from conftest import random_mask
 from sosp_engine.cli.main import main
-from sosp_engine.nets.loading import open_workbench
+from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.pruning.workbench import open_workbench
 from sosp_engine.nets.onnx_export import TOLERANCE, ExportError, checked_onnx, onnx_deviation
 from sosp_engine.pruning.masks import pruned_copy
 
@@ -22,7 +23,7 @@ from sosp_engine.pruning.masks import pruned_copy
 )
 def test_a_pruned_net_exported_to_onnx_equals_pytorch_in_onnx_runtime(spec, data):
     torch.manual_seed(0)
-    wb = open_workbench(spec, data)
+    wb = open_workbench(ModelSetup(spec, data.spec), data)
     smaller = pruned_copy(wb.model, wb.structures, random_mask(wb.structures, 0.4), wb.example).eval()
     x, _ = wb.data.analysis_samples(8)
     exported, deviation = checked_onnx(smaller, wb.example, x)
@@ -31,10 +32,10 @@ def test_a_pruned_net_exported_to_onnx_equals_pytorch_in_onnx_runtime(spec, data
 
 
 def test_an_export_that_computes_something_else_is_refused():
-    wb = open_workbench("resnet20", "digits")
+    wb = open_workbench(ModelSetup("resnet20", "digits"))
     x, _ = wb.data.analysis_samples(4)
     exported, _ = checked_onnx(wb.model, wb.example, x)
-    other = open_workbench("resnet20", "digits", None).model
+    other = open_workbench(ModelSetup("resnet20", "digits", None)).model
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.1)
@@ -51,7 +52,7 @@ def test_an_unexportable_model_is_a_clear_error():
 
 
 def test_prune_writes_a_checked_onnx_file(tmp_path, capsys):
-    wb = open_workbench("resnet20", "digits")
+    wb = open_workbench(ModelSetup("resnet20", "digits"))
     mask_file = tmp_path / "mask.json"
     from sosp_engine.pruning.masks import save_mask
 

@@ -20,7 +20,8 @@ from sosp_engine.runs.work import read_log
 from sosp_engine.nets import build_model
 from sosp_engine.runs.backends.ray import BackendError
 from sosp_engine.runs.store import Store
-from sosp_engine.experiments.studies import StudyConfig, study_cells
+from sosp_engine.experiments.studies import StudyConfig
+from sosp_engine.runs.study_state import study_cells
 from test_jobs import wait_for
 
 ray = pytest.importorskip("ray")
@@ -272,7 +273,8 @@ def test_a_study_whose_unit_worker_is_killed_retries_it_and_finishes_without_a_r
 
 
 def test_an_expand_study_fans_its_runs_out_and_their_epochs_reach_the_store(tmp_path, cluster):
-    from sosp_engine.experiments.expand_study import ExpandStudyConfig, expand_state
+    from sosp_engine.experiments.expand_study import ExpandStudyConfig
+    from sosp_engine.runs.study_state import expand_state
     from sosp_engine.runs.jobs import submit_expand_study
 
     store = Store(tmp_path)
@@ -527,7 +529,7 @@ def test_a_head_restart_during_a_study_loses_no_cell_and_resume_redoes_none(tmp_
     )
     job_id = submit_study(store, config, placement=cluster)
     job = store.job(job_id)
-    from sosp_engine.experiments.studies import study_state
+    from sosp_engine.runs.study_state import study_state
 
     wait_until(lambda: study_state(job).get("cells"), timeout=400)  # a cell is done; nobody has looked
     restart_head(cluster)

@@ -13,7 +13,8 @@ from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis, train_mo
 from sosp_engine.pruning.counting import count_macs, count_params
 from sosp_engine.errors import ModelSpecError
 from sosp_engine.pruning.exactness import approximate_layers, output_deviation
-from sosp_engine.nets.loading import open_workbench
+from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.pruning.workbench import open_workbench
 from sosp_engine.pruning.masks import mask_summary, pruned_copy, zeroed_copy
 from sosp_engine.nets import build_model, is_user_code
 from sosp_engine.saliency.common import twice_differentiable
@@ -162,7 +163,7 @@ def test_a_last_batch_of_one_sample_joins_the_previous_batch():
 
 
 def test_an_at_init_analysis_with_batchnorm1d_and_a_last_batch_of_one_runs():
-    wb = open_workbench(NORM_MLP, "synthetic:3,8,8:10")
+    wb = open_workbench(ModelSetup(NORM_MLP, "synthetic:3,8,8:10"))
     result = run_analysis(
         wb,
         AnalysisConfig(
@@ -187,7 +188,7 @@ def test_hardsigmoid_gets_a_double_backward_during_the_hvp():
 
 
 def test_analyses_record_their_exactness():
-    wb = open_workbench(GATED, "synthetic:3,8,8:10")
+    wb = open_workbench(ModelSetup(GATED, "synthetic:3,8,8:10"))
     result = run_analysis(
         wb,
         AnalysisConfig(

@@ -113,7 +113,7 @@ def kept_widths(structures, order, count):
 
 @pytest.mark.parametrize("round_to", [4, 8])
 def test_every_stop_of_a_rounded_order_keeps_widths_in_multiples(resnet, round_to):
-    from sosp_engine.saliency.selection import rounded_order, rounded_stops
+    from sosp_engine.pruning.rounding import rounded_order, rounded_stops
 
     order, n = order_by_saliency(
         torch.rand(resnet.num_structures, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),
@@ -128,7 +128,7 @@ def test_every_stop_of_a_rounded_order_keeps_widths_in_multiples(resnet, round_t
 
 
 def test_a_rounded_target_is_met_at_the_next_stop(resnet):
-    from sosp_engine.saliency.selection import rounded_order, rounded_stops
+    from sosp_engine.pruning.rounding import rounded_order, rounded_stops
 
     order, n = order_by_saliency(
         torch.rand(resnet.num_structures, dtype=torch.float64, generator=torch.Generator().manual_seed(2)),

@@ -6,7 +6,8 @@ import torch
 from sosp_engine.saliency.analysis import AnalysisConfig, AnalysisResult, run_analysis
 from sosp_engine.cli.main import main
 from sosp_engine.errors import AnalysisError
-from sosp_engine.nets.loading import open_workbench
+from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.pruning.workbench import open_workbench
 from sosp_engine.pruning.masks import zeroed_copy
 from sosp_engine.experiments.sensitivity import even_grid, max_reduction, parse_grid, sensitivity_curve
 from sosp_engine.experiments.training import evaluate
@@ -16,8 +17,8 @@ from sosp_engine.experiments.training import evaluate
 def analysed(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("analysis")
-    torch.save(open_workbench("resnet20", "digits").model.state_dict(), folder / "w.pt")
-    wb = open_workbench("resnet20", "digits", str(folder / "w.pt"))
+    torch.save(open_workbench(ModelSetup("resnet20", "digits")).model.state_dict(), folder / "w.pt")
+    wb = open_workbench(ModelSetup("resnet20", "digits", str(folder / "w.pt")))
     result = run_analysis(
         wb,
         AnalysisConfig(
@@ -61,7 +62,7 @@ def test_predicted_increases_grow_along_the_order_and_survive_saving(analysed):
 def test_other_weights_than_the_analysed_ones_are_refused(analysed):
     wb, result, _ = analysed
     torch.manual_seed(5)
-    other = open_workbench("resnet20", wb.data)
+    other = open_workbench(ModelSetup("resnet20", wb.data.spec), wb.data)
     with pytest.raises(AnalysisError, match="not the ones the analysis ran on"):
         sensitivity_curve(result, other, [0.1], device="cpu")
 
@@ -136,7 +137,7 @@ def test_an_analysis_rounded_to_8_gives_masks_with_widths_in_multiples_of_8(tmp_
     from sosp_engine.pruning.masks import layer_table, pruned_copy
 
     torch.manual_seed(0)
-    wb = open_workbench("resnet20", "digits")
+    wb = open_workbench(ModelSetup("resnet20", "digits"))
     result = run_analysis(
         wb, AnalysisConfig(method="sosp-i", samples=40, batch_size=40, device="cpu", round_to=8)
     )

@@ -10,7 +10,8 @@ from sosp_engine.nets.data import load_data
 from sosp_engine.errors import AnalysisError
 from sosp_engine.runs.jobs import submit_study
 from sosp_engine.runs.work import read_log
-from sosp_engine.nets.loading import open_workbench
+from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.pruning.workbench import open_workbench
 from sosp_engine.progress import Cancelled
 from sosp_engine.runs.store import Store
 from sosp_engine.saliency.analysis import AnalysisResult
@@ -37,7 +38,7 @@ def tiny(**kw) -> StudyConfig:
 def weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("w") / "w.pt"
     torch.manual_seed(0)
-    torch.save(open_workbench("resnet20", DIGITS).model.state_dict(), path)
+    torch.save(open_workbench(ModelSetup("resnet20", DIGITS.spec), DIGITS).model.state_dict(), path)
     return str(path)
 
 
@@ -168,7 +169,7 @@ def test_a_latency_study_measures_each_analysis_profile_once_and_slices_it(tmp_p
 
 
 def test_a_done_study_whose_state_this_machine_cannot_see_is_an_error_not_an_empty_table(tmp_path):
-    from sosp_engine.experiments.studies import study_cells
+    from sosp_engine.runs.study_state import study_cells
 
     job = {
         "id": "s1",

@@ -8,7 +8,8 @@ import torch
 
 from conftest import ROOT, random_mask
 from sosp_engine.nets.data import load_data
-from sosp_engine.nets.loading import open_workbench
+from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.pruning.workbench import open_workbench
 from sosp_engine.pruning.masks import pruned_copy
 from sosp_engine.nets import build_model
 from sosp_engine.experiments.trainer import train
@@ -114,7 +115,7 @@ def test_cancellation_stops_at_the_next_batch_and_keeps_a_checkpoint(tmp_path):
 
 
 def test_a_physically_pruned_model_trains_with_a_fresh_optimizer():
-    wb = open_workbench("resnet20", "digits")
+    wb = open_workbench(ModelSetup("resnet20", "digits"))
     smaller = pruned_copy(wb.model, wb.structures, random_mask(wb.structures, 0.5), wb.example)
     before = {k: v.clone() for k, v in smaller.state_dict().items()}
     optimizer = make_optimizer(smaller, TrainConfig())

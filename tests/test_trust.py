@@ -9,7 +9,8 @@ import torch
 from conftest import ROOT
 from sosp_engine.errors import AnalysisError
 from sosp_engine.experiments.trust import FAMILIES, independent_masks, trust_check
-from sosp_engine.nets.loading import open_workbench
+from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.pruning.workbench import open_workbench
 from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
 
 DEMO = str(ROOT / "assets" / "demo" / "resnet20-digits.pt")
@@ -18,7 +19,7 @@ DEMO = str(ROOT / "assets" / "demo" / "resnet20-digits.pt")
 @pytest.fixture(scope="module")
 def trained():
     torch.set_num_threads(1)
-    return open_workbench("resnet20", "digits", DEMO)
+    return open_workbench(ModelSetup("resnet20", "digits", DEMO))
 
 
 def analysed(workbench, method: str, seed: int = 0):
@@ -84,4 +85,4 @@ def test_too_few_masks_is_a_clear_error(trained, sosp_h):
 def test_other_weights_than_the_analysis_ran_on_are_refused(sosp_h):
     result, _ = sosp_h
     with pytest.raises(AnalysisError, match="not the ones the analysis ran on"):
-        trust_check(result, open_workbench("resnet20", "digits"), masks=8)
+        trust_check(result, open_workbench(ModelSetup("resnet20", "digits")), masks=8)

@@ -330,7 +330,8 @@ def test_a_float32_net_is_measured_in_float64():
 
 @pytest.mark.parametrize("net", list(WIRED))
 def test_every_method_runs_on_reused_and_transposed_producers(net):
-    from sosp_engine.saliency.analysis import METHODS, compute_saliency
+    from sosp_engine.saliency.analysis import compute_saliency
+    from sosp_engine.saliency.methods import METHODS
     from sosp_engine.saliency.homogeneity import not_scaling
 
     model, structures, x, y = tiny(WIRED[net]())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from ..errors import SospError
 from ..experiments.procedures import ExperimentConfig
@@ -11,7 +12,9 @@ from ..latency.profile import LATENCY_UNIT
 from ..latency.runtimes import EAGER, RUNTIMES
 from ..runs.jobs import BACKENDS, RAY_ADDRESS_ENV, Placement, custom_resources
 from ..runs.store import Store
-from ..saliency.analysis import METHODS
+from ..nets.setup import ModelSetup
+from ..saliency.analysis import AnalysisOptions
+from ..saliency.methods import METHODS
 from ..saliency.selection import NORMALIZATIONS, UNITS
 
 
@@ -110,7 +113,10 @@ def parse_widen(items: list[str]) -> dict[str, float]:
     return factors
 
 
-def add_model_args(p: argparse.ArgumentParser, json_out: bool = True) -> None:
+def add_model_args(
+    p: argparse.ArgumentParser, json_out: bool = True, weights_help: str | None = None
+) -> None:
+    """--model, --data, --weights, --exclude, --preset, --device: the `ModelSetup` of a verb."""
     p.add_argument(
         "--model",
         required=True,
@@ -122,14 +128,55 @@ def add_model_args(p: argparse.ArgumentParser, json_out: bool = True) -> None:
         help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH | synthetic:C,H,W:K",
     )
     p.add_argument(
-        "--weights", default=None, help="checkpoint with a state_dict (loaded with weights_only=True)"
+        "--weights",
+        default=None,
+        help=weights_help or "checkpoint with a state_dict (loaded with weights_only=True)",
     )
     p.add_argument("--exclude", nargs="*", default=[], help="module name patterns never to prune (fnmatch)")
     p.add_argument(
         "--preset", default="auto", help="exclusion preset: auto, none, cifar-resnet, torchvision-resnet"
     )
+    p.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda, cuda:N")
     if json_out:
         p.add_argument("--out", default=None, help="write the JSON result here instead of stdout")
+
+
+def setup_from(args: argparse.Namespace) -> ModelSetup:
+    """The ModelSetup the flags of `add_model_args` give."""
+    return ModelSetup(args.model, args.data, args.weights, list(args.exclude), args.preset, args.device)
+
+
+def add_analysis_args(
+    p: argparse.ArgumentParser, samples: int = 1000, timed: str = "the latency unit", method: bool = True
+) -> None:
+    """The options of the analyses a verb runs (`AnalysisOptions`): method (unless the verb picks methods itself),
+    N', layer limits, normalisation."""
+    if method:
+        p.add_argument("--method", default="sosp-h", choices=METHODS)
+    p.add_argument(
+        "--samples", type=int, default=samples, help="N': analysis samples drawn from the training split"
+    )
+    p.add_argument("--cap", type=float, default=0.95, help="at most this fraction of a layer is pruned")
+    p.add_argument(
+        "--min-channels",
+        type=int,
+        default=1,
+        help="keep at least this many structures (channels) of every layer, whatever the ratio",
+    )
+    p.add_argument(
+        "--normalize",
+        default="none",
+        choices=NORMALIZATIONS,
+        help="rank structures by saliency per unit of cost: kernel size (SOSP*), MACs, or latency (each "
+        "layer timed alone; the order then depends on timings)",
+    )
+    add_latency_runtime_arg(p, timed)
+
+
+def analysis_options_from(args: argparse.Namespace) -> AnalysisOptions:
+    """The AnalysisOptions the verb's flags give: every option it has a flag for, the defaults for the rest."""
+    names = [f.name for f in dataclasses.fields(AnalysisOptions)]
+    return AnalysisOptions(**{name: getattr(args, name) for name in names if hasattr(args, name)})
 
 
 def add_workspace_arg(p: argparse.ArgumentParser) -> None:
@@ -138,35 +185,28 @@ def add_workspace_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_training_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--schedule", default="step", choices=["step", "cosine"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+def add_training_args(p: argparse.ArgumentParser, epochs: int = 200, seed: bool = True) -> None:
+    """The training schedule (`TrainConfig`); its flags land as train_* so they never mix with analysis options."""
+    p.add_argument("--epochs", dest="train_epochs", type=int, default=epochs)
+    p.add_argument("--lr", dest="train_lr", type=float, default=0.1)
+    p.add_argument("--batch-size", dest="train_batch_size", type=int, default=128)
+    p.add_argument("--schedule", dest="train_schedule", default="step", choices=["step", "cosine"])
+    if seed:
+        p.add_argument("--seed", dest="train_seed", type=int, default=0)
     add_distributed_args(p)
 
 
 def train_config_from(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig given by the flags of `add_training_args`."""
-    return TrainConfig(
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        schedule=args.schedule,
-        seed=args.seed,
-        device=args.device,
-        nproc=args.nproc,
-        sync_bn=args.sync_bn,
-    )
+    """The TrainConfig given by the flags of `add_training_args` (on the setup's device)."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    given = {name: getattr(args, f"train_{name}") for name in names if hasattr(args, f"train_{name}")}
+    return TrainConfig(**given, nproc=args.nproc, sync_bn=args.sync_bn, device=args.device)
 
 
 def add_experiment_args(p: argparse.ArgumentParser) -> None:
     add_training_args(p)
     p.add_argument("--finetune-epochs", type=int, default=None, help="default: repeat the training schedule")
-    p.add_argument("--method", default="sosp-h", choices=METHODS)
-    p.add_argument("--samples", type=int, default=1000)
+    add_analysis_args(p)
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument(
         "--unit",
@@ -174,12 +214,9 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
         choices=UNITS + (LATENCY_UNIT,),
         help="what --ratio is a fraction of; latency: the CPU latency at batch 1, timed along the order",
     )
-    add_latency_runtime_arg(p, "the latency unit")
     p.add_argument(
         "--target-params", type=int, default=None, help="prune to this many parameters instead of --ratio"
     )
-    p.add_argument("--cap", type=float, default=0.95)
-    p.add_argument("--normalize", default="none", choices=NORMALIZATIONS)
     p.add_argument(
         "--widen",
         nargs="*",
@@ -203,34 +240,27 @@ def experiment_config(args: argparse.Namespace, procedure: str) -> ExperimentCon
         widen, match = {}, widen  # widen-prune sizes itself to the expansion it is compared with
     return ExperimentConfig(
         procedure=procedure,
-        model_spec=args.model,
-        data_spec=args.data,
-        weights=args.weights,
-        epochs=args.epochs,
+        setup=setup_from(args),
+        training=train_config_from(args),
+        analysis=analysis_options_from(args),
         finetune_epochs=args.finetune_epochs,
-        method=args.method,
-        samples=args.samples,
         ratio=args.ratio,
         unit=args.unit,
-        latency_runtime=args.latency_runtime,
         target_params=args.target_params,
-        cap=args.cap,
-        normalize=args.normalize,
         widen=widen,
         match_widen=match,
         widen_factor=args.widen_factor,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        schedule=args.schedule,
-        seed=args.seed,
-        device=args.device,
-        exclude=list(args.exclude),
-        preset=args.preset,
         label=args.label,
-        nproc=args.nproc,
-        sync_bn=args.sync_bn,
     )
 
 
 def open_store(args: argparse.Namespace) -> Store:
     return Store(args.workspace)
+
+
+def parse_numbers(kind: type, text: str, what: str) -> list:
+    """'0.3, 0.5' -> [0.3, 0.5] (or ints); anything else is a clear error naming the field."""
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SospError(f"{what} must be comma-separated numbers, got '{text}'") from None

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from ..devices import resolve_device
 from ..errors import SospError
-from ..experiments.studies import parse_numbers
+from .args import parse_numbers
 from ..latency.deployment import efficiency_summary, efficiency_table, order_variants
 from ..latency.runtimes import RUNTIMES
-from ..nets.loading import open_workbench
-from ..runs.records import require_trust
+from ..pruning.workbench import open_workbench
+from ..runs.records import require_code_consent
 from ..saliency.analysis import AnalysisResult
 from .output import ProgressLine, progress_line
 
@@ -53,17 +53,15 @@ def _numbers(text: str, flag: str) -> list[int]:
 def cmd_deployment(args: argparse.Namespace) -> dict | None:
     result = AnalysisResult.load(args.analysis)
     config = result.config
-    require_trust(config.model_spec, args.trust_code, f"the analysis in '{args.analysis}'")
+    require_code_consent(config.setup.model_spec, args.trust_code, f"the analysis in '{args.analysis}'")
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     batches, round_to = _numbers(args.batches, "--batches"), _numbers(args.round_to, "--round-to")
     if not 2 <= args.points <= 41 or args.repeats < 1:
         raise SospError(
             f"--points must be in 2 .. 41 and --repeats at least 1, got {args.points}, {args.repeats}"
         )
-    progress_line(f"loading {config.model_spec} on {config.data_spec} ...")
-    wb = open_workbench(
-        config.model_spec, config.data_spec, args.weights or config.weights, config.exclude, config.preset
-    )
+    progress_line(f"loading {config.setup.model_spec} on {config.setup.data_spec} ...")
+    wb = open_workbench(config.setup.with_weights(args.weights or config.setup.weights))
     bar = ProgressLine("deployment")
     table = efficiency_table(
         wb.model,

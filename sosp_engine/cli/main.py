@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
 import math
 import os
@@ -12,13 +10,13 @@ import sys
 from pathlib import Path
 
 
-from ..saliency.analysis import EXACTNESS_SAMPLES, METHODS, AnalysisConfig, AnalysisResult, run_analysis
-from ..experiments.bottlenecks import LEVELS, RULES, explain, find_bottlenecks, paper_widening
+from ..saliency.analysis import AnalysisConfig, AnalysisResult, run_analysis
+from ..experiments.bottlenecks import LEVELS, RULES, explain, find_bottlenecks
 from ..experiments.procedures import Experiment
-from ..runs.records import require_trust, store_analysis
+from ..runs.records import require_code_consent, store_analysis
 from ..atomic import save_atomically
 from ..experiments.trainer import train
-from ..pruning.counting import count_macs, count_params
+from ..pruning.counting import count_params
 from ..devices import resolve_device, set_threads
 from ..saliency.memory import default_budget
 from ..latency.profile import (
@@ -32,16 +30,23 @@ from ..latency.profile import (
 from ..nets.data import load_data
 from ..nets.onnx_export import save_onnx
 from ..errors import SospError, one_line_error
-from ..pruning.exactness import exactness_line, exactness_report
-from ..nets.loading import open_workbench, resolve_preset
-from ..pruning.pruned_models import pruning_recipe, save_pruned
-from ..pruning.masks import layer_table, load_mask, mask_meta, mask_summary, pruned_copy, save_mask
+from ..pruning.exactness import exactness_line
+from ..pruning.workbench import open_workbench
+from ..pruning.pruned_models import save_pruned
+from ..pruning.masks import layer_table, load_mask, mask_meta, mask_summary, save_mask
 from ..saliency.common import LOSSES
-from ..saliency.selection import NORMALIZATIONS, UNITS
+from ..saliency.selection import UNITS
 from ..nets import USER_CODE_WARNING, is_user_code
+from ..atomic import write_bytes_atomically
+from ..experiments.expand_study import plain_net_widening
+from ..nets.onnx_export import CHECK_SAMPLES
+from ..pruning.export import export_pruned
+from ..pruning.workbench import Workbench
 from .args import (
+    add_analysis_args,
+    analysis_options_from,
+    setup_from,
     add_experiment_args,
-    add_latency_runtime_arg,
     add_model_args,
     add_training_args,
     add_workspace_arg,
@@ -56,11 +61,12 @@ from .sensitivity import add_sensitivity_parser
 from .studies import add_study_parser
 
 
-def workbench_from(args: argparse.Namespace):
-    if is_user_code(args.model):
+def workbench_from(args: argparse.Namespace) -> Workbench:
+    setup = setup_from(args)
+    if is_user_code(setup.model_spec):
         progress_line(f"warning: {USER_CODE_WARNING}")
-    progress_line(f"loading {args.model} on {args.data} ...")
-    return open_workbench(args.model, args.data, args.weights, args.exclude, args.preset)
+    progress_line(f"loading {setup.model_spec} on {setup.data_spec} ...")
+    return open_workbench(setup)
 
 
 def cmd_info(args: argparse.Namespace) -> dict:
@@ -87,7 +93,7 @@ def onnx_written(args: argparse.Namespace, model, wb) -> dict:
     """--onnx PATH: the model exported to ONNX, checked against PyTorch on real samples ({} without the flag)."""
     if not args.onnx:
         return {}
-    x, _ = wb.data.analysis_samples(EXACTNESS_SAMPLES)  # clamped to the data
+    x, _ = wb.data.analysis_samples(CHECK_SAMPLES)  # clamped to the data
     deviation = save_onnx(args.onnx, model, wb.example, x)
     progress_line(
         f"wrote {args.onnx}: ONNX Runtime's output deviates from PyTorch's by {deviation:.1e} on {len(x)} "
@@ -100,23 +106,23 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     wb = workbench_from(args)
     mask = load_mask(args.mask, wb.structures)
     progress_line(f"pruning {len(mask)} structures physically ...")
-    smaller = pruned_copy(wb.model, wb.structures, mask, wb.example)
-    recipe = pruning_recipe(
-        args.model, wb.structures, mask, resolve_preset(args.model, args.preset), args.exclude, wb.recipe
-    )
-    save_pruned(args.save, smaller, recipe)
-    summary = mask_summary(wb.structures, mask)
-    x, _ = wb.data.analysis_samples(EXACTNESS_SAMPLES)
-    exactness = exactness_report(wb.model, wb.structures, mask, wb.example, x)
-    progress_line(exactness_line(exactness))
+    export = export_pruned(wb, mask, onnx=bool(args.onnx))
+    export.save(args.save)
+    progress_line(exactness_line(export.exactness))
     progress_line(f"reopen it with: --model {args.model} --weights {args.save}")
+    written = {}
+    if args.onnx:
+        if export.onnx is None:
+            raise SospError(f"the pruned model was saved to {args.save}, but {export.onnx_line}")
+        write_bytes_atomically(args.onnx, export.onnx)
+        progress_line(f"wrote {args.onnx}: {export.onnx_line}")
+        written = {"onnx": args.onnx, "onnx_line": export.onnx_line}
     return {
-        **summary,
-        "params_counted": count_params(smaller),
-        "macs_counted": count_macs(smaller, wb.example),
-        "exactness": exactness,
+        **export.summary,
+        **export.counted(wb),
+        "exactness": export.exactness,
         "saved": args.save,
-        **onnx_written(args, smaller, wb),
+        **written,
     }
 
 
@@ -154,10 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="analyse a fresh seeded initialisation (BatchNorm statistics re-estimated)",
     )
-    p.add_argument("--method", default="sosp-h", choices=METHODS)
-    p.add_argument(
-        "--samples", type=int, default=1000, help="N': analysis samples drawn from the training split"
-    )
+    add_analysis_args(p, timed="--unit latency's profile and --normalize latency's layers")
     p.add_argument(
         "--batch-size", type=int, default=100, help="the largest analysis batch (the budget may lower it)"
     )
@@ -192,23 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=12,
         help="with --unit latency: pruned nets timed along the order (interpolated between)",
     )
-    add_latency_runtime_arg(p, "--unit latency's profile and --normalize latency's layers")
-    p.add_argument("--cap", type=float, default=0.95, help="at most this fraction of a layer is pruned")
     p.add_argument(
         "--round-to",
         type=int,
         default=1,
         help="keep widths in multiples of this (8 or 16: pruned nets then run as fast as their MACs)",
     )
-    p.add_argument(
-        "--normalize",
-        default="none",
-        choices=NORMALIZATIONS,
-        help="rank structures by saliency per unit of cost: kernel size (SOSP*), MACs, or latency (each "
-        "layer timed alone on --latency-device at --latency-batch; the order then depends on timings)",
-    )
     p.add_argument("--loss", default="cross-entropy", choices=LOSSES)
-    p.add_argument("--device", default="auto")
     p.add_argument(
         "--mc-labels",
         type=int,
@@ -226,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--name",
         default=None,
         help="also record the analysis in the workspace under this name (for the dashboard)",
+    )
+    p.add_argument(
+        "--profile-stages",
+        action="store_true",
+        help="print the seconds of every stage of the call (loading, tracing, samples, saliency, ...) on stderr",
     )
     add_workspace_arg(p)
     p.set_defaults(func=cmd_analyze)
@@ -276,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> None:
     wb = workbench_from(args)
     config = train_config_from(args)
-    model = wb.model if args.weights else wb.fresh_model(args.seed)  # --seed seeds the initial weights too
+    model = wb.model if args.weights else wb.fresh_model(config.seed)  # --seed seeds the initial weights too
     result = train(model, wb.data, config, progress=epoch_printer)
     save_atomically(model.cpu().state_dict(), Path(args.save))
     print(json.dumps({"test_acc": result.test_acc, "test_loss": result.test_loss, "saved": args.save}))
@@ -284,18 +282,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     wb = workbench_from(args)
-    mask = load_mask(args.mask, wb.structures)
-    smaller = pruned_copy(wb.model, wb.structures, mask, wb.example)
-    config = train_config_from(args)
-    result = train(smaller, wb.data, config, progress=epoch_printer)
-    save_pruned(
-        args.save,
-        smaller.cpu(),
-        pruning_recipe(
-            args.model, wb.structures, mask, resolve_preset(args.model, args.preset), args.exclude, wb.recipe
-        ),
-    )
-    print(json.dumps({"test_acc": result.test_acc, "params": count_params(smaller), "saved": args.save}))
+    pruned = wb.prune(load_mask(args.mask, wb.structures))
+    result = train(pruned.model, wb.data, train_config_from(args), progress=epoch_printer)
+    save_pruned(args.save, pruned.model.cpu(), pruned.recipe)
+    print(json.dumps({"test_acc": result.test_acc, "params": count_params(pruned.model), "saved": args.save}))
 
 
 def epoch_printer(event: dict) -> None:
@@ -306,51 +296,20 @@ def epoch_printer(event: dict) -> None:
         )
 
 
-def auto_widen(args: argparse.Namespace, wb) -> dict[str, float]:
-    """The paper's choice on the trained plain net: the least pruned stage of a ResNet, else the five least pruned
-    layers, widened x2. Without --weights the plain net is trained first (the bottlenecks of an init are others)."""
-    weights = args.weights
-    if not weights:
-        progress_line(
-            f"no --weights: training the plain net first ({args.epochs} epochs) to find the bottlenecks of "
-            "the trained net, as the paper does"
-        )
-        bar = ProgressLine("train plain")
-        model = copy.deepcopy(wb.model)
-        train(
-            model,
-            wb.data,
-            train_config_from(args),
-            Path(args.out) / "plain",
-            lambda e: bar((e["epoch"] - 1 + e.get("fraction", 1.0)) / e["epochs"], f"epoch {e['epoch']}"),
-        )
-        bar.close()
-        weights = str(save_atomically(model.cpu().state_dict(), Path(args.out) / "plain" / "trained.pt"))
-        wb = dataclasses.replace(wb, model=model, weights=weights)
-    config = AnalysisConfig(
-        method=args.method,
-        model_spec=args.model,
-        data_spec=args.data,
-        weights=weights,
-        samples=args.samples,
-        seed=args.seed,
-        cap=args.cap,
-        normalize=args.normalize,
-        device=args.device,
-        exclude=list(args.exclude),
-        preset=args.preset,
-    )
-    result = run_analysis(wb, config)
-    return paper_widening(
-        args.model, layer_table(wb.structures, result.mask(wb.structures, args.ratio, args.unit))
-    )
-
-
 def cmd_expand(args: argparse.Namespace) -> None:
     wb = workbench_from(args)
     config = experiment_config(args, "expand-prune")
     if not config.widen:
-        config.widen = auto_widen(args, wb)
+        if not args.weights:
+            progress_line(
+                f"no --weights: training the plain net first ({config.epochs} epochs) to find the bottlenecks of "
+                "the trained net, as the paper does"
+            )
+        bar = ProgressLine("plain net")
+        config.widen = plain_net_widening(
+            config, Path(args.out) / "plain", lambda f, m, d=None: bar(f, m), wb.data
+        )
+        bar.close()
         progress_line(f"bottlenecks widened x2: {', '.join(config.widen)}")
     bar = ProgressLine("expand-prune")
     summary = Experiment(config, args.out, lambda f, m, d=None: bar(f, m), data=wb.data).run()
@@ -361,7 +320,9 @@ def cmd_expand(args: argparse.Namespace) -> None:
 
 def cmd_bottlenecks(args: argparse.Namespace) -> None:
     result = AnalysisResult.load(args.analysis)
-    require_trust(result.config.model_spec, args.trust_code, f"the analysis in '{args.analysis}'")
+    require_code_consent(
+        result.config.setup.model_spec, args.trust_code, f"the analysis in '{args.analysis}'"
+    )
     if not (math.isfinite(args.k) and args.k >= 0) or args.n < 1:
         raise SospError(f"-k must be a number >= 0 and -n at least 1 (got k={args.k}, n={args.n})")
     written = mask_meta(
@@ -370,9 +331,7 @@ def cmd_bottlenecks(args: argparse.Namespace) -> None:
     ratio = args.ratio if args.ratio is not None else float(written.get("ratio", 0.5))
     unit = args.unit or str(written.get("unit", "structures"))
     progress_line(f"bottlenecks of the mask at {ratio:g} of {unit}")
-    wb = open_workbench(
-        result.config.model_spec, result.config.data_spec, None, result.config.exclude, result.config.preset
-    )
+    wb = open_workbench(result.config.setup.with_weights(None))
     latency = LatencyProfile.load(Path(args.analysis) / PROFILE_NAME) if unit == LATENCY_UNIT else None
     table = layer_table(wb.structures, result.mask(wb.structures, ratio, unit, latency))
     units, info = find_bottlenecks(table, args.level, args.rule, args.k, args.n)
@@ -388,28 +347,9 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     if args.download:
         load_data(args.data, download=True)
     wb = workbench_from(args)
-    config = AnalysisConfig(
-        method=args.method,
-        model_spec=args.model,
-        data_spec=args.data,
-        weights=args.weights,
-        at_init=args.at_init,
-        samples=args.samples,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        cap=args.cap,
-        round_to=args.round_to,
-        memory_budget_gb=memory_budget(args.memory_budget, args.device),
-        normalize=args.normalize,
-        latency_device=args.latency_device,
-        latency_batch=args.latency_batch,
-        latency_runtime=args.latency_runtime,
-        loss=args.loss,
-        device=args.device,
-        mc_labels=args.mc_labels,
-        exclude=list(args.exclude),
-        preset=args.preset,
-    )
+    options = analysis_options_from(args)
+    options.memory_budget_gb = memory_budget(args.memory_budget, args.device)
+    config = AnalysisConfig.of(wb.setup, options)
     bar = ProgressLine(f"{args.method}")
     result = run_analysis(wb, config, progress=bar)
     bar.close()
@@ -420,9 +360,24 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     save_mask(out / "mask.json", wb.structures, mask, method=args.method, ratio=args.ratio, unit=args.unit)
     table = layer_table(wb.structures, mask)
     table.to_csv(out / "layers.csv", index=False)
-    summary = mask_summary(wb.structures, mask)
-    x, _ = wb.data.analysis_samples(EXACTNESS_SAMPLES, args.seed)
-    exactness = exactness_report(wb.model, wb.structures, mask, wb.example, x)
+    print_mask(table, mask_summary(wb.structures, mask))
+    print(exactness_line(result.exactness))
+    if latency is not None:
+        print_latency(args, wb, mask, latency)
+    for line in (result.memory or {}).get("line"), result.layer_latency:
+        if line is not None:
+            progress_line(line)
+    stages = {**(wb.timings if args.profile_stages else {}), **result.timings}
+    progress_line("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+    progress_line(f"wrote {out}/analysis.json, tensors.pt, mask.json, layers.csv")
+    if args.name:
+        store = open_store(args)
+        record_id = store_analysis(store, result, args.name)
+        progress_line(f"recorded as '{args.name}' ({record_id}) in the workspace {store.root}")
+
+
+def print_mask(table, summary: dict) -> None:
+    """The per-layer table of the written mask and what it removes."""
     print(
         table[
             ["layer", "stage", "channels", "kept", "pruning_ratio", "params_after", "macs_after"]
@@ -433,31 +388,18 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         f"params {summary['params_before']:,} -> {summary['params_after']:,} ({summary['param_ratio']:.1%} removed); "
         f"MACs {summary['macs_before']:,} -> {summary['macs_after']:,} ({summary['mac_ratio']:.1%} removed)"
     )
-    print(exactness_line(exactness))
-    if latency is not None:
-        seconds, relative = relative_latency(
-            pruned_copy(wb.model, wb.structures, mask, wb.example),
-            wb.model,
-            wb.example,
-            latency.device,
-            latency.batch,
-            runtime=latency.runtime,
-        )
-        print(
-            f"latency in {latency.where()}: "
-            f"{1000 * seconds / relative:.3f} ms -> {1000 * seconds:.3f} ms, {1 - relative:.1%} less measured "
-            f"(target {args.ratio:.1%}, predicted {1 - float(latency.predict(len(mask))):.1%})"
-        )
-    if result.memory is not None:
-        progress_line(result.memory["line"])
-    if result.layer_latency is not None:
-        progress_line(result.layer_latency)
-    progress_line("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
-    progress_line(f"wrote {out}/analysis.json, tensors.pt, mask.json, layers.csv")
-    if args.name:
-        store = open_store(args)
-        record_id = store_analysis(store, result, args.name)
-        progress_line(f"recorded as '{args.name}' ({record_id}) in the workspace {store.root}")
+
+
+def print_latency(args: argparse.Namespace, wb: Workbench, mask: set[str], latency: LatencyProfile) -> None:
+    """The written mask's latency, measured where the profile was, against the target and the prediction."""
+    seconds, relative = relative_latency(
+        wb.prune(mask).model, wb.model, wb.example, latency.device, latency.batch, runtime=latency.runtime
+    )
+    print(
+        f"latency in {latency.where()}: "
+        f"{1000 * seconds / relative:.3f} ms -> {1000 * seconds:.3f} ms, {1 - relative:.1%} less measured "
+        f"(target {args.ratio:.1%}, predicted {1 - float(latency.predict(len(mask))):.1%})"
+    )
 
 
 def memory_budget(text: str, device: str) -> float | None:

@@ -10,8 +10,8 @@ from pathlib import Path
 from ..saliency.analysis import AnalysisResult
 from .output import ProgressLine, progress_line
 from ..errors import SospError
-from ..nets.loading import open_workbench
-from ..runs.records import require_trust
+from ..pruning.workbench import open_workbench
+from ..runs.records import require_code_consent
 from ..saliency.selection import UNITS
 from ..experiments.trust import trust_check
 from ..experiments.sensitivity import distinct_masks, even_grid, max_reduction, parse_grid, sensitivity_curve
@@ -67,13 +67,11 @@ def add_sensitivity_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_trust(args: argparse.Namespace) -> dict:
     result = AnalysisResult.load(args.analysis)
     config = result.config
-    require_trust(config.model_spec, args.trust_code, f"the analysis in '{args.analysis}'")
+    require_code_consent(config.setup.model_spec, args.trust_code, f"the analysis in '{args.analysis}'")
     if not 0 < args.ratio < 1:
         raise SospError(f"--ratio must be in (0, 1), got {args.ratio}")
-    progress_line(f"loading {config.model_spec} on {config.data_spec} ...")
-    wb = open_workbench(
-        config.model_spec, config.data_spec, args.weights or config.weights, config.exclude, config.preset
-    )
+    progress_line(f"loading {config.setup.model_spec} on {config.setup.data_spec} ...")
+    wb = open_workbench(config.setup.with_weights(args.weights or config.setup.weights))
     bar = ProgressLine("trust")
     report = trust_check(
         result,
@@ -102,13 +100,11 @@ def cmd_trust(args: argparse.Namespace) -> dict:
 def cmd_sensitivity(args: argparse.Namespace) -> dict | None:
     result = AnalysisResult.load(args.analysis)
     config = result.config
-    require_trust(config.model_spec, args.trust_code, f"the analysis in '{args.analysis}'")
+    require_code_consent(config.setup.model_spec, args.trust_code, f"the analysis in '{args.analysis}'")
     if args.samples is not None and args.samples < 1:
         raise SospError(f"--samples must be positive, got {args.samples}")
-    progress_line(f"loading {config.model_spec} on {config.data_spec} ...")
-    wb = open_workbench(
-        config.model_spec, config.data_spec, args.weights or config.weights, config.exclude, config.preset
-    )
+    progress_line(f"loading {config.setup.model_spec} on {config.setup.data_spec} ...")
+    wb = open_workbench(config.setup.with_weights(args.weights or config.setup.weights))
     if args.grid:
         ratios = parse_grid(args.grid)
     else:

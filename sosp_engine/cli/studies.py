@@ -9,15 +9,27 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..saliency.analysis import METHODS
-from .args import add_backend_args, add_distributed_args, add_latency_runtime_arg, parse_widen, placement_from
+from ..saliency.methods import METHODS
+from ..nets.setup import config_from_dict
+from .args import (
+    add_analysis_args,
+    add_model_args,
+    add_training_args,
+    add_workspace_arg,
+    analysis_options_from,
+    setup_from,
+    train_config_from,
+    add_backend_args,
+    parse_numbers,
+    parse_widen,
+    placement_from,
+)
 from .output import progress_line
 from ..errors import SospError
 from ..experiments.expand_study import (
     EXPAND_PROCEDURES,
     EXPAND_STUDY_KIND,
     ExpandStudyConfig,
-    expand_state,
     expand_table,
     unpruned_reference,
 )
@@ -25,9 +37,10 @@ from ..latency.profile import LATENCY_UNIT
 from ..runs.jobs import mark_stale_jobs, submit_expand_study, submit_study
 from ..runs.work import STUDY_KINDS
 from ..nets import USER_CODE_WARNING, is_user_code
-from ..saliency.selection import NORMALIZATIONS, UNITS
+from ..saliency.selection import UNITS
 from ..runs.store import Store
-from ..experiments.studies import STUDY_KIND, StudyConfig, aggregate, parse_numbers, study_cells
+from ..experiments.studies import STUDY_KIND, StudyConfig, aggregate
+from ..runs.study_state import expand_state, study_cells
 
 
 def add_study_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,10 +49,8 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
     )
     ssub = study.add_subparsers(dest="study_command", required=True)
     p = ssub.add_parser("submit", help="queue a study")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", default="digits")
-    p.add_argument(
-        "--weights", default=None, help="a trained checkpoint for every seed (default: train one per seed)"
+    add_model_args(
+        p, json_out=False, weights_help="a trained checkpoint for every seed (default: train one per seed)"
     )
     p.add_argument(
         "--methods", default="sosp-h,sosp-i,magnitude,random", help=f"comma-separated, from {METHODS}"
@@ -52,11 +63,10 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
         help="params or macs compare methods fairly; latency: the CPU latency at batch 1, timed along each "
         "analysis's order",
     )
-    add_latency_runtime_arg(p, "each cell's CPU latency (and the latency unit)")
+    add_analysis_args(p, samples=500, timed="each cell's CPU latency (and the latency unit)", method=False)
     p.add_argument(
         "--seeds", default="0,1,2", help="comma-separated seeds (one trained net and analysis each)"
     )
-    p.add_argument("--epochs", type=int, default=10, help="training epochs per seed (ignored with --weights)")
     p.add_argument("--finetune-epochs", type=int, default=5)
     add_run_args(p)
     p.set_defaults(func=cmd_study_submit)
@@ -87,8 +97,9 @@ def add_expand_parser(ssub: argparse._SubParsersAction) -> None:
         help="queue an expand study: expand- / widen- / train-pruning, trials each, pruned to "
         "the size of the train-pruned plain net (paper sec. 3.4)",
     )
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", default="digits")
+    add_model_args(
+        p, json_out=False, weights_help="trained weights of the plain net (default: trained per trial)"
+    )
     p.add_argument(
         "--procedures",
         default="expand-prune,widen-prune,train-prune",
@@ -104,59 +115,36 @@ def add_expand_parser(ssub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--widen-by", type=float, default=2.0, help="the factor of the bottlenecks found on the trained net"
     )
-    p.add_argument("--method", default="sosp-h", choices=METHODS)
+    add_analysis_args(p, samples=500)
     p.add_argument(
         "--ratio", type=float, default=0.5, help="the plain net's pruning ratio; it sets every run's size"
     )
     p.add_argument("--unit", default="params", choices=UNITS)
-    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--finetune-epochs", type=int, default=10)
     add_run_args(p)
     p.set_defaults(func=cmd_study_expand)
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
-    """The analysis, training and placement flags both kinds of study take."""
-    p.add_argument("--samples", type=int, default=500, help="N' of each analysis")
-    p.add_argument("--cap", type=float, default=0.95)
-    p.add_argument("--normalize", default="none", choices=NORMALIZATIONS)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="auto")
-    add_distributed_args(p)
-    p.add_argument("--exclude", nargs="*", default=[])
-    p.add_argument("--preset", default="auto")
+    """The training and placement flags both kinds of study take."""
+    add_training_args(p, epochs=10, seed=False)
     p.add_argument("--name", default="")
     add_backend_args(p)
-    p.add_argument(
-        "--workspace", default=None, help="workspace folder (default $SOSP_WORKSPACE or ./workspace)"
-    )
+    add_workspace_arg(p)
 
 
 def cmd_study_submit(args: argparse.Namespace) -> dict:
     if is_user_code(args.model):
         progress_line(f"warning: {USER_CODE_WARNING}")
     config = StudyConfig(
-        model_spec=args.model,
-        data_spec=args.data,
-        weights=args.weights,
+        setup=setup_from(args),
         methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         targets=parse_numbers(float, args.targets, "--targets"),
         unit=args.unit,
         seeds=parse_numbers(int, args.seeds, "--seeds"),
-        epochs=args.epochs,
+        training=train_config_from(args),
         finetune_epochs=args.finetune_epochs,
-        samples=args.samples,
-        cap=args.cap,
-        normalize=args.normalize,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        device=args.device,
-        exclude=args.exclude,
-        preset=args.preset,
-        nproc=args.nproc,
-        sync_bn=args.sync_bn,
-        latency_runtime=args.latency_runtime,
+        analysis=analysis_options_from(args),
     )
     store = Store(args.workspace)
     job_id = submit_study(store, config, args.name, placement=placement_from(args))
@@ -168,27 +156,16 @@ def cmd_study_expand(args: argparse.Namespace) -> dict:
     if is_user_code(args.model):
         progress_line(f"warning: {USER_CODE_WARNING}")
     config = ExpandStudyConfig(
-        model_spec=args.model,
-        data_spec=args.data,
+        setup=setup_from(args),
         procedures=[p.strip() for p in args.procedures.split(",") if p.strip()],
         trials=args.trials,
         widen=parse_widen(args.widen),
         widen_by=args.widen_by,
-        method=args.method,
-        samples=args.samples,
         ratio=args.ratio,
         unit=args.unit,
-        cap=args.cap,
-        normalize=args.normalize,
-        epochs=args.epochs,
+        training=train_config_from(args),
         finetune_epochs=args.finetune_epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        device=args.device,
-        exclude=args.exclude,
-        preset=args.preset,
-        nproc=args.nproc,
-        sync_bn=args.sync_bn,
+        analysis=analysis_options_from(args),
     )
     store = Store(args.workspace)
     job_id = submit_expand_study(store, config, args.name, placement=placement_from(args))
@@ -210,10 +187,10 @@ def cmd_study_list(args: argparse.Namespace) -> None:
     mark_stale_jobs(store)
     for job in store.jobs():
         if job["kind"] == STUDY_KIND:
-            total = len(StudyConfig(**job["config"]).cells)
+            total = len(config_from_dict(StudyConfig, job["config"]).cells)
             print(f"{job['id']}  {job['status']:<10} {len(study_cells(job))}/{total} cells  {job['name']}")
         elif job["kind"] == EXPAND_STUDY_KIND:
-            total = len(ExpandStudyConfig(**job["config"]).runs)
+            total = len(config_from_dict(ExpandStudyConfig, job["config"]).runs)
             print(
                 f"{job['id']}  {job['status']:<10} {len(expand_state(job)['runs'])}/{total} runs   {job['name']}"
             )

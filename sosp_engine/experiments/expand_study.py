@@ -11,24 +11,24 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
-from ..saliency.analysis import METHODS
-from .bottlenecks import paper_widening
 from ..devices import node_name
-from ..nets.data import DataBundle
 from ..errors import AnalysisError
-from .procedures import Experiment, ExperimentConfig, Reporter, compare_runs
-from ..nets.loading import example_input, resolve_preset
-from ..pruning.masks import layer_table, load_mask
-from ..nets import build_model
+from ..nets.data import DataBundle, example_input
+from ..nets.setup import ModelSetup, config_from_dict
 from ..progress import StopFn
+from ..pruning.masks import layer_table, load_mask
+from ..pruning.workbench import build_for, structures_under
+from ..saliency.analysis import AnalysisOptions
 from ..saliency.selection import UNITS
-from ..pruning.offered import find_structures
-from .studies import FanOut, UnitRun, study_state
+from .bottlenecks import paper_widening
+from .procedures import Experiment, ExperimentConfig, Reporter, compare_runs
+from .studies import FanOut, UnitRun
+from .training import TrainConfig
 
 EXPAND_STUDY_KIND = "expand-study"
 EXPAND_PROCEDURES = ("expand-prune", "widen-prune", "train-prune", "init-prune")
@@ -37,30 +37,21 @@ PLAIN = "train-prune"
 
 @dataclass
 class ExpandStudyConfig:
-    """Everything an expand study needs; stored with its job so a resume rebuilds the same runs."""
+    """Everything an expand study needs; stored with its job so a resume rebuilds the same runs.
 
-    model_spec: str = "resnet20"
-    data_spec: str = "digits"
+    Every run shares the `setup`, the `training` schedule (seeded by its trial) and the `analysis` options."""
+
+    setup: ModelSetup = field(default_factory=ModelSetup)
     procedures: list[str] = field(default_factory=lambda: ["expand-prune", "widen-prune", PLAIN])
     trials: int = 3
     widen: dict[str, float] = field(default_factory=dict)  # empty: the bottlenecks of the trained plain net
     widen_by: float = 2.0  # the factor of the bottlenecks found on the trained net
     target_params: int | None = None  # None: the size of the train-pruned plain net (trial 0)
-    method: str = "sosp-h"
-    samples: int = 500
     ratio: float = 0.5
     unit: str = "params"
-    cap: float = 0.95
-    normalize: str = "none"
-    epochs: int = 10
+    training: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10))
     finetune_epochs: int = 10
-    lr: float = 0.1
-    batch_size: int = 128
-    device: str = "auto"
-    exclude: list[str] = field(default_factory=list)
-    preset: str | None = "auto"
-    nproc: int = 1
-    sync_bn: bool = False
+    analysis: AnalysisOptions = field(default_factory=lambda: AnalysisOptions(samples=500))
 
     def validate(self) -> None:
         """Every value in range before any work starts."""
@@ -79,11 +70,9 @@ class ExpandStudyConfig:
             raise AnalysisError(f"trials must be a whole number from 1 to 100, got {self.trials}")
         if not (math.isfinite(self.widen_by) and self.widen_by > 0):
             raise AnalysisError(f"the widening factor must be a positive number, got {self.widen_by}")
-        if self.method not in METHODS:
-            raise AnalysisError(f"unknown method '{self.method}'; use one of {', '.join(METHODS)}")
         if self.unit not in UNITS:
             raise AnalysisError(f"unknown unit '{self.unit}'; use one of {UNITS}")
-        if self.epochs < 1:
+        if self.training.epochs < 1:
             raise AnalysisError("an expand study trains every net: give at least one epoch")
         for procedure in self.procedures:
             self.experiment(
@@ -97,25 +86,13 @@ class ExpandStudyConfig:
         and every run but the plain net's is pruned to `target_params`."""
         return ExperimentConfig(
             procedure=procedure,
-            model_spec=self.model_spec,
-            data_spec=self.data_spec,
-            epochs=self.epochs,
+            setup=self.setup,
+            training=replace(self.training, seed=trial),
+            analysis=self.analysis,
             finetune_epochs=self.finetune_epochs,
-            method=self.method,
-            samples=self.samples,
             ratio=self.ratio,
             unit=self.unit,
-            cap=self.cap,
-            normalize=self.normalize,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            seed=trial,
-            device=self.device,
-            exclude=list(self.exclude),
-            preset=self.preset,
             label=procedure,
-            nproc=self.nproc,
-            sync_bn=self.sync_bn,
             widen=dict(widen) if procedure == "expand-prune" else {},
             match_widen=dict(widen) if procedure == "widen-prune" else {},
             target_params=None if procedure == PLAIN else target_params,
@@ -132,7 +109,7 @@ def run_key(procedure: str, trial: int) -> str:
 
 def run_unit(config: dict, folder: str, unit: tuple, report: Reporter | None = None) -> dict:
     """One run of an expand study in a process of its own (a cluster worker); the study records it."""
-    return ExpandStudy(ExpandStudyConfig(**config), folder, report).unit(unit)
+    return ExpandStudy(config_from_dict(ExpandStudyConfig, config), folder, report).unit(unit)
 
 
 class ExpandStudy(UnitRun):
@@ -199,15 +176,9 @@ class ExpandStudy(UnitRun):
 
     def _bottlenecks(self, trial: int) -> dict[str, float]:
         """The units the paper's rule flags on a trained plain net's mask, each with the study's factor."""
-        model = build_model(self.config.model_spec, self.data.num_classes, self.data.input_shape[0])
-        structures = find_structures(
-            model,
-            example_input(self.data),
-            self.config.exclude,
-            resolve_preset(self.config.model_spec, self.config.preset),
+        return run_widening(
+            self.config.setup, self.data, self._run_folder(PLAIN, trial), self.config.widen_by
         )
-        table = layer_table(structures, load_mask(self._run_folder(PLAIN, trial) / "mask.json", structures))
-        return paper_widening(self.config.model_spec, table, self.config.widen_by)
 
     def _plan(self) -> dict:
         """The size target and the widening, from trial 0 of the trained plain net."""
@@ -281,7 +252,33 @@ def unpruned_reference(runs: list[dict], plan: dict | None) -> dict | None:
     return {"params": plan["plain_params"], "macs": plan["plain_macs"], "test_acc": sum(accs) / len(accs)}
 
 
-def expand_state(job: dict) -> dict:
-    """An expand study's plan and finished runs so far (read from its state, also while it runs)."""
-    state = study_state(job)
-    return {"plan": state.get("plan"), "runs": list(state.get("runs", {}).values())}
+def run_widening(setup: ModelSetup, data: DataBundle, folder: Path, factor: float = 2.0) -> dict[str, float]:
+    """The paper's widening from the mask a plain net's run wrote in `folder`: its bottlenecks, each by `factor`."""
+    structures = structures_under(setup, build_for(setup.model_spec, data), example_input(data))
+    table = layer_table(structures, load_mask(folder / "mask.json", structures))
+    return paper_widening(setup.model_spec, table, factor)
+
+
+def plain_net_widening(
+    config: ExperimentConfig,
+    folder: str | Path,
+    report: Reporter | None = None,
+    data: DataBundle | None = None,
+    factor: float = 2.0,
+) -> dict[str, float]:
+    """The bottlenecks of `config`'s plain net, widened by `factor`, as an expand study finds them: the plain net is
+    trained first (its given weights are used as trained instead), analysed with the config's options and pruned at
+    its ratio; the run is kept in `folder`."""
+    epochs = 0 if config.setup.weights else config.training.epochs
+    plain = replace(
+        config,
+        procedure=PLAIN,
+        training=replace(config.training, epochs=epochs),
+        widen={},
+        match_widen={},
+        widen_factor=None,
+        label=PLAIN,
+    )
+    run = Experiment(plain, folder, report, data=data)
+    run.run(until="analyze")
+    return run_widening(plain.setup, run.data, Path(folder), factor)

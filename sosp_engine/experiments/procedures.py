@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -14,20 +14,19 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..saliency.analysis import AnalysisConfig, run_analysis
-from ..saliency.selection import UNITS
-from ..pruning.counting import count_macs
-from ..latency.profile import LATENCY_UNIT, stored_profile
-from ..latency.runtimes import EAGER
-from ..nets.data import DataBundle, load_data
-from ..errors import AnalysisError
-from ..nets.loading import Workbench, example_input, open_workbench, resolve_preset
-from ..pruning.masks import load_mask, mask_summary, pruned_copy, save_mask
-from ..nets import build_model, load_weights
-from ..progress import Cancelled, StopFn
-from ..pruning.offered import find_structures
-from ..pruning.surgery import build_widened, every_layer, params_of, uniform_factor
 from ..atomic import save_atomically, write_json_atomically
+from ..errors import AnalysisError
+from ..latency.profile import LATENCY_UNIT, stored_profile
+from ..nets import load_weights
+from ..nets.data import DataBundle, example_input, load_data
+from ..nets.setup import ModelSetup
+from ..progress import Cancelled, StopFn
+from ..pruning.counting import count_macs
+from ..pruning.masks import load_mask, mask_summary, pruned_copy, save_mask
+from ..pruning.surgery import build_widened, every_layer, params_of, uniform_factor
+from ..pruning.workbench import Workbench, build_for, open_workbench, structures_under
+from ..saliency.analysis import AnalysisConfig, AnalysisOptions, run_analysis
+from ..saliency.selection import UNITS
 from .trainer import train
 from .training import TrainConfig, evaluate
 
@@ -37,51 +36,33 @@ Reporter = Callable[[float, str, dict | None], None]
 
 @dataclass
 class ExperimentConfig:
-    """One procedure with everything it needs; stored with the job so a resume rebuilds the same run."""
+    """One procedure with everything it needs; stored with the job so a resume rebuilds the same run.
+
+    `training` is the schedule of the training stage (its seed is the run's; the device is the setup's), `analysis`
+    the options of its analysis (its seed and weights follow the run)."""
 
     procedure: str = "train-prune"
-    model_spec: str = "resnet20"
-    data_spec: str = "digits"
-    weights: str | None = None
-    epochs: int = 10
+    setup: ModelSetup = field(default_factory=ModelSetup)
+    training: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10))
+    analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
     finetune_epochs: int | None = None  # None: fine-tuning exactly repeats the training schedule
-    method: str = "sosp-h"
-    samples: int = 1000
     ratio: float = 0.5
     unit: str = "structures"
     target_params: int | None = None  # prune to this many parameters instead of `ratio`
-    cap: float = 0.95
-    normalize: str = "none"
     widen: dict[str, float] = field(default_factory=dict)  # expand-prune: layer or stage -> factor
     widen_factor: float | None = None  # widen-prune: one factor for all; solved from `match_widen` when None
     match_widen: dict[str, float] = field(
         default_factory=dict
     )  # widen-prune: match the params of this expansion
-    lr: float = 0.1
-    batch_size: int = 128
-    schedule: str = "step"
-    seed: int = 0
-    device: str = "auto"
-    exclude: list[str] = field(default_factory=list)
-    preset: str | None = "auto"
     label: str = ""
-    nproc: int = 1  # training stages across this many processes (DistributedDataParallel)
-    sync_bn: bool = False
-    latency_runtime: str = EAGER  # where the latency unit (CPU, batch 1) is timed: eager or onnxruntime
 
     def validate(self) -> None:
         if self.procedure not in PROCEDURES:
             raise AnalysisError(f"unknown procedure '{self.procedure}'; use one of {PROCEDURES}")
-        if self.epochs < 0 or (self.finetune_epochs is not None and self.finetune_epochs < 0):
+        if self.training.epochs < 0 or (self.finetune_epochs is not None and self.finetune_epochs < 0):
             raise AnalysisError("epochs must be zero or positive")
-        self.train_config(self.epochs).validate()
-        AnalysisConfig(
-            method=self.method,
-            samples=self.samples,
-            cap=self.cap,
-            normalize=self.normalize,
-            latency_runtime=self.latency_runtime,
-        ).validate()
+        self.train_config(self.training.epochs).validate()
+        self.analysis.validate()
         if not (math.isfinite(self.ratio) and 0 <= self.ratio < 1):
             raise AnalysisError(f"the pruning ratio must be in [0, 1), got {self.ratio}")
         if self.unit not in UNITS + (LATENCY_UNIT,):
@@ -94,32 +75,28 @@ class ExperimentConfig:
         if any(not (math.isfinite(f) and f > 0) for f in factors):
             raise AnalysisError(f"widening factors must be positive numbers, got {factors}")
 
-    def train_config(self, epochs: int, offset: int = 0) -> TrainConfig:
-        return TrainConfig(
-            epochs=epochs,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            schedule=self.schedule,
-            seed=self.seed + offset,
-            device=self.device,
-            nproc=self.nproc,
-            sync_bn=self.sync_bn,
-        )
+    @property
+    def epochs(self) -> int:
+        return self.training.epochs
 
     @property
-    def preset_name(self) -> str | None:
-        return resolve_preset(self.model_spec, self.preset)
+    def seed(self) -> int:
+        return self.training.seed
+
+    def train_config(self, epochs: int, offset: int = 0) -> TrainConfig:
+        """The training schedule for a stage of `epochs`, seeded `offset` after the run, on the setup's device."""
+        return replace(
+            self.training, epochs=epochs, seed=self.training.seed + offset, device=self.setup.device
+        )
 
 
 def check_runnable(config: ExperimentConfig) -> None:
     """Open the model on the data with the weights, and build the widened nets the job would build, so a bad spec,
     path, checkpoint or layer name fails at submit (naming what is wrong), not seconds or a training stage later."""
-    workbench = open_workbench(
-        config.model_spec, config.data_spec, config.weights, config.exclude, config.preset
-    )
+    workbench = open_workbench(config.setup)
     for factors in (f for f in (config.widen, config.match_widen) if f):
         build_widened(
-            config.model_spec,
+            config.setup.model_spec,
             workbench.data.num_classes,
             workbench.data.input_shape[0],
             workbench.structures,
@@ -165,7 +142,7 @@ class Experiment(ResumableRun):
     ) -> None:
         config.validate()
         self.config = config
-        super().__init__(folder, report, should_stop, data, config.data_spec, {"done": {}})
+        super().__init__(folder, report, should_stop, data, config.setup.data_spec, {"done": {}})
         self.stages = self._stages()
 
     # helpers ------------------------------------------------------------------------------------------------------
@@ -190,23 +167,23 @@ class Experiment(ResumableRun):
         return example_input(self.data)
 
     def _build(self, spec: str) -> nn.Module:
-        return build_model(spec, self.data.num_classes, self.data.input_shape[0])
+        return build_for(spec, self.data)
 
     def _structures(self, model: nn.Module):
         """The model's prunable structures under the run's exclusions."""
-        return find_structures(model, self._example(), self.config.exclude, self.config.preset_name)
+        return structures_under(self.config.setup, model, self._example())
 
     def _architecture(self) -> tuple[nn.Module, str | None]:
         """The (possibly widened) architecture, freshly initialised with the run's seed."""
         torch.manual_seed(self.config.seed)
         widen = self.state["done"].get("widen", {})
         factors = widen.get("factors", {})
-        spec = widen.get("spec") or self.config.model_spec
+        spec = widen.get("spec") or self.config.setup.model_spec
         if not factors or widen.get("spec"):
             return self._build(spec), spec
-        base = self._structures(self._build(self.config.model_spec))
+        base = self._structures(self._build(self.config.setup.model_spec))
         model, _ = build_widened(
-            self.config.model_spec,
+            self.config.setup.model_spec,
             self.data.num_classes,
             self.data.input_shape[0],
             base,
@@ -258,7 +235,8 @@ class Experiment(ResumableRun):
     # stages ---------------------------------------------------------------------------------------------------------
     def _stage_widen(self, index: int) -> dict:
         c = self.config
-        base_model = self._build(c.model_spec)
+        spec = c.setup.model_spec
+        base_model = self._build(spec)
         base = self._structures(base_model)
         if c.procedure == "expand-prune":
             factors = dict(c.widen)
@@ -274,7 +252,7 @@ class Experiment(ResumableRun):
                         "widen-prune needs a widen_factor or the expansion (match_widen) whose size it matches"
                     )
                 expanded, _ = build_widened(
-                    c.model_spec,
+                    spec,
                     self.data.num_classes,
                     self.data.input_shape[0],
                     base,
@@ -282,16 +260,16 @@ class Experiment(ResumableRun):
                     self._example(),
                 )
                 factor, _ = uniform_factor(
-                    c.model_spec,
+                    spec,
                     self.data.num_classes,
                     self.data.input_shape[0],
                     base,
                     params_of(expanded),
                     self._example(),
                 )
-            factors = every_layer(c.model_spec, base, factor)
+            factors = every_layer(spec, base, factor)
         model, spec = build_widened(
-            c.model_spec, self.data.num_classes, self.data.input_shape[0], base, factors, self._example()
+            spec, self.data.num_classes, self.data.input_shape[0], base, factors, self._example()
         )
         return {
             "factors": factors,
@@ -302,8 +280,8 @@ class Experiment(ResumableRun):
 
     def _stage_train(self, index: int) -> dict:
         model, _ = self._architecture()
-        if self.config.weights and self.config.procedure == "train-prune":
-            load_weights(model, self.config.weights)
+        if self.config.setup.weights and self.config.procedure == "train-prune":
+            load_weights(model, self.config.setup.weights)
         out = self._train_stage("train", model, self.config.epochs, index)
         save_atomically(model.cpu().state_dict(), self.folder / "trained.pt")
         out["weights"] = str(self.folder / "trained.pt")
@@ -311,32 +289,17 @@ class Experiment(ResumableRun):
         return out
 
     def _analysis_config(self, spec: str, at_init: bool) -> AnalysisConfig:
-        c = self.config
         trained = self.folder / "trained.pt"
         weights = str(trained) if not at_init and trained.exists() else None
-        return AnalysisConfig(
-            method=c.method,
-            model_spec=spec,
-            data_spec=c.data_spec,
-            weights=weights,
-            at_init=at_init,
-            samples=c.samples,
-            seed=c.seed,
-            cap=c.cap,
-            normalize=c.normalize,
-            device=c.device,
-            exclude=list(c.exclude),
-            preset=c.preset,
-            latency_device="cpu",
-            latency_runtime=c.latency_runtime,
+        setup = replace(self.config.setup, model_spec=spec, weights=weights)
+        return AnalysisConfig.of(
+            setup, self.config.analysis, at_init=at_init, seed=self.config.seed, latency_device="cpu"
         )  # where a job's latency unit is timed, too
 
     def _analyze(self, model: nn.Module, spec: str | None, at_init: bool, index: int) -> dict:
         structures = self._structures(model)
-        workbench = Workbench(
-            spec or self.config.model_spec, self.data, model, structures, None, self._example()
-        )
-        config = self._analysis_config(spec or self.config.model_spec, at_init)
+        config = self._analysis_config(spec or self.config.setup.model_spec, at_init)
+        workbench = Workbench(config.setup, self.data, model, structures, self._example())
         result = run_analysis(
             workbench,
             config,
@@ -357,14 +320,19 @@ class Experiment(ResumableRun):
                 self.folder / "analysis",
                 should_stop=self.should_stop,
                 targets=[ratio],
-                runtime=self.config.latency_runtime,
+                runtime=self.config.analysis.latency_runtime,
             )
             if unit == LATENCY_UNIT
             else None
         )
         mask = result.mask(structures, ratio, unit, latency)
         save_mask(
-            self.folder / "mask.json", structures, mask, method=self.config.method, ratio=ratio, unit=unit
+            self.folder / "mask.json",
+            structures,
+            mask,
+            method=self.config.analysis.method,
+            ratio=ratio,
+            unit=unit,
         )
         return {**mask_summary(structures, mask), "ratio": ratio, "unit": unit, "timings": result.timings}
 
@@ -392,9 +360,11 @@ class Experiment(ResumableRun):
         macs = count_macs(model, self._example())
         return {**out, "params": params_of(model), "macs": macs}
 
-    def run(self) -> dict:
-        """Run the remaining stages; returns the summary (final test accuracy, parameters, MACs, per-stage results)."""
-        for index, stage in enumerate(self.stages):
+    def run(self, until: str | None = None) -> dict:
+        """Run the remaining stages (up to and including `until`, if given); returns the summary (final test accuracy,
+        parameters, MACs, per-stage results)."""
+        stages = self.stages[: self.stages.index(until) + 1] if until else self.stages
+        for index, stage in enumerate(stages):
             if stage in self.state["done"]:
                 continue
             if self.should_stop is not None and self.should_stop():
@@ -420,13 +390,26 @@ class Experiment(ResumableRun):
         }
 
 
-TRIAL_FIELDS = ("seed", "label")  # what may differ between trials of one configuration
+TRIAL_FIELDS = ("seed", "training.seed", "label")  # what may differ between trials of one configuration
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """A stored config with its nested parts' fields as dotted keys ('training.epochs')."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key in ("setup", "training", "analysis"):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def _setups(summaries: list[dict]) -> list[str]:
     """Each run's configuration in words, by the fields (other than the seed) that differ among the runs: runs of
     different configurations (epochs, ratio, ...) are never averaged as trials of one."""
-    configs = [{k: v for k, v in (s.get("config") or {}).items() if k not in TRIAL_FIELDS} for s in summaries]
+    configs = [
+        {k: v for k, v in _flat(s.get("config") or {}).items() if k not in TRIAL_FIELDS} for s in summaries
+    ]
     keys = sorted({k for c in configs for k in c})
     differing = [
         k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1

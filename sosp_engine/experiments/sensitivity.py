@@ -14,7 +14,7 @@ from ..saliency.analysis import AnalysisResult, analysed_model
 from .compare import rank_correlation
 from ..devices import resolve_device
 from ..errors import AnalysisError
-from ..nets.loading import Workbench
+from ..pruning.workbench import Workbench
 from ..pruning.masks import pruned_copy, zeroed_copy
 from ..nets import weights_fingerprint
 from ..progress import ProgressFn, StopFn, check_cancel, report
@@ -111,7 +111,7 @@ def evaluated_model(result: AnalysisResult, workbench: Workbench, target: torch.
     if weights_fingerprint(model) != result.weights_fingerprint:
         raise AnalysisError(
             "these weights are not the ones the analysis ran on: open the analysis with its own "
-            f"checkpoint ({result.config.weights or 'random init'})"
+            f"checkpoint ({result.config.setup.weights or 'random init'})"
         )
     return model
 

@@ -10,32 +10,30 @@ cells); a `fan_out` (the Ray backend's) runs each phase's units in parallel, the
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pandas as pd
 import torch
 
-from ..saliency.analysis import METHODS, AnalysisConfig, AnalysisResult, run_analysis
 from ..atomic import save_atomically
-from ..pruning.counting import count_macs, count_params
-from ..nets.data import DataBundle
 from ..devices import node_name, resolve_device
 from ..errors import AnalysisError
-from .procedures import Reporter, ResumableRun
 from ..latency.profile import LATENCY_UNIT, measure_latency, stored_profile
-from ..latency.runtimes import EAGER, check_runtime
-from ..nets.loading import Workbench, example_input, resolve_preset
-from ..pruning.masks import pruned_copy
-from ..nets import build_model, load_weights
+from ..nets import load_weights
+from ..nets.data import DataBundle, example_input
+from ..nets.setup import ModelSetup, config_from_dict
 from ..progress import Cancelled, StopFn
+from ..pruning.counting import count_macs, count_params
+from ..pruning.masks import pruned_copy
+from ..pruning.workbench import Workbench, build_for, structures_under
+from ..saliency.analysis import AnalysisConfig, AnalysisOptions, AnalysisResult, run_analysis
+from ..saliency.methods import METHODS
 from ..saliency.selection import UNITS
-from ..runs.store import run_folder
-from ..pruning.offered import find_structures
+from .procedures import Reporter, ResumableRun
 from .trainer import train
 from .training import TrainConfig, evaluate
 
@@ -44,28 +42,19 @@ STUDY_KIND = "study"
 
 @dataclass
 class StudyConfig:
-    """Everything a study needs; stored with its job so a resume rebuilds the same grid."""
+    """Everything a study needs; stored with its job so a resume rebuilds the same grid.
 
-    model_spec: str = "resnet20"
-    data_spec: str = "digits"
+    `setup.weights`: a trained checkpoint shared by every seed (None: train one per seed with `training`); `analysis`:
+    the options of every analysis (its method and seed come from the grid)."""
+
+    setup: ModelSetup = field(default_factory=ModelSetup)
     methods: list[str] = field(default_factory=lambda: ["sosp-h", "sosp-i", "magnitude", "random"])
     targets: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
     unit: str = "params"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    weights: str | None = None  # a trained checkpoint shared by every seed; None: train one per seed
-    epochs: int = 10
+    training: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10))
     finetune_epochs: int = 5
-    samples: int = 500
-    cap: float = 0.95
-    normalize: str = "none"
-    lr: float = 0.1
-    batch_size: int = 128
-    device: str = "auto"
-    exclude: list[str] = field(default_factory=list)
-    preset: str | None = "auto"
-    nproc: int = 1  # each training and fine-tuning across this many processes
-    sync_bn: bool = False
-    latency_runtime: str = EAGER  # the runtime each cell's CPU latency (and the latency unit) is timed in
+    analysis: AnalysisOptions = field(default_factory=lambda: AnalysisOptions(samples=500))
 
     def validate(self) -> None:
         """Every value in range before any work starts."""
@@ -78,29 +67,20 @@ class StudyConfig:
             raise AnalysisError(f"study targets must be ratios in [0, 1), got {self.targets}")
         if self.unit not in UNITS + (LATENCY_UNIT,):
             raise AnalysisError(f"unknown unit '{self.unit}'; use one of {UNITS + (LATENCY_UNIT,)}")
-        check_runtime(self.latency_runtime)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             raise AnalysisError(f"a study needs distinct seeds >= 0, got {self.seeds}")
-        if self.epochs < 0 or self.finetune_epochs < 0:
+        if self.training.epochs < 0 or self.finetune_epochs < 0:
             raise AnalysisError("epochs must be zero or positive")
-        if self.weights is None and self.epochs == 0:
+        if self.setup.weights is None and self.training.epochs == 0:
             raise AnalysisError(
                 "give trained weights or at least one training epoch: pruning an untrained net "
                 "compares nothing"
             )
         self.train_config(1, 0).validate()
-        AnalysisConfig(samples=self.samples, cap=self.cap, normalize=self.normalize).validate()
+        self.analysis.validate()
 
     def train_config(self, epochs: int, seed: int) -> TrainConfig:
-        return TrainConfig(
-            epochs=epochs,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            seed=seed,
-            device=self.device,
-            nproc=self.nproc,
-            sync_bn=self.sync_bn,
-        )
+        return replace(self.training, epochs=epochs, seed=seed, device=self.setup.device)
 
     @property
     def cells(self) -> list[tuple[int, str, float]]:
@@ -110,14 +90,6 @@ class StudyConfig:
             for method in self.methods
             for target in self.targets
         ]
-
-
-def parse_numbers(kind: type, text: str, what: str) -> list:
-    """'0.3, 0.5' -> [0.3, 0.5] (or ints); anything else is a clear error naming the field."""
-    try:
-        return [kind(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise AnalysisError(f"{what} must be comma-separated numbers, got '{text}'") from None
 
 
 def cell_key(seed: int, method: str, target: float) -> str:
@@ -150,7 +122,7 @@ class UnitRun(ResumableRun):
         config.validate()
         self.config = config
         self.fan_out = fan_out
-        super().__init__(folder, report, should_stop, data, config.data_spec, empty_state)
+        super().__init__(folder, report, should_stop, data, config.setup.data_spec, empty_state)
 
     def unit(self, unit: Unit) -> dict:
         raise NotImplementedError
@@ -171,7 +143,7 @@ class UnitRun(ResumableRun):
 def run_unit(config: dict, folder: str, unit: Unit, report: Reporter | None = None) -> dict:
     """One unit of a study in a process of its own (a cluster worker): it writes its files, the study records it;
     `report` gets the unit's epoch metrics."""
-    return Study(StudyConfig(**config), folder, report).unit(unit)
+    return Study(config_from_dict(StudyConfig, config), folder, report).unit(unit)
 
 
 class Study(UnitRun):
@@ -197,24 +169,18 @@ class Study(UnitRun):
         self.report(min(1.0, (self._step + fraction) / self._steps), message, metrics)
 
     def _model(self, weights: str) -> torch.nn.Module:
-        model = build_model(self.config.model_spec, self.data.num_classes, self.data.input_shape[0])
-        return load_weights(model, weights)
+        return load_weights(build_for(self.config.setup.model_spec, self.data), weights)
 
     def _structures(self, model: torch.nn.Module):
-        return find_structures(
-            model,
-            self.example,
-            self.config.exclude,
-            resolve_preset(self.config.model_spec, self.config.preset),
-        )
+        return structures_under(self.config.setup, model, self.example)
 
     def _weights(self, seed: int) -> str:
-        return self.config.weights or self.state["trained"][f"seed{seed}"]["weights"]
+        return self.config.setup.weights or self.state["trained"][f"seed{seed}"]["weights"]
 
     def _train(self, seed: int) -> dict:
         """Train the seed's net (resumable from its epoch checkpoint); returns where its weights are."""
         torch.manual_seed(seed)
-        model = build_model(self.config.model_spec, self.data.num_classes, self.data.input_shape[0])
+        model = build_for(self.config.setup.model_spec, self.data)
         folder = self.folder / f"seed{seed}"
 
         def progress(event: dict) -> None:
@@ -228,7 +194,7 @@ class Study(UnitRun):
         result = train(
             model,
             self.data,
-            self.config.train_config(self.config.epochs, seed),
+            self.config.train_config(self.config.training.epochs, seed),
             folder / "train",
             progress,
             self.should_stop,
@@ -246,24 +212,14 @@ class Study(UnitRun):
         if (folder / "analysis.json").exists():
             return AnalysisResult.load(folder)
         model = self._model(weights)
-        workbench = Workbench(
-            self.config.model_spec, self.data, model, self._structures(model), weights, self.example
-        )
-        config = AnalysisConfig(
+        config = AnalysisConfig.of(
+            self.config.setup.with_weights(weights),
+            self.config.analysis,
             method=method,
-            model_spec=self.config.model_spec,
-            data_spec=self.config.data_spec,
-            weights=weights,
-            samples=self.config.samples,
             seed=seed,
-            cap=self.config.cap,
-            normalize=self.config.normalize,
-            device=self.config.device,
-            exclude=list(self.config.exclude),
-            preset=self.config.preset,
             latency_device="cpu",
-            latency_runtime=self.config.latency_runtime,
         )  # where a study's latency unit is timed, too
+        workbench = Workbench(config.setup, self.data, model, self._structures(model), self.example)
         result = run_analysis(
             workbench, config, lambda f, m: self._progress(f, f"{method} seed {seed}: {m}"), self.should_stop
         )
@@ -285,14 +241,14 @@ class Study(UnitRun):
                 self.folder / f"seed{seed}" / method,
                 should_stop=self.should_stop,
                 targets=[target],
-                runtime=self.config.latency_runtime,
+                runtime=self.config.analysis.latency_runtime,
             )
             if self.config.unit == LATENCY_UNIT
             else None
         )
         mask = result.mask(structures, target, self.config.unit, latency)
         smaller = pruned_copy(model, structures, mask, self.example)
-        device = resolve_device(self.config.device)
+        device = resolve_device(self.config.setup.device)
         test = self.data.loader("test", 512)
         _, acc_pruned = evaluate(smaller.to(device), test, device, amp=False)
         acc_finetuned = acc_pruned
@@ -323,8 +279,8 @@ class Study(UnitRun):
             "acc_pruned": acc_pruned,
             "acc_finetuned": acc_finetuned,
             "latency_cpu_ms": 1000
-            * measure_latency(smaller, self.example, "cpu", runtime=self.config.latency_runtime),
-            "latency_runtime": self.config.latency_runtime,
+            * measure_latency(smaller, self.example, "cpu", runtime=self.config.analysis.latency_runtime),
+            "latency_runtime": self.config.analysis.latency_runtime,
             "latency_gpu_ms": latency_gpu_ms,
             "node": node_name(),
             "started": started,
@@ -430,28 +386,3 @@ def aggregate(cells: list[dict]) -> pd.DataFrame:
             frame.groupby(["method", "target"], sort=False).latency_gpu_ms.mean().values
         )
     return table
-
-
-def study_state(job: dict) -> dict:
-    """A study job's state.json as it stands (also while it runs); {} before its first unit is recorded."""
-    path = run_folder(job) / "state.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        if job.get("status") == "done":  # it was written somewhere: not where this machine looks
-            raise AnalysisError(
-                f"study {job['id']} is done but its state is not at {path} on this machine: a cluster run "
-                "writes it under --artifacts, which must be storage every node and this machine reach at "
-                "that path"
-            ) from None
-        return {}
-    except (json.JSONDecodeError, OSError) as exc:
-        raise AnalysisError(f"the state of study {job['id']} is unreadable: {exc}") from None
-
-
-def study_cells(job: dict) -> list[dict]:
-    """The finished cells of a study job so far."""
-    state = study_state(job)
-    if state and "cells" not in state:
-        raise AnalysisError(f"the state of study {job['id']} is unreadable: it has no cells")
-    return list(state.get("cells", {}).values())

@@ -16,13 +16,13 @@ correlation is near 1 whatever the method. This check instead
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..devices import resolve_device
 from ..errors import AnalysisError
-from ..nets.loading import Workbench
+from ..pruning.workbench import Workbench
 from ..progress import ProgressFn, StopFn, check_cancel, report
 from ..pruning.masks import zeroed_copy
 from ..saliency.analysis import AnalysisResult, compute_saliency
@@ -186,7 +186,7 @@ def trust_check(
     baseline_scores = {}
     for method in BASELINES:
         check_cancel(should_stop)
-        saliency = compute_saliency(method, inputs, result.config.cap, "none", result.config.seed)["saliency"]
+        saliency = compute_saliency(inputs, replace(result.config, method=method), "none").saliency
         baseline_scores[method] = mean_score(
             family_scores([mask_score(saliency, m) for m in chosen], measured)
         )

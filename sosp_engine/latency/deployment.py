@@ -13,7 +13,7 @@ from ..progress import ProgressFn, StopFn, check_cancel, report
 from ..pruning.counting import count_macs
 from ..pruning.masks import pruned_copy
 from ..pruning.structures import StructureSet
-from ..saliency.selection import rounded_order, rounded_stops
+from ..pruning.rounding import rounded_order, rounded_stops
 from .profile import latency_times, next_stop, prefix_grid
 from .runtimes import check_runtime
 
@@ -43,7 +43,12 @@ def order_variants(
     }
     for multiple in sorted({r for r in round_to if r > 1}):
         order, n_prunable = rounded_order(
-            result.pruning_order, result.n_prunable, structures, multiple, result.config.cap
+            result.pruning_order,
+            result.n_prunable,
+            structures,
+            multiple,
+            result.config.cap,
+            result.config.min_channels,
         )
         keys = [result.keys[i] for i in order.tolist()]
         variants[f"rounded to {multiple}"] = (

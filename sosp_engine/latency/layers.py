@@ -17,7 +17,7 @@ from ..nets.onnx_export import ExportError
 from .profile import Timing, timed_rounds
 from .runtimes import EAGER, check_runtime, forward_call, runtime_label
 from ..progress import ProgressFn, StopFn, check_cancel, report
-from ..saliency.common import channel_dim
+from ..pruning.structures import channel_dim
 from ..pruning.structures import StructureSet, on_model_device, preserved_modes
 from ..pruning.surgery import resized_module
 

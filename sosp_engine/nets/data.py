@@ -360,3 +360,8 @@ def check_model_fits_data(model: torch.nn.Module, data: DataBundle) -> None:
         raise DataSpecError(
             f"the model outputs shape {tuple(out.shape)}, but '{data.spec}' has {data.num_classes} classes"
         )
+
+
+def example_input(data: DataBundle, batch: int = 1) -> torch.Tensor:
+    """A random input batch of the data set's shape (for tracing and counting)."""
+    return torch.randn(batch, *data.input_shape, generator=torch.Generator().manual_seed(0))

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import SospError
+from ..atomic import write_bytes_atomically
 
 OPSET = 17
 TOLERANCE = 1e-4  # relative max deviation of ONNX Runtime's float32 output from PyTorch's
@@ -62,6 +63,9 @@ def onnx_deviation(exported: bytes, model: nn.Module, x: torch.Tensor) -> float:
     return float((got - expected).abs().max() / expected.abs().max().clamp(min=1e-12))
 
 
+CHECK_SAMPLES = 32  # real samples an export is compared with PyTorch on
+
+
 def checked_onnx(model: nn.Module, example_input: torch.Tensor, x: torch.Tensor) -> tuple[bytes, float]:
     """The ONNX export and its measured deviation from PyTorch on `x`; refused when beyond TOLERANCE."""
     exported = onnx_bytes(model, example_input)
@@ -77,9 +81,5 @@ def checked_onnx(model: nn.Module, example_input: torch.Tensor, x: torch.Tensor)
 def save_onnx(path: str | Path, model: nn.Module, example_input: torch.Tensor, x: torch.Tensor) -> float:
     """Write the checked export to `path` (whole or not at all); returns its measured deviation."""
     exported, deviation = checked_onnx(model, example_input, x)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(exported)
-    tmp.replace(path)
+    write_bytes_atomically(path, exported)
     return deviation

@@ -288,6 +288,17 @@ class ModuleInfo:
         return 0.0
 
 
+def channel_dim(module: nn.Module, output: torch.Tensor) -> int:
+    """The axis of a module's output that indexes its channels (last for linear layers and channels-last norms)."""
+    if isinstance(module, nn.Linear) or output.ndim <= 2:
+        return output.ndim - 1
+    if type(module) is nn.LayerNorm:
+        return output.ndim - 1
+    if isinstance(module, nn.LayerNorm):  # subclasses such as timm's LayerNorm2d normalise NCHW over dim 1
+        return 1 if output.shape[1] == module.normalized_shape[0] else output.ndim - 1
+    return 1
+
+
 @dataclass
 class Layer:
     """One coupled channel group: the unit of the per-layer tables; `size` structures of `channels // size`
@@ -314,6 +325,17 @@ class Layer:
     def structure_size(self) -> int:
         """Channels removed together with one structure (1 except around grouped convolutions and GroupNorm)."""
         return self.channels // max(self.size, 1)
+
+    def describe(self) -> dict:
+        """What a stored analysis keeps of the layer (name, size, depth, stage, block, kernel)."""
+        return {
+            "name": self.name,
+            "size": self.size,
+            "depth": self.depth,
+            "stage": self.stage,
+            "block": self.block,
+            "kernel": self.kernel,
+        }
 
     def root_channels(self, structures: Sequence[int]) -> list[int]:
         """The root module's channel indices of the given local structure indices."""

@@ -14,6 +14,7 @@ import secrets
 from pathlib import Path
 
 from ..errors import ModelSpecError
+from ..nets.setup import stored_setup
 from ..nets import is_user_code
 
 KEY_ENV = "SOSP_CONSENT_KEY"  # a file holding the key, for tests and shared accounts
@@ -79,7 +80,7 @@ def has_consent(model_spec: str, token: str | None) -> bool:
 
 def require_job_consent(job: dict) -> None:
     """Refuse to start a job whose stored model spec names user code the user did not confirm (as stored now)."""
-    spec = str((job.get("config") or {}).get("model_spec", ""))
+    spec = stored_setup(job.get("config") or {}).model_spec
     if not has_consent(spec, job.get("consent")):
         raise ModelSpecError(
             f"job '{job['id']}' names user code '{spec}' that was not confirmed for it (the spec was "

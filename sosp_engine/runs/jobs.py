@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import SospError
+from ..nets.setup import stored_setup
 from ..experiments.expand_study import EXPAND_STUDY_KIND, PLAIN, ExpandStudyConfig
 from ..experiments.procedures import ExperimentConfig, check_runnable
 from ..experiments.studies import STUDY_KIND, StudyConfig
-from ..nets.loading import open_workbench
+from ..pruning.workbench import open_workbench
 from ..progress import Cancelled
 from .backends import local
 from .consent import consent_for, require_job_consent
@@ -103,8 +104,10 @@ def submit_study(
     """Queue a study (one job running every cell of its grid; on Ray the cells run in parallel) and start it."""
     config.validate()
     if (placement or Placement()).backend == "local":
-        open_workbench(config.model_spec, config.data_spec, config.weights, config.exclude, config.preset)
-    return _add(store, STUDY_KIND, name or f"study of {config.model_spec}", asdict(config), start, placement)
+        open_workbench(config.setup)
+    return _add(
+        store, STUDY_KIND, name or f"study of {config.setup.model_spec}", asdict(config), start, placement
+    )
 
 
 def submit_expand_study(
@@ -125,7 +128,7 @@ def submit_expand_study(
     return _add(
         store,
         EXPAND_STUDY_KIND,
-        name or f"expand study of {config.model_spec}",
+        name or f"expand study of {config.setup.model_spec}",
         asdict(config),
         start,
         placement,
@@ -147,7 +150,7 @@ def _add(store: Store, kind: str, name: str, config: dict, start: bool, placemen
         where.backend,
         where.address,
         where.artifacts,
-        consent_for(str(config.get("model_spec", ""))),
+        consent_for(stored_setup(config).model_spec),
         where.requests() if where.backend == "ray" else {},
     )
     if start:
@@ -174,7 +177,8 @@ def local_paths(config: dict) -> list[str]:
     """The files and folders of this machine a job's specs name (its data, weights and model code), which a
     cluster's nodes must see at the same paths."""
     found = []
-    for value in (config.get("model_spec"), config.get("data_spec"), config.get("weights")):
+    setup = stored_setup(config)
+    for value in (setup.model_spec, setup.data_spec, setup.weights):
         if not isinstance(value, str) or not value:
             continue
         scheme_dropped, code_file = value.partition(":")[2], value.rpartition(":")[0]
@@ -319,7 +323,7 @@ def resume(store: Store, job_id: str, start: bool = True, trust_code: bool = Fal
     job = store.job(job_id)
     if job["status"] not in ("failed", "cancelled"):
         raise StoreError(f"job '{job_id}' is {job['status']}; only failed or cancelled jobs can be resumed")
-    spec = str(job["config"].get("model_spec", ""))
+    spec = stored_setup(job["config"]).model_spec
     if trust_code:
         store.update_job(job_id, consent=consent_for(spec))
     else:

@@ -10,7 +10,7 @@ from ..nets import is_user_code
 from .store import Store
 
 
-def require_trust(model_spec: str, trusted: bool, where: str) -> None:
+def require_code_consent(model_spec: str, trusted: bool, where: str) -> None:
     """Stored specs that name user code run only with the user's explicit consent (CLI: --trust-code)."""
     if is_user_code(model_spec) and not trusted:
         raise ModelSpecError(
@@ -26,7 +26,7 @@ def store_analysis(store: Store, result: AnalysisResult, name: str = "") -> str:
     config = asdict(result.config)
     label = (
         name.strip()
-        or f"{config['method']} on {config['model_spec']}{' at init' if config['at_init'] else ''}"
+        or f"{config['method']} on {result.config.setup.model_spec}{' at init' if config['at_init'] else ''}"
     )
     summary = {
         "structures": len(result.keys),
@@ -45,10 +45,11 @@ def load_stored_analysis(store: Store, record_id: str) -> AnalysisResult:
     """The AnalysisResult of a stored record; its files must still name the model and data the record lists."""
     record = store.analysis(record_id)
     result = AnalysisResult.load(record["path"])
-    if (result.config.model_spec, result.config.data_spec) != (record["model_spec"], record["data_spec"]):
+    setup = result.config.setup
+    if (setup.model_spec, setup.data_spec) != (record["model_spec"], record["data_spec"]):
         raise AnalysisError(
             f"the files of analysis '{record['name']}' were changed after it was stored: they name "
-            f"model '{result.config.model_spec}' and data '{result.config.data_spec}', the record "
+            f"model '{setup.model_spec}' and data '{setup.data_spec}', the record "
             f"'{record['model_spec']}' and '{record['data_spec']}'. Nothing was run; delete or re-run it."
         )
     return result

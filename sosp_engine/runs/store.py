@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import SospError
+from ..nets.setup import stored_setup
 
 SCHEMA_VERSION = 5
 DB_NAME = "sosp.db"
@@ -231,8 +232,8 @@ class Store:
                     record_id,
                     name,
                     time.time(),
-                    config["model_spec"],
-                    config["data_spec"],
+                    stored_setup(config).model_spec,
+                    stored_setup(config).data_spec,
                     config["method"],
                     json.dumps(config),
                     str(path),

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import SospError
+from ..nets.setup import stored_setup
+from ..nets.setup import config_from_dict
 from ..experiments.expand_study import EXPAND_STUDY_KIND, PLAIN, ExpandStudy, ExpandStudyConfig
 from ..experiments.procedures import Experiment, ExperimentConfig, Reporter
 from ..experiments.studies import STUDY_KIND, Study, StudyConfig
@@ -59,13 +61,23 @@ def execute(job: dict, report: Reporter, should_stop: Callable[[], bool], fan_ou
     """The work of a job wherever it runs: its study or procedure in its run folder; returns the run's summary."""
     if job["kind"] == STUDY_KIND:
         return Study(
-            StudyConfig(**job["config"]), run_folder(job), report, should_stop, fan_out=fan_out
+            config_from_dict(StudyConfig, job["config"]),
+            run_folder(job),
+            report,
+            should_stop,
+            fan_out=fan_out,
         ).run()
     if job["kind"] == EXPAND_STUDY_KIND:
         return ExpandStudy(
-            ExpandStudyConfig(**job["config"]), run_folder(job), report, should_stop, fan_out=fan_out
+            config_from_dict(ExpandStudyConfig, job["config"]),
+            run_folder(job),
+            report,
+            should_stop,
+            fan_out=fan_out,
         ).run()
-    return Experiment(ExperimentConfig(**job["config"]), run_folder(job), report, should_stop).run()
+    return Experiment(
+        config_from_dict(ExperimentConfig, job["config"]), run_folder(job), report, should_stop
+    ).run()
 
 
 def record_outputs(store: Store, job: dict, result: dict) -> None:
@@ -90,8 +102,8 @@ def record_outputs(store: Store, job: dict, result: dict) -> None:
     if weights and job["config"]["procedure"] == "train":
         store.add_model(
             job["name"],
-            job["config"]["model_spec"],
-            job["config"]["data_spec"],
+            stored_setup(job["config"]).model_spec,
+            stored_setup(job["config"]).data_spec,
             Path(weights),
             job["id"],
             {"test_acc": result["test_acc"]},

@@ -6,72 +6,60 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from ..atomic import load_verified, save_atomically
-from ..devices import full_float32
-from ..errors import AnalysisError, CheckpointError, is_out_of_memory
-from ..pruning.exactness import exactness_report
-from ..latency.profile import LATENCY_UNIT, LatencyProfile
-from ..nets.loading import Workbench
+from ..atomic import load_verified, save_atomically, write_json_atomically
+from ..devices import full_float32, resolve_device
+from ..errors import AnalysisError, CheckpointError, SospError, is_out_of_memory
 from ..latency.layers import measure_layer_latency
+from ..latency.profile import LATENCY_UNIT, LatencyProfile
 from ..latency.runtimes import EAGER, check_runtime
-from .memory import MATRIX, memory_phase, probe
 from ..nets import weights_fingerprint
+from ..nets.setup import ModelSetup, config_from_dict
 from ..progress import ProgressFn, StopFn, check_cancel, report
+from ..pruning.exactness import cached_exactness
+from ..pruning.rounding import rounded_order, rounded_stops
+from ..pruning.structures import StructureSet
+from ..pruning.workbench import Workbench
 from .common import LOSSES, AnalysisInputs
-from .first_order import first_order_terms
-from .sosp_h import sosp_h_saliency, sosp_h_terms
-from .sosp_i import gauss_newton_terms, sosp_i_matrix
+from .memory import MATRIX, memory_phase, probe
+from .methods import method_named
 from .selection import (
     NORMALIZATIONS,
     greedy_order,
     objective_prefix,
     order_by_saliency,
     prefix_for_target,
-    rounded_order,
-    rounded_stops,
 )
-from ..pruning.structures import StructureSet
+from .sosp_i import sosp_i_matrix
 
-METHODS = ("sosp-h", "sosp-i", "first-order", "diagonal", "magnitude", "random")
-METHOD_LABELS = {
-    "sosp-h": "SOSP-H (exact Hessian-vector product)",
-    "sosp-i": "SOSP-I (Gauss-Newton, greedy with correlations)",
-    "first-order": "First order (H = 0, SNIP-like)",
-    "diagonal": "Diagonal (SOSP-I without cross-structure terms)",
-    "magnitude": "Magnitude (L1 norm of in-weights)",
-    "random": "Random (seeded)",
-}
 RESULT_FORMAT = "sosp-analysis/1"
 MC_AUTO_OUTPUTS = 100
 MC_AUTO_LABELS = 16
-EXACTNESS_SAMPLES = 32
 
 
 @dataclass
-class AnalysisConfig:
-    """Everything that determines an analysis, stored with its result."""
+class AnalysisOptions:
+    """How an analysis ranks structures, for any model: the method and its settings. Experiments and studies nest
+    these as the options of the analyses they run."""
 
     method: str = "sosp-h"
-    model_spec: str = "resnet20"
-    data_spec: str = "digits"
-    weights: str | None = None
     at_init: bool = False
     samples: int = 1000
     seed: int = 0
     batch_size: int = 100
     cap: float = 0.95
+    min_channels: int = 1  # at least this many structures of every layer stay (at least one always does)
     normalize: str = "none"
     loss: str = "cross-entropy"
-    device: str = "auto"
-    mc_labels: int = (
-        -1
-    )  # SOSP-I: 0 = all D outputs exactly, k > 0 = k sampled labels, -1 = sampled only when D > 100
+    # SOSP-I: 0 = all D outputs exactly, k > 0 = k sampled labels, -1 = sampled only when D > 100
+    mc_labels: int = -1
     round_to: int = 1  # kept widths in multiples of this (8 or 16 run as fast as their MACs)
     memory_budget_gb: float | None = (
         None  # set: the batch is the largest (up to batch_size) whose estimate fits
@@ -81,20 +69,9 @@ class AnalysisConfig:
     )
     latency_batch: int = 1  # normalize="latency": the batch size they are timed at
     latency_runtime: str = EAGER  # normalize="latency": the runtime they are timed in (eager, onnxruntime)
-    exclude: list[str] = field(default_factory=list)
-    preset: str | None = "auto"
-
-    def weights_label(self) -> str:
-        """Which weights the saliencies describe, in words (an at-init analysis never used the checkpoint's values)."""
-        if self.at_init:
-            return f"at initialisation (seed {self.seed})"
-        if self.weights:
-            return f"weights {Path(self.weights).name}"
-        return "random weights (no checkpoint)"
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise AnalysisError(f"unknown method '{self.method}'; use one of {', '.join(METHODS)}")
+        method_named(self.method)
         if self.normalize not in NORMALIZATIONS:
             raise AnalysisError(f"unknown normalisation '{self.normalize}'; use one of {NORMALIZATIONS}")
         if self.loss not in LOSSES:
@@ -103,6 +80,10 @@ class AnalysisConfig:
             raise AnalysisError("samples and batch size must be positive")
         if not 0 < self.cap <= 1:
             raise AnalysisError(f"the per-layer cap must be in (0, 1], got {self.cap}")
+        if not isinstance(self.min_channels, int) or self.min_channels < 1:
+            raise AnalysisError(
+                f"the minimum width kept per layer must be at least 1, got {self.min_channels}"
+            )
         if not 0 <= self.seed < 2**63:
             raise AnalysisError(f"the seed must be in 0 .. 2**63 - 1, got {self.seed}")
         if self.round_to < 1:
@@ -116,6 +97,27 @@ class AnalysisConfig:
             raise AnalysisError(
                 f"the memory budget must be a positive number of GB, got {self.memory_budget_gb}"
             )
+
+
+@dataclass
+class AnalysisConfig(AnalysisOptions):
+    """Everything that determines an analysis, stored with its result: the options and the model setup."""
+
+    setup: ModelSetup = field(default_factory=ModelSetup)
+
+    @classmethod
+    def of(cls, setup: ModelSetup, options: AnalysisOptions, **changes: object) -> "AnalysisConfig":
+        """The analysis of `setup` with `options` (and `changes` to them, such as a study cell's method)."""
+        values = {f.name: getattr(options, f.name) for f in fields(AnalysisOptions)}
+        return cls(setup=setup, **{**values, **changes})
+
+    def weights_label(self) -> str:
+        """Which weights the saliencies describe, in words (an at-init analysis never used the checkpoint's values)."""
+        if self.at_init:
+            return f"at initialisation (seed {self.seed})"
+        if self.setup.weights:
+            return f"weights {Path(self.setup.weights).name}"
+        return "random weights (no checkpoint)"
 
 
 @dataclass
@@ -234,8 +236,7 @@ class AnalysisResult:
         if self.predicted_prefix is not None:
             tensors["predicted_prefix"] = self.predicted_prefix
         save_atomically(tensors, folder / "tensors.pt")
-        (folder / "analysis.json.tmp").write_text(json.dumps(meta, indent=1))
-        (folder / "analysis.json.tmp").replace(folder / "analysis.json")
+        write_json_atomically(folder / "analysis.json", meta)
         return folder
 
     @classmethod
@@ -264,10 +265,10 @@ class AnalysisResult:
         if meta.get("format") != RESULT_FORMAT:
             raise AnalysisError(f"'{folder}' is not a SOSP Lab analysis (format {meta.get('format')})")
         try:
-            config = AnalysisConfig(**meta["config"])
+            config = config_from_dict(AnalysisConfig, meta["config"])
             config.validate()
             order, n_prunable, count = tensors["pruning_order"], int(meta["n_prunable"]), len(meta["keys"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, SospError) as exc:
             raise AnalysisError(f"the analysis in '{folder}' is damaged: {exc}") from None
         if sorted(order.tolist()) != list(range(count)) or not 0 <= n_prunable <= count:
             raise AnalysisError(
@@ -336,175 +337,219 @@ def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> 
     model.eval()
 
 
+@dataclass
+class Ranking:
+    """A method's saliencies and the pruning order they give under the layer limits, on the CPU in float64."""
+
+    saliency: torch.Tensor
+    pruning_order: torch.Tensor
+    n_prunable: int
+    predicted_prefix: torch.Tensor
+    first_order: torch.Tensor | None
+    second_order: torch.Tensor | None
+    estimate: str
+    saliency_seconds: float
+    selection_seconds: float
+
+
 def compute_saliency(
-    method: str,
-    inputs: AnalysisInputs,
-    cap: float,
-    normalize: str | torch.Tensor,
-    seed: int = 0,
-    mc_labels: int = 0,
-    round_to: int = 1,
-) -> dict:
+    inputs: AnalysisInputs, options: AnalysisOptions, normalize: str | torch.Tensor, mc_labels: int = 0
+) -> Ranking:
     """The method's per-structure saliency and pruning order (plus its first- and second-order parts where it
     has them)."""
-    structures = inputs.structures
-    out: dict = {"first_order": None, "second_order": None, "estimate": "exact"}
+    method, structures = method_named(options.method), inputs.structures
     start = time.perf_counter()
-    if method == "sosp-h":
-        first, second = sosp_h_terms(inputs)
-        saliency = sosp_h_saliency(first, second)
-        out.update(first_order=first, second_order=second)
-    elif method in ("sosp-i", "diagonal"):
-        first, gram = gauss_newton_terms(
-            inputs, diagonal_only=method == "diagonal", mc_labels=mc_labels, seed=seed
-        )
-        if mc_labels > 0:
-            out["estimate"] = f"monte-carlo ({mc_labels} sampled labels per sample)"
-        diag = gram if method == "diagonal" else gram.diagonal()
-        saliency = first.abs() + 0.5 * diag.abs()
-        out.update(first_order=first, second_order=diag.clone())
-        out["gram"] = gram if method == "sosp-i" else None
-    elif method == "first-order":
-        first = first_order_terms(inputs)
-        saliency = first.abs()
-        out.update(first_order=first)
-    elif method == "magnitude":
-        saliency = inputs.per_structure([p.detach().sign() for p in inputs.params()])
-    elif method == "random":
-        saliency = torch.rand(
-            structures.num_structures, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
-        )
-    else:
-        raise AnalysisError(f"unknown method '{method}'")
-    if not bool(torch.isfinite(saliency).all()):
+    terms = method.terms(inputs, options.seed, mc_labels)
+    if not bool(torch.isfinite(terms.saliency).all()):
         raise AnalysisError(
-            f"{method} gave NaN or infinite saliencies: the weights or the loss on the analysis samples "
+            f"{method.name} gave NaN or infinite saliencies: the weights or the loss on the analysis samples "
             "are not finite (check the checkpoint, or the data's scale)"
         )
-    out["saliency_seconds"] = time.perf_counter() - start
+    saliency_seconds = time.perf_counter() - start
     start = time.perf_counter()
+    limits = {"cap": options.cap, "min_channels": options.min_channels}
     with memory_phase(MATRIX):  # the same size at any batch: the memory probe counts it apart
-        if method == "sosp-i":
+        if method.greedy:
             increments: list[float] = []
-            q = sosp_i_matrix(first, out.pop("gram"))
-            order, n_prunable = greedy_order(q, structures, cap, normalize, increments)
-            if round_to > 1:
-                order, n_prunable = rounded_order(order, n_prunable, structures, round_to, cap)
-                out["predicted_prefix"] = objective_prefix(q, order, n_prunable)
+            q = sosp_i_matrix(terms.first_order, terms.gram)
+            terms.gram = None
+            order, n_prunable = greedy_order(
+                q, structures, normalize=normalize, increments=increments, **limits
+            )
+            if options.round_to > 1:
+                order, n_prunable = rounded_order(order, n_prunable, structures, options.round_to, **limits)
+                prefix = objective_prefix(q, order, n_prunable)
             else:  # eq. (2) of each prefix M: sum over s, s' in M of Q[s, s'], the sum of the greedy increments
-                out["predicted_prefix"] = torch.cat(
-                    [
-                        torch.zeros(1, dtype=torch.float64),
-                        torch.tensor(increments, dtype=torch.float64).cumsum(0),
-                    ]
-                )
+                steps = torch.tensor(increments, dtype=torch.float64).cumsum(0)
+                prefix = torch.cat([torch.zeros(1, dtype=torch.float64), steps])
             del q
         else:
-            out.pop("gram", None)
-            order, n_prunable = order_by_saliency(saliency, structures, cap, normalize)
-            order, n_prunable = rounded_order(order, n_prunable, structures, round_to, cap)
-            out["predicted_prefix"] = saliency_prefix(saliency, order, n_prunable)
-        out["selection_seconds"] = time.perf_counter() - start
-        out.update(
-            saliency=saliency.detach().double().cpu(), pruning_order=order.cpu(), n_prunable=n_prunable
-        )
-        for key in ("first_order", "second_order"):
-            if out[key] is not None:
-                out[key] = out[key].detach().double().cpu()
-    return out
+            order, n_prunable = order_by_saliency(terms.saliency, structures, normalize=normalize, **limits)
+            order, n_prunable = rounded_order(order, n_prunable, structures, options.round_to, **limits)
+            prefix = saliency_prefix(terms.saliency, order, n_prunable)
+    return Ranking(
+        terms.saliency.detach().double().cpu(),
+        order.cpu(),
+        n_prunable,
+        prefix,
+        *(
+            t.detach().double().cpu() if t is not None else None
+            for t in (terms.first_order, terms.second_order)
+        ),
+        terms.estimate,
+        saliency_seconds,
+        time.perf_counter() - start,
+    )
 
 
 @full_float32()
 def run_analysis(
     workbench: Workbench, config: AnalysisConfig, progress: ProgressFn = None, should_stop: StopFn = None
 ) -> AnalysisResult:
-    """Run one analysis on the workbench's model (or a fresh seeded init when `config.at_init`)."""
+    """Run one analysis on the workbench's model (or a fresh seeded init when `config.at_init`); `config` is not
+    changed (the result's config records the batch size used)."""
     config.validate()
-    from ..devices import resolve_device
-
     timings: dict[str, float] = {}
-    device = resolve_device(config.device)
+    device = resolve_device(config.setup.device)
+    with timed(timings, "samples"):
+        x, y = _analysis_samples(workbench, config)
+    with timed(timings, "batchnorm_statistics" if config.at_init else "model_copy"):
+        model = analysed_model(workbench, config, x, device)
+        x = x.to(next(model.parameters()).dtype)
+    check_cancel(should_stop)
+    normalize, layer_latency = config.normalize, None
+    if config.normalize == "latency":
+        with timed(timings, "layer_latency"):
+            normalize, layer_latency = _latency_costs(workbench, model, config, progress, should_stop)
+        report(progress, 0.0, layer_latency)
+    mc = _sampled_labels(config, workbench.data.num_classes)
+
+    def ranking_of(n: int, batch: int, observe: ProgressFn = None) -> Ranking:
+        inputs = AnalysisInputs(
+            model, workbench.structures, x[:n], y[:n], config.loss, batch, observe, should_stop
+        )
+        return compute_saliency(inputs, config, normalize, mc)
+
+    batch, memory = config.batch_size, None
+    if config.memory_budget_gb is not None and min(batch, len(y)) > 1:
+        with timed(timings, "memory_probe"):
+            batch, memory = _batch_within_budget(
+                lambda n: ranking_of(n, n), device, min(batch, len(y)), config
+            )
+        report(progress, 0.0, memory["line"])
+    ranking, batch = _rank_within_memory(
+        lambda b: ranking_of(len(y), b, lambda f, m: report(progress, f * 0.95, m)),
+        batch,
+        device,
+        config,
+        progress,
+    )
+    _require_ranking(ranking.saliency, config, y)
+    timings["saliency"], timings["selection"] = ranking.saliency_seconds, ranking.selection_seconds
+    fingerprint = weights_fingerprint(model)
+    with timed(timings, "exactness"):
+        half = {
+            workbench.structures.keys[i] for i in ranking.pruning_order[: ranking.n_prunable // 2].tolist()
+        }
+        exactness = cached_exactness(
+            model, workbench.structures, half, workbench.example.to(device), x.to(device), fingerprint
+        )
+    report(progress, 1.0, "done")
+    return AnalysisResult(
+        replace(config, batch_size=batch),
+        list(workbench.structures.keys),
+        [layer.describe() for layer in workbench.structures.layers],
+        ranking.saliency,
+        ranking.pruning_order,
+        ranking.n_prunable,
+        timings,
+        fingerprint,
+        workbench.structures.signature,
+        ranking.first_order,
+        ranking.second_order,
+        ranking.estimate,
+        exactness=exactness,
+        predicted_prefix=ranking.predicted_prefix,
+        memory=memory,
+        layer_latency=layer_latency,
+    )
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the seconds the block takes to `timings[stage]`."""
     start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def _analysis_samples(workbench: Workbench, config: AnalysisConfig) -> tuple[torch.Tensor, torch.Tensor]:
     available = len(workbench.data.train_eval)
     if config.samples > available:
         raise AnalysisError(
             f"N' = {config.samples:,} analysis samples were asked for, but the training split of "
-            f"'{config.data_spec}' holds {available:,}: use --samples {available} or fewer"
+            f"'{config.setup.data_spec}' holds {available:,}: use --samples {available} or fewer"
         )
-    x, y = workbench.data.analysis_samples(config.samples, config.seed)
-    timings["samples"] = time.perf_counter() - start
-    start = time.perf_counter()
-    model = analysed_model(workbench, config, x, device)
-    dtype = next(model.parameters()).dtype
-    x = x.to(dtype)
-    if config.at_init:
-        timings["batchnorm_statistics"] = time.perf_counter() - start
-    check_cancel(should_stop)
-    mc = config.mc_labels
-    if mc < 0:
-        mc = MC_AUTO_LABELS if workbench.data.num_classes > MC_AUTO_OUTPUTS else 0
-    mc = mc if config.method in ("sosp-i", "diagonal") else 0
+    return workbench.data.analysis_samples(config.samples, config.seed)
 
-    normalize: str | torch.Tensor = config.normalize
-    layer_latency = None
-    if config.normalize == "latency":
-        start = time.perf_counter()
-        table = measure_layer_latency(
-            model,
-            workbench.structures,
-            workbench.example,
-            resolve_device(config.latency_device or config.device),
-            config.latency_batch,
-            progress=lambda f, m: report(progress, 0.0, m),
-            should_stop=should_stop,
-            runtime=config.latency_runtime,
-        )
-        normalize = table.structure_seconds(workbench.structures)
-        timings["layer_latency"] = time.perf_counter() - start
-        layer_latency = table.describe()
-        report(progress, 0.0, layer_latency)
 
-    def saliency_of(inputs: AnalysisInputs) -> dict:
-        return compute_saliency(
-            config.method, inputs, config.cap, normalize, config.seed, mc, config.round_to
-        )
+def _sampled_labels(config: AnalysisConfig, num_classes: int) -> int:
+    """Labels sampled per sample for the Gauss-Newton matrix (0: all outputs exactly)."""
+    if not method_named(config.method).gauss_newton:
+        return 0
+    if config.mc_labels < 0:
+        return MC_AUTO_LABELS if num_classes > MC_AUTO_OUTPUTS else 0
+    return config.mc_labels
 
-    batch, memory = config.batch_size, None
-    if config.memory_budget_gb is not None and min(batch, len(y)) > 1:
-        start = time.perf_counter()
-        budget = config.memory_budget_gb * 2**30
-        estimate = probe(
-            lambda n: saliency_of(AnalysisInputs(model, workbench.structures, x[:n], y[:n], config.loss, n)),
-            device,
-            min(batch, len(y)),
-            budget,
-        )
-        batch = estimate.batch_within(budget, min(batch, len(y)))
-        memory = {
-            "fixed_bytes": estimate.fixed,
-            "per_sample_bytes": estimate.per_sample,
-            "matrix_bytes": estimate.floor,
-            "budget_bytes": budget,
-            "estimated_peak_bytes": estimate.peak(batch),
-            "batch": batch,
-            "line": estimate.describe(batch, budget),
-        }
-        timings["memory_probe"] = time.perf_counter() - start
-        report(progress, 0.0, memory["line"])
-    while True:  # out of memory: halve the batch and go again (the result does not depend on the batch size)
-        inputs = AnalysisInputs(
-            model,
-            workbench.structures,
-            x,
-            y,
-            config.loss,
-            batch,
-            lambda f, m: report(progress, f * 0.95, m),
-            should_stop,
-        )
+
+def _latency_costs(
+    workbench: Workbench, model: nn.Module, config: AnalysisConfig, progress: ProgressFn, should_stop: StopFn
+) -> tuple[torch.Tensor, str]:
+    """normalize="latency": the seconds each structure's removal saves, timed layer by layer, and how."""
+    table = measure_layer_latency(
+        model,
+        workbench.structures,
+        workbench.example,
+        resolve_device(config.latency_device or config.setup.device),
+        config.latency_batch,
+        progress=lambda f, m: report(progress, 0.0, m),
+        should_stop=should_stop,
+        runtime=config.latency_runtime,
+    )
+    return table.structure_seconds(workbench.structures), table.describe()
+
+
+def _batch_within_budget(
+    rank: Callable[[int], Ranking], device: torch.device, batch: int, config: AnalysisConfig
+) -> tuple[int, dict]:
+    """The largest batch (up to `batch`) whose measured memory estimate fits the budget, and the estimate."""
+    budget = config.memory_budget_gb * 2**30
+    estimate = probe(rank, device, batch, budget)
+    chosen = estimate.batch_within(budget, batch)
+    return chosen, {
+        "fixed_bytes": estimate.fixed,
+        "per_sample_bytes": estimate.per_sample,
+        "matrix_bytes": estimate.floor,
+        "budget_bytes": budget,
+        "estimated_peak_bytes": estimate.peak(chosen),
+        "batch": chosen,
+        "line": estimate.describe(chosen, budget),
+    }
+
+
+def _rank_within_memory(
+    rank: Callable[[int], Ranking],
+    batch: int,
+    device: torch.device,
+    config: AnalysisConfig,
+    progress: ProgressFn,
+) -> tuple[Ranking, int]:
+    """The ranking at `batch`, halving the batch on running out of memory (the result does not depend on it)."""
+    while True:
         try:
-            parts = saliency_of(inputs)
-            break
+            return rank(batch), batch
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -517,51 +562,6 @@ def run_analysis(
                 ) from None
             batch = max(1, batch // 2)
             report(progress, 0.0, f"out of memory: retrying with batch size {batch}")
-    config.batch_size = batch  # what was used
-    _require_ranking(torch.as_tensor(parts["saliency"]), config, y)
-    timings["saliency"] = parts["saliency_seconds"]
-    timings["selection"] = parts["selection_seconds"]
-    start = time.perf_counter()
-    half = {workbench.structures.keys[i] for i in parts["pruning_order"][: parts["n_prunable"] // 2].tolist()}
-    exactness = exactness_report(
-        model,
-        workbench.structures,
-        half,
-        workbench.example.to(device, dtype),
-        x[:EXACTNESS_SAMPLES].to(device),
-    )
-    exactness["ratio"] = len(half) / max(len(workbench.structures.keys), 1)
-    timings["exactness"] = time.perf_counter() - start
-    report(progress, 1.0, "done")
-    layers = [
-        {
-            "name": l.name,
-            "size": l.size,
-            "depth": l.depth,
-            "stage": l.stage,
-            "block": l.block,
-            "kernel": l.kernel,
-        }
-        for l in workbench.structures.layers
-    ]
-    return AnalysisResult(
-        config,
-        list(workbench.structures.keys),
-        layers,
-        parts["saliency"],
-        parts["pruning_order"],
-        parts["n_prunable"],
-        timings,
-        weights_fingerprint(model),
-        workbench.structures.signature,
-        parts["first_order"],
-        parts["second_order"],
-        parts["estimate"],
-        exactness=exactness,
-        predicted_prefix=parts["predicted_prefix"],
-        memory=memory,
-        layer_latency=layer_latency,
-    )
 
 
 def _require_ranking(saliency: torch.Tensor, config: AnalysisConfig, y: torch.Tensor) -> None:

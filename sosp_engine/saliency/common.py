@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import AnalysisError
 from ..progress import ProgressFn, StopFn
-from ..pruning.structures import NORM_TYPES, StructureSet, output_axis
+from ..pruning.structures import StructureSet, output_axis
 
 LOSSES = ("cross-entropy", "squared")
 CPU_PASS_BYTES = 32 * 2**20  # glibc's largest block size served from reused heap memory
@@ -199,21 +199,6 @@ def sample_losses(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Ten
         return F.cross_entropy(logits, y, reduction="none")
     target = F.one_hot(y, logits.shape[1]).to(logits.dtype)
     return 0.5 * ((logits - target) ** 2).sum(1)
-
-
-def channel_dim(module: nn.Module, output: torch.Tensor) -> int:
-    """The axis of a module's output that indexes its channels (last for linear layers and channels-last norms)."""
-    if isinstance(module, nn.Linear) or output.ndim <= 2:
-        return output.ndim - 1
-    if type(module) is nn.LayerNorm:
-        return output.ndim - 1
-    if isinstance(module, nn.LayerNorm):  # subclasses such as timm's LayerNorm2d normalise NCHW over dim 1
-        return 1 if output.shape[1] == module.normalized_shape[0] else output.ndim - 1
-    return 1
-
-
-def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, NORM_TYPES)
 
 
 def _hardsigmoid(x: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..pruning.structures import channel_dim
 from ..devices import full_float32
 from ..pruning.structures import output_axis
-from .common import AnalysisInputs, channel_dim, equal_up_to_rounding, per_channel
+from .common import AnalysisInputs, equal_up_to_rounding, per_channel
 
 ROW_PARAMETERS = ("weight", "bias")
 

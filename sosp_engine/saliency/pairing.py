@@ -14,11 +14,11 @@ import torch
 import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
+from ..pruning.structures import channel_dim
 from ..devices import full_float32
 from .common import (
     AnalysisInputs,
     batch_norm_coefficients,
-    channel_dim,
     equal_up_to_rounding,
     patched_forwards,
     per_channel,

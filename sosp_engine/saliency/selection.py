@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..errors import AnalysisError
+from ..pruning.rounding import layer_limit
 from ..pruning.structures import StructureSet
 
 NORMALIZATIONS = ("none", "kernel", "macs", "latency")
@@ -14,15 +15,15 @@ UNITS = ("structures", "params", "macs")
 
 
 class Budget:
-    """Which structures may still be pruned: at most `cap` of each layer, at least one channel of every
-    producer kept."""
+    """Which structures may still be pruned: at most `cap` of each layer, at least `min_channels` of each layer and
+    one channel of every producer kept."""
 
-    def __init__(self, structures: StructureSet, cap: float) -> None:
+    def __init__(self, structures: StructureSet, cap: float, min_channels: int = 1) -> None:
         if not 0 < cap <= 1:
             raise AnalysisError(f"the per-layer cap must be in (0, 1], got {cap}")
         sizes = structures.layer_sizes().tolist()
         self.layer_of = structures.layer_of.tolist()
-        self.layer_left = [min(math.floor(cap * n + 1e-9), n - 1) for n in sizes]
+        self.layer_left = [layer_limit(n, cap, min_channels) for n in sizes]
         self.members = [[] for _ in sizes]
         for s, g in enumerate(self.layer_of):
             self.members[g].append(s)
@@ -80,10 +81,11 @@ def order_by_saliency(
     structures: StructureSet,
     cap: float = 0.95,
     normalize: str | torch.Tensor = "none",
+    min_channels: int = 1,
 ) -> tuple[torch.Tensor, int]:
     """(pruning_order, n_prunable): smallest normalised saliency first, skipping structures the budget forbids."""
     scores = saliency.double().cpu() / normalizer(structures, normalize)
-    budget = Budget(structures, cap)
+    budget = Budget(structures, cap, min_channels)
     taken, skipped = [], []
     for s in torch.argsort(scores, stable=True).tolist():
         if budget.blocked[s]:
@@ -100,6 +102,7 @@ def greedy_order(
     cap: float = 0.95,
     normalize: str | torch.Tensor = "none",
     increments: list[float] | None = None,
+    min_channels: int = 1,
 ) -> tuple[torch.Tensor, int]:
     """SOSP-I's eq. (4) in O(S^2): keep c = diag(Q) + 2 sum_{s' in M} Q[:, s'] and add 2 Q[:, s] after each choice.
 
@@ -108,7 +111,7 @@ def greedy_order(
     weight = normalizer(structures, normalize).to(q.device, torch.float64)
     c = q.diagonal().to(torch.float64)  # sums in float64 even when a huge Q is stored in float32
     inf = torch.tensor(float("inf"), dtype=torch.float64, device=q.device)
-    budget = Budget(structures, cap)
+    budget = Budget(structures, cap, min_channels)
     blocked = torch.tensor(budget.blocked, device=q.device)
     c = torch.where(blocked, inf, c)
     taken = []
@@ -208,47 +211,6 @@ def _prefix_for_target(
     return lo
 
 
-def rounded_order(
-    order: torch.Tensor, n_prunable: int, structures: StructureSet, round_to: int, cap: float = 0.95
-) -> tuple[torch.Tensor, int]:
-    """The order regrouped so that every prefix keeps a multiple of `round_to` structures in each layer.
-
-    Each layer's structures, in the order's sequence, form chunks: first `size mod round_to` of them (if any), then
-    `round_to` at a time; a chunk is pruned when its last member would be. At least `round_to` structures stay in a
-    layer (all of a narrower one) and at most `cap` of it is pruned, so caps and targets keep their meaning; widths
-    that are multiples of 8 or 16 run as fast as their MACs on real kernels.
-    """
-    if round_to < 1:
-        raise AnalysisError(f"--round-to must be at least 1, got {round_to}")
-    if round_to == 1:
-        return order, n_prunable
-    position = {s: i for i, s in enumerate(order[:n_prunable].tolist())}
-    members: list[list[int]] = [[] for _ in structures.layers]
-    for s in order[:n_prunable].tolist():
-        members[int(structures.layer_of[s])].append(s)
-    chunks: list[tuple[int, list[int]]] = []
-    for g, layer in enumerate(structures.layers):
-        limit = min(math.floor(cap * layer.size + 1e-9), layer.size - round_to)
-        kept = (
-            -(-(layer.size - limit) // round_to) * round_to
-        )  # the narrowest width allowed: a multiple of round_to
-        taken = members[g][: max(layer.size - kept, 0)]
-        first = layer.size % round_to
-        bounds = ([first] if first else []) + list(range(first + round_to, len(taken) + 1, round_to))
-        start = 0
-        for end in bounds:
-            if end > len(taken):
-                break
-            chunk = taken[start:end]
-            chunks.append((position[chunk[-1]], chunk))
-            start = end
-    chunks.sort()
-    chosen = [s for _, chunk in chunks for s in chunk]
-    chosen_set = set(chosen)
-    rest = [s for s in order.tolist() if s not in chosen_set]
-    return torch.tensor(chosen + rest, dtype=torch.long), len(chosen)
-
-
 def objective_prefix(q: torch.Tensor, order: torch.Tensor, count: int) -> torch.Tensor:
     """Eq. (2) of every prefix of `order` (sum over s, s' in the prefix of Q[s, s']), for the first `count` + 1."""
     c = q.diagonal().to(torch.float64).clone()
@@ -257,16 +219,3 @@ def objective_prefix(q: torch.Tensor, order: torch.Tensor, count: int) -> torch.
         values.append(values[-1] + float(c[s]))
         c += 2 * q[s]
     return torch.tensor(values, dtype=torch.float64)
-
-
-def rounded_stops(order: torch.Tensor, n_prunable: int, structures: StructureSet, round_to: int) -> list[int]:
-    """The prefix lengths of a rounded order at which every layer keeps a multiple of `round_to` structures."""
-    sizes = structures.layer_sizes().tolist()
-    counts = [0] * len(sizes)
-    stops = [0]
-    for i, s in enumerate(order[:n_prunable].tolist()):
-        g = int(structures.layer_of[s])
-        counts[g] += 1
-        if (sizes[g] - counts[g]) % round_to == 0:
-            stops.append(i + 1)
-    return stops

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..pruning.structures import channel_dim
 from ..devices import full_float32
 from ..progress import check_cancel, report
 from .common import (
     AnalysisInputs,
     affine_batch_norm_modules,
     batch_norm_coefficients,
-    channel_dim,
     frozen_parameters,
     patched_forwards,
     per_channel,

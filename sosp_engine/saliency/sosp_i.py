@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..pruning.structures import channel_dim
 from ..devices import available_memory, full_float32
 from ..errors import AnalysisError
 from .memory import MATRIX, memory_phase
@@ -21,7 +22,6 @@ from .common import (
     affine_batch_norm_modules,
     affine_batch_norms,
     batch_norm_coefficients,
-    channel_dim,
     frozen_parameters,
     patched_forwards,
     per_channel,

@@ -1,0 +1,96 @@
+"""One model setup (what net, on what data, with what weights, what is never pruned, where it runs), nested whole in
+every config that needs a model, and how a config is read back from its stored JSON in today's or an older shape."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, get_type_hints
+
+from ..errors import SospError
+
+Config = TypeVar("Config")
+
+
+def default_preset(model_spec: str) -> str | None:
+    """The paper's exclusions: the downsampling path of ResNets; nothing for other models."""
+    spec = model_spec.strip()
+    if spec.startswith("resnet"):
+        return "cifar-resnet"
+    if spec.startswith(("torchvision:resnet", "torchvision:resnext", "torchvision:wide_resnet")):
+        return "torchvision-resnet"
+    return None
+
+
+def resolve_preset(model_spec: str, preset: str | None) -> str | None:
+    """'auto' -> the paper's default for the model, 'none' / None -> no preset, else the preset named."""
+    if preset == "auto":
+        return default_preset(model_spec)
+    return None if preset in (None, "none") else preset
+
+
+@dataclass
+class ModelSetup:
+    """What defines the net an analysis, training or study works on; every config nests one, none copies its fields.
+
+    `weights` is a checkpoint path (a plain state_dict or a pruned checkpoint) or None for a random init; `exclude`
+    holds module-name patterns never pruned, `preset` a named exclusion set ('auto': the paper's for the model).
+    """
+
+    model_spec: str = "resnet20"
+    data_spec: str = "digits"
+    weights: str | None = None
+    exclude: list[str] = field(default_factory=list)
+    preset: str | None = "auto"
+    device: str = "auto"
+
+    @property
+    def preset_name(self) -> str | None:
+        """The exclusion preset that applies ('auto' resolved for this model)."""
+        return resolve_preset(self.model_spec, self.preset)
+
+    def with_weights(self, weights: str | None) -> "ModelSetup":
+        """This setup with other weights (a trained checkpoint of the same net, or None for a random init)."""
+        return dataclasses.replace(self, weights=weights, exclude=list(self.exclude))
+
+
+def config_from_dict(cls: type[Config], data: dict[str, Any]) -> Config:
+    """A config dataclass from its stored dict; nested configs are rebuilt too.
+
+    Configs stored before their parts were nested hold those parts' fields flat: each nested part (in the order the
+    class declares them) takes the flat fields it names that are not the outer class's own.
+    """
+    if not isinstance(data, dict):
+        raise SospError(f"a stored {cls.__name__} must be a JSON object, got {type(data).__name__}")
+    flat = dict(data)
+    hints = get_type_hints(cls)
+    own = {f.name for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints.get(f.name))}
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        kind = hints.get(f.name)
+        if dataclasses.is_dataclass(kind):
+            if isinstance(flat.get(f.name), dict):
+                values[f.name] = config_from_dict(kind, flat.pop(f.name))
+            else:
+                names = {g.name for g in dataclasses.fields(kind)} - own
+                values[f.name] = config_from_dict(kind, {n: flat.pop(n) for n in list(flat) if n in names})
+    unknown = sorted(set(flat) - own)
+    if unknown:
+        raise SospError(
+            f"a stored {cls.__name__} has fields this version does not know: {', '.join(unknown)}"
+        )
+    for key, value in flat.items():
+        values[key] = tuple(value) if isinstance(value, list) and _is_tuple(hints.get(key)) else value
+    return cls(**values)
+
+
+def _is_tuple(hint: Any) -> bool:
+    return getattr(hint, "__origin__", hint) is tuple
+
+
+def stored_setup(config: dict) -> ModelSetup:
+    """The model setup of a stored config (a job's, an analysis's) in today's shape or the older flat one."""
+    if isinstance(config.get("setup"), dict):
+        return config_from_dict(ModelSetup, config["setup"])
+    names = {f.name for f in dataclasses.fields(ModelSetup)}
+    return config_from_dict(ModelSetup, {k: v for k, v in config.items() if k in names})
