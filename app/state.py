@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
@@ -11,7 +10,8 @@ from sosp_engine.saliency.analysis import AnalysisResult
 from app.text import plain
 from sosp_engine.errors import SospError
 from sosp_engine.nets import read_checkpoint
-from sosp_engine.nets.loading import Workbench, open_workbench
+from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.pruning.workbench import Workbench, open_workbench
 from sosp_engine.pruning.pruned_models import recipe_of
 from sosp_engine.nets import is_user_code
 from sosp_engine.runs.records import load_stored_analysis
@@ -22,24 +22,21 @@ DEFAULT_DATA = "digits"
 DEMO_WEIGHTS = str(Path(__file__).resolve().parent.parent / "assets" / "demo" / "resnet20-digits.pt")
 
 
-@dataclass(frozen=True)
-class ModelChoice:
-    """What the user picked on the Model page."""
-
-    model_spec: str = DEFAULT_MODEL
-    data_spec: str = DEFAULT_DATA
-    weights: str | None = DEMO_WEIGHTS  # the trained demo: "after training" views work from the first start
+def demo_setup() -> ModelSetup:
+    """The demo the dashboard opens on: ResNet-20 on digits with the trained checkpoint ("after training" views work
+    from the first start)."""
+    return ModelSetup(DEFAULT_MODEL, DEFAULT_DATA, DEMO_WEIGHTS)
 
 
-def current_choice() -> ModelChoice:
-    """The model choice of this browser session (the demo model until the user picks another).
+def current_choice() -> ModelSetup:
+    """The model setup of this browser session (the demo model until the user picks another).
 
     It is mirrored in the page's URL (?model=&data=&weights=), so a browser reload keeps it.
     """
     if "model_choice" not in st.session_state:
         params = st.query_params
-        default = ModelChoice()
-        st.session_state["model_choice"] = ModelChoice(
+        default = demo_setup()
+        st.session_state["model_choice"] = ModelSetup(
             params.get("model", default.model_spec),
             params.get("data", default.data_spec),
             params.get("weights", default.weights or "")
@@ -48,7 +45,7 @@ def current_choice() -> ModelChoice:
     return st.session_state["model_choice"]
 
 
-def set_choice(choice: ModelChoice) -> None:
+def set_choice(choice: ModelSetup) -> None:
     st.session_state["model_choice"] = choice
     st.query_params.update(model=choice.model_spec, data=choice.data_spec, weights=choice.weights or "")
 
@@ -61,8 +58,15 @@ def cached_workbench(
     exclude: tuple[str, ...] = (),
     preset: str | None = "auto",
 ) -> Workbench:
-    """The engine's workbench for a choice, built once per (model, data, weights, exclusions)."""
-    return open_workbench(model_spec, data_spec, weights, exclude, preset)
+    """The engine's workbench for a setup, built once per (model, data, weights, exclusions)."""
+    return open_workbench(ModelSetup(model_spec, data_spec, weights, list(exclude), preset))
+
+
+def setup_workbench(setup: ModelSetup) -> Workbench:
+    """The cached workbench of `setup`."""
+    return cached_workbench(
+        setup.model_spec, setup.data_spec, setup.weights, tuple(setup.exclude), setup.preset
+    )
 
 
 def code_confirmed(spec: str, what: str) -> bool:
@@ -93,10 +97,10 @@ def require_code_confirmed(spec: str, what: str) -> None:
         st.stop()
 
 
-def workbench(choice: ModelChoice) -> Workbench:
+def workbench(choice: ModelSetup) -> Workbench:
     """The workbench of the Model page's choice, built only once any user code it names is confirmed."""
     require_code_confirmed(choice.model_spec, "This model spec")
-    return cached_workbench(choice.model_spec, choice.data_spec, choice.weights)
+    return setup_workbench(choice)
 
 
 def workbench_for(result: AnalysisResult) -> Workbench:
@@ -104,11 +108,9 @@ def workbench_for(result: AnalysisResult) -> Workbench:
 
     A stored spec that names user code runs only after this session confirms that very spec.
     """
-    c = result.config
-    require_code_confirmed(c.model_spec, "This analysis")
-    return cached_workbench(
-        c.model_spec, c.data_spec, None if c.at_init else c.weights, tuple(c.exclude), c.preset
-    )
+    setup = result.config.setup
+    require_code_confirmed(setup.model_spec, "This analysis")
+    return setup_workbench(setup.with_weights(None if result.config.at_init else setup.weights))
 
 
 @st.cache_data(max_entries=32)

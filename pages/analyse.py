@@ -2,6 +2,7 @@
 stored."""
 
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import streamlit as st
@@ -12,7 +13,7 @@ from app.background import CANCELLED, running_analysis, start_analysis
 from app.guard import user_errors
 from app.pickers import analyses_frame
 from app.state import current_choice, kept, workbench, workspace
-from sosp_engine.saliency.analysis import AnalysisConfig
+from sosp_engine.saliency.analysis import AnalysisConfig, AnalysisOptions
 from sosp_engine.saliency.methods import METHOD_LABELS, METHODS
 from sosp_engine.devices import resolve_device
 from sosp_engine.latency.runtimes import RUNTIMES
@@ -55,6 +56,13 @@ with st.form("analysis_form"):
         step=0.05,
         key=kept("an-cap", 0.95),
         help="at most this fraction of a layer is pruned; one channel always stays",
+    )
+    min_channels = cols[0].number_input(
+        "Minimum width kept per layer",
+        1,
+        4096,
+        key=kept("an-min-channels", 1),
+        help="at least this many structures (channels) of every layer stay, whatever the ratio",
     )
     normalize = cols[1].selectbox(
         "Normalisation",
@@ -105,25 +113,23 @@ if run:
     else:
         with user_errors("Loading the model"):
             bench = workbench(choice)
-        config = AnalysisConfig(
+        options = AnalysisOptions(
             method=method,
-            model_spec=choice.model_spec,
-            data_spec=choice.data_spec,
-            weights=choice.weights,
             at_init=at_init,
             samples=int(samples),
             seed=int(seed),
             batch_size=int(batch),
             cap=cap,
+            min_channels=int(min_channels),
             normalize=normalize,
             latency_batch=int(latency_batch),
             latency_runtime=latency_runtime,
             loss=loss,
-            device=device,
         )
         with user_errors("Starting the analysis"):
             if fit_memory:
-                config.memory_budget_gb = default_budget(resolve_device(device)) / 2**30
+                options.memory_budget_gb = default_budget(resolve_device(device)) / 2**30
+            config = AnalysisConfig.of(replace(bench.setup, device=device), options)
             config.validate()
             start_analysis(key, bench, config, name, workspace())
 

@@ -13,7 +13,8 @@ from sosp_engine.experiments.bottlenecks import find_bottlenecks, paper_level
 from sosp_engine.experiments.expand_study import EXPAND_PROCEDURES, EXPAND_STUDY_KIND, ExpandStudyConfig
 from sosp_engine.runs.jobs import submit_expand_study
 from sosp_engine.pruning.masks import layer_table, mask_summary
-from sosp_engine.pruning.surgery import build_widened, params_of, uniform_factor
+from sosp_engine.pruning.workbench import expansion_sizes
+from sosp_engine.experiments.training import TrainConfig
 from sosp_engine.progress import counted
 
 st.title("Expand-pruning")
@@ -27,7 +28,7 @@ if chosen and chosen["analysis"] == record["id"]:  # what the Bottlenecks page f
     level, picked = chosen["level"], set(chosen["units"])
     source = f"the {counted(len(picked), level)} flagged on the Bottlenecks page"
 else:
-    level = paper_level(result.config.model_spec)[0]
+    level = paper_level(result.config.setup.model_spec)[0]
     picked = None
     least = "least pruned stage" if level == "stage" else "five least pruned layers"
     source = f"the {least} (no choice made on the Bottlenecks page)"
@@ -36,7 +37,7 @@ with user_errors("Finding bottlenecks"):
         layer_table(workbench.structures, result.mask(workbench.structures, ratio, unit)),
         level,
         "least",
-        n=paper_level(result.config.model_spec)[1],
+        n=paper_level(result.config.setup.model_spec)[1],
     )
 flags = units.unit.isin(picked) if picked is not None else units.flagged
 defaults = pd.DataFrame(
@@ -54,31 +55,14 @@ edited = st.data_editor(
     },
 )
 factors = {u: float(f) for u, f in zip(edited.unit, edited.factor) if abs(f - 1.0) > 1e-9}
-spec = result.config.model_spec
-data = workbench.data
-
-
 @st.cache_data(show_spinner="Sizing the widened networks ...")
-def sizes(spec: str, data_spec: str, factors_items: tuple, key: str) -> tuple[int, int, float, int]:
-    wide, _ = build_widened(
-        spec,
-        data.num_classes,
-        data.input_shape[0],
-        workbench.structures,
-        dict(factors_items),
-        workbench.example,
-    )
-    expanded = params_of(wide)
-    factor, matched = uniform_factor(
-        spec, data.num_classes, data.input_shape[0], workbench.structures, expanded, workbench.example
-    )
-    return params_of(workbench.model), expanded, factor, matched
+def sizes(_workbench, record_id: str, factors_items: tuple) -> tuple[int, int, float, int]:
+    """The expansion's sizes for the analysis `record_id` (whose workbench is `_workbench`) and the factors."""
+    return expansion_sizes(_workbench, dict(factors_items))
 
 
 with user_errors("Widening"):
-    base_params, expanded_params, factor, matched = sizes(
-        spec, result.config.data_spec, tuple(sorted(factors.items())), record["id"]
-    )
+    base_params, expanded_params, factor, matched = sizes(workbench, record["id"], tuple(sorted(factors.items())))
 pruned_size = mask_summary(workbench.structures, result.mask(workbench.structures, ratio, unit))
 target = pruned_size["params_after"]
 cols = st.columns(5)
@@ -96,7 +80,7 @@ cols[4].metric(
     help="every run is pruned to the size of the train-pruned plain net",
 )
 
-trained = bool(result.config.weights) and not result.config.at_init
+trained = bool(result.config.setup.weights) and not result.config.at_init
 with st.form("launch"):
     procedures = st.multiselect(
         "Runs",
@@ -125,22 +109,16 @@ with st.form("launch"):
 if launch:
     with user_errors("Launching"):
         config = ExpandStudyConfig(
-            model_spec=spec,
-            data_spec=result.config.data_spec,
+            setup=result.config.setup.with_weights(None),
             procedures=list(procedures),
             trials=int(trials),
             widen={} if own else factors,
             target_params=None if own else target,
-            method=result.config.method,
-            samples=result.config.samples,
             ratio=pruned_size["param_ratio"],
             unit="params",
-            cap=result.config.cap,
-            normalize=result.config.normalize,
-            epochs=int(epochs),
+            training=TrainConfig(epochs=int(epochs)),
             finetune_epochs=int(finetune),
-            exclude=list(result.config.exclude),
-            preset=result.config.preset,
+            analysis=result.config.options(),
         )
         submit_expand_study(
             workspace(), config, name=f"expand-{record['id']} {record['name']}", placement=current_placement()

@@ -10,8 +10,9 @@ from app.guard import user_errors
 from app.placement import current_placement, placement_caption
 from app.tables import table as show_table
 from app.state import (
+    DEFAULT_DATA,
+    DEFAULT_MODEL,
     DEMO_WEIGHTS,
-    ModelChoice,
     code_confirmed,
     current_choice,
     set_choice,
@@ -22,43 +23,56 @@ from sosp_engine.experiments.procedures import ExperimentConfig
 from sosp_engine.runs.jobs import submit
 from sosp_engine.pruning.masks import layer_table, mask_summary
 from sosp_engine.nets import USER_CODE_WARNING, is_user_code
-from sosp_engine.experiments.training import evaluate
+from sosp_engine.experiments.training import TrainConfig, evaluate
+from sosp_engine.nets.setup import ModelSetup
 
 st.title("Model")
 store = workspace()
 choice = current_choice()
 trained = store.models()
 
+stored = {
+    m["weights"]: f"{m['name']} ({m['model_spec']}, test acc {m['metrics'].get('test_acc', 0):.1%})"
+    for m in trained
+}
+stored[DEMO_WEIGHTS] = "trained demo (ResNet-20, digits)"
+made_for = {m["weights"]: (m["model_spec"], m["data_spec"]) for m in trained}
+made_for[DEMO_WEIGHTS] = (DEFAULT_MODEL, DEFAULT_DATA)
+options = ["random init", "checkpoint path"] + list(stored)
+if st.session_state.get("model-form-shows") != choice:  # the form shows the loaded choice (a link, a first visit)
+    st.session_state["model-form-shows"] = choice
+    st.session_state["model-spec"] = choice.model_spec
+    st.session_state["model-data"] = choice.data_spec
+    st.session_state["model-weights"] = (
+        choice.weights if choice.weights in stored else ("checkpoint path" if choice.weights else "random init")
+    )
+    st.session_state["model-path"] = choice.weights if st.session_state["model-weights"] == "checkpoint path" else ""
+
+# every widget has a key and takes its value from the session state only, so the form loads what it shows on the
+# first click (a widget whose default changes after a load is a new widget, and would drop what was typed into it)
 with st.form("model_form"):
     cols = st.columns(3)
     model_spec = cols[0].text_input(
         "Model spec",
-        choice.model_spec,
+        key="model-spec",
         help="resnet20/32/56/110 (x2, :widths=16,32,128), vgg19, densenet40, torchvision:NAME, timm:NAME, "
         "path/file.py:factory",
     )
     data_spec = cols[1].text_input(
         "Data spec",
-        choice.data_spec,
+        key="model-data",
         help="digits, cifar10:PATH, cifar100:PATH, imagefolder:PATH, synthetic:C,H,W:K",
     )
-    stored = {
-        m["weights"]: f"{m['name']} ({m['model_spec']}, test acc {m['metrics'].get('test_acc', 0):.1%})"
-        for m in trained
-    }
-    stored[DEMO_WEIGHTS] = "trained demo (ResNet-20, digits)"
-    options = ["random init", "checkpoint path"] + list(stored)
-    current = (
-        choice.weights
-        if choice.weights in stored
-        else ("checkpoint path" if choice.weights else "random init")
-    )
+    if st.session_state["model-weights"] not in options:
+        st.session_state["model-weights"] = "random init"
     source = cols[2].selectbox(
-        "Weights", options, index=options.index(current), format_func=lambda o: stored.get(o, o)
+        "Weights",
+        options,
+        key="model-weights",
+        format_func=lambda o: stored.get(o, o),
+        help="stored weights belong to the model and data they were trained for; pick 'random init' for another",
     )
-    path = st.text_input(
-        "Checkpoint path (for 'checkpoint path')", choice.weights if current == "checkpoint path" else ""
-    )
+    path = st.text_input("Checkpoint path (for 'checkpoint path')", key="model-path")
     upload = st.file_uploader(
         "... or upload a checkpoint (.pt / .pth, a state_dict; loaded with weights_only=True)",
         type=["pt", "pth"],
@@ -76,7 +90,19 @@ with st.form("model_form"):
             weights = path.strip() or None
         elif source != "random init":
             weights = source
-        st.session_state["pending_choice"] = ModelChoice(model_spec.strip(), data_spec.strip(), weights)
+        wanted = ModelSetup(model_spec.strip(), data_spec.strip(), weights)
+        if weights in made_for and made_for[weights] != (wanted.model_spec, wanted.data_spec):
+            spec, data = made_for[weights]
+            st.error(
+                plain(
+                    f"The weights '{stored[weights]}' were trained for {spec} on {data}, not for "
+                    f"{wanted.model_spec} on {wanted.data_spec}: pick 'random init' (or weights of that model) "
+                    "under Weights and load again."
+                ),
+                icon=":material/error:",
+            )
+        else:
+            st.session_state["pending_choice"] = wanted
 
 pending = st.session_state.get("pending_choice")
 if pending is not None and code_confirmed(pending.model_spec, "This model spec"):
@@ -85,6 +111,7 @@ if pending is not None and code_confirmed(pending.model_spec, "This model spec")
         workbench(pending)
         set_choice(pending)
         choice = pending
+        st.session_state["model-form-shows"] = pending
 
 with user_errors("Loading the model"):
     bench = workbench(choice)
@@ -122,9 +149,8 @@ with cols[2].popover("Train this model in the background", icon=":material/model
                 store,
                 ExperimentConfig(
                     procedure="train",
-                    model_spec=choice.model_spec,
-                    data_spec=choice.data_spec,
-                    epochs=int(epochs),
+                    setup=choice.with_weights(None),
+                    training=TrainConfig(epochs=int(epochs)),
                     label=f"train {choice.model_spec}",
                 ),
                 name=f"train {choice.model_spec} ({epochs} epochs)",

@@ -2,6 +2,8 @@
 
 import streamlit as st
 
+from sosp_engine.pruning.export import export_pruned
+
 from app.text import plain, text_only
 
 from app.charts import ratio_histogram, width_profile
@@ -13,12 +15,8 @@ from app.sensitivity_view import sensitivity_section
 from app.report import analysis_report
 from app.tables import table as show_table
 from sosp_engine.experiments.bottlenecks import explain, find_bottlenecks
-from sosp_engine.nets.onnx_export import ExportError, checked_onnx
-from sosp_engine.pruning.exactness import exactness_line, exactness_report
-from sosp_engine.saliency.analysis import EXACTNESS_SAMPLES
-from sosp_engine.nets.loading import resolve_preset
-from sosp_engine.pruning.masks import layer_table, mask_json, mask_summary, pruned_copy
-from sosp_engine.pruning.pruned_models import pruned_checkpoint_bytes, pruning_recipe
+from sosp_engine.pruning.exactness import exactness_line
+from sosp_engine.pruning.masks import layer_table, mask_json, mask_summary
 
 st.title("Pruning ratios")
 record, result, workbench, ratio, unit = chosen_analysis("ratio")
@@ -120,26 +118,10 @@ if cols[1].button(
     help="prune physically; the checkpoint reopens on the Model page with the same model spec",
 ):
     with user_errors("Pruning the model", stop=False):
-        c = result.config
-        smaller = pruned_copy(workbench.model, workbench.structures, mask, workbench.example)
-        recipe = pruning_recipe(
-            c.model_spec,
-            workbench.structures,
-            mask,
-            resolve_preset(c.model_spec, c.preset),
-            c.exclude,
-            workbench.recipe,
-        )
-        x, _ = workbench.data.analysis_samples(EXACTNESS_SAMPLES, c.seed)
-        measured = exactness_report(workbench.model, workbench.structures, mask, workbench.example, x)
-        st.session_state[("pruned-model", name)] = pruned_checkpoint_bytes(smaller, recipe)
-        st.session_state[("pruned-exactness", name)] = measured
-        try:
-            exported, deviation = checked_onnx(smaller, workbench.example, x)
-            line = f"ONNX Runtime's output deviates from PyTorch's by {deviation:.1e} on {len(x)} samples."
-        except ExportError as exc:  # the .pt is still offered
-            exported, line = None, f"No ONNX export: {exc}"
-        st.session_state[("pruned-onnx", name)] = (exported, line)
+        export = export_pruned(workbench, mask, seed=result.config.seed)
+        st.session_state[("pruned-model", name)] = export.checkpoint_bytes()
+        st.session_state[("pruned-exactness", name)] = export.exactness
+        st.session_state[("pruned-onnx", name)] = (export.onnx, export.onnx_line + ".")
 if ("pruned-model", name) in st.session_state:
     measured = st.session_state[("pruned-exactness", name)]
     (cols[1].caption if measured["exact"] else cols[1].warning)(plain(exactness_line(measured)))

@@ -14,6 +14,7 @@ from app.placement import placement_settings
 from app.state import code_confirmed, workspace
 from app.tables import table as show_table
 from sosp_engine.experiments.procedures import compare_runs
+from sosp_engine.nets.setup import stored_setup
 from sosp_engine.runs.consent import has_consent
 from sosp_engine.runs.jobs import cancel, mark_stale_jobs, resume
 from sosp_engine.runs.work import read_log
@@ -96,9 +97,9 @@ def job_controls(jobs: list[dict]) -> None:
             st.toast(plain(cancel(store, job_id)))
             st.rerun()
     resumable = job["status"] in ("failed", "cancelled")
-    unconfirmed = resumable and not has_consent(job["config"]["model_spec"], job.get("consent"))
+    unconfirmed = resumable and not has_consent(stored_setup(job["config"]).model_spec, job.get("consent"))
     if unconfirmed:
-        resumable = code_confirmed(job["config"]["model_spec"], f"Job '{job['name']}'")
+        resumable = code_confirmed(stored_setup(job["config"]).model_spec, f"Job '{job['name']}'")
     if cols[1].button("Resume", disabled=not resumable, icon=":material/replay:"):
         with user_errors("Resuming", stop=False):
             resume(store, job_id, trust_code=unconfirmed)

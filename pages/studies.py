@@ -18,6 +18,9 @@ from app.tables import table as show_table
 from sosp_engine.latency.runtimes import RUNTIMES
 from sosp_engine.nets.setup import config_from_dict
 from sosp_engine.saliency.methods import METHODS
+from sosp_engine.saliency.analysis import AnalysisOptions
+from sosp_engine.experiments.training import TrainConfig
+from sosp_engine.nets.setup import ModelSetup
 from sosp_engine.experiments.expand_study import EXPAND_STUDY_KIND
 from sosp_engine.runs.jobs import submit_study
 from sosp_engine.runs.work import STUDY_KINDS
@@ -83,17 +86,14 @@ with st.expander(
     if st.button("Launch study", icon=":material/play_arrow:", key="study-launch", disabled=not confirmed):
         with user_errors("Launching the study", stop=False):
             config = StudyConfig(
-                model_spec=model_spec.strip(),
-                data_spec=data_spec,
-                weights=weights.strip() or None,
+                setup=ModelSetup(model_spec.strip(), data_spec, weights.strip() or None),
                 methods=methods,
                 targets=parse_numbers(float, targets_text, "Targets"),
                 unit=unit,
                 seeds=parse_numbers(int, seeds_text, "Seeds"),
-                epochs=int(epochs),
+                training=TrainConfig(epochs=int(epochs)),
                 finetune_epochs=int(finetune),
-                samples=int(samples),
-                latency_runtime=latency_runtime,
+                analysis=AnalysisOptions(samples=int(samples), latency_runtime=latency_runtime),
             )
             job_id = submit_study(workspace(), config, name.strip(), placement=current_placement())
             st.success(

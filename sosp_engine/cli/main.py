@@ -113,7 +113,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     written = {}
     if args.onnx:
         if export.onnx is None:
-            raise SospError(f"the pruned model was saved to {args.save}, but {export.onnx_line}")
+            raise SospError(f"the pruned model was saved to {args.save}; {export.onnx_line}")
         write_bytes_atomically(args.onnx, export.onnx)
         progress_line(f"wrote {args.onnx}: {export.onnx_line}")
         written = {"onnx": args.onnx, "onnx_line": export.onnx_line}

@@ -4,7 +4,7 @@ every config that needs a model, and how a config is read back from its stored J
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar, get_type_hints
 
 from ..errors import SospError
@@ -29,7 +29,7 @@ def resolve_preset(model_spec: str, preset: str | None) -> str | None:
     return None if preset in (None, "none") else preset
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSetup:
     """What defines the net an analysis, training or study works on; every config nests one, none copies its fields.
 
@@ -40,9 +40,12 @@ class ModelSetup:
     model_spec: str = "resnet20"
     data_spec: str = "digits"
     weights: str | None = None
-    exclude: list[str] = field(default_factory=list)
+    exclude: tuple[str, ...] = ()
     preset: str | None = "auto"
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(self.exclude))  # a value: hashable, equal whatever it was given as
 
     @property
     def preset_name(self) -> str | None:
@@ -51,7 +54,7 @@ class ModelSetup:
 
     def with_weights(self, weights: str | None) -> "ModelSetup":
         """This setup with other weights (a trained checkpoint of the same net, or None for a random init)."""
-        return dataclasses.replace(self, weights=weights, exclude=list(self.exclude))
+        return dataclasses.replace(self, weights=weights)
 
 
 def config_from_dict(cls: type[Config], data: dict[str, Any]) -> Config:

@@ -56,5 +56,5 @@ def export_pruned(workbench: Workbench, mask: set[str], onnx: bool = True, seed:
                 f"ONNX Runtime's output deviates from PyTorch's by {deviation:.1e} on {len(samples)} samples"
             )
         except ExportError as exc:  # the checkpoint is still offered
-            export.onnx_line = f"no ONNX export: {exc}"
+            export.onnx_line = f"No ONNX export: {exc}"
     return export

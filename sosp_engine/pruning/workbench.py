@@ -17,6 +17,7 @@ from .masks import pruned_copy
 from .offered import find_structures
 from .pruned_models import pruning_recipe, reapply, recipe_of
 from .structures import StructureSet
+from .surgery import build_widened, params_of, uniform_factor
 
 
 def build_for(model_spec: str, data: DataBundle) -> nn.Module:
@@ -83,6 +84,24 @@ class Workbench:
             self.recipe,
         )
         return PrunedModel(smaller, recipe, set(mask))
+
+
+def expansion_sizes(workbench: Workbench, factors: dict[str, float]) -> tuple[int, int, float, int]:
+    """(plain params, params widened by `factors`, the one factor for every layer giving that size, its params)."""
+    data = workbench.data
+    wide, _ = build_widened(
+        workbench.model_spec,
+        data.num_classes,
+        data.input_shape[0],
+        workbench.structures,
+        factors,
+        workbench.example,
+    )
+    expanded = params_of(wide)
+    factor, matched = uniform_factor(
+        workbench.model_spec, data.num_classes, data.input_shape[0], workbench.structures, expanded, workbench.example
+    )
+    return params_of(workbench.model), expanded, factor, matched
 
 
 def load_model(setup: ModelSetup, data: DataBundle) -> tuple[nn.Module, dict | None]:

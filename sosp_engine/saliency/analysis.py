@@ -108,8 +108,11 @@ class AnalysisConfig(AnalysisOptions):
     @classmethod
     def of(cls, setup: ModelSetup, options: AnalysisOptions, **changes: object) -> "AnalysisConfig":
         """The analysis of `setup` with `options` (and `changes` to them, such as a study cell's method)."""
-        values = {f.name: getattr(options, f.name) for f in fields(AnalysisOptions)}
-        return cls(setup=setup, **{**values, **changes})
+        return cls(setup=setup, **{**asdict(options), **changes})
+
+    def options(self) -> AnalysisOptions:
+        """The options alone (no model): what an experiment or study built from this analysis reuses."""
+        return AnalysisOptions(**{f.name: getattr(self, f.name) for f in fields(AnalysisOptions)})
 
     def weights_label(self) -> str:
         """Which weights the saliencies describe, in words (an at-init analysis never used the checkpoint's values)."""
