@@ -9,6 +9,15 @@ from app.guard import user_errors
 from app.state import analysis, kept, workbench_for, workspace
 
 
+def unique_labels(labels: dict[str, str]) -> dict[str, str]:
+    """{id: label} with the id added to every label that another id shares, so that a picker, a legend or a table
+    never merges two records under one name."""
+    counts: dict[str, int] = {}
+    for label in labels.values():
+        counts[label] = counts.get(label, 0) + 1
+    return {key: label if counts[label] == 1 else f"{label} · {key}" for key, label in labels.items()}
+
+
 def analysis_picker(label: str = "Analysis", key: str = "analysis", default_index: int = 0) -> dict | None:
     """Select one stored analysis; None (with a hint) when the workspace has none yet."""
     records = workspace().analyses()

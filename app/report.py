@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import time
+from pathlib import PurePath
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -14,8 +15,29 @@ def _label(key: object) -> str:
     return str(key).replace("_", " ")
 
 
+def _shareable(text: str) -> str:
+    """A spec or path without this machine's folders: '/home/me/ckpt/r20.pt' -> 'r20.pt', 'cifar10:/data/c10' ->
+    'cifar10:c10', '/home/me/nets.py:factory' -> 'nets.py:factory' (a report is shared beyond this machine)."""
+    parts = text.split(":")
+    return ":".join(PurePath(p).name if PurePath(p).is_absolute() or "/" in p else p for p in parts)
+
+
+def _rows(config: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(key, value) rows, nested parts (the model setup) flattened as 'setup model spec'."""
+    rows = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            rows += _rows(value, f"{prefix}{key} ")
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
+
+
 def _value(key: object, value: object) -> str:
-    """Ratios as percentages, other floats with 4 significant digits, integers with thousands separators."""
+    """Ratios as percentages, other floats with 4 significant digits, integers with thousands separators, specs and
+    paths without local folders."""
+    if isinstance(value, str):
+        return _shareable(value)
     if isinstance(value, bool) or value is None:
         return {True: "yes", False: "no", None: "-"}[value]
     if isinstance(value, float):
@@ -37,7 +59,7 @@ def analysis_report(
         parts.append(f"<p>{html.escape(notes)}</p>")
     rows = "".join(
         f"<tr><th>{html.escape(_label(k))}</th><td>{html.escape(_value(k, v))}</td></tr>"
-        for k, v in config.items()
+        for k, v in _rows(config)
     )
     parts.append(f"<h2>Configuration</h2><table class='cfg'>{rows}</table>")
     for i, fig in enumerate(figures):

@@ -8,6 +8,7 @@ import streamlit as st
 from app.charts import calibration_chart, predicted_vs_measured, sensitivity_lines, trust_scatter
 from app.export import export_buttons
 from app.guard import user_errors
+from app.pickers import unique_labels
 from app.state import analysis, workbench_for, workspace
 from app.text import plain, text_only
 from sosp_engine.experiments.sensitivity import distinct_masks, even_grid, max_reduction, sensitivity_curve
@@ -26,7 +27,7 @@ def sensitivity_section(record: dict, ratio: float, unit: str) -> None:
         for r in workspace().analyses()
         if (r["model_spec"], r["data_spec"]) == (record["model_spec"], record["data_spec"])
     ]
-    names = {r["id"]: r["name"] for r in same}
+    names = unique_labels({r["id"]: r["name"] for r in same})
     cols = st.columns([3, 1, 1])
     chosen = cols[0].multiselect(
         "Analyses (same model and data)",

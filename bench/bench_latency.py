@@ -83,14 +83,13 @@ def main() -> None:
                     wb,
                     AnalysisConfig(
                         method="sosp-h",
-                        model_spec=args.model,
                         samples=args.samples,
                         batch_size=args.samples,
-                        device=args.device,
                         round_to=round_to,
                         normalize=normalize,
                         latency_device=args.device,
                         latency_batch=timed[0],
+                        setup=ModelSetup(device=args.device),
                     ),
                 )
                 for ratio in (float(r) for r in args.ratios.split(",")):

@@ -16,8 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sosp_engine.saliency.analysis import compute_saliency  # noqa: E402
-from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.saliency.analysis import AnalysisOptions, compute_saliency  # noqa: E402
+from sosp_engine.nets.setup import ModelSetup  # noqa: E402
 from sosp_engine.pruning.workbench import open_workbench  # noqa: E402
 from sosp_engine.saliency.memory import PeakTensorBytes, probe  # noqa: E402
 from sosp_engine.saliency.common import AnalysisInputs  # noqa: E402
@@ -43,9 +43,8 @@ def main() -> None:
 
             def run(n: int) -> None:
                 compute_saliency(
-                    method,
                     AnalysisInputs(model, wb.structures, x[:n], y[:n], "cross-entropy", n),
-                    0.95,
+                    AnalysisOptions(method=method),
                     "none",
                 )
 

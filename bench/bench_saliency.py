@@ -100,14 +100,15 @@ def _measure(
         from sosp_engine.pruning.workbench import open_workbench
         from sosp_engine.saliency.analysis import AnalysisConfig
 
-        workbench = open_workbench(ModelSetup(model_spec, f"synthetic:{','.join(map(str, shape))}:{classes}:{samples}"))
+        workbench = open_workbench(
+            ModelSetup(model_spec, f"synthetic:{','.join(map(str, shape))}:{classes}:{samples}")
+        )
         config = AnalysisConfig(
             method=task[len("analysis-") :],
-            model_spec=model_spec,
             samples=samples,
             batch_size=batch_size,
-            device=device,
             memory_budget_gb=None,
+            setup=ModelSetup(device=device),
         )
     if (
         task == "nni-sensitivity"

@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis  # noqa: E402
-from sosp_engine.nets.setup import config_from_dict
+from sosp_engine.nets.setup import config_from_dict  # noqa: E402
 from sosp_engine.experiments.bottlenecks import paper_widening, unit_ratios  # noqa: E402
 from sosp_engine.experiments.expand_study import PLAIN, ExpandStudyConfig  # noqa: E402
 from sosp_engine.runs.study_state import expand_state  # noqa: E402
-from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.nets.setup import ModelSetup  # noqa: E402
 from sosp_engine.pruning.workbench import open_workbench  # noqa: E402
 from sosp_engine.pruning.masks import layer_table  # noqa: E402
 from sosp_engine.runs.store import Store, run_folder  # noqa: E402
@@ -47,13 +47,18 @@ def main() -> None:
         if r["procedure"] == PLAIN
     ]
     weights = run_folder(job) / PLAIN / "trial0" / "trained.pt"
-    wb = open_workbench(ModelSetup(config.model_spec, config.data_spec, str(weights), config.exclude, config.preset))
+    wb = open_workbench(
+        ModelSetup(config.model_spec, config.data_spec, str(weights), config.exclude, config.preset)
+    )
     across_samples = []
     for samples in [int(s) for s in args.samples.split(",")]:
         for seed in [int(s) for s in args.seeds.split(",")]:
             start = time.perf_counter()
             result = run_analysis(
-                wb, AnalysisConfig(method=config.method, samples=samples, seed=seed, device="cpu")
+                wb,
+                AnalysisConfig(
+                    method=config.method, samples=samples, seed=seed, setup=ModelSetup(device="cpu")
+                ),
             )
             table = layer_table(wb.structures, result.mask(wb.structures, config.ratio, config.unit))
             stages = unit_ratios(table, "stage")

@@ -70,6 +70,7 @@ def _empty_unit(config: dict, folder: str, unit: tuple, report) -> dict:
 
 def measure(address: str, tmp: Path) -> list[dict]:
     from sosp_engine.experiments.procedures import ExperimentConfig
+    from sosp_engine.nets.setup import config_from_dict
     from sosp_engine.runs.backends.ray import sync
     from sosp_engine.runs.events import new_events
     from sosp_engine.runs.jobs import Placement, submit
@@ -80,8 +81,9 @@ def measure(address: str, tmp: Path) -> list[dict]:
     Store(idle)
     cli_idle = [_cli_seconds(idle) for _ in range(5)]
     store = Store(tmp / "ws")
-    config = ExperimentConfig(
-        procedure="train", model_spec="resnet20", epochs=40, batch_size=64, device="cpu"
+    config = config_from_dict(
+        ExperimentConfig,
+        dict(procedure="train", model_spec="resnet20", epochs=40, batch_size=64, device="cpu"),
     )
     job_id = submit(store, config, placement=Placement("ray", address, str(tmp / "shared")))
     job = store.job(job_id)

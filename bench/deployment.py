@@ -75,12 +75,11 @@ def measure(setup: dict, threads: int) -> pd.DataFrame:
     def analysis(**latency):
         config = AnalysisConfig(
             method="sosp-h",
-            model_spec=setup["model"],
             samples=setup["samples"],
             batch_size=setup["samples"],
-            device="cpu",
             latency_device="cpu",
             **latency,
+            setup=ModelSetup(device="cpu"),
         )
         return run_analysis(wb, config)
 

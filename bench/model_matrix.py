@@ -76,7 +76,7 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
     torch.manual_seed(0)
     row: dict = {"model": spec, "stage": "structures"}
     data = f"synthetic:3,{side},{side}:10"
-    wb = open_workbench(ModelSetup(spec, data.spec), data)
+    wb = open_workbench(ModelSetup(spec, data))
     wb.model.eval()
     s = wb.structures
     row.update(
@@ -97,12 +97,10 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
                 wb,
                 AnalysisConfig(
                     method=method,
-                    model_spec=spec,
-                    data_spec=data,
                     samples=samples,
                     batch_size=samples,
-                    device="cpu",
                     memory_budget_gb=memory_budget_gb,
+                    setup=ModelSetup(device="cpu"),
                 ),
             )
         except AnalysisError as exc:
@@ -140,7 +138,7 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
             row["stage"] = "reopen"
             with tempfile.TemporaryDirectory() as tmp:
                 path = save_pruned(Path(tmp) / "pruned.pt", smaller, pruning_recipe(spec, s, mask, None, []))
-                reopened = open_workbench(ModelSetup(spec, data.spec, str(path), preset=None), data).model.eval()
+                reopened = open_workbench(ModelSetup(spec, data, str(path), preset=None)).model.eval()
                 with torch.no_grad():
                     if not torch.allclose(reopened(x), smaller(x), atol=1e-5):
                         raise AssertionError("the reopened pruned checkpoint computes another function")

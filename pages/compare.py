@@ -6,7 +6,7 @@ import streamlit as st
 from app.charts import compare_overlay, difference_bars, ratio_profiles_chart, side_by_side
 from app.export import export_buttons, file_slug
 from app.guard import user_errors
-from app.pickers import analysis_picker, ratio_picker
+from app.pickers import analysis_picker, ratio_picker, unique_labels
 from app.report import analysis_report
 from app.state import analysis, workbench_for, workspace
 from app.text import plain, text_only
@@ -79,7 +79,7 @@ same = [
     for r in workspace().analyses()
     if r["model_spec"] == first["model_spec"] and r["data_spec"] == first["data_spec"]
 ]
-names = {r["id"]: f"{r['name']} ({r['method']})" for r in same}
+names = unique_labels({r["id"]: f"{r['name']} ({r['method']})" for r in same})
 picked = st.multiselect(
     "Analyses of this model (any number)",
     list(names),

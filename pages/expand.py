@@ -55,6 +55,8 @@ edited = st.data_editor(
     },
 )
 factors = {u: float(f) for u, f in zip(edited.unit, edited.factor) if abs(f - 1.0) > 1e-9}
+
+
 @st.cache_data(show_spinner="Sizing the widened networks ...")
 def sizes(_workbench, record_id: str, factors_items: tuple) -> tuple[int, int, float, int]:
     """The expansion's sizes for the analysis `record_id` (whose workbench is `_workbench`) and the factors."""
@@ -62,7 +64,9 @@ def sizes(_workbench, record_id: str, factors_items: tuple) -> tuple[int, int, f
 
 
 with user_errors("Widening"):
-    base_params, expanded_params, factor, matched = sizes(workbench, record["id"], tuple(sorted(factors.items())))
+    base_params, expanded_params, factor, matched = sizes(
+        workbench, record["id"], tuple(sorted(factors.items()))
+    )
 pruned_size = mask_summary(workbench.structures, result.mask(workbench.structures, ratio, unit))
 target = pruned_size["params_after"]
 cols = st.columns(5)

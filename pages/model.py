@@ -7,6 +7,7 @@ import streamlit as st
 from app.text import plain
 
 from app.guard import user_errors
+from app.pickers import unique_labels
 from app.placement import current_placement, placement_caption
 from app.tables import table as show_table
 from app.state import (
@@ -31,22 +32,30 @@ store = workspace()
 choice = current_choice()
 trained = store.models()
 
-stored = {
-    m["weights"]: f"{m['name']} ({m['model_spec']}, test acc {m['metrics'].get('test_acc', 0):.1%})"
-    for m in trained
-}
+stored = unique_labels(
+    {
+        m["weights"]: f"{m['name']} ({m['model_spec']}, test acc {m['metrics'].get('test_acc', 0):.1%})"
+        for m in trained
+    }
+)
 stored[DEMO_WEIGHTS] = "trained demo (ResNet-20, digits)"
 made_for = {m["weights"]: (m["model_spec"], m["data_spec"]) for m in trained}
 made_for[DEMO_WEIGHTS] = (DEFAULT_MODEL, DEFAULT_DATA)
 options = ["random init", "checkpoint path"] + list(stored)
-if st.session_state.get("model-form-shows") != choice:  # the form shows the loaded choice (a link, a first visit)
+if (
+    st.session_state.get("model-form-shows") != choice
+):  # the form shows the loaded choice (a link, a first visit)
     st.session_state["model-form-shows"] = choice
     st.session_state["model-spec"] = choice.model_spec
     st.session_state["model-data"] = choice.data_spec
     st.session_state["model-weights"] = (
-        choice.weights if choice.weights in stored else ("checkpoint path" if choice.weights else "random init")
+        choice.weights
+        if choice.weights in stored
+        else ("checkpoint path" if choice.weights else "random init")
     )
-    st.session_state["model-path"] = choice.weights if st.session_state["model-weights"] == "checkpoint path" else ""
+    st.session_state["model-path"] = (
+        choice.weights if st.session_state["model-weights"] == "checkpoint path" else ""
+    )
 
 # every widget has a key and takes its value from the session state only, so the form loads what it shows on the
 # first click (a widget whose default changes after a load is a new widget, and would drop what was typed into it)

@@ -7,6 +7,7 @@ import streamlit as st
 from app.text import plain, text_only
 
 from app.charts import accuracy_vs_size, training_curves
+from app.confirm import confirmation, confirmation_used
 from app.export import export_buttons
 from app.guard import user_errors
 from app.pickers import analyses_frame
@@ -37,8 +38,9 @@ if analyses:
         if st.button("Rename") and new_name.strip():
             store.rename_analysis(target, new_name.strip())
             st.rerun()
-        sure = st.checkbox("Yes, delete this analysis and its files for good", key="confirm_analysis")
+        sure = confirmation("Yes, delete this analysis and its files for good", "delete-analysis", target)
         if st.button("Delete analysis", type="primary", disabled=not sure):
+            confirmation_used("delete-analysis", target)
             with user_errors("Deleting", stop=False):
                 kept = store.delete("analysis", target, confirm=True)
                 for line in kept:
@@ -104,10 +106,11 @@ def job_controls(jobs: list[dict]) -> None:
         with user_errors("Resuming", stop=False):
             resume(store, job_id, trust_code=unconfirmed)
             st.rerun()
-    sure = cols[2].checkbox("confirm delete", key="confirm_job")
+    sure = confirmation("confirm delete", "delete-job", job_id, cols[2])
     if cols[3].button(
         "Delete job", disabled=not sure or job["status"] in ("running", "starting"), icon=":material/delete:"
     ):
+        confirmation_used("delete-job", job_id)
         with user_errors("Deleting", stop=False):
             kept = store.delete("job", job_id, confirm=True)
             for line in kept:

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
+from sosp_engine.saliency.methods import METHODS
 from sosp_engine.saliency.analysis import (
-    METHODS,
     AnalysisConfig,
     AnalysisResult,
     reestimate_batchnorm,
@@ -12,6 +12,7 @@ from sosp_engine.saliency.analysis import (
 )
 from sosp_engine.cli.main import main
 from sosp_engine.errors import AnalysisError
+from sosp_engine.pruning.exactness import EXACTNESS_SAMPLES, exactness_line
 from sosp_engine.nets.setup import ModelSetup
 from sosp_engine.pruning.workbench import open_workbench
 from sosp_engine.pruning.masks import load_mask, mask_summary
@@ -150,3 +151,20 @@ def test_cli_analyze_can_record_the_result_in_the_workspace(tmp_path):
         ]
     )
     assert code == 0 and [r["name"] for r in Store(tmp_path / "ws").analyses()] == ["from the CLI"]
+
+
+def test_the_exactness_check_measures_only_the_few_samples_detection_needs(workbench):
+    result = run_analysis(workbench, AnalysisConfig(method="magnitude", samples=40))
+    assert result.exactness["samples"] == EXACTNESS_SAMPLES < 40
+
+
+def test_a_second_analysis_of_the_same_net_reuses_the_exactness_verdict(workbench):
+    first = run_analysis(workbench, AnalysisConfig(method="magnitude", samples=40))
+    second = run_analysis(workbench, AnalysisConfig(method="first-order", samples=40))
+    assert second.exactness["reused"] and second.exactness["measured_at"] == first.exactness["measured_at"]
+    assert "reused" in exactness_line(second.exactness)
+
+
+def test_other_weights_are_measured_again(workbench):
+    fresh = run_analysis(workbench, AnalysisConfig(method="magnitude", samples=40, at_init=True, seed=987))
+    assert fresh.exactness["reused"] is False and fresh.exactness["seconds"] > 0

@@ -10,6 +10,7 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import ROOT
 from sosp_engine.saliency.analysis import AnalysisConfig, AnalysisResult, run_analysis
+from sosp_engine.nets.setup import config_from_dict
 from sosp_engine.nets.setup import ModelSetup
 from sosp_engine.pruning.workbench import open_workbench
 from sosp_engine.runs.records import store_analysis
@@ -401,15 +402,18 @@ def test_the_studies_page_charts_a_finished_expand_study_against_the_unpruned_ne
     from sosp_engine.runs.jobs import submit_expand_study
     from sosp_engine.runs.store import run_folder
 
-    config = ExpandStudyConfig(
-        model_spec="resnet20:widths=4,8,16",
-        procedures=["train-prune", "widen-prune"],
-        trials=1,
-        epochs=1,
-        finetune_epochs=1,
-        samples=40,
-        batch_size=256,
-        device="cpu",
+    config = config_from_dict(
+        ExpandStudyConfig,
+        dict(
+            model_spec="resnet20:widths=4,8,16",
+            procedures=["train-prune", "widen-prune"],
+            trials=1,
+            epochs=1,
+            finetune_epochs=1,
+            samples=40,
+            batch_size=256,
+            device="cpu",
+        ),
     )
     job_id = submit_expand_study(fresh, config, "tiny expand", start=False)
     ExpandStudy(config, run_folder(fresh.job(job_id))).run()

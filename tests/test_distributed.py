@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from sosp_engine.nets.data import load_data
+from sosp_engine.nets.setup import config_from_dict
 from sosp_engine.experiments.procedures import ExperimentConfig
 from sosp_engine.runs.jobs import mark_stale_jobs, resume, submit
 from sosp_engine.nets import build_model
@@ -85,14 +86,17 @@ def test_a_failing_worker_becomes_the_callers_error():
 def training_job_past_its_first_epoch(tmp_path, epochs: int) -> tuple[Store, str, dict]:
     """A 2-process training job of ResNet-20 in a fresh workspace, once its first epoch is recorded."""
     store = Store(tmp_path)
-    config = ExperimentConfig(
-        procedure="train",
-        model_spec="resnet20",
-        data_spec=DATA,
-        epochs=epochs,
-        batch_size=32,
-        device="cpu",
-        nproc=2,
+    config = config_from_dict(
+        ExperimentConfig,
+        dict(
+            procedure="train",
+            model_spec="resnet20",
+            data_spec=DATA,
+            epochs=epochs,
+            batch_size=32,
+            device="cpu",
+            nproc=2,
+        ),
     )
     job_id = submit(store, config)
     return store, job_id, wait_for(store, job_id, lambda j: len(store.metrics(j["id"])) >= 1)

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from sosp_engine.experiments.bottlenecks import paper_widening
+from sosp_engine.nets.setup import config_from_dict
 from sosp_engine.cli.main import main
 from sosp_engine.nets.data import load_data
 from sosp_engine.errors import AnalysisError
@@ -33,7 +34,7 @@ def tiny(**kw) -> ExpandStudyConfig:
     settings = dict(
         model_spec=NARROW, trials=1, epochs=1, finetune_epochs=1, samples=40, batch_size=256, device="cpu"
     )
-    return ExpandStudyConfig(**{**settings, **kw})
+    return config_from_dict(ExpandStudyConfig, {**settings, **kw})
 
 
 def test_the_plain_trial_sets_the_size_and_the_bottlenecks_every_other_run_uses(tmp_path):

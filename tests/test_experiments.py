@@ -6,6 +6,7 @@ import torch
 
 from conftest import USER_MODEL
 from sosp_engine.experiments.bottlenecks import explain, find_bottlenecks
+from sosp_engine.nets.setup import config_from_dict
 from sosp_engine.cli.main import main
 from sosp_engine.experiments.procedures import compare_runs
 from sosp_engine.nets import build_model
@@ -178,16 +179,19 @@ def test_a_train_prune_run_to_a_latency_target_prunes_where_its_stored_profile_s
     from sosp_engine.pruning.masks import load_mask
 
     # full width: convolutions, not Python overhead, set its latency, so a loaded machine still measures the drop
-    config = ExperimentConfig(
-        procedure="train-prune",
-        model_spec="resnet20",
-        epochs=1,
-        finetune_epochs=0,
-        method="magnitude",
-        samples=20,
-        unit="latency",
-        ratio=0.03,
-        device="cpu",
+    config = config_from_dict(
+        ExperimentConfig,
+        dict(
+            procedure="train-prune",
+            model_spec="resnet20",
+            epochs=1,
+            finetune_epochs=0,
+            method="magnitude",
+            samples=20,
+            unit="latency",
+            ratio=0.03,
+            device="cpu",
+        ),
     )
     Experiment(config, tmp_path).run()
     profile = LatencyProfile.load(tmp_path / "analysis" / "latency.json")

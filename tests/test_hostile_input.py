@@ -78,7 +78,7 @@ def test_a_stored_analysis_that_names_user_code_needs_trust(tmp_path, capsys):
         == 0
     )
     meta = json.loads((out / "analysis.json").read_text())
-    meta["config"]["model_spec"] = f"{evil}:f"
+    meta["config"]["setup"]["model_spec"] = f"{evil}:f"
     (out / "analysis.json").write_text(json.dumps(meta))
     capsys.readouterr()
     assert main(["bottlenecks", str(out)]) == 2
@@ -164,9 +164,9 @@ def truncated_analysis(path):
     from sosp_engine.nets.setup import ModelSetup
     from sosp_engine.pruning.workbench import open_workbench
 
-    run_analysis(open_workbench(ModelSetup("resnet20", "digits")), AnalysisConfig(method="magnitude", samples=8)).save(
-        path
-    )
+    run_analysis(
+        open_workbench(ModelSetup("resnet20", "digits")), AnalysisConfig(method="magnitude", samples=8)
+    ).save(path)
     tensors = path / "tensors.pt"
     tensors.write_bytes(tensors.read_bytes()[:200])
     return path
@@ -339,18 +339,22 @@ def test_an_analysis_out_of_memory_halves_its_batch_and_gives_the_same_result(mo
 
     torch.manual_seed(0)
     wb = open_workbench(ModelSetup("resnet20", "digits"))
-    reference = run_analysis(wb, AnalysisConfig(method="sosp-h", samples=32, batch_size=8, device="cpu"))
+    reference = run_analysis(
+        wb, AnalysisConfig(method="sosp-h", samples=32, batch_size=8, setup=ModelSetup(device="cpu"))
+    )
     real = analysis.compute_saliency
 
-    def tight(method, inputs, *args, **kwargs):
+    def tight(inputs, *args, **kwargs):
         if inputs.batch_size > 8:
             raise RuntimeError(
                 "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"
             )
-        return real(method, inputs, *args, **kwargs)
+        return real(inputs, *args, **kwargs)
 
     monkeypatch.setattr(analysis, "compute_saliency", tight)
-    result = run_analysis(wb, AnalysisConfig(method="sosp-h", samples=32, batch_size=32, device="cpu"))
+    result = run_analysis(
+        wb, AnalysisConfig(method="sosp-h", samples=32, batch_size=32, setup=ModelSetup(device="cpu"))
+    )
     assert result.config.batch_size == 8
     torch.testing.assert_close(result.saliency, reference.saliency, rtol=1e-6, atol=1e-9)
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT
 from test_browser import server  # noqa: F401 (the dashboard on a free port)
 from sosp_engine.cli.main import main
+from sosp_engine.nets.setup import config_from_dict
 from sosp_engine.runs.consent import has_consent, sign
 from sosp_engine.errors import ModelSpecError
 from sosp_engine.experiments.procedures import ExperimentConfig
@@ -60,7 +61,16 @@ def edit_job(store: Store, job_id: str, **fields) -> None:
 
 
 def queued_job(store: Store) -> str:
-    return submit(store, ExperimentConfig(procedure="train", model_spec="resnet20", epochs=1), start=False)
+    return submit(
+        store,
+        config_from_dict(ExperimentConfig, dict(procedure="train", model_spec="resnet20", epochs=1)),
+        start=False,
+    )
+
+
+def with_spec(config: dict, spec: str) -> dict:
+    """A stored job config with its model spec edited (as a hand or a tool could, in the database)."""
+    return {**config, "setup": {**config["setup"], "model_spec": spec}}
 
 
 # --- code runs only with consent ----------------------------------------------------------------------------------
@@ -68,7 +78,7 @@ def test_a_queued_job_whose_spec_was_edited_to_user_code_is_not_launched(tmp_pat
     store = Store(tmp_path / "ws")
     evil, marker = evil_file(tmp_path)
     job_id = queued_job(store)
-    edit_job(store, job_id, config=json.dumps({**store.job(job_id)["config"], "model_spec": f"{evil}:f"}))
+    edit_job(store, job_id, config=json.dumps(with_spec(store.job(job_id)["config"], f"{evil}:f")))
     assert launch_pending(store) == []
     job = store.job(job_id)
     assert job["status"] == "failed" and "--trust-code" in job["error"] and not marker.exists()
@@ -78,7 +88,7 @@ def test_the_job_runner_checks_consent_against_what_is_stored_when_it_starts(tmp
     store = Store(tmp_path / "ws")
     evil, marker = evil_file(tmp_path)
     job_id = queued_job(store)
-    edit_job(store, job_id, config=json.dumps({**store.job(job_id)["config"], "model_spec": f"{evil}:f"}))
+    edit_job(store, job_id, config=json.dumps(with_spec(store.job(job_id)["config"], f"{evil}:f")))
     assert run_job(store, job_id) == 1
     assert store.job(job_id)["status"] == "failed" and not marker.exists()
 
@@ -88,7 +98,11 @@ def test_consent_is_recorded_with_a_submitted_user_code_job_and_bound_to_its_spe
 
     store = Store(tmp_path / "ws")
     spec = USER_MODEL
-    job_id = submit(store, ExperimentConfig(procedure="train", model_spec=spec, epochs=1), start=False)
+    job_id = submit(
+        store,
+        config_from_dict(ExperimentConfig, dict(procedure="train", model_spec=spec, epochs=1)),
+        start=False,
+    )
     job = store.job(job_id)
     assert has_consent(spec, job["consent"])
     assert not has_consent(spec + "x", job["consent"]) and not has_consent(spec, "0" * 64)
@@ -108,7 +122,7 @@ def test_resume_of_an_unconfirmed_user_code_job_needs_trust_code(tmp_path, capsy
         store,
         job_id,
         status="failed",
-        config=json.dumps({**store.job(job_id)["config"], "model_spec": f"{evil}:f"}),
+        config=json.dumps(with_spec(store.job(job_id)["config"], f"{evil}:f")),
     )
     with pytest.raises(ModelSpecError, match="--trust-code"):
         resume(store, job_id, start=False)

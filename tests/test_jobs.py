@@ -8,6 +8,7 @@ import time
 import pytest
 
 from sosp_engine.experiments.procedures import ExperimentConfig
+from sosp_engine.nets.setup import config_from_dict
 from sosp_engine.runs.jobs import cancel, launch_pending, mark_stale_jobs, resume, submit
 from sosp_engine.runs.work import read_log
 from sosp_engine.errors import SospError
@@ -25,9 +26,9 @@ def wait_for(store, job_id, predicate, timeout=180):
 
 
 def tiny(procedure="train-prune", epochs=1, **kw):
-    return ExperimentConfig(
-        procedure=procedure, model_spec="resnet20", epochs=epochs, finetune_epochs=1, samples=50, **kw
-    )
+    """A small job's config; `kw` in the flat shape of stored configs (model_spec=..., method=...)."""
+    flat = dict(procedure=procedure, model_spec="resnet20", epochs=epochs, finetune_epochs=1, samples=50)
+    return config_from_dict(ExperimentConfig, {**flat, **kw})
 
 
 def test_a_job_runs_in_its_own_process_and_reports_progress(tmp_path):
@@ -41,7 +42,7 @@ def test_a_job_runs_in_its_own_process_and_reports_progress(tmp_path):
     [analysis] = (
         store.analyses()
     )  # the job's analysis opens on the analysis pages, on the job's trained weights
-    assert analysis["name"].endswith("(analysis)") and analysis["config"]["weights"].endswith("trained.pt")
+    assert analysis["name"].endswith("(analysis)") and analysis["config"]["setup"]["weights"].endswith("trained.pt")
 
 
 def test_cancel_stops_a_running_job_and_resume_continues_from_its_checkpoint(tmp_path):
@@ -72,7 +73,7 @@ def test_queued_jobs_wait_for_the_slot_in_order(tmp_path):
 
 def test_a_job_whose_process_died_is_detected_and_resumable(tmp_path):
     store = Store(tmp_path)
-    job_id = store.add_job("train", "dead", tiny("train", epochs=1).__dict__)
+    job_id = store.add_job("train", "dead", dataclasses.asdict(tiny("train", epochs=1)))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     store.update_job(
@@ -156,7 +157,7 @@ def test_an_unknown_stage_to_widen_is_refused_at_submit_with_the_valid_names(tmp
 
 def test_a_long_queued_job_being_launched_is_not_taken_for_a_dead_one(tmp_path):
     store = Store(tmp_path)
-    job_id = store.add_job("train", "old", tiny("train", epochs=1).__dict__)
+    job_id = store.add_job("train", "old", dataclasses.asdict(tiny("train", epochs=1)))
     store.update_job(job_id, created=time.time() - 3600, heartbeat=time.time() - 3600)
     [claimed] = store.claim_queued_jobs(1)  # a launcher has claimed it and not yet started its process
     assert claimed["id"] == job_id and mark_stale_jobs(store) == []
@@ -174,7 +175,7 @@ def test_a_long_queued_job_being_launched_is_not_taken_for_a_dead_one(tmp_path):
 def test_a_job_with_a_bad_model_data_or_weights_is_refused_at_submit(tmp_path, change, message):
     store = Store(tmp_path)
     with pytest.raises(SospError, match=message):
-        submit(store, dataclasses.replace(tiny("train-prune"), **change))
+        submit(store, tiny("train-prune", **change))
     assert store.jobs() == []
 
 
@@ -228,7 +229,7 @@ def test_kills_right_after_an_epochs_checkpoint_lands_lose_no_epoch_and_record_n
     monkeypatch.setenv("SOSP_TEST_KILL_MARK", str(tmp_path / "killed"))
     monkeypatch.setenv("SOSP_TEST_KILL_EPOCHS", "1,3")
     store = Store(tmp_path / "ws")
-    job_id = submit(store, dataclasses.replace(tiny("train", epochs=4), model_spec="resnet20:widths=4,8,16"))
+    job_id = submit(store, tiny("train", epochs=4, model_spec="resnet20:widths=4,8,16"))
     for epoch in (1, 3):
         job = wait_for(store, job_id, lambda j: j["status"] in ("failed", "done"))
         assert job["status"] == "failed" and "killed by signal 9" in job["error"], job
@@ -275,7 +276,8 @@ def test_a_full_disk_fails_the_job_naming_it_and_the_workspace_stays_readable(tm
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
 
 
-NARROW_TRAIN = dataclasses.replace(tiny("train", epochs=1), model_spec="resnet20:widths=4,8,16")
+NARROW = "resnet20:widths=4,8,16"
+NARROW_TRAIN = tiny("train", epochs=1, model_spec=NARROW)
 
 
 def test_a_stopped_runner_is_not_resumed_beside_itself_and_records_each_epoch_once(tmp_path, monkeypatch):
@@ -284,7 +286,7 @@ def test_a_stopped_runner_is_not_resumed_beside_itself_and_records_each_epoch_on
     monkeypatch.setattr(jobs, "STALE_AFTER_SECONDS", 3.0)  # the watcher's side: the runner keeps its own beat
     monkeypatch.setattr(jobs, "EXIT_GRACE_SECONDS", 1.0)
     store = Store(tmp_path)
-    job_id = submit(store, dataclasses.replace(NARROW_TRAIN, epochs=3))
+    job_id = submit(store, tiny("train", epochs=3, model_spec=NARROW))
     pid = wait_for(store, job_id, lambda j: j["status"] == "running" and j["pid"])["pid"]
     os.kill(pid, signal.SIGSTOP)
     try:

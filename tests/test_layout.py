@@ -79,3 +79,23 @@ def test_the_public_names_resolve():
     import sosp_engine
 
     assert all(getattr(sosp_engine, name) is not None for name in sosp_engine.__all__)
+
+
+ROOMS = ("nets", "pruning", "latency", "saliency", "experiments", "runs", "cli")  # lowest first
+
+
+def test_no_room_imports_a_room_above_it():
+    modules = engine_modules()
+    rank = {room: i for i, room in enumerate(ROOMS)}
+
+    def room_of(name: str) -> str | None:
+        parts = name.split(".")
+        return parts[1] if len(parts) > 1 and parts[1] in rank else None
+
+    upward = sorted(
+        (name, imported)
+        for name, path in modules.items()
+        for imported in imports_of(name, path, modules)
+        if room_of(name) and room_of(imported) and rank[room_of(imported)] > rank[room_of(name)]
+    )
+    assert upward == []

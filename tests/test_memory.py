@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sosp_engine.saliency.analysis import AnalysisConfig, compute_saliency, run_analysis
+from sosp_engine.saliency.analysis import AnalysisConfig, AnalysisOptions, compute_saliency, run_analysis
 from sosp_engine.cli.main import main
 from sosp_engine.nets.setup import ModelSetup
 from sosp_engine.pruning.workbench import open_workbench
@@ -101,7 +101,9 @@ def test_the_estimate_predicts_the_peak_of_the_analysis_at_a_larger_batch(method
 
     def run(n: int) -> None:
         compute_saliency(
-            method, AnalysisInputs(model, wb.structures, x[:n], y[:n], "cross-entropy", n), 0.95, "none"
+            AnalysisInputs(model, wb.structures, x[:n], y[:n], "cross-entropy", n),
+            AnalysisOptions(method=method),
+            "none",
         )
 
     estimate = probe(run, CPU, largest=48)

@@ -23,7 +23,7 @@ from sosp_engine.pruning.masks import pruned_copy
 )
 def test_a_pruned_net_exported_to_onnx_equals_pytorch_in_onnx_runtime(spec, data):
     torch.manual_seed(0)
-    wb = open_workbench(ModelSetup(spec, data.spec), data)
+    wb = open_workbench(ModelSetup(spec, data))
     smaller = pruned_copy(wb.model, wb.structures, random_mask(wb.structures, 0.4), wb.example).eval()
     x, _ = wb.data.analysis_samples(8)
     exported, deviation = checked_onnx(smaller, wb.example, x)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sosp_engine.experiments.procedures import ExperimentConfig
+from sosp_engine.nets.setup import config_from_dict
 from sosp_engine.runs.jobs import Placement, cancel, mark_stale_jobs, resume, submit, submit_study
 from sosp_engine.runs.work import read_log
 from sosp_engine.nets import build_model
@@ -138,8 +139,9 @@ def drained_until(store, job_id, predicate, timeout=240):
 
 
 def job_config(epochs=2, **kw):
-    return ExperimentConfig(
-        procedure="train", model_spec="resnet20", epochs=epochs, batch_size=32, device="cpu", **kw
+    return config_from_dict(
+        ExperimentConfig,
+        dict(procedure="train", model_spec="resnet20", epochs=epochs, batch_size=32, device="cpu", **kw),
     )
 
 
@@ -203,15 +205,18 @@ def test_a_worker_killed_with_no_retries_left_fails_the_job_saying_resume(tmp_pa
 def test_a_study_of_four_cells_runs_two_at_a_time_on_two_cpus(tmp_path, cluster):
     store = Store(tmp_path)
     weights = initial_weights(tmp_path)
-    config = StudyConfig(
-        model_spec="resnet20",
-        methods=["magnitude", "random"],
-        targets=[0.3, 0.6],
-        seeds=[0],
-        weights=str(weights),
-        finetune_epochs=1,
-        samples=50,
-        device="cpu",
+    config = config_from_dict(
+        StudyConfig,
+        dict(
+            model_spec="resnet20",
+            methods=["magnitude", "random"],
+            targets=[0.3, 0.6],
+            seeds=[0],
+            weights=str(weights),
+            finetune_epochs=1,
+            samples=50,
+            device="cpu",
+        ),
     )
     job_id = submit_study(store, config, placement=cluster)
     job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"), timeout=400)
@@ -228,17 +233,20 @@ def test_a_study_of_four_cells_runs_two_at_a_time_on_two_cpus(tmp_path, cluster)
 
 def test_a_study_trains_its_seeds_in_parallel_and_their_epochs_reach_the_store(tmp_path, cluster):
     store = Store(tmp_path)
-    config = StudyConfig(
-        model_spec="resnet20",
-        data_spec="synthetic:3,8,8:10",
-        methods=["magnitude"],
-        targets=[0.5],
-        seeds=[0, 1],
-        epochs=2,
-        finetune_epochs=0,
-        samples=20,
-        batch_size=64,
-        device="cpu",
+    config = config_from_dict(
+        StudyConfig,
+        dict(
+            model_spec="resnet20",
+            data_spec="synthetic:3,8,8:10",
+            methods=["magnitude"],
+            targets=[0.5],
+            seeds=[0, 1],
+            epochs=2,
+            finetune_epochs=0,
+            samples=20,
+            batch_size=64,
+            device="cpu",
+        ),
     )
     job_id = submit_study(store, config, placement=cluster)
     job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"), timeout=400)
@@ -250,15 +258,18 @@ def test_a_study_trains_its_seeds_in_parallel_and_their_epochs_reach_the_store(t
 
 def test_a_study_whose_unit_worker_is_killed_retries_it_and_finishes_without_a_resume(tmp_path, cluster):
     store = Store(tmp_path)
-    config = StudyConfig(
-        model_spec="resnet20",
-        methods=["magnitude"],
-        targets=[0.5],
-        seeds=[0, 1],
-        epochs=3,
-        finetune_epochs=0,
-        samples=20,
-        device="cpu",
+    config = config_from_dict(
+        StudyConfig,
+        dict(
+            model_spec="resnet20",
+            methods=["magnitude"],
+            targets=[0.5],
+            seeds=[0, 1],
+            epochs=3,
+            finetune_epochs=0,
+            samples=20,
+            device="cpu",
+        ),
     )
     job_id = submit_study(store, config, placement=cluster)
     job = store.job(job_id)
@@ -278,16 +289,19 @@ def test_an_expand_study_fans_its_runs_out_and_their_epochs_reach_the_store(tmp_
     from sosp_engine.runs.jobs import submit_expand_study
 
     store = Store(tmp_path)
-    config = ExpandStudyConfig(
-        model_spec="resnet20:widths=4,8,16",
-        data_spec="synthetic:3,8,8:10",
-        procedures=["train-prune", "widen-prune"],
-        trials=2,
-        epochs=1,
-        finetune_epochs=1,
-        samples=20,
-        batch_size=64,
-        device="cpu",
+    config = config_from_dict(
+        ExpandStudyConfig,
+        dict(
+            model_spec="resnet20:widths=4,8,16",
+            data_spec="synthetic:3,8,8:10",
+            procedures=["train-prune", "widen-prune"],
+            trials=2,
+            epochs=1,
+            finetune_epochs=1,
+            samples=20,
+            batch_size=64,
+            device="cpu",
+        ),
     )
     job_id = submit_expand_study(store, config, placement=cluster)
     job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"), timeout=400)
@@ -517,15 +531,18 @@ def test_the_runs_page_survives_a_head_restart_and_resumes_the_job_there(tmp_pat
 def test_a_head_restart_during_a_study_loses_no_cell_and_resume_redoes_none(tmp_path, cluster):
     store = Store(tmp_path)
     weights = initial_weights(tmp_path)
-    config = StudyConfig(
-        model_spec="resnet20",
-        methods=["magnitude", "random"],
-        targets=[0.3, 0.5, 0.7],
-        seeds=[0],
-        weights=str(weights),
-        finetune_epochs=2,
-        samples=50,
-        device="cpu",
+    config = config_from_dict(
+        StudyConfig,
+        dict(
+            model_spec="resnet20",
+            methods=["magnitude", "random"],
+            targets=[0.3, 0.5, 0.7],
+            seeds=[0],
+            weights=str(weights),
+            finetune_epochs=2,
+            samples=50,
+            device="cpu",
+        ),
     )
     job_id = submit_study(store, config, placement=cluster)
     job = store.job(job_id)

@@ -166,14 +166,7 @@ def test_an_at_init_analysis_with_batchnorm1d_and_a_last_batch_of_one_runs():
     wb = open_workbench(ModelSetup(NORM_MLP, "synthetic:3,8,8:10"))
     result = run_analysis(
         wb,
-        AnalysisConfig(
-            method="sosp-h",
-            model_spec=NORM_MLP,
-            data_spec="synthetic:3,8,8:10",
-            at_init=True,
-            samples=21,
-            batch_size=10,
-        ),
+        AnalysisConfig(method="sosp-h", at_init=True, samples=21, batch_size=10),
     )
     assert result.saliency.isfinite().all() and result.n_prunable > 0
 
@@ -191,9 +184,7 @@ def test_analyses_record_their_exactness():
     wb = open_workbench(ModelSetup(GATED, "synthetic:3,8,8:10"))
     result = run_analysis(
         wb,
-        AnalysisConfig(
-            method="sosp-h", model_spec=GATED, data_spec="synthetic:3,8,8:10", samples=16, at_init=True
-        ),
+        AnalysisConfig(method="sosp-h", samples=16, at_init=True),
     )  # BatchNorm statistics re-estimated: not the init ones
     assert result.exactness["exact"] is False and list(result.exactness["approximate_layers"]) == ["conv2"]
 

@@ -207,27 +207,27 @@ def test_a_matrix_too_large_for_float64_is_kept_in_float32_with_the_same_greedy_
 
 
 def test_the_predicted_increase_of_each_sosp_i_prefix_is_eq_2_evaluated_directly(tiny):
-    from sosp_engine.saliency.analysis import compute_saliency
+    from sosp_engine.saliency.analysis import AnalysisOptions, compute_saliency
 
     model, structures, x, y = tiny
     theta = flat(model, dict(model.named_parameters())).detach().requires_grad_(True)
     grad = torch.autograd.grad(mean_loss_of(model, x, y, "cross-entropy")(theta), theta)[0]
     thetas = torch.stack([flat(model, v) for v in theta_s_vectors(model, structures)])
     lam1, gn = thetas @ grad, reference_gauss_newton(tiny, "cross-entropy")
-    parts = compute_saliency("sosp-i", make_inputs(tiny), cap=1.0, normalize="none")
-    order, prefix = parts["pruning_order"], parts["predicted_prefix"]
-    for k in range(1, parts["n_prunable"] + 1):
+    ranking = compute_saliency(make_inputs(tiny), AnalysisOptions(method="sosp-i", cap=1.0), "none")
+    order, prefix = ranking.pruning_order, ranking.predicted_prefix
+    for k in range(1, ranking.n_prunable + 1):
         mask = order[:k]
         eq2 = lam1[mask].abs().sum() + 0.5 * gn[mask][:, mask].abs().sum()
         torch.testing.assert_close(prefix[k], eq2, rtol=1e-9, atol=1e-12)
 
 
 def test_the_predicted_increase_of_other_methods_is_the_sum_of_their_saliencies(tiny):
-    from sosp_engine.saliency.analysis import compute_saliency
+    from sosp_engine.saliency.analysis import AnalysisOptions, compute_saliency
 
-    parts = compute_saliency("sosp-h", make_inputs(tiny), cap=1.0, normalize="none")
-    order, k = parts["pruning_order"], parts["n_prunable"]
-    torch.testing.assert_close(parts["predicted_prefix"][k], parts["saliency"][order[:k]].sum())
+    ranking = compute_saliency(make_inputs(tiny), AnalysisOptions(method="sosp-h", cap=1.0), "none")
+    order, k = ranking.pruning_order, ranking.n_prunable
+    torch.testing.assert_close(ranking.predicted_prefix[k], ranking.saliency[order[:k]].sum())
 
 
 @pytest.mark.parametrize("affine", [True, False])

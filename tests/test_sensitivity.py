@@ -21,9 +21,7 @@ def analysed(tmp_path_factory):
     wb = open_workbench(ModelSetup("resnet20", "digits", str(folder / "w.pt")))
     result = run_analysis(
         wb,
-        AnalysisConfig(
-            method="sosp-i", weights=str(folder / "w.pt"), samples=64, batch_size=64, device="cpu"
-        ),
+        AnalysisConfig(method="sosp-i", samples=64, batch_size=64, setup=ModelSetup(device="cpu")),
     )
     result.save(folder)
     return wb, result, folder
@@ -139,7 +137,10 @@ def test_an_analysis_rounded_to_8_gives_masks_with_widths_in_multiples_of_8(tmp_
     torch.manual_seed(0)
     wb = open_workbench(ModelSetup("resnet20", "digits"))
     result = run_analysis(
-        wb, AnalysisConfig(method="sosp-i", samples=40, batch_size=40, device="cpu", round_to=8)
+        wb,
+        AnalysisConfig(
+            method="sosp-i", samples=40, batch_size=40, round_to=8, setup=ModelSetup(device="cpu")
+        ),
     )
     result.save(tmp_path)
     loaded = AnalysisResult.load(tmp_path)

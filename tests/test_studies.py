@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sosp_engine.cli.main import main
+from sosp_engine.nets.setup import config_from_dict
 from sosp_engine.nets.data import load_data
 from sosp_engine.errors import AnalysisError
 from sosp_engine.runs.jobs import submit_study
@@ -31,7 +32,7 @@ def tiny(**kw) -> StudyConfig:
         batch_size=256,
         device="cpu",
     )
-    return StudyConfig(**{**settings, **kw})
+    return config_from_dict(StudyConfig, {**settings, **kw})
 
 
 @pytest.fixture(scope="module")

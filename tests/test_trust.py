@@ -23,15 +23,7 @@ def trained():
 
 
 def analysed(workbench, method: str, seed: int = 0):
-    config = AnalysisConfig(
-        method=method,
-        model_spec="resnet20",
-        data_spec="digits",
-        weights=DEMO,
-        samples=200,
-        seed=seed,
-        memory_budget_gb=None,
-    )
+    config = AnalysisConfig(method=method, samples=200, seed=seed, memory_budget_gb=None)
     return run_analysis(workbench, config)
 
 

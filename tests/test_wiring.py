@@ -1,6 +1,8 @@
 """Exact or refused on any wiring: modules called several times, transposed convolutions, channel splits and
 permutations. Counts follow every call; saliencies equal a float64 brute force; "exact" is a measurement."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,7 @@ from torch.func import jacrev
 from brute_force import flat, mean_loss_of, theta_s_vectors, unflat
 from sosp_engine.errors import MaskError
 from sosp_engine.pruning.counting import count_macs, count_params
-from sosp_engine.pruning.exactness import exactness_line, exactness_report
+from sosp_engine.pruning.exactness import EXACTNESS_SAMPLES, exactness_line, exactness_report
 from sosp_engine.pruning.masks import pruned_copy
 from sosp_engine.pruning.offered import find_structures
 from sosp_engine.saliency.common import AnalysisInputs
@@ -274,7 +276,23 @@ def test_a_net_whose_every_group_meets_a_split_is_refused_naming_the_split():
 def test_nets_whose_pruning_equals_zeroing_are_measured_exact(net):
     model, structures, x, _ = tiny(net)
     report = exactness_report(model, structures, set(structures.keys[:1]), x[:1], x)
-    assert report["exact"] and report["largest_deviation"] <= report["tolerance"] and report["masks"] == 3
+    assert report["exact"] and report["largest_deviation"] <= report["tolerance"] and report["masks"] == 2
+
+
+@pytest.mark.parametrize(
+    "net",
+    [ReusedBlock(), ReusedBlock(pool=True), Decoder(), NormedDecoder(), Shuffle(), Flip()],
+    ids=["reuse", "reuse-2res", "transposed", "transposed-batchnorm", "shuffle", "flip"],
+)
+def test_a_wrong_routing_is_caught_on_the_few_samples_the_check_measures(net):
+    model, structures, x, _ = tiny(net)
+    misrouted = copy.deepcopy(structures)  # every layer removes its structures' channels in reverse order
+    for layer in misrouted.layers:
+        layer.structure_channels = layer.structure_channels[::-1]
+    many = torch.cat([x] * 8)  # more samples than the check takes
+    report = exactness_report(model, misrouted, set(structures.keys[:1]), x[:1], many)
+    assert report["samples"] == EXACTNESS_SAMPLES < len(many)
+    assert not report["exact"] and report["approximate_layers"]
 
 
 def test_a_channel_shuffle_between_grouped_convs_is_offered_as_the_closure_of_both_groupings():
@@ -330,7 +348,7 @@ def test_a_float32_net_is_measured_in_float64():
 
 @pytest.mark.parametrize("net", list(WIRED))
 def test_every_method_runs_on_reused_and_transposed_producers(net):
-    from sosp_engine.saliency.analysis import compute_saliency
+    from sosp_engine.saliency.analysis import AnalysisOptions, compute_saliency
     from sosp_engine.saliency.methods import METHODS
     from sosp_engine.saliency.homogeneity import not_scaling
 
@@ -338,5 +356,5 @@ def test_every_method_runs_on_reused_and_transposed_producers(net):
     inputs = AnalysisInputs(model, structures, x, y, "cross-entropy", 2)
     assert not_scaling(inputs) == []
     for method in METHODS:
-        parts = compute_saliency(method, inputs, 0.95, "none", 0, 0, 1)
-        assert torch.isfinite(torch.as_tensor(parts["saliency"])).all(), method
+        ranking = compute_saliency(inputs, AnalysisOptions(method=method), "none")
+        assert torch.isfinite(ranking.saliency).all(), method

@@ -116,7 +116,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
             raise SospError(f"the pruned model was saved to {args.save}; {export.onnx_line}")
         write_bytes_atomically(args.onnx, export.onnx)
         progress_line(f"wrote {args.onnx}: {export.onnx_line}")
-        written = {"onnx": args.onnx, "onnx_line": export.onnx_line}
+        written = {"onnx": args.onnx, "onnx_deviation": export.onnx_deviation}
     return {
         **export.summary,
         **export.counted(wb),

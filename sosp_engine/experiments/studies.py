@@ -306,7 +306,7 @@ class Study(UnitRun):
         trainings = [
             ("train", seed)
             for seed in c.seeds
-            if not c.weights and f"seed{seed}" not in self.state["trained"]
+            if not c.setup.weights and f"seed{seed}" not in self.state["trained"]
         ]
         self._step += len(c.seeds) - len(trainings)
         for (_, seed), trained in self._execute(trainings):

@@ -45,7 +45,9 @@ class ModelSetup:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "exclude", tuple(self.exclude))  # a value: hashable, equal whatever it was given as
+        object.__setattr__(
+            self, "exclude", tuple(self.exclude)
+        )  # a value: hashable, equal whatever it was given as
 
     @property
     def preset_name(self) -> str | None:

@@ -23,6 +23,7 @@ class PrunedExport:
     summary: dict
     exactness: dict
     onnx: bytes | None = None
+    onnx_deviation: float | None = None  # ONNX Runtime's output against PyTorch's, relative
     onnx_line: str = ""
 
     def checkpoint_bytes(self) -> bytes:
@@ -51,9 +52,10 @@ def export_pruned(workbench: Workbench, mask: set[str], onnx: bool = True, seed:
     if onnx:
         samples = x[:CHECK_SAMPLES]
         try:
-            export.onnx, deviation = checked_onnx(pruned.model, workbench.example, samples)
+            export.onnx, export.onnx_deviation = checked_onnx(pruned.model, workbench.example, samples)
             export.onnx_line = (
-                f"ONNX Runtime's output deviates from PyTorch's by {deviation:.1e} on {len(samples)} samples"
+                f"ONNX Runtime's output deviates from PyTorch's by {export.onnx_deviation:.1e} on "
+                f"{len(samples)} samples"
             )
         except ExportError as exc:  # the checkpoint is still offered
             export.onnx_line = f"No ONNX export: {exc}"

@@ -99,7 +99,12 @@ def expansion_sizes(workbench: Workbench, factors: dict[str, float]) -> tuple[in
     )
     expanded = params_of(wide)
     factor, matched = uniform_factor(
-        workbench.model_spec, data.num_classes, data.input_shape[0], workbench.structures, expanded, workbench.example
+        workbench.model_spec,
+        data.num_classes,
+        data.input_shape[0],
+        workbench.structures,
+        expanded,
+        workbench.example,
     )
     return params_of(workbench.model), expanded, factor, matched
 

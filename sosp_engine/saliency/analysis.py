@@ -108,7 +108,8 @@ class AnalysisConfig(AnalysisOptions):
     @classmethod
     def of(cls, setup: ModelSetup, options: AnalysisOptions, **changes: object) -> "AnalysisConfig":
         """The analysis of `setup` with `options` (and `changes` to them, such as a study cell's method)."""
-        return cls(setup=setup, **{**asdict(options), **changes})
+        values = {f.name: getattr(options, f.name) for f in fields(AnalysisOptions)}
+        return cls(setup=setup, **{**values, **changes})
 
     def options(self) -> AnalysisOptions:
         """The options alone (no model): what an experiment or study built from this analysis reuses."""
@@ -407,10 +408,14 @@ def compute_saliency(
 
 @full_float32()
 def run_analysis(
-    workbench: Workbench, config: AnalysisConfig, progress: ProgressFn = None, should_stop: StopFn = None
+    workbench: Workbench, options: AnalysisOptions, progress: ProgressFn = None, should_stop: StopFn = None
 ) -> AnalysisResult:
-    """Run one analysis on the workbench's model (or a fresh seeded init when `config.at_init`); `config` is not
-    changed (the result's config records the batch size used)."""
+    """Run one analysis on the workbench's model (or a fresh seeded init when `options.at_init`).
+
+    The result's config is the workbench's setup with `options` (and the batch size used); an `AnalysisConfig` given
+    as `options` picks the device. `options` is not changed."""
+    device_of = getattr(options, "setup", workbench.setup).device
+    config = AnalysisConfig.of(replace(workbench.setup, device=device_of), options)
     config.validate()
     timings: dict[str, float] = {}
     device = resolve_device(config.setup.device)

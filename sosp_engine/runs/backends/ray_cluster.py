@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ...errors import SospError
+from ...nets.setup import stored_setup
 from ...progress import Cancelled
 from ...atomic import read_json, write_json_atomically
 from ...devices import node_name
@@ -108,12 +109,17 @@ def host_name(job_id: str) -> str:
     return f"job-{job_id}"
 
 
+def training_processes(config: dict) -> int:
+    """How many processes each training of a stored job config runs across (older configs hold it flat)."""
+    return int((config.get("training") or config).get("nproc", 1))
+
+
 def resources(ray, job: dict) -> tuple[dict, dict]:
     """What one unit of a job needs as Ray task options (`nproc` GPUs times the GPUs per worker when it may use CUDA
     and the cluster has GPUs, else `nproc` CPUs; the accelerator type and custom resources asked for), and what each
     Ray Train worker of its trainings needs; a request no node of the cluster can meet is refused now."""
     config, asked = job["config"], job.get("resources") or {}
-    nproc, device = int(config.get("nproc", 1)), str(config.get("device", "auto"))
+    nproc, device = training_processes(config), stored_setup(config).device
     total = ray.cluster_resources()
     gpus = total.get("GPU", 0)
     if device.startswith("cuda") and not gpus:
@@ -300,7 +306,7 @@ def start_job(job: dict, retries: int) -> str:
     unit_needs, workers = resources(ray, job)
     if job["kind"] in STUDY_KINDS:
         needs = {"num_cpus": 0, "num_gpus": 0}  # a study hands out units
-    elif int(job["config"].get("nproc", 1)) > 1:
+    elif training_processes(job["config"]) > 1:
         needs = {"num_cpus": 1, "num_gpus": 0}  # its trainings run on Ray Train workers of their own
     else:
         needs = unit_needs
