@@ -71,7 +71,3 @@ def start_analysis(
 
 def running_analysis(key: str) -> RunningAnalysis | None:
     return _running().get(key)
-
-
-def forget_analysis(key: str) -> None:
-    _running().pop(key, None)

@@ -104,7 +104,7 @@ def job_controls(jobs: list[dict]) -> None:
         resumable = code_confirmed(stored_setup(job["config"]).model_spec, f"Job '{job['name']}'")
     if cols[1].button("Resume", disabled=not resumable, icon=":material/replay:"):
         with user_errors("Resuming", stop=False):
-            resume(store, job_id, trust_code=unconfirmed)
+            resume(store, job_id, run_code=unconfirmed)
             st.rerun()
     sure = confirmation("confirm delete", "delete-job", job_id, cols[2])
     if cols[3].button(

@@ -82,7 +82,7 @@ def test_a_stored_analysis_that_names_user_code_needs_trust(tmp_path, capsys):
     (out / "analysis.json").write_text(json.dumps(meta))
     capsys.readouterr()
     assert main(["bottlenecks", str(out)]) == 2
-    assert "--trust-code" in capsys.readouterr().err and not marker.exists()
+    assert "--run-code" in capsys.readouterr().err and not marker.exists()
 
 
 def test_the_dashboard_refuses_foreign_host_names():

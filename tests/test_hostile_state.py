@@ -81,7 +81,7 @@ def test_a_queued_job_whose_spec_was_edited_to_user_code_is_not_launched(tmp_pat
     edit_job(store, job_id, config=json.dumps(with_spec(store.job(job_id)["config"], f"{evil}:f")))
     assert launch_pending(store) == []
     job = store.job(job_id)
-    assert job["status"] == "failed" and "--trust-code" in job["error"] and not marker.exists()
+    assert job["status"] == "failed" and "--run-code" in job["error"] and not marker.exists()
 
 
 def test_the_job_runner_checks_consent_against_what_is_stored_when_it_starts(tmp_path):
@@ -124,9 +124,9 @@ def test_resume_of_an_unconfirmed_user_code_job_needs_trust_code(tmp_path, capsy
         status="failed",
         config=json.dumps(with_spec(store.job(job_id)["config"], f"{evil}:f")),
     )
-    with pytest.raises(ModelSpecError, match="--trust-code"):
+    with pytest.raises(ModelSpecError, match="--run-code"):
         resume(store, job_id, start=False)
-    resume(store, job_id, start=False, trust_code=True)
+    resume(store, job_id, start=False, run_code=True)
     assert has_consent(f"{evil}:f", store.job(job_id)["consent"]) and not marker.exists()
 
 

@@ -264,3 +264,14 @@ def parse_numbers(kind: type, text: str, what: str) -> list:
         return [kind(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise SospError(f"{what} must be comma-separated numbers, got '{text}'") from None
+
+
+def add_code_consent_arg(p: argparse.ArgumentParser, whose: str) -> None:
+    """--run-code: the user confirms that the stored model spec of `whose` may import and run its code."""
+    p.add_argument(
+        "--run-code",
+        "--trust-code",  # the flag's earlier name, still accepted
+        dest="run_code",
+        action="store_true",
+        help=f"confirm that {whose}'s model spec may import and run its user code",
+    )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..devices import resolve_device
 from ..errors import SospError
-from .args import parse_numbers
+from .args import add_code_consent_arg, parse_numbers
 from ..latency.deployment import efficiency_summary, efficiency_table, order_variants
 from ..latency.runtimes import RUNTIMES
 from ..pruning.workbench import open_workbench
@@ -37,9 +37,7 @@ def add_deployment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="where to time")
     p.add_argument("--weights", default=None, help="the analysis's checkpoint, if it moved")
     p.add_argument("--out", default=None, help="write FILE.csv (the table) or FILE.json (table and summary)")
-    p.add_argument(
-        "--trust-code", action="store_true", help="allow the analysis's model spec to run user code"
-    )
+    add_code_consent_arg(p, "the analysis")
     p.set_defaults(func=cmd_deployment)
 
 
@@ -53,7 +51,7 @@ def _numbers(text: str, flag: str) -> list[int]:
 def cmd_deployment(args: argparse.Namespace) -> dict | None:
     result = AnalysisResult.load(args.analysis)
     config = result.config
-    require_code_consent(config.setup.model_spec, args.trust_code, f"the analysis in '{args.analysis}'")
+    require_code_consent(config.setup.model_spec, args.run_code, f"the analysis in '{args.analysis}'")
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     batches, round_to = _numbers(args.batches, "--batches"), _numbers(args.round_to, "--round-to")
     if not 2 <= args.points <= 41 or args.repeats < 1:

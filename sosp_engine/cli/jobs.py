@@ -9,6 +9,7 @@ from ..experiments.procedures import PROCEDURES
 from ..runs.jobs import cancel, mark_stale_jobs, resume, run_job, submit
 from ..runs.work import read_log
 from .args import (
+    add_code_consent_arg,
     add_backend_args,
     add_experiment_args,
     add_model_args,
@@ -46,9 +47,7 @@ def add_jobs_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("job_id")
         add_workspace_arg(p)
         if verb == "resume":
-            p.add_argument(
-                "--trust-code", action="store_true", help="allow the job's model spec to run user code"
-            )
+            add_code_consent_arg(p, "the job")
         p.set_defaults(func=func)
     p = jsub.add_parser("list", help="all jobs of the workspace")
     add_workspace_arg(p)
@@ -101,7 +100,7 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> dict:
 
 def cmd_jobs_resume(args: argparse.Namespace) -> dict:
     store = open_store(args)
-    resume(store, args.job_id, trust_code=args.trust_code)
+    resume(store, args.job_id, run_code=args.run_code)
     return {"job": args.job_id, "status": store.job(args.job_id)["status"]}
 
 

@@ -43,6 +43,7 @@ from ..nets.onnx_export import CHECK_SAMPLES
 from ..pruning.export import export_pruned
 from ..pruning.workbench import Workbench
 from .args import (
+    add_code_consent_arg,
     add_analysis_args,
     analysis_options_from,
     setup_from,
@@ -135,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads for torch (default: $SOSP_THREADS, else torch's default); jobs inherit it",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    add_info_and_prune_parsers(sub)
+    add_analyze_parsers(sub)
+    add_foreground_training_parsers(sub)
+    add_bottlenecks_parsers(sub)
+    add_sensitivity_parser(sub)
+    add_deployment_parser(sub)
+    add_study_parser(sub)
+    add_jobs_parser(sub)
+    return parser
+
+
+def add_info_and_prune_parsers(sub: argparse._SubParsersAction) -> None:
+    """`info` and `prune`: a model summary, and a mask made physical."""
     p = sub.add_parser("info", help="model summary: prunable layers, structures, parameters, MACs")
     add_model_args(p)
     p.add_argument(
@@ -151,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--onnx", default=None, help="also export the pruned model to ONNX here (checked against PyTorch)"
     )
     p.set_defaults(func=cmd_prune)
+
+
+def add_analyze_parsers(sub: argparse._SubParsersAction) -> None:
+    """`analyze`: a method's saliencies and order, the mask at a ratio, the per-stage timings."""
     p = sub.add_parser(
         "analyze", help="compute a method's saliencies and pruning order; write the result and a mask"
     )
@@ -227,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_workspace_arg(p)
     p.set_defaults(func=cmd_analyze)
+
+
+def add_foreground_training_parsers(sub: argparse._SubParsersAction) -> None:
+    """`train`, `finetune` and `expand`: training in this process, with a progress line."""
     p = sub.add_parser("train", help="train a model in the foreground and save its weights")
     add_model_args(p, json_out=False)
     add_training_args(p)
@@ -245,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_experiment_args(p)
     p.add_argument("--out", required=True, help="folder for the run's checkpoints, masks and summary.json")
     p.set_defaults(func=cmd_expand, procedure="expand-prune")
+
+
+def add_bottlenecks_parsers(sub: argparse._SubParsersAction) -> None:
+    """`bottlenecks`: the flagged layers or stages of a stored analysis."""
     p = sub.add_parser("bottlenecks", help="flag bottleneck layers / stages of a saved analysis at a ratio")
     p.add_argument("analysis", help="folder written by analyze")
     p.add_argument(
@@ -260,15 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", default="mean-std", choices=RULES)
     p.add_argument("-k", type=float, default=1.0, help="mean-std rule: flag ratios below mean - k * std")
     p.add_argument("-n", type=int, default=3, help="least rule: flag the n least pruned")
-    p.add_argument(
-        "--trust-code", action="store_true", help="allow the analysis's model spec to run user code"
-    )
+    add_code_consent_arg(p, "the analysis")
     p.set_defaults(func=cmd_bottlenecks)
-    add_sensitivity_parser(sub)
-    add_deployment_parser(sub)
-    add_study_parser(sub)
-    add_jobs_parser(sub)
-    return parser
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -320,9 +339,7 @@ def cmd_expand(args: argparse.Namespace) -> None:
 
 def cmd_bottlenecks(args: argparse.Namespace) -> None:
     result = AnalysisResult.load(args.analysis)
-    require_code_consent(
-        result.config.setup.model_spec, args.trust_code, f"the analysis in '{args.analysis}'"
-    )
+    require_code_consent(result.config.setup.model_spec, args.run_code, f"the analysis in '{args.analysis}'")
     if not (math.isfinite(args.k) and args.k >= 0) or args.n < 1:
         raise SospError(f"-k must be a number >= 0 and -n at least 1 (got k={args.k}, n={args.n})")
     written = mask_meta(

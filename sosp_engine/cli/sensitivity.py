@@ -8,6 +8,7 @@ import pandas as pd
 from pathlib import Path
 
 from ..saliency.analysis import AnalysisResult
+from .args import add_code_consent_arg
 from .output import ProgressLine, progress_line
 from ..errors import SospError
 from ..pruning.workbench import open_workbench
@@ -38,9 +39,7 @@ def add_sensitivity_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="write FILE.csv (the table) or FILE.json (table and summary)")
-    p.add_argument(
-        "--trust-code", action="store_true", help="allow the analysis's model spec to run user code"
-    )
+    add_code_consent_arg(p, "the analysis")
     p.set_defaults(func=cmd_sensitivity)
     p = sub.add_parser(
         "trust",
@@ -58,16 +57,14 @@ def add_sensitivity_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, help="the analysis's checkpoint, if it moved")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="write the report as FILE.json")
-    p.add_argument(
-        "--trust-code", action="store_true", help="allow the analysis's model spec to run user code"
-    )
+    add_code_consent_arg(p, "the analysis")
     p.set_defaults(func=cmd_trust)
 
 
 def cmd_trust(args: argparse.Namespace) -> dict:
     result = AnalysisResult.load(args.analysis)
     config = result.config
-    require_code_consent(config.setup.model_spec, args.trust_code, f"the analysis in '{args.analysis}'")
+    require_code_consent(config.setup.model_spec, args.run_code, f"the analysis in '{args.analysis}'")
     if not 0 < args.ratio < 1:
         raise SospError(f"--ratio must be in (0, 1), got {args.ratio}")
     progress_line(f"loading {config.setup.model_spec} on {config.setup.data_spec} ...")
@@ -100,7 +97,7 @@ def cmd_trust(args: argparse.Namespace) -> dict:
 def cmd_sensitivity(args: argparse.Namespace) -> dict | None:
     result = AnalysisResult.load(args.analysis)
     config = result.config
-    require_code_consent(config.setup.model_spec, args.trust_code, f"the analysis in '{args.analysis}'")
+    require_code_consent(config.setup.model_spec, args.run_code, f"the analysis in '{args.analysis}'")
     if args.samples is not None and args.samples < 1:
         raise SospError(f"--samples must be positive, got {args.samples}")
     progress_line(f"loading {config.setup.model_spec} on {config.setup.data_spec} ...")

@@ -29,7 +29,7 @@ from ..atomic import load_verified, save_atomically
 from ..nets.data import DataBundle
 from ..devices import DeviceError, resolve_device
 from ..nets.registry import USER_MODULE_PREFIX, load_user_module
-from .training import TrainConfig, TrainingError, TrainResult, run_training
+from .training import TrainConfig, TrainingError, TrainResult, epoch_loop
 
 POLL_SECONDS = 0.2
 FINAL_NAME = "final.pt"  # rank 0's trained weights and result
@@ -168,7 +168,7 @@ def _worker(
         try:
             team = DistributedRank(rank, world, device, config.sync_bn)
             progress = (lambda event: events.put(("progress", event))) if rank == 0 else None
-            result = run_training(
+            result = epoch_loop(
                 model, data, config, team, checkpoint_dir, progress, stop.is_set if rank == 0 else None
             )
             if rank == 0:

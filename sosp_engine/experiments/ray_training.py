@@ -1,5 +1,5 @@
 """One training across the nodes of a Ray cluster with Ray Train (`TorchTrainer`): each worker runs the training loop
-of a DistributedDataParallel process (`DistributedRank`, `run_training`) in the process group Ray Train sets up
+of a DistributedDataParallel process (`DistributedRank`, `epoch_loop`) in the process group Ray Train sets up
 (gloo on CPUs, NCCL on GPUs). Rank 0 writes the epoch checkpoints into the job's run folder on the shared storage,
 in the single-process format, so a resume continues from them with any number of workers; every rank reports each
 epoch to Ray Train, rank 0 with a copy of that checkpoint, which Ray Train keeps (the latest) in `ray-train/` beside
@@ -23,7 +23,7 @@ from torch import nn
 from ..nets.data import DataBundle
 from ..nets.registry import load_user_module
 from .distributed import FINAL_NAME, DistributedRank, _user_modules, load_final, save_final
-from .training import TrainConfig, TrainingError, TrainResult, run_training
+from .training import TrainConfig, TrainingError, TrainResult, epoch_loop
 
 FOLDER, STOP_FILE = "ray-train", "stop"
 _workers: ContextVar[dict | None] = ContextVar("ray_train_workers", default=None)
@@ -78,7 +78,7 @@ def _worker_loop(setup: dict) -> None:
     team = RayTrainRank(rank, world, device, config.sync_bn)
     progress = setup["events"].put if rank == 0 else None
     stop = (folder / STOP_FILE).exists if rank == 0 else None
-    result = run_training(model, setup["data"], config, team, setup["checkpoint_dir"], progress, stop)
+    result = epoch_loop(model, setup["data"], config, team, setup["checkpoint_dir"], progress, stop)
     if rank == 0:
         save_final(model, result, folder)
 

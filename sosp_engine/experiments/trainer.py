@@ -12,7 +12,7 @@ from ..devices import resolve_device
 from ..nets.data import DataBundle
 from .distributed import train_distributed
 from .ray_training import on_ray, train_on_ray
-from .training import SingleProcess, TrainConfig, TrainResult, run_training
+from .training import SingleProcess, TrainConfig, TrainResult, epoch_loop
 
 
 def train(
@@ -34,7 +34,7 @@ def train(
         return train_on_ray(model, data, config, checkpoint_dir, progress, should_stop)
     if config.nproc > 1:
         return train_distributed(model, data, config, checkpoint_dir, progress, should_stop)
-    return run_training(
+    return epoch_loop(
         model,
         data,
         config,

@@ -189,7 +189,7 @@ class SingleProcess:
 
 
 @deterministic_kernels()
-def run_training(
+def epoch_loop(
     model: nn.Module,
     data: DataBundle,
     config: TrainConfig,
@@ -213,55 +213,19 @@ def run_training(
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config)
     result = TrainResult()
-    start_epoch = 0
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
-    if ckpt_path is not None and ckpt_path.is_file():
-        state = load_with_fallback(ckpt_path, device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = state["epoch"]
-        result.history = [EpochRecord(**h) for h in state["history"]]
+    start_epoch = _resume(ckpt_path, device, model, optimizer, scheduler, result)
     torch.manual_seed(config.seed)
-    n_batches = math.ceil(len(data.train) / config.batch_size)
     for epoch in range(start_epoch, config.epochs):
         _seed_epoch(config.seed, epoch)
         net.train()
-        seen, loss_sum, correct = 0, 0.0, 0
-        for b, (x, y, global_size) in enumerate(team.batches(data, config, epoch)):
-            if team.any(should_stop is not None and should_stop()):
-                result.cancelled = True
-                return result
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, config.amp):
-                out = net(x)
-                share_sum = F.cross_entropy(out.float(), y, reduction="sum")
-                loss = share_sum * (team.world / global_size)
-            batch_loss = share_sum.item() / max(len(y), 1)
-            if not math.isfinite(batch_loss):
-                raise TrainingError(
-                    f"the training loss became {batch_loss} in epoch {epoch + 1}, batch {b + 1}: "
-                    "lower the learning rate or check the weights and data"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            seen += len(y)
-            loss_sum += share_sum.item()
-            correct += (out.argmax(1) == y).sum().item()
-            if progress is not None and writer:
-                progress(
-                    {
-                        "phase": "train",
-                        "epoch": epoch + 1,
-                        "epochs": config.epochs,
-                        "fraction": (b + 1) / n_batches,
-                        "loss": loss_sum / max(seen, 1),
-                    }
-                )
-        seen, loss_sum, correct = team.sum([seen, loss_sum, correct])
+        sums = _train_epoch(
+            net, data, config, team, optimizer, epoch, progress if writer else None, should_stop
+        )
+        if sums is None:
+            result.cancelled = True
+            return result
+        seen, loss_sum, correct = team.sum(sums)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         if writer:
@@ -272,22 +236,88 @@ def run_training(
             result.history.append(record)
             if (
                 progress is not None
-            ):  # metrics first: a kill before the checkpoint lands redoes (and re-records) the epoch
+            ):  # metrics first: a kill before the checkpoint lands redoes (and re-records) it
                 progress({"phase": "epoch", **asdict(record), "epochs": config.epochs})
             if ckpt_path is not None:
-                save_atomically(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch + 1,
-                        "history": [asdict(h) for h in result.history],
-                        "config": asdict(config),
-                    },
-                    ckpt_path,
-                    keep_previous=True,
-                )
+                _save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch + 1, result, config)
         team.epoch_ended(epoch + 1, ckpt_path if writer else None)
     if writer:
         result.test_loss, result.test_acc = evaluate(model, data.loader("test", 512), device, config.amp)
     return result
+
+
+def _resume(
+    ckpt_path: Path | None, device, model: nn.Module, optimizer, scheduler, result: TrainResult
+) -> int:
+    """Load the epoch checkpoint where there is one (weights, optimizer, schedule, history); the epoch to go on at."""
+    if ckpt_path is None or not ckpt_path.is_file():
+        return 0
+    state = load_with_fallback(ckpt_path, device)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    result.history = [EpochRecord(**h) for h in state["history"]]
+    return state["epoch"]
+
+
+def _train_epoch(
+    net: nn.Module,
+    data: DataBundle,
+    config: TrainConfig,
+    team,
+    optimizer,
+    epoch: int,
+    progress: Callable[[dict], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> list | None:
+    """One epoch of this process's share: [samples seen, loss sum, correct], or None when cancelled."""
+    device = team.device
+    n_batches = math.ceil(len(data.train) / config.batch_size)
+    seen, loss_sum, correct = 0, 0.0, 0
+    for b, (x, y, global_size) in enumerate(team.batches(data, config, epoch)):
+        if team.any(should_stop is not None and should_stop()):
+            return None
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, config.amp):
+            out = net(x)
+            share_sum = F.cross_entropy(out.float(), y, reduction="sum")
+            loss = share_sum * (team.world / global_size)
+        batch_loss = share_sum.item() / max(len(y), 1)
+        if not math.isfinite(batch_loss):
+            raise TrainingError(
+                f"the training loss became {batch_loss} in epoch {epoch + 1}, batch {b + 1}: "
+                "lower the learning rate or check the weights and data"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += len(y)
+        loss_sum += share_sum.item()
+        correct += (out.argmax(1) == y).sum().item()
+        if progress is not None:
+            fraction = (b + 1) / n_batches
+            progress(
+                {"phase": "train", "epoch": epoch + 1, "epochs": config.epochs, "fraction": fraction}
+                | {"loss": loss_sum / max(seen, 1)}
+            )
+    return [seen, loss_sum, correct]
+
+
+def _save_checkpoint(
+    path: Path, model: nn.Module, optimizer, scheduler, epoch: int, result: TrainResult, config: TrainConfig
+) -> None:
+    """The epoch checkpoint a resume goes on from (the previous one kept until this one is whole)."""
+    save_atomically(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "history": [asdict(h) for h in result.history],
+            "config": asdict(config),
+        },
+        path,
+        keep_previous=True,
+    )

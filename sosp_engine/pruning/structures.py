@@ -583,6 +583,138 @@ def _mean_kernel(producers: list[nn.Module]) -> float:
     return weight / total if total else 1.0
 
 
+@dataclass
+class TracedGroup:
+    """One coupled channel group as traced: its root, channels, structures (channel sets), the producers' and every
+    touched module's (module, dim 0 in / 1 out, module idxs, root idxs) channels, and the consumers."""
+
+    root: str
+    channels: int
+    members: list[list[int]]
+    producers: dict[str, tuple[list[int], list[int]]]
+    effects: list[tuple[str, int, list[int], list[int]]]
+    consumers: list[str]
+
+
+@dataclass
+class ModuleTable:
+    """Every module (and bare parameter) counted, in forward order, with where to find each by name or parameter."""
+
+    infos: list[ModuleInfo]
+    position: dict[str, int]  # module name -> index in `infos`
+    param_names: dict[int, str]  # id(bare parameter) -> its name
+
+
+def _module_table(model: nn.Module, order: list[str], shapes: dict, graph) -> ModuleTable:
+    """The counted modules: those run in forward order, then those not run at inference (parameters, no MACs), then
+    bare per-channel parameters as 'vector' modules."""
+    module_names = list(order)
+    module_names += [n for n, m in model.named_modules() if n not in shapes and _counted_module(m)]
+    infos = [module_info(n, model.get_submodule(n), shapes.get(n, [])) for n in module_names]
+    for info in infos:
+        if info.name not in shapes:  # not run at inference (e.g. auxiliary heads): parameters, but no MACs
+            info.positions = 0
+    param_names: dict[int, str] = {}
+    pruning_dims = {id(p): dim for p, dim in graph.unwrapped_parameters}
+    for pname, p in _bare_parameters(model):
+        channels = p.shape[pruning_dims.get(id(p), -1)] if p.ndim else 1
+        infos.append(
+            ModuleInfo(pname, "vector", channels, channels, 1, p.numel() // max(channels, 1), 1, False, 0)
+        )
+        param_names[id(p)] = pname
+        module_names.append(pname)
+    return ModuleTable(infos, {n: i for i, n in enumerate(module_names)}, param_names)
+
+
+def _trace_group(
+    group, graph, names: dict, table: ModuleTable, refused: dict[str, str]
+) -> tuple[TracedGroup | None, str]:
+    """The group's structures and what each module of it loses, or (None, why it cannot be pruned); (None, "") for a
+    group without producers."""
+    root = names[group[0].dep.target.module]
+    size = len(group[0].idxs)
+    producers: dict[str, tuple[list[int], list[int]]] = {}
+    effects: list[tuple[str, int, list[int], list[int]]] = []
+    grouped: list[tuple[str, int, int, list[int], list[int]]] = []
+    consumers, transposed_out, beyond = [], [], ""
+    coupled = [roots for item in group for roots in getattr(item, "coupled_roots", ())]
+    for item in group:
+        module, handler = item.dep.target.module, item.dep.handler
+        name = table.param_names.get(id(module)) if isinstance(module, nn.Parameter) else names.get(module)
+        if name is None or name not in table.position:
+            continue
+        idxs, root_idxs = list(item.idxs), list(item.root_idxs)
+        if isinstance(module, nn.Parameter):  # a bare per-channel parameter goes with the channel
+            effects.append((name, 1, idxs, root_idxs))
+            continue
+        is_out = graph.is_out_channel_pruning_fn(handler)
+        channels, groups = _channel_groups(module, is_out or isinstance(module, NORM_TYPES))
+        if groups > 1 and all(g[0] != name or g[1] != channels for g in grouped):
+            grouped.append((name, channels, groups, idxs, root_idxs))
+        if isinstance(module, TRANSPOSED_TYPES) and is_out and module.groups > 1:
+            transposed_out.append(name)
+        elif isinstance(module, NORM_TYPES) or (isinstance(module, PRODUCER_TYPES) and is_out):
+            if name not in producers:
+                producers[name] = (idxs, root_idxs)
+                effects.append((name, 1, idxs, root_idxs))
+        elif isinstance(module, PRODUCER_TYPES):
+            consumers.append(name)
+            effects.append((name, 0, idxs, root_idxs))
+            if max(idxs, default=0) >= _input_channels(module):
+                beyond = beyond or (
+                    f"its channels reach {name} through an op that changes the channel count (e.g. "
+                    "pixel_shuffle, or a reshape that moves channels into space), which torch-pruning "
+                    "cannot follow"
+                )
+    if not producers:
+        return None, ""
+    members, reason = _partition(size, grouped, coupled)
+    reason = _unsupported(group, graph, names) or beyond or reason
+    if transposed_out and not reason:
+        reason = f"{transposed_out[0]} joins this group with " + GROUPED_TRANSPOSED_REASON
+    reason = reason or refused.get(root, "")
+    if reason:
+        return None, reason
+    return TracedGroup(root, size, members, producers, effects, consumers), ""
+
+
+def _layer_of_group(
+    model: nn.Module, traced: TracedGroup, depth: int, stage: str, offset: int, table: ModuleTable
+) -> tuple[Layer, list[ProducerSlice], list[ProducerSlice], torch.Tensor]:
+    """The traced group as a layer of the structure set, with its structures numbered from `offset`: the layer, its
+    producers' and consumers' channel slices, and its rows of the removal matrix. Modules are assigned to the layer
+    they are the root of, else to their first."""
+    structure_of = torch.empty(traced.channels, dtype=torch.long)
+    for s, channel_set in enumerate(traced.members):
+        structure_of[channel_set] = s
+    layer = Layer(
+        traced.root,
+        len(traced.members),
+        _mean_kernel([model.get_submodule(n) for n in traced.producers]),
+        depth,
+        stage,
+        traced.root.rpartition(".")[0] or traced.root,
+        list(traced.producers),
+        sorted(set(traced.consumers)),
+        traced.channels,
+        traced.members,
+    )
+    slices, consumed = [], []
+    for name, (idxs, root_idxs) in traced.producers.items():
+        slices.append(ProducerSlice(name, torch.tensor(idxs), structure_of[root_idxs] + offset))
+        info = table.infos[table.position[name]]
+        if info.layer < 0 or name == traced.root:
+            info.layer = depth
+    removal = torch.zeros(len(traced.members), 2 * len(table.infos), dtype=torch.float64)
+    for name, dim, idxs, root_idxs in traced.effects:
+        if dim == 0:
+            consumed.append(ProducerSlice(name, torch.tensor(idxs), structure_of[root_idxs] + offset))
+        removal[:, 2 * table.position[name] + dim].index_add_(
+            0, structure_of[root_idxs], torch.ones(len(root_idxs), dtype=torch.float64)
+        )
+    return layer, slices, consumed, removal
+
+
 def traced_structures(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -608,145 +740,54 @@ def traced_structures(
         m for m, n in names.items() if n == classifier or any(fnmatch.fnmatchcase(n, p) for p in patterns)
     ]
     graph = build_graph(model, example_input)
-
-    module_names = list(order)
-    module_names += [n for n, m in model.named_modules() if n not in shapes and _counted_module(m)]
-    infos = [module_info(n, model.get_submodule(n), shapes.get(n, [])) for n in module_names]
-    for info in infos:
-        if info.name not in shapes:  # not run at inference (e.g. auxiliary heads): parameters, but no MACs
-            info.positions = 0
-    bare = _bare_parameters(model)
-    param_names: dict[int, str] = {}
-    pruning_dims = {id(p): dim for p, dim in graph.unwrapped_parameters}
-    for pname, p in bare:
-        channels = p.shape[pruning_dims.get(id(p), -1)] if p.ndim else 1
-        infos.append(
-            ModuleInfo(pname, "vector", channels, channels, 1, p.numel() // max(channels, 1), 1, False, 0)
-        )
-        param_names[id(p)] = pname
-        module_names.append(pname)
-    module_pos = {n: i for i, n in enumerate(module_names)}
-    position = {n: i for i, n in enumerate(order)}
-
-    raw_layers = []
+    table = _module_table(model, order, shapes, graph)
+    traced_groups: list[TracedGroup] = []
     unprunable: dict[str, str] = {}
     graph.channel_maps = {}
-    sample_macs = sum(info.macs(info.in_channels, info.out_channels) for info in infos)
+    sample_macs = sum(info.macs(info.in_channels, info.out_channels) for info in table.infos)
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=PRODUCER_TYPES):
         root = group[0].dep.target.module
-        size = len(group[0].idxs)
         corrections = _permuted_channels(model, graph, group, names, example_input, sample_macs)
         if corrections:
             graph.channel_maps[names[root]] = corrections
-            group = graph.get_pruning_group(root, group[0].dep.handler, list(range(size)))
-        producers: dict[str, tuple[list[int], list[int]]] = {}
-        effects: list[tuple[str, int, list[int], list[int]]] = []  # module, dim, module idxs, root idxs
-        grouped: list[tuple[str, int, int, list[int], list[int]]] = []
-        consumers, transposed_out, beyond = [], [], ""
-        coupled = [roots for item in group for roots in getattr(item, "coupled_roots", ())]
-        for item in group:
-            module, handler = item.dep.target.module, item.dep.handler
-            name = param_names.get(id(module)) if isinstance(module, nn.Parameter) else names.get(module)
-            if name is None or name not in module_pos:
-                continue
-            if isinstance(module, nn.Parameter):  # a bare per-channel parameter goes with the channel
-                effects.append((name, 1, list(item.idxs), list(item.root_idxs)))
-                continue
-            idxs, root_idxs = list(item.idxs), list(item.root_idxs)
-            is_out = graph.is_out_channel_pruning_fn(handler)
-            channels, groups = _channel_groups(module, is_out or isinstance(module, NORM_TYPES))
-            if groups > 1 and all(g[0] != name or g[1] != channels for g in grouped):
-                grouped.append((name, channels, groups, idxs, root_idxs))
-            if isinstance(module, TRANSPOSED_TYPES) and is_out and module.groups > 1:
-                transposed_out.append(name)
-            elif isinstance(module, NORM_TYPES) or (isinstance(module, PRODUCER_TYPES) and is_out):
-                if name not in producers:
-                    producers[name] = (idxs, root_idxs)
-                    effects.append((name, 1, idxs, root_idxs))
-            elif isinstance(module, PRODUCER_TYPES):
-                consumers.append(name)
-                effects.append((name, 0, idxs, root_idxs))
-                if max(idxs, default=0) >= _input_channels(module):
-                    beyond = beyond or (
-                        f"its channels reach {name} through an op that changes the channel count (e.g. "
-                        "pixel_shuffle, or a reshape that moves channels into space), which torch-pruning "
-                        "cannot follow"
-                    )
-        if not producers:
-            continue
-        members, reason = _partition(size, grouped, coupled)
-        reason = _unsupported(group, graph, names) or beyond or reason
-        if transposed_out and not reason:
-            reason = f"{transposed_out[0]} joins this group with " + GROUPED_TRANSPOSED_REASON
-        reason = reason or refused.get(names[root], "")
-        if reason:
+            group = graph.get_pruning_group(root, group[0].dep.handler, list(range(len(group[0].idxs))))
+        traced, reason = _trace_group(group, graph, names, table, refused)
+        if traced is not None:
+            traced_groups.append(traced)
+        elif reason:
             unprunable[names[root]] = reason
-            continue
-        raw_layers.append((names[root], size, members, producers, effects, consumers))
-    raw_layers.sort(key=lambda r: position.get(r[0], len(position)))
+    position = {n: i for i, n in enumerate(order)}
+    traced_groups.sort(key=lambda t: position.get(t.root, len(position)))
     for name, m in model.named_modules():  # their own output channels: listed, never silently left out
         if isinstance(m, TRANSPOSED_TYPES) and m.groups > 1 and m not in ignored:
             unprunable.setdefault(name, GROUPED_TRANSPOSED_REASON)
-
-    stages = _stage_labels([shapes[r[0]][0].output if r[0] in shapes else () for r in raw_layers])
-    layers, keys, layer_of, slices, consumed = [], [], [], [], []
-    removal_rows = []
-    offset = 0
-    for depth, (root_name, channels, members, producers, effects, consumers) in enumerate(raw_layers):
-        structure_of = torch.empty(channels, dtype=torch.long)
-        for s, channel_set in enumerate(members):
-            structure_of[channel_set] = s
-        kernel = _mean_kernel([model.get_submodule(n) for n in producers])
-        block = root_name.rpartition(".")[0] or root_name
-        layers.append(
-            Layer(
-                root_name,
-                len(members),
-                kernel,
-                depth,
-                stages[depth],
-                block,
-                list(producers),
-                sorted(set(consumers)),
-                channels,
-                members,
-            )
-        )
-        keys += [f"{root_name}:{s}" for s in range(len(members))]
-        layer_of += [depth] * len(members)
-        for name, (idxs, root_idxs) in producers.items():
-            slices.append(ProducerSlice(name, torch.tensor(idxs), structure_of[root_idxs] + offset))
-            info = infos[module_pos[name]]
-            if (
-                info.layer < 0 or name == root_name
-            ):  # a module belongs to the layer it is the root of, else its first
-                info.layer = depth
-        block_removal = torch.zeros(len(members), 2 * len(infos), dtype=torch.float64)
-        for name, dim, idxs, root_idxs in effects:
-            if dim == 0:
-                consumed.append(ProducerSlice(name, torch.tensor(idxs), structure_of[root_idxs] + offset))
-            col = 2 * module_pos[name] + dim
-            block_removal[:, col].index_add_(
-                0, structure_of[root_idxs], torch.ones(len(root_idxs), dtype=torch.float64)
-            )
-        removal_rows.append(block_removal)
-        offset += len(members)
-    if not layers:
+    if not traced_groups:
         why = "; ".join(f"{name}: {reason}" for name, reason in unprunable.items())
         raise MaskError(
             "no prunable channel group found: "
             + (why if why else "every group contains the classifier or an excluded layer")
         )
+    stages = _stage_labels([shapes[t.root][0].output if t.root in shapes else () for t in traced_groups])
+    layers, slices, consumed, removal, offset = [], [], [], [], 0
+    for depth, traced in enumerate(traced_groups):
+        layer, produced, taken, rows = _layer_of_group(model, traced, depth, stages[depth], offset, table)
+        layers.append(layer)
+        slices += produced
+        consumed += taken
+        removal.append(rows)
+        offset += layer.size
     return StructureSet(
-        architecture_signature(model),
-        layers,
-        keys,
-        torch.tensor(layer_of),
-        slices,
-        infos,
-        torch.cat(removal_rows),
-        [n for m, n in names.items() if m in ignored],
-        unprunable,
-        consumed,
-        {name: maps for name, maps in graph.channel_maps.items() if name in {layer.name for layer in layers}},
+        signature=architecture_signature(model),
+        layers=layers,
+        keys=[f"{layer.name}:{s}" for layer in layers for s in range(layer.size)],
+        layer_of=torch.tensor([layer.depth for layer in layers for _ in range(layer.size)]),
+        producers=slices,
+        modules=table.infos,
+        removal=torch.cat(removal),
+        excluded=[n for m, n in names.items() if m in ignored],
+        unprunable=unprunable,
+        consumed=consumed,
+        channel_maps={
+            name: maps for name, maps in graph.channel_maps.items() if name in {l.name for l in layers}
+        },
     )

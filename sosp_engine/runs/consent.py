@@ -85,5 +85,5 @@ def require_job_consent(job: dict) -> None:
         raise ModelSpecError(
             f"job '{job['id']}' names user code '{spec}' that was not confirmed for it (the spec was "
             "changed after it was queued, or it comes from another workspace); nothing was run. "
-            f"If you trust it: jobs resume {job['id']} --trust-code (in the dashboard: 'Run this code')"
+            f"If you trust it: jobs resume {job['id']} --run-code (in the dashboard: 'Run this code')"
         )

@@ -316,15 +316,15 @@ def cancel(store: Store, job_id: str) -> str:
     raise StoreError(f"job '{job_id}' is {job['status']}; only queued or running jobs can be cancelled")
 
 
-def resume(store: Store, job_id: str, start: bool = True, trust_code: bool = False) -> None:
+def resume(store: Store, job_id: str, start: bool = True, run_code: bool = False) -> None:
     """Queue a failed or cancelled job again; it continues after its last finished stage and epoch. A job naming user
-    code needs the consent stored with it, or `trust_code` (the user confirms the spec as stored now)."""
+    code needs the consent stored with it, or `run_code` (the user confirms the spec as stored now)."""
     mark_stale_jobs(store)
     job = store.job(job_id)
     if job["status"] not in ("failed", "cancelled"):
         raise StoreError(f"job '{job_id}' is {job['status']}; only failed or cancelled jobs can be resumed")
     spec = stored_setup(job["config"]).model_spec
-    if trust_code:
+    if run_code:
         store.update_job(job_id, consent=consent_for(spec))
     else:
         require_job_consent(job)

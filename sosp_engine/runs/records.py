@@ -10,12 +10,12 @@ from ..nets import is_user_code
 from .store import Store
 
 
-def require_code_consent(model_spec: str, trusted: bool, where: str) -> None:
-    """Stored specs that name user code run only with the user's explicit consent (CLI: --trust-code)."""
-    if is_user_code(model_spec) and not trusted:
+def require_code_consent(model_spec: str, confirmed: bool, where: str) -> None:
+    """Stored specs that name user code run only with the user's explicit consent (CLI: --run-code)."""
+    if is_user_code(model_spec) and not confirmed:
         raise ModelSpecError(
             f"{where} names user code '{model_spec}', which would be imported and run. "
-            "If you trust it, confirm with --trust-code (in the dashboard: 'Run this code')."
+            "If you trust it, confirm with --run-code (in the dashboard: 'Run this code')."
         )
 
 
