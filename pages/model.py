@@ -101,17 +101,15 @@ with st.form("model_form"):
             weights = source
         wanted = ModelSetup(model_spec.strip(), data_spec.strip(), weights)
         if weights in made_for and made_for[weights] != (wanted.model_spec, wanted.data_spec):
-            spec, data = made_for[weights]
-            st.error(
-                plain(
-                    f"The weights '{stored[weights]}' were trained for {spec} on {data}, not for "
-                    f"{wanted.model_spec} on {wanted.data_spec}: pick 'random init' (or weights of that model) "
-                    "under Weights and load again."
-                ),
-                icon=":material/error:",
+            spec, data = made_for[
+                weights
+            ]  # stored weights follow their own model: another model starts afresh
+            wanted = wanted.with_weights(None)
+            st.session_state["model-weights-note"] = (
+                f"The weights '{stored[weights]}' were trained for {spec} on {data}, so {wanted.model_spec} on "
+                f"{wanted.data_spec} was loaded with random init; pick weights of this model under Weights to use them."
             )
-        else:
-            st.session_state["pending_choice"] = wanted
+        st.session_state["pending_choice"] = wanted
 
 pending = st.session_state.get("pending_choice")
 if pending is not None and code_confirmed(pending.model_spec, "This model spec"):
@@ -119,11 +117,12 @@ if pending is not None and code_confirmed(pending.model_spec, "This model spec")
     with user_errors(f"Loading {pending.model_spec}", stop=False):
         workbench(pending)
         set_choice(pending)
-        choice = pending
-        st.session_state["model-form-shows"] = pending
+        st.rerun()  # the form, the summary and the sidebar all show what was loaded
 
 with user_errors("Loading the model"):
     bench = workbench(choice)
+if "model-weights-note" in st.session_state:
+    st.info(plain(st.session_state.pop("model-weights-note")), icon=":material/info:")
 
 summary = mask_summary(bench.structures)
 metrics = st.columns(5)

@@ -1,11 +1,13 @@
 """SOSP Lab engine: second-order structured pruning (SOSP-I / SOSP-H) and bottleneck analysis, no UI inside.
 
-The rooms: `nets` (models, data, the workbench), `pruning` (structures, masks, surgery, counts), `saliency` (SOSP-I,
-SOSP-H, baselines, selection, the analysis), `latency`, `experiments` (training, procedures, studies, sensitivity,
-bottlenecks), `runs` (the store, jobs and their backends), `cli`. The names users reach for are importable from here:
+The rooms, lowest first (a room imports only rooms below it): `nets` (models, data, the model setup), `pruning`
+(structures, masks, surgery, counts, the workbench), `latency`, `saliency` (SOSP-I, SOSP-H, baselines, selection, the
+analysis), `experiments` (training, procedures, studies, sensitivity, bottlenecks), `runs` (the store, jobs and their
+backends), `cli`. The names users reach for are importable from here:
 
-    from sosp_engine import open_workbench, run_analysis, AnalysisConfig
-    result = run_analysis(open_workbench("resnet20", "digits"), AnalysisConfig(method="sosp-h", samples=200))
+    from sosp_engine import ModelSetup, open_workbench, run_analysis, AnalysisOptions
+    workbench = open_workbench(ModelSetup("resnet20", "digits"))
+    result = run_analysis(workbench, AnalysisOptions(method="sosp-h", samples=200))
 
 They load on first use, so `import sosp_engine` itself stays light and imports no optional dependency.
 """
@@ -38,6 +40,9 @@ PUBLIC = {  # name -> module that defines it
     "exactness_report": "pruning.exactness",
     "run_analysis": "saliency.analysis",
     "AnalysisConfig": "saliency.analysis",
+    "AnalysisOptions": "saliency.analysis",
+    "export_pruned": "pruning.export",
+    "METHODS": "saliency.methods",
     "AnalysisResult": "saliency.analysis",
     "measure_profile": "latency.profile",
     "LatencyProfile": "latency.profile",

@@ -42,7 +42,9 @@ def test_a_job_runs_in_its_own_process_and_reports_progress(tmp_path):
     [analysis] = (
         store.analyses()
     )  # the job's analysis opens on the analysis pages, on the job's trained weights
-    assert analysis["name"].endswith("(analysis)") and analysis["config"]["setup"]["weights"].endswith("trained.pt")
+    assert analysis["name"].endswith("(analysis)") and analysis["config"]["setup"]["weights"].endswith(
+        "trained.pt"
+    )
 
 
 def test_cancel_stops_a_running_job_and_resume_continues_from_its_checkpoint(tmp_path):

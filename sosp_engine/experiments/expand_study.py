@@ -8,7 +8,6 @@ resumable `Experiment` in its own folder; finished runs are kept in state.json a
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..atomic import read_json
 from ..devices import node_name
 from ..errors import AnalysisError
 from ..nets.data import DataBundle, example_input
@@ -182,7 +182,7 @@ class ExpandStudy(UnitRun):
 
     def _plan(self) -> dict:
         """The size target and the widening, from trial 0 of the trained plain net."""
-        analyzed = json.loads((self._run_folder(PLAIN, 0) / "state.json").read_text())["done"]["analyze"]
+        analyzed = read_json(self._run_folder(PLAIN, 0) / "state.json")["done"]["analyze"]
         widen = dict(self.config.widen)
         if not widen:
             widen = self._bottlenecks(0)

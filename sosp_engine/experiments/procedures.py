@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..atomic import save_atomically, write_json_atomically
+from ..atomic import read_json, save_atomically, write_json_atomically
 from ..errors import AnalysisError
 from ..latency.profile import LATENCY_UNIT, stored_profile
 from ..nets import load_weights
@@ -123,7 +123,7 @@ class ResumableRun:
         self.should_stop = should_stop
         self.data = data or load_data(data_spec)
         self.state_path = self.folder / "state.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else empty_state
+        self.state = read_json(self.state_path) or empty_state
 
     def _save_state(self) -> None:
         write_json_atomically(self.state_path, self.state)
