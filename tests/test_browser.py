@@ -17,6 +17,7 @@ from conftest import ROOT
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api")
 PlaywrightTimeout = playwright.TimeoutError
+expect = playwright.expect
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Debian's chromium is not installed (apt install chromium)"
 )
@@ -78,6 +79,13 @@ def screenshot_folder(tmp_path: Path) -> Path:
     shots = ROOT / "docs" / "screenshots" if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path
     shots.mkdir(parents=True, exist_ok=True)
     return shots
+
+
+def settled(page, timeout: int = 60_000) -> None:
+    """Wait until the app's script run is over (Streamlit's running indicator gone): a state, not a time."""
+    page.wait_for_function(
+        "() => !document.querySelector(\"[data-testid='stStatusWidgetRunningIcon']\")", timeout=timeout
+    )
 
 
 @contextmanager
@@ -148,7 +156,7 @@ def test_the_demo_runs_an_analysis_shows_the_histogram_and_exports(server, tmp_p
         for name, ready in READY.items():
             page.goto(f"{server}/{name}")
             page.get_by_text(ready).first.wait_for(timeout=90_000)
-            page.wait_for_timeout(1500)
+            settled(page)
             assert page.locator("[data-testid='stException']").count() == 0
             page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
 
@@ -167,7 +175,8 @@ def test_a_tiny_study_launches_from_the_studies_page_and_charts_its_cells(server
             box = page.get_by_role("spinbutton", name=label)
             box.fill(value)
             box.press("Enter")
-        page.wait_for_timeout(500)
+            expect(box).to_have_value(value, timeout=30_000)
+            settled(page)
         page.get_by_role("button", name="Launch study").click()
         page.get_by_text("Study queued (4 cells)").wait_for(timeout=60_000)
         page.get_by_text("Mean and std over seeds").wait_for(timeout=240_000)
@@ -185,7 +194,7 @@ def test_a_link_naming_user_code_runs_nothing_before_the_confirmation(server, tm
         page = browser.new_page(viewport={"width": 1440, "height": 900})
         page.goto(f"{server}/?model={evil}%3Af&data=digits")
         page.get_by_role("button", name="Run this code").wait_for(timeout=60_000)
-        page.wait_for_timeout(1500)
+        settled(page)
         assert not marker.exists()
         page.get_by_role("button", name="Run this code").click()
         page.get_by_text("not a torch.nn.Module").first.wait_for(timeout=60_000)
@@ -224,9 +233,8 @@ def test_a_walk_keeps_the_state_shown_true_after_a_failed_load_and_between_pages
         assert page.locator("[data-testid='stSidebar']").get_by_text("resnet20").count() > 0
         spec.fill("resnet20")
         page.get_by_role("button", name="Load model").click()
-        page.wait_for_timeout(3000)
-        assert page.get_by_text("unknown model").count() == 0
-        assert spec.input_value() == "resnet20"
+        expect(page.get_by_text("unknown model")).to_have_count(0, timeout=30_000)
+        expect(spec).to_have_value("resnet20", timeout=30_000)
         page.get_by_text("272,186").wait_for(timeout=30_000)
 
         # an analysis, then the form, the unit and the ratio survive visits to other pages
@@ -246,7 +254,7 @@ def test_a_walk_keeps_the_state_shown_true_after_a_failed_load_and_between_pages
         page.get_by_role("link", name="Pruning ratios").click()
         page.get_by_text("Global pruning ratio (params)").wait_for(timeout=60_000)
         page.get_by_role("link", name="Analyse").click()
-        page.get_by_role("spinbutton", name="Samples N'").wait_for(timeout=60_000)
-        assert page.get_by_role("spinbutton", name="Samples N'").input_value() == "60"
-        assert page.get_by_role("textbox", name="Name (optional)").input_value() == "walk"
+        expect(page.get_by_role("spinbutton", name="Samples N'")).to_have_value("60", timeout=60_000)
+        expect(page.get_by_role("textbox", name="Name (optional)")).to_have_value("walk", timeout=60_000)
+        settled(page)
         assert page.locator("[data-testid='stException']").count() == 0

@@ -1,3 +1,4 @@
+import csv
 import json
 
 import torch
@@ -173,3 +174,33 @@ def test_widen_prune_from_the_cli_matches_the_expansion_it_names(tmp_path, capsy
     )
     config = experiment_config(args, "widen-prune")
     assert config.match_widen == {"stage 3 (4x4)": 2.0} and config.widen == {} and config.widen_factor is None
+
+
+def test_analyze_keeps_the_minimum_width_and_prints_every_stage_of_the_call(tmp_path, capsys):
+    args = ["analyze", "--model", "resnet20", "--data", "synthetic:3,8,8:10", "--method", "magnitude"]
+    args += [
+        "--samples",
+        "8",
+        "--min-channels",
+        "6",
+        "--ratio",
+        "0.82",
+        "--profile-stages",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    timings = next(line for line in err.splitlines() if "timings (s):" in line)
+    assert all(f"{stage} " in timings for stage in ("data", "model", "structures", "saliency", "exactness"))
+    config = json.loads((tmp_path / "analysis.json").read_text())["config"]
+    assert config["min_channels"] == 6 and config["setup"]["model_spec"] == "resnet20"
+    kept = [row["kept"] for row in csv.DictReader((tmp_path / "layers.csv").open())]
+    assert min(int(k) for k in kept) == 6
+
+
+def test_the_earlier_name_of_the_code_consent_flag_is_still_accepted():
+    from sosp_engine.cli.main import build_parser
+
+    for flag in ("--run-code", "--trust-code"):
+        assert build_parser().parse_args(["bottlenecks", "some/analysis", flag]).run_code

@@ -53,3 +53,17 @@ def test_every_readme_command_runs_as_written(tmp_path):
     assert (tmp_path / "runs" / "a1" / "sensitivity.csv").exists() and (
         tmp_path / "runs" / "small-ft.pt"
     ).exists()
+
+
+def test_what_the_readme_session_writes_is_ignored_by_git():
+    written = {
+        word.split("/")[0] + "/"
+        for command in readme_commands()
+        for flag, word in zip(command, command[1:])
+        if flag in ("--save", "--out") and "/" in word
+    } | {"workspace/"}
+    assert written  # the session writes files: runs/..., and the workspace
+    for folder in written:
+        probe = f"{folder}probe.pt"
+        ignored = subprocess.run(["git", "check-ignore", "-q", probe], cwd=ROOT)
+        assert ignored.returncode == 0, f"{probe} would show in git status"
