@@ -55,10 +55,6 @@ class Workbench:
     def model_spec(self) -> str:
         return self.setup.model_spec
 
-    @property
-    def weights(self) -> str | None:
-        return self.setup.weights
-
     def fresh_model(self, seed: int) -> nn.Module:
         """A new seeded initialisation of this workbench's architecture (pruned to the same shape if it is pruned)."""
         torch.manual_seed(seed)
@@ -66,10 +62,6 @@ class Workbench:
         if self.recipe is not None:
             reapply(model, self.recipe, self.example)
         return model
-
-    def structures_of(self, model: nn.Module) -> StructureSet:
-        """The prunable structures of another net of this setup (a trained copy, a fresh init)."""
-        return structures_under(self.setup, model, self.example)
 
     def prune(self, mask: set[str], model: nn.Module | None = None) -> PrunedModel:
         """The workbench's net (or `model`, a copy with the same structures) without the masked structures, with the
