@@ -106,6 +106,8 @@ def test_the_demo_runs_an_analysis_shows_the_histogram_and_exports(server, tmp_p
         page = browser.new_page(viewport={"width": 1440, "height": 900}, accept_downloads=True)
         page.goto(server)
         page.get_by_text("272,186").wait_for(timeout=60_000)
+        page.locator("[data-testid='stDataFrame']").first.wait_for(timeout=60_000)
+        settled(page)
         page.screenshot(path=str(shots / "model.png"), full_page=True)
 
         page.goto(f"{server}/analyse")
