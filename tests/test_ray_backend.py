@@ -1,6 +1,7 @@
 """Jobs and studies on a real local Ray cluster (`ray start --head`, 2 CPUs): the store stays the one record. The
 test process never connects to Ray itself (the engine's bridge does), so a restarted head cannot take it down."""
 
+import dataclasses
 import os
 import signal
 from contextlib import contextmanager
@@ -338,7 +339,9 @@ def test_an_unreachable_cluster_is_a_clear_error_at_submit(tmp_path):
 
 def test_jobs_of_an_unreachable_cluster_keep_their_state_and_say_why(tmp_path):
     store = Store(tmp_path)
-    job_id = store.add_job("train", "remote", job_config().__dict__, "ray", f"127.0.0.1:{free_port()}")
+    job_id = store.add_job(
+        "train", "remote", dataclasses.asdict(job_config()), "ray", f"127.0.0.1:{free_port()}"
+    )
     store.update_job(job_id, status="running", heartbeat=time.time() - 100)  # silent: the cluster is asked
     assert mark_stale_jobs(store) == []
     job = store.job(job_id)
