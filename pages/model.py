@@ -42,9 +42,10 @@ stored[DEMO_WEIGHTS] = "trained demo (ResNet-20, digits)"
 made_for = {m["weights"]: (m["model_spec"], m["data_spec"]) for m in trained}
 made_for[DEMO_WEIGHTS] = (DEFAULT_MODEL, DEFAULT_DATA)
 options = ["random init", "checkpoint path"] + list(stored)
-if (
-    st.session_state.get("model-form-shows") != choice
-):  # the form shows the loaded choice (a link, a first visit)
+FORM_KEYS = ("model-spec", "model-data", "model-weights", "model-path")
+# the form shows the loaded choice on a first visit, after a link or a load, and after a visit to another page
+# (Streamlit drops the state of widgets a page run does not draw)
+if st.session_state.get("model-form-shows") != choice or any(k not in st.session_state for k in FORM_KEYS):
     st.session_state["model-form-shows"] = choice
     st.session_state["model-spec"] = choice.model_spec
     st.session_state["model-data"] = choice.data_spec

@@ -693,3 +693,14 @@ def test_the_html_report_names_files_and_data_without_local_folders():
     built = analysis_report("t", config, [], {})
     assert "/home/someone" not in built and "/data/" not in built
     assert all(name in built for name in ("r20.pt", "cifar10:c10", "nets.py:make"))
+
+
+def test_the_model_form_shows_the_loaded_model_after_a_visit_to_another_page(fresh):
+    at = open_page("model")
+    widget(at.text_input, "Model spec").set_value("resnet32")
+    widget(at.selectbox, "Weights").set_value("random init")
+    widget(at.button, "Load model").click().run()
+    at.switch_page("../pages/analyse.py").run()
+    at.switch_page("../pages/model.py").run()
+    assert widget(at.text_input, "Model spec").value == "resnet32"
+    assert widget(at.selectbox, "Weights").value == "random init"
