@@ -92,13 +92,14 @@ with st.form("launch"):
         ["expand-prune", "widen-prune", "train-prune"],
         help="train-prune is always needed: its trained plain net sets the size. init-prune "
         "prunes at initialisation and trains for the same total epochs.",
+        key=f"expand-runs-{record['id']}",
     )
     c = st.columns(3)
     trials = c[0].number_input(
-        "Trials", 1, 10, 3, help="the paper runs 3 trials; the charts show mean and std"
+        "Trials", 1, 10, 3, help="the paper runs 3 trials; the charts show mean and std", key="expand-trials"
     )
-    epochs = c[1].number_input("Epochs (train)", 1, 1000, 10)
-    finetune = c[2].number_input("Epochs (fine-tune)", 1, 1000, 10)
+    epochs = c[1].number_input("Epochs (train)", 1, 1000, 10, key="expand-epochs")
+    finetune = c[2].number_input("Epochs (fine-tune)", 1, 1000, 10, key="expand-finetune")
     own = st.toggle(
         "Find the bottlenecks on the study's own trained plain net (as the paper does)",
         value=not trained,
@@ -108,6 +109,7 @@ with st.form("launch"):
             if trained
             else "; this analysis is not of trained weights, so its bottlenecks are those of an untrained net"
         ),
+        key=f"expand-own-{record['id']}",
     )
     launch = st.form_submit_button("Launch the expand study", type="primary", icon=":material/rocket_launch:")
 if launch:
