@@ -139,6 +139,22 @@ def _verdict(
     return f"{ranking}: {trust}; {band}."
 
 
+def _baseline_scores(
+    inputs: AnalysisInputs,
+    result: AnalysisResult,
+    chosen: list[torch.Tensor],
+    measured: list[float],
+    should_stop: StopFn,
+) -> dict[str, float]:
+    """Each baseline's ranking score on the same masks and measured increases as the analysis's."""
+    scores = {}
+    for method in BASELINES:
+        check_cancel(should_stop)
+        saliency = compute_saliency(inputs, replace(result.config, method=method), "none").saliency
+        scores[method] = mean_score(family_scores([mask_score(saliency, m) for m in chosen], measured))
+    return scores
+
+
 def trust_check(
     result: AnalysisResult,
     workbench: Workbench,
@@ -183,13 +199,7 @@ def trust_check(
     families = family_scores(scores, measured)
 
     inputs = AnalysisInputs(model, structures, x.to(target), y.to(target), result.config.loss, batch_size)
-    baseline_scores = {}
-    for method in BASELINES:
-        check_cancel(should_stop)
-        saliency = compute_saliency(inputs, replace(result.config, method=method), "none").saliency
-        baseline_scores[method] = mean_score(
-            family_scores([mask_score(saliency, m) for m in chosen], measured)
-        )
+    baseline_scores = _baseline_scores(inputs, result, chosen, measured, should_stop)
 
     calibration = []
     for j, r in enumerate(ratios):
