@@ -99,9 +99,10 @@ def job_controls(jobs: list[dict]) -> None:
             st.toast(plain(cancel(store, job_id)))
             st.rerun()
     resumable = job["status"] in ("failed", "cancelled")
-    unconfirmed = resumable and not has_consent(stored_setup(job["config"]).model_spec, job.get("consent"))
+    spec = stored_setup(job["config"]).model_spec
+    unconfirmed = resumable and not has_consent(spec, job.get("consent"))
     if unconfirmed:
-        resumable = code_confirmed(stored_setup(job["config"]).model_spec, f"Job '{job['name']}'")
+        resumable = code_confirmed(spec, f"Job '{job['name']}'")
     if cols[1].button("Resume", disabled=not resumable, icon=":material/replay:"):
         with user_errors("Resuming", stop=False):
             resume(store, job_id, run_code=unconfirmed)

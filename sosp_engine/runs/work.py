@@ -100,10 +100,11 @@ def record_outputs(store: Store, job: dict, result: dict) -> None:
         return
     weights = result.get("stages", {}).get("train", {}).get("weights")
     if weights and job["config"]["procedure"] == "train":
+        setup = stored_setup(job["config"])
         store.add_model(
             job["name"],
-            stored_setup(job["config"]).model_spec,
-            stored_setup(job["config"]).data_spec,
+            setup.model_spec,
+            setup.data_spec,
             Path(weights),
             job["id"],
             {"test_acc": result["test_acc"]},
