@@ -13,6 +13,7 @@ from sosp_engine.latency.profile import (
     REFINE_POINTS,
     LatencyProfile,
     measure_profile,
+    refine_at_targets,
     refine_profile,
     stored_profile,
 )
@@ -114,6 +115,33 @@ def test_a_target_on_a_measured_point_needs_no_more_timing(monkeypatch):
     curve = profile()
     assert not refine_profile(curve, None, None, [f"s{i}" for i in range(20)], 20, None, 0.5)
     assert timed == [] and curve.prefixes == [0, 10, 20]
+
+
+def test_a_profile_refined_at_several_targets_measures_each_targets_own_mask(monkeypatch):
+    measured_at(monkeypatch, lambda k: {14: 0.7, 5: 0.5}.get(k, 1 - k / 40))
+    curve = profile()
+    assert refine_at_targets(curve, None, None, [f"s{i}" for i in range(20)], 20, None, [0.3, 0.1])
+    for target in (0.1, 0.3):
+        assert curve.prefix_for(target, 20) in curve.prefixes
+
+
+def test_a_profile_refined_at_a_target_is_only_sliced_there_afterwards(monkeypatch):
+    timed = measured_at(monkeypatch, lambda k: 0.75 if k < 17 else 0.65)
+    curve = profile()
+    order = [f"s{i}" for i in range(20)]
+    assert refine_at_targets(curve, None, None, order, 20, None, [0.3])
+    first = len(timed)
+    assert not refine_at_targets(curve, None, None, order, 20, None, [0.3])
+    assert len(timed) == first and curve.refined_at == [0.3]
+
+
+def test_a_target_the_profile_cannot_reach_is_left_to_its_mask_to_report(monkeypatch):
+    timed = measured_at(monkeypatch, lambda k: 0.5)
+    curve = profile()
+    assert not refine_at_targets(curve, None, None, [f"s{i}" for i in range(20)], 20, None, [0.9])
+    assert timed == []
+    with pytest.raises(AnalysisError, match="not reached"):
+        curve.prefix_for(0.9, 20)
 
 
 def test_a_stored_profile_keeps_the_points_refined_for_a_target(monkeypatch, tmp_path):

@@ -22,7 +22,7 @@ import torch
 from ..atomic import save_atomically
 from ..devices import node_name, resolve_device
 from ..errors import AnalysisError
-from ..latency.profile import LATENCY_UNIT, measure_latency, stored_profile
+from ..latency.profile import LATENCY_UNIT, LatencyProfile, measure_latency, stored_profile
 from ..nets import load_weights
 from ..nets.data import DataBundle, example_input
 from ..nets.setup import ModelSetup, config_from_dict
@@ -226,26 +226,31 @@ class Study(UnitRun):
         result.save(folder)
         return result
 
+    def _latency_profile(
+        self, seed: int, method: str, model: torch.nn.Module, structures, result: AnalysisResult
+    ) -> LatencyProfile | None:
+        """The analysis's latency profile when the study targets latency (None otherwise): measured once, refined at
+        all the study's targets together, so every cell slices the same stored profile."""
+        if self.config.unit != LATENCY_UNIT:
+            return None
+        return stored_profile(
+            result,
+            model,
+            structures,
+            self.example,
+            self.folder / f"seed{seed}" / method,
+            should_stop=self.should_stop,
+            targets=list(self.config.targets),
+            runtime=self.config.analysis.latency_runtime,
+        )
+
     def _cell(self, seed: int, method: str, target: float, weights: str, result: AnalysisResult) -> dict:
         """Prune to the target, test, fine-tune, test again; the pruned net's size, CPU latency (GPU latency too on a
         GPU), where and when."""
         started = time.time()
         model = self._model(weights).eval()
         structures = self._structures(model)
-        latency = (
-            stored_profile(
-                result,
-                model,
-                structures,
-                self.example,
-                self.folder / f"seed{seed}" / method,
-                should_stop=self.should_stop,
-                targets=[target],
-                runtime=self.config.analysis.latency_runtime,
-            )
-            if self.config.unit == LATENCY_UNIT
-            else None
-        )
+        latency = self._latency_profile(seed, method, model, structures, result)
         mask = result.mask(structures, target, self.config.unit, latency)
         smaller = pruned_copy(model, structures, mask, self.example)
         device = resolve_device(self.config.setup.device)
@@ -293,7 +298,10 @@ class Study(UnitRun):
         if kind == "train":
             return self._train(seed)
         if kind == "analyse":
-            self._analysis(seed, unit[2], self._weights(seed))
+            result = self._analysis(seed, unit[2], self._weights(seed))
+            if self.config.unit == LATENCY_UNIT:  # before the cells, which all slice it
+                model = self._model(self._weights(seed)).eval()
+                self._latency_profile(seed, unit[2], model, self._structures(model), result)
             return {}
         return self._cell(
             seed, unit[2], unit[3], self._weights(seed), self._analysis(seed, unit[2], self._weights(seed))

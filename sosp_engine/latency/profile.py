@@ -8,7 +8,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +145,9 @@ class LatencyProfile:
     prefixes: list[int]
     relative: list[float]
     runtime: str = EAGER  # profiles stored before runtimes were chosen were timed in eager PyTorch
+    refined_at: list[float] = field(
+        default_factory=list
+    )  # targets already refined: a later reader slices, never re-times
 
     def where(self) -> str:
         """Where the profile was timed, in words (runtime, device, batch, threads)."""
@@ -171,6 +174,10 @@ class LatencyProfile:
                 f"{1 - min(self.relative):.3f} was measured along this order (with this cap)"
             )
         return int(candidates[reached[0]])
+
+    def reaches(self, ratio: float) -> bool:
+        """Whether some measured point is at most 1 - ratio of the unpruned net's latency."""
+        return min(self.relative) <= 1 - ratio + 1e-12
 
     def add_point(self, prefix: int, relative: float) -> None:
         """Insert one more measured prefix, keeping the prefixes sorted."""
@@ -280,6 +287,32 @@ def refine_profile(
     return added
 
 
+def refine_at_targets(
+    profile: LatencyProfile,
+    model: nn.Module,
+    structures,
+    order: list[str],
+    n_prunable: int,
+    example: torch.Tensor,
+    targets: list[float],
+    stops: list[int] | None = None,
+    should_stop: StopFn = None,
+) -> bool:
+    """Refine the profile at the targets it was not refined at yet, all its targets in ascending order: a larger
+    target's pick lies at or beyond a smaller one's measured pick, so the points timed for it cannot move that pick.
+    Once refined at a target, a profile is only sliced there, so every reader of a stored profile gets the same mask.
+    Targets out of reach are left to raise where their mask is asked for. Returns whether the profile changed."""
+    new = [t for t in targets if t not in profile.refined_at and profile.reaches(t)]
+    if not new:
+        return False
+    profile.refined_at = sorted(set(profile.refined_at) | set(new))
+    for target in profile.refined_at:
+        refine_profile(
+            profile, model, structures, order, n_prunable, example, target, stops, should_stop=should_stop
+        )
+    return True
+
+
 def stored_profile(
     result,
     model: nn.Module,
@@ -317,20 +350,17 @@ def stored_profile(
         profile.save(
             path
         )  # before refining: a target out of reach raises there, and a resume must not re-time
-    refined = [
-        refine_profile(
-            profile,
-            model,
-            structures,
-            result.ordered_keys(),
-            result.n_prunable,
-            example,
-            target,
-            result.stops(structures),
-            should_stop=should_stop,
-        )
-        for target in targets
-    ]
-    if any(refined):
+    refined = refine_at_targets(
+        profile,
+        model,
+        structures,
+        result.ordered_keys(),
+        result.n_prunable,
+        example,
+        targets,
+        result.stops(structures),
+        should_stop=should_stop,
+    )
+    if refined:
         profile.save(path)
     return profile
