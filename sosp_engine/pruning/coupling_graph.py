@@ -49,54 +49,24 @@ class CouplingGraph(tp.DependencyGraph):
             idxs = [idxs]
         index_mapping.update_index_mapping(self)
         root = self.module2node[module]
-        first = Dependency(pruning_fn, pruning_fn, source=root, target=root)
-        order: list[tuple] = []  # (target node, handler) in the order first reached
-        reached: dict[
-            tuple, tuple[Dependency, dict]
-        ] = {}  # -> (first dependency, {idx: every root idx reaching it})
-        seen: dict[tuple, set] = {}  # -> every (idx, root idx) pair walked from there
-        walked_total = 0
+        walk = _Walk(lambda: self._limit_error(module))
+        walk.run(Dependency(pruning_fn, pruning_fn, source=root, target=root), idxs)
+        return self._group_of(module, idxs, walk)
 
-        def arrive(dep: Dependency, hybrid: list) -> list:
-            nonlocal walked_total
-            key = (dep.target, dep.handler)
-            walked = seen.setdefault(key, set())
-            fresh = [i for i in hybrid if i not in walked]
-            walked.update(fresh)
-            walked_total += len(fresh)
-            if walked_total > WALK_LIMIT:
-                raise MaskError(
-                    f"torch-pruning's dependency graph couples the channels of {self._module2name[module]} "
-                    f"to over {WALK_LIMIT:,} (layer, position) pairs: it reads this model's reshapes as "
-                    "flattening channels into positions (as in Swin's window attention), so its channel "
-                    "couplings cannot be followed; exclude those layers (--exclude) or use another model"
-                )
-            if key not in reached:
-                reached[key] = (dep, {})
-                order.append(key)
-            kept = reached[key][1]
-            for i in fresh:
-                kept.setdefault(i.idx, []).append(i.root_idx)
-            return fresh
+    def _limit_error(self, module: nn.Module) -> MaskError:
+        return MaskError(
+            f"torch-pruning's dependency graph couples the channels of {self._module2name[module]} "
+            f"to over {WALK_LIMIT:,} (layer, position) pairs: it reads this model's reshapes as "
+            "flattening channels into positions (as in Swin's window attention), so its channel "
+            "couplings cannot be followed; exclude those layers (--exclude) or use another model"
+        )
 
-        stack = [(first, arrive(first, [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs]))]
-        while stack:
-            dep, hybrid = stack.pop()
-            for new_dep in dep.target.dependencies:
-                if not new_dep.is_triggered_by(dep.handler):
-                    continue
-                mapped = hybrid
-                for mapping in new_dep.index_mapping:
-                    if mapping is not None:
-                        mapped = mapping(mapped)
-                fresh = arrive(new_dep, mapped) if mapped else []
-                if fresh:
-                    stack.append((new_dep, fresh))
-
+    def _group_of(self, module: nn.Module, idxs: typing.Sequence[int], walk: "_Walk") -> Group:
+        """The walked layers as one torch-pruning group (measured channel maps over the trace's), merged per layer."""
         group = Group()
         measured = self.channel_maps.get(self._module2name.get(module, ""), {})
-        for key in order:
-            dep, kept = reached[key]
+        for key in walk.order:
+            dep, kept = walk.reached[key]
             channel_map = measured.get(self._module2name.get(dep.target.module, ""))
             if channel_map is not None:
                 kept = {channel_map[i]: [i] for i in idxs}
@@ -114,3 +84,50 @@ class CouplingGraph(tp.DependencyGraph):
             group._group.append(item)
         group._DG = self
         return group
+
+
+class _Walk:
+    """One group search: each (layer, pruning function) is walked on from only the (index, root index) pairs new to
+    it, so a layer reached again with indices it has seen stops there."""
+
+    def __init__(self, limit_error: typing.Callable[[], MaskError]) -> None:
+        self.limit_error = limit_error
+        self.order: list[tuple] = []  # (target node, handler) in the order first reached
+        self.reached: dict[
+            tuple, tuple[Dependency, dict]
+        ] = {}  # -> (first dependency, {idx: every root idx})
+        self.seen: dict[tuple, set] = {}  # -> every (idx, root idx) pair walked from there
+        self.walked = 0
+
+    def arrive(self, dep: Dependency, hybrid: list) -> list:
+        """Record the pairs `dep` brings to its target; returns those new there (the ones to walk on)."""
+        key = (dep.target, dep.handler)
+        walked = self.seen.setdefault(key, set())
+        fresh = [i for i in hybrid if i not in walked]
+        walked.update(fresh)
+        self.walked += len(fresh)
+        if self.walked > WALK_LIMIT:
+            raise self.limit_error()
+        if key not in self.reached:
+            self.reached[key] = (dep, {})
+            self.order.append(key)
+        kept = self.reached[key][1]
+        for i in fresh:
+            kept.setdefault(i.idx, []).append(i.root_idx)
+        return fresh
+
+    def run(self, first: Dependency, idxs: typing.Sequence[int]) -> None:
+        """Walk every dependency triggered from `first` pruning `idxs`, depth first."""
+        stack = [(first, self.arrive(first, [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs]))]
+        while stack:
+            dep, hybrid = stack.pop()
+            for new_dep in dep.target.dependencies:
+                if not new_dep.is_triggered_by(dep.handler):
+                    continue
+                mapped = hybrid
+                for mapping in new_dep.index_mapping:
+                    if mapping is not None:
+                        mapped = mapping(mapped)
+                fresh = self.arrive(new_dep, mapped) if mapped else []
+                if fresh:
+                    stack.append((new_dep, fresh))
