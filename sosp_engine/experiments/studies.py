@@ -224,6 +224,9 @@ class Study(UnitRun):
             workbench, config, lambda f, m: self._progress(f, f"{method} seed {seed}: {m}"), self.should_stop
         )
         result.save(folder)
+        self._latency_profile(
+            seed, method, model.eval(), workbench.structures, result
+        )  # before the cells slice it
         return result
 
     def _latency_profile(
@@ -298,10 +301,7 @@ class Study(UnitRun):
         if kind == "train":
             return self._train(seed)
         if kind == "analyse":
-            result = self._analysis(seed, unit[2], self._weights(seed))
-            if self.config.unit == LATENCY_UNIT:  # before the cells, which all slice it
-                model = self._model(self._weights(seed)).eval()
-                self._latency_profile(seed, unit[2], model, self._structures(model), result)
+            self._analysis(seed, unit[2], self._weights(seed))
             return {}
         return self._cell(
             seed, unit[2], unit[3], self._weights(seed), self._analysis(seed, unit[2], self._weights(seed))
