@@ -1,6 +1,12 @@
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -31,3 +37,33 @@ def random_mask(structures, ratio: float, seed: int = 0) -> set[str]:
             keep = piece.structure[torch.randint(len(piece.structure), (1,), generator=gen)].item()
             pruned[keep] = False
     return {k for k, flag in zip(structures.keys, pruned.tolist()) if flag}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def dashboard(workspace: Path) -> Iterator[str]:
+    """`streamlit run app/main.py` on a free local port with its own workspace; yields its URL once it answers."""
+    port = free_port()
+    env = dict(os.environ, SOSP_WORKSPACE=str(workspace))
+    command = [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.port", str(port)]
+    command += ["--server.headless", "true", "--server.address", "127.0.0.1"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while proc.poll() is None:
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            pytest.fail(f"the streamlit server exited with {proc.returncode} before it answered")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -20,7 +20,7 @@ PAGES = ["model", "analyse", "ratios", "compare", "bottlenecks", "expand", "stud
 
 
 def open_page(page: str) -> AppTest:
-    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
+    at = AppTest.from_file(str(ROOT / "app" / "dashboard.py"), default_timeout=120)
     at.run()
     if page != "model":
         at.switch_page(f"../pages/{page}.py").run()
@@ -462,7 +462,7 @@ def test_an_unforeseen_error_is_one_line_and_logged_not_a_traceback(fresh, monke
         raise KeyError("boom")
 
     monkeypatch.setattr(sosp_engine.pruning.masks, "mask_summary", broken)
-    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
+    at = AppTest.from_file(str(ROOT / "app" / "dashboard.py"), default_timeout=120)
     at.run()
     assert not at.exception
     assert at.error and "failed unexpectedly: KeyError" in at.error[0].value
@@ -483,7 +483,7 @@ def test_a_reload_keeps_the_chosen_model(fresh):
     widget(at.selectbox, "Weights").set_value("random init")
     widget(at.button, "Load model").click().run()
     assert at.query_params["weights"] == "" and at.query_params["model"] == "resnet20"
-    reloaded = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
+    reloaded = AppTest.from_file(str(ROOT / "app" / "dashboard.py"), default_timeout=120)
     reloaded.query_params.update(dict(at.query_params))
     reloaded.run()
     assert not reloaded.exception

@@ -504,7 +504,7 @@ def test_a_head_restart_right_after_a_job_loses_none_of_its_epochs(tmp_path, clu
 def runs_page():
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=240)
+    at = AppTest.from_file(str(ROOT / "app" / "dashboard.py"), default_timeout=240)
     at.run()
     return at.switch_page("../pages/runs.py").run()
 
