@@ -7,10 +7,13 @@ an HMAC of the very spec the user confirmed, under a key in the user's own confi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets
+import stat
+import tempfile
 from pathlib import Path
 
 from ..errors import ModelSpecError
@@ -30,34 +33,89 @@ def key_path() -> Path:
 
 
 def _key() -> bytes:
+    """The user's key, created whole on first use; a key that anyone else could have written or read is refused."""
     path = key_path()
+    _check_folder(path.parent)
     try:
-        key = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
-        key = _new_key(path)
+        return _new_key(path)
     except OSError as exc:
+        if os.path.islink(path):
+            raise _refused(path, "is a symbolic link") from None
         raise ModelSpecError(
             f"cannot read the consent key '{path}' ({exc.strerror or exc}); user code cannot be "
             "confirmed until it is readable"
         ) from None
-    if len(key) < KEY_BYTES:  # damaged or someone else's: never overwritten silently
+    try:
+        _check_key_file(path, os.fstat(fd))
+        key = os.read(fd, KEY_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(key) != KEY_BYTES:  # damaged or someone else's: never overwritten silently
         raise ModelSpecError(
-            f"the consent key '{path}' is shorter than {KEY_BYTES} bytes: remove it so a new one is "
-            "made (earlier confirmations then need to be given again)"
+            f"the consent key '{path}' holds {len(key)} bytes, not {KEY_BYTES}: it is damaged or not a key of "
+            "SOSP Lab. Remove it so a new one is made (earlier confirmations then need to be given again)"
         )
     return key
 
 
-def _new_key(path: Path) -> bytes:
-    """A fresh random key, readable by this user only (a key another process wrote first wins)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(KEY_BYTES)
+def _refused(path: Path, why: str) -> ModelSpecError:
+    return ModelSpecError(
+        f"the consent key '{path}' {why}, so another user could have written or read it; it is not used. "
+        f"Remove it (a new key is made, earlier confirmations need to be given again) or point ${KEY_ENV} at a "
+        "key file of your own, mode 0600, in a folder only you can write"
+    )
+
+
+def _check_key_file(path: Path, info: os.stat_result) -> None:
+    """A key is a regular file of this user that nobody else may read or write (mode 0600)."""
+    if not stat.S_ISREG(info.st_mode):
+        raise _refused(path, "is not a regular file")
+    if info.st_uid != os.geteuid():
+        raise _refused(path, f"belongs to user id {info.st_uid}, not to you ({os.geteuid()})")
+    if info.st_mode & 0o077:
+        raise _refused(
+            path, f"has mode {stat.S_IMODE(info.st_mode):04o} (group or others may use it; want 0600)"
+        )
+
+
+def _check_folder(folder: Path) -> None:
+    """The key's folder exists (created 0700) and only this user can write into it (no one can swap the key)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.stat()
+    except OSError as exc:
+        raise ModelSpecError(
+            f"cannot create the consent key's folder '{folder}' ({exc.strerror or exc})"
+        ) from None
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise ModelSpecError(
+            f"the consent key's folder '{folder}' can be written by others (owner id {info.st_uid}, mode "
+            f"{stat.S_IMODE(info.st_mode):04o}): another user could replace the key. Use a folder of your own "
+            f"that only you can write (chmod go-w), or point ${KEY_ENV} at a key file in one"
+        )
+
+
+def _new_key(path: Path) -> bytes:
+    """A fresh random key, written whole to a private temporary file and then linked into place, so no process
+    ever reads a half-written key; when another process linked its key first, that key wins."""
+    key = secrets.token_bytes(KEY_BYTES)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".consent-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return _key()
+    except OSError as exc:
+        raise ModelSpecError(f"cannot write the consent key '{path}' ({exc.strerror or exc})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
     return key
 
 
