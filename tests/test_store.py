@@ -16,9 +16,10 @@ def test_fresh_workspace_has_the_current_schema(tmp_path):
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_records_survive_reopening(tmp_path):
-    job = Store(tmp_path).add_job("train", "first", {"epochs": 3})
-    assert Store(tmp_path).job(job)["config"] == {"epochs": 3}
+def test_records_survive_reopening_read_in_todays_shape(tmp_path):
+    job = Store(tmp_path).add_job("train", "first", {"procedure": "train", "epochs": 3})
+    config = Store(tmp_path).job(job)["config"]
+    assert config["training"]["epochs"] == 3 and config["procedure"] == "train"
 
 
 def test_an_older_workspace_is_migrated_keeping_its_records(tmp_path):

@@ -19,7 +19,7 @@ from ..atomic import read_json
 from ..devices import node_name
 from ..errors import AnalysisError
 from ..nets.data import DataBundle, example_input
-from ..nets.setup import ModelSetup, config_from_dict
+from ..nets.setup import ModelSetup, config_from_dict, stored_config
 from ..progress import StopFn
 from ..pruning.masks import layer_table, load_mask
 from ..pruning.workbench import build_for, structures_under
@@ -35,6 +35,7 @@ EXPAND_PROCEDURES = ("expand-prune", "widen-prune", "train-prune", "init-prune")
 PLAIN = "train-prune"
 
 
+@stored_config
 @dataclass
 class ExpandStudyConfig:
     """Everything an expand study needs; stored with its job so a resume rebuilds the same runs.

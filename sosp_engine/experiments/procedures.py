@@ -19,7 +19,7 @@ from ..errors import AnalysisError
 from ..latency.profile import LATENCY_UNIT, stored_profile
 from ..nets import load_weights
 from ..nets.data import DataBundle, example_input, load_data
-from ..nets.setup import ModelSetup
+from ..nets.setup import ModelSetup, stored_config
 from ..progress import Cancelled, StopFn
 from ..pruning.counting import count_macs
 from ..pruning.masks import load_mask, mask_summary, pruned_copy, save_mask
@@ -34,6 +34,7 @@ PROCEDURES = ("train", "train-prune", "init-prune", "expand-prune", "widen-prune
 Reporter = Callable[[float, str, dict | None], None]
 
 
+@stored_config
 @dataclass
 class ExperimentConfig:
     """One procedure with everything it needs; stored with the job so a resume rebuilds the same run.

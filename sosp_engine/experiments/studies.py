@@ -25,7 +25,7 @@ from ..errors import AnalysisError
 from ..latency.profile import LATENCY_UNIT, LatencyProfile, measure_latency, stored_profile
 from ..nets import load_weights
 from ..nets.data import DataBundle, example_input
-from ..nets.setup import ModelSetup, config_from_dict
+from ..nets.setup import ModelSetup, config_from_dict, stored_config
 from ..progress import Cancelled, StopFn
 from ..pruning.counting import count_macs, count_params
 from ..pruning.masks import pruned_copy
@@ -40,6 +40,7 @@ from .training import TrainConfig, evaluate
 STUDY_KIND = "study"
 
 
+@stored_config
 @dataclass
 class StudyConfig:
     """Everything a study needs; stored with its job so a resume rebuilds the same grid.

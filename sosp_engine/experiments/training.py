@@ -17,6 +17,7 @@ from torch import nn
 from ..nets.data import DataBundle
 from ..atomic import load_with_fallback, save_atomically
 from ..devices import deterministic_kernels
+from ..nets.setup import stored_config
 from ..errors import SospError
 
 CHECKPOINT_NAME = "last.pt"
@@ -26,6 +27,7 @@ class TrainingError(SospError):
     """Training cannot start or cannot go on (bad settings, a loss that is not finite)."""
 
 
+@stored_config
 @dataclass
 class TrainConfig:
     """Paper defaults: lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, step decay x0.1 at 60 % and 80 %."""

@@ -4,12 +4,19 @@ every config that needs a model, and how a config is read back from its stored J
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from dataclasses import dataclass
 from typing import Any, TypeVar, get_type_hints
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 
 from ..errors import SospError
 
 Config = TypeVar("Config")
+
+STORED_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+stored_config = with_config(STORED_CONFIG)  # a config read back from JSON: exact types, no unknown fields
 
 
 def default_preset(model_spec: str) -> str | None:
@@ -29,6 +36,7 @@ def resolve_preset(model_spec: str, preset: str | None) -> str | None:
     return None if preset in (None, "none") else preset
 
 
+@stored_config
 @dataclass(frozen=True)
 class ModelSetup:
     """What defines the net an analysis, training or study works on; every config nests one, none copies its fields.
@@ -59,38 +67,52 @@ class ModelSetup:
         return dataclasses.replace(self, weights=weights)
 
 
+@functools.cache
+def _reader(cls: type[Config]) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
 def config_from_dict(cls: type[Config], data: dict[str, Any]) -> Config:
-    """A config dataclass from its stored dict; nested configs are rebuilt too.
+    """A config dataclass from its stored dict, its values checked against their declared types (an error names the
+    field, e.g. `training.epochs`); nested configs are rebuilt too.
 
     Configs stored before their parts were nested hold those parts' fields flat: each nested part (in the order the
     class declares them) takes the flat fields it names that are not the outer class's own.
     """
+    nested = _nested(cls, data)
+    try:
+        return _reader(cls).validate_json(json.dumps(nested, default=str))
+    except ValidationError as exc:
+        raise SospError(f"a stored {cls.__name__} {_first_fault(exc)}") from None
+
+
+def _first_fault(exc: ValidationError) -> str:
+    """`has a wrong value at FIELD: WHY (got VALUE)` for the first error pydantic found."""
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "its top level"
+    if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        return f"has fields this version does not know: {where}"
+    got = repr(error.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    return f"has a wrong value at {where}: {error['msg']} (got {got})"
+
+
+def _nested(cls: type, data: Any) -> dict[str, Any]:
+    """The stored dict in today's nested shape (older flat fields moved into the parts that declare them)."""
     if not isinstance(data, dict):
         raise SospError(f"a stored {cls.__name__} must be a JSON object, got {type(data).__name__}")
     flat = dict(data)
     hints = get_type_hints(cls)
     own = {f.name for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints.get(f.name))}
-    values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         kind = hints.get(f.name)
         if dataclasses.is_dataclass(kind):
             if isinstance(flat.get(f.name), dict):
-                values[f.name] = config_from_dict(kind, flat.pop(f.name))
-            else:
+                flat[f.name] = _nested(kind, flat[f.name])
+            elif f.name not in flat:
                 names = {g.name for g in dataclasses.fields(kind)} - own
-                values[f.name] = config_from_dict(kind, {n: flat.pop(n) for n in list(flat) if n in names})
-    unknown = sorted(set(flat) - own)
-    if unknown:
-        raise SospError(
-            f"a stored {cls.__name__} has fields this version does not know: {', '.join(unknown)}"
-        )
-    for key, value in flat.items():
-        values[key] = tuple(value) if isinstance(value, list) and _is_tuple(hints.get(key)) else value
-    return cls(**values)
-
-
-def _is_tuple(hint: Any) -> bool:
-    return getattr(hint, "__origin__", hint) is tuple
+                flat[f.name] = _nested(kind, {n: flat.pop(n) for n in list(flat) if n in names})
+    return flat
 
 
 def stored_setup(config: dict) -> ModelSetup:

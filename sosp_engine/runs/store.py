@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 from ..errors import SospError
 from ..nets.setup import stored_setup
+from .rows import bounded_columns, decoded, row_fault
 
 SCHEMA_VERSION = 5
 DB_NAME = "sosp.db"
@@ -51,10 +52,8 @@ ALTER TABLE jobs ADD COLUMN event_offsets TEXT NOT NULL DEFAULT '{}';
 ALTER TABLE jobs ADD COLUMN resources TEXT NOT NULL DEFAULT '{}';
 """
 MIGRATIONS = {0: SCHEMA_V1, 1: SCHEMA_V2, 2: SCHEMA_V3, 3: SCHEMA_V4, 4: SCHEMA_V5}
-JSON_FIELDS = ("config", "summary", "result", "metrics", "data", "resources")
 ARTIFACT_KINDS = {"analyses": "analyses", "jobs": "jobs"}  # table -> folder of artifacts/ holding ID/
 _PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-JOB_STATES = ("queued", "starting", "running", "done", "failed", "cancelled")
 
 
 class StoreError(SospError):
@@ -87,20 +86,10 @@ def event_offsets(job: dict) -> dict[str, int]:
 
 
 def _rows(cursor: sqlite3.Cursor) -> list[dict]:
-    """Records as dicts with their JSON fields decoded; a field that is not JSON marks its record `damaged`."""
+    """Records as dicts with their JSON fields decoded; a field that is oversized or not JSON marks its record
+    `damaged`."""
     names = [c[0] for c in cursor.description]
-    out = []
-    for row in cursor.fetchall():
-        record = dict(zip(names, row))
-        for key in JSON_FIELDS:
-            if isinstance(record.get(key), str):
-                try:
-                    record[key] = json.loads(record[key])
-                except ValueError as exc:
-                    record[key] = None
-                    record.setdefault("damaged", f"its {key} is not JSON ({exc})")
-        out.append(record)
-    return out
+    return [decoded(dict(zip(names, row))) for row in cursor.fetchall()]
 
 
 def _inside(path: str | Path, folder: Path) -> bool:
@@ -132,6 +121,7 @@ class Store:
             self.artifacts.mkdir(exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the workspace '{self.root}': {exc.strerror or exc}") from None
+        self._selects: dict[str, str] = {}
         self._migrate()
 
     @contextmanager
@@ -211,6 +201,14 @@ class Store:
         with self.connection() as conn:
             conn.execute("PRAGMA journal_mode = WAL")
 
+    def _columns(self, table: str) -> str:
+        """The bounded SELECT list of a table (see rows.bounded_columns), read from the database once."""
+        if table not in self._selects:
+            with self.connection() as conn:
+                names = [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+            self._selects[table] = bounded_columns(table, names)
+        return self._selects[table]
+
     @property
     def schema_version(self) -> int:
         with self.connection() as conn:
@@ -245,7 +243,11 @@ class Store:
         """Every readable analysis record, newest first; unreadable ones are named in `damaged` instead."""
         with self.connection() as conn:
             return self._sound(
-                "analyses", _rows(conn.execute("SELECT * FROM analyses ORDER BY created DESC")), damaged
+                "analyses",
+                _rows(
+                    conn.execute(f"SELECT {self._columns('analyses')} FROM analyses ORDER BY created DESC")
+                ),
+                damaged,
             )
 
     def _sound(self, table: str, records: list[dict], damaged: list[str] | None) -> list[dict]:
@@ -253,7 +255,7 @@ class Store:
         in `damaged` ("ID: why"), never acted on: a stored row is data, and an edited one must not steer a path."""
         sound = []
         for record in records:
-            why = record.get("damaged") or self._path_trouble(table, record)
+            why = record.get("damaged") or row_fault(table, record) or self._path_trouble(table, record)
             if why:
                 if damaged is not None:
                     damaged.append(f"{record.get('id')}: {why}")
@@ -280,7 +282,9 @@ class Store:
 
     def _one(self, table: str, what: str, record_id: str) -> dict:
         with self.connection() as conn:
-            rows = _rows(conn.execute(f"SELECT * FROM {table} WHERE id = ?", (record_id,)))
+            rows = _rows(
+                conn.execute(f"SELECT {self._columns(table)} FROM {table} WHERE id = ?", (record_id,))
+            )
         if not rows:
             raise StoreError(f"no {what} with id '{record_id}' in {self.root}")
         damaged: list[str] = []
@@ -319,9 +323,11 @@ class Store:
             )
         return record_id
 
-    def models(self) -> list[dict]:
+    def models(self, damaged: list[str] | None = None) -> list[dict]:
+        """Every readable trained-model record, newest first; unreadable ones are named in `damaged` instead."""
         with self.connection() as conn:
-            return _rows(conn.execute("SELECT * FROM models ORDER BY created DESC"))
+            rows = _rows(conn.execute(f"SELECT {self._columns('models')} FROM models ORDER BY created DESC"))
+        return self._sound("models", rows, damaged)
 
     # jobs ---------------------------------------------------------------------------------------------------
     def add_job(
@@ -369,9 +375,14 @@ class Store:
         `damaged` as "ID: why"."""
         with self.connection() as conn:
             if status:
-                rows = _rows(conn.execute("SELECT * FROM jobs WHERE status = ? ORDER BY created", (status,)))
+                rows = _rows(
+                    conn.execute(
+                        f"SELECT {self._columns('jobs')} FROM jobs WHERE status = ? ORDER BY created",
+                        (status,),
+                    )
+                )
             else:
-                rows = _rows(conn.execute("SELECT * FROM jobs ORDER BY created DESC"))
+                rows = _rows(conn.execute(f"SELECT {self._columns('jobs')} FROM jobs ORDER BY created DESC"))
         return self._sound("jobs", rows, damaged)
 
     def update_job(self, record_id: str, **fields: Any) -> None:
@@ -393,16 +404,11 @@ class Store:
                 (backend,),
             ).fetchone()[0]
             free = max(0, limit - running)
-            rows = self._sound(
-                "jobs",
-                _rows(
-                    conn.execute(
-                        "SELECT * FROM jobs WHERE status = 'queued' AND backend = ? ORDER BY created LIMIT ?",
-                        (backend, free),
-                    )
-                ),
-                None,
+            queued = conn.execute(
+                f"SELECT {self._columns('jobs')} FROM jobs WHERE status = 'queued' AND backend = ? ORDER BY created",
+                (backend,),
             )
+            rows = self._sound("jobs", _rows(queued), None)[:free]  # a damaged row never holds up the queue
             now = time.time()
             for row in (
                 rows
@@ -461,7 +467,13 @@ class Store:
 
     def metrics(self, job_id: str) -> list[dict]:
         with self.connection() as conn:
-            return _rows(conn.execute("SELECT * FROM metrics WHERE job_id = ? ORDER BY time", (job_id,)))
+            rows = _rows(
+                conn.execute(
+                    f"SELECT {self._columns('metrics')} FROM metrics WHERE job_id = ? ORDER BY time",
+                    (job_id,),
+                )
+            )
+        return [m for m in rows if not m.get("damaged") and isinstance(m["data"], dict)]
 
     # deletion ---------------------------------------------------------------------------------------------------
     def delete(self, kind: str, record_id: str, confirm: bool = False) -> list[str]:
@@ -474,7 +486,9 @@ class Store:
             )
         table = {"analysis": "analyses", "job": "jobs"}[kind]
         with self.connection() as conn:
-            rows = _rows(conn.execute(f"SELECT * FROM {table} WHERE id = ?", (record_id,)))
+            rows = _rows(
+                conn.execute(f"SELECT {self._columns(table)} FROM {table} WHERE id = ?", (record_id,))
+            )
         if not rows:
             raise StoreError(f"no {kind} with id '{record_id}' in {self.root}")
         record = rows[0]

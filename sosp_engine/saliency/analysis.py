@@ -21,7 +21,7 @@ from ..latency.layers import measure_layer_latency
 from ..latency.profile import LATENCY_UNIT, LatencyProfile
 from ..latency.runtimes import EAGER, check_runtime
 from ..nets import weights_fingerprint
-from ..nets.setup import ModelSetup, config_from_dict
+from ..nets.setup import ModelSetup, config_from_dict, stored_config
 from ..progress import ProgressFn, StopFn, check_cancel, report
 from ..pruning.exactness import cached_exactness
 from ..pruning.rounding import rounded_order, rounded_stops
@@ -44,6 +44,7 @@ MC_AUTO_OUTPUTS = 100
 MC_AUTO_LABELS = 16
 
 
+@stored_config
 @dataclass
 class AnalysisOptions:
     """How an analysis ranks structures, for any model: the method and its settings. Experiments and studies nest
@@ -99,6 +100,7 @@ class AnalysisOptions:
             )
 
 
+@stored_config
 @dataclass
 class AnalysisConfig(AnalysisOptions):
     """Everything that determines an analysis, stored with its result: the options and the model setup."""
