@@ -92,27 +92,27 @@ sys.path.insert(0, {root!r})
 from sosp_engine.runs.store import Store
 store = Store({ws!r})
 for i in range(300):
-    store.update_job({job!r}, progress=i / 300, message=f"step {{i}}", config={{"step": i, "payload": "x" * 2000}})
+    store.update_job({job!r}, progress=i / 300, message=f"step {{i}}", config={{"label": f"{{i}} " + "x" * 2000}})
     store.add_metrics({job!r}, "train", i, {{"step": i}})
 """
 
 
 def test_a_concurrent_reader_never_sees_a_torn_record(tmp_path):
     store = Store(tmp_path)
-    job = store.add_job("train", "t", {"step": -1, "payload": ""})
+    job = store.add_job("train", "t", {"label": "-1 "})
     writer = subprocess.Popen(
         [sys.executable, "-c", WRITER.format(root=str(ROOT), ws=str(tmp_path), job=job)]
     )
     reads = 0
     while writer.poll() is None or reads < 5:
         record = store.job(job)
-        step = record["config"]["step"]
+        step = int(record["config"]["label"].split()[0])
         if step >= 0:
             assert record["message"] == f"step {step}" and record["progress"] == pytest.approx(step / 300)
         steps = [m["data"]["step"] for m in store.metrics(job)]
         assert steps == list(range(len(steps)))
         reads += 1
-    assert writer.returncode == 0 and store.job(job)["config"]["step"] == 299
+    assert writer.returncode == 0 and store.job(job)["config"]["label"].startswith("299 ")
 
 
 def test_deleting_a_job_leaves_its_run_folder_under_the_shared_artifacts_folder_and_says_so(tmp_path):
