@@ -7,7 +7,8 @@ import pandas as pd
 import streamlit as st
 
 from app.charts import accuracy_vs_size
-from app.export import export_buttons, file_slug, safe_csv
+from app.export import export_buttons, file_slug
+from sosp_engine.shown import safe_csv
 from app.guard import user_errors
 from app.report import analysis_report
 from app.state import workspace

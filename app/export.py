@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app.text import plain, text_only
+from sosp_engine.shown import safe_csv
 
 
 @st.cache_data(show_spinner="Rendering the image ...", max_entries=64)
@@ -26,17 +27,6 @@ def file_slug(name: str) -> str:
     """A file name from a human title: letters, digits, '.', '_' and '-' only (an analysis name, a ratio, a unit)."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name.replace("%", "pct")).strip("-.")
     return slug[:120] or "export"
-
-
-def safe_csv(data: pd.DataFrame) -> str:
-    """CSV text with cells that a spreadsheet would run as a formula (= + - @ tab CR first) prefixed by a quote."""
-
-    def neutral(value: object) -> object:
-        if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-            return "'" + value
-        return value
-
-    return data.map(neutral).to_csv(index=False)
 
 
 def chart_html(fig: go.Figure) -> str:

@@ -8,7 +8,8 @@ import streamlit as st
 
 from app.charts import study_accuracy
 from app.expand_study_view import expand_study_view
-from app.export import export_buttons, file_slug, safe_csv
+from app.export import export_buttons, file_slug
+from sosp_engine.shown import safe_csv
 from app.guard import user_errors
 from app.placement import current_placement, placement_caption
 from app.report import analysis_report

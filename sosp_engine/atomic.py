@@ -12,6 +12,7 @@ import shutil
 import sys
 import zipfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -23,7 +24,11 @@ MAX_EXPANSION = 20  # declared bytes per stored byte; torch.save stores tensors 
 FULL_BELOW_BYTES = 1 << 20
 
 
-class DiskFullError(SospError):
+class WriteError(SospError, OSError):
+    """A file could not be written (nothing half-written is left behind); the message names the file."""
+
+
+class DiskFullError(WriteError):
     """The disk filled up while an artifact was written (nothing half-written is left behind)."""
 
 
@@ -45,19 +50,34 @@ def file_digest(path: Path) -> str:
 
 def write_json_atomically(path: str | Path, value: object) -> None:
     """`value` as JSON at `path`, whole or not at all (a reader never sees half a file; writers do not collide)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
+    text = json.dumps(value, indent=1).encode()
+    _write_whole(Path(path), lambda fh: fh.write(text))
 
 
 def write_bytes_atomically(path: str | Path, data: bytes) -> Path:
     """`data` at `path`, whole or not at all (its folder is made where missing)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    return _write_whole(path, lambda fh: fh.write(data))
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """`text` at `path`, whole or not at all (its folder is made where missing)."""
+    return write_bytes_atomically(path, text.encode())
+
+
+def _write_whole(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """`write` into a temporary file beside `path`, then rename it there; on a failure the partial file is removed
+    and the error names `path` (the name the user gave), never the temporary one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        raise _write_error(exc, path, tmp) from None
     return path
 
 
@@ -99,6 +119,35 @@ def save_atomically(obj: object, path: str | Path, keep_previous: bool = False) 
     return path
 
 
+def finish_interrupted_save(path: str | Path) -> None:
+    """Bring a `save_atomically` that was killed between its steps to an end, from whichever state it left: a
+    temporary file whose checksum matches is the newest whole checkpoint and takes its place; a checksum left beside
+    no file goes with the file it belongs to; a partial temporary file is removed."""
+    path = Path(path)
+    tmp, previous = path.with_name(path.name + ".tmp"), previous_path(path)
+    tmp_sum = checksum_path(tmp)
+    if not path.is_file() and previous.is_file() and _matches(previous, checksum_path(path)):
+        checksum_path(path).replace(
+            checksum_path(previous)
+        )  # killed between moving the file and its checksum aside
+    if tmp.is_file() and _matches(tmp, tmp_sum):
+        if path.is_file() and checksum_path(path).is_file():
+            path.replace(previous)
+            checksum_path(path).replace(checksum_path(previous))
+        tmp.replace(path)
+    if tmp_sum.is_file() and path.is_file() and not checksum_path(path).is_file() and _matches(path, tmp_sum):
+        tmp_sum.replace(checksum_path(path))  # killed between renaming the file and its checksum
+    for partial in (tmp, tmp_sum):
+        partial.unlink(missing_ok=True)
+
+
+def _matches(path: Path, checksum: Path) -> bool:
+    try:
+        return checksum.is_file() and checksum.read_text().strip() == file_digest(path)
+    except OSError:
+        return False
+
+
 def _write_error(exc: Exception, path: Path, tmp: Path) -> Exception:
     """The error to raise for a failed write, after removing the partial file: a full disk and a file size limit are
     said in words (torch's zip writer reports both as "unexpected pos ...")."""
@@ -115,7 +164,15 @@ def _write_error(exc: Exception, path: Path, tmp: Path) -> Exception:
             f"the file size limit (ulimit -f: {limit:,} bytes) stopped writing {path} after "
             f"{written:,} bytes: raise it (ulimit -f unlimited), then resume"
         )
-    return exc
+    return WriteError(f"cannot write '{path}': {_reason(exc)}")
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, IsADirectoryError):
+        return "it is a folder; give a file name"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
 
 
 def _disk_full(exc: Exception, folder: Path) -> bool:
@@ -195,7 +252,7 @@ def load_with_fallback(path: str | Path, map_location: str | torch.device = "cpu
     path = Path(path)
     try:
         return load_verified(path, map_location)
-    except CheckpointError as newest:
+    except (CheckpointError, FileNotFoundError) as newest:  # missing: a kill left only the one before it
         previous = previous_path(path)
         if not previous.is_file():
             raise CheckpointError(

@@ -93,7 +93,7 @@ def test_the_dashboard_refuses_foreign_host_names():
 
 def test_csv_exports_neutralise_formulas():
     import pandas as pd
-    from app.export import safe_csv
+    from sosp_engine.shown import safe_csv
 
     text = safe_csv(
         pd.DataFrame({"layer": ['=HYPERLINK("http://x")', "conv1", "+1", "@a"], "v": [1, 2, 3, 4]})

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nets.data import DataBundle
-from ..atomic import load_with_fallback, save_atomically
+from ..atomic import finish_interrupted_save, load_with_fallback, previous_path, save_atomically
 from ..devices import deterministic_kernels
 from ..nets.setup import stored_config
 from ..errors import SospError
@@ -252,7 +252,10 @@ def _resume(
     ckpt_path: Path | None, device, model: nn.Module, optimizer, scheduler, result: TrainResult
 ) -> int:
     """Load the epoch checkpoint where there is one (weights, optimizer, schedule, history); the epoch to go on at."""
-    if ckpt_path is None or not ckpt_path.is_file():
+    if ckpt_path is None:
+        return 0
+    finish_interrupted_save(ckpt_path)
+    if not ckpt_path.is_file() and not previous_path(ckpt_path).is_file():
         return 0
     state = load_with_fallback(ckpt_path, device)
     model.load_state_dict(state["model"])

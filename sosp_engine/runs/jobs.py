@@ -22,7 +22,7 @@ from ..progress import Cancelled
 from .backends import local
 from .consent import consent_for, require_job_consent
 from .store import Store, StoreError
-from .work import LogLines, execute, record_outputs, throttled
+from .work import FAILED_PREFIX, LogLines, execute, failure_in_log, record_outputs, throttled
 
 HEARTBEAT_SECONDS = 2.0
 STALE_AFTER_SECONDS = 20.0
@@ -259,11 +259,15 @@ def mark_stale_jobs(store: Store) -> list[str]:
         ):
             continue  # being launched right now (a claim time in the future is a stepped clock or an edited row)
         if is_stale(job):
+            cause = failure_in_log(store, job["id"])
             store.update_job(
                 job["id"],
                 status="failed",
                 finished=time.time(),
-                error="the job's process died (no heartbeat); resume it to continue from its last checkpoint",
+                error=f"{cause} (the store could not take this error when it happened; resume the job once the "
+                "cause is fixed)"
+                if cause
+                else "the job's process died (no heartbeat); resume it to continue from its last checkpoint",
             )
             marked.append(job["id"])
     return marked
@@ -351,7 +355,7 @@ def _record_failure(store: Store, job_id: str, error: str, tries: int = 5) -> in
             return 1
         except SospError:
             time.sleep(0.5 * (attempt + 1))
-    print(f"failed: {error}", flush=True)
+    print(f"{FAILED_PREFIX}{error}", flush=True)
     return 1
 
 

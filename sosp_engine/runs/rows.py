@@ -154,7 +154,9 @@ def _config_fault(table: str, record: dict) -> str | None:
     if kind is None:
         return f"its kind {_shown(record.get('kind'))} is not a kind of job this version runs"
     stored = record["config"]
-    if kind is ExperimentConfig and isinstance(stored, dict):  # the row's kind names the procedure of the oldest rows
+    if kind is ExperimentConfig and isinstance(
+        stored, dict
+    ):  # the row's kind names the procedure of the oldest rows
         stored = {"procedure": record["kind"], **stored}
     try:
         config = config_from_dict(kind, stored)

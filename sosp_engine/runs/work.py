@@ -18,16 +18,29 @@ from .records import store_analysis
 from .store import Store, run_folder
 
 LOG_EVERY_SECONDS = 10.0  # progress lines in a job's log between epoch lines
+FAILED_PREFIX = "failed: "  # a job process's last words when the store cannot take them
+LOG_TAIL_BYTES = 1 << 20
 LOG_NAME = "job.log"
 STUDY_KINDS = (STUDY_KIND, EXPAND_STUDY_KIND)  # jobs that run a grid of units, not one procedure
 
 
 def read_log(store: Store, job_id: str, tail: int = 200) -> str:
-    """The last `tail` lines of a job's log."""
+    """The last `tail` lines of a job's log (read from its last MiB only, however long the log grew)."""
     path = Path(store.job(job_id)["path"]) / LOG_NAME
-    if not path.exists():
+    if not path.is_file():
         return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-tail:])
+    with open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
+        text = fh.read().decode(errors="replace")
+    return "\n".join(text.splitlines()[-tail:])
+
+
+def failure_in_log(store: Store, job_id: str) -> str | None:
+    """The error a job's process wrote to its log when it could not record it in the store (a full disk), or None."""
+    lines = [
+        line for line in read_log(store, job_id, tail=400).splitlines() if line.startswith(FAILED_PREFIX)
+    ]
+    return lines[-1].removeprefix(FAILED_PREFIX) if lines else None
 
 
 class LogLines:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ..store import Store, StoreError
-from ..work import LOG_NAME, read_log
+from ..work import LOG_NAME, failure_in_log, read_log
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[3]  # the folder holding sosp_engine/
 
@@ -42,7 +42,7 @@ def _reap(store: Store, job_id: str, proc: subprocess.Popen) -> None:
     try:
         job = store.job(job_id)
         if job["status"] in ("starting", "running") and job.get("pid") == proc.pid:
-            last = (read_log(store, job_id, tail=1) or "no output").strip()
+            last = failure_in_log(store, job_id) or (read_log(store, job_id, tail=1) or "no output").strip()
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
             store.update_job(
                 job_id,

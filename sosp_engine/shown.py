@@ -1,0 +1,36 @@
+"""Text from stored rows, files and models, neutralised for the medium that shows it: a terminal never obeys a
+name's escape sequences or bidi overrides, a spreadsheet never runs a cell as a formula."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+# C0 and C1 controls, DEL, and the characters that reorder or hide text (bidi embeddings, overrides, isolates, marks)
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def terminal_text(text: object) -> str:
+    """`text` with every control, bidi and invisible character written as its escape (`\\x1b`, `\\u202e`), so what a
+    terminal or a page shows is what is stored."""
+    return _UNSHOWABLE.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), str(text))
+
+
+def csv_cell(value: object) -> object:
+    """A cell a spreadsheet would run as a formula (= + - @ tab CR first) prefixed by a quote; others as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def safe_csv(data: pd.DataFrame) -> str:
+    """CSV text of a table whose text cells are never formulas (see csv_cell)."""
+    return data.map(csv_cell).to_csv(index=False)
+
+
+def write_safe_csv(data: pd.DataFrame, path: str | Path) -> None:
+    """Write a table as CSV with formula-safe cells (see csv_cell)."""
+    Path(path).write_text(safe_csv(data))
