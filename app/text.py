@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from sosp_engine.shown import terminal_text
+
 # what makes links, images, HTML, emphasis, code, tables, maths and icons (`:material/x:`) anywhere
 _INLINE = re.compile(r"([\\`*_{}\[\]<>!|~$:])")
 # GFM turns bare http://..., www.... and a@b.c into links whatever is escaped: an invisible word joiner breaks them
@@ -14,7 +16,7 @@ _BLOCK = re.compile(r"(?m)^(\s*)([#+\-=]|\d+(?=[.)]))")  # headings, lists, rule
 
 def plain(text: object) -> str:
     """`text` with every markdown / HTML control character escaped, so st.markdown-like calls show it as typed."""
-    escaped = _INLINE.sub(r"\\\1", str(text))
+    escaped = _INLINE.sub(r"\\\1", terminal_text(text, keep_newlines=True))
     escaped = _AUTOLINK.sub(lambda m: m.group(1) + WORD_JOINER, escaped)
     return _BLOCK.sub(
         lambda m: m.group(0) + "\\" if m.group(2)[0].isdigit() else m.group(1) + "\\" + m.group(2), escaped

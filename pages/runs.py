@@ -25,7 +25,10 @@ store = workspace()
 mark_stale_jobs(store)
 
 st.subheader("Analyses")
-analyses = store.analyses()
+damaged_analyses: list[str] = []
+analyses = store.analyses(damaged=damaged_analyses)
+for line in damaged_analyses:
+    st.warning(plain(f"Damaged analysis record {line}. It is not listed or opened; the others are."))
 if analyses:
     st.dataframe(analyses_frame(analyses), hide_index=True)
     with st.expander("Rename or delete an analysis"):

@@ -7,8 +7,10 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import resource
 import shutil
+import stat
 import sys
 import zipfile
 from pathlib import Path
@@ -22,6 +24,7 @@ CHECKSUM_SUFFIX = ".sha256"
 PREVIOUS_SUFFIX = ".prev"
 MAX_EXPANSION = 20  # declared bytes per stored byte; torch.save stores tensors uncompressed (about 1x)
 FULL_BELOW_BYTES = 1 << 20
+MAX_JSON_FILE_BYTES = 64 << 20  # a state or analysis file of the project's own
 
 
 class WriteError(SospError, OSError):
@@ -30,6 +33,50 @@ class WriteError(SospError, OSError):
 
 class DiskFullError(WriteError):
     """The disk filled up while an artifact was written (nothing half-written is left behind)."""
+
+
+class NotAFileError(SospError, OSError):
+    """A path that should hold a file is a FIFO, a device, a socket or a folder; it is named, never opened."""
+
+
+_KINDS = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """`path` opened for reading when it is a regular file (links followed); anything else is refused by name. The
+    open itself never waits: it does not block on a FIFO that was swapped in after any earlier check."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except IsADirectoryError:
+        raise NotAFileError(f"'{path}' is a folder, not a file") from None
+    try:
+        kind = stat.S_IFMT(os.fstat(fd).st_mode)
+        if kind != stat.S_IFREG:
+            raise NotAFileError(
+                f"'{path}' is {_KINDS.get(kind, 'not a regular file')}, not a file: give a file"
+            )
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: str | Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (see open_regular); a larger one is refused unread."""
+    with open_regular(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > limit:
+            raise SospError(
+                f"'{path}' is {size:,} bytes, more than the {limit:,} such a file can need; not read"
+            )
+        return fh.read(limit + 1)[:limit]
 
 
 def checksum_path(path: Path) -> Path:
@@ -42,7 +89,7 @@ def previous_path(path: Path) -> Path:
 
 def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -84,8 +131,8 @@ def _write_whole(path: Path, write: Callable[[BinaryIO], object]) -> Path:
 def read_json(path: str | Path) -> dict:
     """The JSON object `write_json_atomically` wrote at `path`, or {} where there is none (yet) or it is not one."""
     try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        value = json.loads(read_regular(path, MAX_JSON_FILE_BYTES))
+    except (OSError, ValueError, SospError):
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -188,16 +235,17 @@ def _disk_full(exc: Exception, folder: Path) -> bool:
 def check_declared_size(path: Path, budget: int) -> None:
     """Refuse a torch file whose zip directory declares more bytes than it could hold or than `budget` (a zip bomb
     takes gigabytes to unpack from a megabyte); read before anything is unpacked."""
-    if not zipfile.is_zipfile(path):
-        return
-    try:
-        with zipfile.ZipFile(path) as archive:
-            declared = sum(info.file_size for info in archive.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"'{path}' is a damaged zip archive ({exc}); it is not a loadable torch file"
-        ) from None
-    stored = path.stat().st_size
+    with open_regular(path) as fh:
+        if not zipfile.is_zipfile(fh):
+            return
+        try:
+            with zipfile.ZipFile(fh) as archive:
+                declared = sum(info.file_size for info in archive.infolist())
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"'{path}' is a damaged zip archive ({exc}); it is not a loadable torch file"
+            ) from None
+        stored = os.fstat(fh.fileno()).st_size
     if declared > MAX_EXPANSION * stored + (1 << 20):
         raise CheckpointError(
             f"'{path}' declares {declared:,} bytes unpacked from {stored:,} on disk (more than "
@@ -237,13 +285,23 @@ def load_verified(
     check_declared_size(path, budget)
     verify_checksum(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
+        with open_regular(path) as fh:
+            return torch.load(fh, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, NotAFileError):
         raise
-    except Exception as exc:
+    except pickle.UnpicklingError as exc:
+        if "This file can still be loaded" not in str(exc):  # torch's words for a pickle it read but refused
+            raise CheckpointError(
+                f"'{path}' is not a file torch.load can read (not a torch checkpoint, or a damaged one)"
+            ) from None
         raise CheckpointError(
-            f"'{path}' cannot be read as a torch file ({type(exc).__name__}: "
-            f"{(str(exc).splitlines() or [''])[0][:200]})"
+            f"'{path}' holds Python objects besides tensors (a whole pickled model?), which loading with "
+            "weights_only=True refuses because unpickling them could run code; save the weights file with "
+            "torch.save(model.state_dict(), path)"
+        ) from None
+    except Exception:
+        raise CheckpointError(
+            f"'{path}' is not a file torch.load can read (not a torch checkpoint, or a damaged one)"
         ) from None
 
 

@@ -8,15 +8,20 @@ from pathlib import Path
 
 import pandas as pd
 
+from .atomic import write_text_atomically
+
 # C0 and C1 controls, DEL, and the characters that reorder or hide text (bidi embeddings, overrides, isolates, marks)
-_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+_HIDDEN = "\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
+_UNSHOWABLE = re.compile(f"[\x00-\x1f{_HIDDEN}]")
+_UNSHOWABLE_IN_LINES = re.compile(f"[\x00-\x09\x0b-\x1f{_HIDDEN}]")  # a page may break lines
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-def terminal_text(text: object) -> str:
+def terminal_text(text: object, keep_newlines: bool = False) -> str:
     """`text` with every control, bidi and invisible character written as its escape (`\\x1b`, `\\u202e`), so what a
-    terminal or a page shows is what is stored."""
-    return _UNSHOWABLE.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), str(text))
+    terminal or a page shows is what is stored (a page may keep its line breaks)."""
+    pattern = _UNSHOWABLE_IN_LINES if keep_newlines else _UNSHOWABLE
+    return pattern.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), str(text))
 
 
 def csv_cell(value: object) -> object:
@@ -32,5 +37,5 @@ def safe_csv(data: pd.DataFrame) -> str:
 
 
 def write_safe_csv(data: pd.DataFrame, path: str | Path) -> None:
-    """Write a table as CSV with formula-safe cells (see csv_cell)."""
-    Path(path).write_text(safe_csv(data))
+    """Write a table as CSV with formula-safe cells (see csv_cell), whole or not at all."""
+    write_text_atomically(path, safe_csv(data))

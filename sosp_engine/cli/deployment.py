@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..shown import write_safe_csv
 from ..devices import resolve_device
 from ..errors import SospError
 from .args import add_code_consent_arg, parse_numbers
@@ -83,7 +84,7 @@ def cmd_deployment(args: argparse.Namespace) -> dict | None:
     progress_line(efficiency_summary(table).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     if args.out and Path(args.out).suffix.lower() == ".csv":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out, index=False)
+        write_safe_csv(table, args.out)
         progress_line(f"wrote {args.out}")
         return None
     return {"rows": table.to_dict("records"), "summary": efficiency_summary(table).to_dict("records")}

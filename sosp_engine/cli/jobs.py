@@ -18,7 +18,8 @@ from .args import (
     open_store,
     placement_from,
 )
-from .output import progress_line
+from ..shown import terminal_text
+from .output import print_damaged, progress_line
 
 
 def add_jobs_parser(sub: argparse._SubParsersAction) -> None:
@@ -78,14 +79,12 @@ def cmd_jobs_list(args: argparse.Namespace) -> None:
     for job in store.jobs(damaged=damaged):
         where = job["backend"] + (f" on {job['node']}" if job["node"] else "")
         print(
-            f"{job['id']}  {job['status']:<10} {job['progress']:6.1%}  {job['kind']:<13} {where:<24} {job['name']}  "
-            f"{job['message']}"
+            terminal_text(
+                f"{job['id']}  {job['status']:<10} {job['progress']:6.1%}  {job['kind']:<13} {where:<24} "
+                f"{job['name']}  {job['message']}"
+            )
         )
-    for line in damaged:
-        progress_line(
-            f"warning: job record {line}; it is not listed, run or resumed (jobs delete ID --yes removes "
-            "the record)"
-        )
+    print_damaged("job", damaged)
 
 
 def cmd_jobs_show(args: argparse.Namespace) -> dict:

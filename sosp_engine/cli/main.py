@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 
+from ..shown import write_safe_csv
 from ..saliency.analysis import AnalysisConfig, AnalysisResult, run_analysis
 from ..experiments.bottlenecks import LEVELS, RULES, explain, find_bottlenecks
 from ..experiments.procedures import Experiment
@@ -376,7 +377,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     mask = result.mask(wb.structures, args.ratio, args.unit, latency)
     save_mask(out / "mask.json", wb.structures, mask, method=args.method, ratio=args.ratio, unit=args.unit)
     table = layer_table(wb.structures, mask)
-    table.to_csv(out / "layers.csv", index=False)
+    write_safe_csv(table, out / "layers.csv")
     print_mask(table, mask_summary(wb.structures, mask))
     print(exactness_line(result.exactness))
     if latency is not None:

@@ -6,10 +6,24 @@ import json
 import sys
 from pathlib import Path
 
+from ..shown import terminal_text
+
 
 def progress_line(message: str) -> None:
     """One progress line on stderr (stdout is kept for results)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def print_damaged(what: str, damaged: list[str]) -> None:
+    """Each damaged record as one row of the listing (its id and the field at fault); the other rows stand."""
+    for line in damaged:
+        record_id, _, why = line.partition(": ")
+        print(terminal_text(f"{record_id}  damaged    {why}"))
+        progress_line(
+            terminal_text(
+                f"warning: {what} record {record_id} is not used ({what}s delete {record_id} --yes removes it)"
+            )
+        )
 
 
 def emit(result: dict, out: str | None) -> None:

@@ -7,6 +7,7 @@ import argparse
 import pandas as pd
 from pathlib import Path
 
+from ..shown import write_safe_csv
 from ..saliency.analysis import AnalysisResult
 from .args import add_code_consent_arg
 from .output import ProgressLine, progress_line
@@ -123,7 +124,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict | None:
     )
     if args.out and Path(args.out).suffix.lower() == ".csv":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        curve.table.to_csv(args.out, index=False)
+        write_safe_csv(curve.table, args.out)
         progress_line(f"wrote {args.out}")
         return None
     return curve.to_json()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..shown import write_safe_csv
 from ..saliency.methods import METHODS
 from ..nets.setup import config_from_dict
 from .args import (
@@ -24,8 +25,9 @@ from .args import (
     parse_widen,
     placement_from,
 )
-from .output import progress_line
-from ..errors import SospError
+from .output import print_damaged, progress_line
+from ..shown import terminal_text
+from ..errors import SospError, one_line_error
 from ..experiments.expand_study import (
     EXPAND_PROCEDURES,
     EXPAND_STUDY_KIND,
@@ -185,15 +187,30 @@ def _study(args: argparse.Namespace) -> tuple[Store, dict]:
 def cmd_study_list(args: argparse.Namespace) -> None:
     store = Store(args.workspace)
     mark_stale_jobs(store)
-    for job in store.jobs():
-        if job["kind"] == STUDY_KIND:
-            total = len(config_from_dict(StudyConfig, job["config"]).cells)
-            print(f"{job['id']}  {job['status']:<10} {len(study_cells(job))}/{total} cells  {job['name']}")
-        elif job["kind"] == EXPAND_STUDY_KIND:
-            total = len(config_from_dict(ExpandStudyConfig, job["config"]).runs)
-            print(
-                f"{job['id']}  {job['status']:<10} {len(expand_state(job)['runs'])}/{total} runs   {job['name']}"
-            )
+    damaged: list[str] = []
+    for job in store.jobs(damaged=damaged):
+        if job["kind"] not in STUDY_KINDS:
+            continue
+        try:
+            print(terminal_text(study_line(job)))
+        except (
+            SospError,
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+        ) as exc:  # its files, not its row, are bad
+            damaged.append(f"{job['id']}: its run folder cannot be read ({one_line_error(exc)})")
+    print_damaged("study", damaged)
+
+
+def study_line(job: dict) -> str:
+    """One study's line of `study list`: id, status, cells or runs done of all, name."""
+    if job["kind"] == STUDY_KIND:
+        total = len(config_from_dict(StudyConfig, job["config"]).cells)
+        return f"{job['id']}  {job['status']:<10} {len(study_cells(job))}/{total} cells  {job['name']}"
+    total = len(config_from_dict(ExpandStudyConfig, job["config"]).runs)
+    return f"{job['id']}  {job['status']:<10} {len(expand_state(job)['runs'])}/{total} runs   {job['name']}"
 
 
 def study_records(job: dict) -> tuple[list[dict], pd.DataFrame, dict]:
@@ -230,7 +247,7 @@ def cmd_study_export(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
-        table.to_csv(out, index=False)
+        write_safe_csv(table, out)
     else:
         key = "runs" if job["kind"] == EXPAND_STUDY_KIND else "cells"
         out.write_text(

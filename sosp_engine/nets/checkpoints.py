@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..atomic import load_verified
+from ..atomic import NotAFileError, load_verified
 from ..errors import CheckpointError
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
@@ -35,22 +36,25 @@ def _unwrap(obj: object) -> dict[str, torch.Tensor]:
     return tensors
 
 
+ACCEPTED_CHECKPOINTS = (
+    "Accepted: a state_dict saved with torch.save (bare, {'state_dict': ...} or {'model': ...}, 'module.' "
+    "prefixes allowed) or a pruned checkpoint written by prune --save, finetune --save or the Ratios page"
+)
+
+
 def read_checkpoint(path: str | Path) -> object:
     """The object stored in a checkpoint file, read with `weights_only=True` (no code runs)."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        raise CheckpointError(
-            f"checkpoint '{path}' is a folder: give the weights file inside it (.pt / .pth)"
-        )
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
         return load_verified(path)
+    except NotAFileError as exc:
+        raise CheckpointError(f"checkpoint {exc} (.pt / .pth)") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint '{path}' is a link to a file that does not exist") from None
     except CheckpointError as exc:
-        raise CheckpointError(
-            f"{exc}: it is not a loadable weights file. Only plain state_dicts are accepted; save with "
-            "torch.save(model.state_dict(), path)"
-        ) from None
+        raise CheckpointError(f"{exc}. {ACCEPTED_CHECKPOINTS}") from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

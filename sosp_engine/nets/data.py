@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from ..atomic import NotAFileError, open_regular, read_regular
 from ..errors import DataSpecError
 
 DIGITS_SIZE = 16
@@ -18,6 +19,7 @@ CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 
 CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
 SYNTHETIC_TRAIN = 256
 SYNTHETIC_MAX = 100_000
+MAX_CIFAR_BATCH_BYTES = 256 << 20  # a CIFAR python batch is about 31 MB
 MAX_IMAGE_PIXELS = 64_000_000  # an image folder's image, before it is decoded (~190 MB as RGB)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -142,7 +144,9 @@ class CifarUnpickler(pickle.Unpickler):
 
 def _read_pickle(path: Path) -> dict:
     try:
-        batch = CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+        batch = CifarUnpickler(
+            io.BytesIO(read_regular(path, MAX_CIFAR_BATCH_BYTES)), encoding="latin1"
+        ).load()
     except Exception as exc:
         raise DataSpecError(f"cannot read CIFAR batch '{path}': {str(exc)[:200]}") from None
     if not isinstance(batch, dict) or "data" not in batch:
@@ -236,7 +240,7 @@ def _image(path: str):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             image = Image.open(fh)  # reads the header only: the declared size is checked before decoding
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise DataSpecError(
@@ -244,6 +248,8 @@ def _image(path: str):
                     f"more than {MAX_IMAGE_PIXELS:,}: shrink or remove it"
                 )
             return image.convert("RGB")
+    except NotAFileError as exc:
+        raise DataSpecError(f"{exc}; it is in the image folder: remove it") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise DataSpecError(
             f"'{path}' in the image folder is not a readable image ({type(exc).__name__}): "

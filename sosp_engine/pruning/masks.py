@@ -11,7 +11,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..errors import MaskError
+from ..atomic import NotAFileError, read_regular
+from ..errors import MaskError, SospError
 from .structures import TRANSPOSED_TYPES, StructureSet, architecture_signature, build_graph, output_axis
 
 MASK_FORMAT = "sosp-mask/1"
@@ -222,14 +223,14 @@ def save_mask(path: str | Path, structures: StructureSet, mask: Iterable[str], *
 
 
 def _mask_text(path: Path) -> str:
-    """A mask file's text, refused unread when it is larger than any mask (a JSON parser takes ~15x its size)."""
-    size = path.stat().st_size
-    if size > MASK_FILE_LIMIT:
-        raise MaskError(
-            f"mask file '{path}' is {size:,} bytes; a mask of even the largest model is under "
-            f"{MASK_FILE_LIMIT:,}, so it was not read"
-        )
-    return path.read_text()
+    """A mask file's text, refused unread when it is no regular file or larger than any mask (a JSON parser takes
+    ~15x its size)."""
+    try:
+        return read_regular(path, MASK_FILE_LIMIT).decode()
+    except NotAFileError as exc:
+        raise MaskError(f"mask file {exc}: give the mask.json of an analysis") from None
+    except SospError as exc:
+        raise MaskError(f"mask file {exc}: a mask of even the largest model is smaller") from None
 
 
 def mask_meta(path: str | Path) -> dict:

@@ -137,9 +137,17 @@ def row_fault(table: str, record: dict) -> str | None:
             return f"its {column} is {value}, not a finite number"
     if table == "jobs" and record["status"] not in JOB_STATES:
         return f"its status is {_shown(record['status'])}, not one of {', '.join(JOB_STATES)}"
+    if table == "analyses":
+        timings = record["summary"].setdefault("timings", {})
+        if not isinstance(timings, dict) or not all(_finite(v) for v in timings.values()):
+            return "its summary.timings is not a table of seconds"
     if table in ("analyses", "jobs"):
         return _config_fault(table, record)
     return None
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _shown(value: Any) -> str:

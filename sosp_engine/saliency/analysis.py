@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..atomic import load_verified, save_atomically, write_json_atomically
+from ..atomic import MAX_JSON_FILE_BYTES, load_verified, read_regular, save_atomically, write_json_atomically
 from ..devices import full_float32, resolve_device
 from ..errors import AnalysisError, CheckpointError, SospError, is_out_of_memory
 from ..latency.layers import measure_layer_latency
@@ -250,7 +250,7 @@ class AnalysisResult:
         """Read a result written by `save`."""
         folder = Path(folder)
         try:
-            meta = json.loads((folder / "analysis.json").read_text())
+            meta = json.loads(read_regular(folder / "analysis.json", MAX_JSON_FILE_BYTES))
             tensors = load_verified(folder / "tensors.pt")
         except FileNotFoundError:
             raise AnalysisError(
