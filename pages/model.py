@@ -1,6 +1,5 @@
 """Model page: choose a model, weights and data set; see its prunable groups, structures, parameters, MACs, accuracy."""
 
-from pathlib import Path
 
 import streamlit as st
 
@@ -92,10 +91,7 @@ with st.form("model_form"):
     if st.form_submit_button("Load model", type="primary"):
         weights = None
         if upload is not None:
-            target = store.root / "uploads" / Path(upload.name).name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(upload.getvalue())
-            weights = str(target)
+            weights = str(store.save_upload(upload.name, upload.getvalue()))
         elif source == "checkpoint path":
             weights = path.strip() or None
         elif source != "random init":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from ..errors import SospError
 from ..experiments.procedures import ExperimentConfig
@@ -275,3 +276,15 @@ def add_code_consent_arg(p: argparse.ArgumentParser, whose: str) -> None:
         action="store_true",
         help=f"confirm that {whose}'s model spec may import and run its user code",
     )
+
+
+def distinct_outputs(outputs: dict[str, str | None]) -> None:
+    """Refuse two outputs of one command at one path (the second would silently replace the first)."""
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        where = Path(path).expanduser().resolve()
+        if where in seen:
+            raise SospError(f"{seen[where]} and {flag} both name '{path}': give each output its own file")
+        seen[where] = flag

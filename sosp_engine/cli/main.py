@@ -52,6 +52,7 @@ from .args import (
     add_model_args,
     add_training_args,
     add_workspace_arg,
+    distinct_outputs,
     experiment_config,
     open_store,
     train_config_from,
@@ -95,27 +96,29 @@ def onnx_written(args: argparse.Namespace, model, wb) -> dict:
     """--onnx PATH: the model exported to ONNX, checked against PyTorch on real samples ({} without the flag)."""
     if not args.onnx:
         return {}
+    distinct_outputs({"--out": getattr(args, "out", None), "--onnx": args.onnx})
     x, _ = wb.data.analysis_samples(CHECK_SAMPLES)  # clamped to the data
     deviation = save_onnx(args.onnx, model, wb.example, x)
     progress_line(
-        f"wrote {args.onnx}: ONNX Runtime's output deviates from PyTorch's by {deviation:.1e} on {len(x)} "
-        "samples"
+        f"wrote {args.onnx}: ONNX Runtime's output deviates from PyTorch's by {deviation:.1e} at most, on "
+        f"{len(x)} real samples and on varied inputs"
     )
     return {"onnx": args.onnx, "onnx_deviation": deviation}
 
 
 def cmd_prune(args: argparse.Namespace) -> dict:
+    distinct_outputs({"--save": args.save, "--onnx": args.onnx})
     wb = workbench_from(args)
     mask = load_mask(args.mask, wb.structures)
     progress_line(f"pruning {len(mask)} structures physically ...")
     export = export_pruned(wb, mask, onnx=bool(args.onnx))
+    if args.onnx and export.onnx is None:  # checked before anything is written: no half of the outputs
+        raise SospError(f"nothing was written; {export.onnx_line}")
     export.save(args.save)
     progress_line(exactness_line(export.exactness))
     progress_line(f"reopen it with: --model {args.model} --weights {args.save}")
     written = {}
     if args.onnx:
-        if export.onnx is None:
-            raise SospError(f"the pruned model was saved to {args.save}; {export.onnx_line}")
         write_bytes_atomically(args.onnx, export.onnx)
         progress_line(f"wrote {args.onnx}: {export.onnx_line}")
         written = {"onnx": args.onnx, "onnx_deviation": export.onnx_deviation}

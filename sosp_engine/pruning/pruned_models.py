@@ -44,6 +44,10 @@ def pruning_recipe(
     }
 
 
+MAX_PRUNING_STEPS = 100  # each prune / finetune --save adds one
+MAX_PRUNED_PER_STEP = 1_000_000
+
+
 def _checkpoint(smaller: nn.Module, recipe: dict) -> dict:
     return {**recipe, "state_dict": {k: v.detach().cpu() for k, v in smaller.state_dict().items()}}
 
@@ -70,6 +74,15 @@ def recipe_of(checkpoint: object) -> dict | None:
         for s in steps
     ):
         raise CheckpointError("the pruned checkpoint's recipe is damaged (its pruning steps are unreadable)")
+    if len(steps) > MAX_PRUNING_STEPS or any(
+        len(s["pruned"]) > MAX_PRUNED_PER_STEP
+        or not all(isinstance(k, str) and len(k) <= 1000 for k in s["pruned"])
+        for s in steps
+    ):
+        raise CheckpointError(
+            f"the pruned checkpoint's recipe is larger than any this project writes (over {MAX_PRUNING_STEPS} "
+            f"pruning steps, or over {MAX_PRUNED_PER_STEP:,} structures or an overlong name in one): not rebuilt"
+        )
     return {k: v for k, v in checkpoint.items() if k != "state_dict"}
 
 
@@ -81,6 +94,8 @@ def reapply(model: nn.Module, recipe: dict, example_input: torch.Tensor) -> nn.M
                 f"this pruned checkpoint was made from '{recipe.get('model_spec')}', another "
                 "architecture than the model given: open it with that model spec"
             )
+        if not step["pruned"]:
+            continue  # a step that pruned nothing changes nothing: no trace needed
         structures = find_structures(model, example_input, step.get("exclude") or (), step.get("preset"))
         prune_in_place(model, structures, step["pruned"], example_input)
     return model

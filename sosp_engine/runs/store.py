@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..atomic import file_digest, write_bytes_atomically
 from ..errors import SospError
 from ..nets.setup import stored_setup
 from .rows import bounded_columns, decoded, row_fault
@@ -302,6 +304,17 @@ class Store:
         with self.transaction() as conn:
             conn.execute("UPDATE analyses SET name = ? WHERE id = ?", (name, record_id))
 
+    # uploads ------------------------------------------------------------------------------------------------
+    def save_upload(self, name: str, data: bytes) -> Path:
+        """An uploaded file stored by its content (uploads/SHA256/NAME): a second upload of the same name never
+        replaces the bytes an earlier analysis used, and the same bytes are stored once."""
+        digest = hashlib.sha256(data).hexdigest()[:32]
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).name).strip("-.")[:100] or "upload"
+        target = self.root / "uploads" / digest / safe
+        if not (target.is_file() and file_digest(target)[:32] == digest):
+            write_bytes_atomically(target, data)
+        return target
+
     # models -------------------------------------------------------------------------------------------------
     def add_model(
         self, name: str, model_spec: str, data_spec: str, weights: Path, job_id: str | None, metrics: dict
@@ -496,6 +509,8 @@ class Store:
             raise StoreError(f"job '{record_id}' is still running: cancel it first")
         with self.transaction() as conn:
             conn.execute(f"DELETE FROM {table} WHERE id = ?", (record_id,))
+            if kind == "job":  # the model it trained goes with it: its weights file is in the job's folder
+                conn.execute("DELETE FROM models WHERE job_id = ?", (record_id,))
         kept = []
         folders = (
             [self.artifacts / ARTIFACT_KINDS[table] / record_id] if _PLAIN_ID.fullmatch(record_id) else []
