@@ -237,7 +237,9 @@ def is_stale(job: dict, now: float | None = None) -> bool:
 def mark_stale_jobs(store: Store) -> list[str]:
     """Turn dead running jobs into failed ones that say so (they stay resumable from their checkpoints); remote jobs'
     events are drained into the store first."""
-    marked = []
+    marked: list[str] = []
+    if store.read_only:  # nothing can be marked there; its jobs are listed as they were stored
+        return marked
     active = store.jobs("running") + store.jobs("starting")
     if any(job["backend"] == "ray" for job in active):
         from .backends.ray import sync
@@ -275,6 +277,8 @@ def mark_stale_jobs(store: Store) -> list[str]:
 
 def launch_pending(store: Store) -> list[str]:
     """Start queued jobs up to the concurrency limit, oldest first; returns the ids started."""
+    if store.read_only:
+        return []
     mark_stale_jobs(store)
     started = []
     remote = _consented(store, store.claim_queued_jobs(RAY_QUEUE_LIMIT, "ray"))

@@ -118,17 +118,28 @@ class Store:
                 f"the workspace '{self.root}' is a file, not a folder: give a folder (--workspace or "
                 "$SOSP_WORKSPACE)"
             )
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.artifacts.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create the workspace '{self.root}': {exc.strerror or exc}") from None
+        # a sound workspace on a read-only disk or folder opens for listing and viewing; writes say why they cannot
+        self.read_only = self.db_path.is_file() and not (
+            os.access(self.root, os.W_OK) and os.access(self.db_path, os.W_OK)
+        )
+        if not self.read_only:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self.artifacts.mkdir(exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create the workspace '{self.root}': {exc.strerror or exc}"
+                ) from None
         self._selects: dict[str, str] = {}
         self._migrate()
 
     @contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        if self.read_only:  # immutable: SQLite takes no locks and writes no -shm file beside it
+            target = f"{self.db_path.resolve().as_uri()}?mode=ro&immutable=1"
+            conn = sqlite3.connect(target, uri=True, timeout=30, isolation_level=None)
+        else:
+            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
         try:
             conn.execute("PRAGMA foreign_keys = ON")
             yield conn
@@ -158,6 +169,11 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic write: all of it lands, or none of it (readers see the previous state meanwhile)."""
+        if self.read_only:
+            raise StoreError(
+                f"the workspace '{self.root}' is read-only (its folder or database cannot be written): it opens for "
+                "listing and viewing only. Copy it to a writable folder, or make it writable, to change it"
+            )
         with self.connection() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -192,6 +208,11 @@ class Store:
             )
         if version == SCHEMA_VERSION:
             return
+        if self.read_only:
+            raise StoreError(
+                f"the workspace '{self.root}' is read-only and of an older version (schema {version}), which "
+                "must be upgraded in place: copy it to a writable folder and open the copy"
+            )
         with self.transaction() as conn:
             current = conn.execute("PRAGMA user_version").fetchone()[0]
             for step in range(current, SCHEMA_VERSION):
