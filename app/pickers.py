@@ -7,6 +7,7 @@ import streamlit as st
 
 from app.guard import user_errors
 from app.state import analysis, kept, workbench_for, workspace
+from sosp_engine.shown import terminal_text
 
 
 def unique_labels(labels: dict[str, str]) -> dict[str, str]:
@@ -28,7 +29,9 @@ def analysis_picker(label: str = "Analysis", key: str = "analysis", default_inde
     chosen = st.session_state.get("last_analysis") if key == "analysis" else None
     ids = list(names)
     index = ids.index(chosen) if chosen in ids else min(default_index, len(ids) - 1)
-    record_id = st.selectbox(label, ids, index=index, format_func=names.get, key=key)
+    record_id = st.selectbox(
+        label, ids, index=index, format_func=lambda i: terminal_text(names.get(i)), key=key
+    )
     if key == "analysis":
         st.session_state["last_analysis"] = record_id
     return next(r for r in records if r["id"] == record_id)

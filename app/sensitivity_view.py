@@ -13,6 +13,7 @@ from app.state import analysis, workbench_for, workspace
 from app.text import plain, text_only
 from sosp_engine.experiments.sensitivity import distinct_masks, even_grid, max_reduction, sensitivity_curve
 from sosp_engine.experiments.trust import TRUSTED_SCORE, trust_check
+from sosp_engine.shown import terminal_text
 
 
 def sensitivity_section(record: dict, ratio: float, unit: str) -> None:
@@ -33,7 +34,7 @@ def sensitivity_section(record: dict, ratio: float, unit: str) -> None:
         "Analyses (same model and data)",
         list(names),
         default=[record["id"]],
-        format_func=names.get,
+        format_func=lambda i: terminal_text(names.get(i)),
         key=f"sens-analyses-{record['id']}",
     )
     points = cols[1].number_input("Points", 3, 41, 11, key="sens-points")

@@ -12,6 +12,7 @@ from app.state import analysis, workbench_for, workspace
 from app.text import plain, text_only
 from sosp_engine.experiments.compare import compare_analyses
 from sosp_engine.pruning.masks import ratio_profiles
+from sosp_engine.shown import terminal_text
 
 st.title("Train vs init")
 st.caption(
@@ -84,7 +85,7 @@ picked = st.multiselect(
     "Analyses of this model (any number)",
     list(names),
     default=list(names)[:4],
-    format_func=names.get,
+    format_func=lambda i: terminal_text(names.get(i)),
     key=f"profiles-{first['id']}",
 )
 if picked:

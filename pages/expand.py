@@ -16,6 +16,7 @@ from sosp_engine.pruning.masks import layer_table, mask_summary
 from sosp_engine.pruning.workbench import expansion_sizes
 from sosp_engine.experiments.training import TrainConfig
 from sosp_engine.progress import counted
+from sosp_engine.shown import terminal_text
 
 st.title("Expand-pruning")
 st.caption(
@@ -145,5 +146,10 @@ if not studies:
     st.info("No expand study launched for this analysis yet.")
 else:
     names = {j["id"]: f"{j['name']}  ·  {j['id']}" for j in reversed(studies)}
-    shown = st.selectbox("Study", list(names), format_func=names.get, key=f"expand-study-{record['id']}")
+    shown = st.selectbox(
+        "Study",
+        list(names),
+        format_func=lambda i: terminal_text(names.get(i)),
+        key=f"expand-study-{record['id']}",
+    )
     st.fragment(run_every=3)(expand_study_view)(shown)

@@ -1,6 +1,5 @@
 """Model page: choose a model, weights and data set; see its prunable groups, structures, parameters, MACs, accuracy."""
 
-
 import streamlit as st
 
 from app.text import plain
@@ -25,6 +24,7 @@ from sosp_engine.pruning.masks import layer_table, mask_summary
 from sosp_engine.nets import USER_CODE_WARNING, is_user_code
 from sosp_engine.experiments.training import TrainConfig, evaluate
 from sosp_engine.nets.setup import ModelSetup
+from sosp_engine.shown import terminal_text
 
 st.title("Model")
 store = workspace()
@@ -78,7 +78,7 @@ with st.form("model_form"):
         "Weights",
         options,
         key="model-weights",
-        format_func=lambda o: stored.get(o, o),
+        format_func=lambda o: terminal_text(stored.get(o, o)),
         help="stored weights belong to the model and data they were trained for; pick 'random init' for another",
     )
     path = st.text_input("Checkpoint path (for 'checkpoint path')", key="model-path")

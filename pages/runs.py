@@ -19,6 +19,7 @@ from sosp_engine.nets.setup import stored_setup
 from sosp_engine.runs.consent import has_consent
 from sosp_engine.runs.jobs import cancel, mark_stale_jobs, resume
 from sosp_engine.runs.work import read_log
+from sosp_engine.shown import terminal_text
 
 st.title("Runs")
 store = workspace()
@@ -35,7 +36,7 @@ if analyses:
         target = st.selectbox(
             "Analysis",
             [r["id"] for r in analyses],
-            format_func=lambda i: next(r["name"] for r in analyses if r["id"] == i),
+            format_func=lambda i: terminal_text(next(r["name"] for r in analyses if r["id"] == i)),
         )
         new_name = st.text_input("New name")
         if st.button("Rename") and new_name.strip():
@@ -90,7 +91,9 @@ def job_controls(jobs: list[dict]) -> None:
     job_id = st.selectbox(
         "Job",
         [j["id"] for j in jobs],
-        format_func=lambda i: next(f"{j['name']} ({j['status']})" for j in jobs if j["id"] == i),
+        format_func=lambda i: terminal_text(
+            next(f"{j['name']} ({j['status']})" for j in jobs if j["id"] == i)
+        ),
         key="job-choice",
     )
     job = next(j for j in jobs if j["id"] == job_id)
@@ -168,7 +171,7 @@ if jobs:
     chosen = st.multiselect(
         "Finished runs",
         [j["id"] for j in done],
-        format_func=lambda i: next(j["name"] for j in done if j["id"] == i),
+        format_func=lambda i: terminal_text(next(j["name"] for j in done if j["id"] == i)),
     )
     if chosen:
         table = compare_runs([{**j["result"], "config": j["config"]} for j in done if j["id"] in chosen])

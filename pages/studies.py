@@ -28,6 +28,7 @@ from sosp_engine.runs.work import STUDY_KINDS
 from sosp_engine.experiments.studies import StudyConfig, aggregate
 from sosp_engine.runs.study_state import study_cells
 from sosp_engine.cli.args import parse_numbers
+from sosp_engine.shown import terminal_text
 
 st.title("Studies")
 st.caption(
@@ -119,7 +120,12 @@ names = {
 }
 ids = list(names)
 chosen = st.session_state.get("study-chosen")
-job_id = st.selectbox("Study", ids, index=ids.index(chosen) if chosen in ids else 0, format_func=names.get)
+job_id = st.selectbox(
+    "Study",
+    ids,
+    index=ids.index(chosen) if chosen in ids else 0,
+    format_func=lambda i: terminal_text(names.get(i)),
+)
 
 
 @st.fragment(run_every=3)

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 from ..atomic import file_digest, write_bytes_atomically
 from ..errors import SospError
 from ..nets.setup import stored_setup
-from .rows import bounded_columns, decoded, row_fault
+from .rows import MAX_TEXT_CHARS, bounded_columns, decoded, row_fault
 
 SCHEMA_VERSION = 5
 DB_NAME = "sosp.db"
@@ -104,6 +104,14 @@ def _disk_trouble(exc: sqlite3.OperationalError) -> bool:
     """SQLite's words for a full or failing disk, as opposed to a damaged database."""
     text = str(exc).lower()
     return "disk i/o error" in text or "database or disk is full" in text
+
+
+def _check_name(name: str) -> None:
+    """A record's name is a line a person reads: bounded, so a listing never carries a novel."""
+    if len(name) > MAX_TEXT_CHARS["name"]:
+        raise StoreError(
+            f"a name is at most {MAX_TEXT_CHARS['name']:,} characters, this one has {len(name):,}"
+        )
 
 
 class Store:
@@ -246,6 +254,7 @@ class Store:
 
     # analyses -----------------------------------------------------------------------------------------------
     def add_analysis(self, record_id: str, name: str, config: dict, path: Path, summary: dict) -> None:
+        _check_name(name)
         with self.transaction() as conn:
             conn.execute(
                 "INSERT INTO analyses VALUES (?,?,?,?,?,?,?,?,?)",
@@ -322,6 +331,7 @@ class Store:
         return self._one("analyses", "analysis", record_id)
 
     def rename_analysis(self, record_id: str, name: str) -> None:
+        _check_name(name)
         with self.transaction() as conn:
             conn.execute("UPDATE analyses SET name = ? WHERE id = ?", (name, record_id))
 
@@ -378,6 +388,7 @@ class Store:
         """Queue a job; its log stays here, its run folder is under `artifacts` (a folder every node reaches) if given;
         `consent` is the user's signed confirmation of the user code its model spec runs (see consent.py);
         `resources` what a cluster job asks of each worker (GPUs per worker, accelerator type, custom resources)."""
+        _check_name(name)
         record_id, path = self.new_artifact_dir("jobs")
         run_dir = str(Path(artifacts).expanduser().resolve() / record_id / "run") if artifacts else None
         with self.transaction() as conn:
