@@ -190,8 +190,8 @@ def finish_interrupted_save(path: str | Path) -> None:
 
 def _matches(path: Path, checksum: Path) -> bool:
     try:
-        return checksum.is_file() and checksum.read_text().strip() == file_digest(path)
-    except OSError:
+        return checksum.is_file() and read_regular(checksum, 200).decode().strip() == file_digest(path)
+    except (OSError, SospError, UnicodeDecodeError):
         return False
 
 
@@ -264,7 +264,10 @@ def verify_checksum(path: Path) -> None:
     recorded = checksum_path(path)
     if not recorded.is_file():
         return
-    expected = recorded.read_text().strip()
+    try:
+        expected = read_regular(recorded, 200).decode(errors="replace").strip()
+    except SospError as exc:
+        raise CheckpointError(f"the checksum file beside '{path}' cannot be read: {exc}") from None
     if file_digest(path) != expected:
         raise CheckpointError(
             f"'{path}' does not match the checksum recorded when it was written ({recorded}): it "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import AnalysisError
+from ..atomic import MAX_JSON_FILE_BYTES, read_regular, write_json_atomically
+from ..errors import AnalysisError, SospError
 from ..progress import ProgressFn, StopFn, check_cancel, report
 from .runtimes import EAGER, Forward, check_runtime, forward_call, runtime_label
 
@@ -188,20 +188,18 @@ class LatencyProfile:
     def save(self, path: str | Path) -> Path:
         """Written whole or not at all (a study's cells may save the same profile at once)."""
         path = Path(path)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        tmp.replace(path)
+        write_json_atomically(path, asdict(self))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "LatencyProfile":
         try:
-            return cls(**json.loads(Path(path).read_text()))
+            return cls(**json.loads(read_regular(path, MAX_JSON_FILE_BYTES)))
         except FileNotFoundError:
             raise AnalysisError(
                 f"no latency profile at '{path}': run analyze with --unit latency first"
             ) from None
-        except (json.JSONDecodeError, TypeError) as exc:
+        except (ValueError, TypeError, OSError, SospError) as exc:
             raise AnalysisError(f"the latency profile '{path}' is unreadable ({exc})") from None
 
 

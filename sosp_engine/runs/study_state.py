@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from ..errors import AnalysisError
+from ..atomic import MAX_JSON_FILE_BYTES, read_regular
+from ..errors import AnalysisError, SospError
 from .store import run_folder
 
 
@@ -12,7 +13,7 @@ def study_state(job: dict) -> dict:
     """A study job's state.json as it stands (also while it runs); {} before its first unit is recorded."""
     path = run_folder(job) / "state.json"
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_regular(path, MAX_JSON_FILE_BYTES))
     except FileNotFoundError:
         if job.get("status") == "done":  # it was written somewhere: not where this machine looks
             raise AnalysisError(
@@ -21,7 +22,7 @@ def study_state(job: dict) -> dict:
                 "that path"
             ) from None
         return {}
-    except (json.JSONDecodeError, OSError) as exc:
+    except (ValueError, OSError, SospError) as exc:
         raise AnalysisError(f"the state of study {job['id']} is unreadable: {exc}") from None
 
 
