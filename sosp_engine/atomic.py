@@ -132,7 +132,7 @@ def read_json(path: str | Path) -> dict:
     """The JSON object `write_json_atomically` wrote at `path`, or {} where there is none (yet) or it is not one."""
     try:
         value = json.loads(read_regular(path, MAX_JSON_FILE_BYTES))
-    except (OSError, ValueError, SospError):
+    except (OSError, ValueError, RecursionError, SospError):
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -205,3 +205,40 @@ def test_a_read_only_workspace_opens_for_listing_and_viewing(tmp_path, capsys):
             seen.update_job(job, name="x")
         assert sorted(p.name for p in view.iterdir()) == ["artifacts", "sosp.db"]
     assert json.loads(json.dumps(store.job(job)["name"])) == "kept"
+
+
+def test_model_code_that_is_a_fifo_is_refused_without_importing(tmp_path, capsys):
+    code = fifo(tmp_path / "model.py")
+    assert main(["info", "--model", f"{code}:build"]) == 2
+    assert "named pipe" in capsys.readouterr().err
+
+
+def test_a_mask_nested_deeper_than_any_mask_is_refused(tmp_path, capsys):
+    (tmp_path / "mask.json").write_text("[" * 100_000 + "]" * 100_000)
+    code = main(
+        [
+            "prune",
+            "--model",
+            "resnet20x0.25",
+            "--mask",
+            str(tmp_path / "mask.json"),
+            "--save",
+            str(tmp_path / "s.pt"),
+        ]
+    )
+    assert code == 2 and "nests deeper" in capsys.readouterr().err
+
+
+def test_prune_never_writes_its_checkpoint_over_its_mask(tmp_path, capsys):
+    mask = tmp_path / "mask.json"
+    mask.write_text("{}")
+    assert main(["prune", "--model", "resnet20", "--mask", str(mask), "--save", str(mask)]) == 2
+    assert "both name" in capsys.readouterr().err and mask.read_text() == "{}"
+
+
+@pytest.mark.parametrize("name", ["w\x1b]0;pwned\x07.pt", "w\u202etp.omed", "w\x9b2J.pt"])
+def test_everything_the_cli_prints_escapes_control_and_bidi_characters(tmp_path, capsys, name):
+    assert main(["info", "--model", "resnet20", "--weights", str(tmp_path / name)]) == 2
+    captured = capsys.readouterr()
+    for text in (captured.out, captured.err):
+        assert text.replace("\n", "").replace("\r", "").replace("\t", "").isprintable()

@@ -279,12 +279,15 @@ def add_code_consent_arg(p: argparse.ArgumentParser, whose: str) -> None:
 
 
 def distinct_outputs(outputs: dict[str, str | None]) -> None:
-    """Refuse two outputs of one command at one path (the second would silently replace the first)."""
+    """Refuse two paths of one command that are one file (an output would silently replace the other output, or the
+    mask it was made from)."""
     seen: dict[Path, str] = {}
     for flag, path in outputs.items():
         if not path:
             continue
         where = Path(path).expanduser().resolve()
         if where in seen:
-            raise SospError(f"{seen[where]} and {flag} both name '{path}': give each output its own file")
+            raise SospError(
+                f"{seen[where]} and {flag} both name '{path}': give each output a file of its own"
+            )
         seen[where] = flag

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 
-from ..shown import write_safe_csv
+from ..shown import terminal_streams, write_safe_csv
 from ..saliency.analysis import AnalysisConfig, AnalysisResult, run_analysis
 from ..experiments.bottlenecks import LEVELS, RULES, explain, find_bottlenecks
 from ..experiments.procedures import Experiment
@@ -107,7 +107,7 @@ def onnx_written(args: argparse.Namespace, model, wb) -> dict:
 
 
 def cmd_prune(args: argparse.Namespace) -> dict:
-    distinct_outputs({"--save": args.save, "--onnx": args.onnx})
+    distinct_outputs({"--mask": args.mask, "--save": args.save, "--onnx": args.onnx})
     wb = workbench_from(args)
     mask = load_mask(args.mask, wb.structures)
     progress_line(f"pruning {len(mask)} structures physically ...")
@@ -304,6 +304,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
+    distinct_outputs({"--mask": args.mask, "--save": args.save})
     wb = workbench_from(args)
     pruned = wb.prune(load_mask(args.mask, wb.structures))
     result = train(pruned.model, wb.data, train_config_from(args), progress=epoch_printer)
@@ -470,8 +471,12 @@ def latency_profile(args: argparse.Namespace, wb, result: AnalysisResult, out: P
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """The CLI: one verb, its result as JSON or a file, an error as one line; exit code 0, 2 (error) or 130."""
+    with terminal_streams():
+        return _run(build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         set_threads(args.threads)
         if args.threads is not None:

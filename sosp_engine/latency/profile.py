@@ -199,7 +199,7 @@ class LatencyProfile:
             raise AnalysisError(
                 f"no latency profile at '{path}': run analyze with --unit latency first"
             ) from None
-        except (ValueError, TypeError, OSError, SospError) as exc:
+        except (ValueError, TypeError, OSError, RecursionError, SospError) as exc:
             raise AnalysisError(f"the latency profile '{path}' is unreadable ({exc})") from None
 
 

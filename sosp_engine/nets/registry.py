@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..atomic import NotAFileError, open_regular
 from ..errors import ModelSpecError
 from .densenet_cifar import CifarDenseNet
 from .resnet_cifar import STAGE_WIDTHS, CifarResNet
@@ -162,7 +163,12 @@ LIBRARY_SCHEMES: dict[str, Callable[[str, int, int], nn.Module]] = {
 
 
 def load_user_module(module_name: str, path: str | Path) -> ModuleType:
-    """Run a user's model file as module `module_name` (registered, so its classes pickle by reference)."""
+    """Run a user's model file as module `module_name` (registered, so its classes pickle by reference); only a
+    regular file is read (a FIFO would block the import forever)."""
+    try:
+        open_regular(path).close()
+    except NotAFileError as exc:
+        raise ModelSpecError(f"the model code {exc}") from None
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
@@ -181,7 +187,7 @@ def _load_factory(spec: str) -> Callable[..., nn.Module]:
         )
     if target.endswith(".py"):
         path = Path(target).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise ModelSpecError(f"model file '{path}' does not exist")
         module = load_user_module(f"{USER_MODULE_PREFIX}{abs(hash(str(path.resolve())))}", path)
     else:

@@ -237,7 +237,7 @@ def mask_meta(path: str | Path) -> dict:
     """The metadata (method, ratio, unit, ...) stored with a mask file; {} when there is none or it is unreadable."""
     try:
         payload = json.loads(_mask_text(Path(path)))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, MaskError):
+    except (OSError, ValueError, RecursionError, MaskError):
         return {}
     meta = payload.get("meta") if isinstance(payload, dict) else None
     return meta if isinstance(meta, dict) else {}
@@ -254,6 +254,8 @@ def load_mask(path: str | Path, structures: StructureSet | None = None) -> set[s
         raise MaskError(f"mask file '{path}' is a folder: give the mask.json inside it") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MaskError(f"mask file '{path}' is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MaskError(f"mask file '{path}' nests deeper than any mask: not a mask file") from None
     except OSError as exc:
         raise MaskError(f"mask file '{path}' cannot be read: {exc.strerror}") from None
     if (

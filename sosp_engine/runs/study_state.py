@@ -22,7 +22,7 @@ def study_state(job: dict) -> dict:
                 "that path"
             ) from None
         return {}
-    except (ValueError, OSError, SospError) as exc:
+    except (ValueError, OSError, RecursionError, SospError) as exc:
         raise AnalysisError(f"the state of study {job['id']} is unreadable: {exc}") from None
 
 
