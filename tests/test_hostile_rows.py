@@ -64,6 +64,7 @@ BAD_JOB_ROWS = {
         "config is longer",
     ),
     "result a string": ({"result": '"done"'}, "result"),
+    "test accuracy a word": ({"result": '{"test_acc": "high"}'}, "result.test_acc"),
 }
 
 

@@ -23,6 +23,7 @@ JSON_COLUMNS = ("config", "summary", "result", "metrics", "data", "resources")
 MAX_JSON_CHARS = 4_000_000  # a config is a few kB, a study's result some hundred kB
 MAX_DEPTH = 32  # stored configs and results nest 3-4 levels
 MAX_TEXT_CHARS = {"name": 1_000, "message": 10_000, "error": 200_000}
+RESULT_NUMBERS = ("test_acc", "test_loss", "params", "macs")  # what the listings show of a job's result
 JOB_STATES = ("queued", "starting", "running", "done", "failed", "cancelled")
 
 NUMBER, TEXT, WHOLE = (int, float), (str,), (int,)
@@ -141,6 +142,11 @@ def row_fault(table: str, record: dict) -> str | None:
         timings = record["summary"].setdefault("timings", {})
         if not isinstance(timings, dict) or not all(_finite(v) for v in timings.values()):
             return "its summary.timings is not a table of seconds"
+    if table == "jobs" and isinstance(record["result"], dict):
+        for key in RESULT_NUMBERS:
+            value = record["result"].get(key)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                return f"its result.{key} is {_shown(value)}, not a number"
     if table in ("analyses", "jobs"):
         return _config_fault(table, record)
     return None
