@@ -240,3 +240,25 @@ def test_the_prefix_at_a_ratio_is_the_next_rounding_stop_within_the_prunable_par
     assert prefixes_at([0.99], 100, 90, list(range(91))) == [90]
     with pytest.raises(AnalysisError, match="pruning ratios must be in"):
         prefixes_at([1.0], 100, 90, [0, 90])
+
+
+def test_rows_whose_latency_drop_is_within_its_spread_are_marked_and_named(analysed, monkeypatch):
+    from sosp_engine.latency import deployment
+    from sosp_engine.latency.deployment import unresolved_warning
+    from sosp_engine.latency.profile import LatencyComparison
+
+    wb, result = analysed
+    measured = iter([LatencyComparison(0.001, 0.6, 0.01), LatencyComparison(0.001, 0.98, 0.05)])
+    monkeypatch.setattr(deployment, "compare_latency", lambda *args, **kwargs: next(measured))
+    table = efficiency_table(
+        wb.model,
+        wb.structures,
+        order_variants(result, wb.structures, []),
+        wb.example,
+        ["eager"],
+        [1],
+        points=3,
+    )
+    assert table["resolved"].tolist() == [True, False]
+    assert unresolved_warning(table).startswith("1 of 2 rows measured a latency drop within twice")
+    assert unresolved_warning(table[table["resolved"]]) is None

@@ -11,6 +11,7 @@ from sosp_engine.latency import profile as latency
 from sosp_engine.pruning import masks
 from sosp_engine.latency.profile import (
     REFINE_POINTS,
+    LatencyComparison,
     LatencyProfile,
     measure_profile,
     refine_at_targets,
@@ -80,7 +81,7 @@ def test_analyze_with_a_latency_target_writes_the_profile_and_the_mask_it_predic
         )
         == 0
     )
-    assert "less measured (target 5.0%, predicted" in capsys.readouterr().out
+    assert "(target 5.0% faster, predicted" in capsys.readouterr().out
     curve = LatencyProfile.load(out / "latency.json")
     mask = json.loads((out / "mask.json").read_text())
     assert len(mask["pruned"]) == curve.prefix_for(0.05, AnalysisResult.load(out).n_prunable)
@@ -93,8 +94,10 @@ def measured_at(monkeypatch, curve) -> list[int]:
     monkeypatch.setattr(masks, "pruned_copy", lambda model, structures, mask, example: len(mask))
     monkeypatch.setattr(
         latency,
-        "relative_latency",
-        lambda net, ref, example, device, batch, repeats, runtime: timed.append(net) or (0.0, curve(net)),
+        "compare_latency",
+        lambda net, ref, example, device, batch, repeats, runtime: (
+            timed.append(net) or LatencyComparison(0.0, curve(net), 0.0)
+        ),
     )
     return timed
 
@@ -159,3 +162,60 @@ def test_a_stored_profile_keeps_the_points_refined_for_a_target(monkeypatch, tmp
 
     stored_profile(Result(), None, None, None, tmp_path, targets=[0.3])
     assert len(LatencyProfile.load(tmp_path / "latency.json").prefixes) > 3
+
+
+def test_a_measured_change_says_faster_or_slower_beyond_its_spread_and_nothing_within_it():
+    assert LatencyComparison(0.01, 0.7, 0.02).change() == "30.0% faster (+- 4.0%)"
+    assert LatencyComparison(0.01, 1.6, 0.05).change() == "60.0% slower (+- 10.0%)"
+    assert LatencyComparison(0.01, 0.97, 0.05).change().startswith("no difference resolved (-3.0% +- 10.0%")
+
+
+def test_a_profile_that_rises_beyond_its_spread_is_flagged_as_noise():
+    noisy = LatencyProfile(
+        "cpu", 1, 1, 0.01, [0, 10, 20, 30], [1.0, 0.4, 1.9, 0.3], errors=[0.0, 0.05, 0.05, 0.05]
+    )
+    assert any("rises from 0.400 at 10 structures to 1.900 at 20" in note for note in noisy.noise())
+    assert "--latency-batch" in noisy.noise_warning()
+
+
+def test_a_profile_whose_spread_exceeds_its_steps_is_flagged_and_a_clean_one_is_not():
+    blurred = LatencyProfile(
+        "cpu", 1, 1, 0.01, [0, 10, 20, 30], [1.0, 0.95, 0.9, 0.85], errors=[0.0, 0.2, 0.2, 0.2]
+    )
+    clean = LatencyProfile(
+        "cpu", 1, 1, 0.01, [0, 10, 20, 30], [1.0, 0.8, 0.6, 0.4], errors=[0.0, 0.01, 0.01, 0.01]
+    )
+    assert any("larger than the typical step" in note for note in blurred.noise())
+    assert clean.noise() == [] and clean.noise_warning() is None
+
+
+def test_a_profile_stored_before_spreads_were_kept_reads_and_flags_nothing(tmp_path):
+    path = tmp_path / "latency.json"
+    path.write_text(
+        json.dumps(
+            {
+                "device": "cpu",
+                "batch": 1,
+                "threads": 1,
+                "reference_seconds": 0.01,
+                "prefixes": [0, 10],
+                "relative": [1.0, 0.5],
+            }
+        )
+    )
+    old = LatencyProfile.load(path)
+    assert old.errors == [] and old.noise() == []
+
+
+def test_the_cli_says_slower_when_the_chosen_net_is_slower(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from sosp_engine.cli import main as cli
+
+    monkeypatch.setattr(cli, "compare_latency", lambda *a, **k: LatencyComparison(0.072, 1.607, 0.01))
+    bench = SimpleNamespace(prune=lambda mask: SimpleNamespace(model=None), model=None, example=None)
+    cli.print_latency(SimpleNamespace(ratio=0.5), bench, {"a"}, profile())
+    out = capsys.readouterr().out
+    assert (
+        "60.7% slower (+- 2.0%)" in out and "faster (+-" not in out.split("measured")[1].split("(target")[0]
+    )

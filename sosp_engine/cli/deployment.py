@@ -9,7 +9,7 @@ from ..shown import write_safe_csv
 from ..devices import resolve_device
 from ..errors import SospError
 from .args import add_code_consent_arg, parse_numbers
-from ..latency.deployment import efficiency_summary, efficiency_table, order_variants
+from ..latency.deployment import efficiency_summary, efficiency_table, order_variants, unresolved_warning
 from ..latency.runtimes import RUNTIMES
 from ..pruning.workbench import open_workbench
 from ..runs.records import require_code_consent
@@ -82,6 +82,8 @@ def cmd_deployment(args: argparse.Namespace) -> dict | None:
         "/ MAC drop (1: every saved MAC is saved time)"
     )
     progress_line(efficiency_summary(table).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    if unresolved_warning(table):
+        progress_line(f"warning: {unresolved_warning(table)}")
     if args.out and Path(args.out).suffix.lower() == ".csv":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_safe_csv(table, args.out)

@@ -26,7 +26,7 @@ from ..latency.profile import (
     LatencyProfile,
     measure_profile,
     refine_profile,
-    relative_latency,
+    compare_latency,
 )
 from ..nets.data import load_data
 from ..nets.onnx_export import save_onnx
@@ -386,6 +386,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     print(exactness_line(result.exactness))
     if latency is not None:
         print_latency(args, wb, mask, latency)
+        if latency.noise_warning():
+            progress_line(f"warning: {latency.noise_warning()}")
     for line in (result.memory or {}).get("line"), result.layer_latency:
         if line is not None:
             progress_line(line)
@@ -414,13 +416,13 @@ def print_mask(table, summary: dict) -> None:
 
 def print_latency(args: argparse.Namespace, wb: Workbench, mask: set[str], latency: LatencyProfile) -> None:
     """The written mask's latency, measured where the profile was, against the target and the prediction."""
-    seconds, relative = relative_latency(
+    measured = compare_latency(
         wb.prune(mask).model, wb.model, wb.example, latency.device, latency.batch, runtime=latency.runtime
     )
     print(
-        f"latency in {latency.where()}: "
-        f"{1000 * seconds / relative:.3f} ms -> {1000 * seconds:.3f} ms, {1 - relative:.1%} less measured "
-        f"(target {args.ratio:.1%}, predicted {1 - float(latency.predict(len(mask))):.1%})"
+        f"latency in {latency.where()}: {1000 * measured.seconds / measured.relative:.3f} ms -> "
+        f"{1000 * measured.seconds:.3f} ms, measured {measured.change()} "
+        f"(target {args.ratio:.1%} faster, predicted {1 - float(latency.predict(len(mask))):.1%} faster)"
     )
 
 

@@ -14,7 +14,7 @@ from ..pruning.counting import count_macs
 from ..pruning.masks import pruned_copy
 from ..pruning.structures import StructureSet
 from ..pruning.rounding import rounded_order, rounded_stops
-from .profile import latency_times, next_stop, prefix_grid
+from .profile import compare_latency, next_stop, prefix_grid
 from .runtimes import check_runtime
 
 EFFICIENCY_COLUMNS = [
@@ -27,6 +27,8 @@ EFFICIENCY_COLUMNS = [
     "unpruned_ms",
     "spread_ms",
     "latency_drop",
+    "drop_error",
+    "resolved",
     "efficiency",
     "threads",
     "device",
@@ -107,10 +109,9 @@ def efficiency_table(
             for batch in batches:
                 check_cancel(should_stop)
                 report(progress, len(rows) / steps, f"{label}: {k} structures, {runtime} at batch {batch}")
-                pruned, unpruned = latency_times(
-                    smaller, model, example, device, batch, repeats, runtime=runtime
-                )
-                drop = 1 - pruned.median / unpruned.median
+                measured = compare_latency(smaller, model, example, device, batch, repeats, runtime=runtime)
+                drop = 1 - measured.relative
+                unpruned_ms = 1000 * measured.seconds / measured.relative
                 rows.append(
                     [
                         label,
@@ -118,10 +119,12 @@ def efficiency_table(
                         mac_drop,
                         runtime,
                         batch,
-                        1000 * pruned.median,
-                        1000 * unpruned.median,
-                        1000 * max(pruned.spread, unpruned.spread),
+                        1000 * measured.seconds,
+                        unpruned_ms,
+                        unpruned_ms * measured.error,
                         drop,
+                        measured.error,
+                        measured.resolved,
                         drop / mac_drop if mac_drop > 0 else float("nan"),
                         torch.get_num_threads(),
                         str(device),
@@ -129,6 +132,18 @@ def efficiency_table(
                 )
     report(progress, 1.0, "deployment latency measured")
     return pd.DataFrame(rows, columns=EFFICIENCY_COLUMNS)
+
+
+def unresolved_warning(table: pd.DataFrame) -> str | None:
+    """A line naming how many rows' latency drop is within their timing spread (their efficiency is noise), or None."""
+    unresolved = table[~table["resolved"].astype(bool)]
+    if unresolved.empty:
+        return None
+    return (
+        f"{len(unresolved)} of {len(table)} rows measured a latency drop within twice its standard error: their "
+        "efficiency is timing noise, not a property of the mask (marked resolved=False). Time at a larger batch, with "
+        "more repeats, or on a quieter machine"
+    )
 
 
 def efficiency_summary(table: pd.DataFrame) -> pd.DataFrame:

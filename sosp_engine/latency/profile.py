@@ -108,6 +108,45 @@ def latency_times(
     return [Timing(t) for t in times]
 
 
+@dataclass(frozen=True)
+class LatencyComparison:
+    """A net timed alternately with a reference: its median seconds, its latency relative to the reference's, and the
+    standard error of that ratio (from both nets' spreads)."""
+
+    seconds: float
+    relative: float
+    error: float
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the difference from the reference is more than twice its standard error (not timing noise)."""
+        return abs(1 - self.relative) > 2 * self.error
+
+    def change(self) -> str:
+        """'12.3% faster (+- 2.0%)', '4.0% slower (+- 1.1%)' or, within the noise, that no difference was resolved."""
+        change, margin = 1 - self.relative, 2 * self.error
+        if not self.resolved:
+            return f"no difference resolved ({-change:+.1%} +- {margin:.1%}, within the timing noise)"
+        return f"{abs(change):.1%} {'faster' if change > 0 else 'slower'} (+- {margin:.1%})"
+
+
+def compare_latency(
+    model: nn.Module,
+    reference: nn.Module,
+    example: torch.Tensor,
+    device: str | torch.device = "cpu",
+    batch: int = 1,
+    repeats: int = 20,
+    warmup: int = 3,
+    runtime: str = EAGER,
+) -> LatencyComparison:
+    """`model` timed alternately with `reference` in `runtime` on `device`, with the spread of the ratio."""
+    own, ref = latency_times(model, reference, example, device, batch, repeats, warmup, runtime)
+    relative = own.median / ref.median
+    error = relative * math.hypot(own.standard_error / own.median, ref.standard_error / ref.median)
+    return LatencyComparison(own.median, relative, error)
+
+
 def relative_latency(
     model: nn.Module,
     reference: nn.Module | None,
@@ -119,9 +158,10 @@ def relative_latency(
     runtime: str = EAGER,
 ) -> tuple[float, float]:
     """Median seconds of `model` and its ratio to `reference`'s, timed alternately (ratio nan without a reference)."""
-    times = latency_times(model, reference, example, device, batch, repeats, warmup, runtime)
-    own = times[0].median
-    return own, (own / times[1].median if reference is not None else float("nan"))
+    if reference is None:
+        return measure_latency(model, example, device, batch, repeats, warmup, runtime), float("nan")
+    compared = compare_latency(model, reference, example, device, batch, repeats, warmup, runtime)
+    return compared.seconds, compared.relative
 
 
 LATENCY_UNIT = "latency"
@@ -148,6 +188,9 @@ class LatencyProfile:
     refined_at: list[float] = field(
         default_factory=list
     )  # targets already refined: a later reader slices, never re-times
+    errors: list[float] = field(
+        default_factory=list
+    )  # each point's standard error ([]: stored before they were kept)
 
     def where(self) -> str:
         """Where the profile was timed, in words (runtime, device, batch, threads)."""
@@ -179,11 +222,46 @@ class LatencyProfile:
         """Whether some measured point is at most 1 - ratio of the unpruned net's latency."""
         return min(self.relative) <= 1 - ratio + 1e-12
 
-    def add_point(self, prefix: int, relative: float) -> None:
+    def add_point(self, prefix: int, measured: "LatencyComparison") -> None:
         """Insert one more measured prefix, keeping the prefixes sorted."""
         at = int(np.searchsorted(self.prefixes, prefix))
         self.prefixes.insert(at, int(prefix))
-        self.relative.insert(at, float(relative))
+        self.relative.insert(at, float(measured.relative))
+        if len(self.errors) == len(self.relative) - 1:
+            self.errors.insert(at, float(measured.error))
+
+    def noise(self) -> list[str]:
+        """Why the profile cannot be read as a curve, in words ([] where it can or its spread was not kept): latency
+        rising along the order by more than the points' spread, or a spread larger than the steps between points."""
+        if len(self.errors) != len(self.relative) or len(self.relative) < 3:
+            return []
+        notes = []
+        for i in range(1, len(self.relative)):
+            rise = self.relative[i] - self.relative[i - 1]
+            if rise > 2 * math.hypot(self.errors[i], self.errors[i - 1]):
+                notes.append(
+                    f"latency rises from {self.relative[i - 1]:.3f} at {self.prefixes[i - 1]} structures to "
+                    f"{self.relative[i]:.3f} at {self.prefixes[i]}, beyond the timing spread"
+                )
+        steps = np.abs(np.diff(self.relative))
+        margin = 2 * statistics.median(self.errors[1:])
+        if margin > statistics.median(steps):
+            notes.append(
+                f"the timing spread (+- {margin:.3f}) is larger than the typical step between measured points "
+                f"({statistics.median(steps):.3f})"
+            )
+        return notes
+
+    def noise_warning(self) -> str | None:
+        """One line that says the profile follows timing noise and what to change, or None."""
+        notes = self.noise()
+        if not notes:
+            return None
+        return (
+            f"the latency profile in {self.where()} follows timing noise: {'; '.join(notes[:3])}. Time it at a "
+            "larger batch (--latency-batch), with more repeats, in ONNX Runtime (--latency-runtime onnxruntime) "
+            "or on a quieter machine before trusting a latency target"
+        )
 
     def save(self, path: str | Path) -> Path:
         """Written whole or not at all (a study's cells may save the same profile at once)."""
@@ -239,15 +317,28 @@ def measure_profile(
     from ..pruning.masks import pruned_copy
 
     grid = prefix_grid(n_prunable, points, stops)[1:]
-    reference, relative = measure_latency(model, example, device, batch, repeats, runtime=runtime), [1.0]
+    reference, relative, errors = (
+        measure_latency(model, example, device, batch, repeats, runtime=runtime),
+        [1.0],
+        [0.0],
+    )
     for i, k in enumerate(grid):
         check_cancel(should_stop)
         report(progress, i / len(grid), f"latency of the net pruned at {k}/{n_prunable} structures")
         smaller = pruned_copy(model, structures, set(order[:k]), example)
-        relative.append(relative_latency(smaller, model, example, device, batch, repeats, runtime=runtime)[1])
+        measured = compare_latency(smaller, model, example, device, batch, repeats, runtime=runtime)
+        relative.append(measured.relative)
+        errors.append(measured.error)
     report(progress, 1.0, "latency profile measured")
     return LatencyProfile(
-        str(torch.device(device)), batch, torch.get_num_threads(), reference, [0] + grid, relative, runtime
+        str(torch.device(device)),
+        batch,
+        torch.get_num_threads(),
+        reference,
+        [0] + grid,
+        relative,
+        runtime,
+        errors=errors,
     )
 
 
@@ -277,9 +368,9 @@ def refine_profile(
         smaller = pruned_copy(model, structures, set(order[:k]), example)
         profile.add_point(
             k,
-            relative_latency(
+            compare_latency(
                 smaller, model, example, profile.device, profile.batch, repeats, runtime=profile.runtime
-            )[1],
+            ),
         )
         added = True
     return added
