@@ -491,3 +491,43 @@ def efficiency_chart(table: pd.DataFrame) -> go.Figure:
         yaxis_range=[min(0.0, float(table["latency_drop"].min()) - 0.05), 1],
     )
     return fig
+
+
+def latency_profile_chart(profile, chosen: int, target: float) -> go.Figure:
+    """The measured latency profile (relative to the unpruned net, error bars at twice each point's standard error),
+    the target line and the chosen mask's measured point."""
+    errors = [2 * e for e in profile.errors] if len(profile.errors) == len(profile.relative) else None
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=profile.prefixes,
+            y=profile.relative,
+            mode="markers+lines",
+            name="measured",
+            line=dict(color=PALETTE[0]),
+            error_y=dict(type="data", array=errors, visible=errors is not None),
+            hovertemplate="%{x} structures pruned<br>latency %{y:.3f} of the unpruned net's<extra></extra>",
+        )
+    )
+    if chosen in profile.prefixes:
+        at = profile.prefixes.index(chosen)
+        fig.add_trace(
+            go.Scatter(
+                x=[chosen],
+                y=[profile.relative[at]],
+                mode="markers",
+                name="the mask at the target",
+                marker=dict(color=PALETTE[1], size=13, symbol="diamond"),
+                error_y=dict(type="data", array=[errors[at]] if errors else None, visible=errors is not None),
+            )
+        )
+    fig.add_hline(
+        y=1 - target, line=dict(color="#888", dash="dot"), annotation_text=f"target: {target:.0%} faster"
+    )
+    fig.update_layout(
+        **LAYOUT,
+        title="Latency along the pruning order, as measured",
+        xaxis_title="structures pruned (a prefix of the order)",
+        yaxis_title="latency relative to the unpruned net",
+    )
+    return fig

@@ -3,16 +3,18 @@ MAC drop per runtime), and the mask that reaches a target latency drop on this m
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
-from app.charts import efficiency_chart
+from app.charts import efficiency_chart, latency_profile_chart
 from app.export import export_buttons, file_slug
 from app.guard import user_errors
 from app.text import plain, text_only
 from sosp_engine.saliency.analysis import AnalysisResult
 from sosp_engine.devices import resolve_device
 from sosp_engine.latency.deployment import efficiency_summary, efficiency_table, order_variants
-from sosp_engine.latency.profile import LATENCY_UNIT, measure_profile
+from sosp_engine.latency.profile import LATENCY_UNIT, LatencyComparison, measure_profile, refine_at_targets
+from sosp_engine.pruning.export import export_pruned
 from sosp_engine.latency.runtimes import RUNTIMES
 from sosp_engine.pruning.workbench import Workbench
 from sosp_engine.pruning.masks import mask_json, mask_summary
@@ -134,19 +136,52 @@ def latency_section(record: dict, result: AnalysisResult, workbench: Workbench) 
     profile = st.session_state.get(key)
     if profile is None:
         return
-    with user_errors("Slicing at the latency target"):
+    with user_errors("Timing the mask at the latency target"):
+        refine_at_targets(  # as the CLI does: the mask's own latency is measured, so both give the same mask
+            profile,
+            workbench.model,
+            workbench.structures,
+            result.ordered_keys(),
+            result.n_prunable,
+            workbench.example,
+            [target],
+            result.stops(workbench.structures),
+        )
         mask = result.mask(workbench.structures, target, LATENCY_UNIT, profile)
+    latency_result(record, result, workbench, profile, mask, target)
+
+
+def latency_result(
+    record: dict, result: AnalysisResult, workbench: Workbench, profile, mask: set[str], target: float
+) -> None:
+    """The mask at a latency target: its measured latency with the spread, the profile chart, the downloads."""
     summary = mask_summary(workbench.structures, mask)
-    predicted = float(profile.predict(len(mask)))
-    st.success(
+    at = profile.prefixes.index(len(mask)) if len(mask) in profile.prefixes else None
+    relative = profile.relative[at] if at is not None else float(profile.predict(len(mask)))
+    error = (
+        profile.errors[at]
+        if at is not None and len(profile.errors) == len(profile.relative)
+        else float("nan")
+    )
+    measured = LatencyComparison(relative * profile.reference_seconds, relative, error)
+    (st.success if measured.resolved else st.warning)(
         plain(
-            f"In {profile.where()} the unpruned net takes "
-            f"{1000 * profile.reference_seconds:.2f} ms. Pruning {len(mask)} structures is predicted to take "
-            f"{1 - predicted:.1%} less ({1000 * predicted * profile.reference_seconds:.2f} ms), removing "
+            f"In {profile.where()} the unpruned net takes {1000 * profile.reference_seconds:.2f} ms. Pruned at "
+            f"{len(mask)} structures it measured {1000 * measured.seconds:.2f} ms: {measured.change()}, removing "
             f"{summary['param_ratio']:.1%} of the parameters and {summary['mac_ratio']:.1%} of the MACs."
         )
     )
-    st.download_button(
+    if profile.noise_warning():
+        st.warning(plain(profile.noise_warning()[0].upper() + profile.noise_warning()[1:] + "."))
+    figure = latency_profile_chart(profile, len(mask), target)
+    st.plotly_chart(text_only(figure), key="lat-chart")
+    export_buttons(
+        figure,
+        pd.DataFrame({"structures_pruned": profile.prefixes, "relative_latency": profile.relative}),
+        f"latency profile {record['name']}",
+    )
+    cols = st.columns(2)
+    cols[0].download_button(
         "Mask at this latency (JSON)",
         mask_json(workbench.structures, mask, method=result.config.method, ratio=target, unit=LATENCY_UNIT),
         file_slug(f"mask {record['name']} {target:.0%} latency") + ".json",
@@ -154,3 +189,18 @@ def latency_section(record: dict, result: AnalysisResult, workbench: Workbench) 
         icon=":material/download:",
         key="lat-mask",
     )
+    if cols[1].button("Prune at this latency", icon=":material/content_cut:", key="lat-prune"):
+        with user_errors("Pruning the model", stop=False):
+            st.session_state[("lat-pruned", record["id"], len(mask))] = export_pruned(
+                workbench, mask, onnx=False
+            ).checkpoint_bytes()
+    pruned = st.session_state.get(("lat-pruned", record["id"], len(mask)))
+    if pruned is not None:
+        cols[1].download_button(
+            "Pruned model at this latency (.pt)",
+            pruned,
+            file_slug(f"pruned {record['name']} {target:.0%} latency") + ".pt",
+            "application/octet-stream",
+            icon=":material/download:",
+            key="lat-pruned-download",
+        )
