@@ -10,7 +10,7 @@ from sosp_engine.experiments.bottlenecks import paper_widening
 from sosp_engine.nets.setup import config_from_dict
 from sosp_engine.cli.main import main
 from sosp_engine.nets.data import load_data
-from sosp_engine.errors import AnalysisError, SospError
+from sosp_engine.errors import SospError
 from sosp_engine.experiments.expand_study import (
     ExpandStudy,
     ExpandStudyConfig,
