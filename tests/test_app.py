@@ -520,7 +520,8 @@ def test_a_latency_target_is_measured_on_this_machine_and_sliced_into_a_mask(sto
     widget(at.slider, "Latency drop").set_value(0.05)  # reached on any machine: the test is not a timing
     widget(at.button, "Measure the latency profile").click().run()
     assert not at.exception and not at.error
-    said = [m.value for m in [*at.success, *at.warning]]  # resolved or within the noise: a loaded machine decides
+    # resolved or within the noise: a loaded machine decides which
+    said = [m.value for m in [*at.success, *at.warning]]
     assert any("it measured" in m and ("faster" in m or "slower" in m or "no difference" in m) for m in said)
     assert any(b.label == "Mask at this latency (JSON)" for b in at.get("download_button"))
     widget(at.button, "Prune at this latency").click().run()

@@ -132,7 +132,8 @@ def test_the_table_is_the_mean_and_std_over_trials_and_the_reference_the_unprune
     ],
 )
 def test_bad_expand_study_settings_are_refused_before_any_work(bad):
-    with pytest.raises(SospError):  # a NaN is refused when the config is read, the others when it is validated
+    # a NaN is refused when the config is read, the others when it is validated
+    with pytest.raises(SospError):
         tiny(**bad).validate()
 
 
