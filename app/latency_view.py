@@ -164,7 +164,7 @@ def latency_result(
         else float("nan")
     )
     measured = LatencyComparison(relative * profile.reference_seconds, relative, error)
-    (st.success if measured.resolved else st.warning)(
+    (st.success if measured.resolved and not profile.noise() else st.warning)(
         plain(
             f"In {profile.where()} the unpruned net takes {1000 * profile.reference_seconds:.2f} ms. Pruned at "
             f"{len(mask)} structures it measured {1000 * measured.seconds:.2f} ms: {measured.change()}, removing "
