@@ -12,7 +12,8 @@ COUNTS = ("params", "macs", "channels", "kept", "pruned", "structures")
 HELP = {
     "layer": "the coupled channel group's name (its first producer)",
     "depth": "the group's position from the input",
-    "kernel": "the mean kernel side of the group's producers (3 for 3x3 convs; between for a mix)",
+    "kernel": "the mean kernel side over the group's producers: 3 when all are 3x3 convs; a coupled group that mixes a "
+    "7x7 stem with 1x1 and 3x3 convs lies between",
     "structure_size": "channels removed together as one structure (equal per group around grouped convs and "
     "GroupNorm)",
     "score": "how many standard deviations the unit's pruning ratio lies below the network mean",
@@ -21,7 +22,7 @@ HELP = {
 }
 NAMES = {
     "structure_size": "channels per structure",
-    "kernel": "kernel side",
+    "kernel": "mean kernel side",
     "network_mean": "network mean ratio",
     "pruning_ratio": "pruning ratio",
     "acc_pruned": "accuracy pruned",

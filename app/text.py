@@ -52,3 +52,16 @@ def text_only(fig):
             if field in trace and trace[field] is not None:
                 trace[field] = _escaped(trace[field])
     return fig
+
+
+COMPACT_FROM = 10_000_000  # a metric tile shows about 10 characters before it cuts a number off
+_UNITS = ((1e12, "T"), (1e9, "G"), (1e6, "M"))
+
+
+def count_text(n: int) -> str:
+    """A count as a metric tile shows it whole: with separators below ten million, else three significant digits and
+    a unit ('1.81 G' for 1,813,562,368); the exact count goes in the tile's help."""
+    if abs(n) < COMPACT_FROM:
+        return f"{n:,}"
+    scale, unit = next((scale, unit) for scale, unit in _UNITS if abs(n) >= scale)
+    return f"{n / scale:.3g} {unit}"

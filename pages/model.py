@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app.text import plain
+from app.text import plain, count_text
 
 from app.guard import user_errors
 from app.pickers import unique_labels
@@ -125,8 +125,8 @@ summary = mask_summary(bench.structures)
 metrics = st.columns(5)
 metrics[0].metric("Prunable layers", len(bench.structures.layers))
 metrics[1].metric("Structures", f"{summary['structures']:,}")
-metrics[2].metric("Parameters", f"{summary['params_before']:,}")
-metrics[3].metric("MACs / sample", f"{summary['macs_before']:,}")
+metrics[2].metric("Parameters", count_text(summary["params_before"]), help=f"{summary['params_before']:,}")
+metrics[3].metric("MACs / sample", count_text(summary["macs_before"]), help=f"{summary['macs_before']:,}")
 metrics[4].metric("Classes", bench.data.num_classes)
 st.caption(
     f"Input shape {plain(bench.data.input_shape)}; never pruned: the classifier"

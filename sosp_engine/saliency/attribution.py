@@ -44,8 +44,9 @@ def layer_channels(
     second_order: torch.Tensor | None = None,
 ) -> pd.DataFrame:
     """Per structure of one layer: pruned or kept by `mask`, the saliency, its first- and second-order parts where the
-    method has them (SOSP-H: theta_s . g and theta_s . H theta_struc; SOSP-I: theta_s . g and Q's diagonal), and its
-    rank in the layer (1 = least salient, pruned first)."""
+    method has them, as they enter the saliency, so the two add up to it (|theta_s . g| and 1/2 |theta_s . H
+    theta_struc| for SOSP-H, 1/2 |theta_s H_GN theta_s| for SOSP-I's second), and its rank in the layer (1 = least
+    salient, pruned first)."""
     index = [i for i, key in enumerate(keys) if key.rsplit(":", 1)[0] == layer_name]
     frame = pd.DataFrame(
         {
@@ -54,9 +55,9 @@ def layer_channels(
             "sosp_saliency": saliency[index].tolist(),
         }
     )
-    for name, part in (("first_order_part", first_order), ("second_order_part", second_order)):
+    for name, part, weight in (("first_order_part", first_order, 1.0), ("second_order_part", second_order, 0.5)):
         if part is not None:
-            frame[name] = part[index].tolist()
+            frame[name] = (weight * part[index].abs()).tolist()
     frame["sosp_rank"] = frame.sosp_saliency.rank(method="average")
     return frame
 
