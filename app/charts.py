@@ -257,7 +257,7 @@ def accuracy_vs_size(
         yaxis_title="test accuracy",
         yaxis_tickformat=".1%",
         xaxis_tickformat=",.0f",
-        yaxis_range=_padded(min(accs), min(max(accs), 1.0), 0.02, floor=0.0),
+        yaxis_range=_accuracy_range(accs),
         xaxis_range=_padded(min(xs), max(xs), 0.02 * max(max(xs), 1), floor=0.0),
     )
     return fig
@@ -423,14 +423,26 @@ def study_accuracy(table: pd.DataFrame, size: str, accuracy: str, unit: str) -> 
                 "%{customdata[1]} seeds<extra></extra>",
             )
         )
+    spread = table[f"{accuracy}_std"].fillna(0.0)
+    accs = list(table[f"{accuracy}_mean"] - spread) + list(table[f"{accuracy}_mean"] + spread)
+    xs = list(table[f"{size}_mean"])
     fig.update_layout(
         **LAYOUT,
         title=f"{acc_label[accuracy].capitalize()} against {size_label}",
         xaxis_title=size_label,
         yaxis_title=acc_label[accuracy],
         yaxis_tickformat=".0%",
+        xaxis_tickformat=",.0f",
+        yaxis_range=_accuracy_range(accs),
+        xaxis_range=_padded(min(xs), max(xs), 0.02 * max(max(xs), 1), floor=0.0),
     )
     return fig
+
+
+def _accuracy_range(accs: list[float]) -> list[float]:
+    """An accuracy axis around the values, never below 0 % or above 100 % (a single point must not stretch it)."""
+    low, high = _padded(min(accs), min(max(accs), 1.0), 0.02, floor=0.0)
+    return [low, min(high, 1.0 + 0.005)]
 
 
 def ratio_profiles_chart(table: pd.DataFrame, names: list[str], title: str) -> go.Figure:

@@ -8,6 +8,7 @@ import streamlit as st
 
 from app.charts import accuracy_vs_size
 from app.export import export_buttons, file_slug
+from app.tables import shown_frame
 from sosp_engine.shown import safe_csv
 from app.guard import user_errors
 from app.report import analysis_report
@@ -62,7 +63,7 @@ def expand_study_view(job_id: str) -> None:
         "unpruned plain net (its accuracy after the train-prune trials' training)."
     )
     st.dataframe(
-        table,
+        shown_frame(table),  # no spread claimed from a single trial
         hide_index=True,
         column_config={
             "test_acc_mean": st.column_config.NumberColumn("test acc (mean)", format="percent"),
