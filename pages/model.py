@@ -1,5 +1,6 @@
 """Model page: choose a model, weights and data set; see its prunable groups, structures, parameters, MACs, accuracy."""
 
+from pathlib import Path
 import streamlit as st
 
 from app.text import plain, count_text
@@ -146,8 +147,20 @@ if ("accuracy", choice) in st.session_state:
     loss, acc = st.session_state[("accuracy", choice)]
     cols[1].metric("Test accuracy", f"{acc:.2%}", help=f"test loss {loss:.4f}")
 
+
+def training_start(setup) -> str:
+    """What the background training starts from, said plainly (it never continues from the loaded weights)."""
+    if setup.weights:
+        return (
+            f"Trains {setup.model_spec} on {setup.data_spec} from a random initialisation: the loaded weights "
+            f"({Path(setup.weights).name}) are not used. To fine-tune them, prune on the Pruning ratios page."
+        )
+    return f"Trains {setup.model_spec} on {setup.data_spec} from a random initialisation."
+
+
 with cols[2].popover("Train this model in the background", icon=":material/model_training:"):
     epochs = st.number_input("Epochs", 1, 1000, 15)
+    st.caption(plain(training_start(choice)))
     if st.button("Start training job", type="primary"):
         with user_errors("Starting the training job", stop=False):
             job = submit(

@@ -710,3 +710,18 @@ def test_the_model_form_shows_the_loaded_model_after_a_visit_to_another_page(fre
     at.switch_page("../pages/model.py").run()
     assert widget(at.text_input, "Model spec").value == "resnet32"
     assert widget(at.selectbox, "Weights").value == "random init"
+
+
+def test_training_in_the_background_says_it_starts_from_random_init_when_weights_are_loaded(fresh):
+    at = open_page("model")
+    said = [shown(c.value) for c in at.caption]
+    assert any(
+        "from a random initialisation: the loaded weights (resnet20-digits.pt) are not used" in c
+        for c in said
+    )
+
+
+def test_large_counts_show_whole_in_the_model_pages_metric_tiles(fresh):
+    at = open_page("model")
+    params = next(m for m in at.metric if m.label == "Parameters")
+    assert params.value == "272,186"
