@@ -21,8 +21,24 @@ from sosp_engine.runs.jobs import cancel, mark_stale_jobs, resume
 from sosp_engine.runs.work import read_log
 from sosp_engine.shown import terminal_text
 
+
+def deleted_note(what: str, kept: list[str], orphans: list[dict]) -> str:
+    """What a deletion did, said once after the page reloads: what was deleted, what was left in place and why."""
+    lines = [f"Deleted {what} and its files."]
+    lines += [f"Left in place: {line}" for line in kept]
+    if orphans:
+        names = ", ".join(f"'{r['name']}'" for r in orphans)
+        lines.append(
+            f"Its analyses {names} stay listed: their results still open, but the weights they were computed on "
+            "were the job's and are gone (delete them below if you no longer need them)."
+        )
+    return "  \n".join(plain(line) for line in lines)
+
+
 st.title("Runs")
 store = workspace()
+if "runs-deleted" in st.session_state:
+    st.success(st.session_state.pop("runs-deleted"), icon=":material/delete:")
 mark_stale_jobs(store)
 
 st.subheader("Analyses")
@@ -46,11 +62,10 @@ if analyses:
         if st.button("Delete analysis", type="primary", disabled=not sure):
             confirmation_used("delete-analysis", target)
             with user_errors("Deleting", stop=False):
+                name = next(r["name"] for r in analyses if r["id"] == target)
                 kept = store.delete("analysis", target, confirm=True)
-                for line in kept:
-                    st.warning(plain(f"Left in place: {line}"))
-                if not kept:
-                    st.rerun()
+                st.session_state["runs-deleted"] = deleted_note(f"analysis '{name}'", kept, [])
+                st.rerun()
 else:
     st.info("No analyses yet.")
 
@@ -119,11 +134,10 @@ def job_controls(jobs: list[dict]) -> None:
     ):
         confirmation_used("delete-job", job_id)
         with user_errors("Deleting", stop=False):
+            orphans = store.analyses_on_weights_of(job_id)
             kept = store.delete("job", job_id, confirm=True)
-            for line in kept:
-                st.warning(plain(f"Left in place: {line}"))
-            if not kept:
-                st.rerun()
+            st.session_state["runs-deleted"] = deleted_note(f"job '{job['name']}'", kept, orphans)
+            st.rerun()
     if job["error"]:
         st.error(plain(job["error"]))
     metrics = pd.DataFrame([{"stage": m["stage"], **m["data"]} for m in store.metrics(job_id)])

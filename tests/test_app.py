@@ -725,3 +725,19 @@ def test_large_counts_show_whole_in_the_model_pages_metric_tiles(fresh):
     at = open_page("model")
     params = next(m for m in at.metric if m.label == "Parameters")
     assert params.value == "272,186"
+
+
+def test_a_deleted_job_is_said_deleted_with_the_analyses_made_on_its_weights(fresh):
+    first, second = two_failed_jobs(fresh)
+    result = run_analysis(
+        open_workbench(ModelSetup("resnet20x0.25", "digits")), AnalysisConfig(method="magnitude", samples=4)
+    )
+    weights = fresh.artifacts / "jobs" / first / "run" / "trained.pt"
+    result.config = AnalysisConfig.of(result.config.setup.with_weights(str(weights)), result.config)
+    store_analysis(fresh, result, "first (analysis)")
+    at = open_page("runs")
+    widget(at.selectbox, "Job").set_value(first).run()
+    widget(at.checkbox, "confirm delete").check().run()
+    widget(at.button, "Delete job").click().run()
+    said = " ".join(shown(s.value) for s in at.success)
+    assert "Deleted job 'first'" in said and "'first (analysis)' stay listed" in said

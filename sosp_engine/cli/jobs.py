@@ -108,7 +108,14 @@ def cmd_jobs_logs(args: argparse.Namespace) -> None:
 
 
 def cmd_jobs_delete(args: argparse.Namespace) -> dict:
-    kept = open_store(args).delete("job", args.job_id, confirm=args.yes)
+    store = open_store(args)
+    orphans = store.analyses_on_weights_of(args.job_id) if args.yes else []
+    kept = store.delete("job", args.job_id, confirm=args.yes)
     for line in kept:
         progress_line(f"warning: left in place: {line}")
+    for record in orphans:
+        progress_line(
+            f"note: analysis '{record['name']}' ({record['id']}) stays listed; the job's weights it was computed on "
+            "are deleted"
+        )
     return {"job": args.job_id, "deleted": True, "not_removed": kept}

@@ -335,6 +335,17 @@ class Store:
         with self.transaction() as conn:
             conn.execute("UPDATE analyses SET name = ? WHERE id = ?", (name, record_id))
 
+    def analyses_on_weights_of(self, job_id: str) -> list[dict]:
+        """The listed analyses computed on weights a job wrote (in its folders): they outlive the job's deletion as
+        results, but their weights go with it."""
+        folders = [self.artifacts / "jobs" / job_id]
+        found = []
+        for record in self.analyses():
+            weights = stored_setup(record["config"]).weights
+            if weights and any(_inside(weights, folder) for folder in folders):
+                found.append(record)
+        return found
+
     # uploads ------------------------------------------------------------------------------------------------
     def save_upload(self, name: str, data: bytes) -> Path:
         """An uploaded file stored by its content (uploads/SHA256/NAME): a second upload of the same name never

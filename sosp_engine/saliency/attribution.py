@@ -55,7 +55,10 @@ def layer_channels(
             "sosp_saliency": saliency[index].tolist(),
         }
     )
-    for name, part, weight in (("first_order_part", first_order, 1.0), ("second_order_part", second_order, 0.5)):
+    for name, part, weight in (
+        ("first_order_part", first_order, 1.0),
+        ("second_order_part", second_order, 0.5),
+    ):
         if part is not None:
             frame[name] = (weight * part[index].abs()).tolist()
     frame["sosp_rank"] = frame.sosp_saliency.rank(method="average")
