@@ -3,6 +3,8 @@ MAC drop per runtime), and the mask that reaches a target latency drop on this m
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
@@ -13,7 +15,14 @@ from app.text import plain, text_only
 from sosp_engine.saliency.analysis import AnalysisResult
 from sosp_engine.devices import resolve_device
 from sosp_engine.latency.deployment import efficiency_summary, efficiency_table, order_variants
-from sosp_engine.latency.profile import LATENCY_UNIT, LatencyComparison, measure_profile, refine_at_targets
+from sosp_engine.latency.profile import (
+    LATENCY_UNIT,
+    PROFILE_NAME,
+    LatencyComparison,
+    matching_profile,
+    measure_profile,
+    refine_at_targets,
+)
 from sosp_engine.pruning.export import export_pruned
 from sosp_engine.latency.runtimes import RUNTIMES
 from sosp_engine.pruning.workbench import Workbench
@@ -114,30 +123,31 @@ def latency_section(record: dict, result: AnalysisResult, workbench: Workbench) 
     batch = cols[2].number_input("Timed batch size", 1, 4096, 1, key="lat-batch")
     points = cols[3].number_input("Timed points", 3, 41, 12, key="lat-points")
     target = cols[4].slider("Latency drop", 0.0, 0.95, 0.3, 0.05, format="%.2f", key="lat-target")
-    key = ("latency-profile", record["id"], device, runtime, int(batch), int(points))
+    folder, timed_on = Path(record["path"]), resolve_device(device)
     if st.button("Measure the latency profile", icon=":material/timer:", key="lat-run"):
         bar = st.progress(0.0, text="starting ...")
         with user_errors("Measuring the latency", stop=False):
-            st.session_state[key] = measure_profile(
+            measure_profile(
                 workbench.model,
                 workbench.structures,
                 result.ordered_keys(),
                 result.n_prunable,
                 workbench.example,
-                resolve_device(device),
+                timed_on,
                 int(batch),
                 int(points),
                 repeats=10,
                 stops=result.stops(workbench.structures),
                 progress=lambda f, m: bar.progress(f, text=plain(m)),
                 runtime=runtime,
-            )
+            ).save(folder / PROFILE_NAME)  # stored with the analysis: the CLI slices the same profile
         bar.empty()
-    profile = st.session_state.get(key)
+    profile = matching_profile(folder, timed_on, int(batch), runtime)
     if profile is None:
         return
-    with user_errors("Timing the mask at the latency target"):
-        refine_at_targets(  # as the CLI does: the mask's own latency is measured, so both give the same mask
+    mask = None
+    with user_errors("Timing the mask at the latency target", stop=False):
+        if refine_at_targets(  # as the CLI does: the mask's own latency is measured, so both give the same mask
             profile,
             workbench.model,
             workbench.structures,
@@ -146,8 +156,12 @@ def latency_section(record: dict, result: AnalysisResult, workbench: Workbench) 
             workbench.example,
             [target],
             result.stops(workbench.structures),
-        )
+        ):
+            profile.save(folder / PROFILE_NAME)
         mask = result.mask(workbench.structures, target, LATENCY_UNIT, profile)
+    if mask is None:  # refused (unresolvable, out of reach): the profile shows why
+        st.plotly_chart(text_only(latency_profile_chart(profile, -1, target)), key="lat-chart")
+        return
     latency_result(record, result, workbench, profile, mask, target)
 
 

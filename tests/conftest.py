@@ -39,6 +39,24 @@ def random_mask(structures, ratio: float, seed: int = 0) -> set[str]:
     return {k for k, flag in zip(structures.keys, pruned.tolist()) if flag}
 
 
+@pytest.fixture
+def quiet_machine(monkeypatch) -> None:
+    """A quiet machine, stood in for timing: a net's latency is its share of the unpruned net's parameters, with a
+    spread of 0.1 %, so latency targets are deterministic where a test is about their plumbing, not about timing."""
+    from sosp_engine.cli import main as cli
+    from sosp_engine.latency import profile as latency
+    from sosp_engine.latency.profile import LatencyComparison
+    from sosp_engine.pruning.counting import count_params
+
+    def compare(net, reference, *args, **kwargs):
+        relative = count_params(net) / count_params(reference)
+        return LatencyComparison(0.01 * relative, relative, 0.001)
+
+    for module in (latency, cli):
+        monkeypatch.setattr(module, "compare_latency", compare)
+    monkeypatch.setattr(latency, "measure_latency", lambda *args, **kwargs: 0.01)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

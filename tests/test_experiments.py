@@ -172,7 +172,7 @@ def test_expand_pruning_end_to_end_through_the_cli(tmp_path, capsys):
     assert "training the plain net first" in capsys.readouterr().err
 
 
-def test_a_train_prune_run_to_a_latency_target_prunes_where_its_stored_profile_says(tmp_path):
+def test_a_train_prune_run_to_a_latency_target_prunes_where_its_stored_profile_says(tmp_path, quiet_machine):
     from sosp_engine.saliency.analysis import AnalysisResult
     from sosp_engine.experiments.procedures import Experiment, ExperimentConfig
     from sosp_engine.latency.profile import LatencyProfile

@@ -151,7 +151,7 @@ def test_a_study_runs_as_a_job_and_the_cli_shows_and_exports_it(tmp_path, weight
     assert cell_key(0, "sosp-h", 0.5) == "seed0/sosp-h/0.5"
 
 
-def test_a_latency_study_measures_each_analysis_profile_once_and_slices_it(tmp_path, weights):
+def test_a_latency_study_measures_each_analysis_profile_once_and_slices_it(tmp_path, weights, quiet_machine):
     from sosp_engine.latency.profile import LatencyProfile
 
     config = tiny(

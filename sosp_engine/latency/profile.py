@@ -166,6 +166,10 @@ def relative_latency(
 
 LATENCY_UNIT = "latency"
 PROFILE_NAME = "latency.json"
+RESOLVE_ADVICE = (
+    "Time it at a larger batch (--latency-batch, or 'Timed batch size' on the Ratios page), with more repeats, in ONNX "
+    "Runtime (--latency-runtime onnxruntime), or on a quieter machine"
+)
 REFINE_POINTS = 6  # more nets timed at most, per target, where the profile's line picks an unmeasured prefix
 
 
@@ -216,7 +220,34 @@ class LatencyProfile:
                 f"a latency reduction of {ratio:.3f} is not reached in {self.where()}: at most "
                 f"{1 - min(self.relative):.3f} was measured along this order (with this cap)"
             )
-        return int(candidates[reached[0]])
+        prefix = int(candidates[reached[0]])
+        why = self.unresolved(prefix, ratio)
+        if why:
+            raise AnalysisError(
+                f"a latency reduction of {ratio:.1%} cannot be resolved in {self.where()}: {why}. {RESOLVE_ADVICE}"
+            )
+        return prefix
+
+    def unresolved(self, prefix: int, ratio: float) -> str | None:
+        """Why timing noise, not the nets, would decide the mask at `ratio` (picked at `prefix`), or None: the pick
+        measured no reduction beyond its spread, or an earlier point lies within its spread of the target, so which
+        prefix reaches the target first is noise. Profiles stored without spreads are taken as they are."""
+        if len(self.errors) != len(self.relative):
+            return None
+        line = 1 - ratio
+        for point, relative, error in zip(self.prefixes, self.relative, self.errors):
+            if point == prefix and not 1 - relative > 2 * error:
+                return (
+                    f"the net pruned at {point} structures measured {relative:.3f} +- {2 * error:.3f} of the "
+                    "unpruned net's latency, no reduction beyond the timing spread"
+                )
+            if 0 < point < prefix and relative - line <= 2 * error:
+                return (
+                    f"the net pruned at {point} structures measured {relative:.3f} +- {2 * error:.3f}, within the "
+                    f"timing spread of the target {line:.3f}: whether it or the net at {prefix} reaches the target "
+                    "first is decided by noise"
+                )
+        return None
 
     def reaches(self, ratio: float) -> bool:
         """Whether some measured point is at most 1 - ratio of the unpruned net's latency."""
@@ -258,9 +289,8 @@ class LatencyProfile:
         if not notes:
             return None
         return (
-            f"the latency profile in {self.where()} follows timing noise: {'; '.join(notes[:3])}. Time it at a "
-            "larger batch (--latency-batch), with more repeats, in ONNX Runtime (--latency-runtime onnxruntime) "
-            "or on a quieter machine before trusting a latency target"
+            f"the latency profile in {self.where()} follows timing noise: {'; '.join(notes[:3])}. "
+            f"{RESOLVE_ADVICE} before trusting a latency target"
         )
 
     def save(self, path: str | Path) -> Path:
@@ -402,6 +432,15 @@ def refine_at_targets(
     return True
 
 
+def matching_profile(
+    folder: str | Path, device: str | torch.device, batch: int, runtime: str
+) -> LatencyProfile | None:
+    """The latency profile stored in an analysis's folder when it was timed on `device` at `batch` in `runtime`."""
+    path = Path(folder) / PROFILE_NAME
+    stored = LatencyProfile.load(path) if path.exists() else None
+    return stored if stored is not None and stored.matches(device, batch, runtime) else None
+
+
 def stored_profile(
     result,
     model: nn.Module,
@@ -419,10 +458,8 @@ def stored_profile(
     in `runtime`, else measured along its order there, refined at `targets` and saved, so jobs and studies measure
     it once and resume without re-timing."""
     path = Path(folder) / PROFILE_NAME
-    stored = LatencyProfile.load(path) if path.exists() else None
-    if stored is not None and stored.matches(device, batch, runtime):
-        profile = stored
-    else:
+    profile = matching_profile(folder, device, batch, runtime)
+    if profile is None:
         profile = measure_profile(
             model,
             structures,
