@@ -271,3 +271,14 @@ def test_an_unresolvable_pick_is_refused_and_a_resolved_one_taken():
     flat = LatencyProfile("cpu", 1, 1, 0.01, [0, 10, 20], [1.0, 0.99, 0.97], errors=[0.0, 0.01, 0.02])
     with pytest.raises(AnalysisError, match="no reduction beyond the timing spread"):
         flat.prefix_for(0.03, 20, stops=[0, 10, 20])
+
+
+def test_a_target_beyond_a_rise_of_the_profile_beyond_its_spread_is_refused():
+    risen = LatencyProfile(
+        "cpu", 1, 1, 0.01, [0, 10, 20, 30], [1.0, 0.9, 1.4, 0.5], errors=[0.0, 0.01, 0.01, 0.01]
+    )
+    with pytest.raises(
+        AnalysisError, match="rises from 0.900 at 10 structures to 1.400 at 20.*follows noise"
+    ):
+        risen.prefix_for(0.3, 30, stops=[0, 10, 20, 30])
+    assert risen.prefix_for(0.05, 30, stops=[0, 10, 20, 30]) == 10  # the rise lies beyond this target's pick

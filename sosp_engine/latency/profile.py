@@ -247,7 +247,18 @@ class LatencyProfile:
                     f"timing spread of the target {line:.3f}: whether it or the net at {prefix} reaches the target "
                     "first is decided by noise"
                 )
-        return None
+        rises = [note for note, end in zip(self._rises(), self.prefixes[1:]) if note and end <= prefix]
+        return f"{rises[0]}, so the profile follows noise up to the target" if rises else None
+
+    def _rises(self) -> list[str | None]:
+        """Per step between neighbouring points: the rise of latency beyond both points' spread, in words, or None."""
+        return [
+            f"latency rises from {self.relative[i - 1]:.3f} at {self.prefixes[i - 1]} structures to "
+            f"{self.relative[i]:.3f} at {self.prefixes[i]}, beyond the timing spread"
+            if self.relative[i] - self.relative[i - 1] > 2 * math.hypot(self.errors[i], self.errors[i - 1])
+            else None
+            for i in range(1, len(self.relative))
+        ]
 
     def reaches(self, ratio: float) -> bool:
         """Whether some measured point is at most 1 - ratio of the unpruned net's latency."""
@@ -266,14 +277,7 @@ class LatencyProfile:
         rising along the order by more than the points' spread, or a spread larger than the steps between points."""
         if len(self.errors) != len(self.relative) or len(self.relative) < 3:
             return []
-        notes = []
-        for i in range(1, len(self.relative)):
-            rise = self.relative[i] - self.relative[i - 1]
-            if rise > 2 * math.hypot(self.errors[i], self.errors[i - 1]):
-                notes.append(
-                    f"latency rises from {self.relative[i - 1]:.3f} at {self.prefixes[i - 1]} structures to "
-                    f"{self.relative[i]:.3f} at {self.prefixes[i]}, beyond the timing spread"
-                )
+        notes = [note for note in self._rises() if note]
         steps = np.abs(np.diff(self.relative))
         margin = 2 * statistics.median(self.errors[1:])
         if margin > statistics.median(steps):
