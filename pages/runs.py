@@ -32,13 +32,13 @@ def deleted_note(what: str, kept: list[str], orphans: list[dict]) -> str:
             f"Its analyses {names} stay listed: their results still open, but the weights they were computed on "
             "were the job's and are gone (delete them below if you no longer need them)."
         )
-    return "  \n".join(plain(line) for line in lines)
+    return "\n\n".join(lines)
 
 
 st.title("Runs")
 store = workspace()
 if "runs-deleted" in st.session_state:
-    st.success(st.session_state.pop("runs-deleted"), icon=":material/delete:")
+    st.success(plain(st.session_state.pop("runs-deleted")), icon=":material/delete:")
 mark_stale_jobs(store)
 
 st.subheader("Analyses")

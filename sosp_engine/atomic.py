@@ -74,7 +74,7 @@ def read_regular(path: str | Path, limit: int) -> bytes:
         size = os.fstat(fh.fileno()).st_size
         if size > limit:
             raise SospError(
-                f"'{path}' is {size:,} bytes, more than the {limit:,} such a file can need; not read"
+                f"'{path}' is {size:,} bytes, more than the {limit:,} such a file can need; it was not read"
             )
         return fh.read(limit + 1)[:limit]
 

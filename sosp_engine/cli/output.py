@@ -21,7 +21,7 @@ def print_damaged(what: str, damaged: list[str]) -> None:
         print(terminal_text(f"{record_id}  damaged    {why}"))
         progress_line(
             terminal_text(
-                f"warning: {what} record {record_id} is not used ({what}s delete {record_id} --yes removes it)"
+                f"warning: {what} record {record_id} is not used, {why} (jobs delete {record_id} --yes removes it)"
             )
         )
 

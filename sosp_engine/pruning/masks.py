@@ -230,7 +230,7 @@ def _mask_text(path: Path) -> str:
     except NotAFileError as exc:
         raise MaskError(f"mask file {exc}: give the mask.json of an analysis") from None
     except SospError as exc:
-        raise MaskError(f"mask file {exc}: a mask of even the largest model is smaller") from None
+        raise MaskError(f"mask file {exc} (a mask of even the largest model is smaller)") from None
 
 
 def mask_meta(path: str | Path) -> dict:
