@@ -18,7 +18,6 @@ from sosp_engine.latency.deployment import efficiency_summary, efficiency_table,
 from sosp_engine.latency.profile import (
     LATENCY_UNIT,
     PROFILE_NAME,
-    LatencyComparison,
     matching_profile,
     measure_profile,
     refine_at_targets,
@@ -170,14 +169,7 @@ def latency_result(
 ) -> None:
     """The mask at a latency target: its measured latency with the spread, the profile chart, the downloads."""
     summary = mask_summary(workbench.structures, mask)
-    at = profile.prefixes.index(len(mask)) if len(mask) in profile.prefixes else None
-    relative = profile.relative[at] if at is not None else float(profile.predict(len(mask)))
-    error = (
-        profile.errors[at]
-        if at is not None and len(profile.errors) == len(profile.relative)
-        else float("nan")
-    )
-    measured = LatencyComparison(relative * profile.reference_seconds, relative, error)
+    measured = profile.at(len(mask))
     (st.success if measured.resolved and not profile.noise() else st.warning)(
         plain(
             f"In {profile.where()} the unpruned net takes {1000 * profile.reference_seconds:.2f} ms. Pruned at "

@@ -1,13 +1,19 @@
-"""A self-contained HTML report of an analysis or comparison: config, charts and tables in one file."""
+"""Self-contained HTML reports: the design review of an analysis (`review_report`), and comparisons and studies
+(config, charts and tables in one file)."""
 
 from __future__ import annotations
 
 import html
 import time
+from dataclasses import dataclass, field
 from pathlib import PurePath
 
 import pandas as pd
 import plotly.graph_objects as go
+
+from sosp_engine.experiments.review import MaskAccuracy
+from sosp_engine.saliency.analysis import AnalysisConfig
+from sosp_engine.saliency.methods import METHOD_LABELS
 
 
 def _label(key: object) -> str:
@@ -76,4 +82,139 @@ def analysis_report(
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head>"
         f"<body>{''.join(parts)}</body></html>"
+    )
+
+
+OPTION_LABELS = {  # analysis options as a reviewer reads them; the others are shown only where they matter
+    "samples": "samples N'",
+    "cap": "largest share pruned per layer",
+    "min_channels": "narrowest width kept per layer",
+    "normalize": "saliency normalised by",
+    "loss": "loss",
+    "seed": "seed",
+}
+
+
+def _sampled_labels(mc_labels: int) -> str:
+    if mc_labels == 0:
+        return "every output"
+    if mc_labels < 0:
+        return "every output up to 100 outputs, else 16 sampled labels"
+    return f"{mc_labels} sampled labels per sample"
+
+
+def _table_html(frame: pd.DataFrame) -> str:
+    """A table a person reads: column labels in words, counts with thousands separators, ratios in percent."""
+    from app.tables import PERCENT, _label
+
+    shown = pd.DataFrame(index=frame.index)
+    for column in frame.columns:
+        values, name = frame[column], str(column)
+        if pd.api.types.is_bool_dtype(values):
+            shown[_label(name)] = values.map({True: "yes", False: "no"})
+        elif pd.api.types.is_integer_dtype(values):
+            shown[_label(name)] = values.map(lambda v: f"{v:,}")
+        elif pd.api.types.is_float_dtype(values) and any(p in name for p in PERCENT):
+            shown[_label(name)] = values.map(lambda v: "" if v != v else f"{v:.1%}")
+        elif pd.api.types.is_float_dtype(values):
+            shown[_label(name)] = values.map(lambda v: "" if v != v else f"{v:,.3g}")
+        else:
+            shown[_label(name)] = values.map(lambda v: _shareable(str(v)))
+    return shown.to_html(index=False, escape=True)
+
+
+def _facts(rows: list[tuple[str, str]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table class='cfg'>{body}</table>"
+
+
+@dataclass
+class Review:
+    """What a design review of one analysis at one mask shows; each measurement is None where it was not made."""
+
+    name: str
+    config: AnalysisConfig
+    weights_origin: str
+    ratio: float
+    unit: str
+    summary: dict
+    layers: pd.DataFrame
+    bottlenecks: pd.DataFrame
+    bottleneck_text: str
+    exactness: str
+    figures: list[go.Figure]
+    accuracy: MaskAccuracy | None = None
+    finetuned_accuracy: float | None = None
+    trust: list[str] = field(default_factory=list)
+    latency: str | None = None
+
+
+def review_report(review: Review) -> str:
+    """One HTML page for a design review: what was analysed and on which weights, what the mask removes and costs in
+    accuracy and latency, whether the ranking and the removal can be trusted, and the bottlenecks with their
+    evidence; plotly.js inlined once, so it opens offline; it prints on one landscape page."""
+    config, s = review.config, review.summary
+    analysed = [
+        ("model", _shareable(config.setup.model_spec)),
+        ("data", _shareable(config.setup.data_spec)),
+        ("weights", review.weights_origin),
+        (
+            "method",
+            METHOD_LABELS.get(config.method, config.method)
+            + (" at initialisation" if config.at_init else ""),
+        ),
+        *[(label, _value(key, getattr(config, key))) for key, label in OPTION_LABELS.items() if key != "cap"],
+        ("largest share pruned per layer", f"{config.cap:.0%}"),
+    ]
+    if config.method == "sosp-i":
+        analysed.append(("Gauss-Newton outputs", _sampled_labels(config.mc_labels)))
+    removed = [
+        ("target", f"{review.ratio:.0%} of the {review.unit}"),
+        (
+            "structures pruned",
+            f"{s['structures_pruned']:,} of {s['structures']:,} ({s['structure_ratio']:.1%})",
+        ),
+        ("parameters", f"{s['params_before']:,} -> {s['params_after']:,} ({s['param_ratio']:.1%} fewer)"),
+        ("MACs per sample", f"{s['macs_before']:,} -> {s['macs_after']:,} ({s['mac_ratio']:.1%} fewer)"),
+        ("latency", review.latency or "not measured: 'Prune to a latency target' on the Pruning ratios page"),
+    ]
+    measured = review.accuracy
+    accuracy = [
+        ("before pruning", f"{measured.before:.2%}" if measured else "not measured"),
+        ("right after pruning", f"{measured.after_pruning:.2%}" if measured else "not measured"),
+        (
+            "after fine-tuning",
+            f"{review.finetuned_accuracy:.2%}"
+            if review.finetuned_accuracy is not None
+            else "not measured here (finetune, or a train-prune job, measures it)",
+        ),
+    ]
+    if measured:
+        accuracy.append(("measured on", f"the test split, {measured.samples:,} samples, no fine-tuning"))
+    trust = review.trust or ["not checked: 'Can its ranking be trusted?' on the Pruning ratios page"]
+    flagged = review.bottlenecks[review.bottlenecks.flagged]
+    evidence = flagged[["rank", "unit", "stage", "pruning_ratio", "network_mean", "score", "why"]]
+    parts = [
+        f"<h1>{html.escape(review.name)}</h1>",
+        f"<p class='when'>Generated by SOSP Lab on {time.strftime('%Y-%m-%d %H:%M')}</p>",
+        "<div class='cols'><div><h2>What was analysed</h2>" + _facts(analysed) + "</div>",
+        "<div><h2>What the mask removes</h2>" + _facts(removed),
+        "<h2>Accuracy</h2>" + _facts(accuracy) + "</div></div>",
+        "<h2>Can it be trusted?</h2>"
+        + _facts([("ranking", "; ".join(trust)), ("removal", review.exactness)]),
+        f"<h2>Bottlenecks</h2><p>{html.escape(review.bottleneck_text)}</p>",
+        _table_html(evidence) if not evidence.empty else "",
+    ]
+    parts += [fig.to_html(include_plotlyjs=i == 0, full_html=False) for i, fig in enumerate(review.figures)]
+    parts.append("<h2>Per layer</h2>" + _table_html(review.layers))
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:2em;color:#222} table{border-collapse:collapse;margin:.5em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left} .cfg th{background:#f3f6fa;font-weight:600}"
+        "td{font-variant-numeric:tabular-nums} .cols{display:flex;gap:3em;flex-wrap:wrap} .when{color:#666}"
+        ".cols>div{flex:1 1 30em;max-width:48em}"
+        "@media print{@page{size:A4 landscape;margin:1cm} body{margin:0;font-size:10pt}}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(review.name)}</title>"
+        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"
     )

@@ -12,9 +12,10 @@ from app.guard import user_errors
 from app.pickers import chosen_analysis
 from app.latency_view import deployment_section, latency_section
 from app.sensitivity_view import sensitivity_section
-from app.report import analysis_report
+from app.report import review_report
+from app.review import review_of
 from app.tables import table as show_table
-from sosp_engine.experiments.bottlenecks import explain, find_bottlenecks
+from sosp_engine.experiments.review import mask_accuracy
 from sosp_engine.pruning.exactness import exactness_line
 from sosp_engine.pruning.masks import layer_table, mask_json, mask_summary
 
@@ -74,29 +75,24 @@ export_buttons(
 )
 st.subheader("Per-layer table")
 show_table(table)
-bottlenecks, rule = find_bottlenecks(table)
-report = analysis_report(
-    f"SOSP Lab analysis: {record['name']}",
-    {
-        **record["config"],
-        "weights used": result.config.weights_label(),
-        "ratio": ratio,
-        "unit": unit,
-        **{k: v for k, v in summary.items()},
-    },
-    [hist, profile],
-    {
-        "Bottleneck layers (pruning ratio below mean - 1 std)": bottlenecks[bottlenecks.flagged][
-            ["rank", "unit", "stage", "pruning_ratio", "why"]
-        ],
-        "Per-layer table": table,
-    },
-    notes=" ".join(
-        [explain(bottlenecks, rule)] + st.session_state.get(("trust-verdicts", record["name"]), [])
-    ),
-)
-st.download_button(
-    "Analysis report (HTML)",
+review = review_of(record, result, workbench, mask, ratio, unit, table, [hist, profile])
+cols = st.columns([1, 3])
+if cols[0].button(
+    "Measure accuracy for the report",
+    icon=":material/speed:",
+    help="test split, before and right after pruning",
+):
+    with user_errors("Measuring the accuracy", stop=False):
+        st.session_state[("review-accuracy", record["id"], len(mask))] = mask_accuracy(workbench, mask)
+        st.rerun()
+if review.accuracy is not None:
+    cols[0].caption(
+        f"Test accuracy {review.accuracy.before:.2%} before pruning, {review.accuracy.after_pruning:.2%} right "
+        "after (in the report)"
+    )
+report = review_report(review)
+cols[1].download_button(
+    "Design review report (HTML)",
     report,
     file_slug(f"report {record['name']} {ratio:.0%} of {unit}") + ".html",
     "text/html",

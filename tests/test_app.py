@@ -767,3 +767,11 @@ def test_a_latency_target_gives_the_same_mask_on_the_ratios_page_as_in_the_cli(
     assert not at.exception and not at.error
     said = " ".join(s.value for s in at.success)
     assert f"Pruned at {pruned} structures" in said and "faster (+- 0.2%)" in said
+
+
+def test_the_ratios_page_measures_accuracy_for_its_design_review(stored):
+    at = open_page("ratios")
+    widget(at.button, "Measure accuracy for the report").click().run()
+    assert not at.exception and not at.error
+    assert any("before pruning" in c.value and "right after (in the report)" in c.value for c in at.caption)
+    assert any(b.label == "Design review report (HTML)" for b in at.get("download_button"))

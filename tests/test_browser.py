@@ -111,6 +111,7 @@ def test_the_demo_runs_an_analysis_shows_the_histogram_and_exports(server, tmp_p
             page.get_by_role("button", name="CSV").first.click()
         exported = Path(download.value.path())
         assert exported.stat().st_size > 100 and b"pruning_ratio" in exported.read_bytes()
+        review_report_opens_with_every_item(page, shots)
 
         for name, ready in READY.items():
             page.goto(f"{server}/{name}")
@@ -118,6 +119,33 @@ def test_the_demo_runs_an_analysis_shows_the_histogram_and_exports(server, tmp_p
             settled(page)
             assert page.locator("[data-testid='stException']").count() == 0
             page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+
+
+def review_report_opens_with_every_item(page, shots: Path) -> None:
+    """The Ratios page's design review, with the accuracy measured, downloaded and opened in the browser at
+    1440x900: every item a reviewer asks for is on it (its screenshot: docs/screenshots/review-report.png)."""
+    page.get_by_role("button", name="Measure accuracy for the report").click()
+    page.get_by_text("right after (in the report)").wait_for(timeout=120_000)
+    settled(page)
+    with page.expect_download(timeout=30_000) as download:
+        page.get_by_role("button", name="Design review report (HTML)").click()
+    saved = shots / "review-report.html"
+    download.value.save_as(saved)
+    report = page
+    report.goto(saved.as_uri())
+    for item in (
+        "What was analysed",
+        "the shipped demo checkpoint",
+        "before pruning",
+        "right after pruning",
+        "after fine-tuning",
+        "Can it be trusted?",
+        "latency",
+        "Bottlenecks",
+        "Per layer",
+    ):
+        expect(report.get_by_text(item).first).to_be_visible()
+    report.screenshot(path=str(shots / "review-report.png"))
 
 
 def test_a_tiny_study_launches_from_the_studies_page_and_charts_its_cells(server, tmp_path):

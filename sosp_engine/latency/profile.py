@@ -208,6 +208,25 @@ class LatencyProfile:
         """Latency relative to the unpruned net at a prefix length, interpolated between the measured prefixes."""
         return np.interp(prefix, self.prefixes, self.relative)
 
+    def at(self, prefix: int) -> "LatencyComparison":
+        """The net pruned at `prefix` against the unpruned one: measured where it is a point of the profile, else
+        interpolated between the points around it (spread too; nan where the profile kept none)."""
+        relative = float(self.predict(prefix))
+        if len(self.errors) == len(self.relative):
+            error = float(np.interp(prefix, self.prefixes, self.errors))
+        else:
+            error = float("nan")
+        return LatencyComparison(relative * self.reference_seconds, relative, error)
+
+    def describe_at(self, prefix: int) -> str:
+        """One line for a report: the latency at `prefix`, measured or interpolated, with its spread and where."""
+        how = "measured" if prefix in self.prefixes else "interpolated from the profile"
+        latency = self.at(prefix)
+        return (
+            f"{1000 * self.reference_seconds:.2f} ms -> {1000 * latency.seconds:.2f} ms, {latency.change()} "
+            f"({how}, {self.where()})"
+        )
+
     def prefix_for(self, ratio: float, n_prunable: int, stops: list[int] | None = None) -> int:
         """The shortest prefix (a rounding stop if given) whose predicted latency is at most 1 - ratio of the
         unpruned net's."""
