@@ -11,6 +11,7 @@ import streamlit as st
 from app.charts import efficiency_chart, latency_profile_chart
 from app.export import export_buttons, file_slug
 from app.guard import user_errors
+from app.state import kept
 from app.text import plain, text_only
 from sosp_engine.saliency.analysis import AnalysisResult
 from sosp_engine.devices import resolve_device
@@ -46,16 +47,16 @@ def deployment_section(record: dict, result: AnalysisResult, workbench: Workbenc
     )
     cols = st.columns(5)
     runtimes = cols[0].multiselect(
-        "Runtimes", RUNTIMES, default=list(RUNTIMES), key="dep-runtimes", help=RUNTIME_HELP
+        "Runtimes", RUNTIMES, key=kept("dep-runtimes", list(RUNTIMES)), help=RUNTIME_HELP
     )
     batches = cols[1].multiselect(
-        "Batch sizes", [1, 8, 16, 32, 64, 128, 256], default=[1, 64], key="dep-batches"
+        "Batch sizes", [1, 8, 16, 32, 64, 128, 256], key=kept("dep-batches", [1, 64])
     )
     round_to = cols[2].selectbox(
-        "Also rounded to", [1, 8, 16], index=1, key="dep-round", help="1: only as analysed"
+        "Also rounded to", [1, 8, 16], key=kept("dep-round", 8), help="1: only as analysed"
     )
-    points = cols[3].number_input("Points per order", 2, 21, 5, key="dep-points")
-    device = cols[4].selectbox("Timing device", ["auto", "cpu", "cuda"], key="dep-device")
+    points = cols[3].number_input("Points per order", 2, 21, key=kept("dep-points", 5))
+    device = cols[4].selectbox("Timing device", ["auto", "cpu", "cuda"], key=kept("dep-device", "auto"))
     key = ("deployment", record["id"], tuple(runtimes), tuple(batches), int(round_to), int(points), device)
     if st.button("Measure what the masks buy", icon=":material/speed:", key="dep-run"):
         if not runtimes or not batches:
@@ -117,11 +118,11 @@ def latency_section(record: dict, result: AnalysisResult, workbench: Workbench) 
         "mask is the shortest prefix whose interpolated latency reaches the target."
     )
     cols = st.columns(5)
-    device = cols[0].selectbox("Timing device", ["auto", "cpu", "cuda"], key="lat-device")
-    runtime = cols[1].selectbox("Runtime", RUNTIMES, key="lat-runtime", help=RUNTIME_HELP)
-    batch = cols[2].number_input("Timed batch size", 1, 4096, 1, key="lat-batch")
-    points = cols[3].number_input("Timed points", 3, 41, 12, key="lat-points")
-    target = cols[4].slider("Latency drop", 0.0, 0.95, 0.3, 0.05, format="%.2f", key="lat-target")
+    device = cols[0].selectbox("Timing device", ["auto", "cpu", "cuda"], key=kept("lat-device", "auto"))
+    runtime = cols[1].selectbox("Runtime", RUNTIMES, key=kept("lat-runtime", RUNTIMES[0]), help=RUNTIME_HELP)
+    batch = cols[2].number_input("Timed batch size", 1, 4096, key=kept("lat-batch", 1))
+    points = cols[3].number_input("Timed points", 3, 41, key=kept("lat-points", 12))
+    target = cols[4].slider("Latency drop", 0.0, 0.95, step=0.05, format="%.2f", key=kept("lat-target", 0.3))
     folder, timed_on = Path(record["path"]), resolve_device(device)
     if st.button("Measure the latency profile", icon=":material/timer:", key="lat-run"):
         bar = st.progress(0.0, text="starting ...")

@@ -19,6 +19,19 @@ def unique_labels(labels: dict[str, str]) -> dict[str, str]:
     return {key: label if counts[label] == 1 else f"{label} · {key}" for key, label in labels.items()}
 
 
+CURRENT_ANALYSIS = "last_analysis"
+
+
+def default_analysis(records: list[dict]) -> str:
+    """The analysis a page opens on before one was chosen: the newest on trained weights that a person ran (not one a
+    job listed, not one at initialisation), else the newest."""
+    for record in records:
+        config = record["config"]
+        if not config.get("at_init") and not record["name"].endswith(")"):
+            return record["id"]
+    return records[0]["id"]
+
+
 def analysis_picker(label: str = "Analysis", key: str = "analysis", default_index: int = 0) -> dict | None:
     """Select one stored analysis; None (with a hint) when the workspace has none yet."""
     records = workspace().analyses()
@@ -26,14 +39,16 @@ def analysis_picker(label: str = "Analysis", key: str = "analysis", default_inde
         st.info("No analysis in this workspace yet: run one on the **Analyse** page.")
         return None
     names = {r["id"]: f"{r['name']}  ·  {r['model_spec']}  ·  {r['id']}" for r in records}
-    chosen = st.session_state.get("last_analysis") if key == "analysis" else None
+    chosen = st.session_state.get(CURRENT_ANALYSIS) if key == "analysis" else None
     ids = list(names)
+    if key == "analysis" and chosen not in ids:
+        chosen = default_analysis(records)
     index = ids.index(chosen) if chosen in ids else min(default_index, len(ids) - 1)
     record_id = st.selectbox(
         label, ids, index=index, format_func=lambda i: terminal_text(names.get(i)), key=key
     )
     if key == "analysis":
-        st.session_state["last_analysis"] = record_id
+        st.session_state[CURRENT_ANALYSIS] = record_id  # the analysis every page opens on until changed here
     return next(r for r in records if r["id"] == record_id)
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from app.pickers import CURRENT_ANALYSIS
 from app.text import plain
 
 from app.guard import user_errors
@@ -41,7 +42,16 @@ def render_sidebar(slot, threads: int) -> None:
             f"**Data** {plain(choice.data_spec)}  \n"
             f"**Device** {plain(_device_label())}, {plain(counted(threads, 'CPU thread'))}"
         )
+        current = current_analysis_name(store)
+        if current:
+            st.markdown(f"**Analysis** {plain(current)}", help="the analysis the pages open on")
         jobs_line()
+
+
+def current_analysis_name(store) -> str | None:
+    """The name of the analysis the pages share (chosen on any of them), or None before one was chosen."""
+    chosen = st.session_state.get(CURRENT_ANALYSIS)
+    return next((r["name"] for r in store.analyses() if r["id"] == chosen), None) if chosen else None
 
 
 ACTIVE = ("starting", "running", "queued")

@@ -775,3 +775,22 @@ def test_the_ratios_page_measures_accuracy_for_its_design_review(stored):
     assert not at.exception and not at.error
     assert any("before pruning" in c.value and "right after (in the report)" in c.value for c in at.caption)
     assert any(b.label == "Design review report (HTML)" for b in at.get("download_button"))
+
+
+def test_the_pages_share_one_current_analysis_shown_in_the_sidebar(stored):
+    at = open_page("bottlenecks")
+    trained = next(r["id"] for r in stored.analyses() if r["name"] == "after training")
+    assert widget(at.selectbox, "Analysis").value == trained  # not the newer one at initialisation
+    at_init = next(r["id"] for r in stored.analyses() if r["name"] == "at init")
+    widget(at.selectbox, "Analysis").set_value(at_init).run()
+    at.switch_page("../pages/ratios.py").run()
+    assert widget(at.selectbox, "Analysis").value == at_init
+    assert any("**Analysis** at init" in m.value for m in at.sidebar.markdown)
+
+
+def test_the_latency_settings_survive_a_visit_to_another_page(stored):
+    at = open_page("ratios")
+    widget(at.slider, "Latency drop").set_value(0.5).run()
+    at.switch_page("../pages/model.py").run()
+    at.switch_page("../pages/ratios.py").run()
+    assert widget(at.slider, "Latency drop").value == 0.5
