@@ -98,11 +98,27 @@ with st.form("model_form"):
         elif source != "random init":
             weights = source
         wanted = ModelSetup(model_spec.strip(), data_spec.strip(), weights)
+        set_aside = st.session_state.pop("model-weights-set-aside", None)
+        if (
+            weights is None
+            and source == "random init"
+            and made_for.get(set_aside)
+            == (
+                wanted.model_spec,
+                wanted.data_spec,
+            )
+        ):  # the weights an earlier model change set aside fit again: they come back, said plainly
+            wanted = wanted.with_weights(set_aside)
+            st.session_state["model-weights-note"] = (
+                f"The weights '{stored[set_aside]}' fit {wanted.model_spec} on {wanted.data_spec} again, so they were "
+                "loaded back; pick 'random init' under Weights and load again for an untrained net."
+            )
         if weights in made_for and made_for[weights] != (wanted.model_spec, wanted.data_spec):
             spec, data = made_for[
                 weights
             ]  # stored weights follow their own model: another model starts afresh
             wanted = wanted.with_weights(None)
+            st.session_state["model-weights-set-aside"] = weights
             st.session_state["model-weights-note"] = (
                 f"The weights '{stored[weights]}' were trained for {spec} on {data}, so {wanted.model_spec} on "
                 f"{wanted.data_spec} was loaded with random init; pick weights of this model under Weights to use them."

@@ -794,3 +794,16 @@ def test_the_latency_settings_survive_a_visit_to_another_page(stored):
     at.switch_page("../pages/model.py").run()
     at.switch_page("../pages/ratios.py").run()
     assert widget(at.slider, "Latency drop").value == 0.5
+
+
+def test_weights_set_aside_for_another_model_come_back_with_a_note_when_they_fit_again(fresh):
+    from app.state import DEMO_WEIGHTS
+
+    at = open_page("model")
+    widget(at.text_input, "Model spec").set_value("resnet32")  # the demo's weights do not fit: set aside
+    widget(at.button, "Load model").click().run()
+    widget(at.text_input, "Model spec").set_value("resnet20")
+    widget(at.button, "Load model").click().run()
+    assert not at.error and not at.exception
+    assert at.session_state["model_choice"].weights == DEMO_WEIGHTS
+    assert any("fit resnet20 on digits again" in shown(i.value) for i in at.info)
