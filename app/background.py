@@ -34,6 +34,7 @@ class RunningAnalysis:
     error: str | None = None
     started: float = field(default_factory=time.time)
     shown: bool = False  # the page has rerun once since it finished (so the stored-analyses table lists it)
+    cancel_said: bool = False  # the cancellation was reported once
 
 
 @st.cache_resource
@@ -71,3 +72,8 @@ def start_analysis(
 
 def running_analysis(key: str) -> RunningAnalysis | None:
     return _running().get(key)
+
+
+def forget_analysis(key: str) -> None:
+    """Drop a finished analysis thread's outcome, once it has been shown."""
+    _running().pop(key, None)

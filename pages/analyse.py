@@ -9,7 +9,7 @@ import streamlit as st
 
 from app.text import plain
 
-from app.background import CANCELLED, running_analysis, start_analysis
+from app.background import CANCELLED, running_analysis, start_analysis, forget_analysis
 from app.guard import user_errors
 from app.pickers import analyses_frame
 from app.state import current_choice, kept, workbench, workspace
@@ -151,6 +151,7 @@ def analysis_progress() -> None:
         current.shown = True
         st.rerun()
     if current.error == CANCELLED:
+        current.cancel_said = True  # shown for this visit of the page; the next visit forgets it
         st.warning("The analysis was cancelled; nothing was stored.")
         return
     if current.error:
@@ -172,6 +173,8 @@ def analysis_progress() -> None:
     st.info("Open **Pruning ratios** in the sidebar to study its layer-wise profile.")
 
 
+if (finished := running_analysis(key)) is not None and finished.cancel_said:
+    forget_analysis(key)  # a cancellation reported on an earlier visit is not news any more
 analysis_progress()
 
 st.subheader("Stored analyses")

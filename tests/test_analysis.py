@@ -168,3 +168,20 @@ def test_a_second_analysis_of_the_same_net_reuses_the_exactness_verdict(workbenc
 def test_other_weights_are_measured_again(workbench):
     fresh = run_analysis(workbench, AnalysisConfig(method="magnitude", samples=40, at_init=True, seed=987))
     assert fresh.exactness["reused"] is False and fresh.exactness["seconds"] > 0
+
+
+def test_an_analysis_says_what_it_does_before_its_kernel_starts():
+    from sosp_engine.nets.setup import ModelSetup
+    from sosp_engine.pruning.workbench import open_workbench
+    from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
+
+    said = []
+    run_analysis(
+        open_workbench(ModelSetup("resnet20x0.25", "digits")),
+        AnalysisConfig(method="sosp-h", samples=8, batch_size=4, memory_budget_gb=4.0),
+        progress=lambda fraction, message: said.append(message),
+    )
+    assert said[:3] == ["drawing 8 samples", "copying the model", said[2]] and said[2].startswith(
+        "measuring the memory"
+    )
+    assert any("exactness" in m for m in said) and said[-1] == "done"

@@ -421,8 +421,10 @@ def run_analysis(
     config.validate()
     timings: dict[str, float] = {}
     device = resolve_device(config.setup.device)
+    report(progress, 0.0, f"drawing {config.samples:,} samples")
     with timed(timings, "samples"):
         x, y = _analysis_samples(workbench, config)
+    report(progress, 0.0, "re-estimating BatchNorm statistics" if config.at_init else "copying the model")
     with timed(timings, "batchnorm_statistics" if config.at_init else "model_copy"):
         model = analysed_model(workbench, config, x, device)
         x = x.to(next(model.parameters()).dtype)
@@ -442,6 +444,7 @@ def run_analysis(
 
     batch, memory = config.batch_size, None
     if config.memory_budget_gb is not None and min(batch, len(y)) > 1:
+        report(progress, 0.0, "measuring the memory it takes per sample (on 1, 2, 4, ... samples)")
         with timed(timings, "memory_probe"):
             batch, memory = _batch_within_budget(
                 lambda n: ranking_of(n, n), device, min(batch, len(y)), config
@@ -457,6 +460,7 @@ def run_analysis(
     _require_ranking(ranking.saliency, config, y)
     timings["saliency"], timings["selection"] = ranking.saliency_seconds, ranking.selection_seconds
     fingerprint = weights_fingerprint(model)
+    report(progress, 0.97, "measuring that pruning equals zero-masking (exactness)")
     with timed(timings, "exactness"):
         half = {
             workbench.structures.keys[i] for i in ranking.pruning_order[: ranking.n_prunable // 2].tolist()
