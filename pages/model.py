@@ -93,6 +93,11 @@ with st.form("model_form"):
         weights = None
         if upload is not None:
             weights = str(store.save_upload(upload.name, upload.getvalue()))
+            if path.strip() or source not in ("random init", "checkpoint path"):
+                st.session_state["model-weights-note"] = (
+                    f"The uploaded file '{upload.name}' was loaded; what Weights and Checkpoint path say was not "
+                    "used (remove the upload to load those)."
+                )
         elif source == "checkpoint path":
             weights = path.strip() or None
         elif source != "random init":

@@ -245,3 +245,24 @@ def test_a_walk_keeps_the_state_shown_true_after_a_failed_load_and_between_pages
         expect(page.get_by_role("textbox", name="Name (optional)")).to_have_value("walk", timeout=60_000)
         settled(page)
         assert page.locator("[data-testid='stException']").count() == 0
+
+
+def test_an_upload_says_that_it_wins_over_a_typed_path(server, tmp_path):
+    import torch
+
+    from sosp_engine.nets import build_model
+
+    server, _ = server
+    weights = tmp_path / "mine.pt"
+    torch.save(build_model("resnet20", 10, 1).state_dict(), weights)
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(server)
+        page.get_by_text("272,186").wait_for(timeout=60_000)
+        settled(page)
+        page.get_by_role("textbox", name="Checkpoint path").fill("/somewhere/else.pt")
+        page.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(str(weights))
+        page.get_by_text("mine.pt").first.wait_for(timeout=30_000)
+        page.get_by_role("button", name="Load model").click()
+        page.get_by_text("The uploaded file 'mine.pt' was loaded").wait_for(timeout=60_000)
+        assert page.locator("[data-testid='stException']").count() == 0
