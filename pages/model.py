@@ -143,6 +143,8 @@ with user_errors("Loading the model"):
 if "model-weights-note" in st.session_state:
     st.info(plain(st.session_state.pop("model-weights-note")), icon=":material/info:")
 
+if bench.data.note:
+    st.caption(plain(f"Data: {bench.data.note}."))
 summary = mask_summary(bench.structures)
 metrics = st.columns(5)
 metrics[0].metric("Prunable layers", len(bench.structures.layers))

@@ -113,3 +113,32 @@ def test_model_data_shape_mismatch_is_named():
 def test_model_class_count_mismatch_is_named():
     with pytest.raises(DataSpecError, match="has 10 classes"):
         check_model_fits_data(build_model("resnet20", 7, 1), load_data("digits"))
+
+
+def test_an_image_folder_says_how_its_images_are_resized(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from sosp_engine.cli.main import main
+
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("RGB", (40, 30)).save(tmp_path / split / label / "a.png")
+    assert (
+        main(
+            [
+                "info",
+                "--model",
+                "resnet20x0.25",
+                "--data",
+                f"imagefolder:{tmp_path}",
+                "--out",
+                str(tmp_path / "i.json"),
+            ]
+        )
+        == 0
+    )
+    note = json.loads((tmp_path / "i.json").read_text())["data_note"]
+    assert "resized to 256 pixels on the short side" in note and "224x224" in note

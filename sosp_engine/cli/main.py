@@ -80,6 +80,7 @@ def cmd_info(args: argparse.Namespace) -> dict:
         "data": args.data,
         "num_classes": wb.data.num_classes,
         "input_shape": list(wb.data.input_shape),
+        **({"data_note": wb.data.note} if wb.data.note else {}),
         "layers": len(wb.structures.layers),
         "structures": summary["structures"],
         "params": summary["params_before"],

@@ -51,6 +51,7 @@ class DataBundle:
     test: Dataset
     num_classes: int
     input_shape: tuple[int, int, int]
+    note: str = ""  # what the loader does to the data that a user should know (resizing), in words
 
     def loader(
         self,
@@ -289,7 +290,15 @@ def _imagefolder(path: str, image_size: int = 224) -> DataBundle:
             "classifier needs at least 2 classes, one sub-folder of images each"
         )
     return DataBundle(
-        f"imagefolder:{root}", train, train_eval, val, val, len(train.classes), (3, image_size, image_size)
+        f"imagefolder:{root}",
+        train,
+        train_eval,
+        val,
+        val,
+        len(train.classes),
+        (3, image_size, image_size),
+        note=f"images of any size are resized to {int(image_size * 8 / 7)} pixels on the short side and centre-"
+        f"cropped to {image_size}x{image_size} (training: random resized crops of {image_size}x{image_size})",
     )
 
 
