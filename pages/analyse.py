@@ -20,6 +20,7 @@ from sosp_engine.latency.runtimes import RUNTIMES
 from sosp_engine.saliency.memory import default_budget
 
 st.title("Analyse")
+progress_slot = st.container()  # a running analysis's bar and Cancel stay at the top, above the form
 choice = current_choice()
 st.caption(
     plain(
@@ -28,7 +29,11 @@ st.caption(
     )
 )
 
-with st.form("analysis_form"):
+key = st.session_state.setdefault("analysis_key", uuid.uuid4().hex)  # this browser session's analysis thread
+busy = (ongoing := running_analysis(key)) is not None and not ongoing.finished
+# while an analysis runs, its settings fold away, so its bar and Cancel at the top are in view at any window size
+settings = "Settings (folded while the analysis runs)" if busy else "Settings"
+with st.expander(settings, expanded=not busy), st.form("analysis_form"):
     cols = st.columns(3)
     method = cols[0].selectbox(
         "Method", METHODS, format_func=METHOD_LABELS.get, key=kept("an-method", METHODS[0])
@@ -105,7 +110,6 @@ with st.form("analysis_form"):
     name = st.text_input("Name (optional)", placeholder="e.g. SOSP-H after training", key=kept("an-name", ""))
     run = st.form_submit_button("Run analysis", type="primary", icon=":material/play_arrow:")
 
-key = st.session_state.setdefault("analysis_key", uuid.uuid4().hex)  # this browser session's analysis thread
 if run:
     current = running_analysis(key)
     if current is not None and not current.finished:
@@ -132,6 +136,7 @@ if run:
             config = AnalysisConfig.of(replace(bench.setup, device=device), options)
             config.validate()
             start_analysis(key, bench, config, name, workspace())
+        st.rerun()  # the settings fold away and the bar shows at the top
 
 
 @st.fragment(run_every=1)
@@ -175,7 +180,8 @@ def analysis_progress() -> None:
 
 if (finished := running_analysis(key)) is not None and finished.cancel_said:
     forget_analysis(key)  # a cancellation reported on an earlier visit is not news any more
-analysis_progress()
+with progress_slot:
+    analysis_progress()
 
 st.subheader("Stored analyses")
 records = workspace().analyses()
