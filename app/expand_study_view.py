@@ -8,7 +8,7 @@ import streamlit as st
 
 from app.charts import accuracy_vs_size
 from app.export import export_buttons, file_slug
-from app.tables import shown_frame
+from app.tables import table as show_table
 from sosp_engine.shown import safe_csv
 from app.guard import user_errors
 from app.report import analysis_report
@@ -62,17 +62,7 @@ def expand_study_view(job_id: str) -> None:
         "Matched in parameters; the MACs chart shows what each procedure costs at inference. The star is the "
         "unpruned plain net (its accuracy after the train-prune trials' training)."
     )
-    st.dataframe(
-        shown_frame(table),  # no spread claimed from a single trial
-        hide_index=True,
-        column_config={
-            "test_acc_mean": st.column_config.NumberColumn("test acc (mean)", format="percent"),
-            "test_acc_std": st.column_config.NumberColumn("test acc (std)", format="percent"),
-            "acc_after_pruning_mean": st.column_config.NumberColumn(
-                "acc right after pruning", format="percent"
-            ),
-        },
-    )
+    show_table(table)  # readable columns; no spread claimed from a single trial
     frame = pd.DataFrame(runs)
     with st.expander(f"All {len(runs)} runs, and where each ran"):
         st.dataframe(frame[[c for c in RUN_COLUMNS if c in frame]], hide_index=True)

@@ -71,7 +71,11 @@ def shown_frame(frame: pd.DataFrame) -> pd.DataFrame:
     n = frame["seeds"] if "seeds" in frame else frame["trials"] if "trials" in frame else None
     if n is not None:
         for column in [c for c in frame.columns if str(c).endswith("_std")]:
-            frame[column] = frame[column].where(n > 1)
+            percent = any(p in str(column) for p in PERCENT)
+            frame[column] = [
+                (f"{v:.1%}" if percent else f"{v:,.3g}") if count > 1 and v == v else "n/a (one trial)"
+                for v, count in zip(frame[column], n)
+            ]  # text, so a single trial shows no 0 % and no 'None
     for column in frame.columns:
         if pd.api.types.is_object_dtype(frame[column]) or pd.api.types.is_string_dtype(frame[column]):
             frame[column] = frame[column].map(lambda v: "" if v is None or v is pd.NA or v != v else v)
@@ -80,4 +84,5 @@ def shown_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 def table(frame: pd.DataFrame, **kwargs) -> None:
     """st.dataframe of `frame` with readable, formatted columns (see column_config and shown_frame)."""
-    st.dataframe(shown_frame(frame), hide_index=True, column_config=column_config(frame), **kwargs)
+    shown = shown_frame(frame)
+    st.dataframe(shown, hide_index=True, column_config=column_config(shown), **kwargs)

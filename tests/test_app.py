@@ -587,7 +587,7 @@ def test_a_shown_table_claims_no_spread_from_one_trial_and_shows_no_literal_none
         }
     )
     shown = shown_frame(frame)
-    assert pd.isna(shown.acc_pruned_std[0]) and shown.acc_pruned_std[1] == 0.1
+    assert shown.acc_pruned_std.tolist() == ["n/a (one trial)", "10.0%"]
     assert shown.node.tolist() == ["", "n1"]
     config = column_config(frame)
     assert config["acc_pruned_mean"]["label"] == "accuracy pruned (mean)"

@@ -242,3 +242,16 @@ def test_everything_the_cli_prints_escapes_control_and_bidi_characters(tmp_path,
     captured = capsys.readouterr()
     for text in (captured.out, captured.err):
         assert text.replace("\n", "").replace("\r", "").replace("\t", "").isprintable()
+
+
+def test_a_text_file_renamed_pt_says_what_weights_are_accepted_without_internals(tmp_path, capsys):
+    weights = tmp_path / "notes.pt"
+    weights.write_text("these are my notes, not weights\n")
+    assert main(["info", "--model", "resnet20", "--weights", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "is not a file torch.load can read" in err
+        and "{'state_dict': ...}" in err
+        and "pruned checkpoint" in err
+    )
+    assert "IndexError" not in err and "Only plain state_dicts" not in err
