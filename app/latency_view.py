@@ -124,7 +124,8 @@ def latency_section(record: dict, result: AnalysisResult, workbench: Workbench) 
     points = cols[3].number_input("Timed points", 3, 41, key=kept("lat-points", 12))
     target = cols[4].slider("Latency drop", 0.0, 0.95, step=0.05, format="%.2f", key=kept("lat-target", 0.3))
     folder, timed_on = Path(record["path"]), resolve_device(device)
-    if st.button("Measure the latency profile", icon=":material/timer:", key="lat-run"):
+    measure = st.button("Measure the latency profile", icon=":material/timer:", key="lat-run")
+    if measure:
         bar = st.progress(0.0, text="starting ...")
         with user_errors("Measuring the latency", stop=False):
             measure_profile(
@@ -145,6 +146,15 @@ def latency_section(record: dict, result: AnalysisResult, workbench: Workbench) 
     profile = matching_profile(folder, timed_on, int(batch), runtime)
     if profile is None:
         return
+    if not measure and target not in profile.refined_at:  # timing starts on a click, never on a visit
+        st.info(
+            plain(
+                f"The profile stored with this analysis ({profile.where()}) has not timed the mask at a {target:.0%} "
+                "drop yet."
+            )
+        )
+        if not st.button("Time the mask at this target", icon=":material/timer:", key="lat-refine"):
+            return
     mask = None
     with user_errors("Timing the mask at the latency target", stop=False):
         if refine_at_targets(  # as the CLI does: the mask's own latency is measured, so both give the same mask

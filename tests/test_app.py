@@ -512,9 +512,20 @@ def test_runs_page_names_an_unreachable_ray_cluster_and_keeps_jobs_local(fresh):
     )  # nothing goes to a cluster that was never reached
 
 
-def test_a_latency_target_is_measured_on_this_machine_and_sliced_into_a_mask(stored):
+@pytest.fixture
+def stored_copy(stored_root, monkeypatch, tmp_path):
+    """The stored workspace copied, for a test that writes into its analyses' folders (a latency profile)."""
+    import shutil
+
+    root = tmp_path / "ws"
+    shutil.copytree(stored_root, root)
+    monkeypatch.setenv("SOSP_WORKSPACE", str(root))
+    return Store(root)
+
+
+def test_a_latency_target_is_measured_on_this_machine_and_sliced_into_a_mask(stored_copy):
     at = open_page("ratios")
-    record_id = next(r["id"] for r in stored.analyses() if r["name"] == "after training")
+    record_id = next(r["id"] for r in stored_copy.analyses() if r["name"] == "after training")
     widget(at.selectbox, "Analysis").set_value(record_id).run()
     widget(at.number_input, "Timed points").set_value(3)
     widget(at.slider, "Latency drop").set_value(0.05)  # reached on any machine: the test is not a timing
@@ -807,3 +818,14 @@ def test_weights_set_aside_for_another_model_come_back_with_a_note_when_they_fit
     assert not at.error and not at.exception
     assert at.session_state["model_choice"].weights == DEMO_WEIGHTS
     assert any("fit resnet20 on digits again" in shown(i.value) for i in at.info)
+
+
+def test_a_stored_profile_is_timed_at_a_new_target_only_on_a_click(stored_copy, quiet_machine):
+    at = open_page("ratios")
+    widget(at.number_input, "Timed points").set_value(5)
+    widget(at.button, "Measure the latency profile").click().run()
+    assert any("faster" in s.value for s in at.success)
+    widget(at.slider, "Latency drop").set_value(0.5).run()
+    assert any("has not timed the mask at a 50% drop yet" in i.value for i in at.info)
+    widget(at.button, "Time the mask at this target").click().run()
+    assert not at.error and any("faster" in s.value for s in at.success)

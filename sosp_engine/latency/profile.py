@@ -240,17 +240,18 @@ class LatencyProfile:
                 f"{1 - min(self.relative):.3f} was measured along this order (with this cap)"
             )
         prefix = int(candidates[reached[0]])
-        why = self.unresolved(prefix, ratio)
+        why = self.unresolved(prefix, ratio, int(candidates[reached[0] - 1]) if reached[0] > 0 else None)
         if why:
             raise AnalysisError(
                 f"a latency reduction of {ratio:.1%} cannot be resolved in {self.where()}: {why}. {RESOLVE_ADVICE}"
             )
         return prefix
 
-    def unresolved(self, prefix: int, ratio: float) -> str | None:
+    def unresolved(self, prefix: int, ratio: float, previous: int | None = None) -> str | None:
         """Why timing noise, not the nets, would decide the mask at `ratio` (picked at `prefix`), or None: the pick
         measured no reduction beyond its spread, or an earlier point lies within its spread of the target, so which
-        prefix reaches the target first is noise. Profiles stored without spreads are taken as they are."""
+        prefix reaches the target first is noise (the stop just before the pick, `previous`, is one step away: either
+        is the mask at that resolution). Profiles stored without spreads are taken as they are."""
         if len(self.errors) != len(self.relative):
             return None
         line = 1 - ratio
@@ -260,7 +261,7 @@ class LatencyProfile:
                     f"the net pruned at {point} structures measured {relative:.3f} +- {2 * error:.3f} of the "
                     "unpruned net's latency, no reduction beyond the timing spread"
                 )
-            if 0 < point < prefix and relative - line <= 2 * error:
+            if 0 < point < prefix and point != previous and relative - line <= 2 * error:
                 return (
                     f"the net pruned at {point} structures measured {relative:.3f} +- {2 * error:.3f}, within the "
                     f"timing spread of the target {line:.3f}: whether it or the net at {prefix} reaches the target "
