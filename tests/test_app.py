@@ -829,3 +829,25 @@ def test_a_stored_profile_is_timed_at_a_new_target_only_on_a_click(stored_copy, 
     assert any("has not timed the mask at a 50% drop yet" in i.value for i in at.info)
     widget(at.button, "Time the mask at this target").click().run()
     assert not at.error and any("faster" in s.value for s in at.success)
+
+
+def test_a_cancellation_is_said_on_that_visit_and_not_on_the_next(fresh):
+    from app.background import CANCELLED, RunningAnalysis, _running
+
+    at = AppTest.from_file(str(ROOT / "app" / "dashboard.py"), default_timeout=120)
+    at.session_state["analysis_key"] = "cancelled-once"
+    _running()["cancelled-once"] = RunningAnalysis(
+        AnalysisConfig(), "x", finished=True, error=CANCELLED, shown=True
+    )
+    at.run()
+    at.switch_page("../pages/analyse.py").run()
+    assert any("The analysis was cancelled" in w.value for w in at.warning)
+    at.switch_page("../pages/model.py").run()
+    at.switch_page("../pages/analyse.py").run()
+    assert not any("The analysis was cancelled" in w.value for w in at.warning)
+
+
+def test_the_kernel_column_says_it_is_a_mean_over_the_groups_producers():
+    from app.tables import HELP, _label
+
+    assert _label("kernel") == "mean kernel side" and "7x7 stem" in HELP["kernel"]
