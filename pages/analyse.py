@@ -11,7 +11,7 @@ from app.text import plain
 
 from app.background import CANCELLED, running_analysis, start_analysis, forget_analysis
 from app.guard import user_errors
-from app.pickers import analyses_frame
+from app.pickers import analyses_frame, CURRENT_ANALYSIS
 from app.state import current_choice, kept, workbench, workspace
 from sosp_engine.saliency.analysis import AnalysisConfig, AnalysisOptions
 from sosp_engine.saliency.methods import METHOD_LABELS, METHODS
@@ -163,7 +163,9 @@ def analysis_progress() -> None:
         st.error(plain(f"The analysis failed: {current.error}"))
         return
     record = workspace().analysis(current.record_id)
-    st.session_state["last_analysis"] = current.record_id
+    st.session_state[CURRENT_ANALYSIS] = (
+        current.record_id
+    )  # the analysis just run becomes the pages' current one
     st.success(
         f"Stored as **{plain(record['name'])}** ({plain(current.record_id)}). Timings: "
         + plain(", ".join(f"{k} {v:.2f} s" for k, v in record["summary"]["timings"].items()))
