@@ -32,8 +32,10 @@ st.caption(
 key = st.session_state.setdefault("analysis_key", uuid.uuid4().hex)  # this browser session's analysis thread
 busy = (ongoing := running_analysis(key)) is not None and not ongoing.finished
 # while an analysis runs, its settings fold away, so its bar and Cancel at the top are in view at any window size
-settings = "Settings (folded while the analysis runs)" if busy else "Settings"
-with st.expander(settings, expanded=not busy), st.form("analysis_form"):
+with (
+    st.expander("Settings (folded while the analysis runs)" if busy else "Settings", expanded=not busy),
+    st.form("analysis_form"),
+):
     cols = st.columns(3)
     method = cols[0].selectbox(
         "Method", METHODS, format_func=METHOD_LABELS.get, key=kept("an-method", METHODS[0])
