@@ -188,8 +188,8 @@ def latency_result(
             f"{summary['param_ratio']:.1%} of the parameters and {summary['mac_ratio']:.1%} of the MACs."
         )
     )
-    if profile.noise_warning():
-        st.warning(plain(profile.noise_warning()[0].upper() + profile.noise_warning()[1:] + "."))
+    if noise := profile.noise_warning():
+        st.warning(plain(noise[0].upper() + noise[1:] + "."))
     figure = latency_profile_chart(profile, len(mask), target)
     st.plotly_chart(text_only(figure), key="lat-chart")
     export_buttons(

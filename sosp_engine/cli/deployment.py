@@ -82,8 +82,8 @@ def cmd_deployment(args: argparse.Namespace) -> dict | None:
         "/ MAC drop (1: every saved MAC is saved time)"
     )
     progress_line(efficiency_summary(table).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    if unresolved_warning(table):
-        progress_line(f"warning: {unresolved_warning(table)}")
+    if unresolved := unresolved_warning(table):
+        progress_line(f"warning: {unresolved}")
     if args.out and Path(args.out).suffix.lower() == ".csv":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_safe_csv(table, args.out)

@@ -387,8 +387,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     print(exactness_line(result.exactness))
     if latency is not None:
         print_latency(args, wb, mask, latency)
-        if latency.noise_warning():
-            progress_line(f"warning: {latency.noise_warning()}")
+        if noise := latency.noise_warning():
+            progress_line(f"warning: {noise}")
     for line in (result.memory or {}).get("line"), result.layer_latency:
         if line is not None:
             progress_line(line)

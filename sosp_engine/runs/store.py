@@ -338,13 +338,12 @@ class Store:
     def analyses_on_weights_of(self, job_id: str) -> list[dict]:
         """The listed analyses computed on weights a job wrote (in its folders): they outlive the job's deletion as
         results, but their weights go with it."""
-        folders = [self.artifacts / "jobs" / job_id]
-        found = []
-        for record in self.analyses():
-            weights = stored_setup(record["config"]).weights
-            if weights and any(_inside(weights, folder) for folder in folders):
-                found.append(record)
-        return found
+        folder = self.artifacts / "jobs" / job_id
+        return [
+            record
+            for record in self.analyses()
+            if (weights := stored_setup(record["config"]).weights) and _inside(weights, folder)
+        ]
 
     # uploads ------------------------------------------------------------------------------------------------
     def save_upload(self, name: str, data: bytes) -> Path:
