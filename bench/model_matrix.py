@@ -104,7 +104,7 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
                 ),
             )
         except AnalysisError as exc:
-            if method != "sosp-i" or not any(k in str(exc) for k in ("S x S matrix", "Euler's theorem")):
+            if method != "sosp-i" or not any(k in str(exc) for k in ("S x S matrix", "R x S factor", "Euler's theorem")):
                 raise
             row["sosp_i_refused"] = str(exc).split(". ")[
                 0

@@ -33,10 +33,12 @@ def test_sosp_i_says_when_its_matrix_cannot_fit(monkeypatch):
         sosp_i.matrix_dtype(100_000, torch.device("cpu"))
 
 
-def test_a_model_whose_sosp_i_matrix_cannot_fit_passes_the_other_checks_with_the_refusal(monkeypatch):
-    from sosp_engine.saliency import sosp_i
+def test_a_model_whose_sosp_i_factor_cannot_fit_passes_the_other_checks_with_the_refusal(monkeypatch):
+    from sosp_engine.saliency import curvature
 
-    monkeypatch.setattr(sosp_i, "available_memory", lambda device: 2**20)
+    monkeypatch.setattr(curvature, "available_memory", lambda device: 2**20)
     row = check_model("torchvision:mobilenet_v3_small", side=32, samples=4)
     assert row["status"] == "ok" and "sosp-i_s" not in row and row["sosp-h_s"] > 0
-    assert row["sosp_i_refused"].startswith("SOSP-I needs an S x S matrix over S = 4,872 structures")
+    assert row["sosp_i_refused"].startswith(
+        "SOSP-I needs its Gauss-Newton matrix over S = 4,872 structures as the R x S factor"
+    )

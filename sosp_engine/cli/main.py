@@ -389,7 +389,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         print_latency(args, wb, mask, latency)
         if noise := latency.noise_warning():
             progress_line(f"warning: {noise}")
-    for line in (result.memory or {}).get("line"), result.layer_latency:
+    for line in (result.memory or {}).get("line"), result.layer_latency, result.curvature_form:
         if line is not None:
             progress_line(line)
     stages = {**(wb.timings if args.profile_stages else {}), **result.timings}

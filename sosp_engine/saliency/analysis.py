@@ -28,8 +28,10 @@ from ..pruning.rounding import rounded_order, rounded_stops
 from ..pruning.structures import StructureSet
 from ..pruning.workbench import Workbench
 from .common import LOSSES, AnalysisInputs
+from .curvature import CurvatureForm, choose_form
 from .memory import MATRIX, memory_phase, probe
 from .methods import method_named
+from .sosp_i import rows_per_sample
 from .selection import (
     NORMALIZATIONS,
     greedy_order,
@@ -37,7 +39,6 @@ from .selection import (
     order_by_saliency,
     prefix_for_target,
 )
-from .sosp_i import sosp_i_matrix
 
 RESULT_FORMAT = "sosp-analysis/1"
 MC_AUTO_OUTPUTS = 100
@@ -150,6 +151,7 @@ class AnalysisResult:
     predicted_prefix: torch.Tensor | None = None
     memory: dict | None = None  # the probe's estimate and the budget that chose the batch size (memory.py)
     layer_latency: str | None = None  # normalize="latency": how the layers were timed (layer_latency.py)
+    curvature_form: str | None = None  # SOSP-I: how its Gauss-Newton matrix was kept, and why (curvature.py)
 
     def predicted_increase(self, count: int) -> float | None:
         """The method's predicted loss increase for the first `count` structures of the order (None if not stored)."""
@@ -233,6 +235,7 @@ class AnalysisResult:
             "exactness": self.exactness,
             "memory": self.memory,
             "layer_latency": self.layer_latency,
+            "curvature_form": self.curvature_form,
         }
         tensors = {"saliency": self.saliency, "pruning_order": self.pruning_order}
         if self.first_order is not None:
@@ -304,6 +307,7 @@ class AnalysisResult:
             prefix,
             meta.get("memory"),
             meta.get("layer_latency"),
+            meta.get("curvature_form"),
         )
 
 
@@ -356,6 +360,7 @@ class Ranking:
     estimate: str
     saliency_seconds: float
     selection_seconds: float
+    curvature_form: str | None = None
 
 
 def compute_saliency(
@@ -377,8 +382,7 @@ def compute_saliency(
     with memory_phase(MATRIX):  # the same size at any batch: the memory probe counts it apart
         if method.greedy:
             increments: list[float] = []
-            q = sosp_i_matrix(terms.first_order, terms.gram)
-            terms.gram = None
+            q, terms.curvature = terms.curvature, None
             order, n_prunable = greedy_order(
                 q, structures, normalize=normalize, increments=increments, **limits
             )
@@ -405,6 +409,7 @@ def compute_saliency(
         terms.estimate,
         saliency_seconds,
         time.perf_counter() - start,
+        terms.curvature_form,
     )
 
 
@@ -435,11 +440,13 @@ def run_analysis(
             normalize, layer_latency = _latency_costs(workbench, model, config, progress, should_stop)
         report(progress, 0.0, layer_latency)
     mc = _sampled_labels(config, workbench.data.num_classes)
+    curvature = _curvature_form(model, workbench, config, x, y, mc)
 
     def ranking_of(n: int, batch: int, observe: ProgressFn = None) -> Ranking:
         inputs = AnalysisInputs(
             model, workbench.structures, x[:n], y[:n], config.loss, batch, observe, should_stop
         )
+        inputs.curvature = curvature
         return compute_saliency(inputs, config, normalize, mc)
 
     batch, memory = config.batch_size, None
@@ -447,7 +454,7 @@ def run_analysis(
         report(progress, 0.0, "measuring the memory it takes per sample (on 1, 2, 4, ... samples)")
         with timed(timings, "memory_probe"):
             batch, memory = _batch_within_budget(
-                lambda n: ranking_of(n, n), device, min(batch, len(y)), config
+                lambda n: ranking_of(n, n), device, min(batch, len(y)), config, curvature
             )
         report(progress, 0.0, memory["line"])
     ranking, batch = _rank_within_memory(
@@ -486,6 +493,7 @@ def run_analysis(
         predicted_prefix=ranking.predicted_prefix,
         memory=memory,
         layer_latency=layer_latency,
+        curvature_form=ranking.curvature_form,
     )
 
 
@@ -535,12 +543,31 @@ def _latency_costs(
     return table.structure_seconds(workbench.structures), table.describe()
 
 
+def _curvature_form(
+    model: nn.Module, workbench: Workbench, config: AnalysisConfig, x: torch.Tensor, y: torch.Tensor, mc: int
+) -> CurvatureForm | None:
+    """SOSP-I's form of its Gauss-Newton matrix for all N' samples, chosen before any work (None for other methods)."""
+    if not method_named(config.method).greedy:
+        return None
+    one = AnalysisInputs(model, workbench.structures, x[:1], y[:1], config.loss)
+    return choose_form(workbench.structures.num_structures, len(y), rows_per_sample(one, mc), one.device)
+
+
 def _batch_within_budget(
-    rank: Callable[[int], Ranking], device: torch.device, batch: int, config: AnalysisConfig
+    rank: Callable[[int], Ranking],
+    device: torch.device,
+    batch: int,
+    config: AnalysisConfig,
+    curvature: CurvatureForm | None,
 ) -> tuple[int, dict]:
-    """The largest batch (up to `batch`) whose measured memory estimate fits the budget, and the estimate."""
+    """The largest batch (up to `batch`) whose measured memory estimate fits the budget, and the estimate.
+
+    The probes run on a few samples, so SOSP-I's factor (its size grows with N', not with the batch) is counted at N'.
+    """
     budget = config.memory_budget_gb * 2**30
     estimate = probe(rank, device, batch, budget)
+    if curvature is not None:
+        estimate.floor = max(estimate.floor, curvature.bytes)
     chosen = estimate.batch_within(budget, batch)
     return chosen, {
         "fixed_bytes": estimate.fixed,

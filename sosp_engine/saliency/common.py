@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import AnalysisError
 from ..progress import ProgressFn, StopFn
 from ..pruning.structures import StructureSet, output_axis
+from .curvature import CurvatureForm
 
 LOSSES = ("cross-entropy", "squared")
 CPU_PASS_BYTES = 32 * 2**20  # glibc's largest block size served from reused heap memory
@@ -52,6 +53,9 @@ class AnalysisInputs:
     progress: ProgressFn = None
     should_stop: StopFn = None
     slices: list[ParamSlice] = field(default_factory=list)
+    curvature: CurvatureForm | None = (
+        None  # SOSP-I's form of H_GN, chosen once for all N' (None: for these inputs)
+    )
     _indices: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:

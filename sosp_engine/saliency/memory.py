@@ -61,7 +61,7 @@ class MemoryEstimate:
 
     def describe(self, batch: int, budget: float) -> str:
         matrix = (
-            f"; its S x S work {self.floor / 2**20:,.0f} MiB"
+            f"; its Gauss-Newton matrix work {self.floor / 2**20:,.0f} MiB"
             if self.floor > self.fixed + self.per_sample * batch
             else ""
         )

@@ -11,19 +11,21 @@ from ..errors import AnalysisError
 from .common import AnalysisInputs
 from .first_order import first_order_terms
 from .sosp_h import sosp_h_saliency, sosp_h_terms
-from .sosp_i import gauss_newton_terms
+from .curvature import FactorRows, MatrixRows, choose_form
+from .sosp_i import gauss_newton_factor, gauss_newton_terms, rows_per_sample, sosp_i_matrix
 
 
 @dataclass
 class SaliencyTerms:
-    """A method's per-structure saliency (S,) with its first- and second-order parts where it has them; `gram` is
-    SOSP-I's (S, S) Gauss-Newton matrix, which its greedy selection (eq. 4) needs."""
+    """A method's per-structure saliency (S,) with its first- and second-order parts where it has them; `curvature`
+    gives the rows of SOSP-I's Q, which its greedy selection (eq. 4) needs, kept in the form `curvature_form` says."""
 
     saliency: torch.Tensor
     first_order: torch.Tensor | None = None
     second_order: torch.Tensor | None = None
-    gram: torch.Tensor | None = None
+    curvature: MatrixRows | FactorRows | None = None
     estimate: str = "exact"
+    curvature_form: str | None = None
 
 
 @dataclass(frozen=True)
@@ -43,16 +45,31 @@ def _sosp_h(inputs: AnalysisInputs, seed: int, mc_labels: int) -> SaliencyTerms:
     return SaliencyTerms(sosp_h_saliency(first, second), first, second)
 
 
-def _gauss_newton(diagonal_only: bool) -> Callable[[AnalysisInputs, int, int], SaliencyTerms]:
-    def terms(inputs: AnalysisInputs, seed: int, mc_labels: int) -> SaliencyTerms:
-        first, gram = gauss_newton_terms(inputs, diagonal_only=diagonal_only, mc_labels=mc_labels, seed=seed)
-        diag = gram if diagonal_only else gram.diagonal()
-        estimate = f"monte-carlo ({mc_labels} sampled labels per sample)" if mc_labels > 0 else "exact"
-        return SaliencyTerms(
-            first.abs() + 0.5 * diag.abs(), first, diag.clone(), None if diagonal_only else gram, estimate
-        )
+def _estimate(mc_labels: int) -> str:
+    return f"monte-carlo ({mc_labels} sampled labels per sample)" if mc_labels > 0 else "exact"
 
-    return terms
+
+def _diagonal(inputs: AnalysisInputs, seed: int, mc_labels: int) -> SaliencyTerms:
+    first, diag = gauss_newton_terms(inputs, diagonal_only=True, mc_labels=mc_labels, seed=seed)
+    return SaliencyTerms(first.abs() + 0.5 * diag.abs(), first, diag, estimate=_estimate(mc_labels))
+
+
+def _sosp_i(inputs: AnalysisInputs, seed: int, mc_labels: int) -> SaliencyTerms:
+    form = inputs.curvature or choose_form(
+        inputs.structures.num_structures,
+        inputs.num_samples,
+        rows_per_sample(inputs, mc_labels),
+        inputs.device,
+    )
+    if form.name == "factor":
+        first, factor = gauss_newton_factor(inputs, mc_labels, seed)
+        rows = FactorRows(first, factor)
+        diag = rows.gram_diagonal()
+    else:
+        first, gram = gauss_newton_terms(inputs, mc_labels=mc_labels, seed=seed)
+        diag = gram.diagonal().to(torch.float64, copy=True)  # Q is formed in place of the matrix
+        rows = MatrixRows(sosp_i_matrix(first, gram))
+    return SaliencyTerms(first.abs() + 0.5 * diag, first, diag, rows, _estimate(mc_labels), form.describe())
 
 
 def _first_order(inputs: AnalysisInputs, seed: int, mc_labels: int) -> SaliencyTerms:
@@ -78,7 +95,7 @@ REGISTRY: dict[str, Method] = {
         Method(
             "sosp-i",
             "SOSP-I (Gauss-Newton, greedy with correlations)",
-            _gauss_newton(False),
+            _sosp_i,
             greedy=True,
             gauss_newton=True,
         ),
@@ -86,7 +103,7 @@ REGISTRY: dict[str, Method] = {
         Method(
             "diagonal",
             "Diagonal (SOSP-I without cross-structure terms)",
-            _gauss_newton(True),
+            _diagonal,
             gauss_newton=True,
         ),
         Method("magnitude", "Magnitude (L1 norm of in-weights)", _magnitude),

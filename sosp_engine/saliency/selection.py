@@ -9,6 +9,7 @@ import torch
 from ..errors import AnalysisError
 from ..pruning.rounding import layer_limit
 from ..pruning.structures import StructureSet
+from .curvature import FactorRows, MatrixRows, row_source
 
 NORMALIZATIONS = ("none", "kernel", "macs", "latency")
 UNITS = ("structures", "params", "macs")
@@ -97,7 +98,7 @@ def order_by_saliency(
 
 
 def greedy_order(
-    q: torch.Tensor,
+    q: "torch.Tensor | MatrixRows | FactorRows",
     structures: StructureSet,
     cap: float = 0.95,
     normalize: str | torch.Tensor = "none",
@@ -106,26 +107,65 @@ def greedy_order(
 ) -> tuple[torch.Tensor, int]:
     """SOSP-I's eq. (4) in O(S^2): keep c = diag(Q) + 2 sum_{s' in M} Q[:, s'] and add 2 Q[:, s] after each choice.
 
-    `increments`, if given, receives each choice's c[s]: how much it adds to eq. (2) of the mask so far.
+    `q` is Q whole or a source of its rows (`curvature.py`); a source that forms rows in blocks is asked for the rows
+    of the candidates with the smallest c at once, so the next choices find theirs formed. `increments`, if given,
+    receives each choice's c[s]: how much it adds to eq. (2) of the mask so far.
     """
-    weight = normalizer(structures, normalize).to(q.device, torch.float64)
-    c = q.diagonal().to(torch.float64)  # sums in float64 even when a huge Q is stored in float32
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=q.device)
+    source = row_source(q)
+    weight = normalizer(structures, normalize).to(source.device, torch.float64)
+    diagonal = source.diagonal()
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=source.device)
     budget = Budget(structures, cap, min_channels)
-    blocked = torch.tensor(budget.blocked, device=q.device)
-    c = torch.where(blocked, inf, c)
+    c = torch.where(torch.tensor(budget.blocked, device=source.device), inf, diagonal)
+    rows = _RowCache(source)
     taken = []
     for _ in range(structures.num_structures):
-        s = int(torch.argmin(c / weight))
+        scores = c / weight
+        s = int(torch.argmin(scores))
         if torch.isinf(c[s]):
             break
         taken.append(s)
         if increments is not None:
             increments.append(float(c[s]))
         newly = budget.take(s) + [s]
-        c += 2 * q[s]  # Q is symmetric: its row is its column, read contiguously
+        c += 2 * rows.row(s, scores)  # Q is symmetric: its row is its column
         c[newly] = inf
-    return _with_rest(taken, q.diagonal().double().cpu() / weight.cpu()), len(taken)
+    return _with_rest(taken, diagonal.cpu() / weight.cpu()), len(taken)
+
+
+class _RowCache:
+    """Rows of Q a source formed ahead: on a miss, the rows of the `block` candidates with the smallest scores
+    (those already held are kept, the others replaced)."""
+
+    def __init__(self, source: "MatrixRows | FactorRows") -> None:
+        self.source = source
+        self.slot: dict[int, int] = {}
+        self.held: torch.Tensor | None = None
+        self.formed = 0  # rows formed, for the benchmarks' count of rows formed per choice
+
+    def row(self, s: int, scores: torch.Tensor) -> torch.Tensor:
+        if self.source.block == 1:
+            self.formed += 1
+            return self.source.rows(torch.tensor([s]))[0]
+        if s not in self.slot:
+            self._refill(s, scores)
+        return self.held[self.slot.pop(s)]
+
+    def _refill(self, s: int, scores: torch.Tensor) -> None:
+        count = min(self.source.block, int(torch.isfinite(scores).sum()))
+        wanted = [s] + [t for t in torch.topk(scores, count, largest=False).indices.tolist() if t != s]
+        wanted = set(wanted[:count])
+        kept = {t: slot for t, slot in self.slot.items() if t in wanted}
+        new = [t for t in wanted if t not in kept]
+        if self.held is None:
+            self.held = torch.empty(
+                (count, self.source.num_structures), dtype=torch.float64, device=self.source.device
+            )
+        free = sorted(set(range(len(self.held))) - set(kept.values()))
+        formed = self.source.rows(torch.tensor(new))
+        self.held[free[: len(new)]] = formed
+        self.formed += len(new)
+        self.slot = {**kept, **dict(zip(new, free))}
 
 
 def literal_greedy_order(
@@ -211,11 +251,17 @@ def _prefix_for_target(
     return lo
 
 
-def objective_prefix(q: torch.Tensor, order: torch.Tensor, count: int) -> torch.Tensor:
+def objective_prefix(
+    q: "torch.Tensor | MatrixRows | FactorRows", order: torch.Tensor, count: int
+) -> torch.Tensor:
     """Eq. (2) of every prefix of `order` (sum over s, s' in the prefix of Q[s, s']), for the first `count` + 1."""
-    c = q.diagonal().to(torch.float64).clone()
+    source = row_source(q)
+    c = source.diagonal().clone()
     values = [0.0]
-    for s in order[:count].tolist():
-        values.append(values[-1] + float(c[s]))
-        c += 2 * q[s]
+    chosen = order[:count]
+    for start in range(0, count, source.block):
+        block = source.rows(chosen[start : start + source.block])
+        for s, row in zip(chosen[start : start + source.block].tolist(), block):
+            values.append(values[-1] + float(c[s]))
+            c += 2 * row
     return torch.tensor(values, dtype=torch.float64)

@@ -386,16 +386,12 @@ def loss_output_gradient(logits: torch.Tensor, y: torch.Tensor, loss: str) -> to
     return torch.softmax(logits, 1) - target
 
 
-@full_float32()
-def gauss_newton_terms(
-    inputs: AnalysisInputs, diagonal_only: bool = False, mc_labels: int = 0, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lam1 (S,), G) with G = theta_s^T H_GN theta_s' over the N' samples: (S, S), or its diagonal (S,) if asked."""
-    s_count = inputs.structures.num_structures
-    device, n_total = inputs.device, inputs.num_samples
-    dtype = torch.float64 if diagonal_only else matrix_dtype(s_count, device)
-    gram = torch.zeros(s_count if diagonal_only else (s_count, s_count), dtype=dtype, device=device)
-    first = torch.zeros(s_count, dtype=torch.float64, device=device)
+def _curvature_passes(
+    inputs: AnalysisInputs, mc_labels: int = 0, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.dtype]]:
+    """Per pass over the N' samples: its part of N' lam1 (S,), its rows (n, k, S) (the products r with sum r^T r =
+    N' theta_s^T H_GN theta_s', k per sample) in float64, and the products' own dtype. One forward, and one
+    activation-only backward per direction."""
     generator = torch.Generator().manual_seed(seed)
     if mc_labels > 0 and inputs.loss != "cross-entropy":
         raise AnalysisError(
@@ -411,8 +407,7 @@ def gauss_newton_terms(
                 inputs, x, lambda out: sampled_label_directions(out, y, mc_labels, generator), plan
             )
             product_dtype, v = v.dtype, v.to(torch.float64)
-            rows = v[:, :mc_labels] / mc_labels**0.5
-            first += v[:, mc_labels].sum(0)
+            rows, first = v[:, :mc_labels] / mc_labels**0.5, v[:, mc_labels].sum(0)
         elif inputs.loss == "cross-entropy":
             # With g = products with e_d - e_y (d != y): A^T R A = g^T (diag(q) - q q^T) g and A^T (p - e_y) = g^T q.
             # D - 1 backward passes, no division by small probabilities.
@@ -423,13 +418,39 @@ def gauss_newton_terms(
             p = torch.softmax(logits.double(), 1)
             q = drop_label_column(p, y)
             gradient_products = torch.einsum("nk,nks->ns", q, g)
-            first += gradient_products.sum(0)
+            first = gradient_products.sum(0)
             rows = cross_entropy_curvature_rows(g, q, p.gather(1, y.unsqueeze(1)), gradient_products)
         else:
             logits, a = jacobian_structure_products(inputs, x, plan)
             product_dtype, a = a.dtype, a.to(torch.float64)
-            first += torch.einsum("nd,nds->s", loss_output_gradient(logits.double(), y, inputs.loss), a)
+            first = torch.einsum("nd,nds->s", loss_output_gradient(logits.double(), y, inputs.loss), a)
             rows = a
+        yield first, rows, product_dtype
+        done += len(y)
+        report(inputs.progress, done / inputs.num_samples, "Gauss-Newton products")
+
+
+def rows_per_sample(inputs: AnalysisInputs, mc_labels: int = 0) -> int:
+    """Rows each sample adds to the factor of H_GN: the sampled labels, else D - 1 (cross-entropy) or D outputs."""
+    if mc_labels > 0:
+        return mc_labels
+    with torch.no_grad():
+        outputs = inputs.model(inputs.x[:1].to(inputs.device)).shape[-1]
+    return outputs - 1 if inputs.loss == "cross-entropy" else outputs
+
+
+@full_float32()
+def gauss_newton_terms(
+    inputs: AnalysisInputs, diagonal_only: bool = False, mc_labels: int = 0, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lam1 (S,), G) with G = theta_s^T H_GN theta_s' over the N' samples: (S, S), or its diagonal (S,) if asked."""
+    s_count = inputs.structures.num_structures
+    device, n_total = inputs.device, inputs.num_samples
+    dtype = torch.float64 if diagonal_only else matrix_dtype(s_count, device)
+    gram = torch.zeros(s_count if diagonal_only else (s_count, s_count), dtype=dtype, device=device)
+    first = torch.zeros(s_count, dtype=torch.float64, device=device)
+    for first_part, rows, product_dtype in _curvature_passes(inputs, mc_labels, seed):
+        first += first_part
         flat = rows.reshape(-1, s_count)
         if diagonal_only:
             gram += (flat**2).sum(0)
@@ -437,12 +458,31 @@ def gauss_newton_terms(
             with memory_phase(MATRIX):
                 # In the products' own precision, at least float32 (float32 halves the time), summed into float64.
                 add_gram(gram, flat.to(torch.promote_types(product_dtype, torch.float32)))
-        done += len(y)
-        report(inputs.progress, done / n_total, "Gauss-Newton products")
     if not diagonal_only:
         with memory_phase(MATRIX):
             mirror_gram(gram)
     return first / n_total, gram.div_(n_total)
+
+
+@full_float32()
+def gauss_newton_factor(
+    inputs: AnalysisInputs, mc_labels: int = 0, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lam1 (S,), F (R, S)) with F^T F = theta_s^T H_GN theta_s' over the N' samples: the R x S factor of the
+    Gauss-Newton matrix, R = N' x (rows per sample), kept in the products' precision (at least float32)."""
+    s_count, n_total = inputs.structures.num_structures, inputs.num_samples
+    first = torch.zeros(s_count, dtype=torch.float64, device=inputs.device)
+    factor, filled = None, 0
+    for first_part, rows, product_dtype in _curvature_passes(inputs, mc_labels, seed):
+        first += first_part
+        with memory_phase(MATRIX):
+            if factor is None:  # every sample adds the same number of rows
+                dtype = torch.promote_types(product_dtype, torch.float32)
+                factor = torch.empty((n_total * rows.shape[1], s_count), dtype=dtype, device=inputs.device)
+            flat = rows.reshape(-1, s_count)
+            factor[filled : filled + len(flat)] = flat / n_total**0.5
+            filled += len(flat)
+    return first / n_total, factor
 
 
 def pass_floor(inputs: AnalysisInputs) -> None:
