@@ -58,7 +58,8 @@ def _measure(
 
     from sosp_engine.saliency.common import sample_losses
     from sosp_engine.saliency.sosp_h import sosp_h_terms
-    from sosp_engine.saliency.sosp_i import gauss_newton_terms, sosp_i_matrix
+    from sosp_engine.saliency.curvature import FactorRows, MatrixRows
+    from sosp_engine.saliency.sosp_i import gauss_newton_factor, gauss_newton_terms, sosp_i_matrix
     from sosp_engine.saliency.selection import greedy_order, literal_greedy_order
 
     torch.set_num_threads(torch.get_num_threads())
@@ -122,12 +123,17 @@ def _measure(
 
             grads, hvp = gradient_and_hvp(inputs, inputs.theta_struc())
             inputs.per_structure(grads), inputs.per_structure(hvp)
-        elif task == "sosp-i":
-            first, gram = gauss_newton_terms(inputs)
+        elif task in ("sosp-i", "sosp-i-factor"):  # sosp-i: the S x S matrix; sosp-i-factor: its R x S factor
+            if task == "sosp-i":
+                first, gram = gauss_newton_terms(inputs)
+                rows = MatrixRows(sosp_i_matrix(first, gram))
+            else:
+                rows = FactorRows(*gauss_newton_factor(inputs))
             sync()
             extra["gram_and_products_s"] = time.perf_counter() - start
             t0 = time.perf_counter()
-            greedy_order(sosp_i_matrix(first, gram).cpu(), inputs.structures)
+            greedy_order(rows, inputs.structures)
+            sync()
             extra["selection_s"] = time.perf_counter() - t0
         elif task.startswith(
             "diagonal-mc"

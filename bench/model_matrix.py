@@ -11,6 +11,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import resource
 import sys
 import tempfile
 import threading
@@ -89,7 +90,7 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
         input=side,
     )
     results = {}
-    for method in ("sosp-h", "sosp-i"):
+    for method in ("sosp-i", "sosp-h"):  # SOSP-I first: the process's peak RSS after it is SOSP-I's own
         row["stage"] = method
         start = time.perf_counter()
         try:
@@ -104,7 +105,9 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
                 ),
             )
         except AnalysisError as exc:
-            if method != "sosp-i" or not any(k in str(exc) for k in ("S x S matrix", "R x S factor", "Euler's theorem")):
+            if method != "sosp-i" or not any(
+                k in str(exc) for k in ("S x S matrix", "R x S factor", "Euler's theorem")
+            ):
                 raise
             row["sosp_i_refused"] = str(exc).split(". ")[
                 0
@@ -112,6 +115,11 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
             continue
         row[f"{method}_s"] = round(time.perf_counter() - start, 2)
         row[f"{method}_batch"] = results[method].config.batch_size
+        if method == "sosp-i":
+            row["sosp-i_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            row["sosp-i_form"] = (
+                results[method].curvature_form.split(" (")[0].removeprefix("Gauss-Newton matrix kept as ")
+            )
     result = results["sosp-h"]
     approximate = result.exactness["approximate_layers"]
     row["approximate_layers"] = len(approximate)
@@ -214,6 +222,10 @@ def _kept_parts(doc: Path) -> tuple[str, str]:
     return "\n\n".join(p.strip() for p in paragraphs if p.strip()), sections.strip()
 
 
+def _thousands(value: int | None) -> str:
+    return "" if value is None else f"{value:,}"
+
+
 def write_doc(rows: list[dict], doc: Path = DOC, note: str = "") -> None:
     """The table of every row; a note given replaces the standing one, and the sections after the table stay."""
     standing_note, sections = _kept_parts(doc)
@@ -233,12 +245,13 @@ def write_doc(rows: list[dict], doc: Path = DOC, note: str = "") -> None:
         "",
         *([note, ""] if note else []),
         f"**{ok} of the {ran} models checked so far pass every check**; {refused} more pass every other check while "
-        "SOSP-I refuses them before running, as specified, because its S x S matrix does not fit in memory "
+        "SOSP-I refuses them before running, as specified, because neither its S x S matrix nor its R x S factor fits "
+        "in memory "
         f"({len(rows) - ran} of the matrix not run yet: the script resumes where it stopped).",
         "",
-        "| model | params | layers | structures | grouped layers | unprunable | SOSP-H s | SOSP-I s | approximate layers "
-        "| max deviation | status |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| model | params | layers | structures | grouped layers | unprunable | SOSP-H s | SOSP-I s "
+        "| SOSP-I peak RSS (MB) | SOSP-I kept H_GN as | approximate layers | max deviation | status |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
     ]
     for r in rows:
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}".replace("|", "/")
@@ -248,9 +261,10 @@ def write_doc(rows: list[dict], doc: Path = DOC, note: str = "") -> None:
         lines.append(
             f"| {r['model']} | {r.get('params', ''):,} | {r.get('layers', '')} | {r.get('structures', '')} | "
             f"{r.get('grouped_layers', '')} | {r.get('unprunable', '')} | {r.get('sosp-h_s', '')} | "
-            f"{r.get('sosp-i_s', '')} | {r.get('approximate_layers', '')} | {dev} | {status} |"
+            f"{r.get('sosp-i_s', '')} | {_thousands(r.get('sosp-i_peak_rss_mb'))} | {r.get('sosp-i_form', '')} | "
+            f"{r.get('approximate_layers', '')} | {dev} | {status} |"
             if "params" in r
-            else f"| {r['model']} |  |  |  |  |  |  |  |  |  | {status} |"
+            else f"| {r['model']} |  |  |  |  |  |  |  |  |  |  |  | {status} |"
         )
     doc.write_text("\n".join(lines) + ("\n\n" + sections if sections else "") + "\n")
 

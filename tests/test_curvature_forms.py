@@ -103,10 +103,11 @@ def test_the_factor_form_forms_each_row_of_a_greedy_run_about_once():
     assert sum(formed) < 2 * n
 
 
-def test_a_float32_net_gives_the_same_saliencies_in_either_form_to_1e_6():
+def test_a_float32_net_gives_the_same_saliencies_in_either_form_to_1e_6_and_the_same_order():
     inputs = analysis_inputs("resnet20", "digits", dtype=torch.float32)
-    (_, matrix_diagonal, _), (_, factor) = both_forms(inputs)
+    (_, matrix_diagonal, matrix), (_, factor) = both_forms(inputs)
     torch.testing.assert_close(factor.gram_diagonal(), matrix_diagonal, rtol=1e-6, atol=0)
+    assert torch.equal(greedy_order(matrix, inputs.structures)[0], greedy_order(factor, inputs.structures)[0])
 
 
 def test_the_factor_is_chosen_where_it_has_fewer_rows_than_structures():

@@ -50,7 +50,8 @@ def choose_form(
     rows = samples * per_sample
     free = 0.8 * available_memory(device) - ROW_BLOCK_BYTES
     matrix = {dtype: s_count * s_count * _element(dtype) for dtype in (torch.float64, torch.float32)}
-    factor = rows * s_count * _element(torch.float32) + min(ROW_BLOCK_BYTES, s_count * s_count * 8)
+    # the factor, and a block of rows of Q as formed (float32), widened (float64) and held
+    factor = rows * s_count * _element(torch.float32) + 2.5 * min(ROW_BLOCK_BYTES, s_count * s_count * 8)
     sizes = f"R = {rows:,} rows (N' = {samples:,} x {per_sample:,}) over S = {s_count:,} structures"
     if forced != "factor" and (forced == "matrix" or rows >= s_count):
         for dtype, size in matrix.items():
