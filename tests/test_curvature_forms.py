@@ -112,7 +112,7 @@ def test_a_float32_net_gives_the_same_saliencies_in_either_form_to_1e_6_and_the_
 
 def test_the_factor_is_chosen_where_it_has_fewer_rows_than_structures():
     form = choose_form(10_000, samples=32, per_sample=16, device=torch.device("cpu"))
-    assert form.name == "factor" and form.bytes < 10_000 * 10_000 * 4
+    assert form.name == "factor" and form.bytes < 10_000 * 10_000 * 8
     assert "R = 512 rows (N' = 32 x 16) over S = 10,000 structures: R < S" in form.describe()
 
 
