@@ -124,9 +124,9 @@ def test_an_analysis_under_a_small_budget_takes_a_smaller_batch_and_says_so():
 def test_a_small_batch_is_probed_too_so_a_budget_holds_for_it():
     wb = open_workbench(ModelSetup("resnet20", "digits"))
     result = run_analysis(
-        wb, AnalysisConfig(method="sosp-h", samples=16, batch_size=8, memory_budget_gb=0.003)
+        wb, AnalysisConfig(method="sosp-h", samples=16, batch_size=8, memory_budget_gb=0.0015)
     )
-    assert 1 < result.config.batch_size < 8 and result.memory["estimated_peak_bytes"] <= 0.003 * 2**30
+    assert 1 < result.config.batch_size < 8 and result.memory["estimated_peak_bytes"] <= 0.0015 * 2**30
 
 
 def test_the_default_budget_leaves_the_cpu_heap_room_beyond_the_tensors(monkeypatch):

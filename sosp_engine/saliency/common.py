@@ -84,9 +84,11 @@ class AnalysisInputs:
                 self.y[start : start + self.batch_size].to(self.device),
             )
 
-    def passes(self):
-        """(x, y) on the model's device, each batch split into passes of `pass_size()` samples."""
-        size = self.pass_size()
+    def passes(self, share: float = 1.0):
+        """(x, y) on the model's device, each batch split into passes of `share` x `pass_size()` samples (at least
+        one): a method that holds more per sample than a forward+backward takes a share, so its peak stays near one
+        forward+backward's at the batch."""
+        size = max(1, int(self.pass_size() * share))
         for x, y in self.batches():
             yield from zip(x.split(size), y.split(size))
 
