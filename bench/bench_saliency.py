@@ -123,12 +123,14 @@ def _measure(
 
             grads, hvp = gradient_and_hvp(inputs, inputs.theta_struc())
             inputs.per_structure(grads), inputs.per_structure(hvp)
-        elif task in ("sosp-i", "sosp-i-factor"):  # sosp-i: the S x S matrix; sosp-i-factor: its R x S factor
-            if task == "sosp-i":
-                first, gram = gauss_newton_terms(inputs)
-                rows = MatrixRows(sosp_i_matrix(first, gram))
+        elif task == "sosp-i" or task.startswith(("sosp-i-factor", "sosp-i-mc")):
+            # sosp-i[-factor][-mcK]: the S x S matrix (or its R x S factor), with K sampled labels per sample
+            mc_labels = int(task.split("-mc")[1]) if "-mc" in task else 0
+            if "factor" in task:
+                rows = FactorRows(*gauss_newton_factor(inputs, mc_labels=mc_labels))
             else:
-                rows = FactorRows(*gauss_newton_factor(inputs))
+                first, gram = gauss_newton_terms(inputs, mc_labels=mc_labels)
+                rows = MatrixRows(sosp_i_matrix(first, gram))
             sync()
             extra["gram_and_products_s"] = time.perf_counter() - start
             t0 = time.perf_counter()
@@ -141,13 +143,6 @@ def _measure(
             gauss_newton_terms(inputs, diagonal_only=True, mc_labels=int(task[len("diagonal-mc") :]))
         elif task == "diagonal":
             gauss_newton_terms(inputs, diagonal_only=True)
-        elif task.startswith(
-            "sosp-i-mc"
-        ):  # sosp-i-mcK: K sampled labels per sample, with the greedy selection
-            first, gram = gauss_newton_terms(inputs, mc_labels=int(task[len("sosp-i-mc") :]))
-            t0 = time.perf_counter()
-            greedy_order(sosp_i_matrix(first, gram).cpu(), inputs.structures)
-            extra["selection_s"] = time.perf_counter() - t0
         elif (
             task == "sosp-i-floor"
         ):  # SOSP-I's floor: its own passes, without products (a lower bound by construction)
@@ -300,6 +295,7 @@ def _measure_analysis(
             "stages": result.timings,
             "open_stages": workbench.timings,
             "exactness_reused": result.exactness.get("reused"),
+            "curvature_form": result.curvature_form,
         }
     )
 

@@ -33,12 +33,14 @@ WHAT_IT_RANKS = {
     "forward+backward": "the baseline: one forward+backward over the same samples and batches",
     "sosp-h": "every structure globally; second order with cross-structure terms (one Hessian-vector product)",
     "sosp-i": "every structure globally, with pairwise correlations (S x S Gauss-Newton matrix, greedy selection)",
+    "sosp-i-factor": "the same order, the Gauss-Newton matrix kept as its R x S factor (rows of Q formed in blocks)",
     "sosp-i-floor": "SOSP-I's own passes without products or matrix: a lower bound on SOSP-I by construction",
     "analysis-sosp-h": "SOSP-H as the user calls it, warm: `run_analysis` whole (sampling, copy, selection, "
     "exactness check), after a first call in the same process (a second analysis in the dashboard or a study)",
     "analysis-sosp-h-cold": "the same call as the first of a fresh process that only opened the workbench (the CLI's "
     "`analyze`)",
-    "analysis-sosp-i": "SOSP-I as the user calls it, warm: `run_analysis` whole, after a first call",
+    "analysis-sosp-i": "SOSP-I as the user calls it, warm: `run_analysis` whole, after a first call, in the form it "
+    "chooses (the factor where R < S)",
     "analysis-sosp-i-cold": "the same call as the first of a fresh process that only opened the workbench",
     "diagonal-mc1": "every structure, no correlations: the Gauss-Newton diagonal from 1 sampled label",
     "tp-taylor": "torch-pruning GroupTaylorImportance: per coupled group, first order abs(w g), no correlations",
@@ -49,6 +51,7 @@ WHAT_IT_RANKS = {
     "nni-sensitivity": "NNI 2.10 SensitivityAnalysis: each conv pruned alone (L1) at 25/50/75 %, the loss "
     "evaluated; per layer, no structure ranking",
     "sosp-i-mc16": "SOSP-I with 16 sampled labels per sample (the default for D > 100)",
+    "sosp-i-factor-mc16": "the same, the Gauss-Newton matrix kept as its R x S factor",
 }
 SECTIONS = {
     "saliency": dict(
@@ -69,6 +72,21 @@ SECTIONS = {
         tasks="forward+backward,sosp-h,sosp-i",
         samples=100,
         title="Cost over width (the paper's Fig. 2 analogue, N' = 100)",
+    ),
+    "sosp-i-forms": dict(
+        models=["resnet56", "vgg19", "densenet40"],
+        tasks="forward+backward,sosp-h,sosp-i-floor,sosp-i,sosp-i-factor,analysis-sosp-i",
+        samples=200,
+        title="SOSP-I in either form, and SOSP-H's peak memory (N' = 200, CIFAR shape, D = 10)",
+    ),
+    "vit-forms": dict(
+        models=["torchvision:vit_b_16"],
+        tasks="forward+backward,sosp-i-mc16,sosp-i-factor-mc16",
+        samples=32,
+        input="3,224,224",
+        classes=1000,
+        batch_size=16,
+        title="SOSP-I's two forms on ViT-B/16 (3x224x224, D = 1000, 16 sampled labels, N' = 32, batch 16)",
     ),
     "imagenet": dict(
         models=["torchvision:resnet50"],
@@ -147,12 +165,34 @@ def summarise(rows: list[dict]) -> dict[tuple[str, str], dict]:
             "rss": max(r["peak_rss_mb"] for r in ok) if ok else None,
             "structures": next((r.get("structures") for r in ok if r.get("structures")), None),
             "error": None if ok else group[0].get("error", "failed"),
+            "form": next((r["curvature_form"] for r in ok if r.get("curvature_form")), None),
             "stages": {
                 stage: statistics.median(r["stages"][stage] for r in ok if stage in r.get("stages", {}))
                 for stage in (ok[0].get("stages") or {} if ok else {})
             },
         }
     return summary
+
+
+def _form_and_memory_checks(model: str, summary: dict) -> list[str]:
+    """The factor form's time against the matrix form's, and SOSP-H's peak RSS against one forward+backward's."""
+    checks = []
+    base = summary.get((model, "forward+backward"), {})
+    for matrix_task, factor_task in (("sosp-i", "sosp-i-factor"), ("sosp-i-mc16", "sosp-i-factor-mc16")):
+        matrix, factor = summary.get((model, matrix_task)), summary.get((model, factor_task))
+        if matrix and factor and matrix["seconds"] and factor["seconds"]:
+            checks.append(
+                f"- {model}: SOSP-I's factor form / its matrix form = **{factor['seconds'] / matrix['seconds']:.2f}** "
+                f"in time, **{factor['rss'] / matrix['rss']:.2f}** in peak RSS"
+            )
+    sosp_h = summary.get((model, "sosp-h"))
+    if sosp_h and sosp_h["rss"] and base.get("rss"):
+        ratio = sosp_h["rss"] / base["rss"]
+        checks.append(
+            f"- {model}: SOSP-H's peak RSS / one forward+backward's = **{ratio:.2f}** "
+            + ("(at most 1.5)" if ratio <= 1.5 else "(above 1.5)")
+        )
+    return checks
 
 
 def render_saliency(spec: dict, rows: list[dict], run: dict, out: Path, rounds: int) -> str:
@@ -180,6 +220,7 @@ def render_saliency(spec: dict, rows: list[dict], run: dict, out: Path, rounds: 
                 f"| {model} | {s['structures'] or '-'} | {task} | {s['seconds']:.1f}{spread} | "
                 f"{s['seconds'] / base:.2f} | {s['rss']:,.0f} | {WHAT_IT_RANKS.get(task, '')} |"
             )
+        checks += _form_and_memory_checks(model, summary)
         floor, sosp_i = summary.get((model, "sosp-i-floor")), summary.get((model, "sosp-i"))
         if floor and sosp_i and floor["seconds"] and sosp_i["seconds"]:
             ratio = sosp_i["seconds"] / floor["seconds"]
@@ -192,10 +233,11 @@ def render_saliency(spec: dict, rows: list[dict], run: dict, out: Path, rounds: 
                 )
             )
     if checks:
-        lines += ["", "SOSP-I against its floor in this run:", ""] + checks
+        lines += ["", "Checks in this run:", ""] + checks
     stages = [
         f"- {model} {task}: "
         + ", ".join(f"{stage} {seconds:.2f}" for stage, seconds in summary[(model, task)]["stages"].items())
+        + (f"; {summary[(model, task)]['form']}" if summary[(model, task)].get("form") else "")
         for model in spec["models"]
         for task in spec["tasks"].split(",")
         if task.startswith("analysis-") and summary.get((model, task), {}).get("stages")

@@ -1,7 +1,7 @@
 """SOSP-I's Q (eq. 3) kept whole (the S x S matrix) or as its R x S factor, whichever is smaller, and read row by row.
 
-The Gauss-Newton matrix is a Gram matrix F^T F of R = N' x (rows per sample) rows. Where R < S the factor is the
-smaller and is kept instead and each row of Q that the greedy selection asks for is one product
+The Gauss-Newton matrix is a Gram matrix F^T F of R = N' x (rows per sample) rows. Where the factor is the smaller
+(about where R < S) it is kept instead and each row of Q that the greedy selection asks for is one product
 with it (Q[s, :] = 1/2 |F[:, s]^T F| + |lam1(s)| e_s), formed for a block of likely candidates at a time.
 """
 
@@ -40,8 +40,8 @@ class CurvatureForm:
 def choose_form(
     s_count: int, samples: int, per_sample: int, device: torch.device, forced: str | None = None
 ) -> CurvatureForm:
-    """The factor where it has fewer rows than columns (R < S), else the matrix (float64, or float32 where only that
-    fits); `forced` picks one, if it fits.
+    """The smaller of the S x S matrix (float64, or float32 where only that fits) and the factor with the rows of Q it
+    forms at a time; `forced` picks one, if it fits.
 
     R = `samples` x `per_sample` rows over S = `s_count` structures. Fails before any work, naming both sizes, the
     free memory and what to change, where neither fits."""
@@ -49,27 +49,45 @@ def choose_form(
         raise AnalysisError(f"unknown form '{forced}' of the Gauss-Newton matrix; use one of {FORMS}")
     rows = samples * per_sample
     free = 0.8 * available_memory(device) - ROW_BLOCK_BYTES
-    matrix = {dtype: s_count * s_count * _element(dtype) for dtype in (torch.float64, torch.float32)}
-    # the factor, and a block of rows of Q as formed (float32), widened (float64) and held
-    factor = rows * s_count * _element(torch.float32) + 2.5 * min(ROW_BLOCK_BYTES, s_count * s_count * 8)
     sizes = f"R = {rows:,} rows (N' = {samples:,} x {per_sample:,}) over S = {s_count:,} structures"
-    if forced != "factor" and (forced == "matrix" or rows >= s_count):
-        for dtype, size in matrix.items():
-            if size <= free:
-                why = "asked for" if forced == "matrix" else f"{sizes}: the factor is no smaller"
-                return CurvatureForm("matrix", dtype, size, why)
-        if forced == "matrix":
-            raise AnalysisError(_refusal(s_count, matrix[torch.float32], "S x S matrix", device))
+    fitting = [
+        CurvatureForm("matrix", dtype, s_count * s_count * _element(dtype), "")
+        for dtype in (torch.float64, torch.float32)
+        if s_count * s_count * _element(dtype) <= free
+    ][:1]
+    factor = factor_bytes(rows, s_count)
     if factor <= free:
-        if forced == "factor":
-            why = f"asked for; {sizes}"
-        else:
-            why = f"{sizes}: R < S, so the factor is the smaller ({matrix[torch.float32] / 2**20:,.0f} MiB as a matrix)"
-        return CurvatureForm("factor", torch.float32, factor, why)
-    raise AnalysisError(
-        _refusal(s_count, min(factor, matrix[torch.float32]), f"R x S factor ({sizes})", device)
-        + " Fewer samples (--samples) or sampled labels (--mc-labels K) shorten R."
-    )
+        fitting.append(CurvatureForm("factor", torch.float32, factor, ""))
+    chosen = [f for f in fitting if f.name == forced] if forced else sorted(fitting, key=lambda f: f.bytes)
+    if not chosen:
+        need = s_count * s_count * 4 if forced == "matrix" else factor
+        what = "S x S matrix" if forced == "matrix" else f"R x S factor ({sizes})"
+        advice = (
+            ""
+            if forced == "matrix"
+            else " Fewer samples (--samples) or sampled labels (--mc-labels K) shorten R."
+        )
+        raise AnalysisError(_refusal(s_count, need, what, device) + advice)
+    form, other = chosen[0], next((f for f in fitting if f is not chosen[0]), None)
+    if forced:
+        why = f"asked for; {sizes}"
+    elif other is None:
+        why = f"{sizes}: the other form does not fit in the free memory"
+    else:
+        why = f"{sizes}: the {'factor' if other.name == 'factor' else 'S x S matrix'} would take " + (
+            f"{other.bytes / 2**20:,.0f} MiB"
+        )
+    return CurvatureForm(form.name, form.dtype, form.bytes, why)
+
+
+def factor_rows_block(s_count: int) -> int:
+    """Rows of Q one product with the factor forms: at most ROW_BLOCK_BYTES in float64 and an eighth of S."""
+    return max(1, min(-(-s_count // 8), ROW_BLOCK_BYTES // max(8 * s_count, 1)))
+
+
+def factor_bytes(rows: int, s_count: int) -> float:
+    """The factor's memory (float32), with a block of Q's rows as formed (float32), widened and held (float64)."""
+    return rows * s_count * _element(torch.float32) + 20 * factor_rows_block(s_count) * s_count
 
 
 def _refusal(s_count: int, need: float, what: str, device: torch.device) -> str:
@@ -105,7 +123,7 @@ class FactorRows:
         self.first = first.abs().to(torch.float64)
         self.num_structures = factor.shape[1]
         self.device = factor.device
-        self.block = max(1, min(self.num_structures, ROW_BLOCK_BYTES // max(8 * self.num_structures, 1)))
+        self.block = factor_rows_block(self.num_structures)
 
     def gram_diagonal(self) -> torch.Tensor:
         """theta_s^T H_GN theta_s for every s, summed in float64."""
