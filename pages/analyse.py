@@ -178,6 +178,11 @@ def analysis_progress() -> None:
             if record["summary"].get("layer_latency")
             else ""
         )
+        + (
+            f" {plain(record['summary']['curvature_form'])}."
+            if record["summary"].get("curvature_form")
+            else ""
+        )
     )
     st.info("Open **Pruning ratios** in the sidebar to study its layer-wise profile.")
 

@@ -156,6 +156,17 @@ def test_an_analysis_states_which_form_ran_and_why_and_keeps_it_when_reopened(tm
     assert reopened.curvature_form == result.curvature_form
 
 
+def test_a_stored_analysis_lists_the_form_for_the_dashboard(tmp_path):
+    from sosp_engine.runs.records import store_analysis
+    from sosp_engine.runs.store import Store
+
+    wb = open_workbench(ModelSetup("resnet20", "digits"))
+    result = run_analysis(wb, AnalysisConfig(method="sosp-i", samples=4, batch_size=4))
+    store = Store(tmp_path / "ws")
+    record = store.analysis(store_analysis(store, result, "sosp-i"))
+    assert record["summary"]["curvature_form"] == result.curvature_form
+
+
 def test_an_analysis_in_either_form_gives_the_same_order(monkeypatch):
     wb = open_workbench(ModelSetup("resnet20", "digits"))
     config = AnalysisConfig(method="sosp-i", samples=8, batch_size=4)

@@ -36,6 +36,7 @@ def store_analysis(store: Store, result: AnalysisResult, name: str = "") -> str:
         "weights_fingerprint": result.weights_fingerprint,
         "memory": (result.memory or {}).get("line"),
         "layer_latency": result.layer_latency,
+        "curvature_form": result.curvature_form,
     }
     store.add_analysis(record_id, label, config, folder, summary)
     return record_id
