@@ -154,6 +154,65 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
     return row
 
 
+def measure_sosp_i(spec: str, side: int, samples: int = 8, memory_budget_gb: float | None = None) -> dict:
+    """SOSP-I alone on one model, as `check_model` runs it: its seconds, batch, the process's peak RSS and the form it
+    kept (for rows whose other checks stand and whose SOSP-I was refused before)."""
+    import torch
+
+    from sosp_engine.nets.setup import ModelSetup
+    from sosp_engine.pruning.workbench import open_workbench
+    from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
+
+    torch.manual_seed(0)
+    wb = open_workbench(ModelSetup(spec, f"synthetic:3,{side},{side}:10"))
+    wb.model.eval()
+    start = time.perf_counter()
+    result = run_analysis(
+        wb,
+        AnalysisConfig(
+            method="sosp-i",
+            samples=samples,
+            batch_size=samples,
+            memory_budget_gb=memory_budget_gb,
+            setup=ModelSetup(device="cpu"),
+        ),
+    )
+    return {
+        "sosp-i_s": round(time.perf_counter() - start, 2),
+        "sosp-i_batch": result.config.batch_size,
+        "sosp-i_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "sosp-i_form": result.curvature_form.split(" (")[0].removeprefix("Gauss-Newton matrix kept as "),
+        "sosp-i_measured": time.strftime("%Y-%m-%d"),
+    }
+
+
+def _sosp_i_child(spec: str, side: int, memory_budget_gb: float, queue) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        queue.put(measure_sosp_i(spec, side, memory_budget_gb=memory_budget_gb))
+    except BaseException as exc:
+        queue.put({"sosp_i_error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+
+
+def remeasure_sosp_i(row: dict, timeout: float, memory_budget_gb: float) -> dict:
+    """The row with SOSP-I measured anew in a fresh process (its refusal dropped if it ran); other columns stand."""
+    queue = mp.get_context("spawn").Queue()
+    proc = mp.get_context("spawn").Process(
+        target=_sosp_i_child, args=(row["model"], row.get("input", 64), memory_budget_gb, queue)
+    )
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        return {**row, "sosp_i_error": f"SOSP-I over {timeout:.0f} s"}
+    measured = queue.get() if not queue.empty() else {"sosp_i_error": f"exit code {proc.exitcode}"}
+    if "sosp_i_error" in measured:
+        return {**row, **measured}
+    return {k: v for k, v in {**row, **measured}.items() if k != "sosp_i_refused"}
+
+
 def _child(spec: str, side: int, memory_budget_gb: float, queue) -> None:
     import torch
 
@@ -257,6 +316,8 @@ def write_doc(rows: list[dict], doc: Path = DOC, note: str = "") -> None:
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}".replace("|", "/")
         if r["status"] == "ok" and "sosp_i_refused" in r:
             status = f"ok, SOSP-I refused: {r['sosp_i_refused']}"
+        if r["status"] == "ok" and "sosp_i_error" in r:
+            status = f"ok except SOSP-I: {r['sosp_i_error']}".replace("|", "/")
         dev = f"{r['deviation']:.1e}" if "deviation" in r else ""
         lines.append(
             f"| {r['model']} | {r.get('params', ''):,} | {r.get('layers', '')} | {r.get('structures', '')} | "
@@ -289,6 +350,11 @@ def main() -> None:
     parser.add_argument(
         "--note", default="", help="a paragraph for the document (e.g. where the rows were measured)"
     )
+    parser.add_argument(
+        "--sosp-i-only",
+        action="store_true",
+        help="measure SOSP-I alone on the --only models that already have a row; their other columns stand",
+    )
     args = parser.parse_args()
     matrix = torchvision_specs() + [f"timm:{n}" for n in TIMM_MODELS]
     specs = args.only or matrix
@@ -302,7 +368,10 @@ def main() -> None:
     )  # the free RAM's share, per worker
 
     def check(spec: str) -> None:
-        row = run_isolated(spec, args.timeout, budget_gb)
+        if args.sosp_i_only:
+            row = remeasure_sosp_i(done[spec], args.timeout, budget_gb)
+        else:
+            row = run_isolated(spec, args.timeout, budget_gb)
         with lock:
             print(f"{spec}: {row['status']} {row.get('error', '')} ({row.get('wall_s', '')} s)", flush=True)
             done[spec] = row

@@ -57,6 +57,22 @@ def quiet_machine(monkeypatch) -> None:
     monkeypatch.setattr(latency, "measure_latency", lambda *args, **kwargs: 0.01)
 
 
+def wait_for_state(check, guard_s: float, describe=lambda: "the awaited state never came"):
+    """Poll `check()` until it returns something true, and return that. `guard_s` only guards against a hang: it
+    counts seconds divided by the machine's load per core, so a busy machine waits as much longer as it is slower."""
+    spent, last = 0.0, time.monotonic()
+    while True:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+        now = time.monotonic()
+        spent += (now - last) / max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+        last = now
+        if spent > guard_s:
+            raise AssertionError(describe())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

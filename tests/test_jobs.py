@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from conftest import wait_for_state
 from sosp_engine.experiments.procedures import ExperimentConfig
 from sosp_engine.nets.setup import config_from_dict
 from sosp_engine.runs.jobs import cancel, launch_pending, mark_stale_jobs, resume, submit
@@ -16,13 +17,22 @@ from sosp_engine.runs.store import Store, StoreError
 
 
 def wait_for(store, job_id, predicate, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    """The job's record once `predicate` holds; fails at once when the job ended without it (it cannot come any
+    more), and after `timeout` load-scaled seconds only as a guard against a hang."""
+
+    def reached():
         job = store.job(job_id)
         if predicate(job):
             return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} stuck: {store.job(job_id)}\n{read_log(store, job_id)}")
+        if job["status"] in ("done", "failed", "cancelled") and not predicate(store.job(job_id)):
+            raise AssertionError(
+                f"job {job_id} ended without the awaited state: {job}\n{read_log(store, job_id)}"
+            )
+        return None
+
+    return wait_for_state(
+        reached, timeout, lambda: f"job {job_id} stuck: {store.job(job_id)}\n{read_log(store, job_id)}"
+    )
 
 
 def tiny(procedure="train-prune", epochs=1, **kw):

@@ -24,6 +24,7 @@ from sosp_engine.runs.backends.ray import BackendError
 from sosp_engine.runs.store import Store
 from sosp_engine.experiments.studies import StudyConfig
 from sosp_engine.runs.study_state import study_cells
+from conftest import wait_for_state
 from test_jobs import wait_for
 
 ray = pytest.importorskip("ray")
@@ -122,10 +123,7 @@ def events_on_disk(job: dict, kind: str) -> list[dict]:
 
 
 def wait_until(predicate, timeout=240):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.5)
+    wait_for_state(predicate, timeout, lambda: f"not reached in {timeout} load-scaled seconds")
 
 
 def drained_until(store, job_id, predicate, timeout=240):
