@@ -17,18 +17,12 @@ from sosp_engine.runs.store import Store, StoreError
 
 
 def wait_for(store, job_id, predicate, timeout=180):
-    """The job's record once `predicate` holds; fails at once when the job ended without it (it cannot come any
-    more), and after `timeout` load-scaled seconds only as a guard against a hang."""
+    """The job's record once `predicate` holds; `timeout` load-scaled seconds only guard against a hang (a job marked
+    failed can still finish: its runner may only have been slow)."""
 
     def reached():
         job = store.job(job_id)
-        if predicate(job):
-            return job
-        if job["status"] in ("done", "failed", "cancelled") and not predicate(store.job(job_id)):
-            raise AssertionError(
-                f"job {job_id} ended without the awaited state: {job}\n{read_log(store, job_id)}"
-            )
-        return None
+        return job if predicate(job) else None
 
     return wait_for_state(
         reached, timeout, lambda: f"job {job_id} stuck: {store.job(job_id)}\n{read_log(store, job_id)}"
