@@ -442,23 +442,28 @@ def run_analysis(
     mc = _sampled_labels(config, workbench.data.num_classes)
     curvature = _curvature_form(model, workbench, config, x, y, mc)
 
-    def ranking_of(n: int, batch: int, observe: ProgressFn = None) -> Ranking:
+    def inputs_of(n: int, batch: int, observe: ProgressFn = None) -> AnalysisInputs:
         inputs = AnalysisInputs(
             model, workbench.structures, x[:n], y[:n], config.loss, batch, observe, should_stop
         )
         inputs.curvature = curvature
-        return compute_saliency(inputs, config, normalize, mc)
+        return inputs
+
+    def terms_of(n: int) -> None:
+        """The probe's run: the method's terms on n samples. The selection after them adds vectors of S numbers to
+        what the terms hold (SOSP-I's factor form: the rows it forms, counted in `curvature.bytes`)."""
+        method_named(config.method).terms(inputs_of(n, n), config.seed, mc)
 
     batch, memory = config.batch_size, None
     if config.memory_budget_gb is not None and min(batch, len(y)) > 1:
         report(progress, 0.0, "measuring the memory it takes per sample (on 1, 2, 4, ... samples)")
         with timed(timings, "memory_probe"):
-            batch, memory = _batch_within_budget(
-                lambda n: ranking_of(n, n), device, min(batch, len(y)), config, curvature
-            )
+            batch, memory = _batch_within_budget(terms_of, device, min(batch, len(y)), config, curvature)
         report(progress, 0.0, memory["line"])
     ranking, batch = _rank_within_memory(
-        lambda b: ranking_of(len(y), b, lambda f, m: report(progress, f * 0.95, m)),
+        lambda b: compute_saliency(
+            inputs_of(len(y), b, lambda f, m: report(progress, f * 0.95, m)), config, normalize, mc
+        ),
         batch,
         device,
         config,
