@@ -90,7 +90,7 @@ def publish(stem: str, section: str | None, rows: list[dict], run: dict, render)
     out = dated_results(stem)
     with out.open("a") as fh:
         fh.writelines(json.dumps({**row, **run}) + "\n" for row in rows)
-    markdown = render(rows, run)
+    markdown = render(rows, run) + f"\n\nRows: `{out.relative_to(ROOT)}`."
     print(markdown)
     if section is not None:
         replace_section(section, markdown)

@@ -99,3 +99,10 @@ def test_no_room_imports_a_room_above_it():
         if room_of(name) and room_of(imported) and rank[room_of(imported)] > rank[room_of(name)]
     )
     assert upward == []
+
+
+def test_every_benchmark_result_file_is_cited_by_a_document_or_a_script():
+    results = sorted((ROOT / "bench" / "results").iterdir())
+    citing = [*(ROOT / "docs").glob("*.md"), ROOT / "README.md", *(ROOT / "bench").glob("*.py")]
+    text = "\n".join(path.read_text() for path in citing)
+    assert [path.name for path in results if path.name not in text] == []
