@@ -362,6 +362,11 @@ class Ranking:
     selection_seconds: float
     curvature_form: str | None = None
 
+    def result_fields(self) -> dict:
+        """What an AnalysisResult keeps of the ranking."""
+        kept = "saliency pruning_order n_prunable first_order second_order estimate predicted_prefix curvature_form"
+        return {name: getattr(self, name) for name in kept.split()}
+
 
 def compute_saliency(
     inputs: AnalysisInputs, options: AnalysisOptions, normalize: str | torch.Tensor, mc_labels: int = 0
@@ -443,32 +448,25 @@ def run_analysis(
     curvature = _curvature_form(model, workbench, config, x, y, mc)
 
     def inputs_of(n: int, batch: int, observe: ProgressFn = None) -> AnalysisInputs:
-        inputs = AnalysisInputs(
-            model, workbench.structures, x[:n], y[:n], config.loss, batch, observe, should_stop
-        )
-        inputs.curvature = curvature
-        return inputs
+        chosen = dict(progress=observe, should_stop=should_stop, curvature=curvature)
+        return AnalysisInputs(model, workbench.structures, x[:n], y[:n], config.loss, batch, **chosen)
 
-    def terms_of(n: int) -> None:
-        """The probe's run: the method's terms on n samples. The selection after them adds vectors of S numbers to
-        what the terms hold (SOSP-I's factor form: the rows it forms, counted in `curvature.bytes`)."""
+    def terms(n: int) -> None:
+        """The memory probe's run: the terms alone (the selection adds only vectors of S numbers to them)."""
         method_named(config.method).terms(inputs_of(n, n), config.seed, mc)
+
+    def rank(b: int) -> Ranking:
+        return compute_saliency(
+            inputs_of(len(y), b, lambda f, m: report(progress, f * 0.95, m)), config, normalize, mc
+        )
 
     batch, memory = config.batch_size, None
     if config.memory_budget_gb is not None and min(batch, len(y)) > 1:
         report(progress, 0.0, "measuring the memory it takes per sample (on 1, 2, 4, ... samples)")
         with timed(timings, "memory_probe"):
-            batch, memory = _batch_within_budget(terms_of, device, min(batch, len(y)), config, curvature)
+            batch, memory = _batch_within_budget(terms, device, min(batch, len(y)), config, curvature)
         report(progress, 0.0, memory["line"])
-    ranking, batch = _rank_within_memory(
-        lambda b: compute_saliency(
-            inputs_of(len(y), b, lambda f, m: report(progress, f * 0.95, m)), config, normalize, mc
-        ),
-        batch,
-        device,
-        config,
-        progress,
-    )
+    ranking, batch = _rank_within_memory(rank, batch, device, config, progress)
     _require_ranking(ranking.saliency, config, y)
     timings["saliency"], timings["selection"] = ranking.saliency_seconds, ranking.selection_seconds
     fingerprint = weights_fingerprint(model)
@@ -485,20 +483,13 @@ def run_analysis(
         replace(config, batch_size=batch),
         list(workbench.structures.keys),
         [layer.describe() for layer in workbench.structures.layers],
-        ranking.saliency,
-        ranking.pruning_order,
-        ranking.n_prunable,
-        timings,
-        fingerprint,
-        workbench.structures.signature,
-        ranking.first_order,
-        ranking.second_order,
-        ranking.estimate,
+        timings=timings,
+        weights_fingerprint=fingerprint,
+        architecture=workbench.structures.signature,
         exactness=exactness,
-        predicted_prefix=ranking.predicted_prefix,
         memory=memory,
         layer_latency=layer_latency,
-        curvature_form=ranking.curvature_form,
+        **ranking.result_fields(),
     )
 
 
