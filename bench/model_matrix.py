@@ -79,6 +79,8 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
     data = f"synthetic:3,{side},{side}:10"
     wb = open_workbench(ModelSetup(spec, data))
     wb.model.eval()
+    if revived := live_output_layers(wb.model):
+        row["zero_layers_reinitialised"] = revived
     s = wb.structures
     row.update(
         params=s.counts()[0],
@@ -154,6 +156,22 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
     return row
 
 
+def live_output_layers(model) -> list[str]:
+    """Re-initialise (PyTorch's default) every linear or conv layer whose weight and bias are all zero, and name them.
+
+    torchvision initialises ViT heads to zero: the logits are then constant at random init, every saliency is zero,
+    and the analyses rightly refuse. The matrix checks the machinery, so it gives such a head a random init."""
+    import torch
+
+    revived = []
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not bool(module.weight.any()):
+            if module.bias is None or not bool(module.bias.any()):
+                module.reset_parameters()
+                revived.append(name)
+    return revived
+
+
 def measure_sosp_i(spec: str, side: int, samples: int = 8, memory_budget_gb: float | None = None) -> dict:
     """SOSP-I alone on one model, as `check_model` runs it: its seconds, batch, the process's peak RSS and the form it
     kept (for rows whose other checks stand and whose SOSP-I was refused before)."""
@@ -166,6 +184,7 @@ def measure_sosp_i(spec: str, side: int, samples: int = 8, memory_budget_gb: flo
     torch.manual_seed(0)
     wb = open_workbench(ModelSetup(spec, f"synthetic:3,{side},{side}:10"))
     wb.model.eval()
+    revived = live_output_layers(wb.model)
     start = time.perf_counter()
     result = run_analysis(
         wb,
@@ -183,6 +202,7 @@ def measure_sosp_i(spec: str, side: int, samples: int = 8, memory_budget_gb: flo
         "sosp-i_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "sosp-i_form": result.curvature_form.split(" (")[0].removeprefix("Gauss-Newton matrix kept as "),
         "sosp-i_measured": time.strftime("%Y-%m-%d"),
+        **({"zero_layers_reinitialised": revived} if revived else {}),
     }
 
 
