@@ -230,7 +230,7 @@ def remeasure_sosp_i(row: dict, timeout: float, memory_budget_gb: float) -> dict
     measured = queue.get() if not queue.empty() else {"sosp_i_error": f"exit code {proc.exitcode}"}
     if "sosp_i_error" in measured:
         return {**row, **measured}
-    return {k: v for k, v in {**row, **measured}.items() if k != "sosp_i_refused"}
+    return {k: v for k, v in {**row, **measured}.items() if k not in ("sosp_i_refused", "sosp_i_error")}
 
 
 def _child(spec: str, side: int, memory_budget_gb: float, queue) -> None:
