@@ -157,18 +157,15 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
 
 
 def live_output_layers(model) -> list[str]:
-    """Re-initialise (PyTorch's default) every linear or conv layer whose weight and bias are all zero, and name them.
+    """Re-initialise (PyTorch's default) every all-zero linear or conv layer, and name them.
 
     torchvision initialises ViT heads to zero: the logits are then constant at random init, every saliency is zero,
     and the analyses rightly refuse. The matrix checks the machinery, so it gives such a head a random init."""
-    import torch
+    from sosp_engine.nets import zero_layers
 
-    revived = []
-    for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not bool(module.weight.any()):
-            if module.bias is None or not bool(module.bias.any()):
-                module.reset_parameters()
-                revived.append(name)
+    revived = zero_layers(model)
+    for name in revived:
+        model.get_submodule(name).reset_parameters()
     return revived
 
 

@@ -185,3 +185,13 @@ def test_an_analysis_says_what_it_does_before_its_kernel_starts():
         "measuring the memory"
     )
     assert any("exactness" in m for m in said) and said[-1] == "done"
+
+
+def test_an_all_zero_output_layer_is_named_when_every_saliency_is_zero():
+    wb = open_workbench(ModelSetup("resnet20", "digits"))
+    head = [m for m in wb.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+    with pytest.raises(AnalysisError, match=r"every sosp-h saliency is zero.*is all zero.*ViT heads"):
+        run_analysis(wb, AnalysisConfig(method="sosp-h", samples=8, batch_size=8))

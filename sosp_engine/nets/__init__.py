@@ -1,7 +1,7 @@
 """The model zoo: CIFAR ResNets, VGG-19, DenseNet-40, torchvision models and user factories."""
 
 from .registry import USER_CODE_WARNING, ZOO_NAMES, build_model, is_user_code, scaled
-from .checkpoints import load_weights, read_checkpoint, weights_fingerprint
+from .checkpoints import load_weights, read_checkpoint, weights_fingerprint, zero_layers
 
 __all__ = [
     "USER_CODE_WARNING",
@@ -12,4 +12,5 @@ __all__ = [
     "load_weights",
     "read_checkpoint",
     "weights_fingerprint",
+    "zero_layers",
 ]

@@ -128,3 +128,15 @@ def weights_fingerprint(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def zero_layers(model: nn.Module) -> list[str]:
+    """The linear and conv layers whose weight (and bias) are all zero: such a layer passes no gradient back, as
+    torchvision's ViT heads at their initialisation."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+        and not bool(m.weight.any())
+        and (m.bias is None or not bool(m.bias.any()))
+    ]

@@ -20,7 +20,7 @@ from ..errors import AnalysisError, CheckpointError, SospError, is_out_of_memory
 from ..latency.layers import measure_layer_latency
 from ..latency.profile import LATENCY_UNIT, LatencyProfile
 from ..latency.runtimes import EAGER, check_runtime
-from ..nets import weights_fingerprint
+from ..nets import weights_fingerprint, zero_layers
 from ..nets.setup import ModelSetup, config_from_dict, stored_config
 from ..progress import ProgressFn, StopFn, check_cancel, report
 from ..pruning.exactness import cached_exactness
@@ -467,7 +467,7 @@ def run_analysis(
             batch, memory = _batch_within_budget(terms, device, min(batch, len(y)), config, curvature)
         report(progress, 0.0, memory["line"])
     ranking, batch = _rank_within_memory(rank, batch, device, config, progress)
-    _require_ranking(ranking.saliency, config, y)
+    _require_ranking(ranking.saliency, config, y, model)
     timings["saliency"], timings["selection"] = ranking.saliency_seconds, ranking.selection_seconds
     fingerprint = weights_fingerprint(model)
     report(progress, 0.97, "measuring that pruning equals zero-masking (exactness)")
@@ -601,7 +601,9 @@ def _rank_within_memory(
             report(progress, 0.0, f"out of memory: retrying with batch size {batch}")
 
 
-def _require_ranking(saliency: torch.Tensor, config: AnalysisConfig, y: torch.Tensor) -> None:
+def _require_ranking(
+    saliency: torch.Tensor, config: AnalysisConfig, y: torch.Tensor, model: nn.Module
+) -> None:
     """Refuse to write a mask from saliencies that rank nothing: non-finite, or all zero (the loss did not depend on
     any structure on these samples: one class only, a dead network, a saturated loss)."""
     if not bool(torch.isfinite(saliency).all()):
@@ -610,6 +612,13 @@ def _require_ranking(saliency: torch.Tensor, config: AnalysisConfig, y: torch.Te
             "for overflow, or analyse in float64; no mask was written"
         )
     if saliency.numel() and not bool(saliency.ne(0).any()):
+        if zero := zero_layers(model):
+            raise AnalysisError(
+                f"every {config.method} saliency is zero, so the order would be arbitrary; no mask was written. "
+                f"Layer {zero[0]!r} is all zero{' (and ' + str(len(zero) - 1) + ' more)' if len(zero) > 1 else ''}, "
+                "so no gradient reaches the layers before it (torchvision initialises ViT heads to zero): analyse "
+                "trained weights, or initialise that layer"
+            )
         classes = int(y.unique().numel())
         raise AnalysisError(
             f"every {config.method} saliency is zero, so the order would be arbitrary; no mask was "
