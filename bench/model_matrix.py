@@ -170,37 +170,46 @@ def live_output_layers(model) -> list[str]:
 
 
 def measure_sosp_i(spec: str, side: int, samples: int = 8, memory_budget_gb: float | None = None) -> dict:
-    """SOSP-I alone on one model, as `check_model` runs it: its seconds, batch, the process's peak RSS and the form it
-    kept (for rows whose other checks stand and whose SOSP-I was refused before)."""
+    """SOSP-I alone on one model, as `check_model` runs it: its seconds (to the exactness check), batch, the process's
+    peak RSS and the form it kept (for rows whose other checks stand and whose SOSP-I was refused before)."""
     import torch
 
     from sosp_engine.nets.setup import ModelSetup
     from sosp_engine.pruning.workbench import open_workbench
+    from sosp_engine.errors import MaskError
     from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
 
     torch.manual_seed(0)
     wb = open_workbench(ModelSetup(spec, f"synthetic:3,{side},{side}:10"))
     wb.model.eval()
     revived = live_output_layers(wb.model)
-    start = time.perf_counter()
-    result = run_analysis(
-        wb,
-        AnalysisConfig(
-            method="sosp-i",
-            samples=samples,
-            batch_size=samples,
-            memory_budget_gb=memory_budget_gb,
-            setup=ModelSetup(device="cpu"),
-        ),
+    config = AnalysisConfig(
+        method="sosp-i",
+        samples=samples,
+        batch_size=samples,
+        memory_budget_gb=memory_budget_gb,
+        setup=ModelSetup(device="cpu"),
     )
-    return {
-        "sosp-i_s": round(time.perf_counter() - start, 2),
-        "sosp-i_batch": result.config.batch_size,
-        "sosp-i_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "sosp-i_form": result.curvature_form.split(" (")[0].removeprefix("Gauss-Newton matrix kept as "),
-        "sosp-i_measured": time.strftime("%Y-%m-%d"),
-        **({"zero_layers_reinitialised": revived} if revived else {}),
-    }
+    ranked: dict = {}
+
+    def progress(fraction: float, message: str) -> None:
+        if "exactness" in message and "at" not in ranked:  # the terms and the selection are done
+            ranked["at"] = time.perf_counter()
+
+    start = time.perf_counter()
+    row: dict = {"sosp-i_measured": time.strftime("%Y-%m-%d")}
+    if revived:
+        row["zero_layers_reinitialised"] = revived
+    try:
+        result = run_analysis(wb, config, progress)
+    except MaskError as exc:  # physical pruning of the exactness check's mask failed; SOSP-I itself had run
+        row["sosp_i_error"] = f"its exactness check: {str(exc).splitlines()[0][:160]}"
+    else:
+        row["sosp-i_batch"] = result.config.batch_size
+        row["sosp-i_form"] = result.curvature_form.split(" (")[0].removeprefix("Gauss-Newton matrix kept as ")
+    row["sosp-i_s"] = round(ranked.get("at", time.perf_counter()) - start, 2)
+    row["sosp-i_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return row
 
 
 def _sosp_i_child(spec: str, side: int, memory_budget_gb: float, queue) -> None:
@@ -225,9 +234,8 @@ def remeasure_sosp_i(row: dict, timeout: float, memory_budget_gb: float) -> dict
         proc.kill()
         return {**row, "sosp_i_error": f"SOSP-I over {timeout:.0f} s"}
     measured = queue.get() if not queue.empty() else {"sosp_i_error": f"exit code {proc.exitcode}"}
-    if "sosp_i_error" in measured:
-        return {**row, **measured}
-    return {k: v for k, v in {**row, **measured}.items() if k not in ("sosp_i_refused", "sosp_i_error")}
+    stale = ("sosp_i_refused", "sosp_i_error", "sosp-i_form", "sosp-i_batch")
+    return {**{k: v for k, v in row.items() if k not in stale}, **measured}
 
 
 def _child(spec: str, side: int, memory_budget_gb: float, queue) -> None:
