@@ -21,7 +21,7 @@ from sosp_engine.runs.jobs import Placement, cancel, mark_stale_jobs, resume, su
 from sosp_engine.runs.work import read_log
 from sosp_engine.nets import build_model
 from sosp_engine.runs.backends.ray import BackendError
-from sosp_engine.runs.store import Store, run_folder
+from sosp_engine.runs.store import Store
 from sosp_engine.experiments.studies import StudyConfig
 from sosp_engine.runs.study_state import study_cells
 from conftest import wait_for_state
@@ -117,6 +117,7 @@ def initial_weights(folder: Path) -> Path:
 def events_on_disk(job: dict, kind: str) -> list[dict]:
     """The job's events of `kind` as its run folder holds them (nobody has read them into the store)."""
     from sosp_engine.runs.events import new_events
+    from sosp_engine.runs.store import run_folder
 
     return [e for e in new_events(run_folder(job), {})[0] if e["kind"] == kind]
 
@@ -318,15 +319,8 @@ def test_an_expand_study_fans_its_runs_out_and_their_epochs_reach_the_store(tmp_
 def test_a_lost_job_host_fails_the_job_with_the_reason_and_resume_runs_it_again(tmp_path, cluster):
     store = Store(tmp_path)
     job_id = submit(store, job_config(epochs=5), placement=cluster)
-    # As when the node holding it goes away, right at its first epoch's metrics: a driver started beforehand kills
-    # it then, so a loaded machine cannot let the job finish first.
-    events = str(run_folder(store.job(job_id)))
-    on_cluster(
-        cluster,
-        "import time\nfrom sosp_engine.runs.events import new_events\n"
-        f"while not any(e['kind'] == 'metrics' for e in new_events({events!r}, {{}})[0]):\n    time.sleep(0.1)\n"
-        f"ray.kill(ray.get_actor('job-{job_id}'))",
-    )
+    drained_until(store, job_id, lambda j: len(store.metrics(job_id)) >= 1)
+    on_cluster(cluster, f"ray.kill(ray.get_actor('job-{job_id}'))")  # as when the node holding it goes away
     job = drained_until(store, job_id, lambda j: j["status"] != "running", timeout=120)
     assert job["status"] == "failed" and "lost" in job["error"] and "resume" in job["error"]
     resume(store, job_id)
