@@ -316,17 +316,41 @@ def test_an_expand_study_fans_its_runs_out_and_their_epochs_reach_the_store(tmp_
     } <= stages
 
 
+KILLER = """
+import pathlib, time
+import ray
+ray.init(address={address!r}, namespace='sosp-lab', logging_level='ERROR')
+print('connected', flush=True)
+order = pathlib.Path({order!r})
+while not order.exists():
+    time.sleep(0.02)
+ray.kill(ray.get_actor(order.read_text()))
+"""
+
+
 def test_a_lost_job_host_fails_the_job_with_the_reason_and_resume_runs_it_again(tmp_path, cluster):
     store = Store(tmp_path)
-    job_id = submit(store, job_config(epochs=5), placement=cluster)
+    # The kill, as when the node holding the job goes away, comes from a driver connected beforehand: a driver
+    # started after the first epoch (seconds on a loaded machine) could land after the job's last epoch.
+    order = tmp_path / "kill"
+    killer = subprocess.Popen(
+        [sys.executable, "-c", KILLER.format(address=cluster.address, order=str(order))],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert killer.stdout.readline().strip() == "connected"
+    job_id = submit(store, job_config(epochs=10), placement=cluster)
     drained_until(store, job_id, lambda j: len(store.metrics(job_id)) >= 1)
-    on_cluster(cluster, f"ray.kill(ray.get_actor('job-{job_id}'))")  # as when the node holding it goes away
+    (tmp_path / "kill.tmp").write_text(f"job-{job_id}")
+    (tmp_path / "kill.tmp").rename(order)
+    assert killer.wait(timeout=600) == 0
     job = drained_until(store, job_id, lambda j: j["status"] != "running", timeout=120)
     assert job["status"] == "failed" and "lost" in job["error"] and "resume" in job["error"]
     resume(store, job_id)
     job = drained_until(store, job_id, lambda j: j["status"] in ("done", "failed", "cancelled"))
     assert job["status"] == "done", job["error"]
-    assert sorted(m["epoch"] for m in store.metrics(job_id)) == [1, 2, 3, 4, 5]
+    assert sorted(m["epoch"] for m in store.metrics(job_id)) == list(range(1, 11))
 
 
 def test_an_unreachable_cluster_is_a_clear_error_at_submit(tmp_path):
