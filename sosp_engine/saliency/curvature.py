@@ -8,6 +8,7 @@ with it (Q[s, :] = 1/2 |F[:, s]^T F| + |lam1(s)| e_s), formed for a block of lik
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -114,6 +115,9 @@ class MatrixRows:
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         return self.q[index]
 
+    def row(self, s: int) -> torch.Tensor:
+        return self.q[s]  # a view: no copy of S numbers per greedy step
+
 
 class FactorRows:
     """Q read from lam1 and the factor F (R, S) of the Gauss-Newton matrix: a block of rows is one product with F."""
@@ -125,8 +129,9 @@ class FactorRows:
         self.device = factor.device
         self.block = factor_rows_block(self.num_structures)
 
+    @cached_property
     def gram_diagonal(self) -> torch.Tensor:
-        """theta_s^T H_GN theta_s for every s, summed in float64."""
+        """theta_s^T H_GN theta_s for every s, summed in float64 (read by the saliency and by the selection)."""
         squares = torch.zeros(self.num_structures, dtype=torch.float64, device=self.device)
         for start in range(0, self.num_structures, self.block):
             part = self.factor[:, start : start + self.block].to(torch.float64)
@@ -134,13 +139,16 @@ class FactorRows:
         return squares
 
     def diagonal(self) -> torch.Tensor:
-        return 0.5 * self.gram_diagonal() + self.first
+        return 0.5 * self.gram_diagonal + self.first
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         index = index.to(self.device)
         block = (self.factor[:, index].T @ self.factor).to(torch.float64).abs_().mul_(0.5)
         block[torch.arange(len(index), device=self.device), index] += self.first[index]
         return block
+
+    def row(self, s: int) -> torch.Tensor:
+        return self.rows(torch.tensor([s]))[0]
 
 
 def row_source(q: "torch.Tensor | MatrixRows | FactorRows") -> "MatrixRows | FactorRows":

@@ -64,9 +64,9 @@ def _sosp_i(inputs: AnalysisInputs, seed: int, mc_labels: int) -> SaliencyTerms:
     if form.name == "factor":
         first, factor = gauss_newton_factor(inputs, mc_labels, seed)
         rows = FactorRows(first, factor)
-        diag = rows.gram_diagonal()
+        diag = rows.gram_diagonal
     else:
-        first, gram = gauss_newton_terms(inputs, mc_labels=mc_labels, seed=seed)
+        first, gram = gauss_newton_terms(inputs, mc_labels=mc_labels, seed=seed, dtype=form.dtype)
         diag = gram.diagonal().to(torch.float64, copy=True)  # Q is formed in place of the matrix
         rows = MatrixRows(sosp_i_matrix(first, gram))
     return SaliencyTerms(first.abs() + 0.5 * diag, first, diag, rows, _estimate(mc_labels), form.describe())

@@ -141,12 +141,10 @@ class _RowCache:
         self.source = source
         self.slot: dict[int, int] = {}
         self.held: torch.Tensor | None = None
-        self.formed = 0  # rows formed, for the benchmarks' count of rows formed per choice
 
     def row(self, s: int, scores: torch.Tensor) -> torch.Tensor:
         if self.source.block == 1:
-            self.formed += 1
-            return self.source.rows(torch.tensor([s]))[0]
+            return self.source.row(s)
         if s not in self.slot:
             self._refill(s, scores)
         return self.held[self.slot.pop(s)]
@@ -164,7 +162,6 @@ class _RowCache:
         free = sorted(set(range(len(self.held))) - set(kept.values()))
         formed = self.source.rows(torch.tensor(new))
         self.held[free[: len(new)]] = formed
-        self.formed += len(new)
         self.slot = {**kept, **dict(zip(new, free))}
 
 

@@ -441,12 +441,20 @@ def rows_per_sample(inputs: AnalysisInputs, mc_labels: int = 0) -> int:
 
 @full_float32()
 def gauss_newton_terms(
-    inputs: AnalysisInputs, diagonal_only: bool = False, mc_labels: int = 0, seed: int = 0
+    inputs: AnalysisInputs,
+    diagonal_only: bool = False,
+    mc_labels: int = 0,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lam1 (S,), G) with G = theta_s^T H_GN theta_s' over the N' samples: (S, S), or its diagonal (S,) if asked."""
+    """(lam1 (S,), G) with G = theta_s^T H_GN theta_s' over the N' samples: (S, S), or its diagonal (S,) if asked.
+    The matrix is kept in `dtype` where the analysis chose it (`curvature.choose_form`), else as `matrix_dtype` says."""
     s_count = inputs.structures.num_structures
     device, n_total = inputs.device, inputs.num_samples
-    dtype = torch.float64 if diagonal_only else matrix_dtype(s_count, device)
+    if diagonal_only:
+        dtype = torch.float64
+    elif dtype is None:
+        dtype = matrix_dtype(s_count, device)
     gram = torch.zeros(s_count if diagonal_only else (s_count, s_count), dtype=dtype, device=device)
     first = torch.zeros(s_count, dtype=torch.float64, device=device)
     for first_part, rows, product_dtype in _curvature_passes(inputs, mc_labels, seed):
