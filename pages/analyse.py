@@ -10,14 +10,12 @@ import streamlit as st
 from app.text import plain
 
 from app.background import CANCELLED, running_analysis, start_analysis, forget_analysis
+from app.forms import form_values, more_options, option_input
 from app.guard import user_errors
 from app.pickers import analyses_frame, CURRENT_ANALYSIS
 from app.state import current_choice, kept, workbench, workspace
 from sosp_engine.saliency.analysis import AnalysisConfig, AnalysisOptions
-from sosp_engine.saliency.methods import METHOD_LABELS, METHODS
-from sosp_engine.devices import resolve_device
-from sosp_engine.latency.runtimes import RUNTIMES
-from sosp_engine.saliency.memory import default_budget
+from sosp_engine.saliency.methods import METHOD_LABELS
 
 st.title("Analyse")
 progress_slot = st.container()  # a running analysis's bar and Cancel stay at the top, above the form
@@ -31,86 +29,66 @@ st.caption(
 
 key = st.session_state.setdefault("analysis_key", uuid.uuid4().hex)  # this browser session's analysis thread
 busy = (ongoing := running_analysis(key)) is not None and not ongoing.finished
+NORMALISATION_LABELS = {
+    "none": "none",
+    "kernel": "by kernel size (SOSP*)",
+    "macs": "by MACs",
+    "latency": "by measured latency",
+}
+LAID_OUT = {
+    "method",
+    "samples",
+    "batch_size",
+    "memory_budget_gb",
+    "cap",
+    "min_channels",
+    "normalize",
+    "loss",
+    "at_init",
+    "seed",
+}
+
+
+def settings_form() -> tuple[bool, str, str]:
+    """The analysis's settings, one widget per declared option (a new option lands under "More options");
+    returns whether Run was pressed, the device and the name."""
+    with st.form("analysis_form"):
+        cols = st.columns(3)
+        option_input(cols[0], AnalysisOptions, "method", "an", labels=METHOD_LABELS.get)
+        option_input(cols[1], AnalysisOptions, "samples", "an")
+        option_input(cols[2], AnalysisOptions, "batch_size", "an")
+        cols = st.columns(3)
+        option_input(cols[0], AnalysisOptions, "cap", "an")
+        option_input(cols[0], AnalysisOptions, "min_channels", "an")
+        option_input(cols[1], AnalysisOptions, "normalize", "an", labels=NORMALISATION_LABELS.get)
+        option_input(cols[2], AnalysisOptions, "loss", "an")
+        option_input(cols[2], AnalysisOptions, "memory_budget_gb", "an", default="auto")
+        cols = st.columns(3)
+        option_input(cols[0], AnalysisOptions, "at_init", "an")
+        option_input(cols[1], AnalysisOptions, "seed", "an")
+        device = cols[2].selectbox("Device", ["auto", "cpu", "cuda"], key=kept("an-device", "auto"))
+        # a form cannot hide what the normalisation does not use: the rest waits in a closed expander
+        more_options(
+            st,
+            AnalysisOptions,
+            "Analyse page",
+            LAID_OUT,
+            "an",
+            "More options: latency timing, SOSP-I's labels, width rounding",
+        )
+        name = st.text_input(
+            "Name (optional)", placeholder="e.g. SOSP-H after training", key=kept("an-name", "")
+        )
+        return (
+            st.form_submit_button("Run analysis", type="primary", icon=":material/play_arrow:"),
+            device,
+            name,
+        )
+
+
 # while an analysis runs, its settings fold away, so its bar and Cancel at the top are in view at any window size
-with (
-    st.expander("Settings (folded while the analysis runs)" if busy else "Settings", expanded=not busy),
-    st.form("analysis_form"),
-):
-    cols = st.columns(3)
-    method = cols[0].selectbox(
-        "Method", METHODS, format_func=METHOD_LABELS.get, key=kept("an-method", METHODS[0])
-    )
-    samples = cols[1].number_input(
-        "Samples N'",
-        1,
-        100_000,
-        key=kept("an-samples", 1000),
-        help="drawn with the seed from the training split",
-    )
-    batch = cols[2].number_input("Batch size", 1, 4096, key=kept("an-batch", 100))
-    fit_memory = cols[2].toggle(
-        "Fit the batch to the free memory",
-        key=kept("an-fit", True),
-        help="measure what the method takes per sample on a few samples first, and lower the "
-        "batch so the analysis stays within 80 % of the free GPU memory or 50 % of the "
-        "free RAM",
-    )
-    cols = st.columns(3)
-    cap = cols[0].slider(
-        "Per-layer cap",
-        0.05,
-        1.0,
-        step=0.05,
-        key=kept("an-cap", 0.95),
-        help="at most this fraction of a layer is pruned; one channel always stays",
-    )
-    min_channels = cols[0].number_input(
-        "Minimum width kept per layer",
-        1,
-        4096,
-        key=kept("an-min-channels", 1),
-        help="at least this many structures (channels) of every layer stay, whatever the ratio",
-    )
-    normalize = cols[1].selectbox(
-        "Normalisation",
-        ["none", "kernel", "macs", "latency"],
-        format_func={
-            "none": "none",
-            "kernel": "by kernel size (SOSP*)",
-            "macs": "by MACs",
-            "latency": "by measured latency",
-        }.get,
-        key=kept("an-normalize", "none"),
-        help="rank structures by saliency per unit of cost; latency: each layer is timed "
-        "alone on the analysis device first, so the order follows this machine",
-    )
-    loss = cols[2].selectbox("Loss", ["cross-entropy", "squared"], key=kept("an-loss", "cross-entropy"))
-    # a form cannot hide what the normalisation does not use: its settings wait in a closed expander
-    with st.expander("Timing for the normalisation by measured latency"):
-        timing = st.columns(2)
-        latency_batch = timing[0].number_input(
-            "Latency batch",
-            1,
-            4096,
-            key=kept("an-latency-batch", 1),
-            help="the batch size the layers are timed at",
-        )
-        latency_runtime = timing[1].selectbox(
-            "Latency runtime",
-            RUNTIMES,
-            key=kept("an-latency-runtime", RUNTIMES[0]),
-            help="eager PyTorch, or the net exported to ONNX and timed in ONNX Runtime",
-        )
-    cols = st.columns(3)
-    at_init = cols[0].toggle(
-        "At initialisation",
-        key=kept("an-at-init", False),
-        help="analyse a fresh seeded init; BatchNorm statistics are re-estimated on the samples",
-    )
-    seed = cols[1].number_input("Seed", 0, 2**31 - 1, key=kept("an-seed", 0))
-    device = cols[2].selectbox("Device", ["auto", "cpu", "cuda"], key=kept("an-device", "auto"))
-    name = st.text_input("Name (optional)", placeholder="e.g. SOSP-H after training", key=kept("an-name", ""))
-    run = st.form_submit_button("Run analysis", type="primary", icon=":material/play_arrow:")
+with st.expander("Settings (folded while the analysis runs)" if busy else "Settings", expanded=not busy):
+    run, device, name = settings_form()
 
 if run:
     current = running_analysis(key)
@@ -119,22 +97,8 @@ if run:
     else:
         with user_errors("Loading the model"):
             bench = workbench(choice)
-        options = AnalysisOptions(
-            method=method,
-            at_init=at_init,
-            samples=int(samples),
-            seed=int(seed),
-            batch_size=int(batch),
-            cap=cap,
-            min_channels=int(min_channels),
-            normalize=normalize,
-            latency_batch=int(latency_batch),
-            latency_runtime=latency_runtime,
-            loss=loss,
-        )
         with user_errors("Starting the analysis"):
-            if fit_memory:
-                options.memory_budget_gb = default_budget(resolve_device(device)) / 2**30
+            options = AnalysisOptions(**form_values(AnalysisOptions, "an"))
             config = AnalysisConfig.of(replace(bench.setup, device=device), options)
             config.validate()
             start_analysis(key, bench, config, name, workspace())

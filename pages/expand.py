@@ -3,6 +3,8 @@
 import pandas as pd
 import streamlit as st
 
+from app.forms import form_values, more_options, option_input
+
 from app.expand_study_view import expand_study_view
 from app.guard import user_errors
 from app.text import plain
@@ -99,7 +101,7 @@ with st.form("launch"):
     trials = c[0].number_input(
         "Trials", 1, 10, 3, help="the paper runs 3 trials; the charts show mean and std", key="expand-trials"
     )
-    epochs = c[1].number_input("Epochs (train)", 1, 1000, 10, key="expand-epochs")
+    option_input(c[1], TrainConfig, "epochs", "expand-training", default=10)
     finetune = c[2].number_input("Epochs (fine-tune)", 1, 1000, 10, key="expand-finetune")
     own = st.toggle(
         "Find the bottlenecks on the study's own trained plain net (as the paper does)",
@@ -112,6 +114,7 @@ with st.form("launch"):
         ),
         key=f"expand-own-{record['id']}",
     )
+    more_options(st, TrainConfig, "Expand page", {"epochs"}, "expand-training", "More training options")
     launch = st.form_submit_button("Launch the expand study", type="primary", icon=":material/rocket_launch:")
 if launch:
     with user_errors("Launching"):
@@ -123,7 +126,7 @@ if launch:
             target_params=None if own else target,
             ratio=pruned_size["param_ratio"],
             unit="params",
-            training=TrainConfig(epochs=int(epochs)),
+            training=TrainConfig(**form_values(TrainConfig, "expand-training")),
             finetune_epochs=int(finetune),
             analysis=result.config.options(),
         )

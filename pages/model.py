@@ -3,6 +3,8 @@
 from pathlib import Path
 import streamlit as st
 
+from app.forms import form_values, more_options, option_input
+
 from app.text import plain, count_text
 
 from app.guard import user_errors
@@ -182,16 +184,19 @@ def training_start(setup) -> str:
 
 
 with cols[2].popover("Train this model in the background", icon=":material/model_training:"):
-    epochs = st.number_input("Epochs", 1, 1000, 15)
+    option_input(st, TrainConfig, "epochs", "model-train", default=15)
+    more_options(st, TrainConfig, "Model page", {"epochs"}, "model-train", "More training options")
     st.caption(plain(training_start(choice)))
     if st.button("Start training job", type="primary"):
         with user_errors("Starting the training job", stop=False):
+            training = TrainConfig(**form_values(TrainConfig, "model-train"), device=choice.device)
+            epochs = training.epochs
             job = submit(
                 store,
                 ExperimentConfig(
                     procedure="train",
                     setup=choice.with_weights(None),
-                    training=TrainConfig(epochs=int(epochs)),
+                    training=training,
                     label=f"train {choice.model_spec}",
                 ),
                 name=f"train {choice.model_spec} ({epochs} epochs)",

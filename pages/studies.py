@@ -10,13 +10,13 @@ from app.charts import study_accuracy
 from app.expand_study_view import expand_study_view
 from app.export import export_buttons, file_slug
 from sosp_engine.shown import safe_csv
+from app.forms import form_values, more_options, option_input
 from app.guard import user_errors
 from app.placement import current_placement, placement_caption
 from app.report import analysis_report
 from app.state import code_confirmed, current_choice, is_pruned_checkpoint, kept, workspace
 from app.text import plain, text_only
 from app.tables import table as show_table
-from sosp_engine.latency.runtimes import RUNTIMES
 from sosp_engine.nets.setup import config_from_dict
 from sosp_engine.saliency.methods import METHODS
 from sosp_engine.saliency.analysis import AnalysisOptions
@@ -72,18 +72,19 @@ with st.expander(
         key=kept("study-unit", "params"),
         help="latency: the CPU latency at batch 1, timed along each analysis's order",
     )
-    latency_runtime = cols[1].selectbox(
-        "Latency runtime",
-        RUNTIMES,
-        key=kept("study-runtime", RUNTIMES[0]),
-        help="where each cell's CPU latency (and the latency unit) is timed: eager PyTorch, or ONNX Runtime",
-    )
+    option_input(cols[1], AnalysisOptions, "latency_runtime", "study-analysis")
     seeds_text = cols[2].text_input("Seeds", key=kept("study-seeds", "0,1,2"))
     cols = st.columns(4)
-    epochs = cols[0].number_input("Training epochs", 0, 1000, key=kept("study-epochs", 10))
+    option_input(cols[0], TrainConfig, "epochs", "study-training", default=10)
     finetune = cols[1].number_input("Fine-tuning epochs", 0, 1000, key=kept("study-finetune", 5))
-    samples = cols[2].number_input("N' samples", 1, 100_000, key=kept("study-samples", 500))
+    option_input(cols[2], AnalysisOptions, "samples", "study-analysis", default=500)
     name = cols[3].text_input("Name", key=kept("study-name", ""))
+    cols = st.columns(2)
+    more_options(cols[0], TrainConfig, "Studies page", {"epochs"}, "study-training", "More training options")
+    laid_out = {"samples", "latency_runtime"}
+    more_options(
+        cols[1], AnalysisOptions, "Studies page", laid_out, "study-analysis", "More analysis options"
+    )
     confirmed = code_confirmed(model_spec.strip(), "The study's model spec")
     if st.button("Launch study", icon=":material/play_arrow:", key="study-launch", disabled=not confirmed):
         with user_errors("Launching the study", stop=False):
@@ -93,9 +94,9 @@ with st.expander(
                 targets=parse_numbers(float, targets_text, "Targets"),
                 unit=unit,
                 seeds=parse_numbers(int, seeds_text, "Seeds"),
-                training=TrainConfig(epochs=int(epochs)),
+                training=TrainConfig(**form_values(TrainConfig, "study-training")),
                 finetune_epochs=int(finetune),
-                analysis=AnalysisOptions(samples=int(samples), latency_runtime=latency_runtime),
+                analysis=AnalysisOptions(**form_values(AnalysisOptions, "study-analysis")),
             )
             job_id = submit_study(workspace(), config, name.strip(), placement=current_placement())
             st.success(

@@ -48,7 +48,9 @@ def test_an_unknown_runtime_is_refused_before_any_timing(analysed):
     wb, _ = analysed
     with pytest.raises(AnalysisError, match="unknown latency runtime 'tensorrt'"):
         latency_times(wb.model, None, wb.example, runtime="tensorrt")
-    with pytest.raises(AnalysisError, match="unknown latency runtime"):
+    with pytest.raises(
+        AnalysisError, match="latency_runtime: Input should be 'eager' or 'onnxruntime' \\(got 'tvm'\\)"
+    ):
         AnalysisConfig(latency_runtime="tvm").validate()
 
 

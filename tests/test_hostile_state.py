@@ -506,7 +506,10 @@ def test_saliencies_that_are_all_zero_write_no_mask(tmp_path):
 
     with pytest.raises(AnalysisError, match="1 class"):
         _require_ranking(
-            torch.zeros(5), AnalysisConfig(method="sosp-h"), torch.zeros(4, dtype=torch.long), torch.nn.Linear(2, 2)
+            torch.zeros(5),
+            AnalysisConfig(method="sosp-h"),
+            torch.zeros(4, dtype=torch.long),
+            torch.nn.Linear(2, 2),
         )
 
 

@@ -172,7 +172,7 @@ def test_an_analysis_normalised_by_latency_times_the_layers_once_and_stores_its_
 
 
 def test_a_latency_batch_below_one_is_refused():
-    with pytest.raises(AnalysisError, match="latency batch"):
+    with pytest.raises(AnalysisError, match="latency_batch: .* greater than or equal to 1 \\(got 0\\)"):
         AnalysisConfig(normalize="latency", latency_batch=0).validate()
 
 

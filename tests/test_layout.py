@@ -61,7 +61,7 @@ def test_no_engine_module_imports_a_module_that_imports_it_back():
 def test_the_engine_lives_in_rooms_with_a_few_foundations_at_the_top():
     top = sorted(p.stem for p in ENGINE.glob("*.py"))
     rooms = sorted(p.name for p in ENGINE.iterdir() if (p / "__init__.py").exists())
-    assert top == ["__init__", "__main__", "atomic", "devices", "errors", "progress", "shown"]
+    assert top == ["__init__", "__main__", "atomic", "devices", "errors", "options", "progress", "shown"]
     assert rooms == ["cli", "experiments", "latency", "nets", "pruning", "runs", "saliency"]
 
 

@@ -135,5 +135,7 @@ def test_the_default_budget_leaves_the_cpu_heap_room_beyond_the_tensors(monkeypa
 
 
 def test_the_cli_refuses_a_memory_budget_that_is_not_a_number(tmp_path, capsys):
-    assert main(["analyze", "--model", "resnet20", "--memory-budget", "lots", "--out", str(tmp_path)]) == 2
-    assert "--memory-budget takes a number of GB, auto or none" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        main(["analyze", "--model", "resnet20", "--memory-budget", "lots", "--out", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert "--memory-budget: takes a number or auto or none, got 'lots'" in capsys.readouterr().err

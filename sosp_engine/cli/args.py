@@ -10,39 +10,13 @@ from ..errors import SospError
 from ..experiments.procedures import ExperimentConfig
 from ..experiments.training import TrainConfig
 from ..latency.profile import LATENCY_UNIT
-from ..latency.runtimes import EAGER, RUNTIMES
 from ..runs.jobs import BACKENDS, RAY_ADDRESS_ENV, Placement, custom_resources
 from ..runs.store import Store
 from ..nets.setup import ModelSetup
 from ..saliency.analysis import AnalysisOptions
-from ..saliency.methods import METHODS
-from ..saliency.selection import NORMALIZATIONS, UNITS
-
-
-def add_latency_runtime_arg(p: argparse.ArgumentParser, timed: str) -> None:
-    """--latency-runtime: the runtime latency is timed in (`timed` says which latency, for the help)."""
-    p.add_argument(
-        "--latency-runtime",
-        default=EAGER,
-        choices=RUNTIMES,
-        help=f"the runtime {timed} is timed in: PyTorch eager, or ONNX Runtime (the net exported to ONNX, as "
-        "it ships; the CPU provider, or CUDA/TensorRT ones on a GPU where installed)",
-    )
-
-
-def add_distributed_args(p: argparse.ArgumentParser) -> None:
-    """--nproc and --sync-bn: one training across several processes."""
-    p.add_argument(
-        "--nproc",
-        type=int,
-        default=1,
-        help="train across N processes with DistributedDataParallel (one per GPU; gloo on CPU), same global batch",
-    )
-    p.add_argument(
-        "--sync-bn",
-        action="store_true",
-        help="with --nproc: BatchNorm statistics over the global batch (CUDA only; default: per process)",
-    )
+from ..saliency.selection import UNITS
+from ..experiments.front_ends import not_offered
+from ..options import Option, options_of
 
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:
@@ -147,37 +121,76 @@ def setup_from(args: argparse.Namespace) -> ModelSetup:
     return ModelSetup(args.model, args.data, args.weights, list(args.exclude), args.preset, args.device)
 
 
-def add_analysis_args(
-    p: argparse.ArgumentParser, samples: int = 1000, timed: str = "the latency unit", method: bool = True
+# The one reviewed list of declared options a verb that runs that kind of work does not offer, and why; each verb's
+# --help ends with its list.
+TRAINING_DEST = "train_"  # training flags land as train_* so they never mix with the analysis options
+
+
+def add_option_flags(
+    p: argparse.ArgumentParser,
+    cls: type,
+    verb: str,
+    dest_prefix: str = "",
+    clash_prefix: str = "",
+    defaults: dict[str, object] | None = None,
 ) -> None:
-    """The options of the analyses a verb runs (`AnalysisOptions`): method (unless the verb picks methods itself),
-    N', layer limits, normalisation."""
-    if method:
-        p.add_argument("--method", default="sosp-h", choices=METHODS)
-    p.add_argument(
-        "--samples", type=int, default=samples, help="N': analysis samples drawn from the training split"
-    )
-    p.add_argument("--cap", type=float, default=0.95, help="at most this fraction of a layer is pruned")
-    p.add_argument(
-        "--min-channels",
-        type=int,
-        default=1,
-        help="keep at least this many structures (channels) of every layer, whatever the ratio",
-    )
-    p.add_argument(
-        "--normalize",
-        default="none",
-        choices=NORMALIZATIONS,
-        help="rank structures by saliency per unit of cost: kernel size (SOSP*), MACs, or latency (each "
-        "layer timed alone; the order then depends on timings)",
-    )
-    add_latency_runtime_arg(p, timed)
+    """One flag per declared option of `cls` (help, range, choices and default from its declaration), but those
+    NOT_OFFERED lists for `verb`, which the verb's --help names with their reasons. A flag another part of the verb
+    already has gets `clash_prefix` (`--analysis-seed` beside the training's `--seed`)."""
+    skipped = not_offered(cls, verb)
+    for option in options_of(cls):
+        if option.name in skipped:
+            continue
+        option = dataclasses.replace(option, default=(defaults or {}).get(option.name, option.default))
+        kwargs = _flag_kwargs(option) | {"dest": dest_prefix + option.name}
+        try:
+            p.add_argument(*option.flags, **kwargs)
+        except argparse.ArgumentError:
+            p.add_argument(*(f"--{clash_prefix}{flag[2:]}" for flag in option.flags), **kwargs)
+    if skipped:
+        listed = "; ".join(f"{cls.__name__}.{name}: {why}" for name, why in skipped.items())
+        p.epilog = f"{p.epilog[:-1] + '; ' if p.epilog else 'Not offered here: '}{listed}."
+
+
+def _flag_kwargs(option: Option) -> dict:
+    """What argparse needs for one option's flag."""
+    kwargs: dict = {"default": option.default, "help": option.described().replace("%", "%%")}
+    if option.kind is bool:
+        return kwargs | {"action": argparse.BooleanOptionalAction if option.default else "store_true"}
+    if option.kind is tuple:
+        return kwargs | {"nargs": "*", "type": option.item}
+    if option.choices:
+        return kwargs | {"choices": option.choices}
+
+    def parse(text: str) -> object:
+        try:
+            return option.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = option.kind.__name__  # argparse names the kind in its own errors
+    return kwargs | {"type": parse}
+
+
+def options_from(args: argparse.Namespace, cls: type, dest_prefix: str = "", **given: object):
+    """The config of class `cls` the verb's flags give: every option it has a flag for, `given` and the defaults
+    for the rest."""
+    values = {}
+    for option in options_of(cls):
+        if hasattr(args, dest_prefix + option.name):
+            value = getattr(args, dest_prefix + option.name)
+            values[option.name] = tuple(value) if option.kind is tuple else value
+    return cls(**{**values, **given})
+
+
+def add_analysis_args(p: argparse.ArgumentParser, verb: str, **defaults: object) -> None:
+    """The options of the analyses a verb runs (`AnalysisOptions`), from their declarations (`defaults`: the
+    verb's own)."""
+    add_option_flags(p, AnalysisOptions, verb, clash_prefix="analysis-", defaults=defaults)
 
 
 def analysis_options_from(args: argparse.Namespace) -> AnalysisOptions:
-    """The AnalysisOptions the verb's flags give: every option it has a flag for, the defaults for the rest."""
-    names = [f.name for f in dataclasses.fields(AnalysisOptions)]
-    return AnalysisOptions(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    return options_from(args, AnalysisOptions)
 
 
 def add_workspace_arg(p: argparse.ArgumentParser) -> None:
@@ -186,28 +199,20 @@ def add_workspace_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_training_args(p: argparse.ArgumentParser, epochs: int = 200, seed: bool = True) -> None:
-    """The training schedule (`TrainConfig`); its flags land as train_* so they never mix with analysis options."""
-    p.add_argument("--epochs", dest="train_epochs", type=int, default=epochs)
-    p.add_argument("--lr", dest="train_lr", type=float, default=0.1)
-    p.add_argument("--batch-size", dest="train_batch_size", type=int, default=128)
-    p.add_argument("--schedule", dest="train_schedule", default="step", choices=["step", "cosine"])
-    if seed:
-        p.add_argument("--seed", dest="train_seed", type=int, default=0)
-    add_distributed_args(p)
+def add_training_args(p: argparse.ArgumentParser, verb: str, epochs: int = 200) -> None:
+    """The training schedule (`TrainConfig`), from its declarations; its flags land as train_*."""
+    add_option_flags(p, TrainConfig, verb, dest_prefix=TRAINING_DEST, defaults={"epochs": epochs})
 
 
 def train_config_from(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig given by the flags of `add_training_args` (on the setup's device)."""
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    given = {name: getattr(args, f"train_{name}") for name in names if hasattr(args, f"train_{name}")}
-    return TrainConfig(**given, nproc=args.nproc, sync_bn=args.sync_bn, device=args.device)
+    return options_from(args, TrainConfig, TRAINING_DEST, device=args.device)
 
 
-def add_experiment_args(p: argparse.ArgumentParser) -> None:
-    add_training_args(p)
+def add_experiment_args(p: argparse.ArgumentParser, verb: str) -> None:
+    add_training_args(p, verb)
     p.add_argument("--finetune-epochs", type=int, default=None, help="default: repeat the training schedule")
-    add_analysis_args(p)
+    add_analysis_args(p, verb)
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument(
         "--unit",

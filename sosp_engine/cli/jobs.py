@@ -32,7 +32,7 @@ def add_jobs_parser(sub: argparse._SubParsersAction) -> None:
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)
     p = jsub.add_parser("submit", help="queue a procedure as a background job")
     add_model_args(p, json_out=False)
-    add_experiment_args(p)
+    add_experiment_args(p, "jobs submit")
     p.add_argument("--procedure", default="train-prune", choices=PROCEDURES)
     p.add_argument("--name", default="")
     add_backend_args(p)

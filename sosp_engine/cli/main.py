@@ -19,7 +19,6 @@ from ..atomic import save_atomically
 from ..experiments.trainer import train
 from ..pruning.counting import count_params
 from ..devices import resolve_device, set_threads
-from ..saliency.memory import default_budget
 from ..latency.profile import (
     LATENCY_UNIT,
     PROFILE_NAME,
@@ -35,7 +34,6 @@ from ..pruning.exactness import exactness_line
 from ..pruning.workbench import open_workbench
 from ..pruning.pruned_models import save_pruned
 from ..pruning.masks import layer_table, load_mask, mask_meta, mask_summary, save_mask
-from ..saliency.common import LOSSES
 from ..saliency.selection import UNITS
 from ..nets import USER_CODE_WARNING, is_user_code
 from ..atomic import write_bytes_atomically
@@ -178,22 +176,7 @@ def add_analyze_parsers(sub: argparse._SubParsersAction) -> None:
         "analyze", help="compute a method's saliencies and pruning order; write the result and a mask"
     )
     add_model_args(p, json_out=False)
-    p.add_argument(
-        "--at-init",
-        action="store_true",
-        help="analyse a fresh seeded initialisation (BatchNorm statistics re-estimated)",
-    )
-    add_analysis_args(p, timed="--unit latency's profile and --normalize latency's layers")
-    p.add_argument(
-        "--batch-size", type=int, default=100, help="the largest analysis batch (the budget may lower it)"
-    )
-    p.add_argument(
-        "--memory-budget",
-        default="auto",
-        help="GB the analysis may use: the batch is the largest whose measured estimate fits (auto: 80%% of "
-        "the free GPU memory or 50%% of the free RAM; none: no estimate, the batch as given)",
-    )
-    p.add_argument("--seed", type=int, default=0)
+    add_analysis_args(p, "analyze", memory_budget_gb="auto")  # fits its batch to the free memory unless told
     p.add_argument("--ratio", type=float, default=0.5, help="target pruning ratio of the written mask")
     p.add_argument(
         "--unit",
@@ -202,34 +185,10 @@ def add_analyze_parsers(sub: argparse._SubParsersAction) -> None:
         help="what --ratio is a fraction of; latency: measured along the order on --latency-device",
     )
     p.add_argument(
-        "--latency-device",
-        default=None,
-        help="with --unit latency or --normalize latency: where to time (default: --device)",
-    )
-    p.add_argument(
-        "--latency-batch",
-        type=int,
-        default=1,
-        help="with --unit latency or --normalize latency: the batch size to time",
-    )
-    p.add_argument(
         "--latency-points",
         type=int,
         default=12,
         help="with --unit latency: pruned nets timed along the order (interpolated between)",
-    )
-    p.add_argument(
-        "--round-to",
-        type=int,
-        default=1,
-        help="keep widths in multiples of this (8 or 16: pruned nets then run as fast as their MACs)",
-    )
-    p.add_argument("--loss", default="cross-entropy", choices=LOSSES)
-    p.add_argument(
-        "--mc-labels",
-        type=int,
-        default=-1,
-        help="SOSP-I: sampled labels per sample (0 = exact, -1 = only when D > 100)",
     )
     p.add_argument("--download", action="store_true", help="download CIFAR into the data path first")
     p.add_argument(
@@ -256,12 +215,12 @@ def add_foreground_training_parsers(sub: argparse._SubParsersAction) -> None:
     """`train`, `finetune` and `expand`: training in this process, with a progress line."""
     p = sub.add_parser("train", help="train a model in the foreground and save its weights")
     add_model_args(p, json_out=False)
-    add_training_args(p)
+    add_training_args(p, "train")
     p.add_argument("--save", required=True, help="where to write the trained state_dict")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("finetune", help="prune a trained model with a mask and fine-tune the smaller model")
     add_model_args(p, json_out=False)
-    add_training_args(p)
+    add_training_args(p, "finetune")
     p.add_argument("--mask", required=True)
     p.add_argument("--save", required=True, help="where to write the fine-tuned pruned state_dict")
     p.set_defaults(func=cmd_finetune)
@@ -269,7 +228,7 @@ def add_foreground_training_parsers(sub: argparse._SubParsersAction) -> None:
         "expand", help="expand-pruning in the foreground: widen bottlenecks, train, prune, fine-tune"
     )
     add_model_args(p, json_out=False)
-    add_experiment_args(p)
+    add_experiment_args(p, "expand")
     p.add_argument("--out", required=True, help="folder for the run's checkpoints, masks and summary.json")
     p.set_defaults(func=cmd_expand, procedure="expand-prune")
 
@@ -370,9 +329,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     if args.download:
         load_data(args.data, download=True)
     wb = workbench_from(args)
-    options = analysis_options_from(args)
-    options.memory_budget_gb = memory_budget(args.memory_budget, args.device)
-    config = AnalysisConfig.of(wb.setup, options)
+    config = AnalysisConfig.of(wb.setup, analysis_options_from(args))
     bar = ProgressLine(f"{args.method}")
     result = run_analysis(wb, config, progress=bar)
     bar.close()
@@ -427,22 +384,8 @@ def print_latency(args: argparse.Namespace, wb: Workbench, mask: set[str], laten
     )
 
 
-def memory_budget(text: str, device: str) -> float | None:
-    """--memory-budget: 'auto' -> a share of the free memory of the device, 'none' -> None, else GB."""
-    if text == "none":
-        return None
-    if text == "auto":
-        return default_budget(resolve_device(device)) / 2**30
-    try:
-        return float(text)
-    except ValueError:
-        raise SospError(f"--memory-budget takes a number of GB, auto or none; got '{text}'") from None
-
-
 def latency_profile(args: argparse.Namespace, wb, result: AnalysisResult, out: Path) -> LatencyProfile:
     """Time the net pruned along the analysis's order on the latency device (written to OUT/latency.json)."""
-    if args.latency_batch < 1:
-        raise SospError(f"--latency-batch must be at least 1, got {args.latency_batch}")
     bar = ProgressLine("latency profile")
     profile = measure_profile(
         wb.model,

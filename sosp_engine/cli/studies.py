@@ -65,12 +65,12 @@ def add_study_parser(sub: argparse._SubParsersAction) -> None:
         help="params or macs compare methods fairly; latency: the CPU latency at batch 1, timed along each "
         "analysis's order",
     )
-    add_analysis_args(p, samples=500, timed="each cell's CPU latency (and the latency unit)", method=False)
+    add_run_args(p, "study submit")  # the training claims --seed and --batch-size before the analysis
+    add_analysis_args(p, "study submit", samples=500)
     p.add_argument(
         "--seeds", default="0,1,2", help="comma-separated seeds (one trained net and analysis each)"
     )
     p.add_argument("--finetune-epochs", type=int, default=5)
-    add_run_args(p)
     p.set_defaults(func=cmd_study_submit)
     add_expand_parser(ssub)
     for verb, helptext in (
@@ -117,19 +117,19 @@ def add_expand_parser(ssub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--widen-by", type=float, default=2.0, help="the factor of the bottlenecks found on the trained net"
     )
-    add_analysis_args(p, samples=500)
+    add_run_args(p, "study expand")
+    add_analysis_args(p, "study expand", samples=500)
     p.add_argument(
         "--ratio", type=float, default=0.5, help="the plain net's pruning ratio; it sets every run's size"
     )
     p.add_argument("--unit", default="params", choices=UNITS)
     p.add_argument("--finetune-epochs", type=int, default=10)
-    add_run_args(p)
     p.set_defaults(func=cmd_study_expand)
 
 
-def add_run_args(p: argparse.ArgumentParser) -> None:
+def add_run_args(p: argparse.ArgumentParser, verb: str) -> None:
     """The training and placement flags both kinds of study take."""
-    add_training_args(p, epochs=10, seed=False)
+    add_training_args(p, verb, epochs=10)
     p.add_argument("--name", default="")
     add_backend_args(p)
     add_workspace_arg(p)

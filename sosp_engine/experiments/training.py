@@ -7,11 +7,12 @@ import random
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Annotated, Callable, Iterator, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from ..nets.data import DataBundle
@@ -19,6 +20,7 @@ from ..atomic import finish_interrupted_save, load_with_fallback, previous_path,
 from ..devices import deterministic_kernels
 from ..nets.setup import stored_config
 from ..errors import SospError
+from ..options import check_config
 
 CHECKPOINT_NAME = "last.pt"
 
@@ -32,33 +34,55 @@ class TrainingError(SospError):
 class TrainConfig:
     """Paper defaults: lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, step decay x0.1 at 60 % and 80 %."""
 
-    epochs: int = 200
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    batch_size: int = 128
-    schedule: str = "step"  # step | cosine
-    milestones: tuple[float, ...] = (0.6, 0.8)
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    nproc: int = (
-        1  # > 1: one training across this many processes (DistributedDataParallel, same global batch)
+    epochs: Annotated[int, Field(ge=0, title="Epochs", description="training epochs")] = 200
+    lr: Annotated[float, Field(gt=0, title="Learning rate", description="SGD's initial learning rate")] = 0.1
+    momentum: Annotated[float, Field(ge=0, lt=1, title="Momentum", description="SGD's momentum")] = 0.9
+    weight_decay: Annotated[float, Field(ge=0, title="Weight decay", description="SGD's L2 weight decay")] = (
+        1e-4
     )
-    sync_bn: bool = False  # with nproc > 1: BatchNorm statistics over the global batch (CUDA only)
+    batch_size: Annotated[int, Field(ge=1, title="Batch size", description="the training batch (global)")] = (
+        128
+    )
+    schedule: Annotated[
+        Literal["step", "cosine"],
+        Field(title="Schedule", description="step: x0.1 at each milestone; cosine: annealed to zero"),
+    ] = "step"
+    milestones: Annotated[
+        tuple[Annotated[float, Field(gt=0, lt=1)], ...],
+        Field(
+            title="Milestones",
+            description="step schedule: the shares of the epochs where the rate drops x0.1",
+        ),
+    ] = (0.6, 0.8)
+    seed: Annotated[
+        int,
+        Field(ge=0, lt=2**63, title="Seed", description="the initialisation and the order of the batches"),
+    ] = 0
+    device: Annotated[str, Field(title="Device", description="where the training runs")] = "auto"
+    amp: Annotated[
+        bool, Field(title="Mixed precision", description="on CUDA: bfloat16 autocast (ignored on the CPU)")
+    ] = True
+    nproc: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=64,
+            title="Processes",
+            description="train across this many processes with DistributedDataParallel (one per GPU; gloo on "
+            "CPU), same global batch",
+        ),
+    ] = 1
+    sync_bn: Annotated[
+        bool,
+        Field(
+            title="Synchronised BatchNorm",
+            description="with more than one process: BatchNorm statistics over the global batch (CUDA only)",
+        ),
+    ] = False
 
     def validate(self) -> None:
-        """Every value in range before any work starts."""
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise TrainingError(f"the learning rate must be a positive number, got {self.lr}")
-        if self.batch_size < 1 or self.epochs < 0:
-            raise TrainingError("the batch size must be positive and the epochs zero or more")
-        if self.schedule not in ("step", "cosine"):
-            raise TrainingError(f"unknown schedule '{self.schedule}'; use step or cosine")
-        if not 0 <= self.seed < 2**63:
-            raise TrainingError(f"the seed must be in 0 .. 2**63 - 1, got {self.seed}")
-        if not 1 <= self.nproc <= 64:
-            raise TrainingError(f"the number of training processes must be in 1 .. 64, got {self.nproc}")
+        """Every value as declared, before any work starts."""
+        check_config(self, TrainingError)
         if self.sync_bn and self.nproc == 1:
             raise TrainingError(
                 "--sync-bn only applies to a training across processes: give --nproc 2 or more"

@@ -12,6 +12,7 @@ from typing import Any, TypeVar, get_type_hints
 from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 
 from ..errors import SospError
+from ..options import first_fault
 
 Config = TypeVar("Config")
 
@@ -83,18 +84,7 @@ def config_from_dict(cls: type[Config], data: dict[str, Any]) -> Config:
     try:
         return _reader(cls).validate_json(json.dumps(nested, default=str))
     except ValidationError as exc:
-        raise SospError(f"a stored {cls.__name__} {_first_fault(exc)}") from None
-
-
-def _first_fault(exc: ValidationError) -> str:
-    """`has a wrong value at FIELD: WHY (got VALUE)` for the first error pydantic found."""
-    error = exc.errors()[0]
-    where = ".".join(str(part) for part in error["loc"]) or "its top level"
-    if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-        return f"has fields this version does not know: {where}"
-    got = repr(error.get("input"))
-    got = got if len(got) <= 60 else got[:57] + "..."
-    return f"has a wrong value at {where}: {error['msg']} (got {got})"
+        raise SospError(f"a stored {cls.__name__} {first_fault(exc)}") from None
 
 
 def _nested(cls: type, data: Any) -> dict[str, Any]:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Annotated, Callable, Iterator, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..atomic import MAX_JSON_FILE_BYTES, load_verified, read_regular, save_atomically, write_json_atomically
@@ -19,9 +19,10 @@ from ..devices import full_float32, resolve_device
 from ..errors import AnalysisError, CheckpointError, SospError, is_out_of_memory
 from ..latency.layers import measure_layer_latency
 from ..latency.profile import LATENCY_UNIT, LatencyProfile
-from ..latency.runtimes import EAGER, check_runtime
+from ..latency.runtimes import EAGER, RUNTIMES
 from ..nets import weights_fingerprint, zero_layers
 from ..nets.setup import ModelSetup, config_from_dict, stored_config
+from ..options import check_config
 from ..progress import ProgressFn, StopFn, check_cancel, report
 from ..pruning.exactness import cached_exactness
 from ..pruning.rounding import rounded_order, rounded_stops
@@ -29,8 +30,8 @@ from ..pruning.structures import StructureSet
 from ..pruning.workbench import Workbench
 from .common import LOSSES, AnalysisInputs
 from .curvature import CurvatureForm, choose_form
-from .memory import MATRIX, memory_phase, probe
-from .methods import method_named
+from .memory import MATRIX, budget_bytes, memory_phase, probe
+from .methods import METHODS, method_named
 from .sosp_i import rows_per_sample
 from .selection import (
     NORMALIZATIONS,
@@ -51,54 +52,109 @@ class AnalysisOptions:
     """How an analysis ranks structures, for any model: the method and its settings. Experiments and studies nest
     these as the options of the analyses they run."""
 
-    method: str = "sosp-h"
-    at_init: bool = False
-    samples: int = 1000
-    seed: int = 0
-    batch_size: int = 100
-    cap: float = 0.95
-    min_channels: int = 1  # at least this many structures of every layer stay (at least one always does)
-    normalize: str = "none"
-    loss: str = "cross-entropy"
-    # SOSP-I: 0 = all D outputs exactly, k > 0 = k sampled labels, -1 = sampled only when D > 100
-    mc_labels: int = -1
-    round_to: int = 1  # kept widths in multiples of this (8 or 16 run as fast as their MACs)
-    memory_budget_gb: float | None = (
-        None  # set: the batch is the largest (up to batch_size) whose estimate fits
-    )
-    latency_device: str | None = (
-        None  # normalize="latency": where layers are timed (None: the analysis device)
-    )
-    latency_batch: int = 1  # normalize="latency": the batch size they are timed at
-    latency_runtime: str = EAGER  # normalize="latency": the runtime they are timed in (eager, onnxruntime)
+    method: Annotated[
+        Literal[METHODS],
+        Field(title="Method", description="how structures are ranked (SOSP-H, SOSP-I or a baseline)"),
+    ] = "sosp-h"
+    at_init: Annotated[
+        bool,
+        Field(
+            title="At initialisation",
+            description="analyse a fresh seeded initialisation (BatchNorm statistics re-estimated on the samples)",
+        ),
+    ] = False
+    samples: Annotated[
+        int,
+        Field(
+            ge=1,
+            title="Samples N'",
+            description="N': analysis samples drawn with the seed from the training split",
+        ),
+    ] = 1000
+    seed: Annotated[
+        int,
+        Field(
+            ge=0, lt=2**63, title="Seed", description="draws the samples (and the weights, at initialisation)"
+        ),
+    ] = 0
+    batch_size: Annotated[
+        int,
+        Field(
+            ge=1,
+            title="Batch size",
+            description="the largest analysis batch (the memory budget may lower it)",
+        ),
+    ] = 100
+    cap: Annotated[
+        float,
+        Field(gt=0, le=1, title="Per-layer cap", description="at most this fraction of a layer is pruned"),
+    ] = 0.95
+    min_channels: Annotated[
+        int,
+        Field(
+            ge=1,
+            title="Minimum width kept per layer",
+            description="keep at least this many structures (channels) of every layer, whatever the ratio",
+        ),
+    ] = 1
+    normalize: Annotated[
+        Literal[NORMALIZATIONS],
+        Field(
+            title="Normalisation",
+            description="rank structures by saliency per unit of cost: kernel size (SOSP*), MACs, or latency (each "
+            "layer timed alone; the order then depends on the timings)",
+        ),
+    ] = "none"
+    loss: Annotated[
+        Literal[LOSSES], Field(title="Loss", description="the loss the saliencies are taken of")
+    ] = "cross-entropy"
+    mc_labels: Annotated[
+        int,
+        Field(
+            ge=-1,
+            title="Sampled labels (SOSP-I)",
+            description="SOSP-I: labels sampled per sample (0: all outputs exactly; -1: sampled only when there are "
+            "more than 100 outputs)",
+        ),
+    ] = -1
+    round_to: Annotated[
+        int,
+        Field(
+            ge=1,
+            title="Round widths to",
+            description="keep widths in multiples of this (8 or 16: pruned nets then run as fast as their MACs)",
+        ),
+    ] = 1
+    memory_budget_gb: Annotated[
+        Annotated[float, Field(gt=0)] | Literal["auto"] | None,
+        Field(
+            json_schema_extra={"aliases": ("--memory-budget",)},
+            title="Memory budget (GB)",
+            description="GB the analysis may use: the batch is the largest whose measured estimate fits (auto: 80 % "
+            "of the free GPU memory or 50 % of the free RAM where it runs; none: the batch as given, no estimate)",
+        ),
+    ] = None
+    latency_device: Annotated[
+        str | None,
+        Field(
+            title="Latency device",
+            description="where latency is timed, for the latency normalisation and unit (none: the analysis device)",
+        ),
+    ] = None
+    latency_batch: Annotated[
+        int, Field(ge=1, title="Latency batch", description="the batch size latency is timed at")
+    ] = 1
+    latency_runtime: Annotated[
+        Literal[RUNTIMES],
+        Field(
+            title="Latency runtime",
+            description="the runtime latency is timed in: PyTorch eager, or ONNX Runtime (the net exported to ONNX)",
+        ),
+    ] = EAGER
 
     def validate(self) -> None:
-        method_named(self.method)
-        if self.normalize not in NORMALIZATIONS:
-            raise AnalysisError(f"unknown normalisation '{self.normalize}'; use one of {NORMALIZATIONS}")
-        if self.loss not in LOSSES:
-            raise AnalysisError(f"unknown loss '{self.loss}'; use one of {LOSSES}")
-        if self.samples < 1 or self.batch_size < 1:
-            raise AnalysisError("samples and batch size must be positive")
-        if not 0 < self.cap <= 1:
-            raise AnalysisError(f"the per-layer cap must be in (0, 1], got {self.cap}")
-        if not isinstance(self.min_channels, int) or self.min_channels < 1:
-            raise AnalysisError(
-                f"the minimum width kept per layer must be at least 1, got {self.min_channels}"
-            )
-        if not 0 <= self.seed < 2**63:
-            raise AnalysisError(f"the seed must be in 0 .. 2**63 - 1, got {self.seed}")
-        if self.round_to < 1:
-            raise AnalysisError(f"round_to must be at least 1, got {self.round_to}")
-        if self.latency_batch < 1:
-            raise AnalysisError(f"the latency batch must be at least 1, got {self.latency_batch}")
-        check_runtime(self.latency_runtime)
-        if self.memory_budget_gb is not None and not (
-            math.isfinite(self.memory_budget_gb) and self.memory_budget_gb > 0
-        ):
-            raise AnalysisError(
-                f"the memory budget must be a positive number of GB, got {self.memory_budget_gb}"
-            )
+        """Every value as declared, before any work starts."""
+        check_config(self, AnalysisError)
 
 
 @stored_config
@@ -560,7 +616,7 @@ def _batch_within_budget(
 
     The probes run on a few samples, so SOSP-I's factor (its size grows with N', not with the batch) is counted at N'.
     """
-    budget = config.memory_budget_gb * 2**30
+    budget = budget_bytes(config.memory_budget_gb, device)
     estimate = probe(rank, device, batch, budget)
     if curvature is not None:
         estimate.floor = max(estimate.floor, curvature.bytes)

@@ -77,6 +77,11 @@ def default_budget(device: torch.device) -> float:
     return DEFAULT_SHARE.get(device.type, DEFAULT_SHARE["cpu"]) * available_memory(device)
 
 
+def budget_bytes(budget_gb: float | str, device: torch.device) -> float:
+    """An analysis's memory budget in bytes: GB as given, or 'auto': the default share of what is free where it runs."""
+    return default_budget(device) if budget_gb == "auto" else budget_gb * 2**30
+
+
 _TRACKERS: list["PeakTensorBytes"] = []  # the modes on now, innermost last
 BATCHED, MATRIX = "batched", "matrix"  # the batched work; the once-sized S x S work (Gram, selection)
 
