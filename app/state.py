@@ -51,22 +51,9 @@ def set_choice(choice: ModelSetup) -> None:
 
 
 @st.cache_resource(show_spinner="Building the model and finding its prunable structures ...", max_entries=8)
-def cached_workbench(
-    model_spec: str,
-    data_spec: str,
-    weights: str | None,
-    exclude: tuple[str, ...] = (),
-    preset: str | None = "auto",
-) -> Workbench:
-    """The engine's workbench for a setup, built once per (model, data, weights, exclusions)."""
-    return open_workbench(ModelSetup(model_spec, data_spec, weights, list(exclude), preset))
-
-
 def setup_workbench(setup: ModelSetup) -> Workbench:
-    """The cached workbench of `setup`."""
-    return cached_workbench(
-        setup.model_spec, setup.data_spec, setup.weights, tuple(setup.exclude), setup.preset
-    )
+    """The engine's workbench for a setup, built once per setup (the whole setup is the key: no field is dropped)."""
+    return open_workbench(setup)
 
 
 def code_confirmed(spec: str, what: str) -> bool:

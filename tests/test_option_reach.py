@@ -258,3 +258,11 @@ def test_a_form_value_that_does_not_parse_is_an_error_naming_the_option(tmp_path
     next(w for w in at.text_input if w.label == "Memory budget (GB)").set_value("lots")
     next(w for w in at.button if w.label == "Run analysis").click().run()
     assert at.error and "Memory budget (GB) takes a number or auto or none, got 'lots'" in at.error[0].value
+
+
+def test_the_dashboards_workbench_keeps_every_field_of_the_setup():
+    from app.state import setup_workbench
+    from sosp_engine.nets.setup import ModelSetup
+
+    setup = ModelSetup("resnet20", "synthetic:3,8,8:10", None, ("layer3.*",), "none", "cpu")
+    assert setup_workbench(setup).setup == setup
