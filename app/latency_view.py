@@ -20,8 +20,9 @@ from sosp_engine.latency.profile import (
     LATENCY_UNIT,
     PROFILE_NAME,
     matching_profile,
+    LatencyTiming,
+    latency_mask,
     measure_profile,
-    refine_at_targets,
 )
 from sosp_engine.pruning.export import export_pruned
 from sosp_engine.latency.runtimes import RUNTIMES
@@ -123,27 +124,17 @@ def latency_section(record: dict, result: AnalysisResult, workbench: Workbench) 
     batch = cols[2].number_input("Timed batch size", 1, 4096, key=kept("lat-batch", 1))
     points = cols[3].number_input("Timed points", 3, 41, key=kept("lat-points", 12))
     target = cols[4].slider("Latency drop", 0.0, 0.95, step=0.05, format="%.2f", key=kept("lat-target", 0.3))
-    folder, timed_on = Path(record["path"]), resolve_device(device)
+    folder = Path(record["path"])
+    timing = LatencyTiming(str(resolve_device(device)), int(batch), runtime, int(points))
     measure = st.button("Measure the latency profile", icon=":material/timer:", key="lat-run")
-    if measure:
+    if measure:  # timed again on every click (a profile follows the machine's load); stored with the analysis
         bar = st.progress(0.0, text="starting ...")
         with user_errors("Measuring the latency", stop=False):
-            measure_profile(
-                workbench.model,
-                workbench.structures,
-                result.ordered_keys(),
-                result.n_prunable,
-                workbench.example,
-                timed_on,
-                int(batch),
-                int(points),
-                repeats=10,
-                stops=result.stops(workbench.structures),
-                progress=lambda f, m: bar.progress(f, text=plain(m)),
-                runtime=runtime,
-            ).save(folder / PROFILE_NAME)  # stored with the analysis: the CLI slices the same profile
+            order = result.order(workbench.structures)
+            progress = lambda f, m: bar.progress(f, text=plain(m))  # noqa: E731
+            measure_profile(workbench, order, timing, progress).save(folder / PROFILE_NAME)
         bar.empty()
-    profile = matching_profile(folder, timed_on, int(batch), runtime)
+    profile = matching_profile(folder, timing.device, timing.batch, timing.runtime)
     if profile is None:
         return
     if not measure and target not in profile.refined_at:  # timing starts on a click, never on a visit
@@ -157,18 +148,7 @@ def latency_section(record: dict, result: AnalysisResult, workbench: Workbench) 
             return
     mask = None
     with user_errors("Timing the mask at the latency target", stop=False):
-        if refine_at_targets(  # as the CLI does: the mask's own latency is measured, so both give the same mask
-            profile,
-            workbench.model,
-            workbench.structures,
-            result.ordered_keys(),
-            result.n_prunable,
-            workbench.example,
-            [target],
-            result.stops(workbench.structures),
-        ):
-            profile.save(folder / PROFILE_NAME)
-        mask = result.mask(workbench.structures, target, LATENCY_UNIT, profile)
+        mask, profile = latency_mask(result, workbench, folder, target, timing)  # as the CLI and jobs get it
     if mask is None:  # refused (unresolvable, out of reach): the profile shows why
         st.plotly_chart(text_only(latency_profile_chart(profile, -1, target)), key="lat-chart")
         return

@@ -61,7 +61,7 @@ def main() -> None:
 
     from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
     from sosp_engine.errors import AnalysisError
-    from sosp_engine.latency.profile import measure_profile, refine_profile, relative_latency
+    from sosp_engine.latency.profile import LatencyTiming, measure_profile, refine_profile, relative_latency
     from sosp_engine.nets.setup import ModelSetup
     from sosp_engine.pruning.workbench import open_workbench
     from sosp_engine.pruning.masks import mask_summary, pruned_copy
@@ -129,33 +129,14 @@ def main() -> None:
                         rows.append(row)
                         print(json.dumps(row), flush=True)
                 for b in timed if args.targets else []:
-                    profile = measure_profile(
-                        wb.model,
-                        wb.structures,
-                        result.ordered_keys(),
-                        result.n_prunable,
-                        wb.example,
-                        args.device,
-                        b,
-                        repeats=repeats(b),
-                        stops=result.stops(wb.structures),
-                    )
+                    order = result.order(wb.structures)
+                    profile = measure_profile(wb, order, LatencyTiming(args.device, b, repeats=repeats(b)))
                     for target in (float(t) for t in args.targets.split(",")):
                         try:
                             line_mask = result.mask(
                                 wb.structures, target, "latency", profile
                             )  # from the line alone
-                            refine_profile(
-                                profile,
-                                wb.model,
-                                wb.structures,
-                                result.ordered_keys(),
-                                result.n_prunable,
-                                wb.example,
-                                target,
-                                result.stops(wb.structures),
-                                repeats(b),
-                            )
+                            refine_profile(profile, wb, order, target, repeats=repeats(b))
                             mask = result.mask(wb.structures, target, "latency", profile)
                         except AnalysisError as exc:
                             print(

@@ -11,7 +11,13 @@ from sosp_engine.cli.main import main
 from sosp_engine.errors import AnalysisError
 from sosp_engine.latency.deployment import efficiency_summary, efficiency_table, order_variants
 from sosp_engine.latency.layers import measure_layer_latency
-from sosp_engine.latency.profile import LatencyProfile, latency_times, measure_profile, stored_profile
+from sosp_engine.latency.profile import (
+    LatencyProfile,
+    LatencyTiming,
+    latency_times,
+    measure_profile,
+    stored_profile,
+)
 from sosp_engine.latency.runtimes import forward_call, onnxruntime_providers
 from sosp_engine.nets.setup import ModelSetup
 from sosp_engine.pruning.workbench import open_workbench
@@ -67,14 +73,7 @@ def test_a_gpu_without_onnxruntime_gpu_providers_says_what_to_install():
 def test_a_profile_records_its_runtime_and_says_where_it_was_timed(analysed):
     wb, result = analysed
     curve = measure_profile(
-        wb.model,
-        wb.structures,
-        result.ordered_keys(),
-        result.n_prunable,
-        wb.example,
-        points=2,
-        repeats=2,
-        runtime="onnxruntime",
+        wb, result.order(wb.structures), LatencyTiming(runtime="onnxruntime", points=2, repeats=2)
     )
     assert curve.runtime == "onnxruntime" and "ONNX Runtime on cpu at batch 1" in curve.where()
 
@@ -99,9 +98,7 @@ def test_a_profile_stored_before_runtimes_reads_as_eager(tmp_path):
 def test_a_stored_profile_of_another_runtime_is_timed_again_in_the_asked_one(analysed, tmp_path):
     wb, result = analysed
     LatencyProfile("cpu", 1, 1, 0.01, [0, result.n_prunable], [1.0, 0.5]).save(tmp_path / "latency.json")
-    curve = stored_profile(
-        result, wb.model, wb.structures, wb.example, tmp_path, points=2, runtime="onnxruntime"
-    )
+    curve = stored_profile(result, wb, tmp_path, LatencyTiming(runtime="onnxruntime", points=2))
     assert curve.runtime == "onnxruntime"
     assert LatencyProfile.load(tmp_path / "latency.json").runtime == "onnxruntime"
 

@@ -1,6 +1,7 @@
 """The latency target unit: a profile measured along the pruning order, and the shortest prefix that reaches a target."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,6 +14,9 @@ from sosp_engine.latency.profile import (
     REFINE_POINTS,
     LatencyComparison,
     LatencyProfile,
+    LatencyTiming,
+    Order,
+    latency_mask,
     measure_profile,
     refine_at_targets,
     refine_profile,
@@ -44,9 +48,7 @@ def test_a_latency_reduction_beyond_the_measured_one_is_a_clear_error():
 def test_the_profile_runs_from_the_unpruned_net_to_the_last_prunable_prefix_and_reloads(tmp_path):
     wb = open_workbench(ModelSetup("resnet20", "synthetic:3,8,8:10"))
     result = run_analysis(wb, AnalysisConfig(method="magnitude", samples=8))
-    curve = measure_profile(
-        wb.model, wb.structures, result.ordered_keys(), result.n_prunable, wb.example, points=3, repeats=2
-    )
+    curve = measure_profile(wb, result.order(wb.structures), LatencyTiming(points=3, repeats=2))
     assert curve.prefixes[0] == 0 and curve.relative[0] == 1.0 and curve.prefixes[-1] == result.n_prunable
     assert len(curve.prefixes) == 3 and all(r > 0 for r in curve.relative) and curve.reference_seconds > 0
     assert LatencyProfile.load(curve.save(tmp_path / "latency.json")) == curve
@@ -89,6 +91,11 @@ def test_analyze_with_a_latency_target_writes_the_profile_and_the_mask_it_predic
     assert main(["bottlenecks", str(out)]) == 0  # reads the latency mask back through the stored profile
 
 
+NO_NET = SimpleNamespace(
+    model=None, structures=None, example=None
+)  # stands for a workbench where timing is faked
+
+
 def measured_at(monkeypatch, curve) -> list[int]:
     """Stand-ins for pruning and timing: the 'net' is its prefix length, its latency `curve(k)`; returns the timed ks."""
     timed = []
@@ -108,7 +115,7 @@ def test_a_target_between_measured_points_is_timed_until_the_mask_itself_was_mea
     timed = measured_at(monkeypatch, lambda k: 0.75 if k < 17 else 0.65)
     curve = profile()
     order = [f"s{i}" for i in range(20)]
-    assert refine_profile(curve, None, None, order, 20, None, 0.3)
+    assert refine_profile(curve, NO_NET, Order(order, 20), 0.3)
     k = curve.prefix_for(0.3, 20)
     assert k in curve.prefixes and curve.relative[curve.prefixes.index(k)] <= 0.7 and k >= 17
     assert timed and len(timed) <= REFINE_POINTS and curve.prefixes == sorted(curve.prefixes)
@@ -117,14 +124,14 @@ def test_a_target_between_measured_points_is_timed_until_the_mask_itself_was_mea
 def test_a_target_on_a_measured_point_needs_no_more_timing(monkeypatch):
     timed = measured_at(monkeypatch, lambda k: 0.5)
     curve = profile()
-    assert not refine_profile(curve, None, None, [f"s{i}" for i in range(20)], 20, None, 0.5)
+    assert not refine_profile(curve, NO_NET, Order([f"s{i}" for i in range(20)], 20), 0.5)
     assert timed == [] and curve.prefixes == [0, 10, 20]
 
 
 def test_a_profile_refined_at_several_targets_measures_each_targets_own_mask(monkeypatch):
     measured_at(monkeypatch, lambda k: {14: 0.7, 5: 0.5}.get(k, 1 - k / 40))
     curve = profile()
-    assert refine_at_targets(curve, None, None, [f"s{i}" for i in range(20)], 20, None, [0.3, 0.1])
+    assert refine_at_targets(curve, NO_NET, Order([f"s{i}" for i in range(20)], 20), [0.3, 0.1])
     for target in (0.1, 0.3):
         assert curve.prefix_for(target, 20) in curve.prefixes
 
@@ -133,16 +140,16 @@ def test_a_profile_refined_at_a_target_is_only_sliced_there_afterwards(monkeypat
     timed = measured_at(monkeypatch, lambda k: 0.75 if k < 17 else 0.65)
     curve = profile()
     order = [f"s{i}" for i in range(20)]
-    assert refine_at_targets(curve, None, None, order, 20, None, [0.3])
+    assert refine_at_targets(curve, NO_NET, Order(order, 20), [0.3])
     first = len(timed)
-    assert not refine_at_targets(curve, None, None, order, 20, None, [0.3])
+    assert not refine_at_targets(curve, NO_NET, Order(order, 20), [0.3])
     assert len(timed) == first and curve.refined_at == [0.3]
 
 
 def test_a_target_the_profile_cannot_reach_is_left_to_its_mask_to_report(monkeypatch):
     timed = measured_at(monkeypatch, lambda k: 0.5)
     curve = profile()
-    assert not refine_at_targets(curve, None, None, [f"s{i}" for i in range(20)], 20, None, [0.9])
+    assert not refine_at_targets(curve, NO_NET, Order([f"s{i}" for i in range(20)], 20), [0.9])
     assert timed == []
     with pytest.raises(AnalysisError, match="not reached"):
         curve.prefix_for(0.9, 20)
@@ -153,15 +160,10 @@ def test_a_stored_profile_keeps_the_points_refined_for_a_target(monkeypatch, tmp
     profile().save(tmp_path / "latency.json")
 
     class Result:  # the parts of an AnalysisResult the profile reads
-        n_prunable = 20
+        def order(self, structures):
+            return Order([f"s{i}" for i in range(20)], 20)
 
-        def ordered_keys(self):
-            return [f"s{i}" for i in range(20)]
-
-        def stops(self, structures):
-            return None
-
-    stored_profile(Result(), None, None, None, tmp_path, targets=[0.3])
+    stored_profile(Result(), NO_NET, tmp_path, LatencyTiming(), [0.3])
     assert len(LatencyProfile.load(tmp_path / "latency.json").prefixes) > 3
 
 
@@ -282,3 +284,33 @@ def test_a_target_beyond_a_rise_of_the_profile_beyond_its_spread_is_refused():
     ):
         risen.prefix_for(0.3, 30, stops=[0, 10, 20, 30])
     assert risen.prefix_for(0.05, 30, stops=[0, 10, 20, 30]) == 10  # the rise lies beyond this target's pick
+
+
+def test_a_latency_target_gives_a_job_the_mask_analyze_wrote_without_timing_again(
+    tmp_path, quiet_machine, monkeypatch
+):
+    out = tmp_path / "a"
+    argv = ["analyze", "--model", "resnet20", "--method", "magnitude", "--samples", "8", "--unit", "latency"]
+    assert (
+        main(argv + ["--ratio", "0.3", "--latency-points", "5", "--latency-device", "cpu", "--out", str(out)])
+        == 0
+    )
+    written = set(json.loads((out / "mask.json").read_text())["pruned"])
+    result = AnalysisResult.load(out)
+    wb = open_workbench(result.config.setup)
+
+    def timed_again(*args, **kwargs):
+        raise AssertionError("the stored profile was timed again")
+
+    monkeypatch.setattr(latency, "compare_latency", timed_again)
+    monkeypatch.setattr(latency, "measure_latency", timed_again)
+    mask, profile = latency_mask(result, wb, out, 0.3, LatencyTiming.of(result.config, "cpu"))
+    assert mask == written and profile.refined_at == [0.3]
+
+
+def test_a_new_analysis_written_into_a_folder_drops_the_profile_timed_along_the_old_order(tmp_path):
+    wb = open_workbench(ModelSetup("resnet20", "synthetic:3,8,8:10"))
+    result = run_analysis(wb, AnalysisConfig(method="magnitude", samples=8))
+    profile().save(tmp_path / "latency.json")
+    result.save(tmp_path)
+    assert not (tmp_path / "latency.json").exists()

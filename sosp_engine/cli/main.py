@@ -18,14 +18,14 @@ from ..runs.records import require_code_consent, store_analysis
 from ..atomic import save_atomically
 from ..experiments.trainer import train
 from ..pruning.counting import count_params
-from ..devices import resolve_device, set_threads
+from ..devices import set_threads
 from ..latency.profile import (
     LATENCY_UNIT,
     PROFILE_NAME,
     LatencyProfile,
-    measure_profile,
-    refine_profile,
+    LatencyTiming,
     compare_latency,
+    stored_profile,
 )
 from ..nets.data import load_data
 from ..nets.onnx_export import save_onnx
@@ -385,34 +385,11 @@ def print_latency(args: argparse.Namespace, wb: Workbench, mask: set[str], laten
 
 
 def latency_profile(args: argparse.Namespace, wb, result: AnalysisResult, out: Path) -> LatencyProfile:
-    """Time the net pruned along the analysis's order on the latency device (written to OUT/latency.json)."""
+    """The analysis's latency profile in OUT/latency.json: timed along its order, refined at --ratio."""
     bar = ProgressLine("latency profile")
-    profile = measure_profile(
-        wb.model,
-        wb.structures,
-        result.ordered_keys(),
-        result.n_prunable,
-        wb.example,
-        resolve_device(args.latency_device or args.device),
-        args.latency_batch,
-        args.latency_points,
-        stops=result.stops(wb.structures),
-        progress=bar,
-        runtime=args.latency_runtime,
-    )
+    timing = LatencyTiming.of(result.config, args.device, args.latency_points)
+    profile = stored_profile(result, wb, out, timing, [args.ratio], progress=bar)
     bar.close()
-    profile.save(out / PROFILE_NAME)
-    if refine_profile(
-        profile,
-        wb.model,
-        wb.structures,
-        result.ordered_keys(),
-        result.n_prunable,
-        wb.example,
-        args.ratio,
-        result.stops(wb.structures),
-    ):
-        profile.save(out / PROFILE_NAME)
     return profile
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..atomic import read_json, save_atomically, write_json_atomically
 from ..errors import AnalysisError
-from ..latency.profile import LATENCY_UNIT, stored_profile
+from ..latency.profile import LATENCY_UNIT, LatencyTiming, stored_profile
 from ..nets import load_weights
 from ..nets.data import DataBundle, example_input, load_data
 from ..nets.setup import ModelSetup, stored_config
@@ -315,13 +315,11 @@ class Experiment(ResumableRun):
         latency = (
             stored_profile(
                 result,
-                model,
-                structures,
-                self._example(),
+                workbench,
                 self.folder / "analysis",
+                LatencyTiming.of(result.config, "cpu"),
+                [ratio],
                 should_stop=self.should_stop,
-                targets=[ratio],
-                runtime=self.config.analysis.latency_runtime,
             )
             if unit == LATENCY_UNIT
             else None

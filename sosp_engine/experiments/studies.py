@@ -22,7 +22,7 @@ import torch
 from ..atomic import save_atomically
 from ..devices import node_name, resolve_device
 from ..errors import AnalysisError
-from ..latency.profile import LATENCY_UNIT, LatencyProfile, measure_latency, stored_profile
+from ..latency.profile import LATENCY_UNIT, LatencyProfile, LatencyTiming, measure_latency, stored_profile
 from ..nets import load_weights
 from ..nets.data import DataBundle, example_input
 from ..nets.setup import ModelSetup, config_from_dict, stored_config
@@ -239,13 +239,11 @@ class Study(UnitRun):
             return None
         return stored_profile(
             result,
-            model,
-            structures,
-            self.example,
+            Workbench(result.config.setup, self.data, model, structures, self.example),
             self.folder / f"seed{seed}" / method,
+            LatencyTiming.of(result.config, "cpu"),
+            list(self.config.targets),
             should_stop=self.should_stop,
-            targets=list(self.config.targets),
-            runtime=self.config.analysis.latency_runtime,
         )
 
     def _cell(self, seed: int, method: str, target: float, weights: str, result: AnalysisResult) -> dict:

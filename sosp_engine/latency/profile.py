@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..atomic import MAX_JSON_FILE_BYTES, read_regular, write_json_atomically
+from ..devices import resolve_device
 from ..errors import AnalysisError, SospError
 from ..progress import ProgressFn, StopFn, check_cancel, report
 from .runtimes import EAGER, Forward, check_runtime, forward_call, runtime_label
@@ -350,63 +351,79 @@ def next_stop(prefix: int, stops: list[int]) -> int:
     return next((s for s in stops if s >= prefix), stops[-1])
 
 
+@dataclass(frozen=True)
+class Order:
+    """An analysis's pruning order as latency timing reads it: structure keys (first pruned first), how many of them
+    may be pruned, and the prefix lengths a rounded order may stop at (None: any)."""
+
+    keys: list[str]
+    n_prunable: int
+    stops: list[int] | None = None
+
+    def prefix_keys(self, k: int) -> set[str]:
+        return set(self.keys[:k])
+
+
+@dataclass(frozen=True)
+class LatencyTiming:
+    """Where and how a latency profile is timed: device, batch, runtime, the nets timed along the order, repeats."""
+
+    device: str = "cpu"
+    batch: int = 1
+    runtime: str = EAGER
+    points: int = 12
+    repeats: int = 10
+
+    @classmethod
+    def of(cls, options, device: str | torch.device, points: int = 12) -> "LatencyTiming":
+        """The timing an analysis's options ask for (`latency_device`, else `device`; batch; runtime)."""
+        where = str(resolve_device(options.latency_device or device))
+        return cls(where, options.latency_batch, options.latency_runtime, points)
+
+
 def measure_profile(
-    model: nn.Module,
-    structures,
-    order: list[str],
-    n_prunable: int,
-    example: torch.Tensor,
-    device: str | torch.device = "cpu",
-    batch: int = 1,
-    points: int = 12,
-    repeats: int = 10,
-    stops: list[int] | None = None,
-    progress: ProgressFn = None,
-    should_stop: StopFn = None,
-    runtime: str = EAGER,
+    workbench, order: Order, timing: LatencyTiming, progress: ProgressFn = None, should_stop: StopFn = None
 ) -> LatencyProfile:
-    """Prune `model` physically at `points` prefixes of `order` (structure keys, first pruned first) and time each
-    against the unpruned net in `runtime` on `device`."""
-    check_runtime(runtime)
+    """Prune the workbench's model physically at `timing.points` prefixes of `order` and time each against the
+    unpruned net in the timing's runtime on its device."""
+    check_runtime(timing.runtime)
     from ..pruning.masks import pruned_copy
 
-    grid = prefix_grid(n_prunable, points, stops)[1:]
-    reference, relative, errors = (
-        measure_latency(model, example, device, batch, repeats, runtime=runtime),
-        [1.0],
-        [0.0],
+    model, example = workbench.model, workbench.example
+    grid = prefix_grid(order.n_prunable, timing.points, order.stops)[1:]
+    reference = measure_latency(
+        model, example, timing.device, timing.batch, timing.repeats, runtime=timing.runtime
     )
+    relative, errors = [1.0], [0.0]
     for i, k in enumerate(grid):
         check_cancel(should_stop)
-        report(progress, i / len(grid), f"latency of the net pruned at {k}/{n_prunable} structures")
-        smaller = pruned_copy(model, structures, set(order[:k]), example)
-        measured = compare_latency(smaller, model, example, device, batch, repeats, runtime=runtime)
+        report(progress, i / len(grid), f"latency of the net pruned at {k}/{order.n_prunable} structures")
+        smaller = pruned_copy(model, workbench.structures, order.prefix_keys(k), example)
+        measured = compare_latency(
+            smaller, model, example, timing.device, timing.batch, timing.repeats, runtime=timing.runtime
+        )
         relative.append(measured.relative)
         errors.append(measured.error)
     report(progress, 1.0, "latency profile measured")
     return LatencyProfile(
-        str(torch.device(device)),
-        batch,
+        str(torch.device(timing.device)),
+        timing.batch,
         torch.get_num_threads(),
         reference,
         [0] + grid,
         relative,
-        runtime,
+        timing.runtime,
         errors=errors,
     )
 
 
 def refine_profile(
     profile: LatencyProfile,
-    model: nn.Module,
-    structures,
-    order: list[str],
-    n_prunable: int,
-    example: torch.Tensor,
+    workbench,
+    order: Order,
     ratio: float,
-    stops: list[int] | None = None,
-    repeats: int = 10,
     should_stop: StopFn = None,
+    repeats: int = 10,
 ) -> bool:
     """Time the net at the prefix a latency target picks until the pick is a measured point (at most REFINE_POINTS
     more): between two measured points latency need not follow the line (a narrower kernel can be slower), so the
@@ -415,15 +432,21 @@ def refine_profile(
 
     added = False
     for _ in range(REFINE_POINTS):
-        k = profile.prefix_for(ratio, n_prunable, stops)
+        k = profile.prefix_for(ratio, order.n_prunable, order.stops)
         if k in profile.prefixes:
             break
         check_cancel(should_stop)
-        smaller = pruned_copy(model, structures, set(order[:k]), example)
+        smaller = pruned_copy(workbench.model, workbench.structures, order.prefix_keys(k), workbench.example)
         profile.add_point(
             k,
             compare_latency(
-                smaller, model, example, profile.device, profile.batch, repeats, runtime=profile.runtime
+                smaller,
+                workbench.model,
+                workbench.example,
+                profile.device,
+                profile.batch,
+                repeats,
+                runtime=profile.runtime,
             ),
         )
         added = True
@@ -431,15 +454,7 @@ def refine_profile(
 
 
 def refine_at_targets(
-    profile: LatencyProfile,
-    model: nn.Module,
-    structures,
-    order: list[str],
-    n_prunable: int,
-    example: torch.Tensor,
-    targets: list[float],
-    stops: list[int] | None = None,
-    should_stop: StopFn = None,
+    profile: LatencyProfile, workbench, order: Order, targets: list[float], should_stop: StopFn = None
 ) -> bool:
     """Refine the profile at the targets it was not refined at yet, all its targets in ascending order: a larger
     target's pick lies at or beyond a smaller one's measured pick, so the points timed for it cannot move that pick.
@@ -450,9 +465,7 @@ def refine_at_targets(
         return False
     profile.refined_at = sorted(set(profile.refined_at) | set(new))
     for target in profile.refined_at:
-        refine_profile(
-            profile, model, structures, order, n_prunable, example, target, stops, should_stop=should_stop
-        )
+        refine_profile(profile, workbench, order, target, should_stop)
     return True
 
 
@@ -467,50 +480,33 @@ def matching_profile(
 
 def stored_profile(
     result,
-    model: nn.Module,
-    structures,
-    example: torch.Tensor,
+    workbench,
     folder: str | Path,
-    device: str | torch.device = "cpu",
-    batch: int = 1,
-    points: int = 12,
-    should_stop: StopFn = None,
+    timing: LatencyTiming,
     targets: list[float] = (),
-    runtime: str = EAGER,
+    progress: ProgressFn = None,
+    should_stop: StopFn = None,
 ) -> LatencyProfile:
-    """The latency profile of an analysis (`result`) stored in `folder`: read if it was timed on `device` at `batch`
-    in `runtime`, else measured along its order there, refined at `targets` and saved, so jobs and studies measure
-    it once and resume without re-timing."""
+    """The latency profile of an analysis (`result`) stored in `folder`: read if it was timed as `timing` says, else
+    measured along its order there and saved; then refined at `targets` (saved again), so the CLI, the dashboard,
+    jobs and studies measure it once, resume without re-timing, and slice the same mask at a target."""
     path = Path(folder) / PROFILE_NAME
-    profile = matching_profile(folder, device, batch, runtime)
+    order = result.order(workbench.structures)
+    profile = matching_profile(folder, timing.device, timing.batch, timing.runtime)
     if profile is None:
-        profile = measure_profile(
-            model,
-            structures,
-            result.ordered_keys(),
-            result.n_prunable,
-            example,
-            device,
-            batch,
-            points,
-            stops=result.stops(structures),
-            should_stop=should_stop,
-            runtime=runtime,
-        )
+        profile = measure_profile(workbench, order, timing, progress, should_stop)
         profile.save(
             path
         )  # before refining: a target out of reach raises there, and a resume must not re-time
-    refined = refine_at_targets(
-        profile,
-        model,
-        structures,
-        result.ordered_keys(),
-        result.n_prunable,
-        example,
-        targets,
-        result.stops(structures),
-        should_stop=should_stop,
-    )
-    if refined:
+    if refine_at_targets(profile, workbench, order, list(targets), should_stop):
         profile.save(path)
     return profile
+
+
+def latency_mask(
+    result, workbench, folder: str | Path, target: float, timing: LatencyTiming, should_stop: StopFn = None
+) -> tuple[set[str], LatencyProfile]:
+    """The mask of an analysis at a latency target, from its stored profile (measured and refined there first where
+    needed): the one way every front end gets it, so one target gives one mask."""
+    profile = stored_profile(result, workbench, folder, timing, [target], should_stop=should_stop)
+    return result.mask(workbench.structures, target, LATENCY_UNIT, profile), profile

@@ -18,7 +18,7 @@ from ..atomic import MAX_JSON_FILE_BYTES, load_verified, read_regular, save_atom
 from ..devices import full_float32, resolve_device
 from ..errors import AnalysisError, CheckpointError, SospError, is_out_of_memory
 from ..latency.layers import measure_layer_latency
-from ..latency.profile import LATENCY_UNIT, LatencyProfile
+from ..latency.profile import LATENCY_UNIT, PROFILE_NAME, LatencyProfile, Order
 from ..latency.runtimes import EAGER, RUNTIMES
 from ..nets import weights_fingerprint, zero_layers
 from ..nets.setup import ModelSetup, config_from_dict, stored_config
@@ -263,6 +263,10 @@ class AnalysisResult:
             return None
         return rounded_stops(self.pruning_order, self.n_prunable, structures, self.config.round_to)
 
+    def order(self, structures: StructureSet) -> Order:
+        """The pruning order as a value: keys first pruned first, the prunable count, the stops."""
+        return Order(self.ordered_keys(), self.n_prunable, self.stops(structures))
+
     def ordered_keys(self) -> list[str]:
         """Structure keys in pruning order (first pruned first)."""
         return [self.keys[i] for i in self.pruning_order.tolist()]
@@ -302,6 +306,9 @@ class AnalysisResult:
             tensors["predicted_prefix"] = self.predicted_prefix
         save_atomically(tensors, folder / "tensors.pt")
         write_json_atomically(folder / "analysis.json", meta)
+        (folder / PROFILE_NAME).unlink(
+            missing_ok=True
+        )  # timed along the order of an analysis written here before
         return folder
 
     @classmethod
