@@ -15,7 +15,12 @@ from app.state import kept
 from app.text import plain, text_only
 from sosp_engine.saliency.analysis import AnalysisResult
 from sosp_engine.devices import resolve_device
-from sosp_engine.latency.deployment import efficiency_summary, efficiency_table, order_variants
+from sosp_engine.latency.deployment import (
+    DeploymentGrid,
+    efficiency_summary,
+    efficiency_table,
+    order_variants,
+)
 from sosp_engine.latency.profile import (
     LATENCY_UNIT,
     PROFILE_NAME,
@@ -65,15 +70,13 @@ def deployment_section(record: dict, result: AnalysisResult, workbench: Workbenc
             return
         bar = st.progress(0.0, text="starting ...")
         with user_errors("Measuring the deployment latency", stop=False):
+            grid = DeploymentGrid(
+                list(runtimes), [int(b) for b in batches], int(points), str(resolve_device(device))
+            )
             st.session_state[key] = efficiency_table(
-                workbench.model,
-                workbench.structures,
+                workbench,
                 order_variants(result, workbench.structures, [int(round_to)]),
-                workbench.example,
-                list(runtimes),
-                [int(b) for b in batches],
-                int(points),
-                resolve_device(device),
+                grid,
                 progress=lambda f, m: bar.progress(f, text=plain(m)),
             )
         bar.empty()

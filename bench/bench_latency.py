@@ -106,9 +106,8 @@ def main() -> None:
                     smaller = pruned_copy(wb.model, wb.structures, mask, wb.example)
                     for b in timed:
                         # Alternately with the unpruned net, forward by forward: a change of load hits both alike.
-                        seconds, relative = relative_latency(
-                            smaller, wb.model, wb.example, args.device, b, repeats(b)
-                        )
+                        timing = LatencyTiming(args.device, b, repeats=repeats(b), warmup=3)
+                        seconds, relative = relative_latency(smaller, wb.model, wb.example, timing)
                         row = {
                             "model": args.model,
                             "data": args.data,
@@ -149,9 +148,12 @@ def main() -> None:
                             smaller = pruned_copy(wb.model, wb.structures, chosen, wb.example)
                             drops.append(
                                 1
-                                - relative_latency(smaller, wb.model, wb.example, args.device, b, repeats(b))[
-                                    1
-                                ]
+                                - relative_latency(
+                                    smaller,
+                                    wb.model,
+                                    wb.example,
+                                    LatencyTiming(args.device, b, repeats=repeats(b)),
+                                )[1]
                             )
                         row = {
                             "model": args.model,

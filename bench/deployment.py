@@ -63,7 +63,7 @@ def measure(setup: dict, threads: int) -> pd.DataFrame:
     """Every row of one net: plain and latency-aware SOSP-H orders, each as analysed and rounded, in each runtime."""
     import torch
 
-    from sosp_engine.latency.deployment import efficiency_table, order_variants
+    from sosp_engine.latency.deployment import DeploymentGrid, efficiency_table, order_variants
     from sosp_engine.latency.runtimes import RUNTIMES
     from sosp_engine.nets.setup import ModelSetup
     from sosp_engine.pruning.workbench import open_workbench
@@ -84,17 +84,8 @@ def measure(setup: dict, threads: int) -> pd.DataFrame:
         return run_analysis(wb, config)
 
     def timed(result, kind: str, runtimes: list[str], batch: int) -> pd.DataFrame:
-        table = efficiency_table(
-            wb.model,
-            wb.structures,
-            order_variants(result, wb.structures, [ROUND_TO]),
-            wb.example,
-            runtimes,
-            [batch],
-            device="cpu",
-            repeats=repeats(setup["model"], batch),
-            ratios=RATIOS,
-        )
+        grid = DeploymentGrid(runtimes, [batch], repeats=repeats(setup["model"], batch), ratios=RATIOS)
+        table = efficiency_table(wb, order_variants(result, wb.structures, [ROUND_TO]), grid)
         table.insert(0, "order_kind", kind)
         print(table.to_string(index=False), file=sys.stderr, flush=True)
         return table

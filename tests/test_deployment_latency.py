@@ -9,7 +9,12 @@ import torch
 
 from sosp_engine.cli.main import main
 from sosp_engine.errors import AnalysisError
-from sosp_engine.latency.deployment import efficiency_summary, efficiency_table, order_variants
+from sosp_engine.latency.deployment import (
+    DeploymentGrid,
+    efficiency_summary,
+    efficiency_table,
+    order_variants,
+)
 from sosp_engine.latency.layers import measure_layer_latency
 from sosp_engine.latency.profile import (
     LatencyProfile,
@@ -45,7 +50,7 @@ def test_timing_in_onnxruntime_leaves_the_eager_model_as_it_was(analysed):
     wb, _ = analysed
     wb.model.train()
     pruned, unpruned = latency_times(
-        wb.model, wb.model, wb.example, "cpu", 2, repeats=3, runtime="onnxruntime"
+        wb.model, wb.model, wb.example, LatencyTiming("cpu", 2, "onnxruntime", repeats=3)
     )
     assert wb.model.training and pruned.median > 0 and unpruned.spread >= 0 and len(pruned.seconds) == 3
 
@@ -53,7 +58,7 @@ def test_timing_in_onnxruntime_leaves_the_eager_model_as_it_was(analysed):
 def test_an_unknown_runtime_is_refused_before_any_timing(analysed):
     wb, _ = analysed
     with pytest.raises(AnalysisError, match="unknown latency runtime 'tensorrt'"):
-        latency_times(wb.model, None, wb.example, runtime="tensorrt")
+        latency_times(wb.model, None, wb.example, LatencyTiming(runtime="tensorrt"))
     with pytest.raises(
         AnalysisError, match="latency_runtime: Input should be 'eager' or 'onnxruntime' \\(got 'tvm'\\)"
     ):
@@ -106,7 +111,7 @@ def test_a_stored_profile_of_another_runtime_is_timed_again_in_the_asked_one(ana
 def test_layer_latencies_can_be_timed_in_onnxruntime(analysed):
     wb, _ = analysed
     table = measure_layer_latency(
-        wb.model, wb.structures, wb.example, "cpu", 1, repeats=3, runtime="onnxruntime"
+        wb.model, wb.structures, wb.example, LatencyTiming(runtime="onnxruntime", repeats=3)
     )
     assert table.runtime == "onnxruntime" and "ONNX Runtime" in table.describe()
     assert table.timed_dimensions > 0 and len(table.per_channel) == 2 * len(table.modules)
@@ -116,10 +121,10 @@ def test_the_efficiency_table_has_a_row_per_prefix_runtime_and_batch_with_counte
     wb, result = analysed
     orders = order_variants(result, wb.structures, [])
     table = efficiency_table(
-        wb.model, wb.structures, orders, wb.example, ["eager", "onnxruntime"], [1, 2], points=3, repeats=2
+        wb, orders, DeploymentGrid(["eager", "onnxruntime"], [1, 2], points=3, repeats=2)
     )
     assert len(table) == 2 * 2 * 2  # two nonzero prefixes, two runtimes, two batches
-    keys, _ = orders["as analysed"]
+    keys = orders["as analysed"].keys
     for k, rows in table.groupby("structures_pruned"):
         expected = mask_summary(wb.structures, set(keys[:k]))["mac_ratio"]
         assert rows["mac_drop"].tolist() == pytest.approx([expected] * len(rows), rel=1e-9)
@@ -130,16 +135,10 @@ def test_the_efficiency_table_has_a_row_per_prefix_runtime_and_batch_with_counte
 
 def test_a_rounded_order_is_timed_only_where_every_layer_keeps_a_multiple_of_its_rounding(analysed):
     wb, result = analysed
-    keys, stops = order_variants(result, wb.structures, [8])["rounded to 8"]
+    rounded = order_variants(result, wb.structures, [8])["rounded to 8"]
+    keys = rounded.keys
     table = efficiency_table(
-        wb.model,
-        wb.structures,
-        {"rounded to 8": (keys, stops)},
-        wb.example,
-        ["eager"],
-        [1],
-        points=3,
-        repeats=1,
+        wb, {"rounded to 8": rounded}, DeploymentGrid(["eager"], [1], points=3, repeats=1)
     )
     sizes = wb.structures.layer_sizes().tolist()
     for k in table["structures_pruned"]:
@@ -153,9 +152,7 @@ def test_a_rounded_order_is_timed_only_where_every_layer_keeps_a_multiple_of_its
 def test_the_efficiency_table_refuses_an_empty_choice(analysed):
     wb, result = analysed
     with pytest.raises(AnalysisError, match="at least one runtime"):
-        efficiency_table(
-            wb.model, wb.structures, order_variants(result, wb.structures, []), wb.example, [], [1]
-        )
+        efficiency_table(wb, order_variants(result, wb.structures, []), DeploymentGrid([], [1]))
 
 
 def test_analyze_times_its_latency_target_in_the_runtime_asked_for(tmp_path):
@@ -250,13 +247,7 @@ def test_rows_whose_latency_drop_is_within_its_spread_are_marked_and_named(analy
     measured = iter([LatencyComparison(0.001, 0.6, 0.01), LatencyComparison(0.001, 0.98, 0.05)])
     monkeypatch.setattr(deployment, "compare_latency", lambda *args, **kwargs: next(measured))
     table = efficiency_table(
-        wb.model,
-        wb.structures,
-        order_variants(result, wb.structures, []),
-        wb.example,
-        ["eager"],
-        [1],
-        points=3,
+        wb, order_variants(result, wb.structures, []), DeploymentGrid(["eager"], [1], points=3)
     )
     assert table["resolved"].tolist() == [True, False]
     assert unresolved_warning(table).startswith("1 of 2 rows measured a latency drop within twice")

@@ -103,9 +103,7 @@ def measured_at(monkeypatch, curve) -> list[int]:
     monkeypatch.setattr(
         latency,
         "compare_latency",
-        lambda net, ref, example, device, batch, repeats, runtime: (
-            timed.append(net) or LatencyComparison(0.0, curve(net), 0.0)
-        ),
+        lambda net, ref, example, timing: timed.append(net) or LatencyComparison(0.0, curve(net), 0.0),
     )
     return timed
 

@@ -2,6 +2,8 @@
 second saved."""
 
 import pytest
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -9,6 +11,7 @@ from sosp_engine.saliency import analysis
 from sosp_engine.saliency.analysis import AnalysisConfig, AnalysisResult, run_analysis
 from sosp_engine.cli.main import main
 from sosp_engine.errors import AnalysisError
+from sosp_engine.latency.profile import LatencyTiming
 from sosp_engine.latency.layers import (
     COST_FLOOR_SHARE,
     LayerLatency,
@@ -45,7 +48,7 @@ def table_for(structures, per_channel) -> LayerLatency:
 def test_every_conv_linear_and_norm_is_timed_with_each_channel_dimension_halved():
     model, example = tiny_net().eval(), torch.randn(1, 3, 8, 8)
     structures = find_structures(model, example)
-    table = measure_layer_latency(model, structures, example, batch=4, repeats=2, warmup=1)
+    table = measure_layer_latency(model, structures, example, LatencyTiming(batch=4, repeats=2, warmup=1))
     assert (
         table.unmeasured == [] and table.batch == 4 and len(table.per_channel) == 2 * len(structures.modules)
     )
@@ -59,7 +62,7 @@ def test_every_conv_linear_and_norm_is_timed_with_each_channel_dimension_halved(
 def test_only_channel_dimensions_some_structure_narrows_are_timed_in_the_models_precision():
     model, example = tiny_net().double().eval(), torch.randn(1, 3, 8, 8, dtype=torch.float64)
     structures = find_structures(model, example)
-    table = measure_layer_latency(model, structures, example, repeats=1, warmup=0)
+    table = measure_layer_latency(model, structures, example, LatencyTiming(repeats=1, warmup=0))
     slopes = dict(zip(table.modules, zip(table.per_channel[0::2], table.per_channel[1::2])))
     assert table.unmeasured == [] and table.timed_dimensions == 6
     assert (
@@ -119,7 +122,7 @@ def test_a_module_that_cannot_be_rebuilt_narrower_is_listed_as_unmeasured_not_an
     model = nn.Sequential(nn.Conv2d(3, 8, 3), ChannelsFirstLayerNorm(8), nn.Conv2d(8, 4, 3)).eval()
     example = torch.randn(1, 3, 8, 8)
     structures = find_structures(model, example)
-    table = measure_layer_latency(model, structures, example, repeats=1, warmup=0)
+    table = measure_layer_latency(model, structures, example, LatencyTiming(repeats=1, warmup=0))
     assert table.unmeasured == ["1"] and table.timed_dimensions == 2  # conv 0's outputs, conv 2's inputs
 
 
@@ -152,7 +155,10 @@ def test_an_analysis_normalised_by_latency_times_the_layers_once_and_stores_its_
     monkeypatch.setattr(
         analysis,
         "measure_layer_latency",
-        lambda *a, **k: calls.append(a[4]) or measure_layer_latency(*a, **k, repeats=1, warmup=0),
+        lambda model, structures, example, timing, *a: (
+            calls.append(timing.batch)
+            or measure_layer_latency(model, structures, example, replace(timing, repeats=1, warmup=0), *a)
+        ),
     )
     wb = open_workbench(ModelSetup("resnet20", "synthetic:3,8,8:10"))
     config = AnalysisConfig(

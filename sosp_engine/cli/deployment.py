@@ -9,7 +9,13 @@ from ..shown import write_safe_csv
 from ..devices import resolve_device
 from ..errors import SospError
 from .args import add_code_consent_arg, parse_numbers
-from ..latency.deployment import efficiency_summary, efficiency_table, order_variants, unresolved_warning
+from ..latency.deployment import (
+    DeploymentGrid,
+    efficiency_summary,
+    efficiency_table,
+    order_variants,
+    unresolved_warning,
+)
 from ..latency.runtimes import RUNTIMES
 from ..pruning.workbench import open_workbench
 from ..runs.records import require_code_consent
@@ -62,18 +68,8 @@ def cmd_deployment(args: argparse.Namespace) -> dict | None:
     progress_line(f"loading {config.setup.model_spec} on {config.setup.data_spec} ...")
     wb = open_workbench(config.setup.with_weights(args.weights or config.setup.weights))
     bar = ProgressLine("deployment")
-    table = efficiency_table(
-        wb.model,
-        wb.structures,
-        order_variants(result, wb.structures, round_to),
-        wb.example,
-        runtimes,
-        batches,
-        args.points,
-        resolve_device(args.device),
-        args.repeats,
-        progress=bar,
-    )
+    grid = DeploymentGrid(runtimes, batches, args.points, str(resolve_device(args.device)), args.repeats)
+    table = efficiency_table(wb, order_variants(result, wb.structures, round_to), grid, progress=bar)
     bar.close()
     shown = table.drop(columns=["threads", "device"])
     progress_line(shown.to_string(index=False, float_format=lambda v: f"{v:.3g}"))

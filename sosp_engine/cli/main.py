@@ -374,9 +374,7 @@ def print_mask(table, summary: dict) -> None:
 
 def print_latency(args: argparse.Namespace, wb: Workbench, mask: set[str], latency: LatencyProfile) -> None:
     """The written mask's latency, measured where the profile was, against the target and the prediction."""
-    measured = compare_latency(
-        wb.prune(mask).model, wb.model, wb.example, latency.device, latency.batch, runtime=latency.runtime
-    )
+    measured = compare_latency(wb.prune(mask).model, wb.model, wb.example, latency.timing(repeats=20))
     print(
         f"latency in {latency.where()}: {1000 * measured.seconds / measured.relative:.3f} ms -> "
         f"{1000 * measured.seconds:.3f} ms, measured {measured.change()} "

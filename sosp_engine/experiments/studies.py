@@ -22,7 +22,14 @@ import torch
 from ..atomic import save_atomically
 from ..devices import node_name, resolve_device
 from ..errors import AnalysisError
-from ..latency.profile import LATENCY_UNIT, LatencyProfile, LatencyTiming, measure_latency, stored_profile
+from ..latency.profile import (
+    ONE_NET,
+    LATENCY_UNIT,
+    LatencyProfile,
+    LatencyTiming,
+    measure_latency,
+    stored_profile,
+)
 from ..nets import load_weights
 from ..nets.data import DataBundle, example_input
 from ..nets.setup import ModelSetup, config_from_dict, stored_config
@@ -272,7 +279,9 @@ class Study(UnitRun):
                 raise Cancelled(f"cancelled while fine-tuning {cell_key(seed, method, target)}")
             acc_finetuned = outcome.test_acc
         latency_gpu_ms = (
-            (1000 * measure_latency(smaller, self.example, device)) if device.type == "cuda" else None
+            (1000 * measure_latency(smaller, self.example, replace(ONE_NET, device=str(device))))
+            if device.type == "cuda"
+            else None
         )
         smaller = smaller.cpu()
         return {
@@ -286,7 +295,9 @@ class Study(UnitRun):
             "acc_pruned": acc_pruned,
             "acc_finetuned": acc_finetuned,
             "latency_cpu_ms": 1000
-            * measure_latency(smaller, self.example, "cpu", runtime=self.config.analysis.latency_runtime),
+            * measure_latency(
+                smaller, self.example, replace(ONE_NET, runtime=self.config.analysis.latency_runtime)
+            ),
             "latency_runtime": self.config.analysis.latency_runtime,
             "latency_gpu_ms": latency_gpu_ms,
             "node": node_name(),

@@ -4,9 +4,10 @@ drop of the physically pruned net against its measured latency drop in each runt
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+
 import pandas as pd
-from torch import nn
+import torch
 
 from ..errors import AnalysisError
 from ..progress import ProgressFn, StopFn, check_cancel, report
@@ -14,7 +15,7 @@ from ..pruning.counting import count_macs
 from ..pruning.masks import pruned_copy
 from ..pruning.structures import StructureSet
 from ..pruning.rounding import rounded_order, rounded_stops
-from .profile import compare_latency, next_stop, prefix_grid
+from .profile import LatencyTiming, Order, compare_latency, next_stop, prefix_grid
 from .runtimes import check_runtime
 
 EFFICIENCY_COLUMNS = [
@@ -35,14 +36,9 @@ EFFICIENCY_COLUMNS = [
 ]
 
 
-def order_variants(
-    result, structures: StructureSet, round_to: list[int]
-) -> dict[str, tuple[list[str], list[int]]]:
-    """The analysis's order and its order regrouped to multiples of each of `round_to` (> 1): label -> (structure keys
-    in pruning order, the prefix lengths it may stop at)."""
-    variants = {
-        "as analysed": (result.ordered_keys(), result.stops(structures) or list(range(result.n_prunable + 1)))
-    }
+def order_variants(result, structures: StructureSet, round_to: list[int]) -> dict[str, Order]:
+    """The analysis's order and its order regrouped to multiples of each of `round_to` (> 1), by label."""
+    variants = {"as analysed": result.order(structures)}
     for multiple in sorted({r for r in round_to if r > 1}):
         order, n_prunable = rounded_order(
             result.pruning_order,
@@ -53,11 +49,28 @@ def order_variants(
             result.config.min_channels,
         )
         keys = [result.keys[i] for i in order.tolist()]
-        variants[f"rounded to {multiple}"] = (
-            keys[:n_prunable],
-            rounded_stops(order, n_prunable, structures, multiple),
-        )
+        stops = rounded_stops(order, n_prunable, structures, multiple)
+        variants[f"rounded to {multiple}"] = Order(keys[:n_prunable], n_prunable, stops)
     return variants
+
+
+@dataclass(frozen=True)
+class DeploymentGrid:
+    """What a deployment comparison times: each runtime at each batch on one device, at `points` evenly spaced
+    prefixes of each order (or at the prefixes pruning `ratios` of all structures)."""
+
+    runtimes: list[str]
+    batches: list[int]
+    points: int = 5
+    device: str = "cpu"
+    repeats: int = 10
+    ratios: list[float] | None = None
+
+    def prefixes(self, order: Order, n_structures: int) -> list[int]:
+        stops = order.stops or list(range(order.n_prunable + 1))
+        if self.ratios is None:
+            return [k for k in prefix_grid(order.n_prunable, self.points, stops) if k > 0]
+        return [k for k in prefixes_at(self.ratios, n_structures, order.n_prunable, stops) if k > 0]
 
 
 def prefixes_at(ratios: list[float], n_structures: int, n_prunable: int, stops: list[int]) -> list[int]:
@@ -69,47 +82,38 @@ def prefixes_at(ratios: list[float], n_structures: int, n_prunable: int, stops: 
 
 
 def efficiency_table(
-    model: nn.Module,
-    structures: StructureSet,
-    orders: dict[str, tuple[list[str], list[int]]],
-    example: torch.Tensor,
-    runtimes: list[str],
-    batches: list[int],
-    points: int = 5,
-    device: str | torch.device = "cpu",
-    repeats: int = 10,
+    workbench,
+    orders: dict[str, Order],
+    grid: DeploymentGrid,
     progress: ProgressFn = None,
     should_stop: StopFn = None,
-    ratios: list[float] | None = None,
 ) -> pd.DataFrame:
-    """For `points` evenly spaced prefixes of each order (or the prefixes pruning `ratios` of all structures): the net
-    pruned there, its MAC drop counted over every call, and in each runtime at each batch its latency timed
-    alternately with the unpruned net (medians, their spread), one row each."""
-    for runtime in runtimes:
+    """At the grid's prefixes of each order: the net pruned there, its MAC drop counted over every call, and in each
+    runtime at each batch its latency timed alternately with the unpruned net (medians, their spread), one row each."""
+    for runtime in grid.runtimes:
         check_runtime(runtime)
-    if not runtimes or not batches or any(b < 1 for b in batches):
-        raise AnalysisError(f"give at least one runtime and batch sizes >= 1 (got {runtimes}, {batches})")
-    device = torch.device(device)
+    if not grid.runtimes or not grid.batches or any(b < 1 for b in grid.batches):
+        raise AnalysisError(
+            f"give at least one runtime and batch sizes >= 1 (got {grid.runtimes}, {grid.batches})"
+        )
+    model, structures, example = workbench.model, workbench.structures, workbench.example
+    device = torch.device(grid.device)
     base_macs = count_macs(model, example)
     plan = [
-        (label, keys, k)
-        for label, (keys, stops) in orders.items()
-        for k in (
-            prefix_grid(len(keys), points, stops)
-            if ratios is None
-            else prefixes_at(ratios, structures.num_structures, len(keys), stops)
-        )
-        if k > 0
+        (label, order.keys, k)
+        for label, order in orders.items()
+        for k in grid.prefixes(order, structures.num_structures)
     ]
-    rows, steps = [], max(1, len(plan) * len(runtimes) * len(batches))
+    rows, steps = [], max(1, len(plan) * len(grid.runtimes) * len(grid.batches))
     for label, keys, k in plan:
         smaller = pruned_copy(model, structures, set(keys[:k]), example)
         mac_drop = 1 - count_macs(smaller, example) / base_macs
-        for runtime in runtimes:
-            for batch in batches:
+        for runtime in grid.runtimes:
+            for batch in grid.batches:
                 check_cancel(should_stop)
                 report(progress, len(rows) / steps, f"{label}: {k} structures, {runtime} at batch {batch}")
-                measured = compare_latency(smaller, model, example, device, batch, repeats, runtime=runtime)
+                timing = LatencyTiming(str(device), batch, runtime, repeats=grid.repeats)
+                measured = compare_latency(smaller, model, example, timing)
                 drop = 1 - measured.relative
                 unpruned_ms = 1000 * measured.seconds / measured.relative
                 rows.append(

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import AnalysisError, ModelSpecError
 from ..nets.onnx_export import ExportError
-from .profile import Timing, timed_rounds
+from .profile import LatencyTiming, Timing, timed_rounds
 from .runtimes import EAGER, check_runtime, forward_call, runtime_label
 from ..progress import ProgressFn, StopFn, check_cancel, report
 from ..pruning.structures import channel_dim
@@ -146,23 +146,22 @@ def saved_per_channel(full: list[float], narrower: list[float], removed: int) ->
     return (a.median - b.median) / removed
 
 
+LAYER_TIMING = LatencyTiming(warmup=2)  # each layer alone, on the CPU at batch 1
+
+
 def measure_layer_latency(
     model: nn.Module,
     structures: StructureSet,
     example: torch.Tensor,
-    device: str | torch.device = "cpu",
-    batch: int = 1,
-    repeats: int = 10,
-    warmup: int = 2,
+    timing: LatencyTiming = LAYER_TIMING,
     progress: ProgressFn = None,
     should_stop: StopFn = None,
-    runtime: str = EAGER,
 ) -> LayerLatency:
-    """Time every conv, linear and norm that a structure narrows alone in `runtime` on `device` at `batch`, at full
-    width and with each such channel dimension halved, and keep the seconds per channel. (ONNX Runtime folds a
-    BatchNorm into the conv before it in a whole net; timed alone, the norm keeps a cost it would not have there.)"""
-    check_runtime(runtime)
-    device = torch.device(device)
+    """Time every conv, linear and norm that a structure narrows alone as `timing` says, at full width and with each
+    such channel dimension halved, and keep the seconds per channel. (ONNX Runtime folds a BatchNorm into the conv
+    before it in a whole net; timed alone, the norm keeps a cost it would not have there.)"""
+    runtime, batch = check_runtime(timing.runtime), timing.batch
+    device = torch.device(timing.device)
     modules = dict(model.named_modules())
     shapes = _input_shapes(model, {m.name for m in structures.modules}, example[:1])
     seconds = [0.0] * len(structures.modules)
@@ -201,7 +200,7 @@ def measure_layer_latency(
             unmeasured.append(info.name)
             continue
         timed += len(variants)
-        times = timed_rounds(forwards, device, repeats, warmup)
+        times = timed_rounds(forwards, device, timing.repeats, timing.warmup)
         seconds[i] = statistics.median(times[0])
         for (which, removed, _, _), t in zip(variants, times[1:]):
             per_channel[2 * i + which] = saved_per_channel(times[0], t, removed)

@@ -50,17 +50,31 @@ def timed_rounds(
     return times
 
 
-def measure_latency(
-    model: nn.Module,
-    example: torch.Tensor,
-    device: str | torch.device = "cpu",
-    batch: int = 1,
-    repeats: int = 20,
-    warmup: int = 3,
-    runtime: str = EAGER,
-) -> float:
-    """Median seconds of one inference of a `batch` of `example`'s shape in `runtime` on `device`."""
-    return latency_times(model, None, example, device, batch, repeats, warmup, runtime)[0].median
+@dataclass(frozen=True)
+class LatencyTiming:
+    """Where and how latency is timed: device, batch, runtime, rounds (after warm-up ones), and for a profile the
+    nets timed along the order."""
+
+    device: str = "cpu"
+    batch: int = 1
+    runtime: str = EAGER
+    points: int = 12  # nets timed along an order, for a profile
+    repeats: int = 10
+    warmup: int = 3
+
+    @classmethod
+    def of(cls, options, device: str | torch.device, points: int = 12) -> "LatencyTiming":
+        """The timing an analysis's options ask for (`latency_device`, else `device`; batch; runtime)."""
+        where = str(resolve_device(options.latency_device or device))
+        return cls(where, options.latency_batch, options.latency_runtime, points)
+
+
+ONE_NET = LatencyTiming(repeats=20)  # one net or a pair timed once, on the CPU at batch 1
+
+
+def measure_latency(model: nn.Module, example: torch.Tensor, timing: LatencyTiming = ONE_NET) -> float:
+    """Median seconds of one inference of a batch of `example`'s shape, timed as `timing` says."""
+    return latency_times(model, None, example, timing)[0].median
 
 
 @dataclass(frozen=True)
@@ -85,24 +99,17 @@ class Timing:
 
 
 def latency_times(
-    model: nn.Module,
-    reference: nn.Module | None,
-    example: torch.Tensor,
-    device: str | torch.device = "cpu",
-    batch: int = 1,
-    repeats: int = 20,
-    warmup: int = 3,
-    runtime: str = EAGER,
+    model: nn.Module, reference: nn.Module | None, example: torch.Tensor, timing: LatencyTiming = ONE_NET
 ) -> list[Timing]:
-    """Inference times of `model` (and `reference`) in `runtime` on `device`, timed alternately inference by inference
-    so that a change of the machine's load hits both alike. Eager nets keep their train/eval mode and device."""
-    device = torch.device(device)
-    x = _batch_of(example, batch, device)
+    """Inference times of `model` (and `reference`) as `timing` says, timed alternately inference by inference so
+    that a change of the machine's load hits both alike. Eager nets keep their train/eval mode and device."""
+    device, runtime = torch.device(timing.device), timing.runtime
+    x = _batch_of(example, timing.batch, device)
     nets = [model] + ([reference] if reference is not None else [])
     modes = [(net.training, next(net.parameters(), torch.empty(0)).device) for net in nets]
     try:
         forwards = [forward_call(net, x, runtime, device) for net in nets]
-        times = timed_rounds(forwards, device, repeats, warmup)
+        times = timed_rounds(forwards, device, timing.repeats, timing.warmup)
     finally:
         for net, (mode, place) in zip(nets, modes):
             net.train(mode).to(place)
@@ -132,36 +139,22 @@ class LatencyComparison:
 
 
 def compare_latency(
-    model: nn.Module,
-    reference: nn.Module,
-    example: torch.Tensor,
-    device: str | torch.device = "cpu",
-    batch: int = 1,
-    repeats: int = 20,
-    warmup: int = 3,
-    runtime: str = EAGER,
+    model: nn.Module, reference: nn.Module, example: torch.Tensor, timing: LatencyTiming = ONE_NET
 ) -> LatencyComparison:
-    """`model` timed alternately with `reference` in `runtime` on `device`, with the spread of the ratio."""
-    own, ref = latency_times(model, reference, example, device, batch, repeats, warmup, runtime)
+    """`model` timed alternately with `reference` as `timing` says, with the spread of the ratio."""
+    own, ref = latency_times(model, reference, example, timing)
     relative = own.median / ref.median
     error = relative * math.hypot(own.standard_error / own.median, ref.standard_error / ref.median)
     return LatencyComparison(own.median, relative, error)
 
 
 def relative_latency(
-    model: nn.Module,
-    reference: nn.Module | None,
-    example: torch.Tensor,
-    device: str | torch.device = "cpu",
-    batch: int = 1,
-    repeats: int = 20,
-    warmup: int = 3,
-    runtime: str = EAGER,
+    model: nn.Module, reference: nn.Module | None, example: torch.Tensor, timing: LatencyTiming = ONE_NET
 ) -> tuple[float, float]:
     """Median seconds of `model` and its ratio to `reference`'s, timed alternately (ratio nan without a reference)."""
     if reference is None:
-        return measure_latency(model, example, device, batch, repeats, warmup, runtime), float("nan")
-    compared = compare_latency(model, reference, example, device, batch, repeats, warmup, runtime)
+        return measure_latency(model, example, timing), float("nan")
+    compared = compare_latency(model, reference, example, timing)
     return compared.seconds, compared.relative
 
 
@@ -196,6 +189,10 @@ class LatencyProfile:
     errors: list[float] = field(
         default_factory=list
     )  # each point's standard error ([]: stored before they were kept)
+
+    def timing(self, repeats: int = 10) -> LatencyTiming:
+        """How more points of this profile are timed: where and as it was."""
+        return LatencyTiming(self.device, self.batch, self.runtime, repeats=repeats)
 
     def where(self) -> str:
         """Where the profile was timed, in words (runtime, device, batch, threads)."""
@@ -364,23 +361,6 @@ class Order:
         return set(self.keys[:k])
 
 
-@dataclass(frozen=True)
-class LatencyTiming:
-    """Where and how a latency profile is timed: device, batch, runtime, the nets timed along the order, repeats."""
-
-    device: str = "cpu"
-    batch: int = 1
-    runtime: str = EAGER
-    points: int = 12
-    repeats: int = 10
-
-    @classmethod
-    def of(cls, options, device: str | torch.device, points: int = 12) -> "LatencyTiming":
-        """The timing an analysis's options ask for (`latency_device`, else `device`; batch; runtime)."""
-        where = str(resolve_device(options.latency_device or device))
-        return cls(where, options.latency_batch, options.latency_runtime, points)
-
-
 def measure_profile(
     workbench, order: Order, timing: LatencyTiming, progress: ProgressFn = None, should_stop: StopFn = None
 ) -> LatencyProfile:
@@ -391,17 +371,13 @@ def measure_profile(
 
     model, example = workbench.model, workbench.example
     grid = prefix_grid(order.n_prunable, timing.points, order.stops)[1:]
-    reference = measure_latency(
-        model, example, timing.device, timing.batch, timing.repeats, runtime=timing.runtime
-    )
+    reference = measure_latency(model, example, timing)
     relative, errors = [1.0], [0.0]
     for i, k in enumerate(grid):
         check_cancel(should_stop)
         report(progress, i / len(grid), f"latency of the net pruned at {k}/{order.n_prunable} structures")
         smaller = pruned_copy(model, workbench.structures, order.prefix_keys(k), example)
-        measured = compare_latency(
-            smaller, model, example, timing.device, timing.batch, timing.repeats, runtime=timing.runtime
-        )
+        measured = compare_latency(smaller, model, example, timing)
         relative.append(measured.relative)
         errors.append(measured.error)
     report(progress, 1.0, "latency profile measured")
@@ -439,15 +415,7 @@ def refine_profile(
         smaller = pruned_copy(workbench.model, workbench.structures, order.prefix_keys(k), workbench.example)
         profile.add_point(
             k,
-            compare_latency(
-                smaller,
-                workbench.model,
-                workbench.example,
-                profile.device,
-                profile.batch,
-                repeats,
-                runtime=profile.runtime,
-            ),
+            compare_latency(smaller, workbench.model, workbench.example, profile.timing(repeats)),
         )
         added = True
     return added

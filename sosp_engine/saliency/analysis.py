@@ -18,7 +18,7 @@ from ..atomic import MAX_JSON_FILE_BYTES, load_verified, read_regular, save_atom
 from ..devices import full_float32, resolve_device
 from ..errors import AnalysisError, CheckpointError, SospError, is_out_of_memory
 from ..latency.layers import measure_layer_latency
-from ..latency.profile import LATENCY_UNIT, PROFILE_NAME, LatencyProfile, Order
+from ..latency.profile import LATENCY_UNIT, PROFILE_NAME, LatencyProfile, LatencyTiming, Order
 from ..latency.runtimes import EAGER, RUNTIMES
 from ..nets import weights_fingerprint, zero_layers
 from ..nets.setup import ModelSetup, config_from_dict, stored_config
@@ -593,11 +593,9 @@ def _latency_costs(
         model,
         workbench.structures,
         workbench.example,
-        resolve_device(config.latency_device or config.setup.device),
-        config.latency_batch,
-        progress=lambda f, m: report(progress, 0.0, m),
-        should_stop=should_stop,
-        runtime=config.latency_runtime,
+        replace(LatencyTiming.of(config, config.setup.device), warmup=2),
+        lambda f, m: report(progress, 0.0, m),
+        should_stop,
     )
     return table.structure_seconds(workbench.structures), table.describe()
 
