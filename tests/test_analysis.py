@@ -97,7 +97,7 @@ def test_progress_reaches_one(workbench):
 
 
 def test_bad_method_is_a_clear_error(workbench):
-    with pytest.raises(AnalysisError, match="unknown method"):
+    with pytest.raises(AnalysisError, match="wrong value at method: .*'sosp-h'.*\\(got 'obd'\\)"):
         run_analysis(workbench, AnalysisConfig(method="obd"))
 
 
