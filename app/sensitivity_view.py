@@ -11,8 +11,14 @@ from app.guard import user_errors
 from app.pickers import unique_labels
 from app.state import analysis, workbench_for, workspace
 from app.text import plain, text_only
-from sosp_engine.experiments.sensitivity import distinct_masks, even_grid, max_reduction, sensitivity_curve
-from sosp_engine.experiments.trust import TRUSTED_SCORE, trust_check
+from sosp_engine.experiments.sensitivity import (
+    Evaluation,
+    distinct_masks,
+    even_grid,
+    max_reduction,
+    sensitivity_curve,
+)
+from sosp_engine.experiments.trust import TRUSTED_SCORE, TrustPlan, trust_check
 from sosp_engine.shown import terminal_text
 
 
@@ -63,7 +69,7 @@ def sensitivity_section(record: dict, ratio: float, unit: str) -> None:
                     bar.progress((i + fraction) / len(chosen), text=plain(f"{names[record_id]}: {message}"))
 
                 curves[names[record_id]] = sensitivity_curve(
-                    result, workbench, grid, unit, samples=int(samples), progress=progress
+                    result, workbench, grid, unit, Evaluation(samples=int(samples)), progress
                 )
             st.session_state[key] = curves
         bar.empty()
@@ -122,14 +128,10 @@ def trust_section(record: dict, chosen: list[str], names: dict[str, str], sample
                 def progress(fraction: float, message: str, i: int = i) -> None:
                     bar.progress((i + fraction) / len(chosen), text=plain(f"{names[record_id]}: {message}"))
 
+                plan = TrustPlan(float(ratio), int(masks), factor=float(factor))
+                evaluation = Evaluation(samples=samples)
                 reports[names[record_id]] = trust_check(
-                    result,
-                    workbench_for(result),
-                    float(ratio),
-                    int(masks),
-                    factor=float(factor),
-                    samples=samples,
-                    progress=progress,
+                    result, workbench_for(result), plan, evaluation, progress
                 )
             st.session_state[key] = reports
             st.session_state[("trust-verdicts", record["name"])] = [

@@ -9,7 +9,13 @@ from sosp_engine.errors import AnalysisError
 from sosp_engine.nets.setup import ModelSetup
 from sosp_engine.pruning.workbench import open_workbench
 from sosp_engine.pruning.masks import zeroed_copy
-from sosp_engine.experiments.sensitivity import even_grid, max_reduction, parse_grid, sensitivity_curve
+from sosp_engine.experiments.sensitivity import (
+    Evaluation,
+    even_grid,
+    max_reduction,
+    parse_grid,
+    sensitivity_curve,
+)
 from sosp_engine.experiments.training import evaluate
 
 
@@ -29,7 +35,7 @@ def analysed(tmp_path_factory):
 
 def test_the_measured_curve_equals_evaluating_zero_masked_models_by_hand(analysed):
     wb, result, _ = analysed
-    curve = sensitivity_curve(result, wb, [0.0, 0.3], "params", samples=60, device="cpu")
+    curve = sensitivity_curve(result, wb, [0.0, 0.3], "params", Evaluation(samples=60, device="cpu"))
     loader = wb.data.loader("val", 256, limit=60)
     by_hand = evaluate(
         zeroed_copy(wb.model, wb.structures, result.mask(wb.structures, 0.3, "params")),
@@ -45,14 +51,14 @@ def test_the_measured_curve_equals_evaluating_zero_masked_models_by_hand(analyse
 
 def test_the_physically_pruned_net_scores_like_the_zero_masked_one_where_pruning_is_exact(analysed):
     wb, result, _ = analysed
-    table = sensitivity_curve(result, wb, [0.5], samples=60, device="cpu").table
+    table = sensitivity_curve(result, wb, [0.5], evaluation=Evaluation(samples=60, device="cpu")).table
     assert table["pruned_loss"].iloc[0] == pytest.approx(table["zeroed_loss"].iloc[0], rel=1e-4)
 
 
 def test_predicted_increases_grow_along_the_order_and_survive_saving(analysed):
     wb, result, folder = analysed
     table = sensitivity_curve(
-        AnalysisResult.load(folder), wb, [0.1, 0.3, 0.5], samples=60, device="cpu"
+        AnalysisResult.load(folder), wb, [0.1, 0.3, 0.5], evaluation=Evaluation(samples=60, device="cpu")
     ).table
     assert table["predicted_increase"].is_monotonic_increasing and table["predicted_increase"].iloc[0] > 0
 
@@ -62,7 +68,7 @@ def test_other_weights_than_the_analysed_ones_are_refused(analysed):
     torch.manual_seed(5)
     other = open_workbench(ModelSetup("resnet20", wb.data.spec), wb.data)
     with pytest.raises(AnalysisError, match="not the ones the analysis ran on"):
-        sensitivity_curve(result, other, [0.1], device="cpu")
+        sensitivity_curve(result, other, [0.1], evaluation=Evaluation(device="cpu"))
 
 
 def test_grids_are_parsed_sorted_and_checked():
@@ -78,16 +84,22 @@ def test_the_even_grid_stops_at_the_largest_reduction_the_cap_allows(analysed):
     wb, result, _ = analysed
     top = max_reduction(result, wb.structures, "macs")
     assert 0 < top < 1
-    sensitivity_curve(result, wb, [even_grid(2, top)[-1]], "macs", samples=20, device="cpu")
+    sensitivity_curve(result, wb, [even_grid(2, top)[-1]], "macs", Evaluation(samples=20, device="cpu"))
 
 
 def test_the_rank_correlation_is_spearmans_rho_over_at_least_three_points(analysed):
     wb, result, _ = analysed
     assert (
-        sensitivity_curve(result, wb, [0.0, 0.3], samples=30, device="cpu").rank_correlation
-        != sensitivity_curve(result, wb, [0.0, 0.3], samples=30, device="cpu").rank_correlation
+        sensitivity_curve(
+            result, wb, [0.0, 0.3], evaluation=Evaluation(samples=30, device="cpu")
+        ).rank_correlation
+        != sensitivity_curve(
+            result, wb, [0.0, 0.3], evaluation=Evaluation(samples=30, device="cpu")
+        ).rank_correlation
     )  # nan
-    curve = sensitivity_curve(result, wb, [0.0, 0.2, 0.4, 0.6], samples=60, device="cpu")
+    curve = sensitivity_curve(
+        result, wb, [0.0, 0.2, 0.4, 0.6], evaluation=Evaluation(samples=60, device="cpu")
+    )
     ranks = curve.table[["predicted_increase", "measured_increase"]].rank()
     assert curve.rank_correlation == pytest.approx(ranks.corr().iloc[0, 1])
 

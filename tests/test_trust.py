@@ -8,7 +8,8 @@ import torch
 
 from conftest import ROOT
 from sosp_engine.errors import AnalysisError
-from sosp_engine.experiments.trust import FAMILIES, independent_masks, trust_check
+from sosp_engine.experiments.sensitivity import Evaluation
+from sosp_engine.experiments.trust import FAMILIES, TrustPlan, independent_masks, trust_check
 from sosp_engine.nets.setup import ModelSetup
 from sosp_engine.pruning.workbench import open_workbench
 from sosp_engine.saliency.analysis import AnalysisConfig, run_analysis
@@ -30,12 +31,12 @@ def analysed(workbench, method: str, seed: int = 0):
 @pytest.fixture(scope="module")
 def sosp_h(trained):
     result = analysed(trained, "sosp-h")
-    return result, trust_check(result, trained, samples=256)
+    return result, trust_check(result, trained, evaluation=Evaluation(samples=256))
 
 
 def test_sosp_h_ranks_independent_masks_clearly_better_than_random(trained, sosp_h):
     _, report = sosp_h
-    random = trust_check(analysed(trained, "random"), trained, samples=256)
+    random = trust_check(analysed(trained, "random"), trained, evaluation=Evaluation(samples=256))
     assert report.score > 0.5 and report.score > random.score + 0.3
     assert abs(random.score) < 0.35
 
@@ -43,7 +44,7 @@ def test_sosp_h_ranks_independent_masks_clearly_better_than_random(trained, sosp
 def test_a_deliberately_wrong_saliency_scores_low(trained, sosp_h):
     result, _ = sosp_h
     inverted = dataclasses.replace(result, saliency=-result.saliency)
-    assert trust_check(inverted, trained, samples=256).score < 0
+    assert trust_check(inverted, trained, evaluation=Evaluation(samples=256)).score < 0
 
 
 def test_the_baselines_are_scored_on_the_same_masks(sosp_h):
@@ -71,10 +72,10 @@ def test_independent_masks_have_one_size_and_are_not_all_prefixes(sosp_h):
 def test_too_few_masks_is_a_clear_error(trained, sosp_h):
     result, _ = sosp_h
     with pytest.raises(AnalysisError, match="at least 4 masks"):
-        trust_check(result, trained, masks=2)
+        trust_check(result, trained, TrustPlan(masks=2))
 
 
 def test_other_weights_than_the_analysis_ran_on_are_refused(sosp_h):
     result, _ = sosp_h
     with pytest.raises(AnalysisError, match="not the ones the analysis ran on"):
-        trust_check(result, open_workbench(ModelSetup("resnet20", "digits")), masks=8)
+        trust_check(result, open_workbench(ModelSetup("resnet20", "digits")), TrustPlan(masks=8))

@@ -15,8 +15,15 @@ from ..errors import SospError
 from ..pruning.workbench import open_workbench
 from ..runs.records import require_code_consent
 from ..saliency.selection import UNITS
-from ..experiments.trust import trust_check
-from ..experiments.sensitivity import distinct_masks, even_grid, max_reduction, parse_grid, sensitivity_curve
+from ..experiments.trust import TrustPlan, trust_check
+from ..experiments.sensitivity import (
+    Evaluation,
+    distinct_masks,
+    even_grid,
+    max_reduction,
+    parse_grid,
+    sensitivity_curve,
+)
 
 
 def add_sensitivity_parser(sub: argparse._SubParsersAction) -> None:
@@ -71,17 +78,8 @@ def cmd_trust(args: argparse.Namespace) -> dict:
     progress_line(f"loading {config.setup.model_spec} on {config.setup.data_spec} ...")
     wb = open_workbench(config.setup.with_weights(args.weights or config.setup.weights))
     bar = ProgressLine("trust")
-    report = trust_check(
-        result,
-        wb,
-        args.ratio,
-        args.masks,
-        factor=args.factor,
-        split=args.split,
-        samples=args.samples,
-        device=args.device,
-        progress=bar,
-    )
+    plan = TrustPlan(args.ratio, args.masks, factor=args.factor)
+    report = trust_check(result, wb, plan, Evaluation(args.split, args.samples, device=args.device), bar)
     bar.close()
     progress_line(pd.DataFrame(report.calibration).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     progress_line(
@@ -110,9 +108,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict | None:
             args.points, max_reduction(result, wb.structures, args.unit), distinct_masks(result)
         )
     bar = ProgressLine("sensitivity")
-    curve = sensitivity_curve(
-        result, wb, ratios, args.unit, args.split, args.samples, device=args.device, progress=bar
-    )
+    evaluation = Evaluation(args.split, args.samples, device=args.device)
+    curve = sensitivity_curve(result, wb, ratios, args.unit, evaluation, progress=bar)
     bar.close()
     progress_line(
         curve.table.drop(columns=["unit"]).to_string(index=False, float_format=lambda v: f"{v:.4g}")

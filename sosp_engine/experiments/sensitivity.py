@@ -116,15 +116,26 @@ def evaluated_model(result: AnalysisResult, workbench: Workbench, target: torch.
     return model
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """On what a net's loss and accuracy are measured: a split (its first `samples`, None: all), the batch, the
+    device."""
+
+    split: str = "val"
+    samples: int | None = None
+    batch_size: int = 256
+    device: str = "auto"
+
+    def loader(self, workbench: Workbench):
+        return workbench.data.loader(self.split, self.batch_size, limit=self.samples)
+
+
 def sensitivity_curve(
     result: AnalysisResult,
     workbench: Workbench,
     ratios: list[float],
     unit: str = "structures",
-    split: str = "val",
-    samples: int | None = None,
-    batch_size: int = 256,
-    device: str = "auto",
+    evaluation: Evaluation = Evaluation(),
     progress: ProgressFn = None,
     should_stop: StopFn = None,
 ) -> SensitivityCurve:
@@ -138,9 +149,9 @@ def sensitivity_curve(
             f"{len(ratios):,} ratios asked for, but the pruning order gives only "
             f"{distinct_masks(result):,} different masks"
         )
-    target = resolve_device(device)
+    target = resolve_device(evaluation.device)
     model = evaluated_model(result, workbench, target)
-    loader = workbench.data.loader(split, batch_size, limit=samples)
+    loader = evaluation.loader(workbench)
     count = len(loader.dataset)
     base_loss, base_acc = evaluate(model, loader, target, amp=False)
     example = workbench.example.to(target)
@@ -180,4 +191,4 @@ def sensitivity_curve(
         if len(known) >= 3
         else float("nan")
     )
-    return SensitivityCurve(table, base_loss, base_acc, rho, result.config.method, split, count)
+    return SensitivityCurve(table, base_loss, base_acc, rho, result.config.method, evaluation.split, count)

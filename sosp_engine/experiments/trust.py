@@ -28,7 +28,7 @@ from ..pruning.masks import zeroed_copy
 from ..saliency.analysis import AnalysisResult, compute_saliency
 from ..saliency.common import AnalysisInputs
 from .compare import rank_correlation
-from .sensitivity import evaluated_model
+from .sensitivity import Evaluation, evaluated_model
 from .training import evaluate
 
 BASELINES = ("first-order", "magnitude")
@@ -155,32 +155,41 @@ def _baseline_scores(
     return scores
 
 
+@dataclass(frozen=True)
+class TrustPlan:
+    """How an analysis is scored: `masks` independent masks of `ratio` of the structures, and its prediction
+    calibrated at `ratios` along the order (held where within `factor` of the measured loss increase)."""
+
+    ratio: float = 0.1
+    masks: int = 64
+    ratios: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+    factor: float = 2.0
+
+    def check(self) -> None:
+        if self.masks < 4:
+            raise AnalysisError(f"a ranking score needs at least 4 masks, got {self.masks}")
+        if not self.factor > 1:
+            raise AnalysisError(f"the calibration factor must be above 1, got {self.factor}")
+
+
 def trust_check(
     result: AnalysisResult,
     workbench: Workbench,
-    ratio: float = 0.1,
-    masks: int = 64,
-    ratios: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
-    factor: float = 2.0,
-    split: str = "val",
-    samples: int | None = None,
-    batch_size: int = 256,
-    device: str = "auto",
+    plan: TrustPlan = TrustPlan(),
+    evaluation: Evaluation = Evaluation(),
     progress: ProgressFn = None,
     should_stop: StopFn = None,
 ) -> TrustReport:
-    """Score the analysis (and the baselines) on independent masks of `ratio` of the structures and calibrate its
-    prediction along the order; every loss is measured on the zero-masked net, the net the saliencies describe."""
-    if masks < 4:
-        raise AnalysisError(f"a ranking score needs at least 4 masks, got {masks}")
-    if not factor > 1:
-        raise AnalysisError(f"the calibration factor must be above 1, got {factor}")
+    """Score the analysis (and the baselines) on independent masks and calibrate its prediction along the order, as
+    `plan` says; every loss is measured on the zero-masked net, the net the saliencies describe."""
+    plan.check()
     structures = workbench.structures
     result.check_structures(structures)
-    target = resolve_device(device)
+    ratio, masks, ratios, factor = plan.ratio, plan.masks, plan.ratios, plan.factor
+    target = resolve_device(evaluation.device)
     model = evaluated_model(result, workbench, target)
     x, y = workbench.data.analysis_samples(result.config.samples, result.config.seed)
-    loader = workbench.data.loader(split, batch_size, limit=samples)
+    loader = evaluation.loader(workbench)
     base_loss, _ = evaluate(model, loader, target, amp=False)
     size = max(1, min(result.n_prunable - 1, round(ratio * len(result.keys))))
     chosen = independent_masks(result, size, masks, result.config.seed)
@@ -198,7 +207,9 @@ def trust_check(
     scores = [mask_score(result.saliency, mask) for mask in chosen]
     families = family_scores(scores, measured)
 
-    inputs = AnalysisInputs(model, structures, x.to(target), y.to(target), result.config.loss, batch_size)
+    inputs = AnalysisInputs(
+        model, structures, x.to(target), y.to(target), result.config.loss, evaluation.batch_size
+    )
     baseline_scores = _baseline_scores(inputs, result, chosen, measured, should_stop)
 
     calibration = []
