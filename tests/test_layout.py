@@ -106,3 +106,74 @@ def test_every_benchmark_result_file_is_cited_by_a_document_or_a_script():
     citing = [*(ROOT / "docs").glob("*.md"), ROOT / "README.md", *(ROOT / "bench").glob("*.py")]
     text = "\n".join(path.read_text() for path in citing)
     assert [path.name for path in results if path.name not in text] == []
+
+
+# --- sizes a reader can hold ----------------------------------------------------------------------------------------
+CALLBACKS = {
+    "self",
+    "cls",
+    "progress",
+    "should_stop",
+}  # a method's own object and the two callbacks of long work
+MOST_PARAMETERS = 7
+WIDE_ON_PURPOSE = {"Store.add_job": "a row of the store: one argument per column it writes"}
+# Top-level lines of each page: the budget may only shrink (the aim is about 40 per page: layout, then named calls).
+PAGE_TOP_LEVEL = {
+    "analyse": 55,
+    "bottlenecks": 81,
+    "compare": 79,
+    "expand": 125,
+    "model": 185,
+    "ratios": 119,
+    "runs": 52,
+    "studies": 99,
+}
+
+
+def engine_functions():
+    """(qualified name, node) of every function and method of the engine."""
+    for path in sorted(ENGINE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            bodies = (
+                [(node.name + ".", n) for n in node.body] if isinstance(node, ast.ClassDef) else [("", node)]
+            )
+            for prefix, item in bodies:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    yield f"{path.relative_to(ROOT)}:{prefix}{item.name}", item
+                    for inner in ast.walk(item):
+                        if inner is not item and isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                            yield f"{path.relative_to(ROOT)}:{prefix}{item.name}.{inner.name}", inner
+
+
+def test_no_engine_function_is_longer_than_80_lines():
+    long = [name for name, node in engine_functions() if node.end_lineno - node.lineno + 1 > 80]
+    assert long == []
+
+
+def test_no_engine_function_takes_more_than_seven_parameters_besides_its_callbacks():
+    wide = []
+    for name, node in engine_functions():
+        args = node.args
+        given = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs if a.arg not in CALLBACKS]
+        if len(given) > MOST_PARAMETERS and name.split(":")[1] not in WIDE_ON_PURPOSE:
+            wide.append(f"{name} ({len(given)})")
+    assert wide == []
+
+
+def top_level_lines(path: Path) -> int:
+    """Lines of a page's script outside its functions, classes, imports and docstring."""
+    skipped = (ast.FunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom)
+    tree = ast.parse(path.read_text())
+    return sum(
+        node.end_lineno - node.lineno + 1
+        for node in tree.body
+        if not isinstance(node, skipped)
+        and not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
+    )
+
+
+def test_no_page_grows_its_top_level_script_beyond_its_budget():
+    sizes = {path.stem: top_level_lines(path) for path in sorted((ROOT / "pages").glob("*.py"))}
+    assert set(sizes) == set(PAGE_TOP_LEVEL)
+    assert {page: n for page, n in sizes.items() if n > PAGE_TOP_LEVEL[page]} == {}

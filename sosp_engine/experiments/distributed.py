@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -136,21 +137,25 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker(
-    rank: int,
-    world: int,
-    folder: str,
-    data: DataBundle,
-    config: TrainConfig,
-    devices: list[torch.device],
-    user_modules: dict[str, str],
-    checkpoint_dir: str | None,
-    threads: int,
-    events,
-    stop,
-) -> None:
+@dataclass(frozen=True)
+class _WorkerTask:
+    """What every training process is handed: the controller's folder (model, rendezvous, result), the data, the
+    schedule, a device per rank, the user modules to import, where epoch checkpoints go, its CPU threads."""
+
+    folder: str
+    data: DataBundle
+    config: TrainConfig
+    devices: list[torch.device]
+    user_modules: dict[str, str]
+    checkpoint_dir: str | None
+    threads: int
+
+
+def _worker(rank: int, world: int, task: _WorkerTask, events, stop) -> None:
+    folder, data, config, checkpoint_dir = task.folder, task.data, task.config, task.checkpoint_dir
+    devices, user_modules = task.devices, task.user_modules
     _die_with_parent()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(task.threads)
     try:
         for name, path in user_modules.items():  # code the user already chose to run in the controller
             load_user_module(name, path)
@@ -265,8 +270,7 @@ def train_distributed(
             ) from None
         if checkpoint_dir is not None:
             Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        args = (
-            config.nproc,
+        task = _WorkerTask(
             str(folder),
             data,
             config,
@@ -274,9 +278,8 @@ def train_distributed(
             _user_modules(model),
             str(checkpoint_dir) if checkpoint_dir is not None else None,
             threads,
-            events,
-            stop,
         )
+        args = (config.nproc, task, events, stop)
         processes = mp.start_processes(
             _worker, args=args, nprocs=config.nproc, join=False, start_method="spawn"
         )

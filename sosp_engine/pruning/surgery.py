@@ -184,6 +184,9 @@ def every_layer(model_spec: str, structures: StructureSet, factor: float) -> dic
     return {layer.name: factor for layer in structures.layers}
 
 
+UNIFORM_FACTORS = (1.0, 4.0)  # the widths a widen-pruned net is searched between
+
+
 def uniform_factor(
     model_spec: str,
     num_classes: int,
@@ -191,11 +194,10 @@ def uniform_factor(
     structures: StructureSet,
     target_params: int,
     example_input: torch.Tensor,
-    low: float = 1.0,
-    high: float = 4.0,
 ) -> tuple[float, int]:
-    """The one width factor for the whole network whose parameter count is closest to `target_params`
-    (widen-pruning)."""
+    """The one width factor for the whole network (in UNIFORM_FACTORS) whose parameter count is closest to
+    `target_params` (widen-pruning)."""
+    low, high = UNIFORM_FACTORS
 
     def params(f: float) -> int:
         model, _ = build_widened(
