@@ -266,3 +266,27 @@ def test_the_dashboards_workbench_keeps_every_field_of_the_setup():
 
     setup = ModelSetup("resnet20", "synthetic:3,8,8:10", None, ("layer3.*",), "none", "cpu")
     assert setup_workbench(setup).setup == setup
+
+
+def test_a_knob_declared_on_the_options_reaches_its_methods_kernel_whole(monkeypatch):
+    import torch
+
+    from sosp_engine.pruning.workbench import open_workbench
+    from sosp_engine.saliency import methods
+    from sosp_engine.saliency.common import AnalysisInputs
+    from sosp_engine.nets.setup import ModelSetup
+
+    seen = []
+
+    def damped(inputs, options):  # the kernel's one edit: it reads the declared knob
+        seen.append(options.damping)
+        return methods.SaliencyTerms(torch.arange(inputs.structures.num_structures, dtype=torch.float64))
+
+    monkeypatch.setitem(
+        methods.REGISTRY, "magnitude", dataclasses.replace(methods.REGISTRY["magnitude"], terms=damped)
+    )
+    wb = open_workbench(ModelSetup("resnet20", "synthetic:3,8,8:10"))
+    x, y = wb.data.analysis_samples(4)
+    inputs = AnalysisInputs(wb.model.eval(), wb.structures, x, y, "cross-entropy", 4)
+    analysis_module.compute_saliency(inputs, DampedOptions(method="magnitude", damping=0.5), "none")
+    assert seen == [0.5]

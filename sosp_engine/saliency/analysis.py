@@ -438,7 +438,7 @@ def compute_saliency(
     has them)."""
     method, structures = method_named(options.method), inputs.structures
     start = time.perf_counter()
-    terms = method.terms(inputs, options.seed, mc_labels)
+    terms = method.terms(inputs, replace(options, mc_labels=mc_labels))
     if not bool(torch.isfinite(terms.saliency).all()):
         raise AnalysisError(
             f"{method.name} gave NaN or infinite saliencies: the weights or the loss on the analysis samples "
@@ -516,7 +516,7 @@ def run_analysis(
 
     def terms(n: int) -> None:
         """The memory probe's run: the terms alone (the selection adds only vectors of S numbers to them)."""
-        method_named(config.method).terms(inputs_of(n, n), config.seed, mc)
+        method_named(config.method).terms(inputs_of(n, n), replace(config, mc_labels=mc))
 
     def rank(b: int) -> Ranking:
         return compute_saliency(

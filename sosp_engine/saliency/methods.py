@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -13,6 +13,9 @@ from .first_order import first_order_terms
 from .sosp_h import sosp_h_saliency, sosp_h_terms
 from .curvature import FactorRows, MatrixRows, choose_form
 from .sosp_i import gauss_newton_factor, gauss_newton_terms, rows_per_sample, sosp_i_matrix
+
+if TYPE_CHECKING:
+    from .analysis import AnalysisOptions
 
 
 @dataclass
@@ -30,17 +33,18 @@ class SaliencyTerms:
 
 @dataclass(frozen=True)
 class Method:
-    """One saliency method: `terms(inputs, seed, mc_labels)`; `greedy` methods select by eq. (4) with their Gram matrix,
-    `gauss_newton` ones may sample labels for the Gauss-Newton matrix."""
+    """One saliency method: `terms(inputs, options)` reads the analysis options it needs (its own knobs are declared
+    in `AnalysisOptions`; `mc_labels` arrives resolved to a count); `greedy` methods select by eq. (4) with their Gram
+    matrix, `gauss_newton` ones may sample labels for the Gauss-Newton matrix."""
 
     name: str
     label: str
-    terms: Callable[[AnalysisInputs, int, int], SaliencyTerms]
+    terms: Callable[[AnalysisInputs, "AnalysisOptions"], SaliencyTerms]
     greedy: bool = False
     gauss_newton: bool = False
 
 
-def _sosp_h(inputs: AnalysisInputs, seed: int, mc_labels: int) -> SaliencyTerms:
+def _sosp_h(inputs: AnalysisInputs, options: AnalysisOptions) -> SaliencyTerms:
     first, second = sosp_h_terms(inputs)
     return SaliencyTerms(sosp_h_saliency(first, second), first, second)
 
@@ -49,12 +53,14 @@ def _estimate(mc_labels: int) -> str:
     return f"monte-carlo ({mc_labels} sampled labels per sample)" if mc_labels > 0 else "exact"
 
 
-def _diagonal(inputs: AnalysisInputs, seed: int, mc_labels: int) -> SaliencyTerms:
+def _diagonal(inputs: AnalysisInputs, options: AnalysisOptions) -> SaliencyTerms:
+    seed, mc_labels = options.seed, options.mc_labels
     first, diag = gauss_newton_terms(inputs, diagonal_only=True, mc_labels=mc_labels, seed=seed)
     return SaliencyTerms(first.abs() + 0.5 * diag.abs(), first, diag, estimate=_estimate(mc_labels))
 
 
-def _sosp_i(inputs: AnalysisInputs, seed: int, mc_labels: int) -> SaliencyTerms:
+def _sosp_i(inputs: AnalysisInputs, options: AnalysisOptions) -> SaliencyTerms:
+    seed, mc_labels = options.seed, options.mc_labels
     form = inputs.curvature or choose_form(
         inputs.structures.num_structures,
         inputs.num_samples,
@@ -72,17 +78,17 @@ def _sosp_i(inputs: AnalysisInputs, seed: int, mc_labels: int) -> SaliencyTerms:
     return SaliencyTerms(first.abs() + 0.5 * diag, first, diag, rows, _estimate(mc_labels), form.describe())
 
 
-def _first_order(inputs: AnalysisInputs, seed: int, mc_labels: int) -> SaliencyTerms:
+def _first_order(inputs: AnalysisInputs, options: AnalysisOptions) -> SaliencyTerms:
     first = first_order_terms(inputs)
     return SaliencyTerms(first.abs(), first)
 
 
-def _magnitude(inputs: AnalysisInputs, seed: int, mc_labels: int) -> SaliencyTerms:
+def _magnitude(inputs: AnalysisInputs, options: AnalysisOptions) -> SaliencyTerms:
     return SaliencyTerms(inputs.per_structure([p.detach().sign() for p in inputs.params()]))
 
 
-def _random(inputs: AnalysisInputs, seed: int, mc_labels: int) -> SaliencyTerms:
-    generator = torch.Generator().manual_seed(seed)
+def _random(inputs: AnalysisInputs, options: AnalysisOptions) -> SaliencyTerms:
+    generator = torch.Generator().manual_seed(options.seed)
     return SaliencyTerms(
         torch.rand(inputs.structures.num_structures, generator=generator, dtype=torch.float64)
     )
