@@ -123,7 +123,7 @@ PAGE_TOP_LEVEL = {
     "bottlenecks": 81,
     "compare": 79,
     "expand": 125,
-    "model": 185,
+    "model": 20,
     "ratios": 119,
     "runs": 52,
     "studies": 99,
