@@ -124,7 +124,7 @@ PAGE_TOP_LEVEL = {
     "compare": 79,
     "expand": 125,
     "model": 20,
-    "ratios": 119,
+    "ratios": 13,
     "runs": 52,
     "studies": 99,
 }
