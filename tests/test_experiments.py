@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import USER_MODEL
-from sosp_engine.experiments.bottlenecks import explain, find_bottlenecks
+from sosp_engine.experiments.bottlenecks import explain, find_bottlenecks, paper_widening, widening_plan
 from sosp_engine.nets.setup import config_from_dict
 from sosp_engine.cli.main import main
 from sosp_engine.experiments.procedures import compare_runs
@@ -208,3 +208,19 @@ def test_runs_of_different_configurations_are_never_averaged_as_trials():
     table = compare_runs(runs).set_index("setup")
     assert table.loc["epochs=30", "trials"] == 2 and table.loc["epochs=2", "trials"] == 1
     assert table.loc["epochs=30", "test_acc_mean"] == pytest.approx(0.89)
+
+
+def test_the_widening_plan_widens_the_picked_units_or_the_papers_choice():
+    table = crafted_table([0.5, 0.1, 0.5, 0.2, 0.6, 0.5])
+    paper = widening_plan("vgg19", table)  # up to five least pruned layers, none pruned more than the mean
+    assert dict(zip(paper.unit, paper.factor)) == {
+        "l1": 2.0,
+        "l3": 2.0,
+        "l0": 1.0,
+        "l2": 1.0,
+        "l5": 1.0,
+        "l4": 1.0,
+    }
+    picked = widening_plan("vgg19", table, "stage", {"b"}, factor=3.0)
+    assert dict(zip(picked.unit, picked.factor)) == {"a": 1.0, "b": 3.0, "c": 1.0}
+    assert paper_widening("vgg19", table) == {u: 2.0 for u in paper[paper.factor == 2.0].unit}

@@ -122,7 +122,7 @@ PAGE_TOP_LEVEL = {
     "analyse": 55,
     "bottlenecks": 81,
     "compare": 79,
-    "expand": 125,
+    "expand": 13,
     "model": 20,
     "ratios": 13,
     "runs": 52,

@@ -76,11 +76,31 @@ def paper_level(model_spec: str) -> tuple[str, int]:
     return ("stage", 1) if model_spec.split(":")[0].startswith("resnet") else ("layer", 5)
 
 
+def widening_plan(
+    model_spec: str,
+    table: pd.DataFrame,
+    level: str | None = None,
+    picked: set[str] | None = None,
+    factor: float = 2.0,
+) -> pd.DataFrame:
+    """Each unit of `level` (default: the paper's for the model) with its pruning ratio and the width factor
+    expand-pruning gives it: `factor` for the `picked` units, or for the paper's choice (sec. 3.4) without a pick."""
+    default_level, n = paper_level(model_spec)
+    units, _ = find_bottlenecks(table, level or default_level, "least", n=n)
+    flags = units.unit.isin(picked) if picked is not None else units.flagged
+    return pd.DataFrame(
+        {
+            "unit": units.unit,
+            "pruning_ratio": units.pruning_ratio,
+            "factor": [factor if f else 1.0 for f in flags],
+        }
+    )
+
+
 def paper_widening(model_spec: str, table: pd.DataFrame, factor: float = 2.0) -> dict[str, float]:
     """The units expand-pruning widens by the paper's choice on a layer table of the trained net, each by `factor`."""
-    level, n = paper_level(model_spec)
-    units, _ = find_bottlenecks(table, level, "least", n=n)
-    return {unit: factor for unit in units[units.flagged].unit}
+    plan = widening_plan(model_spec, table, factor=factor)
+    return {unit: f for unit, f in zip(plan.unit, plan.factor) if f != 1.0}
 
 
 def explain(units: pd.DataFrame, info: dict) -> str:
