@@ -126,7 +126,7 @@ PAGE_TOP_LEVEL = {
     "model": 20,
     "ratios": 13,
     "runs": 52,
-    "studies": 99,
+    "studies": 20,
 }
 
 
