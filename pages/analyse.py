@@ -90,7 +90,9 @@ def settings_form() -> tuple[bool, str, str]:
 with st.expander("Settings (folded while the analysis runs)" if busy else "Settings", expanded=not busy):
     run, device, name = settings_form()
 
-if run:
+
+def start(key: str, choice, device: str, name: str) -> None:
+    """Start the analysis the form describes in this session's thread (one at a time)."""
     current = running_analysis(key)
     if current is not None and not current.finished:
         st.warning("An analysis is still running: wait for it or cancel it first.")
@@ -103,6 +105,10 @@ if run:
             config.validate()
             start_analysis(key, bench, config, name, workspace())
         st.rerun()  # the settings fold away and the bar shows at the top
+
+
+if run:
+    start(key, choice, device, name)
 
 
 @st.fragment(run_every=1)
@@ -151,14 +157,19 @@ def analysis_progress() -> None:
     st.info("Open **Pruning ratios** in the sidebar to study its layer-wise profile.")
 
 
+def stored_analyses() -> None:
+    """The workspace's analyses, newest first."""
+    st.subheader("Stored analyses")
+    records = workspace().analyses()
+    if records:
+        st.dataframe(analyses_frame(records), hide_index=True)
+    else:
+        st.info("None yet.")
+
+
 if (finished := running_analysis(key)) is not None and finished.cancel_said:
     forget_analysis(key)  # a cancellation reported on an earlier visit is not news any more
 with progress_slot:
     analysis_progress()
 
-st.subheader("Stored analyses")
-records = workspace().analyses()
-if records:
-    st.dataframe(analyses_frame(records), hide_index=True)
-else:
-    st.info("None yet.")
+stored_analyses()

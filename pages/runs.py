@@ -41,34 +41,6 @@ if "runs-deleted" in st.session_state:
     st.success(plain(st.session_state.pop("runs-deleted")), icon=":material/delete:")
 mark_stale_jobs(store)
 
-st.subheader("Analyses")
-damaged_analyses: list[str] = []
-analyses = store.analyses(damaged=damaged_analyses)
-for line in damaged_analyses:
-    st.warning(plain(f"Damaged analysis record {line}. It is not listed or opened; the others are."))
-if analyses:
-    st.dataframe(analyses_frame(analyses), hide_index=True)
-    with st.expander("Rename or delete an analysis"):
-        target = st.selectbox(
-            "Analysis",
-            [r["id"] for r in analyses],
-            format_func=lambda i: terminal_text(next(r["name"] for r in analyses if r["id"] == i)),
-        )
-        new_name = st.text_input("New name")
-        if st.button("Rename") and new_name.strip():
-            store.rename_analysis(target, new_name.strip())
-            st.rerun()
-        sure = confirmation("Yes, delete this analysis and its files for good", "delete-analysis", target)
-        if st.button("Delete analysis", type="primary", disabled=not sure):
-            confirmation_used("delete-analysis", target)
-            with user_errors("Deleting", stop=False):
-                name = next(r["name"] for r in analyses if r["id"] == target)
-                kept = store.delete("analysis", target, confirm=True)
-                st.session_state["runs-deleted"] = deleted_note(f"analysis '{name}'", kept, [])
-                st.rerun()
-else:
-    st.info("No analyses yet.")
-
 
 def jobs_table(jobs: list[dict]) -> None:
     st.dataframe(
@@ -173,23 +145,62 @@ def jobs_panel() -> None:
     job_controls(jobs)
 
 
+def analyses_section() -> None:
+    """The workspace's analyses, each renamed or deleted (with a confirmation) on request."""
+    st.subheader("Analyses")
+    damaged_analyses: list[str] = []
+    analyses = store.analyses(damaged=damaged_analyses)
+    for line in damaged_analyses:
+        st.warning(plain(f"Damaged analysis record {line}. It is not listed or opened; the others are."))
+    if analyses:
+        st.dataframe(analyses_frame(analyses), hide_index=True)
+        with st.expander("Rename or delete an analysis"):
+            target = st.selectbox(
+                "Analysis",
+                [r["id"] for r in analyses],
+                format_func=lambda i: terminal_text(next(r["name"] for r in analyses if r["id"] == i)),
+            )
+            new_name = st.text_input("New name")
+            if st.button("Rename") and new_name.strip():
+                store.rename_analysis(target, new_name.strip())
+                st.rerun()
+            sure = confirmation("Yes, delete this analysis and its files for good", "delete-analysis", target)
+            if st.button("Delete analysis", type="primary", disabled=not sure):
+                confirmation_used("delete-analysis", target)
+                with user_errors("Deleting", stop=False):
+                    name = next(r["name"] for r in analyses if r["id"] == target)
+                    kept = store.delete("analysis", target, confirm=True)
+                    st.session_state["runs-deleted"] = deleted_note(f"analysis '{name}'", kept, [])
+                    st.rerun()
+    else:
+        st.info("No analyses yet.")
+
+
+def compare_finished_runs() -> None:
+    """Finished runs side by side: accuracy against size."""
+    jobs = store.jobs()
+    if jobs:
+        st.subheader("Compare runs")
+        done = [
+            j
+            for j in jobs
+            if j["status"] == "done" and j["result"] and j["result"].get("test_acc") is not None
+        ]
+        chosen = st.multiselect(
+            "Finished runs",
+            [j["id"] for j in done],
+            format_func=lambda i: terminal_text(next(j["name"] for j in done if j["id"] == i)),
+        )
+        if chosen:
+            table = compare_runs([{**j["result"], "config": j["config"]} for j in done if j["id"] in chosen])
+            fig = accuracy_vs_size(table)
+            st.plotly_chart(text_only(fig), key="runs-compare")
+            export_buttons(fig, table, "runs-comparison")
+            show_table(table)
+
+
+analyses_section()
 st.subheader("Jobs")
 placement_settings()
 jobs_panel()
-jobs = store.jobs()
-if jobs:
-    st.subheader("Compare runs")
-    done = [
-        j for j in jobs if j["status"] == "done" and j["result"] and j["result"].get("test_acc") is not None
-    ]
-    chosen = st.multiselect(
-        "Finished runs",
-        [j["id"] for j in done],
-        format_func=lambda i: terminal_text(next(j["name"] for j in done if j["id"] == i)),
-    )
-    if chosen:
-        table = compare_runs([{**j["result"], "config": j["config"]} for j in done if j["id"] in chosen])
-        fig = accuracy_vs_size(table)
-        st.plotly_chart(text_only(fig), key="runs-compare")
-        export_buttons(fig, table, "runs-comparison")
-        show_table(table)
+compare_finished_runs()

@@ -117,17 +117,7 @@ CALLBACKS = {
 }  # a method's own object and the two callbacks of long work
 MOST_PARAMETERS = 7
 WIDE_ON_PURPOSE = {"Store.add_job": "a row of the store: one argument per column it writes"}
-# Top-level lines of each page: the budget may only shrink (the aim is about 40 per page: layout, then named calls).
-PAGE_TOP_LEVEL = {
-    "analyse": 55,
-    "bottlenecks": 11,
-    "compare": 15,
-    "expand": 13,
-    "model": 20,
-    "ratios": 13,
-    "runs": 52,
-    "studies": 20,
-}
+PAGE_TOP_LEVEL = 40  # lines of a page's own script: layout, then calls of named functions
 
 
 def engine_functions():
@@ -173,7 +163,6 @@ def top_level_lines(path: Path) -> int:
     )
 
 
-def test_no_page_grows_its_top_level_script_beyond_its_budget():
+def test_no_page_runs_more_than_forty_lines_at_its_top_level():
     sizes = {path.stem: top_level_lines(path) for path in sorted((ROOT / "pages").glob("*.py"))}
-    assert set(sizes) == set(PAGE_TOP_LEVEL)
-    assert {page: n for page, n in sizes.items() if n > PAGE_TOP_LEVEL[page]} == {}
+    assert {page: n for page, n in sizes.items() if n > PAGE_TOP_LEVEL} == {}

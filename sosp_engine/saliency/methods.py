@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -14,8 +14,12 @@ from .sosp_h import sosp_h_saliency, sosp_h_terms
 from .curvature import FactorRows, MatrixRows, choose_form
 from .sosp_i import gauss_newton_factor, gauss_newton_terms, rows_per_sample, sosp_i_matrix
 
-if TYPE_CHECKING:
-    from .analysis import AnalysisOptions
+
+class AnalysisOptions(Protocol):
+    """What a kernel reads of an analysis's `AnalysisOptions` (all of it is there; `mc_labels` resolved to a count)."""
+
+    seed: int
+    mc_labels: int
 
 
 @dataclass
@@ -39,7 +43,7 @@ class Method:
 
     name: str
     label: str
-    terms: Callable[[AnalysisInputs, "AnalysisOptions"], SaliencyTerms]
+    terms: Callable[[AnalysisInputs, AnalysisOptions], SaliencyTerms]
     greedy: bool = False
     gauss_newton: bool = False
 
