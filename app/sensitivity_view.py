@@ -18,7 +18,7 @@ from sosp_engine.experiments.sensitivity import (
     max_reduction,
     sensitivity_curve,
 )
-from sosp_engine.experiments.trust import TRUSTED_SCORE, TrustPlan, trust_check
+from sosp_engine.experiments.trust import TrustPlan, trust_check
 from sosp_engine.shown import terminal_text
 
 
@@ -143,8 +143,7 @@ def trust_section(record: dict, chosen: list[str], names: dict[str, str], sample
     if not reports:
         return
     for name, report in reports.items():
-        trusted = report.score >= TRUSTED_SCORE and report.score > max(report.baseline_scores.values())
-        (st.success if trusted else st.warning)(plain(f"{name}: {report.verdict}"))
+        (st.success if report.trusted else st.warning)(plain(f"{name}: {report.verdict}"))
     table = pd.DataFrame(
         [
             {

@@ -97,7 +97,7 @@ def workbench_for(result: AnalysisResult) -> Workbench:
     """
     setup = result.config.setup
     require_code_confirmed(setup.model_spec, "This analysis")
-    return setup_workbench(setup.with_weights(None if result.config.at_init else setup.weights))
+    return setup_workbench(result.opening_setup())
 
 
 @st.cache_data(max_entries=32)

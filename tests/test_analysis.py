@@ -195,3 +195,13 @@ def test_an_all_zero_output_layer_is_named_when_every_saliency_is_zero():
         head.bias.zero_()
     with pytest.raises(AnalysisError, match=r"every sosp-h saliency is zero.*is all zero.*ViT heads"):
         run_analysis(wb, AnalysisConfig(method="sosp-h", samples=8, batch_size=8))
+
+
+def test_an_analysis_reopens_on_its_checkpoint_or_a_moved_one_and_at_init_on_none():
+    setup = ModelSetup("resnet20", "digits", "trained.pt")
+    trained = AnalysisResult.__new__(AnalysisResult)
+    trained.config = AnalysisConfig(setup=setup)
+    assert trained.opening_setup().weights == "trained.pt"
+    assert trained.opening_setup("moved/trained.pt").weights == "moved/trained.pt"
+    trained.config = AnalysisConfig(setup=setup, at_init=True)
+    assert trained.opening_setup("moved/trained.pt").weights is None

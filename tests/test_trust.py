@@ -79,3 +79,12 @@ def test_other_weights_than_the_analysis_ran_on_are_refused(sosp_h):
     result, _ = sosp_h
     with pytest.raises(AnalysisError, match="not the ones the analysis ran on"):
         trust_check(result, open_workbench(ModelSetup("resnet20", "digits")), TrustPlan(masks=8))
+
+
+def test_a_ranking_is_trusted_only_above_the_threshold_and_every_baseline():
+    from sosp_engine.experiments.trust import TRUSTED_SCORE, is_trusted
+
+    assert is_trusted(TRUSTED_SCORE + 0.1, {"magnitude": 0.2, "random": 0.0})
+    assert not is_trusted(TRUSTED_SCORE + 0.1, {"magnitude": TRUSTED_SCORE + 0.2})
+    assert not is_trusted(TRUSTED_SCORE - 0.1, {})
+    assert not is_trusted(float("nan"), {})

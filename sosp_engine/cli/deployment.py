@@ -66,7 +66,7 @@ def cmd_deployment(args: argparse.Namespace) -> dict | None:
             f"--points must be in 2 .. 41 and --repeats at least 1, got {args.points}, {args.repeats}"
         )
     progress_line(f"loading {config.setup.model_spec} on {config.setup.data_spec} ...")
-    wb = open_workbench(config.setup.with_weights(args.weights or config.setup.weights))
+    wb = open_workbench(result.opening_setup(args.weights))
     bar = ProgressLine("deployment")
     grid = DeploymentGrid(runtimes, batches, args.points, str(resolve_device(args.device)), args.repeats)
     table = efficiency_table(wb, order_variants(result, wb.structures, round_to), grid, progress=bar)

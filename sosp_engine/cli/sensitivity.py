@@ -76,7 +76,7 @@ def cmd_trust(args: argparse.Namespace) -> dict:
     if not 0 < args.ratio < 1:
         raise SospError(f"--ratio must be in (0, 1), got {args.ratio}")
     progress_line(f"loading {config.setup.model_spec} on {config.setup.data_spec} ...")
-    wb = open_workbench(config.setup.with_weights(args.weights or config.setup.weights))
+    wb = open_workbench(result.opening_setup(args.weights))
     bar = ProgressLine("trust")
     plan = TrustPlan(args.ratio, args.masks, factor=args.factor)
     report = trust_check(result, wb, plan, Evaluation(args.split, args.samples, device=args.device), bar)
@@ -100,7 +100,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict | None:
     if args.samples is not None and args.samples < 1:
         raise SospError(f"--samples must be positive, got {args.samples}")
     progress_line(f"loading {config.setup.model_spec} on {config.setup.data_spec} ...")
-    wb = open_workbench(config.setup.with_weights(args.weights or config.setup.weights))
+    wb = open_workbench(result.opening_setup(args.weights))
     if args.grid:
         ratios = parse_grid(args.grid)
     else:

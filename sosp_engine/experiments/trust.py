@@ -55,6 +55,11 @@ class TrustReport:
     measured: list[float] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
 
+    @property
+    def trusted(self) -> bool:
+        """Whether its ranking can be trusted: a score of at least TRUSTED_SCORE, above every baseline's."""
+        return is_trusted(self.score, self.baseline_scores)
+
     def to_json(self) -> dict:
         def finite(v: float) -> float | None:
             return None if v is None or math.isnan(v) else v
@@ -113,6 +118,11 @@ def mean_score(families: dict[str, float]) -> float:
 def mask_score(saliency: torch.Tensor, mask: torch.Tensor) -> float:
     """A per-structure method's score of a mask: the sum of its saliencies (its predicted loss increase)."""
     return float(saliency[mask].sum())
+
+
+def is_trusted(score: float, baselines: dict[str, float]) -> bool:
+    """The verdict's rule: a ranking score of at least TRUSTED_SCORE and above the best baseline's."""
+    return not math.isnan(score) and score >= TRUSTED_SCORE and score > max(baselines.values(), default=-math.inf)
 
 
 def _verdict(

@@ -263,6 +263,13 @@ class AnalysisResult:
             return None
         return rounded_stops(self.pruning_order, self.n_prunable, structures, self.config.round_to)
 
+    def opening_setup(self, moved_weights: str | None = None) -> ModelSetup:
+        """The setup that reopens the net these saliencies describe: its checkpoint (`moved_weights` where the file
+        moved), or none for an analysis at initialisation (its seeded init is rebuilt from the seed)."""
+        if self.config.at_init:
+            return self.config.setup.with_weights(None)
+        return self.config.setup.with_weights(moved_weights or self.config.setup.weights)
+
     def order(self, structures: StructureSet) -> Order:
         """The pruning order as a value: keys first pruned first, the prunable count, the stops."""
         return Order(self.ordered_keys(), self.n_prunable, self.stops(structures))
