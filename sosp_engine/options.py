@@ -41,9 +41,11 @@ class Option:
 
     aliases: tuple[str, ...] = ()  # other flags that set it (an earlier or shorter name)
 
+    flag: str = ""  # the flag, where it is not the name's (--model for model_spec)
+
     @property
     def flags(self) -> tuple[str, ...]:
-        return ("--" + self.name.replace("_", "-"), *self.aliases)
+        return (self.flag or "--" + self.name.replace("_", "-"), *self.aliases)
 
     def bounds(self) -> str:
         """'at least 1', 'in (0, 1]', '' : the range in words."""
@@ -75,13 +77,10 @@ class Option:
 
     def described(self) -> str:
         """The help with the range and the default, as a flag or a widget shows it."""
-        shown = (
-            NONE_WORD
-            if self.default is None
-            else " ".join(map(str, self.default))
-            if self.kind is tuple
-            else self.default
-        )
+        shown = self.default
+        if self.kind is tuple:
+            shown = " ".join(map(str, shown))
+        shown = NONE_WORD if shown in (None, "") else shown
         bounds = self.bounds()
         return f"{self.help}{' (' + bounds + ')' if bounds else ''}; default {shown}"
 
@@ -194,4 +193,5 @@ def _option(name: str, kind: Any, default: Any, info: FieldInfo) -> Option:
         high=None if high is None else getattr(high, "le", getattr(high, "lt", None)),
         high_open=isinstance(high, annotated_types.Lt),
         aliases=tuple((info.json_schema_extra or {}).get("aliases", ())),
+        flag=(info.json_schema_extra or {}).get("flag", ""),
     )

@@ -290,3 +290,46 @@ def test_a_knob_declared_on_the_options_reaches_its_methods_kernel_whole(monkeyp
     inputs = AnalysisInputs(wb.model.eval(), wb.structures, x, y, "cross-entropy", 4)
     analysis_module.compute_saliency(inputs, DampedOptions(method="magnitude", damping=0.5), "none")
     assert seen == [0.5]
+
+
+MODEL_VERBS = (
+    "info",
+    "prune",
+    "analyze",
+    "train",
+    "finetune",
+    "expand",
+    "jobs submit",
+    "study submit",
+    "study expand",
+)
+
+
+def test_every_field_of_the_model_setup_is_a_flag_of_every_verb_that_opens_a_model():
+    from sosp_engine.nets.setup import ModelSetup
+
+    for verb in MODEL_VERBS:
+        flags = flags_of(help_of(verb))
+        assert all(option.flags[0] in flags for option in options_of(ModelSetup)), verb
+
+
+def test_the_setup_flags_give_the_setup_they_say():
+    from sosp_engine.nets.setup import ModelSetup
+
+    given = build_parser().parse_args(
+        [
+            "info",
+            "--model",
+            "vgg19",
+            "--data",
+            "synthetic:3,8,8:10",
+            "--weights",
+            "w.pt",
+            "--exclude",
+            "features.0",
+        ]
+        + ["--preset", "none", "--device", "cpu"]
+    )
+    assert cli_args.setup_from(given) == ModelSetup(
+        "vgg19", "synthetic:3,8,8:10", "w.pt", ("features.0",), None, "cpu"
+    )

@@ -91,34 +91,28 @@ def parse_widen(items: list[str]) -> dict[str, float]:
 def add_model_args(
     p: argparse.ArgumentParser, json_out: bool = True, weights_help: str | None = None
 ) -> None:
-    """--model, --data, --weights, --exclude, --preset, --device: the `ModelSetup` of a verb."""
-    p.add_argument(
-        "--model",
-        required=True,
-        help="zoo name (resnet56, resnet32x4, vgg19, densenet40), torchvision:NAME or file.py:factory",
-    )
-    p.add_argument(
-        "--data",
-        default="digits",
-        help="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH | synthetic:C,H,W:K",
-    )
-    p.add_argument(
-        "--weights",
-        default=None,
-        help=weights_help or "checkpoint with a state_dict (loaded with weights_only=True)",
-    )
-    p.add_argument("--exclude", nargs="*", default=[], help="module name patterns never to prune (fnmatch)")
-    p.add_argument(
-        "--preset", default="auto", help="exclusion preset: auto, none, cifar-resnet, torchvision-resnet"
-    )
-    p.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda, cuda:N")
+    """The `ModelSetup` of a verb, a flag per declared field (--model required); `weights_help`: the verb's own
+    words for --weights."""
+    for option in options_of(ModelSetup):
+        kwargs = _flag_kwargs(option) | {"dest": _setup_dest(option)}
+        if option.name == "model_spec":
+            kwargs |= {"required": True, "default": None, "help": option.help}
+        if option.name == "weights" and weights_help:
+            kwargs["help"] = weights_help
+        p.add_argument(*option.flags, **kwargs)
     if json_out:
         p.add_argument("--out", default=None, help="write the JSON result here instead of stdout")
 
 
+def _setup_dest(option: Option) -> str:
+    return option.flags[0][2:].replace("-", "_")  # args.model, args.data: what the verbs read
+
+
 def setup_from(args: argparse.Namespace) -> ModelSetup:
     """The ModelSetup the flags of `add_model_args` give."""
-    return ModelSetup(args.model, args.data, args.weights, list(args.exclude), args.preset, args.device)
+    return ModelSetup(
+        **{option.name: getattr(args, _setup_dest(option)) for option in options_of(ModelSetup)}
+    )
 
 
 # The one reviewed list of declared options a verb that runs that kind of work does not offer, and why; each verb's

@@ -122,7 +122,11 @@ def mask_score(saliency: torch.Tensor, mask: torch.Tensor) -> float:
 
 def is_trusted(score: float, baselines: dict[str, float]) -> bool:
     """The verdict's rule: a ranking score of at least TRUSTED_SCORE and above the best baseline's."""
-    return not math.isnan(score) and score >= TRUSTED_SCORE and score > max(baselines.values(), default=-math.inf)
+    return (
+        not math.isnan(score)
+        and score >= TRUSTED_SCORE
+        and score > max(baselines.values(), default=-math.inf)
+    )
 
 
 def _verdict(

@@ -7,9 +7,9 @@ import dataclasses
 import functools
 import json
 from dataclasses import dataclass
-from typing import Any, TypeVar, get_type_hints
+from typing import Annotated, Any, TypeVar, get_type_hints
 
-from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
 from ..errors import SospError
 from ..options import first_fault
@@ -46,12 +46,45 @@ class ModelSetup:
     holds module-name patterns never pruned, `preset` a named exclusion set ('auto': the paper's for the model).
     """
 
-    model_spec: str = "resnet20"
-    data_spec: str = "digits"
-    weights: str | None = None
-    exclude: tuple[str, ...] = ()
-    preset: str | None = "auto"
-    device: str = "auto"
+    model_spec: Annotated[
+        str,
+        Field(
+            json_schema_extra={"flag": "--model"},
+            title="Model spec",
+            description="zoo name (resnet20/32/56/110, x2, :widths=16,32,128, vgg19, densenet40), torchvision:NAME, "
+            "timm:NAME or file.py:factory",
+        ),
+    ] = "resnet20"
+    data_spec: Annotated[
+        str,
+        Field(
+            json_schema_extra={"flag": "--data"},
+            title="Data spec",
+            description="digits | cifar10:PATH | cifar100:PATH | imagefolder:PATH | synthetic:C,H,W:K",
+        ),
+    ] = "digits"
+    weights: Annotated[
+        str | None,
+        Field(
+            title="Weights",
+            description="a checkpoint: a state_dict, {'state_dict': ...}, {'model': ...} or a pruned checkpoint "
+            "(loaded with weights_only=True); none: a random init",
+        ),
+    ] = None
+    exclude: Annotated[
+        tuple[str, ...],
+        Field(title="Never pruned", description="module name patterns never to prune (fnmatch)"),
+    ] = ()
+    preset: Annotated[
+        str | None,
+        Field(
+            title="Exclusion preset",
+            description="auto (the paper's for the model), none, cifar-resnet or torchvision-resnet",
+        ),
+    ] = "auto"
+    device: Annotated[
+        str, Field(title="Device", description="auto (a GPU where there is one), cpu, cuda or cuda:N")
+    ] = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(
