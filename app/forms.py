@@ -76,6 +76,13 @@ def form_values(cls: type, prefix: str, names: set[str] | None = None) -> dict[s
     return values
 
 
+def show_values(config: object, prefix: str, names: set[str]) -> None:
+    """Put the values of `config`'s options in `names` into their widgets (drawn afterwards with `option_input`)."""
+    for option in options_of(type(config)):
+        if option.name in names:
+            st.session_state[f"{prefix}-{option.name}"] = _shown(option, getattr(config, option.name))
+
+
 def _shown(option: Option, value: Any) -> Any:
     """A value as its widget holds it (text for the options typed as text)."""
     if option.kind is tuple:

@@ -3,7 +3,7 @@
 from pathlib import Path
 import streamlit as st
 
-from app.forms import form_values, more_options, option_input
+from app.forms import form_values, more_options, option_input, show_values
 
 from app.text import plain, count_text
 
@@ -29,7 +29,15 @@ from sosp_engine.experiments.training import TrainConfig, evaluate
 from sosp_engine.nets.setup import ModelSetup
 from sosp_engine.shown import terminal_text
 
-FORM_KEYS = ("model-spec", "model-data", "model-weights", "model-path")
+SETUP_LAID_OUT = {"model_spec", "data_spec", "weights"}
+SETUP_MORE = {"exclude", "preset", "device"}  # under "More model options"
+FORM_KEYS = (
+    "model-spec",
+    "model-data",
+    "model-weights",
+    "model-path",
+    *(f"model-setup-{n}" for n in SETUP_MORE),
+)
 
 
 def weights_choices(trained: list[dict]) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
@@ -64,6 +72,7 @@ def show_loaded_choice(choice: ModelSetup, stored: dict[str, str]) -> None:
         st.session_state["model-path"] = (
             choice.weights if st.session_state["model-weights"] == "checkpoint path" else ""
         )
+        show_values(choice, "model-setup", SETUP_MORE)
 
 
 def load_form(choice: ModelSetup, stored: dict[str, str], made_for: dict) -> None:
@@ -98,13 +107,15 @@ def load_form(choice: ModelSetup, stored: dict[str, str], made_for: dict) -> Non
             "... or upload a checkpoint (.pt / .pth, a state_dict; loaded with weights_only=True)",
             type=["pt", "pth"],
         )
+        more_options(st, ModelSetup, "Model page", SETUP_LAID_OUT, "model-setup", "More model options")
         if is_user_code(model_spec):
             st.warning(USER_CODE_WARNING)
         if st.form_submit_button("Load model", type="primary"):
             weights = chosen_weights(source, path, upload)
-            wanted = fitting_weights(
-                ModelSetup(model_spec.strip(), data_spec.strip(), weights), source, stored, made_for
-            )
+            with user_errors("Reading the model options"):
+                rest = form_values(ModelSetup, "model-setup", SETUP_MORE)
+            wanted = ModelSetup(model_spec.strip(), data_spec.strip(), weights, **rest)
+            wanted = fitting_weights(wanted, source, stored, made_for)
             st.session_state["pending_choice"] = wanted
 
 

@@ -333,3 +333,14 @@ def test_the_setup_flags_give_the_setup_they_say():
     assert cli_args.setup_from(given) == ModelSetup(
         "vgg19", "synthetic:3,8,8:10", "w.pt", ("features.0",), None, "cpu"
     )
+
+
+def test_the_model_pages_more_options_load_a_setup_with_exclusions(tmp_path, monkeypatch):
+    at = open_page("model", tmp_path / "ws", monkeypatch)
+    before = next(m for m in at.metric if m.label == "Structures").value
+    next(w for w in at.text_input if w.label == "Never pruned").set_value("layer3.*")
+    next(w for w in at.button if w.label == "Load model").click().run()
+    assert not at.exception and not at.error
+    after = next(m for m in at.metric if m.label == "Structures").value
+    assert int(after.replace(",", "")) < int(before.replace(",", ""))
+    assert next(w for w in at.text_input if w.label == "Never pruned").value == "layer3.*"  # the form shows it
