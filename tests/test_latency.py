@@ -312,3 +312,28 @@ def test_a_new_analysis_written_into_a_folder_drops_the_profile_timed_along_the_
     profile().save(tmp_path / "latency.json")
     result.save(tmp_path)
     assert not (tmp_path / "latency.json").exists()
+
+
+def test_a_latency_target_gives_a_job_the_same_mask_as_analyze(tmp_path, quiet_machine):
+    from conftest import ROOT
+    from sosp_engine.experiments.procedures import Experiment, ExperimentConfig
+    from sosp_engine.experiments.training import TrainConfig
+
+    demo = str(ROOT / "assets" / "demo" / "resnet20-digits.pt")
+    argv = ["analyze", "--model", "resnet20", "--weights", demo, "--method", "magnitude", "--samples", "8"]
+    argv += ["--unit", "latency", "--ratio", "0.3", "--latency-device", "cpu", "--device", "cpu"]
+    assert main(argv + ["--out", str(tmp_path / "cli")]) == 0
+    job = ExperimentConfig(
+        procedure="train-prune",
+        setup=ModelSetup("resnet20", "digits", demo, device="cpu"),
+        training=TrainConfig(epochs=0),
+        analysis=AnalysisConfig(method="magnitude", samples=8).options(),
+        finetune_epochs=0,
+        ratio=0.3,
+        unit="latency",
+    )
+    Experiment(job, tmp_path / "job").run()
+    cli_mask = json.loads((tmp_path / "cli" / "mask.json").read_text())["pruned"]
+    assert cli_mask and sorted(json.loads((tmp_path / "job" / "mask.json").read_text())["pruned"]) == sorted(
+        cli_mask
+    )

@@ -343,4 +343,6 @@ def test_the_model_pages_more_options_load_a_setup_with_exclusions(tmp_path, mon
     assert not at.exception and not at.error
     after = next(m for m in at.metric if m.label == "Structures").value
     assert int(after.replace(",", "")) < int(before.replace(",", ""))
-    assert next(w for w in at.text_input if w.label == "Never pruned").value == "layer3.*"  # the form shows it
+    assert (
+        next(w for w in at.text_input if w.label == "Never pruned").value == "layer3.*"
+    )  # the form shows it
