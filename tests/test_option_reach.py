@@ -346,3 +346,19 @@ def test_the_model_pages_more_options_load_a_setup_with_exclusions(tmp_path, mon
     assert (
         next(w for w in at.text_input if w.label == "Never pruned").value == "layer3.*"
     )  # the form shows it
+
+
+@pytest.mark.parametrize(
+    ("cls", "field", "value"),
+    [
+        (AnalysisOptions, "cap", 1.5),
+        (AnalysisOptions, "normalize", "flops"),
+        (AnalysisOptions, "samples", "many"),
+        (TrainConfig, "momentum", -0.1),
+        (TrainConfig, "milestones", [0.5, 2.0]),
+    ],
+)
+def test_a_hand_edited_stored_config_with_a_bad_value_is_refused_naming_the_field(cls, field, value):
+    stored = {**dataclasses.asdict(cls()), field: value}
+    with pytest.raises(SospError, match=rf"a stored {cls.__name__} has a wrong value at {field}"):
+        config_from_dict(cls, stored)
