@@ -25,7 +25,7 @@ from ..latency.profile import (
     LatencyProfile,
     LatencyTiming,
     compare_latency,
-    stored_profile,
+    mask_at_target,
 )
 from ..nets.data import load_data
 from ..nets.onnx_export import save_onnx
@@ -335,8 +335,11 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     bar.close()
     out = Path(args.out_dir)
     result.save(out)
-    latency = latency_profile(args, wb, result, out) if args.unit == LATENCY_UNIT else None
-    mask = result.mask(wb.structures, args.ratio, args.unit, latency)
+    bar = ProgressLine("latency profile") if args.unit == LATENCY_UNIT else None
+    timing = LatencyTiming.of(result.config, args.device, args.latency_points)
+    mask, latency = mask_at_target(result, wb, out, args.ratio, args.unit, timing, bar)
+    if bar is not None:
+        bar.close()
     save_mask(out / "mask.json", wb.structures, mask, method=args.method, ratio=args.ratio, unit=args.unit)
     table = layer_table(wb.structures, mask)
     write_safe_csv(table, out / "layers.csv")
@@ -380,15 +383,6 @@ def print_latency(args: argparse.Namespace, wb: Workbench, mask: set[str], laten
         f"{1000 * measured.seconds:.3f} ms, measured {measured.change()} "
         f"(target {args.ratio:.1%} faster, predicted {1 - float(latency.predict(len(mask))):.1%} faster)"
     )
-
-
-def latency_profile(args: argparse.Namespace, wb, result: AnalysisResult, out: Path) -> LatencyProfile:
-    """The analysis's latency profile in OUT/latency.json: timed along its order, refined at --ratio."""
-    bar = ProgressLine("latency profile")
-    timing = LatencyTiming.of(result.config, args.device, args.latency_points)
-    profile = stored_profile(result, wb, out, timing, [args.ratio], progress=bar)
-    bar.close()
-    return profile
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..atomic import read_json, save_atomically, write_json_atomically
 from ..errors import AnalysisError
-from ..latency.profile import LATENCY_UNIT, LatencyTiming, stored_profile
+from ..latency.profile import LATENCY_UNIT, LatencyTiming, mask_at_target
 from ..nets import load_weights
 from ..nets.data import DataBundle, example_input, load_data
 from ..nets.setup import ModelSetup, stored_config
@@ -312,19 +312,10 @@ class Experiment(ResumableRun):
         if self.config.target_params is not None:
             total = structures.counts()[0]
             ratio, unit = max(0.0, 1 - self.config.target_params / total), "params"
-        latency = (
-            stored_profile(
-                result,
-                workbench,
-                self.folder / "analysis",
-                LatencyTiming.of(result.config, "cpu"),
-                [ratio],
-                should_stop=self.should_stop,
-            )
-            if unit == LATENCY_UNIT
-            else None
+        timing = LatencyTiming.of(result.config, "cpu")
+        mask, _ = mask_at_target(
+            result, workbench, self.folder / "analysis", ratio, unit, timing, should_stop=self.should_stop
         )
-        mask = result.mask(structures, ratio, unit, latency)
         save_mask(
             self.folder / "mask.json",
             structures,

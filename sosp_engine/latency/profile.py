@@ -472,9 +472,32 @@ def stored_profile(
 
 
 def latency_mask(
-    result, workbench, folder: str | Path, target: float, timing: LatencyTiming, should_stop: StopFn = None
+    result,
+    workbench,
+    folder: str | Path,
+    target: float,
+    timing: LatencyTiming,
+    progress: ProgressFn = None,
+    should_stop: StopFn = None,
 ) -> tuple[set[str], LatencyProfile]:
     """The mask of an analysis at a latency target, from its stored profile (measured and refined there first where
     needed): the one way every front end gets it, so one target gives one mask."""
-    profile = stored_profile(result, workbench, folder, timing, [target], should_stop=should_stop)
+    profile = stored_profile(result, workbench, folder, timing, [target], progress, should_stop)
     return result.mask(workbench.structures, target, LATENCY_UNIT, profile), profile
+
+
+def mask_at_target(
+    result,
+    workbench,
+    folder: str | Path,
+    ratio: float,
+    unit: str,
+    timing: LatencyTiming,
+    progress: ProgressFn = None,
+    should_stop: StopFn = None,
+) -> tuple[set[str], LatencyProfile | None]:
+    """The mask of an analysis stored in `folder` at `ratio` of `unit`, with the latency profile a latency target
+    was met on (None for the other units): the one way the CLI and jobs cut an analysis's mask."""
+    if unit != LATENCY_UNIT:
+        return result.mask(workbench.structures, ratio, unit), None
+    return latency_mask(result, workbench, folder, ratio, timing, progress, should_stop)
