@@ -162,8 +162,8 @@ def test_a_tiny_study_launches_from_the_studies_page_and_charts_its_cells(server
             box = page.get_by_role("textbox", name=label)
             box.fill(value)
             box.press("Enter")
-        for label, value in (("Training epochs", "1"), ("Fine-tuning epochs", "0"), ("N' samples", "20")):
-            box = page.get_by_role("spinbutton", name=label)
+        for label, value in (("Epochs", "1"), ("Fine-tuning epochs", "0"), ("Samples N'", "20")):
+            box = page.get_by_role("spinbutton", name=label, exact=True)
             box.fill(value)
             box.press("Enter")
             expect(box).to_have_value(value, timeout=30_000)
