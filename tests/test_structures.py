@@ -157,3 +157,26 @@ def test_a_graph_torch_pruning_cannot_trace_is_a_clear_error(monkeypatch, failur
     monkeypatch.setattr(tp.DependencyGraph, "build_dependency", untraceable)
     with pytest.raises(MaskError, match="torch-pruning cannot trace this model's channel couplings"):
         find_structures(build_model("resnet20", 10, 3), torch.randn(1, 3, 8, 8))
+
+
+class SpatialGate(nn.Module):
+    """CBAM's spatial gate: one channel from the mean and max over channels, broadcast over the whole stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, 7, padding=3)
+
+    def forward(self, x):
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+        return x * torch.sigmoid(self.conv(pooled))
+
+
+def test_channels_no_structure_holds_are_named_with_why_never_dropped_silently():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), SpatialGate(), nn.Conv2d(8, 16, 3), nn.Flatten(), nn.LazyLinear(4)
+    )
+    example = torch.randn(1, 3, 12, 12)
+    model(example)
+    structures = find_structures(model.eval(), example)
+    assert "7 of its 8 output channels belong to no structure" in structures.unprunable["0"]
+    assert "2.conv" in structures.unprunable["0"]

@@ -715,6 +715,37 @@ def _layer_of_group(
     return layer, slices, consumed, removal
 
 
+def _channels_in_no_structure(
+    model: nn.Module, names: dict, ignored: list, traced_groups: list[TracedGroup], unprunable: dict[str, str]
+) -> dict[str, str]:
+    """Producers some of whose output channels no traced structure holds (a coupling the graph cannot follow, such as
+    a one-channel gate broadcast over a stream): those channels are kept, and each such producer is named with why."""
+    covered: dict[str, set[int]] = {}
+    roots: dict[str, str] = {}
+    for traced in traced_groups:
+        for name, (idxs, _) in traced.producers.items():
+            covered.setdefault(name, set()).update(idxs)
+            roots.setdefault(name, traced.root)
+    found = {}
+    for module, name in names.items():
+        if (
+            not isinstance(module, PRODUCER_TYPES)
+            or module in ignored
+            or name in unprunable
+            or name not in covered
+        ):
+            continue
+        channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        left = channels - len(covered[name] & set(range(channels)))
+        if left > 0:
+            found[name] = (
+                f"{left} of its {channels} output channels belong to no structure: the traced graph couples it with "
+                f"{roots[name]} and cannot follow the rest (an op without a channel rule, e.g. a gate broadcast over "
+                "the channels); they are never pruned"
+            )
+    return found
+
+
 def traced_structures(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -761,6 +792,7 @@ def traced_structures(
     for name, m in model.named_modules():  # their own output channels: listed, never silently left out
         if isinstance(m, TRANSPOSED_TYPES) and m.groups > 1 and m not in ignored:
             unprunable.setdefault(name, GROUPED_TRANSPOSED_REASON)
+    unprunable.update(_channels_in_no_structure(model, names, ignored, traced_groups, unprunable))
     if not traced_groups:
         why = "; ".join(f"{name}: {reason}" for name, reason in unprunable.items())
         raise MaskError(
