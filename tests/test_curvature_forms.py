@@ -110,18 +110,17 @@ def test_a_float32_net_gives_the_same_saliencies_in_either_form_to_1e_6_and_the_
     assert torch.equal(greedy_order(matrix, inputs.structures)[0], greedy_order(factor, inputs.structures)[0])
 
 
-def test_the_factor_is_chosen_where_it_has_fewer_rows_than_structures():
+def test_the_matrix_is_chosen_wherever_it_fits_for_it_ranks_fastest():
     form = choose_form(10_000, samples=32, per_sample=16, device=torch.device("cpu"))
-    assert form.name == "factor" and form.bytes < 10_000 * 10_000 * 8
-    assert "R = 512 rows (N' = 32 x 16) over S = 10,000 structures: the S x S matrix would take 763 MiB" in (
-        form.describe()
-    )
-
-
-def test_the_matrix_is_chosen_where_the_factor_would_be_no_smaller():
-    form = choose_form(2_000, samples=1000, per_sample=9, device=torch.device("cpu"))
     assert form.name == "matrix" and form.dtype == torch.float64
-    assert "the factor would take" in form.reason
+    assert "R = 512 rows (N' = 32 x 16) over S = 10,000 structures: the matrix fits the free memory" in form.reason
+
+
+def test_the_factor_is_chosen_where_the_matrix_does_not_fit(monkeypatch):
+    monkeypatch.setattr(curvature, "available_memory", lambda device: 700 * MiB)
+    form = choose_form(10_000, samples=32, per_sample=16, device=torch.device("cpu"))
+    assert form.name == "factor" and form.bytes < 10_000 * 10_000 * 4
+    assert "the S x S matrix would take 381 MiB even in float32, more than the 304 MiB free" in form.describe()
 
 
 def test_the_matrix_is_kept_in_float32_where_only_that_fits(monkeypatch):
@@ -150,7 +149,7 @@ def test_a_form_can_be_asked_for_and_an_unknown_one_is_refused():
 def test_an_analysis_states_which_form_ran_and_why_and_keeps_it_when_reopened(tmp_path):
     wb = open_workbench(ModelSetup("resnet20", "digits"))
     result = run_analysis(wb, AnalysisConfig(method="sosp-i", samples=8, batch_size=4))
-    assert result.curvature_form.startswith("Gauss-Newton matrix kept as its R x S factor")
+    assert result.curvature_form.startswith("Gauss-Newton matrix kept as the S x S matrix")
     assert "R = 72 rows (N' = 8 x 9) over S = " in result.curvature_form
     reopened = type(result).load(result.save(tmp_path / "analysis"))
     assert reopened.curvature_form == result.curvature_form
@@ -170,13 +169,13 @@ def test_a_stored_analysis_lists_the_form_for_the_dashboard(tmp_path):
 def test_an_analysis_in_either_form_gives_the_same_order(monkeypatch):
     wb = open_workbench(ModelSetup("resnet20", "digits"))
     config = AnalysisConfig(method="sosp-i", samples=8, batch_size=4)
-    factor = run_analysis(wb, config)
+    matrix = run_analysis(wb, config)
     chosen = curvature.choose_form
     monkeypatch.setattr(
         "sosp_engine.saliency.analysis.choose_form",
-        lambda *args, **kwargs: chosen(*args, **kwargs, forced="matrix"),
+        lambda *args, **kwargs: chosen(*args, **kwargs, forced="factor"),
     )
-    matrix = run_analysis(wb, config)
-    assert matrix.curvature_form.startswith("Gauss-Newton matrix kept as the S x S matrix")
+    factor = run_analysis(wb, config)
+    assert factor.curvature_form.startswith("Gauss-Newton matrix kept as its R x S factor")
     torch.testing.assert_close(factor.saliency, matrix.saliency, rtol=1e-6, atol=0)
     assert factor.n_prunable == matrix.n_prunable

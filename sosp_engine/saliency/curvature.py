@@ -41,8 +41,10 @@ class CurvatureForm:
 def choose_form(
     s_count: int, samples: int, per_sample: int, device: torch.device, forced: str | None = None
 ) -> CurvatureForm:
-    """The smaller of the S x S matrix (float64, or float32 where only that fits) and the factor with the rows of Q it
-    forms at a time; `forced` picks one, if it fits.
+    """The S x S matrix (float64, or float32 where only that fits) where it fits the free memory, else the factor with
+    the rows of Q it forms at a time; `forced` picks one, if it fits. The matrix ranks faster wherever it fits: its
+    Gram is one product and a greedy step reads one row, while the factor forms rows of Q again at every miss (2.3x
+    slower on ViT-B/16, `docs/benchmarks.md`); the factor is for the nets whose matrix does not fit.
 
     R = `samples` x `per_sample` rows over S = `s_count` structures. Fails before any work, naming both sizes, the
     free memory and what to change, where neither fits."""
@@ -59,7 +61,9 @@ def choose_form(
     factor = factor_bytes(rows, s_count)
     if factor <= free:
         fitting.append(CurvatureForm("factor", torch.float32, factor, ""))
-    chosen = [f for f in fitting if f.name == forced] if forced else sorted(fitting, key=lambda f: f.bytes)
+    chosen = (
+        [f for f in fitting if f.name == forced] if forced else fitting
+    )  # the matrix first, where it fits
     if not chosen:
         need = s_count * s_count * 4 if forced == "matrix" else factor
         what = "S x S matrix" if forced == "matrix" else f"R x S factor ({sizes})"
@@ -69,14 +73,17 @@ def choose_form(
             else " Fewer samples (--samples) or sampled labels (--mc-labels K) shorten R."
         )
         raise AnalysisError(_refusal(s_count, need, what, device) + advice)
-    form, other = chosen[0], next((f for f in fitting if f is not chosen[0]), None)
+    form = chosen[0]
     if forced:
         why = f"asked for; {sizes}"
-    elif other is None:
-        why = f"{sizes}: the other form does not fit in the free memory"
+    elif form.name == "matrix":
+        why = f"{sizes}: the matrix fits the free memory and ranks fastest (the factor would take " + (
+            f"{factor / 2**20:,.0f} MiB, but forms rows of Q again at every greedy step it misses)"
+        )
     else:
-        why = f"{sizes}: the {'factor' if other.name == 'factor' else 'S x S matrix'} would take " + (
-            f"{other.bytes / 2**20:,.0f} MiB"
+        why = (
+            f"{sizes}: the S x S matrix would take {s_count * s_count * 4 / 2**20:,.0f} MiB even in float32, "
+            + (f"more than the {max(free, 0) / 2**20:,.0f} MiB free")
         )
     return CurvatureForm(form.name, form.dtype, form.bytes, why)
 
