@@ -31,6 +31,10 @@ from sosp_engine.cli.args import parse_numbers
 from sosp_engine.shown import terminal_text
 
 
+SETUP_LAID_OUT = {"model_spec", "data_spec", "weights"}
+SETUP_MORE = {"exclude", "preset", "device"}  # under "More model options"
+
+
 def launch_section() -> None:
     """The method study's settings (every declared training and analysis option offered) and Launch."""
     choice = current_choice()
@@ -74,13 +78,14 @@ def launch_section() -> None:
         finetune = cols[1].number_input("Fine-tuning epochs", 0, 1000, key=kept("study-finetune", 5))
         option_input(cols[2], AnalysisOptions, "samples", "study-analysis", default=500)
         name = cols[3].text_input("Name", key=kept("study-name", ""))
-        cols = st.columns(2)
+        cols = st.columns(3)
+        more_options(cols[0], ModelSetup, "Studies page", SETUP_LAID_OUT, "study-setup", "More model options")
         more_options(
-            cols[0], TrainConfig, "Studies page", {"epochs"}, "study-training", "More training options"
+            cols[1], TrainConfig, "Studies page", {"epochs"}, "study-training", "More training options"
         )
         laid_out = {"samples", "latency_runtime"}
         more_options(
-            cols[1], AnalysisOptions, "Studies page", laid_out, "study-analysis", "More analysis options"
+            cols[2], AnalysisOptions, "Studies page", laid_out, "study-analysis", "More analysis options"
         )
         confirmed = code_confirmed(model_spec.strip(), "The study's model spec")
         if st.button(
@@ -88,7 +93,12 @@ def launch_section() -> None:
         ):
             with user_errors("Launching the study", stop=False):
                 config = StudyConfig(
-                    setup=ModelSetup(model_spec.strip(), data_spec, weights.strip() or None),
+                    setup=ModelSetup(
+                        model_spec.strip(),
+                        data_spec,
+                        weights.strip() or None,
+                        **form_values(ModelSetup, "study-setup", SETUP_MORE),
+                    ),
                     methods=methods,
                     targets=parse_numbers(float, targets_text, "Targets"),
                     unit=unit,

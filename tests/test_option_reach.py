@@ -362,3 +362,9 @@ def test_a_hand_edited_stored_config_with_a_bad_value_is_refused_naming_the_fiel
     stored = {**dataclasses.asdict(cls()), field: value}
     with pytest.raises(SospError, match=rf"a stored {cls.__name__} has a wrong value at {field}"):
         config_from_dict(cls, stored)
+
+
+@pytest.mark.parametrize("page", ["model", "studies"])
+def test_the_pages_that_open_a_model_offer_every_field_of_its_setup(page, tmp_path, monkeypatch):
+    shown = labels(open_page(page, tmp_path / "ws", monkeypatch))
+    assert {"Never pruned", "Exclusion preset", "Device"} <= shown
