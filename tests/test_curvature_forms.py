@@ -113,14 +113,19 @@ def test_a_float32_net_gives_the_same_saliencies_in_either_form_to_1e_6_and_the_
 def test_the_matrix_is_chosen_wherever_it_fits_for_it_ranks_fastest():
     form = choose_form(10_000, samples=32, per_sample=16, device=torch.device("cpu"))
     assert form.name == "matrix" and form.dtype == torch.float64
-    assert "R = 512 rows (N' = 32 x 16) over S = 10,000 structures: the matrix fits the free memory" in form.reason
+    assert (
+        "R = 512 rows (N' = 32 x 16) over S = 10,000 structures: the matrix fits the free memory"
+        in form.reason
+    )
 
 
 def test_the_factor_is_chosen_where_the_matrix_does_not_fit(monkeypatch):
     monkeypatch.setattr(curvature, "available_memory", lambda device: 700 * MiB)
     form = choose_form(10_000, samples=32, per_sample=16, device=torch.device("cpu"))
     assert form.name == "factor" and form.bytes < 10_000 * 10_000 * 4
-    assert "the S x S matrix would take 381 MiB even in float32, more than the 304 MiB free" in form.describe()
+    assert (
+        "the S x S matrix would take 381 MiB even in float32, more than the 304 MiB free" in form.describe()
+    )
 
 
 def test_the_matrix_is_kept_in_float32_where_only_that_fits(monkeypatch):

@@ -173,7 +173,12 @@ class SpatialGate(nn.Module):
 
 def test_channels_no_structure_holds_are_named_with_why_never_dropped_silently():
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), SpatialGate(), nn.Conv2d(8, 16, 3), nn.Flatten(), nn.LazyLinear(4)
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        SpatialGate(),
+        nn.Conv2d(8, 16, 3),
+        nn.Flatten(),
+        nn.LazyLinear(4),
     )
     example = torch.randn(1, 3, 12, 12)
     model(example)
