@@ -38,9 +38,7 @@ class Option:
     low_open: bool = False  # the low bound itself is not allowed
     high: float | None = None
     high_open: bool = False
-
     aliases: tuple[str, ...] = ()  # other flags that set it (an earlier or shorter name)
-
     flag: str = ""  # the flag, where it is not the name's (--model for model_spec)
 
     @property
