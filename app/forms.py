@@ -9,6 +9,7 @@ from typing import Any, Callable
 import streamlit as st
 
 from app.state import kept
+from app.text import plain
 from sosp_engine.experiments.front_ends import not_offered
 from sosp_engine.options import NONE_WORD, Option, option_named, options_of
 
@@ -52,16 +53,13 @@ def more_options(
     """An expander with a widget for every declared option of `cls` the page neither laid out nor leaves out (so a
     new option reaches the form), and the reviewed list of those it leaves out, with the reasons."""
     skipped = not_offered(cls, front_end)
-    with container.expander(label):
+    with container.expander(plain(label)):
         for option in options_of(cls):
             if option.name not in laid_out and option.name not in skipped:
                 option_input(st, cls, option.name, prefix)
         if skipped:
-            st.caption(
-                "Not offered here: "
-                + "; ".join(f"{o.title}: {skipped[o.name]}" for o in options_of(cls) if o.name in skipped)
-                + "."
-            )
+            reasons = "; ".join(f"{o.title}: {skipped[o.name]}" for o in options_of(cls) if o.name in skipped)
+            st.caption(plain(f"Not offered here: {reasons}."))
 
 
 def form_values(cls: type, prefix: str, names: set[str] | None = None) -> dict[str, Any]:

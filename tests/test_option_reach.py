@@ -237,7 +237,7 @@ def test_a_new_training_knob_reaches_the_forms_that_launch_trainings(page, tmp_p
 
 def test_a_page_names_the_options_it_leaves_out_with_the_reasons(tmp_path, monkeypatch):
     at = open_page("studies", tmp_path / "ws", monkeypatch)
-    captions = " ".join(c.value for c in at.caption)
+    captions = re.sub(r"\\(.)", r"\1", " ".join(c.value for c in at.caption))  # as shown: escapes removed
     assert "Not offered here: Method: the study runs every method chosen under Methods" in captions
 
 
