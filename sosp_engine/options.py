@@ -105,10 +105,16 @@ def option_named(cls: type, name: str) -> Option:
     return next(option for option in options_of(cls) if option.name == name)
 
 
+def read_config(cls: type, data: dict[str, Any]) -> Any:
+    """A config of class `cls` from its fields' values as JSON holds them, each checked against its declaration
+    (pydantic's ValidationError where one is not allowed)."""
+    return _adapter(cls).validate_json(json.dumps(data, default=str))
+
+
 def check_config(config: object, error: type[Exception]) -> None:
     """Raise `error` naming the first field of `config` whose value its declaration does not allow."""
     try:
-        _adapter(type(config)).validate_json(json.dumps(dataclasses.asdict(config), default=str))
+        read_config(type(config), dataclasses.asdict(config))
     except ValidationError as exc:
         raise error(f"the {type(config).__name__} {first_fault(exc)}") from None
 

@@ -115,8 +115,6 @@ def setup_from(args: argparse.Namespace) -> ModelSetup:
     )
 
 
-# The one reviewed list of declared options a verb that runs that kind of work does not offer, and why; each verb's
-# --help ends with its list.
 TRAINING_DEST = "train_"  # training flags land as train_* so they never mix with the analysis options
 
 

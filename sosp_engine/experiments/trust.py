@@ -121,12 +121,9 @@ def mask_score(saliency: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def is_trusted(score: float, baselines: dict[str, float]) -> bool:
-    """The verdict's rule: a ranking score of at least TRUSTED_SCORE and above the best baseline's."""
-    return (
-        not math.isnan(score)
-        and score >= TRUSTED_SCORE
-        and score > max(baselines.values(), default=-math.inf)
-    )
+    """The verdict's rule: a ranking score of at least TRUSTED_SCORE, above the best baseline's where there is one."""
+    best = max(baselines.values(), default=None)
+    return not (math.isnan(score) or score < TRUSTED_SCORE) and not (best is not None and score <= best)
 
 
 def _verdict(
@@ -137,12 +134,12 @@ def _verdict(
         f"{method} ranks masks of one size with Spearman {score:.2f} (mean over random and near-order masks) against "
         "the measured loss increase" + (f" ({best[0]}: {best[1]:.2f})" if best[0] else "")
     )
-    if math.isnan(score) or score < TRUSTED_SCORE:
-        trust = "do not rely on its ranking on this net"
-    elif best[0] and score <= best[1]:
-        trust = f"it ranks well, but no better than {best[0]}: second order adds nothing here"
-    else:
+    if is_trusted(score, baselines):
         trust = "its ranking can be trusted"
+    elif math.isnan(score) or score < TRUSTED_SCORE:
+        trust = "do not rely on its ranking on this net"
+    else:
+        trust = f"it ranks well, but no better than {best[0]}: second order adds nothing here"
     band = (
         f"its predicted increase is within {factor:g}x of the measured one at "
         + ", ".join(f"{r:.0%}" for r in holds_at)

@@ -130,13 +130,24 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+WEIGHTED_LAYERS = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
 def zero_layers(model: nn.Module) -> list[str]:
     """The linear and conv layers whose weight (and bias) are all zero: such a layer passes no gradient back, as
     torchvision's ViT heads at their initialisation."""
     return [
         name
         for name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+        if isinstance(m, WEIGHTED_LAYERS)
         and not bool(m.weight.any())
         and (m.bias is None or not bool(m.bias.any()))
     ]

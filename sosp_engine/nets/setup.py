@@ -4,15 +4,13 @@ every config that needs a model, and how a config is read back from its stored J
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar, get_type_hints
 
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
+from pydantic import ConfigDict, Field, ValidationError, with_config
 
 from ..errors import SospError
-from ..options import first_fault
+from ..options import first_fault, read_config
 
 Config = TypeVar("Config")
 
@@ -101,11 +99,6 @@ class ModelSetup:
         return dataclasses.replace(self, weights=weights)
 
 
-@functools.cache
-def _reader(cls: type[Config]) -> TypeAdapter:
-    return TypeAdapter(cls)
-
-
 def config_from_dict(cls: type[Config], data: dict[str, Any]) -> Config:
     """A config dataclass from its stored dict, its values checked against their declared types (an error names the
     field, e.g. `training.epochs`); nested configs are rebuilt too.
@@ -115,7 +108,7 @@ def config_from_dict(cls: type[Config], data: dict[str, Any]) -> Config:
     """
     nested = _nested(cls, data)
     try:
-        return _reader(cls).validate_json(json.dumps(nested, default=str))
+        return read_config(cls, nested)
     except ValidationError as exc:
         raise SospError(f"a stored {cls.__name__} {first_fault(exc)}") from None
 

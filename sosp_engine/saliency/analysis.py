@@ -17,7 +17,7 @@ from torch import nn
 from ..atomic import MAX_JSON_FILE_BYTES, load_verified, read_regular, save_atomically, write_json_atomically
 from ..devices import full_float32, resolve_device
 from ..errors import AnalysisError, CheckpointError, SospError, is_out_of_memory
-from ..latency.layers import measure_layer_latency
+from ..latency.layers import LAYER_TIMING, measure_layer_latency
 from ..latency.profile import LATENCY_UNIT, PROFILE_NAME, LatencyProfile, LatencyTiming, Order
 from ..latency.runtimes import EAGER, RUNTIMES
 from ..nets import weights_fingerprint, zero_layers
@@ -600,7 +600,7 @@ def _latency_costs(
         model,
         workbench.structures,
         workbench.example,
-        replace(LatencyTiming.of(config, config.setup.device), warmup=2),
+        replace(LatencyTiming.of(config, config.setup.device), warmup=LAYER_TIMING.warmup),
         lambda f, m: report(progress, 0.0, m),
         should_stop,
     )
