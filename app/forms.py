@@ -3,6 +3,7 @@ default from the declaration), and the config the form's values give."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -37,12 +38,15 @@ def option_input(
     elif option.nullable or option.words or option.kind is tuple:
         container.text_input(**common)  # a number, a word ("auto", "none") or a list: read by the declaration
     elif option.kind in (int, float):
-        step = 1 if option.kind is int else 0.05
-        low = None if option.low is None else option.kind(option.low + (step if option.low_open else 0))
-        high = None if option.high is None else option.kind(option.high - (step if option.high_open else 0))
+        # closed bounds only: an open one (a learning rate above 0) is checked by the declaration when submitted
+        low = None if option.low is None or option.low_open else option.kind(option.low)
+        high = None if option.high is None or option.high_open else option.kind(option.high)
         if option.kind is int:  # the browser holds numbers as doubles
             high = min(high, BROWSER_LARGEST_INT) if high is not None else None
-        container.number_input(min_value=low, max_value=high, step=step, **common)
+            container.number_input(min_value=low, max_value=high, step=1, **common)
+        else:  # a step and a format of the default's own scale: a weight decay of 1e-4 shows as 0.0001, not 0.00
+            step = 10.0 ** math.floor(math.log10(abs(option.default))) if option.default else 0.01
+            container.number_input(min_value=low, max_value=high, step=step, format="%g", **common)
     else:
         container.text_input(**common)
 

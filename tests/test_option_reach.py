@@ -368,3 +368,9 @@ def test_a_hand_edited_stored_config_with_a_bad_value_is_refused_naming_the_fiel
 def test_the_pages_that_open_a_model_offer_every_field_of_its_setup(page, tmp_path, monkeypatch):
     shown = labels(open_page(page, tmp_path / "ws", monkeypatch))
     assert {"Never pruned", "Exclusion preset", "Device"} <= shown
+
+
+def test_a_small_float_option_shows_at_its_own_scale(tmp_path, monkeypatch):
+    at = open_page("studies", tmp_path / "ws", monkeypatch)
+    decay = next(w for w in at.number_input if w.label == "Weight decay")
+    assert decay.value == 1e-4 and decay.proto.format == "%g" and decay.step == pytest.approx(1e-4)
