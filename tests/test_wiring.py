@@ -257,14 +257,12 @@ def test_sosp_i_equals_explicit_jacobians_on_reused_and_transposed_producers(net
 
 
 # --- refusals name the real cause ---------------------------------------------------------------------------------------
-def test_a_net_whose_every_group_meets_a_split_is_refused_naming_the_split():
-    model = Split().double().eval()
-    try:
-        structures = find_structures(model, torch.randn(1, 2, 6, 6, dtype=torch.float64))
-    except MaskError as exc:
-        assert "split" in str(exc)
-    else:
-        assert any("split" in why for why in structures.unprunable.values())
+def test_a_channel_axis_chunked_in_two_halves_is_pruned_at_one_position_of_both_halves_exactly():
+    model, structures, x, _ = tiny(Split())
+    assert structures.layers[0].name == "conv" and structures.layers[0].consumers == ["head", "left"]
+    assert structures.layers[0].structure_channels == [[0, 3], [1, 4], [2, 5]]  # the halves stay equal
+    report = exactness_report(model, structures, {"conv:1"}, x[:1], x)
+    assert report["exact"]
 
 
 # --- "exact" is a measurement ---------------------------------------------------------------------------------------------
@@ -286,9 +284,9 @@ def test_nets_whose_pruning_equals_zeroing_are_measured_exact(net):
 )
 def test_a_wrong_routing_is_caught_on_the_few_samples_the_check_measures(net):
     model, structures, x, _ = tiny(net)
-    misrouted = copy.deepcopy(structures)  # every layer removes its structures' channels in reverse order
-    for layer in misrouted.layers:
-        layer.structure_channels = layer.structure_channels[::-1]
+    misrouted = copy.deepcopy(structures)  # every consumer removes its structures' input channels in reverse order
+    for piece in misrouted.consumed:
+        piece.channels = piece.channels.flip(0)
     many = torch.cat([x] * 8)  # more samples than the check takes
     report = exactness_report(model, misrouted, set(structures.keys[:1]), x[:1], many)
     assert report["samples"] == EXACTNESS_SAMPLES < len(many)
@@ -304,7 +302,6 @@ def test_a_channel_shuffle_between_grouped_convs_is_offered_as_the_closure_of_bo
 @pytest.mark.parametrize("net", [Shuffle, Flip], ids=["shuffle", "flip"])
 def test_channels_reordered_on_the_way_are_pruned_exactly(net):
     model, structures, x, _ = tiny(net())
-    assert structures.channel_maps  # measured where they arrive, not taken from the trace
     report = exactness_report(model, structures, set(structures.keys[:1]), x[:1], x)
     assert report["exact"] and report["largest_deviation"] <= report["tolerance"]
 
@@ -312,13 +309,15 @@ def test_channels_reordered_on_the_way_are_pruned_exactly(net):
 def test_a_shuffle_a_pruned_net_cannot_follow_is_refused_with_what_was_measured():
     _, structures, _, _ = tiny(ShuffleIntoPlainConv())
     assert [layer.name for layer in structures.layers] == ["conv1"]
-    assert "reorders its channels" in structures.unprunable["conv0"]
+    assert "reshaped on the way" in structures.unprunable["conv0"]
     assert "does not run" in structures.unprunable["conv0"]
 
 
-def test_channels_moved_into_space_are_refused_naming_the_op():
-    _, structures, _, _ = tiny(PixelShuffle())
-    assert "changes the channel count" in structures.unprunable["conv0"]
+def test_channels_moved_into_space_are_pruned_as_the_groups_one_output_channel_gathers():
+    model, structures, x, _ = tiny(PixelShuffle())
+    assert structures.layers[0].structure_channels == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    report = exactness_report(model, structures, {"conv0:1"}, x[:1], x)
+    assert report["exact"]
 
 
 def test_a_layer_whose_removal_changes_the_other_channels_is_measured_approximate():

@@ -168,16 +168,16 @@ def responsible_layers(
 def unfaithful_permutations(
     model: nn.Module, structures: StructureSet, example_input: torch.Tensor
 ) -> dict[str, str]:
-    """{layer: why it is not offered} for each layer with measured channel maps whose pruning (its first structure,
-    then every second one) does not run or does not equal zeroing: a reshape hard-codes the permutation, so it
-    permutes the pruned tensor another way or no longer fits it."""
+    """{layer: why it is not offered} for each layer whose channels an op reshapes (a view into heads, a channel
+    shuffle, a pixel shuffle) and whose pruning (its first structure, then every second one) does not run or does
+    not equal zeroing: the module's code reshapes a smaller tensor another way or no longer fits it."""
     refused = {}
     starts = structures.layer_starts()
+    tolerance = TOLERANCE.get(example_input.dtype, TOLERANCE[torch.float32])
     for g, layer in enumerate(structures.layers):
-        if layer.name not in structures.channel_maps:
+        if layer.name not in structures.reshaped:
             continue
-        tolerance = TOLERANCE.get(example_input.dtype, TOLERANCE[torch.float32])
-        where = ", ".join(structures.channel_maps[layer.name])
+        where = ", ".join(structures.reshaped[layer.name][:3])
         for chosen in ([starts[g]], range(starts[g], starts[g + 1], 2)):
             mask = {structures.keys[i] for i in chosen}
             if structures.emptied_producers(structures.pruned_vector(mask)):
@@ -190,9 +190,8 @@ def unfaithful_permutations(
                     else f"deviates from the zero-masked one by {deviation:.1e}"
                 )
                 refused[layer.name] = (
-                    f"an op reorders its channels on the way to {where} (a channel shuffle by reshape, a "
-                    f"flip, an index); the net pruned there {measured}, because that op reorders a smaller "
-                    "tensor another way or no longer fits it"
+                    f"its channels are reshaped on the way ({where}); the net pruned there {measured}, because "
+                    "the module's code reshapes a smaller tensor another way or no longer fits it"
                 )
                 break
     return refused

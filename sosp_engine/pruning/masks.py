@@ -13,7 +13,8 @@ from torch import nn
 
 from ..atomic import NotAFileError, read_regular
 from ..errors import MaskError, SospError
-from .structures import TRANSPOSED_TYPES, StructureSet, architecture_signature, build_graph, output_axis
+from .removal import remove_structures
+from .structures import TRANSPOSED_TYPES, StructureSet, architecture_signature, output_axis
 
 MASK_FORMAT = "sosp-mask/1"
 MASK_FILE_LIMIT = 16 << 20  # bytes; about 35 bytes a structure, so ~480k structures
@@ -91,8 +92,8 @@ def zeroed_copy(model: nn.Module, structures: StructureSet, mask: Iterable[str])
 
 def prune_in_place(
     model: nn.Module, structures: StructureSet, mask: Iterable[str], example_input: torch.Tensor
-):
-    """Physically remove the masked structures from `model` with torch-pruning; returns the dependency graph used."""
+) -> None:
+    """Physically remove the masked structures from `model` (the engine's own surgery, removal.py)."""
     pruned = structures.pruned_vector(set(mask))
     if structures.signature != architecture_signature(model):
         raise MaskError("the structures were found on another architecture than this model")
@@ -101,26 +102,8 @@ def prune_in_place(
         raise MaskError(
             f"the mask removes every output channel of {emptied[:3]}; keep at least one channel per layer"
         )
-    graph = build_graph(model, example_input)
-    graph.channel_maps = structures.channel_maps
-    starts = structures.layer_starts()
-    for g, layer in enumerate(structures.layers):
-        local = pruned[starts[g] : starts[g + 1]].nonzero().flatten().tolist()
-        if not local:
-            continue
-        idxs = layer.root_channels(local)
-        root = model.get_submodule(layer.name)
-        pruner = graph.get_pruner_of_module(root)
-        # get_pruning_group + prune() without arguments: Group.prune(idxs=...) records a wrong pruning history.
-        try:
-            graph.get_pruning_group(root, pruner.prune_out_channels, idxs).prune()
-        except Exception as exc:
-            raise MaskError(
-                f"torch-pruning could not remove channels of {layer.name} ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:160]}); exclude it (--exclude {layer.name})"
-            ) from None
+    remove_structures(model, structures, pruned)
     _check_widths(model, structures, pruned)
-    return graph
 
 
 def _widths(module: nn.Module) -> tuple[int, int] | None:
@@ -149,7 +132,7 @@ def _check_widths(model: nn.Module, structures: StructureSet, pruned: torch.Tens
         )
         if actual is not None and actual != (expected_in, expected_out):
             raise MaskError(
-                f"torch-pruning pruned {info.name} to {actual[0]} -> {actual[1]} channels, but the structures "
+                f"the surgery left {info.name} at {actual[0]} -> {actual[1]} channels, but the structures "
                 f"predict {expected_in} -> {expected_out}: this architecture couples channels in a way the "
                 "engine does not follow there; exclude that layer (--exclude) or its block"
             )

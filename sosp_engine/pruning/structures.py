@@ -1,5 +1,5 @@
-"""Prunable structures: every coupled channel group (torch-pruning's DependencyGraph) is a layer, each channel
-a structure."""
+"""Prunable structures: every coupled channel group the engine's tracer finds (channel_trace.py) is a layer, each
+class of channels that go together a structure."""
 
 from __future__ import annotations
 
@@ -11,27 +11,19 @@ from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Sequence
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
-from .channel_probe import measured_sources
-from .coupling_graph import CouplingGraph
 from ..errors import MaskError
+from .channel_trace import (
+    CONV_TYPES,
+    NORM_TYPES,
+    PRODUCER_TYPES,
+    TRANSPOSED_TYPES,
+    is_depthwise,
+    trace_channels,
+)
+from .coupled_groups import TracedGroup, coupled_groups, parameter_axes
 
-NORM_TYPES = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.modules.instancenorm._InstanceNorm,
-)
-TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + TRANSPOSED_TYPES
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d) + TRANSPOSED_TYPES
-GROUPED_TRANSPOSED_REASON = (
-    "a grouped transposed convolution's output channels: each group holds them in its own block of weight "
-    "columns, which the engine does not split into structures (its input channels are pruned with the layer "
-    "that feeds it)"
-)
 PRESETS = {
     "cifar-resnet": ("*shortcut*",),
     "torchvision-resnet": ("*downsample*",),
@@ -40,7 +32,7 @@ PRESETS = {
 
 @contextmanager
 def preserved_modes(model: nn.Module) -> Iterator[None]:
-    """Restore every module's train/eval flag afterwards (torch-pruning's tracing leaves the model in eval mode)."""
+    """Restore every module's train/eval flag afterwards (the tracer runs the model in eval mode)."""
     modes = {m: m.training for m in model.modules()}
     try:
         yield
@@ -63,178 +55,12 @@ def output_axis(module: nn.Module, parameter: str) -> int:
     return 1 if isinstance(module, TRANSPOSED_TYPES) and parameter == "weight" else 0
 
 
-def _input_channels(m: nn.Module) -> int:
-    return m.in_features if isinstance(m, nn.Linear) else m.in_channels
-
-
-def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
-def _channel_groups(module: nn.Module, is_out: bool) -> tuple[int, int]:
-    """(channels, groups) of the dimension a coupled group touches, where equal channels per group must be kept."""
-    if isinstance(module, nn.GroupNorm):
-        return module.num_channels, module.num_groups
-    if isinstance(module, CONV_TYPES) and module.groups > 1 and not _is_depthwise(module):
-        return (module.out_channels if is_out else module.in_channels), module.groups
-    return 0, 1
-
-
-def _partition(
-    size: int,
-    grouped: list[tuple[str, int, int, list[int], list[int]]],
-    coupled: Sequence[Sequence[int]] = (),
-) -> tuple[list[list[int]], str]:
-    """Structures of one coupled group: root channels that must go together so every grouped module keeps equal groups.
-
-    `grouped` holds (module, channels, groups, module idxs, root idxs) of each grouped conv / GroupNorm dimension in the
-    group. A structure takes the channel at one local position of every group (torch-pruning's own rule for grouped
-    layers), and every set of root channels in `coupled` (root channels that reach one channel of some module).
-    Returns the structures and '' or, when no such partition exists, ([], the reason).
-    """
-    parent = list(range(size))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for roots in coupled:
-        for root in roots[1:]:
-            parent[find(root)] = find(roots[0])
-
-    for name, channels, groups, idxs, root_idxs in grouped:
-        if sorted(idxs) != list(range(channels)):
-            return [], f"feeds only part of the grouped layer {name} (groups={groups})"
-        per_group = channels // groups
-        first: dict[int, int] = {}
-        for idx, root in zip(idxs, root_idxs):
-            local = idx % per_group
-            if local in first:
-                parent[find(root)] = find(first[local])
-            else:
-                first[local] = root
-    members: dict[int, list[int]] = {}
-    for c in range(size):
-        members.setdefault(find(c), []).append(c)
-    structures = sorted(members.values())
-    for name, channels, groups, idxs, root_idxs in grouped:
-        per_group = channels // groups
-        position = dict(zip(root_idxs, idxs))
-        for channel_set in structures:
-            locals_by_group: dict[int, set[int]] = {g: set() for g in range(groups)}
-            for c in channel_set:
-                locals_by_group[position[c] // per_group].add(position[c] % per_group)
-            if len({frozenset(v) for v in locals_by_group.values()}) != 1:
-                return [], f"its channels sit at different local positions of the groups of {name}"
-    return structures, ""
-
-
-# grad_fn names of ops that may reorder indices within the channel axis (a permute or transpose moves whole axes; a
-# shuffle's reshapes are caught as reshapes)
-REORDERING_OPS = ("Flip", "Index", "Gather", "Roll", "Take")
-PROBE_MACS = 2e10  # the most multiply-accumulates one channel-order probe may cost (a few seconds on a CPU)
-CHANNEL_SPLITTING_OPS = (tp.ops._SplitOp, tp.ops._SliceOp, tp.ops._UnbindOp)
-
-
-def _unsupported(group, graph: tp.DependencyGraph, names: dict[nn.Module, str]) -> str:
-    """Why torch-pruning cannot remove this group's channels consistently, or '' when it can."""
-    folded = any(getattr(item, "coupled_roots", None) for item in group)
-    for item in group:
-        module = item.dep.target.module
-        if isinstance(module, CHANNEL_SPLITTING_OPS):
-            return (
-                "its channels pass through a split / slice of the channel axis, which torch-pruning does not "
-                "prune consistently"
-            )
-        if folded and isinstance(module, tp.ops._ReshapeOp):
-            # torch-pruning guesses which channels a reshape folds together (SKNet's (B, 2C) -> (B, 2, C) pairs c with
-            # c + C, it pairs 2c with 2c + 1), so the pruned net would not be the zero-masked one
-            return (
-                "a reshape folds several of its channels into one (as in SKNet's per-path attention), and "
-                "torch-pruning cannot tell which"
-            )
-        if isinstance(module, PRODUCER_TYPES) and graph.is_out_channel_pruning_fn(item.dep.handler):
-            extra = [n for n, _ in module.named_parameters(recurse=False) if n not in ("weight", "bias")]
-            if extra:
-                return (
-                    f"{names.get(module, '?')} has parameters besides weight and bias ({', '.join(extra)}) "
-                    "that torch-pruning does not prune"
-                )
-    return ""
-
-
-def _may_reorder(node) -> bool:
-    """Whether an op of a traced group may reorder channels: a reshape of a tensor with positions (a flatten of
-    pooled (N, C, 1, 1) keeps the order), or an op that indexes, flips or rolls."""
-    grad_fn = getattr(node, "grad_fn", None)
-    if isinstance(node.module, tp.ops._ReshapeOp):
-        sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
-        return sizes is None or math.prod(int(v) for v in sizes[2:]) > 1
-    return type(grad_fn).__name__.startswith(REORDERING_OPS)
-
-
-def _probe_batch(group) -> int:
-    return 4 * max(1, (len(group[0].idxs) - 1).bit_length()) + 1
-
-
-def _permuted_channels(
-    model: nn.Module,
-    graph: tp.DependencyGraph,
-    group,
-    names: dict[nn.Module, str],
-    example_input: torch.Tensor,
-    macs: float,
-) -> dict[str, dict[int, int]]:
-    """For a group whose trace passes an op that may reorder channels: {module: {root channel: its channel}} of
-    every consumer or norm where the measured arrival of each root channel is one channel and differs from the trace
-    (a shuffle, a flip); measured only while the probe's forward pass costs at most PROBE_MACS (`macs` per sample)."""
-    if not any(_may_reorder(item.dep.target) for item in group) or macs * _probe_batch(group) > PROBE_MACS:
-        return {}
-    traced: dict[str, dict[int, int]] = {}
-    for item in group:
-        module = item.dep.target.module
-        is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
-        if (
-            isinstance(module, nn.Module)
-            and module in names
-            and (isinstance(module, NORM_TYPES) or not is_out)
-        ):
-            traced.setdefault(names[module], dict(zip(item.root_idxs, item.idxs)))
-    root = names[group[0].dep.target.module]
-    with preserved_modes(model):
-        model.eval()
-        sources = measured_sources(model, root, list(traced), example_input, len(group[0].idxs))
-    corrections = {}
-    for name, source in sources.items():
-        measured = {root_channel: c for c, root_channel in enumerate(source) if root_channel >= 0}
-        if set(measured) >= set(traced[name]) and any(measured[r] != c for r, c in traced[name].items()):
-            corrections[name] = measured
-    return corrections
-
-
 def on_model_device(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`x` on the device of `model`'s first parameter or buffer (a model timed on a GPU is traced there)."""
     tensor = next(iter(model.parameters()), None)
     if tensor is None:
         tensor = next(iter(model.buffers()), None)
     return x if tensor is None else x.to(tensor.device)
-
-
-def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's dependency graph of `model`, leaving its train/eval modes as they were."""
-    example_input = on_model_device(model, example_input)
-    with preserved_modes(model), torch.enable_grad():
-        try:
-            return CouplingGraph().build_dependency(model, example_inputs=example_input, verbose=False)
-        except (ZeroDivisionError, IndexError, KeyError, AttributeError, TypeError) as exc:
-            raise MaskError(
-                f"torch-pruning cannot trace this model's channel couplings ({type(exc).__name__}: "
-                f"{str(exc)[:120]} in its dependency graph, e.g. a channel shuffle by reshape, or "
-                "channel counts it cannot infer through a concatenation, as in Swin-S/B); exclude the "
-                "affected layers or use another model"
-            ) from None
 
 
 class Call(NamedTuple):
@@ -368,8 +194,11 @@ class StructureSet:
     consumed: list[ProducerSlice] = field(
         default_factory=list
     )  # consumers' input-channel slices of each structure
-    # layer -> module -> {root channel: its channel}, measured where a reshape permutes channels (channel_probe.py)
-    channel_maps: dict[str, dict[str, dict[int, int]]] = field(default_factory=dict)
+    # layer -> the ops that reshape its channels (view, pixel shuffle, heads): its pruning is measured before offered
+    reshaped: dict[str, list[str]] = field(default_factory=dict)
+    parameters: list[ProducerSlice] = field(default_factory=list)  # bare parameters' slices of each structure
+    parameter_axes: dict[str, int] = field(default_factory=dict)  # bare parameter -> the axis its channels run along
+    heads: dict[str, list[int]] = field(default_factory=dict)  # attention module -> the structure of each head
 
     @property
     def num_structures(self) -> int:
@@ -511,7 +340,7 @@ def module_info(name: str, m: nn.Module, calls: Sequence[Call]) -> ModuleInfo:
         kernel = int(torch.tensor(m.kernel_size).prod())
         transposed = isinstance(m, TRANSPOSED_TYPES)
         positions = sum(_positions(c.inputs if transposed else c.output, 2) for c in calls)
-        kind = "depthwise" if _is_depthwise(m) else "conv"
+        kind = "depthwise" if is_depthwise(m) else "conv"
         return ModuleInfo(
             name,
             kind,
@@ -584,109 +413,37 @@ def _mean_kernel(producers: list[nn.Module]) -> float:
 
 
 @dataclass
-class TracedGroup:
-    """One coupled channel group as traced: its root, channels, structures (channel sets), the producers' and every
-    touched module's (module, dim 0 in / 1 out, module idxs, root idxs) channels, and the consumers."""
-
-    root: str
-    channels: int
-    members: list[list[int]]
-    producers: dict[str, tuple[list[int], list[int]]]
-    effects: list[tuple[str, int, list[int], list[int]]]
-    consumers: list[str]
-
-
-@dataclass
 class ModuleTable:
     """Every module (and bare parameter) counted, in forward order, with where to find each by name or parameter."""
 
     infos: list[ModuleInfo]
-    position: dict[str, int]  # module name -> index in `infos`
-    param_names: dict[int, str]  # id(bare parameter) -> its name
+    position: dict[str, int]  # module or bare parameter name -> index in `infos`
 
 
-def _module_table(model: nn.Module, order: list[str], shapes: dict, graph) -> ModuleTable:
+def _module_table(model: nn.Module, order: list[str], shapes: dict, axes: dict[str, int]) -> ModuleTable:
     """The counted modules: those run in forward order, then those not run at inference (parameters, no MACs), then
-    bare per-channel parameters as 'vector' modules."""
+    bare parameters as 'vector' modules (channels along the axis the trace found, else the last)."""
     module_names = list(order)
     module_names += [n for n, m in model.named_modules() if n not in shapes and _counted_module(m)]
     infos = [module_info(n, model.get_submodule(n), shapes.get(n, [])) for n in module_names]
     for info in infos:
         if info.name not in shapes:  # not run at inference (e.g. auxiliary heads): parameters, but no MACs
             info.positions = 0
-    param_names: dict[int, str] = {}
-    pruning_dims = {id(p): dim for p, dim in graph.unwrapped_parameters}
     for pname, p in _bare_parameters(model):
-        channels = p.shape[pruning_dims.get(id(p), -1)] if p.ndim else 1
+        channels = p.shape[axes.get(pname, -1)] if p.ndim else 1
         infos.append(
             ModuleInfo(pname, "vector", channels, channels, 1, p.numel() // max(channels, 1), 1, False, 0)
         )
-        param_names[id(p)] = pname
         module_names.append(pname)
-    return ModuleTable(infos, {n: i for i, n in enumerate(module_names)}, param_names)
-
-
-def _trace_group(
-    group, graph, names: dict, table: ModuleTable, refused: dict[str, str]
-) -> tuple[TracedGroup | None, str]:
-    """The group's structures and what each module of it loses, or (None, why it cannot be pruned); (None, "") for a
-    group without producers."""
-    root = names[group[0].dep.target.module]
-    size = len(group[0].idxs)
-    producers: dict[str, tuple[list[int], list[int]]] = {}
-    effects: list[tuple[str, int, list[int], list[int]]] = []
-    grouped: list[tuple[str, int, int, list[int], list[int]]] = []
-    consumers, transposed_out, beyond = [], [], ""
-    coupled = [roots for item in group for roots in getattr(item, "coupled_roots", ())]
-    for item in group:
-        module, handler = item.dep.target.module, item.dep.handler
-        name = table.param_names.get(id(module)) if isinstance(module, nn.Parameter) else names.get(module)
-        if name is None or name not in table.position:
-            continue
-        idxs, root_idxs = list(item.idxs), list(item.root_idxs)
-        if isinstance(module, nn.Parameter):  # a bare per-channel parameter goes with the channel
-            effects.append((name, 1, idxs, root_idxs))
-            continue
-        is_out = graph.is_out_channel_pruning_fn(handler)
-        channels, groups = _channel_groups(module, is_out or isinstance(module, NORM_TYPES))
-        if groups > 1 and all(g[0] != name or g[1] != channels for g in grouped):
-            grouped.append((name, channels, groups, idxs, root_idxs))
-        if isinstance(module, TRANSPOSED_TYPES) and is_out and module.groups > 1:
-            transposed_out.append(name)
-        elif isinstance(module, NORM_TYPES) or (isinstance(module, PRODUCER_TYPES) and is_out):
-            if name not in producers:
-                producers[name] = (idxs, root_idxs)
-                effects.append((name, 1, idxs, root_idxs))
-        elif isinstance(module, PRODUCER_TYPES):
-            consumers.append(name)
-            effects.append((name, 0, idxs, root_idxs))
-            if max(idxs, default=0) >= _input_channels(module):
-                beyond = beyond or (
-                    f"its channels reach {name} through an op that changes the channel count (e.g. "
-                    "pixel_shuffle, or a reshape that moves channels into space), which torch-pruning "
-                    "cannot follow"
-                )
-    if not producers:
-        return None, ""
-    members, reason = _partition(size, grouped, coupled)
-    reason = _unsupported(group, graph, names) or beyond or reason
-    if transposed_out and not reason:
-        reason = f"{transposed_out[0]} joins this group with " + GROUPED_TRANSPOSED_REASON
-    reason = reason or refused.get(root, "")
-    if reason:
-        return None, reason
-    return TracedGroup(root, size, members, producers, effects, consumers), ""
+    return ModuleTable(infos, {n: i for i, n in enumerate(module_names)})
 
 
 def _layer_of_group(
     model: nn.Module, traced: TracedGroup, depth: int, stage: str, offset: int, table: ModuleTable
-) -> tuple[Layer, list[ProducerSlice], list[ProducerSlice], torch.Tensor]:
+) -> tuple[Layer, list[ProducerSlice], list[ProducerSlice], list[ProducerSlice], torch.Tensor]:
     """The traced group as a layer of the structure set, with its structures numbered from `offset`: the layer, its
-    producers' and consumers' channel slices, and its rows of the removal matrix. Modules are assigned to the layer
-    they are the root of, else to their first."""
-    structure_of = torch.empty(traced.channels, dtype=torch.long)
-    for s, channel_set in enumerate(traced.members):
-        structure_of[channel_set] = s
+    producers', consumers' and bare parameters' channel slices, and its rows of the removal matrix. Modules are
+    assigned to the layer they are the root of, else to their first."""
     layer = Layer(
         traced.root,
         len(traced.members),
@@ -699,51 +456,24 @@ def _layer_of_group(
         traced.channels,
         traced.members,
     )
-    slices, consumed = [], []
-    for name, (idxs, root_idxs) in traced.producers.items():
-        slices.append(ProducerSlice(name, torch.tensor(idxs), structure_of[root_idxs] + offset))
+    slices = []
+    for name, (idxs, structures) in traced.producers.items():
+        slices.append(ProducerSlice(name, torch.tensor(idxs), torch.tensor(structures) + offset))
         info = table.infos[table.position[name]]
         if info.layer < 0 or name == traced.root:
             info.layer = depth
+    consumed, parameters = [], []
     removal = torch.zeros(len(traced.members), 2 * len(table.infos), dtype=torch.float64)
-    for name, dim, idxs, root_idxs in traced.effects:
+    for name, dim, idxs, structures in traced.effects:
+        piece = ProducerSlice(name, torch.tensor(idxs, dtype=torch.long), torch.tensor(structures) + offset)
         if dim == 0:
-            consumed.append(ProducerSlice(name, torch.tensor(idxs), structure_of[root_idxs] + offset))
+            consumed.append(piece)
+        elif table.infos[table.position[name]].kind == "vector":
+            parameters.append(piece)
         removal[:, 2 * table.position[name] + dim].index_add_(
-            0, structure_of[root_idxs], torch.ones(len(root_idxs), dtype=torch.float64)
+            0, torch.tensor(structures, dtype=torch.long), torch.ones(len(structures), dtype=torch.float64)
         )
-    return layer, slices, consumed, removal
-
-
-def _channels_in_no_structure(
-    model: nn.Module, names: dict, ignored: list, traced_groups: list[TracedGroup], unprunable: dict[str, str]
-) -> dict[str, str]:
-    """Producers some of whose output channels no traced structure holds (a coupling the graph cannot follow, such as
-    a one-channel gate broadcast over a stream): those channels are kept, and each such producer is named with why."""
-    covered: dict[str, set[int]] = {}
-    roots: dict[str, str] = {}
-    for traced in traced_groups:
-        for name, (idxs, _) in traced.producers.items():
-            covered.setdefault(name, set()).update(idxs)
-            roots.setdefault(name, traced.root)
-    found = {}
-    for module, name in names.items():
-        if (
-            not isinstance(module, PRODUCER_TYPES)
-            or module in ignored
-            or name in unprunable
-            or name not in covered
-        ):
-            continue
-        channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-        left = channels - len(covered[name] & set(range(channels)))
-        if left > 0:
-            found[name] = (
-                f"{left} of its {channels} output channels belong to no structure: the traced graph couples it with "
-                f"{roots[name]} and cannot follow the rest (an op without a channel rule, e.g. a gate broadcast over "
-                "the channels); they are never pruned"
-            )
-    return found
+    return layer, slices, consumed, parameters, removal
 
 
 def traced_structures(
@@ -753,46 +483,32 @@ def traced_structures(
     preset: str | None,
     refused: dict[str, str] | None = None,
 ) -> StructureSet:
-    """All prunable structures of `model` as torch-pruning traces them, with measured channel maps where an op
-    reorders channels; the final classifier, layers matching `exclude` and the `refused` layers ({root: why}) are
-    left out. `offered.find_structures` is what callers use: it also drops layers whose pruning was measured wrong."""
+    """All prunable structures of `model` as the engine's tracer finds them; the final classifier, layers matching
+    `exclude` and the `refused` layers ({root: why}) are left out. `offered.find_structures` is what callers use: it
+    also drops layers whose pruning, measured, does not run or does not equal zeroing."""
     refused = refused or {}
     if preset is not None and preset not in PRESETS:
         raise MaskError(f"unknown exclusion preset '{preset}'; known: {sorted(PRESETS)}")
     patterns = list(exclude) + list(PRESETS.get(preset, ()))
-    names = {m: n for n, m in model.named_modules()}
     example_input = on_model_device(model, example_input)
     order, shapes = forward_records(model, example_input)
     producer_order = [n for n in order if isinstance(model.get_submodule(n), PRODUCER_TYPES)]
     if not producer_order:
         raise MaskError("the model has no convolution or linear layer to prune")
     classifier = producer_order[-1]
-    ignored = [
-        m for m, n in names.items() if n == classifier or any(fnmatch.fnmatchcase(n, p) for p in patterns)
-    ]
-    graph = build_graph(model, example_input)
-    table = _module_table(model, order, shapes, graph)
-    traced_groups: list[TracedGroup] = []
-    unprunable: dict[str, str] = {}
-    graph.channel_maps = {}
-    sample_macs = sum(info.macs(info.in_channels, info.out_channels) for info in table.infos)
-    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=PRODUCER_TYPES):
-        root = group[0].dep.target.module
-        corrections = _permuted_channels(model, graph, group, names, example_input, sample_macs)
-        if corrections:
-            graph.channel_maps[names[root]] = corrections
-            group = graph.get_pruning_group(root, group[0].dep.handler, list(range(len(group[0].idxs))))
-        traced, reason = _trace_group(group, graph, names, table, refused)
-        if traced is not None:
-            traced_groups.append(traced)
-        elif reason:
-            unprunable[names[root]] = reason
+    ignored = {
+        n for n, _ in model.named_modules() if n == classifier or any(fnmatch.fnmatchcase(n, p) for p in patterns)
+    }
+    with preserved_modes(model), torch.no_grad():
+        model.eval()
+        trace = trace_channels(model, example_input, {n for n, _ in _bare_parameters(model)})
+    axes = parameter_axes(trace)
+    table = _module_table(model, order, shapes, axes)
     position = {n: i for i, n in enumerate(order)}
-    traced_groups.sort(key=lambda t: position.get(t.root, len(position)))
-    for name, m in model.named_modules():  # their own output channels: listed, never silently left out
-        if isinstance(m, TRANSPOSED_TYPES) and m.groups > 1 and m not in ignored:
-            unprunable.setdefault(name, GROUPED_TRANSPOSED_REASON)
-    unprunable.update(_channels_in_no_structure(model, names, ignored, traced_groups, unprunable))
+    traced_groups, unprunable, _ = coupled_groups(trace, position, ignored)
+    for group in [g for g in traced_groups if g.root in refused]:
+        unprunable[group.root] = refused[group.root]
+        traced_groups.remove(group)
     if not traced_groups:
         why = "; ".join(f"{name}: {reason}" for name, reason in unprunable.items())
         raise MaskError(
@@ -800,13 +516,15 @@ def traced_structures(
             + (why if why else "every group contains the classifier or an excluded layer")
         )
     stages = _stage_labels([shapes[t.root][0].output if t.root in shapes else () for t in traced_groups])
-    layers, slices, consumed, removal, offset = [], [], [], [], 0
+    layers, slices, consumed, parameters, removal, heads, offset = [], [], [], [], [], {}, 0
     for depth, traced in enumerate(traced_groups):
-        layer, produced, taken, rows = _layer_of_group(model, traced, depth, stages[depth], offset, table)
+        layer, produced, taken, held, rows = _layer_of_group(model, traced, depth, stages[depth], offset, table)
         layers.append(layer)
         slices += produced
         consumed += taken
+        parameters += held
         removal.append(rows)
+        heads |= {module: [s + offset for s in structures] for module, structures in traced.heads.items()}
         offset += layer.size
     return StructureSet(
         signature=architecture_signature(model),
@@ -816,10 +534,11 @@ def traced_structures(
         producers=slices,
         modules=table.infos,
         removal=torch.cat(removal),
-        excluded=[n for m, n in names.items() if m in ignored],
+        excluded=sorted(ignored),
         unprunable=unprunable,
         consumed=consumed,
-        channel_maps={
-            name: maps for name, maps in graph.channel_maps.items() if name in {l.name for l in layers}
-        },
+        reshaped={t.root: t.reshaped for t in traced_groups if t.reshaped},
+        parameters=parameters,
+        parameter_axes={p.module: axes[p.module] for p in parameters},
+        heads=heads,
     )

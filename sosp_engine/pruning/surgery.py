@@ -14,7 +14,8 @@ from ..nets.densenet_cifar import CifarDenseNet
 from ..nets.registry import ZOO_PATTERN
 from ..nets.resnet_cifar import CifarResNet
 from ..nets.vgg_cifar import CifarVGG
-from .structures import StructureSet, _is_depthwise
+from .channel_trace import is_depthwise
+from .structures import StructureSet
 
 
 def _width(value: int, factor: float) -> int:
@@ -92,9 +93,9 @@ def resized_module(module: nn.Module, in_ch: int, out_ch: int) -> nn.Module:
     """A fresh module of `module`'s kind and settings with other channel counts (convs, linears, norms)."""
     conv = next((t for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(module, t)), None)
     if conv is not None:
-        groups = out_ch if _is_depthwise(module) else module.groups
+        groups = in_ch if is_depthwise(module) else module.groups
         return conv(
-            in_ch if not _is_depthwise(module) else out_ch,
+            in_ch,
             out_ch,
             module.kernel_size,
             module.stride,
