@@ -9,7 +9,6 @@ from torch import nn
 from torch.func import jacrev
 
 from brute_force import flat, mean_loss_of, theta_s_vectors, unflat
-from sosp_engine.errors import MaskError
 from sosp_engine.pruning.counting import count_macs, count_params
 from sosp_engine.pruning.exactness import EXACTNESS_SAMPLES, exactness_line, exactness_report
 from sosp_engine.pruning.masks import pruned_copy
@@ -284,7 +283,9 @@ def test_nets_whose_pruning_equals_zeroing_are_measured_exact(net):
 )
 def test_a_wrong_routing_is_caught_on_the_few_samples_the_check_measures(net):
     model, structures, x, _ = tiny(net)
-    misrouted = copy.deepcopy(structures)  # every consumer removes its structures' input channels in reverse order
+    misrouted = copy.deepcopy(
+        structures
+    )  # every consumer removes its structures' input channels in reverse order
     for piece in misrouted.consumed:
         piece.channels = piece.channels.flip(0)
     many = torch.cat([x] * 8)  # more samples than the check takes
@@ -309,7 +310,7 @@ def test_channels_reordered_on_the_way_are_pruned_exactly(net):
 def test_a_shuffle_a_pruned_net_cannot_follow_is_refused_with_what_was_measured():
     _, structures, _, _ = tiny(ShuffleIntoPlainConv())
     assert [layer.name for layer in structures.layers] == ["conv1"]
-    assert "reshaped on the way" in structures.unprunable["conv0"]
+    assert "sizes the graph fixes" in structures.unprunable["conv0"]
     assert "does not run" in structures.unprunable["conv0"]
 
 

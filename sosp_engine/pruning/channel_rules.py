@@ -110,7 +110,9 @@ def varies(labels: torch.Tensor, dim: int) -> bool:
     return bool(((labels != first) & ((labels >= 0) | (first >= 0))).any())
 
 
-def broadcast_labels(coupling: Coupling, inputs: Sequence[torch.Tensor], shape: torch.Size) -> torch.Tensor | None:
+def broadcast_labels(
+    coupling: Coupling, inputs: Sequence[torch.Tensor], shape: torch.Size
+) -> torch.Tensor | None:
     """Inputs meeting at one position of an elementwise op go together, except an input broadcast along an axis where
     another input's channels vary: a gate of one channel over the stream couples nothing and passes no id on."""
     aligned = [v.reshape((1,) * (len(shape) - v.ndim) + tuple(v.shape)) for v in inputs]
@@ -164,7 +166,9 @@ def _reduction(coupling: Coupling, call: OpCall) -> object:
     dims = [d % labels.ndim for d in dims]
     kept = [d for d in range(labels.ndim) if d not in dims]
     if dims and kept and any(varies(labels, d) for d in kept):
-        across = labels.permute(kept + dims).reshape(-1, int(torch.tensor([labels.shape[d] for d in dims]).prod()))
+        across = labels.permute(kept + dims).reshape(
+            -1, int(torch.tensor([labels.shape[d] for d in dims]).prod())
+        )
         coupling.couple_within(across, 0)
         result = across.amax(1)  # kept axes in their order: reshaped to the output's shape below
     else:
@@ -208,7 +212,9 @@ def matmul_labels(coupling: Coupling, a: torch.Tensor, b: torch.Tensor) -> torch
     a, b = _batched_operands(a, b)
     shape = a.shape[:-1] + b.shape[-1:]
     if any(varies(t, d) for t in (a, b) for d in range(a.ndim - 2)):
-        both = torch.cat([a.reshape(-1, a.shape[-2] * a.shape[-1]), b.reshape(-1, b.shape[-2] * b.shape[-1])], 1)
+        both = torch.cat(
+            [a.reshape(-1, a.shape[-2] * a.shape[-1]), b.reshape(-1, b.shape[-2] * b.shape[-1])], 1
+        )
         coupling.couple_within(both, 0)
         head = both.amax(1)
         coupling.heads(head)
@@ -281,7 +287,9 @@ ELEMENTWISE = (
     "square reciprocal sign addcmul addcdiv lerp mul_ sin cos floor round true_divide"
 ).split()
 UNCHANGED = "dropout feature_dropout alpha_dropout _to_copy to type_as softmax log_softmax _softmax contiguous".split()
-REDUCTIONS = "sum mean amax amin max min var std var_mean std_mean logsumexp prod norm linalg_vector_norm".split()
+REDUCTIONS = (
+    "sum mean amax amin max min var std var_mean std_mean logsumexp prod norm linalg_vector_norm".split()
+)
 WINDOWS = (
     "avg_pool1d avg_pool2d avg_pool3d max_pool1d max_pool2d max_pool3d max_pool2d_with_indices adaptive_avg_pool1d "
     "adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d upsample_bilinear2d "

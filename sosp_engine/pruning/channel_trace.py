@@ -51,8 +51,23 @@ MODULE_OPS = {
     "group_norm",
     "instance_norm",
 }
-RESHAPING_OPS = {"view", "reshape", "_unsafe_view", "unflatten", "flatten", "pixel_shuffle", "pixel_unshuffle"}
-FIXED_SIZE_OPS = {"split", "split_with_sizes", "slice", "narrow", "tensor_split", "select"}  # sizes fixed in the graph
+RESHAPING_OPS = {
+    "view",
+    "reshape",
+    "_unsafe_view",
+    "unflatten",
+    "flatten",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+}
+FIXED_SIZE_OPS = {
+    "split",
+    "split_with_sizes",
+    "slice",
+    "narrow",
+    "tensor_split",
+    "select",
+}  # sizes fixed in the graph
 
 
 def is_depthwise(m: nn.Module) -> bool:
@@ -71,8 +86,12 @@ class ChannelTrace:
     parameters: dict[str, torch.Tensor]  # bare parameter -> id of each element
     classes: torch.Tensor  # class of each id
     blocked: dict[int, str]  # class -> why it cannot be pruned
-    reshaped: dict[int, list[str]]  # class -> the ops that reshape its channels (their pruning is measured)
-    heads: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # module -> head ids of each attention call
+    measured: dict[
+        int, list[str]
+    ]  # class -> the ops that fix its sizes in the graph (its pruning is measured)
+    heads: dict[str, list[torch.Tensor]] = field(
+        default_factory=dict
+    )  # module -> head ids of each attention call
 
     def class_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Class of each id (-1 stays -1)."""
@@ -96,7 +115,7 @@ class Tracer:
         self.norms: dict[str, list[torch.Tensor]] = {}
         self.inputs: dict[str, list[torch.Tensor]] = {}
         self.parameters: dict[str, torch.Tensor] = {}
-        self.reshaped: list[tuple[torch.Tensor, str]] = []
+        self.measured: list[tuple[torch.Tensor, str]] = []
         self.heads_of: dict[str, list[torch.Tensor]] = {}
         self.where = ""
         self.module_path = ""
@@ -149,7 +168,9 @@ class Tracer:
                     self.couple([calls[0], later])
         if self.pairs:
             pairs = torch.cat(self.pairs).numpy()
-            graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(self.count, self.count))
+            graph = coo_matrix(
+                (np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(self.count, self.count)
+            )
             _, classes = connected_components(graph, directed=False)
         else:
             classes = np.arange(self.count)
@@ -158,11 +179,11 @@ class Tracer:
         for ids, why in self.blocks:
             for c in classes[ids].unique().tolist():
                 blocked.setdefault(c, why)
-        reshaped: dict[int, list[str]] = {}
-        for ids, where in self.reshaped:
+        measured: dict[int, list[str]] = {}
+        for ids, where in self.measured:
             for c in classes[ids].unique().tolist():
-                if where not in reshaped.setdefault(c, []):
-                    reshaped[c].append(where)
+                if where not in measured.setdefault(c, []):
+                    measured[c].append(where)
         return ChannelTrace(
             outputs={n: ids.long() for n, ids in self.outputs.items()},
             norms={n: calls[0].long() for n, calls in self.norms.items()},
@@ -170,7 +191,7 @@ class Tracer:
             parameters={n: ids.long() for n, ids in self.parameters.items()},
             classes=classes,
             blocked=blocked,
-            reshaped=reshaped,
+            measured=measured,
             heads=self.heads_of,
         )
 
@@ -219,12 +240,16 @@ def _conv(tracer: Tracer, name: str, m: nn.Module, x: torch.Tensor | None, out: 
     return _channel_labels(out_ids, out.shape, dim)
 
 
-def _linear(tracer: Tracer, name: str, m: nn.Linear, x: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+def _linear(
+    tracer: Tracer, name: str, m: nn.Linear, x: torch.Tensor | None, out: torch.Tensor
+) -> torch.Tensor:
     tracer.inputs.setdefault(name, []).append(_per_channel(tracer, x, -1 % max(out.ndim, 1), m.in_features))
     return _channel_labels(tracer.producer_ids(name, m.out_features), out.shape, out.ndim - 1)
 
 
-def _norm(tracer: Tracer, name: str, m: nn.Module, x: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor | None:
+def _norm(
+    tracer: Tracer, name: str, m: nn.Module, x: torch.Tensor | None, out: torch.Tensor
+) -> torch.Tensor | None:
     if isinstance(m, nn.LayerNorm):
         if len(m.normalized_shape) != 1:
             if x is not None:
@@ -240,6 +265,24 @@ def _norm(tracer: Tracer, name: str, m: nn.Module, x: torch.Tensor | None, out: 
     return _channel_labels(ids, out.shape, dim)
 
 
+def _computed_weight(
+    tracer: Tracer, name: str, m: nn.Module, x: torch.Tensor | None, out: torch.Tensor
+) -> torch.Tensor:
+    """A conv or linear that computes the weight it applies in forward (weight standardisation, a gain): its
+    channels are its weight's rows and columns as for any producer, and its pruning is measured before offered;
+    parameters besides weight and bias would be left uncut, so such a module keeps its channels."""
+    labels = _conv(tracer, name, m, x, out) if isinstance(m, CONV_TYPES) else _linear(tracer, name, m, x, out)
+    extra = [n for n, _ in m.named_parameters(recurse=False) if n not in ("weight", "bias")]
+    if extra:
+        why = f"{name} computes its weight in forward from parameters the engine does not cut ({', '.join(extra)})"
+        tracer.block(tracer.outputs[name], why)
+        if x is not None:
+            tracer.block(x, why)
+    else:
+        tracer.measured.append((tracer.outputs[name].long(), f"the weight {name} computes in forward"))
+    return labels
+
+
 def _module_of(tracer: Tracer, parameter: str | None) -> tuple[str, nn.Module | None]:
     if parameter is None:
         return "", None
@@ -247,7 +290,9 @@ def _module_of(tracer: Tracer, parameter: str | None) -> tuple[str, nn.Module | 
     return name, tracer.modules.get(name)
 
 
-def _module_call(tracer: Tracer, op: str, kwargs: dict, labels: dict, out: torch.Tensor, owners: dict) -> object:
+def _module_call(
+    tracer: Tracer, op: str, kwargs: dict, labels: dict, out: torch.Tensor, owners: dict
+) -> object:
     """A conv / linear / norm op, read through the module that owns its weight (or running mean)."""
     weight = owners.get(kwargs.get("weight")) or owners.get(kwargs.get("running_mean"))
     name, m = _module_of(tracer, weight)
@@ -266,14 +311,8 @@ def _module_call(tracer: Tracer, op: str, kwargs: dict, labels: dict, out: torch
             return None
         return x.clone() if dim < x.ndim else None
     caller = tracer.modules.get(tracer.module_path)
-    if weight is None and isinstance(caller, PRODUCER_TYPES):  # a conv that computes its weight in forward
-        own = ", ".join(n for n, _ in caller.named_parameters(recurse=False))
-        why = f"{tracer.module_path} computes the weight it applies in its forward (from {own}); the engine cannot cut it"
-        out_ids = tracer.producer_ids(tracer.module_path, out.shape[1 if op.startswith("conv") else -1])
-        tracer.block(out_ids, why)
-        if x is not None:
-            tracer.block(x, why)
-        return _channel_labels(out_ids, out.shape, 1 if op.startswith("conv") else out.ndim - 1)
+    if weight is None and isinstance(caller, CONV_TYPES + (nn.Linear,)):
+        return _computed_weight(tracer, tracer.module_path, caller, x, out)
     if x is not None:
         owner = f"{weight} ({type(m).__name__})" if weight else "a computed weight"
         tracer.block(
@@ -325,7 +364,8 @@ def trace_channels(model: nn.Module, example_input: torch.Tensor, bare: Collecti
     weights = {  # parameters read as a module op's weight are read by that op's rule, not labelled per element
         arg.name
         for node in program.graph.nodes
-        if node.op == "call_function" and hasattr(node.target, "name")
+        if node.op == "call_function"
+        and hasattr(node.target, "name")
         and node.target.name().split("::")[-1].split(".")[0] in MODULE_OPS
         for arg in node.args[1:2]
         if isinstance(arg, torch.fx.Node)
@@ -368,7 +408,9 @@ def _run_node(tracer: Tracer, node: torch.fx.Node, values: dict, owners: dict) -
     if node.target is operator.getitem:
         labels = label_args[0]
         return real, labels[node.args[1]] if isinstance(labels, (tuple, list)) else None
-    op = node.target.name().split("::")[-1].split(".")[0] if hasattr(node.target, "name") else str(node.target)
+    op = (
+        node.target.name().split("::")[-1].split(".")[0] if hasattr(node.target, "name") else str(node.target)
+    )
     if op not in MODULE_OPS and not any(is_labelled(v) for v in _flat(label_args) + _flat(label_kwargs)):
         return real, None
     tracer.module_path = _stack_path(node)
@@ -404,13 +446,15 @@ def _run_node(tracer: Tracer, node: torch.fx.Node, values: dict, owners: dict) -
     for value in labelled if op in RESHAPING_OPS | FIXED_SIZE_OPS else []:
         dim = call.named.get("dim", 0) if op in FIXED_SIZE_OPS else None
         if _reshapes(value, real) if dim is None else varies(value, dim if isinstance(dim, int) else 0):
-            tracer.reshaped.append((value[value >= 0].unique().long(), tracer.where))
+            tracer.measured.append((value[value >= 0].unique().long(), tracer.where))
     return real, labels
 
 
 def _reshapes(value: torch.Tensor, real: object) -> bool:
     """Whether a reshape regroups the axes of a labelled tensor (beyond adding or dropping axes of size 1)."""
-    return isinstance(real, torch.Tensor) and [s for s in value.shape if s != 1] != [s for s in real.shape if s != 1]
+    return isinstance(real, torch.Tensor) and [s for s in value.shape if s != 1] != [
+        s for s in real.shape if s != 1
+    ]
 
 
 def _flat(value: object) -> list:

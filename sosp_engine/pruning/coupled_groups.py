@@ -21,7 +21,9 @@ class TracedGroup:
     producers: dict[str, tuple[list[int], list[int]]]
     effects: list[tuple[str, int, list[int], list[int]]]
     consumers: list[str]
-    reshaped: list[str] = field(default_factory=list)  # ops that reshape its channels (its pruning is measured)
+    measured: list[str] = field(
+        default_factory=list
+    )  # ops that fix its sizes in the graph (its pruning is measured)
     heads: dict[str, list[int]] = field(default_factory=dict)  # attention module -> structure of each head
 
 
@@ -150,13 +152,13 @@ def _group(
         else:
             consumers.append(name)
         effects.append((name, 1 if kind == "norm" else 0, idxs, st))
-    reshaped = sorted({where for c in order for where in trace.reshaped.get(c, [])})
+    measured = sorted({where for c in order for where in trace.measured.get(c, [])})
     heads = {}
     for module, calls in trace.heads.items():
         head_classes = list(dict.fromkeys(trace.class_of(calls[0]).tolist()))
         if head_classes and all(int(structure_index[c]) >= 0 for c in head_classes):
             heads[module] = [int(structure_index[c]) for c in head_classes]
-    group = TracedGroup(root, len(root_structures), members, slices, effects, consumers, reshaped, heads)
+    group = TracedGroup(root, len(root_structures), members, slices, effects, consumers, measured, heads)
     return group, ""
 
 

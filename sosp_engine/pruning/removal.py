@@ -43,7 +43,9 @@ def _local_positions(name: str, channels: set[int], per_group: int, groups: int)
     """The positions within each group that stay, where every group loses the same ones."""
     local = {c % per_group for c in channels}
     if len(channels) != len(local) * groups:
-        raise MaskError(f"the mask removes unequal channels from the groups of {name}; the structures keep them equal")
+        raise MaskError(
+            f"the mask removes unequal channels from the groups of {name}; the structures keep them equal"
+        )
     return _kept(per_group, local)
 
 
@@ -95,7 +97,9 @@ def _cut_module(name: str, m: nn.Module, out_removed: set[int], in_removed: set[
     elif isinstance(m, NORM_TYPES):
         _cut_norm(m, out_removed)
     else:
-        raise MaskError(f"{name} ({type(m).__name__}) holds pruned channels, and the engine cannot cut that module")
+        raise MaskError(
+            f"{name} ({type(m).__name__}) holds pruned channels, and the engine cannot cut that module"
+        )
 
 
 def remove_structures(model: nn.Module, structures: StructureSet, pruned: torch.Tensor) -> None:

@@ -194,11 +194,16 @@ class StructureSet:
     consumed: list[ProducerSlice] = field(
         default_factory=list
     )  # consumers' input-channel slices of each structure
-    # layer -> the ops that reshape its channels (view, pixel shuffle, heads): its pruning is measured before offered
-    reshaped: dict[str, list[str]] = field(default_factory=dict)
+    # layer -> the ops that fix its sizes in the graph (a view into heads, a split, a computed weight): its pruning is
+    # measured before it is offered
+    measured: dict[str, list[str]] = field(default_factory=dict)
     parameters: list[ProducerSlice] = field(default_factory=list)  # bare parameters' slices of each structure
-    parameter_axes: dict[str, int] = field(default_factory=dict)  # bare parameter -> the axis its channels run along
-    heads: dict[str, list[int]] = field(default_factory=dict)  # attention module -> the structure of each head
+    parameter_axes: dict[str, int] = field(
+        default_factory=dict
+    )  # bare parameter -> the axis its channels run along
+    heads: dict[str, list[int]] = field(
+        default_factory=dict
+    )  # attention module -> the structure of each head
 
     @property
     def num_structures(self) -> int:
@@ -261,15 +266,42 @@ class StructureSet:
         """Index of each layer's first structure (structures are numbered layer by layer)."""
         return torch.cumsum(torch.tensor([0] + [l.size for l in self.layers]), 0).tolist()
 
-    def pruned_vector(self, mask: Sequence[str] | set[str]) -> torch.Tensor:
-        """Bool vector over structures from a set of structure keys; unknown keys are a MaskError."""
+    def aliases(self) -> dict[str, str]:
+        """Keys an earlier version gave these structures -> their key now. Earlier versions (torch-pruning's graph)
+        named a layer after another of its producers and numbered its structures by that producer's channels; each
+        producer's structures, ranked by their first channel of it, give those names."""
+        kinds = {m.name: m.kind for m in self.modules}
+        found: dict[str, str] = {}
+        for piece in self.producers:
+            if kinds.get(piece.module) not in ("conv", "depthwise", "linear"):
+                continue
+            first: dict[int, int] = {}
+            for c, s in zip(piece.channels.tolist(), piece.structure.tolist()):
+                first[s] = min(first.get(s, c), c)
+            for rank, s in enumerate(sorted(first, key=first.__getitem__)):
+                found.setdefault(f"{piece.module}:{rank}", self.keys[s])
+        return found
+
+    def current_keys(self, keys: Sequence[str]) -> list[str | None]:
+        """Each key as these structures name it now (an earlier version's name translated), None where unknown."""
         index = self.key_index()
-        unknown = [k for k in mask if k not in index]
+        if all(k in index for k in keys):
+            return list(keys)
+        aliases = self.aliases()
+        return [k if k in index else aliases.get(k) for k in keys]
+
+    def pruned_vector(self, mask: Sequence[str] | set[str]) -> torch.Tensor:
+        """Bool vector over structures from a set of structure keys (an earlier version's names read too); unknown
+        keys are a MaskError."""
+        index = self.key_index()
+        current = self.current_keys(list(mask))
+        unknown = [k for k, now in zip(mask, current) if now is None]
         if unknown:
             raise MaskError(
                 f"{len(unknown)} mask keys are not structures of this model (e.g. {unknown[:3]}); "
                 "the mask was made for another architecture or exclusion setting"
             )
+        mask = current
         vec = torch.zeros(self.num_structures, dtype=torch.bool)
         if mask:
             vec[[index[k] for k in mask]] = True
@@ -497,7 +529,9 @@ def traced_structures(
         raise MaskError("the model has no convolution or linear layer to prune")
     classifier = producer_order[-1]
     ignored = {
-        n for n, _ in model.named_modules() if n == classifier or any(fnmatch.fnmatchcase(n, p) for p in patterns)
+        n
+        for n, _ in model.named_modules()
+        if n == classifier or any(fnmatch.fnmatchcase(n, p) for p in patterns)
     }
     with preserved_modes(model), torch.no_grad():
         model.eval()
@@ -518,7 +552,9 @@ def traced_structures(
     stages = _stage_labels([shapes[t.root][0].output if t.root in shapes else () for t in traced_groups])
     layers, slices, consumed, parameters, removal, heads, offset = [], [], [], [], [], {}, 0
     for depth, traced in enumerate(traced_groups):
-        layer, produced, taken, held, rows = _layer_of_group(model, traced, depth, stages[depth], offset, table)
+        layer, produced, taken, held, rows = _layer_of_group(
+            model, traced, depth, stages[depth], offset, table
+        )
         layers.append(layer)
         slices += produced
         consumed += taken
@@ -537,7 +573,7 @@ def traced_structures(
         excluded=sorted(ignored),
         unprunable=unprunable,
         consumed=consumed,
-        reshaped={t.root: t.reshaped for t in traced_groups if t.reshaped},
+        measured={t.root: t.measured for t in traced_groups if t.measured},
         parameters=parameters,
         parameter_axes={p.module: axes[p.module] for p in parameters},
         heads=heads,

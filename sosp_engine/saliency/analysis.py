@@ -279,10 +279,33 @@ class AnalysisResult:
         return [self.keys[i] for i in self.pruning_order.tolist()]
 
     def check_structures(self, structures: StructureSet) -> None:
-        if structures.keys != self.keys:
+        """Refuse structures of another net; an analysis stored by an earlier version, whose keys name the same
+        structures otherwise, is renumbered to them in memory."""
+        if structures.keys == self.keys:
+            return
+        current = structures.current_keys(self.keys)
+        if None in current or sorted(current) != sorted(structures.keys):
             raise AnalysisError(
                 "this analysis was made on another architecture or exclusion setting than the given model"
             )
+        self._renumber(structures, current)
+
+    def _renumber(self, structures: StructureSet, current: list[str]) -> None:
+        """Adopt `structures`' keys and numbering; `current[i]` is the key now of the structure stored as i."""
+        position = structures.key_index()
+        moved = torch.tensor([position[k] for k in current], dtype=torch.long)
+        for name in ("saliency", "first_order", "second_order"):
+            values = getattr(self, name)
+            if values is not None:
+                placed = torch.empty_like(values)
+                placed[moved] = values
+                setattr(self, name, placed)
+        self.pruning_order = moved[self.pruning_order]
+        layer_names = {old.rpartition(":")[0]: now.rpartition(":")[0] for old, now in zip(self.keys, current)}
+        self.layers = [
+            {**layer, "name": layer_names.get(layer["name"], layer["name"])} for layer in self.layers
+        ]
+        self.keys = list(structures.keys)
 
     def save(self, folder: str | Path) -> Path:
         """Write `analysis.json` and `tensors.pt` into `folder` (written to temporary names, then renamed)."""
