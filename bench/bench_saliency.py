@@ -82,11 +82,12 @@ def _measure(
     ):  # peers: torch-pruning's importances over every coupled group (graph built untimed)
         import torch_pruning as tp
 
-        from sosp_engine.pruning.structures import PRODUCER_TYPES, build_graph
+        from sosp_engine.pruning.structures import PRODUCER_TYPES
 
-        groups = list(
-            build_graph(inputs.model, inputs.x[:1]).get_all_groups(root_module_types=PRODUCER_TYPES)
+        graph = tp.DependencyGraph().build_dependency(
+            inputs.model, example_inputs=inputs.x[:1].to(inputs.device)
         )
+        groups = list(graph.get_all_groups(root_module_types=PRODUCER_TYPES))
         if (
             task == "tp-obdc"
         ):  # its hooks follow the groups of torch-pruning's own pruner (the graph built untimed)

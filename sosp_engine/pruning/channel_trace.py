@@ -117,6 +117,7 @@ class Tracer:
         self.parameters: dict[str, torch.Tensor] = {}
         self.measured: list[tuple[torch.Tensor, str]] = []
         self.heads_of: dict[str, list[torch.Tensor]] = {}
+        self.grids: list[torch.Tensor] = []  # (outer, inner) ids of each channel axis a reshape split in two
         self.where = ""
         self.module_path = ""
 
@@ -160,21 +161,29 @@ class Tracer:
             self.outputs[name] = self.new_ids(channels)
         return self.outputs[name]
 
+    def _classes(self) -> torch.Tensor:
+        """The connected components of the coupled pairs: the class of every id."""
+        if not self.pairs:
+            return torch.arange(self.count)
+        pairs = torch.cat(self.pairs).numpy()
+        graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(self.count, self.count))
+        _, classes = connected_components(graph, directed=False)
+        return torch.from_numpy(classes.astype(np.int64))
+
     def finish(self) -> ChannelTrace:
         """Couple the channels each module reads on its several calls, then the classes of every id."""
         for table in (self.norms, self.inputs):
             for calls in table.values():
                 for later in calls[1:]:
                     self.couple([calls[0], later])
-        if self.pairs:
-            pairs = torch.cat(self.pairs).numpy()
-            graph = coo_matrix(
-                (np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(self.count, self.count)
-            )
-            _, classes = connected_components(graph, directed=False)
-        else:
-            classes = np.arange(self.count)
-        classes = torch.from_numpy(classes.astype(np.int64))
+        classes, pending = self._classes(), list(self.grids)
+        while pending:  # a split channel axis keeps its grid rectangular: else its columns go together
+            broken = [g for g in pending if not _whole_rows_or_columns(_class_grid(classes, g))]
+            if not broken:
+                break
+            self.couple_within(broken[0], 1)
+            pending = [g for g in pending if g is not broken[0]]
+            classes = self._classes()
         blocked: dict[int, str] = {}
         for ids, why in self.blocks:
             for c in classes[ids].unique().tolist():
@@ -443,11 +452,48 @@ def _run_node(tracer: Tracer, node: torch.fx.Node, values: dict, owners: dict) -
         for value in labelled:
             tracer.block(value, f"{tracer.where}: its channel rule failed ({str(exc).splitlines()[0][:100]})")
         return real, None
+    if op in RESHAPING_OPS and isinstance(labels, torch.Tensor) and len(labelled) == 1:
+        if sum(varies(labelled[0], d) for d in range(labelled[0].ndim)) == 1:
+            grid = _split_grid(labels)
+            if grid is not None:
+                tracer.grids.append(grid.clone())
     for value in labelled if op in RESHAPING_OPS | FIXED_SIZE_OPS else []:
         dim = call.named.get("dim", 0) if op in FIXED_SIZE_OPS else None
         if _reshapes(value, real) if dim is None else varies(value, dim if isinstance(dim, int) else 0):
             tracer.measured.append((value[value >= 0].unique().long(), tracer.where))
     return real, labels
+
+
+def _split_grid(labels: torch.Tensor) -> torch.Tensor | None:
+    """The (outer, inner) ids where a reshape's output holds channels along exactly two axes (a channel shuffle's
+    (groups, C / groups), heads x head_dim), else None."""
+    varying = [d for d in range(labels.ndim) if varies(labels, d)]
+    if len(varying) != 2:
+        return None
+    grid = labels
+    for d in reversed(range(labels.ndim)):
+        if d not in varying:
+            grid = grid.select(d, 0)
+    return grid
+
+
+def _class_grid(classes: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    ids = grid.long()
+    return torch.where(ids >= 0, classes[ids.clamp(min=0)], -1)
+
+
+def _whole_rows_or_columns(grid: torch.Tensor) -> bool:
+    """Whether every class fills whole rows or whole columns of the grid (so removing it keeps the grid
+    rectangular)."""
+    rows, cols = grid.shape
+    for c in grid.unique().tolist():
+        if c < 0:
+            continue
+        held = grid == c
+        count = int(held.sum())
+        if count != int(held.any(1).sum()) * cols and count != int(held.any(0).sum()) * rows:
+            return False
+    return True
 
 
 def _reshapes(value: torch.Tensor, real: object) -> bool:

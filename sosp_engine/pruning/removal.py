@@ -116,7 +116,20 @@ def remove_structures(model: nn.Module, structures: StructureSet, pruned: torch.
             size = getattr(module, attribute).shape[structures.parameter_axes[name]]
             _cut(module, attribute, structures.parameter_axes[name], _kept(size, removed))
     for name, heads in structures.heads.items():
-        module = model.get_submodule(name)
-        gone = sum(bool(pruned[s]) for s in heads)
-        if gone and isinstance(getattr(module, "num_heads", None), int):
-            module.num_heads -= gone
+        _drop_heads(model.get_submodule(name), sum(bool(pruned[s]) for s in heads))
+
+
+# what attention modules read of their width besides num_heads (timm: attn_dim; others: all_head_size, inner_dim)
+HEAD_WIDTH_ATTRIBUTES = ("attn_dim", "all_head_dim", "all_head_size", "inner_dim")
+
+
+def _drop_heads(module: nn.Module, gone: int) -> None:
+    """An attention module that lost `gone` whole heads: its head count and the widths derived from it."""
+    heads = getattr(module, "num_heads", None)
+    if not gone or not isinstance(heads, int):
+        return
+    for attribute in HEAD_WIDTH_ATTRIBUTES:
+        width = getattr(module, attribute, None)
+        if isinstance(width, int) and width % heads == 0:
+            setattr(module, attribute, width // heads * (heads - gone))
+    module.num_heads = heads - gone
