@@ -459,7 +459,8 @@ def _run_node(tracer: Tracer, node: torch.fx.Node, values: dict, owners: dict) -
                 tracer.grids.append(grid.clone())
     for value in labelled if op in RESHAPING_OPS | FIXED_SIZE_OPS else []:
         dim = call.named.get("dim", 0) if op in FIXED_SIZE_OPS else None
-        if _reshapes(value, real) if dim is None else varies(value, dim if isinstance(dim, int) else 0):
+        along = range(value.ndim) if dim is None else [dim if isinstance(dim, int) else 0]
+        if any(varies(value, d) for d in along):
             tracer.measured.append((value[value >= 0].unique().long(), tracer.where))
     return real, labels
 
@@ -494,13 +495,6 @@ def _whole_rows_or_columns(grid: torch.Tensor) -> bool:
         if count != int(held.any(1).sum()) * cols and count != int(held.any(0).sum()) * rows:
             return False
     return True
-
-
-def _reshapes(value: torch.Tensor, real: object) -> bool:
-    """Whether a reshape regroups the axes of a labelled tensor (beyond adding or dropping axes of size 1)."""
-    return isinstance(real, torch.Tensor) and [s for s in value.shape if s != 1] != [
-        s for s in real.shape if s != 1
-    ]
 
 
 def _flat(value: object) -> list:

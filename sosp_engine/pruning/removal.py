@@ -113,10 +113,26 @@ def remove_structures(model: nn.Module, structures: StructureSet, pruned: torch.
         for name, removed in _removed(structures.parameters, pruned).items():
             owner, _, attribute = name.rpartition(".")
             module = model.get_submodule(owner) if owner else model
-            size = getattr(module, attribute).shape[structures.parameter_axes[name]]
+            before = getattr(module, attribute).shape
+            size = before[structures.parameter_axes[name]]
             _cut(module, attribute, structures.parameter_axes[name], _kept(size, removed))
+            _follow_view_shapes(module, before, size, size - len(removed))
     for name, heads in structures.heads.items():
         _drop_heads(model.get_submodule(name), sum(bool(pruned[s]) for s in heads))
+
+
+def _follow_view_shapes(module: nn.Module, before: torch.Size, size: int, left: int) -> None:
+    """A module that views its parameter to a stored shape (poolformer's Scale: `self.shape = (dim, 1, 1)`): a tuple
+    attribute of the parameter's size holding the old channel count once gets the new count."""
+    for attribute, value in vars(module).items():
+        if (
+            isinstance(value, tuple)
+            and value
+            and all(isinstance(v, int) for v in value)
+            and value.count(size) == 1
+            and int(torch.tensor(value).prod()) == before.numel()
+        ):
+            setattr(module, attribute, tuple(left if v == size else v for v in value))
 
 
 # what attention modules read of their width besides num_heads (timm: attn_dim; others: all_head_size, inner_dim)

@@ -309,9 +309,9 @@ class StructureSet:
 
 
 def _counted_module(m: nn.Module) -> bool:
-    """Convs, linears and norms (also wrappers such as timm's BatchNormAct2d) and parameterised leaves."""
-    own = any(True for _ in m.parameters(False))
-    return isinstance(m, PRODUCER_TYPES + NORM_TYPES) or (own and next(m.children(), None) is None)
+    """Convs, linears and norms (also wrappers such as timm's BatchNormAct2d): counted as modules; every other
+    parameter is counted (and cut) on its own (layer scales, GRN, embeddings)."""
+    return isinstance(m, PRODUCER_TYPES + NORM_TYPES)
 
 
 def _bare_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
