@@ -128,7 +128,7 @@ def _check_widths(model: nn.Module, structures: StructureSet, pruned: torch.Tens
         actual = _widths(model.get_submodule(info.name))
         expected_out = info.out_channels - removed[2 * i + 1]
         expected_in = (
-            expected_out if info.kind in ("depthwise", "norm") else info.in_channels - removed[2 * i]
+            expected_out if info.kind == "norm" else info.in_channels - removed[2 * i]
         )
         if actual is not None and actual != (expected_in, expected_out):
             raise MaskError(
