@@ -72,6 +72,7 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
     from sosp_engine.nets.setup import ModelSetup
     from sosp_engine.pruning.workbench import open_workbench
     from sosp_engine.pruning.masks import mask_summary, pruned_copy
+    from sosp_engine.pruning.offered import find_structures
     from sosp_engine.pruning.pruned_models import pruning_recipe, save_pruned
 
     torch.manual_seed(0)
@@ -81,7 +82,15 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
     wb.model.eval()
     if revived := live_output_layers(wb.model):
         row["zero_layers_reinitialised"] = revived
-    s = wb.structures
+    start = time.perf_counter()
+    s = find_structures(wb.model, wb.example)  # timed alone: the workbench's own trace included loading
+    row["trace_s"] = round(time.perf_counter() - start, 2)
+    account = s.channel_account()
+    unaccounted = [
+        r["module"] for r in account if r["offered"] + r["unprunable"] + r["excluded"] != r["width"]
+    ]
+    if unaccounted:
+        raise AssertionError(f"channels neither offered, unprunable nor excluded in {unaccounted[:3]}")
     row.update(
         params=s.counts()[0],
         macs=s.counts()[1],
@@ -89,6 +98,9 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
         structures=s.num_structures,
         grouped_layers=sum(l.structure_size > 1 for l in s.layers),
         unprunable=len(s.unprunable),
+        heads=sum(len(h) for h in s.heads.values()),
+        channels=sum(r["width"] for r in account),
+        channels_offered=sum(r["offered"] for r in account),
         input=side,
     )
     results = {}

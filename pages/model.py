@@ -23,7 +23,7 @@ from app.state import (
 )
 from sosp_engine.experiments.procedures import ExperimentConfig
 from sosp_engine.runs.jobs import submit
-from sosp_engine.pruning.masks import layer_table, mask_summary
+from sosp_engine.pruning.masks import channel_table, layer_table, mask_summary
 from sosp_engine.nets import USER_CODE_WARNING, is_user_code
 from sosp_engine.experiments.training import TrainConfig, evaluate
 from sosp_engine.nets.setup import ModelSetup
@@ -271,6 +271,8 @@ def structure_notes(bench) -> None:
                 "Not prunable: " + "; ".join(f"{n} ({why})" for n, why in bench.structures.unprunable.items())
             )
         )
+    with st.expander("Every channel accounted for: offered, unprunable or excluded"):
+        show_table(channel_table(bench.structures))
     if bench.recipe is not None:
         st.caption(
             plain(

@@ -205,3 +205,24 @@ def test_an_analysis_reopens_on_its_checkpoint_or_a_moved_one_and_at_init_on_non
     assert trained.opening_setup("moved/trained.pt").weights == "moved/trained.pt"
     trained.config = AnalysisConfig(setup=setup, at_init=True)
     assert trained.opening_setup("moved/trained.pt").weights is None
+
+
+def test_an_analysis_stored_under_an_earlier_version_s_layer_names_opens_with_the_same_masks(tmp_path):
+    torch.manual_seed(0)
+    bench = open_workbench(ModelSetup("resnet20", "digits", preset=None))
+    result = run_analysis(bench, AnalysisConfig(method="sosp-h", samples=40, setup=bench.setup))
+    stream = next(layer for layer in bench.structures.layers if "layer2.0.shortcut.0" in layer.producers)
+    assert stream.name == "layer2.0.conv2"  # torch-pruning named this layer after its shortcut conv
+    before = result.mask(bench.structures, 0.4)
+    folder = result.save(tmp_path / "old")
+    old = (folder / "analysis.json").read_text().replace('"layer2.0.conv2:', '"layer2.0.shortcut.0:')
+    (folder / "analysis.json").write_text(old)
+    stored = AnalysisResult.load(folder)
+    assert any(k.startswith("layer2.0.shortcut.0:") for k in stored.keys)
+    assert stored.mask(bench.structures, 0.4) == before and stored.keys == bench.structures.keys
+
+
+def test_the_stored_analysis_accounts_for_every_channel_of_every_producer(workbench):
+    result = run_analysis(workbench, AnalysisConfig(method="sosp-h", samples=40))
+    assert {row["module"] for row in result.channels} >= {"conv1", "layer3.2.conv2", "linear"}
+    assert all(r["offered"] + r["unprunable"] + r["excluded"] == r["width"] for r in result.channels)

@@ -85,6 +85,7 @@ def cmd_info(args: argparse.Namespace) -> dict:
         "macs": summary["macs_before"],
         "excluded_modules": wb.structures.excluded,
         "unprunable_layers": wb.structures.unprunable,
+        "channels": wb.structures.channel_account(),
         "pruned_checkpoint": wb.recipe is not None,
         "layer_table": layer_table(wb.structures).to_dict(orient="records"),
         **onnx_written(args, wb.model, wb),

@@ -164,9 +164,9 @@ def _group(
 
 def coupled_groups(
     trace: ChannelTrace, order: dict[str, int], ignored: set[str]
-) -> tuple[list[TracedGroup], dict[str, str], set[str]]:
-    """The layers of a trace in forward order, the unprunable ones ({producer: why}) and the excluded roots (a layer
-    holding an ignored producer: the classifier, a user's exclusion)."""
+) -> tuple[list[TracedGroup], dict[str, str], dict[str, str]]:
+    """The layers of a trace in forward order, the unprunable producers ({producer: why}) and the held-back ones
+    ({producer: the excluded module of its layer}: the classifier, a user's or a preset's exclusion)."""
     axes = parameter_axes(trace)
     members = _layer_members(trace, order)
     layer_of_class = torch.full((len(trace.classes),), -1, dtype=torch.long)
@@ -174,10 +174,11 @@ def coupled_groups(
         for name in producers:
             layer_of_class[trace.class_of(trace.outputs[name])] = g
     touches = _touches(trace, layer_of_class)
-    groups, unprunable, excluded = [], {}, set()
+    groups, unprunable, excluded = [], {}, {}
     for g, (root, producers) in enumerate(members.items()):
-        if any(n in ignored for n in producers):
-            excluded.add(root)
+        held = [n for n in producers if n in ignored]
+        if held:
+            excluded |= {n: held[0] for n in producers}
             continue
         group, why = _group(trace, root, producers, touches, g, axes)
         if group is None:

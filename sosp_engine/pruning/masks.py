@@ -55,6 +55,12 @@ def layer_table(structures: StructureSet, mask: Iterable[str] = ()) -> pd.DataFr
     return table
 
 
+def channel_table(structures: StructureSet) -> pd.DataFrame:
+    """One row per conv / linear: its width as offered, unprunable and excluded channels, and why (the Model page)."""
+    columns = ["module", "width", "offered", "unprunable", "excluded", "why"]
+    return pd.DataFrame(structures.channel_account(), columns=columns).fillna({"why": ""})
+
+
 def mask_summary(structures: StructureSet, mask: Iterable[str] = ()) -> dict[str, float]:
     """Whole-model counts before and after applying a mask, and the pruned fractions."""
     pruned = structures.pruned_vector(set(mask))
@@ -127,9 +133,7 @@ def _check_widths(model: nn.Module, structures: StructureSet, pruned: torch.Tens
             continue
         actual = _widths(model.get_submodule(info.name))
         expected_out = info.out_channels - removed[2 * i + 1]
-        expected_in = (
-            expected_out if info.kind == "norm" else info.in_channels - removed[2 * i]
-        )
+        expected_in = expected_out if info.kind == "norm" else info.in_channels - removed[2 * i]
         if actual is not None and actual != (expected_in, expected_out):
             raise MaskError(
                 f"the surgery left {info.name} at {actual[0]} -> {actual[1]} channels, but the structures "

@@ -204,6 +204,32 @@ class StructureSet:
     heads: dict[str, list[int]] = field(
         default_factory=dict
     )  # attention module -> the structure of each head
+    held_back: dict[str, str] = field(
+        default_factory=dict
+    )  # producer -> the excluded module its channels go with
+
+    def channel_account(self) -> list[dict]:
+        """Every output channel of every conv and linear: offered (in a structure), unprunable (with why), or
+        excluded (with the excluded module it goes with); a producer the forward pass never runs keeps its channels.
+        The three counts of each row add up to its width."""
+        offered: dict[str, int] = {}
+        for piece in self.producers:
+            offered[piece.module] = offered.get(piece.module, 0) + len(piece.channels)
+        rows = []
+        for m in self.modules:
+            if m.kind not in ("conv", "depthwise", "linear"):
+                continue
+            row = {"module": m.name, "width": m.out_channels, "offered": 0, "unprunable": 0, "excluded": 0}
+            if m.name in offered:
+                row["offered"] = offered[m.name]
+            elif m.name in self.unprunable:
+                row |= {"unprunable": m.out_channels, "why": self.unprunable[m.name]}
+            elif m.name in self.held_back:
+                row |= {"excluded": m.out_channels, "why": f"excluded with {self.held_back[m.name]}"}
+            else:
+                row |= {"unprunable": m.out_channels, "why": "not run in the forward pass: kept as it is"}
+            rows.append(row)
+        return rows
 
     @property
     def num_structures(self) -> int:
@@ -539,7 +565,7 @@ def traced_structures(
     axes = parameter_axes(trace)
     table = _module_table(model, order, shapes, axes)
     position = {n: i for i, n in enumerate(order)}
-    traced_groups, unprunable, _ = coupled_groups(trace, position, ignored)
+    traced_groups, unprunable, held_back = coupled_groups(trace, position, ignored)
     for group in [g for g in traced_groups if g.root in refused]:
         unprunable[group.root] = refused[group.root]
         traced_groups.remove(group)
@@ -577,4 +603,5 @@ def traced_structures(
         parameters=parameters,
         parameter_axes={p.module: axes[p.module] for p in parameters},
         heads=heads,
+        held_back=held_back,
     )

@@ -208,6 +208,9 @@ class AnalysisResult:
     memory: dict | None = None  # the probe's estimate and the budget that chose the batch size (memory.py)
     layer_latency: str | None = None  # normalize="latency": how the layers were timed (layer_latency.py)
     curvature_form: str | None = None  # SOSP-I: how its Gauss-Newton matrix was kept, and why (curvature.py)
+    channels: list[dict] | None = (
+        None  # every producer's channels: offered, unprunable, excluded (channel_account)
+    )
 
     def predicted_increase(self, count: int) -> float | None:
         """The method's predicted loss increase for the first `count` structures of the order (None if not stored)."""
@@ -326,6 +329,7 @@ class AnalysisResult:
             "memory": self.memory,
             "layer_latency": self.layer_latency,
             "curvature_form": self.curvature_form,
+            "channels": self.channels,
         }
         tensors = {"saliency": self.saliency, "pruning_order": self.pruning_order}
         if self.first_order is not None:
@@ -401,6 +405,7 @@ class AnalysisResult:
             meta.get("memory"),
             meta.get("layer_latency"),
             meta.get("curvature_form"),
+            meta.get("channels"),
         )
 
 
@@ -582,6 +587,7 @@ def run_analysis(
         exactness=exactness,
         memory=memory,
         layer_latency=layer_latency,
+        channels=workbench.structures.channel_account(),
         **ranking.result_fields(),
     )
 
