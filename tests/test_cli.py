@@ -204,3 +204,27 @@ def test_the_earlier_name_of_the_code_consent_flag_is_still_accepted():
 
     for flag in ("--run-code", "--trust-code"):
         assert build_parser().parse_args(["bottlenecks", "some/analysis", flag]).run_code
+
+
+def test_a_pruned_net_that_does_not_run_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    from sosp_engine.pruning import workbench as workbench_module
+
+    wb = open_workbench(ModelSetup("resnet20", "digits"))
+    save_mask(tmp_path / "m.json", wb.structures, random_mask(wb.structures, 0.5))
+    pruned_copy = workbench_module.pruned_copy
+
+    def broken_copy(*args, **kwargs):  # as a module whose code fixes a width the surgery cut
+        smaller = pruned_copy(*args, **kwargs)
+        smaller.conv1.out_channels += 1
+        smaller.conv1.weight = torch.nn.Parameter(
+            smaller.conv1.weight[:1].repeat(smaller.conv1.out_channels, 1, 1, 1)
+        )
+        return smaller
+
+    monkeypatch.setattr(workbench_module, "pruned_copy", broken_copy)
+    args = ["--model", "resnet20", "--mask", str(tmp_path / "m.json"), "--save", str(tmp_path / "small.pt")]
+    assert main(["prune", *args, "--onnx", str(tmp_path / "small.onnx")]) == 2
+    assert "does not run" in capsys.readouterr().err
+    assert main(["finetune", *args, "--epochs", "1"]) == 2
+    assert "nothing was written" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]

@@ -267,7 +267,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     distinct_outputs({"--mask": args.mask, "--save": args.save})
     wb = workbench_from(args)
-    pruned = wb.prune(load_mask(args.mask, wb.structures))
+    export = export_pruned(wb, load_mask(args.mask, wb.structures), onnx=False)  # runs and is measured first
+    progress_line(exactness_line(export.exactness))
+    pruned = export.pruned
     result = train(pruned.model, wb.data, train_config_from(args), progress=epoch_printer)
     save_pruned(args.save, pruned.model.cpu(), pruned.recipe)
     print(json.dumps({"test_acc": result.test_acc, "params": count_params(pruned.model), "saved": args.save}))

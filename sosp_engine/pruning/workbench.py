@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, MaskError
 from ..nets import build_model, load_weights, read_checkpoint
 from ..nets.data import DataBundle, check_model_fits_data, example_input, load_data
 from ..nets.setup import ModelSetup
@@ -67,6 +67,7 @@ class Workbench:
         """The workbench's net (or `model`, a copy with the same structures) without the masked structures, with the
         recipe that reopens it (`--model SPEC --weights pruned.pt`), chained after the recipe it was loaded with."""
         smaller = pruned_copy(model if model is not None else self.model, self.structures, mask, self.example)
+        runs(smaller, self.example)
         recipe = pruning_recipe(
             self.setup.model_spec,
             self.structures,
@@ -76,6 +77,22 @@ class Workbench:
             self.recipe,
         )
         return PrunedModel(smaller, recipe, set(mask))
+
+
+def runs(smaller: nn.Module, example: torch.Tensor) -> None:
+    """Refuse a pruned net that does not run on the example input (before anything of it is written or trained)."""
+    modes = {m: m.training for m in smaller.modules()}
+    try:
+        with torch.no_grad():
+            smaller.eval()(example.to(next(smaller.parameters()).device))
+    except RuntimeError as exc:
+        raise MaskError(
+            f"the net pruned by this mask does not run ({str(exc).splitlines()[0][:160]}); nothing was written. "
+            "Exclude the layers of this mask whose module code fixes their width (--exclude), or prune others"
+        ) from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def expansion_sizes(workbench: Workbench, factors: dict[str, float]) -> tuple[int, int, float, int]:
