@@ -46,6 +46,15 @@ TIMM_MODELS = (
     "cspdarknet53",
     "cs3darknet_s",
     "ghostnetv2_100",
+    "deit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "mobilevit_xs",
+    "efficientformer_l1",
+    "convnextv2_atto",
+    "poolformer_s12",
+    "levit_128s",
+    "coatnet_0_rw_224",
+    "regnety_002",
 )
 RESULTS = ROOT / "bench" / "results" / "model_matrix.jsonl"
 DOC = ROOT / "docs" / "models.md"
@@ -318,6 +327,13 @@ def _kept_parts(doc: Path) -> tuple[str, str]:
     return "\n\n".join(p.strip() for p in paragraphs if p.strip()), sections.strip()
 
 
+def _share(row: dict) -> str:
+    """Channels offered of all conv / linear output channels (rows measured before the channel account: blank)."""
+    if "channels" not in row:
+        return ""
+    return f"{row['channels_offered']:,} / {row['channels']:,}"
+
+
 def _thousands(value: int | None) -> str:
     return "" if value is None else f"{value:,}"
 
@@ -345,9 +361,10 @@ def write_doc(rows: list[dict], doc: Path = DOC, note: str = "") -> None:
         f"SOSP-I refused for memory, and {failed} pass every check but SOSP-I's (each with its reason in the row; "
         f"{len(rows) - ran} of the matrix not run yet: the script resumes where it stopped).",
         "",
-        "| model | params | layers | structures | grouped layers | unprunable | SOSP-H s | SOSP-I s "
-        "| SOSP-I peak RSS (MB) | SOSP-I kept H_GN as | approximate layers | max deviation | status |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
+        "| model | params | layers | structures | heads | channels offered | grouped layers | unprunable | trace s "
+        "| SOSP-H s | SOSP-I s | SOSP-I peak RSS (MB) | SOSP-I kept H_GN as | approximate layers | max deviation "
+        "| status |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
     ]
     for r in rows:
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}".replace("|", "/")
@@ -358,11 +375,12 @@ def write_doc(rows: list[dict], doc: Path = DOC, note: str = "") -> None:
         dev = f"{r['deviation']:.1e}" if "deviation" in r else ""
         lines.append(
             f"| {r['model']} | {r.get('params', ''):,} | {r.get('layers', '')} | {r.get('structures', '')} | "
-            f"{r.get('grouped_layers', '')} | {r.get('unprunable', '')} | {r.get('sosp-h_s', '')} | "
+            f"{r.get('heads', '')} | {_share(r)} | {r.get('grouped_layers', '')} | {r.get('unprunable', '')} | "
+            f"{r.get('trace_s', '')} | {r.get('sosp-h_s', '')} | "
             f"{r.get('sosp-i_s', '')} | {_thousands(r.get('sosp-i_peak_rss_mb'))} | {r.get('sosp-i_form', '')} | "
             f"{r.get('approximate_layers', '')} | {dev} | {status} |"
             if "params" in r
-            else f"| {r['model']} |  |  |  |  |  |  |  |  |  |  |  | {status} |"
+            else f"| {r['model']} |{'  |' * 15} {status} |"
         )
     doc.write_text("\n".join(lines) + ("\n\n" + sections if sections else "") + "\n")
 

@@ -11,6 +11,7 @@ multiplier, transposed, 1d/2d/3d), linears and norms.
 from __future__ import annotations
 
 import operator
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Collection
 
@@ -362,9 +363,57 @@ def _exported(model: nn.Module, example_input: torch.Tensor):
         ) from None
 
 
+TRACE_CACHE_SIZE = 32
+_traces: OrderedDict[tuple, ChannelTrace] = OrderedDict()
+
+
+def _plain(value: object) -> object:
+    """A module attribute as a cache key part: plain values as they are, callables and classes by identity."""
+    if isinstance(value, (int, float, bool, str, type(None))):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    if callable(value) and not isinstance(value, torch.Tensor):
+        return value
+    return type(value)
+
+
+def _architecture_key(model: nn.Module, example_input: torch.Tensor, bare: Collection[str]) -> tuple:
+    """What a trace depends on: every module's class and plain attributes (a flag that changes the forward), the
+    parameters' and buffers' shapes, the example's shape, dtype and device. Weights do not enter a trace."""
+    modules = tuple(
+        (name, type(m), tuple(sorted((k, _plain(v)) for k, v in vars(m).items() if not k.startswith("_"))))
+        for name, m in model.named_modules()
+    )
+    tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in model.state_dict().items())
+    return (
+        modules,
+        tensors,
+        tuple(example_input.shape),
+        example_input.dtype,
+        str(example_input.device),
+        tuple(bare),
+    )
+
+
 def trace_channels(model: nn.Module, example_input: torch.Tensor, bare: Collection[str]) -> ChannelTrace:
     """Which channels go together in `model` (in eval mode; its modes are left as they were by the caller). `bare`
-    names the parameters no module rule reads (layer scales, embeddings), labelled element by element."""
+    names the parameters no module rule reads (layer scales, embeddings), labelled element by element. One trace per
+    architecture and input shape in a process: a trace reads code and shapes, never weights."""
+    try:
+        key = _architecture_key(model, example_input, sorted(bare))
+        hash(key)
+    except TypeError:  # an attribute that cannot be hashed: traced every time
+        return _traced(model, example_input, bare)
+    if key not in _traces:
+        _traces[key] = _traced(model, example_input, bare)
+        while len(_traces) > TRACE_CACHE_SIZE:
+            _traces.popitem(last=False)
+    _traces.move_to_end(key)
+    return _traces[key]
+
+
+def _traced(model: nn.Module, example_input: torch.Tensor, bare: Collection[str]) -> ChannelTrace:
     program = _exported(model, example_input)
     tracer = Tracer(model)
     owners: dict[str, str] = {}
