@@ -371,3 +371,24 @@ def test_a_matmul_of_one_head_pairs_q_and_k_channel_by_channel():
     q = torch.arange(4.0).reshape(1, 1, 4).expand(1, 3, 4)  # (B, N, C)
     matmul_labels(recorder, q, (q + 10).transpose(-1, -2))
     assert _groups(recorder.pairs) == [{0, 10}, {1, 11}, {2, 12}, {3, 13}] and recorder.head_ids == []
+
+
+def test_a_timm_vit_offers_whole_attention_heads_that_prune_exactly():
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=D)
+    vit = vit.double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    structures = find_structures(vit, x[:1])
+    assert {name: len(heads) for name, heads in structures.heads.items()} == {
+        "blocks.0.attn": 3,
+        "blocks.1.attn": 3,
+    }
+    mask = {structures.keys[structures.heads["blocks.1.attn"][0]]}
+    smaller = pruned_copy(vit, structures, mask, x[:1])
+    assert smaller.blocks[1].attn.num_heads == 2 and smaller.blocks[1].attn.qkv.out_features == 3 * 2 * 64
+    report = exactness_report(vit, structures, mask, x[:1], x)
+    assert (
+        report["deviation"] <= report["tolerance"]
+    )  # the heads' own deviation: none (the stream's norms mix)
