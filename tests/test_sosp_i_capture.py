@@ -254,3 +254,34 @@ def test_the_benchmark_floor_runs_sosp_i_own_passes_and_none_of_its_products(mon
     # no forward SOSP-I does not do, the same backward passes: a lower bound on SOSP-I's time by construction
     assert floor[0] <= sosp_i[0] and floor[1] == sosp_i[1] > 0
     assert sosp_i[2] > 0 and floor[2] == 0
+
+
+class TokenRowsNet(nn.Module):
+    """LeViT's linear + BatchNorm1d on (samples x tokens) rows: the norm's output rows are not samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(2, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 6)
+        self.norm = nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, D)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        rows = self.norm(self.fc(tokens).flatten(0, 1)).reshape(tokens.shape[0], tokens.shape[1], -1)
+        return self.head(torch.tanh(rows).mean(1))
+
+
+def test_products_of_a_norm_on_samples_times_tokens_rows_are_summed_per_sample():
+    torch.manual_seed(0)
+    model = TokenRowsNet().double()
+    randomise_norms(model.norm)
+    model.eval()
+    x = torch.randn(N, 2, 3, 3, dtype=torch.float64)
+    inputs = AnalysisInputs(
+        model, find_structures(model, x[:1]), x, torch.randint(0, D, (N,)), "cross-entropy", N
+    )
+    _, products = jacobian_structure_products(inputs, inputs.x, capture_plan(inputs))
+    torch.testing.assert_close(
+        products, directional_outputs(inputs.model, inputs.structures, inputs.x), rtol=1e-10, atol=1e-12
+    )

@@ -134,7 +134,10 @@ class AnalysisInputs:
         out = torch.zeros(*leading, self.structures.num_structures, dtype=torch.float64, device=self.device)
         for module, channels, structure in self.producer_indices():
             if module in per_module:
-                out.index_add_(len(leading), structure, per_module[module][..., channels].to(torch.float64))
+                values = per_module[module]
+                if leading and values.shape[0] != leading[0]:  # a module run on (samples x tokens) rows: per sample
+                    values = values.reshape(leading[0], -1, values.shape[-1]).sum(1)
+                out.index_add_(len(leading), structure, values[..., channels].to(torch.float64))
         return out
 
     def params(self) -> list[nn.Parameter]:
