@@ -129,7 +129,8 @@ def check_model(spec: str, side: int = 64, samples: int = 8, memory_budget_gb: f
             )
         except AnalysisError as exc:
             if method != "sosp-i" or not any(
-                k in str(exc) for k in ("S x S matrix", "R x S factor", "Euler's theorem")
+                k in str(exc)
+                for k in ("S x S matrix", "R x S factor", "Euler's theorem", "shared by the whole")
             ):
                 raise
             row["sosp_i_refused"] = str(exc).split(". ")[

@@ -285,3 +285,29 @@ def test_products_of_a_norm_on_samples_times_tokens_rows_are_summed_per_sample()
     torch.testing.assert_close(
         products, directional_outputs(inputs.model, inputs.structures, inputs.x), rtol=1e-10, atol=1e-12
     )
+
+
+class PositionBiasNet(nn.Module):
+    """Swin-V2's continuous position bias: an MLP over a fixed coordinate table, one output for the whole batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(2, 4, 3, padding=1)
+        self.register_buffer("coords", torch.linspace(-1, 1, 9).reshape(1, 9, 1))
+        self.bias_mlp = nn.Sequential(nn.Linear(1, 5), nn.ReLU(), nn.Linear(5, 4))
+        self.head = nn.Linear(4, D)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # (B, 9, 4)
+        return self.head(torch.tanh(tokens + self.bias_mlp(self.coords)).mean(1))
+
+
+def test_sosp_i_refuses_a_producer_whose_output_is_shared_by_the_batch_naming_it():
+    torch.manual_seed(0)
+    model = PositionBiasNet().double().eval()
+    x = torch.randn(N, 2, 3, 3, dtype=torch.float64)
+    structures = find_structures(model, x[:1])
+    assert structures.shared == ["bias_mlp.0", "bias_mlp.2"]
+    inputs = AnalysisInputs(model, structures, x, torch.randint(0, D, (N,)), "cross-entropy", N)
+    with pytest.raises(AnalysisError, match="output of bias_mlp.0 is shared by the whole batch.*sosp-h"):
+        gauss_newton_terms(inputs)

@@ -93,6 +93,7 @@ class ChannelTrace:
     heads: dict[str, list[torch.Tensor]] = field(
         default_factory=dict
     )  # module -> head ids of each attention call
+    shared: list[str] = field(default_factory=list)  # producers whose output is one for the whole batch
 
     def class_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Class of each id (-1 stays -1)."""
@@ -118,6 +119,13 @@ class Tracer:
         self.parameters: dict[str, torch.Tensor] = {}
         self.measured: list[tuple[torch.Tensor, str]] = []
         self.heads_of: dict[str, list[torch.Tensor]] = {}
+        self.per_sample: set[str] = (
+            set()
+        )  # graph values that depend on the input (the rest: one for the batch)
+        self.shared: set[str] = (
+            set()
+        )  # producers whose output is one for the whole batch (a position-bias MLP)
+        self.batch_shared = False  # the module op being read runs on no input-dependent value
         self.grids: list[torch.Tensor] = []  # (outer, inner) ids of each channel axis a reshape split in two
         self.where = ""
         self.module_path = ""
@@ -160,6 +168,8 @@ class Tracer:
         """The ids of a producer's output channels: the same on every call of a reused module."""
         if name not in self.outputs:
             self.outputs[name] = self.new_ids(channels)
+        if self.batch_shared:
+            self.shared.add(name)
         return self.outputs[name]
 
     def _classes(self) -> torch.Tensor:
@@ -203,6 +213,7 @@ class Tracer:
             blocked=blocked,
             measured=measured,
             heads=self.heads_of,
+            shared=sorted(self.shared),
         )
 
 
@@ -432,6 +443,7 @@ def _traced(model: nn.Module, example_input: torch.Tensor, bare: Collection[str]
         node_name, target = spec.arg.name, spec.target
         if target is None:
             values[node_name] = (example_input, None)
+            tracer.per_sample.add(node_name)
             continue
         owners[node_name] = target
         real = state[target]
@@ -452,6 +464,8 @@ def _traced(model: nn.Module, example_input: torch.Tensor, bare: Collection[str]
         if node.op == "get_attr":
             values[node.name] = (getattr(program.graph_module, node.target), None)
             continue
+        if any(n.name in tracer.per_sample for n in node.all_input_nodes):
+            tracer.per_sample.add(node.name)
         values[node.name] = _run_node(tracer, node, values, owners)
     return tracer.finish()
 
@@ -476,6 +490,7 @@ def _run_node(tracer: Tracer, node: torch.fx.Node, values: dict, owners: dict) -
     normal = node.normalized_arguments(node.graph.owning_module, normalize_to_only_use_kwargs=True)
     names = dict(normal.kwargs) if normal is not None else {}
     if op in MODULE_OPS:
+        tracer.batch_shared = node.name not in tracer.per_sample
         name_of = {k: getattr(v, "name", None) for k, v in names.items()}
         label_named = {k: values[v.name][1] if isinstance(v, torch.fx.Node) else v for k, v in names.items()}
         return real, _module_call(tracer, op, name_of, label_named, real, owners)

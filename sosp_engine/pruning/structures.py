@@ -207,6 +207,7 @@ class StructureSet:
     held_back: dict[str, str] = field(
         default_factory=dict
     )  # producer -> the excluded module its channels go with
+    shared: list[str] = field(default_factory=list)  # offered producers whose output is one for the whole batch
 
     def channel_account(self) -> list[dict]:
         """Every output channel of every conv and linear: offered (in a structure), unprunable (with why), or
@@ -307,6 +308,12 @@ class StructureSet:
             for rank, s in enumerate(sorted(first, key=first.__getitem__)):
                 found.setdefault(f"{piece.module}:{rank}", self.keys[s])
         return found
+
+    def layer_index(self) -> dict[str, int]:
+        """Layer name -> its position; any producer of a layer names it too (an earlier version named some layers
+        after another of their producers)."""
+        index = {name: g for g, layer in enumerate(self.layers) for name in layer.producers}
+        return index | {layer.name: g for g, layer in enumerate(self.layers)}
 
     def current_keys(self, keys: Sequence[str]) -> list[str | None]:
         """Each key as these structures name it now (an earlier version's name translated), None where unknown."""
@@ -604,4 +611,5 @@ def traced_structures(
         parameter_axes={p.module: axes[p.module] for p in parameters},
         heads=heads,
         held_back=held_back,
+        shared=[n for n in trace.shared if any(n in layer.producers for layer in layers)],
     )

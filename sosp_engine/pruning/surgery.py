@@ -119,7 +119,7 @@ def resized_module(module: nn.Module, in_ch: int, out_ch: int) -> nn.Module:
 
 def widened_model(model: nn.Module, structures: StructureSet, factors: Mapping[str, float]) -> nn.Module:
     """A freshly initialised copy of `model` whose coupled groups named in `factors` are widened (any architecture)."""
-    layer_index = {layer.name: g for g, layer in enumerate(structures.layers)}
+    layer_index = structures.layer_index()
     delta = torch.zeros(structures.removal.shape[1], dtype=torch.float64)
     for key, f in factors.items():
         groups = (

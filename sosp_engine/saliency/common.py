@@ -40,6 +40,12 @@ class ParamSlice:
         return self.name.rsplit(".", 1)[0]
 
 
+def _per_sample(values: torch.Tensor, samples: int) -> torch.Tensor:
+    """A module run on (samples x tokens) rows (LeViT's BatchNorm1d) gives per-row values: summed per sample (a
+    producer whose output is one for the whole batch is refused before, `StructureSet.shared`)."""
+    return values.reshape(samples, -1, values.shape[-1]).sum(1)
+
+
 @dataclass
 class AnalysisInputs:
     """A model in eval mode, its structures, the N' samples and the loss: the inputs of every saliency."""
@@ -135,8 +141,8 @@ class AnalysisInputs:
         for module, channels, structure in self.producer_indices():
             if module in per_module:
                 values = per_module[module]
-                if leading and values.shape[0] != leading[0]:  # a module run on (samples x tokens) rows: per sample
-                    values = values.reshape(leading[0], -1, values.shape[-1]).sum(1)
+                if leading and values.shape[0] != leading[0]:
+                    values = _per_sample(values, leading[0])
                 out.index_add_(len(leading), structure, values[..., channels].to(torch.float64))
         return out
 

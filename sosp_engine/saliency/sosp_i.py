@@ -449,6 +449,13 @@ def gauss_newton_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lam1 (S,), G) with G = theta_s^T H_GN theta_s' over the N' samples: (S, S), or its diagonal (S,) if asked.
     The matrix is kept in `dtype` where the analysis chose it (`curvature.choose_form`), else as `matrix_dtype` says."""
+    if inputs.structures.shared:
+        shared = inputs.structures.shared
+        raise AnalysisError(
+            f"SOSP-I reads each producer's output per sample, but the output of {shared[0]} is shared by the whole "
+            "batch (as a position-bias MLP's is): use SOSP-H (method sosp-h), or exclude it "
+            f"(--exclude '{shared[0]}'{' and the others: ' + ', '.join(shared[1:4]) if len(shared) > 1 else ''})"
+        )
     s_count = inputs.structures.num_structures
     device, n_total = inputs.device, inputs.num_samples
     if diagonal_only:
