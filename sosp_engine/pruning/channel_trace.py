@@ -378,6 +378,11 @@ TRACE_CACHE_SIZE = 32
 _traces: OrderedDict[tuple, ChannelTrace] = OrderedDict()
 
 
+def forget_traces() -> None:
+    """Empty the trace cache (a benchmark that times a trace from scratch)."""
+    _traces.clear()
+
+
 def _plain(value: object) -> object:
     """A module attribute as a cache key part: plain values as they are, callables and classes by identity."""
     if isinstance(value, (int, float, bool, str, type(None))):

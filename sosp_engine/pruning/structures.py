@@ -207,7 +207,9 @@ class StructureSet:
     held_back: dict[str, str] = field(
         default_factory=dict
     )  # producer -> the excluded module its channels go with
-    shared: list[str] = field(default_factory=list)  # offered producers whose output is one for the whole batch
+    shared: list[str] = field(
+        default_factory=list
+    )  # offered producers whose output is one for the whole batch
 
     def channel_account(self) -> list[dict]:
         """Every output channel of every conv and linear: offered (in a structure), unprunable (with why), or
