@@ -25,10 +25,15 @@ from ..errors import MaskError
 from .channel_rules import NONE, OpCall, is_labelled, rule_of, varies
 
 NORM_TYPES = (
-    nn.modules.batchnorm._BatchNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
     nn.GroupNorm,
     nn.LayerNorm,
-    nn.modules.instancenorm._InstanceNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
 )
 TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d) + TRANSPOSED_TYPES
