@@ -254,6 +254,12 @@ def accuracy_and_training(bench, choice: ModelSetup) -> None:
     training_popover(cols[2], choice)
 
 
+def channel_notes(bench) -> None:
+    """Every conv / linear output channel: offered, unprunable (why) or excluded (with what)."""
+    with st.expander("Every channel accounted for: offered, unprunable or excluded"):
+        show_table(channel_table(bench.structures))
+
+
 def structure_notes(bench) -> None:
     """Grouped layers, what is not prunable and why, and a pruned checkpoint's origin."""
     grouped = [l for l in bench.structures.layers if l.structure_size > 1]
@@ -271,8 +277,6 @@ def structure_notes(bench) -> None:
                 "Not prunable: " + "; ".join(f"{n} ({why})" for n, why in bench.structures.unprunable.items())
             )
         )
-    with st.expander("Every channel accounted for: offered, unprunable or excluded"):
-        show_table(channel_table(bench.structures))
     if bench.recipe is not None:
         st.caption(
             plain(
@@ -301,3 +305,4 @@ show_table(
         columns=["kept", "pruned", "params_after", "macs_after", "pruning_ratio"]
     )
 )
+channel_notes(bench)
