@@ -361,7 +361,8 @@ def write_doc(rows: list[dict], doc: Path = DOC, note: str = "") -> None:
         "",
         *([note, ""] if note else []),
         f"**{ok} of the {ran} models checked so far pass every check**; {refused} more pass every other check with "
-        f"SOSP-I refused for memory, and {failed} pass every check but SOSP-I's (each with its reason in the row; "
+        f"SOSP-I refused (for memory, or naming a producer the whole batch shares), and {failed} pass every check "
+        "but SOSP-I's (each with its reason in the row; "
         f"{len(rows) - ran} of the matrix not run yet: the script resumes where it stopped).",
         "",
         "| model | params | layers | structures | heads | channels offered | grouped layers | unprunable | trace s "
