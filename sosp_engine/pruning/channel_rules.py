@@ -274,7 +274,7 @@ def _creation(coupling: Coupling, call: OpCall) -> object:
 
 
 MOVEMENT = (
-    "view reshape _unsafe_view permute transpose t contiguous clone alias flatten unflatten squeeze unsqueeze expand "
+    "view reshape _unsafe_view permute transpose t clone alias flatten unflatten squeeze unsqueeze expand "
     "expand_as slice select narrow split split_with_sizes chunk unbind tensor_split cat concat concatenate stack "
     "flip roll pixel_shuffle pixel_unshuffle channel_shuffle native_channel_shuffle index index_select gather "
     "repeat tile movedim swapaxes view_as reshape_as lift_fresh_copy detach im2col col2im upsample_nearest1d "

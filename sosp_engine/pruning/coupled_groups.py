@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .channel_rules import varies
 from .channel_trace import ChannelTrace
 
 
@@ -27,19 +28,12 @@ class TracedGroup:
     heads: dict[str, list[int]] = field(default_factory=dict)  # attention module -> structure of each head
 
 
-def _varying_axes(classes: torch.Tensor) -> list[int]:
-    return [
-        a
-        for a in range(classes.ndim)
-        if classes.shape[a] > 1 and bool((classes != classes.narrow(a, 0, 1)).any())
-    ]
-
-
 def parameter_axes(trace: ChannelTrace) -> dict[str, int]:
     """The axis of each bare parameter along which its channels run (the one axis its classes vary along)."""
     axes = {}
     for name, ids in trace.parameters.items():
-        varying = _varying_axes(trace.class_of(ids))
+        classes = trace.class_of(ids)
+        varying = [a for a in range(classes.ndim) if varies(classes, a)]
         if len(varying) == 1:
             axes[name] = varying[0]
     return axes
@@ -163,11 +157,11 @@ def _group(
 
 
 def coupled_groups(
-    trace: ChannelTrace, order: dict[str, int], ignored: set[str]
+    trace: ChannelTrace, order: dict[str, int], ignored: set[str], axes: dict[str, int]
 ) -> tuple[list[TracedGroup], dict[str, str], dict[str, str]]:
     """The layers of a trace in forward order, the unprunable producers ({producer: why}) and the held-back ones
-    ({producer: the excluded module of its layer}: the classifier, a user's or a preset's exclusion)."""
-    axes = parameter_axes(trace)
+    ({producer: the excluded module of its layer}: the classifier, a user's or a preset's exclusion). `axes` are the
+    bare parameters' channel axes (`parameter_axes`)."""
     members = _layer_members(trace, order)
     layer_of_class = torch.full((len(trace.classes),), -1, dtype=torch.long)
     for g, producers in enumerate(members.values()):

@@ -574,7 +574,7 @@ def traced_structures(
     axes = parameter_axes(trace)
     table = _module_table(model, order, shapes, axes)
     position = {n: i for i, n in enumerate(order)}
-    traced_groups, unprunable, held_back = coupled_groups(trace, position, ignored)
+    traced_groups, unprunable, held_back = coupled_groups(trace, position, ignored, axes)
     for group in [g for g in traced_groups if g.root in refused]:
         unprunable[group.root] = refused[group.root]
         traced_groups.remove(group)
